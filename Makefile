@@ -1,0 +1,41 @@
+# pyvhost: build, test, demo. Every target installs what it needs (Debian packages included).
+PYTHON ?= python3
+DEB_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static cpio dpdk-dev \
+	librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
+
+.PHONY: all deps debs build test test-fast lint demo bench clean
+
+all: build
+
+debs:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+deps: debs
+	$(PYTHON) -m pip install -q "Cython>=3.0" "setuptools>=65" wheel "pytest>=7.4" "hypothesis>=6.80" "ruff>=0.4"
+
+build: deps
+	$(PYTHON) setup.py -q build_ext --inplace
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+lint:
+	$(PYTHON) -m ruff check pyvhost tests bench
+
+test: build
+	$(PYTHON) -m ruff check pyvhost tests bench
+	$(PYTHON) -m pytest -ra tests
+
+test-fast: build
+	$(PYTHON) -m pytest -ra -m "not slow" tests
+
+demo: build
+	$(PYTHON) -m pyvhost.cli.main demo
+
+bench: build
+	$(PYTHON) -m pyvhost.cli.main bench backend
+
+clean:
+	rm -rf build *.egg-info pyvhost/*.so pyvhost/_*.c

@@ -1,0 +1,93 @@
+# Split virtqueues, device side, and the virtio-net burst copy on top of them.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from pyvhost._memory cimport MemTable, memtable_t
+from pyvhost._pktpool cimport pkt_t, pktpool_t
+
+cdef extern from "vhost_atomic.h" nogil:
+    uint16_t vh_load_acquire_u16(const uint16_t *p)
+    uint16_t vh_load_relaxed_u16(const uint16_t *p)
+    void vh_store_release_u16(uint16_t *p, uint16_t v)
+    void vh_store_relaxed_u16(uint16_t *p, uint16_t v)
+    void vh_fence_seq_cst()
+    int vh_load_acquire_int(const int *p)
+    void vh_store_release_int(int *p, int v)
+    int vh_trylock(int *p)
+    void vh_lock(int *p)
+    void vh_unlock(int *p)
+    int vh_eventfd_signal(int fd)
+    void vh_eventfd_drain(int fd)
+
+cdef enum:
+    VRING_DESC_F_NEXT = 1
+    VRING_DESC_F_WRITE = 2
+    VRING_DESC_F_INDIRECT = 4
+    VRING_AVAIL_F_NO_INTERRUPT = 1
+    VRING_USED_F_NO_NOTIFY = 1
+    MAX_IOV = 64          # segments of one packet's buffers
+    MAX_BURST = 32
+    VNET_HDR_F_NEEDS_CSUM = 1
+
+cdef struct vring_desc_t:
+    uint64_t addr
+    uint32_t len
+    uint16_t flags
+    uint16_t next
+
+cdef struct vring_used_elem_t:
+    uint32_t id
+    uint32_t len
+
+cdef struct iov_t:
+    uint8_t *base
+    uint64_t len
+
+cdef struct vq_stats_t:
+    uint64_t packets
+    uint64_t bytes
+    uint64_t bursts
+    uint64_t calls            # notifications sent to the guest
+    uint64_t drop_bad_desc    # malformed or hostile descriptor chain
+    uint64_t drop_no_buffer   # RX: the guest had no (large enough) buffer posted
+    uint64_t drop_oversize    # frame larger than the packet buffer
+    uint64_t drop_disabled    # consumed while the ring was disabled
+    uint64_t drop_no_mbuf     # packet pool empty
+    uint64_t ring_errors      # bad avail index or head index: ring marked broken
+
+cdef struct vq_t:
+    int lock                  # held by the data path around each burst, by control to change
+    int ready                 # started, addresses translated, memory present
+    int enabled
+    int broken
+    vring_desc_t *desc
+    uint16_t *avail           # flags, idx, ring[size], used_event
+    uint16_t *used            # flags, idx, elems (as u32 pairs), avail_event
+    vring_used_elem_t *used_ring
+    uint32_t size
+    uint16_t last_avail_idx
+    uint16_t last_used_idx
+    uint16_t signalled_used
+    uint8_t signalled_used_valid
+    uint8_t event_idx
+    uint8_t indirect
+    uint8_t mrg_rxbuf
+    uint16_t hdr_len
+    int kickfd
+    int callfd
+    const memtable_t *mem
+    vq_stats_t st
+
+
+cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil
+cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil
+cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil
+cdef bint vq_pending(vq_t *vq) noexcept nogil
+
+
+cdef class VirtQueue:
+    cdef vq_t vq
+    cdef readonly MemTable mem
+    cdef readonly int index
+    cdef readonly uint64_t desc_uva
+    cdef readonly uint64_t used_uva
+    cdef readonly uint64_t avail_uva

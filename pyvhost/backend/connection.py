@@ -1,0 +1,101 @@
+"""One front-end connection of a back-end: read requests, validate, dispatch, reply.
+
+Runs on an asyncio loop (add_reader on a non-blocking Unix socket). Every request passes
+pyvhost.protocol.messages.check_request before its handler; a malformed request or a
+handler's DeviceError closes this connection only, with a log line naming the request and
+the reason; unused fds are always closed. REPLY_ACK is honoured here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from pyvhost.protocol import constants as C
+from pyvhost.protocol import payloads as P
+from pyvhost.protocol import wire
+from pyvhost.protocol.constants import ProtocolFeature as PF
+from pyvhost.protocol.messages import RequestError, check_request
+
+from .device import DeviceError, Refused, VhostUserDevice
+
+log = logging.getLogger("pyvhost.backend")
+
+
+class Connection:
+    """Serves ``device`` to the front-end on ``sock`` until EOF or an error."""
+
+    def __init__(self, sock: socket.socket, device: VhostUserDevice, label: str):
+        self.sock = sock
+        self.device = device
+        self.label = label
+        self.reader = wire.MessageReader(sock)
+        self.closed = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            for msg in self.reader.read():
+                self._dispatch(msg)
+        except EOFError:
+            log.info("%s: front-end disconnected", self.label)
+            self.close()
+        except (wire.WireError, RequestError, DeviceError) as e:
+            log.error("%s: closing connection: %s", self.label, e)
+            self.close()
+        except OSError as e:
+            log.error("%s: socket error, closing connection: %s", self.label, e)
+            self.close()
+        except Exception:
+            log.exception("%s: internal error, closing connection", self.label)
+            self.close()
+
+    def _dispatch(self, msg: wire.Message) -> None:
+        try:
+            req, spec, payload = check_request(msg.request, msg.payload, len(msg.fds),
+                                               self.device.protocol_features)
+            log.debug("%s: %s %s fds=%s", self.label, req.name, payload, msg.fds)
+            try:
+                reply = self.device.handle(req, payload, msg.fds)
+            except Refused as e:
+                if spec.reply is not None:
+                    raise DeviceError(f"{req.name} refused: {e}") from None
+                log.warning("%s: %s refused: %s", self.label, req.name, e)
+                self._ack(msg, 1)
+                return
+            except DeviceError as e:
+                self._ack(msg, 1)
+                raise DeviceError(f"{req.name}: {e}") from None
+        finally:
+            msg.close_fds()
+        if spec.reply is not None:
+            self._send(msg.request, reply)
+        else:
+            self._ack(msg, 0)
+
+    def _ack(self, msg: wire.Message, value: int) -> None:
+        if msg.need_reply and self.device.has_protocol(PF.REPLY_ACK):
+            try:
+                self._send(msg.request, P.U64(value))
+            except OSError:
+                pass
+
+    def _send(self, request: int, payload) -> None:
+        self.sock.setblocking(True)
+        self.sock.settimeout(5.0)   # a peer that stops reading must not hang us forever
+        try:
+            wire.send_message(self.sock, request, C.VERSION | C.FLAG_REPLY, payload.pack())
+        finally:
+            self.sock.setblocking(False)
+
+    def close(self) -> None:
+        if self.closed.done():
+            return
+        self.loop.remove_reader(self.sock.fileno())
+        self.reader.close()
+        self.sock.close()
+        self.device.reset()
+        self.closed.set_result(None)

@@ -1,0 +1,124 @@
+"""Where a back-end meets its front-end: a listening socket (server mode) or a connecting
+one that retries with backoff and reconnects after the peer goes away (client mode).
+
+One front-end at a time per device, as vhost-user has it: a server refuses a second
+connection while one is active. The device is reset between connections, so a back-end
+process survives any number of disconnects. Nothing here parses messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from .connection import Connection
+from .device import VhostUserDevice
+
+log = logging.getLogger("pyvhost.backend")
+
+BACKOFF_START = 0.05
+BACKOFF_MAX = 1.0
+
+
+class Endpoint:
+    """Serve ``device`` on ``path`` as server (default) or client (``client=True``)."""
+
+    def __init__(self, device: VhostUserDevice, path: str, *, client: bool = False):
+        self.device = device
+        self.path = path
+        self.client = client
+        self.connection: Connection | None = None
+        self.connections = 0
+        self._task: asyncio.Task | None = None
+        self._listener: socket.socket | None = None
+        self.connected = asyncio.Event()
+
+    @property
+    def label(self) -> str:
+        return f"{self.device.name}[{self.path}]"
+
+    async def start(self) -> None:
+        if self.client:
+            self._task = asyncio.get_running_loop().create_task(self._client_loop())
+        else:
+            self._listen()
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        if self.connection:
+            self.connection.close()
+
+    # -- server mode ------------------------------------------------------------------
+    def _listen(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        sock.listen(4)
+        sock.setblocking(False)
+        self._listener = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+        log.info("%s: listening", self.label)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.error("%s: accept failed: %s", self.label, e)
+            return
+        if self.connection is not None and not self.connection.closed.done():
+            log.warning("%s: refusing a second front-end while one is connected", self.label)
+            conn.close()
+            return
+        self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> Connection:
+        self.connections += 1
+        log.info("%s: front-end connected (#%d)", self.label, self.connections)
+        self.connection = Connection(conn, self.device, self.label)
+        self.connected.set()
+        self.connection.closed.add_done_callback(lambda _: self.connected.clear())
+        return self.connection
+
+    # -- client mode ------------------------------------------------------------------
+    async def _connect_once(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, self.path)
+            return sock
+        except OSError:
+            sock.close()
+            return None
+
+    async def _client_loop(self) -> None:
+        delay = BACKOFF_START
+        waiting_logged = False
+        while True:
+            sock = await self._connect_once()
+            if sock is None:
+                if not waiting_logged:
+                    log.info("%s: waiting for the front-end to listen", self.label)
+                    waiting_logged = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_START
+            waiting_logged = False
+            conn = self._serve(sock)
+            await conn.closed
+            log.info("%s: will reconnect", self.label)

@@ -1,0 +1,49 @@
+/* Memory-ordering helpers for the compiled data path (Cython cannot spell __atomic builtins).
+ * Only barriers, atomic loads/stores and the eventfd signal live here; all ring logic is in
+ * the .pyx modules. */
+#ifndef PYVHOST_VHOST_ATOMIC_H
+#define PYVHOST_VHOST_ATOMIC_H
+#include <stdint.h>
+#include <unistd.h>
+#include <sched.h>
+
+static inline uint16_t vh_load_acquire_u16(const volatile uint16_t *p)
+{ return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint16_t vh_load_relaxed_u16(const volatile uint16_t *p)
+{ return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void vh_store_release_u16(volatile uint16_t *p, uint16_t v)
+{ __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void vh_store_relaxed_u16(volatile uint16_t *p, uint16_t v)
+{ __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline void vh_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void vh_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void vh_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+static inline int vh_load_acquire_int(const volatile int *p)
+{ return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void vh_store_release_int(volatile int *p, int v)
+{ __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+/* try-lock: 1 when taken */
+static inline int vh_trylock(volatile int *p)
+{ return __atomic_exchange_n(p, 1, __ATOMIC_ACQUIRE) == 0; }
+static inline void vh_unlock(volatile int *p) { __atomic_store_n(p, 0, __ATOMIC_RELEASE); }
+static inline void vh_lock(volatile int *p)
+{
+    while (!vh_trylock(p)) {
+        while (__atomic_load_n(p, __ATOMIC_RELAXED)) sched_yield();
+    }
+}
+
+/* eventfd signal: the value written is meaningless, any non-zero 8 bytes */
+static inline int vh_eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    if (fd < 0) return 0;
+    return write(fd, &one, sizeof one) == (ssize_t)sizeof one ? 0 : -1;
+}
+static inline void vh_eventfd_drain(int fd)
+{
+    uint64_t v;
+    if (fd >= 0) { ssize_t r = read(fd, &v, sizeof v); (void)r; }
+}
+#endif

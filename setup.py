@@ -1,0 +1,37 @@
+"""Build the compiled data path (Cython) of pyvhost; everything else is in pyproject.toml."""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+CFLAGS = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function"]
+if os.environ.get("PYVHOST_SANITIZE"):
+    CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
+LDFLAGS = ["-fsanitize=address,undefined"] if os.environ.get("PYVHOST_SANITIZE") else []
+
+MODULES = ["_memory", "_pktpool", "_vring", "_poll"]
+
+extensions = [
+    Extension(
+        f"pyvhost.{name}",
+        [f"pyvhost/{name}.pyx"],
+        include_dirs=["pyvhost"],
+        extra_compile_args=CFLAGS,
+        extra_link_args=LDFLAGS,
+    )
+    for name in MODULES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    )
+)

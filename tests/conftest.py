@@ -1,0 +1,57 @@
+"""Shared fixtures: short work dirs (Unix socket paths are limited to 108 bytes) and
+factories for peers that are always stopped when a test ends, however it ends."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.harness import processes
+from tests.harness.testpmd import Testpmd
+
+
+@pytest.fixture
+def workdir():
+    path = Path(tempfile.mkdtemp(prefix="pv", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def testpmds(workdir):
+    """Factory of Testpmd objects (not started); all closed, newest first, at the end."""
+    made = []
+
+    def make(vdevs, name, **kw):
+        tp = Testpmd(vdevs if isinstance(vdevs, list) else [vdevs], workdir=workdir,
+                     name=name, **kw)
+        made.append(tp)
+        return tp
+
+    try:
+        yield make
+    finally:
+        for tp in reversed(made):
+            tp.close()
+
+
+@pytest.fixture
+def reflectors(workdir):
+    """Factory of started ``pyvhost reflector`` processes; all stopped at the end."""
+    made = []
+
+    def make(socket, **kw):
+        proc = processes.reflector(workdir, socket, **kw)
+        made.append(proc)
+        return proc
+
+    try:
+        yield make
+    finally:
+        for proc in reversed(made):
+            proc.stop()

@@ -1,0 +1,87 @@
+"""Run pyvhost's own commands as child processes for tests: start, wait, signal, stop.
+
+Each child runs in its own process group with stdout/stderr in files under a work dir;
+``stop()`` sends SIGTERM, then SIGKILL after a timeout, and always reaps. Nothing here
+knows what the command does beyond the line it prints once it is up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class PyvhostProcess:
+    """``pyvhost ARGS...`` as a child process, output in ``workdir/<name>.out|.err``."""
+
+    def __init__(self, args: list[str], workdir: str | os.PathLike, name: str):
+        self.args = [sys.executable, "-m", "pyvhost.cli.main", *args]
+        self.out_path = Path(workdir) / f"{name}.out"
+        self.err_path = Path(workdir) / f"{name}.err"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_text: str | None = None, timeout: float = 20.0) -> PyvhostProcess:
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        if ready_text:
+            self.wait_output(ready_text, timeout)
+        return self
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def errors(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_output(self, text: str, timeout: float, start: int = 0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output()[start:]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.args} exited {self.proc.returncode}:\n{self.errors()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} from {self.args} in {timeout}s:\n"
+                                   f"{self.output()[-2000:]}\n{self.errors()[-2000:]}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def counters(self, timeout: float = 5.0) -> str:
+        """Ask for counters (SIGUSR1) and return what was printed."""
+        start = len(self.output())
+        self.signal(signal.SIGUSR1)
+        self.wait_output("queue 0:", timeout, start)
+        time.sleep(0.1)
+        return self.output()[start:]
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL to the group after ``timeout``; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def reflector(workdir, socket: str, *, mode: str = "echo", client: bool = False,
+              queues: int = 1, extra: list[str] = (), name: str = "reflector") -> PyvhostProcess:
+    """A started ``pyvhost reflector`` (waits until it has said it is up)."""
+    args = ["-v", "reflector", "--socket", str(socket), "--mode", mode, "--queues", str(queues)]
+    if client:
+        args.append("--client")
+    proc = PyvhostProcess(args + list(extra), workdir, name)
+    return proc.start(ready_text="reflector: mode")
