@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 
-from . import reflector
+from . import bench, reflector
 
-SUBCOMMANDS = [reflector]
+SUBCOMMANDS = [reflector, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

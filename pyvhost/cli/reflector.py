@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import struct
 import sys
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ip", default="10.0.0.254/24", help="reply mode: our address (CIDR)")
     p.add_argument("--mode", choices=MODES, default="reply")
     p.add_argument("--size", type=int, default=64, help="source mode: frame size in bytes")
+    p.add_argument("--cpu", type=int, default=None, help="pin the poll thread to this CPU")
     p.set_defaults(run=run)
 
 
@@ -71,6 +73,12 @@ async def _reply_loop(backend: NetBackend, queue: int, responder: Responder) -> 
             backend.send(replies, queue)
 
 
+def _poll_thread(poller: Poller, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})     # 0: this thread
+    poller.run()
+
+
 async def _main(args) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -96,7 +104,8 @@ async def _main(args) -> int:
         template = source_frame(args.size) if args.mode == "source" else None
         poller = Poller(pairs, args.mode, PacketPool(8192), template)
         device.listeners.append(poller.wake)
-        thread = threading.Thread(target=poller.run, name="pyvhost-poll", daemon=True)
+        thread = threading.Thread(target=_poll_thread, args=(poller, args.cpu),
+                                  name="pyvhost-poll", daemon=True)
         thread.start()
 
         def extra():
@@ -124,6 +133,9 @@ async def _main(args) -> int:
 def run(args) -> int:
     if not 1 <= args.queues <= 128:
         print("reflector: --queues must be 1..128", file=sys.stderr)
+        return 2
+    if args.cpu is not None and args.cpu not in os.sched_getaffinity(0):
+        print(f"reflector: --cpu {args.cpu} is not an allowed CPU", file=sys.stderr)
         return 2
     try:
         ipaddress.IPv4Interface(args.ip)

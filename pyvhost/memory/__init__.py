@@ -72,6 +72,7 @@ class GuestMemory:
     def __init__(self, max_regions: int = MAX_SLOTS):
         self.max_regions = max_regions
         self.regions: list[Region] = []
+        self._refs: dict[int, int] = {}     # ADD_MEM_REG count per region
         self.table = MemTable([])
 
     def _check_new(self, gpa: int, size: int, uva: int, others: list[Region]) -> None:
@@ -99,6 +100,7 @@ class GuestMemory:
 
     def _rebuild(self, regions: list[Region]) -> MemTable:
         self.regions = regions
+        self._refs = {id(r): self._refs.get(id(r), 1) for r in regions}
         self.table = MemTable([(r.guest_phys_addr, r.size, r.userspace_addr, r.mapping,
                                 r.mmap_offset) for r in regions])
         return self.table
@@ -122,20 +124,39 @@ class GuestMemory:
         self._rebuild(new)
         return retired
 
+    def _find(self, desc) -> Region | None:
+        key = (desc.guest_phys_addr, desc.size, desc.userspace_addr)
+        for r in self.regions:
+            if (r.guest_phys_addr, r.size, r.userspace_addr) == key:
+                return r
+        return None
+
     def add(self, desc, fd: int) -> list[Mapping]:
-        """ADD_MEM_REG: one more region."""
+        """ADD_MEM_REG: one more region.
+
+        QEMU sends the same region once per vhost device sharing the socket (one per
+        queue pair): an identical region is counted, not mapped twice."""
+        same = self._find(desc)
+        if same is not None:
+            os.close(fd)
+            self._refs[id(same)] += 1
+            return []
         region = self._make_region(desc, fd, self.regions)
+        self._refs[id(region)] = 1
         self._rebuild(self.regions + [region])
         return []
 
     def remove(self, desc) -> list[Mapping]:
-        """REM_MEM_REG: the region with this guest address, size and user address."""
-        for r in self.regions:
-            if (r.guest_phys_addr, r.size, r.userspace_addr) == (
-                    desc.guest_phys_addr, desc.size, desc.userspace_addr):
-                self._rebuild([x for x in self.regions if x is not r])
-                return [r.mapping]
-        raise GuestMemoryError(f"no region at gpa {desc.guest_phys_addr:#x}+{desc.size:#x}")
+        """REM_MEM_REG: the region with this guest address, size and user address; it goes
+        when every ADD_MEM_REG of it has been matched by a removal."""
+        r = self._find(desc)
+        if r is None:
+            raise GuestMemoryError(f"no region at gpa {desc.guest_phys_addr:#x}+{desc.size:#x}")
+        self._refs[id(r)] -= 1
+        if self._refs[id(r)] > 0:
+            return []
+        self._rebuild([x for x in self.regions if x is not r])
+        return [r.mapping]
 
     def clear(self) -> list[Mapping]:
         retired = [r.mapping for r in self.regions]

@@ -209,7 +209,7 @@ def build_initramfs(build_dir: str | os.PathLike = DEFAULT_BUILD_DIR) -> tuple[P
 
     The initrd is cached in build_dir under a hash of the init script,
     busybox, the module images and this file, so editing any of them
-    rebuilds it.
+    rebuilds it (and removes the superseded images).
     """
     if KERNEL_PATH is None:
         raise GuestError("no guest kernel: install linux-image-amd64")
@@ -226,6 +226,9 @@ def build_initramfs(build_dir: str | os.PathLike = DEFAULT_BUILD_DIR) -> tuple[P
         partial = initrd.with_name(f"{initrd.name}.{os.getpid()}.tmp")
         partial.write_bytes(_initramfs_image(init, busybox, modules))
         os.replace(partial, initrd)
+        for stale in build_dir.glob("initramfs-*.cpio.gz"):
+            if stale != initrd:
+                stale.unlink(missing_ok=True)
     return KERNEL_PATH, initrd
 
 
@@ -370,6 +373,8 @@ class NicSpec:
     server: QEMU listens on socket_path (server=on,wait=off) and the backend
     connects, also again after a disconnect; otherwise QEMU connects to a
     listening backend, retrying every `reconnect` seconds if that is set.
+    Either way QEMU's vhost-user netdev blocks before booting the guest
+    until the first connection is made (even with wait=off).
     queues > 1 turns on multiqueue (mq=on).  device_opts is appended to
     -device virtio-net-pci, e.g. "mrg_rxbuf=off,packed=on".
     """
@@ -568,8 +573,10 @@ class QemuGuest:
         """Run a shell command in the guest; return (exit status, output).
 
         Output is stdout and stderr as printed on the console, with CRs
-        removed.  The command's stdin is /dev/null.  On timeout the command
-        is interrupted (Ctrl-C) and GuestTimeout raised.
+        removed.  The command's stdin is /dev/null.  It runs in the guest's
+        shell itself (cd and variables persist), so use "(...; exit N)"
+        rather than a bare exit.  On timeout the command is interrupted
+        (Ctrl-C) and GuestTimeout raised.
         """
         console = self._require_console()
         if not self.ready:

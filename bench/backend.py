@@ -1,0 +1,121 @@
+"""pyvhost's vhost-user back-end next to DPDK's vhost PMD, measured in the same run.
+
+Two directions, each at 64 and 1500 bytes:
+  to-backend:   DPDK virtio-user `txonly` into `pyvhost reflector --mode sink`
+                vs into DPDK's vhost PMD in `rxonly`      (rate: virtio-user Tx-pps)
+  from-backend: DPDK virtio-user `rxonly` fed by `pyvhost reflector --mode source`
+                vs by DPDK's vhost PMD in `txonly`        (rate: virtio-user Rx-pps)
+The virtio-user testpmd forwards on CPU 1; the back-end under test polls on CPU 0.
+Prints Mpps and the ratio pyvhost/DPDK. Not a test: no thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tests.harness import processes
+from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
+
+FRONTEND_MAIN_LCORE = 0   # forwards on CPU 1
+BACKEND_MAIN_LCORE = 1    # forwards on CPU 0
+BACKEND_CPU = 0
+
+
+def measure(tp: Testpmd, key: str, seconds: float, samples: int) -> float:
+    """Median of ``samples`` rate readings of ``key`` (pps) over ``seconds`` each."""
+    tp.port_stats()
+    rates = []
+    for _ in range(samples):
+        time.sleep(seconds)
+        rates.append(tp.port_stats()[0][key])
+    return statistics.median(rates) / 1e6
+
+
+def frontend(workdir: Path, sock: Path, mode: str, size: int, mrg: int) -> Testpmd:
+    tp = Testpmd([virtio_user_vdev(sock, mrg_rxbuf=mrg)], workdir=workdir,
+                 name=f"virtio-user-{mode}-{size}", main_lcore=FRONTEND_MAIN_LCORE)
+    tp.start()
+    tp.wait_link_up()
+    tp.set_fwd(mode)
+    if mode == "txonly":
+        tp.cmd(f"set txpkts {size}")
+    tp.start_fwd()
+    return tp
+
+
+def run_pyvhost(workdir: Path, direction: str, size: int, seconds, samples, mrg) -> float:
+    sock = workdir / "pyvhost.sock"
+    mode = "sink" if direction == "to-backend" else "source"
+    refl = processes.reflector(workdir, sock, mode=mode,
+                               extra=["--cpu", str(BACKEND_CPU), "--size", str(size)],
+                               name=f"reflector-{mode}-{size}")
+    try:
+        fmode = "txonly" if direction == "to-backend" else "rxonly"
+        tp = frontend(workdir, sock, fmode, size, mrg)
+        try:
+            return measure(tp, "tx_pps" if fmode == "txonly" else "rx_pps", seconds, samples)
+        finally:
+            tp.close()
+    finally:
+        refl.stop()
+
+
+def run_dpdk(workdir: Path, direction: str, size: int, seconds, samples, mrg) -> float:
+    sock = workdir / "dpdk.sock"
+    host = Testpmd([vhost_vdev(sock)], workdir=workdir, name=f"vhost-{direction}-{size}",
+                   main_lcore=BACKEND_MAIN_LCORE)
+    try:
+        host.start()
+        hmode = "rxonly" if direction == "to-backend" else "txonly"
+        host.set_fwd(hmode)
+        if hmode == "txonly":
+            host.cmd(f"set txpkts {size}")
+        fmode = "txonly" if direction == "to-backend" else "rxonly"
+        tp = frontend(workdir, sock, fmode, size, mrg)
+        try:
+            host.wait_link_up()
+            host.start_fwd()
+            return measure(tp, "tx_pps" if fmode == "txonly" else "rx_pps", seconds, samples)
+        finally:
+            tp.close()
+    finally:
+        host.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="pyvhost bench backend", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64,1500")
+    ap.add_argument("--seconds", type=float, default=2.0, help="per sample")
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--mrg-rxbuf", type=int, default=1, choices=(0, 1))
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="pvb", dir="/tmp"))
+    rows = []
+    try:
+        for direction in ("to-backend", "from-backend"):
+            for size in (int(s) for s in args.sizes.split(",")):
+                py = run_pyvhost(workdir, direction, size, args.seconds, args.samples,
+                                 args.mrg_rxbuf)
+                dp = run_dpdk(workdir, direction, size, args.seconds, args.samples,
+                              args.mrg_rxbuf)
+                rows.append((direction, size, py, dp))
+                print(f"{direction:13} {size:5} B  pyvhost {py:6.2f} Mpps  DPDK {dp:6.2f} Mpps"
+                      f"  ratio {py / dp if dp else float('nan'):.2f}", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("\n| direction | frame | pyvhost Mpps | DPDK vhost Mpps | pyvhost/DPDK |")
+    print("|---|---|---|---|---|")
+    for direction, size, py, dp in rows:
+        ratio = py / dp if dp else float("nan")
+        print(f"| {direction} | {size} B | {py:.2f} | {dp:.2f} | {ratio:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
