@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 
-from . import bench, reflector
+from . import bench, ctl, reflector, switch
 
-SUBCOMMANDS = [reflector, bench]
+SUBCOMMANDS = [reflector, switch, ctl, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

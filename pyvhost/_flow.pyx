@@ -1,0 +1,144 @@
+# cython: language_level=3
+"""Compiled flow handling for the switch's fast path: parse a frame into a ``flow_key_t``
+(in_port, VLAN, Ethernet, IPv4/ARP, TCP/UDP/ICMP), hash it, look it up in a PMD's
+exact-match cache, and the VLAN rewrites actions need. Also the Python view of a key
+(``key_dict``) for the slow path. No rules, no ports, no rings here.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memmove, memset
+
+from pyvhost._pktpool cimport pkt_t
+
+
+cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef void flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil:
+    cdef const uint8_t *d = p.data
+    cdef uint32_t n = p.len, off = 14, ihl
+    cdef uint16_t frag
+    memset(k, 0, sizeof(flow_key_t))
+    k.in_port = in_port
+    if n < 14:
+        return
+    memcpy(k.dl_dst, d, 6)
+    memcpy(k.dl_src, d + 6, 6)
+    k.dl_type = rd16(d + 12)
+    if k.dl_type == ETH_P_8021Q and n >= 18:
+        k.vlan_tci = rd16(d + 14) | 0x1000
+        k.dl_type = rd16(d + 16)
+        off = 18
+    if k.dl_type == 0x0806 and n >= off + 28:            # ARP: opcode, sender/target IP
+        k.nw_proto = d[off + 7]
+        memcpy(&k.nw_src, d + off + 14, 4)
+        memcpy(&k.nw_dst, d + off + 24, 4)
+    elif k.dl_type == 0x0800 and n >= off + 20 and d[off] >> 4 == 4:
+        ihl = (d[off] & 0x0F) * 4
+        k.nw_tos = d[off + 1]
+        k.nw_proto = d[off + 9]
+        memcpy(&k.nw_src, d + off + 12, 4)
+        memcpy(&k.nw_dst, d + off + 16, 4)
+        frag = rd16(d + off + 6) & 0x1FFF
+        if ihl >= 20 and frag == 0 and n >= off + ihl + 4:
+            off += ihl
+            if k.nw_proto == 6 or k.nw_proto == 17:
+                k.tp_src = rd16(d + off)
+                k.tp_dst = rd16(d + off + 2)
+            elif k.nw_proto == 1:                            # ICMP type and code
+                k.tp_src = d[off]
+                k.tp_dst = d[off + 1]
+
+
+cdef uint32_t flow_hash(const flow_key_t *k) noexcept nogil:
+    cdef uint64_t w[5]
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL
+    cdef int i
+    memcpy(w, k, sizeof(flow_key_t))
+    for i in range(5):
+        h ^= w[i]
+        h *= 0xFF51AFD7ED558CCDULL
+        h ^= h >> 32
+    return <uint32_t>h
+
+
+cdef const actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h,
+                                 uint32_t gen) noexcept nogil:
+    cdef emc_entry_t *e = &emc.e[h & (EMC_ENTRIES - 1)]
+    if e.gen == gen and e.hash == h and memcmp(&e.key, k, sizeof(flow_key_t)) == 0:
+        return &e.actions
+    return NULL
+
+
+cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, uint32_t gen,
+                     const actions_t *a) noexcept nogil:
+    cdef emc_entry_t *e = &emc.e[h & (EMC_ENTRIES - 1)]
+    e.hash = h
+    e.gen = gen
+    memcpy(&e.key, k, sizeof(flow_key_t))
+    memcpy(&e.actions, a, sizeof(actions_t))
+
+
+cdef int vlan_set(pkt_t *p, uint16_t vid) noexcept nogil:
+    """Set the VLAN id, pushing an 802.1Q tag if the frame has none. -1: no room."""
+    cdef uint16_t tci
+    if p.len >= 18 and rd16(p.data + 12) == ETH_P_8021Q:
+        tci = (rd16(p.data + 14) & 0xF000) | (vid & 0x0FFF)
+    else:
+        if p.len < 14 or p.data - p.buf < 4:
+            return -1
+        memmove(p.data - 4, p.data, 12)
+        p.data -= 4
+        p.len += 4
+        p.cap += 4
+        p.data[12] = ETH_P_8021Q >> 8
+        p.data[13] = ETH_P_8021Q & 0xFF
+        tci = vid & 0x0FFF
+    p.data[14] = tci >> 8
+    p.data[15] = tci & 0xFF
+    return 0
+
+
+cdef void vlan_strip(pkt_t *p) noexcept nogil:
+    if p.len >= 18 and rd16(p.data + 12) == ETH_P_8021Q:
+        memmove(p.data + 4, p.data, 12)
+        p.data += 4
+        p.len -= 4
+        p.cap -= 4
+
+
+def key_dict(bytes raw):
+    """The fields of a ``flow_key_t`` given as raw bytes (the slow path's view)."""
+    cdef flow_key_t k
+    if len(raw) != sizeof(flow_key_t):
+        raise ValueError("not a flow key")
+    memcpy(&k, <const char *>raw, sizeof(flow_key_t))
+    return {
+        "in_port": k.in_port,
+        "dl_vlan": (k.vlan_tci & 0x0FFF) if k.vlan_tci else None,
+        "dl_dst": bytes(k.dl_dst[:6]),
+        "dl_src": bytes(k.dl_src[:6]),
+        "dl_type": k.dl_type,
+        "nw_src": (<uint8_t *>&k.nw_src)[:4],
+        "nw_dst": (<uint8_t *>&k.nw_dst)[:4],
+        "nw_proto": k.nw_proto,
+        "nw_tos": k.nw_tos,
+        "tp_src": k.tp_src,
+        "tp_dst": k.tp_dst,
+    }
+
+
+def frame_key(bytes frame, uint16_t in_port=0):
+    """The raw ``flow_key_t`` of an Ethernet frame (tests and tools)."""
+    cdef pkt_t p
+    cdef flow_key_t k
+    memset(&p, 0, sizeof(pkt_t))
+    p.data = <uint8_t *><const char *>frame
+    p.len = len(frame)
+    flow_extract(&p, in_port, &k)
+    return (<char *>&k)[:sizeof(flow_key_t)]
+
+
+KEY_SIZE = sizeof(flow_key_t)
+EMC_SIZE = EMC_ENTRIES

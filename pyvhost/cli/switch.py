@@ -1,0 +1,54 @@
+"""``pyvhost switch``: the switch daemon (foreground, logs to stderr, clean exit on SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pyvhost.switch import CommandError, Switch, read_config
+from pyvhost.switch.control import ControlServer
+
+log = logging.getLogger("pyvhost.switch")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("switch", help="run the switch daemon")
+    p.add_argument("--config", help="commands that seed an empty configuration store")
+    p.add_argument("--run-dir", default="./run", help="sockets and the store (default ./run)")
+    p.add_argument("--control", help="control socket (default RUN_DIR/ctl.sock)")
+    p.set_defaults(run=run)
+
+
+async def _main(args) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    seed = read_config(Path(args.config).read_text()) if args.config else None
+    sw = Switch(run_dir)
+    control = ControlServer(sw, args.control or str(run_dir / "ctl.sock"))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sw.start(seed)
+    except CommandError as e:
+        print(f"switch: configuration: {e}", file=sys.stderr)
+        await sw.stop()
+        return 2
+    await control.start()
+    print(f"switch: running, control socket {control.path}", flush=True)
+    await stop.wait()
+    log.info("switch: stopping")
+    await control.close()
+    await sw.stop()
+    print("switch: stopped", flush=True)
+    return 0
+
+
+def run(args) -> int:
+    if args.config and not Path(args.config).is_file():
+        print(f"switch: no config file {args.config}", file=sys.stderr)
+        return 2
+    return asyncio.run(_main(args))

@@ -1,0 +1,188 @@
+"""The control commands of ``pyvhost ctl`` (the conventions OVS users know), parsed from an
+argv list and run against a ``Switch``; each returns the text to print or raises
+``CommandError``. Also the seed/config file format: one command per line, # comments."""
+
+from __future__ import annotations
+
+import shlex
+
+from .flows import FlowSyntaxError, parse_flow, parse_match
+
+
+class CommandError(ValueError):
+    """Bad syntax or an unknown name: the message is for the user."""
+
+
+def _kv(args: list[str], allowed: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for a in args:
+        k, eq, v = a.partition("=")
+        if not eq or k not in allowed:
+            raise CommandError(f"expected one of {', '.join(a + '=' for a in allowed)}, "
+                               f"got {a!r}")
+        out[k] = v
+    return out
+
+
+def _int(value: str, name: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise CommandError(f"{name}: {value!r} is not a number") from None
+    if not lo <= n <= hi:
+        raise CommandError(f"{name}: {n} out of range {lo}..{hi}")
+    return n
+
+
+def _need(args: list[str], lo: int, hi: int, usage: str) -> None:
+    if not lo <= len(args) <= hi:
+        raise CommandError(f"usage: {usage}")
+
+
+async def run_command(sw, argv: list[str]) -> str:
+    """Run one command; the caller persists nothing: the switch does."""
+    if not argv:
+        raise CommandError("no command (try: show)")
+    cmd, args = argv[0], argv[1:]
+    handler = COMMANDS.get(cmd)
+    if handler is None:
+        raise CommandError(f"unknown command {cmd!r}; commands: {', '.join(sorted(COMMANDS))}")
+    try:
+        return await handler(sw, args)
+    except FlowSyntaxError as e:
+        raise CommandError(str(e)) from None
+
+
+async def add_br(sw, args):
+    _need(args, 1, 1, "add-br BRIDGE")
+    sw.add_bridge(args[0])
+    return ""
+
+
+async def del_br(sw, args):
+    _need(args, 1, 1, "del-br BRIDGE")
+    await sw.del_bridge(args[0])
+    return ""
+
+
+async def add_port(sw, args):
+    _need(args, 3, 5, "add-port BRIDGE PORT type=vhostuser|vhostuserclient [path=P] [queues=N]")
+    opts = _kv(args[2:], ("type", "path", "queues"))
+    if "type" not in opts:
+        raise CommandError("add-port needs type=vhostuser or type=vhostuserclient")
+    queues = _int(opts.get("queues", "0"), "queues", 0, 32) or None
+    await sw.add_port(args[0], args[1], opts["type"], opts.get("path"), queues)
+    return ""
+
+
+async def del_port(sw, args):
+    _need(args, 1, 2, "del-port [BRIDGE] PORT")
+    await sw.del_port(args[-1], args[0] if len(args) == 2 else None)
+    return ""
+
+
+async def show(sw, args):
+    _need(args, 0, 0, "show")
+    return sw.show()
+
+
+async def add_flow(sw, args):
+    _need(args, 2, 2, 'add-flow BRIDGE "FLOW"')
+    sw.add_flow(args[0], parse_flow(args[1]))
+    return ""
+
+
+async def del_flows(sw, args):
+    _need(args, 1, 2, 'del-flows BRIDGE ["MATCH"]')
+    sw.del_flows(args[0], parse_match(args[1]) if len(args) == 2 else None)
+    return ""
+
+
+async def dump_flows(sw, args):
+    _need(args, 1, 1, "dump-flows BRIDGE")
+    return sw.dump_flows(args[0])
+
+
+async def set_policing(sw, args):
+    _need(args, 2, 3, "set-policing PORT rate=KBPS [burst=KBITS]")
+    opts = _kv(args[1:], ("rate", "burst"))
+    rate = _int(opts.get("rate", "0"), "rate")
+    burst = _int(opts.get("burst", "0"), "burst")
+    sw.set_policing(args[0], rate, burst)
+    return ""
+
+
+async def set_qos(sw, args):
+    _need(args, 2, 2, "set-qos PORT max-rate=KBPS")
+    opts = _kv(args[1:], ("max-rate",))
+    sw.set_qos(args[0], _int(opts["max-rate"], "max-rate"))
+    return ""
+
+
+async def dump_ports(sw, args):
+    _need(args, 1, 1, "dump-ports BRIDGE")
+    return sw.dump_ports(args[0])
+
+
+async def fdb_show(sw, args):
+    _need(args, 1, 1, "fdb-show BRIDGE")
+    return sw.fdb_show(args[0])
+
+
+async def pmd_rxq_show(sw, args):
+    _need(args, 0, 0, "pmd-rxq-show")
+    return sw.pmd_rxq_show()
+
+
+async def pmd_stats_show(sw, args):
+    _need(args, 0, 0, "pmd-stats-show")
+    return sw.pmd_stats_show()
+
+
+async def pmd_stats_clear(sw, args):
+    _need(args, 0, 0, "pmd-stats-clear")
+    for pmd in sw.pmds.pmds:
+        pmd.clear_stats()
+    return ""
+
+
+async def pmd_rebalance(sw, args):
+    _need(args, 0, 0, "pmd-rebalance")
+    sw.pmds.rebalance()
+    return sw.pmd_rxq_show()
+
+
+async def set_pmd(sw, args):
+    _need(args, 1, 4, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
+                      "[cpus=0,1]")
+    opts = _kv(args, ("threads", "assign", "auto-lb", "cpus"))
+    settings = {}
+    if "threads" in opts:
+        settings["threads"] = _int(opts["threads"], "threads", 1, 64)
+    if "assign" in opts:
+        if opts["assign"] not in ("roundrobin", "cycles"):
+            raise CommandError("assign: roundrobin or cycles")
+        settings["assign"] = opts["assign"]
+    if "auto-lb" in opts:
+        if opts["auto-lb"] not in ("true", "false"):
+            raise CommandError("auto-lb: true or false")
+        settings["auto_lb"] = opts["auto-lb"] == "true"
+    if "cpus" in opts:
+        settings["cpus"] = [_int(c, "cpus", 0, 4095) for c in opts["cpus"].split(",") if c]
+    sw.set_pmd(**settings)
+    return ""
+
+
+COMMANDS = {
+    "add-br": add_br, "del-br": del_br, "add-port": add_port, "del-port": del_port,
+    "show": show, "add-flow": add_flow, "del-flows": del_flows, "dump-flows": dump_flows,
+    "set-policing": set_policing, "set-qos": set_qos, "dump-ports": dump_ports,
+    "fdb-show": fdb_show, "pmd-rxq-show": pmd_rxq_show, "pmd-stats-show": pmd_stats_show,
+    "pmd-stats-clear": pmd_stats_clear, "pmd-rebalance": pmd_rebalance, "set-pmd": set_pmd,
+}
+
+
+def read_config(text: str) -> list[list[str]]:
+    """A config/seed file: one ctl command per line (shell quoting), # comments."""
+    return [shlex.split(line, comments=True) for line in text.splitlines()
+            if shlex.split(line, comments=True)]

@@ -1,0 +1,136 @@
+"""PMD threads and RX-queue assignment: start N poll threads (optionally pinned), assign
+every (port, queue) round-robin or by measured processing time, rebalance on request or
+automatically when the load is uneven (like OVS's pmd-rxq-assign=cycles and pmd-auto-lb).
+The loop itself is compiled (pyvhost._switch.Pmd); this module only decides who polls what.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger("pyvhost.switch")
+
+ASSIGN_MODES = ("roundrobin", "cycles")
+LOAD_WINDOW = 10          # samples (one per second) the cycles measure covers
+AUTO_LB_IMPROVEMENT = 0.25
+
+
+def _pmd_main(pmd, cpu: int | None) -> None:
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError as e:
+            log.error("PMD %d: cannot pin to CPU %d: %s", pmd.pmd_id, cpu, e)
+    pmd.run()
+
+
+class PmdSet:
+    """The poll threads of one datapath and who polls which RX queue."""
+
+    def __init__(self, datapath, n: int = 1, cpus: list[int] | None = None,
+                 assign: str = "roundrobin", auto_lb: bool = False):
+        if n < 1:
+            raise ValueError("at least one PMD thread")
+        if assign not in ASSIGN_MODES:
+            raise ValueError(f"assign mode {assign!r}: one of {', '.join(ASSIGN_MODES)}")
+        self.datapath = datapath
+        self.cpus = cpus or []
+        self.assign_mode = assign
+        self.auto_lb = auto_lb
+        self.rxqs: list[tuple[int, int]] = []
+        self.samples: list[dict] = []          # per second: {(port, q): ns in that second}
+        self._last_totals: dict = {}
+        self.pmds = []
+        self.threads = []
+        for i in range(n):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        pmd = self.datapath.new_pmd(i)
+        cpu = self.cpus[i % len(self.cpus)] if self.cpus else None
+        t = threading.Thread(target=_pmd_main, args=(pmd, cpu), name=f"pmd{i}", daemon=True)
+        t.start()
+        self.pmds.append(pmd)
+        self.threads.append(t)
+
+    def stop(self) -> None:
+        for pmd in self.pmds:
+            pmd.stop()
+        for t in self.threads:
+            t.join(timeout=5)
+
+    # -- load -----------------------------------------------------------------------------
+    def sample(self) -> None:
+        """Once a second: the processing time each RX queue used since the last sample."""
+        totals, delta = {}, {}
+        for port, q in self.rxqs:
+            try:
+                ns = self.datapath.rxq_load(port)[q][0]
+            except (KeyError, IndexError):
+                continue
+            totals[(port, q)] = ns
+            delta[(port, q)] = ns - self._last_totals.get((port, q), ns)
+        self._last_totals = totals
+        self.samples = (self.samples + [delta])[-LOAD_WINDOW:]
+        if self.auto_lb and len(self.samples) == LOAD_WINDOW and self._imbalance_gain() > \
+                AUTO_LB_IMPROVEMENT:
+            log.info("pmd-auto-lb: rebalancing")
+            self.rebalance()
+
+    def loads(self) -> dict[tuple[int, int], int]:
+        out: dict = {}
+        for s in self.samples:
+            for k, v in s.items():
+                out[k] = out.get(k, 0) + v
+        return {k: out.get(k, 0) for k in self.rxqs}
+
+    def _pmd_loads(self, assignment: dict[int, list]) -> list[int]:
+        loads = self.loads()
+        return [sum(loads.get(r, 0) for r in assignment.get(i, [])) for i in range(len(self.pmds))]
+
+    def _imbalance_gain(self) -> float:
+        now = self._pmd_loads(self.current())
+        planned = self._pmd_loads(self._plan("cycles"))
+        if max(now) == 0:
+            return 0.0
+        return (max(now) - max(planned)) / max(now)
+
+    # -- assignment -----------------------------------------------------------------------
+    def current(self) -> dict[int, list]:
+        return {i: pmd.rxqs() for i, pmd in enumerate(self.pmds)}
+
+    def _plan(self, mode: str) -> dict[int, list]:
+        plan: dict[int, list] = {i: [] for i in range(len(self.pmds))}
+        if mode == "roundrobin":
+            for n, rxq in enumerate(sorted(self.rxqs)):
+                plan[n % len(self.pmds)].append(rxq)
+            return plan
+        loads = self.loads()
+        totals = [0] * len(self.pmds)
+        for rxq in sorted(self.rxqs, key=lambda r: (-loads.get(r, 0), r)):
+            i = min(range(len(self.pmds)), key=lambda j: (totals[j], len(plan[j])))
+            plan[i].append(rxq)
+            totals[i] += loads.get(rxq, 0)
+        return plan
+
+    def set_rxqs(self, rxqs: list[tuple[int, int]]) -> None:
+        """The RX queues that exist now (ports added or removed); assign them."""
+        self.rxqs = list(rxqs)
+        self.apply(self._plan(self.assign_mode))
+
+    def rebalance(self) -> dict[int, list]:
+        plan = self._plan(self.assign_mode)
+        self.apply(plan)
+        return plan
+
+    def apply(self, plan: dict[int, list]) -> None:
+        for i, pmd in enumerate(self.pmds):
+            pmd.set_rxqs(plan.get(i, []))
+
+    def busy_fraction(self, i: int) -> float:
+        s = self.pmds[i].stats()
+        total = s["busy_ns"] + s["idle_ns"]
+        return s["busy_ns"] / total if total else 0.0
+
