@@ -85,3 +85,23 @@ def reflector(workdir, socket: str, *, mode: str = "echo", client: bool = False,
         args.append("--client")
     proc = PyvhostProcess(args + list(extra), workdir, name)
     return proc.start(ready_text="reflector: mode")
+
+
+def switch(workdir, run_dir, *, config: str | None = None,
+           name: str = "switch") -> PyvhostProcess:
+    """A started ``pyvhost switch`` on ``run_dir`` (waits for its control socket)."""
+    args = ["-v", "switch", "--run-dir", str(run_dir)]
+    if config is not None:
+        path = Path(workdir) / f"{name}.conf"
+        path.write_text(config)
+        args += ["--config", str(path)]
+    return PyvhostProcess(args, workdir, name).start(ready_text="switch: running")
+
+
+def ctl(run_dir, *argv: str, check: bool = True) -> str:
+    """Run a ``pyvhost ctl`` command against the switch on ``run_dir``; its output."""
+    from pyvhost.switch.control import request
+    answer = request(str(Path(run_dir) / "ctl.sock"), list(argv))
+    if check and not answer["ok"]:
+        raise RuntimeError(f"ctl {' '.join(argv)}: {answer['error']}")
+    return answer.get("output", "") if answer["ok"] else answer["error"]
