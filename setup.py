@@ -10,7 +10,7 @@ if os.environ.get("PYVHOST_SANITIZE"):
     CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
 LDFLAGS = ["-fsanitize=address,undefined"] if os.environ.get("PYVHOST_SANITIZE") else []
 
-MODULES = ["_memory", "_pktpool", "_vring", "_poll"]
+MODULES = ["_memory", "_pktpool", "_vring", "_poll", "_flow", "_switch", "_driver", "_gen"]
 
 extensions = [
     Extension(

@@ -12,6 +12,8 @@ cdef enum:
     OP_SET_VLAN = 3        # arg: vid (push a tag if none)
     OP_STRIP_VLAN = 4
     EMC_ENTRIES = 8192
+    MF_MASKS = 8            # distinct wildcard masks a PMD keeps
+    MF_ENTRIES = 4096       # entries per mask (direct-mapped)
     ETH_P_8021Q = 0x8100
 
 cdef struct flow_key_t:
@@ -48,10 +50,30 @@ cdef struct emc_entry_t:
 cdef struct emc_t:
     emc_entry_t e[EMC_ENTRIES]
 
+cdef struct mf_entry_t:
+    uint32_t hash
+    uint32_t gen
+    uint64_t key[5]         # the key with the mask applied
+    actions_t actions
+
+cdef struct mf_sub_t:
+    uint64_t mask[5]
+    uint32_t gen            # generation the subtable was (re)made in
+    uint32_t used
+    mf_entry_t e[MF_ENTRIES]
+
+cdef struct mf_t:           # the wildcard ("megaflow") cache behind the EMC
+    uint32_t nsub
+    uint32_t next_victim
+    mf_sub_t sub[MF_MASKS]
+
 
 cdef void flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil
 cdef uint32_t flow_hash(const flow_key_t *k) noexcept nogil
 cdef const actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h, uint32_t gen) noexcept nogil
 cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, uint32_t gen, const actions_t *a) noexcept nogil
+cdef const actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t gen) noexcept nogil
+cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t gen,
+                    const actions_t *a) noexcept nogil
 cdef int vlan_set(pkt_t *p, uint16_t vid) noexcept nogil
 cdef void vlan_strip(pkt_t *p) noexcept nogil

@@ -80,6 +80,74 @@ cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, uint32_t gen,
     memcpy(&e.actions, a, sizeof(actions_t))
 
 
+cdef inline uint32_t masked_hash(const uint64_t *w, const uint64_t *mask,
+                                 uint64_t *out) noexcept nogil:
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL
+    cdef int i
+    for i in range(5):
+        out[i] = w[i] & mask[i]
+        h ^= out[i]
+        h *= 0xFF51AFD7ED558CCDULL
+        h ^= h >> 32
+    return <uint32_t>h
+
+
+cdef const actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t gen) noexcept nogil:
+    """The cached actions of the first subtable whose masked key matches, or NULL."""
+    cdef uint64_t w[5]
+    cdef uint64_t m[5]
+    cdef uint32_t s, h
+    cdef mf_sub_t *sub
+    cdef mf_entry_t *e
+    memcpy(w, k, sizeof(flow_key_t))
+    for s in range(mf.nsub):
+        sub = &mf.sub[s]
+        if sub.gen != gen or sub.used == 0:
+            continue
+        h = masked_hash(w, sub.mask, m)
+        e = &sub.e[h & (MF_ENTRIES - 1)]
+        if e.gen == gen and e.hash == h and memcmp(e.key, m, sizeof(m)) == 0:
+            return &e.actions
+    return NULL
+
+
+cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t gen,
+                    const actions_t *a) noexcept nogil:
+    cdef uint64_t w[5]
+    cdef uint32_t s, h
+    cdef mf_sub_t *sub = NULL
+    cdef mf_entry_t *e
+    for s in range(mf.nsub):                         # same mask, still current
+        if mf.sub[s].gen == gen and memcmp(mf.sub[s].mask, mask, 5 * sizeof(uint64_t)) == 0:
+            sub = &mf.sub[s]
+            break
+    if sub == NULL:
+        for s in range(mf.nsub):                     # a stale subtable to reuse
+            if mf.sub[s].gen != gen:
+                sub = &mf.sub[s]
+                break
+    if sub == NULL:
+        if mf.nsub < MF_MASKS:
+            sub = &mf.sub[mf.nsub]
+            mf.nsub += 1
+        else:
+            sub = &mf.sub[mf.next_victim % MF_MASKS]
+            mf.next_victim += 1
+    if sub.gen != gen or memcmp(sub.mask, mask, 5 * sizeof(uint64_t)) != 0:
+        memset(sub.e, 0, sizeof(sub.e))
+        memcpy(sub.mask, mask, 5 * sizeof(uint64_t))
+        sub.gen = gen
+        sub.used = 0
+    memcpy(w, k, sizeof(flow_key_t))
+    h = masked_hash(w, sub.mask, w)
+    e = &sub.e[h & (MF_ENTRIES - 1)]
+    e.hash = h
+    e.gen = gen
+    memcpy(e.key, w, sizeof(w))
+    memcpy(&e.actions, a, sizeof(actions_t))
+    sub.used += 1
+
+
 cdef int vlan_set(pkt_t *p, uint16_t vid) noexcept nogil:
     """Set the VLAN id, pushing an 802.1Q tag if the frame has none. -1: no room."""
     cdef uint16_t tci
@@ -138,6 +206,34 @@ def frame_key(bytes frame, uint16_t in_port=0):
     p.len = len(frame)
     flow_extract(&p, in_port, &k)
     return (<char *>&k)[:sizeof(flow_key_t)]
+
+
+cdef dict _field_spans():
+    cdef flow_key_t k
+    cdef size_t base = <size_t>&k
+
+    def span(size_t addr, int size):
+        return (addr - base, size)
+    return {
+        "in_port": span(<size_t>&k.in_port, 2), "dl_vlan": span(<size_t>&k.vlan_tci, 2),
+        "dl_dst": span(<size_t>&k.dl_dst, 6), "dl_src": span(<size_t>&k.dl_src, 6),
+        "dl_type": span(<size_t>&k.dl_type, 2), "nw_src": span(<size_t>&k.nw_src, 4),
+        "nw_dst": span(<size_t>&k.nw_dst, 4), "nw_proto": span(<size_t>&k.nw_proto, 1),
+        "nw_tos": span(<size_t>&k.nw_tos, 1), "tp_src": span(<size_t>&k.tp_src, 2),
+        "tp_dst": span(<size_t>&k.tp_dst, 2),
+    }
+
+
+FIELD_SPANS = _field_spans()
+
+
+def field_mask(fields):
+    """The wildcard mask (raw, key-sized) that keeps exactly ``fields`` of a flow key."""
+    mask = bytearray(sizeof(flow_key_t))
+    for name in fields:
+        off, size = FIELD_SPANS[name]
+        mask[off:off + size] = b"\xff" * size
+    return bytes(mask)
 
 
 KEY_SIZE = sizeof(flow_key_t)

@@ -23,7 +23,8 @@ from posix.unistd cimport close
 
 from pyvhost._flow cimport (
     MAX_ACTION_OPS, OP_FLOOD, OP_OUTPUT, OP_SET_VLAN, OP_STRIP_VLAN, actions_t, emc_insert,
-    emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t, vlan_set, vlan_strip,
+    emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t, mf_insert, mf_lookup, mf_t,
+    vlan_set, vlan_strip,
 )
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._vring cimport (
@@ -77,6 +78,7 @@ cdef enum:
     IDLE_NS = 1000000
     SLEEP_MS = 200
     CLOCK_EVERY = 64
+    EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
 
 cdef struct bucket_t:
     int lock
@@ -123,6 +125,7 @@ cdef struct pmd_stats_t:
     uint64_t upcalls
     uint64_t upcall_drops
     uint64_t sleeps
+    uint64_t megaflow_hits
 
 
 cdef inline uint64_t now_ns() noexcept nogil:
@@ -296,6 +299,8 @@ cdef class Pmd:
     cdef PacketPool pool_obj
     cdef pktpool_t *pool
     cdef emc_t *emc
+    cdef mf_t *mf
+    cdef uint32_t mf_hits_since_insert
     cdef rxq_ref_t poll[MAX_POLL]
     cdef int npoll
     cdef rxq_ref_t next_poll[MAX_POLL]
@@ -325,9 +330,10 @@ cdef class Pmd:
         self.pool_obj = pool
         self.pool = pool.pool
         self.emc = <emc_t *>calloc(1, sizeof(emc_t))
+        self.mf = <mf_t *>calloc(1, sizeof(mf_t))
         self.rule_packets = <uint64_t *>calloc(MAX_RULES, sizeof(uint64_t))
         self.rule_bytes = <uint64_t *>calloc(MAX_RULES, sizeof(uint64_t))
-        if self.emc == NULL or self.rule_packets == NULL or self.rule_bytes == NULL:
+        if self.emc == NULL or self.mf == NULL or self.rule_packets == NULL or self.rule_bytes == NULL:
             raise MemoryError()
         self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         self.epfd = -1
@@ -335,6 +341,7 @@ cdef class Pmd:
 
     def __dealloc__(self):
         free(self.emc)
+        free(self.mf)
         free(self.rule_packets)
         free(self.rule_bytes)
         if self.wakefd >= 0:
@@ -390,7 +397,7 @@ cdef class Pmd:
     def stats(self):
         cdef uint64_t *s = <uint64_t *>&self.st
         names = ("busy_ns", "idle_ns", "packets", "bursts", "emc_hits", "emc_misses",
-                 "upcalls", "upcall_drops", "sleeps")
+                 "upcalls", "upcall_drops", "sleeps", "megaflow_hits")
         return {name: s[i] for i, name in enumerate(names)}
 
     def clear_stats(self):
@@ -407,14 +414,19 @@ cdef class Pmd:
             self.rule_bytes[slot] = 0
 
     # -- data path ------------------------------------------------------------------------
-    cdef int upcall(self, flow_key_t *k, actions_t *a) noexcept with gil:
-        """Ask the slow path; 0 with ``a`` filled, -1 to drop."""
+    cdef int upcall(self, flow_key_t *k, actions_t *a, uint64_t *mask) noexcept with gil:
+        """Ask the slow path; 0 with ``a`` and the wildcard ``mask`` filled, -1 to drop."""
         cdef int i = 0
+        cdef const uint8_t[::1] m
         try:
             result = self.dp.upcall((<char *>k)[:sizeof(flow_key_t)])
             if result is None:
                 return -1
-            rule, ops = result
+            rule, ops, mask_bytes = result
+            m = mask_bytes
+            if m.shape[0] != sizeof(flow_key_t):
+                raise ValueError("wildcard mask of the wrong size")
+            memcpy(mask, &m[0], sizeof(flow_key_t))
             if len(ops) > MAX_ACTION_OPS:
                 ops = ops[:MAX_ACTION_OPS]
             a.rule = rule
@@ -533,6 +545,7 @@ cdef class Pmd:
         cdef uint32_t h
         cdef const actions_t *a
         cdef actions_t fresh
+        cdef uint64_t mask[5]
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         vq = inp.guest_tx[r.queue]
@@ -560,13 +573,22 @@ cdef class Pmd:
                 self.st.emc_hits += 1
             else:
                 self.st.emc_misses += 1
-                self.st.upcalls += 1
-                if self.upcall(&key, &fresh) < 0:
-                    self.st.upcall_drops += 1
-                    pool_put(self.pool, pkts[i])
-                    continue
-                emc_insert(self.emc, &key, h, gen, &fresh)
-                a = &fresh
+                a = mf_lookup(self.mf, &key, gen)
+                if a != NULL:
+                    self.st.megaflow_hits += 1
+                    self.mf_hits_since_insert += 1
+                    if self.mf_hits_since_insert >= EMC_INSERT_EVERY:
+                        self.mf_hits_since_insert = 0
+                        emc_insert(self.emc, &key, h, gen, a)
+                else:
+                    self.st.upcalls += 1
+                    if self.upcall(&key, &fresh, mask) < 0:
+                        self.st.upcall_drops += 1
+                        pool_put(self.pool, pkts[i])
+                        continue
+                    mf_insert(self.mf, &key, mask, gen, &fresh)
+                    emc_insert(self.emc, &key, h, gen, &fresh)
+                    a = &fresh
             if a.rule < MAX_RULES:
                 self.rule_packets[a.rule] += 1
                 self.rule_bytes[a.rule] += pkts[i].len

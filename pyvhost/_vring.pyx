@@ -221,10 +221,13 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     cdef uint8_t hdr[12]
     cdef pkt_t *pkt
     cdef bint bad
-    if not vq.ready or vq.broken or not vq.enabled:
+    if not vq.ready:
         return 0
-    avail = avail_count(vq, &avail_idx)
-    if avail < 0:
+    if not vq.enabled:
+        vq.st.drop_disabled += count
+        return 0
+    if vq.broken or avail_count(vq, &avail_idx) < 0:
+        vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
         return 0
     used_before = vq.last_used_idx
     i = 0
@@ -259,6 +262,7 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
             # a hostile chain: give the buffers back untouched, drop this frame
             vq.st.drop_bad_desc += 1
             if vq.broken:
+                i += 1                      # counted once; the rest: drop_no_buffer
                 break
             for b in range(nbufs):
                 put_used(vq, heads[b], 0)
@@ -502,30 +506,40 @@ cdef class VirtQueue:
     def send_burst(self, PacketPool pool, frames):
         """Enqueue frames (bytes-like) to the guest; returns how many were delivered."""
         cdef pkt_t *pkts[MAX_BURST]
-        cdef uint32_t n = 0, sent, total = 0
+        cdef uint32_t n = 0, sent, total = 0, oversize, no_mbuf
         cdef const uint8_t[::1] view
         frames = list(frames)
         while frames:
             n = 0
-            for frame in frames[:MAX_BURST]:
-                view = frame
-                if view.shape[0] > pool.pool.buf_size:
-                    self.vq.st.drop_oversize += 1
-                    continue
-                pkts[n] = pool_get(pool.pool)
-                if pkts[n] == NULL:
-                    break
-                if view.shape[0]:
-                    memcpy(pkts[n].data, &view[0], view.shape[0])
-                pkts[n].len = view.shape[0]
-                n += 1
+            oversize = 0
+            no_mbuf = 0
+            try:
+                for frame in frames[:MAX_BURST]:
+                    if frame is None:
+                        raise TypeError("a frame must be bytes-like, not None")
+                    view = frame
+                    if view.shape[0] > pool.pool.buf_size:
+                        oversize += 1
+                        continue
+                    pkts[n] = pool_get(pool.pool)
+                    if pkts[n] == NULL:
+                        no_mbuf += 1
+                        continue
+                    if view.shape[0]:
+                        memcpy(pkts[n].data, &view[0], view.shape[0])
+                    pkts[n].len = view.shape[0]
+                    n += 1
+            except BaseException:
+                pool_put_many(pool.pool, pkts, n)   # not bytes-like: give the buffers back
+                raise
             del frames[:MAX_BURST]
+            # every batch goes to the ring, which counts what it cannot deliver
             with nogil:
                 vh_lock(&self.vq.lock)
+                self.vq.st.drop_oversize += oversize
+                self.vq.st.drop_no_mbuf += no_mbuf
                 sent = vq_enqueue(&self.vq, pkts, n)
                 vh_unlock(&self.vq.lock)
             pool_put_many(pool.pool, pkts, n)
             total += sent
-            if sent < n:
-                break
         return total

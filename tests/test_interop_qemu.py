@@ -51,9 +51,8 @@ def test_guest_pings_reflector(workdir, reflectors, device_opts):
         ping_ok(guest)
     finally:
         guest.stop()
-    counters = refl.counters()
-    assert "icmp_replies=20" in counters or int(re.search(r"icmp_replies=(\d+)",
-                                                          counters).group(1)) >= 20
+    replies = int(re.search(r"icmp_replies=(\d+)", refl.counters()).group(1))
+    assert replies >= 20
 
 
 def test_guest_pings_reflector_two_queue_pairs(workdir, reflectors):
@@ -63,7 +62,7 @@ def test_guest_pings_reflector_two_queue_pairs(workdir, reflectors):
     try:
         guest.wait_ready(timeout=120)
         guest.wait_link_up(timeout=20)
-        status, out = guest.run("cat /sys/class/net/eth0/queues/tx-1/xps_cpus; ls /sys/class/net/eth0/queues")
+        status, out = guest.run("ls /sys/class/net/eth0/queues")
         assert status == 0 and "rx-1" in out, out
         ping_ok(guest)
         # pinned to each vCPU in turn, so each transmit queue carries some of the pings

@@ -95,18 +95,19 @@ def test_bridge_classify_normal_rules_and_invalidation():
     br.ports = {"p1": p1, "p2": p2}
     br.add_rule(parse_flow("priority=0,actions=normal"), slot=0, now=0)
     k12 = key_dict(frame_key(icmp_frame(MAC1, MAC2), 10))
-    assert br.classify(k12, p1) == (0, [(OP_FLOOD, 0)])    # MAC2 unknown yet
+    assert br.classify(k12, p1)[:2] == (0, [(OP_FLOOD, 0)])    # MAC2 unknown yet
     k21 = key_dict(frame_key(icmp_frame(MAC2, MAC1), 11))
     n = len(changes)
-    assert br.classify(k21, p2) == (0, [(OP_OUTPUT, 10)])  # learned MAC1 behind p1
+    assert br.classify(k21, p2)[:2] == (0, [(OP_OUTPUT, 10)])  # learned MAC1 behind p1
     assert len(changes) == n + 1                           # learning MAC2 invalidated
     br.add_rule(parse_flow("priority=100,icmp,actions=mod_vlan_vid:3,output:2"), 1, 0)
-    assert br.classify(k12, p1) == (1, [(OP_SET_VLAN, 3), (OP_OUTPUT, 11)])
+    assert br.classify(k12, p1)[:2] == (1, [(OP_SET_VLAN, 3), (OP_OUTPUT, 11)])
     br.add_rule(parse_flow("priority=200,in_port=p1,actions=drop"), 2, 0)
-    assert br.classify(k12, p1) == (2, [])
+    slot, ops, fields = br.classify(k12, p1)
+    assert (slot, ops) == (2, []) and fields == {"in_port"}   # nothing else looked at
     assert len(br.remove_rules(parse_match("in_port=1"))) == 1    # by ofport number
     br.remove_rules(None)
-    assert br.classify(k12, p1) == (NO_RULE, [])           # empty table: drop
+    assert br.classify(k12, p1) == (NO_RULE, [], frozenset())   # empty table: drop
     with pytest.raises(ValueError):
         br.add_rule(parse_flow("actions=output:nope"), 3, 0)
 

@@ -37,9 +37,11 @@ class Connection:
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
+        msgs: list[wire.Message] = []
         try:
-            for msg in self.reader.read():
-                self._dispatch(msg)
+            msgs = self.reader.read()
+            while msgs:
+                self._dispatch(msgs.pop(0))
         except EOFError:
             log.info("%s: front-end disconnected", self.label)
             self.close()
@@ -52,6 +54,9 @@ class Connection:
         except Exception:
             log.exception("%s: internal error, closing connection", self.label)
             self.close()
+        finally:
+            for msg in msgs:        # read in the same burst, behind the one that failed
+                msg.close_fds()
 
     def _dispatch(self, msg: wire.Message) -> None:
         try:

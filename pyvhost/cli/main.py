@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 
-from . import bench, ctl, reflector, switch
+from . import bench, ctl, demo, gen, reflector, switch
 
-SUBCOMMANDS = [reflector, switch, ctl, bench]
+SUBCOMMANDS = [reflector, switch, ctl, gen, bench, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

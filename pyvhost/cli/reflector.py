@@ -21,7 +21,6 @@ import threading
 
 from pyvhost._pktpool import PacketPool
 from pyvhost._poll import Poller
-
 from pyvhost.backend import Endpoint, NetBackend, NetDevice
 from pyvhost.backend.responder import DEFAULT_MAC, Responder
 

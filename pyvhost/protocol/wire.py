@@ -84,15 +84,28 @@ class MessageReader:
         return self._header[2] - len(self._buf)
 
     def read(self, limit: int = 64) -> list[Message]:
-        """Read what the socket has, up to ``limit`` messages. EOF raises EOFError."""
+        """Read what the socket has, up to ``limit`` messages. EOF raises EOFError.
+
+        On any error (EOF, broken framing, socket error) the messages already assembled in
+        this call, and a partial one, are dropped and every fd they carried is closed."""
         out: list[Message] = []
+        try:
+            self._read_into(out, limit)
+        except BaseException:
+            for msg in out:
+                msg.close_fds()
+            self.close()
+            raise
+        return out
+
+    def _read_into(self, out: list[Message], limit: int) -> None:
         while len(out) < limit:
             want = self._want()
             if want > 0:
                 try:
                     data, anc, msg_flags, _ = self.sock.recvmsg(want, _FD_SPACE)
                 except (BlockingIOError, InterruptedError):
-                    return out
+                    return
                 _take_fds(anc, self._fds)
                 if msg_flags & socket.MSG_CTRUNC:
                     self.close()
@@ -114,7 +127,6 @@ class MessageReader:
             self._buf.clear()
             self._fds = []
             self._header = None
-        return out
 
     def close(self) -> None:
         """Drop a partial message and close the fds it carried."""

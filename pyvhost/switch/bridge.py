@@ -16,13 +16,24 @@ OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN = 1, 2, 3, 4
 NO_RULE = 0xFFFF
 
 
+NORMAL_FIELDS = frozenset({"in_port", "dl_src", "dl_dst", "dl_vlan"})
+
+
 @dataclass
 class Rule:
     flow: Flow
     slot: int
     seq: int
     created: float = 0.0
-    counters: tuple[int, int] = field(default=(0, 0))
+    fields: frozenset = field(default=frozenset())   # key fields this rule looks at
+
+    def __post_init__(self):
+        names = set(self.flow.match)
+        if names & {"tp_src", "tp_dst"}:
+            names.add("nw_proto")
+        if any(a[0] == "normal" for a in self.flow.actions):
+            names |= NORMAL_FIELDS
+        self.fields = frozenset(names)
 
 
 class Bridge:
@@ -87,16 +98,20 @@ class Bridge:
         return {**match, "in_port": port.name if port else match["in_port"]}
 
     # -- slow path ------------------------------------------------------------------------
-    def classify(self, key: dict, in_port) -> tuple[int, list]:
-        """(rule slot, datapath ops) for a flow key arriving on ``in_port``."""
+    def classify(self, key: dict, in_port) -> tuple[int, list, frozenset]:
+        """(rule slot, datapath ops, key fields the decision depended on) for a flow key
+        arriving on ``in_port``. Every packet that agrees on those fields gets the same
+        decision, so the datapath may cache it for all of them (a wildcard entry)."""
+        consulted: frozenset = frozenset()
         for rule in self.rules:
+            consulted |= rule.fields
             match = rule.flow.match
             if "in_port" in match:
                 port = self.resolve(match["in_port"])
                 match = {**match, "in_port": port.port_id if port else -1}
             if key_matches(match, key, in_port.port_id):
-                return rule.slot, self._ops(rule.flow.actions, key, in_port)
-        return NO_RULE, []
+                return rule.slot, self._ops(rule.flow.actions, key, in_port), consulted
+        return NO_RULE, [], consulted
 
     def _ops(self, actions: list, key: dict, in_port) -> list[tuple[int, int]]:
         ops = []

@@ -12,9 +12,10 @@ import contextlib
 import logging
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 
-from pyvhost._flow import key_dict
+from pyvhost._flow import field_mask, key_dict
 from pyvhost._switch import Datapath, limits
 
 from .bridge import Bridge
@@ -27,6 +28,11 @@ from .store import Store
 log = logging.getLogger("pyvhost.switch")
 LIMITS = limits()
 DEFAULT_FLOW = "priority=0,actions=normal"
+
+
+@lru_cache(maxsize=256)
+def _mask(fields: frozenset) -> bytes:
+    return field_mask(fields)
 
 
 def kbps_to_bytes(kbps: int) -> int:
@@ -107,8 +113,8 @@ class Switch:
         bridge = self.bridges.get(port.bridge)
         if bridge is None:
             return None
-        slot, ops = bridge.classify(key, port)
-        return slot, ops
+        slot, ops, fields = bridge.classify(key, port)
+        return slot, ops, _mask(fields)
 
     # -- bridges and ports ----------------------------------------------------------------
     def _bridge(self, name: str) -> Bridge:

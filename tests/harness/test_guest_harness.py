@@ -10,14 +10,9 @@ from tests.harness.guest import (
     GuestError,
     QemuGuest,
     build_initramfs,
-    missing_prerequisites,
-    qemu_available,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not qemu_available(), reason="; ".join(missing_prerequisites())),
-]
+pytestmark = pytest.mark.slow   # never skipped: `make test` installs QEMU and the kernel
 
 
 def _process_gone(pid: int) -> bool:

@@ -1,0 +1,111 @@
+"""pyvhost's frontend (``pyvhost gen --mode tx``) next to DPDK's virtio-user (testpmd
+``txonly``), both sending 64-byte frames into the same sink in the same run: DPDK's vhost
+PMD in ``rxonly``. The rate is what the sink receives (its Rx-pps, median of samples); the
+sink forwards on CPU 0, the sender runs on CPU 1. Prints Mpps and the ratio pyvhost/DPDK.
+Not a test: no thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
+
+SINK_MAIN_LCORE = 1       # the sink forwards on CPU 0
+SENDER_CPU = 1
+SENDER_MAIN_LCORE = 0     # DPDK's sender forwards on CPU 1
+
+
+def sink(workdir: Path, sock: Path, name: str) -> Testpmd:
+    tp = Testpmd([vhost_vdev(sock)], workdir=workdir, name=name, main_lcore=SINK_MAIN_LCORE)
+    tp.start()
+    tp.set_fwd("rxonly")
+    tp.start_fwd()
+    return tp
+
+
+def measure(tp: Testpmd, seconds: float, samples: int) -> float:
+    """Median Rx-pps of the sink over ``samples`` readings ``seconds`` apart, in Mpps."""
+    tp.port_stats()
+    rates = []
+    for _ in range(samples):
+        time.sleep(seconds)
+        rates.append(tp.port_stats()[0]["rx_pps"])
+    return statistics.median(rates) / 1e6
+
+
+def run_gen(workdir: Path, size: int, seconds: float, samples: int) -> float:
+    sock = workdir / "gen.sock"
+    tp = sink(workdir, sock, "sink-gen")
+    gen = None
+    try:
+        run_for = seconds * (samples + 2) + 2
+        gen = subprocess.Popen(
+            ["taskset", "-c", str(SENDER_CPU), sys.executable, "-m", "pyvhost.cli.main", "gen",
+             "--socket", str(sock), "--mode", "tx", "--size", str(size), "--duration",
+             str(run_for)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tp.wait_link_up()
+        time.sleep(1.0)
+        rate = measure(tp, seconds, samples)
+        if gen.poll() not in (None, 0):
+            raise RuntimeError(f"pyvhost gen exited with status {gen.returncode}")
+        return rate
+    finally:
+        if gen is not None:
+            gen.terminate()
+            gen.wait(10)
+        tp.close()
+
+
+def run_dpdk(workdir: Path, size: int, seconds: float, samples: int) -> float:
+    sock = workdir / "dpdk.sock"
+    tp = sink(workdir, sock, "sink-dpdk")
+    try:
+        sender = Testpmd([virtio_user_vdev(sock)], workdir=workdir, name="virtio-user-txonly",
+                         main_lcore=SENDER_MAIN_LCORE)
+        try:
+            sender.start()
+            sender.wait_link_up()
+            sender.set_fwd("txonly")
+            sender.cmd(f"set txpkts {size}")
+            sender.start_fwd()
+            time.sleep(1.0)
+            return measure(tp, seconds, samples)
+        finally:
+            sender.close()
+    finally:
+        tp.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="pyvhost bench frontend", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=1.0, help="per sample")
+    ap.add_argument("--samples", type=int, default=5)
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="pvf", dir="/tmp"))
+    try:
+        py = run_gen(workdir, args.size, args.seconds, args.samples)
+        dp = run_dpdk(workdir, args.size, args.seconds, args.samples)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ratio = py / dp if dp else float("nan")
+    print(f"{args.size} B into DPDK vhost rxonly: pyvhost gen {py:.2f} Mpps, "
+          f"DPDK virtio-user txonly {dp:.2f} Mpps, ratio {ratio:.2f}")
+    print("\n| sender | frame | Mpps at the sink |\n|---|---|---|")
+    print(f"| pyvhost gen --mode tx | {args.size} B | {py:.2f} |")
+    print(f"| DPDK virtio-user txonly | {args.size} B | {dp:.2f} |")
+    print(f"| ratio pyvhost/DPDK | | {ratio:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""``pyvhost gen`` against ``pyvhost reflector``: every frame back from echo mode (with
+latency and no reordering), ARP + ICMP echo against reply mode, option checking, and the
+backend killed mid-run (gen says so and exits non-zero, without hanging)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.harness.processes import PyvhostProcess
+
+GEN_TIMEOUT = 60
+
+
+def gen(workdir, *args, name="gen") -> PyvhostProcess:
+    return PyvhostProcess(["gen", *map(str, args), "--json"], workdir, name).start()
+
+
+def finish(proc: PyvhostProcess, timeout: float = GEN_TIMEOUT) -> tuple[int, dict]:
+    """Wait for gen to exit; (exit status, its JSON summary)."""
+    try:
+        status = proc.proc.wait(timeout)
+    finally:
+        proc.stop()
+    lines = proc.output().strip().splitlines()
+    assert lines, proc.errors()
+    return status, json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("size", [64, 1500, 9000])
+def test_txrx_against_echo_reflector(workdir, reflectors, size):
+    sock = workdir / "r.sock"
+    reflectors(sock, mode="echo")
+    status, out = finish(gen(workdir, "--socket", sock, "--mode", "txrx", "--count", 20000,
+                             "--size", size, "--flows", 16))
+    assert status == 0, out
+    assert out["sent"] == 20000 and out["received"] == 20000 and out["lost"] == 0, out
+    assert out["reordered"] == 0
+    lat = out["latency_us"]
+    assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
+    assert out["tx_pps"] > 0 and out["rx_pps"] > 0
+
+
+def test_ping_against_reply_reflector(workdir, reflectors):
+    sock = workdir / "r.sock"
+    refl = reflectors(sock, mode="reply")
+    status, out = finish(gen(workdir, "--socket", sock, "--mode", "ping", "--count", 3,
+                             "--rate", 20, "--target", "10.0.0.254"))
+    assert status == 0, out
+    assert out["sent"] == 3 and out["received"] == 3 and out["lost"] == 0, out
+    assert out["target_mac"] == "02:00:00:fe:00:01"
+    assert "arp_replies=1" in refl.counters() and "icmp_replies=3" in refl.counters()
+
+
+def test_ping_unanswered_address_fails(workdir, reflectors):
+    sock = workdir / "r.sock"
+    reflectors(sock, mode="reply")
+    status, out = finish(gen(workdir, "--socket", sock, "--mode", "ping", "--count", 1,
+                             "--target", "10.0.0.77", "--timeout", 1))
+    assert status == 1 and out["received"] == 0 and "ARP" in out["error"], out
+
+
+@pytest.mark.parametrize("mode", ["tx", "txrx"])
+def test_backend_killed_mid_run(workdir, reflectors, mode):
+    sock = workdir / "r.sock"
+    refl = reflectors(sock, mode="echo")
+    proc = gen(workdir, "--socket", sock, "--mode", mode, "--duration", 30, "--rate", 200000)
+    time.sleep(1.5)
+    assert proc.alive()
+    refl.signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    status, out = finish(proc, timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert status == 1
+    assert "went away" in out["error"] and out["sent"] > 0, out
+    assert "FAILED: the backend went away" in proc.output()
+
+
+def test_no_backend_is_an_error(workdir):
+    status, out = finish(gen(workdir, "--socket", workdir / "nobody.sock", "--timeout", 0.5))
+    assert status == 1 and "cannot connect" in out["error"]
+
+
+def test_bad_options_exit_2(workdir):
+    proc = PyvhostProcess(["gen", "--socket", str(workdir / "x"), "--size", "20"], workdir,
+                          "gen").start()
+    assert proc.proc.wait(20) == 2
+    assert "--size" in proc.errors()
