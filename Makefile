@@ -35,7 +35,7 @@ demo: build
 	$(PYTHON) -m pyvhost.cli.main demo
 
 bench: build
-	$(PYTHON) -m pyvhost.cli.main bench backend
+	for b in backend frontend switch; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info pyvhost/*.so pyvhost/_*.c
