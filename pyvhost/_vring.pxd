@@ -27,12 +27,23 @@ cdef enum:
     MAX_IOV = 64          # segments of one packet's buffers
     MAX_BURST = 32
     VNET_HDR_F_NEEDS_CSUM = 1
+    VRING_PACKED_DESC_F_AVAIL = 1 << 7
+    VRING_PACKED_DESC_F_USED = 1 << 15
+    RING_EVENT_FLAGS_ENABLE = 0
+    RING_EVENT_FLAGS_DISABLE = 1
+    RING_EVENT_FLAGS_DESC = 2
 
 cdef struct vring_desc_t:
     uint64_t addr
     uint32_t len
     uint16_t flags
     uint16_t next
+
+cdef struct vring_packed_desc_t:
+    uint64_t addr
+    uint32_t len
+    uint16_t id
+    uint16_t flags
 
 cdef struct vring_used_elem_t:
     uint32_t id
@@ -60,8 +71,9 @@ cdef struct vq_t:
     int enabled
     int broken
     vring_desc_t *desc
-    uint16_t *avail           # flags, idx, ring[size], used_event
-    uint16_t *used            # flags, idx, elems (as u32 pairs), avail_event
+    vring_packed_desc_t *pdesc   # packed: the descriptor ring
+    uint16_t *avail           # split: flags, idx, ring[size], used_event; packed: driver event
+    uint16_t *used            # split: flags, idx, elems, avail_event; packed: device event
     vring_used_elem_t *used_ring
     uint32_t size
     uint16_t last_avail_idx
@@ -71,6 +83,9 @@ cdef struct vq_t:
     uint8_t event_idx
     uint8_t indirect
     uint8_t mrg_rxbuf
+    uint8_t packed
+    uint8_t avail_wrap        # packed: the wrap counters of the next avail / used slot
+    uint8_t used_wrap
     uint16_t hdr_len
     int kickfd
     int callfd

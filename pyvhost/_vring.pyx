@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Split virtqueues, device side, compiled: descriptor-chain walking with limits, the burst
+"""Split and packed virtqueues, device side, compiled: descriptor-chain walking with limits, the burst
 copy between guest buffers and packet-pool buffers, the virtio-net header, mergeable RX
 buffers, used-ring updates with release ordering, and guest notification.
 
@@ -126,17 +126,45 @@ cdef inline int avail_count(vq_t *vq, uint16_t *avail_idx) noexcept nogil:
     return count
 
 
+cdef inline void copy_out(const iov_t *iov, uint32_t niov, uint64_t total, uint32_t hdr,
+                          pkt_t *pkt) noexcept nogil:
+    """The virtio-net header into pkt.vnet_hdr, the rest (the frame) into pkt.data."""
+    cdef uint64_t skip = 0, take
+    cdef uint8_t *dst = pkt.data
+    cdef uint32_t j
+    for j in range(niov):
+        take = iov[j].len
+        if skip < hdr:
+            if take > hdr - skip:
+                take = hdr - skip
+            memcpy(&pkt.vnet_hdr[skip], iov[j].base, take)
+            skip += take
+            if take < iov[j].len:
+                memcpy(dst, iov[j].base + take, iov[j].len - take)
+                dst += iov[j].len - take
+        else:
+            memcpy(dst, iov[j].base, take)
+            dst += take
+    pkt.len = <uint32_t>(total - hdr)
+
+
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
     """Guest TX -> packets: up to ``count`` frames copied out of the guest's buffers."""
-    cdef uint16_t avail_idx, head
-    cdef int avail
-    cdef uint32_t i, j, nout = 0, niov, hdr, take
-    cdef uint64_t total, skip
-    cdef iov_t iov[MAX_IOV]
-    cdef pkt_t *pkt
-    cdef uint8_t *dst
     if not vq.ready or vq.broken:
         return 0
+    if vq.packed:
+        return packed_dequeue(vq, pool, pkts, count)
+    return split_dequeue(vq, pool, pkts, count)
+
+
+cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
+                            uint32_t count) noexcept nogil:
+    cdef uint16_t avail_idx, head
+    cdef int avail
+    cdef uint32_t i, nout = 0, niov, hdr
+    cdef uint64_t total
+    cdef iov_t iov[MAX_IOV]
+    cdef pkt_t *pkt
     avail = avail_count(vq, &avail_idx)
     if avail <= 0:
         return 0
@@ -161,23 +189,7 @@ cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count
             if pkt == NULL:
                 vq.st.drop_no_mbuf += 1
                 break                       # leave it in the ring for the next burst
-            # the virtio-net header first, then the frame
-            skip = 0
-            dst = pkt.data
-            for j in range(niov):
-                take = iov[j].len
-                if skip < hdr:
-                    if take > hdr - skip:
-                        take = hdr - skip
-                    memcpy(&pkt.vnet_hdr[skip], iov[j].base, take)
-                    skip += take
-                    if take < iov[j].len:
-                        memcpy(dst, iov[j].base + take, iov[j].len - take)
-                        dst += iov[j].len - take
-                else:
-                    memcpy(dst, iov[j].base, take)
-                    dst += take
-            pkt.len = <uint32_t>(total - hdr)
+            copy_out(iov, niov, total, hdr, pkt)
             pkts[nout] = pkt
             nout += 1
             vq.st.bytes += pkt.len
@@ -211,6 +223,19 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
 
     The caller keeps ownership of every packet. Frames not delivered for lack of guest
     buffers are counted in drop_no_buffer."""
+    if vq.packed and vq.ready and vq.enabled and not vq.broken:
+        return packed_enqueue(vq, pkts, count)
+    return split_enqueue(vq, pkts, count)
+
+
+cdef inline void fill_header(uint8_t *hdr, vq_t *vq, uint32_t nbufs) noexcept nogil:
+    memset(hdr, 0, 12)
+    if vq.hdr_len == 12:
+        hdr[10] = <uint8_t>(nbufs & 0xff)
+        hdr[11] = <uint8_t>(nbufs >> 8)
+
+
+cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     cdef uint16_t avail_idx, head, used_before
     cdef int avail
     cdef uint32_t i, b, nbufs, niov, i_iov, nsent = 0
@@ -275,10 +300,7 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
                 i += 1
                 continue
             break                           # out of buffers: the rest are not delivered
-        memset(hdr, 0, sizeof(hdr))
-        if vq.hdr_len == 12:
-            hdr[10] = <uint8_t>(nbufs & 0xff)
-            hdr[11] = <uint8_t>(nbufs >> 8)
+        fill_header(hdr, vq, nbufs)
         i_iov = 0
         off = 0
         fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
@@ -301,11 +323,268 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     return nsent
 
 
+# -- packed virtqueues -------------------------------------------------------------------
+
+cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nogil:
+    """Is the descriptor at ``idx`` available to us under avail wrap counter ``wrap``?"""
+    cdef uint16_t flags = vh_load_acquire_u16(&vq.pdesc[idx].flags)
+    cdef uint8_t avail = (flags & VRING_PACKED_DESC_F_AVAIL) != 0
+    cdef uint8_t used = (flags & VRING_PACKED_DESC_F_USED) != 0
+    return avail == wrap and used != wrap
+
+
+cdef inline void packed_advance(uint16_t *idx, uint8_t *wrap, uint32_t n,
+                                uint32_t size) noexcept nogil:
+    cdef uint32_t i = idx[0] + n
+    if i >= size:
+        i -= size
+        wrap[0] ^= 1
+    idx[0] = <uint16_t>i
+
+
+cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t *niov,
+                     uint64_t *total, uint32_t *nslots, uint16_t *buf_id) noexcept nogil:
+    """Translate the chain starting in slot ``idx``. Returns 0; -1 when its contents are bad
+    (``*nslots`` still says how many slots it spans, so it can be given back); -2 when its
+    shape is (a chain longer than the ring): the ring cannot be trusted any more."""
+    cdef uint32_t slots = 0, n = niov[0], i, k, count
+    cdef vring_packed_desc_t d
+    cdef const vring_packed_desc_t *table
+    cdef uint64_t tot = 0, addr, left, chunk
+    cdef uint8_t *p
+    cdef bint bad = False
+    while True:
+        if slots >= vq.size:
+            return -2
+        i = idx + slots
+        if i >= vq.size:
+            i -= vq.size
+        memcpy(&d, &vq.pdesc[i], sizeof(vring_packed_desc_t))
+        slots += 1
+        buf_id[0] = d.id
+        if d.flags & VRING_DESC_F_INDIRECT:
+            chunk = d.len
+            p = NULL
+            if vq.indirect and d.len and d.len % sizeof(vring_packed_desc_t) == 0 and \
+                    d.len <= 32768 * sizeof(vring_packed_desc_t) and \
+                    not d.flags & VRING_DESC_F_NEXT:
+                p = gpa_to_host(vq.mem, d.addr, &chunk)
+            if p == NULL or chunk < d.len:
+                bad = True
+            else:
+                table = <const vring_packed_desc_t *>p
+                count = d.len // sizeof(vring_packed_desc_t)
+                for k in range(count):
+                    memcpy(&d, &table[k], sizeof(vring_packed_desc_t))
+                    if d.flags & VRING_DESC_F_INDIRECT or \
+                            (d.flags & VRING_DESC_F_WRITE != 0) != writable or \
+                            add_segments(vq, d.addr, d.len, iov, &n, &tot) < 0:
+                        bad = True
+                        break
+            if not d.flags & VRING_DESC_F_NEXT:
+                break
+            continue
+        if not bad and ((d.flags & VRING_DESC_F_WRITE != 0) != writable or
+                        add_segments(vq, d.addr, d.len, iov, &n, &tot) < 0):
+            bad = True
+        if not d.flags & VRING_DESC_F_NEXT:
+            break
+    nslots[0] = slots
+    if bad:
+        return -1
+    niov[0] = n
+    total[0] = tot
+    return 0
+
+
+cdef int add_segments(vq_t *vq, uint64_t addr, uint64_t length, iov_t *iov, uint32_t *n,
+                      uint64_t *tot) noexcept nogil:
+    """Append the host segments of [addr, addr+length) to iov; -1 if unmapped or too many."""
+    cdef uint64_t chunk
+    cdef uint8_t *p
+    tot[0] += length
+    if tot[0] > MAX_CHAIN_BYTES:
+        return -1
+    while length:
+        if n[0] >= MAX_IOV:
+            return -1
+        chunk = length
+        p = gpa_to_host(vq.mem, addr, &chunk)
+        if p == NULL:
+            return -1
+        iov[n[0]].base = p
+        iov[n[0]].len = chunk
+        n[0] += 1
+        addr += chunk
+        length -= chunk
+    return 0
+
+
+cdef inline void put_used_packed(vq_t *vq, uint16_t buf_id, uint32_t length, uint32_t nslots,
+                                 bint written) noexcept nogil:
+    cdef vring_packed_desc_t *d = &vq.pdesc[vq.last_used_idx]
+    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) \
+        if vq.used_wrap else 0
+    if written:
+        flags |= VRING_DESC_F_WRITE
+    d.id = buf_id
+    d.len = length
+    vh_store_release_u16(&d.flags, flags)
+    packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
+
+
+cdef void notify_guest_packed(vq_t *vq) noexcept nogil:
+    """Signal the call fd unless the driver's event-suppression area says not to."""
+    cdef uint16_t old = vq.signalled_used, new = vq.last_used_idx, flags, off_wrap, off
+    cdef bint fire
+    vh_fence_seq_cst()
+    flags = vh_load_relaxed_u16(&vq.avail[1])
+    if flags != RING_EVENT_FLAGS_DESC or not vq.event_idx:
+        fire = flags != RING_EVENT_FLAGS_DISABLE
+    else:
+        off_wrap = vh_load_relaxed_u16(&vq.avail[0])
+        off = off_wrap & 0x7FFF
+        if new <= old:
+            old -= vq.size
+        if vq.used_wrap != off_wrap >> 15:
+            off -= vq.size
+        fire = need_event(off, new, old) or not vq.signalled_used_valid
+    vq.signalled_used = new
+    vq.signalled_used_valid = 1
+    if fire and vq.callfd >= 0:
+        vh_eventfd_signal(vq.callfd)
+        vq.st.calls += 1
+
+
+cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
+                             uint32_t count) noexcept nogil:
+    cdef uint32_t i, nout = 0, niov, nslots, hdr = vq.hdr_len, used = 0
+    cdef uint64_t total
+    cdef uint16_t buf_id
+    cdef int rc
+    cdef iov_t iov[MAX_IOV]
+    cdef pkt_t *pkt
+    for i in range(count):
+        if not packed_avail(vq, vq.last_avail_idx, vq.avail_wrap):
+            break
+        niov = 0
+        rc = walk_packed(vq, vq.last_avail_idx, False, iov, &niov, &total, &nslots, &buf_id)
+        if rc == -2:
+            vq.broken = 1
+            vq.st.ring_errors += 1
+            break
+        if rc < 0 or total < hdr:
+            vq.st.drop_bad_desc += 1
+        elif not vq.enabled:
+            vq.st.drop_disabled += 1
+        elif total - hdr > pool.buf_size:
+            vq.st.drop_oversize += 1
+        else:
+            pkt = pool_get(pool)
+            if pkt == NULL:
+                vq.st.drop_no_mbuf += 1
+                break
+            copy_out(iov, niov, total, hdr, pkt)
+            pkts[nout] = pkt
+            nout += 1
+            vq.st.bytes += pkt.len
+        put_used_packed(vq, buf_id, 0, nslots, False)
+        packed_advance(&vq.last_avail_idx, &vq.avail_wrap, nslots, vq.size)
+        used += 1
+    if used:
+        notify_guest_packed(vq)
+    vq.st.packets += nout
+    vq.st.bursts += 1
+    return nout
+
+
+cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
+    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0, nslots, used = 0
+    cdef uint64_t need, cap, total, off, w
+    cdef uint16_t idx, buf_id
+    cdef uint8_t wrap
+    cdef int rc
+    cdef iov_t iov[MAX_IOV]
+    cdef uint16_t ids[MAX_BUFS_PER_PKT]
+    cdef uint32_t slots[MAX_BUFS_PER_PKT]
+    cdef uint64_t caps[MAX_BUFS_PER_PKT]
+    cdef uint8_t hdr[12]
+    cdef pkt_t *pkt
+    while i < count:
+        pkt = pkts[i]
+        need = vq.hdr_len + pkt.len
+        nbufs = niov = 0
+        cap = 0
+        rc = 0
+        idx = vq.last_avail_idx
+        wrap = vq.avail_wrap
+        while cap < need and nbufs < MAX_BUFS_PER_PKT and packed_avail(vq, idx, wrap):
+            rc = walk_packed(vq, idx, True, iov, &niov, &total, &nslots, &buf_id)
+            if rc == -2:
+                break
+            ids[nbufs] = buf_id
+            slots[nbufs] = nslots
+            caps[nbufs] = total if rc == 0 else 0
+            nbufs += 1
+            packed_advance(&idx, &wrap, nslots, vq.size)
+            if rc < 0:
+                break
+            cap += total
+            if not vq.mrg_rxbuf:
+                break
+        if rc == -2:
+            vq.broken = 1
+            vq.st.ring_errors += 1
+            break
+        if rc == -1:
+            # a hostile buffer: give back what this frame took, untouched, and drop it
+            vq.st.drop_bad_desc += 1
+            for b in range(nbufs):
+                put_used_packed(vq, ids[b], 0, slots[b], True)
+                used += 1
+            vq.last_avail_idx = idx
+            vq.avail_wrap = wrap
+            i += 1
+            continue
+        if cap < need:
+            if nbufs and not vq.mrg_rxbuf:
+                vq.st.drop_oversize += 1
+                i += 1
+                continue
+            break
+        fill_header(hdr, vq, nbufs)
+        i_iov = 0
+        off = 0
+        fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
+        fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
+        w = need
+        for b in range(nbufs):
+            total = caps[b] if caps[b] < w else w
+            put_used_packed(vq, ids[b], <uint32_t>total, slots[b], True)
+            w -= total
+            used += 1
+        vq.last_avail_idx = idx
+        vq.avail_wrap = wrap
+        vq.st.bytes += pkt.len
+        nsent += 1
+        i += 1
+    if i < count:
+        vq.st.drop_no_buffer += count - i
+    if used:
+        notify_guest_packed(vq)
+    vq.st.packets += nsent
+    vq.st.bursts += 1
+    return nsent
+
+
 cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil:
     """Ask the guest to kick (on) or not to bother (off) when it adds buffers."""
     if not vq.ready:
         return
-    if vq.event_idx:
+    if vq.packed:
+        vh_store_relaxed_u16(&vq.used[1],
+                             RING_EVENT_FLAGS_ENABLE if on else RING_EVENT_FLAGS_DISABLE)
+    elif vq.event_idx:
         if on:
             vh_store_relaxed_u16(&vq.used[2 + 4 * vq.size], vq.last_avail_idx)
     else:
@@ -317,6 +596,8 @@ cdef bint vq_pending(vq_t *vq) noexcept nogil:
     """True when the guest has made buffers available that we have not consumed."""
     if not vq.ready or vq.broken:
         return False
+    if vq.packed:
+        return packed_avail(vq, vq.last_avail_idx, vq.avail_wrap)
     return vh_load_acquire_u16(&vq.avail[1]) != vq.last_avail_idx
 
 
@@ -356,7 +637,7 @@ cdef class VirtQueue:
         self.vq.ready = 0
 
     def set_size(self, uint32_t size):
-        if size == 0 or size > 32768 or size & (size - 1):
+        if size == 0 or size > 32768 or (size & (size - 1) and not self.vq.packed):
             raise ValueError(f"ring size {size} is not a power of 2 in 1..32768")
         self.vq.size = size
         self.vq.ready = 0
@@ -367,22 +648,41 @@ cdef class VirtQueue:
         self.avail_uva = avail
         self.vq.ready = 0
 
-    def set_features(self, *, bint event_idx, bint indirect, bint mrg_rxbuf, int hdr_len):
+    def set_features(self, *, bint event_idx, bint indirect, bint mrg_rxbuf, int hdr_len,
+                     bint packed=False):
         if hdr_len not in (10, 12):
             raise ValueError("virtio-net header is 10 or 12 bytes")
+        if packed and not self.vq.packed:
+            self.vq.avail_wrap = 1          # a fresh packed ring starts at wrap 1
+            self.vq.used_wrap = 1
+        self.vq.packed = packed
         self.vq.event_idx = event_idx
         self.vq.indirect = indirect
         self.vq.mrg_rxbuf = mrg_rxbuf
         self.vq.hdr_len = hdr_len
 
     property base:
-        """The next avail index to process (SET/GET_VRING_BASE)."""
+        """SET/GET_VRING_BASE: split, the next avail index; packed, avail index (bits 0-14),
+        avail wrap (15), used index (16-30), used wrap (31)."""
         def __get__(self):
-            return self.vq.last_avail_idx
+            cdef uint32_t v = self.vq.last_avail_idx
+            if self.vq.packed:
+                v |= (<uint32_t>self.vq.avail_wrap) << 15
+                v |= (<uint32_t>self.vq.last_used_idx) << 16
+                v |= (<uint32_t>self.vq.used_wrap) << 31
+            return v
 
-        def __set__(self, uint16_t value):
-            self.vq.last_avail_idx = value
-            self.vq.last_used_idx = value
+        def __set__(self, uint32_t value):
+            if self.vq.packed:
+                # we use buffers in order, so used equals avail whenever a ring stops;
+                # some front-ends (DPDK's) send only the avail half
+                self.vq.last_avail_idx = value & 0x7FFF
+                self.vq.avail_wrap = (value >> 15) & 1
+                self.vq.last_used_idx = self.vq.last_avail_idx
+                self.vq.used_wrap = self.vq.avail_wrap
+            else:
+                self.vq.last_avail_idx = value & 0xFFFF
+                self.vq.last_used_idx = value & 0xFFFF
             self.vq.signalled_used_valid = 0
 
     property enabled:
@@ -434,14 +734,21 @@ cdef class VirtQueue:
         if n == 0:
             raise ValueError("ring size not set")
         desc = uva_to_host(self.vq.mem, self.desc_uva, 16 * n)
-        avail = uva_to_host(self.vq.mem, self.avail_uva, 6 + 2 * n)
-        used = uva_to_host(self.vq.mem, self.used_uva, 6 + 8 * n)
+        if self.vq.packed:          # the two event-suppression areas
+            avail = uva_to_host(self.vq.mem, self.avail_uva, 4)
+            used = uva_to_host(self.vq.mem, self.used_uva, 4)
+        else:
+            avail = uva_to_host(self.vq.mem, self.avail_uva, 6 + 2 * n)
+            used = uva_to_host(self.vq.mem, self.used_uva, 6 + 8 * n)
         if desc == NULL or avail == NULL or used == NULL:
             raise ValueError(f"ring addresses desc={self.desc_uva:#x} avail={self.avail_uva:#x} "
                              f"used={self.used_uva:#x} are not inside guest memory")
         if (<uint64_t>desc) % 16 or (<uint64_t>avail) % 2 or (<uint64_t>used) % 4:
             raise ValueError("ring addresses are misaligned")
+        if self.vq.packed and (self.vq.last_avail_idx >= n or self.vq.last_used_idx >= n):
+            raise ValueError("packed ring base beyond the ring size")
         self.vq.desc = <vring_desc_t *>desc
+        self.vq.pdesc = <vring_packed_desc_t *>desc
         self.vq.avail = <uint16_t *>avail
         self.vq.used = <uint16_t *>used
         self.vq.used_ring = <vring_used_elem_t *>(used + 4)
@@ -449,7 +756,7 @@ cdef class VirtQueue:
         self.vq.signalled_used_valid = 0
         warning = None
         used_idx = vh_load_acquire_u16(&self.vq.used[1])
-        if used_idx != self.vq.last_used_idx:
+        if not self.vq.packed and used_idx != self.vq.last_used_idx:
             warning = (f"used idx {used_idx} in guest memory differs from base "
                        f"{self.vq.last_used_idx}; resuming from the used idx")
             self.vq.last_used_idx = used_idx

@@ -3,7 +3,7 @@
 testpmd forwards in io mode and primes the loop with ``start tx_first``: every frame it
 sends comes back from the reflector, so its RX and TX counters must agree to within the
 bursts still in flight. Split ring, mrg_rxbuf 0/1, in_order 0/1, 1 and 2 queue pairs;
-then testpmd as the server with the reflector connecting, killed and restarted.
+then testpmd as the server with the reflector connecting, killed and restarted; packed rings (packed_vq=1).
 """
 
 from __future__ import annotations
@@ -63,6 +63,27 @@ def test_echo_split_ring(workdir, testpmds, reflectors, mrg_rxbuf, in_order, que
     assert got == fwd["tx_packets"]
     assert 0 <= sent - fwd["rx_packets"] <= 4 * BURST * queues
     assert refl.alive()
+    guest.close()
+    assert "ERROR" not in refl.errors(), refl.errors()     # GET_VRING_BASE etc. all fine
+
+
+@pytest.mark.parametrize("in_order", [0, 1])
+@pytest.mark.parametrize("mrg_rxbuf", [0, 1])
+def test_echo_packed_ring(workdir, testpmds, reflectors, mrg_rxbuf, in_order):
+    queues = 2
+    sock = workdir / "refl.sock"
+    refl = reflectors(sock, mode="echo", queues=queues)
+    guest = testpmds(virtio_user_vdev(sock, queues=queues, packed_vq=1, mrg_rxbuf=mrg_rxbuf,
+                                      in_order=in_order),
+                     "virtio-user", main_lcore=GUEST_MAIN_LCORE, rxq=queues, txq=queues)
+    guest.start()
+    guest.wait_link_up()
+    fwd = run_loop(guest, queues)
+    got, sent = reflector_totals(refl)
+    assert got == fwd["tx_packets"]
+    assert 0 <= sent - fwd["rx_packets"] <= 4 * BURST * queues
+    assert "internal error" not in refl.errors()
+    assert "ERROR" not in refl.errors(), refl.errors()
 
 
 def test_testpmd_server_killed_and_restarted(workdir, testpmds, reflectors):

@@ -1,5 +1,6 @@
 """``pyvhost switch`` driven by DPDK testpmd's virtio-user (two ports, no VM): PMD threads
-and RX-queue assignment with rebalancing, and ingress policing holding a set rate."""
+and RX-queue assignment with rebalancing, packed rings, and ingress policing holding a set
+rate."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ import time
 import pytest
 
 from tests.harness import processes
-from tests.harness.testpmd import virtio_user_vdev
+from tests.harness.testpmd import parse_fwd_stats, virtio_user_vdev
 
 pytestmark = pytest.mark.slow
 
 MACS = ("00:01:02:03:04:05", "00:01:02:03:04:06")
 
 
-def two_port_testpmd(testpmds, run_dir, queues: int, active_queues: int, name: str):
-    vdevs = [virtio_user_vdev(run_dir / f"p{i + 1}.sock", index=i, mac=MACS[i], queues=queues)
-             for i in range(2)]
+def two_port_testpmd(testpmds, run_dir, queues: int, active_queues: int, name: str, **opts):
+    vdevs = [virtio_user_vdev(run_dir / f"p{i + 1}.sock", index=i, mac=MACS[i], queues=queues,
+                              **opts) for i in range(2)]
     tp = testpmds(vdevs, name, main_lcore=0, rxq=active_queues, txq=active_queues)
     tp.start()
     tp.wait_link_up(0)
@@ -80,6 +81,30 @@ def test_two_pmds_two_queues_and_rebalance(workdir, testpmds):
         received = [int(x) for x in re.findall(r"packets received: (\d+)", stats)]
         assert min(received) > 0, stats                          # both PMDs busy now
         tp.stop_fwd()
+    finally:
+        assert sw.stop() == 0
+
+
+@pytest.mark.parametrize("in_order", [0, 1])
+def test_packed_ring_loop_through_switch(workdir, testpmds, in_order):
+    run_dir = workdir / "run"
+    config = ("add-br br0\nadd-port br0 p1 type=vhostuser queues=1\n"
+              "add-port br0 p2 type=vhostuser queues=1\n"
+              "add-flow br0 priority=10,in_port=p1,actions=output:p2\n"
+              "add-flow br0 priority=10,in_port=p2,actions=output:p1\n")
+    sw = processes.switch(workdir, run_dir, config=config)
+    try:
+        tp = two_port_testpmd(testpmds, run_dir, queues=1, active_queues=1, name="tp-packed",
+                              packed_vq=1, in_order=in_order)
+        tp.set_fwd("io")
+        tp.start_fwd(tx_first=True)
+        rates = tp.measure_port_stats(1.0)
+        fwd = parse_fwd_stats(tp.stop_fwd())
+        assert rates[0]["rx_pps"] > 0 and rates[1]["rx_pps"] > 0, rates
+        for port in (0, 1):      # what one port sends, the other receives, less in flight
+            other = fwd[1 - port]
+            assert 0 <= fwd[port]["tx_packets"] - other["rx_packets"] <= 4 * 32, fwd
+        assert min(f["rx_packets"] for f in fwd.values()) > 10000, fwd
     finally:
         assert sw.stop() == 0
 

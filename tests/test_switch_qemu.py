@@ -95,6 +95,18 @@ def test_two_guests_ping_rules_and_drop(workdir, guests):
         assert sw.stop() == 0
 
 
+def test_packed_ring_guests_ping_through_switch(workdir, guests):
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config=CONFIG)
+    try:
+        vms = guests({n: NicSpec(run_dir / f"{n}.sock", ip=f"{ip}/24", device_opts="packed=on")
+                      for n, ip in IPS.items()})
+        assert ping(vms["vm1"], IPS["vm2"])["loss_pct"] == 0
+        assert ping(vms["vm2"], IPS["vm1"])["loss_pct"] == 0
+    finally:
+        assert sw.stop() == 0
+
+
 def test_switch_restart_guests_keep_network(workdir, guests):
     run_dir = workdir / "run"
     socks = {n: workdir / f"{n}-qemu.sock" for n in IPS}

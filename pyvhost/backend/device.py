@@ -80,7 +80,7 @@ class VhostUserDevice:
         """Keyword arguments for VirtQueue.set_features under the negotiated features."""
         return {"event_idx": self.has(F.RING_EVENT_IDX),
                 "indirect": self.has(F.RING_INDIRECT_DESC),
-                "mrg_rxbuf": False, "hdr_len": 12}
+                "mrg_rxbuf": False, "hdr_len": 12, "packed": self.has(F.RING_PACKED)}
 
     def _swap_memory(self, retired) -> None:
         table = self.memory.table
@@ -192,7 +192,7 @@ class VhostUserDevice:
         self.changed()
 
     def on_set_vring_base(self, p, fds):
-        if p.num > 0xFFFF:
+        if p.num > 0xFFFF and not self.has(F.RING_PACKED):
             raise DeviceError(f"ring {p.index}: split-ring base {p.num:#x} has reserved bits")
         self.ring(p.index).set_base(p.num)
 

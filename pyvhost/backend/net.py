@@ -16,7 +16,7 @@ log = logging.getLogger("pyvhost.backend")
 
 NET_FEATURES = C.bits(
     F.VERSION_1, F.NET_MRG_RXBUF, F.RING_INDIRECT_DESC, F.RING_EVENT_IDX, F.NET_MQ, F.NET_MTU,
-    F.NET_STATUS, F.NET_GUEST_ANNOUNCE, F.IN_ORDER, F.PROTOCOL_FEATURES,
+    F.NET_STATUS, F.NET_GUEST_ANNOUNCE, F.IN_ORDER, F.RING_PACKED, F.PROTOCOL_FEATURES,
 )
 NET_PROTOCOL_FEATURES = C.bits(
     PF.MQ, PF.REPLY_ACK, PF.NET_MTU, PF.RARP, PF.STATUS, PF.CONFIGURE_MEM_SLOTS, PF.BACKEND_REQ,
@@ -54,7 +54,8 @@ class NetDevice(VhostUserDevice):
         return {"event_idx": self.has(F.RING_EVENT_IDX),
                 "indirect": self.has(F.RING_INDIRECT_DESC),
                 "mrg_rxbuf": mrg,
-                "hdr_len": 12 if (mrg or self.has(F.VERSION_1)) else 10}
+                "hdr_len": 12 if (mrg or self.has(F.VERSION_1)) else 10,
+                "packed": self.has(F.RING_PACKED)}
 
     def on_net_set_mtu(self, p: P.U64, fds):
         if not 68 <= p.value <= 65535:

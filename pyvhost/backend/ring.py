@@ -83,7 +83,7 @@ class Ring:
 
     def set_base(self, base: int) -> None:
         with self.vq:
-            self.vq.base = base & 0xFFFF
+            self.vq.base = base
 
     def set_features(self, **kw) -> None:
         with self.vq:

@@ -309,6 +309,12 @@ class Switch:
             out.append(f"           tx pkts={s['tx_packets']}, bytes={s['tx_bytes']}, "
                        f"drop={tx_drop} (qos={s['drop_qos']}, full={s['drop_tx_full']}), "
                        f"action_drop={s['drop_action']}")
+            for q in range(port.queues):
+                rx = port.device.tx_ring(q).vq.stats()       # the guest's TX is our RX
+                tx = port.device.rx_ring(q).vq.stats()
+                if rx["packets"] or tx["packets"]:
+                    out.append(f"           queue {q}: rx pkts={rx['packets']}, "
+                               f"tx pkts={tx['packets']}, no_buffer={tx['drop_no_buffer']}")
         return "\n".join(out)
 
     def fdb_show(self, bridge_name: str) -> str:

@@ -233,6 +233,11 @@ class DriverRing:
         self.set_avail_idx(self.avail_idx)
 
     # -- building chains ----------------------------------------------------------------
+    def take(self, n: int) -> list[int]:
+        """``n`` free ring descriptors for hand-written (hostile) chains; never reclaimed
+        unless the head comes back in a used entry and was registered in ``chains``."""
+        return self._take(n)
+
     def _take(self, n: int) -> list[int]:
         if len(self.free) < n:
             raise RuntimeError(f"driver ring: {n} descriptors wanted, {len(self.free)} free")
@@ -312,10 +317,9 @@ class DriverRing:
         """The first ``length`` bytes the device wrote into the buffers of ``head``."""
         out = bytearray()
         for gpa, seg in self.buffers[head]:
-            take = min(seg, length - len(out))
-            if take <= 0:
+            if len(out) >= length:
                 break
-            out += self.image.read(gpa, take)
+            out += self.image.read(gpa, min(seg, length - len(out)))
         return bytes(out)
 
     # -- the device side over the same memory ---------------------------------------------
