@@ -40,7 +40,8 @@ def ping_ok(guest, count=20) -> None:
     assert result["transmitted"] == count and result["loss_pct"] == 0, result["output"]
 
 
-@pytest.mark.parametrize("device_opts", ["", "mrg_rxbuf=off", "packed=on", "packed=on,mrg_rxbuf=off"],
+@pytest.mark.parametrize("device_opts",
+                         ["", "mrg_rxbuf=off", "packed=on", "packed=on,mrg_rxbuf=off"],
                          ids=["default", "mrg_rxbuf_off", "packed", "packed_mrg_rxbuf_off"])
 def test_guest_pings_reflector(workdir, reflectors, device_opts):
     sock = workdir / "r.sock"

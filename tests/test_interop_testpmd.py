@@ -3,7 +3,8 @@
 testpmd forwards in io mode and primes the loop with ``start tx_first``: every frame it
 sends comes back from the reflector, so its RX and TX counters must agree to within the
 bursts still in flight. Split ring, mrg_rxbuf 0/1, in_order 0/1, 1 and 2 queue pairs;
-then testpmd as the server with the reflector connecting, killed and restarted; packed rings (packed_vq=1).
+packed rings (packed_vq=1); then testpmd as the server with the reflector connecting,
+killed and restarted.
 """
 
 from __future__ import annotations
