@@ -16,6 +16,7 @@ cdef extern from "vhost_atomic.h" nogil:
     void vh_lock(int *p)
     void vh_unlock(int *p)
     int vh_eventfd_signal(int fd)
+    void vh_log_write(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len)
     void vh_eventfd_drain(int fd)
 
 cdef enum:
@@ -52,6 +53,7 @@ cdef struct vring_used_elem_t:
 cdef struct iov_t:
     uint8_t *base
     uint64_t len
+    uint64_t gpa              # where it is in guest memory (dirty logging)
 
 cdef struct vq_stats_t:
     uint64_t packets
@@ -90,6 +92,13 @@ cdef struct vq_t:
     int kickfd
     int callfd
     const memtable_t *mem
+    uint8_t *log              # the shared dirty-page bitmap (SET_LOG_BASE), or NULL
+    uint64_t log_size         # its bytes
+    uint8_t log_all           # VHOST_F_LOG_ALL negotiated: log every page we write
+    uint8_t log_used          # VHOST_VRING_F_LOG: log used-ring writes at log_used_gpa
+    uint64_t log_used_gpa
+    uint8_t rarp_pending      # SEND_RARP: a RARP frame heads the next dequeue burst
+    uint8_t rarp_mac[6]
     vq_stats_t st
 
 

@@ -77,6 +77,7 @@ cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t
                 return -1
             iov[n].base = p
             iov[n].len = chunk
+            iov[n].gpa = addr
             n += 1
             addr += chunk
             left -= chunk
@@ -88,10 +89,33 @@ cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t
     return 0
 
 
+cdef inline void log_used(vq_t *vq, uint64_t offset, uint64_t length) noexcept nogil:
+    """Dirty-log a write at ``offset`` into the split used ring (VHOST_VRING_F_LOG)."""
+    if vq.log_all and vq.log_used:
+        vh_log_write(vq.log, vq.log_size, vq.log_used_gpa + offset, length)
+
+
+cdef inline void log_iovs(vq_t *vq, const iov_t *iov, uint32_t niov,
+                          uint64_t written) noexcept nogil:
+    """Dirty-log the guest pages of the first ``written`` bytes of ``iov``."""
+    cdef uint32_t j
+    cdef uint64_t n
+    if not vq.log_all:
+        return
+    for j in range(niov):
+        if written == 0:
+            break
+        n = iov[j].len if iov[j].len < written else written
+        vh_log_write(vq.log, vq.log_size, iov[j].gpa, n)
+        written -= n
+
+
 cdef inline void put_used(vq_t *vq, uint32_t head, uint32_t length) noexcept nogil:
-    cdef vring_used_elem_t *e = &vq.used_ring[vq.last_used_idx & (vq.size - 1)]
+    cdef uint32_t slot = vq.last_used_idx & (vq.size - 1)
+    cdef vring_used_elem_t *e = &vq.used_ring[slot]
     e.id = head
     e.len = length
+    log_used(vq, 4 + 8 * <uint64_t>slot, 8)
     vq.last_used_idx += 1
 
 
@@ -100,6 +124,7 @@ cdef void notify_guest(vq_t *vq) noexcept nogil:
     cdef uint16_t old, ev
     cdef bint fire
     vh_store_release_u16(&vq.used[1], vq.last_used_idx)
+    log_used(vq, 2, 2)
     vh_fence_seq_cst()   # the used idx store before reading the guest's suppression state
     if vq.event_idx:
         old = vq.signalled_used
@@ -150,11 +175,37 @@ cdef inline void copy_out(const iov_t *iov, uint32_t niov, uint64_t total, uint3
 
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
     """Guest TX -> packets: up to ``count`` frames copied out of the guest's buffers."""
+    cdef uint32_t lead = 0
     if not vq.ready or vq.broken:
         return 0
+    if vq.rarp_pending and vq.enabled and count:
+        pkts[0] = pool_get(pool)
+        if pkts[0] != NULL:
+            make_rarp(pkts[0], vq.rarp_mac)
+            vq.rarp_pending = 0
+            lead = 1
     if vq.packed:
-        return packed_dequeue(vq, pool, pkts, count)
-    return split_dequeue(vq, pool, pkts, count)
+        return lead + packed_dequeue(vq, pool, pkts + lead, count - lead)
+    return lead + split_dequeue(vq, pool, pkts + lead, count - lead)
+
+
+cdef void make_rarp(pkt_t *p, const uint8_t *mac) noexcept nogil:
+    """The RARP request a migrated guest's new location announces itself with."""
+    cdef uint8_t *d = p.data
+    memset(d, 0, 60)
+    memset(d, 0xFF, 6)
+    memcpy(d + 6, mac, 6)
+    d[12] = 0x80                                  # ethertype RARP 0x8035
+    d[13] = 0x35
+    d[15] = 1                                     # htype Ethernet
+    d[16] = 0x08                                  # ptype IPv4
+    d[18] = 6                                     # hlen
+    d[19] = 4                                     # plen
+    d[21] = 3                                     # op: reverse request
+    memcpy(d + 22, mac, 6)                        # sender MAC
+    memcpy(d + 32, mac, 6)                        # target MAC
+    memset(p.vnet_hdr, 0, 12)
+    p.len = 60
 
 
 cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
@@ -305,6 +356,7 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
         off = 0
         fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
         fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
+        log_iovs(vq, iov, niov, need)
         w = need
         for b in range(nbufs):
             total = caps[b] if caps[b] < w else w
@@ -414,6 +466,7 @@ cdef int add_segments(vq_t *vq, uint64_t addr, uint64_t length, iov_t *iov, uint
             return -1
         iov[n[0]].base = p
         iov[n[0]].len = chunk
+        iov[n[0]].gpa = addr
         n[0] += 1
         addr += chunk
         length -= chunk
@@ -557,6 +610,7 @@ cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept no
         off = 0
         fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
         fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
+        log_iovs(vq, iov, niov, need)
         w = need
         for b in range(nbufs):
             total = caps[b] if caps[b] < w else w
@@ -587,8 +641,10 @@ cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil:
     elif vq.event_idx:
         if on:
             vh_store_relaxed_u16(&vq.used[2 + 4 * vq.size], vq.last_avail_idx)
+            log_used(vq, 4 + 8 * <uint64_t>vq.size, 2)
     else:
         vh_store_relaxed_u16(&vq.used[0], 0 if on else VRING_USED_F_NO_NOTIFY)
+        log_used(vq, 0, 2)
     vh_fence_seq_cst()
 
 
@@ -767,6 +823,23 @@ cdef class VirtQueue:
     def stop(self):
         """Keep the data path out (GET_VRING_BASE, reset, disconnect)."""
         self.vq.ready = 0
+
+    def set_log(self, uint64_t addr, uint64_t size):
+        """The dirty-page bitmap (host address, bytes); 0 for none."""
+        self.vq.log = <uint8_t *>addr
+        self.vq.log_size = size if addr else 0
+
+    def set_log_flags(self, *, bint log_all, bint log_used, uint64_t log_used_gpa=0):
+        self.vq.log_all = log_all
+        self.vq.log_used = log_used
+        self.vq.log_used_gpa = log_used_gpa
+
+    def inject_rarp(self, bytes mac):
+        """SEND_RARP: a RARP request from ``mac`` heads the next burst taken from this ring."""
+        if len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        memcpy(self.vq.rarp_mac, <const char *>mac, 6)
+        self.vq.rarp_pending = 1
 
     def stats(self):
         cdef uint64_t *s = <uint64_t *>&self.vq.st

@@ -46,4 +46,17 @@ static inline void vh_eventfd_drain(int fd)
     uint64_t v;
     if (fd >= 0) { ssize_t r = read(fd, &v, sizeof v); (void)r; }
 }
+/* dirty-page log for live migration: one bit per 4 KiB guest page, set with an atomic OR
+ * (the front-end reads and clears the shared bitmap concurrently) */
+static inline void vh_log_write(uint8_t *log, uint64_t log_size, uint64_t gpa, uint64_t len)
+{
+    uint64_t page, last;
+    if (!log || !len) return;
+    page = gpa >> 12;
+    last = (gpa + len - 1) >> 12;
+    for (; page <= last; page++) {
+        if ((page >> 3) >= log_size) return;
+        __atomic_fetch_or(&log[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+    }
+}
 #endif

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -33,6 +34,17 @@ def run_loop(guest, queues: int, seconds: float = 1.0) -> dict:
     assert fwd["rx_packets"] > 10 * in_flight, fwd
     assert 0 <= fwd["tx_packets"] - fwd["rx_packets"] <= in_flight, fwd
     return fwd
+
+
+def settled_totals(refl, sent_by_guest: int, timeout: float = 5.0) -> tuple[int, int]:
+    """The reflector's totals once it has taken every frame the guest sent (its poll thread
+    may still be on its way to the last burst when testpmd stops), or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got, sent = settled_totals(refl, fwd["tx_packets"])
+        if got >= sent_by_guest or time.monotonic() > deadline:
+            return got, sent
+        time.sleep(0.05)
 
 
 def reflector_totals(refl) -> tuple[int, int]:
@@ -58,7 +70,7 @@ def test_echo_split_ring(workdir, testpmds, reflectors, mrg_rxbuf, in_order, que
     guest.start()
     guest.wait_link_up()
     fwd = run_loop(guest, queues)
-    got, sent = reflector_totals(refl)
+    got, sent = settled_totals(refl, fwd["tx_packets"])
     # everything the guest sent reached the reflector; what it echoed reached the guest's
     # ring, less at most the bursts testpmd left unread there when it stopped
     assert got == fwd["tx_packets"]
@@ -80,7 +92,7 @@ def test_echo_packed_ring(workdir, testpmds, reflectors, mrg_rxbuf, in_order):
     guest.start()
     guest.wait_link_up()
     fwd = run_loop(guest, queues)
-    got, sent = reflector_totals(refl)
+    got, sent = settled_totals(refl, fwd["tx_packets"])
     assert got == fwd["tx_packets"]
     assert 0 <= sent - fwd["rx_packets"] <= 4 * BURST * queues
     assert "internal error" not in refl.errors()

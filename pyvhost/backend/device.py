@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from pyvhost._memory import Mapping
 from pyvhost.memory import GuestMemory, GuestMemoryError
 from pyvhost.protocol import constants as C
 from pyvhost.protocol import payloads as P
@@ -47,6 +48,7 @@ class VhostUserDevice:
         self.rings = [Ring(i) for i in range(num_rings)]
         self.memory = GuestMemory()
         self.listeners: list[Callable[[], None]] = []
+        self.log: tuple[Mapping, int, int] | None = None   # mapping, bitmap address, bytes
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -58,6 +60,7 @@ class VhostUserDevice:
         self.mtu = 0
         self.rarp_mac: bytes | None = None
         self.backend_req_fd = -1
+        self.log_fd = -1
 
     # -- helpers --------------------------------------------------------------------
     def has(self, feature: int) -> bool:
@@ -97,8 +100,10 @@ class VhostUserDevice:
         retired = self.memory.clear()
         for mapping in retired:
             mapping.close()
-        if self.backend_req_fd >= 0:
-            os.close(self.backend_req_fd)
+        self._drop_log()
+        for fd in (self.backend_req_fd, self.log_fd):
+            if fd >= 0:
+                os.close(fd)
         self._reset_state()
         self.changed()
 
@@ -122,6 +127,7 @@ class VhostUserDevice:
         kw = self.ring_features()
         for ring in self.rings:
             ring.set_features(**kw)
+        self._apply_logging()
         if not self.has(F.PROTOCOL_FEATURES):
             for ring in self.rings:        # spec: without bit 30 rings start enabled
                 ring.set_enabled(True)
@@ -186,9 +192,9 @@ class VhostUserDevice:
             raise DeviceError(f"ring {p.index}: {e}") from None
 
     def on_set_vring_addr(self, p, fds):
-        if p.flags & C.VRING_F_LOG:
-            raise Refused("used-ring logging needs LOG_ALL, not offered")
-        self.ring(p.index).set_addr(p.desc, p.used, p.avail)
+        ring = self.ring(p.index)
+        ring.set_addr(p.desc, p.used, p.avail, p.log if p.flags & C.VRING_F_LOG else None)
+        self._apply_logging([ring])
         self.changed()
 
     def on_set_vring_base(self, p, fds):
@@ -221,6 +227,42 @@ class VhostUserDevice:
             raise DeviceError(f"ring {p.index}: enable value {p.num}")
         self.ring(p.index).set_enabled(bool(p.num))
         self.changed()
+
+    # -- dirty logging (live migration) -------------------------------------------------
+    def _apply_logging(self, rings=None) -> None:
+        addr, size = (self.log[1], self.log[2]) if self.log else (0, 0)
+        for ring in rings or self.rings:
+            ring.set_logging(self.has(F.LOG_ALL), addr, size)
+
+    def _drop_log(self) -> None:
+        old, self.log = self.log, None
+        self._apply_logging()
+        if old is not None:
+            old[0].close()
+
+    def on_set_log_base(self, p, fds):
+        """The shared bitmap: one bit per 4 KiB of guest memory we write while migrating."""
+        fd = fds.pop(0)
+        try:
+            if p.mmap_size == 0 or p.mmap_size > 1 << 40:
+                raise DeviceError(f"dirty log of {p.mmap_size} bytes")
+            try:
+                mapping = Mapping(fd, p.mmap_offset + p.mmap_size)
+            except (OSError, ValueError) as e:
+                raise DeviceError(f"cannot map the dirty log: {e}") from None
+        finally:
+            os.close(fd)
+        old, self.log = self.log, (mapping, mapping.addr + p.mmap_offset, p.mmap_size)
+        self._apply_logging()
+        if old is not None:
+            old[0].close()
+        log.info("%s: dirty log of %d bytes", self.name, p.mmap_size)
+        return P.U64(0)
+
+    def on_set_log_fd(self, p, fds):
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+        self.log_fd = fds.pop(0)
 
     # -- device -----------------------------------------------------------------------
     def on_set_status(self, p, fds):

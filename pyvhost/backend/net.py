@@ -16,10 +16,12 @@ log = logging.getLogger("pyvhost.backend")
 
 NET_FEATURES = C.bits(
     F.VERSION_1, F.NET_MRG_RXBUF, F.RING_INDIRECT_DESC, F.RING_EVENT_IDX, F.NET_MQ, F.NET_MTU,
-    F.NET_STATUS, F.NET_GUEST_ANNOUNCE, F.IN_ORDER, F.RING_PACKED, F.PROTOCOL_FEATURES,
+    F.NET_STATUS, F.NET_GUEST_ANNOUNCE, F.IN_ORDER, F.RING_PACKED, F.LOG_ALL,
+    F.PROTOCOL_FEATURES,
 )
 NET_PROTOCOL_FEATURES = C.bits(
     PF.MQ, PF.REPLY_ACK, PF.NET_MTU, PF.RARP, PF.STATUS, PF.CONFIGURE_MEM_SLOTS, PF.BACKEND_REQ,
+    PF.LOG_SHMFD,
 )
 DEFAULT_QUEUE_PAIRS = 8
 MAX_QUEUE_PAIRS = C.MAX_RINGS // 2
@@ -64,6 +66,9 @@ class NetDevice(VhostUserDevice):
         log.info("%s: MTU %d", self.name, self.mtu)
 
     def on_send_rarp(self, p: P.U64, fds):
+        """After a migration: announce the guest's MAC from here, ahead of its own frames."""
         self.rarp_mac = p.value.to_bytes(8, "little")[:6]
         log.info("%s: RARP requested for %s", self.name, self.rarp_mac.hex(":"))
+        with self.tx_ring(0).vq as vq:
+            vq.inject_rarp(self.rarp_mac)
         self.changed()

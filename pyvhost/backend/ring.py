@@ -39,6 +39,7 @@ class Ring:
         self.addr_set = False
         self.errfd = -1
         self.mem = None
+        self.log_used_gpa: int | None = None   # VHOST_VRING_F_LOG: log used-ring writes here
 
     def describe(self) -> str:
         state = "started" if self.started else "stopped"
@@ -75,11 +76,20 @@ class Ring:
             self.vq.set_size(num)
             self._refresh()
 
-    def set_addr(self, desc: int, used: int, avail: int) -> None:
+    def set_addr(self, desc: int, used: int, avail: int, log_gpa: int | None = None) -> None:
         with self.vq:
             self.vq.set_addresses(desc, used, avail)
             self.addr_set = True
+            self.log_used_gpa = log_gpa
             self._refresh()
+
+    def set_logging(self, log_all: bool, log_addr: int, log_size: int) -> None:
+        """Dirty logging on or off, with the current bitmap (address 0: none)."""
+        with self.vq:
+            self.vq.set_log(log_addr, log_size)
+            self.vq.set_log_flags(log_all=log_all and log_addr != 0,
+                                  log_used=self.log_used_gpa is not None,
+                                  log_used_gpa=self.log_used_gpa or 0)
 
     def set_base(self, base: int) -> None:
         with self.vq:
@@ -137,6 +147,9 @@ class Ring:
             self.enabled = False
             self.addr_set = False
             self.mem = None
+            self.log_used_gpa = None
+            self.vq.set_log(0, 0)
+            self.vq.set_log_flags(log_all=False, log_used=False)
             self.vq.set_memory(None)
             self.vq.enabled = False
             self.vq.base = 0

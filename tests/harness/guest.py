@@ -528,6 +528,12 @@ class QemuGuest:
         self.boot_seconds = time.monotonic() - self._started_at
         return self.boot_seconds
 
+    def adopt_migrated(self) -> None:
+        """This QEMU was started with ``-incoming`` and the guest has migrated into it: its
+        console (the guest's shell, already booted) is now ours to drive."""
+        self._require_console()
+        self.ready = True
+
     def stop(self, timeout: float = 10.0) -> None:
         """Power the guest off, escalating to SIGTERM and SIGKILL; always reap.
 
