@@ -41,7 +41,7 @@ def settled_totals(refl, sent_by_guest: int, timeout: float = 5.0) -> tuple[int,
     may still be on its way to the last burst when testpmd stops), or after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        got, sent = settled_totals(refl, fwd["tx_packets"])
+        got, sent = reflector_totals(refl)
         if got >= sent_by_guest or time.monotonic() > deadline:
             return got, sent
         time.sleep(0.05)
