@@ -3,7 +3,7 @@ PYTHON ?= python3
 DEB_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static cpio dpdk-dev \
 	librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
 
-.PHONY: all deps debs build test test-fast lint demo bench clean
+.PHONY: all deps debs build test test-fast lint demo bench clean fuzz asan-test
 
 all: build
 
@@ -30,6 +30,20 @@ test: build
 
 test-fast: build
 	$(PYTHON) -m pytest -ra -m "not slow" tests
+
+# the fuzzers for longer (PYVHOST_FUZZ_SCALE times the make-test examples; or set
+# PYVHOST_FUZZ_EXAMPLES for an absolute number per fuzzer)
+FUZZ_SCALE ?= 20
+FUZZ_TESTS = tests/test_fuzz_rings.py tests/test_vring_hostile.py tests/test_backend_messages.py \
+	tests/test_protocol.py tests/test_memory.py
+fuzz: build
+	PYVHOST_FUZZ_SCALE=$(FUZZ_SCALE) $(PYTHON) -m pytest -ra -s $(FUZZ_TESTS)
+
+# the compiled modules built with ASan + UBSan (in /tmp/pyvhost-asan-<hash>), the fuzz and
+# hostile tests run under them; any sanitizer report fails
+asan-test: deps
+	PYVHOST_FUZZ_SCALE=$${PYVHOST_FUZZ_SCALE:-3} $(PYTHON) -m tests.harness.asan -ra -s $(FUZZ_TESTS) \
+		tests/test_cve_regressions.py
 
 demo: build
 	$(PYTHON) -m pyvhost.cli.main demo

@@ -1,12 +1,14 @@
 """pyvhost's vhost-user back-end next to DPDK's vhost PMD, measured in the same run.
 
-Two directions, each at 64 and 1500 bytes:
+Two directions, each at 64 and 1500 bytes, over split rings and over packed rings
+(virtio-user ``packed_vq=1``; ``--rings`` picks):
   to-backend:   DPDK virtio-user `txonly` into `pyvhost reflector --mode sink`
                 vs into DPDK's vhost PMD in `rxonly`      (rate: virtio-user Tx-pps)
   from-backend: DPDK virtio-user `rxonly` fed by `pyvhost reflector --mode source`
                 vs by DPDK's vhost PMD in `txonly`        (rate: virtio-user Rx-pps)
 The virtio-user testpmd forwards on CPU 1; the back-end under test polls on CPU 0.
-Prints Mpps and the ratio pyvhost/DPDK. Not a test: no thresholds.
+Prints Mpps and the ratio pyvhost/DPDK, one table with a "ring" column. Not a test: no
+thresholds.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ def measure(tp: Testpmd, key: str, seconds: float, samples: int) -> float:
     return statistics.median(rates) / 1e6
 
 
-def frontend(workdir: Path, sock: Path, mode: str, size: int, mrg: int) -> Testpmd:
-    tp = Testpmd([virtio_user_vdev(sock, mrg_rxbuf=mrg)], workdir=workdir,
-                 name=f"virtio-user-{mode}-{size}", main_lcore=FRONTEND_MAIN_LCORE)
+RINGS = {"split": {}, "packed": {"packed_vq": 1}}
+
+
+def frontend(workdir: Path, sock: Path, mode: str, size: int, mrg: int, ring: str) -> Testpmd:
+    tp = Testpmd([virtio_user_vdev(sock, mrg_rxbuf=mrg, **RINGS[ring])], workdir=workdir,
+                 name=f"virtio-user-{ring}-{mode}-{size}", main_lcore=FRONTEND_MAIN_LCORE)
     tp.start()
     tp.wait_link_up()
     tp.set_fwd(mode)
@@ -48,7 +53,8 @@ def frontend(workdir: Path, sock: Path, mode: str, size: int, mrg: int) -> Testp
     return tp
 
 
-def run_pyvhost(workdir: Path, direction: str, size: int, seconds, samples, mrg) -> float:
+def run_pyvhost(workdir: Path, direction: str, size: int, seconds, samples, mrg,
+                ring) -> float:
     sock = workdir / "pyvhost.sock"
     mode = "sink" if direction == "to-backend" else "source"
     refl = processes.reflector(workdir, sock, mode=mode,
@@ -56,7 +62,7 @@ def run_pyvhost(workdir: Path, direction: str, size: int, seconds, samples, mrg)
                                name=f"reflector-{mode}-{size}")
     try:
         fmode = "txonly" if direction == "to-backend" else "rxonly"
-        tp = frontend(workdir, sock, fmode, size, mrg)
+        tp = frontend(workdir, sock, fmode, size, mrg, ring)
         try:
             return measure(tp, "tx_pps" if fmode == "txonly" else "rx_pps", seconds, samples)
         finally:
@@ -65,7 +71,7 @@ def run_pyvhost(workdir: Path, direction: str, size: int, seconds, samples, mrg)
         refl.stop()
 
 
-def run_dpdk(workdir: Path, direction: str, size: int, seconds, samples, mrg) -> float:
+def run_dpdk(workdir: Path, direction: str, size: int, seconds, samples, mrg, ring) -> float:
     sock = workdir / "dpdk.sock"
     host = Testpmd([vhost_vdev(sock)], workdir=workdir, name=f"vhost-{direction}-{size}",
                    main_lcore=BACKEND_MAIN_LCORE)
@@ -76,7 +82,7 @@ def run_dpdk(workdir: Path, direction: str, size: int, seconds, samples, mrg) ->
         if hmode == "txonly":
             host.cmd(f"set txpkts {size}")
         fmode = "txonly" if direction == "to-backend" else "rxonly"
-        tp = frontend(workdir, sock, fmode, size, mrg)
+        tp = frontend(workdir, sock, fmode, size, mrg, ring)
         try:
             host.wait_link_up()
             host.start_fwd()
@@ -94,26 +100,32 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="per sample")
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--mrg-rxbuf", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--rings", default="split,packed", help="split, packed or both")
     args = ap.parse_args()
+    rings = args.rings.split(",")
+    if not rings or any(r not in RINGS for r in rings):
+        ap.error(f"--rings: a comma-separated subset of {', '.join(RINGS)}")
     workdir = Path(tempfile.mkdtemp(prefix="pvb", dir="/tmp"))
     rows = []
     try:
-        for direction in ("to-backend", "from-backend"):
-            for size in (int(s) for s in args.sizes.split(",")):
-                py = run_pyvhost(workdir, direction, size, args.seconds, args.samples,
-                                 args.mrg_rxbuf)
-                dp = run_dpdk(workdir, direction, size, args.seconds, args.samples,
-                              args.mrg_rxbuf)
-                rows.append((direction, size, py, dp))
-                print(f"{direction:13} {size:5} B  pyvhost {py:6.2f} Mpps  DPDK {dp:6.2f} Mpps"
-                      f"  ratio {py / dp if dp else float('nan'):.2f}", flush=True)
+        for ring in rings:
+            for direction in ("to-backend", "from-backend"):
+                for size in (int(s) for s in args.sizes.split(",")):
+                    py = run_pyvhost(workdir, direction, size, args.seconds, args.samples,
+                                     args.mrg_rxbuf, ring)
+                    dp = run_dpdk(workdir, direction, size, args.seconds, args.samples,
+                                  args.mrg_rxbuf, ring)
+                    rows.append((ring, direction, size, py, dp))
+                    print(f"{ring:6} {direction:13} {size:5} B  pyvhost {py:6.2f} Mpps  "
+                          f"DPDK {dp:6.2f} Mpps  ratio {py / dp if dp else float('nan'):.2f}",
+                          flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print("\n| direction | frame | pyvhost Mpps | DPDK vhost Mpps | pyvhost/DPDK |")
-    print("|---|---|---|---|---|")
-    for direction, size, py, dp in rows:
+    print("\n| ring | direction | frame | pyvhost Mpps | DPDK vhost Mpps | pyvhost/DPDK |")
+    print("|---|---|---|---|---|---|")
+    for ring, direction, size, py, dp in rows:
         ratio = py / dp if dp else float("nan")
-        print(f"| {direction} | {size} B | {py:.2f} | {dp:.2f} | {ratio:.2f} |")
+        print(f"| {ring} | {direction} | {size} B | {py:.2f} | {dp:.2f} | {ratio:.2f} |")
     return 0
 
 

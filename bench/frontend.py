@@ -2,6 +2,7 @@
 ``txonly``), both sending 64-byte frames into the same sink in the same run: DPDK's vhost
 PMD in ``rxonly``. The rate is what the sink receives (its Rx-pps, median of samples); the
 sink forwards on CPU 0, the sender runs on CPU 1. Prints Mpps and the ratio pyvhost/DPDK.
+``--packed``: both senders use packed rings (gen --packed, virtio-user packed_vq=1).
 Not a test: no thresholds.
 """
 
@@ -41,7 +42,7 @@ def measure(tp: Testpmd, seconds: float, samples: int) -> float:
     return statistics.median(rates) / 1e6
 
 
-def run_gen(workdir: Path, size: int, seconds: float, samples: int) -> float:
+def run_gen(workdir: Path, size: int, seconds: float, samples: int, packed: bool) -> float:
     sock = workdir / "gen.sock"
     tp = sink(workdir, sock, "sink-gen")
     gen = None
@@ -50,7 +51,8 @@ def run_gen(workdir: Path, size: int, seconds: float, samples: int) -> float:
         gen = subprocess.Popen(
             ["taskset", "-c", str(SENDER_CPU), sys.executable, "-m", "pyvhost.cli.main", "gen",
              "--socket", str(sock), "--mode", "tx", "--size", str(size), "--duration",
-             str(run_for)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             str(run_for), *(["--packed"] if packed else [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         tp.wait_link_up()
         time.sleep(1.0)
         rate = measure(tp, seconds, samples)
@@ -64,11 +66,13 @@ def run_gen(workdir: Path, size: int, seconds: float, samples: int) -> float:
         tp.close()
 
 
-def run_dpdk(workdir: Path, size: int, seconds: float, samples: int) -> float:
+def run_dpdk(workdir: Path, size: int, seconds: float, samples: int, packed: bool) -> float:
     sock = workdir / "dpdk.sock"
     tp = sink(workdir, sock, "sink-dpdk")
     try:
-        sender = Testpmd([virtio_user_vdev(sock)], workdir=workdir, name="virtio-user-txonly",
+        opts = {"packed_vq": 1} if packed else {}
+        sender = Testpmd([virtio_user_vdev(sock, **opts)], workdir=workdir,
+                         name="virtio-user-txonly",
                          main_lcore=SENDER_MAIN_LCORE)
         try:
             sender.start()
@@ -90,15 +94,17 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=1.0, help="per sample")
     ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--packed", action="store_true", help="packed rings on both senders")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pvf", dir="/tmp"))
     try:
-        py = run_gen(workdir, args.size, args.seconds, args.samples)
-        dp = run_dpdk(workdir, args.size, args.seconds, args.samples)
+        py = run_gen(workdir, args.size, args.seconds, args.samples, args.packed)
+        dp = run_dpdk(workdir, args.size, args.seconds, args.samples, args.packed)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ratio = py / dp if dp else float("nan")
-    print(f"{args.size} B into DPDK vhost rxonly: pyvhost gen {py:.2f} Mpps, "
+    ring = "packed" if args.packed else "split"
+    print(f"{ring} rings, {args.size} B into DPDK vhost rxonly: pyvhost gen {py:.2f} Mpps, "
           f"DPDK virtio-user txonly {dp:.2f} Mpps, ratio {ratio:.2f}")
     print("\n| sender | frame | Mpps at the sink |\n|---|---|---|")
     print(f"| pyvhost gen --mode tx | {args.size} B | {py:.2f} |")

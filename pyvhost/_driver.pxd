@@ -1,8 +1,9 @@
-# Split virtqueues, DRIVER side (the frontend's half): post buffers, publish, kick, reclaim.
+# Split and packed virtqueues, DRIVER side (the frontend's half): post buffers, publish, kick,
+# reclaim.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._pktpool cimport pkt_t, pktpool_t
-from pyvhost._vring cimport vring_desc_t, vring_used_elem_t
+from pyvhost._vring cimport vring_desc_t, vring_packed_desc_t, vring_used_elem_t
 
 cdef enum:
     DRV_MAX_MRG_BUFS = 256     # num_buffers above this is treated as a device error
@@ -22,17 +23,33 @@ cdef struct drvq_stats_t:
 
 cdef struct drvq_t:
     vring_desc_t *desc
-    uint16_t *avail           # flags, idx, ring[size], used_event
-    uint16_t *used            # flags, idx, elems (u32 pairs), avail_event
+    vring_packed_desc_t *pdesc  # packed: the descriptor ring (same memory as desc)
+    uint16_t *avail           # split: flags, idx, ring[size], used_event; packed: driver area
+    uint16_t *used            # split: flags, idx, elems, avail_event; packed: device area
     vring_used_elem_t *used_ring
     uint8_t *slots            # host address of descriptor 0's buffer; desc i owns slot i
     uint64_t slots_gpa        # guest physical address of the same byte
     uint32_t slot_size        # bytes between slots
     uint32_t buf_len          # bytes a descriptor offers (RX) or may carry (TX)
     uint32_t size
-    uint16_t avail_idx        # next avail index to publish (our shadow)
-    uint16_t last_used_idx
-    uint16_t kicked_idx       # avail idx when we last decided whether to kick
+    uint16_t avail_idx        # split: next avail index (free-running); packed: next slot
+    uint16_t last_used_idx    # split: free-running; packed: the slot of the next used entry
+    uint16_t kicked_idx       # avail idx (packed: avail_count) when we last decided to kick
+    uint16_t avail_count      # packed: free-running count of descriptors made available
+    uint16_t ndesc_free       # packed: ring slots we may write
+    uint16_t rx_slots         # packed: ring slots one RX buffer takes (1, or a chain)
+    uint16_t tx_max_slots     # packed: ring slots the largest TX frame takes
+    uint32_t chain_seg        # packed: bytes per chained descriptor (0: one per buffer)
+    int pend_head             # packed: slot of the first head whose flags wait for publish
+    uint16_t pend_flags
+    uint8_t packed
+    uint8_t in_order          # VIRTIO_F_IN_ORDER: the device completes in posting order
+    uint8_t avail_wrap        # packed wrap counters of the next avail / used slot
+    uint8_t used_wrap
+    uint32_t fifo_head        # IN_ORDER: ids in posting order (private), head/tail counters
+    uint32_t fifo_tail
+    uint16_t *fifo
+    uint16_t *nslots          # private, packed: ring slots buffer i spans
     uint16_t nfree
     uint16_t *free_ids        # private (not in shared memory): descriptors we own
     uint8_t *inflight         # private: 1 while the device owns descriptor i

@@ -1,14 +1,23 @@
 # cython: language_level=3
-"""Split virtqueues, DRIVER side, compiled: what a guest's virtio-net driver does.
+"""Split and packed virtqueues, DRIVER side, compiled: what a guest's virtio-net driver does.
 
-Descriptor ``i`` always owns the fixed buffer ``slots + i * slot_size`` in guest memory, so a
-used id names its buffer and every id and length the device writes can be checked against
-private bookkeeping (``inflight``, ``free_ids``) kept outside shared memory: the device is
-untrusted, a bad used entry is dropped and counted, never followed. TX: one descriptor per
-frame (virtio-net header + frame). RX: descriptors of ``buf_len`` bytes, frames reassembled
-from ``num_buffers`` of them with mergeable RX buffers. Publishing uses release stores, kicks
-honour used->flags NO_NOTIFY or avail_event (EVENT_IDX), and an idle driver sleeps in poll()
-on the call eventfds. Everything per packet runs without the GIL.
+Buffer ``i`` always owns the fixed slot ``slots + i * slot_size`` in guest memory, so a used
+id names its buffer and every id and length the device writes can be checked against
+private bookkeeping (``inflight``, ``free_ids``, ``nslots``, ``fifo``) kept outside shared
+memory: the device is untrusted, a bad used entry is dropped and counted, never followed.
+TX: one buffer per frame (virtio-net header + frame). RX: buffers of ``buf_len`` bytes,
+frames reassembled from ``num_buffers`` of them with mergeable RX buffers.
+
+Split rings: descriptor ``i`` is buffer ``i``; publishing releases avail->idx; kicks honour
+used->flags NO_NOTIFY or avail_event (EVENT_IDX). Packed rings (VIRTIO_F_RING_PACKED):
+buffers are written into the descriptor ring at ``avail_idx`` with the AVAIL/USED bits of
+the avail wrap counter, optionally as a chain of ``chain_seg``-byte descriptors (the header
+in its own); the first head of a burst is flagged last, on publish, so the device sees the
+burst at once; used descriptors are recognised by the used wrap counter; kicks and
+interrupts follow the device / driver event-suppression areas (ENABLE, DISABLE, DESC).
+IN_ORDER: a completion of buffer X completes everything posted before X (split: the used
+index counts them). An idle driver sleeps in poll() on the call eventfds. Everything per
+packet runs without the GIL.
 
 One DriverQueue belongs to one thread at a time. This module knows nothing of sockets,
 messages or memory regions: the frontend hands it host addresses, guest addresses and fds.
@@ -20,9 +29,11 @@ from libc.string cimport memcpy, memset
 
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._vring cimport (
-    MAX_BURST, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+    MAX_BURST, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, VRING_USED_F_NO_NOTIFY,
     vh_eventfd_drain, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_u16,
-    vh_load_relaxed_u16, vh_store_release_u16, vh_store_relaxed_u16,
+    vh_load_relaxed_u16, vh_store_release_u16, vh_store_relaxed_u16, vring_packed_desc_t,
 )
 
 cdef extern from "poll.h" nogil:
@@ -50,6 +61,8 @@ cdef int drv_used_count(drvq_t *q, uint16_t *used_idx) noexcept nogil:
     cdef uint16_t idx, n
     if q.broken:
         return -1
+    if q.packed:
+        return pk_used_count(q)
     idx = vh_load_acquire_u16(&q.used[1])
     n = idx - q.last_used_idx
     if n > q.size:
@@ -81,8 +94,12 @@ cdef uint32_t drv_reclaim(drvq_t *q) noexcept nogil:
     cdef uint16_t used_idx
     cdef vring_used_elem_t e
     cdef uint32_t n = 0
+    if q.packed:
+        return pk_reclaim(q)
     if drv_used_count(q, &used_idx) <= 0:
         return 0
+    if q.in_order:
+        return split_reclaim_in_order(q, used_idx)
     while q.last_used_idx != used_idx:
         if take_used(q, &e):
             give_back(q, e.id)
@@ -91,11 +108,11 @@ cdef uint32_t drv_reclaim(drvq_t *q) noexcept nogil:
 
 
 cdef int drv_tx_slot(drvq_t *q, uint8_t **frame) noexcept nogil:
-    """A free TX descriptor (its id) with a zeroed virtio-net header; ``*frame`` is where the
+    """A free TX buffer (its id) with a zeroed virtio-net header; ``*frame`` is where the
     frame goes (up to buf_len - hdr_len bytes). -1 when all are in flight."""
     cdef uint16_t id
     cdef uint8_t *slot
-    if q.nfree == 0 or q.broken:
+    if q.nfree == 0 or q.broken or (q.packed and q.ndesc_free < q.tx_max_slots):
         return -1
     q.nfree -= 1
     id = q.free_ids[q.nfree]
@@ -106,13 +123,19 @@ cdef int drv_tx_slot(drvq_t *q, uint8_t **frame) noexcept nogil:
 
 
 cdef void drv_tx_post(drvq_t *q, uint16_t id, uint32_t frame_len) noexcept nogil:
-    """Make descriptor ``id`` (from drv_tx_slot) available; seen by the device on publish."""
-    cdef vring_desc_t *d = &q.desc[id]
+    """Make buffer ``id`` (from drv_tx_slot) available; seen by the device on publish."""
+    cdef vring_desc_t *d
+    if q.packed:
+        pk_post(q, id, q.hdr_len + frame_len, False)
+        return
+    d = &q.desc[id]
     d.addr = q.slots_gpa + <uint64_t>id * q.slot_size
     d.len = q.hdr_len + frame_len
     d.flags = 0
     d.next = 0
     q.inflight[id] = 1
+    if q.in_order:
+        fifo_push(q, id)
     vh_store_relaxed_u16(&q.avail[2 + (q.avail_idx & (q.size - 1))], id)
     q.avail_idx += 1
 
@@ -121,6 +144,9 @@ cdef void drv_publish(drvq_t *q) noexcept nogil:
     """Release the new avail index and kick the device unless it suppressed kicks."""
     cdef uint16_t old = q.kicked_idx, new = q.avail_idx
     cdef bint kick
+    if q.packed:
+        pk_publish(q)
+        return
     if old == new:
         return
     vh_store_release_u16(&q.avail[1], new)
@@ -168,6 +194,8 @@ cdef uint32_t drv_refill(drvq_t *q) noexcept nogil:
     cdef vring_desc_t *d
     if q.broken:
         return 0
+    if q.packed:
+        return pk_refill(q)
     while q.nfree:
         q.nfree -= 1
         id = q.free_ids[q.nfree]
@@ -197,6 +225,8 @@ cdef uint32_t drv_recv(drvq_t *q, pktpool_t *pool, pkt_t **pkts, uint32_t count)
     cdef uint8_t *slot
     cdef pkt_t *pkt
     cdef bint bad
+    if q.packed:
+        return pk_recv(q, pool, pkts, count)
     avail = drv_used_count(q, &used_idx)
     if avail <= 0:
         return 0
@@ -227,10 +257,11 @@ cdef uint32_t drv_recv(drvq_t *q, pktpool_t *pool, pkt_t **pkts, uint32_t count)
             break
         length = e.len - q.hdr_len
         memcpy(pkt.vnet_hdr, slot, q.hdr_len)
-        memcpy(pkt.data, slot + q.hdr_len, length)
         total = length
         give_back(q, e.id)
         bad = False
+        if length <= pkt.cap:         # buf_len - hdr_len may exceed a packet's capacity
+            memcpy(pkt.data, slot + q.hdr_len, length)
         for b in range(1, nbufs):
             if not take_used(q, &e):
                 bad = True
@@ -261,6 +292,16 @@ cdef uint32_t drv_recv(drvq_t *q, pktpool_t *pool, pkt_t **pkts, uint32_t count)
 
 cdef void drv_interrupts(drvq_t *q, bint on) noexcept nogil:
     """Ask the device to signal the call fd for the next used entry (on), or not to (off)."""
+    if q.packed:
+        if not on:
+            vh_store_relaxed_u16(&q.avail[1], RING_EVENT_FLAGS_DISABLE)
+        elif q.event_idx:
+            vh_store_relaxed_u16(&q.avail[0], q.last_used_idx | (<uint16_t>q.used_wrap << 15))
+            vh_store_release_u16(&q.avail[1], RING_EVENT_FLAGS_DESC)
+        else:
+            vh_store_relaxed_u16(&q.avail[1], RING_EVENT_FLAGS_ENABLE)
+        vh_fence_seq_cst()
+        return
     if on:
         if q.event_idx:
             vh_store_relaxed_u16(&q.avail[2 + q.size], q.last_used_idx)
@@ -310,20 +351,324 @@ cdef int drv_wait(drvq_t **qs, int n, int extra_fd, int timeout_ms) noexcept nog
     return result
 
 
+# -- IN_ORDER bookkeeping ----------------------------------------------------------------
+
+cdef inline void fifo_push(drvq_t *q, uint16_t id) noexcept nogil:
+    q.fifo[q.fifo_tail & (q.size - 1)] = id
+    q.fifo_tail += 1
+
+
+cdef uint32_t split_reclaim_in_order(drvq_t *q, uint16_t used_idx) noexcept nogil:
+    """TX with IN_ORDER: the used index moved by n, so the n oldest buffers are done. The
+    device may write only the batch's last entry, so ids are checked only there."""
+    cdef uint16_t n = used_idx - q.last_used_idx, id = 0, k
+    cdef uint32_t last = q.used_ring[(used_idx - 1) & (q.size - 1)].id
+    cdef uint32_t done = 0
+    for k in range(n):
+        if q.fifo_head == q.fifo_tail:
+            q.st.drop_bad_used += n - k       # more completions than buffers in flight
+            break
+        id = q.fifo[q.fifo_head & (q.size - 1)]
+        q.fifo_head += 1
+        give_back(q, id)
+        done += 1
+    if done and last != id:
+        q.st.drop_bad_used += 1               # counted; the count is what we go by
+    q.last_used_idx = used_idx
+    return done
+
+
+# -- packed virtqueues, driver side ------------------------------------------------------
+
+cdef inline void pk_advance(drvq_t *q, uint16_t *idx, uint8_t *wrap, uint32_t n) noexcept nogil:
+    cdef uint32_t i = idx[0] + n
+    while i >= q.size:
+        i -= q.size
+        wrap[0] ^= 1
+    idx[0] = <uint16_t>i
+
+
+cdef inline uint16_t pk_slots_for(drvq_t *q, uint32_t length) noexcept nogil:
+    """Ring slots a buffer of ``length`` bytes takes: the header, then chain_seg pieces."""
+    if not q.chain_seg or length <= q.hdr_len:
+        return 1
+    return <uint16_t>(1 + (length - q.hdr_len + q.chain_seg - 1) // q.chain_seg)
+
+
+cdef int pk_peek(drvq_t *q, uint16_t pos, uint8_t wrap, uint16_t *id,
+                 uint32_t *length) noexcept nogil:
+    """The descriptor in slot ``pos``: 0 when the device has not used it (under used wrap
+    counter ``wrap``), 1 when it returns a buffer we have in flight, -1 for a used
+    descriptor naming an id we do not have out (out of range, or already back)."""
+    cdef uint16_t flags = vh_load_acquire_u16(&q.pdesc[pos].flags)
+    cdef uint8_t a = (flags & VRING_PACKED_DESC_F_AVAIL) != 0
+    cdef uint8_t u = (flags & VRING_PACKED_DESC_F_USED) != 0
+    if a != u or u != wrap:
+        return 0
+    id[0] = q.pdesc[pos].id
+    length[0] = q.pdesc[pos].len
+    if id[0] >= q.size or not q.inflight[id[0]]:
+        return -1
+    return 1
+
+
+cdef inline void pk_release(drvq_t *q, uint16_t id) noexcept nogil:
+    pk_advance(q, &q.last_used_idx, &q.used_wrap, q.nslots[id])
+    q.ndesc_free += q.nslots[id]
+    give_back(q, id)
+
+
+cdef uint32_t pk_complete(drvq_t *q, uint16_t id) noexcept nogil:
+    """Buffer ``id`` (in flight) is used: take it back and step over its ring slots. With
+    IN_ORDER everything posted before it is done too; returns how many of those."""
+    cdef uint32_t skipped = 0
+    cdef uint16_t p
+    if not q.in_order:
+        pk_release(q, id)
+        return 0
+    while q.fifo_head != q.fifo_tail:
+        p = q.fifo[q.fifo_head & (q.size - 1)]
+        q.fifo_head += 1
+        if not q.inflight[p]:
+            continue
+        pk_release(q, p)
+        if p == id:
+            break
+        skipped += 1
+    return skipped
+
+
+cdef inline void pk_skip_bad(drvq_t *q) noexcept nogil:
+    """A used descriptor we cannot account for: count it and step over its one slot."""
+    q.st.drop_bad_used += 1
+    pk_advance(q, &q.last_used_idx, &q.used_wrap, 1)
+
+
+cdef int pk_used_count(drvq_t *q) noexcept nogil:
+    cdef uint16_t id
+    cdef uint32_t length
+    return pk_peek(q, q.last_used_idx, q.used_wrap, &id, &length) != 0
+
+
+cdef void pk_post(drvq_t *q, uint16_t id, uint32_t length, bint write) noexcept nogil:
+    """Make buffer ``id`` (the first ``length`` bytes of its slot) available at avail_idx:
+    one descriptor, or a chain (header, then chain_seg pieces). Every descriptor carries the
+    id; the chain's head is flagged last (and the burst's first head only on publish)."""
+    cdef uint64_t addr = q.slots_gpa + <uint64_t>id * q.slot_size
+    cdef uint16_t pos = q.avail_idx, head = q.avail_idx, flags, head_flags = 0, n = 0
+    cdef uint8_t wrap = q.avail_wrap
+    cdef uint32_t chunk, left = length
+    cdef vring_packed_desc_t *d
+    while True:
+        chunk = left
+        if q.chain_seg:
+            if n == 0:
+                chunk = left if left < q.hdr_len else q.hdr_len
+            elif chunk > q.chain_seg:
+                chunk = q.chain_seg
+        left -= chunk
+        d = &q.pdesc[pos]
+        d.addr = addr
+        d.len = chunk
+        d.id = id
+        flags = VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED
+        if write:
+            flags |= VRING_DESC_F_WRITE
+        if left:
+            flags |= VRING_DESC_F_NEXT
+        if n == 0:
+            head_flags = flags
+        else:
+            d.flags = flags             # published by the head's release store
+        n += 1
+        addr += chunk
+        pos += 1
+        if pos == q.size:
+            pos = 0
+            wrap ^= 1
+        if not left:
+            break
+    q.nslots[id] = n
+    q.ndesc_free -= n
+    q.inflight[id] = 1
+    if q.in_order:
+        fifo_push(q, id)
+    q.avail_idx = pos
+    q.avail_wrap = wrap
+    q.avail_count += n
+    if q.pend_head < 0:
+        q.pend_head = head
+        q.pend_flags = head_flags
+    else:
+        vh_store_release_u16(&q.pdesc[head].flags, head_flags)
+
+
+cdef void pk_publish(drvq_t *q) noexcept nogil:
+    """Flag the burst's first head, then kick unless the device's event area says not to."""
+    cdef uint16_t added = q.avail_count - q.kicked_idx, new, old, off_wrap, event, flags
+    cdef bint kick
+    if q.pend_head >= 0:
+        vh_store_release_u16(&q.pdesc[q.pend_head].flags, q.pend_flags)
+        q.pend_head = -1
+    if added == 0:
+        return
+    vh_fence_seq_cst()    # the flags store before reading the device's suppression state
+    flags = vh_load_relaxed_u16(&q.used[1])
+    if flags == RING_EVENT_FLAGS_DESC and q.event_idx:
+        off_wrap = vh_load_relaxed_u16(&q.used[0])
+        event = off_wrap & 0x7FFF
+        if (off_wrap >> 15) != q.avail_wrap:
+            event -= q.size
+        new = q.avail_idx
+        old = new - added
+        kick = need_event(event, new, old)
+    else:
+        kick = flags != RING_EVENT_FLAGS_DISABLE
+    q.kicked_idx = q.avail_count
+    if kick:
+        vh_eventfd_signal(q.kickfd)
+        q.st.kicks += 1
+    else:
+        q.st.kicks_suppressed += 1
+
+
+cdef uint32_t pk_reclaim(drvq_t *q) noexcept nogil:
+    """TX: take back every buffer the device has marked used (at most a ring's worth)."""
+    cdef uint32_t n = 0, k
+    cdef uint16_t id
+    cdef uint32_t length
+    cdef int r
+    for k in range(q.size):
+        r = pk_peek(q, q.last_used_idx, q.used_wrap, &id, &length)
+        if r == 0:
+            break
+        if r < 0:
+            pk_skip_bad(q)
+            continue
+        n += 1 + pk_complete(q, id)
+    return n
+
+
+cdef uint32_t pk_refill(drvq_t *q) noexcept nogil:
+    """RX: post every buffer we own as device-writable, then publish."""
+    cdef uint32_t n = 0
+    cdef uint16_t id
+    while q.nfree and q.ndesc_free >= q.rx_slots:
+        q.nfree -= 1
+        id = q.free_ids[q.nfree]
+        pk_post(q, id, q.buf_len, True)
+        n += 1
+    pk_publish(q)
+    return n
+
+
+cdef bint pk_frame_ready(drvq_t *q, uint16_t first, uint32_t nbufs) noexcept nogil:
+    """Are the ``nbufs - 1`` buffers after ``first`` (at last_used_idx) used already?"""
+    cdef uint16_t pos = q.last_used_idx, id
+    cdef uint8_t wrap = q.used_wrap
+    cdef uint32_t b, length
+    cdef int r
+    pk_advance(q, &pos, &wrap, q.nslots[first])
+    for b in range(1, nbufs):
+        r = pk_peek(q, pos, wrap, &id, &length)
+        if r == 0:
+            return False
+        pk_advance(q, &pos, &wrap, q.nslots[id] if r > 0 else 1)
+    return True
+
+
+cdef uint32_t pk_recv(drvq_t *q, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
+    """RX burst on a packed ring; the same checks as the split ring's drv_recv."""
+    cdef uint32_t nout = 0, b, nbufs, length, guard, skipped
+    cdef uint64_t total
+    cdef uint16_t id
+    cdef uint8_t *slot
+    cdef pkt_t *pkt
+    cdef int r
+    cdef bint bad
+    for guard in range(q.size):
+        if nout >= count:
+            break
+        r = pk_peek(q, q.last_used_idx, q.used_wrap, &id, &length)
+        if r == 0:
+            break
+        if r < 0:
+            pk_skip_bad(q)
+            continue
+        slot = q.slots + <uint64_t>id * q.slot_size
+        nbufs = 1
+        if q.mrg_rxbuf and length >= q.hdr_len:
+            nbufs = slot[10] | (<uint32_t>slot[11] << 8)
+        if length < q.hdr_len or length > q.buf_len or nbufs == 0 or \
+                nbufs > DRV_MAX_MRG_BUFS or nbufs > q.size:
+            q.st.drop_bad_used += 1 + pk_complete(q, id)
+            continue
+        if nbufs > 1 and not pk_frame_ready(q, id, nbufs):
+            break                 # the rest of this frame is not there yet
+        pkt = pool_get(pool)
+        if pkt == NULL:
+            q.st.drop_no_mbuf += 1
+            break
+        memcpy(pkt.vnet_hdr, slot, q.hdr_len)
+        total = length - q.hdr_len
+        if total <= pkt.cap:          # else dropped as oversize below
+            memcpy(pkt.data, slot + q.hdr_len, total)
+        skipped = pk_complete(q, id)
+        q.st.drop_bad_used += skipped
+        bad = skipped != 0
+        for b in range(1, nbufs):
+            r = pk_peek(q, q.last_used_idx, q.used_wrap, &id, &length)
+            if r == 0:            # the device took back what it had marked used
+                q.st.drop_bad_used += 1
+                bad = True
+                break
+            if r < 0:
+                pk_skip_bad(q)
+                bad = True
+                continue
+            if length > q.buf_len:
+                q.st.drop_bad_used += 1
+                bad = True
+            elif not bad and total + length <= pkt.cap:
+                memcpy(pkt.data + total, q.slots + <uint64_t>id * q.slot_size, length)
+            total += length
+            skipped = pk_complete(q, id)
+            if skipped:
+                q.st.drop_bad_used += skipped
+                bad = True
+        if bad:
+            pool_put(pool, pkt)
+            continue
+        if total > pkt.cap:
+            q.st.drop_oversize += 1
+            pool_put(pool, pkt)
+            continue
+        pkt.len = <uint32_t>total
+        pkts[nout] = pkt
+        nout += 1
+        q.st.bytes += total
+    pk_refill(q)
+    q.st.packets += nout
+    q.st.bursts += 1
+    return nout
+
+
 STAT_NAMES = ("packets", "bytes", "bursts", "kicks", "kicks_suppressed", "waits", "ring_full",
               "drop_bad_used", "drop_oversize", "drop_no_mbuf", "ring_errors")
 
 
 cdef class DriverQueue:
-    """One split virtqueue, driver side, over ring memory the caller laid out.
+    """One split or packed virtqueue, driver side, over ring memory the caller laid out.
 
     Addresses are host pointers (ints) into ``memory`` (any object that keeps the mapping
     alive); ``slots_gpa`` is the guest physical address of ``slots``. ``rx`` selects the
-    direction: device-writable buffers of ``buf_len`` bytes, or TX slots of ``buf_len``."""
+    direction: device-writable buffers of ``buf_len`` bytes, or TX slots of ``buf_len``.
+    ``packed``: ``desc`` is the descriptor ring, ``avail`` the driver event-suppression
+    area and ``used`` the device's (4 bytes each)."""
 
     def __cinit__(self, int index, bint rx, uint32_t size, uint64_t desc, uint64_t avail,
                   uint64_t used, uint64_t slots, uint64_t slots_gpa, uint32_t slot_size,
-                  uint32_t buf_len, object memory):
+                  uint32_t buf_len, object memory, bint packed=False):
         if size == 0 or size > 32768 or size & (size - 1):
             raise ValueError(f"ring size {size} is not a power of 2 in 1..32768")
         if buf_len > slot_size or buf_len < 64:
@@ -335,8 +680,13 @@ cdef class DriverQueue:
         self.memory = memory
         self.q.free_ids = <uint16_t *>calloc(size, sizeof(uint16_t))
         self.q.inflight = <uint8_t *>calloc(size, 1)
-        if self.q.free_ids == NULL or self.q.inflight == NULL:
+        self.q.fifo = <uint16_t *>calloc(size, sizeof(uint16_t))
+        self.q.nslots = <uint16_t *>calloc(size, sizeof(uint16_t))
+        if self.q.free_ids == NULL or self.q.inflight == NULL or self.q.fifo == NULL or \
+                self.q.nslots == NULL:
             raise MemoryError()
+        self.q.packed = packed
+        self.q.pdesc = <vring_packed_desc_t *>desc
         self.q.desc = <vring_desc_t *>desc
         self.q.avail = <uint16_t *>avail
         self.q.used = <uint16_t *>used
@@ -350,18 +700,33 @@ cdef class DriverQueue:
         self.q.hdr_len = 12
         self.q.kickfd = -1
         self.q.callfd = -1
+        self.q.pend_head = -1
+        self.q.rx_slots = self.q.tx_max_slots = 1
 
     def __dealloc__(self):
         free(self.q.free_ids)
         free(self.q.inflight)
+        free(self.q.fifo)
+        free(self.q.nslots)
 
     def configure(self, *, bint event_idx, bint mrg_rxbuf, int hdr_len, int kickfd,
-                  int callfd):
-        """Negotiated features and the eventfds (ours: we write kick, we read call)."""
+                  int callfd, bint in_order=False, uint32_t chain_seg=0):
+        """Negotiated features and the eventfds (ours: we write kick, we read call).
+        ``chain_seg`` (packed only): post each buffer as a chain, the header in its own
+        descriptor and then descriptors of at most ``chain_seg`` bytes."""
         if hdr_len not in (10, 12):
             raise ValueError("virtio-net header is 10 or 12 bytes")
         if mrg_rxbuf and hdr_len != 12:
             raise ValueError("mergeable RX buffers need the 12-byte header")
+        if chain_seg and not self.q.packed:
+            raise ValueError("chained buffers are for packed rings only")
+        self.q.hdr_len = hdr_len
+        self.q.chain_seg = chain_seg
+        if pk_slots_for(&self.q, self.q.buf_len) > self.q.size:
+            raise ValueError(f"a {self.q.buf_len}-byte buffer in {chain_seg}-byte descriptors "
+                             f"does not fit a ring of {self.q.size}")
+        self.q.rx_slots = self.q.tx_max_slots = pk_slots_for(&self.q, self.q.buf_len)
+        self.q.in_order = in_order
         self.q.event_idx = event_idx
         self.q.mrg_rxbuf = mrg_rxbuf
         self.q.hdr_len = hdr_len
@@ -374,9 +739,14 @@ cdef class DriverQueue:
         ``post_rx``."""
         cdef uint32_t i
         memset(self.q.desc, 0, 16 * self.q.size)
-        memset(self.q.avail, 0, 6 + 2 * self.q.size)
-        memset(self.q.used, 0, 6 + 8 * self.q.size)
+        if self.q.packed:
+            memset(self.q.avail, 0, 4)
+            memset(self.q.used, 0, 4)
+        else:
+            memset(self.q.avail, 0, 6 + 2 * self.q.size)
+            memset(self.q.used, 0, 6 + 8 * self.q.size)
         memset(self.q.inflight, 0, self.q.size)
+        memset(self.q.nslots, 0, self.q.size * sizeof(uint16_t))
         self.q.nfree = 0
         for i in range(self.q.size):
             self.q.free_ids[self.q.size - 1 - i] = <uint16_t>i
@@ -385,7 +755,15 @@ cdef class DriverQueue:
         self.q.last_used_idx = 0
         self.q.kicked_idx = 0
         self.q.broken = 0
-        self.q.avail[0] = VRING_AVAIL_F_NO_INTERRUPT
+        self.q.fifo_head = self.q.fifo_tail = 0
+        self.q.avail_count = 0
+        self.q.ndesc_free = self.q.size
+        self.q.pend_head = -1
+        self.q.avail_wrap = self.q.used_wrap = 1      # a fresh packed ring starts at wrap 1
+        if self.q.packed:
+            self.q.avail[1] = RING_EVENT_FLAGS_DISABLE
+        else:
+            self.q.avail[0] = VRING_AVAIL_F_NO_INTERRUPT
 
     def post_rx(self):
         """RX: offer every free buffer to the device (kicks it if it wants to be told)."""
@@ -408,8 +786,33 @@ cdef class DriverQueue:
         return bool(self.q.broken)
 
     @property
+    def packed(self):
+        return bool(self.q.packed)
+
+    @property
+    def in_order(self):
+        return bool(self.q.in_order)
+
+    @property
+    def base(self):
+        """What SET_VRING_BASE says of this ring: split, the avail index; packed, avail
+        index (bits 0-14), avail wrap (15), used index (16-30), used wrap (31)."""
+        if not self.q.packed:
+            return self.q.avail_idx
+        cdef uint32_t v = self.q.avail_idx | (<uint32_t>self.q.avail_wrap << 15)
+        v |= (<uint32_t>self.q.last_used_idx << 16) | (<uint32_t>self.q.used_wrap << 31)
+        return v
+
+    @property
+    def capacity(self):
+        """Buffers the ring holds at once (fewer than ``size`` with chained buffers)."""
+        return self.q.size // (self.q.rx_slots if self.q.rx else self.q.tx_max_slots)
+
+    @property
     def free(self):
-        """Descriptors we own (TX: room for that many frames after a reclaim)."""
+        """Buffers we own (TX: room for that many frames after a reclaim)."""
+        if self.q.packed:
+            return min(self.q.nfree, self.q.ndesc_free // self.q.tx_max_slots)
         return self.q.nfree
 
     @property

@@ -1,5 +1,6 @@
 # Preallocated fixed-size packet buffers (like DPDK mbufs) for the compiled data path.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.string cimport memset
 
 cdef enum:
     PKT_HEADROOM = 128
@@ -33,6 +34,7 @@ cdef inline pkt_t *pool_get(pktpool_t *p) noexcept nogil:
     k.data = k.buf + PKT_HEADROOM
     k.len = 0
     k.cap = p.buf_size
+    memset(k.vnet_hdr, 0, VNET_HDR_MAX)
     return k
 
 

@@ -15,6 +15,7 @@ from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
 
+from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pool_get, pool_put_many
 from pyvhost._vring cimport (
     MAX_BURST, VirtQueue, vh_eventfd_drain, vh_eventfd_signal, vh_load_acquire_int, vh_lock,
@@ -153,7 +154,7 @@ cdef class Poller:
             for k in range(n):
                 swap_macs(pkts[k])
             if vh_trylock(&rx.lock):
-                sent = vq_enqueue(rx, pkts, n)
+                sent = offload_send(rx, self.pool.pool, pkts, n, &self.tx_dropped)
                 vh_unlock(&rx.lock)
             self.tx_packets += sent
             self.tx_dropped += n - sent

@@ -26,6 +26,7 @@ from pyvhost._flow cimport (
     emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t, mf_insert, mf_lookup, mf_t,
     vlan_set, vlan_strip,
 )
+from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._vring cimport (
     MAX_BURST, VirtQueue, vh_eventfd_drain, vh_eventfd_signal, vh_load_acquire_int, vh_lock,
@@ -268,7 +269,7 @@ cdef class Datapath:
     def port_queues(self, int port_id):
         return self._port(port_id).nqueues
 
-    def new_pmd(self, int pmd_id, int pool_size=8192, int buf_size=10240):
+    def new_pmd(self, int pmd_id, int pool_size=4096, int buf_size=65600):
         pmd = Pmd(self, pmd_id, PacketPool(pool_size, buf_size))
         self.pmds.append(pmd)
         return pmd
@@ -461,7 +462,7 @@ cdef class Pmd:
             if not (vq.ready and vq.enabled):
                 vq = p.guest_rx[0]
             vh_lock(&vq.lock)
-            sent = vq_enqueue(vq, pkts, n)
+            sent = offload_send(vq, self.pool, pkts, n, &p.drop_tx_full)
             vh_unlock(&vq.lock)
             for i in range(sent):
                 bytes_ += pkts[i].len

@@ -28,6 +28,13 @@ cdef enum:
     MAX_IOV = 64          # segments of one packet's buffers
     MAX_BURST = 32
     VNET_HDR_F_NEEDS_CSUM = 1
+    VNET_HDR_GSO_NONE = 0
+    VNET_HDR_GSO_TCPV4 = 1
+    VNET_HDR_GSO_TCPV6 = 4
+    VNET_HDR_GSO_ECN = 0x80
+    OFL_CSUM = 1              # partial checksums (NEEDS_CSUM) in this direction
+    OFL_TSO4 = 2              # TCPv4 segmentation offload
+    OFL_TSO6 = 4
     VRING_PACKED_DESC_F_AVAIL = 1 << 7
     VRING_PACKED_DESC_F_USED = 1 << 15
     RING_EVENT_FLAGS_ENABLE = 0
@@ -66,6 +73,8 @@ cdef struct vq_stats_t:
     uint64_t drop_disabled    # consumed while the ring was disabled
     uint64_t drop_no_mbuf     # packet pool empty
     uint64_t ring_errors      # bad avail index or head index: ring marked broken
+    uint64_t drop_bad_hdr     # TX: a virtio-net header asking for offloads not agreed or
+                              # pointing outside the frame
 
 cdef struct vq_t:
     int lock                  # held by the data path around each burst, by control to change
@@ -86,6 +95,8 @@ cdef struct vq_t:
     uint8_t indirect
     uint8_t mrg_rxbuf
     uint8_t packed
+    uint8_t ofl_rx            # what the guest takes on its RX ring: OFL_* (GUEST_CSUM/TSO)
+    uint8_t ofl_tx            # what the guest may send on its TX ring: OFL_* (CSUM/HOST_TSO)
     uint8_t avail_wrap        # packed: the wrap counters of the next avail / used slot
     uint8_t used_wrap
     uint16_t hdr_len

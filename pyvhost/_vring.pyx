@@ -173,6 +173,33 @@ cdef inline void copy_out(const iov_t *iov, uint32_t niov, uint64_t total, uint3
     pkt.len = <uint32_t>(total - hdr)
 
 
+cdef inline uint16_t rd_le16(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint16_t>p[1] << 8)
+
+
+cdef bint tx_header_ok(vq_t *vq, pkt_t *p) noexcept nogil:
+    """Check the header a guest sent with a frame against what it negotiated; never trust
+    it blindly (it decides where the switch writes a checksum)."""
+    cdef uint8_t flags = p.vnet_hdr[0], gso = p.vnet_hdr[1] & ~VNET_HDR_GSO_ECN
+    cdef uint32_t start, offset
+    p.vnet_hdr[0] = flags & VNET_HDR_F_NEEDS_CSUM        # DATA_VALID etc. mean nothing here
+    if vq.hdr_len < 12:
+        p.vnet_hdr[10] = 0
+        p.vnet_hdr[11] = 0
+    if flags & VNET_HDR_F_NEEDS_CSUM:
+        start = rd_le16(p.vnet_hdr + 6)
+        offset = rd_le16(p.vnet_hdr + 8)
+        if not vq.ofl_tx & OFL_CSUM or start + offset + 2 > p.len:
+            return False
+    if gso == VNET_HDR_GSO_NONE:
+        p.vnet_hdr[1] = 0
+        return True
+    if gso == VNET_HDR_GSO_TCPV4 and vq.ofl_tx & OFL_TSO4 or \
+            gso == VNET_HDR_GSO_TCPV6 and vq.ofl_tx & OFL_TSO6:
+        return rd_le16(p.vnet_hdr + 4) > 0 and flags & VNET_HDR_F_NEEDS_CSUM
+    return False
+
+
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
     """Guest TX -> packets: up to ``count`` frames copied out of the guest's buffers."""
     cdef uint32_t lead = 0
@@ -241,9 +268,13 @@ cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
                 vq.st.drop_no_mbuf += 1
                 break                       # leave it in the ring for the next burst
             copy_out(iov, niov, total, hdr, pkt)
-            pkts[nout] = pkt
-            nout += 1
-            vq.st.bytes += pkt.len
+            if tx_header_ok(vq, pkt):
+                pkts[nout] = pkt
+                nout += 1
+                vq.st.bytes += pkt.len
+            else:
+                vq.st.drop_bad_hdr += 1
+                pool_put(pool, pkt)
         put_used(vq, head, 0)
         vq.last_avail_idx += 1
     if vq.last_used_idx != vh_load_relaxed_u16(&vq.used[1]):
@@ -279,8 +310,16 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     return split_enqueue(vq, pkts, count)
 
 
-cdef inline void fill_header(uint8_t *hdr, vq_t *vq, uint32_t nbufs) noexcept nogil:
+cdef inline void fill_header(uint8_t *hdr, vq_t *vq, uint32_t nbufs, pkt_t *pkt) noexcept nogil:
+    """The RX header: the frame's offload state where this guest agreed to take it."""
+    cdef uint8_t gso = pkt.vnet_hdr[1]
     memset(hdr, 0, 12)
+    if pkt.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and vq.ofl_rx & OFL_CSUM:
+        memcpy(hdr, pkt.vnet_hdr, 10)
+        if not (gso == VNET_HDR_GSO_TCPV4 and vq.ofl_rx & OFL_TSO4 or
+                gso == VNET_HDR_GSO_TCPV6 and vq.ofl_rx & OFL_TSO6):
+            hdr[1] = 0                       # no (acceptable) GSO: a plain partial checksum
+            hdr[2] = hdr[3] = hdr[4] = hdr[5] = 0
     if vq.hdr_len == 12:
         hdr[10] = <uint8_t>(nbufs & 0xff)
         hdr[11] = <uint8_t>(nbufs >> 8)
@@ -351,7 +390,7 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
                 i += 1
                 continue
             break                           # out of buffers: the rest are not delivered
-        fill_header(hdr, vq, nbufs)
+        fill_header(hdr, vq, nbufs, pkt)
         i_iov = 0
         off = 0
         fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
@@ -401,6 +440,7 @@ cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t
     shape is (a chain longer than the ring): the ring cannot be trusted any more."""
     cdef uint32_t slots = 0, n = niov[0], i, k, count
     cdef vring_packed_desc_t d
+    cdef uint16_t ring_flags
     cdef const vring_packed_desc_t *table
     cdef uint64_t tot = 0, addr, left, chunk
     cdef uint8_t *p
@@ -414,6 +454,7 @@ cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t
         memcpy(&d, &vq.pdesc[i], sizeof(vring_packed_desc_t))
         slots += 1
         buf_id[0] = d.id
+        ring_flags = d.flags
         if d.flags & VRING_DESC_F_INDIRECT:
             chunk = d.len
             p = NULL
@@ -433,7 +474,7 @@ cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t
                             add_segments(vq, d.addr, d.len, iov, &n, &tot) < 0:
                         bad = True
                         break
-            if not d.flags & VRING_DESC_F_NEXT:
+            if not ring_flags & VRING_DESC_F_NEXT:       # the ring slot's flag, not the table's
                 break
             continue
         if not bad and ((d.flags & VRING_DESC_F_WRITE != 0) != writable or
@@ -538,9 +579,13 @@ cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
                 vq.st.drop_no_mbuf += 1
                 break
             copy_out(iov, niov, total, hdr, pkt)
-            pkts[nout] = pkt
-            nout += 1
-            vq.st.bytes += pkt.len
+            if tx_header_ok(vq, pkt):
+                pkts[nout] = pkt
+                nout += 1
+                vq.st.bytes += pkt.len
+            else:
+                vq.st.drop_bad_hdr += 1
+                pool_put(pool, pkt)
         put_used_packed(vq, buf_id, 0, nslots, False)
         packed_advance(&vq.last_avail_idx, &vq.avail_wrap, nslots, vq.size)
         used += 1
@@ -605,7 +650,7 @@ cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept no
                 i += 1
                 continue
             break
-        fill_header(hdr, vq, nbufs)
+        fill_header(hdr, vq, nbufs, pkt)
         i_iov = 0
         off = 0
         fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
@@ -658,7 +703,7 @@ cdef bint vq_pending(vq_t *vq) noexcept nogil:
 
 
 STAT_NAMES = ("packets", "bytes", "bursts", "calls", "drop_bad_desc", "drop_no_buffer",
-              "drop_oversize", "drop_disabled", "drop_no_mbuf", "ring_errors")
+              "drop_oversize", "drop_disabled", "drop_no_mbuf", "ring_errors", "drop_bad_hdr")
 
 
 cdef class VirtQueue:
@@ -705,13 +750,15 @@ cdef class VirtQueue:
         self.vq.ready = 0
 
     def set_features(self, *, bint event_idx, bint indirect, bint mrg_rxbuf, int hdr_len,
-                     bint packed=False):
+                     bint packed=False, int ofl_rx=0, int ofl_tx=0):
         if hdr_len not in (10, 12):
             raise ValueError("virtio-net header is 10 or 12 bytes")
         if packed and not self.vq.packed:
             self.vq.avail_wrap = 1          # a fresh packed ring starts at wrap 1
             self.vq.used_wrap = 1
         self.vq.packed = packed
+        self.vq.ofl_rx = ofl_rx
+        self.vq.ofl_tx = ofl_tx
         self.vq.event_idx = event_idx
         self.vq.indirect = indirect
         self.vq.mrg_rxbuf = mrg_rxbuf
@@ -729,6 +776,7 @@ cdef class VirtQueue:
             return v
 
         def __set__(self, uint32_t value):
+            self.vq.ready = 0           # a new position takes effect through start()
             if self.vq.packed:
                 # we use buffers in order, so used equals avail whenever a ring stops;
                 # some front-ends (DPDK's) send only the avail half

@@ -56,7 +56,7 @@ PAYLOADS = {
     P.MemTable: st.builds(P.MemTable, st.lists(mem_regions(), min_size=1, max_size=8)
                           .map(tuple)),
     P.SingleMemRegion: st.builds(P.SingleMemRegion, mem_regions()),
-    P.LogBase: st.builds(P.LogBase, u64, u64),
+    P.LogBase: st.builds(P.LogBase, st.integers(1, 1 << 40), st.integers(0, 1 << 40)),
     P.IotlbMsg: st.builds(P.IotlbMsg, u64, u64, u64, u8, u8),
     P.Config: st.integers(0, C.MAX_CONFIG_SIZE).flatmap(
         lambda n: st.builds(P.Config, st.integers(0, C.MAX_CONFIG_SIZE - n), st.just(n),
@@ -192,6 +192,8 @@ def valid_bodies(cls) -> list[bytes]:
         return [P.SingleMemRegion(P.MemRegion(0x1000, 0x1000, 0x2000, 0)).pack()]
     if cls is P.Config:
         return [P.Config(0, n, 0, bytes(n)).pack() for n in (0, 1, 6, 256)]
+    if cls is P.LogBase:
+        return [P.LogBase(4096, 0).pack()]
     return [bytes(cls.FMT.size)]
 
 

@@ -23,12 +23,13 @@ from tests.harness.driver import (
     GuestImage,
     vnet_hdr,
 )
+from tests.harness.fuzzing import examples
 
 MiB = 1 << 20
 DROPS = ("drop_bad_desc", "drop_no_buffer", "drop_oversize", "drop_disabled", "drop_no_mbuf")
-FUZZ = settings(max_examples=150, deadline=None,
+FUZZ = settings(max_examples=examples(150), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-RING_FUZZ = settings(FUZZ, max_examples=250)
+RING_FUZZ = settings(FUZZ, max_examples=examples(250))
 
 
 @pytest.fixture
@@ -96,9 +97,19 @@ def test_tx_chained_and_indirect(image, pool, splits, indirect):
 
 def test_tx_header_fields_and_empty_frame(image, pool):
     d, vq = setup_ring(image)
-    d.post_tx(b"", hdr=vnet_hdr(flags=1))              # a header alone: an empty frame
+    d.post_tx(b"", hdr=vnet_hdr(flags=2))              # a header alone: an empty frame
     d.post_tx(frame(1500), splits=[6, 6, 1500])
     assert vq.recv_burst(pool) == [b"", frame(1500)]
+
+
+@pytest.mark.parametrize("hdr", [vnet_hdr(flags=1), vnet_hdr(gso_type=1), vnet_hdr(gso_type=3)],
+                         ids=["csum_not_agreed", "tso_not_agreed", "ufo"])
+def test_tx_header_asking_for_offloads_not_agreed_is_dropped(image, pool, hdr):
+    d, vq = setup_ring(image)
+    d.post_tx(frame(100), hdr=hdr)
+    d.post_tx(frame(60))
+    assert vq.recv_burst(pool) == [frame(60)]
+    assert vq.stats()["drop_bad_hdr"] == 1
 
 
 def test_tx_legacy_10_byte_header(image, pool):

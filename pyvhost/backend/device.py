@@ -217,10 +217,12 @@ class VhostUserDevice:
         self.changed()
 
     def on_set_vring_call(self, p, fds):
-        self.rings[p.index].set_call(self._vring_fd(p, fds))
+        fd = self._vring_fd(p, fds)
+        self.rings[p.index].set_call(fd)
 
     def on_set_vring_err(self, p, fds):
-        self.rings[p.index].set_err(self._vring_fd(p, fds))
+        fd = self._vring_fd(p, fds)
+        self.rings[p.index].set_err(fd)
 
     def on_set_vring_enable(self, p, fds):
         if p.num > 1:
@@ -246,6 +248,8 @@ class VhostUserDevice:
         try:
             if p.mmap_size == 0 or p.mmap_size > 1 << 40:
                 raise DeviceError(f"dirty log of {p.mmap_size} bytes")
+            if os.fstat(fd).st_size < p.mmap_offset + p.mmap_size:
+                raise DeviceError("dirty log runs past the end of its file")  # else SIGBUS
             try:
                 mapping = Mapping(fd, p.mmap_offset + p.mmap_size)
             except (OSError, ValueError) as e:

@@ -17,8 +17,10 @@ log = logging.getLogger("pyvhost.backend")
 NET_FEATURES = C.bits(
     F.VERSION_1, F.NET_MRG_RXBUF, F.RING_INDIRECT_DESC, F.RING_EVENT_IDX, F.NET_MQ, F.NET_MTU,
     F.NET_STATUS, F.NET_GUEST_ANNOUNCE, F.IN_ORDER, F.RING_PACKED, F.LOG_ALL,
-    F.PROTOCOL_FEATURES,
+    F.NET_CSUM, F.NET_GUEST_CSUM, F.NET_HOST_TSO4, F.NET_HOST_TSO6, F.NET_GUEST_TSO4,
+    F.NET_GUEST_TSO6, F.PROTOCOL_FEATURES,
 )
+OFL_CSUM, OFL_TSO4, OFL_TSO6 = 1, 2, 4      # pyvhost._vring's offload bits
 NET_PROTOCOL_FEATURES = C.bits(
     PF.MQ, PF.REPLY_ACK, PF.NET_MTU, PF.RARP, PF.STATUS, PF.CONFIGURE_MEM_SLOTS, PF.BACKEND_REQ,
     PF.LOG_SHMFD,
@@ -57,7 +59,15 @@ class NetDevice(VhostUserDevice):
                 "indirect": self.has(F.RING_INDIRECT_DESC),
                 "mrg_rxbuf": mrg,
                 "hdr_len": 12 if (mrg or self.has(F.VERSION_1)) else 10,
-                "packed": self.has(F.RING_PACKED)}
+                "packed": self.has(F.RING_PACKED),
+                "ofl_tx": self._offloads(F.NET_CSUM, F.NET_HOST_TSO4, F.NET_HOST_TSO6),
+                "ofl_rx": self._offloads(F.NET_GUEST_CSUM, F.NET_GUEST_TSO4, F.NET_GUEST_TSO6)}
+
+    def _offloads(self, csum: int, tso4: int, tso6: int) -> int:
+        """The offload bits of one direction; TSO counts only with checksumming."""
+        if not self.has(csum):
+            return 0
+        return OFL_CSUM | (OFL_TSO4 if self.has(tso4) else 0) | (OFL_TSO6 if self.has(tso6) else 0)
 
     def on_net_set_mtu(self, p: P.U64, fds):
         if not 68 <= p.value <= 65535:

@@ -93,7 +93,9 @@ class Ring:
 
     def set_base(self, base: int) -> None:
         with self.vq:
+            self.vq.stop()          # a new position is checked against the ring on restart
             self.vq.base = base
+            self._refresh()
 
     def set_features(self, **kw) -> None:
         with self.vq:

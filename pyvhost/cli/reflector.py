@@ -102,7 +102,7 @@ async def _main(args) -> int:
         endpoint = Endpoint(device, args.socket, client=args.client)
         pairs = [(device.rx_ring(q).vq, device.tx_ring(q).vq) for q in range(args.queues)]
         template = source_frame(args.size) if args.mode == "source" else None
-        poller = Poller(pairs, args.mode, PacketPool(8192), template)
+        poller = Poller(pairs, args.mode, PacketPool(2048, 65600), template)
         device.listeners.append(poller.wake)
         thread = threading.Thread(target=_poll_thread, args=(poller, args.cpu),
                                   name="pyvhost-poll", daemon=True)

@@ -1,8 +1,9 @@
 """Feature and protocol-feature negotiation with a backend, and what was agreed.
 
-The frontend offers ``DEFAULT_FEATURES`` (or a caller's subset) and takes the intersection
-with what the backend offers; the result says which ring behaviour applies (mergeable RX
-buffers, EVENT_IDX, header length) and how many queue pairs the backend has. Uses only
+The frontend offers ``DEFAULT_FEATURES`` (or a caller's subset, plus RING_PACKED when packed
+rings are asked for) and takes the intersection with what the backend offers; the result
+says which ring behaviour applies (split or packed, IN_ORDER, mergeable RX buffers,
+EVENT_IDX, header length) and how many queue pairs the backend has. Uses only
 pyvhost.protocol; the channel does the I/O.
 """
 
@@ -19,7 +20,7 @@ from pyvhost.protocol.constants import Request as R
 from .channel import BackendGone, Channel
 
 DEFAULT_FEATURES = C.bits(F.VERSION_1, F.NET_MRG_RXBUF, F.RING_EVENT_IDX, F.NET_MQ,
-                          F.PROTOCOL_FEATURES)
+                          F.IN_ORDER, F.PROTOCOL_FEATURES)
 DEFAULT_PROTOCOL_FEATURES = C.bits(PF.MQ, PF.REPLY_ACK)
 
 
@@ -43,6 +44,14 @@ class Negotiated:
         return self.has(F.RING_EVENT_IDX)
 
     @property
+    def packed(self) -> bool:
+        return self.has(F.RING_PACKED)
+
+    @property
+    def in_order(self) -> bool:
+        return self.has(F.IN_ORDER)
+
+    @property
     def hdr_len(self) -> int:
         return 12 if self.mrg_rxbuf or self.has(F.VERSION_1) else 10
 
@@ -59,11 +68,13 @@ class Negotiated:
                 f"{self.backend_queue_pairs} queue pair(s)")
 
 
-def negotiate(ch: Channel, want: int, want_protocol: int, queue_pairs: int) -> Negotiated:
+def negotiate(ch: Channel, want: int, want_protocol: int, queue_pairs: int,
+              require: int = 0) -> Negotiated:
     """GET/SET_FEATURES and GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER.
 
-    Raises BackendGone when the backend cannot serve ``queue_pairs`` pairs or lacks
-    VERSION_1 (split rings in little-endian, 12-byte header: all this frontend speaks)."""
+    Raises BackendGone when the backend cannot serve ``queue_pairs`` pairs, lacks
+    VERSION_1 (little-endian rings, 12-byte header: all this frontend speaks) or lacks a
+    feature of ``require`` (e.g. RING_PACKED when packed rings were asked for)."""
     offered = ch.request(R.GET_FEATURES).value
     protocol_offered = protocol = 0
     pairs = 1
@@ -78,6 +89,9 @@ def negotiate(ch: Channel, want: int, want_protocol: int, queue_pairs: int) -> N
         raise BackendGone(f"backend has {pairs} queue pair(s), {queue_pairs} wanted")
     if not offered & C.bit(F.VERSION_1):
         raise BackendGone("backend does not offer VIRTIO_F_VERSION_1")
+    missing = [f.name for f in F if require & ~offered & C.bit(f)]
+    if missing:
+        raise BackendGone(f"backend does not offer {', '.join(missing)}")
     features = offered & want
     if queue_pairs == 1:
         features &= ~C.bit(F.NET_MQ)

@@ -21,8 +21,8 @@ import time
 
 from pyvhost import _driver
 from pyvhost._pktpool import PacketPool
+from pyvhost.protocol.constants import Feature, bit
 from pyvhost.protocol.constants import Request as R
-from pyvhost.protocol.constants import bit
 
 from .channel import BackendGone, Channel, listen
 from .memory import FrontendMemory
@@ -38,14 +38,18 @@ class VirtioUser:
     ``mem_size``/``regions``: guest memory (memfd regions of mem_size bytes each).
     ``max_frame``: the largest frame sent or received in one piece. ``rx_buf_len``: RX
     buffer size when mergeable RX buffers are negotiated (frames span several).
-    ``features``/``protocol_features``: what to offer (a subset of the defaults)."""
+    ``features``/``protocol_features``: what to offer (a subset of the defaults; add
+    RING_PACKED to use packed rings if the backend has them). ``packed``: packed rings or
+    fail (BackendGone). ``chain_seg``: with packed rings, post every buffer as a chain of
+    descriptors (the header, then pieces of at most chain_seg bytes)."""
 
     def __init__(self, path: str, *, server: bool = False, queues: int = 1,
                  ring_size: int = 256, mem_size: int = 64 << 20, regions: int = 1,
                  max_frame: int = 9216, rx_buf_len: int = 2048,
                  features: int = DEFAULT_FEATURES,
                  protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
-                 connect_timeout: float = 10.0, pool_size: int = 1024):
+                 connect_timeout: float = 10.0, pool_size: int = 1024,
+                 packed: bool = False, chain_seg: int = 0):
         if not 1 <= queues <= 128:
             raise ValueError("queues must be 1..128")
         if rx_buf_len < 64 + HDR_LEN:
@@ -55,7 +59,9 @@ class VirtioUser:
         self.queue_pairs = queues
         self.ring_size = ring_size
         self.rx_buf_len = rx_buf_len
-        self.want = features
+        self.want = features | (bit(Feature.RING_PACKED) if packed else 0)
+        self.require = bit(Feature.RING_PACKED) if packed else 0
+        self.chain_seg = chain_seg
         self.want_protocol = protocol_features
         self.connect_timeout = connect_timeout
         self.slot_size = (HDR_LEN + max_frame + 63) // 64 * 64
@@ -86,9 +92,10 @@ class VirtioUser:
         else:
             ch = Channel.connect(self.path, self.connect_timeout)
         try:
-            neg = negotiate(ch, self.want, self.want_protocol, self.queue_pairs)
+            neg = negotiate(ch, self.want, self.want_protocol, self.queue_pairs,
+                            self.require)
             for ring in self.rings:
-                ring.make_queue(neg, self.rx_buf_len)
+                ring.make_queue(neg, self.rx_buf_len, self.chain_seg)
             ch.request(R.SET_MEM_TABLE, self.memory.table(), self.memory.fds())
             for ring in self.rings:
                 ring.hand_over(ch, neg)

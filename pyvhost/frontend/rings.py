@@ -3,8 +3,11 @@ backend (SET_VRING_NUM/BASE/ADDR/CALL/KICK/ENABLE) and taken back (GET_VRING_BAS
 
 Ring ``2q`` is queue pair q's RX (device -> driver), ``2q + 1`` its TX, as virtio-net has
 it. Each ring's memory (descriptor table, avail and used rings, one buffer slot per
-descriptor) is allocated once; the compiled ``DriverQueue`` over it is rebuilt for every
-connection, since its buffer length depends on the negotiated features.
+descriptor) is allocated once, laid out for a split ring; a packed ring uses the same
+memory: the descriptor table as its descriptor ring, the first 4 bytes of the avail ring as
+the driver event-suppression area and of the used ring as the device's (SET_VRING_ADDR
+passes them in the same fields). The compiled ``DriverQueue`` over it is rebuilt for every
+connection, since its layout and buffer length depend on the negotiated features.
 """
 
 from __future__ import annotations
@@ -49,22 +52,26 @@ class RingMemory:
     def rx(self) -> bool:
         return self.index % 2 == 0
 
-    def make_queue(self, neg: Negotiated, rx_buf_len: int) -> DriverQueue:
-        """A fresh, empty driver queue for a new connection (RX buffers not yet posted)."""
+    def make_queue(self, neg: Negotiated, rx_buf_len: int, chain_seg: int = 0) -> DriverQueue:
+        """A fresh, empty driver queue for a new connection (RX buffers not yet posted).
+        ``chain_seg``: packed rings post buffers as chains of descriptors this long."""
         buf_len = rx_buf_len if self.rx and neg.mrg_rxbuf else self.slot_size
         q = DriverQueue(self.index, self.rx, self.size, self.desc, self.avail, self.used,
-                        self.slots, self.slots_gpa, self.slot_size, buf_len, self.memory)
+                        self.slots, self.slots_gpa, self.slot_size, buf_len, self.memory,
+                        neg.packed)
         q.configure(event_idx=neg.event_idx, mrg_rxbuf=neg.mrg_rxbuf, hdr_len=neg.hdr_len,
-                    kickfd=self.kickfd, callfd=self.callfd)
+                    kickfd=self.kickfd, callfd=self.callfd, in_order=neg.in_order,
+                    chain_seg=chain_seg if neg.packed else 0)
         q.reset()
         self.queue = q
         return q
 
     def hand_over(self, ch: Channel, neg: Negotiated) -> None:
-        """Tell the backend about this ring and start it (base 0: the ring was reset)."""
+        """Tell the backend about this ring and start it (the ring was reset: split base 0,
+        packed base avail 0 / wrap 1, used 0 / wrap 1)."""
         i = self.index
         ch.request(R.SET_VRING_NUM, P.VringState(i, self.size))
-        ch.request(R.SET_VRING_BASE, P.VringState(i, 0))
+        ch.request(R.SET_VRING_BASE, P.VringState(i, self.queue.base))
         uva = self.memory.uva
         ch.request(R.SET_VRING_ADDR,
                    P.VringAddr(i, 0, uva(self.desc), uva(self.used), uva(self.avail), 0))
@@ -74,7 +81,8 @@ class RingMemory:
             ch.request(R.SET_VRING_ENABLE, P.VringState(i, 1))
 
     def take_back(self, ch: Channel) -> int:
-        """GET_VRING_BASE: the backend stops the ring and says where it got to."""
+        """GET_VRING_BASE: the backend stops the ring and says where it got to (packed:
+        the encoded avail/used indices and wrap counters)."""
         return ch.request(R.GET_VRING_BASE, P.VringState(self.index, 0)).num
 
     def close(self) -> None:

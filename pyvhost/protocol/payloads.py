@@ -175,6 +175,14 @@ class LogBase(_Fixed):
     mmap_size: int
     mmap_offset: int
 
+    def validate(self) -> None:
+        # CVE-2020-10722: offset + size must not wrap (a smaller map than the bitmap)
+        if self.mmap_size == 0:
+            raise PayloadError("dirty log of size 0")
+        if self.mmap_offset + self.mmap_size > 1 << 64:
+            raise PayloadError(f"dirty log offset {self.mmap_offset:#x} + size "
+                               f"{self.mmap_size:#x} overflows 2^64")
+
 
 @dataclass(frozen=True)
 class IotlbMsg(_Fixed):

@@ -353,3 +353,175 @@ def _lengths(total: int, splits) -> list[int]:
     lengths = list(splits)
     assert sum(lengths) == total, (lengths, total)
     return lengths
+
+
+# ======================================================================================
+# packed virtqueues (VIRTIO 1.1 section 2.7), driver side
+# ======================================================================================
+
+PACKED_F_AVAIL = 1 << 7
+PACKED_F_USED = 1 << 15
+EVENT_ENABLE = 0
+EVENT_DISABLE = 1
+EVENT_DESC = 2
+PDESC = struct.Struct("<QIHH")      # addr, len, id, flags
+
+
+def packed_flags(wrap: int, flags: int = 0) -> int:
+    """``flags`` plus the AVAIL/USED bits that make a descriptor available under ``wrap``."""
+    return flags | (PACKED_F_AVAIL if wrap else 0) | (0 if wrap else PACKED_F_USED)
+
+
+class PackedDriverRing:
+    """The driver side of one packed virtqueue of ``size`` entries (any size 1..32768) in
+    ``image``: a descriptor ring and the two event-suppression areas.
+
+    Buffers are posted as chains of consecutive descriptors (or one indirect descriptor)
+    carrying one buffer id; ``used()`` reads the device's used descriptors back in order.
+    ``write_desc``/``read_desc`` give raw access for hostile tests."""
+
+    def __init__(self, image: GuestImage, size: int = 256):
+        self.image = image
+        self.size = size
+        self.desc_gpa = image.alloc(16 * size, 4096)
+        self.driver_event_gpa = image.alloc(4, 64)     # the device's "avail" pointer
+        self.device_event_gpa = image.alloc(4, 64)     # the device's "used" pointer
+        image.fill(self.desc_gpa, 16 * size)
+        image.fill(self.driver_event_gpa, 4)
+        image.fill(self.device_event_gpa, 4)
+        image.mark_fixed()
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.next_used = 0
+        self.used_wrap = 1
+        self.free_ids: deque[int] = deque(range(size))
+        self.slots_of: dict[int, int] = {}            # buffer id -> ring slots it took
+        self.in_flight = 0                            # ring slots not yet returned
+        self.buffers: dict[int, list[tuple[int, int]]] = {}
+
+    # -- addresses --------------------------------------------------------------------
+    @property
+    def desc_uva(self) -> int:
+        return self.image.uva(self.desc_gpa)
+
+    @property
+    def avail_uva(self) -> int:          # what SET_VRING_ADDR calls avail: driver area
+        return self.image.uva(self.driver_event_gpa)
+
+    @property
+    def used_uva(self) -> int:           # ... and used: the device area
+        return self.image.uva(self.device_event_gpa)
+
+    # -- raw access ---------------------------------------------------------------------
+    def write_desc(self, slot: int, addr: int, length: int, id: int = 0, flags: int = 0) -> None:
+        self.image.write(self.desc_gpa + 16 * (slot % self.size),
+                         PDESC.pack(addr & (1 << 64) - 1, length & 0xFFFFFFFF, id & 0xFFFF,
+                                    flags & 0xFFFF))
+
+    def read_desc(self, slot: int) -> tuple[int, int, int, int]:
+        return PDESC.unpack(self.image.read(self.desc_gpa + 16 * (slot % self.size), 16))
+
+    def set_driver_event(self, flags: int, off_wrap: int = 0) -> None:
+        self.image.write(self.driver_event_gpa, struct.pack("<HH", off_wrap, flags))
+
+    def device_event(self) -> tuple[int, int]:
+        """(flags, off_wrap) the device wrote."""
+        off_wrap, flags = struct.unpack("<HH", self.image.read(self.device_event_gpa, 4))
+        return flags, off_wrap
+
+    # -- posting ------------------------------------------------------------------------
+    def _post(self, segs: list[tuple[int, int]], write: bool, indirect: bool) -> int:
+        if not self.free_ids:
+            raise RuntimeError("packed driver ring: no free buffer id")
+        base_flags = F_WRITE if write else 0
+        if indirect:
+            table = self.image.alloc(16 * len(segs), 16)
+            for k, (addr, length) in enumerate(segs):
+                self.image.write(table + 16 * k, PDESC.pack(addr, length, 0, base_flags))
+            descs = [(table, 16 * len(segs), F_INDIRECT)]
+        else:
+            descs = [(addr, length, base_flags | (F_NEXT if k + 1 < len(segs) else 0))
+                     for k, (addr, length) in enumerate(segs)]
+        if self.in_flight + len(descs) > self.size:
+            raise RuntimeError("packed driver ring: full")
+        buf_id = self.free_ids.popleft()
+        first, first_wrap = self.next_avail, self.avail_wrap
+        for k, (addr, length, flags) in enumerate(descs):
+            if k:       # the head's flags are written last: it publishes the chain
+                self.write_desc(self.next_avail, addr, length, buf_id,
+                                packed_flags(self.avail_wrap, flags))
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail = 0
+                self.avail_wrap ^= 1
+        addr, length, flags = descs[0]
+        self.write_desc(first, addr, length, buf_id, packed_flags(first_wrap, flags))
+        self.slots_of[buf_id] = len(descs)
+        self.in_flight += len(descs)
+        self.buffers[buf_id] = segs
+        return buf_id
+
+    def post_tx(self, frame: bytes, *, hdr: bytes | None = None, splits=None,
+                indirect: bool = False) -> int:
+        data = (vnet_hdr() if hdr is None else hdr) + frame
+        segs, at = [], 0
+        for length in _lengths(len(data), splits):
+            gpa = self.image.alloc(length, 8)
+            self.image.write(gpa, data[at:at + length])
+            segs.append((gpa, length))
+            at += length
+        return self._post(segs, False, indirect)
+
+    def post_rx(self, sizes=(2048,), *, indirect: bool = False) -> int:
+        segs = []
+        for length in sizes:
+            gpa = self.image.alloc(length, 8)
+            self.image.fill(gpa, length, 0xEE)
+            segs.append((gpa, length))
+        return self._post(segs, True, indirect)
+
+    # -- completions --------------------------------------------------------------------
+    def used(self) -> list[tuple[int, int]]:
+        """Used buffers (id, len) since the last call, in the order the device wrote them."""
+        out = []
+        while self.in_flight:
+            _, length, buf_id, flags = self.read_desc(self.next_used)
+            avail = bool(flags & PACKED_F_AVAIL)
+            used = bool(flags & PACKED_F_USED)
+            if not (avail == used == bool(self.used_wrap)):
+                break
+            out.append((buf_id, length))
+            n = self.slots_of.pop(buf_id, 1)
+            self.free_ids.append(buf_id)
+            self.in_flight -= n
+            self.next_used += n
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap ^= 1
+        return out
+
+    def rx_bytes(self, buf_id: int, length: int) -> bytes:
+        out = bytearray()
+        for gpa, seg in self.buffers[buf_id]:
+            if len(out) >= length:
+                break
+            out += self.image.read(gpa, min(seg, length - len(out)))
+        return bytes(out)
+
+    # -- the device side over the same memory ---------------------------------------------
+    def make_queue(self, table, *, index: int = 0, event_idx: bool = False,
+                   indirect: bool = True, mrg_rxbuf: bool = False, hdr_len: int = 12,
+                   callfd: int = -1, enabled: bool = True) -> VirtQueue:
+        """A started packed device-side VirtQueue for this ring."""
+        table = getattr(table, "table", table)
+        vq = VirtQueue(index)
+        with vq:
+            vq.set_features(event_idx=event_idx, indirect=indirect, mrg_rxbuf=mrg_rxbuf,
+                            hdr_len=hdr_len, packed=True)
+            vq.set_memory(table)
+            vq.set_size(self.size)
+            vq.set_addresses(self.desc_uva, self.used_uva, self.avail_uva)
+            vq.callfd = callfd
+            vq.enabled = enabled
+            vq.start()
+        return vq

@@ -1,0 +1,213 @@
+# cython: language_level=3
+"""Checksum and TCP segmentation offloads in software, for frames whose sender left them to
+the device (VIRTIO_NET_F_CSUM, HOST_TSO4/6) going to a guest that did not agree to take
+them as they are (GUEST_CSUM, GUEST_TSO4/6). Frames the receiver can take pass through
+with their virtio-net header (the enqueue copies it). Compiled, without the GIL; it knows
+rings only through vq_enqueue.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
+from pyvhost._vring cimport (
+    OFL_CSUM, OFL_TSO4, OFL_TSO6, VNET_HDR_F_NEEDS_CSUM, VNET_HDR_GSO_ECN, VNET_HDR_GSO_NONE,
+    VNET_HDR_GSO_TCPV4, VNET_HDR_GSO_TCPV6, vq_enqueue, vq_t,
+)
+
+cdef enum:
+    MAX_SEGS = 64
+
+
+cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline void wr16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v >> 8
+    p[1] = v & 0xFF
+
+
+cdef inline uint16_t le16(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint16_t>p[1] << 8)
+
+
+cdef uint64_t csum_add(const uint8_t *p, uint32_t n, uint64_t sum) noexcept nogil:
+    cdef uint32_t i = 0
+    while i + 1 < n:
+        sum += (<uint32_t>p[i] << 8) | p[i + 1]
+        i += 2
+    if i < n:
+        sum += <uint32_t>p[i] << 8
+    return sum
+
+
+cdef inline uint16_t csum_fold(uint64_t sum) noexcept nogil:
+    while sum >> 16:
+        sum = (sum & 0xFFFF) + (sum >> 16)
+    return <uint16_t>sum
+
+
+cdef bint csum_complete(pkt_t *p) noexcept nogil:
+    """NEEDS_CSUM: the one's-complement sum from csum_start to the end (the field already
+    holds the pseudo-header sum) stored at csum_start + csum_offset."""
+    cdef uint32_t start = le16(p.vnet_hdr + 6), off = le16(p.vnet_hdr + 8)
+    cdef uint16_t c
+    if start + off + 2 > p.len:
+        return False
+    c = ~csum_fold(csum_add(p.data + start, p.len - start, 0)) & 0xFFFF
+    wr16(p.data + start + off, c)
+    p.vnet_hdr[0] &= ~VNET_HDR_F_NEEDS_CSUM
+    return True
+
+
+cdef uint32_t tso_segment(pkt_t *p, pktpool_t *pool, pkt_t **out) noexcept nogil:
+    """Cut a TCP super-frame into frames of at most gso_size payload bytes, each with its
+    IP and TCP headers fixed and its checksums computed. Returns how many (0: cannot)."""
+    cdef uint8_t gso = p.vnet_hdr[1] & ~VNET_HDR_GSO_ECN
+    cdef uint32_t mss = le16(p.vnet_hdr + 4), l2 = 14, l3, l4, hlen, payload, off, seg, n = 0
+    cdef uint32_t seq, tcp_len
+    cdef uint16_t ip_id = 0
+    cdef uint64_t sum
+    cdef uint8_t *d = p.data
+    cdef uint8_t *h
+    cdef uint8_t flags
+    cdef pkt_t *s
+    if p.len < 14 or mss == 0:
+        return 0
+    if rd16(d + 12) == 0x8100:
+        l2 = 18
+    if gso == VNET_HDR_GSO_TCPV4:
+        if p.len < l2 + 20 or d[l2] >> 4 != 4 or d[l2 + 9] != 6:
+            return 0
+        l3 = (d[l2] & 0x0F) * 4
+        ip_id = rd16(d + l2 + 4)
+    elif gso == VNET_HDR_GSO_TCPV6:
+        if p.len < l2 + 40 or d[l2] >> 4 != 6 or d[l2 + 6] != 6:
+            return 0
+        l3 = 40
+    else:
+        return 0
+    if l3 < 20 or p.len < l2 + l3 + 20:
+        return 0
+    l4 = (d[l2 + l3 + 12] >> 4) * 4
+    hlen = l2 + l3 + l4
+    if l4 < 20 or p.len < hlen:
+        return 0
+    payload = p.len - hlen
+    seq = (<uint32_t>rd16(d + l2 + l3 + 4) << 16) | rd16(d + l2 + l3 + 6)
+    flags = d[l2 + l3 + 13]
+    off = 0
+    while off < payload or (payload == 0 and n == 0):
+        if n == MAX_SEGS:
+            pool_put_many(pool, out, n)
+            return 0
+        seg = payload - off if payload - off < mss else mss
+        s = pool_get(pool)
+        if s == NULL:
+            pool_put_many(pool, out, n)
+            return 0
+        memcpy(s.data, d, hlen)
+        memcpy(s.data + hlen, d + hlen + off, seg)
+        s.len = hlen + seg
+        h = s.data + l2
+        tcp_len = l4 + seg
+        if gso == VNET_HDR_GSO_TCPV4:
+            wr16(h + 2, l3 + tcp_len)
+            wr16(h + 4, <uint16_t>(ip_id + n))
+            wr16(h + 10, 0)
+            wr16(h + 10, ~csum_fold(csum_add(h, l3, 0)) & 0xFFFF)
+            sum = csum_add(h + 12, 8, 0)                  # pseudo-header: addresses
+        else:
+            wr16(h + 4, tcp_len)
+            sum = csum_add(h + 8, 32, 0)
+        sum += 6 + tcp_len
+        h = s.data + l2 + l3                              # the TCP header
+        wr16(h + 4, <uint16_t>((seq + off) >> 16))
+        wr16(h + 6, <uint16_t>(seq + off))
+        if off + seg < payload:
+            h[13] = flags & ~0x09                          # FIN and PSH: last segment only
+        if off:
+            h[13] &= ~0x80                                 # CWR: first segment only
+        wr16(h + 16, 0)
+        wr16(h + 16, ~csum_fold(csum_add(h, tcp_len, sum)) & 0xFFFF)
+        out[n] = s
+        n += 1
+        off += seg
+        if payload == 0:
+            break
+    return n
+
+
+cdef inline bint takes_gso(vq_t *vq, uint8_t gso) noexcept nogil:
+    return (gso == VNET_HDR_GSO_TCPV4 and vq.ofl_rx & OFL_TSO4 != 0 or
+            gso == VNET_HDR_GSO_TCPV6 and vq.ofl_rx & OFL_TSO6 != 0)
+
+
+cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
+                           uint64_t *dropped) noexcept nogil:
+    """vq_enqueue with the offloads the receiver did not agree to done here first. Returns
+    how many of ``pkts`` were delivered; the caller keeps (and frees) ``pkts``; frames that
+    could not be segmented are counted in ``dropped``."""
+    cdef uint32_t i, start = 0, sent = 0, k, nseg, done
+    cdef pkt_t *segs[MAX_SEGS]
+    cdef pkt_t *p
+    cdef uint8_t gso
+    for i in range(n):
+        p = pkts[i]
+        gso = p.vnet_hdr[1]
+        if gso != VNET_HDR_GSO_NONE and not takes_gso(vq, gso):
+            if i > start:
+                done = vq_enqueue(vq, pkts + start, i - start)
+                sent += done
+                if done < i - start:
+                    return sent
+            start = i + 1
+            nseg = tso_segment(p, pool, segs)
+            if nseg == 0:
+                dropped[0] += 1
+                continue
+            k = vq_enqueue(vq, segs, nseg)
+            pool_put_many(pool, segs, nseg)
+            if k < nseg:
+                return sent
+            sent += 1
+        elif p.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and not vq.ofl_rx & OFL_CSUM:
+            if not csum_complete(p):
+                p.vnet_hdr[0] = 0
+    if start < n:
+        sent += vq_enqueue(vq, pkts + start, n - start)
+    return sent
+
+
+def segment(bytes frame, bytes vnet_hdr):
+    """Software TSO of one frame (tests and tools): the list of resulting frames."""
+    cdef pkt_t *out[MAX_SEGS]
+    cdef pkt_t *p
+    cdef uint32_t n, i
+    pool_obj = PacketPool(MAX_SEGS + 1, 65600)
+    cdef pktpool_t *pool = (<PacketPool>pool_obj).pool
+    p = pool_get(pool)
+    memcpy(p.data, <const char *>frame, len(frame))
+    p.len = len(frame)
+    memcpy(p.vnet_hdr, <const char *>vnet_hdr, 12)
+    n = tso_segment(p, pool, out)
+    result = [(<char *>out[i].data)[:out[i].len] for i in range(n)]
+    pool_put_many(pool, out, n)
+    pool_put(pool, p)
+    return result
+
+
+def complete_checksum(bytes frame, bytes vnet_hdr):
+    """Software checksum of one frame (tests and tools): the frame with it filled in."""
+    pool_obj = PacketPool(1, 65600)
+    cdef pktpool_t *pool = (<PacketPool>pool_obj).pool
+    cdef pkt_t *p = pool_get(pool)
+    memcpy(p.data, <const char *>frame, len(frame))
+    p.len = len(frame)
+    memcpy(p.vnet_hdr, <const char *>vnet_hdr, 12)
+    if not csum_complete(p):
+        raise ValueError("checksum position outside the frame")
+    out = (<char *>p.data)[:p.len]
+    pool_put(pool, p)
+    return out
