@@ -15,6 +15,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -788,3 +789,43 @@ def test_random_message_stream(sockdir, image, caplog):
     finally:
         os.close(memfd)
         server.close()
+
+
+def test_buffers_kicked_before_enable_are_not_lost(server, image):
+    """rust-vmm/vhost#247: the guest posts and kicks before SET_VRING_ENABLE. The echo poll
+    thread must pick that work up when the ring is enabled, with no new kick."""
+    from pyvhost._poll import Poller
+    dev = server.device
+    poller = Poller([(dev.rx_ring(0).vq, dev.tx_ring(0).vq)], "echo", PacketPool(256, 2048))
+    server.run(lambda: dev.listeners.append(poller.wake))
+    thread = threading.Thread(target=poller.run, daemon=True)
+    thread.start()
+    rx, tx = DriverRing(image, 64), DriverRing(image, 64)
+    kicks = [eventfd(), eventfd()]
+    try:
+        with frontend(server) as fe:
+            negotiate(fe)
+            mem_table(fe, image)
+            setup_ring(fe, rx, 0, kick=kicks[0], enable=False)
+            setup_ring(fe, tx, 1, kick=kicks[1], enable=False)
+            rx.post_rx([2048])                       # RX buffer, kicked, ring not enabled
+            os.eventfd_write(kicks[0], 1)
+            server.sync()
+            assert fe.ack(R.SET_VRING_ENABLE, P.VringState(0, 1)) == 0
+            assert fe.ack(R.SET_VRING_ENABLE, P.VringState(1, 1)) == 0
+            frame = bytes(range(6)) + bytes(range(6, 12)) + b"\x88\xb5" + b"x" * 50
+            tx.post_tx(frame)                        # the guest kicks once for its frame
+            os.eventfd_write(kicks[1], 1)
+            deadline = time.monotonic() + 5
+            used = []
+            while not used and time.monotonic() < deadline:
+                used = rx.used()
+                time.sleep(0.01)
+            assert len(used) == 1
+            echoed = rx.rx_bytes(*used[0])[12:]
+            assert echoed == frame[6:12] + frame[:6] + frame[12:]   # MACs swapped
+    finally:
+        poller.stop()
+        thread.join(5)
+        for fd in kicks:
+            os.close(fd)
