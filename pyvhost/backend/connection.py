@@ -21,6 +21,7 @@ from pyvhost.protocol.messages import RequestError, check_request
 from .device import DeviceError, Refused, VhostUserDevice
 
 log = logging.getLogger("pyvhost.backend")
+MAX_PENDING = 64 * 1024   # bytes of unread replies before a front-end is dropped
 
 
 class Connection:
@@ -31,6 +32,8 @@ class Connection:
         self.device = device
         self.label = label
         self.reader = wire.MessageReader(sock)
+        self._out = bytearray()             # replies the socket has not taken yet
+        self._writing = False
         self.closed = asyncio.get_running_loop().create_future()
         self.loop = asyncio.get_running_loop()
         sock.setblocking(False)
@@ -83,23 +86,44 @@ class Connection:
 
     def _ack(self, msg: wire.Message, value: int) -> None:
         if msg.need_reply and self.device.has_protocol(PF.REPLY_ACK):
-            try:
-                self._send(msg.request, P.U64(value))
-            except OSError:
-                pass
+            self._send(msg.request, P.U64(value))
 
     def _send(self, request: int, payload) -> None:
-        self.sock.setblocking(True)
-        self.sock.settimeout(5.0)   # a peer that stops reading must not hang us forever
+        """Queue a reply and write what the socket takes now; never block the loop. A peer
+        that lets MAX_PENDING bytes of replies pile up unread is disconnected."""
+        body = payload.pack()
+        if len(self._out) + len(body) > MAX_PENDING:
+            raise wire.WireError(f"front-end leaves {len(self._out)} bytes of replies unread")
+        self._out += wire.encode_header(request, C.VERSION | C.FLAG_REPLY, len(body)) + body
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            del self._out[:n]
+        if self._out and not self._writing:
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+            self._writing = True
+        elif not self._out and self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+
+    def _writable(self) -> None:
         try:
-            wire.send_message(self.sock, request, C.VERSION | C.FLAG_REPLY, payload.pack())
-        finally:
-            self.sock.setblocking(False)
+            self._flush()
+        except OSError as e:
+            log.error("%s: socket error, closing connection: %s", self.label, e)
+            self.close()
 
     def close(self) -> None:
         if self.closed.done():
             return
         self.loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self.loop.remove_writer(self.sock.fileno())
         self.reader.close()
         self.sock.close()
         self.device.reset()
