@@ -9,53 +9,24 @@ sleeps in epoll on the kick eventfds. Control code calls ``wake()`` after changi
 This module knows nothing of sockets or of the vhost-user state machine.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from posix.unistd cimport close
 
+from pyvhost._idle cimport (
+    IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
+)
 from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pool_get, pool_put_many
 from pyvhost._vring cimport (
-    MAX_BURST, VirtQueue, vh_eventfd_drain, vh_eventfd_signal, vh_load_acquire_int, vh_lock,
-    vh_store_release_int, vh_trylock, vh_unlock, vq_dequeue, vq_enqueue, vq_pending,
-    vq_set_notify, vq_t,
+    MAX_BURST, VirtQueue, vh_eventfd_signal, vh_load_acquire_int, vh_store_release_int,
+    vh_trylock, vh_unlock, vq_dequeue, vq_enqueue, vq_pending, vq_t,
 )
 
-cdef extern from "sys/epoll.h" nogil:
-    cdef union epoll_data_t:
-        int fd
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum:
-        EPOLLIN
-        EPOLL_CTL_ADD
-        EPOLL_CLOEXEC
-
-cdef extern from "sys/eventfd.h" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_NONBLOCK
-        EFD_CLOEXEC
-
 cdef enum:
-    IDLE_NS = 1000000          # no traffic for 1 ms: sleep
-    SLEEP_MS = 200             # bound on one sleep, so a missed wake costs little
     CLOCK_EVERY = 64           # empty polls between clock reads
 
 MODES = {"echo": 0, "sink": 1, "source": 2}
-
-
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef inline void swap_macs(pkt_t *p) noexcept nogil:
@@ -71,17 +42,15 @@ cdef class Poller:
 
     cdef vq_t **rx
     cdef vq_t **tx
+    cdef vq_t **inputs          # the rings whose kick means work
     cdef int npairs
     cdef int mode
     cdef list keep
     cdef PacketPool pool
     cdef pkt_t *templates[MAX_BURST]
-    cdef int wakefd
-    cdef int epfd
+    cdef idle_t idle
     cdef int stopping
-    cdef int generation
-    cdef int epoll_generation
-    cdef readonly uint64_t rx_packets, tx_packets, tx_dropped, sleeps, wakeups
+    cdef readonly uint64_t rx_packets, tx_packets, tx_dropped
 
     def __cinit__(self, pairs, str mode, PacketPool pool, bytes template=None):
         cdef int i
@@ -92,14 +61,15 @@ cdef class Poller:
         self.npairs = len(pairs)
         self.rx = <vq_t **>calloc(max(1, self.npairs), sizeof(vq_t *))
         self.tx = <vq_t **>calloc(max(1, self.npairs), sizeof(vq_t *))
+        self.inputs = <vq_t **>calloc(max(1, self.npairs), sizeof(vq_t *))
         self.keep = list(pairs)
         for i, (r, t) in enumerate(pairs):
             self.rx[i] = &r.vq
             self.tx[i] = &t.vq
+            # guest TX carries work; for SOURCE, new guest RX buffers do
+            self.inputs[i] = &r.vq if self.mode == 2 else &t.vq
         self.pool = pool
-        self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        self.epfd = -1
-        self.epoll_generation = -1
+        idle_init(&self.idle)
         if self.mode == 2:
             if not template or len(template) > pool.buf_size:
                 raise ValueError("source mode needs a template frame that fits a buffer")
@@ -111,27 +81,20 @@ cdef class Poller:
     def __dealloc__(self):
         free(self.rx)
         free(self.tx)
-        if self.wakefd >= 0:
-            close(self.wakefd)
-        if self.epfd >= 0:
-            close(self.epfd)
+        free(self.inputs)
+        idle_free(&self.idle)
 
     def wake(self):
         """Rings changed (fds, state): re-read them and re-arm the sleep set."""
-        self.generation += 1
-        vh_eventfd_signal(self.wakefd)
+        idle_wake(&self.idle)
 
     def stop(self):
         vh_store_release_int(&self.stopping, 1)
-        vh_eventfd_signal(self.wakefd)
+        vh_eventfd_signal(self.idle.wakefd)
 
     def stats(self):
         return {"rx_packets": self.rx_packets, "tx_packets": self.tx_packets,
-                "tx_dropped": self.tx_dropped, "sleeps": self.sleeps, "wakeups": self.wakeups}
-
-    cdef inline vq_t *input_vq(self, int i) noexcept nogil:
-        """The ring whose kick means work: guest TX, or guest RX buffers for SOURCE."""
-        return self.rx[i] if self.mode == 2 else self.tx[i]
+                "tx_dropped": self.tx_dropped, "sleeps": self.idle.sleeps}
 
     cdef uint32_t poll_pair(self, int i, pkt_t **pkts) noexcept nogil:
         cdef vq_t *rx = self.rx[i]
@@ -161,65 +124,6 @@ cdef class Poller:
         pool_put_many(self.pool.pool, pkts, n)
         return n
 
-    cdef void set_notify_all(self, bint on) noexcept nogil:
-        cdef vq_t *q
-        cdef int i
-        for i in range(self.npairs):
-            q = self.input_vq(i)
-            vh_lock(&q.lock)
-            if on:
-                vh_eventfd_drain(q.kickfd)
-            vq_set_notify(q, on)
-            vh_unlock(&q.lock)
-
-    cdef bint any_pending(self) noexcept nogil:
-        cdef vq_t *q
-        cdef bint r = False
-        cdef int i
-        for i in range(self.npairs):
-            q = self.input_vq(i)
-            vh_lock(&q.lock)
-            r = vq_pending(q)
-            vh_unlock(&q.lock)
-            if r:
-                return True
-        return False
-
-    cdef void rearm(self) noexcept nogil:
-        """A fresh epoll set: the wake fd and every input ring's current kick fd."""
-        cdef epoll_event ev
-        cdef vq_t *q
-        cdef int gen = self.generation
-        cdef int i
-        if self.epfd >= 0:
-            close(self.epfd)
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        ev.events = EPOLLIN
-        ev.data.fd = self.wakefd
-        epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wakefd, &ev)
-        for i in range(self.npairs):
-            q = self.input_vq(i)
-            vh_lock(&q.lock)
-            if q.kickfd >= 0:
-                ev.data.fd = q.kickfd
-                epoll_ctl(self.epfd, EPOLL_CTL_ADD, q.kickfd, &ev)
-            vh_unlock(&q.lock)
-        self.epoll_generation = gen
-
-    cdef void sleep(self) noexcept nogil:
-        cdef epoll_event events[16]
-        self.set_notify_all(True)
-        if self.any_pending():
-            self.set_notify_all(False)
-            return
-        if self.epoll_generation != self.generation:
-            self.rearm()
-        self.sleeps += 1
-        epoll_wait(self.epfd, events, 16, SLEEP_MS)
-        vh_eventfd_drain(self.wakefd)
-        self.wakeups += 1
-        self.set_notify_all(False)
-
     def run(self):
         """The loop; returns after ``stop()``. Call it from a thread of its own."""
         cdef pkt_t *pkts[MAX_BURST]
@@ -228,7 +132,7 @@ cdef class Poller:
         cdef int i
         with nogil:
             last_busy = now_ns()
-            self.set_notify_all(False)
+            notify_all(self.inputs, self.npairs, False)
             while not vh_load_acquire_int(&self.stopping):
                 got = 0
                 for i in range(self.npairs):
@@ -242,5 +146,5 @@ cdef class Poller:
                 if empty == CLOCK_EVERY:
                     last_busy = now_ns()
                 elif now_ns() - last_busy > IDLE_NS:
-                    self.sleep()
+                    idle_sleep(&self.idle, self.inputs, self.npairs, &self.stopping, NULL)
                     empty = 0

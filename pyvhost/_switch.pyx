@@ -18,42 +18,20 @@ import time
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from posix.unistd cimport close
-
 from pyvhost._flow cimport (
     MAX_ACTION_OPS, OP_FLOOD, OP_OUTPUT, OP_SET_VLAN, OP_STRIP_VLAN, actions_t, emc_insert,
     emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t, mf_insert, mf_lookup, mf_t,
     vlan_set, vlan_strip,
 )
+from pyvhost._idle cimport (
+    IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
+)
 from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._vring cimport (
-    MAX_BURST, VirtQueue, vh_eventfd_drain, vh_eventfd_signal, vh_load_acquire_int, vh_lock,
-    vh_store_release_int, vh_trylock, vh_unlock, vq_dequeue, vq_enqueue, vq_pending,
-    vq_set_notify, vq_t,
+    MAX_BURST, VirtQueue, vh_eventfd_signal, vh_load_acquire_int, vh_lock,
+    vh_store_release_int, vh_trylock, vh_unlock, vq_dequeue, vq_t,
 )
-
-cdef extern from "sys/epoll.h" nogil:
-    cdef union epoll_data_t:
-        int fd
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum:
-        EPOLLIN
-        EPOLL_CTL_ADD
-        EPOLL_CLOEXEC
-
-cdef extern from "sys/eventfd.h" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_NONBLOCK
-        EFD_CLOEXEC
 
 cdef extern from "vhost_atomic.h" nogil:
     """
@@ -76,8 +54,6 @@ cdef enum:
     MAX_PORT_QUEUES = 32
     MAX_RULES = 4096
     MAX_POLL = 512
-    IDLE_NS = 1000000
-    SLEEP_MS = 200
     CLOCK_EVERY = 64
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
 
@@ -125,14 +101,8 @@ cdef struct pmd_stats_t:
     uint64_t emc_misses
     uint64_t upcalls
     uint64_t upcall_drops
-    uint64_t sleeps
     uint64_t megaflow_hits
 
-
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef uint32_t bucket_filter(bucket_t *b, pkt_t **pkts, uint32_t n, pktpool_t *pool,
@@ -309,13 +279,10 @@ cdef class Pmd:
     cdef int reload
     cdef int lock
     cdef uint64_t seq_
-    cdef int sleeping
     cdef int running_
     cdef int stopping
-    cdef int wakefd
-    cdef int epfd
-    cdef int generation
-    cdef int epoll_generation
+    cdef idle_t idle
+    cdef vq_t *inputs[MAX_POLL]     # the polled rings, for the idle path
     cdef pmd_stats_t st
     cdef uint64_t *rule_packets
     cdef uint64_t *rule_bytes
@@ -336,19 +303,14 @@ cdef class Pmd:
         self.rule_bytes = <uint64_t *>calloc(MAX_RULES, sizeof(uint64_t))
         if self.emc == NULL or self.mf == NULL or self.rule_packets == NULL or self.rule_bytes == NULL:
             raise MemoryError()
-        self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        self.epfd = -1
-        self.epoll_generation = -1
+        idle_init(&self.idle)
 
     def __dealloc__(self):
         free(self.emc)
         free(self.mf)
         free(self.rule_packets)
         free(self.rule_bytes)
-        if self.wakefd >= 0:
-            close(self.wakefd)
-        if self.epfd >= 0:
-            close(self.epfd)
+        idle_free(&self.idle)
 
     # -- control side -------------------------------------------------------------------
     @property
@@ -360,7 +322,7 @@ cdef class Pmd:
         return bool(vh_load_acquire_int(&self.running_))
 
     def quiescent_since(self, uint64_t seq):
-        return vh_load_u64(&self.seq_) != seq or vh_load_acquire_int(&self.sleeping)
+        return vh_load_u64(&self.seq_) != seq or vh_load_acquire_int(&self.idle.sleeping)
 
     def set_rxqs(self, rxqs):
         """The (port id, queue) pairs this PMD polls from now on."""
@@ -388,21 +350,23 @@ cdef class Pmd:
         return out
 
     def wake(self):
-        self.generation += 1
-        vh_eventfd_signal(self.wakefd)
+        idle_wake(&self.idle)
 
     def stop(self):
         vh_store_release_int(&self.stopping, 1)
-        vh_eventfd_signal(self.wakefd)
+        vh_eventfd_signal(self.idle.wakefd)
 
     def stats(self):
         cdef uint64_t *s = <uint64_t *>&self.st
         names = ("busy_ns", "idle_ns", "packets", "bursts", "emc_hits", "emc_misses",
-                 "upcalls", "upcall_drops", "sleeps", "megaflow_hits")
-        return {name: s[i] for i, name in enumerate(names)}
+                 "upcalls", "upcall_drops", "megaflow_hits")
+        out = {name: s[i] for i, name in enumerate(names)}
+        out["sleeps"] = self.idle.sleeps
+        return out
 
     def clear_stats(self):
         memset(&self.st, 0, sizeof(pmd_stats_t))
+        self.idle.sleeps = 0
 
     def rule_counters(self, int slot):
         if not 0 <= slot < MAX_RULES:
@@ -601,60 +565,16 @@ cdef class Pmd:
         inp.rxq_packets[r.queue] += n
         return n
 
-    cdef vq_t *input_vq(self, int i) noexcept nogil:
-        cdef port_t *p = self.sw.ports[self.poll[i].port]
-        if p == NULL or self.poll[i].queue >= p.nqueues:
-            return NULL
-        return p.guest_tx[self.poll[i].queue]
-
-    cdef void set_notify_all(self, bint on) noexcept nogil:
-        cdef vq_t *q
+    cdef int collect_inputs(self) noexcept nogil:
+        """The polled rings as they are now (ports come and go), for the idle path."""
         cdef int i
+        cdef port_t *p
         for i in range(self.npoll):
-            q = self.input_vq(i)
-            if q == NULL:
-                continue
-            vh_lock(&q.lock)
-            if on:
-                vh_eventfd_drain(q.kickfd)
-            vq_set_notify(q, on)
-            vh_unlock(&q.lock)
-
-    cdef bint any_pending(self) noexcept nogil:
-        cdef vq_t *q
-        cdef bint r
-        cdef int i
-        for i in range(self.npoll):
-            q = self.input_vq(i)
-            if q == NULL:
-                continue
-            vh_lock(&q.lock)
-            r = vq_pending(q)
-            vh_unlock(&q.lock)
-            if r:
-                return True
-        return False
-
-    cdef void rearm(self) noexcept nogil:
-        cdef epoll_event ev
-        cdef vq_t *q
-        cdef int i, gen = self.generation
-        if self.epfd >= 0:
-            close(self.epfd)
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        ev.events = EPOLLIN
-        ev.data.fd = self.wakefd
-        epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wakefd, &ev)
-        for i in range(self.npoll):
-            q = self.input_vq(i)
-            if q == NULL:
-                continue
-            vh_lock(&q.lock)
-            if q.kickfd >= 0:
-                ev.data.fd = q.kickfd
-                epoll_ctl(self.epfd, EPOLL_CTL_ADD, q.kickfd, &ev)
-            vh_unlock(&q.lock)
-        self.epoll_generation = gen
+            p = self.sw.ports[self.poll[i].port]
+            self.inputs[i] = NULL
+            if p != NULL and self.poll[i].queue < p.nqueues:
+                self.inputs[i] = p.guest_tx[self.poll[i].queue]
+        return self.npoll
 
     cdef void do_reload(self) noexcept nogil:
         vh_lock(&self.lock)
@@ -662,24 +582,7 @@ cdef class Pmd:
         self.npoll = self.next_npoll
         vh_store_release_int(&self.reload, 0)
         vh_unlock(&self.lock)
-        self.epoll_generation = -1
-
-    cdef void sleep(self) noexcept nogil:
-        cdef epoll_event events[16]
-        cdef uint64_t t0
-        self.set_notify_all(True)
-        if self.any_pending():
-            self.set_notify_all(False)
-            return
-        if self.epoll_generation != self.generation:
-            self.rearm()
-        self.st.sleeps += 1
-        vh_store_release_int(&self.sleeping, 1)
-        if not vh_load_acquire_int(&self.stopping) and not vh_load_acquire_int(&self.reload):
-            epoll_wait(self.epfd, events, 16, SLEEP_MS)
-        vh_store_release_int(&self.sleeping, 0)
-        vh_eventfd_drain(self.wakefd)
-        self.set_notify_all(False)
+        self.idle.epoll_generation = -1
 
     def run(self):
         """The poll loop; returns after ``stop()``."""
@@ -694,7 +597,7 @@ cdef class Pmd:
                 vh_store_u64(&self.seq_, self.seq_ + 1)
                 if vh_load_acquire_int(&self.reload):
                     self.do_reload()
-                    self.set_notify_all(False)
+                    notify_all(self.inputs, self.collect_inputs(), False)
                 got = 0
                 for i in range(self.npoll):
                     got += self.process_rxq(&self.poll[i])
@@ -709,7 +612,8 @@ cdef class Pmd:
                 t_prev = t
                 empty += 1
                 if t - last_busy > IDLE_NS:
-                    self.sleep()
+                    idle_sleep(&self.idle, self.inputs, self.collect_inputs(), &self.stopping,
+                               &self.reload)
                     t_prev = now_ns()
                     last_busy = t_prev
                     empty = 0

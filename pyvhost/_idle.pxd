@@ -1,0 +1,143 @@
+# The idle path of a poll loop, shared by the reflector's Poller and the switch's PMDs:
+# after IDLE_NS without work, turn guest notifications on, re-check the rings, and sleep in
+# epoll on their kick eventfds (and a wake eventfd for control) for at most SLEEP_MS.
+# Header-only (inline): it knows rings only through the vq_t functions of _vring.
+from libc.stdint cimport uint32_t, uint64_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close
+
+from pyvhost._vring cimport (
+    vh_eventfd_drain, vh_eventfd_signal, vh_load_acquire_int, vh_lock, vh_store_release_int,
+    vh_unlock, vq_pending, vq_set_notify, vq_t,
+)
+
+cdef extern from "sys/epoll.h" nogil:
+    cdef union epoll_data_t:
+        int fd
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLL_CTL_ADD
+        EPOLL_CLOEXEC
+
+cdef extern from "sys/eventfd.h" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+cdef enum:
+    IDLE_NS = 1000000          # no traffic for 1 ms: sleep
+    SLEEP_MS = 200             # bound on one sleep, so a missed wake costs little
+
+cdef struct idle_t:
+    int wakefd                 # control writes it after changing rings (idle_wake)
+    int epfd
+    int generation             # bumped by idle_wake: the epoll set must be rebuilt
+    int epoll_generation
+    int sleeping               # 1 while in epoll_wait (a quiescent point)
+    uint64_t sleeps
+
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline int idle_init(idle_t *s) noexcept nogil:
+    s.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    s.epfd = -1
+    s.generation = 0
+    s.epoll_generation = -1
+    s.sleeping = 0
+    s.sleeps = 0
+    return s.wakefd
+
+
+cdef inline void idle_free(idle_t *s) noexcept nogil:
+    if s.wakefd >= 0:
+        close(s.wakefd)
+        s.wakefd = -1
+    if s.epfd >= 0:
+        close(s.epfd)
+        s.epfd = -1
+
+
+cdef inline void idle_wake(idle_t *s) noexcept nogil:
+    """Rings changed (fds, state): re-read them and re-arm the sleep set."""
+    s.generation += 1
+    vh_eventfd_signal(s.wakefd)
+
+
+cdef inline void notify_all(vq_t **vqs, int n, bint on) noexcept nogil:
+    """Guest kicks on (draining stale ones first) or off, for every ring in ``vqs``."""
+    cdef int i
+    for i in range(n):
+        if vqs[i] == NULL:
+            continue
+        vh_lock(&vqs[i].lock)
+        if on:
+            vh_eventfd_drain(vqs[i].kickfd)
+        vq_set_notify(vqs[i], on)
+        vh_unlock(&vqs[i].lock)
+
+
+cdef inline bint any_pending(vq_t **vqs, int n) noexcept nogil:
+    cdef int i
+    cdef bint r
+    for i in range(n):
+        if vqs[i] == NULL:
+            continue
+        vh_lock(&vqs[i].lock)
+        r = vq_pending(vqs[i])
+        vh_unlock(&vqs[i].lock)
+        if r:
+            return True
+    return False
+
+
+cdef inline void rearm(idle_t *s, vq_t **vqs, int n) noexcept nogil:
+    """A fresh epoll set: the wake fd and every ring's current kick fd."""
+    cdef epoll_event ev
+    cdef int i, gen = s.generation
+    if s.epfd >= 0:
+        close(s.epfd)
+    s.epfd = epoll_create1(EPOLL_CLOEXEC)
+    ev.events = EPOLLIN
+    ev.data.fd = s.wakefd
+    epoll_ctl(s.epfd, EPOLL_CTL_ADD, s.wakefd, &ev)
+    for i in range(n):
+        if vqs[i] == NULL:
+            continue
+        vh_lock(&vqs[i].lock)
+        if vqs[i].kickfd >= 0:
+            ev.data.fd = vqs[i].kickfd
+            epoll_ctl(s.epfd, EPOLL_CTL_ADD, vqs[i].kickfd, &ev)
+        vh_unlock(&vqs[i].lock)
+    s.epoll_generation = gen
+
+
+cdef inline void idle_sleep(idle_t *s, vq_t **vqs, int n, int *stop, int *reload) noexcept nogil:
+    """Notifications on, re-check, sleep until a kick, a wake or SLEEP_MS, notifications off.
+    Returns at once when work is pending or ``*stop``/``*reload`` is set."""
+    cdef epoll_event events[16]
+    notify_all(vqs, n, True)
+    if any_pending(vqs, n):
+        notify_all(vqs, n, False)
+        return
+    if s.epoll_generation != s.generation:
+        rearm(s, vqs, n)
+    s.sleeps += 1
+    vh_store_release_int(&s.sleeping, 1)
+    if not vh_load_acquire_int(stop) and (reload == NULL or not vh_load_acquire_int(reload)):
+        epoll_wait(s.epfd, events, 16, SLEEP_MS)
+    vh_store_release_int(&s.sleeping, 0)
+    vh_eventfd_drain(s.wakefd)
+    notify_all(vqs, n, False)
