@@ -7,18 +7,9 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-ETH_P_ARP = 0x0806
-ETH_P_IP = 0x0800
+from pyvhost.packets import ETH_P_ARP, ETH_P_IP, inet_checksum
+
 DEFAULT_MAC = bytes.fromhex("020000fe0001")
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 class Responder:

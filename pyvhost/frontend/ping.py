@@ -10,24 +10,15 @@ import statistics
 import struct
 import time
 
+from pyvhost.packets import ETH_P_ARP, ETH_P_IP, inet_checksum
+
 from .port import VirtioUser
 
-ETH_P_ARP = 0x0806
-ETH_P_IP = 0x0800
 BROADCAST = b"\xff" * 6
 
 
 class Unreachable(RuntimeError):
     """The target did not answer ARP."""
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def arp_request(mac: bytes, ip: bytes, target: bytes) -> bytes:
@@ -50,9 +41,9 @@ def echo_request(mac: bytes, dst_mac: bytes, ip: bytes, target: bytes, ident: in
                  seq: int) -> bytes:
     payload = struct.pack("!d", time.monotonic()) + bytes(48)
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
-    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    icmp = icmp[:2] + struct.pack("!H", inet_checksum(icmp)) + icmp[4:]
     iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0, ip, target)
-    iph = iph[:10] + struct.pack("!H", checksum(iph)) + iph[12:]
+    iph = iph[:10] + struct.pack("!H", inet_checksum(iph)) + iph[12:]
     return dst_mac + mac + struct.pack("!H", ETH_P_IP) + iph + icmp
 
 
@@ -64,7 +55,7 @@ def parse_echo_reply(frame: bytes, ip: bytes, target: bytes, ident: int) -> int 
     if frame[23] != 1 or frame[26:30] != target or frame[30:34] != ip:
         return None
     icmp = frame[14 + ihl:]
-    if len(icmp) < 8 or icmp[0] != 0 or checksum(icmp) != 0:
+    if len(icmp) < 8 or icmp[0] != 0 or inet_checksum(icmp) != 0:
         return None
     rid, seq = struct.unpack_from("!HH", icmp, 4)
     return seq if rid == ident else None
