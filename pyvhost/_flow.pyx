@@ -8,7 +8,7 @@ exact-match cache, and the VLAN rewrites actions need. Also the Python view of a
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove, memset
 
-from pyvhost._pktpool cimport pkt_t
+from pyvhost._pktpool cimport PacketPool, pkt_t, pool_get, pool_put
 
 
 cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
@@ -148,6 +148,22 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
     sub.used += 1
 
 
+cdef inline void shift_offload_offsets(pkt_t *p, int delta) noexcept nogil:
+    """A tag pushed (+4) or popped (-4) moves the L3/L4 headers: so must the virtio-net
+    header's csum_start (partial checksum) and hdr_len (segmentation)."""
+    cdef uint16_t v
+    if p.vnet_hdr[0] & 1:                                   # NEEDS_CSUM
+        v = p.vnet_hdr[6] | (<uint16_t>p.vnet_hdr[7] << 8)
+        v = <uint16_t>(v + delta)
+        p.vnet_hdr[6] = v & 0xFF
+        p.vnet_hdr[7] = v >> 8
+    if p.vnet_hdr[1]:                                       # a GSO type
+        v = p.vnet_hdr[2] | (<uint16_t>p.vnet_hdr[3] << 8)
+        v = <uint16_t>(v + delta)
+        p.vnet_hdr[2] = v & 0xFF
+        p.vnet_hdr[3] = v >> 8
+
+
 cdef int vlan_set(pkt_t *p, uint16_t vid) noexcept nogil:
     """Set the VLAN id, pushing an 802.1Q tag if the frame has none. -1: no room."""
     cdef uint16_t tci
@@ -163,6 +179,7 @@ cdef int vlan_set(pkt_t *p, uint16_t vid) noexcept nogil:
         p.data[12] = ETH_P_8021Q >> 8
         p.data[13] = ETH_P_8021Q & 0xFF
         tci = vid & 0x0FFF
+        shift_offload_offsets(p, 4)
     p.data[14] = tci >> 8
     p.data[15] = tci & 0xFF
     return 0
@@ -174,6 +191,7 @@ cdef void vlan_strip(pkt_t *p) noexcept nogil:
         p.data += 4
         p.len -= 4
         p.cap -= 4
+        shift_offload_offsets(p, -4)
 
 
 def key_dict(bytes raw):
@@ -238,3 +256,22 @@ def field_mask(fields):
 
 KEY_SIZE = sizeof(flow_key_t)
 EMC_SIZE = EMC_ENTRIES
+
+
+def vlan_edit(bytes frame, bytes vnet_hdr, int vid=-1):
+    """Push/set VLAN ``vid`` (or strip the tag when ``vid`` is -1) on a frame with its
+    virtio-net header, as an action does (tests and tools): the new (frame, header)."""
+    pool_obj = PacketPool(1, max(len(frame) + 64, 64))
+    cdef PacketPool pool = pool_obj
+    cdef pkt_t *p = pool_get(pool.pool)
+    memcpy(p.data, <const char *>frame, len(frame))
+    p.len = len(frame)
+    memcpy(p.vnet_hdr, <const char *>vnet_hdr, 12)
+    if vid < 0:
+        vlan_strip(p)
+    elif vlan_set(p, vid) < 0:
+        pool_put(pool.pool, p)
+        raise ValueError("no headroom for a tag")
+    out = ((<char *>p.data)[:p.len], (<char *>p.vnet_hdr)[:12])
+    pool_put(pool.pool, p)
+    return out

@@ -7,8 +7,8 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
 
 from pyvhost._vring cimport (
-    vh_eventfd_drain, vh_eventfd_signal, vh_load_acquire_int, vh_lock, vh_store_release_int,
-    vh_unlock, vq_pending, vq_set_notify, vq_t,
+    vh_eventfd_drain, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
+    vh_store_release_int, vh_unlock, vq_pending, vq_set_notify, vq_t,
 )
 
 cdef extern from "sys/epoll.h" nogil:
@@ -125,12 +125,15 @@ cdef inline void rearm(idle_t *s, vq_t **vqs, int n) noexcept nogil:
 
 
 cdef inline void idle_sleep(idle_t *s, vq_t **vqs, int n, int *stop, int *reload) noexcept nogil:
-    """Notifications on, re-check, sleep until a kick, a wake or SLEEP_MS, notifications off.
-    Returns at once when work is pending or ``*stop``/``*reload`` is set."""
+    """Notifications on, re-check, sleep until a kick, a wake or SLEEP_MS. Returns at once
+    when work is pending or ``*stop``/``*reload`` is set.
+
+    While ``sleeping`` is 1 the caller is at a quiescent point: control may free any ring of
+    ``vqs`` then. So after waking this touches none of them: the caller turns notifications
+    off again on rings it looks up afresh."""
     cdef epoll_event events[16]
     notify_all(vqs, n, True)
     if any_pending(vqs, n):
-        notify_all(vqs, n, False)
         return
     if s.epoll_generation != s.generation:
         rearm(s, vqs, n)
@@ -139,5 +142,5 @@ cdef inline void idle_sleep(idle_t *s, vq_t **vqs, int n, int *stop, int *reload
     if not vh_load_acquire_int(stop) and (reload == NULL or not vh_load_acquire_int(reload)):
         epoll_wait(s.epfd, events, 16, SLEEP_MS)
     vh_store_release_int(&s.sleeping, 0)
+    vh_fence_seq_cst()          # no ring may be read before control can see we are awake
     vh_eventfd_drain(s.wakefd)
-    notify_all(vqs, n, False)

@@ -5,4 +5,4 @@ from pyvhost._pktpool cimport pkt_t, pktpool_t
 from pyvhost._vring cimport vq_t
 
 cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
-                           uint64_t *dropped) noexcept nogil
+                           uint32_t *failed, uint64_t *delivered_bytes) noexcept nogil

@@ -61,72 +61,89 @@ cdef bint csum_complete(pkt_t *p) noexcept nogil:
     return True
 
 
-cdef uint32_t tso_segment(pkt_t *p, pktpool_t *pool, pkt_t **out) noexcept nogil:
-    """Cut a TCP super-frame into frames of at most gso_size payload bytes, each with its
-    IP and TCP headers fixed and its checksums computed. Returns how many (0: cannot)."""
+cdef struct tso_t:           # a TCP super-frame, parsed once
+    uint32_t l2
+    uint32_t l3
+    uint32_t hlen           # all headers
+    uint32_t mss
+    uint32_t payload
+    uint32_t seq
+    uint16_t ip_id
+    uint8_t flags           # TCP flags of the super-frame
+    uint8_t v6
+
+
+cdef bint tso_parse(pkt_t *p, tso_t *t) noexcept nogil:
     cdef uint8_t gso = p.vnet_hdr[1] & ~VNET_HDR_GSO_ECN
-    cdef uint32_t mss = le16(p.vnet_hdr + 4), l2 = 14, l3, l4, hlen, payload, off, seg, n = 0
-    cdef uint32_t seq, tcp_len
-    cdef uint16_t ip_id = 0
-    cdef uint64_t sum
     cdef uint8_t *d = p.data
-    cdef uint8_t *h
-    cdef uint8_t flags
-    cdef pkt_t *s
-    if p.len < 14 or mss == 0:
-        return 0
+    cdef uint32_t l4
+    t.mss = le16(p.vnet_hdr + 4)
+    t.l2 = 14
+    if p.len < 18 or t.mss == 0:
+        return False
     if rd16(d + 12) == 0x8100:
-        l2 = 18
+        t.l2 = 18
+    t.v6 = gso == VNET_HDR_GSO_TCPV6
     if gso == VNET_HDR_GSO_TCPV4:
-        if p.len < l2 + 20 or d[l2] >> 4 != 4 or d[l2 + 9] != 6:
-            return 0
-        l3 = (d[l2] & 0x0F) * 4
-        ip_id = rd16(d + l2 + 4)
-    elif gso == VNET_HDR_GSO_TCPV6:
-        if p.len < l2 + 40 or d[l2] >> 4 != 6 or d[l2 + 6] != 6:
-            return 0
-        l3 = 40
+        if p.len < t.l2 + 20 or d[t.l2] >> 4 != 4 or d[t.l2 + 9] != 6:
+            return False
+        t.l3 = (d[t.l2] & 0x0F) * 4
+        t.ip_id = rd16(d + t.l2 + 4)
+    elif t.v6:
+        if p.len < t.l2 + 40 or d[t.l2] >> 4 != 6 or d[t.l2 + 6] != 6:
+            return False
+        t.l3 = 40
     else:
-        return 0
-    if l3 < 20 or p.len < l2 + l3 + 20:
-        return 0
-    l4 = (d[l2 + l3 + 12] >> 4) * 4
-    hlen = l2 + l3 + l4
-    if l4 < 20 or p.len < hlen:
-        return 0
-    payload = p.len - hlen
-    seq = (<uint32_t>rd16(d + l2 + l3 + 4) << 16) | rd16(d + l2 + l3 + 6)
-    flags = d[l2 + l3 + 13]
-    off = 0
-    while off < payload or (payload == 0 and n == 0):
-        if n == MAX_SEGS:
-            pool_put_many(pool, out, n)
-            return 0
-        seg = payload - off if payload - off < mss else mss
+        return False
+    if t.l3 < 20 or p.len < t.l2 + t.l3 + 20:
+        return False
+    l4 = (d[t.l2 + t.l3 + 12] >> 4) * 4
+    t.hlen = t.l2 + t.l3 + l4
+    if l4 < 20 or p.len < t.hlen:
+        return False
+    t.payload = p.len - t.hlen
+    t.seq = (<uint32_t>rd16(d + t.l2 + t.l3 + 4) << 16) | rd16(d + t.l2 + t.l3 + 6)
+    t.flags = d[t.l2 + t.l3 + 13]
+    return True
+
+
+cdef uint32_t tso_segment(pkt_t *p, const tso_t *t, uint32_t first, pktpool_t *pool,
+                          pkt_t **out) noexcept nogil:
+    """Segments ``first`` .. ``first + MAX_SEGS - 1`` of the super-frame (each at most mss
+    payload bytes, IP and TCP headers fixed, checksums computed) into ``out``. Returns how
+    many (0 when out of buffers or past the end)."""
+    cdef uint32_t n = 0, off = first * t.mss, seg, tcp_len
+    cdef uint64_t sum
+    cdef uint8_t *h
+    cdef pkt_t *s
+    while n < MAX_SEGS and (off < t.payload or (t.payload == 0 and off == 0 and n == 0)):
+        seg = t.payload - off if t.payload - off < t.mss else t.mss
         s = pool_get(pool)
-        if s == NULL:
+        if s == NULL or t.hlen + seg > s.cap:
+            if s != NULL:
+                pool_put(pool, s)
             pool_put_many(pool, out, n)
             return 0
-        memcpy(s.data, d, hlen)
-        memcpy(s.data + hlen, d + hlen + off, seg)
-        s.len = hlen + seg
-        h = s.data + l2
-        tcp_len = l4 + seg
-        if gso == VNET_HDR_GSO_TCPV4:
-            wr16(h + 2, l3 + tcp_len)
-            wr16(h + 4, <uint16_t>(ip_id + n))
+        memcpy(s.data, p.data, t.hlen)
+        memcpy(s.data + t.hlen, p.data + t.hlen + off, seg)
+        s.len = t.hlen + seg
+        h = s.data + t.l2
+        tcp_len = t.hlen - t.l2 - t.l3 + seg
+        if not t.v6:
+            wr16(h + 2, t.l3 + tcp_len)
+            wr16(h + 4, <uint16_t>(t.ip_id + first + n))
             wr16(h + 10, 0)
-            wr16(h + 10, ~csum_fold(csum_add(h, l3, 0)) & 0xFFFF)
+            wr16(h + 10, ~csum_fold(csum_add(h, t.l3, 0)) & 0xFFFF)
             sum = csum_add(h + 12, 8, 0)                  # pseudo-header: addresses
         else:
             wr16(h + 4, tcp_len)
             sum = csum_add(h + 8, 32, 0)
         sum += 6 + tcp_len
-        h = s.data + l2 + l3                              # the TCP header
-        wr16(h + 4, <uint16_t>((seq + off) >> 16))
-        wr16(h + 6, <uint16_t>(seq + off))
-        if off + seg < payload:
-            h[13] = flags & ~0x09                          # FIN and PSH: last segment only
+        h = s.data + t.l2 + t.l3                          # the TCP header
+        wr16(h + 4, <uint16_t>((t.seq + off) >> 16))
+        wr16(h + 6, <uint16_t>(t.seq + off))
+        if off + seg < t.payload:
+            h[13] = t.flags & ~0x09                        # FIN and PSH: last segment only
         if off:
             h[13] &= ~0x80                                 # CWR: first segment only
         wr16(h + 16, 0)
@@ -134,9 +151,28 @@ cdef uint32_t tso_segment(pkt_t *p, pktpool_t *pool, pkt_t **out) noexcept nogil
         out[n] = s
         n += 1
         off += seg
-        if payload == 0:
+        if t.payload == 0:
             break
     return n
+
+
+cdef bint segment_and_send(vq_t *vq, pktpool_t *pool, pkt_t *p) noexcept nogil:
+    """Software TSO of ``p`` into ``vq``, MAX_SEGS segments at a time; False if any
+    segment could not be made or delivered."""
+    cdef tso_t t
+    cdef pkt_t *segs[MAX_SEGS]
+    cdef uint32_t first = 0, nseg, k
+    if not tso_parse(p, &t):
+        return False
+    while True:
+        nseg = tso_segment(p, &t, first, pool, segs)
+        if nseg == 0:
+            return first > 0 and first * t.mss >= t.payload
+        k = vq_enqueue(vq, segs, nseg)
+        pool_put_many(pool, segs, nseg)
+        if k < nseg:
+            return False
+        first += nseg
 
 
 cdef inline bint takes_gso(vq_t *vq, uint8_t gso) noexcept nogil:
@@ -145,38 +181,41 @@ cdef inline bint takes_gso(vq_t *vq, uint8_t gso) noexcept nogil:
 
 
 cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
-                           uint64_t *dropped) noexcept nogil:
+                           uint32_t *failed, uint64_t *delivered_bytes) noexcept nogil:
     """vq_enqueue with the offloads the receiver did not agree to done here first. Returns
-    how many of ``pkts`` were delivered; the caller keeps (and frees) ``pkts``; frames that
-    could not be segmented are counted in ``dropped``."""
-    cdef uint32_t i, start = 0, sent = 0, k, nseg, done
-    cdef pkt_t *segs[MAX_SEGS]
+    how many of ``pkts`` were delivered; ``*failed`` counts those that could not be
+    segmented, ``*delivered_bytes`` the delivered frames' bytes. The caller keeps (and
+    frees) ``pkts``. Delivery stops at the first frame that does not fit (ring full)."""
+    cdef uint32_t i, start = 0, sent = 0, done, j
     cdef pkt_t *p
     cdef uint8_t gso
+    failed[0] = 0
+    delivered_bytes[0] = 0
     for i in range(n):
         p = pkts[i]
         gso = p.vnet_hdr[1]
         if gso != VNET_HDR_GSO_NONE and not takes_gso(vq, gso):
             if i > start:
                 done = vq_enqueue(vq, pkts + start, i - start)
+                for j in range(start, start + done):
+                    delivered_bytes[0] += pkts[j].len
                 sent += done
                 if done < i - start:
                     return sent
             start = i + 1
-            nseg = tso_segment(p, pool, segs)
-            if nseg == 0:
-                dropped[0] += 1
-                continue
-            k = vq_enqueue(vq, segs, nseg)
-            pool_put_many(pool, segs, nseg)
-            if k < nseg:
-                return sent
-            sent += 1
+            if segment_and_send(vq, pool, p):
+                sent += 1
+                delivered_bytes[0] += p.len
+            else:
+                failed[0] += 1
         elif p.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and not vq.ofl_rx & OFL_CSUM:
             if not csum_complete(p):
                 p.vnet_hdr[0] = 0
     if start < n:
-        sent += vq_enqueue(vq, pkts + start, n - start)
+        done = vq_enqueue(vq, pkts + start, n - start)
+        for j in range(start, start + done):
+            delivered_bytes[0] += pkts[j].len
+        sent += done
     return sent
 
 
@@ -184,16 +223,23 @@ def segment(bytes frame, bytes vnet_hdr):
     """Software TSO of one frame (tests and tools): the list of resulting frames."""
     cdef pkt_t *out[MAX_SEGS]
     cdef pkt_t *p
-    cdef uint32_t n, i
+    cdef tso_t t
+    cdef uint32_t n, i, first = 0
     pool_obj = PacketPool(MAX_SEGS + 1, 65600)
     cdef pktpool_t *pool = (<PacketPool>pool_obj).pool
     p = pool_get(pool)
     memcpy(p.data, <const char *>frame, len(frame))
     p.len = len(frame)
     memcpy(p.vnet_hdr, <const char *>vnet_hdr, 12)
-    n = tso_segment(p, pool, out)
-    result = [(<char *>out[i].data)[:out[i].len] for i in range(n)]
-    pool_put_many(pool, out, n)
+    result = []
+    if tso_parse(p, &t):
+        while True:
+            n = tso_segment(p, &t, first, pool, out)
+            if n == 0:
+                break
+            result += [(<char *>out[i].data)[:out[i].len] for i in range(n)]
+            pool_put_many(pool, out, n)
+            first += n
     pool_put(pool, p)
     return result
 

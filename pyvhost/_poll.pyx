@@ -99,7 +99,8 @@ cdef class Poller:
     cdef uint32_t poll_pair(self, int i, pkt_t **pkts) noexcept nogil:
         cdef vq_t *rx = self.rx[i]
         cdef vq_t *tx = self.tx[i]
-        cdef uint32_t n = 0, sent = 0, k
+        cdef uint32_t n = 0, sent = 0, k, failed = 0
+        cdef uint64_t sent_bytes = 0
         if self.mode == 2:
             if vh_trylock(&rx.lock):
                 if vq_pending(rx):
@@ -117,7 +118,7 @@ cdef class Poller:
             for k in range(n):
                 swap_macs(pkts[k])
             if vh_trylock(&rx.lock):
-                sent = offload_send(rx, self.pool.pool, pkts, n, &self.tx_dropped)
+                sent = offload_send(rx, self.pool.pool, pkts, n, &failed, &sent_bytes)
                 vh_unlock(&rx.lock)
             self.tx_packets += sent
             self.tx_dropped += n - sent
@@ -147,4 +148,5 @@ cdef class Poller:
                     last_busy = now_ns()
                 elif now_ns() - last_busy > IDLE_NS:
                     idle_sleep(&self.idle, self.inputs, self.npairs, &self.stopping, NULL)
+                    notify_all(self.inputs, self.npairs, False)     # our rings never go away
                     empty = 0

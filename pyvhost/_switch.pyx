@@ -29,7 +29,7 @@ from pyvhost._idle cimport (
 from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._vring cimport (
-    MAX_BURST, VirtQueue, vh_eventfd_signal, vh_load_acquire_int, vh_lock,
+    MAX_BURST, VirtQueue, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
     vh_store_release_int, vh_trylock, vh_unlock, vq_dequeue, vq_t,
 )
 
@@ -83,6 +83,7 @@ cdef struct port_t:
     uint64_t drop_qos
     uint64_t drop_tx_full    # the guest had no room
     uint64_t drop_action     # dropped by a rule (no output)
+    uint64_t drop_offload    # a TCP super-frame that could not be segmented for this port
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
@@ -108,13 +109,15 @@ cdef struct pmd_stats_t:
 cdef uint32_t bucket_filter(bucket_t *b, pkt_t **pkts, uint32_t n, pktpool_t *pool,
                             uint64_t *dropped) noexcept nogil:
     """Token-bucket policing in place: frames over the rate are freed; returns the kept."""
-    cdef uint64_t t = now_ns()
+    cdef uint64_t t
     cdef uint32_t i, kept = 0
     cdef uint64_t d = 0
     vh_lock(&b.lock)
-    if b.last_ns:
+    t = now_ns()                       # read under the lock: time never runs backwards here
+    if b.last_ns and t > b.last_ns:
         b.tokens += (t - b.last_ns) * <double>b.rate / 1e9
-    b.last_ns = t
+    if t > b.last_ns:
+        b.last_ns = t
     if b.tokens > b.burst:
         b.tokens = b.burst
     for i in range(n):
@@ -196,6 +199,7 @@ cdef class Datapath:
             raise KeyError(port_id)
         p = self.sw.ports[port_id]
         self.sw.ports[port_id] = NULL
+        vh_fence_seq_cst()        # the NULL is visible before we read the PMDs' state
         self.invalidate()
         self.synchronize()
         free(p)
@@ -229,7 +233,8 @@ cdef class Datapath:
         return {"rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
                 "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes,
                 "drop_police": p.drop_police, "drop_qos": p.drop_qos,
-                "drop_tx_full": p.drop_tx_full, "drop_action": p.drop_action}
+                "drop_tx_full": p.drop_tx_full, "drop_action": p.drop_action,
+                "drop_offload": p.drop_offload}
 
     def rxq_load(self, int port_id):
         """Per RX queue: (processing ns, packets) since the port was added."""
@@ -243,6 +248,12 @@ cdef class Datapath:
         pmd = Pmd(self, pmd_id, PacketPool(pool_size, buf_size))
         self.pmds.append(pmd)
         return pmd
+
+    def remove_pmd(self, Pmd pmd):
+        """Forget a PMD whose thread has ended (its pool and caches go with it)."""
+        if pmd.running:
+            raise RuntimeError(f"PMD {pmd.pmd_id} is still running")
+        self.pmds.remove(pmd)
 
     def wake_all(self):
         for pmd in self.pmds:
@@ -326,16 +337,21 @@ cdef class Pmd:
 
     def set_rxqs(self, rxqs):
         """The (port id, queue) pairs this PMD polls from now on."""
-        if len(rxqs) > MAX_POLL:
+        cdef rxq_ref_t refs[MAX_POLL]
+        cdef int n = len(rxqs), i
+        if n > MAX_POLL:
             raise ValueError(f"at most {MAX_POLL} RX queues per PMD")
+        for i, (port, queue) in enumerate(rxqs):
+            if not (0 <= port < MAX_PORTS and 0 <= queue < MAX_PORT_QUEUES):
+                raise ValueError(f"no RX queue ({port}, {queue})")
+            refs[i].port = port
+            refs[i].queue = queue
         with nogil:
             vh_lock(&self.lock)
-        for i, (port, queue) in enumerate(rxqs):
-            self.next_poll[i].port = port
-            self.next_poll[i].queue = queue
-        self.next_npoll = len(rxqs)
-        vh_store_release_int(&self.reload, 1)
-        vh_unlock(&self.lock)
+            memcpy(self.next_poll, refs, sizeof(rxq_ref_t) * n)
+            self.next_npoll = n
+            vh_store_release_int(&self.reload, 1)
+            vh_unlock(&self.lock)
         self.wake()
 
     def rxqs(self):
@@ -407,7 +423,7 @@ cdef class Pmd:
             return -1
 
     cdef void flush(self, uint16_t port_id) noexcept nogil:
-        cdef uint32_t n = self.nbatch[port_id], sent = 0, q, i
+        cdef uint32_t n = self.nbatch[port_id], sent = 0, q, failed = 0
         cdef port_t *p = self.sw.ports[port_id]
         cdef vq_t *vq
         cdef uint64_t bytes_ = 0
@@ -426,15 +442,15 @@ cdef class Pmd:
             if not (vq.ready and vq.enabled):
                 vq = p.guest_rx[0]
             vh_lock(&vq.lock)
-            sent = offload_send(vq, self.pool, pkts, n, &p.drop_tx_full)
+            sent = offload_send(vq, self.pool, pkts, n, &failed, &bytes_)
             vh_unlock(&vq.lock)
-            for i in range(sent):
-                bytes_ += pkts[i].len
             if sent:
                 vh_add_u64(&p.tx_packets, sent)
                 vh_add_u64(&p.tx_bytes, bytes_)
-            if sent < n:
-                vh_add_u64(&p.drop_tx_full, n - sent)
+            if failed:
+                vh_add_u64(&p.drop_offload, failed)
+            if sent + failed < n:
+                vh_add_u64(&p.drop_tx_full, n - sent - failed)
             pool_put_many(self.pool, pkts, n)
 
     cdef inline void output(self, uint16_t port_id, pkt_t *pkt) noexcept nogil:
@@ -447,10 +463,17 @@ cdef class Pmd:
             self.flush(port_id)
 
     cdef pkt_t *clone(self, pkt_t *p) noexcept nogil:
+        """A copy of ``p`` (frame and virtio-net header), or NULL (no buffer, or ``p`` grew
+        past a buffer's room with a VLAN tag pushed into its headroom)."""
         cdef pkt_t *c = pool_get(self.pool)
-        if c != NULL:
-            memcpy(c.data, p.data, p.len)
-            c.len = p.len
+        if c == NULL:
+            return NULL
+        if p.len > c.cap:
+            pool_put(self.pool, c)
+            return NULL
+        memcpy(c.data, p.data, p.len)
+        memcpy(c.vnet_hdr, p.vnet_hdr, sizeof(p.vnet_hdr))
+        c.len = p.len
         return c
 
     cdef void execute(self, port_t *inp, pkt_t *p, const actions_t *a) noexcept nogil:
@@ -614,6 +637,9 @@ cdef class Pmd:
                 if t - last_busy > IDLE_NS:
                     idle_sleep(&self.idle, self.inputs, self.collect_inputs(), &self.stopping,
                                &self.reload)
+                    # ports may have been freed while we slept: look them up again
+                    vh_store_u64(&self.seq_, self.seq_ + 1)
+                    notify_all(self.inputs, self.collect_inputs(), False)
                     t_prev = now_ns()
                     last_busy = t_prev
                     empty = 0

@@ -92,3 +92,30 @@ def test_checksum_completion():
     check_segment(done, False, 14)
     with pytest.raises(ValueError):
         complete_checksum(frame, vnet(start=len(frame) - 1, offset=16))
+
+
+@pytest.mark.parametrize("vid", [5, -1], ids=["push", "strip"])
+def test_vlan_edit_keeps_the_partial_checksum_right(vid):
+    """A tag pushed or popped moves the TCP header: csum_start must move with it, or the
+    software checksum lands in the wrong place."""
+    from pyvhost._flow import vlan_edit
+    payload = b"vlan and offloads" * 9
+    tagged = vid < 0
+    frame = tcp_frame(payload, vlan=tagged)
+    l2 = 18 if tagged else 14
+    tcp_len = 20 + len(payload)
+    pseudo = csum(SRC4 + DST4 + struct.pack("!xBH", 6, tcp_len))
+    partial = bytearray(frame)
+    partial[l2 + 20 + 16:l2 + 20 + 18] = struct.pack("!H", pseudo)
+    edited, hdr = vlan_edit(bytes(partial), vnet(start=l2 + 20, offset=16), vid)
+    new_l2 = 14 if tagged else 18
+    assert struct.unpack("<H", hdr[6:8])[0] == new_l2 + 20
+    check_segment(complete_checksum(edited, hdr), False, new_l2)
+
+
+def test_tso_beyond_64_segments():
+    payload = bytes(range(256)) * 200                          # 51200 bytes, MSS 536
+    segs = segment(tcp_frame(payload), vnet(gso=1, gso_size=536, hdr_len=54))
+    assert len(segs) == -(-len(payload) // 536) > 64
+    data = b"".join(check_segment(s, False, 14)[1] for s in segs)
+    assert data == payload

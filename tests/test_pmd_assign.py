@@ -34,6 +34,9 @@ class FakeDatapath:
     def new_pmd(self, i):
         return FakePmd(i)
 
+    def remove_pmd(self, pmd):
+        self.removed = getattr(self, "removed", []) + [pmd.pmd_id]
+
     def rxq_load(self, port):
         return [(self.ns[(port, q)], 0) for q in range(2)]
 
@@ -49,10 +52,12 @@ def owners(pmds: PmdSet) -> dict:
 
 
 def test_round_robin():
-    pmds = PmdSet(FakeDatapath(), 2)
+    dp = FakeDatapath()
+    pmds = PmdSet(dp, 2)
     pmds.set_rxqs(RXQS)
     assert owners(pmds) == {(1, 0): 0, (1, 1): 1, (2, 0): 0, (2, 1): 1}
     pmds.stop()
+    assert dp.removed == [0, 1]              # stopped PMDs are forgotten (set-pmd leaks none)
 
 
 def test_cycles_rebalance_spreads_the_busy_queues():

@@ -7,6 +7,7 @@ the ``normal`` action through MAC learning. No packets, rings or sockets here.
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 from .fdb import Fdb
@@ -38,9 +39,13 @@ class Rule:
 
 class Bridge:
     """Rules and learning for one bridge; ``ports`` maps names to objects with ``port_id``,
-    ``ofport`` and ``name`` (the switch's Port)."""
+    ``ofport`` and ``name`` (the switch's Port).
+
+    ``lock`` serialises the slow path (upcalls on PMD threads) with control changes on the
+    asyncio thread; it is never held while waiting for a PMD."""
 
     def __init__(self, name: str, bridge_id: int, on_change, aging: float | None = None):
+        self.lock = threading.Lock()
         self.name = name
         self.bridge_id = bridge_id
         self.ports: dict = {}
@@ -72,6 +77,10 @@ class Bridge:
 
     # -- rules ----------------------------------------------------------------------------
     def add_rule(self, flow: Flow, slot: int, now: float) -> Rule:
+        with self.lock:
+            return self._add_rule(flow, slot, now)
+
+    def _add_rule(self, flow: Flow, slot: int, now: float) -> Rule:
         for a in flow.actions:
             if a[0] == "output" and self.resolve(a[1]) is None:
                 raise ValueError(f"output: no port {a[1]!r} on bridge {self.name}")
@@ -85,6 +94,10 @@ class Bridge:
 
     def remove_rules(self, pattern: dict | None) -> list[Rule]:
         """del-flows: every rule whose match covers ``pattern`` (all rules if None)."""
+        with self.lock:
+            return self._remove_rules(pattern)
+
+    def _remove_rules(self, pattern: dict | None) -> list[Rule]:
         pattern = self._canonical(pattern or {})
         gone = [r for r in self.rules if covers(pattern, self._canonical(r.flow.match))]
         self.rules = [r for r in self.rules if r not in gone]
@@ -102,6 +115,10 @@ class Bridge:
         """(rule slot, datapath ops, key fields the decision depended on) for a flow key
         arriving on ``in_port``. Every packet that agrees on those fields gets the same
         decision, so the datapath may cache it for all of them (a wildcard entry)."""
+        with self.lock:
+            return self._classify(key, in_port)
+
+    def _classify(self, key: dict, in_port) -> tuple[int, list, frozenset]:
         consulted: frozenset = frozenset()
         for rule in self.rules:
             consulted |= rule.fields
@@ -144,5 +161,19 @@ class Bridge:
         return [(OP_OUTPUT, out)]
 
     def expire(self) -> None:
-        if self.fdb.expire():
-            self._on_change()
+        with self.lock:
+            if self.fdb.expire():
+                self._on_change()
+
+    def attach(self, port) -> None:
+        with self.lock:
+            self.ports = {**self.ports, port.name: port}
+
+    def detach(self, port) -> None:
+        with self.lock:
+            self.ports = {k: v for k, v in self.ports.items() if k != port.name}
+            self.fdb.forget_port(port.port_id)
+
+    def fdb_rows(self) -> list:
+        with self.lock:
+            return self.fdb.show()

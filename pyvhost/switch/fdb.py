@@ -5,6 +5,7 @@ by the bridge whenever an entry is added, moves or expires."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 DEFAULT_AGING = 300.0
@@ -22,7 +23,7 @@ class Fdb:
     def __init__(self, aging: float = DEFAULT_AGING, max_entries: int = MAX_ENTRIES):
         self.aging = aging
         self.max_entries = max_entries
-        self.entries: dict[tuple[int, bytes], FdbEntry] = {}
+        self.entries: OrderedDict[tuple[int, bytes], FdbEntry] = OrderedDict()   # LRU first
 
     def learn(self, vlan: int, mac: bytes, port: str, port_id: int,
               now: float | None = None) -> bool:
@@ -30,14 +31,16 @@ class Fdb:
         if mac[0] & 1:                      # group addresses are never learned
             return False
         now = time.monotonic() if now is None else now
-        entry = self.entries.get((vlan, mac))
+        key = (vlan, mac)
+        entry = self.entries.get(key)
         if entry is not None and entry.port_id == port_id:
             entry.last_seen = now
+            self.entries.move_to_end(key)
             return False
         if entry is None and len(self.entries) >= self.max_entries:
-            oldest = min(self.entries, key=lambda k: self.entries[k].last_seen)
-            del self.entries[oldest]
-        self.entries[(vlan, mac)] = FdbEntry(port, port_id, now)
+            self.entries.popitem(last=False)            # the least recently seen
+        self.entries[key] = FdbEntry(port, port_id, now)
+        self.entries.move_to_end(key)
         return True
 
     def lookup(self, vlan: int, mac: bytes) -> int | None:

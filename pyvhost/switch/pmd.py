@@ -58,8 +58,12 @@ class PmdSet:
     def stop(self) -> None:
         for pmd in self.pmds:
             pmd.stop()
-        for t in self.threads:
+        for pmd, t in zip(self.pmds, self.threads, strict=True):
             t.join(timeout=5)
+            if t.is_alive():
+                log.error("PMD %d did not stop; its memory stays", pmd.pmd_id)
+            else:
+                self.datapath.remove_pmd(pmd)
 
     # -- load -----------------------------------------------------------------------------
     def sample(self) -> None:

@@ -57,6 +57,7 @@ class Switch:
                              "cpus": settings.get("cpus", [])}
         self.pmds = self._new_pmds()
         self._timer: asyncio.Task | None = None
+        self._stuck_ports: list[Port] = []
 
     def _new_pmds(self) -> PmdSet:
         s = self.pmd_settings
@@ -100,9 +101,12 @@ class Switch:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.pmds.sample()
-            for bridge in self.bridges.values():
-                bridge.expire()
+            try:
+                self.pmds.sample()
+                for bridge in list(self.bridges.values()):
+                    bridge.expire()
+            except Exception:
+                log.exception("periodic work failed")
 
     # -- slow path (PMD thread, GIL held) -------------------------------------------------
     def _upcall(self, raw_key: bytes):
@@ -172,7 +176,7 @@ class Switch:
         self.datapath.add_port(port_id, bridge.bridge_id, port.rx_vqs(), port.tx_vqs())
         self.ports[name] = port
         self._by_id[port_id] = port
-        bridge.ports[name] = port
+        bridge.attach(port)
         try:
             await port.endpoint.start()
         except OSError as e:
@@ -190,11 +194,15 @@ class Switch:
             raise CommandError(f"port {name} is not on bridge {bridge_name}")
         del self.ports[name]
         del self._by_id[port.port_id]
-        bridge = self.bridges[port.bridge]
-        del bridge.ports[name]
-        bridge.fdb.forget_port(port.port_id)
+        self.bridges[port.bridge].detach(port)
         self._assign()
-        self.datapath.remove_port(port.port_id)     # waits until no PMD can be inside it
+        try:
+            self.datapath.remove_port(port.port_id)     # waits until no PMD can be inside it
+        except TimeoutError as e:
+            # a PMD is stuck: keep the port's memory (never unmap under it), close the socket
+            log.error("port %s: %s; its rings stay mapped", name, e)
+            self._stuck_ports.append(port)
+            port.endpoint.connection = None
         await port.endpoint.close()
         if persist:
             self.store.del_port(name)
@@ -320,7 +328,7 @@ class Switch:
     def fdb_show(self, bridge_name: str) -> str:
         bridge = self._bridge(bridge_name)
         rows = [" port  VLAN  MAC                Age"]
-        for port, vlan, mac, age in bridge.fdb.show():
+        for port, vlan, mac, age in bridge.fdb_rows():
             rows.append(f"{port:>5} {vlan:5}  {mac}  {age:4}")
         return "\n".join(rows)
 

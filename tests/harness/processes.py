@@ -29,7 +29,11 @@ class PyvhostProcess:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         if ready_text:
-            self.wait_output(ready_text, timeout)
+            try:
+                self.wait_output(ready_text, timeout)
+            except BaseException:
+                self.stop()          # never leave a half-started child behind
+                raise
         return self
 
     def output(self) -> str:
