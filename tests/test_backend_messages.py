@@ -324,7 +324,7 @@ def test_set_features_without_protocol_bit_enables_all_rings(server):
 
 def test_set_features_not_offered_closes(server, caplog):
     with frontend(server) as fe:
-        fe.send(R.SET_FEATURES, P.U64(C.bit(F.ACCESS_PLATFORM) | C.bit(F.VERSION_1)))
+        fe.send(R.SET_FEATURES, P.U64(C.bit(F.NET_CTRL_VQ) | C.bit(F.VERSION_1)))
         wait_closed(server, fe)
     assert "features" in caplog.text
     with frontend(server) as fe:

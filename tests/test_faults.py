@@ -41,8 +41,7 @@ def rig(workdir):
     ports = {}
     try:
         for name in "ab":
-            ports[name] = VirtioUser(str(run_dir / f"{name}.sock")).open()
-        time.sleep(0.2)
+            ports[name] = VirtioUser(str(run_dir / f"{name}.sock")).open()   # acked: ready
         yield sw, run_dir, ports
     finally:
         for p in ports.values():
@@ -61,6 +60,16 @@ def exchange(ports, count: int = 200) -> None:
             while len(got) < min(i + 32, count) and time.monotonic() < deadline:
                 got += ports[dst].recv(timeout=0.5)
         assert got == frames, f"{src}->{dst}: {len(got)} of {count}"
+
+
+def settle(condition, timeout: float = 5.0):
+    """Poll ``condition()`` until it returns something true or ``timeout``; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
 
 
 def process_usage(pid: int) -> tuple[int, int, int]:
@@ -113,7 +122,8 @@ def test_frontend_vanishes_at_every_setup_step(rig):
         if k % 8 == 0:
             exchange(ports, 64)
     exchange(ports)
-    time.sleep(0.5)                                       # the switch's side of the last cut
+    # the switch closes its side of the last cut connection on its own time
+    settle(lambda: process_usage(sw.proc.pid)[0] <= before[0] + 2)
     after = process_usage(sw.proc.pid)
     assert after[0] <= before[0] + 2 and after[1] <= before[1] + 4, (before, after)
     assert sw.alive() and "internal error" not in sw.errors()
@@ -132,8 +142,7 @@ def test_frontend_vanishes_under_traffic(rig):
             pass
         if cycle % 10 == 0:
             exchange(ports, 64)
-    time.sleep(0.2)
-    while ports["a"].recv(timeout=0.2):
+    while ports["a"].recv(timeout=0.3):                   # the last cycle's frames
         pass
     exchange(ports)
     assert sw.alive() and "internal error" not in sw.errors()
@@ -191,10 +200,14 @@ def test_guest_stops_reading_rx(rig):
         flood = [frame("a", "b", i) for i in range(5000)]
         for i in range(0, len(flood), 32):
             ports["a"].send_all(flood[i:i + 32], timeout=5)   # b never reads meanwhile
-        time.sleep(0.5)
-        text = processes.ctl(run_dir, "dump-ports", "br0")
-        m = re.search(r"port 2\(b\).*\n\s+tx pkts=(\d+).*full=(\d+)", text)
-        delivered, full = int(m.group(1)), int(m.group(2))
+
+        def b_counters():
+            text = processes.ctl(run_dir, "dump-ports", "br0")
+            m = re.search(r"port 2\(b\).*\n\s+tx pkts=(\d+).*full=(\d+)", text)
+            return int(m.group(1)), int(m.group(2)), text
+
+        settle(lambda: sum(b_counters()[:2]) >= len(flood))     # the PMD's last bursts
+        delivered, full, text = b_counters()
         assert delivered + full == len(flood) and full > 0, text
         got = []
         while True:
@@ -219,14 +232,13 @@ def test_thousand_connect_disconnect_cycles_do_not_leak(rig):
     path = str(run_dir / "c.sock")
     for _ in range(20):
         VirtioUser(path, mem_size=8 << 20).open().close()
-    time.sleep(0.3)
-    before = process_usage(sw.proc.pid)
+    before = settle(lambda: process_usage(sw.proc.pid)) and process_usage(sw.proc.pid)
     t0 = time.monotonic()
     for i in range(1000):
         VirtioUser(path, mem_size=8 << 20).open().close()
         if i % 250 == 0:
             exchange(ports, 32)
-    time.sleep(0.5)
+    settle(lambda: process_usage(sw.proc.pid)[0] <= before[0] + 2)
     after = process_usage(sw.proc.pid)
     print(f"1000 cycles in {time.monotonic() - t0:.1f} s; (fds, maps, RSS kB) "
           f"before {before}, after {after}")

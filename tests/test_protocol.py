@@ -418,14 +418,15 @@ def test_reader_byte_by_byte_with_fds(pair):
         (message_bytes(R.SET_MEM_TABLE, bytes(40)), [f1, f2]),
     ]
     got = []
-    for data, fds in stream:
+    for k, (data, fds) in enumerate(stream):
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         a.sendmsg([data[:1]], anc if fds else [])
         got += r.read()
         for i in range(1, len(data)):
-            assert not got or len(got) <= len(stream)
+            assert len(got) == k            # no message is complete before its last byte
             a.send(data[i:i + 1])
             got += r.read()
+        assert len(got) == k + 1
     assert [m.request for m in got] == [R.SET_VRING_KICK, R.SET_OWNER, R.SET_VRING_ADDR,
                                         R.SET_MEM_TABLE]
     assert [len(m.fds) for m in got] == [1, 0, 0, 2]

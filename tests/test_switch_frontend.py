@@ -45,8 +45,8 @@ def switch_ports(workdir):
     ports = {}
     try:
         for name in "abcd":
+            # open() returns once the switch acked every setup request: rings are ready
             ports[name] = VirtioUser(str(run_dir / f"{name}.sock"), ring_size=256).open()
-        time.sleep(0.3)                     # let the switch start the rings
         yield run_dir, ports
     finally:
         for p in ports.values():
@@ -123,7 +123,6 @@ def test_port_deleted_and_frontend_reconnects(switch_ports):
     assert drain(ports["b"]) == [frame(MAC["a"], BCAST)]
     ports["b"].disconnect()
     ports["b"].reconnect()
-    time.sleep(0.3)
     ports["a"].send([frame(MAC["a"], BCAST, b"again" * 10)])
     assert drain(ports["b"]) == [frame(MAC["a"], BCAST, b"again" * 10)]
     assert "Port c" not in processes.ctl(run_dir, "show")

@@ -417,6 +417,7 @@ class QemuGuest:
     <name>.qemu.log (QEMU's stderr) and the QMP socket <name>.qmp.sock
     unless qmp_path is given.  mem_path puts guest memory in a shared file
     under that directory (e.g. /dev/hugepages) instead of a memfd.
+    pre_nic_args go on the command line before the NICs (extra_args after them).
     """
 
     def __init__(
@@ -432,6 +433,7 @@ class QemuGuest:
         extra_args: Sequence[str] = (),
         append: str = "",
         qmp_path: str | os.PathLike | None = None,
+        pre_nic_args: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.workdir = Path(workdir)
@@ -442,6 +444,7 @@ class QemuGuest:
         self.mem_path = mem_path
         self.smp = smp
         self.extra_args = list(extra_args)
+        self.pre_nic_args = list(pre_nic_args)
         self.append = append
         self.qmp_path = Path(qmp_path) if qmp_path else self.workdir / f"{name}.qmp.sock"
         self.console_log = self.workdir / f"{name}.console.log"
@@ -484,6 +487,7 @@ class QemuGuest:
         args += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", self.kernel_cmdline()]
         args += ["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]
         args += ["-qmp", f"unix:{_escape(self.qmp_path)},server=on,wait=off"]
+        args += self.pre_nic_args     # e.g. a vIOMMU, which must precede the devices it serves
         if not self.nics:
             args += ["-nic", "none"]
         for index, nic in enumerate(self.nics):
