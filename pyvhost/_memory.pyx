@@ -7,7 +7,7 @@ _memory.pxd. Replacing a table is the backend's job (under the ring locks); this
 only maps, unmaps and translates. It knows nothing of rings or messages.
 """
 
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.errno cimport errno
 from libc.string cimport memcpy, strerror
@@ -112,3 +112,80 @@ cdef class MemTable:
                 raise KeyError(f"guest address {gpa + done:#x} is in no region")
             memcpy(p, &data[done], n)
             done += n
+
+    def uva_to_gpa(self, uint64_t uva):
+        """The guest physical address of a front-end virtual address; KeyError if unmapped."""
+        cdef uint64_t n = 1, gpa = 0
+        if uva_to_host_gpa(self.table, uva, &n, &gpa) == NULL:
+            raise KeyError(f"front-end address {uva:#x} is in no region")
+        return gpa
+
+
+class IotlbMiss(KeyError):
+    """An IOVA with no IOTLB entry: ask the front-end (``iova``, ``perm``)."""
+
+    def __init__(self, iova, perm):
+        super().__init__(f"IOVA {iova:#x} (perm {perm}) is not in the IOTLB")
+        self.iova = iova
+        self.perm = perm
+
+
+cdef class IotlbTable:
+    """An immutable IOTLB: ``(iova, last, uva, perm)`` entries, sorted and non-overlapping.
+
+    The data path reads it through iotlb_find (_memory.pxd); the backend builds a new one for
+    every change and swaps it into the rings under their locks."""
+
+    def __cinit__(self, entries=()):
+        cdef uint32_t i = 0
+        cdef uint64_t prev_last = 0
+        entries = tuple(entries)
+        self.t.n = 0
+        self.t.e = NULL
+        if entries:
+            self.t.e = <iotlb_entry_t *>calloc(len(entries), sizeof(iotlb_entry_t))
+            if self.t.e == NULL:
+                raise MemoryError()
+        for iova, last, uva, perm in entries:
+            if last < iova or (i and iova <= prev_last) or not 1 <= perm <= 3:
+                raise ValueError("IOTLB entries must be sorted, non-overlapping, perm 1..3")
+            self.t.e[i].iova = iova
+            self.t.e[i].last = last
+            self.t.e[i].uva = uva
+            self.t.e[i].perm = perm
+            prev_last = last
+            i += 1
+        self.t.n = i
+        self.entries = entries
+
+    def __dealloc__(self):
+        free(self.t.e)
+
+    def __len__(self):
+        return self.t.n
+
+    def translate(self, uint64_t iova, uint64_t length, uint32_t perm):
+        """Front-end address of ``length`` bytes at ``iova``, all inside one entry that grants
+        ``perm``. IotlbMiss when some byte has no entry; PermissionError when not granted;
+        ValueError when the range spans entries whose addresses are not contiguous."""
+        cdef const iotlb_entry_t *e
+        cdef uint64_t pos = iova, end_last, uva = 0, expect = 0
+        if length == 0:
+            raise ValueError("zero-length translation")
+        end_last = iova + length - 1
+        if end_last < iova:
+            raise ValueError("range wraps around 2^64")
+        while True:
+            e = iotlb_find(&self.t, pos)
+            if e == NULL:
+                raise IotlbMiss(pos, perm)
+            if e.perm & perm != perm:
+                raise PermissionError(f"IOVA {pos:#x}: perm {e.perm} does not grant {perm}")
+            if pos == iova:
+                uva = e.uva + (pos - e.iova)
+            elif e.uva + (pos - e.iova) != expect:
+                raise ValueError(f"IOVA range {iova:#x}+{length} is not contiguous")
+            if e.last >= end_last:
+                return uva
+            expect = e.uva + (e.last - e.iova) + 1
+            pos = e.last + 1

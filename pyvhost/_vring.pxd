@@ -1,7 +1,7 @@
 # Split virtqueues, device side, and the virtio-net burst copy on top of them.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from pyvhost._memory cimport MemTable, memtable_t
+from pyvhost._memory cimport IotlbTable, MemTable, iotlb_t, memtable_t
 from pyvhost._pktpool cimport pkt_t, pktpool_t
 
 cdef extern from "vhost_atomic.h" nogil:
@@ -27,6 +27,7 @@ cdef enum:
     VRING_USED_F_NO_NOTIFY = 1
     MAX_IOV = 64          # segments of one packet's buffers
     MAX_BURST = 32
+    MAX_HELD = 64             # RX frames kept per ring while an IOTLB miss is answered
     VNET_HDR_F_NEEDS_CSUM = 1
     VNET_HDR_GSO_NONE = 0
     VNET_HDR_GSO_TCPV4 = 1
@@ -75,6 +76,7 @@ cdef struct vq_stats_t:
     uint64_t ring_errors      # bad avail index or head index: ring marked broken
     uint64_t drop_bad_hdr     # TX: a virtio-net header asking for offloads not agreed or
                               # pointing outside the frame
+    uint64_t iotlb_misses     # bursts stopped by an IOVA not in the IOTLB (nothing consumed)
 
 cdef struct vq_t:
     int lock                  # held by the data path around each burst, by control to change
@@ -110,6 +112,13 @@ cdef struct vq_t:
     uint64_t log_used_gpa
     uint8_t rarp_pending      # SEND_RARP: a RARP frame heads the next dequeue burst
     uint8_t rarp_mac[6]
+    const iotlb_t *iotlb      # ACCESS_PLATFORM: descriptor addresses are IOVAs; else NULL
+    int iotlb_miss            # a translation missed: bursts stop until a new IOTLB comes
+    uint32_t miss_perm
+    uint64_t miss_iova
+    int missfd                # eventfd signalled on a new miss (the control side sends it)
+    uint32_t nheld            # RX frames held (copied) while a miss is answered
+    pkt_t held[MAX_HELD]
     vq_stats_t st
 
 
@@ -126,3 +135,4 @@ cdef class VirtQueue:
     cdef readonly uint64_t desc_uva
     cdef readonly uint64_t used_uva
     cdef readonly uint64_t avail_uva
+    cdef readonly IotlbTable iotlb

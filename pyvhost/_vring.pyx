@@ -10,19 +10,82 @@ addresses, fds and features by the backend.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memmove, memset
 
-from pyvhost._memory cimport MemTable, gpa_to_host, uva_to_host
+from pyvhost._memory cimport (
+    IOTLB_PERM_RO, IOTLB_PERM_RW, IOTLB_PERM_WO, IotlbTable, MemTable, gpa_to_host, iotlb_entry_t,
+    iotlb_find, uva_to_host, uva_to_host_gpa,
+)
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 
 
 cdef enum:
     MAX_CHAIN_BYTES = 1 << 24      # a guest buffer chain larger than this is malformed
     MAX_BUFS_PER_PKT = 64
+    MAX_INDIRECT_COPY = MAX_IOV * 16   # an indirect table split across mappings is copied
 
 
 cdef inline bint need_event(uint16_t event, uint16_t new, uint16_t old) noexcept nogil:
     return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
+
+
+cdef uint8_t *iotlb_translate(vq_t *vq, uint64_t iova, uint64_t *length, uint32_t perm,
+                              uint64_t *gpa) noexcept nogil:
+    """IOVA -> front-end VA (IOTLB) -> host (memory table); ``*length`` cut to what is
+    contiguous. A miss is recorded (and the control side woken) once; NULL either way."""
+    cdef const iotlb_entry_t *e = iotlb_find(vq.iotlb, iova)
+    if e == NULL:
+        if not vq.iotlb_miss:
+            vq.miss_iova = iova
+            vq.miss_perm = perm
+            vq.iotlb_miss = 1
+            vq.st.iotlb_misses += 1
+            if vq.missfd >= 0:
+                vh_eventfd_signal(vq.missfd)
+        return NULL
+    if e.perm & perm != perm:
+        return NULL                       # the guest did not grant this access
+    if length[0] == 0 or length[0] - 1 > e.last - iova:
+        length[0] = e.last - iova + 1
+    return uva_to_host_gpa(vq.mem, e.uva + (iova - e.iova), length, gpa)
+
+
+cdef inline uint8_t *vq_translate(vq_t *vq, uint64_t addr, uint64_t *length, uint32_t perm,
+                                  uint64_t *gpa) noexcept nogil:
+    """A descriptor address to a host pointer; ``*gpa`` is its guest-physical address (for
+    dirty logging). Without ACCESS_PLATFORM addresses are GPAs: one predictable branch."""
+    if vq.iotlb == NULL:
+        gpa[0] = addr
+        return gpa_to_host(vq.mem, addr, length)
+    return iotlb_translate(vq, addr, length, perm, gpa)
+
+
+cdef int read_table(vq_t *vq, uint64_t addr, uint32_t length, uint8_t *buf,
+                    const uint8_t **out) noexcept nogil:
+    """An indirect descriptor table: in place when contiguous in our memory, else (IOVAs
+    mapped page by page) gathered into ``buf`` (MAX_INDIRECT_COPY bytes). 0, -1 (unmapped,
+    too big) or -3 (IOTLB miss)."""
+    cdef uint64_t chunk = length, done = 0, gpa
+    cdef uint8_t *p = vq_translate(vq, addr, &chunk, IOTLB_PERM_RO, &gpa)
+    if p == NULL:
+        return -3 if vq.iotlb_miss else -1
+    if chunk >= length:
+        out[0] = p
+        return 0
+    if length > MAX_INDIRECT_COPY or vq.iotlb == NULL:
+        return -1       # without an IOMMU a table must lie in one region (a known limit)
+    while True:
+        memcpy(buf + done, p, chunk)
+        done += chunk
+        if done >= length:
+            break
+        chunk = length - done
+        p = vq_translate(vq, addr + done, &chunk, IOTLB_PERM_RO, &gpa)
+        if p == NULL:
+            return -3 if vq.iotlb_miss else -1
+    out[0] = buf
+    return 0
 
 
 cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t *niov,
@@ -31,7 +94,8 @@ cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t
 
     Returns 0, or -1 for a malformed chain: index out of range, a loop (more descriptors
     than the table holds), nested or misformed indirect table, wrong direction, an address
-    in no region, too many segments or too many bytes."""
+    in no region, too many segments or too many bytes; -3 for an IOTLB miss (nothing may
+    be consumed: the burst stops until the front-end maps it)."""
     cdef const vring_desc_t *table = vq.desc
     cdef uint32_t table_size = vq.size
     cdef uint32_t idx = head
@@ -39,8 +103,12 @@ cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t
     cdef uint32_t n = niov[0]
     cdef bint in_indirect = False
     cdef vring_desc_t d
-    cdef uint64_t addr, left, chunk, tot = 0
+    cdef uint64_t addr, left, chunk, tot = 0, gpa
     cdef uint8_t *p
+    cdef const uint8_t *tp
+    cdef uint8_t tbuf[MAX_INDIRECT_COPY]
+    cdef uint32_t perm = IOTLB_PERM_WO if writable else IOTLB_PERM_RO
+    cdef int rc
     while True:
         if idx >= table_size or seen >= table_size:
             return -1
@@ -51,11 +119,10 @@ cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t
                 return -1
             if d.len == 0 or d.len % sizeof(vring_desc_t) or d.len > 32768 * sizeof(vring_desc_t):
                 return -1
-            chunk = d.len
-            p = gpa_to_host(vq.mem, d.addr, &chunk)
-            if p == NULL or chunk < d.len:
-                return -1
-            table = <const vring_desc_t *>p
+            rc = read_table(vq, d.addr, d.len, tbuf, &tp)
+            if rc < 0:
+                return rc
+            table = <const vring_desc_t *>tp
             table_size = d.len // sizeof(vring_desc_t)
             idx = 0
             seen = 0
@@ -72,12 +139,12 @@ cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t
             if n >= MAX_IOV:
                 return -1
             chunk = left
-            p = gpa_to_host(vq.mem, addr, &chunk)
+            p = vq_translate(vq, addr, &chunk, perm, &gpa)
             if p == NULL:
-                return -1
+                return -3 if vq.iotlb_miss else -1
             iov[n].base = p
             iov[n].len = chunk
-            iov[n].gpa = addr
+            iov[n].gpa = gpa
             n += 1
             addr += chunk
             left -= chunk
@@ -203,7 +270,7 @@ cdef bint tx_header_ok(vq_t *vq, pkt_t *p) noexcept nogil:
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
     """Guest TX -> packets: up to ``count`` frames copied out of the guest's buffers."""
     cdef uint32_t lead = 0
-    if not vq.ready or vq.broken:
+    if not vq.ready or vq.broken or vq.iotlb_miss:
         return 0
     if vq.rarp_pending and vq.enabled and count:
         pkts[0] = pool_get(pool)
@@ -243,6 +310,7 @@ cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
     cdef uint64_t total
     cdef iov_t iov[MAX_IOV]
     cdef pkt_t *pkt
+    cdef int rc
     avail = avail_count(vq, &avail_idx)
     if avail <= 0:
         return 0
@@ -256,7 +324,10 @@ cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
             vq.st.ring_errors += 1
             break
         niov = 0
-        if walk_chain(vq, head, False, iov, &niov, &total) < 0 or total < hdr:
+        rc = walk_chain(vq, head, False, iov, &niov, &total)
+        if rc == -3:
+            break                           # not mapped yet: stays in the ring
+        if rc < 0 or total < hdr:
             vq.st.drop_bad_desc += 1
         elif not vq.enabled:
             vq.st.drop_disabled += 1
@@ -304,10 +375,74 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     """Packets -> guest RX: returns how many of ``pkts`` were delivered (in order).
 
     The caller keeps ownership of every packet. Frames not delivered for lack of guest
-    buffers are counted in drop_no_buffer."""
-    if vq.packed and vq.ready and vq.enabled and not vq.broken:
+    buffers are counted in drop_no_buffer. With ACCESS_PLATFORM, frames that meet an IOTLB
+    miss are copied and held (up to MAX_HELD, counted as delivered) and go into the ring
+    once the front-end has mapped the buffer: a Linux guest maps every RX buffer afresh, so
+    dropping them would lose the first frame after each mapping change."""
+    cdef uint32_t n
+    if vq.iotlb == NULL:
+        return enqueue_core(vq, pkts, count)
+    if vq.nheld:
+        flush_held(vq)
+        if vq.nheld:
+            return hold_frames(vq, pkts, count)     # in order, behind the held ones
+    n = enqueue_core(vq, pkts, count)
+    if n < count and vq.iotlb_miss and vq.enabled and not vq.broken:
+        n += hold_frames(vq, pkts + n, count - n)
+    return n
+
+
+cdef inline uint32_t enqueue_core(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
+    if vq.packed and vq.ready and vq.enabled and not vq.broken and not vq.iotlb_miss:
         return packed_enqueue(vq, pkts, count)
     return split_enqueue(vq, pkts, count)
+
+
+cdef uint32_t hold_frames(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
+    """Copy up to MAX_HELD - nheld frames aside; the rest are drop_no_buffer."""
+    cdef uint32_t i, n = 0
+    cdef pkt_t *h
+    cdef uint8_t *copy
+    for i in range(count):
+        if vq.nheld >= MAX_HELD:
+            break
+        copy = <uint8_t *>malloc(pkts[i].len if pkts[i].len else 1)
+        if copy == NULL:
+            break
+        h = &vq.held[vq.nheld]
+        memcpy(h, pkts[i], sizeof(pkt_t))
+        memcpy(copy, pkts[i].data, pkts[i].len)
+        h.buf = copy
+        h.data = copy
+        h.cap = pkts[i].len
+        vq.nheld += 1
+        n += 1
+    vq.st.drop_no_buffer += count - n
+    return n
+
+
+cdef void flush_held(vq_t *vq) noexcept nogil:
+    """Deliver held frames (in order) as far as the ring and the IOTLB allow."""
+    cdef pkt_t *ptrs[MAX_HELD]
+    cdef uint32_t i, n, missed_before = vq.st.drop_no_buffer
+    for i in range(vq.nheld):
+        ptrs[i] = &vq.held[i]
+    n = enqueue_core(vq, ptrs, vq.nheld)
+    if vq.iotlb_miss or not vq.ready:
+        vq.st.drop_no_buffer = missed_before      # still held, not dropped
+    else:
+        n = vq.nheld                              # delivered or counted as dropped
+    for i in range(n):
+        free(vq.held[i].buf)
+    memmove(&vq.held[0], &vq.held[n], (vq.nheld - n) * sizeof(pkt_t))
+    vq.nheld -= n
+
+
+cdef void drop_held(vq_t *vq) noexcept nogil:
+    cdef uint32_t i
+    for i in range(vq.nheld):
+        free(vq.held[i].buf)
+    vq.nheld = 0
 
 
 cdef inline void fill_header(uint8_t *hdr, vq_t *vq, uint32_t nbufs, pkt_t *pkt) noexcept nogil:
@@ -335,12 +470,15 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
     cdef uint64_t caps[MAX_BUFS_PER_PKT]
     cdef uint8_t hdr[12]
     cdef pkt_t *pkt
-    cdef bint bad
+    cdef bint bad, miss = False
+    cdef int rc
     if not vq.ready:
         return 0
     if not vq.enabled:
         vq.st.drop_disabled += count
         return 0
+    if vq.iotlb_miss:                     # waiting for the front-end to map a buffer
+        return 0                          # (vq_enqueue holds or counts them)
     if vq.broken or avail_count(vq, &avail_idx) < 0:
         vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
         return 0
@@ -362,7 +500,11 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
                 vq.st.ring_errors += 1
                 bad = True
                 break
-            if walk_chain(vq, head, True, iov, &niov, &total) < 0:
+            rc = walk_chain(vq, head, True, iov, &niov, &total)
+            if rc == -3:
+                miss = True
+                break
+            if rc < 0:
                 bad = True
                 heads[nbufs] = head
                 nbufs += 1
@@ -373,6 +515,8 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
             cap += total
             if not vq.mrg_rxbuf:
                 break
+        if miss:
+            break                           # nothing of this frame's buffers was consumed
         if bad:
             # a hostile chain: give the buffers back untouched, drop this frame
             vq.st.drop_bad_desc += 1
@@ -405,7 +549,7 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
         vq.st.bytes += pkt.len
         nsent += 1
         i += 1
-    if i < count:
+    if i < count and not miss:
         vq.st.drop_no_buffer += count - i
     if vq.last_used_idx != used_before:
         notify_guest(vq)
@@ -437,13 +581,16 @@ cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t
                      uint64_t *total, uint32_t *nslots, uint16_t *buf_id) noexcept nogil:
     """Translate the chain starting in slot ``idx``. Returns 0; -1 when its contents are bad
     (``*nslots`` still says how many slots it spans, so it can be given back); -2 when its
-    shape is (a chain longer than the ring): the ring cannot be trusted any more."""
+    shape is (a chain longer than the ring): the ring cannot be trusted any more; -3 on an
+    IOTLB miss (nothing may be consumed)."""
     cdef uint32_t slots = 0, n = niov[0], i, k, count
     cdef vring_packed_desc_t d
     cdef uint16_t ring_flags
     cdef const vring_packed_desc_t *table
-    cdef uint64_t tot = 0, addr, left, chunk
-    cdef uint8_t *p
+    cdef uint64_t tot = 0
+    cdef const uint8_t *tp
+    cdef uint8_t tbuf[MAX_INDIRECT_COPY]
+    cdef int rc
     cdef bint bad = False
     while True:
         if slots >= vq.size:
@@ -456,30 +603,42 @@ cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t
         buf_id[0] = d.id
         ring_flags = d.flags
         if d.flags & VRING_DESC_F_INDIRECT:
-            chunk = d.len
-            p = NULL
-            if vq.indirect and d.len and d.len % sizeof(vring_packed_desc_t) == 0 and \
-                    d.len <= 32768 * sizeof(vring_packed_desc_t) and \
+            rc = -1
+            if not bad and vq.indirect and d.len and d.len % sizeof(vring_packed_desc_t) == 0 \
+                    and d.len <= 32768 * sizeof(vring_packed_desc_t) and \
                     not d.flags & VRING_DESC_F_NEXT:
-                p = gpa_to_host(vq.mem, d.addr, &chunk)
-            if p == NULL or chunk < d.len:
+                rc = read_table(vq, d.addr, d.len, tbuf, &tp)
+            if rc == -3:
+                return -3
+            if rc < 0:
                 bad = True
             else:
-                table = <const vring_packed_desc_t *>p
+                table = <const vring_packed_desc_t *>tp
                 count = d.len // sizeof(vring_packed_desc_t)
                 for k in range(count):
                     memcpy(&d, &table[k], sizeof(vring_packed_desc_t))
                     if d.flags & VRING_DESC_F_INDIRECT or \
-                            (d.flags & VRING_DESC_F_WRITE != 0) != writable or \
-                            add_segments(vq, d.addr, d.len, iov, &n, &tot) < 0:
+                            (d.flags & VRING_DESC_F_WRITE != 0) != writable:
+                        bad = True
+                        break
+                    rc = add_segments(vq, d.addr, d.len, iov, &n, &tot, writable)
+                    if rc == -3:
+                        return -3
+                    if rc < 0:
                         bad = True
                         break
             if not ring_flags & VRING_DESC_F_NEXT:       # the ring slot's flag, not the table's
                 break
             continue
-        if not bad and ((d.flags & VRING_DESC_F_WRITE != 0) != writable or
-                        add_segments(vq, d.addr, d.len, iov, &n, &tot) < 0):
-            bad = True
+        if not bad:
+            if (d.flags & VRING_DESC_F_WRITE != 0) != writable:
+                bad = True
+            else:
+                rc = add_segments(vq, d.addr, d.len, iov, &n, &tot, writable)
+                if rc == -3:
+                    return -3
+                if rc < 0:
+                    bad = True
         if not d.flags & VRING_DESC_F_NEXT:
             break
     nslots[0] = slots
@@ -491,9 +650,10 @@ cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t
 
 
 cdef int add_segments(vq_t *vq, uint64_t addr, uint64_t length, iov_t *iov, uint32_t *n,
-                      uint64_t *tot) noexcept nogil:
-    """Append the host segments of [addr, addr+length) to iov; -1 if unmapped or too many."""
-    cdef uint64_t chunk
+                      uint64_t *tot, bint writable) noexcept nogil:
+    """Append the host segments of [addr, addr+length) to iov; -1 if unmapped or too many,
+    -3 on an IOTLB miss."""
+    cdef uint64_t chunk, gpa
     cdef uint8_t *p
     tot[0] += length
     if tot[0] > MAX_CHAIN_BYTES:
@@ -502,12 +662,12 @@ cdef int add_segments(vq_t *vq, uint64_t addr, uint64_t length, iov_t *iov, uint
         if n[0] >= MAX_IOV:
             return -1
         chunk = length
-        p = gpa_to_host(vq.mem, addr, &chunk)
+        p = vq_translate(vq, addr, &chunk, IOTLB_PERM_WO if writable else IOTLB_PERM_RO, &gpa)
         if p == NULL:
-            return -1
+            return -3 if vq.iotlb_miss else -1
         iov[n[0]].base = p
         iov[n[0]].len = chunk
-        iov[n[0]].gpa = addr
+        iov[n[0]].gpa = gpa
         n[0] += 1
         addr += chunk
         length -= chunk
@@ -563,6 +723,8 @@ cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
             break
         niov = 0
         rc = walk_packed(vq, vq.last_avail_idx, False, iov, &niov, &total, &nslots, &buf_id)
+        if rc == -3:
+            break
         if rc == -2:
             vq.broken = 1
             vq.st.ring_errors += 1
@@ -618,7 +780,7 @@ cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept no
         wrap = vq.avail_wrap
         while cap < need and nbufs < MAX_BUFS_PER_PKT and packed_avail(vq, idx, wrap):
             rc = walk_packed(vq, idx, True, iov, &niov, &total, &nslots, &buf_id)
-            if rc == -2:
+            if rc == -2 or rc == -3:
                 break
             ids[nbufs] = buf_id
             slots[nbufs] = nslots
@@ -630,6 +792,8 @@ cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept no
             cap += total
             if not vq.mrg_rxbuf:
                 break
+        if rc == -3:
+            break                           # not mapped yet: nothing consumed
         if rc == -2:
             vq.broken = 1
             vq.st.ring_errors += 1
@@ -667,7 +831,7 @@ cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept no
         vq.st.bytes += pkt.len
         nsent += 1
         i += 1
-    if i < count:
+    if i < count and not vq.iotlb_miss:
         vq.st.drop_no_buffer += count - i
     if used:
         notify_guest_packed(vq)
@@ -695,15 +859,16 @@ cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil:
 
 cdef bint vq_pending(vq_t *vq) noexcept nogil:
     """True when the guest has made buffers available that we have not consumed."""
-    if not vq.ready or vq.broken:
-        return False
+    if not vq.ready or vq.broken or vq.iotlb_miss:
+        return False                      # a miss: the IOTLB update wakes the poll threads
     if vq.packed:
         return packed_avail(vq, vq.last_avail_idx, vq.avail_wrap)
     return vh_load_acquire_u16(&vq.avail[1]) != vq.last_avail_idx
 
 
 STAT_NAMES = ("packets", "bytes", "bursts", "calls", "drop_bad_desc", "drop_no_buffer",
-              "drop_oversize", "drop_disabled", "drop_no_mbuf", "ring_errors", "drop_bad_hdr")
+              "drop_oversize", "drop_disabled", "drop_no_mbuf", "ring_errors", "drop_bad_hdr",
+              "iotlb_misses")
 
 
 cdef class VirtQueue:
@@ -714,6 +879,10 @@ cdef class VirtQueue:
         self.index = index
         self.vq.kickfd = -1
         self.vq.callfd = -1
+        self.vq.missfd = -1
+
+    def __dealloc__(self):
+        drop_held(&self.vq)
 
     # -- locking (control side) -------------------------------------------------------
     def lock(self):
@@ -736,6 +905,45 @@ cdef class VirtQueue:
         self.mem = mem
         self.vq.mem = mem.table if mem is not None else NULL
         self.vq.ready = 0
+
+    def set_iotlb(self, IotlbTable table):
+        """ACCESS_PLATFORM: descriptor addresses go through ``table`` (None: they are GPAs).
+        A new table clears a recorded miss, so the next burst tries again."""
+        self.iotlb = table
+        self.vq.iotlb = &table.t if table is not None else NULL
+        self.vq.iotlb_miss = 0
+        if table is None:
+            drop_held(&self.vq)
+
+    def wait_iotlb(self, uint64_t iova, uint32_t perm):
+        """The ring addresses missed (the ring is stopped): record it like a data-path miss,
+        so RX frames are held until the update restarts the ring."""
+        self.vq.miss_iova = iova
+        self.vq.miss_perm = perm
+        self.vq.iotlb_miss = 1
+
+    def flush_held(self):
+        """Deliver RX frames held across an IOTLB miss; returns how many are still held."""
+        if self.vq.nheld and self.vq.iotlb != NULL:
+            flush_held(&self.vq)
+        return self.vq.nheld
+
+    def drop_held(self):
+        drop_held(&self.vq)
+
+    def take_miss(self):
+        """(iova, perm) of the translation the data path is waiting for, or None."""
+        if self.vq.iotlb_miss:
+            return self.vq.miss_iova, self.vq.miss_perm
+        return None
+
+    property missfd:
+        """An eventfd signalled when the data path records a new IOTLB miss (-1: none)."""
+        def __get__(self):
+            return self.vq.missfd
+
+        def __set__(self, int fd):
+            self.vq.missfd = fd
 
     def set_size(self, uint32_t size):
         if size == 0 or size > 32768 or (size & (size - 1) and not self.vq.packed):
@@ -822,12 +1030,16 @@ cdef class VirtQueue:
     def broken(self):
         return bool(self.vq.broken)
 
-    def start(self):
+    def start(self, uvas=None):
         """Translate the ring addresses and let the data path in; ValueError says why not.
 
+        ``uvas``: the (desc, used, avail) front-end addresses when the ring addresses were
+        IOVAs already translated through the IOTLB by the caller.
         Returns a warning string when the used index in guest memory disagreed with the
         base we were given (after a reconnect) and was taken instead, else None."""
         cdef uint64_t n = self.vq.size
+        cdef uint64_t desc_uva = self.desc_uva, used_uva = self.used_uva
+        cdef uint64_t avail_uva = self.avail_uva
         cdef uint8_t *desc
         cdef uint8_t *avail
         cdef uint8_t *used
@@ -837,16 +1049,18 @@ cdef class VirtQueue:
             raise ValueError("no memory table")
         if n == 0:
             raise ValueError("ring size not set")
-        desc = uva_to_host(self.vq.mem, self.desc_uva, 16 * n)
+        if uvas is not None:
+            desc_uva, used_uva, avail_uva = uvas
+        desc = uva_to_host(self.vq.mem, desc_uva, 16 * n)
         if self.vq.packed:          # the two event-suppression areas
-            avail = uva_to_host(self.vq.mem, self.avail_uva, 4)
-            used = uva_to_host(self.vq.mem, self.used_uva, 4)
+            avail = uva_to_host(self.vq.mem, avail_uva, 4)
+            used = uva_to_host(self.vq.mem, used_uva, 4)
         else:
-            avail = uva_to_host(self.vq.mem, self.avail_uva, 6 + 2 * n)
-            used = uva_to_host(self.vq.mem, self.used_uva, 6 + 8 * n)
+            avail = uva_to_host(self.vq.mem, avail_uva, 6 + 2 * n)
+            used = uva_to_host(self.vq.mem, used_uva, 6 + 8 * n)
         if desc == NULL or avail == NULL or used == NULL:
-            raise ValueError(f"ring addresses desc={self.desc_uva:#x} avail={self.avail_uva:#x} "
-                             f"used={self.used_uva:#x} are not inside guest memory")
+            raise ValueError(f"ring addresses desc={desc_uva:#x} avail={avail_uva:#x} "
+                             f"used={used_uva:#x} are not inside guest memory")
         if (<uint64_t>desc) % 16 or (<uint64_t>avail) % 2 or (<uint64_t>used) % 4:
             raise ValueError("ring addresses are misaligned")
         if self.vq.packed and (self.vq.last_avail_idx >= n or self.vq.last_used_idx >= n):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 
 from pyvhost.protocol import constants as C
@@ -38,6 +39,8 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
+        self._miss_fd = -1                  # the device's IOTLB miss eventfd we watch
+        self._miss_timer: asyncio.TimerHandle | None = None
 
     def _readable(self) -> None:
         msgs: list[wire.Message] = []
@@ -60,6 +63,41 @@ class Connection:
         finally:
             for msg in msgs:        # read in the same burst, behind the one that failed
                 msg.close_fds()
+        if not self.closed.done():
+            self._watch_misses()
+
+    # -- IOTLB misses: the data path signals an eventfd, we ask the front-end ---------------
+    def _watch_misses(self) -> None:
+        fd = self.device.iotlb_event_fd
+        if fd != self._miss_fd:
+            if self._miss_fd >= 0:
+                self.loop.remove_reader(self._miss_fd)
+            if fd >= 0:
+                self.loop.add_reader(fd, self._miss_event)
+            self._miss_fd = fd
+        if fd >= 0:
+            self._send_misses()             # ring starts that missed during this request
+
+    def _miss_event(self) -> None:
+        try:
+            os.eventfd_read(self._miss_fd)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._send_misses()
+
+    def _send_misses(self) -> None:
+        try:
+            outstanding = self.device.send_iotlb_misses()
+        except Exception:
+            log.exception("%s: sending IOTLB misses failed", self.label)
+            return
+        if outstanding and self._miss_timer is None:
+            self._miss_timer = self.loop.call_later(0.25, self._miss_retry)
+
+    def _miss_retry(self) -> None:
+        self._miss_timer = None
+        if not self.closed.done():
+            self._send_misses()
 
     def _dispatch(self, msg: wire.Message) -> None:
         try:
@@ -124,6 +162,12 @@ class Connection:
         self.loop.remove_reader(self.sock.fileno())
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
+        if self._miss_fd >= 0:
+            self.loop.remove_reader(self._miss_fd)
+            self._miss_fd = -1
+        if self._miss_timer is not None:
+            self._miss_timer.cancel()
+            self._miss_timer = None
         self.reader.close()
         self.sock.close()
         self.device.reset()

@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from collections.abc import Callable
 
 from pyvhost._memory import Mapping
 from pyvhost.memory import GuestMemory, GuestMemoryError
 from pyvhost.protocol import constants as C
 from pyvhost.protocol import payloads as P
+from pyvhost.protocol import wire
+from pyvhost.protocol.constants import BackendRequest as BR
 from pyvhost.protocol.constants import Feature as F
+from pyvhost.protocol.constants import IotlbType
 from pyvhost.protocol.constants import ProtocolFeature as PF
 from pyvhost.protocol.constants import Request as R
 
+from .iotlb import ADDR_END, Iotlb
 from .ring import Ring
 
 log = logging.getLogger("pyvhost.backend")
+
+MISS_RETRY = 1.0        # seconds before the same IOTLB miss is asked for again
 
 
 class DeviceError(ValueError):
@@ -49,6 +57,10 @@ class VhostUserDevice:
         self.memory = GuestMemory()
         self.listeners: list[Callable[[], None]] = []
         self.log: tuple[Mapping, int, int] | None = None   # mapping, bitmap address, bytes
+        self.iotlb = Iotlb()
+        self.iotlb_event_fd = -1    # eventfd the data path signals on a miss (ACCESS_PLATFORM)
+        self.backend_req: socket.socket | None = None
+        self._misses_sent: dict[tuple[int, int], float] = {}
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -101,9 +113,14 @@ class VhostUserDevice:
         for mapping in retired:
             mapping.close()
         self._drop_log()
-        for fd in (self.backend_req_fd, self.log_fd):
-            if fd >= 0:
-                os.close(fd)
+        self._close_backend_req()
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+        self.iotlb.clear()
+        self._misses_sent.clear()
+        if self.iotlb_event_fd >= 0:
+            os.close(self.iotlb_event_fd)
+            self.iotlb_event_fd = -1
         self._reset_state()
         self.changed()
 
@@ -128,6 +145,7 @@ class VhostUserDevice:
         for ring in self.rings:
             ring.set_features(**kw)
         self._apply_logging()
+        self._apply_iotlb()
         if not self.has(F.PROTOCOL_FEATURES):
             for ring in self.rings:        # spec: without bit 30 rings start enabled
                 ring.set_enabled(True)
@@ -148,6 +166,7 @@ class VhostUserDevice:
         for ring in self.rings:
             ring.reset()
         self.features = 0
+        self._apply_iotlb()
         self.changed()
 
     def on_reset_device(self, p, fds):
@@ -277,7 +296,117 @@ class VhostUserDevice:
     def on_get_status(self, p, fds):
         return P.U64(self.status)
 
-    def on_set_backend_req_fd(self, p, fds):
-        if self.backend_req_fd >= 0:
+    def _close_backend_req(self) -> None:
+        if self.backend_req is not None:
+            self.backend_req.close()            # closes backend_req_fd
+        elif self.backend_req_fd >= 0:
             os.close(self.backend_req_fd)
-        self.backend_req_fd = fds.pop(0)
+        self.backend_req = None
+        self.backend_req_fd = -1
+
+    def on_set_backend_req_fd(self, p, fds):
+        self._close_backend_req()
+        fd = fds.pop(0)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise DeviceError(f"the back-end request fd is not a socket: {e}") from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise DeviceError("the back-end request fd is not a Unix stream socket")
+        sock.setblocking(False)     # the asyncio thread never blocks on the front-end
+        self.backend_req = sock
+        self.backend_req_fd = fd
+
+    # -- IOTLB (VIRTIO_F_ACCESS_PLATFORM) -------------------------------------------------
+    @property
+    def iotlb_active(self) -> bool:
+        return self.has(F.ACCESS_PLATFORM)
+
+    def _apply_iotlb(self) -> None:
+        """Rings translate through the IOTLB exactly when ACCESS_PLATFORM is negotiated."""
+        if self.iotlb_active and self.iotlb_event_fd < 0:
+            self.iotlb_event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            if not self.has_protocol(PF.BACKEND_REQ):
+                log.warning("%s: ACCESS_PLATFORM without BACKEND_REQ: IOTLB misses cannot "
+                            "be reported; the front-end must send every mapping", self.name)
+        for ring in self.rings:
+            ring.vq.missfd = self.iotlb_event_fd if self.iotlb_active else -1
+        self._swap_iotlb()
+
+    def _swap_iotlb(self, invalidated: tuple[int, int] | None = None) -> None:
+        table = self.iotlb.table if self.iotlb_active else None
+        for ring in self.rings:
+            ring.set_iotlb(table, invalidated)
+        for key in [k for k in self._misses_sent if self.iotlb.covers(*k)]:
+            del self._misses_sent[key]
+        self.changed()
+
+    def on_iotlb_msg(self, p: P.IotlbMsg, fds):
+        """Update or invalidate; anything else (or a nonsensical range) is refused with a
+        failure reply and a log line, and the connection goes on."""
+        if p.type == IotlbType.UPDATE:
+            if p.size == 0 or p.iova + p.size > ADDR_END or p.uaddr + p.size > ADDR_END \
+                    or p.perm not in (1, 2, 3):
+                log.warning("%s: IOTLB update refused: iova %#x size %#x uaddr %#x perm %d",
+                            self.name, p.iova, p.size, p.uaddr, p.perm)
+                return P.U64(1)
+            self.iotlb.update(p.iova, p.size, p.uaddr, p.perm)
+            self._swap_iotlb()
+        elif p.type == IotlbType.INVALIDATE:
+            # size 0 (or a range past 2^64) reaches to the end of the IOVA space: QEMU sends
+            # a global device-IOTLB flush as addr_mask + 1 == 0, vhost-net reads it so
+            size = ADDR_END - p.iova if p.size == 0 or p.iova + p.size > ADDR_END else p.size
+            self.iotlb.invalidate(p.iova, size)
+            self._swap_iotlb((p.iova, size))
+        else:
+            log.warning("%s: IOTLB message of type %d refused", self.name, p.type)
+            return P.U64(1)
+        return P.U64(0)
+
+    def iotlb_misses(self) -> list[tuple[int, int]]:
+        """(iova, perm) of every translation some ring waits for."""
+        out = []
+        for ring in self.rings:
+            with ring.vq:
+                miss = ring.start_miss or ring.vq.take_miss()
+            if miss is not None:
+                out.append(miss)
+        return out
+
+    def send_iotlb_misses(self) -> bool:
+        """Ask the front-end for every missing translation not asked for in the last
+        MISS_RETRY seconds (on the non-blocking back-end request socket). True while some
+        are outstanding (the caller asks again later)."""
+        misses = self.iotlb_misses() if self.iotlb_active else []
+        now = time.monotonic()
+        for iova, perm in misses:
+            key = (iova & ~0xFFF, perm)
+            if now - self._misses_sent.get(key, -MISS_RETRY) < MISS_RETRY:
+                continue
+            if self.iotlb.covers(iova, perm):
+                continue            # answered meanwhile; the swap already woke the ring
+            if self._send_miss(iova, perm):
+                self._misses_sent[key] = now
+        return bool(misses)
+
+    def _send_miss(self, iova: int, perm: int) -> bool:
+        if self.backend_req is None:
+            return False
+        data = wire.encode_header(BR.IOTLB_MSG, C.VERSION, 32) + \
+            P.IotlbMsg(iova, 0, 0, perm, IotlbType.MISS).pack()
+        try:
+            sent = self.backend_req.send(data)
+        except (BlockingIOError, InterruptedError):
+            return False            # the front-end is not reading; try again later
+        except OSError as e:
+            log.error("%s: back-end request channel failed: %s", self.name, e)
+            self._close_backend_req()
+            return False
+        if sent < len(data):
+            log.error("%s: back-end request channel full mid-message; closing it", self.name)
+            self._close_backend_req()
+            return False
+        log.debug("%s: IOTLB miss sent for IOVA %#x perm %d", self.name, iova, perm)
+        return True

@@ -11,7 +11,10 @@ import fcntl
 import logging
 import os
 
+from pyvhost._memory import IotlbMiss
 from pyvhost._vring import VirtQueue
+
+from .iotlb import overlaps
 
 log = logging.getLogger("pyvhost.backend")
 
@@ -40,6 +43,9 @@ class Ring:
         self.errfd = -1
         self.mem = None
         self.log_used_gpa: int | None = None   # VHOST_VRING_F_LOG: log used-ring writes here
+        self.packed = False
+        self.iotlb = None           # ACCESS_PLATFORM: ring addresses are IOVAs (IotlbTable)
+        self.start_miss: tuple[int, int] | None = None   # (iova, perm) the start waits for
 
     def describe(self) -> str:
         state = "started" if self.started else "stopped"
@@ -48,22 +54,65 @@ class Ring:
             state += ",ready"
         if self.vq.broken:
             state += ",broken"
+        if self.start_miss or self.vq.take_miss():
+            state += ",iotlb-miss"
         return f"ring {self.index}: {state} size {self.vq.size} base {self.vq.base}"
 
     def _refresh(self) -> None:
         """Let the data path in exactly when started, addressed and mapped (lock held)."""
         self.vq.enabled = self.enabled
+        self.start_miss = None
         if not (self.started and self.addr_set and self.mem is not None and self.vq.size):
             self.vq.stop()
             return
         try:
-            warning = self.vq.start()
-        except ValueError as e:
+            uvas = self._translate_rings() if self.iotlb is not None else None
+            warning = self.vq.start(uvas)
+        except IotlbMiss as e:
+            # not mapped yet: ask the front-end; the update restarts the ring
+            log.debug("ring %d waits for IOVA %#x (perm %d)", self.index, e.iova, e.perm)
+            self.start_miss = (e.iova, e.perm)
+            self.vq.stop()
+            self.vq.wait_iotlb(e.iova, e.perm)
+            return
+        except (ValueError, PermissionError) as e:
             log.error("ring %d cannot start: %s", self.index, e)
             self.vq.stop()
             return
         if warning:
             log.warning("ring %d: %s", self.index, warning)
+
+    def _areas(self) -> list[tuple[int, int, int]]:
+        """(iova, bytes, perm) of the desc, used and avail areas, as SET_VRING_ADDR gave them."""
+        n = self.vq.size
+        if self.packed:
+            return [(self.vq.desc_uva, 16 * n, 3), (self.vq.used_uva, 4, 3),
+                    (self.vq.avail_uva, 4, 1)]
+        return [(self.vq.desc_uva, 16 * n, 1), (self.vq.used_uva, 6 + 8 * n, 3),
+                (self.vq.avail_uva, 6 + 2 * n, 1)]
+
+    def _translate_rings(self) -> tuple[int, int, int]:
+        """The ring addresses through the IOTLB (IotlbMiss, PermissionError, ValueError)."""
+        return tuple(self.iotlb.translate(iova, size, perm) for iova, size, perm in self._areas())
+
+    def set_iotlb(self, table, invalidated: tuple[int, int] | None = None) -> None:
+        """A new IOTLB (None: ACCESS_PLATFORM off). A running ring keeps its translated
+        addresses unless ``invalidated`` (iova, size) hits them, as in DPDK; a stopped one
+        tries to start again."""
+        with self.vq:
+            mode_changed = (table is None) != (self.iotlb is None)
+            self.iotlb = table
+            self.vq.set_iotlb(table)
+            hit = invalidated is not None and self.addr_set and any(
+                overlaps(iova, size, *invalidated) for iova, size, _ in self._areas())
+            if mode_changed or hit or not self.vq.ready:
+                if hit and self.vq.ready:
+                    log.info("ring %d: its addresses were invalidated; stopped until mapped",
+                             self.index)
+                    self.vq.stop()
+                self._refresh()
+            if table is not None:
+                self.vq.flush_held()        # RX frames that waited for this mapping
 
     def set_memory(self, table) -> None:
         with self.vq:
@@ -100,6 +149,7 @@ class Ring:
     def set_features(self, **kw) -> None:
         with self.vq:
             self.vq.set_features(**kw)
+            self.packed = bool(kw.get("packed", False))
 
     def set_kick(self, fd: int) -> None:
         """A kick fd (or -1 for polling) starts the ring."""
@@ -133,6 +183,7 @@ class Ring:
         """GET_VRING_BASE: stop the ring, drop its kick and call fds, return the base."""
         with self.vq:
             self.vq.stop()
+            self.vq.drop_held()
             self.started = False
             base = self.vq.base
             kick, call = self.vq.kickfd, self.vq.callfd
@@ -153,6 +204,10 @@ class Ring:
             self.vq.set_log(0, 0)
             self.vq.set_log_flags(log_all=False, log_used=False)
             self.vq.set_memory(None)
+            self.vq.set_iotlb(None)
+            self.iotlb = None
+            self.start_miss = None
+            self.vq.missfd = -1
             self.vq.enabled = False
             self.vq.base = 0
         self.set_err(-1)

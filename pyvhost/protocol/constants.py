@@ -87,6 +87,26 @@ class BackendRequest(IntEnum):
     SHARED_OBJECT_LOOKUP = 8
 
 
+class IotlbType(IntEnum):
+    """``type`` of an IOTLB message (IOTLB_MSG and BACKEND_IOTLB_MSG)."""
+
+    MISS = 1
+    UPDATE = 2
+    INVALIDATE = 3
+    ACCESS_FAIL = 4
+    BATCH_BEGIN = 5
+    BATCH_END = 6
+
+
+class IotlbPerm(IntEnum):
+    """``perm`` of an IOTLB message: what the device may do at that address."""
+
+    NONE = 0
+    RO = 1
+    WO = 2
+    RW = 3
+
+
 class ProtocolFeature(IntEnum):
     """Bit numbers of VHOST_USER_PROTOCOL_F_*."""
 
