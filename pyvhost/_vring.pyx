@@ -961,6 +961,9 @@ cdef class VirtQueue:
                      bint packed=False, int ofl_rx=0, int ofl_tx=0):
         if hdr_len not in (10, 12):
             raise ValueError("virtio-net header is 10 or 12 bytes")
+        if self.vq.ready and (packed != self.vq.packed or hdr_len != self.vq.hdr_len or
+                              mrg_rxbuf != self.vq.mrg_rxbuf or event_idx != self.vq.event_idx):
+            raise ValueError("the ring layout cannot change while the ring runs")
         if packed and not self.vq.packed:
             self.vq.avail_wrap = 1          # a fresh packed ring starts at wrap 1
             self.vq.used_wrap = 1
@@ -1049,6 +1052,8 @@ cdef class VirtQueue:
             raise ValueError("no memory table")
         if n == 0:
             raise ValueError("ring size not set")
+        if n & (n - 1) and not self.vq.packed:
+            raise ValueError(f"split ring size {n} is not a power of 2")
         if uvas is not None:
             desc_uva, used_uva, avail_uva = uvas
         desc = uva_to_host(self.vq.mem, desc_uva, 16 * n)
@@ -1085,6 +1090,18 @@ cdef class VirtQueue:
     def stop(self):
         """Keep the data path out (GET_VRING_BASE, reset, disconnect)."""
         self.vq.ready = 0
+
+    def reset_layout(self):
+        """Back to a fresh split ring at index 0 (a new connection negotiates again)."""
+        self.vq.ready = 0
+        self.vq.packed = 0
+        self.vq.avail_wrap = 1
+        self.vq.used_wrap = 1
+        self.vq.last_avail_idx = 0
+        self.vq.last_used_idx = 0
+        self.vq.signalled_used_valid = 0
+        self.vq.broken = 0
+        self.vq.rarp_pending = 0
 
     def set_log(self, uint64_t addr, uint64_t size):
         """The dirty-page bitmap (host address, bytes); 0 for none."""

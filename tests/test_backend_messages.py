@@ -829,3 +829,39 @@ def test_buffers_kicked_before_enable_are_not_lost(server, image):
         thread.join(5)
         for fd in kicks:
             os.close(fd)
+
+
+def test_features_cannot_change_the_layout_of_running_rings(server, image, caplog):
+    """Review finding: a second SET_FEATURES flipping RING_PACKED (or EVENT_IDX, MRG_RXBUF)
+    under a started ring would make the data path read a split ring as packed (or back),
+    past what start() checked. Only LOG_ALL may change at run time."""
+    ring = DriverRing(image, 64)
+    kick = eventfd()
+    try:
+        with frontend(server) as fe:
+            negotiate(fe)
+            mem_table(fe, image)
+            setup_ring(fe, ring, 1, kick=kick)
+            assert fe.ack(R.SET_FEATURES, P.U64(FEATURES | C.bit(F.LOG_ALL))) == 0
+            assert fe.ack(R.SET_FEATURES, P.U64(FEATURES)) == 0
+            assert fe.ack(R.SET_FEATURES, P.U64(FEATURES | C.bit(F.RING_PACKED))) != 0
+            wait_closed(server, fe)
+        assert "while rings are running" in caplog.text
+        assert "internal error" not in caplog.text
+    finally:
+        os.close(kick)
+
+
+def test_a_new_connection_gets_fresh_packed_rings(server):
+    """Review finding: after a packed connection, reset left the wrap counters at 0."""
+    dev = server.device
+    ring = dev.rings[0]
+    with ring.vq:
+        ring.vq.set_features(event_idx=False, indirect=False, mrg_rxbuf=False, hdr_len=12,
+                             packed=True)
+    fresh = ring.vq.base
+    server.run(ring.reset)
+    with ring.vq:
+        ring.vq.set_features(event_idx=False, indirect=False, mrg_rxbuf=False, hdr_len=12,
+                             packed=True)
+    assert ring.vq.base == fresh == 0x80008000

@@ -139,11 +139,19 @@ class VhostUserDevice:
         if p.value & ~self.features_offered:
             raise DeviceError(f"features {p.value:#x} include bits not offered "
                               f"({p.value & ~self.features_offered:#x})")
+        changed = (p.value ^ self.features) & ~C.bit(F.LOG_ALL)
+        if self.features_set and changed and any(r.started for r in self.rings):
+            # only dirty logging may change under running rings (migration toggles it);
+            # anything else would change the ring layout under the data path
+            raise DeviceError(f"features change {changed:#x} while rings are running")
         self.features = p.value
         self.features_set = True
         kw = self.ring_features()
         for ring in self.rings:
-            ring.set_features(**kw)
+            try:
+                ring.set_features(**kw)
+            except ValueError as e:
+                raise DeviceError(f"ring {ring.index}: {e}") from None
         self._apply_logging()
         self._apply_iotlb()
         if not self.has(F.PROTOCOL_FEATURES):

@@ -147,6 +147,7 @@ class Ring:
             self._refresh()
 
     def set_features(self, **kw) -> None:
+        """ValueError if this would change the layout of a running ring."""
         with self.vq:
             self.vq.set_features(**kw)
             self.packed = bool(kw.get("packed", False))
@@ -209,5 +210,5 @@ class Ring:
             self.start_miss = None
             self.vq.missfd = -1
             self.vq.enabled = False
-            self.vq.base = 0
+            self.vq.reset_layout()
         self.set_err(-1)
