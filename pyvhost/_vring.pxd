@@ -110,6 +110,7 @@ cdef struct vq_t:
     uint8_t log_all           # VHOST_F_LOG_ALL negotiated: log every page we write
     uint8_t log_used          # VHOST_VRING_F_LOG: log used-ring writes at log_used_gpa
     uint64_t log_used_gpa
+    uint64_t desc_gpa         # packed: where the descriptor ring is (its used entries are logged)
     uint8_t rarp_pending      # SEND_RARP: a RARP frame heads the next dequeue burst
     uint8_t rarp_mac[6]
     const iotlb_t *iotlb      # ACCESS_PLATFORM: descriptor addresses are IOVAs; else NULL

@@ -684,6 +684,8 @@ cdef inline void put_used_packed(vq_t *vq, uint16_t buf_id, uint32_t length, uin
     d.id = buf_id
     d.len = length
     vh_store_release_u16(&d.flags, flags)
+    if vq.log_all:
+        vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>vq.last_used_idx, 16)
     packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
 
 
@@ -847,6 +849,7 @@ cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil:
     if vq.packed:
         vh_store_relaxed_u16(&vq.used[1],
                              RING_EVENT_FLAGS_ENABLE if on else RING_EVENT_FLAGS_DISABLE)
+        log_used(vq, 2, 2)                   # the device area is the "used" address
     elif vq.event_idx:
         if on:
             vh_store_relaxed_u16(&vq.used[2 + 4 * vq.size], vq.last_avail_idx)
@@ -1047,6 +1050,7 @@ cdef class VirtQueue:
         cdef uint8_t *avail
         cdef uint8_t *used
         cdef uint16_t used_idx
+        cdef uint64_t gpa_len
         self.vq.ready = 0
         if self.mem is None:
             raise ValueError("no memory table")
@@ -1070,6 +1074,9 @@ cdef class VirtQueue:
             raise ValueError("ring addresses are misaligned")
         if self.vq.packed and (self.vq.last_avail_idx >= n or self.vq.last_used_idx >= n):
             raise ValueError("packed ring base beyond the ring size")
+        gpa_len = 16 * n
+        if uva_to_host_gpa(self.vq.mem, desc_uva, &gpa_len, &self.vq.desc_gpa) == NULL:
+            self.vq.desc_gpa = 0
         self.vq.desc = <vring_desc_t *>desc
         self.vq.pdesc = <vring_packed_desc_t *>desc
         self.vq.avail = <uint16_t *>avail

@@ -11,7 +11,7 @@ import pytest
 
 from pyvhost._memory import Mapping
 from pyvhost._pktpool import PacketPool
-from tests.harness.driver import DriverRing, GuestImage
+from tests.harness.driver import DriverRing, GuestImage, PackedDriverRing
 
 PAGE = 4096
 LOG_BYTES = 4096                    # covers 32768 pages = 128 MiB of guest addresses
@@ -110,3 +110,17 @@ def test_rarp_heads_the_next_burst(setup):
     assert rarp[:6] == b"\xff" * 6 and rarp[6:12] == MAC and rarp[12:14] == b"\x80\x35"
     assert rarp[20:22] == b"\x00\x03" and rarp[22:28] == MAC and rarp[32:38] == MAC
     assert vq.recv_burst(pool) == []                       # announced once
+
+
+def test_packed_used_descriptors_are_logged(setup):
+    """Review finding: a packed ring's used entries live in the descriptor ring; they must
+    be dirty-logged too, or the destination resumes from stale descriptors."""
+    image, memory, log_map, view = setup
+    ring = PackedDriverRing(image, 64)
+    vq = ring.make_queue(memory)
+    with vq:
+        vq.set_log(log_map.addr, LOG_BYTES)
+        vq.set_log_flags(log_all=True, log_used=True, log_used_gpa=ring.device_event_gpa)
+    ring.post_tx(b"\x05" * 60)
+    assert len(vq.recv_burst(PacketPool(64, 2048))) == 1
+    assert pages_of(ring.desc_gpa, 16) <= dirty_pages(view)
