@@ -255,6 +255,9 @@ def field_mask(fields):
 
 
 KEY_SIZE = sizeof(flow_key_t)
+ACTION_OPS = {"output": OP_OUTPUT, "flood": OP_FLOOD, "set_vlan": OP_SET_VLAN,
+              "strip_vlan": OP_STRIP_VLAN}
+MAX_OPS = MAX_ACTION_OPS
 EMC_SIZE = EMC_ENTRIES
 
 

@@ -869,6 +869,8 @@ cdef bint vq_pending(vq_t *vq) noexcept nogil:
     return vh_load_acquire_u16(&vq.avail[1]) != vq.last_avail_idx
 
 
+OFFLOAD_BITS = {"csum": OFL_CSUM, "tso4": OFL_TSO4, "tso6": OFL_TSO6}
+
 STAT_NAMES = ("packets", "bytes", "bursts", "calls", "drop_bad_desc", "drop_no_buffer",
               "drop_oversize", "drop_disabled", "drop_no_mbuf", "ring_errors", "drop_bad_hdr",
               "iotlb_misses")

@@ -404,3 +404,23 @@ def test_mapping_close_is_idempotent():
     m.close()
     m.close()
     assert m.closed and maps_count() == maps
+
+
+def test_sealable_memfd_can_no_longer_shrink():
+    """A front-end truncating its memory under the data path would crash it with SIGBUS:
+    a memfd that allows sealing is sealed against shrinking when it is mapped."""
+    from pyvhost.memory import GuestMemory
+    from pyvhost.protocol.payloads import MemRegion
+    fd = os.memfd_create("sealable", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 20)
+    mem = GuestMemory()
+    try:
+        retired = mem.replace([MemRegion(0, 1 << 20, 0x7F0000000000, 0)], [os.dup(fd)])
+        assert retired == []
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 4096)
+        os.ftruncate(fd, 2 << 20)                       # growing stays allowed
+    finally:
+        for m in mem.clear():
+            m.close()
+        os.close(fd)

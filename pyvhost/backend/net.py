@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from pyvhost._vring import OFFLOAD_BITS
 from pyvhost.protocol import constants as C
 from pyvhost.protocol import payloads as P
 from pyvhost.protocol.constants import Feature as F
@@ -20,7 +21,7 @@ NET_FEATURES = C.bits(
     F.NET_CSUM, F.NET_GUEST_CSUM, F.NET_HOST_TSO4, F.NET_HOST_TSO6, F.NET_GUEST_TSO4,
     F.NET_GUEST_TSO6, F.ACCESS_PLATFORM, F.PROTOCOL_FEATURES,
 )
-OFL_CSUM, OFL_TSO4, OFL_TSO6 = 1, 2, 4      # pyvhost._vring's offload bits
+OFL_CSUM, OFL_TSO4, OFL_TSO6 = (OFFLOAD_BITS[k] for k in ("csum", "tso4", "tso6"))
 NET_PROTOCOL_FEATURES = C.bits(
     PF.MQ, PF.REPLY_ACK, PF.NET_MTU, PF.RARP, PF.STATUS, PF.CONFIGURE_MEM_SLOTS, PF.BACKEND_REQ,
     PF.LOG_SHMFD,

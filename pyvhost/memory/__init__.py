@@ -8,6 +8,7 @@ the retired mappings afterwards is the backend's job. Depends on pyvhost._memory
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
@@ -42,6 +43,16 @@ class Region:
                 f"offset {self.mmap_offset:#x}")
 
 
+def _forbid_shrinking(fd: int) -> None:
+    """A front-end that truncated its memory file under us would crash the data path with
+    SIGBUS. Seal a memfd against shrinking when it allows it (QEMU's memory-backend-memfd
+    is sealed already); files that cannot be sealed (tmpfs, hugetlbfs) are taken as they are."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        pass
+
+
 def _map_fd(fd: int, size: int, mmap_offset: int) -> Mapping:
     """Map [0, mmap_offset + size) of ``fd`` rounded up to its block size; closes ``fd``."""
     try:
@@ -52,6 +63,7 @@ def _map_fd(fd: int, size: int, mmap_offset: int) -> Mapping:
         if stat.S_ISREG(st.st_mode) and end > st.st_size:
             raise GuestMemoryError(
                 f"region ends at file offset {end:#x}, past the file's {st.st_size:#x} bytes")
+        _forbid_shrinking(fd)
         block = max(st.st_blksize, os.sysconf("SC_PAGE_SIZE"))
         length = (end + block - 1) // block * block
         try:

@@ -10,11 +10,14 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
+from pyvhost._flow import ACTION_OPS
+
 from .fdb import Fdb
 from .flows import Flow, covers, key_matches
 
-OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN = 1, 2, 3, 4
-NO_RULE = 0xFFFF
+OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN = (
+    ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan"))
+NO_RULE = 0xFFFF          # beyond the datapath's rule slots: matched nothing, counted nowhere
 
 
 NORMAL_FIELDS = frozenset({"in_port", "dl_src", "dl_dst", "dl_vlan"})
