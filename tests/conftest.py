@@ -3,13 +3,16 @@ factories for peers that are always stopped when a test ends, however it ends.""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.harness import processes
+from tests.harness import processes, vhost_client
+from tests.harness.driver import GuestImage
 from tests.harness.testpmd import Testpmd
 
 
@@ -55,3 +58,34 @@ def reflectors(workdir):
     finally:
         for proc in reversed(made):
             proc.stop()
+
+
+# -- the in-process back-end of tests/harness/vhost_client.py --------------------------
+
+@pytest.fixture
+def sockdir():
+    d = tempfile.mkdtemp(prefix="pvm", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server(sockdir):
+    s = vhost_client.Server(os.path.join(sockdir, "vhost.sock"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def image():
+    with GuestImage((vhost_client.MiB, vhost_client.MiB)) as img:
+        yield img
+
+
+@pytest.fixture(autouse=True)
+def _close_sent_fds():
+    """Our copies of the fds a test sent to a back-end (vhost_client.region_fds)."""
+    yield
+    while vhost_client._TO_CLOSE:
+        with contextlib.suppress(OSError):
+            os.close(vhost_client._TO_CLOSE.pop())

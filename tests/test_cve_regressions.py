@@ -39,7 +39,6 @@ from pyvhost.protocol import constants as C
 from pyvhost.protocol import payloads as P
 from pyvhost.protocol.constants import Request as R
 from pyvhost.protocol.messages import RequestError, check_request
-from tests import test_backend_messages as tbm
 from tests.harness.driver import (
     F_NEXT,
     DriverRing,
@@ -48,7 +47,7 @@ from tests.harness.driver import (
     packed_flags,
     vnet_hdr,
 )
-from tests.test_backend_messages import (
+from tests.harness.vhost_client import (
     eventfd,
     fd_count,
     frontend,
@@ -56,12 +55,6 @@ from tests.test_backend_messages import (
     negotiate,
     wait_closed,
 )
-
-# the in-process back-end fixtures of test_backend_messages
-sockdir = tbm.sockdir
-server = tbm.server
-image = tbm.image
-_close_sent_fds = tbm._close_sent_fds
 
 MiB = 1 << 20
 

@@ -20,15 +20,9 @@ from pyvhost.backend import NET_FEATURES
 from pyvhost.protocol import constants as C
 from pyvhost.protocol import payloads as P
 from pyvhost.protocol.constants import Request as R
-from tests import test_backend_messages as tbm
 from tests.harness.driver import DriverRing
 from tests.harness.fuzzing import Counter, fuzz_settings
-from tests.test_backend_messages import _TO_CLOSE, FEATURES, PROTOCOL, eventfd, fd_count, frontend
-
-# the in-process back-end fixtures of test_backend_messages
-sockdir = tbm.sockdir
-server = tbm.server
-image = tbm.image
+from tests.harness.vhost_client import _TO_CLOSE, FEATURES, PROTOCOL, eventfd, fd_count, frontend
 
 EXAMPLES = 150
 

@@ -24,12 +24,9 @@ from pyvhost.protocol.constants import Feature as F
 from pyvhost.protocol.constants import IotlbType
 from pyvhost.protocol.constants import ProtocolFeature as PF
 from pyvhost.protocol.constants import Request as R
-from tests import test_backend_messages as tbm
+from tests.harness import vhost_client
 from tests.harness.driver import DriverRing
-from tests.test_backend_messages import FEATURES, fd_count, frontend, mem_table, negotiate
-
-# the in-process back-end fixtures of test_backend_messages
-server, image, sockdir, _close_sent_fds = tbm.server, tbm.image, tbm.sockdir, tbm._close_sent_fds
+from tests.harness.vhost_client import FEATURES, fd_count, frontend, mem_table, negotiate
 
 IOMMU_FEATURES = FEATURES | C.bit(F.ACCESS_PLATFORM)
 IOMMU_PROTOCOL = C.bits(PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ)
@@ -241,8 +238,8 @@ def test_reset_on_disconnect_and_no_leak(server, image):
         assert dev.iotlb_event_fd == -1 and len(dev.iotlb) == 0
         assert dev.backend_req is None
         assert all(r.vq.iotlb is None for r in dev.rings)
-    while tbm._TO_CLOSE:                      # our copies of the region fds we sent
-        os.close(tbm._TO_CLOSE.pop())
+    while vhost_client._TO_CLOSE:                      # our copies of the region fds we sent
+        os.close(vhost_client._TO_CLOSE.pop())
     assert fd_count() == before
 
 
