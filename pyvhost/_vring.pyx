@@ -267,6 +267,35 @@ cdef bint tx_header_ok(vq_t *vq, pkt_t *p) noexcept nogil:
     return False
 
 
+cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint32_t niov,
+                              uint64_t total, bint bad, pkt_t **pkts,
+                              uint32_t *nout) noexcept nogil:
+    """One guest TX chain (split or packed) into a packet appended to ``pkts``, or counted
+    as dropped. -1 when no packet buffer is free: the chain must stay in the ring."""
+    cdef uint32_t hdr = vq.hdr_len
+    cdef pkt_t *pkt
+    if bad or total < hdr:
+        vq.st.drop_bad_desc += 1
+    elif not vq.enabled:
+        vq.st.drop_disabled += 1
+    elif total - hdr > pool.buf_size:
+        vq.st.drop_oversize += 1
+    else:
+        pkt = pool_get(pool)
+        if pkt == NULL:
+            vq.st.drop_no_mbuf += 1
+            return -1
+        copy_out(iov, niov, total, hdr, pkt)
+        if tx_header_ok(vq, pkt):
+            pkts[nout[0]] = pkt
+            nout[0] += 1
+            vq.st.bytes += pkt.len
+        else:
+            vq.st.drop_bad_hdr += 1
+            pool_put(pool, pkt)
+    return 0
+
+
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
     """Guest TX -> packets: up to ``count`` frames copied out of the guest's buffers."""
     cdef uint32_t lead = 0
@@ -306,17 +335,15 @@ cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
                             uint32_t count) noexcept nogil:
     cdef uint16_t avail_idx, head
     cdef int avail
-    cdef uint32_t i, nout = 0, niov, hdr
+    cdef uint32_t i, nout = 0, niov
     cdef uint64_t total
     cdef iov_t iov[MAX_IOV]
-    cdef pkt_t *pkt
     cdef int rc
     avail = avail_count(vq, &avail_idx)
     if avail <= 0:
         return 0
     if <uint32_t>avail < count:
         count = avail
-    hdr = vq.hdr_len
     for i in range(count):
         head = vh_load_relaxed_u16(&vq.avail[2 + ((vq.last_avail_idx) & (vq.size - 1))])
         if head >= vq.size:
@@ -327,25 +354,8 @@ cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
         rc = walk_chain(vq, head, False, iov, &niov, &total)
         if rc == -3:
             break                           # not mapped yet: stays in the ring
-        if rc < 0 or total < hdr:
-            vq.st.drop_bad_desc += 1
-        elif not vq.enabled:
-            vq.st.drop_disabled += 1
-        elif total - hdr > pool.buf_size:
-            vq.st.drop_oversize += 1
-        else:
-            pkt = pool_get(pool)
-            if pkt == NULL:
-                vq.st.drop_no_mbuf += 1
-                break                       # leave it in the ring for the next burst
-            copy_out(iov, niov, total, hdr, pkt)
-            if tx_header_ok(vq, pkt):
-                pkts[nout] = pkt
-                nout += 1
-                vq.st.bytes += pkt.len
-            else:
-                vq.st.drop_bad_hdr += 1
-                pool_put(pool, pkt)
+        if receive_chain(vq, pool, iov, niov, total, rc < 0, pkts, &nout) < 0:
+            break                           # no packet buffer: it stays in the ring
         put_used(vq, head, 0)
         vq.last_avail_idx += 1
     if vq.last_used_idx != vh_load_relaxed_u16(&vq.used[1]):
@@ -714,12 +724,11 @@ cdef void notify_guest_packed(vq_t *vq) noexcept nogil:
 
 cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
                              uint32_t count) noexcept nogil:
-    cdef uint32_t i, nout = 0, niov, nslots, hdr = vq.hdr_len, used = 0
+    cdef uint32_t i, nout = 0, niov, nslots, used = 0
     cdef uint64_t total
     cdef uint16_t buf_id
     cdef int rc
     cdef iov_t iov[MAX_IOV]
-    cdef pkt_t *pkt
     for i in range(count):
         if not packed_avail(vq, vq.last_avail_idx, vq.avail_wrap):
             break
@@ -731,25 +740,8 @@ cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
             vq.broken = 1
             vq.st.ring_errors += 1
             break
-        if rc < 0 or total < hdr:
-            vq.st.drop_bad_desc += 1
-        elif not vq.enabled:
-            vq.st.drop_disabled += 1
-        elif total - hdr > pool.buf_size:
-            vq.st.drop_oversize += 1
-        else:
-            pkt = pool_get(pool)
-            if pkt == NULL:
-                vq.st.drop_no_mbuf += 1
-                break
-            copy_out(iov, niov, total, hdr, pkt)
-            if tx_header_ok(vq, pkt):
-                pkts[nout] = pkt
-                nout += 1
-                vq.st.bytes += pkt.len
-            else:
-                vq.st.drop_bad_hdr += 1
-                pool_put(pool, pkt)
+        if receive_chain(vq, pool, iov, niov, total, rc < 0, pkts, &nout) < 0:
+            break
         put_used_packed(vq, buf_id, 0, nslots, False)
         packed_advance(&vq.last_avail_idx, &vq.avail_wrap, nslots, vq.size)
         used += 1
