@@ -386,7 +386,9 @@ def test_no_fd_or_mapping_leaks_over_replace_cycles():
             for m in gm.remove(MemRegion(1 << 30, PAGE, 0x7F2000000000, 0)):
                 m.close()
     assert fd_count() == fds
-    assert maps_count() == maps
+    # 200 cycles of leaked mappings would show as hundreds; the allocators (Python's, and
+    # ASan's in make asan-test) may map a region of their own meanwhile
+    assert maps_count() <= maps + 2
     for m in gm.clear():
         m.close()
     for f in src:
