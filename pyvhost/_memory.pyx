@@ -113,13 +113,6 @@ cdef class MemTable:
             memcpy(p, &data[done], n)
             done += n
 
-    def uva_to_gpa(self, uint64_t uva):
-        """The guest physical address of a front-end virtual address; KeyError if unmapped."""
-        cdef uint64_t n = 1, gpa = 0
-        if uva_to_host_gpa(self.table, uva, &n, &gpa) == NULL:
-            raise KeyError(f"front-end address {uva:#x} is in no region")
-        return gpa
-
 
 class IotlbMiss(KeyError):
     """An IOVA with no IOTLB entry: ask the front-end (``iova``, ``perm``)."""

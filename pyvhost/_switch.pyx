@@ -241,9 +241,6 @@ cdef class Datapath:
         cdef port_t *p = self._port(port_id)
         return [(p.rxq_ns[q], p.rxq_packets[q]) for q in range(p.nqueues)]
 
-    def port_queues(self, int port_id):
-        return self._port(port_id).nqueues
-
     def new_pmd(self, int pmd_id, int pool_size=4096, int buf_size=65600):
         pmd = Pmd(self, pmd_id, PacketPool(pool_size, buf_size))
         self.pmds.append(pmd)

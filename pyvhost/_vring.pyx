@@ -1125,9 +1125,6 @@ cdef class VirtQueue:
         cdef uint64_t *s = <uint64_t *>&self.vq.st
         return {name: s[i] for i, name in enumerate(STAT_NAMES)}
 
-    def reset_stats(self):
-        memset(&self.vq.st, 0, sizeof(vq_stats_t))
-
     # -- data path for Python callers (the Python device API and tests) ---------------
     def set_notify(self, bint on):
         with nogil:

@@ -401,10 +401,10 @@ def _status(fe, image):
 
 # name -> (what to send, text the log line must contain, negotiate first)
 MALFORMED = {
-    "bad_version": (_bad_version, "request 3: bad version", False),
-    "reply_flag_on_request": (_reply_flag, "request 3: reply flag", False),
-    "unknown_flag": (_unknown_flag, "request 3: unknown flags", False),
-    "oversized": (_oversized, "request 25: payload size", False),
+    "bad_version": (_bad_version, "SET_OWNER: bad version", False),
+    "reply_flag_on_request": (_reply_flag, "SET_OWNER: reply flag", False),
+    "unknown_flag": (_unknown_flag, "SET_OWNER: unknown flags", False),
+    "oversized": (_oversized, "SET_CONFIG: payload size", False),
     "unknown_request": (_unknown(99), "unknown request id 99", False),
     "request_0": (_unknown(0), "unknown request id 0", False),
     "short_payload": (_short_payload, "SET_FEATURES: U64 payload is 4 bytes", False),

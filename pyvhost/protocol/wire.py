@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import constants as C
+from .constants import request_name
 
 HEADER = struct.Struct("=III")
 _FD_SPACE = socket.CMSG_SPACE(C.MAX_FDS * array.array("i").itemsize)
@@ -47,13 +48,13 @@ def encode_header(request: int, flags: int, size: int) -> bytes:
 def check_header(request: int, flags: int, size: int, *, reply: bool) -> None:
     """Header rules: version 1, the reply bit as expected, no unknown flags, bounded size."""
     if flags & C.VERSION_MASK != C.VERSION:
-        raise WireError(f"request {request}: bad version in flags {flags:#x}")
+        raise WireError(f"{request_name(request)}: bad version in flags {flags:#x}")
     if flags & ~C.KNOWN_FLAGS:
-        raise WireError(f"request {request}: unknown flags {flags:#x}")
+        raise WireError(f"{request_name(request)}: unknown flags {flags:#x}")
     if bool(flags & C.FLAG_REPLY) != reply:
-        raise WireError(f"request {request}: reply flag {'missing' if reply else 'set'}")
+        raise WireError(f"{request_name(request)}: reply flag {'missing' if reply else 'set'}")
     if size > C.MAX_PAYLOAD:
-        raise WireError(f"request {request}: payload size {size} exceeds {C.MAX_PAYLOAD}")
+        raise WireError(f"{request_name(request)}: payload size {size} exceeds {C.MAX_PAYLOAD}")
 
 
 def _take_fds(ancdata, into: list[int]) -> None:

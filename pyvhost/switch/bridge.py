@@ -72,12 +72,6 @@ class Bridge:
                     return p
         return None
 
-    def port_by_id(self, port_id: int):
-        for p in self.ports.values():
-            if p.port_id == port_id:
-                return p
-        return None
-
     # -- rules ----------------------------------------------------------------------------
     def add_rule(self, flow: Flow, slot: int, now: float) -> Rule:
         with self.lock:

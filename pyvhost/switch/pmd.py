@@ -133,8 +133,3 @@ class PmdSet:
         for i, pmd in enumerate(self.pmds):
             pmd.set_rxqs(plan.get(i, []))
 
-    def busy_fraction(self, i: int) -> float:
-        s = self.pmds[i].stats()
-        total = s["busy_ns"] + s["idle_ns"]
-        return s["busy_ns"] / total if total else 0.0
-

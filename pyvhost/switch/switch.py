@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -366,9 +365,5 @@ class Switch:
                     f"  processing cycles: {s['busy_ns']} ({100 * s['busy_ns'] / cycles:.2f}%)",
                     f"  sleeps: {s['sleeps']}"]
         return "\n".join(out)
-
-
-def default_run_dir() -> str:
-    return os.path.join(os.getcwd(), "run")
 
 
