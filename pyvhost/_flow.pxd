@@ -1,20 +1,27 @@
-# Flow keys, their extraction from frames, compiled action lists and the exact-match
-# flow cache (EMC) of a PMD thread. No rule language here: the slow path compiles rules
-# into ``actions_t``.
+# Flow keys and their extraction from frames, the compiled action lists the caches hold
+# (with the dependencies that say when a cached decision is stale), the exact-match cache
+# (EMC) and the megaflow cache of a PMD thread. No rule language, no rules, no MAC table:
+# the classifier (_classifier) and the switch (_switch) fill ``actions_t``.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._pktpool cimport pkt_t
 
 cdef enum:
-    MAX_ACTION_OPS = 16
+    KEY_WORDS = 5
+    MAX_ACTION_OPS = 32
+    MAX_HOPS = 8           # rules one lookup may pass through (goto_table)
     OP_OUTPUT = 1          # arg: port id
     OP_FLOOD = 2           # every port of the bridge but the input
     OP_SET_VLAN = 3        # arg: vid (push a tag if none)
     OP_STRIP_VLAN = 4
+    OP_NORMAL = 5          # MAC learning: resolved by the upcall, never cached
     EMC_ENTRIES = 8192
-    MF_MASKS = 8            # distinct wildcard masks a PMD keeps
-    MF_ENTRIES = 4096       # entries per mask (direct-mapped)
+    MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
+    MF_PROBE = 8           # slots an entry may sit from its home slot
+    MF_MIN_SLOTS = 4096
     ETH_P_8021Q = 0x8100
+    NO_FDB = 0xFFFFFFFF
+    DEP_LEARN = 1          # stale when the bridge learns a new MAC (flooded: unknown dst)
 
 cdef struct flow_key_t:
     uint16_t in_port
@@ -30,50 +37,79 @@ cdef struct flow_key_t:
     uint16_t tp_src         # host order
     uint16_t tp_dst
     uint16_t pad1
-    uint32_t pad2           # the key is exactly five 64-bit words (flow_hash)
+    uint32_t pad2           # the key is exactly KEY_WORDS 64-bit words
 
 cdef struct action_op_t:
     uint16_t op
     uint16_t arg
 
 cdef struct actions_t:
+    # what to do
     uint16_t n_ops
-    uint16_t rule          # slot of the rule that matched (for its counters)
+    uint16_t n_rules
     action_op_t ops[MAX_ACTION_OPS]
+    void *rules[MAX_HOPS]   # the classifier rules whose counters this entry feeds
+    # when it stops being true (checked by the switch on every cache hit)
+    uint16_t bridge
+    uint16_t flags          # DEP_LEARN
+    uint32_t gen            # the datapath's generation (ports, bridges)
+    uint32_t rule_gen       # the bridge classifier's generation
+    uint32_t learn_gen      # the bridge MAC table's add generation (DEP_LEARN)
+    uint32_t src_idx        # MAC table entries the decision used, NO_FDB if none
+    uint32_t src_ver
+    uint32_t dst_idx
+    uint32_t dst_ver
+
+ctypedef int (*valid_fn)(void *ctx, const actions_t *a) noexcept nogil
 
 cdef struct emc_entry_t:
     uint32_t hash
-    uint32_t gen
+    uint32_t pad
     flow_key_t key
     actions_t actions
 
 cdef struct emc_t:
     emc_entry_t e[EMC_ENTRIES]
 
+cdef struct mf_mask_t:
+    uint64_t mask[KEY_WORDS]
+    uint32_t refs           # live entries under this mask
+    uint32_t in_use
+    uint64_t hits
+
 cdef struct mf_entry_t:
     uint32_t hash
-    uint32_t gen
-    uint64_t key[5]         # the key with the mask applied
+    uint16_t mask_id        # 0xFFFF: empty slot
+    uint16_t pad
+    uint32_t last_used      # the PMD's millisecond clock
+    uint32_t pad2
+    uint64_t key[KEY_WORDS] # the key with the mask applied
     actions_t actions
 
-cdef struct mf_sub_t:
-    uint64_t mask[5]
-    uint32_t gen            # generation the subtable was (re)made in
-    uint32_t used
-    mf_entry_t e[MF_ENTRIES]
-
-cdef struct mf_t:           # the wildcard ("megaflow") cache behind the EMC
-    uint32_t nsub
-    uint32_t next_victim
-    mf_sub_t sub[MF_MASKS]
+cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged by mask
+    uint32_t nslots         # power of 2, grows up to 2 * limit
+    uint32_t limit          # most entries kept (eviction prefers the least recently used)
+    uint32_t count
+    uint32_t nmasks
+    mf_entry_t *e
+    uint16_t order[MF_MAX_MASKS]   # masks in lookup order (most hit first)
+    mf_mask_t masks[MF_MAX_MASKS]
+    uint64_t evictions
+    uint64_t lookups_per_hit_num   # subtables searched, summed over hits
+    uint64_t hits
 
 
 cdef void flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil
 cdef uint32_t flow_hash(const flow_key_t *k) noexcept nogil
-cdef const actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h, uint32_t gen) noexcept nogil
-cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, uint32_t gen, const actions_t *a) noexcept nogil
-cdef const actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t gen) noexcept nogil
-cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t gen,
+cdef uint32_t masked_hash(const uint64_t *w, const uint64_t *mask, uint64_t *out) noexcept nogil
+cdef actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h) noexcept nogil
+cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_t *a) noexcept nogil
+cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil
+cdef void mf_free(mf_t *mf) noexcept nogil
+cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
+                          void *ctx) noexcept nogil
+cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t now_ms,
                     const actions_t *a) noexcept nogil
+cdef void mf_flush(mf_t *mf) noexcept nogil
 cdef int vlan_set(pkt_t *p, uint16_t vid) noexcept nogil
 cdef void vlan_strip(pkt_t *p) noexcept nogil

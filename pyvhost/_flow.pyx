@@ -1,11 +1,12 @@
 # cython: language_level=3
 """Compiled flow handling for the switch's fast path: parse a frame into a ``flow_key_t``
-(in_port, VLAN, Ethernet, IPv4/ARP, TCP/UDP/ICMP), hash it, look it up in a PMD's
-exact-match cache, and the VLAN rewrites actions need. Also the Python view of a key
-(``key_dict``) for the slow path. No rules, no ports, no rings here.
+(in_port, VLAN, Ethernet, IPv4/ARP, TCP/UDP/ICMP), hash it, the PMD's exact-match cache
+and megaflow cache, and the VLAN rewrites actions need. Also the Python view of a key
+(``key_dict``, ``pack_key``). No rules, no MAC table, no ports, no rings here.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memmove, memset
 
 from pyvhost._pktpool cimport PacketPool, pkt_t, pool_get, pool_put
@@ -51,101 +52,216 @@ cdef void flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept
                 k.tp_dst = d[off + 1]
 
 
+cdef inline uint64_t mix(uint64_t h, uint64_t w) noexcept nogil:
+    h ^= w
+    h *= 0xFF51AFD7ED558CCDULL
+    return h ^ (h >> 32)
+
+
 cdef uint32_t flow_hash(const flow_key_t *k) noexcept nogil:
-    cdef uint64_t w[5]
+    cdef uint64_t w[KEY_WORDS]
     cdef uint64_t h = 0x9E3779B97F4A7C15ULL
     cdef int i
     memcpy(w, k, sizeof(flow_key_t))
-    for i in range(5):
-        h ^= w[i]
-        h *= 0xFF51AFD7ED558CCDULL
-        h ^= h >> 32
+    for i in range(KEY_WORDS):
+        h = mix(h, w[i])
     return <uint32_t>h
 
 
-cdef const actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h,
-                                 uint32_t gen) noexcept nogil:
+cdef uint32_t masked_hash(const uint64_t *w, const uint64_t *mask, uint64_t *out) noexcept nogil:
+    """Hash of ``w & mask``, the masked words written to ``out``."""
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL
+    cdef int i
+    for i in range(KEY_WORDS):
+        out[i] = w[i] & mask[i]
+        h = mix(h, out[i])
+    return <uint32_t>h
+
+
+# -- exact-match cache ------------------------------------------------------------------------
+
+cdef actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h) noexcept nogil:
+    """The entry for exactly this key, or NULL; the caller checks it is still valid."""
     cdef emc_entry_t *e = &emc.e[h & (EMC_ENTRIES - 1)]
-    if e.gen == gen and e.hash == h and memcmp(&e.key, k, sizeof(flow_key_t)) == 0:
+    if e.hash == h and e.actions.gen != 0 and memcmp(&e.key, k, sizeof(flow_key_t)) == 0:
         return &e.actions
     return NULL
 
 
-cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, uint32_t gen,
-                     const actions_t *a) noexcept nogil:
+cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_t *a) noexcept nogil:
     cdef emc_entry_t *e = &emc.e[h & (EMC_ENTRIES - 1)]
     e.hash = h
-    e.gen = gen
     memcpy(&e.key, k, sizeof(flow_key_t))
     memcpy(&e.actions, a, sizeof(actions_t))
 
 
-cdef inline uint32_t masked_hash(const uint64_t *w, const uint64_t *mask,
-                                 uint64_t *out) noexcept nogil:
-    cdef uint64_t h = 0x9E3779B97F4A7C15ULL
-    cdef int i
-    for i in range(5):
-        out[i] = w[i] & mask[i]
-        h ^= out[i]
-        h *= 0xFF51AFD7ED558CCDULL
-        h ^= h >> 32
-    return <uint32_t>h
+# -- megaflow cache ---------------------------------------------------------------------------
+# One open-addressing table per PMD; an entry is (mask id, masked key) -> actions. A lookup
+# tries the masks most-hit first; an entry that is no longer valid is freed where it is
+# found. Inserting into a full neighbourhood (or a full cache) evicts the least recently
+# used entry there. The table grows by doubling up to twice the entry limit; only its PMD
+# thread touches it.
+
+cdef inline uint32_t mf_hash(uint32_t h, uint32_t mask_id) noexcept nogil:
+    return <uint32_t>mix(h, mask_id + 1)
 
 
-cdef const actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t gen) noexcept nogil:
-    """The cached actions of the first subtable whose masked key matches, or NULL."""
-    cdef uint64_t w[5]
-    cdef uint64_t m[5]
-    cdef uint32_t s, h
-    cdef mf_sub_t *sub
+cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil:
+    cdef uint32_t i
+    memset(mf, 0, sizeof(mf_t))
+    mf.limit = limit if limit > 0 else 1
+    mf.nslots = MF_MIN_SLOTS
+    mf.e = <mf_entry_t *>calloc(mf.nslots, sizeof(mf_entry_t))
+    if mf.e == NULL:
+        return -1
+    for i in range(mf.nslots):
+        mf.e[i].mask_id = 0xFFFF
+    return 0
+
+
+cdef void mf_free(mf_t *mf) noexcept nogil:
+    free(mf.e)
+    mf.e = NULL
+
+
+cdef void mf_flush(mf_t *mf) noexcept nogil:
+    cdef uint32_t i
+    for i in range(mf.nslots):
+        mf.e[i].mask_id = 0xFFFF
+    for i in range(mf.nmasks):
+        mf.masks[i].refs = 0
+    mf.count = 0
+
+
+cdef inline void mf_drop(mf_t *mf, mf_entry_t *e) noexcept nogil:
+    mf.masks[e.mask_id].refs -= 1
+    mf.count -= 1
+    e.mask_id = 0xFFFF
+
+
+cdef void mf_grow(mf_t *mf) noexcept nogil:
+    """Double the table (entries that find no slot in their neighbourhood are dropped)."""
+    cdef uint32_t n = mf.nslots * 2, i, j, s
+    cdef mf_entry_t *old = mf.e
+    cdef mf_entry_t *e = <mf_entry_t *>calloc(n, sizeof(mf_entry_t))
+    if e == NULL:
+        return
+    for i in range(n):
+        e[i].mask_id = 0xFFFF
+    for i in range(mf.nslots):
+        if old[i].mask_id == 0xFFFF:
+            continue
+        for j in range(MF_PROBE):
+            s = (old[i].hash + j) & (n - 1)
+            if e[s].mask_id == 0xFFFF:
+                memcpy(&e[s], &old[i], sizeof(mf_entry_t))
+                break
+        else:
+            mf.masks[old[i].mask_id].refs -= 1
+            mf.count -= 1
+    mf.e = e
+    mf.nslots = n
+    free(old)
+
+
+cdef void mf_sort(mf_t *mf) noexcept nogil:
+    """Masks in order of hits (insertion sort over a few hundred ids), then age the hits."""
+    cdef uint32_t i, j
+    cdef uint16_t t
+    for i in range(1, mf.nmasks):
+        t = mf.order[i]
+        j = i
+        while j > 0 and mf.masks[mf.order[j - 1]].hits < mf.masks[t].hits:
+            mf.order[j] = mf.order[j - 1]
+            j -= 1
+        mf.order[j] = t
+    for i in range(mf.nmasks):
+        mf.masks[i].hits >>= 1
+
+
+cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
+                          void *ctx) noexcept nogil:
+    """The valid cached actions of the first mask whose masked key is cached, or NULL."""
+    cdef uint64_t w[KEY_WORDS]
+    cdef uint64_t m[KEY_WORDS]
+    cdef uint32_t i, j, h, id_
+    cdef mf_mask_t *mk
     cdef mf_entry_t *e
     memcpy(w, k, sizeof(flow_key_t))
-    for s in range(mf.nsub):
-        sub = &mf.sub[s]
-        if sub.gen != gen or sub.used == 0:
+    for i in range(mf.nmasks):
+        id_ = mf.order[i]
+        mk = &mf.masks[id_]
+        if mk.refs == 0:
             continue
-        h = masked_hash(w, sub.mask, m)
-        e = &sub.e[h & (MF_ENTRIES - 1)]
-        if e.gen == gen and e.hash == h and memcmp(e.key, m, sizeof(m)) == 0:
-            return &e.actions
+        h = mf_hash(masked_hash(w, mk.mask, m), id_)
+        for j in range(MF_PROBE):
+            e = &mf.e[(h + j) & (mf.nslots - 1)]
+            if e.mask_id == id_ and e.hash == h and memcmp(e.key, m, sizeof(m)) == 0:
+                if valid(ctx, &e.actions):
+                    e.last_used = now_ms
+                    mk.hits += 1
+                    mf.hits += 1
+                    mf.lookups_per_hit_num += i + 1
+                    return &e.actions
+                mf_drop(mf, e)
+                break
     return NULL
 
 
-cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t gen,
+cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t now_ms,
                     const actions_t *a) noexcept nogil:
-    cdef uint64_t w[5]
-    cdef uint32_t s, h
-    cdef mf_sub_t *sub = NULL
+    cdef uint64_t w[KEY_WORDS]
+    cdef uint32_t i, h, id_ = 0xFFFF, free_id = 0xFFFF
     cdef mf_entry_t *e
-    for s in range(mf.nsub):                         # same mask, still current
-        if mf.sub[s].gen == gen and memcmp(mf.sub[s].mask, mask, 5 * sizeof(uint64_t)) == 0:
-            sub = &mf.sub[s]
+    cdef mf_entry_t *slot = NULL
+    cdef mf_entry_t *victim = NULL
+    for i in range(mf.nmasks):
+        if memcmp(mf.masks[i].mask, mask, sizeof(w)) == 0:
+            id_ = i
             break
-    if sub == NULL:
-        for s in range(mf.nsub):                     # a stale subtable to reuse
-            if mf.sub[s].gen != gen:
-                sub = &mf.sub[s]
-                break
-    if sub == NULL:
-        if mf.nsub < MF_MASKS:
-            sub = &mf.sub[mf.nsub]
-            mf.nsub += 1
-        else:
-            sub = &mf.sub[mf.next_victim % MF_MASKS]
-            mf.next_victim += 1
-    if sub.gen != gen or memcmp(sub.mask, mask, 5 * sizeof(uint64_t)) != 0:
-        memset(sub.e, 0, sizeof(sub.e))
-        memcpy(sub.mask, mask, 5 * sizeof(uint64_t))
-        sub.gen = gen
-        sub.used = 0
-    memcpy(w, k, sizeof(flow_key_t))
-    h = masked_hash(w, sub.mask, w)
-    e = &sub.e[h & (MF_ENTRIES - 1)]
-    e.hash = h
-    e.gen = gen
-    memcpy(e.key, w, sizeof(w))
-    memcpy(&e.actions, a, sizeof(actions_t))
-    sub.used += 1
+        if free_id == 0xFFFF and mf.masks[i].refs == 0:
+            free_id = i
+    if id_ == 0xFFFF:
+        if free_id == 0xFFFF:
+            if mf.nmasks == MF_MAX_MASKS:
+                return                               # every mask in use: not cached
+            free_id = mf.nmasks
+            mf.order[mf.nmasks] = free_id
+            mf.nmasks += 1
+        id_ = free_id
+        memcpy(mf.masks[id_].mask, mask, sizeof(w))
+        mf.masks[id_].hits = 0
+        mf.masks[id_].in_use = 1
+    if mf.count + 1 > mf.nslots // 2 and mf.nslots < 2 * mf.limit:
+        mf_grow(mf)
+    memcpy(w, k, sizeof(w))
+    h = mf_hash(masked_hash(w, mf.masks[id_].mask, w), id_)
+    for i in range(MF_PROBE):
+        e = &mf.e[(h + i) & (mf.nslots - 1)]
+        if e.mask_id == 0xFFFF:
+            if slot == NULL:
+                slot = e
+        elif e.mask_id == id_ and e.hash == h and memcmp(e.key, w, sizeof(w)) == 0:
+            memcpy(&e.actions, a, sizeof(actions_t))         # the same flow: new decision
+            e.last_used = now_ms
+            return
+        elif victim == NULL or <int32_t>(now_ms - e.last_used) > <int32_t>(now_ms - victim.last_used):
+            victim = e
+    if slot == NULL or mf.count >= mf.limit:
+        if victim == NULL:
+            return
+        mf_drop(mf, victim)
+        mf.evictions += 1
+        slot = victim
+    slot.hash = h
+    slot.mask_id = id_
+    slot.last_used = now_ms
+    memcpy(slot.key, w, sizeof(w))
+    memcpy(&slot.actions, a, sizeof(actions_t))
+    mf.masks[id_].refs += 1
+    mf.count += 1
+    if (mf.count & 1023) == 0:
+        mf_sort(mf)
 
 
 cdef inline void shift_offload_offsets(pkt_t *p, int delta) noexcept nogil:
@@ -202,6 +318,7 @@ def key_dict(bytes raw):
     memcpy(&k, <const char *>raw, sizeof(flow_key_t))
     return {
         "in_port": k.in_port,
+        "vlan_tci": k.vlan_tci,
         "dl_vlan": (k.vlan_tci & 0x0FFF) if k.vlan_tci else None,
         "dl_dst": bytes(k.dl_dst[:6]),
         "dl_src": bytes(k.dl_src[:6]),
@@ -226,38 +343,53 @@ def frame_key(bytes frame, uint16_t in_port=0):
     return (<char *>&k)[:sizeof(flow_key_t)]
 
 
-cdef dict _field_spans():
+KEY_FIELDS = ("in_port", "vlan_tci", "dl_dst", "dl_src", "dl_type", "nw_src", "nw_dst",
+              "nw_proto", "nw_tos", "tp_src", "tp_dst")
+
+
+def pack_key(dict fields):
+    """A raw ``flow_key_t`` (or a mask of one) from {field: value}: integers for in_port,
+    vlan_tci, dl_type, nw_proto, nw_tos, tp_src, tp_dst; 6 bytes for dl_src/dl_dst; 4 bytes
+    (network order) for nw_src/nw_dst. Absent fields are 0."""
     cdef flow_key_t k
-    cdef size_t base = <size_t>&k
-
-    def span(size_t addr, int size):
-        return (addr - base, size)
-    return {
-        "in_port": span(<size_t>&k.in_port, 2), "dl_vlan": span(<size_t>&k.vlan_tci, 2),
-        "dl_dst": span(<size_t>&k.dl_dst, 6), "dl_src": span(<size_t>&k.dl_src, 6),
-        "dl_type": span(<size_t>&k.dl_type, 2), "nw_src": span(<size_t>&k.nw_src, 4),
-        "nw_dst": span(<size_t>&k.nw_dst, 4), "nw_proto": span(<size_t>&k.nw_proto, 1),
-        "nw_tos": span(<size_t>&k.nw_tos, 1), "tp_src": span(<size_t>&k.tp_src, 2),
-        "tp_dst": span(<size_t>&k.tp_dst, 2),
-    }
-
-
-FIELD_SPANS = _field_spans()
-
-
-def field_mask(fields):
-    """The wildcard mask (raw, key-sized) that keeps exactly ``fields`` of a flow key."""
-    mask = bytearray(sizeof(flow_key_t))
-    for name in fields:
-        off, size = FIELD_SPANS[name]
-        mask[off:off + size] = b"\xff" * size
-    return bytes(mask)
+    memset(&k, 0, sizeof(flow_key_t))
+    for name, v in fields.items():
+        if name == "in_port":
+            k.in_port = v
+        elif name == "vlan_tci":
+            k.vlan_tci = v
+        elif name == "dl_type":
+            k.dl_type = v
+        elif name == "nw_proto":
+            k.nw_proto = v
+        elif name == "nw_tos":
+            k.nw_tos = v
+        elif name == "tp_src":
+            k.tp_src = v
+        elif name == "tp_dst":
+            k.tp_dst = v
+        elif name in ("dl_src", "dl_dst", "nw_src", "nw_dst"):
+            size = 6 if name[0] == "d" else 4
+            if len(v) != size:
+                raise ValueError(f"{name}: {size} bytes expected")
+            if name == "dl_src":
+                memcpy(k.dl_src, <const char *>v, 6)
+            elif name == "dl_dst":
+                memcpy(k.dl_dst, <const char *>v, 6)
+            elif name == "nw_src":
+                memcpy(&k.nw_src, <const char *>v, 4)
+            else:
+                memcpy(&k.nw_dst, <const char *>v, 4)
+        else:
+            raise ValueError(f"no key field {name!r}")
+    return (<char *>&k)[:sizeof(flow_key_t)]
 
 
 KEY_SIZE = sizeof(flow_key_t)
 ACTION_OPS = {"output": OP_OUTPUT, "flood": OP_FLOOD, "set_vlan": OP_SET_VLAN,
-              "strip_vlan": OP_STRIP_VLAN}
+              "strip_vlan": OP_STRIP_VLAN, "normal": OP_NORMAL}
 MAX_OPS = MAX_ACTION_OPS
+MAX_TABLE_HOPS = MAX_HOPS
 EMC_SIZE = EMC_ENTRIES
 
 

@@ -1,16 +1,22 @@
 # cython: language_level=3
-"""The switch's compiled data path: ports (their rings), PMD poll loops, per-PMD exact-match
-flow cache, upcalls to the Python slow path on a miss, action execution, QoS token
-buckets (ingress policing, egress rate limit) and the counters behind pmd-stats-show.
+"""The switch's compiled data path: ports (their rings), bridges (their classifier and MAC
+table), PMD poll loops with an exact-match and a megaflow cache each, the upcall on a
+cache miss, action execution, QoS token buckets (ingress policing, egress rate limit) and
+the counters behind pmd-stats-show.
 
 A PMD thread polls its assigned RX queues (a guest's TX rings) without the GIL: receive a
-burst, police it, look every frame up in its cache, execute the cached actions into
-per-output-port batches, then send each batch into the output guest's RX ring. A cache
-miss takes the GIL and calls the slow path (``upcall``), which returns the actions as
-(op, arg) pairs; they are installed in the cache under the current generation.
-``Datapath.invalidate()`` bumps the generation, which empties every cache at once.
-Ports are freed only after every PMD has passed a quiescent point (``synchronize``).
-This module knows no rule syntax, no MAC table and no sockets.
+burst, police it, look every frame up in its caches, execute the cached actions into
+per-output-port batches, then send each batch into the output guest's RX ring. A miss is
+an upcall, also without the GIL: the bridge's compiled classifier gives the rules' ops and
+the megaflow mask, NORMAL is resolved through the MAC table (learning the source), and
+the result is cached with what it depends on: the datapath generation (ports, bridges),
+the bridge classifier's generation, and the MAC table entries it used (or the table's add
+generation when it flooded an unknown destination). So a learned, moved or expired MAC
+makes stale only the decisions that used it, and a rule change only its bridge's. Cache
+hits refresh the source MAC's entry. Upcall time is limited per input port so a miss
+storm from one port cannot starve the others. Ports and bridges are freed only after
+every PMD has passed a quiescent point (``synchronize``).
+This module knows no rule syntax and no sockets.
 """
 
 import time
@@ -18,10 +24,15 @@ import time
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
+from pyvhost._classifier cimport (
+    Classifier, RULE_NORMAL, cls_lookup, cls_read_lock, cls_result_t, cls_rule_t, cls_t,
+    cls_unlock,
+)
+from pyvhost._fdb cimport MacTable, fdb_learn, fdb_lookup, fdb_t
 from pyvhost._flow cimport (
-    MAX_ACTION_OPS, OP_FLOOD, OP_OUTPUT, OP_SET_VLAN, OP_STRIP_VLAN, actions_t, emc_insert,
-    emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t, mf_insert, mf_lookup, mf_t,
-    vlan_set, vlan_strip,
+    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_FLOOD, OP_NORMAL, OP_OUTPUT, OP_SET_VLAN,
+    OP_STRIP_VLAN, action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash,
+    flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._idle cimport (
     IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
@@ -51,11 +62,13 @@ cdef extern from "vhost_atomic.h" nogil:
 
 cdef enum:
     MAX_PORTS = 256
+    MAX_BRIDGES = 256
     MAX_PORT_QUEUES = 32
-    MAX_RULES = 4096
     MAX_POLL = 512
     CLOCK_EVERY = 64
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
+    UPCALL_WINDOW_NS = 10000000
+    DEFAULT_FLOW_LIMIT = 200000
 
 cdef struct bucket_t:
     int lock
@@ -84,9 +97,15 @@ cdef struct port_t:
     uint64_t drop_tx_full    # the guest had no room
     uint64_t drop_action     # dropped by a rule (no output)
     uint64_t drop_offload    # a TCP super-frame that could not be segmented for this port
+    uint64_t drop_upcall     # misses over the port's share of upcall time
+
+cdef struct bridge_t:
+    cls_t *cls
+    fdb_t *fdb
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
+    bridge_t *bridges[MAX_BRIDGES]
     uint32_t gen
 
 cdef struct rxq_ref_t:
@@ -103,7 +122,50 @@ cdef struct pmd_stats_t:
     uint64_t upcalls
     uint64_t upcall_drops
     uint64_t megaflow_hits
+    uint64_t upcall_ns
+    uint64_t upcall_throttled
 
+
+
+cdef struct keymask_t:
+    uint64_t w[KEY_WORDS]
+
+cdef keymask_t IN_PORT_MASK        # every megaflow matches its input port exactly
+cdef keymask_t NORMAL_MASK         # the fields MAC learning looks at
+
+
+cdef void init_masks():
+    cdef flow_key_t k
+    memset(&k, 0, sizeof(k))
+    k.in_port = 0xFFFF
+    memcpy(IN_PORT_MASK.w, &k, sizeof(k))
+    k.vlan_tci = 0xFFFF
+    memset(k.dl_src, 0xFF, 6)
+    memset(k.dl_dst, 0xFF, 6)
+    memcpy(NORMAL_MASK.w, &k, sizeof(k))
+
+
+init_masks()
+
+
+cdef int entry_valid(void *ctx, const actions_t *a) noexcept nogil:
+    """Is a cached decision still what the slow path would decide? (see the module doc)"""
+    cdef switch_t *sw = <switch_t *>ctx
+    cdef bridge_t *b
+    if a.gen != vh_load_u32(&sw.gen):
+        return 0
+    b = sw.bridges[a.bridge]
+    if b == NULL or a.rule_gen != vh_load_u32(&b.cls.gen):
+        return 0
+    if a.flags & DEP_LEARN and a.learn_gen != vh_load_u32(&b.fdb.add_gen):
+        return 0
+    if a.src_idx != NO_FDB and (a.src_idx >= b.fdb.size or
+                                vh_load_u32(&b.fdb.e[a.src_idx].ver) != a.src_ver):
+        return 0
+    if a.dst_idx != NO_FDB and (a.dst_idx >= b.fdb.size or
+                                vh_load_u32(&b.fdb.e[a.dst_idx].ver) != a.dst_ver):
+        return 0
+    return 1
 
 
 cdef uint32_t bucket_filter(bucket_t *b, pkt_t **pkts, uint32_t n, pktpool_t *pool,
@@ -135,12 +197,12 @@ cdef uint32_t bucket_filter(bucket_t *b, pkt_t **pkts, uint32_t n, pktpool_t *po
 
 
 cdef class Datapath:
-    """The ports table and flow-cache generation shared by every PMD thread."""
+    """The ports and bridges tables and the generation shared by every PMD thread."""
 
     cdef switch_t *sw
     cdef dict port_objs            # port id -> list of VirtQueues kept alive
+    cdef dict bridge_objs          # bridge id -> (Classifier, MacTable) kept alive
     cdef readonly list pmds
-    cdef public object upcall      # callable(bridge, in_port, key bytes) -> (rule, ops) | None
 
     def __cinit__(self):
         self.sw = <switch_t *>calloc(1, sizeof(switch_t))
@@ -148,6 +210,7 @@ cdef class Datapath:
             raise MemoryError()
         self.sw.gen = 1
         self.port_objs = {}
+        self.bridge_objs = {}
         self.pmds = []
 
     def __dealloc__(self):
@@ -155,10 +218,44 @@ cdef class Datapath:
         if self.sw != NULL:
             for i in range(MAX_PORTS):
                 free(self.sw.ports[i])
+            for i in range(MAX_BRIDGES):
+                free(self.sw.bridges[i])
             free(self.sw)
 
+    def set_bridge(self, int bridge_id, Classifier cls, MacTable macs):
+        """Bridge ``bridge_id`` looks up in ``cls`` and learns into ``macs`` (a new MAC table
+        replaces the old one: every cached decision goes, then the old table may go)."""
+        cdef bridge_t *b
+        if not 0 <= bridge_id < MAX_BRIDGES:
+            raise ValueError(f"bridge id {bridge_id} out of range")
+        b = <bridge_t *>calloc(1, sizeof(bridge_t))
+        if b == NULL:
+            raise MemoryError()
+        b.cls = cls.c
+        b.fdb = macs.f
+        old = self.sw.bridges[bridge_id]
+        self.sw.bridges[bridge_id] = b
+        vh_fence_seq_cst()
+        self.invalidate()
+        if old != NULL:
+            self.synchronize()
+            free(old)
+        self.bridge_objs[bridge_id] = (cls, macs)
+
+    def remove_bridge(self, int bridge_id):
+        cdef bridge_t *b
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        b = self.sw.bridges[bridge_id]
+        self.sw.bridges[bridge_id] = NULL
+        vh_fence_seq_cst()
+        self.invalidate()
+        self.synchronize()
+        free(b)
+        del self.bridge_objs[bridge_id]
+
     def invalidate(self):
-        """Every cached flow is stale (rules, learned MACs or ports changed)."""
+        """Every cached flow of every bridge is stale (a port or a bridge came or went)."""
         self.sw.gen += 1
         if self.sw.gen == 0:
             self.sw.gen = 1
@@ -234,15 +331,19 @@ cdef class Datapath:
                 "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes,
                 "drop_police": p.drop_police, "drop_qos": p.drop_qos,
                 "drop_tx_full": p.drop_tx_full, "drop_action": p.drop_action,
-                "drop_offload": p.drop_offload}
+                "drop_offload": p.drop_offload, "drop_upcall": p.drop_upcall}
 
     def rxq_load(self, int port_id):
         """Per RX queue: (processing ns, packets) since the port was added."""
         cdef port_t *p = self._port(port_id)
         return [(p.rxq_ns[q], p.rxq_packets[q]) for q in range(p.nqueues)]
 
-    def new_pmd(self, int pmd_id, int pool_size=4096, int buf_size=65600):
-        pmd = Pmd(self, pmd_id, PacketPool(pool_size, buf_size))
+    def new_pmd(self, int pmd_id, int pool_size=4096, int buf_size=65600,
+                int flow_limit=DEFAULT_FLOW_LIMIT):
+        """A PMD whose megaflow cache keeps at most ``flow_limit`` entries."""
+        if not 1 <= flow_limit <= 50000000:
+            raise ValueError(f"flow-limit {flow_limit} out of range 1..50000000")
+        pmd = Pmd(self, pmd_id, PacketPool(pool_size, buf_size), flow_limit)
         self.pmds.append(pmd)
         return pmd
 
@@ -278,8 +379,13 @@ cdef class Pmd:
     cdef PacketPool pool_obj
     cdef pktpool_t *pool
     cdef emc_t *emc
-    cdef mf_t *mf
+    cdef mf_t mf
     cdef uint32_t mf_hits_since_insert
+    cdef uint32_t now_ms                # the burst's millisecond clock (MAC table ages)
+    cdef uint64_t window_start          # upcall fairness: per-port upcall time per window
+    cdef uint64_t up_budget_ns
+    cdef uint64_t up_ns[MAX_PORTS]
+    cdef uint32_t win_packets[MAX_PORTS]
     cdef rxq_ref_t poll[MAX_POLL]
     cdef int npoll
     cdef rxq_ref_t next_poll[MAX_POLL]
@@ -292,32 +398,26 @@ cdef class Pmd:
     cdef idle_t idle
     cdef vq_t *inputs[MAX_POLL]     # the polled rings, for the idle path
     cdef pmd_stats_t st
-    cdef uint64_t *rule_packets
-    cdef uint64_t *rule_bytes
     cdef pkt_t *batch[MAX_PORTS][MAX_BURST]
     cdef uint32_t nbatch[MAX_PORTS]
     cdef uint16_t touched[MAX_PORTS]
     cdef uint32_t ntouched
 
-    def __cinit__(self, Datapath dp, int pmd_id, PacketPool pool):
+    def __cinit__(self, Datapath dp, int pmd_id, PacketPool pool, int flow_limit):
         self.dp = dp
         self.sw = dp.sw
         self.pmd_id = pmd_id
         self.pool_obj = pool
         self.pool = pool.pool
         self.emc = <emc_t *>calloc(1, sizeof(emc_t))
-        self.mf = <mf_t *>calloc(1, sizeof(mf_t))
-        self.rule_packets = <uint64_t *>calloc(MAX_RULES, sizeof(uint64_t))
-        self.rule_bytes = <uint64_t *>calloc(MAX_RULES, sizeof(uint64_t))
-        if self.emc == NULL or self.mf == NULL or self.rule_packets == NULL or self.rule_bytes == NULL:
+        if self.emc == NULL or mf_init(&self.mf, flow_limit) < 0:
             raise MemoryError()
+        self.up_budget_ns = UPCALL_WINDOW_NS
         idle_init(&self.idle)
 
     def __dealloc__(self):
         free(self.emc)
-        free(self.mf)
-        free(self.rule_packets)
-        free(self.rule_bytes)
+        mf_free(&self.mf)
         idle_free(&self.idle)
 
     # -- control side -------------------------------------------------------------------
@@ -372,52 +472,86 @@ cdef class Pmd:
     def stats(self):
         cdef uint64_t *s = <uint64_t *>&self.st
         names = ("busy_ns", "idle_ns", "packets", "bursts", "emc_hits", "emc_misses",
-                 "upcalls", "upcall_drops", "megaflow_hits")
+                 "upcalls", "upcall_drops", "megaflow_hits", "upcall_ns", "upcall_throttled")
         out = {name: s[i] for i, name in enumerate(names)}
         out["sleeps"] = self.idle.sleeps
+        out["megaflows"] = self.mf.count
+        out["megaflow_masks"] = sum(1 for i in range(self.mf.nmasks) if self.mf.masks[i].refs)
+        out["megaflow_evictions"] = self.mf.evictions
+        out["megaflow_limit"] = self.mf.limit
+        out["subtables_per_hit"] = (self.mf.lookups_per_hit_num / self.mf.hits
+                                    if self.mf.hits else 0.0)
         return out
 
     def clear_stats(self):
         memset(&self.st, 0, sizeof(pmd_stats_t))
         self.idle.sleeps = 0
 
-    def rule_counters(self, int slot):
-        if not 0 <= slot < MAX_RULES:
-            raise IndexError(slot)
-        return self.rule_packets[slot], self.rule_bytes[slot]
-
-    def reset_rule(self, int slot):
-        if 0 <= slot < MAX_RULES:
-            self.rule_packets[slot] = 0
-            self.rule_bytes[slot] = 0
 
     # -- data path ------------------------------------------------------------------------
-    cdef int upcall(self, flow_key_t *k, actions_t *a, uint64_t *mask) noexcept with gil:
-        """Ask the slow path; 0 with ``a`` and the wildcard ``mask`` filled, -1 to drop."""
-        cdef int i = 0
-        cdef const uint8_t[::1] m
-        try:
-            result = self.dp.upcall((<char *>k)[:sizeof(flow_key_t)])
-            if result is None:
-                return -1
-            rule, ops, mask_bytes = result
-            m = mask_bytes
-            if m.shape[0] != sizeof(flow_key_t):
-                raise ValueError("wildcard mask of the wrong size")
-            memcpy(mask, &m[0], sizeof(flow_key_t))
-            if len(ops) > MAX_ACTION_OPS:
-                ops = ops[:MAX_ACTION_OPS]
-            a.rule = rule
-            for op, arg in ops:
-                a.ops[i].op = op
-                a.ops[i].arg = arg
-                i += 1
-            a.n_ops = i
-            return 0
-        except BaseException:
-            import logging
-            logging.getLogger("pyvhost.switch").exception("upcall failed")
+    cdef int upcall(self, port_t *inp, const flow_key_t *k, actions_t *a,
+                    uint64_t *mask) noexcept nogil:
+        """A miss: the bridge's classifier, then NORMAL through its MAC table. 0 with ``a``
+        (and what it depends on) and the megaflow ``mask`` filled; -1 to drop."""
+        cdef bridge_t *b = self.sw.bridges[inp.bridge]
+        cdef cls_result_t res
+        cdef uint32_t i, n = 0
+        cdef int j
+        if b == NULL:
             return -1
+        memset(mask, 0, KEY_WORDS * sizeof(uint64_t))
+        a.gen = vh_load_u32(&self.sw.gen)
+        a.bridge = inp.bridge
+        a.flags = 0
+        a.src_idx = NO_FDB
+        a.dst_idx = NO_FDB
+        cls_read_lock(b.cls)
+        a.rule_gen = b.cls.gen
+        cls_lookup(b.cls, k, mask, &res)
+        cls_unlock(b.cls)
+        if res.overflow:
+            return -1
+        for j in range(KEY_WORDS):
+            mask[j] |= IN_PORT_MASK.w[j]           # a megaflow never crosses ports/bridges
+        a.n_rules = res.n_rules
+        for i in range(res.n_rules):
+            a.rules[i] = res.rules[i]
+        for i in range(res.n_ops):
+            if res.ops[i].op == OP_NORMAL:
+                for j in range(KEY_WORDS):
+                    mask[j] |= NORMAL_MASK.w[j]
+                if self.normal(b, inp, k, a, &a.ops[n]):
+                    n += 1
+            else:
+                a.ops[n] = res.ops[i]
+                n += 1
+        a.n_ops = n
+        return 0
+
+    cdef bint normal(self, bridge_t *b, port_t *inp, const flow_key_t *k, actions_t *a,
+                     action_op_t *op) noexcept nogil:
+        """MAC learning: learn the source, then one op for the destination (or none)."""
+        cdef uint16_t vlan = k.vlan_tci & 0x0FFF if k.vlan_tci else 0
+        cdef uint32_t learn_gen = vh_load_u32(&b.fdb.add_gen)
+        cdef int port
+        if fdb_learn(b.fdb, vlan, k.dl_src, inp.id, self.now_ms, &a.src_idx, &a.src_ver) < 0:
+            a.flags |= DEP_LEARN                   # try again once the table changes
+            a.learn_gen = learn_gen
+        op.arg = 0
+        if k.dl_dst[0] & 1:
+            op.op = OP_FLOOD
+            return True
+        port = fdb_lookup(b.fdb, vlan, k.dl_dst, &a.dst_idx, &a.dst_ver)
+        if port < 0:
+            a.flags |= DEP_LEARN                   # unknown: flood until it is learned
+            a.learn_gen = learn_gen
+            op.op = OP_FLOOD
+            return True
+        if port == inp.id:
+            return False
+        op.op = OP_OUTPUT
+        op.arg = port
+        return True
 
     cdef void flush(self, uint16_t port_id) noexcept nogil:
         cdef uint32_t n = self.nbatch[port_id], sent = 0, q, failed = 0
@@ -520,17 +654,44 @@ cdef class Pmd:
                 vh_add_u64(&inp.drop_action, 1)
             pool_put(self.pool, p)
 
+    cdef void roll_window(self, uint64_t t) noexcept nogil:
+        """A new upcall-fairness window: with several ports sending on this PMD, each may
+        spend at most 1/(2 * active ports) of the window in upcalls; alone, all of it."""
+        cdef uint32_t i, active = 0
+        for i in range(MAX_PORTS):
+            if self.win_packets[i]:
+                active += 1
+        self.up_budget_ns = UPCALL_WINDOW_NS if active <= 1 else UPCALL_WINDOW_NS // (2 * active)
+        memset(self.up_ns, 0, sizeof(self.up_ns))
+        memset(self.win_packets, 0, sizeof(self.win_packets))
+        self.window_start = t
+
+    cdef inline void account(self, const actions_t *a, uint32_t length, uint64_t t) noexcept nogil:
+        """Rule counters, and a cache hit keeps the source MAC's entry from aging out."""
+        cdef uint32_t j
+        cdef cls_rule_t *r
+        cdef bridge_t *b
+        for j in range(a.n_rules):
+            r = <cls_rule_t *>a.rules[j]
+            vh_add_u64(&r.n_packets, 1)
+            vh_add_u64(&r.n_bytes, length)
+            r.used_ns = t
+        if a.src_idx != NO_FDB:
+            b = self.sw.bridges[a.bridge]
+            if b != NULL and a.src_idx < b.fdb.size and b.fdb.e[a.src_idx].used_ms != self.now_ms:
+                b.fdb.e[a.src_idx].used_ms = self.now_ms
+
     cdef uint32_t process_rxq(self, rxq_ref_t *r) noexcept nogil:
         cdef port_t *inp = self.sw.ports[r.port]
         cdef vq_t *vq
         cdef pkt_t *pkts[MAX_BURST]
-        cdef uint32_t n = 0, i, gen
-        cdef uint64_t t0, bytes_ = 0
+        cdef uint32_t n = 0, i
+        cdef uint64_t t0, tu, dt, bytes_ = 0
         cdef flow_key_t key
         cdef uint32_t h
-        cdef const actions_t *a
+        cdef actions_t *a
         cdef actions_t fresh
-        cdef uint64_t mask[5]
+        cdef uint64_t mask[KEY_WORDS]
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         vq = inp.guest_tx[r.queue]
@@ -541,6 +702,10 @@ cdef class Pmd:
         if n == 0:
             return 0
         t0 = now_ns()
+        self.now_ms = <uint32_t>(t0 // 1000000)
+        if t0 - self.window_start > UPCALL_WINDOW_NS:
+            self.roll_window(t0)
+        self.win_packets[inp.id] += n
         for i in range(n):
             bytes_ += pkts[i].len
         vh_add_u64(&inp.rx_packets, n)
@@ -552,31 +717,40 @@ cdef class Pmd:
         for i in range(n):
             flow_extract(pkts[i], inp.id, &key)
             h = flow_hash(&key)
-            gen = vh_load_u32(&self.sw.gen)
-            a = emc_lookup(self.emc, &key, h, gen)
-            if a != NULL:
+            a = emc_lookup(self.emc, &key, h)
+            if a != NULL and entry_valid(self.sw, a):
                 self.st.emc_hits += 1
             else:
                 self.st.emc_misses += 1
-                a = mf_lookup(self.mf, &key, gen)
+                a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw)
                 if a != NULL:
                     self.st.megaflow_hits += 1
                     self.mf_hits_since_insert += 1
                     if self.mf_hits_since_insert >= EMC_INSERT_EVERY:
                         self.mf_hits_since_insert = 0
-                        emc_insert(self.emc, &key, h, gen, a)
+                        emc_insert(self.emc, &key, h, a)
+                elif self.up_ns[inp.id] >= self.up_budget_ns:
+                    self.st.upcall_throttled += 1        # over its share: dropped, counted
+                    vh_add_u64(&inp.drop_upcall, 1)
+                    pool_put(self.pool, pkts[i])
+                    continue
                 else:
                     self.st.upcalls += 1
-                    if self.upcall(&key, &fresh, mask) < 0:
+                    tu = now_ns()
+                    if self.upcall(inp, &key, &fresh, mask) < 0:
                         self.st.upcall_drops += 1
                         pool_put(self.pool, pkts[i])
+                        a = NULL
+                    else:
+                        mf_insert(&self.mf, &key, mask, self.now_ms, &fresh)
+                        emc_insert(self.emc, &key, h, &fresh)
+                        a = &fresh
+                    dt = now_ns() - tu
+                    self.up_ns[inp.id] += dt
+                    self.st.upcall_ns += dt
+                    if a == NULL:
                         continue
-                    mf_insert(self.mf, &key, mask, gen, &fresh)
-                    emc_insert(self.emc, &key, h, gen, &fresh)
-                    a = &fresh
-            if a.rule < MAX_RULES:
-                self.rule_packets[a.rule] += 1
-                self.rule_bytes[a.rule] += pkts[i].len
+            self.account(a, pkts[i].len, t0)
             self.execute(inp, pkts[i], a)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
@@ -644,5 +818,5 @@ cdef class Pmd:
 
 
 def limits():
-    return {"ports": MAX_PORTS, "queues": MAX_PORT_QUEUES, "rules": MAX_RULES,
-            "rxqs_per_pmd": MAX_POLL}
+    return {"ports": MAX_PORTS, "bridges": MAX_BRIDGES, "queues": MAX_PORT_QUEUES,
+            "rxqs_per_pmd": MAX_POLL, "actions": MAX_ACTION_OPS}

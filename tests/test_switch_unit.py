@@ -11,11 +11,18 @@ import sys
 
 import pytest
 
+from pyvhost._classifier import Classifier
+from pyvhost._fdb import MacTable
 from pyvhost._flow import frame_key, key_dict
 from pyvhost.switch import CommandError, Switch, read_config, run_command
-from pyvhost.switch.bridge import NO_RULE, OP_FLOOD, OP_OUTPUT, OP_SET_VLAN, Bridge
-from pyvhost.switch.fdb import Fdb
-from pyvhost.switch.flows import FlowSyntaxError, covers, key_matches, parse_flow, parse_match
+from pyvhost.switch.bridge import OP_NORMAL, OP_OUTPUT, OP_SET_VLAN, Bridge
+from pyvhost.switch.flows import (
+    FlowSyntaxError,
+    match_key,
+    parse_flow,
+    parse_match,
+    parse_selector,
+)
 from tests.harness import processes
 
 MAC1, MAC2 = bytes.fromhex("525400000001"), bytes.fromhex("525400000002")
@@ -44,43 +51,62 @@ def test_parse_flow_round_trip():
     assert f.actions == [("mod_vlan_vid", 5), ("output", "vm2")]
     assert parse_flow(f.format()) == f
     assert parse_flow("actions=normal").priority == 32768
+    g = parse_flow("table=3,cookie=0x1f,idle_timeout=5,hard_timeout=9,priority=7,udp,"
+                   "tp_dst=0x0050/0xfff0,dl_dst=01:00:00:00:00:00/01:00:00:00:00:00,"
+                   "actions=strip_vlan,goto_table:4")
+    assert (g.table, g.cookie, g.idle_timeout, g.hard_timeout, g.goto_table) == (3, 31, 5, 9, 4)
+    assert parse_flow(g.format()) == g
 
 
 @pytest.mark.parametrize("text", [
     "in_port=1", "actions=jump", "foo=1,actions=drop", "nw_proto=300,actions=drop",
     "dl_src=zz:00:00:00:00:00,actions=drop", "nw_dst=10.0.0.300,actions=drop",
     "actions=drop,output:1", "actions=output:", "priority=x,actions=drop", "tcp6,actions=drop",
+    "tp_dst=80,actions=drop", "nw_dst=10.0.0.1,actions=drop", "ip,tp_src=1,actions=drop",
+    "table=2,actions=goto_table:1", "actions=goto_table:1,output:2", "table=300,actions=drop",
+    "dl_vlan=5000,actions=drop", "actions=" + ",".join(["strip_vlan"] * 33),
+    "ip,ip,nw_src=1.2.3.4,nw_src=1.2.3.5,actions=drop",
 ])
 def test_parse_flow_rejects(text):
     with pytest.raises(FlowSyntaxError):
         parse_flow(text)
 
 
+def matches(text: str, raw_key: bytes, in_port: int = 0) -> bool:
+    """Does the compiled classifier match this frame key with this one rule?"""
+    cls = Classifier()
+    mask, value = match_key(parse_match(text), in_port)
+    cls.insert(0, 1, mask, value, [])
+    return bool(cls.lookup(raw_key)[0])
+
+
 def test_key_extraction_and_matching():
-    key = key_dict(frame_key(udp_frame(), in_port=7))
+    raw = frame_key(udp_frame(), in_port=7)
+    key = key_dict(raw)
     assert key["in_port"] == 7 and key["nw_proto"] == 17 and key["tp_dst"] == 53
-    assert key_matches(parse_match("udp,tp_dst=53,nw_src=10.0.0.0/8"), key, 7)
-    assert not key_matches(parse_match("udp,tp_dst=54"), key, 7)
-    assert not key_matches(parse_match("icmp"), key, 7)
-    tagged = key_dict(frame_key(icmp_frame(vlan=42)))
-    assert tagged["dl_vlan"] == 42 and tagged["nw_proto"] == 1
-    assert key_matches(parse_match("dl_vlan=42,icmp"), tagged, 0)
+    assert matches("udp,tp_dst=53,nw_src=10.0.0.0/8", raw)
+    assert matches("in_port=x,udp", raw, in_port=7) and not matches("in_port=x", raw, 8)
+    assert not matches("udp,tp_dst=54", raw)
+    assert matches("udp,tp_dst=0x30/0xfff0", raw) and not matches("udp,tp_dst=0x40/0xfff0", raw)
+    assert not matches("icmp", raw)
+    tagged = frame_key(icmp_frame(vlan=42))
+    assert key_dict(tagged)["dl_vlan"] == 42 and key_dict(tagged)["nw_proto"] == 1
+    assert matches("dl_vlan=42,icmp", tagged) and not matches("dl_vlan=0xffff", tagged)
+    assert matches("dl_vlan=0xffff", raw) and not matches("dl_vlan=42", raw)
     short = key_dict(frame_key(b"\x01\x02"))
     assert short["dl_type"] == 0                           # a runt is a key, not a crash
-    assert covers(parse_match("icmp"), parse_match("icmp,in_port=1"))
-    assert not covers(parse_match("udp"), parse_match("icmp"))
 
 
 # -- learning and classification ------------------------------------------------------------
 
-def test_fdb_learn_move_age():
-    fdb = Fdb(aging=10)
-    assert fdb.learn(0, MAC1, "a", 1, now=0)
-    assert not fdb.learn(0, MAC1, "a", 1, now=1)
-    assert fdb.learn(0, MAC1, "b", 2, now=2)               # moved
-    assert fdb.lookup(0, MAC1) == 2 and fdb.lookup(5, MAC1) is None
-    assert not fdb.learn(0, b"\x01" + MAC1[1:], "a", 1)    # multicast source
-    assert fdb.expire(now=20) == 1 and fdb.lookup(0, MAC1) is None
+def test_mac_table_learn_move_age():
+    macs = MacTable(16, 10)
+    assert macs.learn(0, MAC1, 1, now=0) == 1
+    assert macs.learn(0, MAC1, 1, now=1) == 0
+    assert macs.learn(0, MAC1, 2, now=2) == 2              # moved
+    assert macs.lookup(0, MAC1) == 2 and macs.lookup(5, MAC1) is None
+    assert macs.learn(0, b"\x01" + MAC1[1:], 1) == -1      # multicast source
+    assert macs.expire(now=20000) == 1 and macs.lookup(0, MAC1) is None
 
 
 class FakePort:
@@ -88,28 +114,32 @@ class FakePort:
         self.name, self.port_id, self.ofport = name, port_id, ofport
 
 
-def test_bridge_classify_normal_rules_and_invalidation():
-    changes = []
-    br = Bridge("br0", 0, lambda: changes.append(1))
+def test_bridge_rules_and_trace():
+    br = Bridge("br0", 0)
     p1, p2 = FakePort("p1", 10, 1), FakePort("p2", 11, 2)
-    br.ports = {"p1": p1, "p2": p2}
-    br.add_rule(parse_flow("priority=0,actions=normal"), slot=0, now=0)
-    k12 = key_dict(frame_key(icmp_frame(MAC1, MAC2), 10))
-    assert br.classify(k12, p1)[:2] == (0, [(OP_FLOOD, 0)])    # MAC2 unknown yet
-    k21 = key_dict(frame_key(icmp_frame(MAC2, MAC1), 11))
-    n = len(changes)
-    assert br.classify(k21, p2)[:2] == (0, [(OP_OUTPUT, 10)])  # learned MAC1 behind p1
-    assert len(changes) == n + 1                           # learning MAC2 invalidated
-    br.add_rule(parse_flow("priority=100,icmp,actions=mod_vlan_vid:3,output:2"), 1, 0)
-    assert br.classify(k12, p1)[:2] == (1, [(OP_SET_VLAN, 3), (OP_OUTPUT, 11)])
-    br.add_rule(parse_flow("priority=200,in_port=p1,actions=drop"), 2, 0)
-    slot, ops, fields = br.classify(k12, p1)
-    assert (slot, ops) == (2, []) and fields == {"in_port"}   # nothing else looked at
-    assert len(br.remove_rules(parse_match("in_port=1"))) == 1    # by ofport number
-    br.remove_rules(None)
-    assert br.classify(k12, p1) == (NO_RULE, [], frozenset())   # empty table: drop
+    br.attach(p1)
+    br.attach(p2)
+    br.apply(add=[parse_flow("priority=0,actions=normal")])
+    icmp12 = parse_match("in_port=p1,dl_src=52:54:00:00:00:01,dl_dst=52:54:00:00:00:02,icmp")
+    t = br.trace(icmp12)
+    assert t["outputs"] == ["p2"] and [r.flow.format() for _, r in t["rules"]] == \
+        ["priority=0,actions=normal"]                       # MAC2 unknown: flooded
+    br.macs.learn(0, MAC2, 10)
+    assert br.trace(icmp12)["outputs"] == []                # MAC2 is behind p1 itself
+    br.apply(add=[parse_flow("priority=100,icmp,actions=mod_vlan_vid:3,output:2")])
+    hops, ops, _, _ = br.cls.lookup(frame_key(icmp_frame(MAC1, MAC2), 10))
+    assert ops == [(OP_SET_VLAN, 3), (OP_OUTPUT, 11)]
+    br.apply(add=[parse_flow("priority=200,in_port=p1,actions=drop")])
+    hops, ops, mask, _ = br.cls.lookup(frame_key(icmp_frame(MAC1, MAC2), 10))
+    assert ops == [] and mask == match_key({"in_port": "p1"}, 0xFFFF)[0]   # only in_port
+    by_ofport = br.select(parse_selector("in_port=1"))
+    assert [r.flow.format() for r in by_ofport] == ["priority=200,in_port=p1,actions=drop"]
+    br.apply(remove=list(br.rules.values()))
+    assert br.cls.lookup(frame_key(icmp_frame(MAC1, MAC2), 10))[:2] == ([], [])
     with pytest.raises(ValueError):
-        br.add_rule(parse_flow("actions=output:nope"), 3, 0)
+        br.check(parse_flow("actions=output:nope"))
+    br.apply(add=[parse_flow("actions=normal")])
+    assert br.cls.lookup(frame_key(icmp_frame(MAC1, MAC2), 10))[1] == [(OP_NORMAL, 0)]
 
 
 # -- control plane --------------------------------------------------------------------------

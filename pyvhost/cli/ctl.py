@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyvhost.switch.commands import MAX_FLOW_FILE
 from pyvhost.switch.control import request
 
 
@@ -16,12 +17,39 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+FILE_COMMANDS = ("add-flows", "replace-flows")     # their FILE argument is read here
+
+
+def _with_file(argv: list[str]) -> list[str]:
+    """add-flows/replace-flows BRIDGE FILE: send the file's text (``-``: stdin)."""
+    if len(argv) != 3 or argv[0] not in FILE_COMMANDS:
+        return argv
+    path = argv[2]
+    limit = MAX_FLOW_FILE
+    if path == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes")
+    try:
+        return [argv[0], argv[1], data.decode()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not text ({e})") from None
+
+
 def run(args) -> int:
     if not args.argv:
         print("ctl: no command (try: show)", file=sys.stderr)
         return 2
     try:
-        answer = request(args.control, args.argv)
+        argv = _with_file(args.argv)
+    except (OSError, ValueError) as e:
+        print(f"ctl: {e}", file=sys.stderr)
+        return 1
+    try:
+        answer = request(args.control, argv, timeout=600.0 if argv is not args.argv else 30.0)
     except OSError as e:
         print(f"ctl: cannot reach the switch at {args.control}: {e}", file=sys.stderr)
         return 2

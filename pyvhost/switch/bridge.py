@@ -1,66 +1,62 @@
-"""A bridge: its ports, its rule table (priority order) and its MAC learning table, and
-the slow-path classifier the datapath calls on a flow-cache miss (``classify``), which
-turns the first matching rule into datapath ops (output, flood, VLAN edits) and resolves
-the ``normal`` action through MAC learning. No packets, rings or sockets here.
+"""A bridge: its ports, its rules (kept in a compiled classifier, by id) and its compiled MAC
+table. Turns parsed flows into classifier entries (ports resolved to datapath ids, actions
+to datapath ops), re-resolves rules when the ports they name come or go, applies batches
+of changes all or nothing, and answers dump/del selections and ``trace``. The per-packet
+path never comes here: PMDs use the classifier and MAC table directly. No packets, rings
+or sockets here.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
-from pyvhost._flow import ACTION_OPS
+from pyvhost._classifier import NO_GOTO_TABLE, Classifier
+from pyvhost._fdb import MacTable
+from pyvhost._flow import ACTION_OPS, pack_key
 
-from .fdb import Fdb
-from .flows import Flow, covers, key_matches
+from .flows import Flow, Selector, key_fields, match_key
 
-OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN = (
-    ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan"))
-NO_RULE = 0xFFFF          # beyond the datapath's rule slots: matched nothing, counted nowhere
+OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL = (
+    ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal"))
+NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
+IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
+NORMAL_MASK = pack_key({"vlan_tci": 0xFFFF, "dl_src": b"\xff" * 6, "dl_dst": b"\xff" * 6})
+DEFAULT_MAC_TABLE_SIZE = 8192
+DEFAULT_MAC_AGING = 300
 
 
-NORMAL_FIELDS = frozenset({"in_port", "dl_src", "dl_dst", "dl_vlan"})
-
-
-@dataclass
+@dataclass(slots=True)
 class Rule:
     flow: Flow
-    slot: int
-    seq: int
-    created: float = 0.0
-    fields: frozenset = field(default=frozenset())   # key fields this rule looks at
-
-    def __post_init__(self):
-        names = set(self.flow.match)
-        if names & {"tp_src", "tp_dst"}:
-            names.add("nw_proto")
-        if any(a[0] == "normal" for a in self.flow.actions):
-            names |= NORMAL_FIELDS
-        self.fields = frozenset(names)
+    id: int               # the classifier's id
+    created: float        # time.monotonic()
+    row: int = 0          # the store's row
 
 
 class Bridge:
     """Rules and learning for one bridge; ``ports`` maps names to objects with ``port_id``,
-    ``ofport`` and ``name`` (the switch's Port).
+    ``ofport`` and ``name`` (the switch's Port). Control-thread only; ``lock`` guards the
+    Python maps against readers on other threads."""
 
-    ``lock`` serialises the slow path (upcalls on PMD threads) with control changes on the
-    asyncio thread; it is never held while waiting for a PMD."""
-
-    def __init__(self, name: str, bridge_id: int, on_change, aging: float | None = None):
+    def __init__(self, name: str, bridge_id: int, mac_table_size: int = DEFAULT_MAC_TABLE_SIZE,
+                 mac_aging: int = DEFAULT_MAC_AGING):
         self.lock = threading.Lock()
         self.name = name
         self.bridge_id = bridge_id
         self.ports: dict = {}
-        self.rules: list[Rule] = []
-        self.fdb = Fdb() if aging is None else Fdb(aging)
-        self._seq = itertools.count()
-        self._on_change = on_change      # the datapath must forget cached decisions
+        self.rules: dict[int, Rule] = {}
+        self.port_refs: dict[str, set[int]] = {}       # port ref -> ids of rules naming it
+        self.timed: set[int] = set()                   # ids of rules with timeouts
+        self.cls = Classifier()
+        self.macs = MacTable(mac_table_size, mac_aging)
+        self.mac_limits: dict[str, int] = {}           # port name -> MAC limit
 
     # -- ports ----------------------------------------------------------------------------
     def next_ofport(self) -> int:
         used = {p.ofport for p in self.ports.values()}
-        return next(n for n in itertools.count(1) if n not in used)
+        return next(n for n in range(1, len(used) + 2) if n not in used)
 
     def resolve(self, ref: str):
         """A port by name or OpenFlow port number, or None."""
@@ -72,67 +68,56 @@ class Bridge:
                     return p
         return None
 
-    # -- rules ----------------------------------------------------------------------------
-    def add_rule(self, flow: Flow, slot: int, now: float) -> Rule:
+    def attach(self, port) -> None:
         with self.lock:
-            return self._add_rule(flow, slot, now)
+            self.ports = {**self.ports, port.name: port}
+            if port.name in self.mac_limits:
+                self.macs.set_port_limit(port.port_id, self.mac_limits[port.name])
+        self._reresolve({port.name, str(port.ofport)})
 
-    def _add_rule(self, flow: Flow, slot: int, now: float) -> Rule:
+    def detach(self, port) -> None:
+        with self.lock:
+            self.ports = {k: v for k, v in self.ports.items() if k != port.name}
+        self.macs.forget_port(port.port_id)
+        self.macs.set_port_limit(port.port_id, 0)
+        self._reresolve({port.name, str(port.ofport)})
+
+    def _reresolve(self, refs: set[str]) -> None:
+        """Rules naming these ports compile again (a port came or went)."""
+        ids = set().union(*(self.port_refs.get(r, set()) for r in refs))
+        if not ids:
+            return
+        rules = [self.rules[i] for i in ids]
+        self.apply(add=[r.flow for r in rules], remove=rules, keep_created=True)
+
+    # -- compiling rules ------------------------------------------------------------------
+    def _refs(self, flow: Flow) -> set[str]:
+        refs = {a[1] for a in flow.actions if a[0] == "output"}
+        if "in_port" in flow.match:
+            refs.add(flow.match["in_port"])
+        return refs
+
+    def check(self, flow: Flow) -> None:
+        """ValueError if the flow names a port this bridge does not have."""
         for a in flow.actions:
             if a[0] == "output" and self.resolve(a[1]) is None:
                 raise ValueError(f"output: no port {a[1]!r} on bridge {self.name}")
         if "in_port" in flow.match and self.resolve(flow.match["in_port"]) is None:
             raise ValueError(f"in_port: no port {flow.match['in_port']!r} on bridge {self.name}")
-        rule = Rule(flow, slot, next(self._seq), now)
-        # a new list, never one sorted in place: PMD threads read it during upcalls
-        self.rules = sorted(self.rules + [rule], key=lambda r: (-r.flow.priority, r.seq))
-        self._on_change()
-        return rule
 
-    def remove_rules(self, pattern: dict | None) -> list[Rule]:
-        """del-flows: every rule whose match covers ``pattern`` (all rules if None)."""
-        with self.lock:
-            return self._remove_rules(pattern)
+    def match_of(self, match: dict) -> tuple[bytes, bytes]:
+        in_port = NO_PORT
+        if "in_port" in match:
+            port = self.resolve(match["in_port"])
+            in_port = port.port_id if port is not None else NO_PORT
+        return match_key(match, in_port)
 
-    def _remove_rules(self, pattern: dict | None) -> list[Rule]:
-        pattern = self._canonical(pattern or {})
-        gone = [r for r in self.rules if covers(pattern, self._canonical(r.flow.match))]
-        self.rules = [r for r in self.rules if r not in gone]
-        self._on_change()
-        return gone
-
-    def _canonical(self, match: dict) -> dict:
-        if "in_port" not in match:
-            return match
-        port = self.resolve(match["in_port"])
-        return {**match, "in_port": port.name if port else match["in_port"]}
-
-    # -- slow path ------------------------------------------------------------------------
-    def classify(self, key: dict, in_port) -> tuple[int, list, frozenset]:
-        """(rule slot, datapath ops, key fields the decision depended on) for a flow key
-        arriving on ``in_port``. Every packet that agrees on those fields gets the same
-        decision, so the datapath may cache it for all of them (a wildcard entry)."""
-        with self.lock:
-            return self._classify(key, in_port)
-
-    def _classify(self, key: dict, in_port) -> tuple[int, list, frozenset]:
-        consulted: frozenset = frozenset()
-        for rule in self.rules:
-            consulted |= rule.fields
-            match = rule.flow.match
-            if "in_port" in match:
-                port = self.resolve(match["in_port"])
-                match = {**match, "in_port": port.port_id if port else -1}
-            if key_matches(match, key, in_port.port_id):
-                return rule.slot, self._ops(rule.flow.actions, key, in_port), consulted
-        return NO_RULE, [], consulted
-
-    def _ops(self, actions: list, key: dict, in_port) -> list[tuple[int, int]]:
+    def _ops(self, flow: Flow) -> list[tuple[int, int]]:
         ops = []
-        for a in actions:
+        for a in flow.actions:
             if a[0] == "output":
                 port = self.resolve(a[1])
-                if port is not None:
+                if port is not None:                   # a port that went: nothing
                     ops.append((OP_OUTPUT, port.port_id))
             elif a[0] == "flood":
                 ops.append((OP_FLOOD, 0))
@@ -141,36 +126,155 @@ class Bridge:
             elif a[0] == "strip_vlan":
                 ops.append((OP_STRIP_VLAN, 0))
             elif a[0] == "normal":
-                ops.extend(self._normal(key, in_port))
+                ops.append((OP_NORMAL, 0))
         return ops
 
-    def _normal(self, key: dict, in_port) -> list[tuple[int, int]]:
-        vlan = key["dl_vlan"] or 0
-        if self.fdb.learn(vlan, key["dl_src"], in_port.name, in_port.port_id):
-            self._on_change()
-        if key["dl_dst"][0] & 1:
-            return [(OP_FLOOD, 0)]
-        out = self.fdb.lookup(vlan, key["dl_dst"])
+    def _spec(self, flow: Flow) -> tuple:
+        mask, value = self.match_of(flow.match)
+        goto = NO_GOTO_TABLE if flow.goto_table is None else flow.goto_table
+        return flow.table, flow.priority, mask, value, self._ops(flow), goto
+
+    def find(self, flow: Flow) -> Rule | None:
+        """The rule with the same table, priority and match, if any."""
+        mask, value = self.match_of(flow.match)
+        rid = self.cls.find_strict(flow.table, flow.priority, mask, value)
+        return self.rules.get(rid) if rid >= 0 else None
+
+    # -- changes --------------------------------------------------------------------------
+    def apply(self, add: list[Flow] = (), remove: list[Rule] = (), modify: list = (),
+              keep_created: bool = False, now: float | None = None) -> list[Rule]:
+        """One change that lookups see whole: add flows, remove rules, give rules new
+        actions ((rule, flow) pairs; counters stay). All or nothing: ValueError before
+        anything changes. Returns the added rules (in ``add`` order)."""
+        now = time.monotonic() if now is None else now
+        specs = [self._spec(f) for f in add]
+        changes = [(r.id, self._ops(f), NO_GOTO_TABLE if f.goto_table is None else f.goto_table)
+                   for r, f in modify]
+        created = ({id(f): r.created for f, r in zip(add, remove, strict=True)}
+                   if keep_created else {})
+        ids = self.cls.apply(specs, changes, [r.id for r in remove])
+        with self.lock:
+            for r in remove:
+                self._forget(r)
+            for r, f in modify:
+                for ref in self._refs(r.flow):
+                    self.port_refs.get(ref, set()).discard(r.id)
+                r.flow = f
+                self._index(r)
+            added = []
+            for f, rid in zip(add, ids, strict=True):
+                rule = Rule(f, rid, created.get(id(f), now))
+                self.rules[rid] = rule
+                self._index(rule)
+                added.append(rule)
+        return added
+
+    def _index(self, rule: Rule) -> None:
+        for ref in self._refs(rule.flow):
+            self.port_refs.setdefault(ref, set()).add(rule.id)
+        if rule.flow.idle_timeout or rule.flow.hard_timeout:
+            self.timed.add(rule.id)
+        else:
+            self.timed.discard(rule.id)
+
+    def _forget(self, rule: Rule) -> None:
+        self.rules.pop(rule.id, None)
+        self.timed.discard(rule.id)
+        for ref in self._refs(rule.flow):
+            refs = self.port_refs.get(ref)
+            if refs is not None:
+                refs.discard(rule.id)
+                if not refs:
+                    del self.port_refs[ref]
+
+    # -- selections -----------------------------------------------------------------------
+    def select(self, sel: Selector | None, strict: bool = False) -> list[Rule]:
+        """The rules a del-flows/dump-flows selector names (all if None), in table and
+        priority order."""
+        if sel is None:
+            found = list(self.rules.values())
+        else:
+            if "in_port" in sel.match and self.resolve(sel.match["in_port"]) is None:
+                return []
+            mask, value = self.match_of(sel.match)
+            if strict:
+                tables = [sel.table] if sel.table is not None else \
+                    sorted({r.flow.table for r in self.rules.values()})
+                ids = [self.cls.find_strict(t, sel.priority, mask, value) for t in tables]
+                found = [self.rules[i] for i in ids if i >= 0]
+            else:
+                table = -1 if sel.table is None else sel.table
+                found = [self.rules[i] for i in self.cls.select(table, mask, value)]
+            if sel.cookie_mask:
+                found = [r for r in found
+                         if (r.flow.cookie ^ sel.cookie) & sel.cookie_mask == 0]
+        return sorted(found, key=lambda r: (r.flow.table, -r.flow.priority, r.created, r.id))
+
+    def counters(self, rule: Rule) -> tuple[int, int, int]:
+        """(packets, bytes, ns of the last packet or 0)."""
+        return self.cls.stats(rule.id)
+
+    def expired(self, now_ns: int) -> list[Rule]:
+        """Rules whose idle or hard timeout has passed."""
+        out = []
+        for rid in list(self.timed):
+            rule = self.rules[rid]
+            f = rule.flow
+            created_ns = int(rule.created * 1e9)
+            used = max(self.cls.stats(rid)[2], created_ns)
+            if (f.hard_timeout and now_ns - created_ns >= f.hard_timeout * 1_000_000_000) or \
+                    (f.idle_timeout and now_ns - used >= f.idle_timeout * 1_000_000_000):
+                out.append(rule)
+        return out
+
+    # -- trace ----------------------------------------------------------------------------
+    def trace(self, match: dict) -> dict:
+        """What the datapath would do with a packet given in flow syntax: the rules it meets
+        in each table (the same classifier lookup PMDs run), the actions, the output port
+        names (NORMAL and flood resolved without learning) and the megaflow mask."""
+        port = self.resolve(match["in_port"]) if "in_port" in match else None
+        if "in_port" in match and port is None:
+            raise ValueError(f"in_port: no port {match['in_port']!r} on bridge {self.name}")
+        fields = key_fields(match)
+        fields["in_port"] = port.port_id if port is not None else NO_PORT
+        hops, ops, mask, overflow = self.cls.lookup(pack_key(fields))
+        by_id = {p.port_id: p for p in self.ports.values()}
+        outputs: list[str] = []
+        for op, arg in ops:
+            if op == OP_OUTPUT and (port is None or arg != port.port_id) and arg in by_id:
+                outputs.append(by_id[arg].name)
+            elif op == OP_FLOOD:
+                outputs += [p.name for p in self.ports.values() if p is not port]
+            elif op == OP_NORMAL:
+                outputs += self._normal_outputs(fields, port)
+        if any(op == OP_NORMAL for op, _ in ops):        # as the datapath widens it
+            mask = bytes(a | b for a, b in zip(mask, NORMAL_MASK, strict=True))
+        mask = bytes(a | b for a, b in zip(mask, IN_PORT_MASK, strict=True))
+        rules = [(t, self.rules[rid]) for t, rid in hops]
+        seen = set()
+        outputs = [o for o in outputs if not (o in seen or seen.add(o))]
+        return {"rules": rules, "outputs": outputs, "mask": mask, "overflow": overflow}
+
+    def _normal_outputs(self, fields: dict, port) -> list[str]:
+        dst = fields.get("dl_dst", bytes(6))
+        tci = fields.get("vlan_tci", 0)
+        others = [p.name for p in self.ports.values() if p is not port]
+        if dst[0] & 1:
+            return others
+        out = self.macs.lookup(tci & 0xFFF if tci else 0, dst)
         if out is None:
-            return [(OP_FLOOD, 0)]
-        if out == in_port.port_id:
-            return []
-        return [(OP_OUTPUT, out)]
+            return others
+        hit = [p.name for p in self.ports.values() if p.port_id == out and p is not port]
+        return hit
 
-    def expire(self) -> None:
-        with self.lock:
-            if self.fdb.expire():
-                self._on_change()
+    # -- MAC learning ---------------------------------------------------------------------
+    def set_mac_limit(self, port, limit: int) -> None:
+        self.mac_limits[port.name] = limit
+        self.macs.set_port_limit(port.port_id, limit)
 
-    def attach(self, port) -> None:
-        with self.lock:
-            self.ports = {**self.ports, port.name: port}
-
-    def detach(self, port) -> None:
-        with self.lock:
-            self.ports = {k: v for k, v in self.ports.items() if k != port.name}
-            self.fdb.forget_port(port.port_id)
-
-    def fdb_rows(self) -> list:
-        with self.lock:
-            return self.fdb.show()
+    def fdb_rows(self) -> list[tuple[str, int, str, int]]:
+        """(port, vlan, mac, age) rows, as ovs-appctl fdb/show prints them."""
+        names = {p.port_id: p.name for p in self.ports.values()}
+        rows = [(names.get(pid, str(pid)), vlan, mac.hex(":"), age)
+                for pid, vlan, mac, age in self.macs.rows()]
+        return sorted(rows)

@@ -4,9 +4,12 @@ argv list and run against a ``Switch``; each returns the text to print or raises
 
 from __future__ import annotations
 
+import json
 import shlex
 
-from .flows import FlowSyntaxError, parse_flow, parse_match
+from .flows import FlowSyntaxError, parse_flow, parse_match, parse_selector
+
+MAX_FLOW_FILE = 64 << 20          # bytes of one add-flows/replace-flows file
 
 
 class CommandError(ValueError):
@@ -86,21 +89,88 @@ async def show(sw, args):
     return sw.show()
 
 
+def _flags(args: list[str], allowed: tuple[str, ...]) -> tuple[list[str], set[str]]:
+    flags = {a for a in args if a.startswith("--")}
+    for f in flags - set(allowed):
+        raise CommandError(f"unknown option {f} (have: {', '.join(allowed) or 'none'})")
+    return [a for a in args if not a.startswith("--")], flags
+
+
+def parse_flow_file(text: str) -> list:
+    """One flow per line, # comments and blank lines skipped; the first bad line rejects
+    the whole file with its number."""
+    if len(text) > MAX_FLOW_FILE:
+        raise CommandError(f"a flow file of {len(text)} bytes (at most {MAX_FLOW_FILE})")
+    flows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            flows.append(parse_flow(line))
+        except FlowSyntaxError as e:
+            raise CommandError(f"line {n}: {e}") from None
+    return flows
+
+
 async def add_flow(sw, args):
     _need(args, 2, 2, 'add-flow BRIDGE "FLOW"')
     sw.add_flow(args[0], parse_flow(args[1]))
     return ""
 
 
+async def add_flows(sw, args):
+    _need(args, 2, 2, "add-flows BRIDGE FILE (ctl sends the file's text; - for stdin)")
+    n = sw.add_flows(args[0], parse_flow_file(args[1]))
+    return f"{n} flows added"
+
+
+async def replace_flows(sw, args):
+    _need(args, 2, 2, "replace-flows BRIDGE FILE (ctl sends the file's text; - for stdin)")
+    done = sw.replace_flows(args[0], parse_flow_file(args[1]))
+    return "{added} added, {modified} modified, {deleted} deleted".format(**done)
+
+
 async def del_flows(sw, args):
-    _need(args, 1, 2, 'del-flows BRIDGE ["MATCH"]')
-    sw.del_flows(args[0], parse_match(args[1]) if len(args) == 2 else None)
-    return ""
+    args, flags = _flags(args, ("--strict",))
+    _need(args, 1, 2, 'del-flows [--strict] BRIDGE ["MATCH"]')
+    selector = parse_selector(args[1]) if len(args) == 2 else None
+    if "--strict" in flags and selector is None:
+        raise CommandError("del-flows --strict needs a match")
+    n = sw.del_flows(args[0], selector, strict="--strict" in flags)
+    return f"{n} flows deleted"
 
 
 async def dump_flows(sw, args):
-    _need(args, 1, 1, "dump-flows BRIDGE")
-    return sw.dump_flows(args[0])
+    args, flags = _flags(args, ("--no-stats",))
+    _need(args, 1, 2, 'dump-flows [--no-stats] BRIDGE ["MATCH"]')
+    selector = parse_selector(args[1]) if len(args) == 2 else None
+    return sw.dump_flows(args[0], selector, stats="--no-stats" not in flags)
+
+
+async def trace(sw, args):
+    args, flags = _flags(args, ("--json",))
+    _need(args, 2, 2, 'trace [--json] BRIDGE "in_port=P,dl_src=..,dl_dst=..,ip,..."')
+    text, summary = sw.trace_report(args[0], parse_match(args[1]), args[1])
+    return text + ("\n" + json.dumps(summary) if "--json" in flags else "")
+
+
+async def set_bridge(sw, args):
+    _need(args, 2, 3, "set-bridge BRIDGE [mac-table-size=N] [mac-aging-time=SECONDS]")
+    opts = _kv(args[1:], ("mac-table-size", "mac-aging-time"))
+    sw.set_bridge(args[0],
+                  _int(opts["mac-table-size"], "mac-table-size", 1, 1 << 24)
+                  if "mac-table-size" in opts else None,
+                  _int(opts["mac-aging-time"], "mac-aging-time", 1, 1000000)
+                  if "mac-aging-time" in opts else None)
+    return ""
+
+
+async def set_port(sw, args):
+    _need(args, 2, 2, "set-port PORT mac-limit=N (0: no limit)")
+    opts = _kv(args[1:], ("mac-limit",))
+    sw.set_mac_limit(args[0], _int(opts["mac-limit"], "mac-limit", 0, 1 << 24))
+    return ""
 
 
 async def set_policing(sw, args):
@@ -153,10 +223,12 @@ async def pmd_rebalance(sw, args):
 
 
 async def set_pmd(sw, args):
-    _need(args, 1, 4, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
-                      "[cpus=0,1]")
-    opts = _kv(args, ("threads", "assign", "auto-lb", "cpus"))
+    _need(args, 1, 5, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
+                      "[cpus=0,1] [flow-limit=N]")
+    opts = _kv(args, ("threads", "assign", "auto-lb", "cpus", "flow-limit"))
     settings = {}
+    if "flow-limit" in opts:
+        settings["flow_limit"] = _int(opts["flow-limit"], "flow-limit", 1, 50000000)
     if "threads" in opts:
         settings["threads"] = _int(opts["threads"], "threads", 1, 64)
     if "assign" in opts:
@@ -175,7 +247,9 @@ async def set_pmd(sw, args):
 
 COMMANDS = {
     "add-br": add_br, "del-br": del_br, "add-port": add_port, "del-port": del_port,
-    "show": show, "add-flow": add_flow, "del-flows": del_flows, "dump-flows": dump_flows,
+    "show": show, "add-flow": add_flow, "add-flows": add_flows, "replace-flows": replace_flows,
+    "del-flows": del_flows, "dump-flows": dump_flows, "trace": trace,
+    "set-bridge": set_bridge, "set-port": set_port,
     "set-policing": set_policing, "set-qos": set_qos, "dump-ports": dump_ports,
     "fdb-show": fdb_show, "pmd-rxq-show": pmd_rxq_show, "pmd-stats-show": pmd_stats_show,
     "pmd-stats-clear": pmd_stats_clear, "pmd-rebalance": pmd_rebalance, "set-pmd": set_pmd,

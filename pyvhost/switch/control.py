@@ -13,7 +13,7 @@ import os
 from .commands import CommandError, run_command
 
 log = logging.getLogger("pyvhost.switch")
-MAX_REQUEST = 65536
+MAX_REQUEST = (64 << 20) + 65536        # a flow file of MAX_FLOW_FILE and its envelope
 
 
 class ControlServer:
@@ -38,8 +38,13 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            reply = await self._answer(line)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 60)
+            except ValueError:                   # over the limit: say so, then hang up
+                log.warning("control: request over %d bytes refused", MAX_REQUEST)
+                reply = {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"}
+            else:
+                reply = await self._answer(line)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError, ValueError) as e:

@@ -1,18 +1,24 @@
-"""OpenFlow-like rules in ovs-ofctl syntax: parse, format, match against a flow key.
+"""OpenFlow-like rules in ovs-ofctl syntax: parse and format them, and turn a match into the
+(mask, value) pair of raw flow-key bytes the compiled classifier takes.
 
-    priority=10,in_port=vm1,icmp,nw_dst=10.0.0.0/24,actions=drop
-    in_port=1,actions=mod_vlan_vid:10,output:2
+    table=0,priority=10,cookie=0x5,idle_timeout=30,in_port=vm1,icmp,nw_dst=10.0.0.0/24,actions=drop
+    in_port=1,actions=mod_vlan_vid:10,output:2,goto_table:1
 
-Matches: in_port, dl_src, dl_dst, dl_type, dl_vlan, nw_src, nw_dst (with /prefix),
-nw_proto, tp_src, tp_dst, and the shorthands ip, icmp, tcp, udp, arp. Actions: output:PORT,
-flood, drop, normal, mod_vlan_vid:VID, strip_vlan. Ports are named here as the user wrote
-them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
+Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), nw_src,
+nw_dst (prefix or /netmask), nw_proto, nw_tos, tp_src, tp_dst (with /mask), and the
+shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
+tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
+strip_vlan, goto_table:N. Ports are named here as the user wrote them; a bridge resolves
+them. Pure functions and data: no datapath, no I/O.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+
+from pyvhost._classifier import TABLES
+from pyvhost._flow import MAX_OPS, pack_key
 
 SHORTHANDS = {
     "ip": {"dl_type": 0x0800},
@@ -21,13 +27,18 @@ SHORTHANDS = {
     "udp": {"dl_type": 0x0800, "nw_proto": 17},
     "arp": {"dl_type": 0x0806},
 }
-INT_FIELDS = {"dl_type": 0xFFFF, "dl_vlan": 0xFFF, "nw_proto": 0xFF, "tp_src": 0xFFFF,
-              "tp_dst": 0xFFFF}
+INT_FIELDS = {"dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF, "nw_tos": 0xFF,
+              "tp_src": 0xFFFF, "tp_dst": 0xFFFF}
+MASKABLE_INTS = ("tp_src", "tp_dst")
 MAC_FIELDS = ("dl_src", "dl_dst")
 IP_FIELDS = ("nw_src", "nw_dst")
 FIELD_ORDER = ("in_port", "dl_vlan", "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst",
-               "nw_proto", "tp_src", "tp_dst")
-ACTION_NAMES = ("output", "flood", "drop", "normal", "mod_vlan_vid", "strip_vlan")
+               "nw_proto", "nw_tos", "tp_src", "tp_dst")
+SHORTHAND_ORDER = ("icmp", "tcp", "udp", "ip", "arp")      # the most specific first
+DEFAULT_PRIORITY = 32768
+VLAN_NONE = 0xFFFF
+MAX_RULE_TEXT = 4096
+FULL_MAC = b"\xff" * 6
 
 
 class FlowSyntaxError(ValueError):
@@ -47,7 +58,7 @@ def _int(text: str, name: str, limit: int) -> int:
 def _mac(text: str, name: str) -> bytes:
     parts = text.split(":")
     try:
-        if len(parts) != 6:
+        if len(parts) != 6 or any(not 1 <= len(p) <= 2 for p in parts):
             raise ValueError
         return bytes(int(p, 16) for p in parts)
     except ValueError:
@@ -66,7 +77,8 @@ def _split_top(text: str) -> list[str]:
 
 
 def parse_match(text: str) -> dict:
-    """A match string (no actions, no priority) into {field: value}."""
+    """A match string (no actions, no priority) into {field: value}; MAC and tp_* fields
+    with a mask are (value, mask) pairs, IP fields networks."""
     match: dict = {}
     for part in _split_top(text):
         name, eq, value = part.partition("=")
@@ -77,58 +89,108 @@ def parse_match(text: str) -> dict:
                 continue
             raise FlowSyntaxError(f"unknown match {name!r}")
         value = value.strip()
+        if name in match:
+            raise FlowSyntaxError(f"{name} given twice")
         if name == "in_port":
+            if not value:
+                raise FlowSyntaxError("in_port needs a port")
             match[name] = value
+        elif name in MASKABLE_INTS and "/" in value:
+            v, _, m = value.partition("/")
+            match[name] = (_int(v, name, INT_FIELDS[name]), _int(m, name, INT_FIELDS[name]))
         elif name in INT_FIELDS:
             match[name] = _int(value, name, INT_FIELDS[name])
+            if name == "dl_vlan" and match[name] > 0xFFF and match[name] != VLAN_NONE:
+                raise FlowSyntaxError(f"dl_vlan: {match[name]} out of range 0..4095 "
+                                      "(or 0xffff: untagged)")
         elif name in MAC_FIELDS:
-            match[name] = _mac(value, name)
+            v, slash, m = value.partition("/")
+            mac, mask = _mac(v, name), _mac(m, name) if slash else FULL_MAC
+            match[name] = mac if mask == FULL_MAC else (mac, mask)
         elif name in IP_FIELDS:
             match[name] = _net(value, name)
         else:
             raise FlowSyntaxError(f"unknown match field {name!r}")
+    _check_prerequisites(match)
     return match
 
 
-def parse_actions(text: str) -> list[tuple]:
-    actions = []
+def _check_prerequisites(match: dict) -> None:
+    dl_type = match.get("dl_type")
+    for name in ("nw_src", "nw_dst"):
+        if name in match and dl_type not in (0x0800, 0x0806):
+            raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip or arp)")
+    for name in ("nw_proto", "nw_tos"):
+        if name in match and dl_type != 0x0800 and not (name == "nw_proto" and
+                                                        dl_type == 0x0806):
+            raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip)")
+    for name in ("tp_src", "tp_dst"):
+        if name in match and (dl_type != 0x0800 or match.get("nw_proto") not in (1, 6, 17)):
+            raise FlowSyntaxError(f"{name}: prerequisites not met (needs tcp, udp or icmp)")
+
+
+def parse_actions(text: str) -> tuple[list[tuple], int | None]:
+    """(actions, goto_table or None)."""
+    actions: list[tuple] = []
+    goto = None
     for part in _split_top(text):
         name, _, arg = part.partition(":")
         name = name.strip()
+        if goto is not None:
+            raise FlowSyntaxError("goto_table must be the last action")
         if name == "output":
-            if not arg:
+            if not arg.strip():
                 raise FlowSyntaxError("output needs a port: output:PORT")
             actions.append(("output", arg.strip()))
         elif name == "mod_vlan_vid":
             actions.append(("mod_vlan_vid", _int(arg, "mod_vlan_vid", 0xFFF)))
+        elif name == "goto_table":
+            goto = _int(arg, "goto_table", TABLES - 1)
         elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
             actions.append((name,))
         else:
             raise FlowSyntaxError(f"unknown action {part!r}")
-    if any(a[0] == "drop" for a in actions) and len(actions) > 1:
+    if any(a[0] == "drop" for a in actions) and (len(actions) > 1 or goto is not None):
         raise FlowSyntaxError("drop cannot be combined with other actions")
-    return actions
+    if len(actions) > MAX_OPS:
+        raise FlowSyntaxError(f"{len(actions)} actions: a rule holds at most {MAX_OPS}")
+    return [a for a in actions if a[0] != "drop"], goto
 
 
-@dataclass
+@dataclass(slots=True)
 class Flow:
-    """A rule as written: priority, match and actions (ports still by name)."""
+    """A rule as written: where it lives, its match and actions (ports still by name)."""
 
-    priority: int = 32768
+    priority: int = DEFAULT_PRIORITY
     match: dict = field(default_factory=dict)
     actions: list = field(default_factory=list)
+    table: int = 0
+    cookie: int = 0
+    idle_timeout: int = 0
+    hard_timeout: int = 0
+    goto_table: int | None = None
 
     def format_match(self) -> str:
         parts = []
+        rest = dict(self.match)
+        for short in SHORTHAND_ORDER:
+            want = SHORTHANDS[short]
+            if all(rest.get(k) == v for k, v in want.items()):
+                parts.append(short)
+                for k in want:
+                    del rest[k]
+                break
         for name in FIELD_ORDER:
-            if name not in self.match:
+            if name not in rest:
                 continue
-            v = self.match[name]
+            v = rest[name]
             if name in MAC_FIELDS:
-                v = v.hex(":")
+                v = v.hex(":") if isinstance(v, bytes) else f"{v[0].hex(':')}/{v[1].hex(':')}"
             elif name in IP_FIELDS:
                 v = str(v.network_address) if v.prefixlen == 32 else str(v)
-            elif name == "dl_type":
+            elif isinstance(v, tuple):
+                v = f"0x{v[0]:04x}/0x{v[1]:04x}"
+            elif name in ("dl_type", "dl_vlan") and (name == "dl_type" or v == VLAN_NONE):
                 v = f"0x{v:04x}"
             parts.append(f"{name}={v}")
         return ",".join(parts)
@@ -136,55 +198,149 @@ class Flow:
     def format_actions(self) -> str:
         out = []
         for a in self.actions:
-            if a[0] in ("output", "mod_vlan_vid"):
-                out.append(f"{a[0]}:{a[1]}")
-            else:
-                out.append(a[0])
+            out.append(f"{a[0]}:{a[1]}" if len(a) == 2 else a[0])
+        if self.goto_table is not None:
+            out.append(f"goto_table:{self.goto_table}")
         return ",".join(out) or "drop"
 
+    def _head(self) -> list[str]:
+        head = []
+        if self.cookie:
+            head.append(f"cookie=0x{self.cookie:x}")
+        if self.table:
+            head.append(f"table={self.table}")
+        if self.idle_timeout:
+            head.append(f"idle_timeout={self.idle_timeout}")
+        if self.hard_timeout:
+            head.append(f"hard_timeout={self.hard_timeout}")
+        return head
+
     def format(self) -> str:
+        """The rule as add-flow takes it (what the store keeps)."""
         match = self.format_match()
-        head = f"priority={self.priority}" + (f",{match}" if match else "")
+        head = ",".join(self._head() + [f"priority={self.priority}"] + ([match] if match else []))
         return f"{head},actions={self.format_actions()}"
+
+    def format_spec(self) -> str:
+        """The rule as ``dump-flows --no-stats`` prints it: ``priority=...,MATCH actions=...``
+        (cookie, table and timeouts first when set)."""
+        match = self.format_match()
+        pre = "".join(f"{h}, " for h in self._head())
+        return f"{pre}priority={self.priority}" + (f",{match}" if match else "") + \
+            f" actions={self.format_actions()}"
+
+    def identity(self) -> tuple:
+        """What makes two rules the same rule (OpenFlow: table, priority and match)."""
+        return self.table, self.priority, self.format_match()
+
+
+HEAD_INTS = {"priority": 0xFFFF, "table": TABLES - 1, "idle_timeout": 0xFFFF,
+             "hard_timeout": 0xFFFF, "cookie": (1 << 64) - 1}
 
 
 def parse_flow(text: str) -> Flow:
-    """``[priority=N,]MATCH,actions=ACTIONS`` (ovs-ofctl add-flow syntax)."""
+    """``[table=N,][cookie=C,][priority=N,][idle_timeout=S,][hard_timeout=S,]MATCH,
+    actions=ACTIONS`` (ovs-ofctl add-flow syntax)."""
+    if len(text) > MAX_RULE_TEXT:
+        raise FlowSyntaxError(f"a flow of {len(text)} characters (at most {MAX_RULE_TEXT})")
     head, sep, actions = text.partition("actions=")
     if not sep:
         raise FlowSyntaxError("a flow needs actions=...")
     flow = Flow()
     rest = []
     for part in _split_top(head):
-        if part.startswith("priority="):
-            flow.priority = _int(part[len("priority="):], "priority", 65535)
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if eq and name in HEAD_INTS:
+            setattr(flow, name, _int(value.strip(), name, HEAD_INTS[name]))
         else:
             rest.append(part)
     flow.match = parse_match(",".join(rest))
-    flow.actions = parse_actions(actions)
+    flow.actions, flow.goto_table = parse_actions(actions)
+    if flow.goto_table is not None and flow.goto_table <= flow.table:
+        raise FlowSyntaxError(f"goto_table:{flow.goto_table} must name a later table than "
+                              f"{flow.table}")
     return flow
 
 
-def key_matches(match: dict, key: dict, in_port_id) -> bool:
-    """Does a resolved match (in_port given as a port id) cover this flow key?"""
-    for name, want in match.items():
+@dataclass(slots=True)
+class Selector:
+    """del-flows/dump-flows: which rules (table None: all; cookie with its mask; for
+    --strict the priority too)."""
+
+    match: dict
+    table: int | None = None
+    cookie: int = 0
+    cookie_mask: int = 0
+    priority: int = DEFAULT_PRIORITY
+
+
+def parse_selector(text: str) -> Selector:
+    """``[table=N,][cookie=C/MASK,][priority=N,]MATCH`` as del-flows and dump-flows take it."""
+    sel = Selector({})
+    rest = []
+    for part in _split_top(text):
+        name, eq, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if eq and name == "cookie":
+            v, slash, m = value.partition("/")
+            sel.cookie = _int(v, "cookie", HEAD_INTS["cookie"])
+            full = HEAD_INTS["cookie"]
+            sel.cookie_mask = _int(m, "cookie", full) if slash else full
+        elif eq and name == "table":
+            sel.table = _int(value, "table", TABLES - 1)
+        elif eq and name == "priority":
+            sel.priority = _int(value, "priority", 0xFFFF)
+        elif name == "actions" or part.startswith("actions="):
+            raise FlowSyntaxError("a match takes no actions")
+        else:
+            rest.append(part)
+    sel.match = parse_match(",".join(rest))
+    return sel
+
+
+def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
+    """(mask, value) of a match as raw flow-key bytes; ``in_port_id`` is the resolved
+    in_port (ignored when the match has none)."""
+    value: dict = {}
+    mask: dict = {}
+    for name, v in match.items():
         if name == "in_port":
-            if want != in_port_id:
-                return False
-        elif name in IP_FIELDS:
-            addr = int.from_bytes(key[name], "big")
-            if addr & int(want.netmask) != int(want.network_address):
-                return False
+            value["in_port"], mask["in_port"] = in_port_id, 0xFFFF
         elif name == "dl_vlan":
-            if key["dl_vlan"] != want:
-                return False
-        elif name in ("tp_src", "tp_dst") and key["nw_proto"] not in (1, 6, 17):
-            return False
-        elif key[name] != want:
-            return False
-    return True
+            if v == VLAN_NONE:
+                value["vlan_tci"], mask["vlan_tci"] = 0, 0xFFFF
+            else:
+                value["vlan_tci"], mask["vlan_tci"] = v | 0x1000, 0x1FFF
+        elif name in MAC_FIELDS:
+            mac, m = (v, FULL_MAC) if isinstance(v, bytes) else v
+            value[name], mask[name] = mac, m
+        elif name in IP_FIELDS:
+            value[name] = v.network_address.packed
+            mask[name] = v.netmask.packed
+        elif isinstance(v, tuple):
+            value[name], mask[name] = v
+        else:
+            value[name] = v
+            mask[name] = INT_FIELDS[name]
+    return pack_key(mask), pack_key(value)
 
 
-def covers(pattern: dict, match: dict) -> bool:
-    """del-flows (non-strict): every field of ``pattern`` is in ``match`` with that value."""
-    return all(name in match and match[name] == value for name, value in pattern.items())
+def key_fields(match: dict) -> dict:
+    """A match given with exact values (``trace``) as the key fields of one packet."""
+    fields: dict = {}
+    for name, v in match.items():
+        if name == "in_port":
+            continue
+        if name == "dl_vlan":
+            if v != VLAN_NONE:
+                fields["vlan_tci"] = v | 0x1000
+        elif name in MAC_FIELDS:
+            fields[name] = v if isinstance(v, bytes) else v[0]
+        elif name in IP_FIELDS:
+            if v.prefixlen != 32:
+                raise FlowSyntaxError(f"{name}: a packet has one address, not {v}")
+            fields[name] = v.network_address.packed
+        else:
+            fields[name] = v[0] if isinstance(v, tuple) else v
+    return fields

@@ -30,7 +30,8 @@ class PmdSet:
     """The poll threads of one datapath and who polls which RX queue."""
 
     def __init__(self, datapath, n: int = 1, cpus: list[int] | None = None,
-                 assign: str = "roundrobin", auto_lb: bool = False):
+                 assign: str = "roundrobin", auto_lb: bool = False,
+                 flow_limit: int | None = None):
         if n < 1:
             raise ValueError("at least one PMD thread")
         if assign not in ASSIGN_MODES:
@@ -39,6 +40,7 @@ class PmdSet:
         self.cpus = cpus or []
         self.assign_mode = assign
         self.auto_lb = auto_lb
+        self.flow_limit = flow_limit
         self.rxqs: list[tuple[int, int]] = []
         self.samples: list[dict] = []          # per second: {(port, q): ns in that second}
         self._last_totals: dict = {}
@@ -48,7 +50,8 @@ class PmdSet:
             self._start(i)
 
     def _start(self, i: int) -> None:
-        pmd = self.datapath.new_pmd(i)
+        pmd = self.datapath.new_pmd(i) if self.flow_limit is None else \
+            self.datapath.new_pmd(i, flow_limit=self.flow_limit)
         cpu = self.cpus[i % len(self.cpus)] if self.cpus else None
         t = threading.Thread(target=_pmd_main, args=(pmd, cpu), name=f"pmd{i}", daemon=True)
         t.start()

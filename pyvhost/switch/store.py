@@ -64,16 +64,23 @@ class Store:
         return [(n, b, t, json.loads(o)) for n, b, t, o in
                 self.db.execute("SELECT name, bridge, type, options FROM ports ORDER BY seq")]
 
-    # flows
-    def set_flows(self, bridge: str, texts: list[str]) -> None:
-        self.db.execute("DELETE FROM flows WHERE bridge=?", (bridge,))
-        self.db.executemany("INSERT INTO flows (bridge, text) VALUES (?, ?)",
-                            [(bridge, t) for t in texts])
-        self.db.commit()
+    # flows (one row per rule; row ids only grow, so their order is the order of adding)
+    def change_flows(self, bridge: str, add: list[str], delete: list[int] = (),
+                     update: list[tuple[int, str]] = ()) -> list[int]:
+        """One transaction: delete rows, rewrite rows, add rules; the new rows' ids."""
+        with self.db:
+            self.db.executemany("DELETE FROM flows WHERE id=?", [(r,) for r in delete])
+            self.db.executemany("UPDATE flows SET text=? WHERE id=?",
+                                [(t, r) for r, t in update])
+            rows = []
+            for text in add:
+                rows.append(self.db.execute("INSERT INTO flows (bridge, text) VALUES (?, ?)",
+                                            (bridge, text)).lastrowid)
+        return rows
 
-    def flows(self, bridge: str) -> list[str]:
-        return [r[0] for r in
-                self.db.execute("SELECT text FROM flows WHERE bridge=? ORDER BY id", (bridge,))]
+    def flows(self, bridge: str) -> list[tuple[int, str]]:
+        return list(self.db.execute("SELECT id, text FROM flows WHERE bridge=? ORDER BY id",
+                                    (bridge,)))
 
     # qos
     def set_qos(self, port: str, police_kbps: int, police_burst_kb: int,

@@ -1,0 +1,89 @@
+# The compiled rule classifier of a bridge (tuple-space search): rules grouped by mask into
+# subtables, each a hash table of masked values; per table the subtables are searched in
+# order of their highest priority with early exit. Rules carry compiled datapath ops and
+# their counters. No rule syntax, no MAC table, no ports here.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, action_op_t, flow_key_t
+
+cdef extern from "pthread.h" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+
+cdef enum:
+    CLS_TABLES = 255
+    NO_GOTO = 0xFF
+    RULE_NORMAL = 1          # its ops include OP_NORMAL
+
+cdef struct cls_rule_t:
+    uint64_t value[KEY_WORDS]      # already masked by its subtable's mask
+    uint64_t n_packets
+    uint64_t n_bytes
+    uint64_t used_ns               # last packet (0: none yet)
+    cls_rule_t *hnext              # next distinct value in the same bucket
+    cls_rule_t *pnext              # next rule with this value (lower priority or later)
+    void *sub
+    uint64_t seq                   # insertion order: ties between equal priorities
+    uint32_t id
+    uint32_t priority
+    uint32_t hash
+    uint8_t table
+    uint8_t goto_table             # NO_GOTO: none
+    uint8_t flags
+    uint8_t n_ops
+    action_op_t ops[MAX_ACTION_OPS]
+
+cdef struct cls_sub_t:
+    uint64_t mask[KEY_WORDS]
+    uint32_t max_priority
+    uint32_t n_rules
+    uint32_t n_heads
+    uint32_t nbuckets              # power of 2
+    cls_rule_t **buckets
+
+cdef struct cls_table_t:
+    cls_sub_t **subs               # by max_priority, highest first
+    uint32_t nsubs
+    uint32_t cap
+    uint32_t n_rules
+
+cdef struct cls_result_t:
+    uint32_t n_rules
+    cls_rule_t *rules[MAX_HOPS]    # the rule matched in each table visited
+    uint32_t n_ops
+    action_op_t ops[MAX_ACTION_OPS]
+    uint32_t flags                 # RULE_NORMAL if any op is OP_NORMAL
+    int overflow                   # more ops than an entry holds: the packet is dropped
+
+cdef struct cls_t:
+    pthread_rwlock_t lock          # lookups read, changes write
+    uint32_t gen                   # bumped by every change (cached decisions go stale)
+    uint64_t next_seq
+    cls_table_t *tables[CLS_TABLES]
+    cls_rule_t **by_id
+    uint32_t id_cap
+    uint32_t *free_ids
+    uint32_t n_free
+    uint32_t next_id
+    uint32_t n_rules
+    cls_rule_t *graveyard          # removed, freed by reclaim() after a grace period
+    uint64_t bytes                 # memory held by rules and subtables
+
+
+cdef void cls_read_lock(cls_t *c) noexcept nogil
+cdef void cls_unlock(cls_t *c) noexcept nogil
+cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t *out) noexcept nogil
+
+
+cdef class Classifier:
+    cdef cls_t *c
+    cdef void _free_graveyard(self) noexcept nogil
+    cdef void _bump(self) noexcept nogil
+    cdef cls_sub_t *_subtable(self, int table, const uint64_t *mask) except NULL
+    cdef uint32_t _new_id(self) except? 0xFFFFFFFF
+    cdef cls_rule_t *_rule(self, uint32_t rule_id) except NULL
+    cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table) except -1
+    cdef uint32_t _insert(self, int table, uint32_t priority, bytes mask, bytes value, ops,
+                          int goto_table) except? 0xFFFFFFFF
+    cdef void _remove(self, cls_rule_t *r) noexcept nogil
+    cdef int _check_spec(self, spec) except -1

@@ -1,0 +1,650 @@
+# cython: language_level=3
+"""The compiled classifier of a bridge: tuple-space search over rules given as (table,
+priority, mask, value, ops). Rules with the same mask share a subtable (a hash table of
+masked values, each value heading a chain of its rules by priority); a table's subtables
+are searched highest ``max_priority`` first and the search stops as soon as no remaining
+subtable can beat the best match. The union of the masks of the subtables actually
+searched is the megaflow mask: every packet that agrees with the looked-up key on those
+bits gets the same answer. ``goto_table`` continues the lookup in a later table.
+
+PMD threads call ``cls_lookup`` without the GIL under the read lock; control changes take
+the write lock and bump ``gen``. Removed rules are kept until ``reclaim()`` (called once
+no PMD can still hold them). No rule syntax, no MAC learning, no ports here.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
+
+from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_NORMAL, masked_hash
+
+cdef extern from "pthread.h" nogil:
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_rwlock_init(pthread_rwlock_t *l, const pthread_rwlockattr_t *a)
+    int pthread_rwlock_destroy(pthread_rwlock_t *l)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *l)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *l)
+    int pthread_rwlock_unlock(pthread_rwlock_t *l)
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *a)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *a, int pref)
+    enum:
+        PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+
+cdef enum:
+    MIN_BUCKETS = 16
+    KEY_BYTES = KEY_WORDS * 8
+
+
+cdef void cls_read_lock(cls_t *c) noexcept nogil:
+    pthread_rwlock_rdlock(&c.lock)
+
+
+cdef void cls_unlock(cls_t *c) noexcept nogil:
+    pthread_rwlock_unlock(&c.lock)
+
+
+# -- subtables ----------------------------------------------------------------------------
+
+cdef inline uint32_t value_hash(const uint64_t *value) noexcept nogil:
+    cdef uint64_t all_ones[KEY_WORDS]
+    cdef uint64_t scratch[KEY_WORDS]
+    memset(all_ones, 0xFF, sizeof(all_ones))
+    return masked_hash(value, all_ones, scratch)
+
+
+cdef inline bint covers_mask(const uint64_t *outer, const uint64_t *inner) noexcept nogil:
+    """Every bit of ``inner`` is in ``outer``."""
+    cdef int i
+    for i in range(KEY_WORDS):
+        if inner[i] & ~outer[i]:
+            return False
+    return True
+
+
+cdef cls_rule_t *sub_find_head(cls_sub_t *s, const uint64_t *value, uint32_t h) noexcept nogil:
+    cdef cls_rule_t *r = s.buckets[h & (s.nbuckets - 1)]
+    while r != NULL:
+        if r.hash == h and memcmp(r.value, value, KEY_BYTES) == 0:
+            return r
+        r = r.hnext
+    return NULL
+
+
+cdef inline bint ranks_before(const cls_rule_t *a, const cls_rule_t *b) noexcept nogil:
+    return a.priority > b.priority or (a.priority == b.priority and a.seq < b.seq)
+
+
+cdef int sub_grow(cls_sub_t *s) noexcept nogil:
+    cdef uint32_t n = s.nbuckets * 2, i
+    cdef cls_rule_t **b = <cls_rule_t **>calloc(n, sizeof(cls_rule_t *))
+    cdef cls_rule_t *r
+    cdef cls_rule_t *nxt
+    if b == NULL:
+        return -1
+    for i in range(s.nbuckets):
+        r = s.buckets[i]
+        while r != NULL:
+            nxt = r.hnext
+            r.hnext = b[r.hash & (n - 1)]
+            b[r.hash & (n - 1)] = r
+            r = nxt
+    free(s.buckets)
+    s.buckets = b
+    s.nbuckets = n
+    return 0
+
+
+cdef void sub_insert(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
+    cdef cls_rule_t **slot = &s.buckets[r.hash & (s.nbuckets - 1)]
+    cdef cls_rule_t *head = slot[0]
+    cdef cls_rule_t *prev = NULL
+    cdef cls_rule_t *cur
+    while head != NULL and not (head.hash == r.hash and
+                                memcmp(head.value, r.value, KEY_BYTES) == 0):
+        prev = head
+        head = head.hnext
+    r.sub = s
+    s.n_rules += 1
+    if r.priority > s.max_priority:
+        s.max_priority = r.priority
+    if head == NULL:                                   # a new value
+        r.hnext = slot[0]
+        r.pnext = NULL
+        slot[0] = r
+        s.n_heads += 1
+        if s.n_heads > s.nbuckets:
+            sub_grow(s)
+        return
+    if ranks_before(r, head):                          # the new head of its chain
+        r.hnext = head.hnext
+        head.hnext = NULL
+        r.pnext = head
+        if prev == NULL:
+            slot[0] = r
+        else:
+            prev.hnext = r
+        return
+    cur = head
+    while cur.pnext != NULL and not ranks_before(r, cur.pnext):
+        cur = cur.pnext
+    r.pnext = cur.pnext
+    r.hnext = NULL
+    cur.pnext = r
+
+
+cdef void sub_remove(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
+    cdef cls_rule_t **slot = &s.buckets[r.hash & (s.nbuckets - 1)]
+    cdef cls_rule_t *head = slot[0]
+    cdef cls_rule_t *prev = NULL
+    cdef cls_rule_t *cur
+    while head != NULL and not (head.hash == r.hash and
+                                memcmp(head.value, r.value, KEY_BYTES) == 0):
+        prev = head
+        head = head.hnext
+    if head == NULL:
+        return
+    s.n_rules -= 1
+    if head == r:
+        if r.pnext != NULL:                            # the next rule heads the chain
+            r.pnext.hnext = r.hnext
+            if prev == NULL:
+                slot[0] = r.pnext
+            else:
+                prev.hnext = r.pnext
+        else:
+            if prev == NULL:
+                slot[0] = r.hnext
+            else:
+                prev.hnext = r.hnext
+            s.n_heads -= 1
+    else:
+        cur = head
+        while cur.pnext != NULL and cur.pnext != r:
+            cur = cur.pnext
+        if cur.pnext == r:
+            cur.pnext = r.pnext
+    r.hnext = NULL
+    r.pnext = NULL
+
+
+cdef void sub_recompute_max(cls_sub_t *s) noexcept nogil:
+    cdef uint32_t i, m = 0
+    cdef cls_rule_t *r
+    for i in range(s.nbuckets):
+        r = s.buckets[i]
+        while r != NULL:
+            if r.priority > m:
+                m = r.priority
+            r = r.hnext
+    s.max_priority = m
+
+
+cdef void table_sort(cls_table_t *t) noexcept nogil:
+    cdef uint32_t i, j
+    cdef cls_sub_t *x
+    for i in range(1, t.nsubs):
+        x = t.subs[i]
+        j = i
+        while j > 0 and t.subs[j - 1].max_priority < x.max_priority:
+            t.subs[j] = t.subs[j - 1]
+            j -= 1
+        t.subs[j] = x
+
+
+# -- one lookup -----------------------------------------------------------------------------
+
+cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask) noexcept nogil:
+    cdef uint64_t m[KEY_WORDS]
+    cdef uint32_t i, h
+    cdef int j
+    cdef cls_sub_t *s
+    cdef cls_rule_t *best = NULL
+    cdef cls_rule_t *r
+    for i in range(t.nsubs):
+        s = t.subs[i]
+        if best != NULL and s.max_priority < best.priority:
+            break                                      # nothing further can win
+        if s.n_rules == 0:
+            continue
+        for j in range(KEY_WORDS):
+            mask[j] |= s.mask[j]
+        h = masked_hash(w, s.mask, m)                 # == value_hash of the masked key
+        r = sub_find_head(s, m, h)
+        if r != NULL and (best == NULL or ranks_before(r, best)):
+            best = r
+    return best
+
+
+cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t *out) noexcept nogil:
+    """Run the tables from table 0 (the caller holds the read lock): the rules matched,
+    their ops in order, and the mask of every bit consulted OR-ed into ``mask``."""
+    cdef uint64_t w[KEY_WORDS]
+    cdef int table = 0
+    cdef uint32_t i
+    cdef cls_rule_t *r
+    memcpy(w, k, sizeof(w))
+    out.n_rules = 0
+    out.n_ops = 0
+    out.flags = 0
+    out.overflow = 0
+    while out.n_rules < MAX_HOPS and c.tables[table] != NULL:
+        r = table_lookup(c.tables[table], w, mask)
+        if r == NULL:
+            break                                      # table miss: drop
+        out.rules[out.n_rules] = r
+        out.n_rules += 1
+        if out.n_ops + r.n_ops > MAX_ACTION_OPS:
+            out.overflow = 1
+            break
+        for i in range(r.n_ops):
+            out.ops[out.n_ops] = r.ops[i]
+            out.n_ops += 1
+        out.flags |= r.flags
+        if r.goto_table == NO_GOTO or r.goto_table <= table:
+            break
+        table = r.goto_table
+
+
+# -- the Python face ------------------------------------------------------------------------
+
+cdef inline void key_words(bytes raw, uint64_t *out) except *:
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"a key or mask is {KEY_BYTES} bytes")
+    memcpy(out, <const char *>raw, KEY_BYTES)
+
+
+cdef class Classifier:
+    """One bridge's rules. Rule ids are small integers chosen here (reused after removal)."""
+
+    def __cinit__(self):
+        cdef pthread_rwlockattr_t attr
+        self.c = <cls_t *>calloc(1, sizeof(cls_t))
+        if self.c == NULL:
+            raise MemoryError()
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.c.lock, &attr)
+        self.c.gen = 1
+
+    def __dealloc__(self):
+        cdef uint32_t t, i, b
+        cdef cls_table_t *tab
+        cdef cls_rule_t *r
+        cdef cls_rule_t *nxt
+        if self.c == NULL:
+            return
+        self._free_graveyard()
+        for i in range(self.c.next_id):
+            free(self.c.by_id[i])
+        for t in range(CLS_TABLES):
+            tab = self.c.tables[t]
+            if tab == NULL:
+                continue
+            for i in range(tab.nsubs):
+                free(tab.subs[i].buckets)
+                free(tab.subs[i])
+            free(tab.subs)
+            free(tab)
+        free(self.c.by_id)
+        free(self.c.free_ids)
+        pthread_rwlock_destroy(&self.c.lock)
+        free(self.c)
+
+    cdef void _free_graveyard(self) noexcept nogil:
+        cdef cls_rule_t *r = self.c.graveyard
+        cdef cls_rule_t *nxt
+        while r != NULL:
+            nxt = r.hnext
+            free(r)
+            r = nxt
+        self.c.graveyard = NULL
+
+    # -- changes (write lock) -------------------------------------------------------------
+    cdef void _bump(self) noexcept nogil:
+        self.c.gen += 1
+        if self.c.gen == 0:
+            self.c.gen = 1
+
+    cdef cls_sub_t *_subtable(self, int table, const uint64_t *mask) except NULL:
+        cdef cls_table_t *t = self.c.tables[table]
+        cdef cls_sub_t *s
+        cdef cls_sub_t **subs
+        cdef uint32_t i
+        if t == NULL:
+            t = <cls_table_t *>calloc(1, sizeof(cls_table_t))
+            if t == NULL:
+                raise MemoryError()
+            self.c.tables[table] = t
+        for i in range(t.nsubs):
+            if memcmp(t.subs[i].mask, mask, KEY_BYTES) == 0:
+                return t.subs[i]
+        if t.nsubs == t.cap:
+            subs = <cls_sub_t **>realloc(t.subs, (t.cap * 2 + 8) * sizeof(cls_sub_t *))
+            if subs == NULL:
+                raise MemoryError()
+            t.subs = subs
+            t.cap = t.cap * 2 + 8
+        s = <cls_sub_t *>calloc(1, sizeof(cls_sub_t))
+        if s == NULL:
+            raise MemoryError()
+        s.buckets = <cls_rule_t **>calloc(MIN_BUCKETS, sizeof(cls_rule_t *))
+        if s.buckets == NULL:
+            free(s)
+            raise MemoryError()
+        s.nbuckets = MIN_BUCKETS
+        memcpy(s.mask, mask, KEY_BYTES)
+        t.subs[t.nsubs] = s
+        t.nsubs += 1
+        return s
+
+    cdef uint32_t _new_id(self) except? 0xFFFFFFFF:
+        cdef cls_rule_t **by_id
+        cdef uint32_t *free_ids
+        cdef uint32_t cap
+        if self.c.n_free:
+            self.c.n_free -= 1
+            return self.c.free_ids[self.c.n_free]
+        if self.c.next_id == self.c.id_cap:
+            cap = self.c.id_cap * 2 + 64
+            by_id = <cls_rule_t **>realloc(self.c.by_id, cap * sizeof(cls_rule_t *))
+            if by_id == NULL:
+                raise MemoryError()
+            self.c.by_id = by_id
+            free_ids = <uint32_t *>realloc(self.c.free_ids, cap * sizeof(uint32_t))
+            if free_ids == NULL:
+                raise MemoryError()
+            self.c.free_ids = free_ids
+            self.c.id_cap = cap
+        self.c.by_id[self.c.next_id] = NULL
+        self.c.next_id += 1
+        return self.c.next_id - 1
+
+    cdef cls_rule_t *_rule(self, uint32_t rule_id) except NULL:
+        if rule_id >= self.c.next_id or self.c.by_id[rule_id] == NULL:
+            raise KeyError(rule_id)
+        return self.c.by_id[rule_id]
+
+    cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table) except -1:
+        cdef int i = 0
+        if len(ops) > MAX_ACTION_OPS:
+            raise ValueError(f"more than {MAX_ACTION_OPS} actions")
+        if not (goto_table == NO_GOTO or r.table < goto_table < CLS_TABLES):
+            raise ValueError(f"goto_table:{goto_table} must name a later table "
+                             f"(after {r.table}, below {CLS_TABLES})")
+        r.flags = 0
+        for op, arg in ops:
+            if not (0 < op < 0x10000 and 0 <= arg < 0x10000):
+                raise ValueError(f"bad op ({op}, {arg})")
+            r.ops[i].op = op
+            r.ops[i].arg = arg
+            if op == OP_NORMAL:
+                r.flags |= RULE_NORMAL
+            i += 1
+        r.n_ops = i
+        r.goto_table = goto_table
+        return 0
+
+    cdef uint32_t _insert(self, int table, uint32_t priority, bytes mask, bytes value, ops,
+                          int goto_table) except? 0xFFFFFFFF:
+        cdef uint64_t m[KEY_WORDS]
+        cdef uint64_t v[KEY_WORDS]
+        cdef cls_rule_t *r
+        cdef cls_sub_t *s
+        cdef cls_table_t *t
+        cdef uint32_t i, old_max, rid
+        if not 0 <= table < CLS_TABLES:
+            raise ValueError(f"table {table} out of range 0..{CLS_TABLES - 1}")
+        key_words(mask, m)
+        key_words(value, v)
+        for i in range(KEY_WORDS):
+            v[i] &= m[i]
+        r = <cls_rule_t *>calloc(1, sizeof(cls_rule_t))
+        if r == NULL:
+            raise MemoryError()
+        r.table = table
+        r.priority = priority
+        try:
+            self._set_ops(r, ops, goto_table)
+        except BaseException:
+            free(r)
+            raise
+        memcpy(r.value, v, KEY_BYTES)
+        r.hash = value_hash(v)
+        s = self._subtable(table, m)
+        rid = self._new_id()
+        r.id = rid
+        r.seq = self.c.next_seq
+        self.c.next_seq += 1
+        self.c.by_id[rid] = r
+        old_max = s.max_priority
+        sub_insert(s, r)
+        t = self.c.tables[table]
+        t.n_rules += 1
+        self.c.n_rules += 1
+        if s.n_rules == 1 or s.max_priority != old_max:
+            table_sort(t)
+        return rid
+
+    cdef void _remove(self, cls_rule_t *r) noexcept nogil:
+        cdef cls_sub_t *s = <cls_sub_t *>r.sub
+        cdef cls_table_t *t = self.c.tables[r.table]
+        cdef uint32_t i, prio = r.priority
+        sub_remove(s, r)
+        t.n_rules -= 1
+        self.c.n_rules -= 1
+        self.c.by_id[r.id] = NULL
+        self.c.free_ids[self.c.n_free] = r.id
+        self.c.n_free += 1
+        r.hnext = self.c.graveyard                     # a PMD may still hold it
+        self.c.graveyard = r
+        if s.n_rules == 0:                             # drop the empty subtable
+            for i in range(t.nsubs):
+                if t.subs[i] == s:
+                    t.subs[i] = t.subs[t.nsubs - 1]
+                    t.nsubs -= 1
+                    break
+            free(s.buckets)
+            free(s)
+            table_sort(t)
+        elif prio == s.max_priority:
+            sub_recompute_max(s)
+            table_sort(t)
+
+    def insert(self, int table, uint32_t priority, bytes mask, bytes value, ops,
+               int goto_table=NO_GOTO):
+        """Add a rule; returns its id. ``ops``: (op, arg) pairs as the datapath runs them."""
+        return self.apply([(table, priority, mask, value, ops, goto_table)])[0]
+
+    def remove(self, uint32_t rule_id):
+        self.apply(removes=[rule_id])
+
+    cdef int _check_spec(self, spec) except -1:
+        cdef cls_rule_t tmp
+        table, priority, mask, value, ops, goto_table = spec
+        if not 0 <= table < CLS_TABLES:
+            raise ValueError(f"table {table} out of range 0..{CLS_TABLES - 1}")
+        if not 0 <= priority <= 0xFFFFFFFF:
+            raise ValueError(f"priority {priority} out of range")
+        if len(mask) != KEY_BYTES or len(value) != KEY_BYTES:
+            raise ValueError(f"a key or mask is {KEY_BYTES} bytes")
+        tmp.table = table
+        self._set_ops(&tmp, ops, goto_table)
+        return 0
+
+    def apply(self, specs=(), changes=(), removes=()):
+        """One change that lookups see whole, all or nothing (everything is checked before
+        anything changes): remove rules by id, give rules new actions ((id, ops,
+        goto_table); counters stay), then add rules given as (table, priority, mask, value,
+        ops, goto_table). Returns the new rules' ids in order."""
+        cdef cls_rule_t tmp
+        cdef uint32_t rid
+        gone = set()
+        for rid in removes:
+            self._rule(rid)
+            if rid in gone:
+                raise ValueError(f"rule {rid} removed twice")
+            gone.add(rid)
+        for rid, ops, goto_table in changes:
+            tmp.table = self._rule(rid).table
+            self._set_ops(&tmp, ops, goto_table)
+        for spec in specs:
+            self._check_spec(spec)
+        ids = []
+        with nogil:
+            pthread_rwlock_wrlock(&self.c.lock)
+        try:
+            for rid in removes:
+                self._remove(self.c.by_id[rid])
+            for rid, ops, goto_table in changes:
+                self._set_ops(self.c.by_id[<uint32_t>rid], ops, goto_table)
+            for table, priority, mask, value, ops, goto_table in specs:
+                ids.append(self._insert(table, priority, mask, value, ops, goto_table))
+        finally:
+            self._bump()
+            pthread_rwlock_unlock(&self.c.lock)
+        return ids
+
+    def reclaim(self):
+        """Free removed rules: call only when no PMD can still hold one (after a grace
+        period: Datapath.synchronize())."""
+        with nogil:
+            pthread_rwlock_wrlock(&self.c.lock)
+        self._free_graveyard()
+        pthread_rwlock_unlock(&self.c.lock)
+
+    # -- queries ----------------------------------------------------------------------------
+    def find_strict(self, int table, uint32_t priority, bytes mask, bytes value):
+        """The id of the rule with exactly this table, priority and match, or -1."""
+        cdef uint64_t m[KEY_WORDS]
+        cdef uint64_t v[KEY_WORDS]
+        cdef cls_table_t *t
+        cdef cls_rule_t *r = NULL
+        cdef uint32_t i
+        cdef long found = -1
+        if not 0 <= table < CLS_TABLES:
+            return -1
+        key_words(mask, m)
+        key_words(value, v)
+        for i in range(KEY_WORDS):
+            v[i] &= m[i]
+        with nogil:
+            pthread_rwlock_rdlock(&self.c.lock)
+            t = self.c.tables[table]
+            if t != NULL:
+                for i in range(t.nsubs):
+                    if memcmp(t.subs[i].mask, m, KEY_BYTES) == 0:
+                        r = sub_find_head(t.subs[i], v, value_hash(v))
+                        break
+            while r != NULL:
+                if r.priority == priority:
+                    found = r.id
+                    break
+                r = r.pnext
+            pthread_rwlock_unlock(&self.c.lock)
+        return found
+
+    def select(self, int table, bytes mask, bytes value):
+        """Ids of the rules (in ``table``, or every table if -1) whose match is at least as
+        specific as (mask, value): ovs-ofctl's non-strict matching for del-flows/dump-flows."""
+        cdef uint64_t m[KEY_WORDS]
+        cdef uint64_t v[KEY_WORDS]
+        cdef cls_table_t *t
+        cdef cls_sub_t *s
+        cdef cls_rule_t *head
+        cdef cls_rule_t *r
+        cdef uint32_t ti, i, b
+        cdef int j
+        cdef bint ok
+        key_words(mask, m)
+        key_words(value, v)
+        out = []
+        with nogil:
+            pthread_rwlock_rdlock(&self.c.lock)
+        try:
+            for ti in range(CLS_TABLES):
+                t = self.c.tables[ti]
+                if t == NULL or (table >= 0 and <int>ti != table):
+                    continue
+                for i in range(t.nsubs):
+                    s = t.subs[i]
+                    if not covers_mask(s.mask, m):
+                        continue
+                    for b in range(s.nbuckets):
+                        head = s.buckets[b]
+                        while head != NULL:
+                            ok = True
+                            for j in range(KEY_WORDS):
+                                if (head.value[j] & m[j]) != (v[j] & m[j]):
+                                    ok = False
+                            if ok:
+                                r = head
+                                while r != NULL:
+                                    out.append(r.id)
+                                    r = r.pnext
+                            head = head.hnext
+        finally:
+            pthread_rwlock_unlock(&self.c.lock)
+        return out
+
+    def stats(self, uint32_t rule_id):
+        """(packets, bytes, ns of the last packet or 0) of one rule."""
+        cdef cls_rule_t *r = self._rule(rule_id)
+        return r.n_packets, r.n_bytes, r.used_ns
+
+    def rule(self, uint32_t rule_id):
+        """(table, priority, mask, value) of one rule."""
+        cdef cls_rule_t *r = self._rule(rule_id)
+        return (r.table, r.priority, (<char *>(<cls_sub_t *>r.sub).mask)[:KEY_BYTES],
+                (<char *>r.value)[:KEY_BYTES])
+
+    def lookup(self, bytes key):
+        """What the datapath's lookup finds for a raw key: ([(table, rule id), ...],
+        [(op, arg), ...], mask bytes, overflow). The same code PMDs run (ovs trace)."""
+        cdef uint64_t mask[KEY_WORDS]
+        cdef cls_result_t res
+        cdef flow_key_t k
+        cdef uint32_t i
+        if len(key) != sizeof(flow_key_t):
+            raise ValueError("not a flow key")
+        memcpy(&k, <const char *>key, sizeof(flow_key_t))
+        memset(mask, 0, sizeof(mask))
+        with nogil:
+            pthread_rwlock_rdlock(&self.c.lock)
+            cls_lookup(self.c, &k, mask, &res)
+        try:
+            rules = [(res.rules[i].table, res.rules[i].id) for i in range(res.n_rules)]
+            ops = [(res.ops[i].op, res.ops[i].arg) for i in range(res.n_ops)]
+        finally:
+            pthread_rwlock_unlock(&self.c.lock)
+        return rules, ops, (<char *>mask)[:KEY_BYTES], bool(res.overflow)
+
+    @property
+    def generation(self):
+        return self.c.gen
+
+    def __len__(self):
+        return self.c.n_rules
+
+    def subtables(self, int table=0):
+        t = self.c.tables[table] if 0 <= table < CLS_TABLES else NULL
+        return 0 if t == NULL else t.nsubs
+
+    def memory(self):
+        """Bytes this classifier holds in C: rules, subtables, buckets, the id map."""
+        cdef uint64_t total = sizeof(cls_t) + self.c.id_cap * (sizeof(void *) + 4)
+        cdef uint32_t t, i
+        cdef cls_table_t *tab
+        total += self.c.n_rules * sizeof(cls_rule_t)
+        for t in range(CLS_TABLES):
+            tab = self.c.tables[t]
+            if tab == NULL:
+                continue
+            total += sizeof(cls_table_t) + tab.cap * sizeof(void *)
+            for i in range(tab.nsubs):
+                total += sizeof(cls_sub_t) + tab.subs[i].nbuckets * sizeof(void *)
+        return total
+
+
+NO_GOTO_TABLE = NO_GOTO
+TABLES = CLS_TABLES

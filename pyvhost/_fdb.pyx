@@ -1,0 +1,304 @@
+# cython: language_level=3
+"""The compiled MAC learning table (see _fdb.pxd): a chained hash table over a fixed array
+of entries, guarded by a spinlock that PMD threads take for a few instructions per upcall
+and the control thread takes to expire, show (a copy, formatted outside the lock) and
+forget ports. No rules, no ports, no packets here.
+"""
+
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from pyvhost._vring cimport vh_lock, vh_unlock
+
+DEFAULT_SIZE = 8192
+DEFAULT_AGING = 300
+
+
+cdef uint32_t now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint32_t>(<uint64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000)
+
+
+cdef inline uint32_t mac_hash(uint16_t vlan, const uint8_t *mac) noexcept nogil:
+    cdef uint64_t h = vlan
+    cdef int i
+    for i in range(6):
+        h = (h << 8) | mac[i]
+    h *= 0x9E3779B97F4A7C15ULL
+    return <uint32_t>(h >> 32)
+
+
+cdef inline bint age_gt(uint32_t now, uint32_t then, uint32_t ms) noexcept nogil:
+    return <uint32_t>(now - then) > ms
+
+
+cdef int32_t find(fdb_t *f, uint16_t vlan, const uint8_t *mac) noexcept nogil:
+    cdef int32_t i = f.buckets[mac_hash(vlan, mac) & (f.nbuckets - 1)]
+    while i >= 0:
+        if f.e[i].vlan == vlan and memcmp(f.e[i].mac, mac, 6) == 0:
+            return i
+        i = f.e[i].next
+    return -1
+
+
+cdef void unlink(fdb_t *f, int32_t idx) noexcept nogil:
+    cdef fdb_entry_t *e = &f.e[idx]
+    cdef int32_t *link = &f.buckets[mac_hash(e.vlan, e.mac) & (f.nbuckets - 1)]
+    while link[0] >= 0 and link[0] != idx:
+        link = &f.e[link[0]].next
+    if link[0] == idx:
+        link[0] = e.next
+    e.in_use = 0
+    e.ver += 1
+    e.next = f.free_head
+    f.free_head = idx
+    f.count -= 1
+    if e.port < FDB_PORTS and f.port_count[e.port]:
+        f.port_count[e.port] -= 1
+
+
+cdef int32_t evict_one(fdb_t *f, uint32_t now) noexcept nogil:
+    """Drop the least recently used of a few sampled entries (an idle one, almost surely)."""
+    cdef int32_t best = -1, i
+    cdef int n
+    for n in range(FDB_SAMPLE * 4):
+        f.rng = f.rng * 1103515245 + 12345
+        i = (f.rng >> 8) % f.size
+        if not f.e[i].in_use:
+            continue
+        if best < 0 or <uint32_t>(now - f.e[i].used_ms) > <uint32_t>(now - f.e[best].used_ms):
+            best = i
+        if n >= FDB_SAMPLE and best >= 0:
+            break
+    if best >= 0:
+        unlink(f, best)
+        f.evicted += 1
+    return best
+
+
+cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port, uint32_t now,
+                   uint32_t *idx, uint32_t *ver) noexcept nogil:
+    """Record ``mac`` behind ``port``: 0 seen again, 1 new, 2 moved, -1 not learned (group
+    address, the port's limit, a damped move). ``idx``/``ver`` name the entry the
+    decision depends on (0xFFFFFFFF if none)."""
+    cdef int32_t i
+    cdef fdb_entry_t *e
+    cdef uint32_t h
+    cdef int rc
+    idx[0] = 0xFFFFFFFF
+    ver[0] = 0
+    if mac[0] & 1 or port >= FDB_PORTS:
+        return -1
+    vh_lock(&f.lock)
+    i = find(f, vlan, mac)
+    if i >= 0:
+        e = &f.e[i]
+        idx[0] = i
+        ver[0] = e.ver
+        if e.port == port:
+            e.used_ms = now
+            vh_unlock(&f.lock)
+            return 0
+        if age_gt(now, e.window_ms, MOVE_WINDOW_MS):
+            e.window_ms = now
+            e.moves = 0
+        if e.moves >= MOVE_LIMIT or (f.port_limit[port] and
+                                     f.port_count[port] >= f.port_limit[port]):
+            if e.moves >= MOVE_LIMIT:
+                f.damped += 1
+                memcpy(f.damped_mac, mac, 6)
+                f.damped_vlan = vlan
+            else:
+                f.refused += 1
+            vh_unlock(&f.lock)
+            return -1
+        e.moves += 1
+        if f.port_count[e.port]:
+            f.port_count[e.port] -= 1
+        f.port_count[port] += 1
+        e.port = port
+        e.used_ms = now
+        e.ver += 1
+        ver[0] = e.ver
+        f.moved += 1
+        vh_unlock(&f.lock)
+        return 2
+    if f.port_limit[port] and f.port_count[port] >= f.port_limit[port]:
+        f.refused += 1
+        vh_unlock(&f.lock)
+        return -1
+    if f.free_head < 0:
+        evict_one(f, now)
+    if f.free_head < 0:
+        vh_unlock(&f.lock)
+        return -1
+    i = f.free_head
+    e = &f.e[i]
+    f.free_head = e.next
+    memcpy(e.mac, mac, 6)
+    e.vlan = vlan
+    e.port = port
+    e.in_use = 1
+    e.used_ms = now
+    e.window_ms = now
+    e.moves = 0
+    e.ver += 1
+    h = mac_hash(vlan, mac) & (f.nbuckets - 1)
+    e.next = f.buckets[h]
+    f.buckets[h] = i
+    f.count += 1
+    f.port_count[port] += 1
+    f.learned += 1
+    f.add_gen += 1
+    idx[0] = i
+    ver[0] = e.ver
+    vh_unlock(&f.lock)
+    return 1
+
+
+cdef int fdb_lookup(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint32_t *idx,
+                    uint32_t *ver) noexcept nogil:
+    """The port ``mac`` was learned on, or -1 (``idx``/``ver`` name the entry)."""
+    cdef int32_t i
+    cdef int port = -1
+    idx[0] = 0xFFFFFFFF
+    ver[0] = 0
+    vh_lock(&f.lock)
+    i = find(f, vlan, mac)
+    if i >= 0:
+        port = f.e[i].port
+        idx[0] = i
+        ver[0] = f.e[i].ver
+    vh_unlock(&f.lock)
+    return port
+
+
+cdef class MacTable:
+    """One bridge's MAC table of ``size`` entries aging after ``aging`` seconds."""
+
+    def __cinit__(self, uint32_t size=DEFAULT_SIZE, uint32_t aging=DEFAULT_AGING):
+        cdef uint32_t i, nb = 16
+        if not 1 <= size <= (1 << 24):
+            raise ValueError(f"mac-table-size {size} out of range 1..{1 << 24}")
+        if not 1 <= aging <= 1000000:
+            raise ValueError(f"mac-aging-time {aging} out of range 1..1000000")
+        while nb < size:
+            nb *= 2
+        self.f = <fdb_t *>calloc(1, sizeof(fdb_t))
+        if self.f == NULL:
+            raise MemoryError()
+        self.f.e = <fdb_entry_t *>calloc(size, sizeof(fdb_entry_t))
+        self.f.buckets = <int32_t *>malloc(nb * sizeof(int32_t))
+        if self.f.e == NULL or self.f.buckets == NULL:
+            raise MemoryError()
+        for i in range(nb):
+            self.f.buckets[i] = -1
+        for i in range(size):
+            self.f.e[i].next = i + 1 if i + 1 < size else -1
+        self.f.size = size
+        self.f.nbuckets = nb
+        self.f.aging_ms = aging * 1000
+        self.f.rng = 2463534242
+
+    def __dealloc__(self):
+        if self.f != NULL:
+            free(self.f.e)
+            free(self.f.buckets)
+            free(self.f)
+
+    @property
+    def size(self):
+        return self.f.size
+
+    @property
+    def aging(self):
+        return self.f.aging_ms // 1000
+
+    def set_aging(self, uint32_t aging):
+        if not 1 <= aging <= 1000000:
+            raise ValueError(f"mac-aging-time {aging} out of range 1..1000000")
+        self.f.aging_ms = aging * 1000
+
+    def set_port_limit(self, int port, uint32_t limit):
+        """At most ``limit`` MACs learned on ``port`` (0: no limit)."""
+        if not 0 <= port < FDB_PORTS:
+            raise ValueError(f"port id {port} out of range")
+        self.f.port_limit[port] = limit
+
+    def learn(self, int vlan, bytes mac, int port, now=None):
+        """As a PMD learns (tests and tools): 0 seen, 1 new, 2 moved, -1 not learned."""
+        cdef uint32_t idx, ver
+        if len(mac) != 6 or not 0 <= vlan < 4096 or not 0 <= port < 0xFFFF:
+            raise ValueError("bad vlan, mac or port")
+        return fdb_learn(self.f, vlan, mac, port, now_ms() if now is None else now,
+                         &idx, &ver)
+
+    def lookup(self, int vlan, bytes mac):
+        cdef uint32_t idx, ver
+        cdef int port
+        if len(mac) != 6 or not 0 <= vlan < 4096:
+            raise ValueError("bad vlan or mac")
+        port = fdb_lookup(self.f, vlan, mac, &idx, &ver)
+        return None if port < 0 else port
+
+    def expire(self, now=None):
+        """Drop entries idle for longer than the aging time; returns how many went."""
+        cdef uint32_t t = now_ms() if now is None else now, i, n = 0
+        with nogil:
+            vh_lock(&self.f.lock)
+            for i in range(self.f.size):
+                if self.f.e[i].in_use and age_gt(t, self.f.e[i].used_ms, self.f.aging_ms):
+                    unlink(self.f, i)
+                    n += 1
+            self.f.expired += n
+            vh_unlock(&self.f.lock)
+        return n
+
+    def forget_port(self, int port):
+        cdef uint32_t i, n = 0
+        with nogil:
+            vh_lock(&self.f.lock)
+            for i in range(self.f.size):
+                if self.f.e[i].in_use and self.f.e[i].port == port:
+                    unlink(self.f, i)
+                    n += 1
+            vh_unlock(&self.f.lock)
+        return n
+
+    def rows(self, now=None):
+        """(port id, vlan, mac bytes, age seconds) of every entry: a copy taken in one short
+        hold of the lock, formatted after it (forwarding never waits on a show)."""
+        cdef uint32_t t = now_ms() if now is None else now, i
+        cdef fdb_entry_t *snap = <fdb_entry_t *>malloc(self.f.size * sizeof(fdb_entry_t))
+        if snap == NULL:
+            raise MemoryError()
+        with nogil:
+            vh_lock(&self.f.lock)
+            memcpy(snap, self.f.e, self.f.size * sizeof(fdb_entry_t))
+            vh_unlock(&self.f.lock)
+        try:
+            return [(snap[i].port, snap[i].vlan, (<char *>snap[i].mac)[:6],
+                     <uint32_t>(t - snap[i].used_ms) // 1000)
+                    for i in range(self.f.size) if snap[i].in_use]
+        finally:
+            free(snap)
+
+    def stats(self):
+        return {"entries": self.f.count, "size": self.f.size, "learned": self.f.learned,
+                "moved": self.f.moved, "evicted": self.f.evicted, "expired": self.f.expired,
+                "refused": self.f.refused, "damped": self.f.damped}
+
+    def last_damped(self):
+        """(vlan, mac) of the last MAC whose move was ignored."""
+        return self.f.damped_vlan, (<char *>self.f.damped_mac)[:6]
+
+    def __len__(self):
+        return self.f.count
+
+
+def clock_ms():
+    """The millisecond clock entries are stamped with (CLOCK_MONOTONIC, wrapping at 2^32)."""
+    return now_ms()
