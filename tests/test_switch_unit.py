@@ -5,7 +5,6 @@ commands of ``pyvhost ctl`` against a switch run in-process and as a process."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from pyvhost.switch import CommandError, Switch, read_config, run_command
 from pyvhost.switch.bridge import OP_NORMAL, OP_OUTPUT, OP_SET_VLAN, Bridge
 from pyvhost.switch.flows import (
     FlowSyntaxError,
+    Prefix,
     match_key,
     parse_flow,
     parse_match,
@@ -47,8 +47,8 @@ def test_parse_flow_round_trip():
                    "output:vm2")
     assert f.priority == 10
     assert f.match == {"in_port": "vm1", "dl_type": 0x0800, "nw_proto": 1,
-                       "nw_dst": ipaddress.IPv4Network("10.0.0.0/24")}
-    assert f.actions == [("mod_vlan_vid", 5), ("output", "vm2")]
+                       "nw_dst": Prefix(bytes([10, 0, 0, 0]), 24)}
+    assert f.actions == (("mod_vlan_vid", 5), ("output", "vm2"))
     assert parse_flow(f.format()) == f
     assert parse_flow("actions=normal").priority == 32768
     g = parse_flow("table=3,cookie=0x1f,idle_timeout=5,hard_timeout=9,priority=7,udp,"

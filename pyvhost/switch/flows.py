@@ -15,7 +15,9 @@ them. Pure functions and data: no datapath, no I/O.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS, pack_key
@@ -45,6 +47,26 @@ class FlowSyntaxError(ValueError):
     """A flow or match the parser cannot take; the message says where."""
 
 
+class Prefix(NamedTuple):
+    """An IPv4 address with a prefix length (small: a rule set holds 100k of them)."""
+
+    addr: bytes           # 4 bytes, host bits cleared
+    plen: int
+
+    @classmethod
+    def parse(cls, text: str) -> Prefix:
+        net = ipaddress.IPv4Network(text, strict=False)
+        return cls(net.network_address.packed, net.prefixlen)
+
+    @property
+    def mask(self) -> bytes:
+        return ((0xFFFFFFFF << (32 - self.plen)) & 0xFFFFFFFF).to_bytes(4, "big")
+
+    def __str__(self) -> str:
+        ip = ".".join(str(b) for b in self.addr)
+        return ip if self.plen == 32 else f"{ip}/{self.plen}"
+
+
 def _int(text: str, name: str, limit: int) -> int:
     try:
         value = int(text, 0)
@@ -65,9 +87,9 @@ def _mac(text: str, name: str) -> bytes:
         raise FlowSyntaxError(f"{name}: {text!r} is not a MAC address") from None
 
 
-def _net(text: str, name: str) -> ipaddress.IPv4Network:
+def _net(text: str, name: str) -> Prefix:
     try:
-        return ipaddress.IPv4Network(text, strict=False)
+        return Prefix.parse(text)
     except ValueError:
         raise FlowSyntaxError(f"{name}: {text!r} is not an IPv4 address or prefix") from None
 
@@ -82,7 +104,7 @@ def parse_match(text: str) -> dict:
     match: dict = {}
     for part in _split_top(text):
         name, eq, value = part.partition("=")
-        name = name.strip()
+        name = sys.intern(name.strip())
         if not eq:
             if name in SHORTHANDS:
                 match.update(SHORTHANDS[name])
@@ -94,7 +116,7 @@ def parse_match(text: str) -> dict:
         if name == "in_port":
             if not value:
                 raise FlowSyntaxError("in_port needs a port")
-            match[name] = value
+            match[name] = sys.intern(value)
         elif name in MASKABLE_INTS and "/" in value:
             v, _, m = value.partition("/")
             match[name] = (_int(v, name, INT_FIELDS[name]), _int(m, name, INT_FIELDS[name]))
@@ -129,8 +151,8 @@ def _check_prerequisites(match: dict) -> None:
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs tcp, udp or icmp)")
 
 
-def parse_actions(text: str) -> tuple[list[tuple], int | None]:
-    """(actions, goto_table or None)."""
+def parse_actions(text: str) -> tuple[tuple, int | None]:
+    """(actions, goto_table or None); names interned (a rule set holds 100k of them)."""
     actions: list[tuple] = []
     goto = None
     for part in _split_top(text):
@@ -141,20 +163,20 @@ def parse_actions(text: str) -> tuple[list[tuple], int | None]:
         if name == "output":
             if not arg.strip():
                 raise FlowSyntaxError("output needs a port: output:PORT")
-            actions.append(("output", arg.strip()))
+            actions.append(("output", sys.intern(arg.strip())))
         elif name == "mod_vlan_vid":
             actions.append(("mod_vlan_vid", _int(arg, "mod_vlan_vid", 0xFFF)))
         elif name == "goto_table":
             goto = _int(arg, "goto_table", TABLES - 1)
         elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
-            actions.append((name,))
+            actions.append((sys.intern(name),))
         else:
             raise FlowSyntaxError(f"unknown action {part!r}")
     if any(a[0] == "drop" for a in actions) and (len(actions) > 1 or goto is not None):
         raise FlowSyntaxError("drop cannot be combined with other actions")
     if len(actions) > MAX_OPS:
         raise FlowSyntaxError(f"{len(actions)} actions: a rule holds at most {MAX_OPS}")
-    return [a for a in actions if a[0] != "drop"], goto
+    return tuple(a for a in actions if a[0] != "drop"), goto
 
 
 @dataclass(slots=True)
@@ -163,7 +185,7 @@ class Flow:
 
     priority: int = DEFAULT_PRIORITY
     match: dict = field(default_factory=dict)
-    actions: list = field(default_factory=list)
+    actions: tuple = ()
     table: int = 0
     cookie: int = 0
     idle_timeout: int = 0
@@ -187,7 +209,7 @@ class Flow:
             if name in MAC_FIELDS:
                 v = v.hex(":") if isinstance(v, bytes) else f"{v[0].hex(':')}/{v[1].hex(':')}"
             elif name in IP_FIELDS:
-                v = str(v.network_address) if v.prefixlen == 32 else str(v)
+                v = str(v)
             elif isinstance(v, tuple):
                 v = f"0x{v[0]:04x}/0x{v[1]:04x}"
             elif name in ("dl_type", "dl_vlan") and (name == "dl_type" or v == VLAN_NONE):
@@ -316,8 +338,7 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
             mac, m = (v, FULL_MAC) if isinstance(v, bytes) else v
             value[name], mask[name] = mac, m
         elif name in IP_FIELDS:
-            value[name] = v.network_address.packed
-            mask[name] = v.netmask.packed
+            value[name], mask[name] = v.addr, v.mask
         elif isinstance(v, tuple):
             value[name], mask[name] = v
         else:
@@ -338,9 +359,9 @@ def key_fields(match: dict) -> dict:
         elif name in MAC_FIELDS:
             fields[name] = v if isinstance(v, bytes) else v[0]
         elif name in IP_FIELDS:
-            if v.prefixlen != 32:
+            if v.plen != 32:
                 raise FlowSyntaxError(f"{name}: a packet has one address, not {v}")
-            fields[name] = v.network_address.packed
+            fields[name] = v.addr
         else:
             fields[name] = v[0] if isinstance(v, tuple) else v
     return fields
