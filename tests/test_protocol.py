@@ -9,7 +9,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvhost.protocol import constants as C
@@ -18,6 +18,7 @@ from pyvhost.protocol import wire
 from pyvhost.protocol.constants import ProtocolFeature as PF
 from pyvhost.protocol.constants import Request as R
 from pyvhost.protocol.messages import SPECS, FdRule, RequestError, check_request, expected_fds
+from tests.harness.fuzzing import Counter, fuzz_settings
 
 ALL_PROTOCOL = (1 << 64) - 1
 u8 = st.integers(0, 0xFF)
@@ -28,10 +29,6 @@ u64 = st.integers(0, (1 << 64) - 1)
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-class Count:
-    n = 0
 
 
 # ======================================================================================
@@ -75,12 +72,12 @@ def test_every_payload_type_has_a_strategy():
 
 @pytest.mark.parametrize("cls", list(PAYLOADS), ids=lambda c: c.__name__)
 def test_payload_roundtrip(cls):
-    count = Count()
+    count = Counter(f"payload roundtrip {cls.__name__}")
 
-    @settings(max_examples=60, deadline=None)
+    @fuzz_settings(60)
     @given(PAYLOADS[cls])
     def run(p):
-        count.n += 1
+        count()
         data = p.pack()
         q = cls.unpack(data)
         assert q == p
@@ -88,7 +85,7 @@ def test_payload_roundtrip(cls):
         assert q.pack() == data
 
     run()
-    assert count.n >= (1 if cls is P.Empty else 20)
+    count.report(1 if cls is P.Empty else 60)       # Empty has a single example
 
 
 def test_payload_sizes_match_the_c_structs():
@@ -160,12 +157,12 @@ def test_config_sizes():
 
 
 def test_unpack_never_raises_anything_but_payload_error():
-    count = Count()
+    count = Counter("payload unpack of random bytes")
 
-    @settings(max_examples=300, deadline=None)
+    @fuzz_settings(300)
     @given(st.sampled_from(list(PAYLOADS)), st.binary(max_size=300))
     def run(cls, data):
-        count.n += 1
+        count()
         try:
             p = cls.unpack(data)
             p.validate()
@@ -174,7 +171,7 @@ def test_unpack_never_raises_anything_but_payload_error():
         assert cls.unpack(p.pack()) == p if cls is not P.MemTable else True
 
     run()
-    assert count.n >= 100
+    count.report(300)
 
 
 # ======================================================================================
@@ -303,19 +300,19 @@ def test_unknown_request(code):
 
 
 def test_check_request_never_raises_anything_else():
-    count = Count()
+    count = Counter("check_request of random requests")
 
-    @settings(max_examples=400, deadline=None)
+    @fuzz_settings(400)
     @given(st.integers(0, 50), st.binary(max_size=300), st.integers(0, 9), u64)
     def run(code, body, nfds, pf):
-        count.n += 1
+        count()
         try:
             check_request(code, body, nfds, pf)
         except RequestError:
             pass
 
     run()
-    assert count.n >= 200
+    count.report(400)
 
 
 # ======================================================================================
@@ -440,14 +437,14 @@ def test_reader_byte_by_byte_with_fds(pair):
 
 
 def test_reader_random_chunking():
-    count = Count()
+    count = Counter("message reader, random chunking")
 
-    @settings(max_examples=60, deadline=None)
+    @fuzz_settings(60)
     @given(st.lists(st.tuples(st.integers(1, 43), st.binary(max_size=64), st.integers(0, 3)),
                     min_size=1, max_size=6),
            st.lists(st.integers(1, 50), min_size=1, max_size=20))
     def run(msgs, cuts):
-        count.n += 1
+        count()
         before = fd_count()
         a, b = socket.socketpair()
         b.setblocking(False)
@@ -477,7 +474,7 @@ def test_reader_random_chunking():
         assert fd_count() == before
 
     run()
-    assert count.n >= 30
+    count.report(60)
 
 
 def test_reader_limit(pair):
