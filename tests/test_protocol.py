@@ -205,9 +205,8 @@ def fds_for(spec, body) -> int:
     return lo
 
 
-@pytest.mark.parametrize("req", list(R), ids=lambda r: r.name)
-def test_every_request_has_a_spec(req):
-    assert req in SPECS
+def test_every_request_has_a_spec():
+    assert set(R) - set(SPECS) == set()
 
 
 @pytest.mark.parametrize("req", list(SPECS), ids=lambda r: r.name)
@@ -233,12 +232,33 @@ def test_sizes_accepted_and_rejected(req):
             check_request(int(req), data, 0, ALL_PROTOCOL)
 
 
+# fds a request carries, from vhost-user.rst, written down here rather than read back from
+# the table under test: (min, max), or "vring" (one unless the NOFD bit is set), or
+# "region" (one per region). Every other request carries none.
+SPEC_FDS = {
+    R.SET_MEM_TABLE: "region", R.SET_LOG_BASE: (1, 1), R.SET_LOG_FD: (1, 1),
+    R.SET_VRING_KICK: "vring", R.SET_VRING_CALL: "vring", R.SET_VRING_ERR: "vring",
+    R.SET_BACKEND_REQ_FD: (1, 1), R.SET_INFLIGHT_FD: (1, 1), R.GPU_SET_SOCKET: (1, 1),
+    R.ADD_MEM_REG: (1, 1), R.REM_MEM_REG: (0, 1), R.SET_DEVICE_STATE_FD: (1, 1),
+}
+
+
+def spec_fds(req, payload) -> tuple[int, int]:
+    rule = SPEC_FDS.get(req, (0, 0))
+    if rule == "vring":
+        return (0, 0) if payload.nofd else (1, 1)
+    if rule == "region":
+        return len(payload.regions), len(payload.regions)
+    return rule
+
+
 @pytest.mark.parametrize("req", list(SPECS), ids=lambda r: r.name)
 def test_fd_counts(req):
     spec = SPECS[req]
     for body in valid_bodies(spec.payload):
         payload = spec.payload.unpack(body)
-        lo, hi = expected_fds(spec, payload)
+        lo, hi = spec_fds(req, payload)
+        assert expected_fds(spec, payload) == (lo, hi)
         for n in range(0, 10):
             if lo <= n <= hi:
                 check_request(int(req), body, n, ALL_PROTOCOL)
