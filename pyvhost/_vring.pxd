@@ -120,6 +120,9 @@ cdef struct vq_t:
     int missfd                # eventfd signalled on a new miss (the control side sends it)
     uint32_t nheld            # RX frames held (copied) while a miss is answered
     pkt_t held[MAX_HELD]
+    int faultfd               # eventfd signalled when guest memory faults (SIGBUS), or -1
+    uint32_t faults           # guest-memory faults (a truncated fd) caught on this ring
+    uint32_t dq_taken         # inside vq_dequeue: pkts[0..dq_taken) are ours (a fault frees them)
     vq_stats_t st
 
 

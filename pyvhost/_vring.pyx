@@ -19,6 +19,124 @@ from pyvhost._memory cimport (
 )
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 
+# -- SIGBUS guard --------------------------------------------------------------------------
+# A front-end's memory and dirty-log fds are sealed against shrinking when they allow it
+# (pyvhost.memory). One that cannot be sealed (hugetlbfs, tmpfs files, a memfd created
+# without MFD_ALLOW_SEALING) can be truncated under us: the next access to the lost pages
+# raises SIGBUS. Every entry point of this module that touches guest memory or the dirty
+# log runs under a guard (a per-thread sigjmp_buf): the handler jumps back to the guard,
+# which marks the ring broken and faulted and signals its faultfd; the control side then
+# drops that front-end. A SIGBUS outside a guard goes to the previous handler (or the
+# default action: the process dies, as it would have without us).
+cdef extern from *:
+    """
+    #include <setjmp.h>
+    #include <signal.h>
+    #include <string.h>
+    #include <pthread.h>
+
+    typedef struct vh_guard { sigjmp_buf jb; struct vh_guard *prev; } vh_guard_t;
+    static __thread vh_guard_t *vh_guard_top = NULL;
+    static struct sigaction vh_bus_prev;
+    static volatile sig_atomic_t vh_bus_chaining = 0;
+    static uint64_t vh_bus_caught = 0;
+
+    /* sigsetjmp must be called from the frame that stays live: a macro, not a function.
+       No signal mask is saved (cheap); SA_NODEFER keeps SIGBUS unblocked in the handler. */
+    #define VH_GUARD_ENTER(g) ((g)->prev = vh_guard_top, vh_guard_top = (g), sigsetjmp((g)->jb, 0))
+    static inline void vh_guard_leave(vh_guard_t *g) { vh_guard_top = g->prev; }
+
+    static void vh_bus_handler(int sig, siginfo_t *si, void *uc)
+    {
+        vh_guard_t *g = vh_guard_top;
+        if (g != NULL) {
+            vh_guard_top = g->prev;
+            __atomic_fetch_add(&vh_bus_caught, 1, __ATOMIC_RELAXED);
+            siglongjmp(g->jb, 1);
+        }
+        if (!vh_bus_chaining) {
+            struct sigaction dfl;
+            vh_bus_chaining = 1;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            sigaction(SIGBUS, &dfl, NULL);
+            if ((vh_bus_prev.sa_flags & SA_SIGINFO) && vh_bus_prev.sa_sigaction != NULL &&
+                    vh_bus_prev.sa_sigaction != vh_bus_handler)
+                vh_bus_prev.sa_sigaction(sig, si, uc);        /* e.g. faulthandler */
+            else if (!(vh_bus_prev.sa_flags & SA_SIGINFO) &&
+                     vh_bus_prev.sa_handler != SIG_DFL && vh_bus_prev.sa_handler != SIG_IGN)
+                vh_bus_prev.sa_handler(sig);
+        }
+        {
+            struct sigaction dfl;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            sigaction(SIGBUS, &dfl, NULL);
+        }
+        if (si == NULL || si->si_code <= 0)
+            raise(sig);         /* sent, not a fault: returning would not re-raise it */
+        /* a fault: returning re-runs the access under the default action (core dump) */
+    }
+
+    /* Install the handler unless it is installed; the one found is chained to. Called at
+       import and whenever a ring gets memory or a log, so that a handler installed later
+       (faulthandler.enable()) does not see our faults first. */
+    static int vh_bus_install(void)
+    {
+        struct sigaction cur, sa;
+        if (sigaction(SIGBUS, NULL, &cur) != 0) return -1;
+        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == vh_bus_handler) return 0;
+        vh_bus_prev = cur;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = vh_bus_handler;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        return sigaction(SIGBUS, &sa, NULL);
+    }
+
+    static inline void vh_bus_recovered(void)
+    {
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGBUS);
+        pthread_sigmask(SIG_UNBLOCK, &set, NULL);   /* in case a chained handler blocked it */
+    }
+
+    static inline void vh_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
+    """
+    ctypedef struct vh_guard_t:
+        pass
+    int VH_GUARD_ENTER(vh_guard_t *g) nogil
+    void vh_guard_leave(vh_guard_t *g) nogil
+    int vh_bus_install() nogil
+    void vh_bus_recovered() nogil
+    void vh_compiler_barrier() nogil
+    uint64_t vh_bus_caught
+
+
+cdef void vq_fault(vq_t *vq) noexcept nogil:
+    """Guest memory under ``vq`` faulted: keep the data path out until control resets it."""
+    vh_bus_recovered()
+    vh_store_release_int(&vq.ready, 0)
+    vq.broken = 1
+    vq.faults += 1
+    if vq.faultfd >= 0:
+        vh_eventfd_signal(vq.faultfd)
+
+
+def install_sigbus_guard():
+    """(Re)install the SIGBUS handler of the ring guards; OSError if sigaction fails."""
+    if vh_bus_install() != 0:
+        raise OSError("cannot install the SIGBUS handler")
+
+
+def sigbus_caught():
+    """How many SIGBUS faults the guards caught in this process."""
+    return vh_bus_caught
+
+
+install_sigbus_guard()
+
 
 cdef enum:
     MAX_CHAIN_BYTES = 1 << 24      # a guest buffer chain larger than this is malformed
@@ -285,25 +403,44 @@ cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint3
         if pkt == NULL:
             vq.st.drop_no_mbuf += 1
             return -1
+        pkts[nout[0]] = pkt
+        vq.dq_taken += 1                # a fault in the copy gives it back (vq_dequeue)
+        vh_compiler_barrier()
         copy_out(iov, niov, total, hdr, pkt)
         if tx_header_ok(vq, pkt):
-            pkts[nout[0]] = pkt
             nout[0] += 1
             vq.st.bytes += pkt.len
         else:
             vq.st.drop_bad_hdr += 1
+            vq.dq_taken -= 1
             pool_put(pool, pkt)
     return 0
 
 
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
-    """Guest TX -> packets: up to ``count`` frames copied out of the guest's buffers."""
-    cdef uint32_t lead = 0
+    """Guest TX -> packets: up to ``count`` frames copied out of the guest's buffers.
+    A fault in guest memory (SIGBUS) gives back every packet taken and returns 0."""
+    cdef vh_guard_t g
+    cdef uint32_t n
     if not vq.ready or vq.broken or vq.iotlb_miss:
         return 0
+    vq.dq_taken = 0
+    if VH_GUARD_ENTER(&g):
+        pool_put_many(pool, pkts, vq.dq_taken)
+        vq.dq_taken = 0
+        vq_fault(vq)
+        return 0
+    n = dequeue_core(vq, pool, pkts, count)
+    vh_guard_leave(&g)
+    return n
+
+
+cdef uint32_t dequeue_core(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
+    cdef uint32_t lead = 0
     if vq.rarp_pending and vq.enabled and count:
         pkts[0] = pool_get(pool)
         if pkts[0] != NULL:
+            vq.dq_taken = 1
             make_rarp(pkts[0], vq.rarp_mac)
             vq.rarp_pending = 0
             lead = 1
@@ -388,7 +525,20 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     buffers are counted in drop_no_buffer. With ACCESS_PLATFORM, frames that meet an IOTLB
     miss are copied and held (up to MAX_HELD, counted as delivered) and go into the ring
     once the front-end has mapped the buffer: a Linux guest maps every RX buffer afresh, so
-    dropping them would lose the first frame after each mapping change."""
+    dropping them would lose the first frame after each mapping change.
+
+    A fault in guest memory or the dirty log (SIGBUS) returns 0: nothing delivered."""
+    cdef vh_guard_t g
+    cdef uint32_t n
+    if VH_GUARD_ENTER(&g):
+        vq_fault(vq)
+        return 0
+    n = enqueue_guarded(vq, pkts, count)
+    vh_guard_leave(&g)
+    return n
+
+
+cdef uint32_t enqueue_guarded(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     cdef uint32_t n
     if vq.iotlb == NULL:
         return enqueue_core(vq, pkts, count)
@@ -836,8 +986,17 @@ cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept no
 
 cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil:
     """Ask the guest to kick (on) or not to bother (off) when it adds buffers."""
+    cdef vh_guard_t g
     if not vq.ready:
         return
+    if VH_GUARD_ENTER(&g):
+        vq_fault(vq)
+        return
+    set_notify_core(vq, on)
+    vh_guard_leave(&g)
+
+
+cdef void set_notify_core(vq_t *vq, bint on) noexcept nogil:
     if vq.packed:
         vh_store_relaxed_u16(&vq.used[1],
                              RING_EVENT_FLAGS_ENABLE if on else RING_EVENT_FLAGS_DISABLE)
@@ -854,11 +1013,41 @@ cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil:
 
 cdef bint vq_pending(vq_t *vq) noexcept nogil:
     """True when the guest has made buffers available that we have not consumed."""
+    cdef vh_guard_t g
+    cdef bint r
     if not vq.ready or vq.broken or vq.iotlb_miss:
         return False                      # a miss: the IOTLB update wakes the poll threads
+    if VH_GUARD_ENTER(&g):
+        vq_fault(vq)
+        return False
     if vq.packed:
-        return packed_avail(vq, vq.last_avail_idx, vq.avail_wrap)
-    return vh_load_acquire_u16(&vq.avail[1]) != vq.last_avail_idx
+        r = packed_avail(vq, vq.last_avail_idx, vq.avail_wrap)
+    else:
+        r = vh_load_acquire_u16(&vq.avail[1]) != vq.last_avail_idx
+    vh_guard_leave(&g)
+    return r
+
+
+cdef uint32_t flush_held_guarded(vq_t *vq) noexcept nogil:
+    """flush_held for the control side; returns the frames still held."""
+    cdef vh_guard_t g
+    if VH_GUARD_ENTER(&g):
+        vq_fault(vq)
+        return vq.nheld
+    flush_held(vq)
+    vh_guard_leave(&g)
+    return vq.nheld
+
+
+cdef int read_used_idx(vq_t *vq, uint16_t *idx) noexcept nogil:
+    """The used index in guest memory; -1 (ring faulted) when the memory is gone."""
+    cdef vh_guard_t g
+    if VH_GUARD_ENTER(&g):
+        vq_fault(vq)
+        return -1
+    idx[0] = vh_load_acquire_u16(&vq.used[1])
+    vh_guard_leave(&g)
+    return 0
 
 
 OFFLOAD_BITS = {"csum": OFL_CSUM, "tso4": OFL_TSO4, "tso6": OFL_TSO6}
@@ -877,6 +1066,7 @@ cdef class VirtQueue:
         self.vq.kickfd = -1
         self.vq.callfd = -1
         self.vq.missfd = -1
+        self.vq.faultfd = -1
 
     def __dealloc__(self):
         drop_held(&self.vq)
@@ -899,6 +1089,8 @@ cdef class VirtQueue:
     # -- configuration (lock held) ----------------------------------------------------
     def set_memory(self, MemTable mem):
         """A new memory table: the ring addresses are translated again by ``start``."""
+        if mem is not None:
+            install_sigbus_guard()
         self.mem = mem
         self.vq.mem = mem.table if mem is not None else NULL
         self.vq.ready = 0
@@ -922,7 +1114,8 @@ cdef class VirtQueue:
     def flush_held(self):
         """Deliver RX frames held across an IOTLB miss; returns how many are still held."""
         if self.vq.nheld and self.vq.iotlb != NULL:
-            flush_held(&self.vq)
+            with nogil:
+                flush_held_guarded(&self.vq)
         return self.vq.nheld
 
     def drop_held(self):
@@ -941,6 +1134,20 @@ cdef class VirtQueue:
 
         def __set__(self, int fd):
             self.vq.missfd = fd
+
+    property faultfd:
+        """An eventfd signalled when guest memory or the dirty log faulted (SIGBUS: the
+        front-end truncated an fd it handed over); -1: none."""
+        def __get__(self):
+            return self.vq.faultfd
+
+        def __set__(self, int fd):
+            self.vq.faultfd = fd
+
+    @property
+    def faults(self):
+        """Guest-memory faults caught on this ring since its last reset."""
+        return self.vq.faults
 
     def set_size(self, uint32_t size):
         if size == 0 or size > 32768 or (size & (size - 1) and not self.vq.packed):
@@ -1079,7 +1286,8 @@ cdef class VirtQueue:
         self.vq.broken = 0
         self.vq.signalled_used_valid = 0
         warning = None
-        used_idx = vh_load_acquire_u16(&self.vq.used[1])
+        if read_used_idx(&self.vq, &used_idx) < 0:
+            raise ValueError("guest memory under the ring is gone (SIGBUS: a truncated fd)")
         if not self.vq.packed and used_idx != self.vq.last_used_idx:
             warning = (f"used idx {used_idx} in guest memory differs from base "
                        f"{self.vq.last_used_idx}; resuming from the used idx")
@@ -1103,9 +1311,12 @@ cdef class VirtQueue:
         self.vq.signalled_used_valid = 0
         self.vq.broken = 0
         self.vq.rarp_pending = 0
+        self.vq.faults = 0
 
     def set_log(self, uint64_t addr, uint64_t size):
         """The dirty-page bitmap (host address, bytes); 0 for none."""
+        if addr:
+            install_sigbus_guard()
         self.vq.log = <uint8_t *>addr
         self.vq.log_size = size if addr else 0
 

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.harness.guest import NicSpec, QemuGuest
+from pyvhost.cli.qemu_guest import NicSpec, QemuGuest
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,14 @@ import os
 import socket
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvhost._memory import Mapping, MemTable
 from pyvhost.memory import GuestMemory, GuestMemoryError
 from pyvhost.protocol.payloads import MemRegion
 from tests.harness.driver import GuestImage
+from tests.harness.fuzzing import Counter, fuzz_settings
 
 PAGE = 4096
 MiB = 1 << 20
@@ -281,14 +282,14 @@ def test_read_across_a_hole_fails():
 
 
 def test_translation_matches_a_model():
-    count = [0]
+    count = Counter("translation against a model")
 
-    @settings(max_examples=150, deadline=None)
+    @fuzz_settings(150)
     @given(st.lists(st.tuples(st.integers(1, 8), st.integers(0, 4)), min_size=1, max_size=6),
            st.lists(st.tuples(st.integers(0, 80 * PAGE), st.integers(1, 3 * PAGE)),
                     min_size=1, max_size=20))
     def run(layout, queries):
-        count[0] += 1
+        count()
         gm = GuestMemory()
         descs, fds, at = [], [], 0
         for k, (pages, gap) in enumerate(layout):
@@ -320,7 +321,7 @@ def test_translation_matches_a_model():
                 m.close()
 
     run()
-    assert count[0] >= 50
+    count.report(150)
 
 
 # ======================================================================================

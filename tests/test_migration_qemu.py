@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from pyvhost.cli.qemu_guest import NicSpec, QemuGuest
 from tests.harness import processes
-from tests.harness.guest import NicSpec, QemuGuest
 
 pytestmark = pytest.mark.slow
 

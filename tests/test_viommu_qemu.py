@@ -21,8 +21,8 @@ import re
 
 import pytest
 
+from pyvhost.cli.qemu_guest import NicSpec, QemuGuest
 from tests.harness import processes
-from tests.harness.guest import NicSpec, QemuGuest
 
 pytestmark = pytest.mark.slow
 

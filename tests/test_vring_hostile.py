@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvhost._pktpool import PacketPool
@@ -23,13 +23,12 @@ from tests.harness.driver import (
     GuestImage,
     vnet_hdr,
 )
-from tests.harness.fuzzing import examples
+from tests.harness.fuzzing import Counter, fuzz_settings
 
 MiB = 1 << 20
 DROPS = ("drop_bad_desc", "drop_no_buffer", "drop_oversize", "drop_disabled", "drop_no_mbuf")
-FUZZ = settings(max_examples=examples(150), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-RING_FUZZ = settings(FUZZ, max_examples=examples(250))
+FUZZ = 150                  # examples of the property fuzzers in make test (scaled by make fuzz)
+RING_FUZZ = 250             # ... of the random-ring fuzzers
 
 
 @pytest.fixture
@@ -875,10 +874,6 @@ def test_memory_swapped_under_a_started_ring(image, pool):
 # properties
 # ======================================================================================
 
-class Count:
-    n = 0
-
-
 @st.composite
 def tx_packets(draw):
     data = draw(st.binary(min_size=0, max_size=1600))
@@ -890,12 +885,12 @@ def tx_packets(draw):
 
 
 def test_property_tx_roundtrip():
-    count = Count()
+    count = Counter("tx roundtrip")
 
-    @FUZZ
+    @fuzz_settings(FUZZ)
     @given(st.lists(tx_packets(), min_size=1, max_size=12))
     def run(packets):
-        count.n += 1
+        count()
         with GuestImage((MiB, MiB)) as img:
             d, vq = setup_ring(img, size=128)
             pool = PacketPool(64, 2048)
@@ -906,20 +901,19 @@ def test_property_tx_roundtrip():
             assert vq.stats()["drop_bad_desc"] == 0
 
     run()
-    print(f"tx roundtrip: {count.n} cases")
-    assert count.n >= 50
+    count.report(FUZZ)
 
 
 def test_property_rx_roundtrip():
-    count = Count()
+    count = Counter("rx roundtrip")
 
-    @FUZZ
+    @fuzz_settings(FUZZ)
     @given(frames=st.lists(st.binary(max_size=1600), min_size=1, max_size=12),
            bufs=st.lists(st.lists(st.integers(100, 700), min_size=1, max_size=4),
                          min_size=1, max_size=40),
            mrg=st.booleans(), indirect=st.booleans())
     def run(frames, bufs, mrg, indirect):
-        count.n += 1
+        count()
         with GuestImage((MiB, MiB)) as img:
             d, vq = setup_ring(img, size=256, mrg_rxbuf=mrg)
             pool = PacketPool(64, 2048)
@@ -947,8 +941,7 @@ def test_property_rx_roundtrip():
             assert len(got) == sent
 
     run()
-    print(f"rx roundtrip: {count.n} cases")
-    assert count.n >= 50
+    count.report(FUZZ)
 
 
 RING = 16
@@ -1000,12 +993,12 @@ def _apply(d, img, raw, fixes, ahead, base):
 
 
 def test_property_random_rings_tx():
-    count = Count()
+    count = Counter("random rings (tx)")
 
-    @RING_FUZZ
+    @fuzz_settings(RING_FUZZ)
     @given(st.lists(hostile_ring(), min_size=1, max_size=4), st.booleans(), st.booleans())
     def run(rounds, indirect, enabled):
-        count.n += 1
+        count()
         with GuestImage((MiB, MiB)) as img:
             d = DriverRing(img, RING)
             vq = d.make_queue(img.guest_memory(), indirect=indirect, enabled=enabled)
@@ -1032,19 +1025,18 @@ def test_property_random_rings_tx():
                     assert pool.available == pool.count
 
     run()
-    print(f"random rings (tx): {count.n} cases")
-    assert count.n >= 200
+    count.report(RING_FUZZ)
 
 
 def test_property_random_rings_rx():
-    count = Count()
+    count = Counter("random rings (rx)")
 
-    @RING_FUZZ
+    @fuzz_settings(RING_FUZZ)
     @given(st.lists(hostile_ring(F_WRITE), min_size=1, max_size=4), st.booleans(),
            st.booleans(),
            st.lists(st.integers(0, 1600), min_size=1, max_size=32))
     def run(rounds, indirect, mrg, sizes):
-        count.n += 1
+        count()
         with GuestImage((MiB, MiB)) as img:
             d = DriverRing(img, RING)
             vq = d.make_queue(img.guest_memory(), indirect=indirect, mrg_rxbuf=mrg)
@@ -1066,5 +1058,4 @@ def test_property_random_rings_rx():
                     assert pool.available == pool.count
 
     run()
-    print(f"random rings (rx): {count.n} cases")
-    assert count.n >= 200
+    count.report(RING_FUZZ)

@@ -26,8 +26,8 @@ class NetBackend:
     """A virtio-net device served on ``path`` (listening, or connecting with ``client``)."""
 
     def __init__(self, path: str, *, client: bool = False, queues: int = 1,
-                 name: str = "net", pool_size: int = 1024):
-        self.device = NetDevice(queues, name=name)
+                 name: str = "net", pool_size: int = 1024, strict_fds: bool | None = None):
+        self.device = NetDevice(queues, name=name, strict_fds=strict_fds)
         self.endpoint = Endpoint(self.device, path, client=client)
         self.pool = PacketPool(pool_size)
         self._waiters: set[asyncio.Future] = set()

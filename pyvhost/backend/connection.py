@@ -41,6 +41,10 @@ class Connection:
         self.loop.add_reader(sock.fileno(), self._readable)
         self._miss_fd = -1                  # the device's IOTLB miss eventfd we watch
         self._miss_timer: asyncio.TimerHandle | None = None
+        # signalled by a ring whose guest memory or dirty log faulted (a truncated fd)
+        self._fault_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        device.set_fault_fd(self._fault_fd)
+        self.loop.add_reader(self._fault_fd, self._fault_event)
 
     def _readable(self) -> None:
         msgs: list[wire.Message] = []
@@ -65,6 +69,18 @@ class Connection:
                 msg.close_fds()
         if not self.closed.done():
             self._watch_misses()
+
+    def _fault_event(self) -> None:
+        try:
+            os.eventfd_read(self._fault_fd)
+        except (BlockingIOError, InterruptedError):
+            pass
+        rings = self.device.faulted_rings()
+        if rings and not self.closed.done():
+            log.error("%s: closing connection: guest memory or dirty log became inaccessible "
+                      "(SIGBUS on ring %s: the front-end truncated an fd it handed over)",
+                      self.label, ",".join(map(str, rings)))
+            self.close()
 
     # -- IOTLB misses: the data path signals an eventfd, we ask the front-end ---------------
     def _watch_misses(self) -> None:
@@ -168,7 +184,11 @@ class Connection:
         if self._miss_timer is not None:
             self._miss_timer.cancel()
             self._miss_timer = None
+        self.loop.remove_reader(self._fault_fd)
         self.reader.close()
         self.sock.close()
         self.device.reset()
+        self.device.set_fault_fd(-1)
+        os.close(self._fault_fd)
+        self._fault_fd = -1
         self.closed.set_result(None)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from pyvhost._memory import Mapping
-from pyvhost.memory import GuestMemory, GuestMemoryError
+from pyvhost.memory import GuestMemory, GuestMemoryError, check_sealed
 from pyvhost.protocol import constants as C
 from pyvhost.protocol import payloads as P
 from pyvhost.protocol import wire
@@ -49,12 +49,14 @@ class VhostUserDevice:
     features_offered = C.bit(F.VERSION_1) | C.bit(F.PROTOCOL_FEATURES)
     protocol_features_offered = C.bits(PF.MQ, PF.REPLY_ACK, PF.CONFIGURE_MEM_SLOTS)
 
-    def __init__(self, num_rings: int, name: str = "vhost"):
+    def __init__(self, num_rings: int, name: str = "vhost", *, strict_fds: bool | None = None):
+        """``strict_fds``: refuse memory and dirty-log fds that cannot be sealed against
+        shrinking (None: the process-wide pyvhost.memory.set_strict_fds setting)."""
         if not 1 <= num_rings <= C.MAX_RINGS:
             raise ValueError(f"{num_rings} rings: 1..{C.MAX_RINGS}")
         self.name = name
         self.rings = [Ring(i) for i in range(num_rings)]
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(strict_fds=strict_fds)
         self.listeners: list[Callable[[], None]] = []
         self.log: tuple[Mapping, int, int] | None = None   # mapping, bitmap address, bytes
         self.iotlb = Iotlb()
@@ -104,6 +106,16 @@ class VhostUserDevice:
         for mapping in retired:
             mapping.close()
         self.changed()
+
+    def set_fault_fd(self, fd: int) -> None:
+        """The eventfd every ring signals when guest memory or the dirty log faults (-1: none)."""
+        for ring in self.rings:
+            with ring.vq:
+                ring.vq.faultfd = fd
+
+    def faulted_rings(self) -> list[int]:
+        """Rings whose guest memory or dirty log faulted (SIGBUS) since the last reset."""
+        return [ring.index for ring in self.rings if ring.vq.faults]
 
     def reset(self) -> None:
         """Initial state: the front-end went away, or asked for a reset."""
@@ -275,6 +287,10 @@ class VhostUserDevice:
         try:
             if p.mmap_size == 0 or p.mmap_size > 1 << 40:
                 raise DeviceError(f"dirty log of {p.mmap_size} bytes")
+            try:
+                check_sealed(fd, "dirty log", self.memory.strict_fds)   # before the size check
+            except GuestMemoryError as e:
+                raise DeviceError(str(e)) from None
             if os.fstat(fd).st_size < p.mmap_offset + p.mmap_size:
                 raise DeviceError("dirty log runs past the end of its file")  # else SIGBUS
             try:

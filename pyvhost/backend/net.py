@@ -36,11 +36,11 @@ class NetDevice(VhostUserDevice):
     protocol_features_offered = NET_PROTOCOL_FEATURES
 
     def __init__(self, queue_pairs: int = DEFAULT_QUEUE_PAIRS, name: str = "net",
-                 features: int = NET_FEATURES):
+                 features: int = NET_FEATURES, *, strict_fds: bool | None = None):
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue pairs must be 1..{MAX_QUEUE_PAIRS}, not {queue_pairs}")
         self.features_offered = features
-        super().__init__(2 * queue_pairs, name)
+        super().__init__(2 * queue_pairs, name, strict_fds=strict_fds)
 
     @property
     def queue_pairs(self) -> int:

@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="reply")
     p.add_argument("--size", type=int, default=64, help="source mode: frame size in bytes")
     p.add_argument("--cpu", type=int, default=None, help="pin the poll thread to this CPU")
+    p.add_argument("--strict-fds", action="store_true",
+                   help="refuse guest-memory and dirty-log fds that cannot be sealed against "
+                        "shrinking (hugetlbfs, tmpfs files, memfds without MFD_ALLOW_SEALING)")
     p.set_defaults(run=run)
 
 
@@ -88,7 +91,7 @@ async def _main(args) -> int:
     if args.mode == "reply":
         iface = ipaddress.IPv4Interface(args.ip)
         backend = NetBackend(args.socket, client=args.client, queues=args.queues,
-                             name="reflector")
+                             name="reflector", strict_fds=args.strict_fds)
         device, endpoint = backend.device, backend.endpoint
         responder = Responder(str(iface.ip))
         tasks = [loop.create_task(_reply_loop(backend, q, responder))
@@ -98,7 +101,7 @@ async def _main(args) -> int:
             return {"arp_replies": responder.arp_replies, "icmp_replies": responder.icmp_replies,
                     "ignored": responder.ignored}
     else:
-        device = NetDevice(args.queues, name="reflector")
+        device = NetDevice(args.queues, name="reflector", strict_fds=args.strict_fds)
         endpoint = Endpoint(device, args.socket, client=args.client)
         pairs = [(device.rx_ring(q).vq, device.tx_ring(q).vq) for q in range(args.queues)]
         template = source_frame(args.size) if args.mode == "source" else None

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pyvhost.memory import set_strict_fds
 from pyvhost.switch import CommandError, Switch, read_config
 from pyvhost.switch.control import ControlServer
 
@@ -19,11 +20,19 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="commands that seed an empty configuration store")
     p.add_argument("--run-dir", default="./run", help="sockets and the store (default ./run)")
     p.add_argument("--control", help="control socket (default RUN_DIR/ctl.sock)")
+    p.add_argument("--strict-fds", action="store_true",
+                   help="refuse guest-memory and dirty-log fds that cannot be sealed against "
+                        "shrinking (hugetlbfs, tmpfs files, memfds without MFD_ALLOW_SEALING); "
+                        "without it they are taken and a truncation drops that port's "
+                        "front-end")
     p.set_defaults(run=run)
 
 
 async def _main(args) -> int:
     run_dir = Path(args.run_dir).resolve()
+    set_strict_fds(args.strict_fds)
+    if args.strict_fds:
+        log.info("switch: --strict-fds: unsealable memory and dirty-log fds are refused")
     seed = read_config(Path(args.config).read_text()) if args.config else None
     sw = Switch(run_dir)
     control = ControlServer(sw, args.control or str(run_dir / "ctl.sock"))

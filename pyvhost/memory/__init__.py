@@ -9,6 +9,7 @@ the retired mappings afterwards is the backend's job. Depends on pyvhost._memory
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -16,6 +17,21 @@ from dataclasses import dataclass
 from pyvhost._memory import Mapping, MemTable
 
 MAX_SLOTS = 509
+log = logging.getLogger("pyvhost.memory")
+
+_strict_fds = False
+
+
+def set_strict_fds(strict: bool) -> None:
+    """The process-wide default (``--strict-fds``): refuse memory and dirty-log fds that
+    cannot be sealed against shrinking. Without it they are taken, and a truncation is
+    survived (the rings catch the SIGBUS and the device is dropped)."""
+    global _strict_fds
+    _strict_fds = bool(strict)
+
+
+def strict_fds() -> bool:
+    return _strict_fds
 
 
 class GuestMemoryError(ValueError):
@@ -43,27 +59,48 @@ class Region:
                 f"offset {self.mmap_offset:#x}")
 
 
-def _forbid_shrinking(fd: int) -> None:
-    """A front-end that truncated its memory file under us would crash the data path with
-    SIGBUS. Seal a memfd against shrinking when it allows it (QEMU's memory-backend-memfd
-    is sealed already); files that cannot be sealed (tmpfs, hugetlbfs) are taken as they are."""
+def seal_against_shrinking(fd: int) -> bool:
+    """Seal ``fd`` against shrinking; True when it can no longer shrink (sealed now, or
+    sealed already: QEMU seals its memfds with F_SEAL_SEAL too, so adding fails there).
+
+    A front-end that truncated a file we map would make our next access to it raise
+    SIGBUS. Only memfds created with MFD_ALLOW_SEALING can be sealed; hugetlbfs and tmpfs
+    files, plain files and other memfds cannot (False)."""
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     except OSError:
         pass
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False            # not a memfd: no seals at all
 
 
-def _map_fd(fd: int, size: int, mmap_offset: int) -> Mapping:
+def check_sealed(fd: int, what: str, strict: bool | None = None) -> None:
+    """Seal ``fd`` (a region or the dirty log); one that cannot be sealed is refused with
+    GuestMemoryError when ``strict`` (default: the ``--strict-fds`` setting), else logged
+    and taken: the rings survive its truncation and the device is dropped then."""
+    if seal_against_shrinking(fd):
+        return
+    if _strict_fds if strict is None else strict:
+        raise GuestMemoryError(f"{what} fd cannot be sealed against shrinking (not a memfd "
+                               "created with MFD_ALLOW_SEALING); refused (--strict-fds)")
+    log.info("%s fd cannot be sealed against shrinking: a truncation will drop the device",
+             what)
+
+
+def _map_fd(fd: int, size: int, mmap_offset: int, strict: bool | None = None) -> Mapping:
     """Map [0, mmap_offset + size) of ``fd`` rounded up to its block size; closes ``fd``."""
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise GuestMemoryError(f"memory fd is not a file (mode {st.st_mode:#o})")
+        check_sealed(fd, "memory region", strict)   # sealed first, then the size is final
+        st = os.fstat(fd)
         end = mmap_offset + size
         if stat.S_ISREG(st.st_mode) and end > st.st_size:
             raise GuestMemoryError(
                 f"region ends at file offset {end:#x}, past the file's {st.st_size:#x} bytes")
-        _forbid_shrinking(fd)
         block = max(st.st_blksize, os.sysconf("SC_PAGE_SIZE"))
         length = (end + block - 1) // block * block
         try:
@@ -81,8 +118,9 @@ def _overlaps(a0: int, a1: int, b0: int, b1: int) -> bool:
 class GuestMemory:
     """The regions of one front-end connection, and the table built from them."""
 
-    def __init__(self, max_regions: int = MAX_SLOTS):
+    def __init__(self, max_regions: int = MAX_SLOTS, strict_fds: bool | None = None):
         self.max_regions = max_regions
+        self.strict_fds = strict_fds        # None: the process-wide set_strict_fds()
         self.regions: list[Region] = []
         self._refs: dict[int, int] = {}     # ADD_MEM_REG count per region
         self.table = MemTable([])
@@ -106,7 +144,7 @@ class GuestMemory:
         except GuestMemoryError:
             os.close(fd)
             raise
-        mapping = _map_fd(fd, desc.size, desc.mmap_offset)
+        mapping = _map_fd(fd, desc.size, desc.mmap_offset, self.strict_fds)
         return Region(desc.guest_phys_addr, desc.size, desc.userspace_addr, desc.mmap_offset,
                       mapping)
 
@@ -176,4 +214,5 @@ class GuestMemory:
         return retired
 
 
-__all__ = ["GuestMemory", "GuestMemoryError", "MAX_SLOTS", "MemTable", "Region"]
+__all__ = ["GuestMemory", "GuestMemoryError", "MAX_SLOTS", "MemTable", "Region",
+           "check_sealed", "seal_against_shrinking", "set_strict_fds", "strict_fds"]

@@ -67,13 +67,17 @@ class ImageRegion:
 class GuestImage:
     """Guest memory as the driver sees it: memfd-backed regions adjacent in GPA space."""
 
-    def __init__(self, sizes=(1 << 20,), *, gpa: int = GPA_BASE, uva: int = UVA_BASE):
+    def __init__(self, sizes=(1 << 20,), *, gpa: int = GPA_BASE, uva: int = UVA_BASE,
+                 sealable: bool = False):
+        """``sealable``: memfds created with MFD_ALLOW_SEALING (as QEMU's are), which a
+        back-end can seal against shrinking; by default they cannot be sealed."""
         self.regions: list[ImageRegion] = []
         at = gpa
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0)
         for i, size in enumerate(sizes):
             assert size % 4096 == 0 and size < UVA_STRIDE
             offset = i * OFFSET_STEP
-            fd = os.memfd_create(f"guest{i}", os.MFD_CLOEXEC)
+            fd = os.memfd_create(f"guest{i}", flags)
             os.ftruncate(fd, offset + size)
             mm = mmap.mmap(fd, offset + size)
             self.regions.append(ImageRegion(at, size, uva + i * UVA_STRIDE, offset, fd, mm))

@@ -91,10 +91,10 @@ def reflector(workdir, socket: str, *, mode: str = "echo", client: bool = False,
     return proc.start(ready_text="reflector: mode")
 
 
-def switch(workdir, run_dir, *, config: str | None = None,
+def switch(workdir, run_dir, *, config: str | None = None, extra: list[str] = (),
            name: str = "switch") -> PyvhostProcess:
     """A started ``pyvhost switch`` on ``run_dir`` (waits for its control socket)."""
-    args = ["-v", "switch", "--run-dir", str(run_dir)]
+    args = ["-v", "switch", "--run-dir", str(run_dir), *extra]
     if config is not None:
         path = Path(workdir) / f"{name}.conf"
         path.write_text(config)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.harness.guest import (
+from pyvhost.cli.qemu_guest import (
     KERNEL_VERSION,
     GuestError,
     QemuGuest,

@@ -1,9 +1,12 @@
-"""QEMU test guests for pyvhost: a tiny Linux VM whose NICs are vhost-user ports.
+"""QEMU guests for pyvhost's demo and tests: a tiny Linux VM whose NICs are vhost-user ports.
+
+It lives in the package (not the test tree) so that ``pyvhost demo`` runs from an installed
+wheel; the tests import it from here too.
 
 What lives here:
 
 * ``build_initramfs()`` packs busybox-static, the host kernel's virtio-net
-  modules and ``guest_init/init`` into a gzip'd cpio (newc) initramfs, cached
+  modules and ``GUEST_INIT`` (below) into a gzip'd cpio (newc) initramfs, cached
   in the build directory under a hash of its inputs.
 * ``NicSpec`` describes one vhost-user NIC (socket, MAC, guest address, ...).
 * ``QemuGuest`` boots that kernel + initramfs under TCG with shareable guest
@@ -39,10 +42,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HARNESS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = HARNESS_DIR.parents[1]
-DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "guest"
-INIT_TEMPLATE = HARNESS_DIR / "guest_init" / "init"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default_build_dir() -> Path:
+    """Where initramfs images are cached: build/guest in a source checkout, else the user's
+    cache dir (an installed wheel)."""
+    if (REPO_ROOT / "setup.py").is_file() and (REPO_ROOT / "pyvhost").is_dir():
+        return REPO_ROOT / "build" / "guest"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "pyvhost" / "guest"
+
+
+DEFAULT_BUILD_DIR = _default_build_dir()
 QEMU_BINARY = "qemu-system-x86_64"
 BUSYBOX_PATH = Path("/bin/busybox")
 
@@ -213,7 +225,7 @@ def build_initramfs(build_dir: str | os.PathLike = DEFAULT_BUILD_DIR) -> tuple[P
     """
     if KERNEL_PATH is None:
         raise GuestError("no guest kernel: install linux-image-amd64")
-    init = INIT_TEMPLATE.read_bytes()
+    init = GUEST_INIT.encode()
     busybox = BUSYBOX_PATH.read_bytes()
     modules = _guest_modules()
     digest = hashlib.sha256(Path(__file__).read_bytes() + init + busybox)
@@ -695,3 +707,77 @@ def _wait(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         pass
+
+
+# PID 1 of the guest, packed into the initramfs as /init.
+GUEST_INIT = r'''#!/bin/busybox sh
+# PID 1 of the pyvhost guest (packed into the initramfs by pyvhost/cli/qemu_guest.py).
+#
+# Kernel command line parameters read here:
+#   pv_nics=N            number of virtio-net NICs to wait for (eth0..eth{N-1})
+#   pv_ip=ADDR/LEN       address of eth0; pv_ip1=, pv_ip2=, ... for eth1, eth2, ...
+#   pv_mtu=N             MTU of eth0;     pv_mtu1=, pv_mtu2=, ... likewise
+# Only the NICs' connected subnets become routable: no default route, no DHCP.
+# IPv6 is disabled so that the NICs send nothing the tests did not ask for.
+
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/ PS1='# '
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo 1 > /proc/sys/kernel/printk
+
+fail() { echo "PYVHOST-GUEST-ERROR $*"; }
+
+param() {
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in "$1="*) echo "${arg#*=}"; return ;; esac
+    done
+}
+
+load_modules() {
+    for mod in $(cat /lib/modules/order); do
+        insmod "/lib/modules/$mod.ko" || fail "insmod $mod"
+    done
+}
+
+wait_for_nic() {
+    tries=50
+    while [ ! -e "/sys/class/net/$1" ] && [ "$tries" -gt 0 ]; do
+        sleep 0.1
+        tries=$((tries - 1))
+    done
+    [ -e "/sys/class/net/$1" ] || fail "missing $1"
+}
+
+configure_nic() {
+    index=$1
+    suffix=$index
+    [ "$index" = 0 ] && suffix=
+    dev=eth$index
+    wait_for_nic "$dev"
+    mtu=$(param "pv_mtu$suffix")
+    addr=$(param "pv_ip$suffix")
+    [ -n "$mtu" ] && { ip link set "$dev" mtu "$mtu" || fail "mtu $dev"; }
+    [ -n "$addr" ] && { ip addr add "$addr" dev "$dev" || fail "ip $dev"; }
+    ip link set "$dev" up || fail "up $dev"
+}
+
+load_modules
+for conf in all default; do
+    echo 1 > "/proc/sys/net/ipv6/conf/$conf/disable_ipv6"
+done
+ip link set lo up
+nics=$(param pv_nics)
+index=0
+while [ "$index" -lt "${nics:-0}" ]; do
+    configure_nic "$index"
+    index=$((index + 1))
+done
+
+stty -echo
+echo PYVHOST-GUEST-READY
+while true; do
+    setsid cttyhack sh
+done
+'''
