@@ -243,13 +243,16 @@ class Flow:
         head = ",".join(self._head() + [f"priority={self.priority}"] + ([match] if match else []))
         return f"{head},actions={self.format_actions()}"
 
-    def format_spec(self) -> str:
-        """The rule as ``dump-flows --no-stats`` prints it: ``priority=...,MATCH actions=...``
-        (cookie, table and timeouts first when set)."""
+    def format_body(self) -> str:
+        """``priority=N,MATCH actions=ACTIONS`` (the tail of a dump-flows line)."""
         match = self.format_match()
-        pre = "".join(f"{h}, " for h in self._head())
-        return f"{pre}priority={self.priority}" + (f",{match}" if match else "") + \
+        return f"priority={self.priority}" + (f",{match}" if match else "") + \
             f" actions={self.format_actions()}"
+
+    def format_spec(self) -> str:
+        """The rule as ``dump-flows --no-stats`` prints it (cookie, table and timeouts
+        first when set)."""
+        return "".join(f"{h}, " for h in self._head()) + self.format_body()
 
     def identity(self) -> tuple:
         """What makes two rules the same rule (OpenFlow: table, priority and match)."""

@@ -406,11 +406,15 @@ class Switch:
                 continue
             packets, bytes_, used = bridge.counters(rule)
             f = rule.flow
-            idle = f" idle_age={(now_ns - used) // 1_000_000_000}," if used else ""
-            out.append(f" cookie=0x{f.cookie:x}, duration={now - rule.created:.3f}s, "
-                       f"table={f.table}, n_packets={packets}, n_bytes={bytes_},{idle} "
-                       + rule.flow.format_spec().replace(f"cookie=0x{f.cookie:x}, ", "")
-                       .replace(f"table={f.table}, ", ""))
+            parts = [f"cookie=0x{f.cookie:x}", f"duration={now - rule.created:.3f}s",
+                     f"table={f.table}", f"n_packets={packets}", f"n_bytes={bytes_}"]
+            if f.idle_timeout:
+                parts.append(f"idle_timeout={f.idle_timeout}")
+            if f.hard_timeout:
+                parts.append(f"hard_timeout={f.hard_timeout}")
+            if used:
+                parts.append(f"idle_age={(now_ns - used) // 1_000_000_000}")
+            out.append(" " + ", ".join(parts) + ", " + f.format_body())
         return "\n".join(out)
 
     def trace_report(self, bridge_name: str, match: dict, flow_text: str) -> tuple[str, dict]:

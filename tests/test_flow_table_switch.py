@@ -1,0 +1,212 @@
+"""The flow table in a running switch, driven through ``pyvhost ctl`` with pyvhost frontends
+as guests: megaflow masks in the datapath (a frame differing only in a wildcarded field hits
+the cache, one differing in a consulted field does not), add-flows files (atomic, line
+numbers), replace-flows leaving untouched rules' counters running, idle and hard timeouts,
+trace --json, and storms of random source MACs and of unique destinations from one port
+while the other ports' frames are all delivered and cost no upcalls."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyvhost.frontend import VirtioUser
+from tests.harness import processes
+
+MAC = {n: bytes([0x02, 0, 0, 0, 0, i + 1]) for i, n in enumerate("abcd")}
+CONFIG = "add-br br0\n" + "".join(f"add-port br0 {n} type=vhostuser queues=1\n" for n in "abcd")
+
+
+def udp(src_mac: bytes, dst_mac: bytes, nw_src: str, nw_dst: str, sport: int = 1000,
+        dport: int = 53) -> bytes:
+    ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + \
+        bytes(int(x) for x in nw_src.split(".")) + bytes(int(x) for x in nw_dst.split("."))
+    return dst_mac + src_mac + b"\x08\x00" + ip + sport.to_bytes(2, "big") + \
+        dport.to_bytes(2, "big") + bytes(4) + b"p" * 18
+
+
+def drain(port: VirtioUser, wait: float = 0.4) -> list[bytes]:
+    out = []
+    while True:
+        got = port.recv(timeout=wait)
+        if not got:
+            return out
+        out += got
+
+
+def upcalls(run_dir) -> int:
+    return int(re.search(r"upcalls: (\d+)", processes.ctl(run_dir, "pmd-stats-show")).group(1))
+
+
+def ctl_run(run_dir, *argv, stdin: str | None = None):
+    return subprocess.run([sys.executable, "-m", "pyvhost.cli.main", "ctl", "--control",
+                           str(run_dir / "ctl.sock"), *argv], capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+def counters(run_dir, match: str) -> int:
+    """n_packets of the rule whose dump-flows line contains ``match``."""
+    for line in processes.ctl(run_dir, "dump-flows", "br0").splitlines():
+        if match in line:
+            return int(re.search(r"n_packets=(\d+)", line).group(1))
+    raise AssertionError(f"no rule {match!r}")
+
+
+@pytest.fixture
+def switch_ports(workdir):
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config=CONFIG)
+    ports = {}
+    try:
+        for name in "abcd":
+            ports[name] = VirtioUser(str(run_dir / f"{name}.sock"), ring_size=256).open()
+        yield run_dir, ports
+    finally:
+        for p in ports.values():
+            p.close()
+        assert sw.stop() == 0
+
+
+def test_megaflow_masks_in_the_datapath(switch_ports):
+    run_dir, ports = switch_ports
+    rules = "priority=10,in_port=a,ip,nw_dst=10.0.0.0/24,actions=output:b\n" \
+            "priority=5,in_port=a,actions=output:c\n"
+    assert ctl_run(run_dir, "add-flows", "br0", "-", stdin=rules).returncode == 0
+    ports["a"].send([udp(MAC["a"], MAC["b"], "10.9.0.1", "10.0.0.5")])
+    assert len(drain(ports["b"])) == 1
+    base = upcalls(run_dir)
+    # differs only in fields no consulted subtable looks at: the cached megaflow answers
+    same = [udp(bytes([2, 9, 0, 0, 0, i]), MAC["d"], f"10.9.{i}.1", f"10.0.0.{i}",
+                sport=2000 + i, dport=i) for i in range(1, 41)]
+    ports["a"].send_all(same)
+    assert len(drain(ports["b"])) == 40 and upcalls(run_dir) == base
+    # a consulted bit differs: a new upcall, and the other rule's answer
+    ports["a"].send([udp(MAC["a"], MAC["b"], "10.9.0.1", "10.0.1.5")])
+    assert len(drain(ports["c"])) == 1 and upcalls(run_dir) == base + 1
+    trace = ctl_run(run_dir, "trace", "--json", "br0",
+                    "in_port=a,dl_dst=02:00:00:00:00:02,udp,nw_src=1.2.3.4,nw_dst=10.0.0.9,"
+                    "tp_dst=53")
+    summary = json.loads(trace.stdout.strip().splitlines()[-1])
+    assert summary == {"rule": "priority=10,ip,in_port=a,nw_dst=10.0.0.0/24 actions=output:b",
+                       "actions": "output:b", "outputs": ["b"]}, trace.stdout
+    assert "Megaflow: in_port,dl_type,nw_dst" in trace.stdout
+
+
+def test_add_flows_is_atomic_and_names_the_bad_line(switch_ports, tmp_path):
+    run_dir, _ = switch_ports
+    before = processes.ctl(run_dir, "dump-flows", "--no-stats", "br0")
+    bad = tmp_path / "bad.flows"
+    bad.write_text("# three good lines, then a bad one\npriority=1,in_port=a,actions=drop\n"
+                   "priority=2,in_port=b,actions=drop\n\npriority=3,udp,actions=output:c\n"
+                   "priority=4,tcp,tp_dst=99999,actions=drop\n")
+    r = ctl_run(run_dir, "add-flows", "br0", str(bad))
+    assert r.returncode == 1 and "line 6" in r.stderr and "tp_dst" in r.stderr, r.stderr
+    for text, why in (("priority=5,actions=" + ",".join(["strip_vlan"] * 33), "at most 32"),
+                      ("priority=5,in_port=zz,actions=drop", "no port"),
+                      ("priority=5,nw_dst=10.0.0.1,actions=drop", "prerequisites")):
+        r = ctl_run(run_dir, "add-flows", "br0", "-", stdin=f"priority=1,actions=drop\n{text}\n")
+        assert r.returncode == 1 and why in r.stderr, (text, r.stderr)
+    huge = tmp_path / "huge.flows"
+    with open(huge, "wb") as f:
+        f.truncate(65 << 20)
+    r = ctl_run(run_dir, "add-flows", "br0", str(huge))
+    assert r.returncode == 1 and "larger than" in r.stderr, r.stderr
+    assert processes.ctl(run_dir, "dump-flows", "--no-stats", "br0") == before
+
+
+def test_replace_flows_keeps_untouched_counters_running(switch_ports, tmp_path):
+    run_dir, ports = switch_ports
+    first = tmp_path / "v1.flows"
+    first.write_text("priority=10,in_port=a,actions=output:b\n"
+                     "priority=10,in_port=c,actions=output:d\n"
+                     "priority=10,in_port=d,actions=drop\n")
+    assert ctl_run(run_dir, "replace-flows", "br0", str(first)).returncode == 0
+    ports["a"].send_all([udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2")] * 30)
+    ports["c"].send_all([udp(MAC["c"], MAC["d"], "10.0.0.3", "10.0.0.4")] * 7)
+    assert len(drain(ports["b"])) == 30 and len(drain(ports["d"])) == 7
+    assert counters(run_dir, "in_port=a actions=output:b") == 30
+    second = tmp_path / "v2.flows"
+    second.write_text("priority=10,in_port=a,actions=output:b\n"       # unchanged
+                      "priority=10,in_port=c,actions=output:b\n"       # new actions
+                      "priority=20,in_port=b,actions=output:a\n")      # new; d's rule goes
+    r = ctl_run(run_dir, "replace-flows", "br0", str(second))
+    assert r.returncode == 0 and "1 added, 1 modified, 1 deleted" in r.stdout, r
+    assert counters(run_dir, "in_port=a actions=output:b") == 30        # kept, running on
+    assert counters(run_dir, "in_port=c actions=output:b") == 7         # modified in place
+    ports["a"].send_all([udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2")] * 5)
+    ports["c"].send_all([udp(MAC["c"], MAC["d"], "10.0.0.3", "10.0.0.4")] * 3)
+    assert len(drain(ports["b"])) == 8 and drain(ports["d"], 0.2) == []
+    assert counters(run_dir, "in_port=a actions=output:b") == 35
+    assert "in_port=d" not in processes.ctl(run_dir, "dump-flows", "br0")
+    assert processes.ctl(run_dir, "del-flows", "--strict", "br0",
+                         "priority=20,in_port=b") == "1 flows deleted"
+    assert processes.ctl(run_dir, "del-flows", "br0", "in_port=a") == "1 flows deleted"
+
+
+def test_idle_and_hard_timeouts_expire_rules(switch_ports):
+    run_dir, ports = switch_ports
+    processes.ctl(run_dir, "add-flow", "br0", "priority=50,idle_timeout=2,in_port=a,"
+                  "actions=output:b")
+    processes.ctl(run_dir, "add-flow", "br0", "priority=50,hard_timeout=2,in_port=c,"
+                  "actions=output:d")
+    processes.ctl(run_dir, "add-flow", "br0", "priority=50,idle_timeout=1,in_port=d,"
+                  "actions=drop")
+    deadline = time.monotonic() + 4.5
+    while time.monotonic() < deadline:               # a's rule is kept busy, c's is not
+        ports["a"].send([udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2")])
+        drain(ports["b"], 0.2)
+        time.sleep(0.3)
+    flows = processes.ctl(run_dir, "dump-flows", "br0")
+    assert re.search(r"n_packets=\d+, n_bytes=\d+, idle_timeout=2, idle_age=0, "
+                     r"priority=50,in_port=a actions=output:b", flows), flows
+    assert "in_port=c" not in flows and "in_port=d" not in flows, flows
+
+
+def storm_round(ports, frames, i):
+    ports["c"].send_all(frames[i * 250:(i + 1) * 250], timeout=5)
+
+
+@pytest.mark.parametrize("storm", ["random_source_macs", "unique_destinations"])
+def test_a_storm_from_one_port_leaves_the_others_alone(switch_ports, tmp_path, storm):
+    """Port c sends 5000 frames each needing an upcall (new source MACs under NORMAL, or
+    new destinations under exact /32 rules); between its bursts a sends to b. Every one of
+    a's frames arrives, and none of them costs an upcall after the first: nothing the storm
+    learns or installs invalidates a's cached flow."""
+    run_dir, ports = switch_ports
+    if storm == "unique_destinations":
+        rules = tmp_path / "dst.flows"
+        rules.write_text("priority=0,actions=normal\n" + "".join(
+            f"priority=10,in_port=c,ip,nw_dst=10.1.{i >> 8}.{i & 255},actions=output:d\n"
+            for i in range(1000)))
+        assert ctl_run(run_dir, "replace-flows", "br0", str(rules)).returncode == 0
+        frames = [udp(MAC["c"], MAC["d"], "10.0.0.3", f"10.1.{(i % 1000) >> 8}.{i & 255}",
+                      sport=i) for i in range(5000)]
+        frames = [udp(MAC["c"], MAC["d"], "10.0.0.3", f"10.2.{i >> 8}.{i & 255}")
+                  if i % 2 else f for i, f in enumerate(frames)]        # misses too
+    else:
+        frames = [udp(bytes([2, 7]) + i.to_bytes(4, "big"), MAC["d"], "10.0.0.3", "10.0.0.4")
+                  for i in range(5000)]
+    ab = udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2")
+    ports["b"].send([udp(MAC["b"], MAC["a"], "10.0.0.2", "10.0.0.1")])  # learn b, a
+    drain(ports["a"])
+    ports["a"].send([ab])
+    assert drain(ports["b"]) == [ab]
+    base = upcalls(run_dir)
+    got_b = 0
+    for i in range(20):
+        storm_round(ports, frames, i)
+        ports["a"].send_all([ab] * 50, timeout=5)
+        got_b += sum(1 for f in drain(ports["b"], 0.2) if f == ab)
+        drain(ports["d"], 0.01)
+    assert got_b == 1000
+    storm_upcalls = upcalls(run_dir) - base
+    stats = processes.ctl(run_dir, "pmd-stats-show")
+    assert storm_upcalls <= 5000 + 2, stats                # none for a's 1000 frames
+    if storm == "random_source_macs":
+        fdb = processes.ctl(run_dir, "fdb-show", "br0")
+        assert "02:00:00:00:00:01" in fdb and "02:00:00:00:00:02" in fdb
