@@ -210,3 +210,33 @@ def test_ctl_cli_exit_codes(workdir):
         assert gone.returncode == 2 and "cannot reach" in gone.stderr
     finally:
         assert sw.stop() == 0
+
+
+def test_rules_naming_a_port_survive_its_removal_and_stay_in_step_with_the_store(tmp_path):
+    """A rule naming a port is compiled again when the port goes and comes back; deleting
+    it afterwards deletes its stored row too (it does not come back at a restart)."""
+    async def scenario():
+        sw = Switch(tmp_path / "run")
+        await sw.start()
+        try:
+            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
+                         ["add-port", "br0", "b", "type=vhostuser"],
+                         ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"],
+                         ["add-flow", "br0", "priority=8,in_port=b,actions=output:a"],
+                         ["del-port", "a"], ["add-port", "br0", "a", "type=vhostuser"]):
+                await run_command(sw, argv)
+            a = sw.bridges["br0"].ports["a"].port_id
+            key = frame_key(udp_frame(), a)
+            assert sw.bridges["br0"].cls.lookup(key)[1] == [(OP_OUTPUT, sw.ports["b"].port_id)]
+            assert await run_command(sw, ["del-flows", "br0", "in_port=a"]) == "1 flows deleted"
+        finally:
+            await sw.stop()
+        sw = Switch(tmp_path / "run")
+        await sw.start()
+        try:
+            flows = await run_command(sw, ["dump-flows", "br0"])
+            assert "in_port=a" not in flows and "priority=8,in_port=b" in flows, flows
+        finally:
+            await sw.stop()
+
+    asyncio.run(scenario())

@@ -88,7 +88,7 @@ class Bridge:
         if not ids:
             return
         rules = [self.rules[i] for i in ids]
-        self.apply(add=[r.flow for r in rules], remove=rules, keep_created=True)
+        self.apply(add=[r.flow for r in rules], remove=rules, same_rules=True)
 
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
@@ -142,16 +142,17 @@ class Bridge:
 
     # -- changes --------------------------------------------------------------------------
     def apply(self, add: list[Flow] = (), remove: list[Rule] = (), modify: list = (),
-              keep_created: bool = False, now: float | None = None) -> list[Rule]:
+              same_rules: bool = False, now: float | None = None) -> list[Rule]:
         """One change that lookups see whole: add flows, remove rules, give rules new
         actions ((rule, flow) pairs; counters stay). All or nothing: ValueError before
-        anything changes. Returns the added rules (in ``add`` order)."""
+        anything changes. Returns the added rules (in ``add`` order). ``same_rules``: each
+        added flow is the removed rule at its index compiled again (its age and store row
+        carry over)."""
         now = time.monotonic() if now is None else now
         specs = [self._spec(f) for f in add]
         changes = [(r.id, self._ops(f), NO_GOTO_TABLE if f.goto_table is None else f.goto_table)
                    for r, f in modify]
-        created = ({id(f): r.created for f, r in zip(add, remove, strict=True)}
-                   if keep_created else {})
+        before = dict(zip(map(id, add), remove, strict=True)) if same_rules else {}
         ids = self.cls.apply(specs, changes, [r.id for r in remove])
         with self.lock:
             for r in remove:
@@ -163,7 +164,8 @@ class Bridge:
                 self._index(r)
             added = []
             for f, rid in zip(add, ids, strict=True):
-                rule = Rule(f, rid, created.get(id(f), now))
+                old = before.get(id(f))
+                rule = Rule(f, rid, now) if old is None else Rule(f, rid, old.created, old.row)
                 self.rules[rid] = rule
                 self._index(rule)
                 added.append(rule)
