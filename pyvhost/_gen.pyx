@@ -30,6 +30,10 @@ cdef enum:
     HIST_US = 100000         # 1 us buckets up to 100 ms, then one overflow bucket
     STALL_NS = 200000000     # window full and nothing back for 200 ms: count those lost
     SRC_PORT_BASE = 1024
+    VARY_SPORT = 0          # flows differ in the UDP source port
+    VARY_SRC_MAC = 1        # ... in the source MAC (02:00:00 + 24 bits)
+    VARY_DST_IP = 2         # ... in the destination address (its low 24 bits + the flow)
+    MAX_FLOWS_24 = 1 << 24
     R_DEADLINE = 0
     R_DONE = 1
     R_CONTROL = 2
@@ -38,6 +42,8 @@ cdef enum:
 cdef uint32_t MAGIC = 0x50564731
 
 MAX_FLOWS = 65535 - SRC_PORT_BASE
+VARY = {"sport": VARY_SPORT, "src-mac": VARY_SRC_MAC, "dst-ip": VARY_DST_IP}
+MAX_FLOWS_BY_VARY = {"sport": MAX_FLOWS, "src-mac": MAX_FLOWS_24, "dst-ip": MAX_FLOWS_24}
 MIN_SIZE = MIN_FRAME
 STOP_DEADLINE = R_DEADLINE
 STOP_DONE = R_DONE
@@ -82,6 +88,7 @@ cdef class Gen:
     cdef uint32_t size
     cdef uint32_t flows
     cdef uint32_t next_flow
+    cdef int vary
     cdef uint16_t run_id
     cdef bint any_run
     cdef uint64_t seq[MAX_QUEUES]
@@ -100,15 +107,17 @@ cdef class Gen:
 
     def __cinit__(self, txqs, rxqs, PacketPool pool, bytes src_mac, bytes dst_mac,
                   bytes src_ip, bytes dst_ip, uint32_t size, uint32_t flows, uint16_t run_id,
-                  bint any_run=False):
+                  bint any_run=False, int vary=VARY_SPORT):
         cdef DriverQueue dq
         cdef uint8_t *p
         if len(txqs) > MAX_QUEUES or len(rxqs) > MAX_QUEUES:
             raise ValueError(f"at most {MAX_QUEUES} queues")
         if size < MIN_FRAME:
             raise ValueError(f"frames are at least {MIN_FRAME} bytes")
-        if not 1 <= flows <= 65535 - SRC_PORT_BASE:
-            raise ValueError(f"flows must be 1..{65535 - SRC_PORT_BASE}")
+        if vary not in (VARY_SPORT, VARY_SRC_MAC, VARY_DST_IP):
+            raise ValueError(f"no such variation {vary}")
+        if not 1 <= flows <= (MAX_FLOWS_24 if vary != VARY_SPORT else 65535 - SRC_PORT_BASE):
+            raise ValueError("too many flows for this variation")
         if len(src_mac) != 6 or len(dst_mac) != 6 or len(src_ip) != 4 or len(dst_ip) != 4:
             raise ValueError("MACs are 6 bytes, IPv4 addresses 4")
         for dq in txqs:
@@ -126,6 +135,7 @@ cdef class Gen:
         self.pool = pool
         self.size = size
         self.flows = flows
+        self.vary = vary
         self.run_id = run_id
         self.any_run = any_run
         self.hist = <uint64_t *>calloc(HIST_US + 1, sizeof(uint64_t))
@@ -169,8 +179,22 @@ cdef class Gen:
         cdef uint8_t *pl = frame + PAYLOAD_OFF
         cdef uint32_t ts32 = <uint32_t>t
         cdef uint16_t qq = <uint16_t>q
+        cdef uint32_t v
         memcpy(frame, self.template, self.size)
-        put_be16(frame + 34, <uint16_t>(SRC_PORT_BASE + self.next_flow))
+        if self.vary == VARY_SPORT:
+            put_be16(frame + 34, <uint16_t>(SRC_PORT_BASE + self.next_flow))
+        elif self.vary == VARY_SRC_MAC:
+            frame[9] = (self.next_flow >> 16) & 0xFF
+            frame[10] = (self.next_flow >> 8) & 0xFF
+            frame[11] = self.next_flow & 0xFF
+        else:
+            v = ((<uint32_t>frame[31] << 16) | (<uint32_t>frame[32] << 8) | frame[33]) + \
+                self.next_flow
+            frame[31] = (v >> 16) & 0xFF
+            frame[32] = (v >> 8) & 0xFF
+            frame[33] = v & 0xFF
+            put_be16(frame + 24, 0)
+            put_be16(frame + 24, ip_checksum(frame + 14, 20))
         self.next_flow += 1
         if self.next_flow == self.flows:
             self.next_flow = 0

@@ -43,7 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--count", type=int, default=None, help="frames to send (rx: to receive)")
     p.add_argument("--duration", type=float, default=None,
                    help=f"seconds to send (rx: to receive); default {DEFAULT_DURATION:g}")
-    p.add_argument("--flows", type=int, default=1, help="UDP source ports to cycle through")
+    p.add_argument("--flows", type=int, default=1, help="flows to cycle through")
+    p.add_argument("--vary", choices=sorted(_gen.VARY), default="sport",
+                   help="what differs between flows: the UDP source port (default), the "
+                        "source MAC (a learning storm) or the destination IP")
     p.add_argument("--mode", choices=MODES, default="txrx")
     p.add_argument("--ip", default="10.0.0.1", help="our IPv4 address")
     p.add_argument("--target", default="10.0.0.254", help="destination IPv4 address")
@@ -71,8 +74,8 @@ def check_args(args) -> str | None:
         return "--queues must be 1..128"
     if not _gen.MIN_SIZE <= args.size <= 9216:
         return f"--size must be {_gen.MIN_SIZE}..9216"
-    if not 1 <= args.flows <= _gen.MAX_FLOWS:
-        return f"--flows must be 1..{_gen.MAX_FLOWS}"
+    if not 1 <= args.flows <= _gen.MAX_FLOWS_BY_VARY[args.vary]:
+        return f"--flows must be 1..{_gen.MAX_FLOWS_BY_VARY[args.vary]} with --vary {args.vary}"
     if args.count is not None and args.duration is not None:
         return "give --count or --duration, not both"
     if (args.count is not None and args.count < 1) or (args.duration or 1) <= 0:
@@ -235,7 +238,7 @@ def make_gen(port: VirtioUser, args):
                    bytes.fromhex(args.dst_mac.replace(":", "")),
                    ipaddress.IPv4Address(args.ip).packed,
                    ipaddress.IPv4Address(args.target).packed, args.size, args.flows,
-                   os.getpid() & 0xFFFF, any_run=args.mode == "rx")
+                   os.getpid() & 0xFFFF, any_run=args.mode == "rx", vary=_gen.VARY[args.vary])
     gen.rate = args.rate
     if args.count is not None:
         if args.mode in ("tx", "txrx"):

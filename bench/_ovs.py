@@ -1,0 +1,133 @@
+"""OVS-DPDK 3.1 as a benchmark peer (the recipe of shared/PEERS.md): a private ovsdb-server
+and ovs-vswitchd-dpdk under one work directory, a netdev bridge with dpdkvhostuser ports
+(OVS listens; sockets in the work directory), ovs-ofctl for rules, hugepages reserved for
+the run and given back. Only what this module starts is stopped, by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+VSWITCHD = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
+SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+HUGEPAGES = 600                     # 2 MiB each: dpdk-socket-mem=1024 plus room
+HUGE_MOUNT = Path("/dev/hugepages")
+
+
+def available() -> str | None:
+    """None if OVS-DPDK can run here, else why not."""
+    for path in (VSWITCHD, SCHEMA, "/usr/sbin/ovsdb-server", "/usr/bin/ovs-ofctl"):
+        if not Path(path).exists():
+            return f"{path} missing (Debian openvswitch-switch-dpdk)"
+    return None
+
+
+class Hugepages:
+    """Reserve 2 MiB hugepages (and mount hugetlbfs) for the run; undo both after."""
+
+    def __enter__(self):
+        self.nr_path = Path("/proc/sys/vm/nr_hugepages")
+        self.before = int(self.nr_path.read_text())
+        if self.before < HUGEPAGES:
+            self.nr_path.write_text(str(HUGEPAGES))
+        self.mounted = False
+        if not os.path.ismount(HUGE_MOUNT):
+            HUGE_MOUNT.mkdir(exist_ok=True)
+            subprocess.run(["mount", "-t", "hugetlbfs", "nodev", str(HUGE_MOUNT)], check=True)
+            self.mounted = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.mounted:
+            subprocess.run(["umount", str(HUGE_MOUNT)], check=False)
+        self.nr_path.write_text(str(self.before))
+
+
+class OvsDpdk:
+    """One OVS-DPDK switch with bridge ``br0`` and the given dpdkvhostuser ports."""
+
+    def __init__(self, workdir: Path, ports: list[str], pmd_cpu: int = 0, name: str = "ovs"):
+        self.dir = Path(workdir) / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ports = ports
+        self.pmd_cpu = pmd_cpu
+        self.env = {**os.environ, "OVS_RUNDIR": str(self.dir), "OVS_LOGDIR": str(self.dir),
+                    "OVS_DBDIR": str(self.dir), "OVS_SYSCONFDIR": str(self.dir)}
+        self.db = f"unix:{self.dir / 'db.sock'}"
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
+        with open(self.dir / f"{name}.out", "wb") as out:
+            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def vsctl(self, *args: str, wait: bool = False) -> str:
+        argv = ["ovs-vsctl", f"--db={self.db}", "--timeout=60"] + ([] if wait else ["--no-wait"])
+        return subprocess.run(argv + list(args), env=self.env, check=True, capture_output=True,
+                              text=True).stdout
+
+    def ofctl(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(["ovs-ofctl", *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout, check=True)
+
+    def appctl(self, *args: str) -> str:
+        return subprocess.run(["ovs-appctl", "-t", str(self.dir / "vswitchd.ctl"), *args],
+                              env=self.env, capture_output=True, text=True, timeout=60).stdout
+
+    def sock(self, port: str) -> Path:
+        return self.dir / port
+
+    def start(self) -> OvsDpdk:
+        conf = self.dir / "conf.db"
+        subprocess.run(["ovsdb-tool", "create", str(conf), SCHEMA], check=True, env=self.env)
+        self._spawn(["ovsdb-server", str(conf), f"--remote=punix:{self.dir / 'db.sock'}",
+                     f"--unixctl={self.dir / 'ovsdb.ctl'}", "--no-chdir"], "ovsdb-server")
+        deadline = time.monotonic() + 20
+        while not (self.dir / "db.sock").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("ovsdb-server did not start")
+            time.sleep(0.05)
+        self.vsctl("init")
+        mask = hex(1 << self.pmd_cpu)
+        other = hex(1 << (1 - self.pmd_cpu)) if self.pmd_cpu in (0, 1) else "0x2"
+        self.vsctl("set", "Open_vSwitch", ".", "other_config:dpdk-init=true",
+                   'other_config:dpdk-extra="--no-pci"', "other_config:dpdk-socket-mem=1024",
+                   "other_config:dpdk-socket-limit=1024", f"other_config:pmd-cpu-mask={mask}",
+                   f"other_config:dpdk-lcore-mask={other}")
+        self._spawn([VSWITCHD, self.db, f"--unixctl={self.dir / 'vswitchd.ctl'}",
+                     "--no-chdir"], "vswitchd")
+        self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev",
+                   wait=True)
+        for port in self.ports:
+            self.vsctl("add-port", "br0", port, "--", "set", "Interface", port,
+                       "type=dpdkvhostuser", wait=True)
+        deadline = time.monotonic() + 30
+        while not all(self.sock(p).exists() for p in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"OVS made no vhost-user sockets: {self.log_tail()}")
+            time.sleep(0.1)
+        return self
+
+    def vswitchd_pid(self) -> int:
+        return self.procs[1].pid
+
+    def log_tail(self) -> str:
+        return (self.dir / "vswitchd.out").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = []

@@ -1,0 +1,265 @@
+"""The flow table at scale: pyvhost switch next to OVS-DPDK 3.1, measured in the same run.
+
+Both switches get the same rules (ovs-ofctl syntax, port names) and the same traffic from
+``pyvhost gen`` front-ends attached to their vhost-user ports; both poll with one PMD
+thread pinned to CPU 0 (pyvhost: set-pmd cpus=0; OVS: pmd-cpu-mask=0x1); the generators
+run on the other CPU. Rounds alternate (OVS, pyvhost, OVS, ...) and medians are printed.
+
+  load N       time of `ctl add-flows br0 FILE` / `ovs-ofctl add-flows br0 FILE` with N rules
+               (OVN-like: in_port + ip + nw_dst/32 -> output), from an empty table
+  rss          resident memory added by 100k such rules
+  setup        frames/s forwarded p1 -> p2 when every frame is a new flow: 100k /32 rules on
+               nw_dst installed, the generator cycles 1M destinations (all upcalls)
+  10k flows    frames/s p1 -> p2 with 100k rules and 10k active destinations (cache hits)
+  mac storm    p1 -> p2 (in_port rule, offered at --rate) while p3 sends 1M random source
+               MACs into NORMAL: delivered p1 -> p2 rate as a fraction of the quiet rate
+  dst storm    the same while p3 sends to 1M unique destinations under 100k /32 rules
+Not a test: no thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ovs import Hugepages, OvsDpdk, available  # noqa: E402
+
+from tests.harness import processes  # noqa: E402
+
+PORTS = ("p1", "p2", "p3")
+GEN_MAC = "02:00:00:00:00:01"               # pyvhost gen's source MAC
+STORM_DST = "02:00:00:00:00:00"             # --vary src-mac's first source: learned on p3
+
+
+def dst_rules(n: int, in_port: str, action: str, priority: int = 10) -> str:
+    return "".join(f"priority={priority},in_port={in_port},ip,"
+                   f"nw_dst=10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255},actions={action}\n"
+                   for i in range(n))
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Pyvhost:
+    name = "pyvhost"
+
+    def __init__(self, workdir: Path):
+        self.run_dir = workdir / "pyvhost-run"
+        config = "set-pmd threads=1 cpus=0\nadd-br br0\n" + "".join(
+            f"add-port br0 {p} type=vhostuser queues=1\n" for p in PORTS)
+        self.proc = processes.switch(workdir, self.run_dir, config=config, name="pyvhost")
+
+    def ctl(self, *argv: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "pyvhost.cli.main", "ctl", "--control",
+                            str(self.run_dir / "ctl.sock"), *argv], capture_output=True,
+                           text=True, timeout=900)
+        if r.returncode:
+            raise RuntimeError(f"ctl {argv[0]}: {r.stderr}")
+        return r.stdout
+
+    def sock(self, port: str) -> Path:
+        return self.run_dir / f"{port}.sock"
+
+    def load(self, path: Path) -> float:
+        t0 = time.monotonic()
+        self.ctl("add-flows", "br0", str(path))
+        return time.monotonic() - t0
+
+    def clear(self) -> None:
+        self.ctl("del-flows", "br0")
+
+    def tx_packets(self, port: str) -> int:
+        text = self.ctl("dump-ports", "br0")
+        return int(re.search(rf"\({port}\):.*\n\s+tx pkts=(\d+)", text).group(1))
+
+    def pid(self) -> int:
+        return self.proc.proc.pid
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class Ovs:
+    name = "OVS-DPDK"
+
+    def __init__(self, workdir: Path):
+        self.ovs = OvsDpdk(workdir, list(PORTS), pmd_cpu=0).start()
+
+    def sock(self, port: str) -> Path:
+        return self.ovs.sock(port)
+
+    def load(self, path: Path) -> float:
+        t0 = time.monotonic()
+        self.ovs.ofctl("add-flows", "br0", str(path))
+        return time.monotonic() - t0
+
+    def clear(self) -> None:
+        self.ovs.ofctl("del-flows", "br0")
+
+    def tx_packets(self, port: str) -> int:
+        text = self.ovs.ofctl("dump-ports", "br0", port).stdout
+        return int(re.search(r"tx pkts=(\d+)", text).group(1))
+
+    def pid(self) -> int:
+        return self.ovs.vswitchd_pid()
+
+    def stop(self) -> None:
+        self.ovs.stop()
+
+
+def gen(workdir: Path, sock: Path, name: str, mode: str, seconds: float, *extra: str):
+    return processes.PyvhostProcess(
+        ["gen", "--socket", str(sock), "--mode", mode, "--duration", str(seconds),
+         "--timeout", "20", *extra], workdir, name).start()
+
+
+def forwarded_rate(sw, workdir: Path, seconds: float, samples: int, p1_args: list[str],
+                   p3_args: list[str] | None = None) -> float:
+    """Median frames/s the switch sends to p2 while p1 (and p3) generate."""
+    total = samples * seconds + 3.0
+    procs = [gen(workdir, sw.sock("p2"), "gen-p2", "rx", total + 1)]
+    try:
+        procs.append(gen(workdir, sw.sock("p1"), "gen-p1", "tx", total, *p1_args))
+        if p3_args is not None:
+            procs.append(gen(workdir, sw.sock("p3"), "gen-p3", "tx", total, *p3_args))
+        time.sleep(1.5)                                   # connected, warmed up
+        rates = []
+        last, t_last = sw.tx_packets("p2"), time.monotonic()
+        for _ in range(samples):
+            time.sleep(seconds)
+            now, t_now = sw.tx_packets("p2"), time.monotonic()
+            rates.append((now - last) / (t_now - t_last))
+            last, t_last = now, t_now
+        return statistics.median(rates)
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def alternate(rounds: int, switches, fn) -> dict[str, float]:
+    """fn(switch) for each switch in turn, ``rounds`` times; the medians by name."""
+    got: dict[str, list[float]] = {sw.name: [] for sw in switches}
+    for _ in range(rounds):
+        for sw in switches:
+            got[sw.name].append(fn(sw))
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="pyvhost bench flows", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loads", default="1000,10000,100000")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=1.0, help="per traffic sample")
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=2e6, help="p1's offered frames/s in storms")
+    args = ap.parse_args()
+    why = available()
+    if why:
+        print(f"bench flows: OVS-DPDK cannot run: {why}", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="pvf", dir="/tmp"))
+    rows: list[tuple[str, str, float, float, str]] = []
+
+    def row(what: str, unit: str, res: dict, better: str = "higher") -> None:
+        py, ovs = res["pyvhost"], res["OVS-DPDK"]
+        ratio = (py / ovs if better == "higher" else ovs / py) if py and ovs else float("nan")
+        rows.append((what, unit, py, ovs, f"{ratio:.2f}"))
+        print(f"{what:34} pyvhost {py:12.3f}  OVS-DPDK {ovs:12.3f} {unit:8} "
+              f"(pyvhost better by x{ratio:.2f})", flush=True)
+
+    try:
+        with Hugepages():
+            switches = []
+            try:
+                switches = [Ovs(workdir), Pyvhost(workdir)]
+                files = {}
+                for n in (int(x) for x in args.loads.split(",")):
+                    files[n] = workdir / f"rules-{n}.txt"
+                    files[n].write_text(dst_rules(n, "p1", "output:p2"))
+                # rss: the first load of 100k rules into an empty table
+                if 100000 in files:
+                    rss = {}
+                    for sw in switches:
+                        sw.clear()
+                        before = rss_kb(sw.pid())
+                        sw.load(files[100000])
+                        rss[sw.name] = (rss_kb(sw.pid()) - before) / 1024
+                    row("RSS per 100k rules", "MiB", rss, better="lower")
+                for n, path in files.items():
+                    def load(sw, path=path):
+                        sw.clear()
+                        return sw.load(path)
+                    row(f"load {n} rules", "s", alternate(args.rounds, switches, load),
+                        better="lower")
+                setup_rules = workdir / "setup.txt"
+                setup_rules.write_text(dst_rules(100000, "p1", "output:p2") +
+                                       "priority=1,in_port=p1,actions=output:p2\n")
+                for sw in switches:
+                    sw.clear()
+                    sw.load(setup_rules)
+
+                def setup(sw):
+                    return forwarded_rate(sw, workdir, args.seconds, args.samples,
+                                          ["--vary", "dst-ip", "--flows", "1000000",
+                                           "--target", "10.0.0.0"]) / 1e3
+                row("new-flow setup, 100k rules", "kflows/s",
+                    alternate(args.rounds, switches, setup))
+
+                def active(sw):
+                    return forwarded_rate(sw, workdir, args.seconds, args.samples,
+                                          ["--vary", "dst-ip", "--flows", "10000",
+                                           "--target", "10.0.0.0"]) / 1e6
+                row("100k rules, 10k active flows", "Mpps",
+                    alternate(args.rounds, switches, active))
+                p1 = ["--rate", str(args.rate)]
+                storms = {
+                    "mac storm": ("priority=20,in_port=p1,actions=output:p2\n"
+                                  "priority=0,actions=normal\n",
+                                  ["--vary", "src-mac", "--flows", "1000000",
+                                   "--dst-mac", STORM_DST]),
+                    "dst storm": ("priority=20,in_port=p1,actions=output:p2\n"
+                                  "priority=5,in_port=p3,actions=drop\n" +
+                                  dst_rules(100000, "p3", "drop"),
+                                  ["--vary", "dst-ip", "--flows", "1000000",
+                                   "--target", "10.0.0.0"]),
+                }
+                for what, (rules, p3) in storms.items():
+                    path = workdir / f"{what.replace(' ', '-')}.txt"
+                    path.write_text(rules)
+                    for sw in switches:
+                        sw.clear()
+                        sw.load(path)
+
+                    def impact(sw, p3=p3):
+                        quiet = forwarded_rate(sw, workdir, args.seconds, args.samples, p1)
+                        storm = forwarded_rate(sw, workdir, args.seconds, args.samples, p1, p3)
+                        return storm / quiet if quiet else 0.0
+                    row(f"{what}: p1->p2 kept", "fraction", alternate(args.rounds, switches,
+                                                                      impact))
+            finally:
+                for sw in switches:
+                    sw.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("\n| measure | unit | pyvhost | OVS-DPDK 3.1 | pyvhost better by |")
+    print("|---|---|---|---|---|")
+    for what, unit, py, ovs, ratio in rows:
+        print(f"| {what} | {unit} | {py:.3f} | {ovs:.3f} | x{ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
