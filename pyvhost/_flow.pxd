@@ -95,6 +95,7 @@ cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged
     uint16_t order[MF_MAX_MASKS]   # masks in lookup order (most hit first)
     mf_mask_t masks[MF_MAX_MASKS]
     uint64_t evictions
+    uint32_t hand           # where the next eviction search starts
     uint64_t lookups_per_hit_num   # subtables searched, summed over hits
     uint64_t hits
 

@@ -179,6 +179,29 @@ cdef void mf_sort(mf_t *mf) noexcept nogil:
         mf.masks[i].hits >>= 1
 
 
+cdef bint mf_evict_one(mf_t *mf, uint32_t now_ms) noexcept nogil:
+    """Drop the least recently used of the next few entries a clock hand finds (the cache
+    is at its limit and the new entry's neighbourhood has room but nothing to evict)."""
+    cdef uint32_t i, found = 0
+    cdef mf_entry_t *e
+    cdef mf_entry_t *victim = NULL
+    for i in range(mf.nslots):
+        e = &mf.e[mf.hand & (mf.nslots - 1)]
+        mf.hand += 1
+        if e.mask_id == 0xFFFF:
+            continue
+        if victim == NULL or <int32_t>(now_ms - e.last_used) > <int32_t>(now_ms - victim.last_used):
+            victim = e
+        found += 1
+        if found == MF_PROBE:
+            break
+    if victim == NULL:
+        return False
+    mf_drop(mf, victim)
+    mf.evictions += 1
+    return True
+
+
 cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
                           void *ctx) noexcept nogil:
     """The valid cached actions of the first mask whose masked key is cached, or NULL."""
@@ -247,12 +270,14 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
             return
         elif victim == NULL or <int32_t>(now_ms - e.last_used) > <int32_t>(now_ms - victim.last_used):
             victim = e
-    if slot == NULL or mf.count >= mf.limit:
+    if slot == NULL or (mf.count >= mf.limit and victim != NULL):
         if victim == NULL:
-            return
+            return                                   # a full neighbourhood of nothing
         mf_drop(mf, victim)
         mf.evictions += 1
         slot = victim
+    elif mf.count >= mf.limit and not mf_evict_one(mf, now_ms):
+        return
     slot.hash = h
     slot.mask_id = id_
     slot.last_used = now_ms

@@ -534,7 +534,8 @@ cdef class Pmd:
         cdef uint16_t vlan = k.vlan_tci & 0x0FFF if k.vlan_tci else 0
         cdef uint32_t learn_gen = vh_load_u32(&b.fdb.add_gen)
         cdef int port
-        if fdb_learn(b.fdb, vlan, k.dl_src, inp.id, self.now_ms, &a.src_idx, &a.src_ver) < 0:
+        if fdb_learn(b.fdb, vlan, k.dl_src, inp.id, self.now_ms, &a.src_idx, &a.src_ver) < 0 \
+                and not k.dl_src[0] & 1:           # not learned (a group address never is):
             a.flags |= DEP_LEARN                   # try again once the table changes
             a.learn_gen = learn_gen
         op.arg = 0

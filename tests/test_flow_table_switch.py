@@ -210,3 +210,50 @@ def test_a_storm_from_one_port_leaves_the_others_alone(switch_ports, tmp_path, s
     if storm == "random_source_macs":
         fdb = processes.ctl(run_dir, "fdb-show", "br0")
         assert "02:00:00:00:00:01" in fdb and "02:00:00:00:00:02" in fdb
+
+
+def test_cache_hits_keep_macs_alive_and_limits_hold(switch_ports):
+    """With a 2 s aging time, a MAC seen only through cache hits stays learned while an idle
+    one expires; a port's MAC limit and the bridge's table size hold under a storm."""
+    run_dir, ports = switch_ports
+    processes.ctl(run_dir, "set-bridge", "br0", "mac-aging-time=2", "mac-table-size=64")
+    processes.ctl(run_dir, "set-port", "c", "mac-limit=10")
+    ports["b"].send([udp(MAC["b"], MAC["a"], "10.0.0.2", "10.0.0.1")])   # b: seen once
+    ports["a"].send([udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2")])
+    drain(ports["a"])
+    drain(ports["b"])
+    base = upcalls(run_dir)
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:           # a keeps sending: cache hits only
+        ports["a"].send([udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2")])
+        drain(ports["b"], 0.1)
+        time.sleep(0.2)
+    assert upcalls(run_dir) - base <= 2            # refreshed by hits, not by misses
+    fdb = processes.ctl(run_dir, "fdb-show", "br0")
+    assert re.search(r"\s+a\s+0\s+02:00:00:00:00:01", fdb), fdb
+    assert "02:00:00:00:00:02" not in fdb, fdb     # b went quiet: aged out
+    storm = [udp(bytes([2, 8, 0, 0, i >> 8, i & 255]), MAC["d"], "10.0.0.3", "10.0.0.4")
+             for i in range(300)]
+    ports["c"].send_all(storm, timeout=5)
+    ports["d"].send_all([udp(bytes([2, 9, 0, 0, i >> 8, i & 255]), MAC["c"], "10.0.0.4",
+                             "10.0.0.3") for i in range(300)], timeout=5)
+    for p in "abcd":
+        drain(ports[p], 0.2)
+    rows = processes.ctl(run_dir, "fdb-show", "br0").splitlines()[1:]
+    assert sum(1 for r in rows if r.split()[0] == "c") == 10, rows
+    assert len(rows) <= 64 and any(r.split()[0] == "d" for r in rows), rows
+
+
+def test_megaflow_cache_limit_evicts_idle_entries(switch_ports):
+    run_dir, ports = switch_ports
+    processes.ctl(run_dir, "set-pmd", "threads=1", "flow-limit=100")
+    rules = "".join(f"priority=10,in_port=a,ip,nw_dst=10.3.{i >> 8}.{i & 255},actions=output:b\n"
+                    for i in range(400))
+    assert ctl_run(run_dir, "replace-flows", "br0", "-", stdin=rules).returncode == 0
+    for i in range(0, 400, 40):                    # 400 distinct /32 megaflows
+        ports["a"].send_all([udp(MAC["a"], MAC["b"], "10.0.0.1", f"10.3.{j >> 8}.{j & 255}")
+                             for j in range(i, i + 40)], timeout=5)
+        assert len(drain(ports["b"], 0.1)) == 40     # forwarded right while evicting
+    stats = processes.ctl(run_dir, "pmd-stats-show")
+    m = re.search(r"megaflows: (\d+) in \d+ masks \(limit 100, evicted (\d+)\)", stats)
+    assert m and int(m.group(1)) <= 100 and int(m.group(2)) >= 290, stats
