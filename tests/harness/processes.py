@@ -104,7 +104,7 @@ def switch(workdir, run_dir, *, config: str | None = None, extra: list[str] = ()
 
 def ctl(run_dir, *argv: str, check: bool = True) -> str:
     """Run a ``pyvhost ctl`` command against the switch on ``run_dir``; its output."""
-    from pyvhost.switch.control import request
+    from pyvhost.switch.wire import request
     answer = request(str(Path(run_dir) / "ctl.sock"), list(argv))
     if check and not answer["ok"]:
         raise RuntimeError(f"ctl {' '.join(argv)}: {answer['error']}")
