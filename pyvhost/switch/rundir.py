@@ -50,12 +50,15 @@ def group_id(group: str | int) -> int:
         raise ValueError(f"no group named {group!r}") from None
 
 
-def prepare(run_dir: Path) -> Path:
-    """Create ``run_dir`` (0750) if it is missing; refuse one owned by another user or
-    writable by others (anyone could then replace our sockets)."""
+def prepare(run_dir: Path, gid: int | None = None) -> Path:
+    """Create ``run_dir`` (0750, group ``gid`` if given: the group that may reach the
+    sockets in it) if it is missing; refuse one owned by another user or writable by
+    others (anyone could then replace our sockets)."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, mode=RUN_DIR_MODE)
+        if gid is not None:
+            os.chown(run_dir, -1, gid)
         os.chmod(run_dir, RUN_DIR_MODE)             # the umask may have narrowed or not
     except FileExistsError:
         pass

@@ -53,10 +53,10 @@ class Switch:
 
     def __init__(self, run_dir: str | Path, *, sock_dir: str | Path | None = None,
                  socket_mode: int | None = None, socket_group: str | None = None):
-        self.run_dir = prepare(Path(run_dir))
-        self.sock_dir = prepare(Path(sock_dir)) if sock_dir else self.run_dir
         self.socket_group = socket_group
         self.socket_gid = group_id(socket_group) if socket_group is not None else None
+        self.run_dir = prepare(Path(run_dir), None if sock_dir else self.socket_gid)
+        self.sock_dir = prepare(Path(sock_dir), self.socket_gid) if sock_dir else self.run_dir
         self.socket_mode = socket_mode if socket_mode is not None else \
             (0o660 if socket_group is not None else 0o600)
         self.lock = RunLock(self.run_dir)
