@@ -211,8 +211,9 @@ async def set_qos(sw, args):
 
 
 async def dump_ports(sw, args):
-    _need(args, 1, 1, "dump-ports BRIDGE")
-    return sw.dump_ports(args[0])
+    args, flags = _flags(args, ("--json",))
+    _need(args, 1, 1, "dump-ports [--json] BRIDGE")
+    return sw.dump_ports(args[0], as_json="--json" in flags)
 
 
 async def fdb_show(sw, args):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -576,35 +577,50 @@ class Switch:
         return "\n".join(lines), summary
 
     def port_counters(self, port: Port) -> dict:
-        stats = self.datapath.port_stats(port.port_id)
-        for ring in port.device.rings:
-            s = ring.vq.stats()
-            for k in ("drop_bad_desc", "drop_oversize", "ring_errors", "drop_no_mbuf"):
-                stats[k] = stats.get(k, 0) + s[k]
-        return stats
+        """Everything counted for a port: the datapath's port counters and, summed per
+        direction, its rings' (names as in the compiled structs: nothing is renamed)."""
+        rx_rings: dict[str, int] = {}            # the guest's TX rings: we receive there
+        tx_rings: dict[str, int] = {}
+        for q in range(port.queues):
+            for total, ring in ((rx_rings, port.device.tx_ring(q)),
+                                (tx_rings, port.device.rx_ring(q))):
+                for k, v in ring.vq.stats().items():
+                    total[k] = total.get(k, 0) + v
+        return {"ofport": port.ofport, "datapath": self.datapath.port_stats(port.port_id),
+                "rx_rings": rx_rings, "tx_rings": tx_rings,
+                "queues": [{"queue": q, "rx": port.device.tx_ring(q).vq.stats(),
+                            "tx": port.device.rx_ring(q).vq.stats()}
+                           for q in range(port.active)]}
 
-    def dump_ports(self, bridge_name: str) -> str:
+    def dump_ports(self, bridge_name: str, as_json: bool = False) -> str:
         bridge = self._bridge(bridge_name)
+        ports = sorted(bridge.ports.items(), key=lambda kv: kv[1].ofport)
+        if as_json:
+            return json.dumps({name: self.port_counters(port) for name, port in ports})
         out = [f"{bridge_name}: {len(bridge.ports)} ports"]
-        for name, port in sorted(bridge.ports.items(), key=lambda kv: kv[1].ofport):
-            s = self.port_counters(port)
-            rx_drop = s["drop_police"] + s["drop_bad_desc"] + s["drop_oversize"]
-            tx_drop = s["drop_qos"] + s["drop_tx_full"]
-            rx_drop += s["drop_upcall"]
-            out.append(f"  port {port.ofport}({name}): rx pkts={s['rx_packets']}, "
-                       f"bytes={s['rx_bytes']}, drop={rx_drop} (police={s['drop_police']}, "
-                       f"bad_desc={s['drop_bad_desc']}, oversize={s['drop_oversize']}, "
-                       f"upcall_limit={s['drop_upcall']}), "
-                       f"errors={s['ring_errors']}")
-            out.append(f"           tx pkts={s['tx_packets']}, bytes={s['tx_bytes']}, "
-                       f"drop={tx_drop} (qos={s['drop_qos']}, full={s['drop_tx_full']}), "
-                       f"action_drop={s['drop_action']}")
-            for q in range(port.queues):
-                rx = port.device.tx_ring(q).vq.stats()       # the guest's TX is our RX
-                tx = port.device.rx_ring(q).vq.stats()
-                if rx["packets"] or tx["packets"]:
-                    out.append(f"           queue {q}: rx pkts={rx['packets']}, "
-                               f"tx pkts={tx['packets']}, no_buffer={tx['drop_no_buffer']}")
+        for name, port in ports:
+            c = self.port_counters(port)
+            d, r, t = c["datapath"], c["rx_rings"], c["tx_rings"]
+            rx_drop = d["drop_police"] + d["drop_upcall"] + d["drop_copy"] + \
+                d["drop_no_port"] + sum(v for k, v in r.items() if k.startswith("drop_"))
+            tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
+                sum(v for k, v in t.items() if k.startswith("drop_"))
+            out.append(f"  port {port.ofport}({name}): rx pkts={d['rx_packets']}, "
+                       f"bytes={d['rx_bytes']}, drop={rx_drop} (police={d['drop_police']}, "
+                       f"bad_desc={r['drop_bad_desc']}, oversize={r['drop_oversize']}, "
+                       f"upcall_limit={d['drop_upcall']}), "
+                       f"errors={r['ring_errors'] + t['ring_errors']}")
+            out.append(f"           tx pkts={d['tx_packets']}, bytes={d['tx_bytes']}, "
+                       f"drop={tx_drop} (qos={d['drop_qos']}, full={d['drop_tx_full']}), "
+                       f"action_drop={d['drop_action']}")
+            for label, counters in (("datapath", d), ("rx rings", r), ("tx rings", t)):
+                out.append(f"           {label}: " +
+                           " ".join(f"{k}={v}" for k, v in counters.items()))
+            for q in c["queues"]:
+                if q["rx"]["packets"] or q["tx"]["packets"]:
+                    out.append(f"           queue {q['queue']}: rx pkts={q['rx']['packets']}, "
+                               f"tx pkts={q['tx']['packets']}, "
+                               f"no_buffer={q['tx']['drop_no_buffer']}")
         return "\n".join(out)
 
     def fdb_show(self, bridge_name: str) -> str:
