@@ -589,3 +589,29 @@ def test_unprivileged_switch_and_a_guest_through_a_group_shared_socket(workdir, 
     finally:
         assert sw.stop() == 0
     assert "Traceback" not in sw.errors()
+
+
+def test_pyvhost_frontend_memory_is_sealed_and_a_strict_switch_takes_it(workdir):
+    import fcntl
+
+    from pyvhost.frontend import VirtioUser
+    from pyvhost.frontend.memory import FrontendMemory
+    mem = FrontendMemory(1 << 20, 1)
+    try:
+        seals = fcntl.fcntl(mem.regions[0].fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+    finally:
+        mem.close()
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, extra=["--strict-fds"],
+                          config="add-br br0\nadd-port br0 a type=vhostuser\n"
+                                 "add-port br0 b type=vhostuser\n")
+    try:
+        with VirtioUser(str(run_dir / "a.sock"), ring_size=256) as a, \
+                VirtioUser(str(run_dir / "b.sock"), ring_size=256) as b:
+            f = b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + b"x" * 50
+            assert a.send([f]) == 1
+            assert b.recv(timeout=5) == [f]
+    finally:
+        assert sw.stop() == 0
+    assert "Traceback" not in sw.errors()
