@@ -653,10 +653,6 @@ cdef uint32_t pk_recv(drvq_t *q, pktpool_t *pool, pkt_t **pkts, uint32_t count) 
     return nout
 
 
-STAT_NAMES = ("packets", "bytes", "bursts", "kicks", "kicks_suppressed", "waits", "ring_full",
-              "drop_bad_used", "drop_oversize", "drop_no_mbuf", "ring_errors")
-
-
 cdef class DriverQueue:
     """One split or packed virtqueue, driver side, over ring memory the caller laid out.
 
@@ -829,8 +825,9 @@ cdef class DriverQueue:
         return self.q.callfd
 
     def stats(self):
-        cdef uint64_t *s = <uint64_t *>&self.q.st
-        return {name: s[i] for i, name in enumerate(STAT_NAMES)}
+        """Every counter of the queue: drvq_stats_t as a dict named by its own fields."""
+        cdef drvq_stats_t snapshot = self.q.st
+        return snapshot
 
     def reclaim(self):
         cdef uint32_t n

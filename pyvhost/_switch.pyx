@@ -77,6 +77,22 @@ cdef struct bucket_t:
     double tokens
     uint64_t last_ns
 
+cdef struct port_counters_t:
+    # every counter of a port; port_stats() returns this struct as a dict, so a name is
+    # always its field's (nothing lists them a second time)
+    uint64_t rx_packets
+    uint64_t rx_bytes
+    uint64_t tx_packets
+    uint64_t tx_bytes
+    uint64_t drop_police
+    uint64_t drop_qos
+    uint64_t drop_tx_full    # the guest had no room
+    uint64_t drop_action     # dropped by a rule (no output)
+    uint64_t drop_offload    # a TCP super-frame that could not be segmented for this port
+    uint64_t drop_upcall     # misses over the port's share of upcall time
+    uint64_t drop_copy       # input: a copy for one more output failed (no buffer, no room)
+    uint64_t drop_no_port    # input: frames for an output port that went away or is down
+
 cdef struct port_t:
     uint16_t id
     uint16_t bridge
@@ -88,16 +104,7 @@ cdef struct port_t:
     bucket_t shape
     uint64_t rxq_ns[MAX_PORT_QUEUES]     # processing time spent on each RX queue
     uint64_t rxq_packets[MAX_PORT_QUEUES]
-    uint64_t rx_packets
-    uint64_t rx_bytes
-    uint64_t tx_packets
-    uint64_t tx_bytes
-    uint64_t drop_police
-    uint64_t drop_qos
-    uint64_t drop_tx_full    # the guest had no room
-    uint64_t drop_action     # dropped by a rule (no output)
-    uint64_t drop_offload    # a TCP super-frame that could not be segmented for this port
-    uint64_t drop_upcall     # misses over the port's share of upcall time
+    port_counters_t c
 
 cdef struct bridge_t:
     cls_t *cls
@@ -326,12 +333,11 @@ cdef class Datapath:
         return self.sw.ports[port_id]
 
     def port_stats(self, int port_id):
+        """Every counter of the port: port_counters_t, field by field (Cython's struct
+        to dict conversion names each value after its own field)."""
         cdef port_t *p = self._port(port_id)
-        return {"rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
-                "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes,
-                "drop_police": p.drop_police, "drop_qos": p.drop_qos,
-                "drop_tx_full": p.drop_tx_full, "drop_action": p.drop_action,
-                "drop_offload": p.drop_offload, "drop_upcall": p.drop_upcall}
+        cdef port_counters_t snapshot = p.c
+        return snapshot
 
     def rxq_load(self, int port_id):
         """Per RX queue: (processing ns, packets) since the port was added."""
@@ -402,6 +408,7 @@ cdef class Pmd:
     cdef uint32_t nbatch[MAX_PORTS]
     cdef uint16_t touched[MAX_PORTS]
     cdef uint32_t ntouched
+    cdef port_t *cur_inp                # the port whose burst is being processed
 
     def __cinit__(self, Datapath dp, int pmd_id, PacketPool pool, int flow_limit):
         self.dp = dp
@@ -470,10 +477,8 @@ cdef class Pmd:
         vh_eventfd_signal(self.idle.wakefd)
 
     def stats(self):
-        cdef uint64_t *s = <uint64_t *>&self.st
-        names = ("busy_ns", "idle_ns", "packets", "bursts", "emc_hits", "emc_misses",
-                 "upcalls", "upcall_drops", "megaflow_hits", "upcall_ns", "upcall_throttled")
-        out = {name: s[i] for i, name in enumerate(names)}
+        cdef pmd_stats_t snapshot = self.st
+        cdef dict out = snapshot               # the struct as a dict, named by its fields
         out["sleeps"] = self.idle.sleeps
         out["megaflows"] = self.mf.count
         out["megaflow_masks"] = sum(1 for i in range(self.mf.nmasks) if self.mf.masks[i].refs)
@@ -564,10 +569,12 @@ cdef class Pmd:
         if n == 0:
             return
         if p == NULL or not p.up:
+            if self.cur_inp != NULL:
+                vh_add_u64(&self.cur_inp.c.drop_no_port, n)
             pool_put_many(self.pool, pkts, n)
             return
         if p.shape.rate:
-            n = bucket_filter(&p.shape, pkts, n, self.pool, &p.drop_qos)
+            n = bucket_filter(&p.shape, pkts, n, self.pool, &p.c.drop_qos)
         if n:
             q = self.pmd_id % p.nqueues
             vq = p.guest_rx[q]
@@ -577,12 +584,12 @@ cdef class Pmd:
             sent = offload_send(vq, self.pool, pkts, n, &failed, &bytes_)
             vh_unlock(&vq.lock)
             if sent:
-                vh_add_u64(&p.tx_packets, sent)
-                vh_add_u64(&p.tx_bytes, bytes_)
+                vh_add_u64(&p.c.tx_packets, sent)
+                vh_add_u64(&p.c.tx_bytes, bytes_)
             if failed:
-                vh_add_u64(&p.drop_offload, failed)
+                vh_add_u64(&p.c.drop_offload, failed)
             if sent + failed < n:
-                vh_add_u64(&p.drop_tx_full, n - sent - failed)
+                vh_add_u64(&p.c.drop_tx_full, n - sent - failed)
             pool_put_many(self.pool, pkts, n)
 
     cdef inline void output(self, uint16_t port_id, pkt_t *pkt) noexcept nogil:
@@ -628,6 +635,8 @@ cdef class Pmd:
                     c = self.clone(p)
                     if c != NULL:
                         self.output(a.ops[i].arg, c)
+                    else:
+                        vh_add_u64(&inp.c.drop_copy, 1)
             elif op == OP_FLOOD:
                 last_port = -1
                 for j in range(MAX_PORTS):
@@ -637,6 +646,8 @@ cdef class Pmd:
                             c = self.clone(p)
                             if c != NULL:
                                 self.output(last_port, c)
+                            else:
+                                vh_add_u64(&inp.c.drop_copy, 1)
                         last_port = j
                 if last_port >= 0:
                     if final:
@@ -646,13 +657,15 @@ cdef class Pmd:
                         c = self.clone(p)
                         if c != NULL:
                             self.output(last_port, c)
+                        else:
+                            vh_add_u64(&inp.c.drop_copy, 1)
             elif op == OP_SET_VLAN:
                 vlan_set(p, a.ops[i].arg)
             elif op == OP_STRIP_VLAN:
                 vlan_strip(p)
         if owned:
             if a.n_ops == 0:
-                vh_add_u64(&inp.drop_action, 1)
+                vh_add_u64(&inp.c.drop_action, 1)
             pool_put(self.pool, p)
 
     cdef void roll_window(self, uint64_t t) noexcept nogil:
@@ -695,12 +708,14 @@ cdef class Pmd:
         cdef uint64_t mask[KEY_WORDS]
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
+        self.cur_inp = inp
         vq = inp.guest_tx[r.queue]
         if not vh_trylock(&vq.lock):
             return 0
         n = vq_dequeue(vq, self.pool, pkts, MAX_BURST)
         vh_unlock(&vq.lock)
         if n == 0:
+            self.cur_inp = NULL
             return 0
         t0 = now_ns()
         self.now_ms = <uint32_t>(t0 // 1000000)
@@ -709,12 +724,12 @@ cdef class Pmd:
         self.win_packets[inp.id] += n
         for i in range(n):
             bytes_ += pkts[i].len
-        vh_add_u64(&inp.rx_packets, n)
-        vh_add_u64(&inp.rx_bytes, bytes_)
+        vh_add_u64(&inp.c.rx_packets, n)
+        vh_add_u64(&inp.c.rx_bytes, bytes_)
         self.st.packets += n
         self.st.bursts += 1
         if inp.police.rate:
-            n = bucket_filter(&inp.police, pkts, n, self.pool, &inp.drop_police)
+            n = bucket_filter(&inp.police, pkts, n, self.pool, &inp.c.drop_police)
         for i in range(n):
             flow_extract(pkts[i], inp.id, &key)
             h = flow_hash(&key)
@@ -732,7 +747,7 @@ cdef class Pmd:
                         emc_insert(self.emc, &key, h, a)
                 elif self.up_ns[inp.id] >= self.up_budget_ns:
                     self.st.upcall_throttled += 1        # over its share: dropped, counted
-                    vh_add_u64(&inp.drop_upcall, 1)
+                    vh_add_u64(&inp.c.drop_upcall, 1)
                     pool_put(self.pool, pkts[i])
                     continue
                 else:
@@ -758,6 +773,7 @@ cdef class Pmd:
         self.ntouched = 0
         inp.rxq_ns[r.queue] += now_ns() - t0
         inp.rxq_packets[r.queue] += n
+        self.cur_inp = NULL
         return n
 
     cdef int collect_inputs(self) noexcept nogil:

@@ -64,6 +64,7 @@ cdef struct iov_t:
     uint64_t gpa              # where it is in guest memory (dirty logging)
 
 cdef struct vq_stats_t:
+    # every counter of a ring; VirtQueue.stats() returns this struct as a dict
     uint64_t packets
     uint64_t bytes
     uint64_t bursts
@@ -77,6 +78,8 @@ cdef struct vq_stats_t:
     uint64_t drop_bad_hdr     # TX: a virtio-net header asking for offloads not agreed or
                               # pointing outside the frame
     uint64_t iotlb_misses     # bursts stopped by an IOVA not in the IOTLB (nothing consumed)
+    uint64_t call_errors      # notifications that could not be signalled (call eventfd write failed)
+    uint64_t faults           # guest-memory faults (a truncated fd, SIGBUS) caught on this ring
 
 cdef struct vq_t:
     int lock                  # held by the data path around each burst, by control to change
@@ -121,7 +124,6 @@ cdef struct vq_t:
     uint32_t nheld            # RX frames held (copied) while a miss is answered
     pkt_t held[MAX_HELD]
     int faultfd               # eventfd signalled when guest memory faults (SIGBUS), or -1
-    uint32_t faults           # guest-memory faults (a truncated fd) caught on this ring
     uint32_t dq_taken         # inside vq_dequeue: pkts[0..dq_taken) are ours (a fault frees them)
     vq_stats_t st
 

@@ -119,7 +119,7 @@ cdef void vq_fault(vq_t *vq) noexcept nogil:
     vh_bus_recovered()
     vh_store_release_int(&vq.ready, 0)
     vq.broken = 1
-    vq.faults += 1
+    vq.st.faults += 1
     if vq.faultfd >= 0:
         vh_eventfd_signal(vq.faultfd)
 
@@ -320,8 +320,10 @@ cdef void notify_guest(vq_t *vq) noexcept nogil:
     else:
         fire = not (vh_load_relaxed_u16(&vq.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT)
     if fire and vq.callfd >= 0:
-        vh_eventfd_signal(vq.callfd)
-        vq.st.calls += 1
+        if vh_eventfd_signal(vq.callfd) == 0:
+            vq.st.calls += 1
+        else:
+            vq.st.call_errors += 1
 
 
 cdef inline int avail_count(vq_t *vq, uint16_t *avail_idx) noexcept nogil:
@@ -656,9 +658,8 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
                 break
             head = vh_load_relaxed_u16(&vq.avail[2 + ((vq.last_avail_idx + nbufs) & (vq.size - 1))])
             if head >= vq.size:
-                vq.broken = 1
-                vq.st.ring_errors += 1
-                bad = True
+                vq.broken = 1             # counted as packed counts a broken ring: one
+                vq.st.ring_errors += 1    # ring error, the frames left are drop_no_buffer
                 break
             rc = walk_chain(vq, head, True, iov, &niov, &total)
             if rc == -3:
@@ -675,7 +676,7 @@ cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nog
             cap += total
             if not vq.mrg_rxbuf:
                 break
-        if miss:
+        if miss or vq.broken:
             break                           # nothing of this frame's buffers was consumed
         if bad:
             # a hostile chain: give the buffers back untouched, drop this frame
@@ -868,8 +869,10 @@ cdef void notify_guest_packed(vq_t *vq) noexcept nogil:
     vq.signalled_used = new
     vq.signalled_used_valid = 1
     if fire and vq.callfd >= 0:
-        vh_eventfd_signal(vq.callfd)
-        vq.st.calls += 1
+        if vh_eventfd_signal(vq.callfd) == 0:
+            vq.st.calls += 1
+        else:
+            vq.st.call_errors += 1
 
 
 cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
@@ -1052,9 +1055,6 @@ cdef int read_used_idx(vq_t *vq, uint16_t *idx) noexcept nogil:
 
 OFFLOAD_BITS = {"csum": OFL_CSUM, "tso4": OFL_TSO4, "tso6": OFL_TSO6}
 
-STAT_NAMES = ("packets", "bytes", "bursts", "calls", "drop_bad_desc", "drop_no_buffer",
-              "drop_oversize", "drop_disabled", "drop_no_mbuf", "ring_errors", "drop_bad_hdr",
-              "iotlb_misses")
 
 
 cdef class VirtQueue:
@@ -1147,7 +1147,7 @@ cdef class VirtQueue:
     @property
     def faults(self):
         """Guest-memory faults caught on this ring since its last reset."""
-        return self.vq.faults
+        return self.vq.st.faults
 
     def set_size(self, uint32_t size):
         if size == 0 or size > 32768 or (size & (size - 1) and not self.vq.packed):
@@ -1311,7 +1311,7 @@ cdef class VirtQueue:
         self.vq.signalled_used_valid = 0
         self.vq.broken = 0
         self.vq.rarp_pending = 0
-        self.vq.faults = 0
+        self.vq.st.faults = 0
 
     def set_log(self, uint64_t addr, uint64_t size):
         """The dirty-page bitmap (host address, bytes); 0 for none."""
@@ -1333,8 +1333,9 @@ cdef class VirtQueue:
         self.vq.rarp_pending = 1
 
     def stats(self):
-        cdef uint64_t *s = <uint64_t *>&self.vq.st
-        return {name: s[i] for i, name in enumerate(STAT_NAMES)}
+        """Every counter of the ring: vq_stats_t as a dict named by its own fields."""
+        cdef vq_stats_t snapshot = self.vq.st
+        return snapshot
 
     # -- data path for Python callers (the Python device API and tests) ---------------
     def set_notify(self, bint on):

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 
 from .connection import Connection
 from .device import VhostUserDevice
@@ -23,13 +24,36 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 
 
-class Endpoint:
-    """Serve ``device`` on ``path`` as server (default) or client (``client=True``)."""
+def unlink_socket(path: str | os.PathLike, inode: tuple[int, int] | None = None) -> bool:
+    """Remove the socket at ``path`` (only the one with this (st_dev, st_ino) if given);
+    FileExistsError if something that is not a socket is there: a file, a link or a
+    directory is never ours to delete. True if a socket was removed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+    if inode is not None and (st.st_dev, st.st_ino) != inode:
+        return False                      # someone else's socket now: leave it
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
 
-    def __init__(self, device: VhostUserDevice, path: str, *, client: bool = False):
+
+class Endpoint:
+    """Serve ``device`` on ``path`` as server (default) or client (``client=True``).
+    A server's socket gets ``mode`` and group ``gid`` when given; it only ever replaces or
+    removes a socket at its path, never another kind of file."""
+
+    def __init__(self, device: VhostUserDevice, path: str, *, client: bool = False,
+                 mode: int | None = None, gid: int | None = None):
         self.device = device
         self.path = path
         self.client = client
+        self.mode = mode
+        self.gid = gid
+        self._inode: tuple[int, int] | None = None
         self.connection: Connection | None = None
         self.connections = 0
         self._task: asyncio.Task | None = None
@@ -55,18 +79,32 @@ class Endpoint:
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            with contextlib.suppress(OSError):
+                unlink_socket(self.path, self._inode)
+            self._inode = None
         if self.connection:
             self.connection.close()
 
     # -- server mode ------------------------------------------------------------------
     def _listen(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unlink_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.path)
-        sock.listen(4)
+        try:
+            sock.bind(self.path)
+            st = os.lstat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            if self.gid is not None:
+                os.chown(self.path, -1, self.gid)
+            if self.mode is not None:
+                os.chmod(self.path, self.mode)
+            sock.listen(4)
+        except BaseException:
+            sock.close()
+            if self._inode is not None:
+                with contextlib.suppress(OSError):
+                    unlink_socket(self.path, self._inode)
+                self._inode = None
+            raise
         sock.setblocking(False)
         self._listener = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)

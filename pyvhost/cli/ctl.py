@@ -1,13 +1,13 @@
 """``pyvhost ctl COMMAND...``: send one command to a running switch and print the answer;
-exit 1 on an error answer, 2 when the switch cannot be reached."""
+exit 1 on an error answer, 2 when the switch cannot be reached. Imports only the wire
+format (pyvhost.switch.wire), so a call costs an interpreter start and little more."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pyvhost.switch.commands import MAX_FLOW_FILE
-from pyvhost.switch.control import request
+from pyvhost.switch.wire import MAX_FLOW_FILE, request
 
 
 def add_parser(sub) -> None:

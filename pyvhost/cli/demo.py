@@ -62,7 +62,7 @@ class _Switch:
 
 
 def _ctl(run_dir: Path, *argv: str) -> str:
-    from pyvhost.switch.control import request
+    from pyvhost.switch.wire import request
     answer = request(str(run_dir / "ctl.sock"), list(argv))
     return answer.get("output", "") if answer["ok"] else "error: " + answer["error"]
 

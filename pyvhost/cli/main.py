@@ -1,29 +1,40 @@
-"""Entry point of the ``pyvhost`` command: parses the subcommand and runs it."""
+"""Entry point of the ``pyvhost`` command: parses the subcommand and runs it. Only the
+chosen subcommand's module is imported (``pyvhost ctl`` must start fast); ``--help``
+without a subcommand imports them all to list them."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
-from . import bench, ctl, demo, gen, reflector, switch
-
-SUBCOMMANDS = [reflector, switch, ctl, gen, bench, demo]
+SUBCOMMANDS = ["reflector", "switch", "ctl", "gen", "bench", "demo"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> list[str]:
+    """The subcommand modules to load: the first word that names one, else all."""
+    for arg in argv:
+        if arg in SUBCOMMANDS:
+            return [arg]
+        if not arg.startswith("-"):
+            break
+    return SUBCOMMANDS
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvhost", description="vhost-user switch and tools")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for every message)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in SUBCOMMANDS:
-        module.add_parser(sub)
+    for name in _chosen(sys.argv[1:] if argv is None else argv):
+        importlib.import_module(f"pyvhost.cli.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if os.environ.get("PYVHOST_LOG"):
         level = os.environ["PYVHOST_LOG"].upper()

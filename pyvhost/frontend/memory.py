@@ -9,6 +9,7 @@ multi-region memory really are spread over several regions. No sockets and no ri
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 
@@ -52,9 +53,13 @@ class FrontendMemory:
         self._next = 0
         try:
             for i in range(regions):
-                fd = os.memfd_create(f"pyvhost-frontend-{i}", os.MFD_CLOEXEC)
+                fd = os.memfd_create(f"pyvhost-frontend-{i}",
+                                     os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
                 try:
                     os.ftruncate(fd, size)
+                    # sealed against resizing: a back-end that refuses unsealable fds
+                    # (pyvhost switch --strict-fds) takes these
+                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
                     mapping = Mapping(fd, size)
                 except BaseException:
                     os.close(fd)

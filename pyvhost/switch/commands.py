@@ -8,8 +8,10 @@ import json
 import shlex
 
 from .flows import FlowSyntaxError, parse_flow, parse_match, parse_selector
+from .wire import MAX_FLOW_FILE
 
-MAX_FLOW_FILE = 64 << 20          # bytes of one add-flows/replace-flows file
+MAX_RATE_KBPS = 10 ** 9          # 1 Tbit/s: rates and bursts (kbit) beyond are refused
+__all__ = ["MAX_FLOW_FILE", "CommandError", "read_config", "run_command"]
 
 
 class CommandError(ValueError):
@@ -27,14 +29,22 @@ def _kv(args: list[str], allowed: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _int(value: str, name: str, lo: int = 0, hi: int = 1 << 62) -> int:
+def _int(value: str, name: str, lo: int, hi: int, base: int = 10) -> int:
+    """Every integer option goes through here: a number in lo..hi or a CommandError."""
     try:
-        n = int(value)
+        if len(value) > 24:
+            raise ValueError
+        n = int(value, base)
     except ValueError:
         raise CommandError(f"{name}: {value!r} is not a number") from None
     if not lo <= n <= hi:
         raise CommandError(f"{name}: {n} out of range {lo}..{hi}")
     return n
+
+
+def usable_cpus() -> set[int]:
+    import os
+    return os.sched_getaffinity(0)
 
 
 def _need(args: list[str], lo: int, hi: int, usage: str) -> None:
@@ -68,13 +78,24 @@ async def del_br(sw, args):
     return ""
 
 
+ADD_PORT_USAGE = ("add-port BRIDGE PORT type=vhostuser|vhostuserclient [path=P (client only)] "
+                  "[queues=N] [ofport_request=N] [socket-mode=0660] [socket-group=G]")
+
+
 async def add_port(sw, args):
-    _need(args, 3, 5, "add-port BRIDGE PORT type=vhostuser|vhostuserclient [path=P] [queues=N]")
-    opts = _kv(args[2:], ("type", "path", "queues"))
+    _need(args, 3, 7, ADD_PORT_USAGE)
+    opts = _kv(args[2:], ("type", "path", "queues", "ofport_request", "socket-mode",
+                          "socket-group"))
     if "type" not in opts:
         raise CommandError("add-port needs type=vhostuser or type=vhostuserclient")
-    queues = _int(opts.get("queues", "0"), "queues", 0, 32) or None
-    await sw.add_port(args[0], args[1], opts["type"], opts.get("path"), queues)
+    from pyvhost._switch import limits
+    queues = _int(opts["queues"], "queues", 1, limits()["queues"]) if "queues" in opts else None
+    ofport = _int(opts["ofport_request"], "ofport_request", 1, 0xFEFF) \
+        if "ofport_request" in opts else None
+    mode = _int(opts["socket-mode"], "socket-mode", 0, 0o777, 8) \
+        if "socket-mode" in opts else None
+    await sw.add_port(args[0], args[1], opts["type"], opts.get("path"), queues,
+                      ofport=ofport, socket_mode=mode, socket_group=opts.get("socket-group"))
     return ""
 
 
@@ -176,8 +197,8 @@ async def set_port(sw, args):
 async def set_policing(sw, args):
     _need(args, 2, 3, "set-policing PORT rate=KBPS [burst=KBITS]")
     opts = _kv(args[1:], ("rate", "burst"))
-    rate = _int(opts.get("rate", "0"), "rate")
-    burst = _int(opts.get("burst", "0"), "burst")
+    rate = _int(opts.get("rate", "0"), "rate", 0, MAX_RATE_KBPS)
+    burst = _int(opts.get("burst", "0"), "burst", 0, MAX_RATE_KBPS)
     sw.set_policing(args[0], rate, burst)
     return ""
 
@@ -185,13 +206,14 @@ async def set_policing(sw, args):
 async def set_qos(sw, args):
     _need(args, 2, 2, "set-qos PORT max-rate=KBPS")
     opts = _kv(args[1:], ("max-rate",))
-    sw.set_qos(args[0], _int(opts["max-rate"], "max-rate"))
+    sw.set_qos(args[0], _int(opts["max-rate"], "max-rate", 0, MAX_RATE_KBPS))
     return ""
 
 
 async def dump_ports(sw, args):
-    _need(args, 1, 1, "dump-ports BRIDGE")
-    return sw.dump_ports(args[0])
+    args, flags = _flags(args, ("--json",))
+    _need(args, 1, 1, "dump-ports [--json] BRIDGE")
+    return sw.dump_ports(args[0], as_json="--json" in flags)
 
 
 async def fdb_show(sw, args):
@@ -230,7 +252,7 @@ async def set_pmd(sw, args):
     if "flow-limit" in opts:
         settings["flow_limit"] = _int(opts["flow-limit"], "flow-limit", 1, 50000000)
     if "threads" in opts:
-        settings["threads"] = _int(opts["threads"], "threads", 1, 64)
+        settings["threads"] = _int(opts["threads"], "threads", 1, len(usable_cpus()))
     if "assign" in opts:
         if opts["assign"] not in ("roundrobin", "cycles"):
             raise CommandError("assign: roundrobin or cycles")
@@ -240,7 +262,12 @@ async def set_pmd(sw, args):
             raise CommandError("auto-lb: true or false")
         settings["auto_lb"] = opts["auto-lb"] == "true"
     if "cpus" in opts:
-        settings["cpus"] = [_int(c, "cpus", 0, 4095) for c in opts["cpus"].split(",") if c]
+        cpus = [_int(c, "cpus", 0, 4095) for c in opts["cpus"].split(",") if c]
+        bad = sorted(set(cpus) - usable_cpus())
+        if bad:
+            raise CommandError(f"cpus: {bad} not usable by this process "
+                               f"(usable: {sorted(usable_cpus())})")
+        settings["cpus"] = cpus
     sw.set_pmd(**settings)
     return ""
 

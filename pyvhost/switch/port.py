@@ -1,6 +1,8 @@
-"""A switch port of type vhostuser (the switch listens) or vhostuserclient (the switch
-connects to QEMU's socket and reconnects whenever it comes back): a virtio-net device
-from pyvhost.backend, its endpoint, and its place in the datapath."""
+"""A switch port of type vhostuser (the switch listens on RUN_DIR/NAME.sock or in the
+``--vhost-sock-dir``) or vhostuserclient (the switch connects to QEMU's socket at ``path=``
+and reconnects whenever it comes back): a virtio-net device from pyvhost.backend, its
+endpoint, and its place in the datapath. The device offers ``queues`` pairs; the switch
+polls as many as the front-end has enabled (at least one), as OVS does."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import dataclass, field
 from pyvhost.backend import Endpoint, NetDevice
 
 PORT_TYPES = ("vhostuser", "vhostuserclient")
-DEFAULT_QUEUES = 8
+DEFAULT_QUEUES = 8             # pairs offered unless queues= says otherwise
 
 
 @dataclass
@@ -21,17 +23,27 @@ class Port:
     queues: int
     port_id: int
     ofport: int
+    socket_mode: int | None = None
+    socket_group: str | None = None
     device: NetDevice = field(repr=False, default=None)
     endpoint: Endpoint = field(repr=False, default=None)
+    active: int = 1                       # queue pairs polled: the most the guest enabled
 
     @classmethod
-    def create(cls, name, bridge, type_, path, queues, port_id, ofport) -> Port:
+    def create(cls, name, bridge, type_, path, queues, port_id, ofport, socket_mode=None,
+               socket_group=None, gid=None) -> Port:
         if type_ not in PORT_TYPES:
             raise ValueError(f"unknown port type {type_!r} (have: {', '.join(PORT_TYPES)})")
-        port = cls(name, bridge, type_, path, queues, port_id, ofport)
+        port = cls(name, bridge, type_, path, queues, port_id, ofport, socket_mode,
+                   socket_group)
         port.device = NetDevice(queues, name=name)
-        port.endpoint = Endpoint(port.device, path, client=type_ == "vhostuserclient")
+        port.endpoint = Endpoint(port.device, path, client=type_ == "vhostuserclient",
+                                 mode=socket_mode, gid=gid)
         return port
+
+    def enabled_pairs(self) -> int:
+        """1 + the highest queue pair whose guest TX ring is enabled now (at least 1)."""
+        return 1 + max((q for q in range(self.queues) if self.queue_enabled(q)), default=0)
 
     def rx_vqs(self) -> list:
         """The guest's receive rings: the switch sends into these."""
@@ -50,4 +62,12 @@ class Port:
         return ring.vq.ready and ring.enabled
 
     def options(self) -> dict:
-        return {"path": self.path, "queues": self.queues}
+        """What the store keeps (a vhostuser socket's path follows from its name)."""
+        out: dict = {"queues": self.queues}
+        if self.type == "vhostuserclient":
+            out["path"] = self.path
+        if self.socket_mode is not None:
+            out["socket_mode"] = self.socket_mode
+        if self.socket_group is not None:
+            out["socket_group"] = self.socket_group
+        return out

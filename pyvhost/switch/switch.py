@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ from .commands import CommandError
 from .flows import Flow, FlowSyntaxError, Selector, parse_flow
 from .pmd import PmdSet
 from .port import DEFAULT_QUEUES, Port
-from .store import Store
+from .rundir import CTL_SOCK, RunLock, check_name, group_id, prepare
+from .store import Store, StoreError
 
 log = logging.getLogger("pyvhost.switch")
 LIMITS = limits()
@@ -37,15 +39,36 @@ def masked_fields(mask: bytes) -> list[str]:
             if (any(wild[k]) if isinstance(wild[k], bytes) else wild[k])]
 
 
+MAX_OFPORT = 0xFEFF        # OpenFlow's OFPP_MAX: numbers above are reserved ports
+
+
 def kbps_to_bytes(kbps: int) -> int:
     return kbps * 1000 // 8
 
 
 class Switch:
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.run_dir / "conf.db")
+    """``run_dir``: the store, the lock and (unless ``sock_dir``) the vhostuser sockets.
+    ``socket_mode``/``socket_group``: what vhostuser sockets get unless a port says.
+    Raises RunDirError or StoreError (one line for users) if it cannot start; then
+    nothing in the run directory has been changed but the lock file."""
+
+    def __init__(self, run_dir: str | Path, *, sock_dir: str | Path | None = None,
+                 socket_mode: int | None = None, socket_group: str | None = None):
+        self.socket_group = socket_group
+        self.socket_gid = group_id(socket_group) if socket_group is not None else None
+        self.run_dir = prepare(Path(run_dir), None if sock_dir else self.socket_gid)
+        self.sock_dir = prepare(Path(sock_dir), self.socket_gid) if sock_dir else self.run_dir
+        self.socket_mode = socket_mode if socket_mode is not None else \
+            (0o660 if socket_group is not None else 0o600)
+        self.lock = RunLock(self.run_dir)
+        self.lock.acquire()
+        try:
+            self.store = Store(self.run_dir / "conf.db")
+        except StoreError:
+            self.lock.release()
+            raise
+        self.failed: dict[str, str] = {}          # stored rows that did not load: why
+        self._reserved_ofports: dict[str, set[int]] = {}   # bridge -> failed ports' numbers
         self.datapath = Datapath()
         self.bridges: dict[str, Bridge] = {}
         self.ports: dict[str, Port] = {}
@@ -58,6 +81,7 @@ class Switch:
                              "flow_limit": settings.get("flow_limit")}
         self._damped_seen: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
+        self._log_skipped: dict[str, int] = {}
         self.pmds = self._new_pmds()
         self._timer: asyncio.Task | None = None
         self._stuck_ports: list[Port] = []
@@ -72,18 +96,41 @@ class Switch:
         """Apply the stored configuration (or the seed commands, on an empty store)."""
         from .commands import run_command
         if self.store.is_empty() and seed:
-            for argv in seed:
-                await run_command(self, argv)
+            with self.store.transaction():          # all of the seed or none of it
+                for n, argv in enumerate(seed, 1):
+                    try:
+                        await run_command(self, argv)
+                    except CommandError as e:
+                        raise CommandError(f"command {n} ({' '.join(argv)}): {e}") from None
         else:
             await self._restore()
         self._timer = asyncio.get_running_loop().create_task(self._tick())
 
+    def _failed(self, key: str, why: str) -> None:
+        log.error("store: %s skipped: %s", key, why)
+        self.failed[key] = why
+
     async def _restore(self) -> None:
+        """Everything stored that still loads; a row that does not is logged, listed by
+        ``show`` as failed and kept in the store (fix its cause and restart, or delete or
+        re-add it)."""
         for name in self.store.bridges():
-            self.add_bridge(name, persist=False, default_flow=False)
-        for name, bridge, type_, opts in self.store.ports():
-            await self.add_port(bridge, name, type_, opts.get("path"), opts.get("queues"),
-                                persist=False)
+            try:
+                self.add_bridge(name, persist=False, default_flow=False)
+            except CommandError as e:
+                self._failed(f"bridge {name}", str(e))
+        for name, bridge, type_, opts, ofport in self.store.ports():
+            try:
+                if not isinstance(opts, dict):
+                    raise CommandError(f"options {opts!r} are not a JSON object")
+                await self.add_port(bridge, name, type_, opts.get("path"),
+                                    opts.get("queues"), persist=False, ofport=ofport,
+                                    socket_mode=opts.get("socket_mode"),
+                                    socket_group=opts.get("socket_group"))
+            except (CommandError, TypeError, ValueError) as e:
+                self._failed(f"port {name}", str(e))
+                if isinstance(ofport, int):
+                    self._reserved_ofports.setdefault(bridge, set()).add(ofport)
         for name, bridge in self.bridges.items():
             flows, rows = [], []
             for row, text in self.store.flows(name):
@@ -91,7 +138,7 @@ class Switch:
                     flow = parse_flow(text)
                     bridge.check(flow)
                 except (FlowSyntaxError, ValueError) as e:
-                    log.error("bridge %s: stored flow %r skipped: %s", name, text, e)
+                    self._failed(f"flow {row} of bridge {name}", f"{text!r}: {e}")
                     continue
                 flows.append(flow)
                 rows.append(row)
@@ -111,6 +158,7 @@ class Switch:
         for port in list(self.ports.values()):
             await port.endpoint.close()
         self.store.close()
+        self.lock.release()
 
     async def _tick(self) -> None:
         while True:
@@ -138,11 +186,18 @@ class Switch:
                 self._damped_seen[bridge.name] = damped
 
     def _log_once(self, kind: str, fmt: str, *args) -> None:
-        """A log line per kind of event per LOG_EVERY seconds, never one per packet."""
+        """A log line per kind of event per LOG_EVERY seconds, never one per packet; the
+        line says how many of that kind were not logged since the last one."""
         now = time.monotonic()
         if now - self._last_log.get(kind, -LOG_EVERY) >= LOG_EVERY:
             self._last_log[kind] = now
+            skipped = self._log_skipped.pop(kind, 0)
+            if skipped:
+                fmt += " (%d more since the last report)"
+                args = (*args, skipped)
             log.warning(fmt, *args)
+        else:
+            self._log_skipped[kind] = self._log_skipped.get(kind, 0) + 1
 
     # -- bridges and ports ----------------------------------------------------------------
     def _bridge(self, name: str) -> Bridge:
@@ -156,6 +211,10 @@ class Switch:
         return self.ports[name]
 
     def add_bridge(self, name: str, persist: bool = True, default_flow: bool = True) -> None:
+        try:
+            check_name("bridge", name)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
         if name in self.bridges:
             raise CommandError(f"bridge {name} already exists")
         if name in self.ports:
@@ -169,10 +228,16 @@ class Switch:
                         conf.get("mac_aging", DEFAULT_MAC_AGING))
         self.datapath.set_bridge(bid, bridge.cls, bridge.macs)
         self.bridges[name] = bridge
-        if persist:
-            self.store.add_bridge(name)
-        if default_flow:
-            self.add_flows(name, [parse_flow(DEFAULT_FLOW)], persist=persist)
+        try:
+            with self.store.transaction():          # the bridge and its rule, or neither
+                if persist:
+                    self.store.add_bridge(name)
+                if default_flow:
+                    self.add_flows(name, [parse_flow(DEFAULT_FLOW)], persist=persist)
+        except BaseException:
+            del self.bridges[name]
+            self.datapath.remove_bridge(bid)
+            raise
 
     def set_bridge(self, name: str, mac_table_size: int | None = None,
                    mac_aging: int | None = None) -> None:
@@ -197,31 +262,82 @@ class Switch:
 
     async def del_bridge(self, name: str) -> None:
         bridge = self._bridge(name)
+        self.store.del_bridge(name)                 # first: it is the step that can fail
         for port in list(bridge.ports):
             await self.del_port(port, persist=False)
         del self.bridges[name]
         self.datapath.remove_bridge(bridge.bridge_id)      # waits out the PMDs
-        self.store.del_bridge(name)
+        for key in [k for k in self.failed if k.endswith(f" of bridge {name}")]:
+            del self.failed[key]
 
-    async def add_port(self, bridge_name: str, name: str, type_: str, path: str | None,
-                       queues: int | None, persist: bool = True) -> None:
+    def _ofport(self, bridge: Bridge, requested: int | None) -> int:
+        used = {p.ofport for p in bridge.ports.values()} | \
+            self._reserved_ofports.get(bridge.name, set())
+        if requested is None:
+            return next(n for n in range(1, len(used) + 2) if n not in used)
+        if not isinstance(requested, int) or not 1 <= requested <= MAX_OFPORT:
+            raise CommandError(f"ofport_request: {requested!r} out of range 1..{MAX_OFPORT}")
+        if requested in used:
+            raise CommandError(f"ofport {requested} is taken on bridge {bridge.name}")
+        return requested
+
+    async def add_port(self, bridge_name: str, name: str, type_: str, path: str | None = None,
+                       queues: int | None = None, persist: bool = True, *,
+                       ofport: int | None = None, socket_mode: int | None = None,
+                       socket_group: str | None = None) -> None:
+        """All or nothing: every check first; a failure after that undoes every step."""
         bridge = self._bridge(bridge_name)
+        try:
+            check_name("port", name)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
         if name in self.ports or name in self.bridges:
             raise CommandError(f"port {name} already exists")
-        if type_ == "vhostuserclient" and not path:
-            raise CommandError("type=vhostuserclient needs path= (the front-end's socket)")
-        path = path or str(self.run_dir / f"{name}.sock")
-        queues = queues or DEFAULT_QUEUES
+        if type_ == "vhostuserclient":
+            if not path:
+                raise CommandError("type=vhostuserclient needs path= (the front-end's socket)")
+            if socket_mode is not None or socket_group is not None:
+                raise CommandError("socket-mode= and socket-group= are for type=vhostuser "
+                                   "(the switch does not own a vhostuserclient's socket)")
+        elif path:
+            raise CommandError("path= is for type=vhostuserclient; a vhostuser port's "
+                               f"socket is {self.sock_dir}/{name}.sock")
+        else:
+            path = str(self.sock_dir / f"{name}.sock")
+            if path == str(self.run_dir / CTL_SOCK):
+                raise CommandError(f"port name {name!r}: collides with the control socket")
+        queues = DEFAULT_QUEUES if queues is None else queues
+        if not isinstance(queues, int) or not 1 <= queues <= LIMITS["queues"]:
+            raise CommandError(f"queues: {queues!r} out of range 1..{LIMITS['queues']}")
+        of = self._ofport(bridge, ofport)
         used = set(self._by_id)
         port_id = next((i for i in range(LIMITS["ports"]) if i not in used), None)
         if port_id is None:
-            raise CommandError("no free port id")
+            raise CommandError(f"at most {LIMITS['ports']} ports")
+        capacity = len(self.pmds.pmds) * LIMITS["rxqs_per_pmd"]
+        if sum(p.active for p in self.ports.values()) + 1 > capacity:
+            raise CommandError(f"the PMD threads poll at most {capacity} RX queues "
+                               f"({LIMITS['rxqs_per_pmd']} each); add threads with set-pmd")
+        gid = None
+        if type_ == "vhostuser":
+            try:
+                gid = group_id(socket_group) if socket_group is not None else self.socket_gid
+            except ValueError as e:
+                raise CommandError(f"socket-group: {e}") from None
+            if socket_mode is None:
+                socket_mode = None if socket_group is None else 0o660
+            if socket_mode is not None and not (isinstance(socket_mode, int) and
+                                                0 <= socket_mode <= 0o777):
+                raise CommandError(f"socket-mode: {socket_mode!r} out of range 0..0777")
         try:
-            port = Port.create(name, bridge_name, type_, path, queues, port_id,
-                               bridge.next_ofport())
+            port = Port.create(name, bridge_name, type_, path, queues, port_id, of,
+                               socket_mode, socket_group, gid)
         except ValueError as e:
             raise CommandError(str(e)) from None
+        if type_ == "vhostuser" and socket_mode is None:
+            port.endpoint.mode = self.socket_mode
         port.device.listeners.append(self.datapath.wake_all)
+        port.device.listeners.append(lambda: self._queues_changed(port))
         limit = self.store.settings().get(f"port:{name}", {}).get("mac_limit")
         if limit:
             bridge.mac_limits[name] = limit
@@ -230,20 +346,43 @@ class Switch:
         self._by_id[port_id] = port
         bridge.attach(port)
         try:
-            await port.endpoint.start()
-        except OSError as e:
-            await self.del_port(name, persist=False)
-            raise CommandError(f"port {name}: {e}") from None
+            try:
+                await port.endpoint.start()
+            except OSError as e:
+                raise CommandError(f"port {name}: {e}") from None
+            if persist:
+                self.store.add_port(name, bridge_name, type_, port.options(), of)
+        except BaseException:
+            await self._unplug(port)
+            raise
+        self.failed.pop(f"port {name}", None)
+        self._reserved_ofports.get(bridge_name, set()).discard(of)
         self._assign()
-        if persist:
-            self.store.add_port(name, bridge_name, type_, port.options())
-        log.info("port %s (%s, %s) added to %s", name, type_, path, bridge_name)
+        log.info("port %s (%s, %s, ofport %d) added to %s", name, type_, path, of, bridge_name)
+
+    def _queues_changed(self, port: Port) -> None:
+        """The front-end enabled a ring: poll as many pairs as it has ever enabled."""
+        n = port.enabled_pairs()
+        if n > port.active and self.ports.get(port.name) is port:
+            port.active = n
+            self._assign()
 
     async def del_port(self, name: str, bridge_name: str | None = None,
                        persist: bool = True) -> None:
+        if name not in self.ports and f"port {name}" in self.failed and persist:
+            self.store.del_port(name)               # a stored row that did not load
+            del self.failed[f"port {name}"]
+            return
         port = self._port(name)
         if bridge_name is not None and port.bridge != bridge_name:
             raise CommandError(f"port {name} is not on bridge {bridge_name}")
+        if persist:
+            self.store.del_port(name)              # first: it is the step that can fail
+        await self._unplug(port)
+
+    async def _unplug(self, port: Port) -> None:
+        """Take a port out of the running switch (not the store)."""
+        name = port.name
         del self.ports[name]
         del self._by_id[port.port_id]
         self.bridges[port.bridge].detach(port)
@@ -256,12 +395,10 @@ class Switch:
             self._stuck_ports.append(port)
             port.endpoint.connection = None
         await port.endpoint.close()
-        if persist:
-            self.store.del_port(name)
 
     def _assign(self) -> None:
         self.pmds.set_rxqs([(p.port_id, q) for p in self.ports.values()
-                            for q in range(p.queues)])
+                            for q in range(p.active)])
 
     # -- rules ----------------------------------------------------------------------------
     def _change(self, bridge: Bridge, add: list[Flow] = (), remove: list[Rule] = (),
@@ -390,7 +527,10 @@ class Switch:
                 state = "connected" if port.connected else "not connected"
                 lines.append(f"    Port {pname} (ofport {port.ofport})")
                 lines.append(f"        type: {port.type}  path: {port.path}  "
-                             f"queues: {port.queues}  {state}")
+                             f"queues: {port.queues} (polled: {port.active})  {state}")
+        if self.failed:
+            lines.append("Failed (stored, not loaded):")
+            lines += [f"    {key}: {why}" for key, why in self.failed.items()]
         return "\n".join(lines)
 
     def dump_flows(self, bridge_name: str, selector: Selector | None = None,
@@ -437,35 +577,50 @@ class Switch:
         return "\n".join(lines), summary
 
     def port_counters(self, port: Port) -> dict:
-        stats = self.datapath.port_stats(port.port_id)
-        for ring in port.device.rings:
-            s = ring.vq.stats()
-            for k in ("drop_bad_desc", "drop_oversize", "ring_errors", "drop_no_mbuf"):
-                stats[k] = stats.get(k, 0) + s[k]
-        return stats
+        """Everything counted for a port: the datapath's port counters and, summed per
+        direction, its rings' (names as in the compiled structs: nothing is renamed)."""
+        rx_rings: dict[str, int] = {}            # the guest's TX rings: we receive there
+        tx_rings: dict[str, int] = {}
+        for q in range(port.queues):
+            for total, ring in ((rx_rings, port.device.tx_ring(q)),
+                                (tx_rings, port.device.rx_ring(q))):
+                for k, v in ring.vq.stats().items():
+                    total[k] = total.get(k, 0) + v
+        return {"ofport": port.ofport, "datapath": self.datapath.port_stats(port.port_id),
+                "rx_rings": rx_rings, "tx_rings": tx_rings,
+                "queues": [{"queue": q, "rx": port.device.tx_ring(q).vq.stats(),
+                            "tx": port.device.rx_ring(q).vq.stats()}
+                           for q in range(port.active)]}
 
-    def dump_ports(self, bridge_name: str) -> str:
+    def dump_ports(self, bridge_name: str, as_json: bool = False) -> str:
         bridge = self._bridge(bridge_name)
+        ports = sorted(bridge.ports.items(), key=lambda kv: kv[1].ofport)
+        if as_json:
+            return json.dumps({name: self.port_counters(port) for name, port in ports})
         out = [f"{bridge_name}: {len(bridge.ports)} ports"]
-        for name, port in sorted(bridge.ports.items(), key=lambda kv: kv[1].ofport):
-            s = self.port_counters(port)
-            rx_drop = s["drop_police"] + s["drop_bad_desc"] + s["drop_oversize"]
-            tx_drop = s["drop_qos"] + s["drop_tx_full"]
-            rx_drop += s["drop_upcall"]
-            out.append(f"  port {port.ofport}({name}): rx pkts={s['rx_packets']}, "
-                       f"bytes={s['rx_bytes']}, drop={rx_drop} (police={s['drop_police']}, "
-                       f"bad_desc={s['drop_bad_desc']}, oversize={s['drop_oversize']}, "
-                       f"upcall_limit={s['drop_upcall']}), "
-                       f"errors={s['ring_errors']}")
-            out.append(f"           tx pkts={s['tx_packets']}, bytes={s['tx_bytes']}, "
-                       f"drop={tx_drop} (qos={s['drop_qos']}, full={s['drop_tx_full']}), "
-                       f"action_drop={s['drop_action']}")
-            for q in range(port.queues):
-                rx = port.device.tx_ring(q).vq.stats()       # the guest's TX is our RX
-                tx = port.device.rx_ring(q).vq.stats()
-                if rx["packets"] or tx["packets"]:
-                    out.append(f"           queue {q}: rx pkts={rx['packets']}, "
-                               f"tx pkts={tx['packets']}, no_buffer={tx['drop_no_buffer']}")
+        for name, port in ports:
+            c = self.port_counters(port)
+            d, r, t = c["datapath"], c["rx_rings"], c["tx_rings"]
+            rx_drop = d["drop_police"] + d["drop_upcall"] + d["drop_copy"] + \
+                d["drop_no_port"] + sum(v for k, v in r.items() if k.startswith("drop_"))
+            tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
+                sum(v for k, v in t.items() if k.startswith("drop_"))
+            out.append(f"  port {port.ofport}({name}): rx pkts={d['rx_packets']}, "
+                       f"bytes={d['rx_bytes']}, drop={rx_drop} (police={d['drop_police']}, "
+                       f"bad_desc={r['drop_bad_desc']}, oversize={r['drop_oversize']}, "
+                       f"upcall_limit={d['drop_upcall']}), "
+                       f"errors={r['ring_errors'] + t['ring_errors']}")
+            out.append(f"           tx pkts={d['tx_packets']}, bytes={d['tx_bytes']}, "
+                       f"drop={tx_drop} (qos={d['drop_qos']}, full={d['drop_tx_full']}), "
+                       f"action_drop={d['drop_action']}")
+            for label, counters in (("datapath", d), ("rx rings", r), ("tx rings", t)):
+                out.append(f"           {label}: " +
+                           " ".join(f"{k}={v}" for k, v in counters.items()))
+            for q in c["queues"]:
+                if q["rx"]["packets"] or q["tx"]["packets"]:
+                    out.append(f"           queue {q['queue']}: rx pkts={q['rx']['packets']}, "
+                               f"tx pkts={q['tx']['packets']}, "
+                               f"no_buffer={q['tx']['drop_no_buffer']}")
         return "\n".join(out)
 
     def fdb_show(self, bridge_name: str) -> str:

@@ -14,20 +14,47 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]     # children import this checkout's pyvhost
+
+
+def python_for(user: str | int | None) -> str:
+    """An interpreter ``user`` can run: ours, or the system's of the same version when ours
+    lives where others cannot reach (e.g. under /root)."""
+    if user is None:
+        return sys.executable
+    path = Path(sys.executable)
+    if all(os.stat(p).st_mode & 0o001 for p in path.parents):
+        return sys.executable
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    return system if os.path.exists(system) else sys.executable
+
+
+def _groups(user: str) -> list[int]:
+    """The supplementary groups the group database gives ``user`` (what login would)."""
+    import grp
+    return [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+
 
 class PyvhostProcess:
     """``pyvhost ARGS...`` as a child process, output in ``workdir/<name>.out|.err``."""
 
-    def __init__(self, args: list[str], workdir: str | os.PathLike, name: str):
-        self.args = [sys.executable, "-m", "pyvhost.cli.main", *args]
+    def __init__(self, args: list[str], workdir: str | os.PathLike, name: str, *,
+                 user: str | None = None, group: str | None = None):
+        self.args = [python_for(user), "-m", "pyvhost.cli.main", *args]
+        self.user = user              # run as this user (and group): tests of privileges
+        self.group = group
         self.out_path = Path(workdir) / f"{name}.out"
         self.err_path = Path(workdir) / f"{name}.err"
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready_text: str | None = None, timeout: float = 20.0) -> PyvhostProcess:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         cwd=REPO, env=env, user=self.user, group=self.group,
+                                         extra_groups=_groups(self.user) if self.user else None)
         if ready_text:
             try:
                 self.wait_output(ready_text, timeout)
@@ -92,19 +119,19 @@ def reflector(workdir, socket: str, *, mode: str = "echo", client: bool = False,
 
 
 def switch(workdir, run_dir, *, config: str | None = None, extra: list[str] = (),
-           name: str = "switch") -> PyvhostProcess:
+           name: str = "switch", user: str | None = None) -> PyvhostProcess:
     """A started ``pyvhost switch`` on ``run_dir`` (waits for its control socket)."""
     args = ["-v", "switch", "--run-dir", str(run_dir), *extra]
     if config is not None:
         path = Path(workdir) / f"{name}.conf"
         path.write_text(config)
         args += ["--config", str(path)]
-    return PyvhostProcess(args, workdir, name).start(ready_text="switch: running")
+    return PyvhostProcess(args, workdir, name, user=user).start(ready_text="switch: running")
 
 
 def ctl(run_dir, *argv: str, check: bool = True) -> str:
     """Run a ``pyvhost ctl`` command against the switch on ``run_dir``; its output."""
-    from pyvhost.switch.control import request
+    from pyvhost.switch.wire import request
     answer = request(str(Path(run_dir) / "ctl.sock"), list(argv))
     if check and not answer["ok"]:
         raise RuntimeError(f"ctl {' '.join(argv)}: {answer['error']}")
