@@ -84,13 +84,16 @@ class NetBackend:
         fd = vq.kickfd
         if fd >= 0:
             loop.add_reader(fd, _resolve, fut)
+        # a timer, not asyncio.wait_for: Python 3.11's wait_for can swallow a cancellation
+        # that races with the future's result, and the reader task then never ends
+        timer = loop.call_later(IDLE_RECHECK, _resolve, fut) if fd < 0 else None
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), IDLE_RECHECK if fd < 0 else None)
-        except TimeoutError:
-            pass
+            await fut
         finally:
             self._waiters.discard(fut)
+            if timer is not None:
+                timer.cancel()
             if fd >= 0:
                 loop.remove_reader(fd)
         vq.drain_kick()
