@@ -83,7 +83,7 @@ cdef class Classifier:
     cdef uint32_t _new_id(self) except? 0xFFFFFFFF
     cdef cls_rule_t *_rule(self, uint32_t rule_id) except NULL
     cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table) except -1
-    cdef uint32_t _insert(self, int table, uint32_t priority, bytes mask, bytes value, ops,
-                          int goto_table) except? 0xFFFFFFFF
+    cdef cls_rule_t *_build(self, spec, uint64_t *m) except NULL
+    cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m) except? 0xFFFFFFFF
     cdef void _remove(self, cls_rule_t *r) noexcept nogil
     cdef int _check_spec(self, spec) except -1

@@ -243,6 +243,9 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
         out.flags |= r.flags
         if r.goto_table == NO_GOTO or r.goto_table <= table:
             break
+        if out.n_rules == MAX_HOPS:
+            out.overflow = 1                           # a longer chain than an entry holds
+            break
         table = r.goto_table
 
 
@@ -385,16 +388,12 @@ cdef class Classifier:
         r.goto_table = goto_table
         return 0
 
-    cdef uint32_t _insert(self, int table, uint32_t priority, bytes mask, bytes value, ops,
-                          int goto_table) except? 0xFFFFFFFF:
-        cdef uint64_t m[KEY_WORDS]
+    cdef cls_rule_t *_build(self, spec, uint64_t *m) except NULL:
+        """A rule made from a spec, not linked anywhere yet; its mask written to ``m``."""
         cdef uint64_t v[KEY_WORDS]
         cdef cls_rule_t *r
-        cdef cls_sub_t *s
-        cdef cls_table_t *t
-        cdef uint32_t i, old_max, rid
-        if not 0 <= table < CLS_TABLES:
-            raise ValueError(f"table {table} out of range 0..{CLS_TABLES - 1}")
+        cdef uint32_t i
+        table, priority, mask, value, ops, goto_table = spec
         key_words(mask, m)
         key_words(value, v)
         for i in range(KEY_WORDS):
@@ -411,20 +410,23 @@ cdef class Classifier:
             raise
         memcpy(r.value, v, KEY_BYTES)
         r.hash = value_hash(v)
-        s = self._subtable(table, m)
-        rid = self._new_id()
-        r.id = rid
+        return r
+
+    cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m) except? 0xFFFFFFFF:
+        """Put a built rule into its table (write lock held); its id."""
+        cdef cls_sub_t *s = self._subtable(r.table, m)
+        cdef cls_table_t *t = self.c.tables[r.table]
+        cdef uint32_t old_max = s.max_priority
+        r.id = self._new_id()
         r.seq = self.c.next_seq
         self.c.next_seq += 1
-        self.c.by_id[rid] = r
-        old_max = s.max_priority
+        self.c.by_id[r.id] = r
         sub_insert(s, r)
-        t = self.c.tables[table]
         t.n_rules += 1
         self.c.n_rules += 1
         if s.n_rules == 1 or s.max_priority != old_max:
             table_sort(t)
-        return rid
+        return r.id
 
     cdef void _remove(self, cls_rule_t *r) noexcept nogil:
         cdef cls_sub_t *s = <cls_sub_t *>r.sub
@@ -472,37 +474,75 @@ cdef class Classifier:
         self._set_ops(&tmp, ops, goto_table)
         return 0
 
-    def apply(self, specs=(), changes=(), removes=()):
-        """One change that lookups see whole, all or nothing (everything is checked before
-        anything changes): remove rules by id, give rules new actions ((id, ops,
-        goto_table); counters stay), then add rules given as (table, priority, mask, value,
-        ops, goto_table). Returns the new rules' ids in order."""
-        cdef cls_rule_t tmp
-        cdef uint32_t rid
+    def apply(self, specs=(), changes=(), removes=(), carry=()):
+        """One change that lookups see whole, all or nothing (everything is checked and
+        built before the write lock is taken, so PMD upcalls wait only for the linking):
+        remove rules by id, give rules new actions ((id, ops, goto_table); counters stay),
+        then add rules given as (table, priority, mask, value, ops, goto_table).
+        ``carry``: (removed id, index in specs) pairs, the same rule compiled again: the
+        new one keeps its counters and last-used time. Returns the new rules' ids."""
+        cdef uint32_t rid, n = len(specs), nc = len(changes), i = 0
+        cdef cls_rule_t **built = NULL
+        cdef uint64_t *masks = NULL
+        cdef cls_rule_t *staged = NULL
+        cdef cls_rule_t *old
+        cdef cls_rule_t *new
         gone = set()
         for rid in removes:
             self._rule(rid)
             if rid in gone:
                 raise ValueError(f"rule {rid} removed twice")
             gone.add(rid)
-        for rid, ops, goto_table in changes:
-            tmp.table = self._rule(rid).table
-            self._set_ops(&tmp, ops, goto_table)
         for spec in specs:
             self._check_spec(spec)
+        for old_id, index in carry:
+            if old_id not in gone or not 0 <= index < n:
+                raise ValueError(f"carry ({old_id}, {index}): not a removed rule and a new one")
+        built = <cls_rule_t **>calloc(n + 1, sizeof(cls_rule_t *))
+        masks = <uint64_t *>calloc(n + 1, KEY_BYTES)
+        staged = <cls_rule_t *>calloc(nc + 1, sizeof(cls_rule_t))
         ids = []
-        with nogil:
-            pthread_rwlock_wrlock(&self.c.lock)
         try:
-            for rid in removes:
-                self._remove(self.c.by_id[rid])
-            for rid, ops, goto_table in changes:
-                self._set_ops(self.c.by_id[<uint32_t>rid], ops, goto_table)
-            for table, priority, mask, value, ops, goto_table in specs:
-                ids.append(self._insert(table, priority, mask, value, ops, goto_table))
+            if built == NULL or masks == NULL or staged == NULL:
+                raise MemoryError()
+            for i, (rid, ops, goto_table) in enumerate(changes):
+                if rid in gone:
+                    raise ValueError(f"rule {rid} both removed and modified")
+                staged[i].table = self._rule(rid).table
+                self._set_ops(&staged[i], ops, goto_table)
+            for i, spec in enumerate(specs):
+                built[i] = self._build(spec, &masks[i * KEY_WORDS])
+            olds = {rid: <size_t>self.c.by_id[rid] for rid, _ in carry}
+            with nogil:
+                pthread_rwlock_wrlock(&self.c.lock)
+            try:
+                for rid in removes:
+                    self._remove(self.c.by_id[rid])
+                for i, (rid, _, _) in enumerate(changes):
+                    new = self.c.by_id[<uint32_t>rid]
+                    memcpy(new.ops, staged[i].ops, sizeof(new.ops))
+                    new.n_ops = staged[i].n_ops
+                    new.flags = staged[i].flags
+                    new.goto_table = staged[i].goto_table
+                for i in range(n):
+                    ids.append(self._link(built[i], &masks[i * KEY_WORDS]))
+                    built[i] = NULL
+                for old_id, index in carry:       # the removed rules wait in the graveyard
+                    old = <cls_rule_t *><size_t>olds[old_id]
+                    new = self.c.by_id[<uint32_t>ids[index]]
+                    new.n_packets = old.n_packets
+                    new.n_bytes = old.n_bytes
+                    new.used_ns = old.used_ns
+            finally:
+                self._bump()
+                pthread_rwlock_unlock(&self.c.lock)
         finally:
-            self._bump()
-            pthread_rwlock_unlock(&self.c.lock)
+            if built != NULL:
+                for i in range(n):
+                    free(built[i])                # those never linked
+            free(built)
+            free(masks)
+            free(staged)
         return ids
 
     def reclaim(self):

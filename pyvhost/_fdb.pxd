@@ -30,7 +30,8 @@ cdef struct fdb_t:
     int32_t *buckets
     fdb_entry_t *e
     int32_t free_head
-    uint32_t add_gen         # a MAC was added: decisions that flooded an unknown dst go stale
+    uint32_t add_gen         # a MAC was added or went: decisions that flooded an unknown
+                             # dst or could not learn their source go stale
     uint32_t aging_ms
     uint32_t rng
     uint32_t port_limit[FDB_PORTS]     # 0: none

@@ -31,8 +31,14 @@ cdef inline uint32_t mac_hash(uint16_t vlan, const uint8_t *mac) noexcept nogil:
     return <uint32_t>(h >> 32)
 
 
+cdef inline uint32_t age(uint32_t now, uint32_t then) noexcept nogil:
+    """ms since ``then``; 0 if another thread stamped it after ``now`` was read."""
+    cdef int32_t d = <int32_t>(now - then)
+    return d if d > 0 else 0
+
+
 cdef inline bint age_gt(uint32_t now, uint32_t then, uint32_t ms) noexcept nogil:
-    return <uint32_t>(now - then) > ms
+    return age(now, then) > ms
 
 
 cdef int32_t find(fdb_t *f, uint16_t vlan, const uint8_t *mac) noexcept nogil:
@@ -53,6 +59,7 @@ cdef void unlink(fdb_t *f, int32_t idx) noexcept nogil:
         link[0] = e.next
     e.in_use = 0
     e.ver += 1
+    f.add_gen += 1                 # decisions that could not learn may now (see fdb_t)
     e.next = f.free_head
     f.free_head = idx
     f.count -= 1
@@ -69,7 +76,7 @@ cdef int32_t evict_one(fdb_t *f, uint32_t now) noexcept nogil:
         i = (f.rng >> 8) % f.size
         if not f.e[i].in_use:
             continue
-        if best < 0 or <uint32_t>(now - f.e[i].used_ms) > <uint32_t>(now - f.e[best].used_ms):
+        if best < 0 or age(now, f.e[i].used_ms) > age(now, f.e[best].used_ms):
             best = i
         if n >= FDB_SAMPLE and best >= 0:
             break
@@ -113,6 +120,8 @@ cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port, u
                 f.damped_vlan = vlan
             else:
                 f.refused += 1
+            idx[0] = 0xFFFFFFFF            # not learned here: nothing to refresh or follow
+            ver[0] = 0
             vh_unlock(&f.lock)
             return -1
         e.moves += 1
@@ -246,9 +255,12 @@ cdef class MacTable:
 
     def expire(self, now=None):
         """Drop entries idle for longer than the aging time; returns how many went."""
-        cdef uint32_t t = now_ms() if now is None else now, i, n = 0
+        cdef uint32_t t, i, n = 0
+        cdef bint given = now is not None
+        cdef uint32_t t_given = now if given else 0
         with nogil:
             vh_lock(&self.f.lock)
+            t = t_given if given else now_ms()       # read under the lock
             for i in range(self.f.size):
                 if self.f.e[i].in_use and age_gt(t, self.f.e[i].used_ms, self.f.aging_ms):
                     unlink(self.f, i)
@@ -281,7 +293,7 @@ cdef class MacTable:
             vh_unlock(&self.f.lock)
         try:
             return [(snap[i].port, snap[i].vlan, (<char *>snap[i].mac)[:6],
-                     <uint32_t>(t - snap[i].used_ms) // 1000)
+                     age(t, snap[i].used_ms) // 1000)
                     for i in range(self.f.size) if snap[i].in_use]
         finally:
             free(snap)

@@ -209,6 +209,7 @@ cdef class Datapath:
     cdef switch_t *sw
     cdef dict port_objs            # port id -> list of VirtQueues kept alive
     cdef dict bridge_objs          # bridge id -> (Classifier, MacTable) kept alive
+    cdef list stuck                # tables a stuck PMD may still hold
     cdef readonly list pmds
 
     def __cinit__(self):
@@ -218,6 +219,7 @@ cdef class Datapath:
         self.sw.gen = 1
         self.port_objs = {}
         self.bridge_objs = {}
+        self.stuck = []
         self.pmds = []
 
     def __dealloc__(self):
@@ -241,13 +243,18 @@ cdef class Datapath:
         b.cls = cls.c
         b.fdb = macs.f
         old = self.sw.bridges[bridge_id]
+        old_objs = self.bridge_objs.get(bridge_id)
+        self.bridge_objs[bridge_id] = (cls, macs)     # alive before any PMD can see them
         self.sw.bridges[bridge_id] = b
         vh_fence_seq_cst()
         self.invalidate()
         if old != NULL:
-            self.synchronize()
+            try:
+                self.synchronize()
+            except TimeoutError:
+                self.stuck.append(old_objs)         # a PMD may still use them: never freed
+                raise
             free(old)
-        self.bridge_objs[bridge_id] = (cls, macs)
 
     def remove_bridge(self, int bridge_id):
         cdef bridge_t *b
@@ -407,6 +414,7 @@ cdef class Pmd:
     cdef pkt_t *batch[MAX_PORTS][MAX_BURST]
     cdef uint32_t nbatch[MAX_PORTS]
     cdef uint16_t touched[MAX_PORTS]
+    cdef uint8_t is_touched[MAX_PORTS]
     cdef uint32_t ntouched
     cdef port_t *cur_inp                # the port whose burst is being processed
 
@@ -498,14 +506,15 @@ cdef class Pmd:
                     uint64_t *mask) noexcept nogil:
         """A miss: the bridge's classifier, then NORMAL through its MAC table. 0 with ``a``
         (and what it depends on) and the megaflow ``mask`` filled; -1 to drop."""
-        cdef bridge_t *b = self.sw.bridges[inp.bridge]
+        cdef bridge_t *b
         cdef cls_result_t res
         cdef uint32_t i, n = 0
         cdef int j
+        a.gen = vh_load_u32(&self.sw.gen)           # before the bridge: a table swapped
+        b = self.sw.bridges[inp.bridge]             # after this read makes the entry stale
         if b == NULL:
             return -1
         memset(mask, 0, KEY_WORDS * sizeof(uint64_t))
-        a.gen = vh_load_u32(&self.sw.gen)
         a.bridge = inp.bridge
         a.flags = 0
         a.src_idx = NO_FDB
@@ -593,7 +602,8 @@ cdef class Pmd:
             pool_put_many(self.pool, pkts, n)
 
     cdef inline void output(self, uint16_t port_id, pkt_t *pkt) noexcept nogil:
-        if self.nbatch[port_id] == 0:
+        if not self.is_touched[port_id]:          # once per port per burst, however often
+            self.is_touched[port_id] = 1          # its batch fills and is flushed
             self.touched[self.ntouched] = port_id
             self.ntouched += 1
         self.batch[port_id][self.nbatch[port_id]] = pkt
@@ -626,8 +636,11 @@ cdef class Pmd:
             op = a.ops[i].op
             final = i == a.n_ops - 1
             if op == OP_OUTPUT:
-                if a.ops[i].arg == inp.id:
+                if a.ops[i].arg == inp.id or a.ops[i].arg >= MAX_PORTS:
                     continue                   # OpenFlow: never back out of the input port
+                o = self.sw.ports[a.ops[i].arg]
+                if o == NULL or o.bridge != inp.bridge:
+                    continue                   # gone, or (an id reused) another bridge's
                 if final:
                     self.output(a.ops[i].arg, p)
                     owned = False
@@ -770,6 +783,7 @@ cdef class Pmd:
             self.execute(inp, pkts[i], a)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
+            self.is_touched[self.touched[i]] = 0
         self.ntouched = 0
         inp.rxq_ns[r.queue] += now_ns() - t0
         inp.rxq_packets[r.queue] += n

@@ -157,6 +157,8 @@ def test_strict_and_select_and_modify():
         cls.apply(specs=[(0, 1, m, v, [(3, 1)] * 33, NO_GOTO_TABLE)])
     with pytest.raises(KeyError):
         cls.apply(removes=[a, 999])
+    with pytest.raises(ValueError):
+        cls.apply(changes=[(a, [], NO_GOTO_TABLE)], removes=[a])
     assert len(cls) == 3 and cls.lookup(key)[1] == [(1, 4)]
 
 

@@ -143,6 +143,9 @@ def test_replace_flows_keeps_untouched_counters_running(switch_ports, tmp_path):
     assert len(drain(ports["b"])) == 8 and drain(ports["d"], 0.2) == []
     assert counters(run_dir, "in_port=a actions=output:b") == 35
     assert "in_port=d" not in processes.ctl(run_dir, "dump-flows", "br0")
+    processes.ctl(run_dir, "del-port", "b")          # rules naming b compile again, twice:
+    processes.ctl(run_dir, "add-port", "br0", "b", "type=vhostuser", "queues=1")
+    assert counters(run_dir, "in_port=a actions=output:b") == 35        # counters carried
     assert processes.ctl(run_dir, "del-flows", "--strict", "br0",
                          "priority=20,in_port=b") == "1 flows deleted"
     assert processes.ctl(run_dir, "del-flows", "br0", "in_port=a") == "1 flows deleted"

@@ -55,6 +55,8 @@ def test_parse_flow_round_trip():
                    "tp_dst=0x0050/0xfff0,dl_dst=01:00:00:00:00:00/01:00:00:00:00:00,"
                    "actions=strip_vlan,goto_table:4")
     assert (g.table, g.cookie, g.idle_timeout, g.hard_timeout, g.goto_table) == (3, 31, 5, 9, 4)
+    h = parse_flow("in_port=01,actions=output:002")         # one spelling per port number
+    assert h.match["in_port"] == "1" and h.actions == (("output", "2"),)
     assert parse_flow(g.format()) == g
 
 
@@ -106,7 +108,9 @@ def test_mac_table_learn_move_age():
     assert macs.learn(0, MAC1, 2, now=2) == 2              # moved
     assert macs.lookup(0, MAC1) == 2 and macs.lookup(5, MAC1) is None
     assert macs.learn(0, b"\x01" + MAC1[1:], 1) == -1      # multicast source
-    assert macs.expire(now=20000) == 1 and macs.lookup(0, MAC1) is None
+    assert macs.learn(0, MAC2, 1, now=30000) == 1
+    assert macs.expire(now=29999) == 1                      # MAC1 went, MAC2 stamped
+    assert macs.lookup(0, MAC1) is None and macs.lookup(0, MAC2) == 1   # "after" now: age 0
 
 
 class FakePort:

@@ -21,6 +21,7 @@ from .flows import Flow, Selector, key_fields, match_key
 OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL = (
     ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal"))
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
+NO_PACKET_PORT = 0xFFFE   # trace of a packet given without in_port (matches no in_port rule)
 IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
 NORMAL_MASK = pack_key({"vlan_tci": 0xFFFF, "dl_src": b"\xff" * 6, "dl_dst": b"\xff" * 6})
 DEFAULT_MAC_TABLE_SIZE = 8192
@@ -78,9 +79,12 @@ class Bridge:
     def detach(self, port) -> None:
         with self.lock:
             self.ports = {k: v for k, v in self.ports.items() if k != port.name}
+        self._reresolve({port.name, str(port.ofport)})
+
+    def forget(self, port) -> None:
+        """The port is out of the datapath (no PMD polls it): drop what it taught."""
         self.macs.forget_port(port.port_id)
         self.macs.set_port_limit(port.port_id, 0)
-        self._reresolve({port.name, str(port.ofport)})
 
     def _reresolve(self, refs: set[str]) -> None:
         """Rules naming these ports compile again (a port came or went)."""
@@ -153,7 +157,8 @@ class Bridge:
         changes = [(r.id, self._ops(f), NO_GOTO_TABLE if f.goto_table is None else f.goto_table)
                    for r, f in modify]
         before = dict(zip(map(id, add), remove, strict=True)) if same_rules else {}
-        ids = self.cls.apply(specs, changes, [r.id for r in remove])
+        carry = [(r.id, i) for i, r in enumerate(remove)] if same_rules else []
+        ids = self.cls.apply(specs, changes, [r.id for r in remove], carry)
         with self.lock:
             for r in remove:
                 self._forget(r)
@@ -238,7 +243,7 @@ class Bridge:
         if "in_port" in match and port is None:
             raise ValueError(f"in_port: no port {match['in_port']!r} on bridge {self.name}")
         fields = key_fields(match)
-        fields["in_port"] = port.port_id if port is not None else NO_PORT
+        fields["in_port"] = port.port_id if port is not None else NO_PACKET_PORT
         hops, ops, mask, overflow = self.cls.lookup(pack_key(fields))
         by_id = {p.port_id: p for p in self.ports.values()}
         outputs: list[str] = []

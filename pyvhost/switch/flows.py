@@ -98,6 +98,11 @@ def _split_top(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def port_ref(text: str) -> str:
+    """A port as a rule names it: a name, or an OpenFlow number in one spelling (01 -> 1)."""
+    return sys.intern(str(int(text)) if text.isdigit() else text)
+
+
 def parse_match(text: str) -> dict:
     """A match string (no actions, no priority) into {field: value}; MAC and tp_* fields
     with a mask are (value, mask) pairs, IP fields networks."""
@@ -116,7 +121,7 @@ def parse_match(text: str) -> dict:
         if name == "in_port":
             if not value:
                 raise FlowSyntaxError("in_port needs a port")
-            match[name] = sys.intern(value)
+            match[name] = port_ref(value)
         elif name in MASKABLE_INTS and "/" in value:
             v, _, m = value.partition("/")
             match[name] = (_int(v, name, INT_FIELDS[name]), _int(m, name, INT_FIELDS[name]))
@@ -163,7 +168,7 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
         if name == "output":
             if not arg.strip():
                 raise FlowSyntaxError("output needs a port: output:PORT")
-            actions.append(("output", sys.intern(arg.strip())))
+            actions.append(("output", port_ref(arg.strip())))
         elif name == "mod_vlan_vid":
             actions.append(("mod_vlan_vid", _int(arg, "mod_vlan_vid", 0xFFF)))
         elif name == "goto_table":

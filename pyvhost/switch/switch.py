@@ -394,6 +394,7 @@ class Switch:
             log.error("port %s: %s; its rings stay mapped", name, e)
             self._stuck_ports.append(port)
             port.endpoint.connection = None
+        self.bridges[port.bridge].forget(port)      # no PMD can learn on it again
         await port.endpoint.close()
 
     def _assign(self) -> None:
@@ -404,7 +405,7 @@ class Switch:
     def _change(self, bridge: Bridge, add: list[Flow] = (), remove: list[Rule] = (),
                 modify: list[tuple[Rule, Flow]] = (), persist: bool = True) -> list[Rule]:
         """Apply one all-or-nothing change to a bridge's rules and its store rows."""
-        for flow in add:
+        for flow in [*add, *(f for _, f in modify)]:
             try:
                 bridge.check(flow)
             except ValueError as e:
