@@ -4,7 +4,8 @@ Ping with the default normal rule, then with explicit in_port flows; an ICMP dro
 stops ping while UDP still passes (counted by the receiving guest's kernel), and deleting
 it restores ping. Then the switch restarted under guests whose QEMU is the socket server:
 the persisted configuration comes back and the guests keep their network without reboot.
-And an idle switch with two attached idle guests uses (almost) no CPU.
+Rules by port number survive port deletions, re-adds and a restart. And an idle switch
+with two attached idle guests uses (almost) no CPU.
 """
 
 from __future__ import annotations
@@ -134,6 +135,51 @@ def test_switch_restart_guests_keep_network(workdir, guests):
         assert ping(vms["vm2"], IPS["vm1"])["loss_pct"] == 0
         _, uptime = vms["vm1"].run("cat /proc/uptime")
         assert float(uptime.split()[0]) > 5                      # same boot
+    finally:
+        assert sw.stop() == 0
+
+
+def test_restart_after_port_deletions_keeps_port_numbers(workdir, guests):
+    """Rules written with OpenFlow port numbers keep meaning the same guests after ports
+    are deleted and re-added and the switch restarts (port numbers persist)."""
+    run_dir = workdir / "run"
+    socks = {n: workdir / f"{n}-qemu.sock" for n in IPS}
+    config = ("add-br br0\n"
+              f"add-port br0 vm1 type=vhostuserclient path={socks['vm1']} queues=1\n"
+              "add-port br0 spare type=vhostuser queues=1\n"
+              f"add-port br0 vm2 type=vhostuserclient path={socks['vm2']} queues=1\n"
+              "add-flow br0 priority=10,in_port=1,actions=output:3\n"
+              "add-flow br0 priority=10,in_port=3,actions=output:1\n"
+              "add-flow br0 priority=5,actions=drop\n")
+    sw = processes.switch(workdir, run_dir, config=config, name="switch-1")
+    try:
+        vms = guests({n: NicSpec(socks[n], ip=f"{ip}/24", server=True) for n, ip in IPS.items()})
+        assert ping(vms["vm1"], IPS["vm2"])["loss_pct"] == 0
+        processes.ctl(run_dir, "del-port", "spare")
+        processes.ctl(run_dir, "del-port", "vm1")     # at once: QEMU may be slow to relisten
+        processes.ctl(run_dir, "add-port", "br0", "vm1", "type=vhostuserclient",
+                      f"path={socks['vm1']}", "queues=1", "ofport_request=1")
+        processes.ctl(run_dir, "add-port", "br0", "other", "type=vhostuser", "queues=1")
+        show = processes.ctl(run_dir, "show")
+        assert "Port vm1 (ofport 1)" in show and "Port vm2 (ofport 3)" in show, show
+        vms["vm1"].wait_link_up(timeout=30)
+        deadline = time.monotonic() + 30
+        while ping(vms["vm1"], IPS["vm2"], count=3)["loss_pct"] and time.monotonic() < deadline:
+            pass
+        assert ping(vms["vm1"], IPS["vm2"])["loss_pct"] == 0
+    finally:
+        assert sw.stop() == 0
+    sw = processes.switch(workdir, run_dir, name="switch-2")     # the store only
+    try:
+        show = processes.ctl(run_dir, "show")
+        assert "Port vm1 (ofport 1)" in show and "Port vm2 (ofport 3)" in show, show
+        assert "Port other (ofport 2)" in show, show
+        for vm in vms.values():
+            vm.wait_link_up(timeout=30)
+        deadline = time.monotonic() + 30
+        while ping(vms["vm1"], IPS["vm2"], count=3)["loss_pct"] and time.monotonic() < deadline:
+            pass
+        assert ping(vms["vm2"], IPS["vm1"])["loss_pct"] == 0
     finally:
         assert sw.stop() == 0
 

@@ -34,6 +34,8 @@ class Connection:
         self.label = label
         self.reader = wire.MessageReader(sock)
         self._out = bytearray()             # replies the socket has not taken yet
+        self.requests = 0                   # requests received (a silent peer sends none)
+        self._shut = False
         self._writing = False
         self.closed = asyncio.get_running_loop().create_future()
         self.loop = asyncio.get_running_loop()
@@ -116,6 +118,7 @@ class Connection:
             self._send_misses()
 
     def _dispatch(self, msg: wire.Message) -> None:
+        self.requests += 1
         try:
             req, spec, payload = check_request(msg.request, msg.payload, len(msg.fds),
                                                self.device.protocol_features)
@@ -173,8 +176,11 @@ class Connection:
             self.close()
 
     def close(self) -> None:
-        if self.closed.done():
+        # a flag of its own, not ``closed``: a waiter cancelled while awaiting ``closed``
+        # cancels that future, and the socket must still be closed afterwards
+        if self._shut:
             return
+        self._shut = True
         self.loop.remove_reader(self.sock.fileno())
         if self._writing:
             self.loop.remove_writer(self.sock.fileno())
@@ -191,4 +197,5 @@ class Connection:
         self.device.set_fault_fd(-1)
         os.close(self._fault_fd)
         self._fault_fd = -1
-        self.closed.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)

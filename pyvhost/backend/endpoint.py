@@ -22,6 +22,9 @@ log = logging.getLogger("pyvhost.backend")
 
 BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
+SILENT_PEER = 3.0      # client mode: a front-end that accepted but sent nothing this long is
+                       # retried (QEMU may take a connection into its backlog while still
+                       # closing the previous one, and then never serve it)
 
 
 def unlink_socket(path: str | os.PathLike, inode: tuple[int, int] | None = None) -> bool:
@@ -155,8 +158,18 @@ class Endpoint:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
-            delay = BACKOFF_START
             waiting_logged = False
             conn = self._serve(sock)
-            await conn.closed
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait({conn.closed}, timeout=SILENT_PEER)
+            if not conn.closed.done() and conn.requests == 0:
+                log.warning("%s: the front-end accepted but sent nothing in %.0f s; "
+                            "connecting again", self.label, SILENT_PEER)
+                conn.close()
+            await asyncio.shield(conn.closed)        # cancelling us must not cancel it
             log.info("%s: will reconnect", self.label)
+            if conn.requests and asyncio.get_running_loop().time() - started > BACKOFF_MAX:
+                delay = BACKOFF_START          # it served: reconnect at once
+            else:                              # it ended at once: never a tight loop
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)

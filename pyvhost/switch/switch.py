@@ -396,6 +396,7 @@ class Switch:
             port.endpoint.connection = None
         self.bridges[port.bridge].forget(port)      # no PMD can learn on it again
         await port.endpoint.close()
+        log.info("port %s removed from %s", name, port.bridge)
 
     def _assign(self) -> None:
         self.pmds.set_rxqs([(p.port_id, q) for p in self.ports.values()
