@@ -95,23 +95,28 @@ cdef int sub_grow(cls_sub_t *s) noexcept nogil:
     return 0
 
 
+cdef cls_rule_t **head_link(cls_sub_t *s, const cls_rule_t *r) noexcept nogil:
+    """The link (a bucket or a head's ``hnext``) that holds the head of ``r``'s value, or
+    the NULL ending its bucket's chain."""
+    cdef cls_rule_t **link = &s.buckets[r.hash & (s.nbuckets - 1)]
+    while link[0] != NULL and not (link[0].hash == r.hash and
+                                   memcmp(link[0].value, r.value, KEY_BYTES) == 0):
+        link = &link[0].hnext
+    return link
+
+
 cdef void sub_insert(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
-    cdef cls_rule_t **slot = &s.buckets[r.hash & (s.nbuckets - 1)]
-    cdef cls_rule_t *head = slot[0]
-    cdef cls_rule_t *prev = NULL
+    cdef cls_rule_t **link = head_link(s, r)
+    cdef cls_rule_t *head = link[0]
     cdef cls_rule_t *cur
-    while head != NULL and not (head.hash == r.hash and
-                                memcmp(head.value, r.value, KEY_BYTES) == 0):
-        prev = head
-        head = head.hnext
     r.sub = s
     s.n_rules += 1
     if r.priority > s.max_priority:
         s.max_priority = r.priority
     if head == NULL:                                   # a new value
-        r.hnext = slot[0]
+        r.hnext = NULL
         r.pnext = NULL
-        slot[0] = r
+        link[0] = r
         s.n_heads += 1
         if s.n_heads > s.nbuckets:
             sub_grow(s)
@@ -120,10 +125,7 @@ cdef void sub_insert(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
         r.hnext = head.hnext
         head.hnext = NULL
         r.pnext = head
-        if prev == NULL:
-            slot[0] = r
-        else:
-            prev.hnext = r
+        link[0] = r
         return
     cur = head
     while cur.pnext != NULL and not ranks_before(r, cur.pnext):
@@ -134,29 +136,18 @@ cdef void sub_insert(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
 
 
 cdef void sub_remove(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
-    cdef cls_rule_t **slot = &s.buckets[r.hash & (s.nbuckets - 1)]
-    cdef cls_rule_t *head = slot[0]
-    cdef cls_rule_t *prev = NULL
+    cdef cls_rule_t **link = head_link(s, r)
+    cdef cls_rule_t *head = link[0]
     cdef cls_rule_t *cur
-    while head != NULL and not (head.hash == r.hash and
-                                memcmp(head.value, r.value, KEY_BYTES) == 0):
-        prev = head
-        head = head.hnext
     if head == NULL:
         return
     s.n_rules -= 1
     if head == r:
         if r.pnext != NULL:                            # the next rule heads the chain
             r.pnext.hnext = r.hnext
-            if prev == NULL:
-                slot[0] = r.pnext
-            else:
-                prev.hnext = r.pnext
+            link[0] = r.pnext
         else:
-            if prev == NULL:
-                slot[0] = r.hnext
-            else:
-                prev.hnext = r.hnext
+            link[0] = r.hnext
             s.n_heads -= 1
     else:
         cur = head

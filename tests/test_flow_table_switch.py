@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from pyvhost.frontend import VirtioUser
 from tests.harness import processes
+from tests.harness.frontends import drain, switch_with_ports
 
 MAC = {n: bytes([0x02, 0, 0, 0, 0, i + 1]) for i, n in enumerate("abcd")}
 CONFIG = "add-br br0\n" + "".join(f"add-port br0 {n} type=vhostuser queues=1\n" for n in "abcd")
@@ -30,13 +30,6 @@ def udp(src_mac: bytes, dst_mac: bytes, nw_src: str, nw_dst: str, sport: int = 1
         dport.to_bytes(2, "big") + bytes(4) + b"p" * 18
 
 
-def drain(port: VirtioUser, wait: float = 0.4) -> list[bytes]:
-    out = []
-    while True:
-        got = port.recv(timeout=wait)
-        if not got:
-            return out
-        out += got
 
 
 def upcalls(run_dir) -> int:
@@ -59,17 +52,8 @@ def counters(run_dir, match: str) -> int:
 
 @pytest.fixture
 def switch_ports(workdir):
-    run_dir = workdir / "run"
-    sw = processes.switch(workdir, run_dir, config=CONFIG)
-    ports = {}
-    try:
-        for name in "abcd":
-            ports[name] = VirtioUser(str(run_dir / f"{name}.sock"), ring_size=256).open()
+    with switch_with_ports(workdir, CONFIG, "abcd") as (run_dir, ports):
         yield run_dir, ports
-    finally:
-        for p in ports.values():
-            p.close()
-        assert sw.stop() == 0
 
 
 def test_megaflow_masks_in_the_datapath(switch_ports):

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from pyvhost.frontend import VirtioUser
 from tests.harness import processes
+from tests.harness.frontends import drain, switch_with_ports
 
 MAC = {n: bytes([0x02, 0, 0, 0, 0, i + 1]) for i, n in enumerate("abcd")}
 BCAST = b"\xff" * 6
@@ -28,30 +28,12 @@ def frame(src: bytes, dst: bytes, payload: bytes = b"x" * 50, vlan: int | None =
     return dst + src + tag + b"\x88\xb5" + payload          # local experimental ethertype
 
 
-def drain(port: VirtioUser, wait: float = 0.5) -> list[bytes]:
-    """Everything ``port`` receives until it has been quiet for ``wait`` seconds."""
-    out = []
-    while True:
-        got = port.recv(timeout=wait)
-        if not got:
-            return out
-        out += got
 
 
 @pytest.fixture
 def switch_ports(workdir):
-    run_dir = workdir / "run"
-    sw = processes.switch(workdir, run_dir, config=CONFIG)
-    ports = {}
-    try:
-        for name in "abcd":
-            # open() returns once the switch acked every setup request: rings are ready
-            ports[name] = VirtioUser(str(run_dir / f"{name}.sock"), ring_size=256).open()
+    with switch_with_ports(workdir, CONFIG, "abcd") as (run_dir, ports):
         yield run_dir, ports
-    finally:
-        for p in ports.values():
-            p.close()
-        assert sw.stop() == 0
 
 
 def test_flood_learn_and_isolation(switch_ports):
