@@ -36,6 +36,7 @@ cdef struct cls_rule_t:
 cdef struct cls_sub_t:
     uint64_t mask[KEY_WORDS]
     uint32_t max_priority
+    uint32_t n_max                 # rules at max_priority (recount only when none is left)
     uint32_t n_rules
     uint32_t n_heads
     uint32_t nbuckets              # power of 2

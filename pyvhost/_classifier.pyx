@@ -111,8 +111,11 @@ cdef void sub_insert(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
     cdef cls_rule_t *cur
     r.sub = s
     s.n_rules += 1
-    if r.priority > s.max_priority:
+    if r.priority > s.max_priority or s.n_rules == 1:
         s.max_priority = r.priority
+        s.n_max = 1
+    elif r.priority == s.max_priority:
+        s.n_max += 1
     if head == NULL:                                   # a new value
         r.hnext = NULL
         r.pnext = NULL
@@ -160,15 +163,24 @@ cdef void sub_remove(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
 
 
 cdef void sub_recompute_max(cls_sub_t *s) noexcept nogil:
-    cdef uint32_t i, m = 0
+    """max_priority and how many rules have it: a walk of every rule, done only when the
+    last rule at the old maximum goes (so removing n rules costs O(n) in all, not O(n^2))."""
+    cdef uint32_t i, m = 0, n = 0
+    cdef cls_rule_t *head
     cdef cls_rule_t *r
     for i in range(s.nbuckets):
-        r = s.buckets[i]
-        while r != NULL:
-            if r.priority > m:
-                m = r.priority
-            r = r.hnext
+        head = s.buckets[i]
+        while head != NULL:
+            r = head
+            while r != NULL and r.priority >= m:
+                if r.priority > m:
+                    m = r.priority
+                    n = 0
+                n += 1
+                r = r.pnext
+            head = head.hnext
     s.max_priority = m
+    s.n_max = n
 
 
 cdef void table_sort(cls_table_t *t) noexcept nogil:
@@ -441,8 +453,10 @@ cdef class Classifier:
             free(s)
             table_sort(t)
         elif prio == s.max_priority:
-            sub_recompute_max(s)
-            table_sort(t)
+            s.n_max -= 1
+            if s.n_max == 0:
+                sub_recompute_max(s)
+                table_sort(t)
 
     def insert(self, int table, uint32_t priority, bytes mask, bytes value, ops,
                int goto_table=NO_GOTO):

@@ -203,6 +203,9 @@ def test_100k_rules_load_match_and_memory():
         elif i % 3 == 1:
             key = pack_key({"dl_type": 0x0800, "nw_dst": dst, "nw_proto": 6, "tp_dst": i % 1000})
             assert br.cls.lookup(key)[1] == [(3, i % 4000), (1, 1)], i
+    br.apply(remove=list(br.rules.values()))        # one change, linear (each subtable's
+    br.cls.reclaim()                                # maximum is recounted once, not per rule)
+    assert len(br.cls) == 0 and br.cls.subtables(0) == 0
 
 
 def test_mac_table_limits():

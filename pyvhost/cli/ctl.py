@@ -5,6 +5,7 @@ format (pyvhost.switch.wire), so a call costs an interpreter start and little mo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pyvhost.switch.wire import MAX_FLOW_FILE, request
@@ -57,5 +58,9 @@ def run(args) -> int:
         print(f"ctl: {answer.get('error')}", file=sys.stderr)
         return 1
     if answer.get("output"):
-        print(answer["output"])
+        try:
+            print(answer["output"])
+            sys.stdout.flush()
+        except BrokenPipeError:                  # `ctl dump-flows br0 | head`: fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

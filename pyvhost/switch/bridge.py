@@ -48,7 +48,6 @@ class Bridge:
         self.bridge_id = bridge_id
         self.ports: dict = {}
         self.rules: dict[int, Rule] = {}
-        self.port_refs: dict[str, set[int]] = {}       # port ref -> ids of rules naming it
         self.timed: set[int] = set()                   # ids of rules with timeouts
         self.cls = Classifier()
         self.macs = MacTable(mac_table_size, mac_aging)
@@ -88,10 +87,11 @@ class Bridge:
 
     def _reresolve(self, refs: set[str]) -> None:
         """Rules naming these ports compile again (a port came or went)."""
-        ids = set().union(*(self.port_refs.get(r, set()) for r in refs))
-        if not ids:
+        # a walk of every rule (ports come and go rarely; an index would cost ~80 bytes
+        # per rule, and rules are what a bridge holds 100k of)
+        rules = [r for r in self.rules.values() if not refs.isdisjoint(self._refs(r.flow))]
+        if not rules:
             return
-        rules = [self.rules[i] for i in ids]
         self.apply(add=[r.flow for r in rules], remove=rules, same_rules=True)
 
     # -- compiling rules ------------------------------------------------------------------
@@ -163,8 +163,6 @@ class Bridge:
             for r in remove:
                 self._forget(r)
             for r, f in modify:
-                for ref in self._refs(r.flow):
-                    self.port_refs.get(ref, set()).discard(r.id)
                 r.flow = f
                 self._index(r)
             added = []
@@ -177,8 +175,6 @@ class Bridge:
         return added
 
     def _index(self, rule: Rule) -> None:
-        for ref in self._refs(rule.flow):
-            self.port_refs.setdefault(ref, set()).add(rule.id)
         if rule.flow.idle_timeout or rule.flow.hard_timeout:
             self.timed.add(rule.id)
         else:
@@ -187,12 +183,6 @@ class Bridge:
     def _forget(self, rule: Rule) -> None:
         self.rules.pop(rule.id, None)
         self.timed.discard(rule.id)
-        for ref in self._refs(rule.flow):
-            refs = self.port_refs.get(ref)
-            if refs is not None:
-                refs.discard(rule.id)
-                if not refs:
-                    del self.port_refs[ref]
 
     # -- selections -----------------------------------------------------------------------
     def select(self, sel: Selector | None, strict: bool = False) -> list[Rule]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import time
@@ -30,6 +31,18 @@ log = logging.getLogger("pyvhost.switch")
 LIMITS = limits()
 DEFAULT_FLOW = "priority=0,actions=normal"
 LOG_EVERY = 10.0          # seconds between two log lines about the same kind of event
+
+
+BULK = 1000              # rules in one change after which freed memory goes back to the OS
+
+
+def give_back_memory() -> None:
+    """Return the heap a bulk change freed (parsed file text, old rules) to the OS: glibc
+    keeps it otherwise, and RSS would count a 100k-rule file twice."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                     # not glibc: nothing to do
 
 
 def masked_fields(mask: bytes) -> list[str]:
@@ -395,6 +408,7 @@ class Switch:
             self._stuck_ports.append(port)
             port.endpoint.connection = None
         self.bridges[port.bridge].forget(port)      # no PMD can learn on it again
+        give_back_memory()                          # its rules were compiled again
         await port.endpoint.close()
         log.info("port %s removed from %s", name, port.bridge)
 
@@ -418,6 +432,8 @@ class Switch:
             raise CommandError(str(e)) from None
         if remove:
             self._reclaim(bridge)
+        if len(add) + len(remove) >= BULK:
+            give_back_memory()
         if persist:
             new_rows = self.store.change_flows(bridge.name, [r.flow.format() for r in added],
                                                rows, [(r.row, f.format()) for r, f in modify])
