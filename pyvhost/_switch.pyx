@@ -68,6 +68,7 @@ cdef enum:
     CLOCK_EVERY = 64
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
     UPCALL_WINDOW_NS = 10000000
+    THROTTLED_BURST = 4        # frames read per visit from a port over its upcall share
     DEFAULT_FLOW_LIMIT = 200000
 
 cdef struct bucket_t:
@@ -683,12 +684,12 @@ cdef class Pmd:
 
     cdef void roll_window(self, uint64_t t) noexcept nogil:
         """A new upcall-fairness window: with several ports sending on this PMD, each may
-        spend at most 1/(2 * active ports) of the window in upcalls; alone, all of it."""
+        spend at most 1/(4 * active ports) of the window in upcalls; alone, all of it."""
         cdef uint32_t i, active = 0
         for i in range(MAX_PORTS):
             if self.win_packets[i]:
                 active += 1
-        self.up_budget_ns = UPCALL_WINDOW_NS if active <= 1 else UPCALL_WINDOW_NS // (2 * active)
+        self.up_budget_ns = UPCALL_WINDOW_NS if active <= 1 else UPCALL_WINDOW_NS // (4 * active)
         memset(self.up_ns, 0, sizeof(self.up_ns))
         memset(self.win_packets, 0, sizeof(self.win_packets))
         self.window_start = t
@@ -725,7 +726,11 @@ cdef class Pmd:
         vq = inp.guest_tx[r.queue]
         if not vh_trylock(&vq.lock):
             return 0
-        n = vq_dequeue(vq, self.pool, pkts, MAX_BURST)
+        # a port over its share of upcall time is also read in small bursts until the
+        # window ends: what it sends beyond that waits in its own ring (the guest is slowed
+        # down), instead of costing this PMD a copy and a lookup per frame to drop
+        n = vq_dequeue(vq, self.pool, pkts, THROTTLED_BURST
+                       if self.up_ns[inp.id] >= self.up_budget_ns else MAX_BURST)
         vh_unlock(&vq.lock)
         if n == 0:
             self.cur_inp = NULL
@@ -772,7 +777,12 @@ cdef class Pmd:
                         a = NULL
                     else:
                         mf_insert(&self.mf, &key, mask, self.now_ms, &fresh)
-                        emc_insert(self.emc, &key, h, &fresh)
+                        # like a megaflow hit, rarely into the EMC: a flow seen once (a
+                        # storm of new flows) must not push busy flows out of it
+                        self.mf_hits_since_insert += 1
+                        if self.mf_hits_since_insert >= EMC_INSERT_EVERY:
+                            self.mf_hits_since_insert = 0
+                            emc_insert(self.emc, &key, h, &fresh)
                         a = &fresh
                     dt = now_ns() - tu
                     self.up_ns[inp.id] += dt
