@@ -33,6 +33,7 @@ from pyvhost.protocol.constants import ProtocolFeature as PF
 from pyvhost.protocol.constants import Request as R
 from tests.harness import processes
 from tests.harness.driver import DriverRing, GuestImage, PackedDriverRing
+from tests.harness.frontends import drain
 from tests.harness.vhost_client import (
     FEATURES,
     PROTOCOL,
@@ -330,15 +331,6 @@ class Attacker:
         self.image.close()                  # munmap: no access to the truncated pages
         for fd in self.fds + ([self.log_fd] if self.log_fd >= 0 else []):
             os.close(fd)
-
-
-def drain(port: VirtioUser, wait: float = 0.5) -> list[bytes]:
-    out = []
-    while True:
-        got = port.recv(timeout=wait)
-        if not got:
-            return out
-        out += got
 
 
 SWITCH_CONFIG = """add-br br0

@@ -56,6 +56,14 @@ def ping(guest, ip, count=10) -> dict:
     return guest.ping(ip, count=count, interval=0.1)
 
 
+def ping_back(guest, ip, timeout: float = 30.0) -> None:
+    """Ping until an attempt loses nothing (a reconnected port comes back) or time is up;
+    the caller asserts with a ping of its own."""
+    deadline = time.monotonic() + timeout
+    while ping(guest, ip, count=3)["loss_pct"] and time.monotonic() < deadline:
+        pass
+
+
 def udp_noports(guest) -> int:
     """Datagrams this guest's kernel received for a port nobody listens on."""
     _, out = guest.run("grep '^Udp:' /proc/net/snmp | tail -1")
@@ -128,9 +136,7 @@ def test_switch_restart_guests_keep_network(workdir, guests):
         assert "priority=5" in processes.ctl(run_dir, "dump-flows", "br0")
         for vm in vms.values():
             vm.wait_link_up(timeout=30)
-        deadline = time.monotonic() + 30
-        while ping(vms["vm1"], IPS["vm2"], count=3)["loss_pct"] and time.monotonic() < deadline:
-            pass
+        ping_back(vms["vm1"], IPS["vm2"])
         assert ping(vms["vm1"], IPS["vm2"])["loss_pct"] == 0
         assert ping(vms["vm2"], IPS["vm1"])["loss_pct"] == 0
         _, uptime = vms["vm1"].run("cat /proc/uptime")
@@ -163,9 +169,7 @@ def test_restart_after_port_deletions_keeps_port_numbers(workdir, guests):
         show = processes.ctl(run_dir, "show")
         assert "Port vm1 (ofport 1)" in show and "Port vm2 (ofport 3)" in show, show
         vms["vm1"].wait_link_up(timeout=30)
-        deadline = time.monotonic() + 30
-        while ping(vms["vm1"], IPS["vm2"], count=3)["loss_pct"] and time.monotonic() < deadline:
-            pass
+        ping_back(vms["vm1"], IPS["vm2"])
         assert ping(vms["vm1"], IPS["vm2"])["loss_pct"] == 0
     finally:
         assert sw.stop() == 0
@@ -176,9 +180,7 @@ def test_restart_after_port_deletions_keeps_port_numbers(workdir, guests):
         assert "Port other (ofport 2)" in show, show
         for vm in vms.values():
             vm.wait_link_up(timeout=30)
-        deadline = time.monotonic() + 30
-        while ping(vms["vm1"], IPS["vm2"], count=3)["loss_pct"] and time.monotonic() < deadline:
-            pass
+        ping_back(vms["vm1"], IPS["vm2"])
         assert ping(vms["vm2"], IPS["vm1"])["loss_pct"] == 0
     finally:
         assert sw.stop() == 0
