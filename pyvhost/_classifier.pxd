@@ -1,10 +1,13 @@
 # The compiled rule classifier of a bridge (tuple-space search): rules grouped by mask into
 # subtables, each a hash table of masked values; per table the subtables are searched in
 # order of their highest priority with early exit. Rules carry compiled datapath ops and
-# their counters. No rule syntax, no MAC table, no ports here.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+# their counters. Per table, a prefix trie of the rules' nw_src and of their nw_dst lets a
+# lookup skip subtables no prefix can match while consulting only the address bits that
+# proved it. No rule syntax, no MAC table, no ports here.
+from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, action_op_t, flow_key_t
+from pyvhost._trie cimport trie_spare_t, trie_t
 
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_rwlock_t:
@@ -14,6 +17,7 @@ cdef enum:
     CLS_TABLES = 255
     NO_GOTO = 0xFF
     RULE_NORMAL = 1          # its ops include OP_NORMAL
+    TRIE_FIELDS = 2          # nw_src, nw_dst
 
 cdef struct cls_rule_t:
     uint64_t value[KEY_WORDS]      # already masked by its subtable's mask
@@ -41,12 +45,15 @@ cdef struct cls_sub_t:
     uint32_t n_heads
     uint32_t nbuckets              # power of 2
     cls_rule_t **buckets
+    int8_t plen[TRIE_FIELDS]       # prefix length of the mask on nw_src, nw_dst (0: not
+                                   # matched, -1: not a prefix: the trie cannot help)
 
 cdef struct cls_table_t:
     cls_sub_t **subs               # by max_priority, highest first
     uint32_t nsubs
     uint32_t cap
     uint32_t n_rules
+    trie_t tries[TRIE_FIELDS]      # the prefixes of the rules of this table
 
 cdef struct cls_result_t:
     uint32_t n_rules
@@ -68,6 +75,7 @@ cdef struct cls_t:
     uint32_t next_id
     uint32_t n_rules
     cls_rule_t *graveyard          # removed, freed by reclaim() after a grace period
+    trie_spare_t spare             # trie nodes reserved before the write lock
     uint64_t bytes                 # memory held by rules and subtables
 
 

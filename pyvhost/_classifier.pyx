@@ -6,17 +6,24 @@ are searched highest ``max_priority`` first and the search stops as soon as no r
 subtable can beat the best match. The union of the masks of the subtables actually
 searched is the megaflow mask: every packet that agrees with the looked-up key on those
 bits gets the same answer. ``goto_table`` continues the lookup in a later table.
+A subtable matching a CIDR prefix of nw_src or nw_dst is first asked of the table's
+prefix trie (``_trie``): when no rule has that prefix length on the packet's address it is
+skipped, and the megaflow takes only the address bits the trie walk looked at.
 
 PMD threads call ``cls_lookup`` without the GIL under the read lock; control changes take
 the write lock and bump ``gen``. Removed rules are kept until ``reclaim()`` (called once
 no PMD can still hold them). No rule syntax, no MAC learning, no ports here.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_NORMAL, masked_hash
+from pyvhost._trie cimport (
+    TRIE_NODES_PER_INSERT, prefix_len, prefix_mask, spare_move, spare_reserve, spare_trim,
+    trie_free, trie_insert, trie_lookup, trie_node_t, trie_remove, trie_spare_t,
+)
 
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_rwlockattr_t:
@@ -34,6 +41,24 @@ cdef extern from "pthread.h" nogil:
 cdef enum:
     MIN_BUCKETS = 16
     KEY_BYTES = KEY_WORDS * 8
+    NW_SRC_OFFSET = 20       # flow_key_t.nw_src; nw_dst follows (both network order)
+    SPARE_KEEP = 256         # trie nodes kept for the next change
+
+
+# -- the address fields the tries cover -------------------------------------------------------
+
+cdef inline uint32_t addr_of(const uint64_t *w, int f) noexcept nogil:
+    """nw_src (f=0) or nw_dst (f=1) of a key or mask, as a host-order number."""
+    cdef const uint8_t *b = (<const uint8_t *>w) + NW_SRC_OFFSET + 4 * f
+    return (<uint32_t>b[0] << 24) | (<uint32_t>b[1] << 16) | (<uint32_t>b[2] << 8) | b[3]
+
+
+cdef inline void addr_or(uint64_t *w, int f, uint32_t v) noexcept nogil:
+    cdef uint8_t *b = (<uint8_t *>w) + NW_SRC_OFFSET + 4 * f
+    b[0] |= v >> 24
+    b[1] |= (v >> 16) & 0xFF
+    b[2] |= (v >> 8) & 0xFF
+    b[3] |= v & 0xFF
 
 
 cdef void cls_read_lock(cls_t *c) noexcept nogil:
@@ -199,16 +224,38 @@ cdef void table_sort(cls_table_t *t) noexcept nogil:
 
 cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask) noexcept nogil:
     cdef uint64_t m[KEY_WORDS]
-    cdef uint32_t i, h
-    cdef int j
+    cdef uint64_t plens[TRIE_FIELDS]
+    cdef uint32_t check[TRIE_FIELDS]
+    cdef uint32_t need[TRIE_FIELDS]                    # address bits the skips relied on
+    cdef uint32_t i, h, bits
+    cdef int j, f, looked = 0, plen
+    cdef bint skip
     cdef cls_sub_t *s
     cdef cls_rule_t *best = NULL
     cdef cls_rule_t *r
+    need[0] = need[1] = check[0] = check[1] = 0
+    plens[0] = plens[1] = 0
     for i in range(t.nsubs):
         s = t.subs[i]
         if best != NULL and s.max_priority < best.priority:
             break                                      # nothing further can win
         if s.n_rules == 0:
+            continue
+        skip = False
+        for f in range(TRIE_FIELDS):
+            plen = s.plen[f]
+            if plen <= 0:
+                continue
+            if not looked & (1 << f):
+                plens[f] = trie_lookup(&t.tries[f], addr_of(w, f), &check[f])
+                looked |= 1 << f
+            if not (plens[f] >> plen) & 1:             # no rule has this prefix here
+                bits = check[f] if check[f] < <uint32_t>plen else <uint32_t>plen
+                if bits > need[f]:
+                    need[f] = bits
+                skip = True
+                break
+        if skip:
             continue
         for j in range(KEY_WORDS):
             mask[j] |= s.mask[j]
@@ -216,6 +263,9 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
         r = sub_find_head(s, m, h)
         if r != NULL and (best == NULL or ranks_before(r, best)):
             best = r
+    for f in range(TRIE_FIELDS):
+        if need[f]:
+            addr_or(mask, f, prefix_mask(need[f]))
     return best
 
 
@@ -290,8 +340,11 @@ cdef class Classifier:
             for i in range(tab.nsubs):
                 free(tab.subs[i].buckets)
                 free(tab.subs[i])
+            for i in range(TRIE_FIELDS):
+                trie_free(&tab.tries[i])
             free(tab.subs)
             free(tab)
+        spare_trim(&self.c.spare, 0)
         free(self.c.by_id)
         free(self.c.free_ids)
         pthread_rwlock_destroy(&self.c.lock)
@@ -340,6 +393,8 @@ cdef class Classifier:
             raise MemoryError()
         s.nbuckets = MIN_BUCKETS
         memcpy(s.mask, mask, KEY_BYTES)
+        for i in range(TRIE_FIELDS):
+            s.plen[i] = <int8_t>prefix_len(addr_of(mask, i))
         t.subs[t.nsubs] = s
         t.nsubs += 1
         return s
@@ -420,11 +475,15 @@ cdef class Classifier:
         cdef cls_sub_t *s = self._subtable(r.table, m)
         cdef cls_table_t *t = self.c.tables[r.table]
         cdef uint32_t old_max = s.max_priority
+        cdef int i
         r.id = self._new_id()
         r.seq = self.c.next_seq
         self.c.next_seq += 1
         self.c.by_id[r.id] = r
         sub_insert(s, r)
+        for i in range(TRIE_FIELDS):
+            if s.plen[i] > 0:
+                trie_insert(&t.tries[i], &self.c.spare, addr_of(r.value, i), s.plen[i])
         t.n_rules += 1
         self.c.n_rules += 1
         if s.n_rules == 1 or s.max_priority != old_max:
@@ -436,6 +495,9 @@ cdef class Classifier:
         cdef cls_table_t *t = self.c.tables[r.table]
         cdef uint32_t i, prio = r.priority
         sub_remove(s, r)
+        for i in range(TRIE_FIELDS):
+            if s.plen[i] > 0:
+                trie_remove(&t.tries[i], &self.c.spare, addr_of(r.value, i), s.plen[i])
         t.n_rules -= 1
         self.c.n_rules -= 1
         self.c.by_id[r.id] = NULL
@@ -492,6 +554,9 @@ cdef class Classifier:
         cdef cls_rule_t *staged = NULL
         cdef cls_rule_t *old
         cdef cls_rule_t *new
+        cdef trie_spare_t nodes
+        nodes.head = NULL
+        nodes.n = 0
         gone = set()
         for rid in removes:
             self._rule(rid)
@@ -518,8 +583,15 @@ cdef class Classifier:
             for i, spec in enumerate(specs):
                 built[i] = self._build(spec, &masks[i * KEY_WORDS])
             olds = {rid: <size_t>self.c.by_id[rid] for rid, _ in carry}
+            # the tries' nodes for the new rules, allocated before the lock is taken
+            if spare_reserve(&nodes, n * TRIE_FIELDS * TRIE_NODES_PER_INSERT) < 0:
+                raise MemoryError()
             with nogil:
                 pthread_rwlock_wrlock(&self.c.lock)
+                spare_move(&nodes, &self.c.spare, 0)
+                self.c.spare = nodes
+                nodes.head = NULL
+                nodes.n = 0
             try:
                 for rid in removes:
                     self._remove(self.c.by_id[rid])
@@ -540,6 +612,7 @@ cdef class Classifier:
                     new.used_ns = old.used_ns
             finally:
                 self._bump()
+                spare_move(&nodes, &self.c.spare, SPARE_KEEP)
                 pthread_rwlock_unlock(&self.c.lock)
         finally:
             if built != NULL:
@@ -548,6 +621,7 @@ cdef class Classifier:
             free(built)
             free(masks)
             free(staged)
+            spare_trim(&nodes, 0)                 # the nodes left over, freed unlocked
         return ids
 
     def reclaim(self):
@@ -675,9 +749,17 @@ cdef class Classifier:
         t = self.c.tables[table] if 0 <= table < CLS_TABLES else NULL
         return 0 if t == NULL else t.nsubs
 
+    def trie_nodes(self, int table=0):
+        """Nodes of the table's nw_src and nw_dst prefix tries."""
+        cdef cls_table_t *t = self.c.tables[table] if 0 <= table < CLS_TABLES else NULL
+        if t == NULL:
+            return 0, 0
+        return t.tries[0].n_nodes, t.tries[1].n_nodes
+
     def memory(self):
         """Bytes this classifier holds in C: rules, subtables, buckets, the id map."""
         cdef uint64_t total = sizeof(cls_t) + self.c.id_cap * (sizeof(void *) + 4)
+        total += self.c.spare.n * sizeof(trie_node_t)
         cdef uint32_t t, i
         cdef cls_table_t *tab
         total += self.c.n_rules * sizeof(cls_rule_t)
@@ -686,6 +768,7 @@ cdef class Classifier:
             if tab == NULL:
                 continue
             total += sizeof(cls_table_t) + tab.cap * sizeof(void *)
+            total += (tab.tries[0].n_nodes + tab.tries[1].n_nodes) * sizeof(trie_node_t)
             for i in range(tab.nsubs):
                 total += sizeof(cls_sub_t) + tab.subs[i].nbuckets * sizeof(void *)
         return total

@@ -134,6 +134,86 @@ def test_classifier_matches_brute_force_reference():
     check(n_keys // 2)
 
 
+def prefix_rule(rng: random.Random, bases: list[int], table: int = 0):
+    """A rule on a prefix of nw_src and/or nw_dst near one of ``bases`` (sometimes with
+    in_port too), of any length 1..32."""
+    fields, values = {}, {}
+    for f in rng.sample(["nw_src", "nw_dst"], rng.randint(1, 2)):
+        plen = rng.randint(1, 32)
+        mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+        fields[f] = mask.to_bytes(4, "big")
+        values[f] = (rng.choice(bases) ^ rng.getrandbits(32) >> rng.randint(8, 32)).to_bytes(
+            4, "big")
+    if rng.random() < 0.3:
+        fields["in_port"], values["in_port"] = 0xFFFF, rng.randint(1, 2)
+    return (table, rng.randint(0, 12), pack_key(fields), pack_key(values),
+            [(3, rng.randint(0, 4095))], NO_GOTO_TABLE)
+
+
+def test_prefix_tries_skip_subtables_exactly():
+    """Rules on address prefixes of every length: lookups agree with the reference, the
+    megaflow mask stays exact (a key differing outside it, in the low address bits too,
+    gets the same answer), misses consult fewer address bits than the rules' prefixes,
+    and removing every rule leaves the tries empty."""
+    rng = random.Random(SEED + 1)
+    bases = [0x0A000000, 0x0A000100, 0xC0A80000, 0x0A010000]
+    cls, ref = Classifier(), Reference()
+    specs = [prefix_rule(rng, bases) for _ in range(int(1500 * SCALE))]
+    for spec, rid in zip(specs, cls.apply(specs), strict=True):
+        ref.add(rid, spec)
+    assert all(cls.trie_nodes(0))
+    short = 0
+    for _ in range(int(3000 * SCALE)):
+        key = pack_key({"in_port": rng.randint(1, 2), "dl_type": 0x0800,
+                        "nw_src": (rng.choice(bases) ^ rng.getrandbits(32) >> rng.randint(
+                            0, 32)).to_bytes(4, "big"),
+                        "nw_dst": (rng.choice(bases) ^ rng.getrandbits(32) >> rng.randint(
+                            0, 32)).to_bytes(4, "big")})
+        hops, ops, mask, _ = cls.lookup(key)
+        assert (hops, ops) == ref.lookup(key), key.hex()
+        for _ in range(3):
+            noise = rng.getrandbits(8 * KEY_SIZE)
+            other = ((words(key) & words(mask)) | (noise & ~words(mask))).to_bytes(
+                KEY_SIZE, "little")
+            assert cls.lookup(other)[:2] == (hops, ops), (key.hex(), other.hex())
+        for at in (20, 24):                            # the first address bit left out
+            field = int.from_bytes(mask[at:at + 4], "big")
+            if field != 0xFFFFFFFF:
+                bit = 31 - (~field & 0xFFFFFFFF).bit_length() + 1
+                flipped = int.from_bytes(key[at:at + 4], "big") ^ (1 << (31 - bit))
+                other = key[:at] + flipped.to_bytes(4, "big") + key[at + 4:]
+                assert cls.lookup(other)[:2] == (hops, ops), (key.hex(), other.hex())
+        short += mask[24:28] != b"\xff" * 4
+    assert short > 0                                   # the tries did spare address bits
+    cls.apply(removes=list(ref.rules))
+    assert cls.trie_nodes(0) == (0, 0) and len(cls) == 0
+
+
+def test_prefix_trie_megaflow_for_a_miss_is_a_short_prefix():
+    """100k /32 rules on 10.0.0.0-10.1.134.159: a packet to 10.2.0.1 misses them all and
+    its megaflow needs only the leading bits of nw_dst that tell it apart, while a packet
+    to a ruled address needs all 32; a non-prefix mask still consults its whole field."""
+    n = 100_000
+    m = pack_key({"in_port": 0xFFFF, "dl_type": 0xFFFF, "nw_dst": b"\xff" * 4})
+    specs = [(0, 10, m, pack_key({"in_port": 1, "dl_type": 0x0800,
+                                  "nw_dst": (0x0A000000 + i).to_bytes(4, "big")}),
+              [(1, 2)], NO_GOTO_TABLE) for i in range(n)]
+    specs.append((0, 1, pack_key({"in_port": 0xFFFF}), pack_key({"in_port": 1}), [(1, 3)],
+                  NO_GOTO_TABLE))
+    cls = Classifier()
+    cls.apply(specs)
+    miss = pack_key({"in_port": 1, "dl_type": 0x0800, "nw_dst": bytes([10, 2, 0, 1])})
+    _, ops, mask, _ = cls.lookup(miss)
+    assert ops == [(1, 3)]
+    assert mask[24:28] == bytes([255, 254, 0, 0])      # 10.2/15 tells it from 10.0-10.1
+    hit = pack_key({"in_port": 1, "dl_type": 0x0800, "nw_dst": bytes([10, 0, 1, 5])})
+    _, ops, mask, _ = cls.lookup(hit)
+    assert ops == [(1, 2)] and mask[24:28] == b"\xff" * 4
+    odd = pack_key({"nw_dst": bytes([255, 0, 255, 0])})
+    cls.insert(0, 20, odd, pack_key({"nw_dst": bytes([1, 0, 1, 0])}), [(1, 4)])
+    assert cls.lookup(miss)[2][24:28] == bytes([255, 254, 255, 0])   # /15 | the whole mask
+
+
 def test_strict_and_select_and_modify():
     cls = Classifier()
     m, v = pack_key({"dl_type": 0xFFFF, "nw_dst": b"\xff\xff\xff\x00"}), \
