@@ -10,8 +10,12 @@ pyvhost, OVS, ...) and medians are printed.
   load N       time of `ctl add-flows br0 FILE` / `ovs-ofctl add-flows br0 FILE` with N rules
                (OVN-like: in_port + ip + nw_dst/32 -> output), from an empty table
   rss          resident memory added by 100k such rules
-  setup        frames/s forwarded p1 -> p2 when every frame is a new flow: 100k /32 rules on
-               nw_dst installed, the generator cycles 1M destinations (all upcalls)
+  setup        frames/s forwarded p1 -> p2 when every frame goes to a new destination: 100k
+               /32 rules on nw_dst installed, the generator cycles 1M destinations, 100k of
+               them under a rule (a switch caches the rest by prefix if it can)
+  upcalls      frames/s forwarded p1 -> p2 when every frame is a miss: 100k destinations
+               cycled, each under its own /32 rule, with both switches' flow limit at 1000
+               (pyvhost set-pmd flow-limit, OVS other_config:flow-limit)
   10k flows    frames/s p1 -> p2 with 100k rules and 10k active destinations (cache hits)
   mac storm    p1 -> p2 (in_port rule, offered at --rate) while p3 sends 1M random source
                MACs into NORMAL at --storm-rate: delivered p1 -> p2 rate as a fraction of
@@ -40,6 +44,7 @@ from tests.harness import processes  # noqa: E402
 PORTS = ("p1", "p2", "p3")
 GEN_MAC = "02:00:00:00:00:01"               # pyvhost gen's source MAC
 STORM_DST = "02:00:00:00:00:00"             # --vary src-mac's first source: learned on p3
+UPCALL_FLOW_LIMIT = 1000                    # far below the 100k flows cycled: all misses
 
 
 def dst_rules(n: int, in_port: str, action: str, priority: int = 10) -> str:
@@ -83,6 +88,9 @@ class Pyvhost:
     def clear(self) -> None:
         self.ctl("del-flows", "br0")
 
+    def flow_limit(self, n: int | None) -> None:
+        self.ctl("set-pmd", "threads=1", "cpus=0", f"flow-limit={n or 200000}")
+
     def pid(self) -> int:
         return self.proc.proc.pid
 
@@ -106,6 +114,12 @@ class Ovs:
 
     def clear(self) -> None:
         self.ovs.ofctl("del-flows", "br0")
+
+    def flow_limit(self, n: int | None) -> None:
+        if n:
+            self.ovs.vsctl("set", "Open_vSwitch", ".", f"other_config:flow-limit={n}")
+        else:
+            self.ovs.vsctl("remove", "Open_vSwitch", ".", "other_config", "flow-limit")
 
     def pid(self) -> int:
         return self.ovs.vswitchd_pid()
@@ -163,7 +177,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1e6, help="p1's offered frames/s in storms")
     ap.add_argument("--storm-rate", type=float, default=1e6,
                     help="p3's frames/s in storms (every one a new flow)")
-    ap.add_argument("--cases", default="rss,load,setup,active,storms",
+    ap.add_argument("--cases", default="rss,load,setup,upcalls,active,storms",
                     help="which measures (comma-separated)")
     args = ap.parse_args()
     cases = set(args.cases.split(","))
@@ -217,8 +231,22 @@ def main() -> int:
                                           ["--vary", "dst-ip", "--flows", "1000000",
                                            "--target", "10.0.0.0"]) / 1e3
                 if "setup" in cases:
-                    row("new-flow setup, 100k rules", "kflows/s",
+                    row("1M new destinations, 100k rules", "kframes/s",
                         alternate(args.rounds, switches, setup))
+
+                def upcalls(sw):
+                    return forwarded_rate(sw, workdir, args.seconds, args.samples,
+                                          ["--vary", "dst-ip", "--flows", "100000",
+                                           "--target", "10.0.0.0"]) / 1e3
+                if "upcalls" in cases:
+                    for sw in switches:
+                        sw.flow_limit(UPCALL_FLOW_LIMIT)
+                    try:
+                        row("every frame a miss, 100k rules", "kflows/s",
+                            alternate(args.rounds, switches, upcalls))
+                    finally:
+                        for sw in switches:
+                            sw.flow_limit(None)
 
                 def active(sw):
                     return forwarded_rate(sw, workdir, args.seconds, args.samples,

@@ -226,10 +226,10 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
     cdef uint64_t m[KEY_WORDS]
     cdef uint64_t plens[TRIE_FIELDS]
     cdef uint32_t check[TRIE_FIELDS]
-    cdef uint32_t need[TRIE_FIELDS]                    # address bits the skips relied on
+    cdef uint32_t need[TRIE_FIELDS]                    # address bits the misses relied on
     cdef uint32_t i, h, bits
     cdef int j, f, looked = 0, plen
-    cdef bint skip
+    cdef bint proved
     cdef cls_sub_t *s
     cdef cls_rule_t *best = NULL
     cdef cls_rule_t *r
@@ -241,7 +241,17 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
             break                                      # nothing further can win
         if s.n_rules == 0:
             continue
-        skip = False
+        h = masked_hash(w, s.mask, m)                 # == value_hash of the masked key
+        r = sub_find_head(s, m, h)
+        if r != NULL:
+            for j in range(KEY_WORDS):
+                mask[j] |= s.mask[j]
+            if best == NULL or ranks_before(r, best):
+                best = r
+            continue
+        # a miss: when no rule of this subtable has its prefix on the packet's address,
+        # a few leading address bits prove it (the trie walk); else every bit counts
+        proved = False
         for f in range(TRIE_FIELDS):
             plen = s.plen[f]
             if plen <= 0:
@@ -249,20 +259,15 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
             if not looked & (1 << f):
                 plens[f] = trie_lookup(&t.tries[f], addr_of(w, f), &check[f])
                 looked |= 1 << f
-            if not (plens[f] >> plen) & 1:             # no rule has this prefix here
+            if not (plens[f] >> plen) & 1:
                 bits = check[f] if check[f] < <uint32_t>plen else <uint32_t>plen
                 if bits > need[f]:
                     need[f] = bits
-                skip = True
+                proved = True
                 break
-        if skip:
-            continue
-        for j in range(KEY_WORDS):
-            mask[j] |= s.mask[j]
-        h = masked_hash(w, s.mask, m)                 # == value_hash of the masked key
-        r = sub_find_head(s, m, h)
-        if r != NULL and (best == NULL or ranks_before(r, best)):
-            best = r
+        if not proved:
+            for j in range(KEY_WORDS):
+                mask[j] |= s.mask[j]
     for f in range(TRIE_FIELDS):
         if need[f]:
             addr_or(mask, f, prefix_mask(need[f]))

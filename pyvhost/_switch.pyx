@@ -66,10 +66,14 @@ cdef enum:
     MAX_PORT_QUEUES = 32
     MAX_POLL = 512
     CLOCK_EVERY = 64
+    UPCALL_TIMED_EVERY = 8     # upcalls timed exactly; the rest are charged the average
+    UPCALL_COST_CAP_NS = 50000
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
     UPCALL_WINDOW_NS = 10000000
     THROTTLED_BURST = 4        # frames read per visit from a port over its upcall share
     DEFAULT_FLOW_LIMIT = 200000
+
+cdef uint64_t NO_UPCALL_LIMIT = 0xFFFFFFFFFFFFFFFFULL   # a port alone on its PMD
 
 cdef struct bucket_t:
     int lock
@@ -395,6 +399,8 @@ cdef class Pmd:
     cdef emc_t *emc
     cdef mf_t mf
     cdef uint32_t mf_hits_since_insert
+    cdef uint32_t upcalls_untimed
+    cdef uint64_t upcall_cost_ns        # moving average of timed upcalls
     cdef uint32_t now_ms                # the burst's millisecond clock (MAC table ages)
     cdef uint64_t window_start          # upcall fairness: per-port upcall time per window
     cdef uint64_t up_budget_ns
@@ -428,7 +434,7 @@ cdef class Pmd:
         self.emc = <emc_t *>calloc(1, sizeof(emc_t))
         if self.emc == NULL or mf_init(&self.mf, flow_limit) < 0:
             raise MemoryError()
-        self.up_budget_ns = UPCALL_WINDOW_NS
+        self.up_budget_ns = NO_UPCALL_LIMIT
         idle_init(&self.idle)
 
     def __dealloc__(self):
@@ -689,7 +695,7 @@ cdef class Pmd:
         for i in range(MAX_PORTS):
             if self.win_packets[i]:
                 active += 1
-        self.up_budget_ns = UPCALL_WINDOW_NS if active <= 1 else UPCALL_WINDOW_NS // (4 * active)
+        self.up_budget_ns = NO_UPCALL_LIMIT if active <= 1 else UPCALL_WINDOW_NS // (4 * active)
         memset(self.up_ns, 0, sizeof(self.up_ns))
         memset(self.win_packets, 0, sizeof(self.win_packets))
         self.window_start = t
@@ -720,6 +726,7 @@ cdef class Pmd:
         cdef actions_t *a
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
+        cdef bint timed
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         self.cur_inp = inp
@@ -770,7 +777,9 @@ cdef class Pmd:
                     continue
                 else:
                     self.st.upcalls += 1
-                    tu = now_ns()
+                    timed = self.upcalls_untimed == 0
+                    if timed:
+                        tu = now_ns()
                     if self.upcall(inp, &key, &fresh, mask) < 0:
                         self.st.upcall_drops += 1
                         pool_put(self.pool, pkts[i])
@@ -784,7 +793,17 @@ cdef class Pmd:
                             self.mf_hits_since_insert = 0
                             emc_insert(self.emc, &key, h, &fresh)
                         a = &fresh
-                    dt = now_ns() - tu
+                    # a clock read costs as much as a short upcall: time one in
+                    # UPCALL_TIMED_EVERY, charge the others the moving average
+                    if timed:
+                        dt = now_ns() - tu
+                        # (a sample the thread was preempted in must not inflate it)
+                        self.upcall_cost_ns = (self.upcall_cost_ns * 7 +
+                                               min(dt, UPCALL_COST_CAP_NS)) // 8
+                        self.upcalls_untimed = UPCALL_TIMED_EVERY - 1
+                    else:
+                        dt = self.upcall_cost_ns
+                        self.upcalls_untimed -= 1
                     self.up_ns[inp.id] += dt
                     self.st.upcall_ns += dt
                     if a == NULL:
