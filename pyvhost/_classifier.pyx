@@ -716,6 +716,16 @@ cdef class Classifier:
         cdef cls_rule_t *r = self._rule(rule_id)
         return r.n_packets, r.n_bytes, r.used_ns
 
+    def place(self, uint32_t rule_id):
+        """(table, -priority) of one rule: the order dump-flows lists rules in."""
+        cdef cls_rule_t *r = self._rule(rule_id)
+        return r.table, -<long>r.priority
+
+    def tables(self):
+        """The tables that hold rules, in order."""
+        return [t for t in range(CLS_TABLES)
+                if self.c.tables[t] != NULL and self.c.tables[t].n_rules]
+
     def rule(self, uint32_t rule_id):
         """(table, priority, mask, value) of one rule."""
         cdef cls_rule_t *r = self._rule(rule_id)

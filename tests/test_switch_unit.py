@@ -5,6 +5,7 @@ commands of ``pyvhost ctl`` against a switch run in-process and as a process."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from pyvhost.switch.flows import (
     parse_flow,
     parse_match,
     parse_selector,
+    split_canonical,
 )
 from tests.harness import processes
 
@@ -58,6 +60,38 @@ def test_parse_flow_round_trip():
     h = parse_flow("in_port=01,actions=output:002")         # one spelling per port number
     assert h.match["in_port"] == "1" and h.actions == (("output", "2"),)
     assert parse_flow(g.format()) == g
+
+
+@pytest.mark.parametrize("text", [
+    "10.1.2.3", "10.1.2.3/32", "10.1.2.3/0", "10.1.2.3/8", "0.0.0.0/0", "255.255.255.255",
+    "10.1.2.3/255.255.0.0", "010.1.2.3", "10.1.2.256", "10.1.2", "10.1.2.3/33", "10.1.2.3/",
+    "10.1.2.3/08", "1.2.3.4.5", "１.2.3.4", "10.1.2.3/255.0.255.0", "+1.2.3.4", " 1.2.3.4",
+])
+def test_prefix_parse_agrees_with_ipaddress(text):
+    """The quick path for plain addresses answers exactly what ipaddress does (the
+    same prefix, or an error)."""
+    try:
+        net = ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        with pytest.raises(ValueError):
+            Prefix.parse(text)
+        return
+    assert Prefix.parse(text) == Prefix(net.network_address.packed, net.prefixlen)
+
+
+def test_split_canonical_is_format_spec_and_body():
+    """dump-flows takes a stored rule text apart without parsing it: the same head fields
+    and body the parsed flow prints."""
+    for text in ["actions=drop", "priority=0,actions=normal",
+                 "table=3,cookie=0x1f,idle_timeout=5,hard_timeout=9,priority=7,udp,"
+                 "tp_dst=0x0050/0xfff0,actions=strip_vlan,goto_table:4",
+                 "cookie=0xffffffffffffffff,in_port=p1,ip,nw_dst=10.0.0.0/8,actions=output:p2"]:
+        f = parse_flow(text)
+        head, body = split_canonical(f.format())
+        assert body == f.format_body()
+        assert "".join(f"{k}={v}, " for k, v in head.items()) + body == f.format_spec()
+        assert int(head.get("cookie", "0"), 0) == f.cookie
+        assert int(head.get("table", "0")) == f.table
 
 
 @pytest.mark.parametrize("text", [

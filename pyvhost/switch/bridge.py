@@ -16,7 +16,7 @@ from pyvhost._classifier import NO_GOTO_TABLE, Classifier
 from pyvhost._fdb import MacTable
 from pyvhost._flow import ACTION_OPS, pack_key
 
-from .flows import Flow, Selector, key_fields, match_key
+from .flows import Flow, Selector, key_fields, match_key, parse_flow
 
 OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL = (
     ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal"))
@@ -30,10 +30,18 @@ DEFAULT_MAC_AGING = 300
 
 @dataclass(slots=True)
 class Rule:
-    flow: Flow
+    """A rule of the bridge. Its text (``Flow.format()``, what the store keeps) is the only
+    copy on this side: a parsed Flow costs ~500 bytes and a bridge holds 100k rules, so
+    ``flow`` parses it again when asked (the classifier has the compiled rule)."""
+
+    text: str
     id: int               # the classifier's id
     created: float        # time.monotonic()
     row: int = 0          # the store's row
+
+    @property
+    def flow(self) -> Flow:
+        return parse_flow(self.text)
 
 
 class Bridge:
@@ -89,10 +97,12 @@ class Bridge:
         """Rules naming these ports compile again (a port came or went)."""
         # a walk of every rule (ports come and go rarely; an index would cost ~80 bytes
         # per rule, and rules are what a bridge holds 100k of)
-        rules = [r for r in self.rules.values() if not refs.isdisjoint(self._refs(r.flow))]
-        if not rules:
+        maybe = [r for r in self.rules.values() if any(ref in r.text for ref in refs)]
+        pairs = [(r, f) for r, f in ((r, r.flow) for r in maybe)
+                 if not refs.isdisjoint(self._refs(f))]
+        if not pairs:
             return
-        self.apply(add=[r.flow for r in rules], remove=rules, same_rules=True)
+        self.apply(add=[f for _, f in pairs], remove=[r for r, _ in pairs], same_rules=True)
 
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
@@ -163,19 +173,21 @@ class Bridge:
             for r in remove:
                 self._forget(r)
             for r, f in modify:
-                r.flow = f
-                self._index(r)
+                r.text = f.format()
+                self._index(r, f)
             added = []
             for f, rid in zip(add, ids, strict=True):
                 old = before.get(id(f))
-                rule = Rule(f, rid, now) if old is None else Rule(f, rid, old.created, old.row)
+                text = f.format()
+                rule = Rule(text, rid, now) if old is None else \
+                    Rule(text, rid, old.created, old.row)
                 self.rules[rid] = rule
-                self._index(rule)
+                self._index(rule, f)
                 added.append(rule)
         return added
 
-    def _index(self, rule: Rule) -> None:
-        if rule.flow.idle_timeout or rule.flow.hard_timeout:
+    def _index(self, rule: Rule, flow: Flow) -> None:
+        if flow.idle_timeout or flow.hard_timeout:
             self.timed.add(rule.id)
         else:
             self.timed.discard(rule.id)
@@ -195,8 +207,7 @@ class Bridge:
                 return []
             mask, value = self.match_of(sel.match)
             if strict:
-                tables = [sel.table] if sel.table is not None else \
-                    sorted({r.flow.table for r in self.rules.values()})
+                tables = [sel.table] if sel.table is not None else self.cls.tables()
                 ids = [self.cls.find_strict(t, sel.priority, mask, value) for t in tables]
                 found = [self.rules[i] for i in ids if i >= 0]
             else:
@@ -205,7 +216,8 @@ class Bridge:
             if sel.cookie_mask:
                 found = [r for r in found
                          if (r.flow.cookie ^ sel.cookie) & sel.cookie_mask == 0]
-        return sorted(found, key=lambda r: (r.flow.table, -r.flow.priority, r.created, r.id))
+        place = self.cls.place
+        return sorted(found, key=lambda r: (*place(r.id), r.created, r.id))
 
     def counters(self, rule: Rule) -> tuple[int, int, int]:
         """(packets, bytes, ns of the last packet or 0)."""

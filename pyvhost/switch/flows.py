@@ -55,7 +55,16 @@ class Prefix(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Prefix:
-        net = ipaddress.IPv4Network(text, strict=False)
+        addr, slash, plen = text.partition("/")
+        parts = addr.split(".")
+        if len(parts) == 4 and all(_decimal(p, 3) for p in parts) and \
+                (not slash or _decimal(plen, 2)):
+            n = int(plen) if slash else 32             # the common spellings, quickly
+            value = int.from_bytes(bytes(int(p) for p in parts), "big") if n <= 32 else -1
+            if 0 <= value:
+                value &= (0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF
+                return cls(value.to_bytes(4, "big"), n)
+        net = ipaddress.IPv4Network(text, strict=False)  # a netmask, or an error to report
         return cls(net.network_address.packed, net.prefixlen)
 
     @property
@@ -65,6 +74,13 @@ class Prefix(NamedTuple):
     def __str__(self) -> str:
         ip = ".".join(str(b) for b in self.addr)
         return ip if self.plen == 32 else f"{ip}/{self.plen}"
+
+
+def _decimal(text: str, digits: int) -> bool:
+    """A plain decimal of at most ``digits`` digits without a leading zero (ipaddress
+    refuses those as ambiguous)."""
+    return 0 < len(text) <= digits and text.isascii() and text.isdigit() and \
+        (text[0] != "0" or len(text) == 1)
 
 
 def _int(text: str, name: str, limit: int) -> int:
@@ -261,7 +277,7 @@ class Flow:
 
     def identity(self) -> tuple:
         """What makes two rules the same rule (OpenFlow: table, priority and match)."""
-        return self.table, self.priority, self.format_match()
+        return self.table, self.priority, frozenset(self.match.items())
 
 
 HEAD_INTS = {"priority": 0xFFFF, "table": TABLES - 1, "idle_timeout": 0xFFFF,
@@ -291,6 +307,16 @@ def parse_flow(text: str) -> Flow:
         raise FlowSyntaxError(f"goto_table:{flow.goto_table} must name a later table than "
                               f"{flow.table}")
     return flow
+
+
+def split_canonical(text: str) -> tuple[dict[str, str], str]:
+    """What ``Flow.format()`` wrote, taken apart without parsing it again: the head
+    fields that are set ({"cookie": "0x5", "table": "1", ...}, in format order) and the
+    body as ``format_body`` prints it."""
+    pre, _, actions = text.partition(",actions=")
+    at = pre.index("priority=")
+    head = dict(item.split("=", 1) for item in pre[:at].split(",") if item)
+    return head, f"{pre[at:]} actions={actions}"
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ from pyvhost._switch import Datapath, limits
 
 from .bridge import DEFAULT_MAC_AGING, DEFAULT_MAC_TABLE_SIZE, Bridge, Rule
 from .commands import CommandError
-from .flows import Flow, FlowSyntaxError, Selector, parse_flow
+from .flows import Flow, FlowSyntaxError, Selector, parse_flow, split_canonical
 from .pmd import PmdSet
 from .port import DEFAULT_QUEUES, Port
 from .rundir import CTL_SOCK, RunLock, check_name, group_id, prepare
@@ -435,8 +435,8 @@ class Switch:
         if len(add) + len(remove) >= BULK:
             give_back_memory()
         if persist:
-            new_rows = self.store.change_flows(bridge.name, [r.flow.format() for r in added],
-                                               rows, [(r.row, f.format()) for r, f in modify])
+            new_rows = self.store.change_flows(bridge.name, [r.text for r in added],
+                                               rows, [(r.row, r.text) for r, _ in modify])
             for rule, row in zip(added, new_rows, strict=True):
                 rule.row = row
         return added
@@ -472,17 +472,20 @@ class Switch:
         wanted: dict[tuple, Flow] = {}
         for flow in flows:
             wanted[flow.identity()] = flow
+        same_text = {f.format(): k for k, f in wanted.items()}
         remove, modify, keep = [], [], set()
         for rule in bridge.rules.values():
-            want = wanted.get(rule.flow.identity())
+            if rule.text in same_text:               # unchanged (no need to parse it)
+                keep.add(same_text[rule.text])
+                continue
+            have = rule.flow
+            want = wanted.get(have.identity())
             if want is None:
                 remove.append(rule)
-            elif want.format() == rule.flow.format():
-                keep.add(rule.flow.identity())
             elif (want.cookie, want.idle_timeout, want.hard_timeout) == \
-                    (rule.flow.cookie, rule.flow.idle_timeout, rule.flow.hard_timeout):
+                    (have.cookie, have.idle_timeout, have.hard_timeout):
                 modify.append((rule, want))          # new actions: counters run on
-                keep.add(rule.flow.identity())
+                keep.add(have.identity())
             else:
                 remove.append(rule)                  # the rule itself changed: a new one
         add = [f for k, f in wanted.items() if k not in keep]
@@ -559,20 +562,20 @@ class Switch:
         now_ns = time.monotonic_ns()
         out = []
         for rule in bridge.select(selector):
+            head, body = split_canonical(rule.text)
             if not stats:
-                out.append(f" {rule.flow.format_spec()}")
+                out.append(" " + "".join(f"{k}={v}, " for k, v in head.items()) + body)
                 continue
             packets, bytes_, used = bridge.counters(rule)
-            f = rule.flow
-            parts = [f"cookie=0x{f.cookie:x}", f"duration={now - rule.created:.3f}s",
-                     f"table={f.table}", f"n_packets={packets}", f"n_bytes={bytes_}"]
-            if f.idle_timeout:
-                parts.append(f"idle_timeout={f.idle_timeout}")
-            if f.hard_timeout:
-                parts.append(f"hard_timeout={f.hard_timeout}")
+            parts = [f"cookie={head.get('cookie', '0x0')}",
+                     f"duration={now - rule.created:.3f}s", f"table={head.get('table', 0)}",
+                     f"n_packets={packets}", f"n_bytes={bytes_}"]
+            for timeout in ("idle_timeout", "hard_timeout"):
+                if timeout in head:
+                    parts.append(f"{timeout}={head[timeout]}")
             if used:
                 parts.append(f"idle_age={(now_ns - used) // 1_000_000_000}")
-            out.append(" " + ", ".join(parts) + ", " + f.format_body())
+            out.append(" " + ", ".join(parts) + ", " + body)
         return "\n".join(out)
 
     def trace_report(self, bridge_name: str, match: dict, flow_text: str) -> tuple[str, dict]:
