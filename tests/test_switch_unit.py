@@ -278,3 +278,28 @@ def test_rules_naming_a_port_survive_its_removal_and_stay_in_step_with_the_store
             await sw.stop()
 
     asyncio.run(scenario())
+
+
+def test_one_rule_per_compiled_match_whatever_the_port_spelling(tmp_path):
+    """in_port=1 and in_port=a name one port (a is OpenFlow port 1): adding both makes one
+    rule, the later actions win (OpenFlow ADD), and replace-flows keeps it unchanged."""
+    async def scenario():
+        sw = Switch(tmp_path / "run")
+        await sw.start()
+        try:
+            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
+                         ["add-port", "br0", "b", "type=vhostuser"],
+                         ["add-flow", "br0", "priority=7,in_port=1,actions=drop"],
+                         ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"]):
+                await run_command(sw, argv)
+            flows = (await run_command(sw, ["dump-flows", "--no-stats", "br0"])).splitlines()
+            assert flows == [" priority=7,in_port=a actions=output:b",
+                             " priority=0 actions=normal"], flows      # add-br's NORMAL
+            assert sw.replace_flows("br0", [parse_flow("priority=7,in_port=1,actions=drop"),
+                                            parse_flow("priority=0,actions=normal")]) \
+                == {"added": 0, "deleted": 0, "modified": 1}
+            assert len(sw.bridges["br0"].rules) == 2
+        finally:
+            await sw.stop()
+
+    asyncio.run(scenario())

@@ -143,27 +143,39 @@ class Bridge:
                 ops.append((OP_NORMAL, 0))
         return ops
 
-    def _spec(self, flow: Flow) -> tuple:
+    def spec(self, flow: Flow) -> tuple:
+        """The flow as the classifier takes it: (table, priority, mask, value, ops, goto)."""
         mask, value = self.match_of(flow.match)
         goto = NO_GOTO_TABLE if flow.goto_table is None else flow.goto_table
         return flow.table, flow.priority, mask, value, self._ops(flow), goto
 
-    def find(self, flow: Flow) -> Rule | None:
-        """The rule with the same table, priority and match, if any."""
-        mask, value = self.match_of(flow.match)
-        rid = self.cls.find_strict(flow.table, flow.priority, mask, value)
+    def find(self, spec: tuple) -> Rule | None:
+        """The rule with the spec's table, priority and match, if any."""
+        rid = self.cls.find_strict(*spec[:4])
         return self.rules.get(rid) if rid >= 0 else None
+
+    def identity(self, spec: tuple) -> tuple:
+        """What makes two rules the same rule (OpenFlow: table, priority and match), as
+        compiled: in_port=1 and in_port=vm1 are one match when vm1 is OpenFlow port 1."""
+        table, priority, mask, value = spec[:4]
+        m = int.from_bytes(mask, "little")
+        return table, priority, m, int.from_bytes(value, "little") & m
+
+    def rule_identity(self, rule: Rule) -> tuple:
+        table, priority, mask, value = self.cls.rule(rule.id)
+        return table, priority, int.from_bytes(mask, "little"), int.from_bytes(value, "little")
 
     # -- changes --------------------------------------------------------------------------
     def apply(self, add: list[Flow] = (), remove: list[Rule] = (), modify: list = (),
-              same_rules: bool = False, now: float | None = None) -> list[Rule]:
+              same_rules: bool = False, now: float | None = None,
+              specs: list[tuple] | None = None) -> list[Rule]:
         """One change that lookups see whole: add flows, remove rules, give rules new
         actions ((rule, flow) pairs; counters stay). All or nothing: ValueError before
         anything changes. Returns the added rules (in ``add`` order). ``same_rules``: each
         added flow is the removed rule at its index compiled again (its age and store row
-        carry over)."""
+        carry over). ``specs``: those of ``add`` when the caller has them already."""
         now = time.monotonic() if now is None else now
-        specs = [self._spec(f) for f in add]
+        specs = [self.spec(f) for f in add] if specs is None else specs
         changes = [(r.id, self._ops(f), NO_GOTO_TABLE if f.goto_table is None else f.goto_table)
                    for r, f in modify]
         before = dict(zip(map(id, add), remove, strict=True)) if same_rules else {}

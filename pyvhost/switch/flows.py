@@ -275,10 +275,6 @@ class Flow:
         first when set)."""
         return "".join(f"{h}, " for h in self._head()) + self.format_body()
 
-    def identity(self) -> tuple:
-        """What makes two rules the same rule (OpenFlow: table, priority and match)."""
-        return self.table, self.priority, frozenset(self.match.items())
-
 
 HEAD_INTS = {"priority": 0xFFFF, "table": TABLES - 1, "idle_timeout": 0xFFFF,
              "hard_timeout": 0xFFFF, "cookie": (1 << 64) - 1}

@@ -418,7 +418,8 @@ class Switch:
 
     # -- rules ----------------------------------------------------------------------------
     def _change(self, bridge: Bridge, add: list[Flow] = (), remove: list[Rule] = (),
-                modify: list[tuple[Rule, Flow]] = (), persist: bool = True) -> list[Rule]:
+                modify: list[tuple[Rule, Flow]] = (), persist: bool = True,
+                specs: list[tuple] | None = None) -> list[Rule]:
         """Apply one all-or-nothing change to a bridge's rules and its store rows."""
         for flow in [*add, *(f for _, f in modify)]:
             try:
@@ -427,7 +428,7 @@ class Switch:
                 raise CommandError(str(e)) from None
         rows = [r.row for r in remove]
         try:
-            added = bridge.apply(add=add, remove=remove, modify=modify)
+            added = bridge.apply(add=add, remove=remove, modify=modify, specs=specs)
         except ValueError as e:
             raise CommandError(str(e)) from None
         if remove:
@@ -457,11 +458,13 @@ class Switch:
         """Add rules; one with the table, priority and match of an existing rule (or of an
         earlier line) replaces it, as OpenFlow's ADD does. All or nothing."""
         bridge = self._bridge(bridge_name)
-        latest: dict[tuple, Flow] = {}
+        latest: dict[tuple, tuple[Flow, tuple]] = {}
         for flow in flows:
-            latest[flow.identity()] = flow
-        replaced = [r for r in (bridge.find(f) for f in latest.values()) if r is not None]
-        self._change(bridge, add=list(latest.values()), remove=replaced, persist=persist)
+            spec = bridge.spec(flow)
+            latest[bridge.identity(spec)] = flow, spec
+        replaced = [r for r in (bridge.find(s) for _, s in latest.values()) if r is not None]
+        self._change(bridge, add=[f for f, _ in latest.values()], remove=replaced,
+                     persist=persist, specs=[s for _, s in latest.values()])
         return len(latest)
 
     def replace_flows(self, bridge_name: str, flows: list[Flow]) -> dict:
@@ -471,21 +474,22 @@ class Switch:
         bridge = self._bridge(bridge_name)
         wanted: dict[tuple, Flow] = {}
         for flow in flows:
-            wanted[flow.identity()] = flow
+            wanted[bridge.identity(bridge.spec(flow))] = flow
         same_text = {f.format(): k for k, f in wanted.items()}
         remove, modify, keep = [], [], set()
         for rule in bridge.rules.values():
             if rule.text in same_text:               # unchanged (no need to parse it)
                 keep.add(same_text[rule.text])
                 continue
-            have = rule.flow
-            want = wanted.get(have.identity())
+            key = bridge.rule_identity(rule)
+            want = wanted.get(key)
+            have = rule.flow if want is not None else None
             if want is None:
                 remove.append(rule)
             elif (want.cookie, want.idle_timeout, want.hard_timeout) == \
                     (have.cookie, have.idle_timeout, have.hard_timeout):
                 modify.append((rule, want))          # new actions: counters run on
-                keep.add(have.identity())
+                keep.add(key)
             else:
                 remove.append(rule)                  # the rule itself changed: a new one
         add = [f for k, f in wanted.items() if k not in keep]
