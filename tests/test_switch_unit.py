@@ -62,6 +62,33 @@ def test_parse_flow_round_trip():
     assert parse_flow(g.format()) == g
 
 
+def test_format_round_trips_random_flows():
+    """parse(format(f)) == f and format is a fixed point, over random combinations of
+    the match fields and shorthands (the canonical text is what rules are kept as)."""
+    import random
+    rng = random.Random(7)
+    l3 = ["ip", "tcp", "udp", "icmp", "arp", "dl_type=0x0800,nw_proto=47", "dl_type=0x86dd",
+          "dl_type=0x0800", "dl_type=0x0800,nw_proto=6"]
+    for _ in range(500):
+        pool = [rng.choice(["in_port=p1", "in_port=3"]),
+                rng.choice(["dl_vlan=5", "dl_vlan=0xffff"]), "dl_src=02:00:00:00:00:01",
+                "dl_dst=01:00:00:00:00:00/01:00:00:00:00:00"]
+        parts = rng.sample(pool, rng.randint(0, 3))
+        kind = rng.choice(l3)
+        parts.append(kind)
+        if kind not in ("dl_type=0x86dd",):
+            parts.append(rng.choice(["nw_src=10.0.0.0/8", "nw_dst=192.168.1.7", ""]))
+        if kind not in ("dl_type=0x86dd", "arp"):
+            parts.append(rng.choice(["nw_tos=4", ""]))
+        if kind in ("tcp", "udp", "dl_type=0x0800,nw_proto=6"):
+            parts.append(rng.choice(["tp_dst=80", "tp_src=0x1000/0xf000", ""]))
+        rng.shuffle(parts)
+        f = parse_flow(f"priority={rng.randint(0, 65535)},{','.join(p for p in parts if p)},"
+                       f"actions=output:p2")
+        assert parse_flow(f.format()) == f, f.format()
+        assert parse_flow(f.format()).format() == f.format()
+
+
 @pytest.mark.parametrize("text", [
     "10.1.2.3", "10.1.2.3/32", "10.1.2.3/0", "10.1.2.3/8", "0.0.0.0/0", "255.255.255.255",
     "10.1.2.3/255.255.0.0", "010.1.2.3", "10.1.2.256", "10.1.2", "10.1.2.3/33", "10.1.2.3/",

@@ -15,6 +15,7 @@ them. Pure functions and data: no datapath, no I/O.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -36,7 +37,7 @@ MAC_FIELDS = ("dl_src", "dl_dst")
 IP_FIELDS = ("nw_src", "nw_dst")
 FIELD_ORDER = ("in_port", "dl_vlan", "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst",
                "nw_proto", "nw_tos", "tp_src", "tp_dst")
-SHORTHAND_ORDER = ("icmp", "tcp", "udp", "ip", "arp")      # the most specific first
+SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.items()}
 DEFAULT_PRIORITY = 32768
 VLAN_NONE = 0xFFFF
 MAX_RULE_TEXT = 4096
@@ -60,9 +61,14 @@ class Prefix(NamedTuple):
         if len(parts) == 4 and all(_decimal(p, 3) for p in parts) and \
                 (not slash or _decimal(plen, 2)):
             n = int(plen) if slash else 32             # the common spellings, quickly
-            value = int.from_bytes(bytes(int(p) for p in parts), "big") if n <= 32 else -1
-            if 0 <= value:
-                value &= (0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF
+            try:
+                packed = socket.inet_aton(addr)        # (a part over 255 is an error)
+            except OSError:
+                packed = None
+            if packed is not None and n <= 32:
+                if n == 32:
+                    return cls(packed, 32)
+                value = int.from_bytes(packed, "big") & (0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF
                 return cls(value.to_bytes(4, "big"), n)
         net = ipaddress.IPv4Network(text, strict=False)  # a netmask, or an error to report
         return cls(net.network_address.packed, net.prefixlen)
@@ -72,7 +78,7 @@ class Prefix(NamedTuple):
         return ((0xFFFFFFFF << (32 - self.plen)) & 0xFFFFFFFF).to_bytes(4, "big")
 
     def __str__(self) -> str:
-        ip = ".".join(str(b) for b in self.addr)
+        ip = socket.inet_ntoa(self.addr)
         return ip if self.plen == 32 else f"{ip}/{self.plen}"
 
 
@@ -216,13 +222,12 @@ class Flow:
     def format_match(self) -> str:
         parts = []
         rest = dict(self.match)
-        for short in SHORTHAND_ORDER:
-            want = SHORTHANDS[short]
-            if all(rest.get(k) == v for k, v in want.items()):
-                parts.append(short)
-                for k in want:
-                    del rest[k]
-                break
+        short = SHORTHAND_OF.get((rest.get("dl_type"), rest.get("nw_proto"))) or \
+            SHORTHAND_OF.get((rest.get("dl_type"), None))
+        if short is not None:                          # the most specific shorthand
+            parts.append(short)
+            for k in SHORTHANDS[short]:
+                del rest[k]
         for name in FIELD_ORDER:
             if name not in rest:
                 continue
