@@ -330,3 +330,49 @@ def test_one_rule_per_compiled_match_whatever_the_port_spelling(tmp_path):
             await sw.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_store_that_cannot_be_written_changes_no_rules(tmp_path):
+    """When the store refuses a change (here: full, by SQLite's max_page_count), the rules
+    in the datapath are put back as they were, the command says so, and the store and the
+    datapath still agree after a restart."""
+    async def scenario():
+        sw = Switch(tmp_path / "run")
+        await sw.start()
+        try:
+            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
+                         ["add-port", "br0", "b", "type=vhostuser"],
+                         ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"],
+                         ["add-flow", "br0", "priority=8,ip,nw_dst=10.0.0.1,actions=output:a"]):
+                await run_command(sw, argv)
+            br = sw.bridges["br0"]
+            key = frame_key(udp_frame(), br.ports["a"].port_id)
+            before = await run_command(sw, ["dump-flows", "--no-stats", "br0"])
+            decided = br.cls.lookup(key)[1]
+            pages = sw.store.db.execute("PRAGMA page_count").fetchone()[0]
+            sw.store.db.execute(f"PRAGMA max_page_count={pages}")
+            many = "".join(f"priority=9,ip,nw_dst=10.1.{i >> 8}.{i & 255},actions=drop\n"
+                           for i in range(3000))
+            with pytest.raises(CommandError, match="store could not be written"):
+                await run_command(sw, ["add-flows", "br0",
+                                       many + "priority=7,in_port=a,actions=drop\n"])
+            with pytest.raises(CommandError, match="store could not be written"):
+                sw.replace_flows("br0", [parse_flow(line) for line in many.splitlines()] +
+                                 [parse_flow("priority=8,ip,nw_dst=10.0.0.1,actions=drop")])
+            assert await run_command(sw, ["dump-flows", "--no-stats", "br0"]) == before
+            assert br.cls.lookup(key)[1] == decided and len(br.cls) == len(br.rules) == 3
+            sw.store.db.execute("PRAGMA max_page_count=1073741823")
+            assert await run_command(sw, ["add-flow", "br0", "priority=7,in_port=a,"
+                                          "actions=drop"]) == ""
+            assert await run_command(sw, ["del-flows", "br0", "ip"]) == "1 flows deleted"
+            after = await run_command(sw, ["dump-flows", "--no-stats", "br0"])
+        finally:
+            await sw.stop()
+        sw = Switch(tmp_path / "run")                      # the store agrees
+        await sw.start()
+        try:
+            assert await run_command(sw, ["dump-flows", "--no-stats", "br0"]) == after
+        finally:
+            await sw.stop()
+
+    asyncio.run(scenario())

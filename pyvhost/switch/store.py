@@ -135,12 +135,17 @@ class Store:
             yield
         except BaseException:
             self._depth -= 1
-            if self._depth == 0:
+            if self._depth == 0 and self.db.in_transaction:   # (SQLite may have already)
                 self.db.execute("ROLLBACK")
             raise
         self._depth -= 1
         if self._depth == 0:
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:                     # (disk full, I/O error): undo it all
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
 
     def is_empty(self) -> bool:
         return self.db.execute("SELECT COUNT(*) FROM bridges").fetchone()[0] == 0

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import sqlite3
 import time
 from pathlib import Path
 
@@ -427,20 +428,39 @@ class Switch:
             except ValueError as e:
                 raise CommandError(str(e)) from None
         rows = [r.row for r in remove]
+        old_texts = [r.text for r, _ in modify]
         try:
             added = bridge.apply(add=add, remove=remove, modify=modify, specs=specs)
         except ValueError as e:
             raise CommandError(str(e)) from None
+        if persist:
+            try:
+                new_rows = self.store.change_flows(bridge.name, [r.text for r in added],
+                                                   rows, [(r.row, r.text) for r, _ in modify])
+            except (StoreError, sqlite3.Error) as e:
+                log.error("bridge %s: the store refused a change of %d rules (%s): undone",
+                          bridge.name, len(add) + len(remove) + len(modify), e)
+                self._undo(bridge, added, remove, modify, old_texts)
+                raise CommandError(f"the store could not be written ({e}): nothing "
+                                   "changed") from None
+            for rule, row in zip(added, new_rows, strict=True):
+                rule.row = row
         if remove:
             self._reclaim(bridge)
         if len(add) + len(remove) >= BULK:
             give_back_memory()
-        if persist:
-            new_rows = self.store.change_flows(bridge.name, [r.text for r in added],
-                                               rows, [(r.row, r.text) for r, _ in modify])
-            for rule, row in zip(added, new_rows, strict=True):
-                rule.row = row
         return added
+
+    def _undo(self, bridge: Bridge, added: list[Rule], removed: list[Rule],
+              modified: list[tuple[Rule, Flow]], old_texts: list[str]) -> None:
+        """Put a bridge's rules back as they were before a change the store refused (the
+        rules that come back keep their store rows and ages; their counters restart)."""
+        back = bridge.apply(add=[r.flow for r in removed], remove=added,
+                            modify=[(r, parse_flow(t)) for (r, _), t in
+                                    zip(modified, old_texts, strict=True)])
+        for new, old in zip(back, removed, strict=True):
+            new.row, new.created = old.row, old.created
+        self._reclaim(bridge)
 
     def _reclaim(self, bridge: Bridge) -> None:
         """Free removed rules once no PMD can still be counting into them."""
