@@ -237,7 +237,7 @@ def test_commands_are_all_or_nothing(tmp_path):
             def broken(*a, **k):
                 raise sqlite3.OperationalError("disk I/O error")
             sw.store.change_flows = broken
-            with pytest.raises(sqlite3.OperationalError):
+            with pytest.raises(CommandError, match="store could not be written"):
                 await run_command(sw, ["add-br", "br1"])
             sw.store.change_flows = real
             assert "br1" not in sw.bridges and sw.store.bridges() == ["br0"]

@@ -22,7 +22,10 @@ def request(path: str, argv: list[str], timeout: float = 30.0) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(data)
+        try:
+            s.sendall(data)
+        except BrokenPipeError:
+            pass                 # refused before it read the request: its answer says why
         chunks = []
         while True:
             chunk = s.recv(65536)
