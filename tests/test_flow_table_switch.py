@@ -103,6 +103,39 @@ def test_add_flows_is_atomic_and_names_the_bad_line(switch_ports, tmp_path):
     assert processes.ctl(run_dir, "dump-flows", "--no-stats", "br0") == before
 
 
+@pytest.mark.slow
+def test_a_million_line_file_with_a_bad_last_line_changes_nothing(switch_ports, tmp_path):
+    """A million good rules and a bad one at the end: refused with the line number, no rule
+    of it applied, and the switch forwards a -> b all the while (the PMD needs no lock the
+    parsing holds)."""
+    run_dir, ports = switch_ports
+    before = processes.ctl(run_dir, "dump-flows", "--no-stats", "br0")
+    big = tmp_path / "million.flows"
+    with open(big, "w") as f:
+        for i in range(1_000_000):
+            f.write(f"priority=9,in_port=c,ip,nw_dst=10.{i >> 16}.{i >> 8 & 255}.{i & 255},"
+                    "actions=drop\n")
+        f.write("priority=9,in_port=c,ip,nw_dst=10.300.0.1,actions=drop\n")
+    ab = udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2")
+    ctl = subprocess.Popen([sys.executable, "-m", "pyvhost.cli.main", "ctl", "--control",
+                            str(run_dir / "ctl.sock"), "add-flows", "br0", str(big)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        delivered = rounds = 0
+        while ctl.poll() is None and rounds < 600:
+            ports["a"].send_all([ab] * 20, timeout=5)
+            delivered += sum(1 for fr in drain(ports["b"], 0.1) if fr == ab)
+            rounds += 1
+        _, err = ctl.communicate(timeout=300)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.wait()
+    assert ctl.returncode == 1 and "line 1000001" in err and "nw_dst" in err, err
+    assert rounds >= 2 and delivered == 20 * rounds          # forwarding never stopped
+    assert processes.ctl(run_dir, "dump-flows", "--no-stats", "br0") == before
+
+
 def test_replace_flows_keeps_untouched_counters_running(switch_ports, tmp_path):
     run_dir, ports = switch_ports
     first = tmp_path / "v1.flows"
