@@ -45,6 +45,11 @@ class Port:
         """1 + the highest queue pair whose guest TX ring is enabled now (at least 1)."""
         return 1 + max((q for q in range(self.queues) if self.queue_enabled(q)), default=0)
 
+    def datapath_dev(self):
+        """The port's device for the datapath (the vhost-user class over its rings)."""
+        from pyvhost._vhostport import VhostDev
+        return VhostDev(self.rx_vqs(), self.tx_vqs())
+
     def rx_vqs(self) -> list:
         """The guest's receive rings: the switch sends into these."""
         return [self.device.rx_ring(q).vq for q in range(self.queues)]

@@ -354,7 +354,7 @@ class Switch:
         limit = self.store.settings().get(f"port:{name}", {}).get("mac_limit")
         if limit:
             bridge.mac_limits[name] = limit
-        self.datapath.add_port(port_id, bridge.bridge_id, port.rx_vqs(), port.tx_vqs())
+        self.datapath.add_port(port_id, bridge.bridge_id, port.datapath_dev())
         self.ports[name] = port
         self._by_id[port_id] = port
         bridge.attach(port)
