@@ -15,7 +15,7 @@ if os.environ.get("PYVHOST_SANITIZE"):
               "-Wno-unused-function", *SANITIZE]
     LDFLAGS = list(SANITIZE)
 
-MODULES = ["_memory", "_pktpool", "_vring", "_port", "_vhostport", "_poll", "_flow",
+MODULES = ["_memory", "_pktpool", "_vring", "_port", "_vhostport", "_tap", "_afpacket", "_poll", "_flow",
            "_classifier", "_fdb", "_switch", "_driver", "_gen", "_offload"]
 
 extensions = [
