@@ -24,6 +24,7 @@ cdef struct afp_dev_t:
     uint32_t cur              # the block we read next
     uint32_t left             # frames still to read in ``cur`` (in_block)
     uint8_t in_block
+    int lost                  # the socket reported an error (the link went away): sticky
     uint8_t *next             # the next frame in ``cur``
     afp_stats_t st
 

@@ -5,7 +5,9 @@ sent in sendmmsg batches; every frame carries a virtio-net header (PACKET_VNET_H
 partial checksums (TP_STATUS_CSUMNOTREADY, e.g. a local socket's frames over veth) and
 GSO super-frames arrive as NEEDS_CSUM / GSO metadata that the output port passes on or
 completes in software (_offload). A VLAN tag the kernel took out is put back. Wait fd =
-the socket. Without the GIL.
+the socket; before a PMD sleeps, a pending socket error (ENETDOWN: the link went down or
+the interface away) is read and remembered (``take_lost``), so epoll does not report it
+again and again. Without the GIL.
 
 The control plane (switch/afpacket.py) opens and configures the socket and owns it;
 ``attach`` maps its ring and swaps it in under both locks, ``detach`` takes it out (the
@@ -78,8 +80,11 @@ cdef extern from "<sys/socket.h>" nogil:
         msghdr msg_hdr
         unsigned int msg_len
     int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
+    int getsockopt(int fd, int level, int name, void *value, unsigned int *len)
     enum:
         MSG_DONTWAIT
+        SOL_SOCKET
+        SO_ERROR
 
 cdef enum:
     VNET_HDR_LEN = 10          # struct virtio_net_hdr (PACKET_VNET_HDR)
@@ -217,6 +222,19 @@ cdef int afp_wait_fd(void *dev, uint16_t q) noexcept nogil:
     return (<afp_dev_t *>dev).fd
 
 
+cdef void afp_set_notify(void *dev, uint16_t q, bint on) noexcept nogil:
+    """Before sleeping: read (and so clear) a pending socket error."""
+    cdef afp_dev_t *d = <afp_dev_t *>dev
+    cdef int err = 0
+    cdef unsigned int size = sizeof(int)
+    if not on:
+        return
+    vh_lock(&d.rx_lock)
+    if d.fd >= 0 and getsockopt(d.fd, SOL_SOCKET, SO_ERROR, &err, &size) == 0 and err:
+        d.lost = 1
+    vh_unlock(&d.rx_lock)
+
+
 cdef void afp_unmap(afp_dev_t *d) noexcept nogil:
     if d.ring != NULL:
         munmap(d.ring, d.ring_size)
@@ -227,7 +245,7 @@ cdef port_ops_t AFP_OPS
 AFP_OPS.rx_burst = afp_rx_burst
 AFP_OPS.tx_burst = afp_tx_burst
 AFP_OPS.wait_fd = afp_wait_fd
-AFP_OPS.set_notify = NULL          # the socket is readable while a block waits for us
+AFP_OPS.set_notify = afp_set_notify   # the socket is readable while a block waits for us
 AFP_OPS.pending = NULL
 
 
@@ -265,6 +283,7 @@ cdef class AfPacketDev(PortDev):
         self.d.cur = 0
         self.d.in_block = 0
         self.d.left = 0
+        self.d.lost = 0
         self.d.fd = fd
         vh_unlock(&self.d.tx_lock)
         vh_unlock(&self.d.rx_lock)
@@ -278,6 +297,17 @@ cdef class AfPacketDev(PortDev):
         afp_unmap(&self.d)
         vh_unlock(&self.d.tx_lock)
         vh_unlock(&self.d.rx_lock)
+
+    def take_lost(self):
+        """Did the socket report an error since the last call (the link went down, or
+        the interface left)? Clears it."""
+        cdef int lost
+        with nogil:
+            vh_lock(&self.d.rx_lock)
+        lost = self.d.lost
+        self.d.lost = 0
+        vh_unlock(&self.d.rx_lock)
+        return bool(lost)
 
     @property
     def attached(self):

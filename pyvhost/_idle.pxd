@@ -37,6 +37,7 @@ cdef extern from "sys/eventfd.h" nogil:
 cdef enum:
     IDLE_NS = 1000000          # no traffic for 1 ms: sleep
     SLEEP_MS = 200             # bound on one sleep, so a missed wake costs little
+    IDLE_MAX_FDS = 512         # wait fds remembered to notice one that changed
 
 cdef struct idle_t:
     int wakefd                 # control writes it after changing rings (idle_wake)
@@ -45,6 +46,8 @@ cdef struct idle_t:
     int epoll_generation
     int sleeping               # 1 while in epoll_wait (a quiescent point)
     uint64_t sleeps
+    int narmed                 # the wait fds in the epoll set, per source (-1: none)
+    int armed[IDLE_MAX_FDS]
 
 
 cdef inline uint64_t now_ns() noexcept nogil:
@@ -60,6 +63,7 @@ cdef inline int idle_init(idle_t *s) noexcept nogil:
     s.epoll_generation = -1
     s.sleeping = 0
     s.sleeps = 0
+    s.narmed = -1
     return s.wakefd
 
 
@@ -95,6 +99,22 @@ cdef inline bint any_pending(rxq_src_t *srcs, int n) noexcept nogil:
     return False
 
 
+cdef inline int src_fd(rxq_src_t *src) noexcept nogil:
+    return src.ops.wait_fd(src.dev, src.q) if src.ops != NULL else -1
+
+
+cdef inline bint fds_changed(idle_t *s, rxq_src_t *srcs, int n) noexcept nogil:
+    """Has a queue's wait fd changed since the epoll set was made? (A port class may
+    drop a dead fd, e.g. a tap deleted under it, or swap in a new socket.)"""
+    cdef int i
+    if n != s.narmed:
+        return True
+    for i in range(n if n < IDLE_MAX_FDS else IDLE_MAX_FDS):
+        if src_fd(&srcs[i]) != s.armed[i]:
+            return True
+    return False
+
+
 cdef inline void rearm(idle_t *s, rxq_src_t *srcs, int n) noexcept nogil:
     """A fresh epoll set: the wake fd and every queue's current wait fd."""
     cdef epoll_event ev
@@ -106,12 +126,13 @@ cdef inline void rearm(idle_t *s, rxq_src_t *srcs, int n) noexcept nogil:
     ev.data.fd = s.wakefd
     epoll_ctl(s.epfd, EPOLL_CTL_ADD, s.wakefd, &ev)
     for i in range(n):
-        if srcs[i].ops == NULL:
-            continue
-        fd = srcs[i].ops.wait_fd(srcs[i].dev, srcs[i].q)
+        fd = src_fd(&srcs[i])
+        if i < IDLE_MAX_FDS:
+            s.armed[i] = fd
         if fd >= 0:
             ev.data.fd = fd
             epoll_ctl(s.epfd, EPOLL_CTL_ADD, fd, &ev)     # EEXIST (a shared fd): fine
+    s.narmed = n
     s.epoll_generation = gen
 
 
@@ -127,7 +148,7 @@ cdef inline void idle_sleep(idle_t *s, rxq_src_t *srcs, int n, int *stop,
     notify_all(srcs, n, True)
     if any_pending(srcs, n):
         return
-    if s.epoll_generation != s.generation:
+    if s.epoll_generation != s.generation or fds_changed(s, srcs, n):
         rearm(s, srcs, n)
     s.sleeps += 1
     vh_store_release_int(&s.sleeping, 1)

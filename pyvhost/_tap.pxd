@@ -8,11 +8,13 @@ cdef struct tap_stats_t:
     # the tap's own counters; TapDev.stats() returns this struct as a dict
     uint64_t rx_errors        # reads that failed other than "nothing to read"
     uint64_t rx_runts         # frames shorter than an Ethernet header
-    uint64_t tx_errors        # writes the kernel refused (bad header, interface gone)
+    uint64_t tx_errors        # writes the kernel refused (bad header, too big)
+    uint64_t tx_gone          # frames not sent: the interface was deleted under the port
 
 cdef struct tap_dev_t:
     int fd
     uint32_t hdr_len          # the virtio-net header's size on this fd (TUNSETVNETHDRSZ)
+    int dead                  # the interface was deleted (EBADFD): the fd is not waited on
     tap_stats_t st
 
 

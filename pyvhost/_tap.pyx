@@ -3,11 +3,13 @@
 plane, switch/internal.py, with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and non-blocking).
 Receive = readv into [virtio-net header, frame] until the fd is empty or the burst is
 full; send = writev per frame with its header (checksum and TSO metadata pass through;
-the kernel completes what it must). Wait fd = the tap fd. Without the GIL; it neither
+the kernel completes what it must). Wait fd = the tap fd, until the interface is deleted
+under the port (someone ran ``ip link del``): then the fd is dead (EBADFD) and is no longer
+waited on or read, so an idle PMD does not spin on its error. Without the GIL; it neither
 opens nor closes the fd and knows no interface names.
 """
 
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EBADFD, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec, readv, writev
 
@@ -25,6 +27,8 @@ cdef uint32_t tap_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
     cdef uint32_t n = 0
     cdef long r
     cdef pkt_t *p
+    if d.dead:
+        return 0
     while n < count:
         p = pool_get(pool)
         if p == NULL:
@@ -36,7 +40,9 @@ cdef uint32_t tap_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
         r = readv(d.fd, iov, 2)
         if r < 0:
             pool_put(pool, p)
-            if errno != EAGAIN and errno != EINTR:
+            if errno == EBADFD:
+                d.dead = 1
+            elif errno != EAGAIN and errno != EINTR:
                 d.st.rx_errors += 1
             break
         if r < d.hdr_len + ETH_HLEN:
@@ -55,6 +61,9 @@ cdef uint32_t tap_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
     cdef iovec iov[2]
     cdef uint32_t i, sent = 0
     cdef long r
+    if d.dead:
+        d.st.tx_gone += n
+        return 0
     for i in range(n):
         iov[0].iov_base = pkts[i].vnet_hdr
         iov[0].iov_len = d.hdr_len
@@ -64,6 +73,10 @@ cdef uint32_t tap_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
         if r < 0:
             if errno == EAGAIN:
                 break                   # full: the rest is counted as no room
+            if errno == EBADFD:
+                d.dead = 1
+                d.st.tx_gone += n - i
+                break
             d.st.tx_errors += 1
             continue
         sent += 1
@@ -72,7 +85,8 @@ cdef uint32_t tap_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
 
 
 cdef int tap_wait_fd(void *dev, uint16_t q) noexcept nogil:
-    return (<tap_dev_t *>dev).fd
+    cdef tap_dev_t *d = <tap_dev_t *>dev
+    return -1 if d.dead else d.fd
 
 
 cdef port_ops_t TAP_OPS
@@ -97,6 +111,11 @@ cdef class TapDev(PortDev):
         self.nqueues = 1
         self.dev = &self.d
         self.ops = &TAP_OPS
+
+    @property
+    def dead(self):
+        """The interface was deleted under the port (by someone else)."""
+        return bool(self.d.dead)
 
     def stats(self):
         cdef tap_stats_t snapshot = self.d.st

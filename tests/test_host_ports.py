@@ -219,8 +219,15 @@ def test_add_br_internal_and_store_recreates_host_ports(workdir, net):
             assert sw.stop() == 0
         assert not net.exists(br)                 # the tap goes with the switch
         assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
+    # restarted while the attached interface is away: the port loads and waits for it
+    sh(["ip", "link", "del", veth])
     sw = processes.switch(workdir, run_dir, name="switch2")
     try:
+        assert f"dev: {veth} state: absent" in processes.ctl(run_dir, "show")
+        net.veth(veth, ns, net.name("hpp"), net.ip(1))
+        wait_for(lambda: f"dev: {veth} state: up carrier: on" in processes.ctl(run_dir, "show"), 5,
+                 "the interface attached once it is back")
+        assert "promiscuity 1 " in net.link_flags(veth)
         processes.ctl(run_dir, "del-br", br)
         assert not net.exists(br)
         assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
@@ -448,3 +455,17 @@ def test_idle_switch_with_host_ports_sleeps(switch, net):
     used = cpu_seconds(switch.proc.pid) - before
     assert used < 0.3, f"the idle switch used {used:.2f} s of CPU in 3 s"
     assert net.ping(ns_b, net.ip(1), count=2)
+    # the internal port's interface deleted outside the switch, the veth too: their fds
+    # fail (EPOLLERR for ever on the tap's): still no busy polling
+    tap = net.name("hpt")
+    sh(["ip", "link", "del", tap], ns=ns_b)
+    sh(["ip", "link", "del", veth])
+    wait_for(lambda: "deleted (outside the switch)" in ctl(switch, "show"), 5,
+             "the tap shown as deleted")
+    wait_for(lambda: "state: absent" in ctl(switch, "show"), 5, "the veth shown as absent")
+    before = cpu_seconds(switch.proc.pid)
+    time.sleep(3.0)
+    used = cpu_seconds(switch.proc.pid) - before
+    assert used < 0.3, f"the switch used {used:.2f} s of CPU in 3 s with dead ports"
+    ctl(switch, "del-port", tap)
+    ctl(switch, "del-port", "up1")

@@ -80,9 +80,11 @@ class AfPacketPort(Port):
             return False
         lost = False
         if self.sock is not None:
+            # an error (ENETDOWN): the link went down, or the interface left and came back
+            # (the same index after a trip to another namespace): a new socket if it is up
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            # ENETDOWN: the link went down, or the interface left (and came back)
-            lost = err == errno.ENETDOWN and netdev.link_state(self.dev_name)["state"] == "up"
+            lost = (self.dev.take_lost() or err == errno.ENETDOWN) and \
+                netdev.link_state(self.dev_name)["state"] == "up"
         if self.sock is None or index != self.ifindex or lost:
             try:
                 self._attach()

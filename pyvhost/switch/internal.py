@@ -24,6 +24,7 @@ class InternalPort(Port):
     fd: int = -1
     ifindex: int | None = None             # in the switch's namespace when created
     dev: object = field(repr=False, default=None)
+    gone: bool = False                    # the interface was deleted under us
 
     @classmethod
     def create(cls, name, bridge, port_id, ofport, mtu=None) -> InternalPort:
@@ -54,7 +55,17 @@ class InternalPort(Port):
     def abandon(self) -> None:
         self.fd = -1            # a PMD may still write to it: the fd stays open (and the tap)
 
+    def periodic(self) -> bool:
+        if self.dev.dead and not self.gone:
+            self.gone = True
+            log.warning("internal port %s: its interface was deleted outside the switch "
+                        "(del-port and add-port make it again)", self.name)
+            return True
+        return False
+
     def link(self) -> dict:
+        if self.gone:
+            return {"state": "deleted (outside the switch)", "carrier": "off"}
         if self.ifindex is None or netdev.ifindex(self.name) != self.ifindex:
             return {"state": "elsewhere (another network namespace)", "carrier": "on"}
         out = netdev.link_state(self.name)
