@@ -287,6 +287,10 @@ def test_without_capabilities_the_error_names_them_and_the_switch_runs_on(workdi
         out = processes.ctl(run_dir, "add-port", "br0", "up1", "type=afpacket",
                             f"dev={veth}", check=False)
         assert "CAP_NET_RAW" in out, out
+        if afxdp_built():
+            out = processes.ctl(run_dir, "add-port", "br0", "up2", "type=afxdp",
+                                f"dev={veth}", check=False)
+            assert "CAP_NET_RAW" in out, out
         br = net.name("hpbr")
         out = processes.ctl(run_dir, "add-br", br, "internal=true", check=False)
         assert "CAP_NET_ADMIN" in out, out
@@ -299,14 +303,18 @@ def test_without_capabilities_the_error_names_them_and_the_switch_runs_on(workdi
 
 
 # -- afpacket <-> internal --------------------------------------------------------------
-def two_namespaces(switch, net):
-    """ns_a behind an afpacket port (a veth), ns_b behind an internal port: (ns_a, ns_b,
-    the veth's host end, its peer in ns_a)."""
+def two_namespaces(switch, net, port_type="afpacket", tx_offload=True):
+    """ns_a behind an afpacket (or afxdp) port (a veth), ns_b behind an internal port:
+    (ns_a, ns_b, the veth's host end, its peer in ns_a)."""
     ns_a, ns_b = net.netns("hpa"), net.netns("hpb")
     veth, peer, tap = net.name("hpv"), net.name("hpp"), net.name("hpt")
     net.veth(veth, ns_a, peer, net.ip(1))
+    if not tx_offload:
+        if shutil.which("ethtool") is None:
+            pytest.skip("needs ethtool")
+        sh(["ethtool", "-K", peer, "tx", "off"], ns=ns_a)
     ctl(switch, "add-br", "br0")
-    ctl(switch, "add-port", "br0", "up1", "type=afpacket", f"dev={veth}")
+    ctl(switch, "add-port", "br0", "up1", f"type={port_type}", f"dev={veth}")
     ctl(switch, "add-port", "br0", tap, "type=internal")
     sh(["ip", "link", "set", tap, "netns", ns_b])
     net.configure(ns_b, tap, net.ip(2))
@@ -353,11 +361,7 @@ def transfer(net, ns_from, ns_to, address) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("tx_offload", [True, False], ids=["csum-offload", "tx-off"])
 def test_tcp_between_afpacket_and_internal_ports(switch, net, tx_offload):
-    ns_a, ns_b, veth, peer = two_namespaces(switch, net)
-    if not tx_offload:
-        if shutil.which("ethtool") is None:
-            pytest.skip("needs ethtool")
-        sh(["ethtool", "-K", peer, "tx", "off"], ns=ns_a)
+    ns_a, ns_b, veth, peer = two_namespaces(switch, net, tx_offload=tx_offload)
     assert net.ping(ns_a, net.ip(2)), ctl(switch, "dump-ports", "br0")
     transfer(net, ns_a, ns_b, net.ip(2))          # afpacket -> internal
     transfer(net, ns_b, ns_a, net.ip(1))          # internal -> afpacket
@@ -469,3 +473,50 @@ def test_idle_switch_with_host_ports_sleeps(switch, net):
     assert used < 0.3, f"the switch used {used:.2f} s of CPU in 3 s with dead ports"
     ctl(switch, "del-port", tap)
     ctl(switch, "del-port", "up1")
+
+
+# -- afxdp ------------------------------------------------------------------------------
+def afxdp_built() -> bool:
+    try:
+        import pyvhost._afxdp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_afxdp = pytest.mark.skipif(not afxdp_built(), reason="built without libxdp")
+
+
+def test_afxdp_without_libxdp_is_a_clear_error(monkeypatch):
+    from pyvhost.switch import afxdp
+    monkeypatch.setitem(sys.modules, "pyvhost._afxdp", None)
+    with pytest.raises(netdev.NetdevError, match="built without libxdp"):
+        afxdp.afxdp_dev()
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_port_carries_tcp_and_follows_its_interface(switch, net):
+    """An afxdp port (copy mode on a veth whose peer sends complete checksums, as AF_XDP
+    needs): ping, 50 MiB each way with md5, segmentation and checksums done for the
+    internal port's TSO frames, idle sleeps, the interface deleted and made again."""
+    ns_a, ns_b, veth, peer = two_namespaces(switch, net, "afxdp", tx_offload=False)
+    assert net.ping(ns_a, net.ip(2)), ctl(switch, "dump-ports", "br0")
+    assert "promiscuity 1 " in net.link_flags(veth)
+    transfer(net, ns_a, ns_b, net.ip(2))
+    transfer(net, ns_b, ns_a, net.ip(1))
+    port = json.loads(ctl(switch, "dump-ports", "--json", "br0"))["up1"]
+    assert port["type"] == "afxdp" and port["tx_rings"]["tx_segmented"] > 0, port
+    time.sleep(1.0)
+    before = cpu_seconds(switch.proc.pid)
+    time.sleep(2.0)
+    assert cpu_seconds(switch.proc.pid) - before < 0.2
+    sh(["ip", "link", "del", veth])
+    wait_for(lambda: "state: absent" in ctl(switch, "show"), 5, "state absent")
+    net.veth(veth, ns_a, peer, net.ip(1))
+    sh(["ethtool", "-K", peer, "tx", "off"], ns=ns_a)
+    wait_for(lambda: f"dev: {veth} state: up carrier: on" in ctl(switch, "show"), 5,
+             "attached again")
+    assert net.ping(ns_a, net.ip(2), timeout=15), ctl(switch, "dump-ports", "br0")
+    ctl(switch, "del-port", "up1")
+    assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)

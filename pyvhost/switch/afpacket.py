@@ -73,7 +73,7 @@ class AfPacketPort(Port):
         index = netdev.ifindex(self.dev_name)
         if index is None:
             if self.sock is not None:
-                log.warning("afpacket port %s: interface %s is gone", self.name,
+                log.warning("%s port %s: interface %s is gone", self.type, self.name,
                             self.dev_name)
                 self._detach()
                 return True
@@ -83,18 +83,22 @@ class AfPacketPort(Port):
             # an error (ENETDOWN): the link went down, or the interface left and came back
             # (the same index after a trip to another namespace): a new socket if it is up
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            lost = (self.dev.take_lost() or err == errno.ENETDOWN) and \
+            lost = (self._take_lost() or err == errno.ENETDOWN) and \
                 netdev.link_state(self.dev_name)["state"] == "up"
         if self.sock is None or index != self.ifindex or lost:
             try:
                 self._attach()
             except netdev.NetdevError as e:
-                log.warning("afpacket port %s: %s", self.name, e)
+                log.warning("%s port %s: %s", self.type, self.name, e)
                 return False
-            log.info("afpacket port %s: attached to %s (index %d)", self.name,
+            log.info("%s port %s: attached to %s (index %d)", self.type, self.name,
                      self.dev_name, index)
             return True
         return False
+
+    def _take_lost(self) -> bool:
+        take = getattr(self.dev, "take_lost", None)
+        return take() if take is not None else False
 
     @property
     def connected(self) -> bool:

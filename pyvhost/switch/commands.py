@@ -87,9 +87,10 @@ async def del_br(sw, args):
     return ""
 
 
-ADD_PORT_USAGE = ("add-port BRIDGE PORT type=vhostuser|vhostuserclient|internal|afpacket "
-                  "[path=P (client only)] [queues=N] [ofport_request=N] [socket-mode=0660] "
-                  "[socket-group=G] [mtu=N (internal)] [dev=IFNAME (afpacket)]")
+ADD_PORT_USAGE = ("add-port BRIDGE PORT type=vhostuser|vhostuserclient|internal|afpacket|"
+                  "afxdp [path=P (client only)] [queues=N] [ofport_request=N] "
+                  "[socket-mode=0660] [socket-group=G] [mtu=N (internal)] "
+                  "[dev=IFNAME (afpacket, afxdp)]")
 
 
 async def add_port(sw, args):
@@ -97,8 +98,8 @@ async def add_port(sw, args):
     opts = _kv(args[2:], ("type", "path", "queues", "ofport_request", "socket-mode",
                           "socket-group", "mtu", "dev"))
     if "type" not in opts:
-        raise CommandError("add-port needs type=vhostuser, vhostuserclient, internal or "
-                           "afpacket")
+        raise CommandError("add-port needs type=vhostuser, vhostuserclient, internal, "
+                           "afpacket or afxdp")
     from pyvhost._switch import limits
     queues = _int(opts["queues"], "queues", 1, limits()["queues"]) if "queues" in opts else None
     ofport = _int(opts["ofport_request"], "ofport_request", 1, 0xFEFF) \

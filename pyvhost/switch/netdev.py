@@ -165,3 +165,24 @@ def open_packet_socket(dev: str) -> socket.socket:
         s.close()
         raise _fail(f"attaching {dev}", e, "CAP_NET_RAW") from None
     return s
+
+
+def promisc_socket(dev: str) -> socket.socket:
+    """An AF_PACKET socket that receives nothing and only keeps ``dev`` promiscuous while
+    it is open (for ports whose frames come another way: afxdp)."""
+    check_ifname(dev, "dev")
+    index = ifindex(dev)
+    if index is None:
+        raise NetdevError(f"dev={dev}: no such interface")
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    except OSError as e:
+        raise _fail(f"an AF_PACKET socket for {dev}", e, "CAP_NET_RAW") from None
+    try:
+        s.bind((dev, 0))
+        s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
+                     struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""))
+    except OSError as e:
+        s.close()
+        raise _fail(f"promiscuous mode on {dev}", e, "CAP_NET_RAW") from None
+    return s

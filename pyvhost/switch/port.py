@@ -4,9 +4,9 @@ RUN_DIR/NAME.sock or in the ``--vhost-sock-dir``) and vhostuserclient (the switc
 to QEMU's socket at ``path=`` and reconnects whenever it comes back) are a virtio-net
 device from pyvhost.backend and its endpoint; the device offers ``queues`` pairs and the
 switch polls as many as the front-end has enabled (at least one), as OVS does. The host
-port types (internal: a tap; afpacket: an existing interface) live in .internal and
-.afpacket. Each type hands the datapath a compiled device (``datapath_dev``) of its port
-class; the switch itself never asks which type a port is."""
+port types (internal: a tap; afpacket and afxdp: an existing interface) live in
+.internal, .afpacket and .afxdp. Each type hands the datapath a compiled device
+(``datapath_dev``) of its port class; the switch itself never asks which type a port is."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pyvhost.backend import Endpoint, NetDevice
 
 VHOST_TYPES = ("vhostuser", "vhostuserclient")
-HOST_TYPES = ("internal", "afpacket")
+HOST_TYPES = ("internal", "afpacket", "afxdp")
 PORT_TYPES = VHOST_TYPES + HOST_TYPES
 DEFAULT_QUEUES = 8             # pairs offered unless queues= says otherwise
 
@@ -154,21 +154,25 @@ class VhostPort(Port):
 def create_host_port(name: str, bridge: str, type_: str, port_id: int, ofport: int, *,
                      mtu: int | None = None, dev: str | None = None,
                      restoring: bool = False) -> Port:
-    """An internal or afpacket port, its interface created or attached (NetdevError or
-    ValueError if not: then nothing was created). ``restoring``: an afpacket port whose
-    interface is absent is created anyway and attaches when the interface comes."""
+    """An internal, afpacket or afxdp port, its interface created or attached
+    (NetdevError or ValueError if not: then nothing was created). ``restoring``: an
+    afpacket/afxdp port whose interface is absent is created anyway and attaches when the
+    interface comes."""
     if type_ == "internal":
         from .internal import InternalPort
         if dev is not None:
             raise ValueError("dev= is for type=afpacket (an internal port is its own "
                              "interface)")
         return InternalPort.create(name, bridge, port_id, ofport, mtu)
-    if type_ == "afpacket":
-        from .afpacket import AfPacketPort
+    if type_ in ("afpacket", "afxdp"):
         if mtu is not None:
-            raise ValueError("mtu= is for type=internal (an afpacket port uses its "
+            raise ValueError(f"mtu= is for type=internal (an {type_} port uses its "
                              "interface as it is)")
         if not dev:
-            raise ValueError("type=afpacket needs dev=IFNAME (the interface to attach)")
+            raise ValueError(f"type={type_} needs dev=IFNAME (the interface to attach)")
+        if type_ == "afxdp":
+            from .afxdp import AfXdpPort
+            return AfXdpPort.create(name, bridge, port_id, ofport, dev, restoring)
+        from .afpacket import AfPacketPort
         return AfPacketPort.create(name, bridge, port_id, ofport, dev, restoring)
     raise ValueError(f"unknown port type {type_!r} (have: {', '.join(PORT_TYPES)})")

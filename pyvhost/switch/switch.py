@@ -332,7 +332,7 @@ class Switch:
                                    "socket-group=")
             queues = 1                        # one queue: the interface's
         elif mtu is not None or dev is not None:
-            raise CommandError("mtu= and dev= are for type=internal and type=afpacket")
+            raise CommandError("mtu= and dev= are for type=internal, afpacket and afxdp")
         elif type_ == "vhostuserclient":
             if not path:
                 raise CommandError("type=vhostuserclient needs path= (the front-end's socket)")
@@ -369,7 +369,7 @@ class Switch:
             if socket_mode is not None and not (isinstance(socket_mode, int) and
                                                 0 <= socket_mode <= 0o777):
                 raise CommandError(f"socket-mode: {socket_mode!r} out of range 0..0777")
-        if type_ in HOST_TYPES and any(p.type == "afpacket" and p.path == dev
+        if type_ in HOST_TYPES and any(p.type in ("afpacket", "afxdp") and p.path == dev
                                        for p in self.ports.values()):
             raise CommandError(f"dev={dev} is attached already")
         try:
