@@ -21,7 +21,6 @@ cdef enum:
 
 cdef struct xdp_stats_t:
     # the socket's own counters; AfXdpDev.stats() returns this struct as a dict
-    uint64_t rx_no_fill       # frames received whose UMEM frame could not be given back
     uint64_t rx_oversize      # frames larger than a packet buffer: dropped
     uint64_t tx_oversize      # frames larger than a UMEM frame (and not TSO): dropped
     uint64_t tx_segmented     # TSO super-frames cut into segments here

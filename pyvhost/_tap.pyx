@@ -4,8 +4,8 @@ plane, switch/internal.py, with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and non-block
 Receive = readv into [virtio-net header, frame] until the fd is empty or the burst is
 full; send = writev per frame with its header (checksum and TSO metadata pass through;
 the kernel completes what it must). Wait fd = the tap fd, until the interface is deleted
-under the port (someone ran ``ip link del``): then the fd is dead (EBADFD) and is no longer
-waited on or read, so an idle PMD does not spin on its error. Without the GIL; it neither
+under the port (someone ran ``ip link del``): then the fd is dead (EBADFD, or end of file)
+and is no longer waited on or read, so an idle PMD does not spin on its error. Without the GIL; it neither
 opens nor closes the fd and knows no interface names.
 """
 
@@ -44,6 +44,10 @@ cdef uint32_t tap_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
                 d.dead = 1
             elif errno != EAGAIN and errno != EINTR:
                 d.st.rx_errors += 1
+            break
+        if r == 0:                      # end of file: nothing will ever come
+            pool_put(pool, p)
+            d.dead = 1
             break
         if r < d.hdr_len + ETH_HLEN:
             pool_put(pool, p)
