@@ -26,6 +26,7 @@ class AfPacketPort(Port):
     ifindex: int | None = None
     dev: object = field(repr=False, default=None)
     attaches: int = 0
+    abandoned: bool = False               # a PMD may still be inside: never closed
 
     @classmethod
     def create(cls, name, bridge, port_id, ofport, dev_name, restoring=False) -> AfPacketPort:
@@ -64,12 +65,15 @@ class AfPacketPort(Port):
         return self.dev
 
     async def close(self) -> None:
-        self._detach()                        # the kernel ends promiscuous mode with it
+        if not self.abandoned:
+            self._detach()                    # the kernel ends promiscuous mode with it
 
     def abandon(self) -> None:
-        self.sock = None                      # a PMD may still be inside: keep the socket
+        self.abandoned = True                 # keep the socket and its ring mapped
 
     def periodic(self) -> bool:
+        if self.abandoned:
+            return False
         index = netdev.ifindex(self.dev_name)
         if index is None:
             if self.sock is not None:
