@@ -201,7 +201,7 @@ def test_add_br_internal_and_store_recreates_host_ports(workdir, net):
     internal ports again and attaches afpacket ports again; deleting the bridge deletes
     its internal interfaces and leaves the attached veth (not promiscuous any more)."""
     ns = net.netns("hps")
-    br, veth = net.name("hpb"), net.name("hpv")
+    br, veth, tap = net.name("hpb"), net.name("hpv"), net.name("hpm")
     net.veth(veth, ns, net.name("hpp"), net.ip(1))
     run_dir = workdir / "run"
     for start in range(2):
@@ -210,14 +210,16 @@ def test_add_br_internal_and_store_recreates_host_ports(workdir, net):
             if start == 0:
                 processes.ctl(run_dir, "add-br", br, "internal=true")
                 processes.ctl(run_dir, "add-port", br, "up1", "type=afpacket", f"dev={veth}")
+                processes.ctl(run_dir, "add-port", br, tap, "type=internal", "mtu=1400")
             show = processes.ctl(run_dir, "show")
             assert f"Port {br}" in show and "type: internal" in show, show
+            assert "mtu: 1400" in show and "mtu 1400" in net.link_flags(tap), show
             assert f"dev: {veth} state: up" in show, show
             assert net.exists(br)
             assert "promiscuity 1 " in net.link_flags(veth)
         finally:
             assert sw.stop() == 0
-        assert not net.exists(br)                 # the tap goes with the switch
+        assert not net.exists(br) and not net.exists(tap)   # taps go with the switch
         assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
     # restarted while the attached interface is away: the port loads and waits for it
     sh(["ip", "link", "del", veth])
@@ -229,7 +231,7 @@ def test_add_br_internal_and_store_recreates_host_ports(workdir, net):
                  "the interface attached once it is back")
         assert "promiscuity 1 " in net.link_flags(veth)
         processes.ctl(run_dir, "del-br", br)
-        assert not net.exists(br)
+        assert not net.exists(br) and not net.exists(tap)
         assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
     finally:
         assert sw.stop() == 0
