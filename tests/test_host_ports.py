@@ -92,7 +92,8 @@ class Guest:
     def __init__(self, sock: str, ip: str):
         self.port = VirtioUser(sock, ring_size=256).open()
         self.responder = Responder(ip, GUEST_MAC)
-        self.frames: list[bytes] = []
+        self.frames: list[bytes] = []          # IPv4 (untagged)
+        self.received: list[bytes] = []        # everything
         self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -104,6 +105,7 @@ class Guest:
             except Exception:
                 return
             replies = []
+            self.received += frames
             for f in frames:
                 if len(f) >= 34 and f[12:14] == b"\x08\x00":
                     self.frames.append(f)
@@ -522,3 +524,33 @@ def test_afxdp_port_carries_tcp_and_follows_its_interface(switch, net):
     assert net.ping(ns_a, net.ip(2), timeout=15), ctl(switch, "dump-ports", "br0")
     ctl(switch, "del-port", "up1")
     assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
+
+
+RAW_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+s.send(bytes.fromhex(sys.argv[2]))
+"""
+
+
+@needs_root
+def test_afpacket_puts_back_the_vlan_tag_the_kernel_took_out(switch, net):
+    """A tagged frame arriving on the attached interface has its tag taken out by the
+    kernel (TP_STATUS_VLAN_VALID); the guest receives it tagged as it was sent."""
+    ns = net.netns("hpl")
+    veth, peer = net.name("hpv"), net.name("hpp")
+    net.veth(veth, ns, peer, None)
+    ctl(switch, "add-br", "br0")
+    ctl(switch, "add-port", "br0", "vm1", "type=vhostuser")
+    ctl(switch, "add-port", "br0", "up1", "type=afpacket", f"dev={veth}")
+    guest = Guest(str(switch.run / "vm1.sock"), net.ip(254))
+    try:
+        tagged = GUEST_MAC + bytes.fromhex("0200000000aa") + bytes.fromhex("81000005") + \
+            b"\x88\xb5" + b"vlan five" * 8
+        sh([sys.executable, "-c", RAW_SEND, peer, tagged.hex()], ns=ns)
+        wait_for(lambda: tagged in guest.received, 5, "the tagged frame at the guest")
+    finally:
+        guest.close()
+    stats = json.loads(ctl(switch, "dump-ports", "--json", "br0"))["up1"]["rx_rings"]
+    assert stats["rx_vlan_restored"] >= 1

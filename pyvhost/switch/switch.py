@@ -678,7 +678,8 @@ class Switch:
             if "link" in c:
                 out.append(f"           link: type={port.type} " +
                            " ".join(f"{k}={v}" for k, v in c["link"].items()))
-            for label, counters in (("datapath", d), ("rx rings", r), ("tx rings", t)):
+            side = "rings" if isinstance(port, VhostPort) else "device"
+            for label, counters in (("datapath", d), (f"rx {side}", r), (f"tx {side}", t)):
                 out.append(f"           {label}: " +
                            " ".join(f"{k}={v}" for k, v in counters.items()))
             for q in c["queues"]:
