@@ -267,6 +267,11 @@ def test_bad_host_port_requests_create_nothing(switch, net):
                                      f"dev={veth}", check=False)
     assert "already exists" in ctl(switch, "add-port", "br0", "p1", "type=internal",
                                    check=False)
+    tap = net.name("hpt")
+    ctl(switch, "add-port", "br0", tap, "type=internal")
+    assert "a loop" in ctl(switch, "add-port", "br0", "p3", "type=afpacket", f"dev={tap}",
+                           check=False)
+    ctl(switch, "del-port", tap)
     ctl(switch, "del-port", "p1")
     assert net.exists(veth)                           # never deletes what it attached
     assert "Port" not in ctl(switch, "show")

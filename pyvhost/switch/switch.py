@@ -372,6 +372,8 @@ class Switch:
         if type_ in HOST_TYPES and any(p.type in ("afpacket", "afxdp") and p.path == dev
                                        for p in self.ports.values()):
             raise CommandError(f"dev={dev} is attached already")
+        if dev is not None and dev in self.ports and self.ports[dev].type == "internal":
+            raise CommandError(f"dev={dev} is this switch's internal port {dev} (a loop)")
         try:
             if type_ in HOST_TYPES:
                 # the interface is created or attached here: a failure leaves nothing
