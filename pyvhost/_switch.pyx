@@ -69,7 +69,7 @@ cdef enum:
     MAX_POLL = 512
     CLOCK_EVERY = 64
     UPCALL_TIMED_EVERY = 8     # upcalls timed exactly; the rest are charged the average
-    UPCALL_COST_CAP_NS = 50000
+    UPCALL_COST_SLACK_NS = 2000
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
     UPCALL_WINDOW_NS = 10000000
     THROTTLED_BURST = 4        # frames read per visit from a port over its upcall share
@@ -786,10 +786,11 @@ cdef class Pmd:
                     # a clock read costs as much as a short upcall: time one in
                     # UPCALL_TIMED_EVERY, charge the others the moving average
                     if timed:
-                        dt = now_ns() - tu
-                        # (a sample the thread was preempted in must not inflate it)
-                        self.upcall_cost_ns = (self.upcall_cost_ns * 7 +
-                                               min(dt, UPCALL_COST_CAP_NS)) // 8
+                        # (a sample the thread was preempted in must neither inflate the
+                        # average nor be charged: one counts at most 4 times it and 2 us)
+                        dt = min(now_ns() - tu,
+                                 4 * self.upcall_cost_ns + UPCALL_COST_SLACK_NS)
+                        self.upcall_cost_ns = (self.upcall_cost_ns * 7 + dt) // 8
                         self.upcalls_untimed = UPCALL_TIMED_EVERY - 1
                     else:
                         dt = self.upcall_cost_ns
