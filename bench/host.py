@@ -26,9 +26,13 @@ client and server) run under `taskset -c 1`.
 Both A's and B's veth ends have `ethtool -K DEV tx off` (complete checksums, no TSO from
 the namespaces): AF_XDP ports carry no checksum metadata and OVS's system ports in the
 userspace datapath do not complete partial checksums, so this is the configuration every
-path carries; the same for all four.
+path carries; the same for all four. One more row measures TCP with the veth defaults
+(checksum offload and TSO on: local senders' frames carry partial checksums, the PEERS.md
+pitfall) on the paths that carry such frames (pyvhost afpacket, through PACKET_VNET_HDR, and
+the bridge); OVS's system ports and AF_XDP ports do not (TCP stalls), so they show n/a.
 
   TCP          iperf3 -c B -t SECONDS (one stream), Gbit/s received
+  TCP offload  the same with `tx on` on A's and B's veths (afpacket and bridge only)
   64B sent     iperf3 -u -b 0 -l 18 (18-byte payload: 60-byte frames, 64 on a wire with
                FCS), datagrams/s A's iperf3 sent
   64B at B     frames/s arriving on B's veth (its rx_packets) during that test: what the
@@ -172,7 +176,11 @@ class Path_:
             sh(["ethtool", "-K", dev, "tx", "off"], ns=ns)
             sh(["ip", "link", "set", dev, "up"], ns=ns)
             sh(["ip", "link", "set", peer, "up"], ns=self.ns_s)
-        self.note = ""
+        self.partial_csum_ok = False     # carries frames with partial checksums (tx on)
+
+    def offload(self, on: bool) -> None:
+        for ns, dev in ((self.ns_a, A_DEV), (self.ns_b, B_DEV)):
+            sh(["ethtool", "-K", dev, "tx", "on" if on else "off"], ns=ns)
 
     def switch_info(self) -> str:
         return ""
@@ -259,6 +267,14 @@ def measure_tcp(path: Path_, seconds: float) -> float:
     return report["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
+def measure_tcp_offload(path: Path_, seconds: float) -> float:
+    path.offload(True)
+    try:
+        return measure_tcp(path, seconds)
+    finally:
+        path.offload(False)
+
+
 def measure_udp(path: Path_, seconds: float) -> dict[str, float]:
     before = rx_packets(path.ns_b, B_DEV)
     report = iperf3(path, seconds, "-u", "-b", "0", "-l", str(UDP_LEN))
@@ -269,8 +285,8 @@ def measure_udp(path: Path_, seconds: float) -> dict[str, float]:
             "rcvd": (got["packets"] - got["lost_packets"]) / got["seconds"] / 1e3}
 
 
-MEASURES = (("TCP", "Gbit/s"), ("64B sent", "kpps"), ("64B at B", "kpps"),
-            ("64B rcvd", "kpps"))
+MEASURES = (("TCP", "Gbit/s"), ("TCP offload", "Gbit/s"), ("64B sent", "kpps"),
+            ("64B at B", "kpps"), ("64B rcvd", "kpps"))
 
 
 def main() -> int:
@@ -297,6 +313,7 @@ def main() -> int:
     def on_term(signum, frame):
         raise Interrupted()
     old_term = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)   # even if inherited
     workdir = Path(tempfile.mkdtemp(prefix="pvh", dir="/tmp"))
     bench = HostBench(workdir)
     results: dict[str, dict[str, list[float]]] = {}
@@ -320,14 +337,19 @@ def main() -> int:
             try:
                 if key == "ovs":
                     ovs = start_ovs(bench, path)
-                    rxq = ovs.appctl("dpif-netdev/pmd-rxq-show").strip()
-                    notes.append(f"{OVS}: ovs-vswitchd under taskset -c {SWITCH_CPU}, "
-                                 f"pmd-cpu-mask={hex(1 << SWITCH_CPU)}; "
-                                 f"dpif-netdev/pmd-rxq-show: {rxq or '(nothing)'!r}")
+                    rxq = [line for line in ovs.appctl("dpif-netdev/pmd-rxq-show")
+                           .splitlines() if "port:" in line]
+                    notes.append(f"{OVS}: ovs-vswitchd (all its threads) under taskset -c "
+                                 f"{SWITCH_CPU}, pmd-cpu-mask={hex(1 << SWITCH_CPU)}; "
+                                 + (f"PMD rx queues: {'; '.join(rxq)}" if rxq else
+                                    "no PMD thread (pmd-rxq-show lists no queue): system "
+                                    "ports are polled by the main thread"))
                 elif key in ("afpacket", "afxdp"):
                     start_pyvhost(bench, path, key)
+                    path.partial_csum_ok = key == "afpacket"
                 else:
                     start_bridge(path)
+                    path.partial_csum_ok = True
             except (RuntimeError, subprocess.CalledProcessError) as e:
                 why = getattr(e, "stderr", None) or str(e)
                 notes.append(f"{name}: skipped, the switch did not start: {why.strip()[-600:]}")
@@ -347,15 +369,18 @@ def main() -> int:
                 try:
                     got["TCP"].append(measure_tcp(path, args.seconds))
                     udp = measure_udp(path, args.seconds)
+                    if path.partial_csum_ok:
+                        got["TCP offload"].append(measure_tcp_offload(path, args.seconds))
                 except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
                     print(f"round {r + 1} {path.name}: failed: {e}", flush=True)
                     continue
                 got["64B sent"].append(udp["sent"])
                 got["64B at B"].append(udp["at_b"])
                 got["64B rcvd"].append(udp["rcvd"])
-                print(f"round {r + 1} {path.name:17} TCP {got['TCP'][-1]:6.2f} Gbit/s  "
-                      f"64B sent {udp['sent']:7.1f} at B {udp['at_b']:7.1f} "
-                      f"rcvd {udp['rcvd']:7.1f} kpps", flush=True)
+                offl = f"{got['TCP offload'][-1]:6.2f}" if path.partial_csum_ok else "   n/a"
+                print(f"round {r + 1} {path.name:17} TCP {got['TCP'][-1]:6.2f} "
+                      f"(offload {offl}) Gbit/s  64B sent {udp['sent']:7.1f} "
+                      f"at B {udp['at_b']:7.1f} rcvd {udp['rcvd']:7.1f} kpps", flush=True)
         print(f"({args.rounds} rounds of {args.seconds:g} s tests in "
               f"{time.monotonic() - t0:.0f} s)")
     except (KeyboardInterrupt, Interrupted):
@@ -367,6 +392,7 @@ def main() -> int:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, old_int)
     report(results)
     return 0
 
@@ -375,20 +401,31 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+RATIO_MEASURES = ("TCP", "64B at B", "64B rcvd")     # what the switch decides
+
+
+def cell(value: float, unit: str) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2f}" if unit == "Gbit/s" else f"{value:.1f}"
+
+
 def report(results: dict[str, dict[str, list[float]]]) -> None:
     cols = [c for c in ORDER if c in results]
     med = {c: {m: median(results[c][m]) for m, _ in MEASURES} for c in cols}
     print("\n| measure (median) | unit | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for m, unit in MEASURES:
-        print(f"| {m} | {unit} | " + " | ".join(f"{med[c][m]:.2f}" if m == "TCP"
-                                                 else f"{med[c][m]:.1f}" for c in cols) + " |")
+        print(f"| {m} | {unit} | " + " | ".join(cell(med[c][m], unit) for c in cols) + " |")
     if OVS in med:
-        for m, _ in MEASURES:
+        for m in RATIO_MEASURES:
+            if math.isnan(med[OVS][m]):
+                continue
             cells = []
             for c in cols:
                 base = med[OVS][m]
-                if c.startswith("pyvhost") and base and not math.isnan(base):
+                if c.startswith("pyvhost") and base and not math.isnan(base) \
+                        and not math.isnan(med[c][m]):
                     cells.append(f"x{med[c][m] / base:.2f}")
                 else:
                     cells.append("")
