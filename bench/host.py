@@ -8,6 +8,11 @@ for the path, where the switch attaches them:
                     ovsdb-server, bridge datapath_type=netdev, both veths as system ports,
                     actions=NORMAL; ovs-vswitchd runs in the switch namespace (its br0 and
                     ovs-netdev taps stay there)
+  OVS afxdp         the same OVS set-up with the veths as type=afxdp ports
+                    (options:xdp-mode=generic: copy mode, as pyvhost's), added to the bridge
+                    only for this path's rounds (their PMD thread busy-polls CPU 0, and goes
+                    away when they are deleted); not asked for, but the like-for-like peer of
+                    pyvhost afxdp
   pyvhost afpacket  `pyvhost switch` in the switch namespace, the veths as type=afpacket ports
   pyvhost afxdp     the same with type=afxdp ports (a second switch; skipped with a note
                     where AF_XDP is not built or not allowed)
@@ -18,8 +23,9 @@ are not measured sleep (pyvhost's PMD sleeps on its ports' fds; OVS polls system
 its main thread, which sleeps in poll()). Pinning: each switch process runs under
 `taskset -c 0` with its polling thread on CPU 0: pyvhost `set-pmd threads=1 cpus=0`; OVS
 `other_config:pmd-cpu-mask=0x1`, which only applies to PMD port types (dpdk, afxdp): the
-userspace datapath polls system (netdev-linux) ports from its main thread, so that is the
-thread pinned to CPU 0 (the run prints `dpif-netdev/pmd-rxq-show` to show it). The Linux
+userspace datapath polls system (netdev-linux) ports from its main thread (no PMD thread
+exists), so with system ports that is the thread pinned to CPU 0 (the run prints what
+`dpif-netdev/pmd-rxq-show` says). The Linux
 bridge forwards in softirq context, mostly on the sender's CPU. The traffic tools (iperf3
 client and server) run under `taskset -c 1`.
 
@@ -39,10 +45,11 @@ the bridge); OVS's system ports and AF_XDP ports do not (TCP stalls), so they sh
                switch delivered
   64B rcvd     datagrams/s B's iperf3 received (sent minus lost, iperf3's count)
 
-Rounds alternate (OVS, pyvhost afpacket, pyvhost afxdp, bridge, repeat); medians are
-printed, with the ratio pyvhost / OVS userspace. On a 2-core machine sender and receiver
-share CPU 1, so the 64-byte rates are bounded by iperf3 itself as well (compare with the
-bridge column). Everything this creates (namespaces with their veths, processes) is
+Rounds alternate (OVS, OVS afxdp, pyvhost afpacket, pyvhost afxdp, bridge, repeat);
+medians are printed, with the ratios pyvhost / OVS userspace and pyvhost afxdp / OVS
+afxdp. On a 2-core machine sender and receiver share CPU 1, so the 64-byte rates are
+bounded by iperf3 itself as well; the bridge forwards on the sender's CPU, so its column
+is no ceiling either. Everything this creates (namespaces with their veths, processes) is
 removed at the end, also on Ctrl-C; processes are stopped by PID. Not a test: no thresholds.
 """
 
@@ -75,9 +82,11 @@ A_DEV, B_DEV = "pva", "pvb"           # in namespaces A and B
 SA_DEV, SB_DEV = "pvsa", "pvsb"       # their peers in the switch namespace
 UDP_LEN = 18                          # iperf3 UDP payload: 60-byte frames
 
-OVS, AFPACKET, AFXDP, BRIDGE = "OVS userspace", "pyvhost afpacket", "pyvhost afxdp", \
-    "Linux bridge"
-ORDER = (OVS, AFPACKET, AFXDP, BRIDGE)
+OVS, OVS_XDP = "OVS userspace", "OVS afxdp"
+AFPACKET, AFXDP, BRIDGE = "pyvhost afpacket", "pyvhost afxdp", "Linux bridge"
+ORDER = (OVS, OVS_XDP, AFPACKET, AFXDP, BRIDGE)
+KEYS = {"ovs": OVS, "ovs-afxdp": OVS_XDP, "afpacket": AFPACKET, "afxdp": AFXDP,
+        "bridge": BRIDGE}
 
 
 def sh(argv: list[str], *, ns: str | None = None, timeout: float = 30.0,
@@ -96,8 +105,8 @@ class OvsNetdev(OvsDpdk):
     bench/_ovs.py, Debian's plain ovs-vswitchd run in ``netns`` (made by the caller, holding
     the veth ends) under taskset, a netdev bridge with ``ports`` as system ports."""
 
-    def __init__(self, workdir: Path, ports: list[str], netns: str, cpu: int):
-        super().__init__(workdir, ports, pmd_cpu=cpu, name="ovs-netdev")
+    def __init__(self, workdir: Path, ports: list[str], netns: str, cpu: int, name: str):
+        super().__init__(workdir, ports, pmd_cpu=cpu, name=name)
         self.netns = netns
 
     def _start(self) -> OvsNetdev:
@@ -178,6 +187,12 @@ class Path_:
             sh(["ip", "link", "set", peer, "up"], ns=self.ns_s)
         self.partial_csum_ok = False     # carries frames with partial checksums (tx on)
 
+    def enter(self) -> None:
+        """Before this path's measures (and its first ping)."""
+
+    def leave(self) -> None:
+        """After them."""
+
     def offload(self, on: bool) -> None:
         for ns, dev in ((self.ns_a, A_DEV), (self.ns_b, B_DEV)):
             sh(["ethtool", "-K", dev, "tx", "on" if on else "off"], ns=ns)
@@ -202,11 +217,28 @@ def start_pyvhost(bench: HostBench, path: Path_, port_type: str) -> None:
     path.stats = lambda: json.loads(processes.ctl(run_dir, "dump-ports", "--json", "br0"))
 
 
-def start_ovs(bench: HostBench, path: Path_) -> OvsNetdev:
-    ovs = OvsNetdev(bench.workdir, [SA_DEV, SB_DEV], path.ns_s, SWITCH_CPU)
+def start_ovs(bench: HostBench, path: Path_, afxdp: bool = False) -> OvsNetdev:
+    """OVS with the veths as system ports; or (``afxdp``) as afxdp ports in generic (copy)
+    XDP mode, pyvhost's mode, added only while the path is measured: their PMD thread
+    busy-polls CPU 0 and goes away with them."""
+    ovs = OvsNetdev(bench.workdir, [] if afxdp else [SA_DEV, SB_DEV], path.ns_s, SWITCH_CPU,
+                    "ovs-afxdp" if afxdp else "ovs-system")
     bench.switches.append(ovs)
     ovs.start()
     path.switch_info = lambda: ovs.appctl("dpctl/show", "-s") + ovs.log_tail()
+    if afxdp:
+        def enter():
+            for dev in (SA_DEV, SB_DEV):
+                ovs.vsctl("add-port", "br0", dev, "--", "set", "Interface", dev, "type=afxdp",
+                          "options:xdp-mode=generic", wait=True)
+            if not ping(path):
+                raise RuntimeError(f"A cannot ping B through OVS afxdp ports:\n"
+                                   f"{path.switch_info()[-1500:]}")
+
+        def leave():
+            for dev in (SA_DEV, SB_DEV):
+                ovs.vsctl("--if-exists", "del-port", "br0", dev, wait=True)
+        path.enter, path.leave = enter, leave
     return ovs
 
 
@@ -294,8 +326,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="per iperf3 test")
-    ap.add_argument("--paths", default="ovs,afpacket,afxdp,bridge",
-                    help="which paths (comma-separated)")
+    ap.add_argument("--paths", default=",".join(KEYS), help="which paths (comma-separated)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench host: needs root (namespaces, veths)", file=sys.stderr)
@@ -319,13 +350,12 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {}
     try:
         paths: list[Path_] = []
-        for index, (name, key) in enumerate(((OVS, "ovs"), (AFPACKET, "afpacket"),
-                                             (AFXDP, "afxdp"), (BRIDGE, "bridge")), 1):
+        for index, (key, name) in enumerate(KEYS.items(), 1):
             if key not in wanted:
                 continue
-            if key == "ovs" and not all(Path(p).exists() for p in
+            if key.startswith("ovs") and not all(Path(p).exists() for p in
                                         (OVS_VSWITCHD, SCHEMA, "/usr/sbin/ovsdb-server")):
-                notes.append(f"{OVS}: skipped, {OVS_VSWITCHD} missing (openvswitch-switch)")
+                notes.append(f"{name}: skipped, {OVS_VSWITCHD} missing (openvswitch-switch)")
                 continue
             if key == "afxdp":
                 try:
@@ -333,7 +363,7 @@ def main() -> int:
                 except ImportError as e:
                     notes.append(f"{AFXDP}: skipped, pyvhost built without AF_XDP ({e})")
                     continue
-            path = Path_(bench, name, key[:3], index)
+            path = Path_(bench, name, key.replace("-", "")[:4], index)
             try:
                 if key == "ovs":
                     ovs = start_ovs(bench, path)
@@ -344,6 +374,16 @@ def main() -> int:
                                  + (f"PMD rx queues: {'; '.join(rxq)}" if rxq else
                                     "no PMD thread (pmd-rxq-show lists no queue): system "
                                     "ports are polled by the main thread"))
+                elif key == "ovs-afxdp":
+                    ovs = start_ovs(bench, path, afxdp=True)
+                    path.enter()
+                    rxq = [" ".join(line.split()[:4]) for line in
+                           ovs.appctl("dpif-netdev/pmd-rxq-show").splitlines()
+                           if "port:" in line]
+                    path.leave()
+                    notes.append(f"{OVS_XDP}: the same OVS set-up with type=afxdp "
+                                 "options:xdp-mode=generic ports, added for its rounds only; "
+                                 f"its PMD polls them on CPU {SWITCH_CPU}: {'; '.join(rxq)}")
                 elif key in ("afpacket", "afxdp"):
                     start_pyvhost(bench, path, key)
                     path.partial_csum_ok = key == "afpacket"
@@ -354,7 +394,7 @@ def main() -> int:
                 why = getattr(e, "stderr", None) or str(e)
                 notes.append(f"{name}: skipped, the switch did not start: {why.strip()[-600:]}")
                 continue
-            if not ping(path):
+            if key != "ovs-afxdp" and not ping(path):
                 notes.append(f"{name}: skipped, A cannot ping B through it:\n"
                              f"{path.switch_info()[-1500:]}")
                 continue
@@ -367,11 +407,16 @@ def main() -> int:
             for path in paths:
                 got = results[path.name]
                 try:
-                    got["TCP"].append(measure_tcp(path, args.seconds))
-                    udp = measure_udp(path, args.seconds)
-                    if path.partial_csum_ok:
-                        got["TCP offload"].append(measure_tcp_offload(path, args.seconds))
-                except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+                    path.enter()
+                    try:
+                        got["TCP"].append(measure_tcp(path, args.seconds))
+                        udp = measure_udp(path, args.seconds)
+                        if path.partial_csum_ok:
+                            got["TCP offload"].append(measure_tcp_offload(path, args.seconds))
+                    finally:
+                        path.leave()
+                except (RuntimeError, subprocess.TimeoutExpired, subprocess.CalledProcessError,
+                        ValueError, KeyError) as e:
                     print(f"round {r + 1} {path.name}: failed: {e}", flush=True)
                     continue
                 got["64B sent"].append(udp["sent"])
@@ -417,19 +462,17 @@ def report(results: dict[str, dict[str, list[float]]]) -> None:
     print("|---|---|" + "---|" * len(cols))
     for m, unit in MEASURES:
         print(f"| {m} | {unit} | " + " | ".join(cell(med[c][m], unit) for c in cols) + " |")
-    if OVS in med:
+    for base_col, label, which in ((OVS, "pyvhost vs OVS userspace", (AFPACKET, AFXDP)),
+                                   (OVS_XDP, "pyvhost afxdp vs OVS afxdp", (AFXDP,))):
+        if base_col not in med:
+            continue
         for m in RATIO_MEASURES:
-            if math.isnan(med[OVS][m]):
+            base = med[base_col][m]
+            if math.isnan(base) or not base:
                 continue
-            cells = []
-            for c in cols:
-                base = med[OVS][m]
-                if c.startswith("pyvhost") and base and not math.isnan(base) \
-                        and not math.isnan(med[c][m]):
-                    cells.append(f"x{med[c][m] / base:.2f}")
-                else:
-                    cells.append("")
-            print(f"| pyvhost vs OVS userspace: {m} | ratio | " + " | ".join(cells) + " |")
+            cells = [f"x{med[c][m] / base:.2f}" if c in which and not math.isnan(med[c][m])
+                     else "" for c in cols]
+            print(f"| {label}: {m} | ratio | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
