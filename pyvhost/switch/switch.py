@@ -523,6 +523,15 @@ class Switch:
         self._change(bridge, remove=gone)
         return len(gone)
 
+    def change_rules(self, bridge_name: str, add: list[Flow] = (), remove: list[Rule] = (),
+                     modify: list[tuple[Rule, Flow]] = ()) -> list[Rule]:
+        """One all-or-nothing change of rules the caller picked itself (OpenFlow's
+        FLOW_MODs, pyvhost.openflow): the path add-flows and del-flows take, store
+        included; ``modify`` gives rules new actions, cookie and timeouts (counters stay).
+        Returns the added rules."""
+        return self._change(self._bridge(bridge_name), add=list(add), remove=list(remove),
+                            modify=list(modify))
+
     def trace(self, bridge_name: str, match: dict) -> dict:
         bridge = self._bridge(bridge_name)
         try:
