@@ -73,6 +73,16 @@ class Listener:
     error: str = ""
     inode: tuple[int, int] | None = None
 
+    def key(self) -> tuple | None:
+        """What the listener listens on (None: a port the kernel will choose)."""
+        t = self.target
+        if t.kind == "punix":
+            return ("punix", t.path)
+        if self.server is not None:
+            host, port = self.server.sockets[0].getsockname()[:2]
+            return ("ptcp", str(ipaddress.ip_address(host)), port)
+        return ("ptcp", t.host, t.port) if t.port else None
+
 
 @dataclass
 class BridgeOpenFlow:
@@ -127,7 +137,9 @@ class OpenFlow:
             raise CommandError(f"at most {MAX_TARGETS} targets")
         conf = self._conf(bridge)
         current = self.bridges.get(bridge)
-        keep = {ln.target.text: ln for ln in current.listeners if ln.server} if current else {}
+        running = {ln.key(): ln for ln in current.listeners if ln.server} if current else {}
+        keep = {t.text: running[key] for t in parsed
+                if (key := Listener(t).key()) is not None and key in running}
         new = [Listener(t) for t in parsed if t.text not in keep]
         for ln in new:
             try:
@@ -151,13 +163,14 @@ class OpenFlow:
         if current is None:
             current = self.bridges[bridge] = BridgeOpenFlow(bridge, dpid)
         current.probe = probe / 1000 if probe else None
-        wanted = {t.text for t in parsed}
+        kept = {id(ln) for ln in keep.values()}
         for ln in current.listeners:
-            if ln.target.text not in wanted or not ln.server:
+            if id(ln) not in kept:
                 await self._close_listener(ln)
+        for text, ln in keep.items():
+            ln.target = next(t for t in parsed if t.text == text)
         by_text = {**keep, **{ln.target.text: ln for ln in new}}
-        current.listeners = [by_text[t.text] if t.text in by_text else Listener(t)
-                             for t in parsed]
+        current.listeners = [by_text[t.text] for t in parsed]
         for ln in current.listeners:
             log.info("openflow %s: %s listening on %s", bridge, ln.target.text, ln.address)
 

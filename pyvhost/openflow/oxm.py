@@ -66,6 +66,7 @@ def parse_tlvs(oxm: bytes) -> dict[int, tuple[bytes, bytes | None]]:
     """{field: (value, mask or None)} of OXM TLVs; lengths, duplicates, classes and
     value-outside-mask bits checked."""
     out: dict[int, tuple[bytes, bytes | None]] = {}
+    later: list[OFError] = []          # mask errors: a field this switch lacks comes first
     off = 0
     while off < len(oxm):
         if off + 4 > len(oxm):
@@ -90,15 +91,17 @@ def parse_tlvs(oxm: bytes) -> dict[int, tuple[bytes, bytes | None]]:
         value, mask = (body[:size], body[size:]) if hasmask else (body, None)
         if mask is not None:
             if not SUPPORTED[field]:
-                raise _bad(E.BMC_BAD_MASK, f"OXM field {field} takes no mask here")
-            if any(v & ~m for v, m in zip(value, mask, strict=True)):
-                raise _bad(E.BMC_BAD_WILDCARDS, f"OXM field {field}: value bits outside "
-                                                "its mask")
+                later.append(_bad(E.BMC_BAD_MASK, f"OXM field {field} takes no mask here"))
+            elif any(v & ~m for v, m in zip(value, mask, strict=True)):
+                later.append(_bad(E.BMC_BAD_WILDCARDS, f"OXM field {field}: value bits "
+                                                       "outside its mask"))
             if mask == b"\xff" * size:
                 mask = None
             elif not any(mask):
                 continue                        # a field matched by nothing: absent
         out[field] = (value, mask)
+    if later:
+        raise later[0]
     return out
 
 
