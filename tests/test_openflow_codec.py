@@ -562,3 +562,30 @@ def test_random_byte_streams_close_cleanly(running, caplog):
         assert c.alive()
     counter.report(60)
     assert "internal error" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_replaced_targets_close_their_connections_and_del_br_stops_serving(running):
+    r = running
+    old = r.port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        new = s.getsockname()[1]
+    with r.client() as c:
+        r.ctl("set-controller", "br0", f"ptcp:{old}:127.0.0.1", f"ptcp:{new}:127.0.0.1")
+        assert c.alive()                          # its listener stays: so does it
+        with O.Client("127.0.0.1", new) as d:
+            assert d.alive()
+            r.ctl("set-controller", "br0", f"ptcp:{new}:127.0.0.1")
+            assert c.closed() and d.alive()       # the old listener's connection went
+            with pytest.raises(OSError):
+                O.Client("127.0.0.1", old, timeout=2)
+            r.ctl("del-br", "br0")
+            assert d.closed()
+
+    async def setting():
+        return r.sw.store.settings().get("openflow:br0")
+    assert r.call(setting()) is None
+    with pytest.raises(OSError):
+        O.Client("127.0.0.1", new, timeout=2)
+    r.ctl("add-br", "br0")
+    assert "Controller" not in r.ctl("show")

@@ -120,8 +120,7 @@ def negotiate(version: int, body: bytes) -> int:
     """The version to speak with a peer whose HELLO is (version, body): 1.3 or OFError
     (HELLO_FAILED/INCOMPATIBLE)."""
     offered = hello_versions(version, body)
-    if VERSION in offered and (version >= VERSION or
-                               any(v >= VERSION for v in offered)):
+    if VERSION in offered:
         return VERSION
     names = ", ".join(f"0x{v:02x}" for v in sorted(offered)) or "none"
     raise OFError(E.HELLO_FAILED, E.HFC_INCOMPATIBLE,

@@ -68,10 +68,17 @@ def _with_controllers(show):
 
 def _forgetting(del_br):
     async def del_br_(sw, args):
-        text = await del_br(sw, args)
         of = getattr(sw, "openflow", None)
-        if of is not None:
-            await of.forget(args[0])
+        name = args[0] if len(args) == 1 else None
+        if of is None or name not in sw.bridges:
+            return await del_br(sw, args)
+        await of.pause(name)             # no FLOW_MOD for the bridge while it goes
+        try:
+            text = await del_br(sw, args)
+        except BaseException:
+            await of.restore()
+            raise
+        await of.forget(name)
         return text
     del_br_.openflow = True
     return del_br_

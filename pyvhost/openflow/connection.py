@@ -18,7 +18,8 @@ from .errors import OFError
 log = logging.getLogger("pyvhost.openflow")
 
 DEFAULT_PROBE = 5.0       # seconds without a message before an ECHO_REQUEST (OVS: 5 s)
-HELLO_TIMEOUT = 10.0
+HELLO_TIMEOUT = 10.0      # seconds for the peer's HELLO, and for the rest of a message
+DRAIN_TIMEOUT = 30.0      # seconds replies may wait for a peer that does not read them
 
 
 class Connection:
@@ -45,7 +46,10 @@ class Connection:
     async def _send(self, *messages: bytes) -> None:
         for m in messages:
             self.writer.write(m)
-        await self.writer.drain()
+        try:                              # a peer that sends but never reads: closed
+            await asyncio.wait_for(self.writer.drain(), max(self.probe or 0, DRAIN_TIMEOUT))
+        except TimeoutError:
+            raise ConnectionError("the peer reads none of the replies") from None
 
     async def _error(self, err: OFError, h: C.Header | None, raw: bytes) -> None:
         self.errors_sent += 1
@@ -69,8 +73,11 @@ class Connection:
     async def run(self) -> None:
         try:
             await self._run()
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as e:
-            log.info("openflow %s: closed (%s)", self.name, type(e).__name__)
+        except asyncio.IncompleteReadError as e:
+            log.info("openflow %s: closed by the peer%s", self.name,
+                     " in the middle of a message" if e.partial else "")
+        except (ConnectionError, TimeoutError) as e:
+            log.info("openflow %s: closed (%s)", self.name, e or type(e).__name__)
         except OFError as e:
             log.warning("openflow %s: closed: %s", self.name, e)
         except Exception:

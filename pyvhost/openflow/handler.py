@@ -9,7 +9,13 @@ messages. FLOW_MOD semantics as OpenFlow 1.3.5 (6.4) has them:
 - MODIFY[_STRICT]: the matching rules (non-strict: every rule at least as specific as the
   match, as ``Bridge.select``) get the new instructions; cookie, timeouts, counters and
   duration stay (RESET_COUNTS: counters restart). No match: nothing happens.
-- DELETE[_STRICT]: table 255 is every table; cookie/mask, out_port and out_group filter.
+- DELETE[_STRICT]: table 255 is every table; cookie/mask, out_port and out_group filter
+  (no groups here: an out_group other than ANY selects nothing). MODIFY on table 255 is
+  every table too, as Open vSwitch takes it (the spec allows 255 for deletes only).
+
+Rules ``ctl`` made read back through OpenFlow as the nearest OpenFlow can say them: ports
+by number (0 for a port that is gone), nw_tos as ip_dscp + ip_ecn, mod_vlan_vid on a match
+that does not say whether the packet is tagged as push_vlan + set_field (as OVS writes it).
 
 Connection-level messages (HELLO, ECHO) are the connection's; everything here is per
 request and synchronous. No sockets here."""
@@ -163,11 +169,17 @@ class Handler:
                           f"in_port={flow.match['in_port']}: no such port")
 
     def _apply(self, add=(), remove=(), modify=()):
+        flags = {r.id: self.state.flags_of(r) for r, _ in modify}
         try:
-            return self.switch.change_rules(self.bridge_name, add=list(add),
-                                            remove=list(remove), modify=list(modify))
+            added = self.switch.change_rules(self.bridge_name, add=list(add),
+                                             remove=list(remove), modify=list(modify))
         except CommandError as e:
             raise OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, str(e)) from None
+        for r in remove:
+            self.state.rule_flags.pop(r.id, None)
+        for r, _ in modify:                        # MODIFY keeps a rule's flags
+            self._remember(r, flags[r.id])
+        return added
 
     def _overlaps(self, bridge, spec: tuple) -> bool:
         table, priority, mask, value = spec[:4]
@@ -215,11 +227,12 @@ class Handler:
                        f.hard_timeout, goto)
             self._check_ports(new)
             changes.append((rule, new))
-        if flags & RESET_COUNTS:
-            created = {id(f): r.created for r, f in changes}
+        if flags & RESET_COUNTS:                   # new rules: counters from zero
+            kept = [(r.created, self.state.flags_of(r)) for r, _ in changes]
             added = self._apply(add=[f for _, f in changes], remove=[r for r, _ in changes])
-            for rule, (_, f) in zip(added, changes, strict=True):
-                rule.created = created[id(f)]
+            for rule, (created, rule_flags) in zip(added, kept, strict=True):
+                rule.created = created
+                self._remember(rule, rule_flags)
         else:
             self._apply(modify=changes)
 

@@ -72,6 +72,7 @@ class Listener:
     address: str = ""
     error: str = ""
     inode: tuple[int, int] | None = None
+    connections: set = field(default_factory=set)
 
     def key(self) -> tuple | None:
         """What the listener listens on (None: a port the kernel will choose)."""
@@ -131,7 +132,8 @@ class OpenFlow:
         self._bridge(bridge)
         run_dir = Path(self.switch.run_dir)
         parsed = [parse_target(t, run_dir) for t in targets]
-        if len({t.text for t in parsed}) != len(parsed):
+        keys = [Listener(t).key() or i for i, t in enumerate(parsed)]
+        if len({t.text for t in parsed}) != len(parsed) or len(set(keys)) != len(keys):
             raise CommandError("a target is given twice")
         if len(parsed) > MAX_TARGETS:
             raise CommandError(f"at most {MAX_TARGETS} targets")
@@ -192,6 +194,11 @@ class OpenFlow:
             for conn in b.connections:
                 conn.handler.dpid = dpid
 
+    async def pause(self, bridge: str) -> None:
+        """Stop serving a bridge (its settings stay): no FLOW_MOD can arrive while it is
+        being deleted. ``restore()`` serves it again."""
+        await self._stop_bridge(bridge)
+
     async def forget(self, bridge: str) -> None:
         """The bridge was deleted: its listeners, connections and settings go."""
         await self._stop_bridge(bridge)
@@ -250,8 +257,8 @@ class OpenFlow:
         t = ln.target
 
         def accept(reader, writer):
-            task = asyncio.get_running_loop().create_task(self._serve(bridge, reader, writer),
-                                                          name=f"openflow:{bridge}")
+            task = asyncio.get_running_loop().create_task(
+                self._serve(bridge, ln, reader, writer), name=f"openflow:{bridge}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -279,6 +286,9 @@ class OpenFlow:
         ln.error = ""
 
     async def _close_listener(self, ln: Listener) -> None:
+        """Stop listening, and close the connections the listener accepted."""
+        for conn in list(ln.connections):
+            conn.writer.close()
         if ln.server is None:
             return
         ln.server.close()
@@ -289,9 +299,9 @@ class OpenFlow:
             with contextlib.suppress(OSError):
                 unlink_socket(ln.target.path, ln.inode)
 
-    async def _serve(self, bridge: str, reader, writer) -> None:
+    async def _serve(self, bridge: str, ln: Listener, reader, writer) -> None:
         b = self.bridges.get(bridge)
-        if b is None:
+        if b is None or ln.server is None:
             writer.close()
             return
         peer = writer.get_extra_info("peername") or "unix"
@@ -300,10 +310,12 @@ class OpenFlow:
         conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid),
                           f"{bridge} {peer}", b.probe)
         b.connections.add(conn)
+        ln.connections.add(conn)
         try:
             await conn.run()
         finally:
             b.connections.discard(conn)
+            ln.connections.discard(conn)
 
     # -- reports --------------------------------------------------------------------------
     def show_lines(self, bridge: str) -> list[str]:
