@@ -589,3 +589,25 @@ def test_replaced_targets_close_their_connections_and_del_br_stops_serving(runni
         O.Client("127.0.0.1", new, timeout=2)
     r.ctl("add-br", "br0")
     assert "Controller" not in r.ctl("show")
+
+
+def test_decoders_raise_nothing_but_oferror():
+    """Random bytes into every decoder: a value or OFError, nothing else."""
+    from pyvhost.openflow import multipart as M
+    counter = Counter("openflow decoders")
+
+    @fuzz_settings(2000)
+    @given(st.binary(max_size=120), st.integers(0, 254), st.sampled_from([{}, UNTAGGED, TAGGED]))
+    def run(data, table, match):
+        counter()
+        for decode in (lambda: oxm.decode(data), lambda: oxm.split_match(data, 0),
+                       lambda: A.decode_instructions(data, table, match),
+                       lambda: A.decode_actions(data, match),
+                       lambda: M.parse_flow_request(data), lambda: M.parse_request(data),
+                       lambda: M.parse_port_request(data), lambda: C.parse_set_config(data),
+                       lambda: C.negotiate(table & 7, data), lambda: C.parse_header(data)):
+            with contextlib.suppress(OFError):
+                decode()
+    run()
+    counter.report(2000)
+    assert counter.n >= minimum(2000)

@@ -239,8 +239,18 @@ def test_a_restarted_switch_listens_again(workdir):
         dpid = re.search(r"dpid:([0-9a-f]{16})", ofctl(target, "show").stdout).group(1)
     finally:
         assert sw.stop() == 0
-    sw = processes.switch(workdir, run_dir, name="switch2")
+    with socket.socket() as busy:              # the port taken meanwhile: shown, not fatal
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        sw = processes.switch(workdir, run_dir, name="switch2")
+        try:
+            show = processes.ctl(run_dir, "show")
+        except BaseException:
+            sw.stop()
+            raise
     try:
+        assert f'Controller "ptcp:{port}:127.0.0.1"  not listening: ' in show, show
+        processes.ctl(run_dir, "set-controller", "br0", f"ptcp:{port}:127.0.0.1")
         out = ofctl(target, "show").stdout
         assert f"dpid:{dpid}" in out
         assert "cookie=0x99" in ofctl(target, "dump-flows").stdout
