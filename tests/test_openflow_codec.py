@@ -611,3 +611,95 @@ def test_decoders_raise_nothing_but_oferror():
     run()
     counter.report(2000)
     assert counter.n >= minimum(2000)
+
+
+def _rules_and_store(r: Running) -> tuple[list[str], list[str]]:
+    async def both():
+        bridge = r.sw.bridges["br0"]
+        return sorted(x.text for x in bridge.rules.values()), \
+            sorted(t for _, t in r.sw.store.flows("br0"))
+    return r.call(both())
+
+
+def _pipeline(c: O.Client, messages: list[bytes]) -> dict[int, tuple[int, int]]:
+    """Send at once, then a barrier: {xid: (error type, code)} of the errors before it."""
+    c.send(b"".join(messages) + O.msg(O.BARRIER_REQUEST, xid=0xBA11))
+    errors = {}
+    while True:
+        t, xid, body = c.recv()
+        if (t, xid) == (O.BARRIER_REPLY, 0xBA11):
+            return errors
+        assert t == O.ERROR, t
+        errors[xid] = struct.unpack_from("!HH", body)
+
+
+def _adds(n: int, first_xid: int = 1, bad_every: int = 0) -> list[bytes]:
+    out = []
+    for i in range(n):
+        port = 9 if bad_every and i % bad_every == bad_every - 1 else 2
+        m = O.match(O.oxm(5, b"\x08\x00"), O.oxm(12, bytes([10, 9, i >> 8, i & 255])))
+        out.append(O.flow_mod(O.ADD, m, O.apply_actions(O.output(port)), priority=3,
+                              xid=first_xid + i))
+    return out
+
+
+def test_pipelined_flow_mods_are_one_transaction_with_errors_in_order(running):
+    r = running
+    with r.client() as c:
+        errors = _pipeline(c, _adds(600, bad_every=10))
+        assert sorted(errors) == list(range(10, 601, 10))
+        assert set(errors.values()) == {(E.BAD_ACTION, E.BAC_BAD_OUT_PORT)}
+    rules, stored = _rules_and_store(r)
+    assert rules == stored and len(rules) == 1 + 540
+
+
+def test_a_batch_the_store_cannot_commit_is_undone(running, monkeypatch):
+    import sqlite3
+    r = running
+    with r.client() as c:
+        assert _pipeline(c, _adds(5)) == {}
+        before = _rules_and_store(r)
+        store = r.sw.store
+        real = store.transaction
+
+        @contextlib.contextmanager
+        def failing_commit():
+            if store._depth:                      # nested: the real one
+                with real():
+                    yield
+                return
+            with contextlib.ExitStack():
+                store.db.execute("BEGIN IMMEDIATE")
+                store._depth += 1
+                try:
+                    yield
+                finally:
+                    store._depth -= 1
+                store.db.execute("ROLLBACK")      # as a failed COMMIT leaves it
+                raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(store, "transaction", failing_commit)
+        msgs = _adds(50, first_xid=100)
+        msgs[3] = O.flow_mod(O.DELETE, O.match(), table=0xFF, xid=103)   # deletes all, too
+        errors = _pipeline(c, msgs)
+        assert sorted(errors) == list(range(100, 150))
+        assert set(errors.values()) == {(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN)}
+        monkeypatch.setattr(store, "transaction", real)
+        assert _rules_and_store(r) == before
+        assert c.alive()
+        # and with the store full (SQLite's max_page_count), datapath and store agree
+        pages = r.call(_run(lambda: store.db.execute("PRAGMA page_count").fetchone()[0]))
+        r.call(_run(lambda: store.db.execute(f"PRAGMA max_page_count={pages}")))
+        errors = _pipeline(c, _adds(400, first_xid=1000))
+        r.call(_run(lambda: store.db.execute("PRAGMA max_page_count=1073741823")))
+        assert set(errors.values()) <= {(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN)}
+        rules, stored = _rules_and_store(r)
+        assert rules == stored
+
+
+async def _call(fn):
+    return fn()
+
+
+def _run(fn):
+    return _call(fn)

@@ -49,6 +49,10 @@ UNSUPPORTED_TYPES = {C.PACKET_OUT, C.GROUP_MOD, C.PORT_MOD, C.TABLE_MOD,
                      C.SET_ASYNC, C.METER_MOD}
 
 
+class StoreFailed(OFError):
+    """The switch refused a change it had been given valid rules for: its store failed."""
+
+
 class BridgeState:
     """What OpenFlow keeps per bridge beyond the rule model: the switch configuration
     (SET_CONFIG) and the flags FLOW_MODs gave rules (by rule id, checked against the rule's
@@ -104,6 +108,37 @@ class Handler:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
         why = f"{C.TYPE_NAMES.get(t, f'type {t}')} is not supported"
         raise OFError(E.BAD_REQUEST, E.BRC_BAD_TYPE, why)
+
+    def flow_mods(self, bodies: list[bytes]) -> list[OFError | None]:
+        """Several FLOW_MODs (as they came, pipelined) applied one after the other and
+        stored in one transaction: one commit instead of one per message. Each gets its
+        own outcome (None or the OFError to answer). If the store fails (a write or the
+        commit: disk full, I/O error), the batch stops there, every change of it is undone
+        (the bridge reloads its rules from the store, which rolled back) and each message
+        of it gets FLOW_MOD_FAILED."""
+        outcome: list[OFError | None] = []
+        try:
+            with self.switch.store.transaction():
+                for body in bodies:
+                    try:
+                        self.flow_mod(body)
+                        outcome.append(None)
+                    except StoreFailed:
+                        raise                      # the store failed: so does the batch
+                    except OFError as e:
+                        outcome.append(e)
+                    except (CommandError, ValueError, KeyError, TypeError) as e:  # a bug
+                        log.exception("openflow %s: FLOW_MOD failed", self.bridge_name)
+                        outcome.append(OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN,
+                                               f"internal error: {e}"))
+        except Exception as e:                     # the commit (disk full, I/O error)
+            log.error("openflow %s: %d FLOW_MODs could not be stored (%s): undone",
+                      self.bridge_name, len(bodies), e)
+            self.switch.reload_rules(self.bridge_name)
+            failed = OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, f"the store failed: {e}")
+            outcome = [o or failed for o in outcome]
+            outcome += [failed] * (len(bodies) - len(outcome))
+        return outcome
 
     # -- ports ----------------------------------------------------------------------------
     def ofport_of(self, ref: str) -> int:
@@ -174,7 +209,7 @@ class Handler:
             added = self.switch.change_rules(self.bridge_name, add=list(add),
                                              remove=list(remove), modify=list(modify))
         except CommandError as e:
-            raise OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, str(e)) from None
+            raise StoreFailed(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, str(e)) from None
         for r in remove:
             self.state.rule_flags.pop(r.id, None)
         for r, _ in modify:                        # MODIFY keeps a rule's flags
