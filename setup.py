@@ -15,14 +15,21 @@ if os.environ.get("PYVHOST_SANITIZE"):
               "-Wno-unused-function", *SANITIZE]
     LDFLAGS = list(SANITIZE)
 
-MODULES = ["_memory", "_pktpool", "_vring", "_poll", "_flow", "_trie", "_classifier", "_fdb", "_switch",
-           "_driver", "_gen", "_offload"]
+MODULES = ["_memory", "_pktpool", "_vring", "_port", "_vhostport", "_tap", "_afpacket", "_poll",
+           "_flow", "_trie", "_classifier", "_fdb", "_switch", "_driver", "_gen", "_offload"]
+
+# the afxdp port class links libxdp (Debian libxdp-dev, which make debs installs); without
+# its headers the switch is built without it and type=afxdp says so
+LIBRARIES = {"_afxdp": ["xdp", "bpf"]}
+if os.path.exists("/usr/include/xdp/xsk.h"):
+    MODULES.append("_afxdp")
 
 extensions = [
     Extension(
         f"pyvhost.{name}",
         [f"pyvhost/{name}.pyx"],
         include_dirs=["pyvhost"],
+        libraries=LIBRARIES.get(name, []),
         extra_compile_args=CFLAGS,
         extra_link_args=LDFLAGS,
     )

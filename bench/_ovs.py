@@ -1,7 +1,8 @@
 """OVS-DPDK 3.1 as a benchmark peer (the recipe of shared/PEERS.md): a private ovsdb-server
 and ovs-vswitchd-dpdk under one work directory, a netdev bridge with dpdkvhostuser ports
 (OVS listens; sockets in the work directory), ovs-ofctl for rules, hugepages reserved for
-the run and given back. Only what this module starts is stopped, by PID."""
+the run and given back. ovs-vswitchd runs in a network namespace of its own (its bridge's taps
+stay there and go with it). Only what this module starts is stopped, by PID."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class OvsDpdk:
                     "OVS_DBDIR": str(self.dir), "OVS_SYSCONFDIR": str(self.dir)}
         self.db = f"unix:{self.dir / 'db.sock'}"
         self.procs: list[subprocess.Popen] = []
+        self.netns = f"pvbench-ovs-{os.getpid()}"
 
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
         with open(self.dir / f"{name}.out", "wb") as out:
@@ -84,6 +86,13 @@ class OvsDpdk:
         return self.dir / port
 
     def start(self) -> OvsDpdk:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()                    # what did start (processes, the namespace) goes
+            raise
+
+    def _start(self) -> OvsDpdk:
         conf = self.dir / "conf.db"
         subprocess.run(["ovsdb-tool", "create", str(conf), SCHEMA], check=True, env=self.env)
         self._spawn(["ovsdb-server", str(conf), f"--remote=punix:{self.dir / 'db.sock'}",
@@ -100,8 +109,11 @@ class OvsDpdk:
                    'other_config:dpdk-extra="--no-pci"', "other_config:dpdk-socket-mem=1024",
                    "other_config:dpdk-socket-limit=1024", f"other_config:pmd-cpu-mask={mask}",
                    f"other_config:dpdk-lcore-mask={other}")
-        self._spawn([VSWITCHD, self.db, f"--unixctl={self.dir / 'vswitchd.ctl'}",
-                     "--no-chdir"], "vswitchd")
+        # in a network namespace of its own: a netdev bridge makes taps (br0, ovs-netdev)
+        # that must not appear on the host; they go with the namespace
+        subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        self._spawn(["ip", "netns", "exec", self.netns, VSWITCHD, self.db,
+                     f"--unixctl={self.dir / 'vswitchd.ctl'}", "--no-chdir"], "vswitchd")
         self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev",
                    wait=True)
         for port in self.ports:
@@ -131,3 +143,4 @@ class OvsDpdk:
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.procs = []
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)

@@ -16,7 +16,12 @@ pyvhost, OVS, ...) and medians are printed.
   upcalls      frames/s forwarded p1 -> p2 when every frame is a miss: 100k destinations
                cycled, each under its own /32 rule, with both switches' flow limit at 1000
                (pyvhost set-pmd flow-limit, OVS other_config:flow-limit)
-  10k flows    frames/s p1 -> p2 with 100k rules and 10k active destinations (cache hits)
+  10k flows    frames/s p1 -> p2 with 100k rules and 10k active destinations (cache hits);
+               on two cores the generators share one CPU, so a switch that drains p1 faster
+               lets p1's generator starve p2's: read it with the next row
+  10k cost     PMD processing time per frame for the same traffic offered at --rate (both
+               switches keep up): pyvhost's busy ns / frames, OVS's processing-cycles share
+               of the run / frames (its PMD never sleeps)
   mac storm    p1 -> p2 (in_port rule, offered at --rate) while p3 sends 1M random source
                MACs into NORMAL at --storm-rate: delivered p1 -> p2 rate as a fraction of
                the quiet rate
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -91,6 +97,15 @@ class Pyvhost:
     def flow_limit(self, n: int | None) -> None:
         self.ctl("set-pmd", "threads=1", "cpus=0", f"flow-limit={n or 200000}")
 
+    def pmd_clear(self) -> None:
+        self.ctl("pmd-stats-clear")
+
+    def pmd_ns_per_packet(self, seconds: float) -> float:
+        text = self.ctl("pmd-stats-show")
+        busy = int(re.search(r"processing cycles: (\d+)", text).group(1))   # ns here
+        packets = int(re.search(r"packets received: (\d+)", text).group(1))
+        return busy / packets if packets else float("nan")
+
     def pid(self) -> int:
         return self.proc.proc.pid
 
@@ -114,6 +129,15 @@ class Ovs:
 
     def clear(self) -> None:
         self.ovs.ofctl("del-flows", "br0")
+
+    def pmd_clear(self) -> None:
+        self.ovs.appctl("dpif-netdev/pmd-stats-clear")
+
+    def pmd_ns_per_packet(self, seconds: float) -> float:
+        text = self.ovs.appctl("dpif-netdev/pmd-stats-show")
+        share = float(re.search(r"processing cycles: \d+ \(([\d.]+)%\)", text).group(1))
+        packets = int(re.search(r"packets received: (\d+)", text).group(1))
+        return share / 100 * seconds * 1e9 / packets if packets else float("nan")
 
     def flow_limit(self, n: int | None) -> None:
         if n:
@@ -153,6 +177,23 @@ def forwarded_rate(sw, workdir: Path, seconds: float, samples: int, p1_args: lis
         rx.proc.wait(send + 30)
         summary = json.loads(rx.output().strip().splitlines()[-1])
         return summary["received"] / send
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def pmd_cost(sw, workdir: Path, seconds: float, p1_args: list[str]) -> float:
+    """PMD processing ns per frame while p1 sends to p2 for ``seconds``."""
+    rx = gen(workdir, sw.sock("p2"), "gen-p2", "rx", seconds + 4, "--json")
+    procs = [rx]
+    try:
+        time.sleep(1.0)
+        sw.pmd_clear()
+        t0 = time.monotonic()
+        tx = gen(workdir, sw.sock("p1"), "gen-p1", "tx", seconds, *p1_args)
+        procs.append(tx)
+        tx.proc.wait(seconds + 30)
+        return sw.pmd_ns_per_packet(time.monotonic() - t0)
     finally:
         for p in procs:
             p.stop()
@@ -255,6 +296,14 @@ def main() -> int:
                 if "active" in cases:
                     row("100k rules, 10k active flows", "Mpps",
                         alternate(args.rounds, switches, active))
+
+                def cost(sw):
+                    return pmd_cost(sw, workdir, args.seconds * args.samples,
+                                    ["--vary", "dst-ip", "--flows", "10000", "--target",
+                                     "10.0.0.0", "--rate", str(args.rate)])
+                if "active" in cases:
+                    row(f"10k active flows at {args.rate / 1e6:g} Mpps: PMD time per frame",
+                        "ns", alternate(args.rounds, switches, cost), better="lower")
                 p1 = ["--rate", str(args.rate)]
                 storms = {
                     "mac storm": ("priority=20,in_port=p1,actions=output:p2\n"

@@ -1,14 +1,16 @@
 # The idle path of a poll loop, shared by the reflector's Poller and the switch's PMDs:
 # after IDLE_NS without work, turn guest notifications on, re-check the rings, and sleep in
-# epoll on their kick eventfds (and a wake eventfd for control) for at most SLEEP_MS.
-# Header-only (inline): it knows rings only through the vq_t functions of _vring.
+# epoll on their wait fds (kick eventfds, tap and packet sockets; and a wake eventfd for
+# control) for at most SLEEP_MS. Header-only (inline): it knows queues only through the
+# port class's ops (_port.pxd): set_notify, pending, wait_fd.
 from libc.stdint cimport uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close
 
+from pyvhost._port cimport rxq_src_t
 from pyvhost._vring cimport (
-    vh_eventfd_drain, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
-    vh_store_release_int, vh_unlock, vq_pending, vq_set_notify, vq_t,
+    vh_eventfd_drain, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int,
+    vh_store_release_int,
 )
 
 cdef extern from "sys/epoll.h" nogil:
@@ -35,6 +37,7 @@ cdef extern from "sys/eventfd.h" nogil:
 cdef enum:
     IDLE_NS = 1000000          # no traffic for 1 ms: sleep
     SLEEP_MS = 200             # bound on one sleep, so a missed wake costs little
+    IDLE_MAX_FDS = 512         # wait fds remembered to notice one that changed
 
 cdef struct idle_t:
     int wakefd                 # control writes it after changing rings (idle_wake)
@@ -43,6 +46,8 @@ cdef struct idle_t:
     int epoll_generation
     int sleeping               # 1 while in epoll_wait (a quiescent point)
     uint64_t sleeps
+    int narmed                 # the wait fds in the epoll set, per source (-1: none)
+    int armed[IDLE_MAX_FDS]
 
 
 cdef inline uint64_t now_ns() noexcept nogil:
@@ -58,6 +63,7 @@ cdef inline int idle_init(idle_t *s) noexcept nogil:
     s.epoll_generation = -1
     s.sleeping = 0
     s.sleeps = 0
+    s.narmed = -1
     return s.wakefd
 
 
@@ -76,37 +82,43 @@ cdef inline void idle_wake(idle_t *s) noexcept nogil:
     vh_eventfd_signal(s.wakefd)
 
 
-cdef inline void notify_all(vq_t **vqs, int n, bint on) noexcept nogil:
-    """Guest kicks on (draining stale ones first) or off, for every ring in ``vqs``."""
+cdef inline void notify_all(rxq_src_t *srcs, int n, bint on) noexcept nogil:
+    """Notifications on (stale ones drained first) or off, for every queue in ``srcs``."""
     cdef int i
     for i in range(n):
-        if vqs[i] == NULL:
-            continue
-        vh_lock(&vqs[i].lock)
-        if on:
-            vh_eventfd_drain(vqs[i].kickfd)
-        vq_set_notify(vqs[i], on)
-        vh_unlock(&vqs[i].lock)
+        if srcs[i].ops != NULL and srcs[i].ops.set_notify != NULL:
+            srcs[i].ops.set_notify(srcs[i].dev, srcs[i].q, on)
 
 
-cdef inline bint any_pending(vq_t **vqs, int n) noexcept nogil:
+cdef inline bint any_pending(rxq_src_t *srcs, int n) noexcept nogil:
     cdef int i
-    cdef bint r
     for i in range(n):
-        if vqs[i] == NULL:
-            continue
-        vh_lock(&vqs[i].lock)
-        r = vq_pending(vqs[i])
-        vh_unlock(&vqs[i].lock)
-        if r:
+        if srcs[i].ops != NULL and srcs[i].ops.pending != NULL and \
+                srcs[i].ops.pending(srcs[i].dev, srcs[i].q):
             return True
     return False
 
 
-cdef inline void rearm(idle_t *s, vq_t **vqs, int n) noexcept nogil:
-    """A fresh epoll set: the wake fd and every ring's current kick fd."""
+cdef inline int src_fd(rxq_src_t *src) noexcept nogil:
+    return src.ops.wait_fd(src.dev, src.q) if src.ops != NULL else -1
+
+
+cdef inline bint fds_changed(idle_t *s, rxq_src_t *srcs, int n) noexcept nogil:
+    """Has a queue's wait fd changed since the epoll set was made? (A port class may
+    drop a dead fd, e.g. a tap deleted under it, or swap in a new socket.)"""
+    cdef int i
+    if n != s.narmed:
+        return True
+    for i in range(n if n < IDLE_MAX_FDS else IDLE_MAX_FDS):
+        if src_fd(&srcs[i]) != s.armed[i]:
+            return True
+    return False
+
+
+cdef inline void rearm(idle_t *s, rxq_src_t *srcs, int n) noexcept nogil:
+    """A fresh epoll set: the wake fd and every queue's current wait fd."""
     cdef epoll_event ev
-    cdef int i, gen = s.generation
+    cdef int i, fd, gen = s.generation
     if s.epfd >= 0:
         close(s.epfd)
     s.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -114,29 +126,30 @@ cdef inline void rearm(idle_t *s, vq_t **vqs, int n) noexcept nogil:
     ev.data.fd = s.wakefd
     epoll_ctl(s.epfd, EPOLL_CTL_ADD, s.wakefd, &ev)
     for i in range(n):
-        if vqs[i] == NULL:
-            continue
-        vh_lock(&vqs[i].lock)
-        if vqs[i].kickfd >= 0:
-            ev.data.fd = vqs[i].kickfd
-            epoll_ctl(s.epfd, EPOLL_CTL_ADD, vqs[i].kickfd, &ev)
-        vh_unlock(&vqs[i].lock)
+        fd = src_fd(&srcs[i])
+        if i < IDLE_MAX_FDS:
+            s.armed[i] = fd
+        if fd >= 0:
+            ev.data.fd = fd
+            epoll_ctl(s.epfd, EPOLL_CTL_ADD, fd, &ev)     # EEXIST (a shared fd): fine
+    s.narmed = n
     s.epoll_generation = gen
 
 
-cdef inline void idle_sleep(idle_t *s, vq_t **vqs, int n, int *stop, int *reload) noexcept nogil:
+cdef inline void idle_sleep(idle_t *s, rxq_src_t *srcs, int n, int *stop,
+                            int *reload) noexcept nogil:
     """Notifications on, re-check, sleep until a kick, a wake or SLEEP_MS. Returns at once
     when work is pending or ``*stop``/``*reload`` is set.
 
-    While ``sleeping`` is 1 the caller is at a quiescent point: control may free any ring of
-    ``vqs`` then. So after waking this touches none of them: the caller turns notifications
-    off again on rings it looks up afresh."""
+    While ``sleeping`` is 1 the caller is at a quiescent point: control may free any queue
+    of ``srcs`` then. So after waking this touches none of them: the caller turns
+    notifications off again on queues it looks up afresh."""
     cdef epoll_event events[16]
-    notify_all(vqs, n, True)
-    if any_pending(vqs, n):
+    notify_all(srcs, n, True)
+    if any_pending(srcs, n):
         return
-    if s.epoll_generation != s.generation:
-        rearm(s, vqs, n)
+    if s.epoll_generation != s.generation or fds_changed(s, srcs, n):
+        rearm(s, srcs, n)
     s.sleeps += 1
     vh_store_release_int(&s.sleeping, 1)
     if not vh_load_acquire_int(stop) and (reload == NULL or not vh_load_acquire_int(reload)):

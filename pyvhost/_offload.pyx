@@ -15,10 +15,6 @@ from pyvhost._vring cimport (
     VNET_HDR_GSO_TCPV4, VNET_HDR_GSO_TCPV6, vq_enqueue, vq_t,
 )
 
-cdef enum:
-    MAX_SEGS = 64
-
-
 cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
     return (<uint16_t>p[0] << 8) | p[1]
 
@@ -59,18 +55,6 @@ cdef bint csum_complete(pkt_t *p) noexcept nogil:
     wr16(p.data + start + off, c)
     p.vnet_hdr[0] &= ~VNET_HDR_F_NEEDS_CSUM
     return True
-
-
-cdef struct tso_t:           # a TCP super-frame, parsed once
-    uint32_t l2
-    uint32_t l3
-    uint32_t hlen           # all headers
-    uint32_t mss
-    uint32_t payload
-    uint32_t seq
-    uint16_t ip_id
-    uint8_t flags           # TCP flags of the super-frame
-    uint8_t v6
 
 
 cdef bint tso_parse(pkt_t *p, tso_t *t) noexcept nogil:

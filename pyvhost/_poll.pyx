@@ -9,7 +9,7 @@ sleeps in epoll on the kick eventfds. Control code calls ``wake()`` after changi
 This module knows nothing of sockets or of the vhost-user state machine.
 """
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 
@@ -18,6 +18,8 @@ from pyvhost._idle cimport (
 )
 from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pool_get, pool_put_many
+from pyvhost._port cimport port_ops_t, rxq_src_t
+from pyvhost._vhostport cimport vq_kickfd_locked, vq_notify_locked, vq_pending_locked
 from pyvhost._vring cimport (
     MAX_BURST, VirtQueue, vh_eventfd_signal, vh_load_acquire_int, vh_store_release_int,
     vh_trylock, vh_unlock, vq_dequeue, vq_enqueue, vq_pending, vq_t,
@@ -27,6 +29,27 @@ cdef enum:
     CLOCK_EVERY = 64           # empty polls between clock reads
 
 MODES = {"echo": 0, "sink": 1, "source": 2}
+
+
+# the idle path sees each polled ring as a one-queue source (dev = the vq_t)
+cdef int ring_wait_fd(void *dev, uint16_t q) noexcept nogil:
+    return vq_kickfd_locked(<vq_t *>dev)
+
+
+cdef void ring_set_notify(void *dev, uint16_t q, bint on) noexcept nogil:
+    vq_notify_locked(<vq_t *>dev, on)
+
+
+cdef bint ring_pending(void *dev, uint16_t q) noexcept nogil:
+    return vq_pending_locked(<vq_t *>dev)
+
+
+cdef port_ops_t RING_OPS
+RING_OPS.rx_burst = NULL
+RING_OPS.tx_burst = NULL
+RING_OPS.wait_fd = ring_wait_fd
+RING_OPS.set_notify = ring_set_notify
+RING_OPS.pending = ring_pending
 
 
 cdef inline void swap_macs(pkt_t *p) noexcept nogil:
@@ -42,7 +65,7 @@ cdef class Poller:
 
     cdef vq_t **rx
     cdef vq_t **tx
-    cdef vq_t **inputs          # the rings whose kick means work
+    cdef rxq_src_t *inputs      # the rings whose kick means work
     cdef int npairs
     cdef int mode
     cdef list keep
@@ -61,13 +84,15 @@ cdef class Poller:
         self.npairs = len(pairs)
         self.rx = <vq_t **>calloc(max(1, self.npairs), sizeof(vq_t *))
         self.tx = <vq_t **>calloc(max(1, self.npairs), sizeof(vq_t *))
-        self.inputs = <vq_t **>calloc(max(1, self.npairs), sizeof(vq_t *))
+        self.inputs = <rxq_src_t *>calloc(max(1, self.npairs), sizeof(rxq_src_t))
         self.keep = list(pairs)
         for i, (r, t) in enumerate(pairs):
             self.rx[i] = &r.vq
             self.tx[i] = &t.vq
             # guest TX carries work; for SOURCE, new guest RX buffers do
-            self.inputs[i] = &r.vq if self.mode == 2 else &t.vq
+            self.inputs[i].ops = &RING_OPS
+            self.inputs[i].dev = &r.vq if self.mode == 2 else &t.vq
+            self.inputs[i].q = 0
         self.pool = pool
         idle_init(&self.idle)
         if self.mode == 2:

@@ -4,9 +4,11 @@ table), PMD poll loops with an exact-match and a megaflow cache each, the upcall
 cache miss, action execution, QoS token buckets (ingress policing, egress rate limit) and
 the counters behind pmd-stats-show.
 
-A PMD thread polls its assigned RX queues (a guest's TX rings) without the GIL: receive a
-burst, police it, look every frame up in its caches, execute the cached actions into
-per-output-port batches, then send each batch into the output guest's RX ring. A miss is
+A port is a device of some port class (_port.pxd: receive burst, send burst, wait fd;
+vhost-user, internal/tap, afpacket, ...); nothing here asks which. A PMD thread polls its
+assigned RX queues without the GIL: receive a burst, police it, look every frame up in
+its caches, execute the cached actions into per-output-port batches, then send each
+batch through the output port's send burst. A miss is
 an upcall, also without the GIL: the bridge's compiled classifier gives the rules' ops and
 the megaflow mask, NORMAL is resolved through the MAC table (learning the source), and
 the result is cached with what it depends on: the datapath generation (ports, bridges),
@@ -37,11 +39,11 @@ from pyvhost._flow cimport (
 from pyvhost._idle cimport (
     IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
 )
-from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
+from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
-    MAX_BURST, VirtQueue, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
-    vh_store_release_int, vh_trylock, vh_unlock, vq_dequeue, vq_t,
+    MAX_BURST, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
+    vh_store_release_int, vh_unlock,
 )
 
 cdef extern from "vhost_atomic.h" nogil:
@@ -67,7 +69,7 @@ cdef enum:
     MAX_POLL = 512
     CLOCK_EVERY = 64
     UPCALL_TIMED_EVERY = 8     # upcalls timed exactly; the rest are charged the average
-    UPCALL_COST_CAP_NS = 50000
+    UPCALL_COST_SLACK_NS = 2000
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
     UPCALL_WINDOW_NS = 10000000
     THROTTLED_BURST = 4        # frames read per visit from a port over its upcall share
@@ -91,7 +93,7 @@ cdef struct port_counters_t:
     uint64_t tx_bytes
     uint64_t drop_police
     uint64_t drop_qos
-    uint64_t drop_tx_full    # the guest had no room
+    uint64_t drop_tx_full    # the output had no room (guest ring full, socket busy, link down)
     uint64_t drop_action     # dropped by a rule (no output)
     uint64_t drop_offload    # a TCP super-frame that could not be segmented for this port
     uint64_t drop_upcall     # misses over the port's share of upcall time
@@ -103,8 +105,8 @@ cdef struct port_t:
     uint16_t bridge
     uint16_t nqueues
     int up
-    vq_t *guest_tx[MAX_PORT_QUEUES]      # rings we receive from
-    vq_t *guest_rx[MAX_PORT_QUEUES]      # rings we send into
+    const port_ops_t *ops                # the port's class
+    void *dev                            # its device state (kept alive by a PortDev)
     bucket_t police
     bucket_t shape
     uint64_t rxq_ns[MAX_PORT_QUEUES]     # processing time spent on each RX queue
@@ -212,7 +214,7 @@ cdef class Datapath:
     """The ports and bridges tables and the generation shared by every PMD thread."""
 
     cdef switch_t *sw
-    cdef dict port_objs            # port id -> list of VirtQueues kept alive
+    cdef dict port_objs            # port id -> its PortDev, kept alive
     cdef dict bridge_objs          # bridge id -> (Classifier, MacTable) kept alive
     cdef list stuck                # tables a stuck PMD may still hold
     cdef readonly list pmds
@@ -283,28 +285,25 @@ cdef class Datapath:
     def generation(self):
         return self.sw.gen
 
-    def add_port(self, int port_id, int bridge, list rx_vqs, list tx_vqs):
-        """Port ``port_id`` with the guest's RX rings (we send into) and TX rings."""
+    def add_port(self, int port_id, int bridge, PortDev dev):
+        """Port ``port_id`` on ``bridge``: ``dev`` (of any port class) receives and sends."""
         cdef port_t *p
-        cdef VirtQueue vq
-        cdef int q
         if not 0 <= port_id < MAX_PORTS or self.sw.ports[port_id] != NULL:
             raise ValueError(f"port id {port_id} is taken or out of range")
-        if not 1 <= len(rx_vqs) == len(tx_vqs) <= MAX_PORT_QUEUES:
+        if dev.ops == NULL or dev.dev == NULL:
+            raise ValueError("the port's device is not set up")
+        if not 1 <= dev.nqueues <= MAX_PORT_QUEUES:
             raise ValueError(f"a port has 1..{MAX_PORT_QUEUES} queue pairs")
         p = <port_t *>calloc(1, sizeof(port_t))
         if p == NULL:
             raise MemoryError()
         p.id = port_id
         p.bridge = bridge
-        p.nqueues = len(rx_vqs)
-        for q in range(p.nqueues):
-            vq = rx_vqs[q]
-            p.guest_rx[q] = &vq.vq
-            vq = tx_vqs[q]
-            p.guest_tx[q] = &vq.vq
+        p.nqueues = dev.nqueues
+        p.ops = dev.ops
+        p.dev = dev.dev
         p.up = 1
-        self.port_objs[port_id] = rx_vqs + tx_vqs
+        self.port_objs[port_id] = dev
         self.sw.ports[port_id] = p
         self.invalidate()
         self.wake_all()
@@ -416,7 +415,7 @@ cdef class Pmd:
     cdef int running_
     cdef int stopping
     cdef idle_t idle
-    cdef vq_t *inputs[MAX_POLL]     # the polled rings, for the idle path
+    cdef rxq_src_t inputs[MAX_POLL]  # the polled queues, for the idle path
     cdef pmd_stats_t st
     cdef pkt_t *batch[MAX_PORTS][MAX_BURST]
     cdef uint32_t nbatch[MAX_PORTS]
@@ -576,10 +575,9 @@ cdef class Pmd:
         return True
 
     cdef void flush(self, uint16_t port_id) noexcept nogil:
-        cdef uint32_t n = self.nbatch[port_id], sent = 0, q, failed = 0
+        cdef uint32_t n = self.nbatch[port_id], sent = 0, failed = 0
         cdef port_t *p = self.sw.ports[port_id]
-        cdef vq_t *vq
-        cdef uint64_t bytes_ = 0
+        cdef tx_result_t res
         cdef pkt_t **pkts = self.batch[port_id]
         self.nbatch[port_id] = 0
         if n == 0:
@@ -592,16 +590,13 @@ cdef class Pmd:
         if p.shape.rate:
             n = bucket_filter(&p.shape, pkts, n, self.pool, &p.c.drop_qos)
         if n:
-            q = self.pmd_id % p.nqueues
-            vq = p.guest_rx[q]
-            if not (vq.ready and vq.enabled):
-                vq = p.guest_rx[0]
-            vh_lock(&vq.lock)
-            sent = offload_send(vq, self.pool, pkts, n, &failed, &bytes_)
-            vh_unlock(&vq.lock)
+            res.failed = 0
+            res.bytes = 0
+            sent = p.ops.tx_burst(p.dev, self.pmd_id, self.pool, pkts, n, &res)
+            failed = res.failed
             if sent:
                 vh_add_u64(&p.c.tx_packets, sent)
-                vh_add_u64(&p.c.tx_bytes, bytes_)
+                vh_add_u64(&p.c.tx_bytes, res.bytes)
             if failed:
                 vh_add_u64(&p.c.drop_offload, failed)
             if sent + failed < n:
@@ -717,7 +712,6 @@ cdef class Pmd:
 
     cdef uint32_t process_rxq(self, rxq_ref_t *r) noexcept nogil:
         cdef port_t *inp = self.sw.ports[r.port]
-        cdef vq_t *vq
         cdef pkt_t *pkts[MAX_BURST]
         cdef uint32_t n = 0, i
         cdef uint64_t t0, tu, dt, bytes_ = 0
@@ -730,15 +724,11 @@ cdef class Pmd:
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         self.cur_inp = inp
-        vq = inp.guest_tx[r.queue]
-        if not vh_trylock(&vq.lock):
-            return 0
         # a port over its share of upcall time is also read in small bursts until the
-        # window ends: what it sends beyond that waits in its own ring (the guest is slowed
-        # down), instead of costing this PMD a copy and a lookup per frame to drop
-        n = vq_dequeue(vq, self.pool, pkts, THROTTLED_BURST
-                       if self.up_ns[inp.id] >= self.up_budget_ns else MAX_BURST)
-        vh_unlock(&vq.lock)
+        # window ends: what it sends beyond that waits in its own queue (the sender is
+        # slowed down), instead of costing this PMD a copy and a lookup per frame to drop
+        n = inp.ops.rx_burst(inp.dev, r.queue, self.pool, pkts, THROTTLED_BURST
+                             if self.up_ns[inp.id] >= self.up_budget_ns else MAX_BURST)
         if n == 0:
             self.cur_inp = NULL
             return 0
@@ -796,10 +786,11 @@ cdef class Pmd:
                     # a clock read costs as much as a short upcall: time one in
                     # UPCALL_TIMED_EVERY, charge the others the moving average
                     if timed:
-                        dt = now_ns() - tu
-                        # (a sample the thread was preempted in must not inflate it)
-                        self.upcall_cost_ns = (self.upcall_cost_ns * 7 +
-                                               min(dt, UPCALL_COST_CAP_NS)) // 8
+                        # (a sample the thread was preempted in must neither inflate the
+                        # average nor be charged: one counts at most 4 times it and 2 us)
+                        dt = min(now_ns() - tu,
+                                 4 * self.upcall_cost_ns + UPCALL_COST_SLACK_NS)
+                        self.upcall_cost_ns = (self.upcall_cost_ns * 7 + dt) // 8
                         self.upcalls_untimed = UPCALL_TIMED_EVERY - 1
                     else:
                         dt = self.upcall_cost_ns
@@ -820,14 +811,16 @@ cdef class Pmd:
         return n
 
     cdef int collect_inputs(self) noexcept nogil:
-        """The polled rings as they are now (ports come and go), for the idle path."""
+        """The polled queues as they are now (ports come and go), for the idle path."""
         cdef int i
         cdef port_t *p
         for i in range(self.npoll):
             p = self.sw.ports[self.poll[i].port]
-            self.inputs[i] = NULL
+            self.inputs[i].ops = NULL
             if p != NULL and self.poll[i].queue < p.nqueues:
-                self.inputs[i] = p.guest_tx[self.poll[i].queue]
+                self.inputs[i].ops = p.ops
+                self.inputs[i].dev = p.dev
+                self.inputs[i].q = self.poll[i].queue
         return self.npoll
 
     cdef void do_reload(self) noexcept nogil:

@@ -1,6 +1,7 @@
-"""pyvhost.switch: bridges of vhost-user ports over the compiled datapath (pyvhost._switch):
-rules in ovs-ofctl syntax, MAC learning, QoS, PMD threads and RX-queue assignment, the
-persistent store and the control socket. May import backend, memory, protocol; not cli.
+"""pyvhost.switch: bridges of vhost-user and host ports (internal taps, afpacket and afxdp
+attachments) over the compiled datapath (pyvhost._switch): rules in ovs-ofctl syntax, MAC
+learning, QoS, PMD threads and RX-queue assignment, the persistent store and the control
+socket. May import backend, memory, protocol; not cli.
 
 The names below load on first use, so ``pyvhost ctl`` (which needs only ``.wire``) does not
 pay for the datapath's imports."""

@@ -67,8 +67,17 @@ async def run_command(sw, argv: list[str]) -> str:
 
 
 async def add_br(sw, args):
-    _need(args, 1, 1, "add-br BRIDGE")
+    _need(args, 1, 2, "add-br BRIDGE [internal=true] (the bridge's own internal port)")
+    opts = _kv(args[1:], ("internal",))
+    if opts.get("internal", "false") not in ("true", "false"):
+        raise CommandError("internal: true or false")
     sw.add_bridge(args[0])
+    if opts.get("internal") == "true":
+        try:
+            await sw.add_port(args[0], args[0], "internal")
+        except BaseException:
+            await sw.del_bridge(args[0])         # all or nothing
+            raise
     return ""
 
 
@@ -78,24 +87,29 @@ async def del_br(sw, args):
     return ""
 
 
-ADD_PORT_USAGE = ("add-port BRIDGE PORT type=vhostuser|vhostuserclient [path=P (client only)] "
-                  "[queues=N] [ofport_request=N] [socket-mode=0660] [socket-group=G]")
+ADD_PORT_USAGE = ("add-port BRIDGE PORT type=vhostuser|vhostuserclient|internal|afpacket|"
+                  "afxdp [path=P (client only)] [queues=N] [ofport_request=N] "
+                  "[socket-mode=0660] [socket-group=G] [mtu=N (internal)] "
+                  "[dev=IFNAME (afpacket, afxdp)]")
 
 
 async def add_port(sw, args):
-    _need(args, 3, 7, ADD_PORT_USAGE)
+    _need(args, 3, 8, ADD_PORT_USAGE)
     opts = _kv(args[2:], ("type", "path", "queues", "ofport_request", "socket-mode",
-                          "socket-group"))
+                          "socket-group", "mtu", "dev"))
     if "type" not in opts:
-        raise CommandError("add-port needs type=vhostuser or type=vhostuserclient")
+        raise CommandError("add-port needs type=vhostuser, vhostuserclient, internal, "
+                           "afpacket or afxdp")
     from pyvhost._switch import limits
     queues = _int(opts["queues"], "queues", 1, limits()["queues"]) if "queues" in opts else None
     ofport = _int(opts["ofport_request"], "ofport_request", 1, 0xFEFF) \
         if "ofport_request" in opts else None
     mode = _int(opts["socket-mode"], "socket-mode", 0, 0o777, 8) \
         if "socket-mode" in opts else None
+    mtu = _int(opts["mtu"], "mtu", 68, 65521) if "mtu" in opts else None
     await sw.add_port(args[0], args[1], opts["type"], opts.get("path"), queues,
-                      ofport=ofport, socket_mode=mode, socket_group=opts.get("socket-group"))
+                      ofport=ofport, socket_mode=mode, socket_group=opts.get("socket-group"),
+                      mtu=mtu, dev=opts.get("dev"))
     return ""
 
 

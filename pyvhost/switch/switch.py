@@ -23,8 +23,9 @@ from pyvhost._switch import Datapath, limits
 from .bridge import DEFAULT_MAC_AGING, DEFAULT_MAC_TABLE_SIZE, Bridge, Rule
 from .commands import CommandError
 from .flows import Flow, FlowSyntaxError, Selector, parse_flow, split_canonical
+from .netdev import NetdevError
 from .pmd import PmdSet
-from .port import DEFAULT_QUEUES, Port
+from .port import DEFAULT_QUEUES, HOST_TYPES, VHOST_TYPES, Port, VhostPort, create_host_port
 from .rundir import CTL_SOCK, RunLock, check_name, group_id, prepare
 from .store import Store, StoreError
 
@@ -140,7 +141,8 @@ class Switch:
                 await self.add_port(bridge, name, type_, opts.get("path"),
                                     opts.get("queues"), persist=False, ofport=ofport,
                                     socket_mode=opts.get("socket_mode"),
-                                    socket_group=opts.get("socket_group"))
+                                    socket_group=opts.get("socket_group"),
+                                    mtu=opts.get("mtu"), dev=opts.get("dev"), restoring=True)
             except (CommandError, TypeError, ValueError) as e:
                 self._failed(f"port {name}", str(e))
                 if isinstance(ofport, int):
@@ -170,7 +172,7 @@ class Switch:
                 await self._timer
         self.pmds.stop()
         for port in list(self.ports.values()):
-            await port.endpoint.close()
+            await port.close()
         self.store.close()
         self.lock.release()
 
@@ -183,9 +185,18 @@ class Switch:
                 self._log_once("tick", "periodic work failed: %s", e)
 
     def periodic(self, now_ns: int | None = None) -> None:
-        """Once a second: PMD load samples, MAC aging, rule timeouts, flapping MACs."""
+        """Once a second: PMD load samples, host ports' links, MAC aging, rule timeouts,
+        flapping MACs."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
         self.pmds.sample()
+        changed = False
+        for port in list(self.ports.values()):
+            try:
+                changed |= port.periodic()
+            except Exception as e:              # one port's trouble never stops the rest
+                self._log_once(f"port:{port.name}", "port %s: %s", port.name, e)
+        if changed:
+            self.datapath.wake_all()            # PMDs sleep on the ports' new fds
         for bridge in list(self.bridges.values()):
             bridge.macs.expire()
             gone = bridge.expired(now_ns)
@@ -298,16 +309,32 @@ class Switch:
     async def add_port(self, bridge_name: str, name: str, type_: str, path: str | None = None,
                        queues: int | None = None, persist: bool = True, *,
                        ofport: int | None = None, socket_mode: int | None = None,
-                       socket_group: str | None = None) -> None:
-        """All or nothing: every check first; a failure after that undoes every step."""
+                       socket_group: str | None = None, mtu: int | None = None,
+                       dev: str | None = None, restoring: bool = False) -> None:
+        """All or nothing: every check first; a failure after that undoes every step.
+        ``mtu`` (internal) and ``dev`` (afpacket) are the host ports' options;
+        ``restoring``: loading the store (an afpacket port's absent interface is waited
+        for instead of refused)."""
         bridge = self._bridge(bridge_name)
         try:
             check_name("port", name)
         except ValueError as e:
             raise CommandError(str(e)) from None
-        if name in self.ports or name in self.bridges:
+        own_internal = type_ == "internal" and name == bridge_name   # the bridge's own port
+        if name in self.ports or (name in self.bridges and not own_internal):
             raise CommandError(f"port {name} already exists")
-        if type_ == "vhostuserclient":
+        if type_ not in VHOST_TYPES + HOST_TYPES:
+            raise CommandError(f"unknown port type {type_!r} (have: "
+                               f"{', '.join(VHOST_TYPES + HOST_TYPES)})")
+        if type_ in HOST_TYPES:
+            if path or queues is not None or socket_mode is not None or \
+                    socket_group is not None:
+                raise CommandError(f"type={type_} takes no path=, queues=, socket-mode= or "
+                                   "socket-group=")
+            queues = 1                        # one queue: the interface's
+        elif mtu is not None or dev is not None:
+            raise CommandError("mtu= and dev= are for type=internal, afpacket and afxdp")
+        elif type_ == "vhostuserclient":
             if not path:
                 raise CommandError("type=vhostuserclient needs path= (the front-end's socket)")
             if socket_mode is not None or socket_group is not None:
@@ -343,25 +370,40 @@ class Switch:
             if socket_mode is not None and not (isinstance(socket_mode, int) and
                                                 0 <= socket_mode <= 0o777):
                 raise CommandError(f"socket-mode: {socket_mode!r} out of range 0..0777")
+        if type_ in HOST_TYPES and any(p.type in ("afpacket", "afxdp") and p.path == dev
+                                       for p in self.ports.values()):
+            raise CommandError(f"dev={dev} is attached already")
+        if dev is not None and dev in self.ports and self.ports[dev].type == "internal":
+            raise CommandError(f"dev={dev} is this switch's internal port {dev} (a loop)")
         try:
-            port = Port.create(name, bridge_name, type_, path, queues, port_id, of,
-                               socket_mode, socket_group, gid)
-        except ValueError as e:
-            raise CommandError(str(e)) from None
-        if type_ == "vhostuser" and socket_mode is None:
-            port.endpoint.mode = self.socket_mode
-        port.device.listeners.append(self.datapath.wake_all)
-        port.device.listeners.append(lambda: self._queues_changed(port))
+            if type_ in HOST_TYPES:
+                # the interface is created or attached here: a failure leaves nothing
+                port = create_host_port(name, bridge_name, type_, port_id, of, mtu=mtu,
+                                        dev=dev, restoring=restoring)
+            else:
+                port = VhostPort.create(name, bridge_name, type_, path, queues, port_id, of,
+                                        socket_mode, socket_group, gid)
+        except (ValueError, NetdevError) as e:
+            raise CommandError(f"port {name}: {e}") from None
+        if isinstance(port, VhostPort):
+            if type_ == "vhostuser" and socket_mode is None:
+                port.endpoint.mode = self.socket_mode
+            port.device.listeners.append(self.datapath.wake_all)
+            port.device.listeners.append(lambda: self._queues_changed(port))
         limit = self.store.settings().get(f"port:{name}", {}).get("mac_limit")
         if limit:
             bridge.mac_limits[name] = limit
-        self.datapath.add_port(port_id, bridge.bridge_id, port.rx_vqs(), port.tx_vqs())
+        try:
+            self.datapath.add_port(port_id, bridge.bridge_id, port.datapath_dev())
+        except BaseException:
+            await port.close()
+            raise
         self.ports[name] = port
         self._by_id[port_id] = port
         bridge.attach(port)
         try:
             try:
-                await port.endpoint.start()
+                await port.start()
             except OSError as e:
                 raise CommandError(f"port {name}: {e}") from None
             if persist:
@@ -372,7 +414,8 @@ class Switch:
         self.failed.pop(f"port {name}", None)
         self._reserved_ofports.get(bridge_name, set()).discard(of)
         self._assign()
-        log.info("port %s (%s, %s, ofport %d) added to %s", name, type_, path, of, bridge_name)
+        log.info("port %s (%s, %s, ofport %d) added to %s", name, type_, port.path, of,
+                 bridge_name)
 
     def _queues_changed(self, port: Port) -> None:
         """The front-end enabled a ring: poll as many pairs as it has ever enabled."""
@@ -407,10 +450,10 @@ class Switch:
             # a PMD is stuck: keep the port's memory (never unmap under it), close the socket
             log.error("port %s: %s; its rings stay mapped", name, e)
             self._stuck_ports.append(port)
-            port.endpoint.connection = None
+            port.abandon()
         self.bridges[port.bridge].forget(port)      # no PMD can learn on it again
         give_back_memory()                          # its rules were compiled again
-        await port.endpoint.close()
+        await port.close()
         log.info("port %s removed from %s", name, port.bridge)
 
     def _assign(self) -> None:
@@ -598,10 +641,13 @@ class Switch:
         for name, bridge in self.bridges.items():
             lines.append(f"Bridge {name}")
             for pname, port in sorted(bridge.ports.items(), key=lambda kv: kv[1].ofport):
-                state = "connected" if port.connected else "not connected"
                 lines.append(f"    Port {pname} (ofport {port.ofport})")
-                lines.append(f"        type: {port.type}  path: {port.path}  "
-                             f"queues: {port.queues} (polled: {port.active})  {state}")
+                if isinstance(port, VhostPort):
+                    lines.append(f"        type: {port.type}  path: {port.path}  "
+                                 f"queues: {port.queues} (polled: {port.active})  "
+                                 f"{port.state()}")
+                else:
+                    lines.append(f"        type: {port.type}  {port.state()}")
         if self.failed:
             lines.append("Failed (stored, not loaded):")
             lines += [f"    {key}: {why}" for key, why in self.failed.items()]
@@ -652,19 +698,16 @@ class Switch:
 
     def port_counters(self, port: Port) -> dict:
         """Everything counted for a port: the datapath's port counters and, summed per
-        direction, its rings' (names as in the compiled structs: nothing is renamed)."""
-        rx_rings: dict[str, int] = {}            # the guest's TX rings: we receive there
-        tx_rings: dict[str, int] = {}
-        for q in range(port.queues):
-            for total, ring in ((rx_rings, port.device.tx_ring(q)),
-                                (tx_rings, port.device.rx_ring(q))):
-                for k, v in ring.vq.stats().items():
-                    total[k] = total.get(k, 0) + v
-        return {"ofport": port.ofport, "datapath": self.datapath.port_stats(port.port_id),
-                "rx_rings": rx_rings, "tx_rings": tx_rings,
-                "queues": [{"queue": q, "rx": port.device.tx_ring(q).vq.stats(),
-                            "tx": port.device.rx_ring(q).vq.stats()}
-                           for q in range(port.active)]}
+        direction, its rings' or host device's (names as in the compiled structs: nothing
+        is renamed); host ports add their link (state, carrier)."""
+        rx_rings, tx_rings, queues = port.ring_counters()
+        out = {"ofport": port.ofport, "type": port.type,
+               "datapath": self.datapath.port_stats(port.port_id),
+               "rx_rings": rx_rings, "tx_rings": tx_rings, "queues": queues}
+        link = port.link()
+        if link:
+            out["link"] = link
+        return out
 
     def dump_ports(self, bridge_name: str, as_json: bool = False) -> str:
         bridge = self._bridge(bridge_name)
@@ -679,15 +722,22 @@ class Switch:
                 d["drop_no_port"] + sum(v for k, v in r.items() if k.startswith("drop_"))
             tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
                 sum(v for k, v in t.items() if k.startswith("drop_"))
+            errors = r.get("ring_errors", r.get("rx_errors", 0)) + \
+                t.get("ring_errors", t.get("tx_errors", 0))
             out.append(f"  port {port.ofport}({name}): rx pkts={d['rx_packets']}, "
                        f"bytes={d['rx_bytes']}, drop={rx_drop} (police={d['drop_police']}, "
-                       f"bad_desc={r['drop_bad_desc']}, oversize={r['drop_oversize']}, "
+                       f"bad_desc={r.get('drop_bad_desc', 0)}, "
+                       f"oversize={r.get('drop_oversize', r.get('rx_truncated', 0))}, "
                        f"upcall_limit={d['drop_upcall']}), "
-                       f"errors={r['ring_errors'] + t['ring_errors']}")
+                       f"errors={errors}")
             out.append(f"           tx pkts={d['tx_packets']}, bytes={d['tx_bytes']}, "
                        f"drop={tx_drop} (qos={d['drop_qos']}, full={d['drop_tx_full']}), "
                        f"action_drop={d['drop_action']}")
-            for label, counters in (("datapath", d), ("rx rings", r), ("tx rings", t)):
+            if "link" in c:
+                out.append(f"           link: type={port.type} " +
+                           " ".join(f"{k}={v}" for k, v in c["link"].items()))
+            side = "rings" if isinstance(port, VhostPort) else "device"
+            for label, counters in (("datapath", d), (f"rx {side}", r), (f"tx {side}", t)):
                 out.append(f"           {label}: " +
                            " ".join(f"{k}={v}" for k, v in counters.items()))
             for q in c["queues"]:

@@ -1,0 +1,46 @@
+# The port class of the compiled datapath: what every port type (vhost-user, internal/tap,
+# afpacket, ...) supplies, as DPDK's eth_dev_ops or OVS's netdev_class do. The PMD loop,
+# the flow caches, QoS and the counters call these and never ask which type a port is.
+# Declarations only: each type implements them in a module of its own.
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+from pyvhost._pktpool cimport pkt_t, pktpool_t
+
+cdef struct tx_result_t:
+    uint32_t failed           # frames that could not be made ready (software offloads)
+    uint64_t bytes            # bytes of the delivered frames
+
+# receive at most ``count`` frames from queue ``q`` into ``pkts`` (buffers from ``pool``);
+# returns how many. Never blocks; may return 0 when another thread holds the queue.
+ctypedef uint32_t (*rx_burst_fn)(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
+                                 uint32_t count) noexcept nogil
+# send ``pkts`` (the caller keeps and frees them); ``hint`` picks the queue (a PMD's id);
+# returns how many were delivered, in order (the rest found no room or failed, see res).
+ctypedef uint32_t (*tx_burst_fn)(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pkts,
+                                 uint32_t n, tx_result_t *res) noexcept nogil
+# the fd that becomes readable when queue ``q`` has work (for epoll in the idle path), -1
+ctypedef int (*wait_fd_fn)(void *dev, uint16_t q) noexcept nogil
+# notifications on (before sleeping) / off (while polling); NULL when not needed
+ctypedef void (*set_notify_fn)(void *dev, uint16_t q, bint on) noexcept nogil
+# work waiting that the wait fd may not show (checked after notifications are on); or NULL
+ctypedef bint (*pending_fn)(void *dev, uint16_t q) noexcept nogil
+
+cdef struct port_ops_t:
+    rx_burst_fn rx_burst
+    tx_burst_fn tx_burst
+    wait_fd_fn wait_fd
+    set_notify_fn set_notify
+    pending_fn pending
+
+cdef struct rxq_src_t:        # one polled queue, for the idle path (ops NULL: none)
+    const port_ops_t *ops
+    void *dev
+    uint16_t q
+
+
+cdef class PortDev:
+    """A port's device as the datapath sees it: its class (ops) and its state (dev).
+    Subclasses (one module per type) set both; the object keeps ``dev`` alive."""
+    cdef const port_ops_t *ops
+    cdef void *dev
+    cdef readonly int nqueues

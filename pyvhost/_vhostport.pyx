@@ -1,0 +1,85 @@
+# cython: language_level=3
+"""The vhost-user port class of the datapath: receive = dequeue from the guest's TX ring,
+send = enqueue into its RX ring (with the offloads it did not agree to done in software,
+_offload), wait fd = the TX ring's kick eventfd, notifications = the ring's flags. Per
+queue locks as the rings define them. Knows nothing of the vhost-user protocol or sockets.
+"""
+
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+from pyvhost._offload cimport offload_send
+from pyvhost._pktpool cimport pkt_t, pktpool_t
+from pyvhost._port cimport port_ops_t, tx_result_t
+from pyvhost._vring cimport MAX_BURST, VirtQueue, vh_lock, vh_trylock, vh_unlock, vq_dequeue, vq_t
+
+
+cdef uint32_t vhost_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
+                             uint32_t count) noexcept nogil:
+    cdef vhost_dev_t *d = <vhost_dev_t *>dev
+    cdef vq_t *vq
+    cdef uint32_t n
+    if q >= d.nqueues:
+        return 0
+    vq = d.guest_tx[q]
+    if not vh_trylock(&vq.lock):
+        return 0
+    n = vq_dequeue(vq, pool, pkts, count if count < MAX_BURST else MAX_BURST)
+    vh_unlock(&vq.lock)
+    return n
+
+
+cdef uint32_t vhost_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pkts,
+                             uint32_t n, tx_result_t *res) noexcept nogil:
+    cdef vhost_dev_t *d = <vhost_dev_t *>dev
+    cdef vq_t *vq = d.guest_rx[hint % d.nqueues]
+    cdef uint32_t sent
+    if not (vq.ready and vq.enabled):
+        vq = d.guest_rx[0]
+    vh_lock(&vq.lock)
+    sent = offload_send(vq, pool, pkts, n, &res.failed, &res.bytes)
+    vh_unlock(&vq.lock)
+    return sent
+
+
+cdef int vhost_wait_fd(void *dev, uint16_t q) noexcept nogil:
+    cdef vhost_dev_t *d = <vhost_dev_t *>dev
+    return vq_kickfd_locked(d.guest_tx[q]) if q < d.nqueues else -1
+
+
+cdef void vhost_set_notify(void *dev, uint16_t q, bint on) noexcept nogil:
+    cdef vhost_dev_t *d = <vhost_dev_t *>dev
+    if q < d.nqueues:
+        vq_notify_locked(d.guest_tx[q], on)
+
+
+cdef bint vhost_pending(void *dev, uint16_t q) noexcept nogil:
+    cdef vhost_dev_t *d = <vhost_dev_t *>dev
+    return q < d.nqueues and vq_pending_locked(d.guest_tx[q])
+
+
+cdef port_ops_t VHOST_OPS
+VHOST_OPS.rx_burst = vhost_rx_burst
+VHOST_OPS.tx_burst = vhost_tx_burst
+VHOST_OPS.wait_fd = vhost_wait_fd
+VHOST_OPS.set_notify = vhost_set_notify
+VHOST_OPS.pending = vhost_pending
+
+
+cdef class VhostDev(PortDev):
+    """A vhost-user port's device: the guest's RX rings (we send into) and TX rings."""
+
+    def __init__(self, list rx_vqs, list tx_vqs):
+        cdef VirtQueue vq
+        cdef int q
+        if not 1 <= len(rx_vqs) == len(tx_vqs) <= VHOST_MAX_QUEUES:
+            raise ValueError(f"a vhost-user port has 1..{VHOST_MAX_QUEUES} queue pairs")
+        self.d.nqueues = len(rx_vqs)
+        for q in range(self.d.nqueues):
+            vq = rx_vqs[q]
+            self.d.guest_rx[q] = &vq.vq
+            vq = tx_vqs[q]
+            self.d.guest_tx[q] = &vq.vq
+        self.keep = rx_vqs + tx_vqs
+        self.nqueues = self.d.nqueues
+        self.dev = &self.d
+        self.ops = &VHOST_OPS

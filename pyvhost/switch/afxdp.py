@@ -1,0 +1,68 @@
+"""afxdp ports: like afpacket ports (an existing interface, attached, never deleted or
+reconfigured, promiscuous while attached, watched once a second and attached again when it
+comes back), but frames move through an AF_XDP socket on the interface's queue 0 (libxdp
+loads its XDP program; copy mode, which is what veth allows). Only where the switch was
+built with libxdp and the kernel allows it; otherwise a clear error. No datapath code
+here: the compiled class is pyvhost._afxdp."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+
+from . import netdev
+from .afpacket import AfPacketPort
+
+log = logging.getLogger("pyvhost.switch")
+
+
+def afxdp_dev():
+    try:
+        from pyvhost._afxdp import AfXdpDev
+    except ImportError:
+        raise netdev.NetdevError("type=afxdp: this pyvhost was built without libxdp "
+                                 "(install libxdp-dev and build again)") from None
+    return AfXdpDev()
+
+
+@dataclass
+class AfXdpPort(AfPacketPort):
+    """``sock`` is the socket that keeps the interface promiscuous (it carries nothing)."""
+
+    @classmethod
+    def create(cls, name, bridge, port_id, ofport, dev_name, restoring=False) -> AfXdpPort:
+        netdev.check_ifname(dev_name, "dev")
+        port = cls(name, bridge, "afxdp", dev_name, 1, port_id, ofport, 1, dev_name)
+        port.dev = afxdp_dev()
+        try:
+            port._attach()
+        except netdev.NetdevError as e:
+            if not restoring or netdev.ifindex(dev_name) is not None:
+                raise
+            log.warning("afxdp port %s: %s; attaching when it appears", name, e)
+        return port
+
+    def _attach(self) -> None:
+        index = netdev.ifindex(self.dev_name)
+        sock = netdev.promisc_socket(self.dev_name)
+        try:
+            self.dev.open(self.dev_name, 0)
+        except OSError as e:
+            sock.close()
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise netdev.NetdevError(
+                    f"AF_XDP on {self.dev_name}: not permitted: needs CAP_NET_RAW and "
+                    "CAP_NET_ADMIN (with CAP_BPF) (run the switch as root)") from None
+            raise netdev.NetdevError(f"AF_XDP is not available on {self.dev_name}: "
+                                     f"{e.strerror or e}") from None
+        old, self.sock, self.ifindex = self.sock, sock, index
+        if old is not None:
+            old.close()
+        self.attaches += 1
+
+    def _detach(self) -> None:
+        self.dev.close()
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.ifindex = None, None
