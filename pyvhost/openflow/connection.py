@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from . import codec as C
 from . import errors as E
@@ -24,6 +25,7 @@ HELLO_TIMEOUT = 10.0      # seconds for the peer's HELLO, and for the rest of a 
 DRAIN_TIMEOUT = 30.0      # seconds replies may wait for a peer that does not read them
 READ_SIZE = 256 * 1024
 MAX_BATCH = 1000          # FLOW_MODs stored in one transaction
+LOG_WINDOW, LOG_LINES = 10.0, 20    # refusals logged per connection per window
 
 
 class Connection:
@@ -44,6 +46,8 @@ class Connection:
         self.received = 0
         self.errors_sent = 0
         self.buf = bytearray()
+        self._log_window = -LOG_WINDOW
+        self._logged = self._unlogged = 0
 
     def _next_xid(self) -> int:
         self.xid = (self.xid + 1) & 0xFFFFFFFF
@@ -60,7 +64,17 @@ class Connection:
     async def _error(self, err: OFError, h: C.Header | None, raw: bytes) -> None:
         self.errors_sent += 1
         what = C.TYPE_NAMES.get(h.type, f"type {h.type}") if h else "message"
-        log.warning("openflow %s: %s refused: %s", self.name, what, err)
+        now = time.monotonic()
+        if now - self._log_window >= LOG_WINDOW:           # a log line per refusal, but
+            if self._unlogged:                             # at most LOG_LINES per window
+                log.warning("openflow %s: %d more requests refused (not logged)", self.name,
+                            self._unlogged)
+            self._log_window, self._logged, self._unlogged = now, 0, 0
+        if self._logged < LOG_LINES:
+            self._logged += 1
+            log.warning("openflow %s: %s refused: %s", self.name, what, err)
+        else:
+            self._unlogged += 1
         await self._send(err.reply(self.version or C.VERSION, h.xid if h else 0, raw))
 
     # -- framing --------------------------------------------------------------------------
