@@ -703,3 +703,15 @@ async def _call(fn):
 
 def _run(fn):
     return _call(fn)
+
+
+def test_switch_config_is_the_bridges_and_outlives_its_controllers(running):
+    r = running
+    with r.client() as c, r.client() as d:
+        c.send(O.msg(O.SET_CONFIG, struct.pack("!HH", 0, 0xFFFF)))
+        t, _, body = d.request(O.msg(O.GET_CONFIG_REQUEST))
+        assert t == O.GET_CONFIG_REPLY and struct.unpack("!HH", body) == (0, 0xFFFF)
+    r.ctl("del-controller", "br0")
+    r.ctl("set-controller", "br0", f"ptcp:{r.port}:127.0.0.1")
+    with r.client() as c:
+        assert struct.unpack("!HH", c.request(O.msg(O.GET_CONFIG_REQUEST))[2]) == (0, 0xFFFF)

@@ -100,6 +100,7 @@ class OpenFlow:
         self.switch = switch
         self.bridges: dict[str, BridgeOpenFlow] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._states: dict[str, BridgeState] = {}      # kept while the bridge lives
 
     # -- settings -------------------------------------------------------------------------
     def _conf(self, bridge: str) -> dict:
@@ -163,7 +164,8 @@ class OpenFlow:
                 await self._close_listener(ln)
             raise
         if current is None:
-            current = self.bridges[bridge] = BridgeOpenFlow(bridge, dpid)
+            current = self.bridges[bridge] = BridgeOpenFlow(bridge, dpid,
+                                                            state=self._state(bridge))
         current.probe = probe / 1000 if probe else None
         kept = {id(ln) for ln in keep.values()}
         for ln in current.listeners:
@@ -181,7 +183,7 @@ class OpenFlow:
         conf = self._conf(bridge)
         conf.pop("targets", None)
         self._save(bridge, conf)
-        await self._stop_bridge(bridge, keep_state=True)
+        await self._stop_bridge(bridge)
 
     def set_dpid(self, bridge: str, dpid: int) -> None:
         self._bridge(bridge)
@@ -200,8 +202,9 @@ class OpenFlow:
         await self._stop_bridge(bridge)
 
     async def forget(self, bridge: str) -> None:
-        """The bridge was deleted: its listeners, connections and settings go."""
+        """The bridge was deleted: its listeners, connections, state and settings go."""
         await self._stop_bridge(bridge)
+        self._states.pop(bridge, None)
         with contextlib.suppress(Exception):
             if self._conf(bridge):
                 self.switch.store.set_setting(f"openflow:{bridge}", None)
@@ -218,7 +221,8 @@ class OpenFlow:
             dpid = conf.get("dpid") if isinstance(conf.get("dpid"), int) else 1
             probe = conf.get("inactivity_probe", int(DEFAULT_PROBE * 1000))
             b = self.bridges[name] = BridgeOpenFlow(name, dpid,
-                                                    probe / 1000 if probe else None)
+                                                    probe / 1000 if probe else None,
+                                                    state=self._state(name))
             for text in targets:
                 try:
                     ln = Listener(parse_target(str(text), Path(self.switch.run_dir)))
@@ -237,7 +241,12 @@ class OpenFlow:
         for name in list(self.bridges):
             await self._stop_bridge(name)
 
-    async def _stop_bridge(self, name: str, keep_state: bool = False) -> None:
+    def _state(self, bridge: str) -> BridgeState:
+        """A bridge's OpenFlow state (SET_CONFIG, rule flags): it outlives its
+        controllers, not the bridge."""
+        return self._states.setdefault(bridge, BridgeState())
+
+    async def _stop_bridge(self, name: str) -> None:
         b = self.bridges.pop(name, None)
         if b is None:
             return
