@@ -129,6 +129,15 @@ def test_flow_table_through_ofctl(of_switch, tmp_path):
     ofctl(target, "del-flows")
     assert flow_lines(ofctl(target, "dump-flows").stdout) == []
     assert processes.ctl(run_dir, "dump-flows", "br0") == ""
+    # ports by name (ovs-ofctl reads them from PORT_DESC), replace-flows and diff-flows
+    ofctl(target, "add-flow", "priority=4,in_port=a,actions=output:b")
+    assert "priority=4,in_port=a actions=output:b" in \
+        ofctl(target, "--names", "dump-flows").stdout
+    rules.write_text("priority=5,in_port=1,actions=output:2\npriority=6,ip,actions=drop\n")
+    ofctl(target, "replace-flows", str(rules))
+    assert ofctl(target, "diff-flows", str(rules)).stdout == ""
+    assert processes.ctl(run_dir, "dump-flows", "--no-stats", "br0") == \
+        " priority=6,ip actions=drop\n priority=5,in_port=1 actions=output:2"
 
 
 def test_ofctl_reports_the_spec_errors(of_switch):

@@ -147,7 +147,9 @@ class Client:
 
 def ofctl(target: str, *args: str, check: bool = True, timeout: float = 60.0,
           stdin: str | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run([OVS_OFCTL, "-O", "OpenFlow13", *args[:1], target, *args[1:]],
+    """``ovs-ofctl -O OpenFlow13 [--options] COMMAND TARGET [ARGS]``."""
+    n = next(i for i, a in enumerate(args) if not a.startswith("--"))
+    r = subprocess.run([OVS_OFCTL, "-O", "OpenFlow13", *args[:n + 1], target, *args[n + 1:]],
                        capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and r.returncode != 0:
         raise AssertionError(f"ovs-ofctl {' '.join(args)}: exit {r.returncode}\n{r.stderr}")
