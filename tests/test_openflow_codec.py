@@ -715,3 +715,17 @@ def test_switch_config_is_the_bridges_and_outlives_its_controllers(running):
     r.ctl("set-controller", "br0", f"ptcp:{r.port}:127.0.0.1")
     with r.client() as c:
         assert struct.unpack("!HH", c.request(O.msg(O.GET_CONFIG_REQUEST))[2]) == (0, 0xFFFF)
+
+
+def test_connections_per_bridge_are_bounded(running):
+    from pyvhost.openflow.manager import MAX_CONNECTIONS
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(running.client()) for _ in range(MAX_CONNECTIONS)]
+        with running.client(do_hello=False) as extra:
+            assert extra.closed()
+        assert clients[0].alive() and clients[-1].alive()
+    deadline = time.monotonic() + 10              # room again once they are gone
+    while "connections: 0" not in running.ctl("show") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with running.client() as c:
+        assert c.alive()

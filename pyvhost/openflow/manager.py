@@ -26,6 +26,7 @@ from .handler import BridgeState, Handler
 log = logging.getLogger("pyvhost.openflow")
 DEFAULT_HOST = "127.0.0.1"   # ptcp:PORT alone listens on loopback (0.0.0.0: every address)
 MAX_TARGETS = 8
+MAX_CONNECTIONS = 64        # per bridge, over all its listeners
 
 
 @dataclass
@@ -311,6 +312,11 @@ class OpenFlow:
     async def _serve(self, bridge: str, ln: Listener, reader, writer) -> None:
         b = self.bridges.get(bridge)
         if b is None or ln.server is None:
+            writer.close()
+            return
+        if len(b.connections) >= MAX_CONNECTIONS:
+            log.warning("openflow %s: a connection refused: %d open already", bridge,
+                        len(b.connections))
             writer.close()
             return
         peer = writer.get_extra_info("peername") or "unix"
