@@ -708,7 +708,7 @@ def _run(fn):
 def test_switch_config_is_the_bridges_and_outlives_its_controllers(running):
     r = running
     with r.client() as c, r.client() as d:
-        c.send(O.msg(O.SET_CONFIG, struct.pack("!HH", 0, 0xFFFF)))
+        assert c.error_of(O.msg(O.SET_CONFIG, struct.pack("!HH", 0, 0xFFFF))) is None
         t, _, body = d.request(O.msg(O.GET_CONFIG_REQUEST))
         assert t == O.GET_CONFIG_REPLY and struct.unpack("!HH", body) == (0, 0xFFFF)
     r.ctl("del-controller", "br0")
