@@ -729,3 +729,26 @@ def test_connections_per_bridge_are_bounded(running):
         time.sleep(0.05)
     with running.client() as c:
         assert c.alive()
+
+
+def test_ip_dscp_matches_the_six_dscp_bits_only(running):
+    """OpenFlow's IP_DSCP (the model's ip_dscp) ignores the ECN bits; nw_tos does not."""
+    from pyvhost._flow import frame_key
+    r = running
+    with r.client() as c:
+        m = O.match(O.oxm(5, b"\x08\x00"), O.oxm(8, bytes([10])))
+        assert c.error_of(O.flow_mod(O.ADD, m, O.apply_actions(O.output(2)), priority=50)) \
+            is None
+    assert " priority=50,ip,ip_dscp=10 actions=output:2" in flows(r)
+
+    def frame(tos: int) -> bytes:
+        ip = bytes([0x45, tos, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
+        return bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\x08\x00" + ip + bytes(8)
+
+    async def outputs(tos: int):
+        bridge = r.sw.bridges["br0"]
+        key = frame_key(frame(tos), bridge.ports["a"].port_id)
+        return [bridge.rules[rid].text for _, rid in bridge.cls.lookup(key)[0]]
+    for tos in (0x28, 0x29, 0x2B):
+        assert r.call(outputs(tos)) == ["priority=50,ip,ip_dscp=10,actions=output:2"], tos
+    assert r.call(outputs(0x2C)) == ["priority=0,actions=normal"]

@@ -125,7 +125,7 @@ def _ports(value: bytes, mask: bytes | None):
 
 
 def decode(oxm: bytes) -> dict:
-    """The model's match dict of a match's OXM TLVs (OFError if it has none)."""
+    """The model's match dict of a match's OXM TLVs (OFError for what it cannot say)."""
     tlv = parse_tlvs(oxm)
     match: dict = {}
     if IN_PORT in tlv:
