@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pyvhost.frontend import VirtioUser
 from pyvhost.packets import inet_checksum
 from pyvhost.switch import netdev
 from tests.harness import processes
+from tests.harness.limits import time_limit
 from tests.harness.netns import HostNet, available, sh
 
 needs_root = pytest.mark.skipif(not available(), reason="needs root, ip and /dev/net/tun")
@@ -37,17 +37,9 @@ TEST_TIMEOUT = 240          # seconds: no test here runs longer
 
 @pytest.fixture(autouse=True)
 def bounded():
-    """Every test is bounded: SIGALRM raises in the test after TEST_TIMEOUT seconds (the
-    fixtures' finally blocks still clean up)."""
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran longer than {TEST_TIMEOUT}s")
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_TIMEOUT)
-    try:
+    """Every test is bounded (the fixtures' finally blocks still clean up)."""
+    with time_limit(TEST_TIMEOUT):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture
