@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DEB_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static cpio dpdk-dev \
 	librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23 \
-	iproute2 iputils-ping ethtool iperf3 tcpdump libcap2-bin libxdp-dev libbpf-dev \
+	iproute2 iputils-ping ethtool iperf3 tcpdump libcap2-bin libxdp-dev libbpf-dev prometheus \
 	openvswitch-common
 
 .PHONY: all deps debs build test test-fast lint demo bench clean fuzz asan-test
@@ -17,7 +17,8 @@ debs:
 	fi
 
 deps: debs
-	$(PYTHON) -m pip install -q "Cython>=3.0" "setuptools>=65" wheel "pytest>=7.4" "hypothesis>=6.80" "ruff>=0.4"
+	$(PYTHON) -m pip install -q "Cython>=3.0" "setuptools>=65" wheel "pytest>=7.4" "hypothesis>=6.80" "ruff>=0.4" \
+		"prometheus_client>=0.17"
 
 build: deps
 	$(PYTHON) setup.py -q build_ext --inplace

@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                         "shrinking (hugetlbfs, tmpfs files, memfds without MFD_ALLOW_SEALING); "
                         "without it they are taken and a truncation drops that port's "
                         "front-end")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics there (e.g. 127.0.0.1:9100; off by default)")
     p.set_defaults(run=run)
 
 
@@ -72,10 +74,23 @@ async def _main(args) -> int:
         print(f"switch: control socket {control.path}: {e}", file=sys.stderr)
         await sw.stop()
         return 2
+    metrics = None
+    if args.metrics:
+        from pyvhost.switch.metrics import MetricsServer
+        try:
+            metrics = MetricsServer(sw, args.metrics)
+            metrics.start()
+        except (OSError, ValueError) as e:
+            print(f"switch: --metrics {args.metrics}: {e}", file=sys.stderr)
+            await control.close()
+            await sw.stop()
+            return 2
     await openflow.restore()
     print(f"switch: running, control socket {control.path}", flush=True)
     await stop.wait()
     log.info("switch: stopping")
+    if metrics is not None:
+        metrics.stop()
     await openflow.close()
     await control.close()
     await sw.stop()
@@ -91,4 +106,17 @@ def run(args) -> int:
         print(f"switch: --socket-mode {args.socket_mode:o} out of range 0..0777",
               file=sys.stderr)
         return 2
+    if args.metrics:
+        try:
+            import prometheus_client  # noqa: F401
+
+            from pyvhost.switch.metrics import parse_address
+            parse_address(args.metrics)
+        except ImportError:
+            print("switch: --metrics needs the prometheus_client package "
+                  "(pip install prometheus_client)", file=sys.stderr)
+            return 2
+        except ValueError as e:
+            print(f"switch: {e}", file=sys.stderr)
+            return 2
     return asyncio.run(_main(args))

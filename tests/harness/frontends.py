@@ -21,11 +21,12 @@ def drain(port: VirtioUser, wait: float = 0.5) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def switch_with_ports(workdir, config: str, names: str | list[str]):
-    """(run dir, {name: VirtioUser}) for a switch started with ``config`` whose vhostuser
-    ports ``names`` each get a frontend; everything is stopped afterwards."""
+def switch_with_ports(workdir, config: str, names: str | list[str], extra: list[str] = ()):
+    """(run dir, {name: VirtioUser}) for a switch started with ``config`` (and the switch
+    options ``extra``) whose vhostuser ports ``names`` each get a frontend; everything is
+    stopped afterwards."""
     run_dir = workdir / "run"
-    sw = processes.switch(workdir, run_dir, config=config)
+    sw = processes.switch(workdir, run_dir, config=config, extra=list(extra))
     ports = {}
     try:
         for name in names:
