@@ -376,3 +376,43 @@ def test_a_store_that_cannot_be_written_changes_no_rules(tmp_path):
             await sw.stop()
 
     asyncio.run(scenario())
+
+
+def test_every_read_command_takes_json(tmp_path):
+    """show, dump-flows, fdb-show, pmd-rxq-show, pmd-stats-show (and dump-ports, trace) take
+    --json: one JSON document saying what the text says."""
+    import json
+
+    async def scenario():
+        sw = Switch(tmp_path / "run")
+        await sw.start()
+        try:
+            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
+                         ["add-port", "br0", "b", "type=vhostuser"],
+                         ["add-flow", "br0", "table=1,cookie=0x5,idle_timeout=9,priority=7,"
+                          "in_port=a,actions=output:b"]):
+                await run_command(sw, argv)
+            sw.bridges["br0"].macs.learn(0, MAC1, sw.ports["a"].port_id)
+            show = json.loads(await run_command(sw, ["show", "--json"]))
+            assert show["bridges"]["br0"]["ports"]["a"]["ofport"] == 1
+            assert show["bridges"]["br0"]["ports"]["b"]["type"] == "vhostuser"
+            flows = json.loads(await run_command(sw, ["dump-flows", "--json", "br0"]))
+            text = await run_command(sw, ["dump-flows", "br0"])
+            assert [f["flow"] for f in flows] == [
+                "priority=0,actions=normal",
+                "cookie=0x5,table=1,idle_timeout=9,priority=7,in_port=a,actions=output:b"]
+            assert flows[1]["cookie"] == "0x5" and flows[1]["table"] == 1
+            assert all(f["body"] in text for f in flows)
+            fdb = json.loads(await run_command(sw, ["fdb-show", "--json", "br0"]))
+            assert fdb == [{"port": "a", "vlan": 0, "mac": MAC1.hex(":"), "age": fdb[0]["age"]}]
+            rxq = json.loads(await run_command(sw, ["pmd-rxq-show", "--json"]))
+            assert {r["port"] for pmd in rxq for r in pmd["rxqs"]} == {"a", "b"}
+            stats = json.loads(await run_command(sw, ["pmd-stats-show", "--json"]))
+            assert stats and all("upcalls" in s and "busy_ns" in s for s in stats)
+            assert json.loads(await run_command(sw, ["dump-ports", "--json", "br0"]))["a"]
+            with pytest.raises(CommandError, match="unknown option"):
+                await run_command(sw, ["show", "--yaml"])
+        finally:
+            await sw.stop()
+
+    asyncio.run(scenario())

@@ -6,6 +6,8 @@ knowledge of OpenFlow; each finds the switch's ``OpenFlow`` (``manager.enable``)
 
 from __future__ import annotations
 
+import json
+
 from pyvhost.switch import commands as base
 from pyvhost.switch.commands import CommandError, _int, _need
 
@@ -56,6 +58,11 @@ def _with_controllers(show):
         of = getattr(sw, "openflow", None)
         if of is None:
             return text
+        if "--json" in args:
+            data = json.loads(text)
+            for name, bridge in data["bridges"].items():
+                bridge["controllers"] = [line.strip() for line in of.show_lines(name)]
+            return json.dumps(data)
         out = []
         for line in text.split("\n"):
             out.append(line)

@@ -120,8 +120,9 @@ async def del_port(sw, args):
 
 
 async def show(sw, args):
-    _need(args, 0, 0, "show")
-    return sw.show()
+    args, flags = _flags(args, ("--json",))
+    _need(args, 0, 0, "show [--json]")
+    return json.dumps(sw.show_data()) if "--json" in flags else sw.show()
 
 
 def _flags(args: list[str], allowed: tuple[str, ...]) -> tuple[list[str], set[str]]:
@@ -177,9 +178,11 @@ async def del_flows(sw, args):
 
 
 async def dump_flows(sw, args):
-    args, flags = _flags(args, ("--no-stats",))
-    _need(args, 1, 2, 'dump-flows [--no-stats] BRIDGE ["MATCH"]')
+    args, flags = _flags(args, ("--no-stats", "--json"))
+    _need(args, 1, 2, 'dump-flows [--no-stats] [--json] BRIDGE ["MATCH"]')
     selector = parse_selector(args[1]) if len(args) == 2 else None
+    if "--json" in flags:
+        return json.dumps(sw.dump_flows_data(args[0], selector))
     return sw.dump_flows(args[0], selector, stats="--no-stats" not in flags)
 
 
@@ -231,18 +234,21 @@ async def dump_ports(sw, args):
 
 
 async def fdb_show(sw, args):
-    _need(args, 1, 1, "fdb-show BRIDGE")
-    return sw.fdb_show(args[0])
+    args, flags = _flags(args, ("--json",))
+    _need(args, 1, 1, "fdb-show [--json] BRIDGE")
+    return json.dumps(sw.fdb_data(args[0])) if "--json" in flags else sw.fdb_show(args[0])
 
 
 async def pmd_rxq_show(sw, args):
-    _need(args, 0, 0, "pmd-rxq-show")
-    return sw.pmd_rxq_show()
+    args, flags = _flags(args, ("--json",))
+    _need(args, 0, 0, "pmd-rxq-show [--json]")
+    return json.dumps(sw.pmd_rxq_data()) if "--json" in flags else sw.pmd_rxq_show()
 
 
 async def pmd_stats_show(sw, args):
-    _need(args, 0, 0, "pmd-stats-show")
-    return sw.pmd_stats_show()
+    args, flags = _flags(args, ("--json",))
+    _need(args, 0, 0, "pmd-stats-show [--json]")
+    return json.dumps(sw.pmd_stats_data()) if "--json" in flags else sw.pmd_stats_show()
 
 
 async def pmd_stats_clear(sw, args):

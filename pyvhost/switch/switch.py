@@ -636,45 +636,75 @@ class Switch:
         self._assign()
 
     # -- reports --------------------------------------------------------------------------
-    def show(self) -> str:
-        lines = []
+    def show_data(self) -> dict:
+        """Bridges, their ports (by OpenFlow number) and the stored rows that failed."""
+        bridges = {}
         for name, bridge in self.bridges.items():
-            lines.append(f"Bridge {name}")
+            ports = {}
             for pname, port in sorted(bridge.ports.items(), key=lambda kv: kv[1].ofport):
-                lines.append(f"    Port {pname} (ofport {port.ofport})")
+                p = {"ofport": port.ofport, "type": port.type, "state": port.state()}
                 if isinstance(port, VhostPort):
-                    lines.append(f"        type: {port.type}  path: {port.path}  "
-                                 f"queues: {port.queues} (polled: {port.active})  "
-                                 f"{port.state()}")
+                    p.update(path=port.path, queues=port.queues, polled=port.active)
                 else:
-                    lines.append(f"        type: {port.type}  {port.state()}")
-        if self.failed:
+                    p["link"] = port.link()
+                ports[pname] = p
+            bridges[name] = {"ports": ports}
+        return {"bridges": bridges, "failed": dict(self.failed)}
+
+    def show(self) -> str:
+        data = self.show_data()
+        lines = []
+        for name, bridge in data["bridges"].items():
+            lines.append(f"Bridge {name}")
+            for pname, p in bridge["ports"].items():
+                lines.append(f"    Port {pname} (ofport {p['ofport']})")
+                if "path" in p:
+                    lines.append(f"        type: {p['type']}  path: {p['path']}  "
+                                 f"queues: {p['queues']} (polled: {p['polled']})  "
+                                 f"{p['state']}")
+                else:
+                    lines.append(f"        type: {p['type']}  {p['state']}")
+        if data["failed"]:
             lines.append("Failed (stored, not loaded):")
-            lines += [f"    {key}: {why}" for key, why in self.failed.items()]
+            lines += [f"    {key}: {why}" for key, why in data["failed"].items()]
         return "\n".join(lines)
 
-    def dump_flows(self, bridge_name: str, selector: Selector | None = None,
-                   stats: bool = True) -> str:
-        """ovs-ofctl dump-flows: the selected rules, table and priority order."""
+    def dump_flows_data(self, bridge_name: str, selector: Selector | None = None) -> list:
+        """The selected rules in table and priority order: each as add-flow takes it
+        ("flow"), its dump-flows head fields and body, and its counters."""
         bridge = self._bridge(bridge_name)
         now = time.monotonic()
         now_ns = time.monotonic_ns()
         out = []
         for rule in bridge.select(selector):
             head, body = split_canonical(rule.text)
-            if not stats:
-                out.append(" " + "".join(f"{k}={v}, " for k, v in head.items()) + body)
-                continue
             packets, bytes_, used = bridge.counters(rule)
-            parts = [f"cookie={head.get('cookie', '0x0')}",
-                     f"duration={now - rule.created:.3f}s", f"table={head.get('table', 0)}",
-                     f"n_packets={packets}", f"n_bytes={bytes_}"]
+            out.append({"flow": rule.text, "head": head, "body": body,
+                        "cookie": head.get("cookie", "0x0"),
+                        "table": int(head.get("table", 0)),
+                        "duration": round(now - rule.created, 3), "n_packets": packets,
+                        "n_bytes": bytes_,
+                        "idle_age": (now_ns - used) // 1_000_000_000 if used else None})
+        return out
+
+    def dump_flows(self, bridge_name: str, selector: Selector | None = None,
+                   stats: bool = True) -> str:
+        """ovs-ofctl dump-flows: the selected rules, table and priority order."""
+        out = []
+        for r in self.dump_flows_data(bridge_name, selector):
+            head = r["head"]
+            if not stats:
+                out.append(" " + "".join(f"{k}={v}, " for k, v in head.items()) + r["body"])
+                continue
+            parts = [f"cookie={r['cookie']}", f"duration={r['duration']:.3f}s",
+                     f"table={r['table']}", f"n_packets={r['n_packets']}",
+                     f"n_bytes={r['n_bytes']}"]
             for timeout in ("idle_timeout", "hard_timeout"):
                 if timeout in head:
                     parts.append(f"{timeout}={head[timeout]}")
-            if used:
-                parts.append(f"idle_age={(now_ns - used) // 1_000_000_000}")
-            out.append(" " + ", ".join(parts) + ", " + body)
+            if r["idle_age"] is not None:
+                parts.append(f"idle_age={r['idle_age']}")
+            out.append(" " + ", ".join(parts) + ", " + r["body"])
         return "\n".join(out)
 
     def trace_report(self, bridge_name: str, match: dict, flow_text: str) -> tuple[str, dict]:
@@ -747,35 +777,51 @@ class Switch:
                                f"no_buffer={q['tx']['drop_no_buffer']}")
         return "\n".join(out)
 
+    def fdb_data(self, bridge_name: str) -> list[dict]:
+        return [{"port": port, "vlan": vlan, "mac": mac, "age": age}
+                for port, vlan, mac, age in self._bridge(bridge_name).fdb_rows()]
+
     def fdb_show(self, bridge_name: str) -> str:
-        bridge = self._bridge(bridge_name)
         rows = [" port  VLAN  MAC                Age"]
-        for port, vlan, mac, age in bridge.fdb_rows():
-            rows.append(f"{port:>5} {vlan:5}  {mac}  {age:4}")
+        for r in self.fdb_data(bridge_name):
+            rows.append(f"{r['port']:>5} {r['vlan']:5}  {r['mac']}  {r['age']:4}")
         return "\n".join(rows)
 
-    def pmd_rxq_show(self) -> str:
+    def pmd_rxq_data(self) -> list[dict]:
         loads = self.pmds.loads()
         total = sum(loads.values()) or 1
         out = []
         for i, pmd in enumerate(self.pmds.pmds):
             cpus = self.pmd_settings["cpus"]
-            cpu = cpus[i % len(cpus)] if cpus else "any"
-            out.append(f"pmd thread {i} (cpu {cpu}):")
+            rxqs = []
             for port_id, q in pmd.rxqs():
                 port = self._by_id.get(port_id)
-                if port is None:
-                    continue
-                state = "enabled" if port.queue_enabled(q) else "disabled"
-                usage = 100 * loads.get((port_id, q), 0) // total
-                out.append(f"  port: {port.name:<12} queue-id: {q:2} ({state:>8})  "
-                           f"pmd usage: {usage:3d} %")
+                if port is not None:
+                    rxqs.append({"port": port.name, "queue": q,
+                                 "enabled": bool(port.queue_enabled(q)),
+                                 "usage": 100 * loads.get((port_id, q), 0) // total})
+            out.append({"pmd": i, "cpu": cpus[i % len(cpus)] if cpus else None,
+                        "rxqs": rxqs})
+        return out
+
+    def pmd_rxq_show(self) -> str:
+        out = []
+        for pmd in self.pmd_rxq_data():
+            cpu = "any" if pmd["cpu"] is None else pmd["cpu"]
+            out.append(f"pmd thread {pmd['pmd']} (cpu {cpu}):")
+            for r in pmd["rxqs"]:
+                state = "enabled" if r["enabled"] else "disabled"
+                out.append(f"  port: {r['port']:<12} queue-id: {r['queue']:2} ({state:>8})  "
+                           f"pmd usage: {r['usage']:3d} %")
         return "\n".join(out)
+
+    def pmd_stats_data(self) -> list[dict]:
+        return [{"pmd": i, **pmd.stats()} for i, pmd in enumerate(self.pmds.pmds)]
 
     def pmd_stats_show(self) -> str:
         out = []
-        for i, pmd in enumerate(self.pmds.pmds):
-            s = pmd.stats()
+        for s in self.pmd_stats_data():
+            i = s["pmd"]
             cycles = s["busy_ns"] + s["idle_ns"] or 1
             per_burst = s["packets"] / s["bursts"] if s["bursts"] else 0.0
             out += [f"pmd thread {i}:",
