@@ -615,3 +615,55 @@ def test_pyvhost_frontend_memory_is_sealed_and_a_strict_switch_takes_it(workdir)
     finally:
         assert sw.stop() == 0
     assert "Traceback" not in sw.errors()
+
+
+def test_json_log_lines_and_rate_limited_repeats(workdir):
+    """``pyvhost --log-format json switch``: every log line is a JSON object, and 40
+    malformed control requests log their warning 5 times, not 40."""
+    import json as json_
+    import socket as socket_
+
+    from tests.harness.processes import PyvhostProcess
+    run_dir = workdir / "run"
+    sw = PyvhostProcess(["-v", "--log-format", "json", "switch", "--run-dir", str(run_dir)],
+                        workdir, "switch").start(ready_text="switch: running")
+    try:
+        for _ in range(40):
+            with socket_.socket(socket_.AF_UNIX) as s:
+                s.connect(str(run_dir / "ctl.sock"))
+                s.sendall(b"not json\n")
+                s.recv(4096)
+    finally:
+        assert sw.stop() == 0
+    lines = [json_.loads(line) for line in sw.errors().splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(r) for r in lines)
+    malformed = [r for r in lines if "malformed request" in r["message"]]
+    assert len(malformed) == 5, malformed
+
+
+def test_repeat_limit_reports_what_it_held_back():
+    import logging
+
+    from pyvhost.cli.logsetup import RepeatLimit
+    now = [0.0]
+    limit = RepeatLimit(repeats=2, window=10, clock=lambda: now[0])
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+    log = logging.getLogger("pyvhost.test.repeats")
+    log.propagate = False
+    handler = Keep()
+    handler.addFilter(limit)
+    log.addHandler(handler)
+    try:
+        for i in range(7):
+            log.warning("bad thing %d", i)
+        log.warning("another thing")
+        now[0] = 11.0
+        log.warning("bad thing %d", 99)
+    finally:
+        log.removeHandler(handler)
+    assert got == ["bad thing 0", "bad thing 1", "another thing",
+                   '5 more like "bad thing %d" in 10 s were not logged', "bad thing 99"]

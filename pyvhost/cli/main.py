@@ -27,6 +27,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvhost", description="vhost-user switch and tools")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for every message)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log lines as text or as JSON objects (repeats are rate-limited)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _chosen(sys.argv[1:] if argv is None else argv):
         importlib.import_module(f"pyvhost.cli.{name}").add_parser(sub)
@@ -38,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if os.environ.get("PYVHOST_LOG"):
         level = os.environ["PYVHOST_LOG"].upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pyvhost.cli import logsetup
+    logsetup.setup(level, args.log_format)
     return args.run(args)
 
 
