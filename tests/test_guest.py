@@ -104,11 +104,15 @@ def iperf3(net, server_ns, client_ns, address, args, timeout=60):
         while True:
             r = sh(["iperf3", "-c", address, "-J", *args], ns=client_ns, check=False,
                    timeout=timeout)
-            if r.returncode == 0 or time.monotonic() > deadline:
+            try:
+                result = json.loads(r.stdout)
+            except ValueError:
+                result = {"error": r.stdout[-2000:] + r.stderr}
+            if "error" not in result or time.monotonic() > deadline:
                 break
             time.sleep(0.2)           # the server may not be listening yet
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-        return json.loads(r.stdout)
+        assert "error" not in result, result["error"]
+        return result
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):
             srv.wait(10)
@@ -168,7 +172,7 @@ def test_iperf3_tcp_bytes_match(net, switch, offloads):
         received = result["end"]["sum_received"]["bytes"]
         # iperf3 stops counting at the receiver when the sender says the test ended, so
         # what was still in flight is missing from its count (not lost: TCP delivered it)
-        assert sent == size and received > 0.97 * size, (sent, received)
+        assert sent >= size and received > 0.97 * size, (sent, received)
         # every frame a guest handed the switch is one the switch took from that port's
         # ring, and every frame the switch put in a guest's ring reached that guest's tap
         assert _wait(lambda: counters_match(run_dir, {"a": a, "b": b})), \
