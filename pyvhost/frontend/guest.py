@@ -54,12 +54,16 @@ class Guest:
     ``offloads``: offer checksum offloads ("csum"), checksum + TSO ("tso", default) or none
     ("none": the kernel completes and segments everything before it leaves the tap, and
     the backend must do the same for what it sends us). ``features`` overrides what is
-    offered altogether."""
+    offered altogether. ``ring_size``: descriptors per ring; ``rx_buf_len``: receive
+    buffer size with mergeable RX buffers (16 KiB: a 64 KiB TSO frame takes 5 of them, so a
+    256-entry ring holds 50 such frames; with 2 KiB buffers it held 8, and TCP through the
+    switch lost frames to a full ring whenever the receiving side was scheduled late)."""
 
     def __init__(self, socket: str, *, server: bool = False, netns: str | None = None,
                  ifname: str = "eth0", mac: str | None = None, ip: str | None = None,
                  mtu: int | None = None, queues: int = 1, offloads: str = "tso",
-                 features: int | None = None, ring_size: int = 256):
+                 features: int | None = None, ring_size: int = 256,
+                 rx_buf_len: int = 16384):
         if queues != 1:
             raise ValueError("only one queue pair for now (--queues 1)")
         if offloads not in ("tso", "csum", "none"):
@@ -77,6 +81,7 @@ class Guest:
         self.address = ip
         self.mtu = mtu
         self.ring_size = ring_size
+        self.rx_buf_len = rx_buf_len
         if features is None:
             features = DEFAULT_FEATURES
             if offloads in ("csum", "tso"):
@@ -107,8 +112,12 @@ class Guest:
             self.tapfd = N.open_tap(self.ifname, self.netns)
             N.configure(self.ifname, self.netns, mac=self.mac, mtu=self.mtu,
                         address=self.address)
+            # every buffer of both rings has a slot of MAX_FRAME bytes (only what is written
+            # is backed by pages): room for them, the rings and alignment
+            mem = 2 * self.ring_size * (MAX_FRAME + 12 + 64) + (4 << 20)
             self.port = VirtioUser(self.socket, server=self.server, queues=1,
                                    ring_size=self.ring_size, max_frame=MAX_FRAME,
+                                   rx_buf_len=self.rx_buf_len, mem_size=mem,
                                    features=self.features, connect_timeout=RETRY,
                                    pool_size=32)
             self.loop = _guest.GuestLoop(self.tapfd, PacketPool(2 * 32 + 8, MAX_FRAME))
