@@ -77,7 +77,7 @@ def switch(workdir):
 
 
 @contextlib.contextmanager
-def two_guests(net, run_dir, offloads=("tso", "tso"), mtu=None):
+def two_guests(net, run_dir, offloads=("tso", "tso"), mtu=None, packed=False):
     """Guests in namespaces A and B on ports a and b, connected; both stopped after."""
     guests = []
     try:
@@ -85,7 +85,7 @@ def two_guests(net, run_dir, offloads=("tso", "tso"), mtu=None):
             ns = net.name(f"gst{port}")
             net.namespaces.append(ns)      # deleted by net.close() should the guest not
             g = Guest(str(run_dir / f"{port}.sock"), netns=ns, ip=f"{net.ip(i + 1)}/24",
-                      offloads=off, mtu=mtu)
+                      offloads=off, mtu=mtu, packed=packed)
             guests.append(g.start())
         for g in guests:
             assert g.wait_connected(15), g.stats()
@@ -193,9 +193,11 @@ def test_iperf3_tcp_bytes_match(net, switch, offloads):
 
 
 @pytest.mark.slow
-def test_iperf3_udp_at_a_set_rate_loses_nothing(net, switch):
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_iperf3_udp_at_a_set_rate_loses_nothing(net, switch, packed):
     run_dir, _ = switch
-    with two_guests(net, run_dir) as (a, b):
+    with two_guests(net, run_dir, packed=packed) as (a, b):
+        assert a.port.negotiated.packed == packed
         assert net.ping(a.netns, net.ip(2))
         result = iperf3(net, b.netns, a.netns, net.ip(2),
                         ["-u", "-b", "20M", "-l", "1200", "-t", "3"])
@@ -340,6 +342,25 @@ def test_idle_guest_uses_no_cpu(net, switch, workdir):
         assert used < 0.15, f"idle guest used {used:.2f} s of CPU in 3 s"
     finally:
         assert g.stop() == 0
+
+
+def test_a_front_end_on_the_socket_is_reported(net, workdir):
+    """Two front-ends on one socket: each sends GET_FEATURES and gets a request back; the
+    guest says what the peer is instead of waiting, and keeps trying."""
+    sock = workdir / "fe.sock"
+    gen = processes.PyvhostProcess(["gen", "--socket", str(sock), "--server", "--mode", "rx",
+                                    "--timeout", "30", "--duration", "30"], workdir, "gen")
+    gen.start()
+    ns = net.name("gfe")
+    net.namespaces.append(ns)
+    try:
+        assert _wait(sock.exists)
+        with Guest(str(sock), netns=ns) as g:
+            assert _wait(lambda: "not a vhost-user back-end" in (g.last_error or ""), 15), \
+                g.stats()
+            assert g.alive and not g.connected.is_set()
+    finally:
+        gen.stop()
 
 
 def test_bad_options_exit_2(workdir):

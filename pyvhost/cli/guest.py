@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
                    help="offloads offered to the backend: checksum and TSO (default), "
                         "checksum only, or none (everything completed in software)")
     p.add_argument("--ring-size", type=int, default=256, help="descriptors per ring")
+    p.add_argument("--packed", action="store_true",
+                   help="packed virtqueues (VIRTIO_F_RING_PACKED; the backend must offer them)")
     p.add_argument("--json", action="store_true", help="print JSON stats as the last line")
     p.set_defaults(run=run)
 
@@ -92,7 +94,7 @@ def run(args) -> int:
     try:
         guest = Guest(args.socket, server=args.server, netns=args.netns, ifname=args.ifname,
                       mac=args.mac, ip=args.ip, mtu=args.mtu, queues=args.queues,
-                      offloads=args.offloads, ring_size=args.ring_size)
+                      offloads=args.offloads, ring_size=args.ring_size, packed=args.packed)
     except (GuestNetError, ValueError) as e:
         print(f"guest: {e}", file=sys.stderr)
         return 2

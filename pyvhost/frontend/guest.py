@@ -54,7 +54,8 @@ class Guest:
     ``offloads``: offer checksum offloads ("csum"), checksum + TSO ("tso", default) or none
     ("none": the kernel completes and segments everything before it leaves the tap, and
     the backend must do the same for what it sends us). ``features`` overrides what is
-    offered altogether. ``ring_size``: descriptors per ring; ``rx_buf_len``: receive
+    offered altogether. ``packed``: packed virtqueues (the backend must offer them).
+    ``ring_size``: descriptors per ring; ``rx_buf_len``: receive
     buffer size with mergeable RX buffers (16 KiB: a 64 KiB TSO frame takes 5 of them, so a
     256-entry ring holds 50 such frames; with 2 KiB buffers it held 8, and TCP through the
     switch lost frames to a full ring whenever the receiving side was scheduled late)."""
@@ -63,7 +64,7 @@ class Guest:
                  ifname: str = "eth0", mac: str | None = None, ip: str | None = None,
                  mtu: int | None = None, queues: int = 1, offloads: str = "tso",
                  features: int | None = None, ring_size: int = 256,
-                 rx_buf_len: int = 16384):
+                 rx_buf_len: int = 16384, packed: bool = False):
         if queues != 1:
             raise ValueError("only one queue pair for now (--queues 1)")
         if offloads not in ("tso", "csum", "none"):
@@ -82,6 +83,7 @@ class Guest:
         self.mtu = mtu
         self.ring_size = ring_size
         self.rx_buf_len = rx_buf_len
+        self.packed = packed
         if features is None:
             features = DEFAULT_FEATURES
             if offloads in ("csum", "tso"):
@@ -118,6 +120,7 @@ class Guest:
             self.port = VirtioUser(self.socket, server=self.server, queues=1,
                                    ring_size=self.ring_size, max_frame=MAX_FRAME,
                                    rx_buf_len=self.rx_buf_len, mem_size=mem,
+                                   packed=self.packed,
                                    features=self.features, connect_timeout=RETRY,
                                    pool_size=32)
             self.loop = _guest.GuestLoop(self.tapfd, PacketPool(2 * 32 + 8, MAX_FRAME))
