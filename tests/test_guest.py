@@ -372,3 +372,18 @@ def test_bad_options_exit_2(workdir):
                            timeout=30, cwd=processes.REPO,
                            env=dict(os.environ, PYTHONPATH=str(processes.REPO)))
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.slow
+def test_demo_netns_part():
+    """``pyvhost demo --part netns``: the demo that needs no QEMU runs and cleans up."""
+    before = set(sh(["ip", "netns", "list"]).stdout.split())
+    r = subprocess.run([sys.executable, "-m", "pyvhost.cli.main", "demo", "--part", "netns"],
+                       capture_output=True, text=True, timeout=150, cwd=processes.REPO,
+                       env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
+                       start_new_session=True)
+    assert r.returncode == 0 and "through the switch worked" in r.stdout, r.stdout + r.stderr
+    assert "0% packet loss" in r.stdout and "Gbit/s" in r.stdout
+    left = {n for n in set(sh(["ip", "netns", "list"]).stdout.split()) - before
+            if n.startswith("pvdemo")}
+    assert not left, left
