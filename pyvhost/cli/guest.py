@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 
-from pyvhost.frontend.guest import Guest
+from pyvhost.frontend.guest import MAX_QUEUES, Guest
 from pyvhost.frontend.netns import GuestNetError
 
 
@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mac", help="MAC address (default: stable, locally administered)")
     p.add_argument("--ip", help="address of the interface, CIDR (e.g. 10.1.0.1/24)")
     p.add_argument("--mtu", type=int, help="MTU of the interface")
-    p.add_argument("--queues", type=int, default=1, help="queue pairs (only 1 for now)")
+    p.add_argument("--queues", type=int, default=1,
+                   help="queue pairs (default 1; more: a multiqueue tap, a thread per pair)")
     p.add_argument("--offloads", choices=("tso", "csum", "none"), default="tso",
                    help="offloads offered to the backend: checksum and TSO (default), "
                         "checksum only, or none (everything completed in software)")
@@ -51,8 +52,8 @@ def add_parser(sub) -> None:
 
 
 def check_args(args) -> str | None:
-    if args.queues != 1:
-        return "--queues: only 1 queue pair is supported so far"
+    if not 1 <= args.queues <= MAX_QUEUES:
+        return f"--queues must be 1..{MAX_QUEUES}"
     if args.ip is not None:
         try:
             iface = ipaddress.ip_interface(args.ip)
@@ -78,6 +79,9 @@ def format_counters(stats: dict) -> str:
                            "to_tap_bytes", "connections", "features") and v}
     if other:
         lines.append(" ".join(f"{k}={v}" for k, v in other.items()))
+    for q, st in enumerate(stats.get("queues", [])):
+        lines.append(f"queue {q}: to device {st['to_device_packets']} pkts, to tap "
+                     f"{st['to_tap_packets']} pkts")
     for ring in ("rx_ring", "tx_ring"):
         drops = {k: v for k, v in stats.get(ring, {}).items()
                  if (k.startswith("drop") or k in ("ring_errors", "ring_full")) and v}

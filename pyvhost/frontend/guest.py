@@ -5,14 +5,15 @@
         ...                              # ping, iperf3, curl inside namespace "red"
         print(g.stats())
 
-A VirtioUser frontend (one queue pair) on the socket, bridged to a tap interface created
-inside the namespace (made if missing, deleted on stop only if made here), with MAC, MTU,
-address and link up. Frames move in the compiled loop of pyvhost._guest on a thread of its
-own without the GIL; the tap carries virtio-net headers, and its offloads follow what the
-backend negotiated (NET_CSUM, HOST_TSO4/6: the kernel hands us partial checksums and TSO
-super-frames only when the backend takes them; GUEST_CSUM/TSO: what the backend hands us
-goes to the tap as it is). When the backend goes away the thread reconnects (client) or
-accepts again (server) until stop().
+A VirtioUser frontend on the socket bridged to a tap interface created inside the
+namespace (made if missing, deleted on stop only if made here), with MAC, MTU, address and
+link up. Frames move in the compiled loop of pyvhost._guest without the GIL, one thread
+per queue pair (N pairs: a multiqueue tap, one fd per pair); the tap carries virtio-net
+headers, and its offloads follow what the backend negotiated (NET_CSUM, HOST_TSO4/6: the
+kernel hands us partial checksums and TSO super-frames only when the backend takes them;
+GUEST_CSUM/TSO: what the backend hands us goes to the tap as it is). When the backend
+goes away the loops are brought home and the frontend reconnects (client) or accepts
+again (server) until stop().
 
 Built on pyvhost.frontend (VirtioUser), pyvhost._guest and .netns; may not import backend,
 switch or cli.
@@ -44,6 +45,7 @@ TSO_FEATURES = bit(F.NET_HOST_TSO4) | bit(F.NET_HOST_TSO6) | bit(F.NET_GUEST_TSO
 GUEST_FEATURES = DEFAULT_FEATURES | CSUM_FEATURES | TSO_FEATURES
 MAX_FRAME = 65600            # a TSO super-frame (64 KiB of IP) with Ethernet and VLAN headers
 RETRY = 0.5                  # seconds between connection attempts
+MAX_QUEUES = 16
 
 
 class Guest:
@@ -65,8 +67,8 @@ class Guest:
                  mtu: int | None = None, queues: int = 1, offloads: str = "tso",
                  features: int | None = None, ring_size: int = 256,
                  rx_buf_len: int = 16384, packed: bool = False):
-        if queues != 1:
-            raise ValueError("only one queue pair for now (--queues 1)")
+        if not 1 <= queues <= MAX_QUEUES:
+            raise ValueError(f"queues must be 1..{MAX_QUEUES}")
         if offloads not in ("tso", "csum", "none"):
             raise ValueError("offloads is tso, csum or none")
         if mtu is not None and not 68 <= mtu <= 65535 - 18:
@@ -82,6 +84,7 @@ class Guest:
         self.address = ip
         self.mtu = mtu
         self.ring_size = ring_size
+        self.queues = queues
         self.rx_buf_len = rx_buf_len
         self.packed = packed
         if features is None:
@@ -92,9 +95,9 @@ class Guest:
                 features |= TSO_FEATURES
         self.features = features
         self.created_netns = False
-        self.tapfd = -1
+        self.tapfds: list[int] = []
         self.port: VirtioUser | None = None
-        self.loop: _guest.GuestLoop | None = None
+        self.loops: list[_guest.GuestLoop] = []
         self.thread: threading.Thread | None = None
         self.connected = threading.Event()
         self.connections = 0
@@ -111,19 +114,20 @@ class Guest:
         try:
             if self.netns is not None:
                 self.created_netns = N.create_netns(self.netns)
-            self.tapfd = N.open_tap(self.ifname, self.netns)
+            self.tapfds = N.open_tap(self.ifname, self.netns, self.queues)
             N.configure(self.ifname, self.netns, mac=self.mac, mtu=self.mtu,
                         address=self.address)
             # every buffer of both rings has a slot of MAX_FRAME bytes (only what is written
             # is backed by pages): room for them, the rings and alignment
-            mem = 2 * self.ring_size * (MAX_FRAME + 12 + 64) + (4 << 20)
-            self.port = VirtioUser(self.socket, server=self.server, queues=1,
+            mem = 2 * self.queues * self.ring_size * (MAX_FRAME + 12 + 64) + (4 << 20)
+            self.port = VirtioUser(self.socket, server=self.server, queues=self.queues,
                                    ring_size=self.ring_size, max_frame=MAX_FRAME,
                                    rx_buf_len=self.rx_buf_len, mem_size=mem,
                                    packed=self.packed,
                                    features=self.features, connect_timeout=RETRY,
                                    pool_size=32)
-            self.loop = _guest.GuestLoop(self.tapfd, PacketPool(2 * 32 + 8, MAX_FRAME))
+            self.loops = [_guest.GuestLoop(fd, PacketPool(2 * 32 + 8, MAX_FRAME))
+                          for fd in self.tapfds]
         except BaseException:
             self._cleanup()
             raise
@@ -135,8 +139,8 @@ class Guest:
         """End the thread, disconnect, delete the tap and the namespace if made here.
         Idempotent."""
         self._stopping.set()
-        if self.loop is not None:
-            self.loop.stop()
+        for loop in self.loops:
+            loop.stop()
         if self.thread is not None:
             self.thread.join(timeout=10)
             if self.thread.is_alive():
@@ -150,9 +154,9 @@ class Guest:
             with contextlib.suppress(Exception):
                 self.port.close()
             self.port = None
-        if self.tapfd >= 0:
-            os.close(self.tapfd)         # the tap interface goes with its last fd
-            self.tapfd = -1
+        for fd in self.tapfds:
+            os.close(fd)                 # the tap interface goes with its last fd
+        self.tapfds = []
         if self.created_netns:
             N.delete_netns(self.netns)
             self.created_netns = False
@@ -182,24 +186,58 @@ class Guest:
         neg = port.negotiated
         csum = neg.has(F.NET_CSUM)
         tso4, tso6 = neg.has(F.NET_HOST_TSO4), neg.has(F.NET_HOST_TSO6)
-        self.loop.configure(csum=csum, tso4=csum and tso4, tso6=csum and tso6,
-                            ecn=neg.has(F.NET_HOST_ECN))
+        for loop in self.loops:
+            loop.configure(csum=csum, tso4=csum and tso4, tso6=csum and tso6,
+                           ecn=neg.has(F.NET_HOST_ECN))
         self.tap_offloads = N.tun_offloads(csum, tso4, tso6, neg.has(F.NET_HOST_ECN))
-        N.set_offloads(self.tapfd, self.tap_offloads)
+        N.set_offloads(self.tapfds[0], self.tap_offloads)     # one device: every queue
         self.connections += 1
         self.last_error = None
         log.info("guest: connected to %s: %s", self.socket, neg.describe())
         self.connected.set()
         return True
 
+    def _run_queues(self) -> int:
+        """Every queue pair's loop on a thread of its own until one returns; then all are
+        brought home. The reason: stopped, the tap gone, a ring broken, or the backend
+        gone (in that order of precedence)."""
+        port, ctl = self.port, self.port.channel.fileno()
+        done = threading.Event()
+        reasons: list[int | None] = [None] * self.queues
+
+        def work(q: int) -> None:
+            try:
+                reasons[q] = self.loops[q].run(port.rx_queue(q), port.tx_queue(q), ctl)
+            finally:
+                done.set()
+
+        threads = [threading.Thread(target=work, args=(q,), name=f"pyvhost-guest-q{q}",
+                                    daemon=True) for q in range(self.queues)]
+        for t in threads:
+            t.start()
+        done.wait()
+        for loop in self.loops:
+            loop.stop()
+        for t in threads:
+            t.join()
+        for loop in self.loops:
+            loop.reset()
+        got = {r for r in reasons if r is not None}
+        if self._stopping.is_set():
+            return _guest.STOP_STOPPED
+        for reason in (_guest.STOP_TAP_GONE, _guest.STOP_BROKEN):
+            if reason in got:
+                return reason
+        return _guest.STOP_CONTROL
+
     def _run(self) -> None:
-        port, loop = self.port, self.loop
+        port = self.port
         while not self._stopping.is_set():
             if port.channel is None and not self._connect():
                 if not self.server:        # accept() waited already; connect() did not
                     self._stopping.wait(RETRY)
                 continue
-            reason = loop.run(port.rx_queue(0), port.tx_queue(0), port.channel.fileno())
+            reason = self._run_queues()
             if reason == _guest.STOP_STOPPED:
                 break
             self.connected.clear()
@@ -226,16 +264,25 @@ class Guest:
                      "socket": self.socket, "connected": self.connected.is_set(),
                      "connections": self.connections, "tap_offloads": self.tap_offloads,
                      "error": self.last_error}
-        if self.loop is not None:
-            out.update(self.loop.stats())
+        per_queue = [loop.stats() for loop in self.loops]
+        for st in per_queue:
+            for k, v in st.items():
+                out[k] = out.get(k, 0) + v
         port = self.port
         if port is not None and port.negotiated is not None:
             out["features"] = port.negotiated.features
             with contextlib.suppress(Exception):
-                for name, q in (("rx_ring", port.rings[0].queue),
-                                ("tx_ring", port.rings[1].queue)):
-                    if q is not None:
-                        out[name] = q.stats()
+                for q in range(self.queues):
+                    rx, tx = port.rings[2 * q].queue, port.rings[2 * q + 1].queue
+                    if rx is not None and tx is not None:
+                        per_queue[q]["rx_ring"] = rx.stats()
+                        per_queue[q]["tx_ring"] = tx.stats()
+        if per_queue:
+            for name in ("rx_ring", "tx_ring"):
+                if name in per_queue[0]:
+                    out[name] = per_queue[0][name]
+        if self.queues > 1:
+            out["queues"] = per_queue
         return out
 
     def describe(self) -> str:

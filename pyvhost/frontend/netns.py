@@ -27,6 +27,7 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_TUN_EXCL = 0x8000
@@ -122,35 +123,47 @@ def _setns(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def _open_tap_here(name: str) -> int:
+def _open_tap_here(name: str, queues: int = 1) -> list[int]:
+    """``queues`` fds of one new tap (IFF_MULTI_QUEUE when more than one): the first
+    creates it (IFF_TUN_EXCL: never an existing interface), the others attach to it."""
+    fds: list[int] = []
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise GuestNetError(f"opening /dev/net/tun: {e.strerror} (needs CAP_NET_ADMIN)") \
-            from None
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
-                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL))
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
-    except OSError as e:
-        os.close(fd)
-        if e.errno == errno.EBUSY:
-            raise GuestNetError(f"an interface named {name} exists already") from None
-        if e.errno in (errno.EPERM, errno.EACCES):
-            raise GuestNetError(f"creating tap {name}: not permitted (needs "
-                                "CAP_NET_ADMIN)") from None
-        raise GuestNetError(f"creating tap {name}: {e.strerror}") from None
-    return fd
+        for q in range(queues):
+            try:
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                raise GuestNetError(f"opening /dev/net/tun: {e.strerror} (needs "
+                                    "CAP_NET_ADMIN)") from None
+            fds.append(fd)
+            flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+            flags |= IFF_MULTI_QUEUE if queues > 1 else 0
+            flags |= IFF_TUN_EXCL if q == 0 else 0
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise GuestNetError(f"an interface named {name} exists already") from None
+                if e.errno in (errno.EPERM, errno.EACCES):
+                    raise GuestNetError(f"creating tap {name}: not permitted (needs "
+                                        "CAP_NET_ADMIN)") from None
+                raise GuestNetError(f"creating tap {name} (queue {q}): {e.strerror}") \
+                    from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
-def open_tap(name: str, netns: str | None = None) -> int:
-    """A new tap ``name`` in ``netns`` (None: ours), never an existing interface: a
-    non-blocking fd with 12-byte virtio-net headers and no offloads yet (set_offloads).
-    The interface goes away when the fd is closed."""
+def open_tap(name: str, netns: str | None = None, queues: int = 1) -> list[int]:
+    """A new tap ``name`` in ``netns`` (None: ours), never an existing interface: one
+    non-blocking fd per queue with 12-byte virtio-net headers and no offloads yet
+    (set_offloads). The interface goes away when the fds are closed."""
     check_ifname(name)
     if netns is None:
-        return _open_tap_here(name)
+        return _open_tap_here(name, queues)
     check_netns(name=netns)
     result: dict = {}
 
@@ -161,7 +174,7 @@ def open_tap(name: str, netns: str | None = None) -> int:
                 _setns(nsfd)          # this thread only; it ends right after
             finally:
                 os.close(nsfd)
-            result["fd"] = _open_tap_here(name)
+            result["fds"] = _open_tap_here(name, queues)
         except GuestNetError as e:
             result["error"] = e
         except OSError as e:
@@ -172,7 +185,7 @@ def open_tap(name: str, netns: str | None = None) -> int:
     t.join()
     if "error" in result:
         raise result["error"]
-    return result["fd"]
+    return result["fds"]
 
 
 def tun_offloads(csum: bool, tso4: bool, tso6: bool, ecn: bool = False) -> int:
