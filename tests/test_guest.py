@@ -300,10 +300,14 @@ def test_switch_restart_under_running_guests(net, workdir):
             assert net.ping(a.netns, net.ip(2))
             assert sw.stop() == 0
             assert _wait(lambda: not a.connected.is_set())
+            # no backend: no carrier in the namespace, as with a NIC whose link is down
+            assert _wait(lambda: "NO-CARRIER" in net.link_flags("eth0", a.netns)), \
+                net.link_flags("eth0", a.netns)
             sw = processes.switch(workdir, run_dir, name="switch2")
             assert a.wait_connected(20) and b.wait_connected(20), (a.stats(), b.stats())
             assert net.ping(a.netns, net.ip(2), timeout=30)
             assert a.stats()["connections"] == 2
+            assert "NO-CARRIER" not in net.link_flags("eth0", a.netns)
     finally:
         sw.stop()
 

@@ -7,13 +7,14 @@
 
 A VirtioUser frontend on the socket bridged to a tap interface created inside the
 namespace (made if missing, deleted on stop only if made here), with MAC, MTU, address and
-link up. Frames move in the compiled loop of pyvhost._guest without the GIL, one thread
-per queue pair (N pairs: a multiqueue tap, one fd per pair); the tap carries virtio-net
-headers, and its offloads follow what the backend negotiated (NET_CSUM, HOST_TSO4/6: the
-kernel hands us partial checksums and TSO super-frames only when the backend takes them;
-GUEST_CSUM/TSO: what the backend hands us goes to the tap as it is). When the backend
-goes away the loops are brought home and the frontend reconnects (client) or accepts
-again (server) until stop().
+link up; its carrier is on while a backend is connected, as a NIC's link. Frames move in
+the compiled loop of pyvhost._guest without the GIL, one thread per queue pair (N pairs: a
+multiqueue tap, one fd per pair); the tap carries virtio-net headers, and its offloads
+follow what the backend negotiated (NET_CSUM, HOST_TSO4/6: the kernel hands us partial
+checksums and TSO super-frames only when the backend takes them; GUEST_CSUM/TSO: what the
+backend hands us goes to the tap as it is). When the backend goes away the loops are
+brought home, the carrier goes off, and the frontend reconnects (client) or accepts again
+(server) until stop().
 
 Built on pyvhost.frontend (VirtioUser), pyvhost._guest and .netns; may not import backend,
 switch or cli.
@@ -115,6 +116,7 @@ class Guest:
             if self.netns is not None:
                 self.created_netns = N.create_netns(self.netns)
             self.tapfds = N.open_tap(self.ifname, self.netns, self.queues)
+            N.set_carrier(self.tapfds[0], False)     # no backend yet: no link
             N.configure(self.ifname, self.netns, mac=self.mac, mtu=self.mtu,
                         address=self.address)
             # every buffer of both rings has a slot of MAX_FRAME bytes (only what is written
@@ -191,6 +193,7 @@ class Guest:
                            ecn=neg.has(F.NET_HOST_ECN))
         self.tap_offloads = N.tun_offloads(csum, tso4, tso6, neg.has(F.NET_HOST_ECN))
         N.set_offloads(self.tapfds[0], self.tap_offloads)     # one device: every queue
+        N.set_carrier(self.tapfds[0], True)
         self.connections += 1
         self.last_error = None
         log.info("guest: connected to %s: %s", self.socket, neg.describe())
@@ -241,6 +244,8 @@ class Guest:
             if reason == _guest.STOP_STOPPED:
                 break
             self.connected.clear()
+            with contextlib.suppress(OSError):
+                N.set_carrier(self.tapfds[0], False)
             if reason == _guest.STOP_TAP_GONE:
                 self.last_error = f"interface {self.ifname} was deleted"
                 log.warning("guest: %s", self.last_error)

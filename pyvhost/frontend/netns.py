@@ -26,6 +26,7 @@ import threading
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETCARRIER = 0x400454E2
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
@@ -202,6 +203,11 @@ def set_offloads(fd: int, flags: int) -> None:
     """What the kernel may hand us unfinished: partial checksums, TSO super-frames.
     Without them it completes and segments frames before they reach the tap's reader."""
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def set_carrier(fd: int, on: bool) -> None:
+    """The interface's carrier: on while a backend is connected, as a NIC's link."""
+    fcntl.ioctl(fd, TUNSETCARRIER, struct.pack("i", 1 if on else 0))
 
 
 def configure(name: str, netns: str | None, *, mac: str, mtu: int | None,
