@@ -428,6 +428,27 @@ def test_command_sigterm_removes_what_it_made_and_reports(net, switch, workdir):
     assert "guest: stopped" in a.output()
 
 
+def test_sigint_and_an_interface_deleted_under_the_guest(net, switch, workdir):
+    """SIGINT ends it like SIGTERM; an interface someone deletes ends it with status 1 and
+    a line saying so (never a spin on a dead fd); either way its namespace goes."""
+    run_dir, _ = switch
+    ns1, ns2 = net.name("gint"), net.name("gdel")
+    net.namespaces += [ns1, ns2]
+    g1 = guest_cmd(workdir, "gint", run_dir / "a.sock", "--netns", ns1)
+    g2 = guest_cmd(workdir, "gdel", run_dir / "b.sock", "--netns", ns2)
+    try:
+        g1.signal(signal.SIGINT)
+        assert g1.proc.wait(15) == 0, g1.errors()
+        assert not netns_exists(ns1)
+        sh(["ip", "link", "del", "eth0"], ns=ns2)
+        assert g2.proc.wait(15) == 1, g2.errors()
+        assert "interface eth0 was deleted" in g2.errors()
+        assert not netns_exists(ns2)
+    finally:
+        g1.stop()
+        g2.stop()
+
+
 def test_idle_guest_uses_no_cpu(net, switch, workdir):
     run_dir, _ = switch
     ns = net.name("gidle")

@@ -34,7 +34,6 @@ from pyvhost.protocol.constants import Feature as F
 from pyvhost.protocol.constants import bit
 
 from . import netns as N
-from .channel import BackendGone, BackendRefused
 from .negotiate import DEFAULT_FEATURES
 from .port import VirtioUser
 
@@ -146,7 +145,9 @@ class Guest:
         if self.thread is not None:
             self.thread.join(timeout=10)
             if self.thread.is_alive():
-                log.warning("guest thread did not end within 10 s")
+                # a loop may still be inside the rings: leak them rather than unmap them
+                log.warning("guest thread did not end within 10 s; leaving its memory")
+                self.port = None
         if self.port is not None:
             self._final = self.stats()      # the rings' counters go with the port
         self._cleanup()
@@ -177,7 +178,8 @@ class Guest:
         port = self.port
         try:
             port.open()
-        except (BackendGone, BackendRefused, OSError) as e:
+        except Exception as e:      # BackendGone, BackendRefused, OSError, or a setup
+            # the backend's answers made impossible (e.g. too few queue pairs): retried
             with contextlib.suppress(Exception):
                 port.disconnect()
             msg = str(e)
