@@ -193,6 +193,7 @@ cdef uint32_t tap_to_device(guest_t *g, drvq_t *txq) noexcept nogil:
             continue
         drv_tx_post(txq, <uint16_t>id, length)
         g.st.to_device_bytes += length
+        txq.st.bytes += length
         n += 1
     if n:
         drv_publish(txq)

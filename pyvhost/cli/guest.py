@@ -11,7 +11,11 @@ the backend goes away); --server listens on the socket instead.
 
 Runs in the foreground: one line when the interface is up, one per (re)connection on
 stderr, counters on SIGUSR1, a summary at exit (SIGINT/SIGTERM; with --json its last line
-is a JSON object). Exit status 2 for bad options or a setup failure (namespace, tap).
+is a JSON object). Exit status 2 for bad options or a setup failure (namespace, tap), 1
+when the interface is deleted under it.
+
+Only options, signals and printing here: the namespace, the tap and the data path are
+pyvhost.frontend.Guest's (and its compiled loop's); nothing of the switch.
 """
 
 from __future__ import annotations
