@@ -2,7 +2,8 @@
 PYTHON ?= python3
 DEB_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static cpio dpdk-dev \
 	librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23 \
-	iproute2 iputils-ping ethtool iperf3 tcpdump libcap2-bin libxdp-dev libbpf-dev
+	iproute2 iputils-ping ethtool iperf3 tcpdump libcap2-bin libxdp-dev libbpf-dev \
+	openvswitch-common
 
 .PHONY: all deps debs build test test-fast lint demo bench clean fuzz asan-test
 
@@ -49,12 +50,13 @@ asan-test: deps
 demo: build
 	$(PYTHON) -m pyvhost.cli.main demo
 
-# OVS-DPDK is only a benchmark peer (bench flows), so it is installed here, not by debs
+# OVS-DPDK (it brings openvswitch-switch, whose plain ovs-vswitchd bench host uses) is only
+# a benchmark peer (bench flows, host), so it is installed here, not by debs
 bench: build
 	dpkg -s openvswitch-switch-dpdk >/dev/null 2>&1 || (apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		openvswitch-switch-dpdk)
-	for b in backend frontend switch flows; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
+	for b in backend frontend switch flows host; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info pyvhost/*.so pyvhost/_*.c

@@ -328,6 +328,11 @@ cdef class AfXdpDev(PortDev):
     def attached(self):
         return self.d.fd >= 0
 
+    @property
+    def fd(self):
+        """The AF_XDP socket's fd (-1 when closed), for its kernel statistics."""
+        return self.d.fd
+
     def stats(self):
         cdef xdp_stats_t snapshot = self.d.st
         return snapshot

@@ -805,6 +805,12 @@ cdef class DriverQueue:
         return self.q.size // (self.q.rx_slots if self.q.rx else self.q.tx_max_slots)
 
     @property
+    def in_flight(self):
+        """Buffers the device holds (TX: frames posted and not yet completed, as of the
+        last reclaim)."""
+        return self.q.size - self.q.nfree
+
+    @property
     def free(self):
         """Buffers we own (TX: room for that many frames after a reclaim)."""
         if self.q.packed:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import time
 import pytest
 
 from tests.harness import processes
+from tests.harness.limits import time_limit
 from tests.harness.testpmd import Testpmd, parse_fwd_stats, virtio_user_vdev
 
 pytestmark = pytest.mark.slow
@@ -56,15 +56,8 @@ UPCALL_SLACK = 2                 # upcalls p1/p2 may cost during the storm: the 
 @pytest.fixture(autouse=True)
 def _time_limit():
     """Fail (and let every fixture clean up) if the test runs past TEST_TIMEOUT."""
-    def expired(signum, frame):
-        raise TimeoutError(f"test_storm_dpdk: over {TEST_TIMEOUT} s")
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_TIMEOUT)
-    try:
+    with time_limit(TEST_TIMEOUT, "test_storm_dpdk"):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture

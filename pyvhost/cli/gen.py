@@ -27,6 +27,7 @@ from pyvhost.protocol.constants import Feature, bit
 MODES = ("tx", "rx", "txrx", "ping")
 SLICE = 0.1          # seconds per compiled run
 DRAIN = 1.0          # txrx: give up waiting for stragglers after this long without one
+SETTLE = 1.0         # tx: at most this long for the backend to take the last frames
 DEFAULT_DURATION = 5.0
 SRC_MAC = bytes.fromhex("020000000001")
 
@@ -160,6 +161,8 @@ def drive(port: VirtioUser, gen, args) -> str | None:
         if (args.mode == "txrx" and gen.tx_target and gen.sent >= gen.tx_target
                 and gen.elapsed - gen.rx_seconds > DRAIN):
             return None               # the rest are lost
+    if args.mode == "tx":
+        settle(port)
     if args.mode != "txrx":
         return None
     gen.tx_target = gen.rx_target = max(gen.sent, 1)     # stop sending, wait for the rest
@@ -167,6 +170,16 @@ def drive(port: VirtioUser, gen, args) -> str | None:
         if gen.run(SLICE, ctl) == _gen.STOP_CONTROL or not port.alive:
             return "the backend went away"
     return None
+
+
+def settle(port: VirtioUser, seconds: float = SETTLE) -> None:
+    """Wait (bounded) until the backend has taken every frame posted: hanging up with
+    frames still in the ring would make them look lost at the other side."""
+    end = time.monotonic() + seconds
+    while port.alive and time.monotonic() < end:
+        if all(q.reclaim() >= 0 and q.in_flight == 0 for q in port.tx_queues):
+            return
+        time.sleep(0.001)
 
 
 def summary(args, port: VirtioUser | None, stats: dict, error: str | None) -> int:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pyvhost.memory import set_strict_fds
+from pyvhost.openflow import enable as enable_openflow
 from pyvhost.switch import CommandError, Switch, read_config
 from pyvhost.switch.control import ControlServer
 from pyvhost.switch.rundir import RunDirError, group_id
@@ -58,6 +59,7 @@ async def _main(args) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    openflow = enable_openflow(sw)     # before start: seed commands may set controllers
     try:
         await sw.start(seed)
     except CommandError as e:
@@ -70,9 +72,11 @@ async def _main(args) -> int:
         print(f"switch: control socket {control.path}: {e}", file=sys.stderr)
         await sw.stop()
         return 2
+    await openflow.restore()
     print(f"switch: running, control socket {control.path}", flush=True)
     await stop.wait()
     log.info("switch: stopping")
+    await openflow.close()
     await control.close()
     await sw.stop()
     print("switch: stopped", flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from dataclasses import dataclass, field
 
 from . import netdev
@@ -27,6 +28,7 @@ class AfPacketPort(Port):
     dev: object = field(repr=False, default=None)
     attaches: int = 0
     abandoned: bool = False               # a PMD may still be inside: never closed
+    kernel_drops: int = 0                 # frames the kernel dropped before we read them
 
     @classmethod
     def create(cls, name, bridge, port_id, ofport, dev_name, restoring=False) -> AfPacketPort:
@@ -50,6 +52,7 @@ class AfPacketPort(Port):
         except OSError as e:
             sock.close()
             raise netdev.NetdevError(f"attaching {self.dev_name}: {e}") from None
+        self.count_kernel_drops()                 # the old socket's, before it goes
         old, self.sock, self.ifindex = self.sock, sock, index
         if old is not None:
             old.close()
@@ -57,9 +60,20 @@ class AfPacketPort(Port):
 
     def _detach(self) -> None:
         self.dev.detach()                     # no PMD uses the socket once this returns
+        self.count_kernel_drops()
         if self.sock is not None:
             self.sock.close()
         self.sock, self.ifindex = None, None
+
+    def count_kernel_drops(self) -> None:
+        """Add what the kernel dropped since the last look (its ring was full)."""
+        if self.sock is None:
+            return
+        try:
+            raw = self.sock.getsockopt(netdev.SOL_PACKET, netdev.PACKET_STATISTICS, 12)
+        except OSError:
+            return
+        self.kernel_drops += struct.unpack("3I", raw)[1]     # tp_packets, tp_drops, ...
 
     def datapath_dev(self):
         return self.dev
@@ -74,6 +88,7 @@ class AfPacketPort(Port):
     def periodic(self) -> bool:
         if self.abandoned:
             return False
+        self.count_kernel_drops()           # once a second: a 32-bit counter cannot wrap
         index = netdev.ifindex(self.dev_name)
         if index is None:
             if self.sock is not None:
@@ -119,8 +134,11 @@ class AfPacketPort(Port):
 
     def ring_counters(self) -> tuple[dict, dict, list[dict]]:
         st = self.dev.stats()
-        return ({k: v for k, v in st.items() if k.startswith("rx_")},
-                {k: v for k, v in st.items() if k.startswith("tx_")}, [])
+        if not self.abandoned:
+            self.count_kernel_drops()
+        rx = {k: v for k, v in st.items() if k.startswith("rx_")}
+        rx["drop_kernel"] = self.kernel_drops     # the kernel's ring was full
+        return rx, {k: v for k, v in st.items() if k.startswith("tx_")}, []
 
     def options(self) -> dict:
         return {"dev": self.dev_name}

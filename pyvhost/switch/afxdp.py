@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
+import struct
 from dataclasses import dataclass
 
 from . import netdev
 from .afpacket import AfPacketPort
 
 log = logging.getLogger("pyvhost.switch")
+AF_XDP, SOL_XDP, XDP_STATISTICS = 44, 283, 7       # linux/socket.h, linux/if_xdp.h
 
 
 def afxdp_dev():
@@ -29,6 +32,8 @@ def afxdp_dev():
 @dataclass
 class AfXdpPort(AfPacketPort):
     """``sock`` is the socket that keeps the interface promiscuous (it carries nothing)."""
+
+    xdp_seen: int = 0                         # the AF_XDP socket's drops counted so far
 
     @classmethod
     def create(cls, name, bridge, port_id, ofport, dev_name, restoring=False) -> AfXdpPort:
@@ -46,6 +51,7 @@ class AfXdpPort(AfPacketPort):
     def _attach(self) -> None:
         index = netdev.ifindex(self.dev_name)
         sock = netdev.promisc_socket(self.dev_name)
+        self.count_kernel_drops()                 # the old socket's, before it goes
         try:
             self.dev.open(self.dev_name, 0)
         except OSError as e:
@@ -59,9 +65,27 @@ class AfXdpPort(AfPacketPort):
         old, self.sock, self.ifindex = self.sock, sock, index
         if old is not None:
             old.close()
+        self.xdp_seen = 0                         # a new AF_XDP socket counts from zero
         self.attaches += 1
 
+    def count_kernel_drops(self) -> None:
+        """Add what the kernel dropped since the last look: struct xdp_statistics's
+        rx_dropped and rx_ring_full (cumulative per socket)."""
+        fd = self.dev.fd if self.dev is not None else -1
+        if fd < 0:
+            return
+        try:
+            with socket.fromfd(fd, AF_XDP, socket.SOCK_RAW) as s:    # a dup, closed here
+                raw = s.getsockopt(SOL_XDP, XDP_STATISTICS, 48)
+        except OSError:
+            return
+        fields = struct.unpack(f"{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
+        total = fields[0] + (fields[3] if len(fields) > 3 else 0)
+        self.kernel_drops += max(0, total - self.xdp_seen)
+        self.xdp_seen = total
+
     def _detach(self) -> None:
+        self.count_kernel_drops()
         self.dev.close()
         if self.sock is not None:
             self.sock.close()

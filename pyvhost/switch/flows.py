@@ -5,7 +5,8 @@
     in_port=1,actions=mod_vlan_vid:10,output:2,goto_table:1
 
 Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), nw_src,
-nw_dst (prefix or /netmask), nw_proto, nw_tos, tp_src, tp_dst (with /mask), and the
+nw_dst (prefix or /netmask), nw_proto, nw_tos (the whole TOS byte), ip_dscp (its six DSCP
+bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
 tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
 strip_vlan, goto_table:N. Ports are named here as the user wrote them; a bridge resolves
@@ -31,12 +32,13 @@ SHORTHANDS = {
     "arp": {"dl_type": 0x0806},
 }
 INT_FIELDS = {"dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF, "nw_tos": 0xFF,
+              "ip_dscp": 0x3F,
               "tp_src": 0xFFFF, "tp_dst": 0xFFFF}
 MASKABLE_INTS = ("tp_src", "tp_dst")
 MAC_FIELDS = ("dl_src", "dl_dst")
 IP_FIELDS = ("nw_src", "nw_dst")
 FIELD_ORDER = ("in_port", "dl_vlan", "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst",
-               "nw_proto", "nw_tos", "tp_src", "tp_dst")
+               "nw_proto", "nw_tos", "ip_dscp", "tp_src", "tp_dst")
 SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.items()}
 DEFAULT_PRIORITY = 32768
 VLAN_NONE = 0xFFFF
@@ -169,7 +171,9 @@ def _check_prerequisites(match: dict) -> None:
     for name in ("nw_src", "nw_dst"):
         if name in match and dl_type not in (0x0800, 0x0806):
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip or arp)")
-    for name in ("nw_proto", "nw_tos"):
+    if "nw_tos" in match and "ip_dscp" in match:
+        raise FlowSyntaxError("nw_tos and ip_dscp: give one (nw_tos includes the DSCP bits)")
+    for name in ("nw_proto", "nw_tos", "ip_dscp"):
         if name in match and dl_type != 0x0800 and not (name == "nw_proto" and
                                                         dl_type == 0x0806):
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip)")
@@ -374,6 +378,8 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
             value[name], mask[name] = mac, m
         elif name in IP_FIELDS:
             value[name], mask[name] = v.addr, v.mask
+        elif name == "ip_dscp":
+            value["nw_tos"], mask["nw_tos"] = v << 2, 0xFC
         elif isinstance(v, tuple):
             value[name], mask[name] = v
         else:
@@ -397,6 +403,8 @@ def key_fields(match: dict) -> dict:
             if v.plen != 32:
                 raise FlowSyntaxError(f"{name}: a packet has one address, not {v}")
             fields[name] = v.addr
+        elif name == "ip_dscp":
+            fields["nw_tos"] = v << 2
         else:
             fields[name] = v[0] if isinstance(v, tuple) else v
     return fields

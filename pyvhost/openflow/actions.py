@@ -1,0 +1,219 @@
+"""OpenFlow 1.3 instructions and actions to and from the switch's rule model (actions
+``output:PORT``, ``flood``, ``normal``, ``mod_vlan_vid:N``, ``strip_vlan`` and
+``goto_table:N`` of ``pyvhost.switch.flows``).
+
+Taken: GOTO_TABLE and APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL),
+PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the model's action does exactly
+the same to every packet the rule's match admits: PUSH_VLAN (+ SET_FIELD) only on a match
+of untagged packets (mod_vlan_vid pushes a tag there), SET_FIELD vlan_vid and POP_VLAN only
+on a match of tagged ones (or after a push). OFPP_ALL is the model's ``flood`` (no port here
+is excluded from flooding, so the two are the same set). Everything else gets the spec's
+BAD_INSTRUCTION/BAD_ACTION error: WRITE/CLEAR_ACTIONS, WRITE_METADATA, METER (no action
+set, metadata or meters yet), OUTPUT to IN_PORT, CONTROLLER, LOCAL, TABLE or ANY (the
+datapath cannot send there), GROUP, TTL and MPLS actions. Pure functions."""
+
+from __future__ import annotations
+
+import struct
+
+from pyvhost._classifier import TABLES
+from pyvhost._flow import MAX_OPS
+from pyvhost.switch.flows import VLAN_NONE
+
+from . import codec as C
+from . import errors as E
+from .codec import pad8
+from .errors import OFError
+from .oxm import BASIC, OFPVID_PRESENT, VLAN_VID, header
+
+# enum ofp_instruction_type
+IT_GOTO_TABLE, IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_APPLY_ACTIONS = 1, 2, 3, 4
+IT_CLEAR_ACTIONS, IT_METER, IT_EXPERIMENTER = 5, 6, 0xFFFF
+# enum ofp_action_type
+AT_OUTPUT, AT_PUSH_VLAN, AT_POP_VLAN, AT_GROUP, AT_SET_FIELD = 0, 17, 18, 22, 25
+AT_EXPERIMENTER = 0xFFFF
+KNOWN_ACTIONS = {0, 11, 12, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27}
+ETH_P_8021Q = 0x8100
+RESERVED_NAMES = {C.OFPP_IN_PORT: "IN_PORT", C.OFPP_TABLE: "TABLE",
+                  C.OFPP_CONTROLLER: "CONTROLLER", C.OFPP_LOCAL: "LOCAL", C.OFPP_ANY: "ANY"}
+
+UNKNOWN, UNTAGGED, TAGGED = "unknown", "untagged", "tagged"
+
+
+def vlan_state(match: dict) -> str:
+    v = match.get("dl_vlan")
+    return UNKNOWN if v is None else UNTAGGED if v == VLAN_NONE else TAGGED
+
+
+def _act(code: int, why: str) -> OFError:
+    return OFError(E.BAD_ACTION, code, why)
+
+
+def decode_actions(data: bytes, match: dict) -> tuple:
+    """The model's actions of an action list (APPLY_ACTIONS)."""
+    out: list[tuple] = []
+    state = vlan_state(match)
+    pushed_at = -1                     # index of the mod_vlan_vid a PUSH_VLAN made
+    off = 0
+    while off < len(data):
+        if off + 4 > len(data):
+            raise _act(E.BAC_BAD_LEN, f"{len(data) - off} stray bytes after the last action")
+        atype, alen = struct.unpack_from("!HH", data, off)
+        if alen < 8 or alen % 8 or off + alen > len(data):
+            raise _act(E.BAC_BAD_LEN, f"action {atype} of length {alen} at offset {off}")
+        body = data[off:off + alen]
+        off += alen
+        if atype == AT_OUTPUT:
+            if alen != 16:
+                raise _act(E.BAC_BAD_LEN, f"OUTPUT of length {alen}")
+            port, _max_len = struct.unpack_from("!IH", body, 4)
+            if 1 <= port < C.OFPP_MAX:
+                out.append(("output", str(port)))
+            elif port in (C.OFPP_FLOOD, C.OFPP_ALL):
+                out.append(("flood",))
+            elif port == C.OFPP_NORMAL:
+                out.append(("normal",))
+            else:
+                name = RESERVED_NAMES.get(port, f"{port:#x}")
+                raise _act(E.BAC_BAD_OUT_PORT, f"output to {name}: not supported here")
+        elif atype == AT_PUSH_VLAN:
+            if alen != 8:
+                raise _act(E.BAC_BAD_LEN, f"PUSH_VLAN of length {alen}")
+            ethertype, = struct.unpack_from("!H", body, 4)
+            if ethertype != ETH_P_8021Q:
+                raise _act(E.BAC_BAD_ARGUMENT, f"push_vlan ethertype 0x{ethertype:04x} "
+                                               "(only 0x8100)")
+            if state != UNTAGGED:
+                raise _act(E.BAC_MATCH_INCONSISTENT if state == UNKNOWN else E.BAC_BAD_TAG,
+                           "push_vlan needs a match of untagged packets (vlan_vid=NONE) "
+                           "and pushes one tag")
+            pushed_at = len(out)
+            out.append(("mod_vlan_vid", 0))
+            state = TAGGED
+        elif atype == AT_POP_VLAN:
+            if alen != 8:
+                raise _act(E.BAC_BAD_LEN, f"POP_VLAN of length {alen}")
+            if state != TAGGED:
+                raise _act(E.BAC_MATCH_INCONSISTENT, "pop_vlan needs a match of tagged "
+                                                     "packets (vlan_vid=N)")
+            out.append(("strip_vlan",))
+            state = UNTAGGED
+            pushed_at = -1
+        elif atype == AT_SET_FIELD:
+            if alen < 8:
+                raise _act(E.BAC_BAD_SET_LEN, f"SET_FIELD of length {alen}")
+            h, = struct.unpack_from("!I", body, 4)
+            cls, field, hasmask, flen = h >> 16, h >> 9 & 0x7F, h >> 8 & 1, h & 0xFF
+            if pad8(8 + flen) != alen:
+                raise _act(E.BAC_BAD_SET_LEN, f"SET_FIELD of length {alen} holding "
+                                              f"{flen} bytes")
+            if cls != BASIC or field != VLAN_VID:
+                raise _act(E.BAC_BAD_SET_TYPE, f"set_field of class 0x{cls:04x} field "
+                                               f"{field}: only vlan_vid here")
+            if hasmask or flen != 2:
+                raise _act(E.BAC_BAD_SET_LEN, f"set_field vlan_vid of {flen} bytes")
+            vid, = struct.unpack_from("!H", body, 8)
+            if not vid & OFPVID_PRESENT or vid > 0x1FFF:
+                raise _act(E.BAC_BAD_SET_ARGUMENT, f"set_field vlan_vid 0x{vid:04x} (needs "
+                                                   "OFPVID_PRESENT)")
+            if state != TAGGED:
+                raise _act(E.BAC_MATCH_INCONSISTENT, "set_field vlan_vid needs a tagged "
+                                                     "packet (match vlan_vid=N, or "
+                                                     "push_vlan first)")
+            if pushed_at == len(out) - 1 and pushed_at >= 0:
+                out[pushed_at] = ("mod_vlan_vid", vid & 0xFFF)
+            else:
+                out.append(("mod_vlan_vid", vid & 0xFFF))
+        elif atype == AT_EXPERIMENTER:
+            raise _act(E.BAC_BAD_EXPERIMENTER, "experimenter actions are not supported")
+        elif atype in KNOWN_ACTIONS:
+            raise _act(E.BAC_BAD_TYPE, f"action type {atype} is not supported here")
+        else:
+            raise _act(E.BAC_BAD_TYPE, f"unknown action type {atype}")
+        if atype != AT_PUSH_VLAN and atype != AT_SET_FIELD:
+            pushed_at = -1
+    if len(out) > MAX_OPS:
+        raise _act(E.BAC_TOO_MANY, f"{len(out)} actions: a rule holds at most {MAX_OPS}")
+    return tuple(out)
+
+
+def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, int | None]:
+    """(actions, goto_table or None) of a FLOW_MOD's instructions for a rule in
+    ``table`` with ``match``."""
+    seen: set[int] = set()
+    actions: tuple = ()
+    goto = None
+    off = 0
+    while off < len(data):
+        if off + 4 > len(data):
+            raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN,
+                          f"{len(data) - off} stray bytes after the last instruction")
+        itype, ilen = struct.unpack_from("!HH", data, off)
+        if ilen < 8 or ilen % 8 or off + ilen > len(data):
+            raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN,
+                          f"instruction {itype} of length {ilen} at offset {off}")
+        body = data[off:off + ilen]
+        off += ilen
+        if itype in seen:
+            raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST, f"instruction {itype} twice")
+        seen.add(itype)
+        if itype == IT_GOTO_TABLE:
+            if ilen != 8:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN, f"GOTO_TABLE of length {ilen}")
+            goto = body[4]
+            if goto <= table or goto >= TABLES:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_TABLE_ID,
+                              f"goto_table:{goto} from table {table} (a later table of "
+                              f"0..{TABLES - 1})")
+        elif itype == IT_APPLY_ACTIONS:
+            actions = decode_actions(body[8:], match)
+        elif itype in (IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_CLEAR_ACTIONS, IT_METER):
+            names = {2: "WRITE_METADATA", 3: "WRITE_ACTIONS", 5: "CLEAR_ACTIONS", 6: "METER"}
+            raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST,
+                          f"{names[itype]} is not supported here")
+        elif itype == IT_EXPERIMENTER:
+            raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_EXPERIMENTER,
+                          "experimenter instructions are not supported")
+        else:
+            raise OFError(E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST, f"instruction type {itype}")
+    return actions, goto
+
+
+# -- encoding ------------------------------------------------------------------------------
+def output(port: int, max_len: int = 0) -> bytes:
+    return struct.pack("!HHIH6x", AT_OUTPUT, 16, port, max_len)
+
+
+def set_vlan_vid(vid: int) -> bytes:
+    return struct.pack("!HHIH6x", AT_SET_FIELD, 16, header(VLAN_VID, 2), vid | OFPVID_PRESENT)
+
+
+def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
+    out = []
+    state = vlan_state(match)
+    for a in actions:
+        if a[0] == "output":
+            out.append(output(ofport_of(a[1])))
+        elif a[0] == "flood":
+            out.append(output(C.OFPP_FLOOD))
+        elif a[0] == "normal":
+            out.append(output(C.OFPP_NORMAL))
+        elif a[0] == "mod_vlan_vid":
+            if state != TAGGED:       # (unknown: as OVS writes mod_vlan_vid in OpenFlow 1.3)
+                out.append(struct.pack("!HHH2x", AT_PUSH_VLAN, 8, ETH_P_8021Q))
+            out.append(set_vlan_vid(a[1]))
+            state = TAGGED
+        elif a[0] == "strip_vlan":
+            out.append(struct.pack("!HH4x", AT_POP_VLAN, 8))
+            state = UNTAGGED
+    return b"".join(out)
+
+
+def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of) -> bytes:
+    out = b""
+    if actions:
+        acts = encode_actions(actions, match, ofport_of)
+        out += struct.pack("!HH4x", IT_APPLY_ACTIONS, 8 + len(acts)) + acts
+    if goto is not None:
+        out += struct.pack("!HHB3x", IT_GOTO_TABLE, 8, goto)
+    return out

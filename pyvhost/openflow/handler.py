@@ -1,0 +1,367 @@
+"""The switch side of OpenFlow 1.3 for one bridge: turns a decoded request into changes
+through the same ``Switch`` methods ``pyvhost ctl`` uses (so ``ctl dump-flows`` and
+``ovs-ofctl dump-flows`` show the same rules, cookies and counters) and into reply
+messages. FLOW_MOD semantics as OpenFlow 1.3.5 (6.4) has them:
+
+- ADD: a rule with the same table, priority and match is replaced; its counters carry over
+  unless RESET_COUNTS, its duration restarts; CHECK_OVERLAP refuses a rule a packet could
+  match together with another of the same priority (OVERLAP).
+- MODIFY[_STRICT]: the matching rules (non-strict: every rule at least as specific as the
+  match, as ``Bridge.select``) get the new instructions; cookie, timeouts, counters and
+  duration stay (RESET_COUNTS: counters restart). No match: nothing happens.
+- DELETE[_STRICT]: table 255 is every table; cookie/mask, out_port and out_group filter
+  (no groups here: an out_group other than ANY selects nothing). MODIFY on table 255 is
+  every table too, as Open vSwitch takes it (the spec allows 255 for deletes only).
+
+Rules ``ctl`` made read back through OpenFlow as the nearest OpenFlow can say them: ports
+by number (0 for a port that is gone), nw_tos as ip_dscp + ip_ecn, mod_vlan_vid on a match
+that does not say whether the packet is tagged as push_vlan + set_field (as OVS writes it).
+
+Connection-level messages (HELLO, ECHO) are the connection's; everything here is per
+request and synchronous. No sockets here."""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+
+from pyvhost._classifier import TABLES
+from pyvhost.switch.commands import CommandError
+from pyvhost.switch.flows import Flow, FlowSyntaxError, Selector, parse_flow
+
+from . import actions as A
+from . import codec as C
+from . import errors as E
+from . import multipart as M
+from . import oxm
+from .errors import OFError
+
+log = logging.getLogger("pyvhost.openflow")
+
+FLOW_MOD_FIXED = struct.Struct("!QQBBHHHIIIH2x")
+ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
+SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
+ALL_FLAGS = 0x1F
+CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
+UNSUPPORTED_TYPES = {C.PACKET_OUT, C.GROUP_MOD, C.PORT_MOD, C.TABLE_MOD,
+                     C.QUEUE_GET_CONFIG_REQUEST, C.ROLE_REQUEST, C.GET_ASYNC_REQUEST,
+                     C.SET_ASYNC, C.METER_MOD}
+
+
+class StoreFailed(OFError):
+    """The switch refused a change it had been given valid rules for: its store failed."""
+
+
+class BridgeState:
+    """What OpenFlow keeps per bridge beyond the rule model: the switch configuration
+    (SET_CONFIG) and the flags FLOW_MODs gave rules (by rule id, checked against the rule's
+    text, since ids are reused)."""
+
+    def __init__(self) -> None:
+        self.config_flags = 0
+        self.miss_send_len = 128
+        self.rule_flags: dict[int, tuple[str, int]] = {}
+
+    def flags_of(self, rule) -> int:
+        text, flags = self.rule_flags.get(rule.id, ("", 0))
+        return flags if text == rule.text else 0
+
+
+class Handler:
+    """Answers one connection's requests for bridge ``bridge_name`` of ``switch``."""
+
+    def __init__(self, switch, bridge_name: str, state: BridgeState, dpid: int):
+        self.switch = switch
+        self.bridge_name = bridge_name
+        self.state = state
+        self.dpid = dpid
+
+    @property
+    def bridge(self):
+        bridge = self.switch.bridges.get(self.bridge_name)
+        if bridge is None:
+            raise OFError(E.BAD_REQUEST, E.BRC_EPERM, f"bridge {self.bridge_name} is gone")
+        return bridge
+
+    def handle(self, h: C.Header, body: bytes) -> list[bytes]:
+        """The replies to one request (OFError: the caller sends the ERROR)."""
+        t = h.type
+        if t == C.FEATURES_REQUEST:
+            C.need(body, 0, "FEATURES_REQUEST", exact=True)
+            return [C.features_reply(h.xid, self.dpid, TABLES, CAPABILITIES)]
+        if t == C.GET_CONFIG_REQUEST:
+            C.need(body, 0, "GET_CONFIG_REQUEST", exact=True)
+            return [C.config_reply(h.xid, self.state.config_flags, self.state.miss_send_len)]
+        if t == C.SET_CONFIG:
+            self.state.config_flags, self.state.miss_send_len = C.parse_set_config(body)
+            return []
+        if t == C.BARRIER_REQUEST:
+            C.need(body, 0, "BARRIER_REQUEST", exact=True)
+            return [C.message(C.BARRIER_REPLY, h.xid)]
+        if t == C.FLOW_MOD:
+            self.flow_mod(body)
+            return []
+        if t == C.MULTIPART_REQUEST:
+            return self.multipart(h.xid, body)
+        if t == C.EXPERIMENTER:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
+        why = f"{C.TYPE_NAMES.get(t, f'type {t}')} is not supported"
+        raise OFError(E.BAD_REQUEST, E.BRC_BAD_TYPE, why)
+
+    def flow_mods(self, bodies: list[bytes]) -> list[OFError | None]:
+        """Several FLOW_MODs (as they came, pipelined) applied one after the other and
+        stored in one transaction: one commit instead of one per message. Each gets its
+        own outcome (None or the OFError to answer). If the store fails (a write or the
+        commit: disk full, I/O error), the batch stops there, every change of it is undone
+        (the bridge reloads its rules from the store, which rolled back) and each message
+        of it gets FLOW_MOD_FAILED."""
+        outcome: list[OFError | None] = []
+        try:
+            with self.switch.store.transaction():
+                for body in bodies:
+                    try:
+                        self.flow_mod(body)
+                        outcome.append(None)
+                    except StoreFailed:
+                        raise                      # the store failed: so does the batch
+                    except OFError as e:
+                        outcome.append(e)
+                    except (CommandError, ValueError, KeyError, TypeError) as e:  # a bug
+                        log.exception("openflow %s: FLOW_MOD failed", self.bridge_name)
+                        outcome.append(OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN,
+                                               f"internal error: {e}"))
+        except Exception as e:                     # the commit (disk full, I/O error)
+            log.error("openflow %s: %d FLOW_MODs could not be stored (%s): undone",
+                      self.bridge_name, len(bodies), e)
+            self.switch.reload_rules(self.bridge_name)
+            failed = OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, f"the store failed: {e}")
+            outcome = [o or failed for o in outcome]
+            outcome += [failed] * (len(bodies) - len(outcome))
+        return outcome
+
+    # -- ports ----------------------------------------------------------------------------
+    def ofport_of(self, ref: str) -> int:
+        port = self.bridge.resolve(ref)
+        return port.ofport if port is not None else 0
+
+    # -- FLOW_MOD -------------------------------------------------------------------------
+    def flow_mod(self, body: bytes) -> None:
+        C.need(body, FLOW_MOD_FIXED.size + 8, "FLOW_MOD")
+        (cookie, cookie_mask, table, command, idle, hard, priority, buffer_id, out_port,
+         out_group, flags) = FLOW_MOD_FIXED.unpack_from(body)
+        tlvs, end = oxm.split_match(body, FLOW_MOD_FIXED.size)
+        instructions = body[end:]
+        if command > DELETE_STRICT:
+            raise OFError(E.FLOW_MOD_FAILED, E.FMFC_BAD_COMMAND, f"command {command}")
+        if flags & ~ALL_FLAGS:
+            raise OFError(E.FLOW_MOD_FAILED, E.FMFC_BAD_FLAGS, f"flags 0x{flags:x}")
+        if table == C.OFPTT_ALL and command == ADD:
+            raise OFError(E.FLOW_MOD_FAILED, E.FMFC_BAD_TABLE_ID, "ADD to table 255 (all)")
+        if table != C.OFPTT_ALL and table >= TABLES:
+            raise OFError(E.FLOW_MOD_FAILED, E.FMFC_BAD_TABLE_ID, f"table {table}")
+        if command in (ADD, MODIFY, MODIFY_STRICT) and buffer_id != C.NO_BUFFER:
+            raise OFError(E.BAD_REQUEST, E.BRC_BUFFER_UNKNOWN,
+                          f"buffer {buffer_id}: this switch buffers no packets")
+        match = oxm.decode(tlvs)
+        bridge = self.bridge
+        if command == ADD:
+            actions, goto = A.decode_instructions(instructions, table, match)
+            flow = self._flow(Flow(priority, match, actions, table, cookie, idle, hard, goto))
+            self._check_ports(flow)
+            self._add(bridge, flow, flags)
+            return
+        sel = Selector(match, None if table == C.OFPTT_ALL else table, cookie, cookie_mask,
+                       priority)
+        strict = command in (MODIFY_STRICT, DELETE_STRICT)
+        rules = bridge.select(sel, strict)
+        if command in (MODIFY, MODIFY_STRICT):
+            self._modify(bridge, rules, instructions, flags)
+        else:
+            rules = [r for r in rules if self._outputs_to(r, out_port, out_group)]
+            if rules:
+                self._apply(remove=rules)
+
+    def _flow(self, flow: Flow) -> Flow:
+        """The flow as the model writes and reads it back (the store's copy): a flow whose
+        text would read back differently is refused, never stored."""
+        try:
+            again = parse_flow(flow.format())
+        except FlowSyntaxError as e:
+            raise OFError(E.BAD_MATCH, E.BMC_BAD_PREREQ, str(e)) from None
+        if again != flow:
+            raise OFError(E.BAD_MATCH, E.BMC_BAD_FIELD,
+                          f"rule {flow.format()!r} does not read back as itself")
+        return again
+
+    def _check_ports(self, flow: Flow) -> None:
+        bridge = self.bridge
+        for a in flow.actions:
+            if a[0] == "output" and bridge.resolve(a[1]) is None:
+                raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
+        if "in_port" in flow.match and bridge.resolve(flow.match["in_port"]) is None:
+            raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
+                          f"in_port={flow.match['in_port']}: no such port")
+
+    def _apply(self, add=(), remove=(), modify=()):
+        flags = {r.id: self.state.flags_of(r) for r, _ in modify}
+        try:
+            added = self.switch.change_rules(self.bridge_name, add=list(add),
+                                             remove=list(remove), modify=list(modify))
+        except CommandError as e:
+            raise StoreFailed(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, str(e)) from None
+        for r in remove:
+            self.state.rule_flags.pop(r.id, None)
+        for r, _ in modify:                        # MODIFY keeps a rule's flags
+            self._remember(r, flags[r.id])
+        return added
+
+    def _overlaps(self, bridge, spec: tuple) -> bool:
+        table, priority, mask, value = spec[:4]
+        m1 = int.from_bytes(mask, "little")
+        v1 = int.from_bytes(value, "little") & m1
+        for rule in bridge.rules.values():
+            t, p, m2, v2 = bridge.rule_identity(rule)
+            if t == table and p == priority and (v1 ^ v2) & m1 & m2 == 0:
+                return True
+        return False
+
+    def _add(self, bridge, flow: Flow, flags: int) -> None:
+        spec = bridge.spec(flow)
+        if flags & CHECK_OVERLAP and self._overlaps(bridge, spec):
+            raise OFError(E.FLOW_MOD_FAILED, E.FMFC_OVERLAP,
+                          f"{flow.format()} overlaps a rule of the same priority")
+        old = bridge.find(spec)
+        if old is not None and not flags & RESET_COUNTS:
+            self._apply(modify=[(old, flow)])      # counters carry over (spec 6.4)
+            old.created = time.monotonic()         # ... the duration restarts
+            rule = old
+        else:
+            rule, = self._apply(add=[flow], remove=[old] if old is not None else [])
+        self._remember(rule, flags)
+
+    def _remember(self, rule, flags: int) -> None:
+        kept = flags & (SEND_FLOW_REM | NO_PKT_COUNTS | NO_BYT_COUNTS)
+        if kept:
+            self.state.rule_flags[rule.id] = (rule.text, kept)
+        else:
+            self.state.rule_flags.pop(rule.id, None)
+
+    def _modify(self, bridge, rules: list, instructions: bytes, flags: int) -> None:
+        if not rules:
+            return
+        decoded: dict[tuple, tuple] = {}
+        changes = []
+        for rule in rules:
+            f = rule.flow
+            key = (f.table, A.vlan_state(f.match))
+            if key not in decoded:
+                decoded[key] = A.decode_instructions(instructions, f.table, f.match)
+            actions, goto = decoded[key]
+            new = Flow(f.priority, f.match, actions, f.table, f.cookie, f.idle_timeout,
+                       f.hard_timeout, goto)
+            self._check_ports(new)
+            changes.append((rule, new))
+        if flags & RESET_COUNTS:                   # new rules: counters from zero
+            kept = [(r.created, self.state.flags_of(r)) for r, _ in changes]
+            added = self._apply(add=[f for _, f in changes], remove=[r for r, _ in changes])
+            for rule, (created, rule_flags) in zip(added, kept, strict=True):
+                rule.created = created
+                self._remember(rule, rule_flags)
+        else:
+            self._apply(modify=changes)
+
+    def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
+        if out_group != C.OFPG_ANY:
+            return False                           # no groups here: no rule uses one
+        if out_port == C.OFPP_ANY:
+            return True
+        for a in rule.flow.actions:
+            if a[0] == "output" and self.ofport_of(a[1]) == out_port:
+                return True
+            if a[0] == "flood" and out_port in (C.OFPP_FLOOD, C.OFPP_ALL):
+                return True
+            if a[0] == "normal" and out_port == C.OFPP_NORMAL:
+                return True
+        return False
+
+    # -- MULTIPART ------------------------------------------------------------------------
+    def multipart(self, xid: int, body: bytes) -> list[bytes]:
+        req = M.parse_request(body)
+        if req.flags & M.REQ_MORE:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_MULTIPART,
+                          "requests in several parts are not supported")
+        t = req.type
+        if t == M.DESC:
+            C.need(req.body, 0, "DESC request", exact=True)
+            entries = [M.desc("pyvhost", "userspace vhost-user switch", "pyvhost", "None",
+                              f"bridge {self.bridge_name}")]
+        elif t in (M.FLOW, M.AGGREGATE):
+            entries = self.flow_stats(M.parse_flow_request(req.body), t == M.AGGREGATE)
+        elif t == M.TABLE:
+            C.need(req.body, 0, "TABLE request", exact=True)
+            counts = [0] * TABLES
+            for rule in self.bridge.rules.values():
+                counts[self.bridge.cls.place(rule.id)[0]] += 1
+            entries = [M.table_stats(i, counts[i]) for i in range(TABLES)]
+        elif t == M.PORT_STATS:
+            entries = self.port_stats(M.parse_port_request(req.body))
+        elif t == M.PORT_DESC:
+            C.need(req.body, 0, "PORT_DESC request", exact=True)
+            entries = [M.port_desc(p.ofport, p.name, up=p.connected)
+                       for p in self._ports()]
+        elif t == M.TABLE_FEATURES:
+            if req.body:
+                raise OFError(E.TABLE_FEATURES_FAILED, 5,     # OFPTFFC_EPERM
+                              "table features cannot be changed here")
+            entries = [M.table_features(i) for i in range(TABLES)]
+        elif t == M.EXPERIMENTER:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter multipart")
+        else:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_MULTIPART,
+                          f"multipart type {t} is not supported")
+        return M.replies(t, xid, entries)
+
+    def _ports(self) -> list:
+        return sorted(self.bridge.ports.values(), key=lambda p: p.ofport)
+
+    def flow_stats(self, req: M.FlowRequest, aggregate: bool) -> list[bytes]:
+        if req.table != C.OFPTT_ALL and req.table >= TABLES:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_TABLE_ID, f"table {req.table}")
+        bridge = self.bridge
+        sel = Selector(oxm.decode(req.oxm), None if req.table == C.OFPTT_ALL else req.table,
+                       req.cookie, req.cookie_mask)
+        rules = [r for r in bridge.select(sel)
+                 if self._outputs_to(r, req.out_port, req.out_group)]
+        now = time.monotonic()
+        packets = bytes_ = 0
+        out = []
+        for rule in rules:
+            n, b, _ = bridge.counters(rule)
+            packets += n
+            bytes_ += b
+            if aggregate:
+                continue
+            f = rule.flow
+            out.append(M.flow_stats(
+                f.table, max(0, int((now - rule.created) * 1e9)), f.priority, f.idle_timeout,
+                f.hard_timeout, self.state.flags_of(rule), f.cookie, n, b,
+                oxm.encode(f.match, self.ofport_of),
+                A.encode_instructions(f.actions, f.goto_table, f.match, self.ofport_of)))
+        return [M.aggregate(packets, bytes_, len(rules))] if aggregate else out
+
+    def port_stats(self, port_no: int) -> list[bytes]:
+        ports = self._ports()
+        if port_no != C.OFPP_ANY:
+            ports = [p for p in ports if p.ofport == port_no]
+            if not ports:
+                raise OFError(E.BAD_REQUEST, E.BRC_BAD_PORT, f"no port {port_no}")
+        out = []
+        for p in ports:
+            d = self.switch.datapath.port_stats(p.port_id)
+            rx_drop = sum(d.get(k, 0) for k in ("drop_police", "drop_upcall", "drop_copy",
+                                                 "drop_no_port"))
+            tx_drop = sum(d.get(k, 0) for k in ("drop_qos", "drop_tx_full", "drop_offload"))
+            out.append(M.port_stats(p.ofport, d["rx_packets"], d["tx_packets"], d["rx_bytes"],
+                                    d["tx_bytes"], rx_drop, tx_drop, 0, 0, 0))
+        return out

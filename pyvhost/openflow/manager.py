@@ -1,0 +1,359 @@
+"""A switch's OpenFlow side: per bridge, its controller targets (passive listeners
+``ptcp:PORT[:IP]`` and ``punix:PATH`` for now), the connections they accepted, its
+datapath id and its OpenFlow state; kept in the store's settings (key ``openflow:BRIDGE``)
+so a restarted switch listens again. Listeners and connections live on the switch's
+asyncio loop. The switch knows nothing of this module: ``enable(switch)`` attaches one
+``OpenFlow`` to it as ``switch.openflow``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyvhost.backend.endpoint import unlink_socket
+from pyvhost.switch.commands import CommandError
+
+from .connection import DEFAULT_PROBE, Connection
+from .handler import BridgeState, Handler
+
+log = logging.getLogger("pyvhost.openflow")
+DEFAULT_HOST = "127.0.0.1"   # ptcp:PORT alone listens on loopback (0.0.0.0: every address)
+MAX_TARGETS = 8
+MAX_CONNECTIONS = 64        # per bridge, over all its listeners
+
+
+@dataclass
+class Target:
+    text: str
+    kind: str                       # "ptcp" or "punix"
+    port: int = 0
+    host: str = DEFAULT_HOST
+    path: str = ""
+
+
+def parse_target(text: str, run_dir: Path) -> Target:
+    """``ptcp:PORT[:IP]`` or ``punix:PATH`` (a name, or a path inside the run dir)."""
+    kind, _, rest = text.partition(":")
+    if kind == "ptcp":
+        port_text, _, host = rest.partition(":")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise CommandError(f"{text}: ptcp:PORT[:IP] with PORT 0..65535")
+        host = host.strip("[]") or DEFAULT_HOST
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise CommandError(f"{text}: {host!r} is not an IP address") from None
+        return Target(text, "ptcp", int(port_text), host)
+    if kind == "punix":
+        if not rest:
+            raise CommandError(f"{text}: punix:PATH needs a path")
+        path = Path(rest) if os.path.isabs(rest) else run_dir / rest
+        if path.resolve().parent != run_dir.resolve():
+            raise CommandError(f"{text}: punix sockets are created in the run directory "
+                               f"{run_dir} (give a name, or a path there)")
+        if len(str(path).encode()) > 107:
+            raise CommandError(f"{text}: the socket path is longer than 107 bytes")
+        return Target(text, "punix", path=str(path))
+    if kind in ("tcp", "unix", "ssl", "pssl"):
+        raise CommandError(f"{text}: only passive targets (ptcp:, punix:) for now")
+    raise CommandError(f"{text}: a target is ptcp:PORT[:IP] or punix:PATH")
+
+
+@dataclass
+class Listener:
+    target: Target
+    server: asyncio.AbstractServer | None = None
+    address: str = ""
+    error: str = ""
+    inode: tuple[int, int] | None = None
+    connections: set = field(default_factory=set)
+
+    def key(self) -> tuple | None:
+        """What the listener listens on (None: a port the kernel will choose)."""
+        t = self.target
+        if t.kind == "punix":
+            return ("punix", t.path)
+        if self.server is not None:
+            host, port = self.server.sockets[0].getsockname()[:2]
+            return ("ptcp", str(ipaddress.ip_address(host)), port)
+        return ("ptcp", t.host, t.port) if t.port else None
+
+
+@dataclass
+class BridgeOpenFlow:
+    name: str
+    dpid: int
+    probe: float | None = DEFAULT_PROBE
+    listeners: list[Listener] = field(default_factory=list)
+    connections: set = field(default_factory=set)
+    state: BridgeState = field(default_factory=BridgeState)
+
+
+class OpenFlow:
+    def __init__(self, switch):
+        self.switch = switch
+        self.bridges: dict[str, BridgeOpenFlow] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._states: dict[str, BridgeState] = {}      # kept while the bridge lives
+
+    # -- settings -------------------------------------------------------------------------
+    def _conf(self, bridge: str) -> dict:
+        conf = self.switch.store.settings().get(f"openflow:{bridge}")
+        return conf if isinstance(conf, dict) else {}
+
+    def _save(self, bridge: str, conf: dict | None) -> None:
+        try:
+            self.switch.store.set_setting(f"openflow:{bridge}", conf)
+        except Exception as e:
+            raise CommandError(f"the store could not be written ({e})") from None
+
+    def dpid(self, bridge: str) -> int:
+        b = self.bridges.get(bridge)
+        if b is not None:
+            return b.dpid
+        dpid = self._conf(bridge).get("dpid")
+        return dpid if isinstance(dpid, int) and 0 < dpid < 1 << 64 else 0
+
+    def _bridge(self, name: str):
+        if name not in self.switch.bridges:
+            raise CommandError(f"no bridge named {name}")
+        return self.switch.bridges[name]
+
+    # -- commands -------------------------------------------------------------------------
+    async def set_controller(self, bridge: str, targets: list[str],
+                             probe_ms: int | None = None) -> None:
+        """Listen on exactly ``targets`` (all or nothing: a target that cannot listen
+        leaves everything as it was)."""
+        self._bridge(bridge)
+        run_dir = Path(self.switch.run_dir)
+        parsed = [parse_target(t, run_dir) for t in targets]
+        keys = [Listener(t).key() or i for i, t in enumerate(parsed)]
+        if len({t.text for t in parsed}) != len(parsed) or len(set(keys)) != len(keys):
+            raise CommandError("a target is given twice")
+        if len(parsed) > MAX_TARGETS:
+            raise CommandError(f"at most {MAX_TARGETS} targets")
+        conf = self._conf(bridge)
+        current = self.bridges.get(bridge)
+        running = {ln.key(): ln for ln in current.listeners if ln.server} if current else {}
+        keep = {t.text: running[key] for t in parsed
+                if (key := Listener(t).key()) is not None and key in running}
+        new = [Listener(t) for t in parsed if t.text not in keep]
+        for ln in new:
+            try:
+                await self._listen(bridge, ln)
+            except OSError as e:
+                for other in new:
+                    await self._close_listener(other)
+                raise CommandError(f"{ln.target.text}: {e.strerror or e}") from None
+        dpid = conf.get("dpid") if isinstance(conf.get("dpid"), int) else \
+            (current.dpid if current else secrets.randbits(48) or 1)
+        probe = conf.get("inactivity_probe", int(DEFAULT_PROBE * 1000)) \
+            if probe_ms is None else probe_ms
+        conf.update({"targets": [t.text for t in parsed], "dpid": dpid,
+                     "inactivity_probe": probe})
+        try:
+            self._save(bridge, conf)
+        except CommandError:
+            for ln in new:
+                await self._close_listener(ln)
+            raise
+        if current is None:
+            current = self.bridges[bridge] = BridgeOpenFlow(bridge, dpid,
+                                                            state=self._state(bridge))
+        current.probe = probe / 1000 if probe else None
+        kept = {id(ln) for ln in keep.values()}
+        for ln in current.listeners:
+            if id(ln) not in kept:
+                await self._close_listener(ln)
+        for text, ln in keep.items():
+            ln.target = next(t for t in parsed if t.text == text)
+        by_text = {**keep, **{ln.target.text: ln for ln in new}}
+        current.listeners = [by_text[t.text] for t in parsed]
+        for ln in current.listeners:
+            log.info("openflow %s: %s listening on %s", bridge, ln.target.text, ln.address)
+
+    async def del_controller(self, bridge: str) -> None:
+        self._bridge(bridge)
+        conf = self._conf(bridge)
+        conf.pop("targets", None)
+        self._save(bridge, conf)
+        await self._stop_bridge(bridge)
+
+    def set_dpid(self, bridge: str, dpid: int) -> None:
+        self._bridge(bridge)
+        conf = self._conf(bridge)
+        conf["dpid"] = dpid
+        self._save(bridge, conf)
+        b = self.bridges.get(bridge)
+        if b is not None:
+            b.dpid = dpid
+            for conn in b.connections:
+                conn.handler.dpid = dpid
+
+    async def pause(self, bridge: str) -> None:
+        """Stop serving a bridge (its settings stay): no FLOW_MOD can arrive while it is
+        being deleted. ``restore()`` serves it again."""
+        await self._stop_bridge(bridge)
+
+    async def forget(self, bridge: str) -> None:
+        """The bridge was deleted: its listeners, connections, state and settings go."""
+        await self._stop_bridge(bridge)
+        self._states.pop(bridge, None)
+        with contextlib.suppress(Exception):
+            if self._conf(bridge):
+                self.switch.store.set_setting(f"openflow:{bridge}", None)
+
+    # -- life -----------------------------------------------------------------------------
+    async def restore(self) -> None:
+        """Listen again on every stored target (a target that fails is logged and shown,
+        the switch runs on)."""
+        for name in list(self.switch.bridges):
+            conf = self._conf(name)
+            targets = conf.get("targets")
+            if not targets or name in self.bridges:
+                continue
+            dpid = conf.get("dpid") if isinstance(conf.get("dpid"), int) else 1
+            probe = conf.get("inactivity_probe", int(DEFAULT_PROBE * 1000))
+            b = self.bridges[name] = BridgeOpenFlow(name, dpid,
+                                                    probe / 1000 if probe else None,
+                                                    state=self._state(name))
+            for text in targets:
+                try:
+                    ln = Listener(parse_target(str(text), Path(self.switch.run_dir)))
+                except CommandError as e:
+                    log.error("openflow %s: stored target skipped: %s", name, e)
+                    continue
+                b.listeners.append(ln)
+                try:
+                    await self._listen(name, ln)
+                    log.info("openflow %s: %s listening on %s", name, text, ln.address)
+                except OSError as e:
+                    ln.error = e.strerror or str(e)
+                    log.error("openflow %s: %s cannot listen: %s", name, text, ln.error)
+
+    async def close(self) -> None:
+        for name in list(self.bridges):
+            await self._stop_bridge(name)
+
+    def _state(self, bridge: str) -> BridgeState:
+        """A bridge's OpenFlow state (SET_CONFIG, rule flags): it outlives its
+        controllers, not the bridge."""
+        return self._states.setdefault(bridge, BridgeState())
+
+    async def _stop_bridge(self, name: str) -> None:
+        b = self.bridges.pop(name, None)
+        if b is None:
+            return
+        for ln in b.listeners:
+            await self._close_listener(ln)
+        for conn in list(b.connections):
+            conn.writer.close()
+        tasks = [t for t in self._tasks if t.get_name() == f"openflow:{name}"]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    # -- listeners and connections --------------------------------------------------------
+    async def _listen(self, bridge: str, ln: Listener) -> None:
+        t = ln.target
+
+        def accept(reader, writer):
+            task = asyncio.get_running_loop().create_task(
+                self._serve(bridge, ln, reader, writer), name=f"openflow:{bridge}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        if t.kind == "ptcp":
+            ln.server = await asyncio.start_server(accept, t.host, t.port,
+                                                   reuse_address=True)
+            sockname = ln.server.sockets[0].getsockname()
+            ln.address = f"{sockname[0]}:{sockname[1]}" if ":" not in sockname[0] else \
+                f"[{sockname[0]}]:{sockname[1]}"
+        else:
+            unlink_socket(t.path)             # a stale socket only; FileExistsError else
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(t.path)
+                st = os.lstat(t.path)
+                ln.inode = (st.st_dev, st.st_ino)
+                os.chmod(t.path, 0o600)
+                ln.server = await asyncio.start_unix_server(accept, sock=sock)
+            except BaseException:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    unlink_socket(t.path, ln.inode)
+                raise
+            ln.address = t.path
+        ln.error = ""
+
+    async def _close_listener(self, ln: Listener) -> None:
+        """Stop listening, and close the connections the listener accepted."""
+        for conn in list(ln.connections):
+            conn.writer.close()
+        if ln.server is None:
+            return
+        ln.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ln.server.wait_closed(), 2)
+        ln.server = None
+        if ln.target.kind == "punix":
+            with contextlib.suppress(OSError):
+                unlink_socket(ln.target.path, ln.inode)
+
+    async def _serve(self, bridge: str, ln: Listener, reader, writer) -> None:
+        b = self.bridges.get(bridge)
+        if b is None or ln.server is None:
+            writer.close()
+            return
+        if len(b.connections) >= MAX_CONNECTIONS:
+            log.warning("openflow %s: a connection refused: %d open already", bridge,
+                        len(b.connections))
+            writer.close()
+            return
+        peer = writer.get_extra_info("peername") or "unix"
+        if isinstance(peer, tuple):
+            peer = f"{peer[0]}:{peer[1]}"
+        conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid),
+                          f"{bridge} {peer}", b.probe)
+        b.connections.add(conn)
+        ln.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            b.connections.discard(conn)
+            ln.connections.discard(conn)
+
+    # -- reports --------------------------------------------------------------------------
+    def show_lines(self, bridge: str) -> list[str]:
+        b = self.bridges.get(bridge)
+        dpid = self.dpid(bridge)
+        lines = []
+        if b is not None:
+            for ln in b.listeners:
+                state = f"listening on {ln.address}" if ln.server else \
+                    f"not listening: {ln.error or 'closed'}"
+                lines.append(f'    Controller "{ln.target.text}"  {state}')
+            n = len(b.connections)
+            lines.append(f"        connections: {n}")
+        if dpid:
+            lines.append(f"    datapath_id: {dpid:016x}")
+        return lines
+
+
+def enable(switch) -> OpenFlow:
+    """The switch's OpenFlow side (made once), and the ctl commands that drive it."""
+    from . import commands
+    commands.register()
+    of = getattr(switch, "openflow", None)
+    if of is None:
+        of = switch.openflow = OpenFlow(switch)
+    return of
