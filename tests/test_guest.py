@@ -31,6 +31,7 @@ from pyvhost.frontend.guest import Guest
 from pyvhost.frontend.netns import default_mac, netns_exists
 from pyvhost.protocol.constants import Feature as F
 from tests.harness import processes
+from tests.harness.limits import time_limit
 from tests.harness.netns import HostNet, available, sh
 from tests.harness.testpmd import vhost_vdev
 
@@ -44,15 +45,8 @@ IN_FLIGHT = 8 << 20          # iperf3's receiver stops counting at the end of th
 
 @pytest.fixture(autouse=True)
 def _deadline():
-    def expire(signum, frame):
-        raise TimeoutError(f"test ran longer than {TEST_DEADLINE} s")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(TEST_DEADLINE)
-    try:
+    with time_limit(TEST_DEADLINE):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture
