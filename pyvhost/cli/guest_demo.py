@@ -76,8 +76,8 @@ def _ping(ns: str, address: str, count: int) -> bool:
         time.sleep(0.2)
     r = _in_ns(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "1", address,
                timeout=count + 20)
-    _say("   " + (r.stdout.strip().splitlines() or ["(no output)"])[-2]
-         if r.stdout.strip() else "   " + r.stderr.strip())
+    summary = [line for line in r.stdout.splitlines() if "transmitted" in line]
+    _say("   " + (summary[0] if summary else (r.stderr.strip() or "ping printed nothing")))
     return r.returncode == 0
 
 
