@@ -157,6 +157,18 @@ def test_ping_between_two_namespaces(net, switch):
         assert a.mac in flags and "vnet_hdr on" in flags, flags
 
 
+def test_jumbo_mtu_without_offloads(net, switch):
+    """--mtu 9000 and no offloads: 9000-byte IP packets (not fragmented) in one frame."""
+    run_dir, _ = switch
+    with two_guests(net, run_dir, ("none", "none"), mtu=9000) as (a, b):
+        assert "mtu 9000" in net.link_flags("eth0", a.netns)
+        assert net.ping(a.netns, net.ip(2))
+        r = sh(["ping", "-c", "3", "-i", "0.2", "-W", "2", "-s", "8972", "-M", "do", net.ip(2)],
+               ns=a.netns, check=False, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert b.stats()["to_tap_bytes"] >= 3 * 9014
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("offloads", [("tso", "tso"), ("none", "none"), ("tso", "none"),
                                       ("csum", "tso")], ids="-".join)
