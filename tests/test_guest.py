@@ -518,3 +518,55 @@ def test_demo_netns_part():
     left = {n for n in set(sh(["ip", "netns", "list"]).stdout.split()) - before
             if n.startswith("pvdemo")}
     assert not left, left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offloads", ["tso", "none"])
+def test_qemu_guest_and_namespace_guest_exchange_files(net, switch, workdir, offloads):
+    """A QEMU guest (Linux virtio-net, offloads on) and a namespace guest on the switch:
+    20 MB each way over HTTP with md5 match (the QEMU guest's TSO super-frames reach the
+    tap as they are, or segmented by the switch when the namespace guest took no
+    offloads; and the other way round)."""
+    from pyvhost.cli.qemu_guest import NicSpec, QemuGuest, qemu_available
+    if not qemu_available():
+        pytest.skip("needs QEMU and a guest kernel (make test installs them)")
+    run_dir, _ = switch
+    ns = net.name("gqemu")
+    net.namespaces.append(ns)
+    www = workdir / "www"
+    www.mkdir()
+    data = os.urandom(20 << 20)
+    (www / "ns.bin").write_bytes(data)
+    vm = QemuGuest("vm", workdir, nics=[NicSpec(run_dir / "b.sock", ip=f"{net.ip(2)}/24")],
+                   memory="512M")
+    g = Guest(str(run_dir / "a.sock"), netns=ns, ip=f"{net.ip(1)}/24", offloads=offloads)
+    try:
+        g.start()
+        vm.start()
+        vm.wait_ready(timeout=120)
+        vm.wait_link_up(timeout=30)
+        assert g.wait_connected(20)
+        assert net.ping(ns, net.ip(2), timeout=60)
+        srv = net.popen(ns, [sys.executable, "-m", "http.server", "--bind", net.ip(1),
+                             "--directory", str(www), "8080"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        status, out = vm.run(f"for i in 1 2 3 4 5; do wget -q -O /tmp/recv "
+                             f"http://{net.ip(1)}:8080/ns.bin && break; sleep 1; done; "
+                             "md5sum /tmp/recv", timeout=240)
+        sums = [line.split()[0] for line in out.splitlines() if line.endswith("/tmp/recv")]
+        assert sums == [hashlib.md5(data).hexdigest()], out
+        srv.kill()
+        srv.wait(5)
+        status, out = vm.run("mkdir -p /tmp/www; dd if=/dev/urandom of=/tmp/www/vm.bin bs=1M "
+                             "count=20 2>/dev/null; md5sum /tmp/www/vm.bin; "
+                             "httpd -p 8080 -h /tmp/www", timeout=120)
+        assert status == 0, out
+        want = out.split()[0]
+        r = sh([sys.executable, "-c", FETCH_MD5, f"http://{net.ip(2)}:8080/vm.bin"], ns=ns,
+               check=False, timeout=240)
+        assert r.stdout.strip() == want, (r.stdout, r.stderr)
+        st = g.stats()
+        assert st["drop_gso"] == st["drop_csum"] == st["tap_write_errors"] == 0, st
+    finally:
+        vm.stop()
+        g.stop()
