@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import signal
 import sys
 import threading
@@ -106,6 +107,9 @@ def run(args) -> int:
     except (GuestNetError, ValueError) as e:
         print(f"guest: {e}", file=sys.stderr)
         return 2
+    glog = logging.getLogger("pyvhost.guest")
+    if glog.getEffectiveLevel() > logging.INFO:
+        glog.setLevel(logging.INFO)          # each (re)connection is worth a line
     wake = threading.Event()
     flags = {"stop": False, "usr1": False}
 
