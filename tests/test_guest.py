@@ -503,6 +503,14 @@ def test_bad_options_exit_2(workdir):
                            timeout=30, cwd=processes.REPO,
                            env=dict(os.environ, PYTHONPATH=str(processes.REPO)))
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
+    # a socket it cannot listen on: said in one line, nothing left behind
+    r = subprocess.run([sys.executable, "-m", "pyvhost.cli.main", "guest", "--socket",
+                        str(workdir / "no" / "such" / "dir.sock"), "--server", "--ifname",
+                        f"pvg{os.getpid() % 10000}"], capture_output=True, text=True,
+                       timeout=30, cwd=processes.REPO,
+                       env=dict(os.environ, PYTHONPATH=str(processes.REPO)))
+    assert r.returncode == 2 and "No such file" in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr
 
 
 @pytest.mark.slow

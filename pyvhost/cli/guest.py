@@ -123,7 +123,7 @@ def run(args) -> int:
     try:
         try:
             guest.start()
-        except GuestNetError as e:
+        except (GuestNetError, OSError, ValueError) as e:
             print(f"guest: {e}", file=sys.stderr)
             return 2
         print(f"guest: {guest.describe()}", flush=True)
