@@ -24,6 +24,9 @@ GUESTS = {"vm1": "10.0.0.1", "vm2": "10.0.0.2"}
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="two QEMU guests pinging through a pyvhost switch")
     p.add_argument("--count", type=int, default=20, help="pings each way (default 20)")
+    p.add_argument("--part", choices=("all", "netns", "qemu"), default="all",
+                   help="netns: two namespaces as guests (pyvhost guest, no QEMU); qemu: two "
+                        "QEMU guests; all (default): both")
     p.set_defaults(run=run)
 
 
@@ -68,6 +71,16 @@ def _ctl(run_dir: Path, *argv: str) -> str:
 
 
 def run(args) -> int:
+    status = 0
+    if args.part in ("all", "netns"):
+        from .guest_demo import run_demo
+        status = run_demo()
+    if args.part in ("all", "qemu"):
+        status = _run_qemu(args) or status
+    return status
+
+
+def _run_qemu(args) -> int:
     from .qemu_guest import NicSpec, QemuGuest, missing_prerequisites
 
     missing = missing_prerequisites()

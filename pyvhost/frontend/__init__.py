@@ -9,4 +9,12 @@ from .negotiate import DEFAULT_FEATURES, DEFAULT_PROTOCOL_FEATURES, Negotiated
 from .port import VirtioUser
 
 __all__ = ["BackendGone", "BackendRefused", "DEFAULT_FEATURES", "DEFAULT_PROTOCOL_FEATURES",
-           "FrontendMemory", "MemoryFull", "Negotiated", "VirtioUser"]
+           "FrontendMemory", "Guest", "MemoryFull", "Negotiated", "VirtioUser"]
+
+
+def __getattr__(name: str):
+    # Guest (a tap in a namespace as a guest) loads its compiled loop only when asked for
+    if name == "Guest":
+        from .guest import Guest
+        return Guest
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

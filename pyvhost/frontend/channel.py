@@ -83,6 +83,11 @@ class Channel:
             msg = wire.recv_message_blocking(self.sock, expect_reply=True,
                                              timeout=self.timeout)
         except (OSError, EOFError) as e:
+            if isinstance(e, wire.WireError) and "reply flag missing" in str(e):
+                # both ends sent requests: two front-ends on one socket (issue 16)
+                raise BackendGone(f"peer is not a vhost-user back-end: it sent a request "
+                                  f"where the reply to {req.name} was due ({e}); another "
+                                  "front-end?") from None
             raise BackendGone(f"{req.name}: {e or type(e).__name__}") from None
         msg.close_fds()
         if msg.request != req:
