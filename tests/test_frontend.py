@@ -130,6 +130,15 @@ def test_server_mode_backend_connects(workdir):
     run(main())
 
 
+def test_server_mode_never_replaces_what_is_not_a_socket(workdir):
+    """A file (or a directory) at the server path is refused and left as it was."""
+    path = workdir / "not-a-socket"
+    path.write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        VirtioUser(str(path), server=True)
+    assert path.read_text() == "keep me"
+
+
 def test_blocking_recv_times_out_without_traffic(workdir):
     async def main():
         async with NetBackend(str(workdir / "be.sock")):

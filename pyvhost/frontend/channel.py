@@ -11,6 +11,7 @@ import contextlib
 import os
 import select
 import socket
+import stat
 import time
 
 from pyvhost.protocol import constants as C
@@ -121,9 +122,18 @@ class Channel:
 
 
 def listen(path: str) -> socket.socket:
-    """A listening socket at ``path`` for server mode (a stale file there is replaced)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    """A listening socket at ``path`` for server mode (a stale socket there is replaced;
+    FileExistsError if something else is there: a file, a link or a directory is never
+    ours to delete)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.bind(path)
     sock.listen(1)

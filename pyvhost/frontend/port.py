@@ -78,7 +78,11 @@ class VirtioUser:
             raise
         self.negotiated: Negotiated | None = None
         self.channel: Channel | None = None
-        self.listener = listen(self.path) if server else None
+        try:
+            self.listener = listen(self.path) if server else None
+        except BaseException:
+            self._release()
+            raise
         self.connections = 0
         self.last_bases: dict[int, int] = {}
 
