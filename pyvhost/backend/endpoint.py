@@ -24,7 +24,23 @@ BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
 SILENT_PEER = 3.0      # client mode: a front-end that accepted but sent nothing this long is
                        # retried (QEMU may take a connection into its backlog while still
-                       # closing the previous one, and then never serve it)
+                       # closing the previous one, and then never serve it); server mode: a
+                       # peer that sent nothing this long is reported (another back-end?)
+NOT_A_FRONTEND = ("is it a vhost-user front-end? a back-end (a switch port, a reflector) "
+                  "waits for requests too")
+
+
+def listening_there(path: str | os.PathLike) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path`` now."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False                        # refused or absent: a stale socket at most
+    finally:
+        probe.close()
 
 
 def unlink_socket(path: str | os.PathLike, inode: tuple[int, int] | None = None) -> bool:
@@ -90,6 +106,9 @@ class Endpoint:
 
     # -- server mode ------------------------------------------------------------------
     def _listen(self) -> None:
+        if os.path.exists(self.path) and listening_there(self.path):
+            raise FileExistsError(f"{self.path}: another process is listening there (two "
+                                  "back-ends on one socket?); not replacing it")
         unlink_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -133,7 +152,17 @@ class Endpoint:
         self.connection = Connection(conn, self.device, self.label)
         self.connected.set()
         self.connection.closed.add_done_callback(lambda _: self.connected.clear())
+        if not self.client:
+            asyncio.get_running_loop().call_later(SILENT_PEER, self._check_silent,
+                                                  self.connection)
         return self.connection
+
+    def _check_silent(self, conn: Connection) -> None:
+        """Server mode: a peer that connected and sent nothing is reported (it is kept: a
+        slow front-end may still speak)."""
+        if conn is self.connection and not conn.closed.done() and conn.requests == 0:
+            log.warning("%s: the peer connected but sent no request in %.0f s: %s",
+                        self.label, SILENT_PEER, NOT_A_FRONTEND)
 
     # -- client mode ------------------------------------------------------------------
     async def _connect_once(self) -> socket.socket | None:
@@ -163,8 +192,8 @@ class Endpoint:
             started = asyncio.get_running_loop().time()
             await asyncio.wait({conn.closed}, timeout=SILENT_PEER)
             if not conn.closed.done() and conn.requests == 0:
-                log.warning("%s: the front-end accepted but sent nothing in %.0f s; "
-                            "connecting again", self.label, SILENT_PEER)
+                log.warning("%s: the peer accepted but sent nothing in %.0f s (%s); "
+                            "connecting again", self.label, SILENT_PEER, NOT_A_FRONTEND)
                 conn.close()
             await asyncio.shield(conn.closed)        # cancelling us must not cancel it
             log.info("%s: will reconnect", self.label)

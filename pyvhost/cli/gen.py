@@ -155,6 +155,8 @@ def drive(port: VirtioUser, gen, args) -> str | None:
         if reason == _gen.STOP_BROKEN:
             return "the backend broke a ring (used index out of range)"
         if reason == _gen.STOP_DONE:
+            if args.mode == "tx":
+                settle(port)
             return None
         if end is not None and time.monotonic() >= end:
             break

@@ -118,7 +118,17 @@ async def _main(args) -> int:
         print(format_counters(device, extra()), flush=True)
 
     loop.add_signal_handler(signal.SIGUSR1, print_counters)
-    await endpoint.start()
+    try:
+        await endpoint.start()
+    except OSError as e:
+        print(f"reflector: {e}", file=sys.stderr)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if poller is not None:
+            poller.stop()
+            thread.join(timeout=5)
+        return 2
     print(f"reflector: mode {args.mode} on {args.socket} "
           f"({'client' if args.client else 'server'}), {args.queues} queue pair(s)", flush=True)
     await stop.wait()
