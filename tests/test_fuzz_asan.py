@@ -26,5 +26,7 @@ def test_fuzz_corpus_under_asan():
     print("\n".join(counts))
     assert "sanitized modules from" in out, out[-3000:]
     assert asan.reports(proc) == [], "\n".join(asan.reports(proc)) + out[-5000:]
-    assert proc.returncode == 0, out[-5000:]
+    failures = out.find("= FAILURES =")                 # the falsifying examples first
+    assert proc.returncode == 0, (out[failures:failures + 20000] if failures >= 0 else "") + \
+        out[-3000:]
     assert len(counts) >= 3
