@@ -13,6 +13,7 @@ import pytest
 
 from tests.harness import processes, vhost_client
 from tests.harness.driver import GuestImage
+from tests.harness.netns import HostNet
 from tests.harness.testpmd import Testpmd
 
 
@@ -23,6 +24,16 @@ def workdir():
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def net():
+    """What one test builds on the host's network (namespaces, veths), all deleted after."""
+    hn = HostNet()
+    try:
+        yield hn
+    finally:
+        hn.close()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from pyvhost.frontend.netns import default_mac, netns_exists
 from pyvhost.protocol.constants import Feature as F
 from tests.harness import processes
 from tests.harness.limits import time_limit
-from tests.harness.netns import HostNet, available, sh
+from tests.harness.netns import available, sh
 from tests.harness.testpmd import vhost_vdev
 
 pytestmark = pytest.mark.skipif(not available() or shutil.which("iperf3") is None,
@@ -47,15 +47,6 @@ IN_FLIGHT = 8 << 20          # iperf3's receiver stops counting at the end of th
 def _deadline():
     with time_limit(TEST_DEADLINE):
         yield
-
-
-@pytest.fixture
-def net():
-    hn = HostNet()
-    try:
-        yield hn
-    finally:
-        hn.close()
 
 
 def switch_config(*ports: str, extra: str = "", queues: int = 1) -> str:

@@ -277,19 +277,30 @@ def test_ctl_cli_exit_codes(workdir):
         assert sw.stop() == 0
 
 
+async def two_ports(tmp_path, *argvs) -> Switch:
+    """A started in-process switch with bridge br0 and vhostuser ports a and b, then
+    ``argvs`` run; stopped again if one fails."""
+    sw = Switch(tmp_path / "run")
+    await sw.start()
+    try:
+        for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
+                     ["add-port", "br0", "b", "type=vhostuser"], *argvs):
+            await run_command(sw, list(argv))
+    except BaseException:
+        await sw.stop()
+        raise
+    return sw
+
+
 def test_rules_naming_a_port_survive_its_removal_and_stay_in_step_with_the_store(tmp_path):
     """A rule naming a port is compiled again when the port goes and comes back; deleting
     it afterwards deletes its stored row too (it does not come back at a restart)."""
     async def scenario():
-        sw = Switch(tmp_path / "run")
-        await sw.start()
+        sw = await two_ports(tmp_path,
+                             ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"],
+                             ["add-flow", "br0", "priority=8,in_port=b,actions=output:a"],
+                             ["del-port", "a"], ["add-port", "br0", "a", "type=vhostuser"])
         try:
-            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
-                         ["add-port", "br0", "b", "type=vhostuser"],
-                         ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"],
-                         ["add-flow", "br0", "priority=8,in_port=b,actions=output:a"],
-                         ["del-port", "a"], ["add-port", "br0", "a", "type=vhostuser"]):
-                await run_command(sw, argv)
             a = sw.bridges["br0"].ports["a"].port_id
             key = frame_key(udp_frame(), a)
             assert sw.bridges["br0"].cls.lookup(key)[1] == [(OP_OUTPUT, sw.ports["b"].port_id)]
@@ -311,14 +322,10 @@ def test_one_rule_per_compiled_match_whatever_the_port_spelling(tmp_path):
     """in_port=1 and in_port=a name one port (a is OpenFlow port 1): adding both makes one
     rule, the later actions win (OpenFlow ADD), and replace-flows keeps it unchanged."""
     async def scenario():
-        sw = Switch(tmp_path / "run")
-        await sw.start()
+        sw = await two_ports(tmp_path,
+                             ["add-flow", "br0", "priority=7,in_port=1,actions=drop"],
+                             ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"])
         try:
-            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
-                         ["add-port", "br0", "b", "type=vhostuser"],
-                         ["add-flow", "br0", "priority=7,in_port=1,actions=drop"],
-                         ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"]):
-                await run_command(sw, argv)
             flows = (await run_command(sw, ["dump-flows", "--no-stats", "br0"])).splitlines()
             assert flows == [" priority=7,in_port=a actions=output:b",
                              " priority=0 actions=normal"], flows      # add-br's NORMAL
@@ -337,14 +344,10 @@ def test_a_store_that_cannot_be_written_changes_no_rules(tmp_path):
     in the datapath are put back as they were, the command says so, and the store and the
     datapath still agree after a restart."""
     async def scenario():
-        sw = Switch(tmp_path / "run")
-        await sw.start()
+        sw = await two_ports(tmp_path,
+                             ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"],
+                             ["add-flow", "br0", "priority=8,ip,nw_dst=10.0.0.1,actions=output:a"])
         try:
-            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
-                         ["add-port", "br0", "b", "type=vhostuser"],
-                         ["add-flow", "br0", "priority=7,in_port=a,actions=output:b"],
-                         ["add-flow", "br0", "priority=8,ip,nw_dst=10.0.0.1,actions=output:a"]):
-                await run_command(sw, argv)
             br = sw.bridges["br0"]
             key = frame_key(udp_frame(), br.ports["a"].port_id)
             before = await run_command(sw, ["dump-flows", "--no-stats", "br0"])
@@ -384,14 +387,10 @@ def test_every_read_command_takes_json(tmp_path):
     import json
 
     async def scenario():
-        sw = Switch(tmp_path / "run")
-        await sw.start()
+        sw = await two_ports(tmp_path,
+                             ["add-flow", "br0", "table=1,cookie=0x5,idle_timeout=9,priority=7,"
+                             "in_port=a,actions=output:b"])
         try:
-            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
-                         ["add-port", "br0", "b", "type=vhostuser"],
-                         ["add-flow", "br0", "table=1,cookie=0x5,idle_timeout=9,priority=7,"
-                          "in_port=a,actions=output:b"]):
-                await run_command(sw, argv)
             sw.bridges["br0"].macs.learn(0, MAC1, sw.ports["a"].port_id)
             show = json.loads(await run_command(sw, ["show", "--json"]))
             assert show["bridges"]["br0"]["ports"]["a"]["ofport"] == 1

@@ -30,18 +30,26 @@ class AfPacketPort(Port):
     abandoned: bool = False               # a PMD may still be inside: never closed
     kernel_drops: int = 0                 # frames the kernel dropped before we read them
 
+    TYPE = "afpacket"
+
+    @staticmethod
+    def new_dev():
+        from pyvhost._afpacket import AfPacketDev
+        return AfPacketDev()
+
     @classmethod
     def create(cls, name, bridge, port_id, ofport, dev_name, restoring=False) -> AfPacketPort:
-        from pyvhost._afpacket import AfPacketDev
+        """Attach ``dev_name``; when restoring from the store and the interface is not there
+        (yet), the port waits for it (``periodic``)."""
         netdev.check_ifname(dev_name, "dev")
-        port = cls(name, bridge, "afpacket", dev_name, 1, port_id, ofport, 1, dev_name)
-        port.dev = AfPacketDev()
+        port = cls(name, bridge, cls.TYPE, dev_name, 1, port_id, ofport, 1, dev_name)
+        port.dev = cls.new_dev()
         try:
             port._attach()
         except netdev.NetdevError as e:
             if not restoring or netdev.ifindex(dev_name) is not None:
                 raise
-            log.warning("afpacket port %s: %s; attaching when it appears", name, e)
+            log.warning("%s port %s: %s; attaching when it appears", cls.TYPE, name, e)
         return port
 
     def _attach(self) -> None:

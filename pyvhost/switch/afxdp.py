@@ -35,18 +35,11 @@ class AfXdpPort(AfPacketPort):
 
     xdp_seen: int = 0                         # the AF_XDP socket's drops counted so far
 
-    @classmethod
-    def create(cls, name, bridge, port_id, ofport, dev_name, restoring=False) -> AfXdpPort:
-        netdev.check_ifname(dev_name, "dev")
-        port = cls(name, bridge, "afxdp", dev_name, 1, port_id, ofport, 1, dev_name)
-        port.dev = afxdp_dev()
-        try:
-            port._attach()
-        except netdev.NetdevError as e:
-            if not restoring or netdev.ifindex(dev_name) is not None:
-                raise
-            log.warning("afxdp port %s: %s; attaching when it appears", name, e)
-        return port
+    TYPE = "afxdp"
+
+    @staticmethod
+    def new_dev():
+        return afxdp_dev()
 
     def _attach(self) -> None:
         index = netdev.ifindex(self.dev_name)

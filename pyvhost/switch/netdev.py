@@ -135,55 +135,50 @@ def open_tap(name: str) -> int:
     return fd
 
 
-def open_packet_socket(dev: str) -> socket.socket:
-    """An AF_PACKET socket bound to ``dev`` with virtio-net headers, a TPACKET_V3 receive
-    ring (RING_BLOCKS x RING_BLOCK bytes, not yet mapped), its own frames not looped back,
-    and ``dev`` promiscuous while the socket is open (the kernel undoes it on close)."""
+def _packet_socket(dev: str, protocol: int, what: str, setup) -> socket.socket:
+    """An AF_PACKET socket (protocol 0: it receives nothing until bound) that ``setup``
+    prepares, bound to ``dev`` with ``protocol``, and ``dev`` promiscuous while it is open
+    (the kernel undoes it on close). Errors name the interface and CAP_NET_RAW."""
     check_ifname(dev, "dev")
     index = ifindex(dev)
     if index is None:
         raise NetdevError(f"dev={dev}: no such interface")
     try:
-        # protocol 0: receives nothing until bound to dev (never frames of other interfaces)
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     except OSError as e:
         raise _fail(f"an AF_PACKET socket for {dev}", e, "CAP_NET_RAW") from None
     try:
-        s.setblocking(False)
-        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-        try:
-            s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-        except OSError:
-            pass                 # older kernels: our own frames are not looped back anyway
-        s.setsockopt(SOL_PACKET, PACKET_RX_RING, struct.pack(
-            "7I", RING_BLOCK, RING_BLOCKS, RING_FRAME, RING_BLOCK * RING_BLOCKS // RING_FRAME,
-            RING_TIMEOUT_MS, 0, 0))
-        s.bind((dev, ETH_P_ALL))
+        setup(s)
+        s.bind((dev, protocol))
         s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
                      struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""))
     except OSError as e:
         s.close()
-        raise _fail(f"attaching {dev}", e, "CAP_NET_RAW") from None
+        raise _fail(f"{what} {dev}", e, "CAP_NET_RAW") from None
     return s
+
+
+def _ring_setup(s: socket.socket) -> None:
+    s.setblocking(False)
+    s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+    s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+    try:
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+    except OSError:
+        pass                     # older kernels: our own frames are not looped back anyway
+    s.setsockopt(SOL_PACKET, PACKET_RX_RING, struct.pack(
+        "7I", RING_BLOCK, RING_BLOCKS, RING_FRAME, RING_BLOCK * RING_BLOCKS // RING_FRAME,
+        RING_TIMEOUT_MS, 0, 0))
+
+
+def open_packet_socket(dev: str) -> socket.socket:
+    """An AF_PACKET socket on ``dev`` (all protocols) with virtio-net headers, a TPACKET_V3
+    receive ring (RING_BLOCKS x RING_BLOCK bytes, not yet mapped), its own frames not looped
+    back, and ``dev`` promiscuous while the socket is open."""
+    return _packet_socket(dev, ETH_P_ALL, "attaching", _ring_setup)
 
 
 def promisc_socket(dev: str) -> socket.socket:
     """An AF_PACKET socket that receives nothing and only keeps ``dev`` promiscuous while
     it is open (for ports whose frames come another way: afxdp)."""
-    check_ifname(dev, "dev")
-    index = ifindex(dev)
-    if index is None:
-        raise NetdevError(f"dev={dev}: no such interface")
-    try:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    except OSError as e:
-        raise _fail(f"an AF_PACKET socket for {dev}", e, "CAP_NET_RAW") from None
-    try:
-        s.bind((dev, 0))
-        s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
-                     struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""))
-    except OSError as e:
-        s.close()
-        raise _fail(f"promiscuous mode on {dev}", e, "CAP_NET_RAW") from None
-    return s
+    return _packet_socket(dev, 0, "promiscuous mode on", lambda s: None)
