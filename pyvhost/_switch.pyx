@@ -36,6 +36,7 @@ from pyvhost._flow cimport (
     OP_STRIP_VLAN, action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash,
     flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
+from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
 from pyvhost._idle cimport (
     IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
 )
@@ -99,12 +100,16 @@ cdef struct port_counters_t:
     uint64_t drop_upcall     # misses over the port's share of upcall time
     uint64_t drop_copy       # input: a copy for one more output failed (no buffer, no room)
     uint64_t drop_no_port    # input: frames for an output port that went away or is down
+    uint64_t drop_mirror_port  # received on a mirror's output port (it only sends)
 
 cdef struct port_t:
     uint16_t id
     uint16_t bridge
     uint16_t nqueues
     int up
+    uint16_t mirror_rx                   # the bridge's mirrors that select its input,
+    uint16_t mirror_tx                   # its output (bits: mirror_set_t indices)
+    int mirror_only                      # a mirror's output: nothing else in or out
     const port_ops_t *ops                # the port's class
     void *dev                            # its device state (kept alive by a PortDev)
     bucket_t police
@@ -116,6 +121,7 @@ cdef struct port_t:
 cdef struct bridge_t:
     cls_t *cls
     fdb_t *fdb
+    mirror_set_t *mirrors                # NULL: none
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
@@ -235,6 +241,8 @@ cdef class Datapath:
             for i in range(MAX_PORTS):
                 free(self.sw.ports[i])
             for i in range(MAX_BRIDGES):
+                if self.sw.bridges[i] != NULL:
+                    free(self.sw.bridges[i].mirrors)
                 free(self.sw.bridges[i])
             free(self.sw)
 
@@ -250,6 +258,8 @@ cdef class Datapath:
         b.cls = cls.c
         b.fdb = macs.f
         old = self.sw.bridges[bridge_id]
+        if old != NULL:
+            b.mirrors = old.mirrors                  # the mirrors stay (now b's)
         old_objs = self.bridge_objs.get(bridge_id)
         self.bridge_objs[bridge_id] = (cls, macs)     # alive before any PMD can see them
         self.sw.bridges[bridge_id] = b
@@ -272,8 +282,99 @@ cdef class Datapath:
         vh_fence_seq_cst()
         self.invalidate()
         self.synchronize()
+        free(b.mirrors)
         free(b)
         del self.bridge_objs[bridge_id]
+
+    def set_mirrors(self, int bridge_id, list mirrors):
+        """The bridge's mirrors from now on, each a dict: ``out`` (port id), ``src`` and
+        ``dst`` (the port ids whose input / output it copies), ``vlan`` (-1: any), ``filter``
+        (None or (mask, value) as flow-key bytes) and ``carry``: the index of the mirror
+        it continues in the previous set (its counters go on), or -1. The old selection
+        is withdrawn and every PMD has let go of it before the new one shows."""
+        cdef bridge_t *b
+        cdef mirror_set_t *ms = NULL
+        cdef mirror_set_t *old
+        cdef mirror_t *m
+        cdef port_t *p
+        cdef int i, j
+        cdef bytes mask, value
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        if len(mirrors) > MAX_MIRRORS:
+            raise ValueError(f"at most {MAX_MIRRORS} mirrors per bridge")
+        rx, tx, outs = {}, {}, set()
+        for i, spec in enumerate(mirrors):
+            for port_id in (spec["out"], *spec["src"], *spec["dst"]):
+                p = self._port(port_id)
+                if p.bridge != bridge_id:
+                    raise ValueError(f"port id {port_id} is not on bridge {bridge_id}")
+            outs.add(spec["out"])
+            for port_id in spec["src"]:
+                rx[port_id] = rx.get(port_id, 0) | 1 << i
+            for port_id in spec["dst"]:
+                tx[port_id] = tx.get(port_id, 0) | 1 << i
+        if mirrors:
+            ms = <mirror_set_t *>calloc(1, sizeof(mirror_set_t))
+            if ms == NULL:
+                raise MemoryError()
+            ms.n = len(mirrors)
+            for i, spec in enumerate(mirrors):
+                m = &ms.m[i]
+                m.out_port = spec["out"]
+                m.vlan = spec["vlan"]
+                if spec["filter"] is not None:
+                    mask, value = spec["filter"]
+                    if len(mask) != sizeof(m.mask) or len(value) != sizeof(m.value):
+                        free(ms)
+                        raise ValueError("a mirror filter is a flow key's mask and value")
+                    m.has_filter = 1
+                    memcpy(m.mask, <const char *>mask, sizeof(m.mask))
+                    memcpy(m.value, <const char *>value, sizeof(m.value))
+                    for j in range(KEY_WORDS):
+                        m.value[j] &= m.mask[j]
+        b = self.sw.bridges[bridge_id]
+        for i in range(MAX_PORTS):                  # withdraw the old selection first
+            p = self.sw.ports[i]
+            if p != NULL and p.bridge == bridge_id:
+                p.mirror_rx = 0
+                p.mirror_tx = 0
+        vh_fence_seq_cst()
+        try:
+            self.synchronize()
+        except TimeoutError:
+            free(ms)
+            raise
+        old = b.mirrors
+        b.mirrors = ms                              # no PMD can be reading ``old`` now
+        if old != NULL:
+            for i, spec in enumerate(mirrors):
+                j = spec["carry"]
+                if 0 <= j < <int>old.n:
+                    ms.m[i].tx_packets = old.m[j].tx_packets
+                    ms.m[i].tx_bytes = old.m[j].tx_bytes
+                    ms.m[i].no_copy = old.m[j].no_copy
+            free(old)
+        vh_fence_seq_cst()
+        for i in range(MAX_PORTS):
+            p = self.sw.ports[i]
+            if p != NULL and p.bridge == bridge_id:
+                p.mirror_only = i in outs
+                p.mirror_rx = rx.get(i, 0)
+                p.mirror_tx = tx.get(i, 0)
+        self.wake_all()
+
+    def mirror_stats(self, int bridge_id):
+        """Per mirror of the bridge, in order: (tx_packets, tx_bytes, no_copy)."""
+        cdef bridge_t *b
+        cdef mirror_set_t *ms
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        ms = self.sw.bridges[bridge_id].mirrors
+        if ms == NULL:
+            return []
+        return [(vh_load_u64(&ms.m[i].tx_packets), vh_load_u64(&ms.m[i].tx_bytes),
+                 vh_load_u64(&ms.m[i].no_copy)) for i in range(ms.n)]
 
     def invalidate(self):
         """Every cached flow of every bridge is stale (a port or a bridge came or went)."""
@@ -627,13 +728,58 @@ cdef class Pmd:
         c.len = p.len
         return c
 
-    cdef void execute(self, port_t *inp, pkt_t *p, const actions_t *a) noexcept nogil:
-        """Run ``a`` on ``p``; every output but the final op's last gets a copy."""
-        cdef int i, j, last_port
+    cdef uint16_t mirror(self, uint16_t bits, port_t *inp, const pkt_t *p,
+                         const flow_key_t *k) noexcept nogil:
+        """A copy of ``p`` to each mirror in ``bits`` (of ``inp``'s bridge) that takes it;
+        the mirrors that took it (a mirror copies a frame once, as OVS's do)."""
+        cdef bridge_t *b = self.sw.bridges[inp.bridge]
+        cdef mirror_set_t *ms
+        cdef mirror_t *m
+        cdef port_t *o
+        cdef pkt_t *c
+        cdef uint32_t i
+        cdef uint16_t took = 0
+        if b == NULL or b.mirrors == NULL:
+            return 0
+        ms = b.mirrors
+        for i in range(ms.n):
+            if not bits & (1 << i):
+                continue
+            m = &ms.m[i]
+            if m.out_port == inp.id or not mirror_selects(m, k):
+                continue
+            o = self.sw.ports[m.out_port]
+            if o == NULL or o.bridge != inp.bridge:
+                continue
+            took |= 1 << i
+            c = self.clone(<pkt_t *>p)
+            if c == NULL:
+                vh_add_u64(&m.no_copy, 1)
+                continue
+            vh_add_u64(&m.tx_packets, 1)
+            vh_add_u64(&m.tx_bytes, c.len)
+            self.output(m.out_port, c)
+        return took
+
+    cdef inline void send(self, port_t *inp, port_t *o, pkt_t *p, const flow_key_t *k,
+                          uint16_t *mirrored) noexcept nogil:
+        """``p`` into ``o``'s batch; first its copies for the mirrors of ``o``'s output
+        that have not had this frame yet (``mirrored``)."""
+        if o.mirror_tx & ~mirrored[0]:
+            mirrored[0] |= self.mirror(o.mirror_tx & ~mirrored[0], inp, p, k)
+        self.output(o.id, p)
+
+    cdef void execute(self, port_t *inp, pkt_t *p, const actions_t *a,
+                      const flow_key_t *k, uint16_t mirrored) noexcept nogil:
+        """Run ``a`` on ``p`` (whose key is ``k``, which the mirrors in ``mirrored`` have
+        had); every output but the final op's last gets a copy. A mirror's output port
+        takes no other frames."""
+        cdef int i, j
         cdef uint16_t op
         cdef bint owned = True, final
         cdef pkt_t *c
         cdef port_t *o
+        cdef port_t *last
         for i in range(a.n_ops):
             op = a.ops[i].op
             final = i == a.n_ops - 1
@@ -641,37 +787,38 @@ cdef class Pmd:
                 if a.ops[i].arg == inp.id or a.ops[i].arg >= MAX_PORTS:
                     continue                   # OpenFlow: never back out of the input port
                 o = self.sw.ports[a.ops[i].arg]
-                if o == NULL or o.bridge != inp.bridge:
+                if o == NULL or o.bridge != inp.bridge or o.mirror_only:
                     continue                   # gone, or (an id reused) another bridge's
                 if final:
-                    self.output(a.ops[i].arg, p)
+                    self.send(inp, o, p, k, &mirrored)
                     owned = False
                 else:
                     c = self.clone(p)
                     if c != NULL:
-                        self.output(a.ops[i].arg, c)
+                        self.send(inp, o, c, k, &mirrored)
                     else:
                         vh_add_u64(&inp.c.drop_copy, 1)
             elif op == OP_FLOOD:
-                last_port = -1
+                last = NULL
                 for j in range(MAX_PORTS):
                     o = self.sw.ports[j]
-                    if o != NULL and o.up and o.bridge == inp.bridge and j != inp.id:
-                        if last_port >= 0:
+                    if o != NULL and o.up and o.bridge == inp.bridge and j != inp.id \
+                            and not o.mirror_only:
+                        if last != NULL:
                             c = self.clone(p)
                             if c != NULL:
-                                self.output(last_port, c)
+                                self.send(inp, last, c, k, &mirrored)
                             else:
                                 vh_add_u64(&inp.c.drop_copy, 1)
-                        last_port = j
-                if last_port >= 0:
+                        last = o
+                if last != NULL:
                     if final:
-                        self.output(last_port, p)
+                        self.send(inp, last, p, k, &mirrored)
                         owned = False
                     else:
                         c = self.clone(p)
                         if c != NULL:
-                            self.output(last_port, c)
+                            self.send(inp, last, c, k, &mirrored)
                         else:
                             vh_add_u64(&inp.c.drop_copy, 1)
             elif op == OP_SET_VLAN:
@@ -721,6 +868,7 @@ cdef class Pmd:
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
         cdef bint timed
+        cdef uint16_t mirrored
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         self.cur_inp = inp
@@ -745,8 +893,15 @@ cdef class Pmd:
         self.st.bursts += 1
         if inp.police.rate:
             n = bucket_filter(&inp.police, pkts, n, self.pool, &inp.c.drop_police)
+        if inp.mirror_only:                       # a mirror's output: it only sends
+            vh_add_u64(&inp.c.drop_mirror_port, n)
+            pool_put_many(self.pool, pkts, n)
+            n = 0
         for i in range(n):
             flow_extract(pkts[i], inp.id, &key)
+            mirrored = 0
+            if inp.mirror_rx:
+                mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)
             h = flow_hash(&key)
             a = emc_lookup(self.emc, &key, h)
             if a != NULL and entry_valid(self.sw, a):
@@ -800,7 +955,7 @@ cdef class Pmd:
                     if a == NULL:
                         continue
             self.account(a, pkts[i].len, t0)
-            self.execute(inp, pkts[i], a)
+            self.execute(inp, pkts[i], a, &key, mirrored)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0

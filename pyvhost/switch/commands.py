@@ -292,6 +292,39 @@ async def set_pmd(sw, args):
     return ""
 
 
+async def add_mirror(sw, args):
+    _need(args, 3, 8, "add-mirror BRIDGE NAME [select-src=P,..] [select-dst=P,..] [select-all] "
+                      "[select-vlan=N] [filter=MATCH] output=PORT")
+    sw.add_mirror(args[0], args[1], args[2:])
+    return ""
+
+
+async def del_mirror(sw, args):
+    _need(args, 2, 2, "del-mirror BRIDGE NAME")
+    sw.del_mirror(args[0], args[1])
+    return ""
+
+
+async def list_mirrors(sw, args):
+    args, flags = _flags(args, ("--json",))
+    _need(args, 0, 1, "list-mirrors [--json] [BRIDGE]")
+    rows = sw.mirrors_data(args[0] if args else None)
+    if "--json" in flags:
+        return json.dumps(rows)
+    lines = []
+    for r in rows:
+        sel = (["select-all"] if r["select_all"] else []) + \
+            ([f"select-src={','.join(r['src'])}"] if r["src"] else []) + \
+            ([f"select-dst={','.join(r['dst'])}"] if r["dst"] else []) + \
+            ([f"select-vlan={r['vlan']}"] if r["vlan"] is not None else []) + \
+            ([f"filter={r['filter']}"] if r["filter"] else [])
+        lines.append(f"{r['bridge']} {r['name']}: {' '.join(sel)} output={r['output']}"
+                     f"{'' if r['active'] else ' (inactive: no such output port)'}"
+                     f" tx_packets={r['tx_packets']} tx_bytes={r['tx_bytes']}"
+                     f" no_copy={r['no_copy']}")
+    return "\n".join(lines)
+
+
 COMMANDS = {
     "add-br": add_br, "del-br": del_br, "add-port": add_port, "del-port": del_port,
     "show": show, "add-flow": add_flow, "add-flows": add_flows, "replace-flows": replace_flows,
@@ -300,6 +333,7 @@ COMMANDS = {
     "set-policing": set_policing, "set-qos": set_qos, "dump-ports": dump_ports,
     "fdb-show": fdb_show, "pmd-rxq-show": pmd_rxq_show, "pmd-stats-show": pmd_stats_show,
     "pmd-stats-clear": pmd_stats_clear, "pmd-rebalance": pmd_rebalance, "set-pmd": set_pmd,
+    "add-mirror": add_mirror, "del-mirror": del_mirror, "list-mirrors": list_mirrors,
 }
 
 

@@ -165,6 +165,7 @@ class Store:
                         "DELETE FROM qos WHERE port IN (SELECT name FROM ports WHERE bridge=?)",
                         "DELETE FROM ports WHERE bridge=?"):
                 self.db.execute(sql, (name,))
+            self.db.execute("DELETE FROM settings WHERE key=?", (f"mirrors:{name}",))
 
     def bridges(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM bridges ORDER BY seq")]

@@ -23,6 +23,7 @@ from pyvhost._switch import Datapath, limits
 from .bridge import DEFAULT_MAC_AGING, DEFAULT_MAC_TABLE_SIZE, Bridge, Rule
 from .commands import CommandError
 from .flows import Flow, FlowSyntaxError, Selector, parse_flow, split_canonical
+from .mirrors import Mirror, Mirrors
 from .netdev import NetdevError
 from .pmd import PmdSet
 from .port import DEFAULT_QUEUES, HOST_TYPES, VHOST_TYPES, Port, VhostPort, create_host_port
@@ -88,6 +89,7 @@ class Switch:
         self.bridges: dict[str, Bridge] = {}
         self.ports: dict[str, Port] = {}
         self._by_id: dict[int, Port] = {}
+        self.mirrors = Mirrors(self.datapath, self.store)
         settings = self.store.settings()
         self.pmd_settings = {"threads": settings.get("threads", 1),
                              "assign": settings.get("assign", "roundrobin"),
@@ -160,6 +162,9 @@ class Switch:
                 rows.append(row)
             for rule, row in zip(bridge.apply(add=flows), rows, strict=True):
                 rule.row = row
+        for bridge in self.bridges.values():
+            for why in self.mirrors.restore(bridge):
+                self._failed(f"mirror of bridge {bridge.name}", why)
         for port, (pkbps, pburst, max_rate) in self.store.qos().items():
             if port in self.ports:
                 self.set_policing(port, pkbps, pburst, persist=False)
@@ -291,9 +296,30 @@ class Switch:
         for port in list(bridge.ports):
             await self.del_port(port, persist=False)
         del self.bridges[name]
+        self.mirrors.forget(name)
         self.datapath.remove_bridge(bridge.bridge_id)      # waits out the PMDs
         for key in [k for k in self.failed if k.endswith(f" of bridge {name}")]:
             del self.failed[key]
+
+    # -- mirrors ----------------------------------------------------------------------------
+    def add_mirror(self, bridge_name: str, name: str, args: list[str]) -> None:
+        bridge = self._bridge(bridge_name)
+        try:
+            self.mirrors.add(bridge, Mirror.parse(name, args))
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        log.info("mirror %s added to %s", name, bridge_name)
+
+    def del_mirror(self, bridge_name: str, name: str) -> None:
+        try:
+            self.mirrors.remove(self._bridge(bridge_name), name)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        log.info("mirror %s removed from %s", name, bridge_name)
+
+    def mirrors_data(self, bridge_name: str | None = None) -> list[dict]:
+        names = [bridge_name] if bridge_name is not None else list(self.bridges)
+        return [row for n in names for row in self.mirrors.rows(self._bridge(n))]
 
     def _ofport(self, bridge: Bridge, requested: int | None) -> int:
         used = {p.ofport for p in bridge.ports.values()} | \
@@ -414,6 +440,7 @@ class Switch:
         self.failed.pop(f"port {name}", None)
         self._reserved_ofports.get(bridge_name, set()).discard(of)
         self._assign()
+        self.mirrors.apply(bridge)                  # mirrors that name it take it now
         log.info("port %s (%s, %s, ofport %d) added to %s", name, type_, port.path, of,
                  bridge_name)
 
@@ -444,6 +471,7 @@ class Switch:
         del self._by_id[port.port_id]
         self.bridges[port.bridge].detach(port)
         self._assign()
+        self.mirrors.apply(self.bridges[port.bridge])   # before its datapath slot goes
         try:
             self.datapath.remove_port(port.port_id)     # waits until no PMD can be inside it
         except TimeoutError as e:
@@ -749,7 +777,8 @@ class Switch:
             c = self.port_counters(port)
             d, r, t = c["datapath"], c["rx_rings"], c["tx_rings"]
             rx_drop = d["drop_police"] + d["drop_upcall"] + d["drop_copy"] + \
-                d["drop_no_port"] + sum(v for k, v in r.items() if k.startswith("drop_"))
+                d["drop_no_port"] + d["drop_mirror_port"] + \
+                sum(v for k, v in r.items() if k.startswith("drop_"))
             tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
                 sum(v for k, v in t.items() if k.startswith("drop_"))
             errors = r.get("ring_errors", r.get("rx_errors", 0)) + \
