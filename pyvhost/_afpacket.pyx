@@ -213,6 +213,7 @@ cdef uint32_t afp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
             d.st.tx_down += n - done
             break
         d.st.tx_errors += 1                     # this frame is refused; go on after it
+        res.refused += 1
         done += 1
     vh_unlock(&d.tx_lock)
     return sent

@@ -134,10 +134,15 @@ cdef void reclaim(xdp_dev_t *d) noexcept nogil:
 
 
 cdef uint32_t put_frames(xdp_dev_t *d, pkt_t **pkts, uint32_t n, uint64_t *bytes_) noexcept nogil:
-    """Copy complete frames into TX slots; returns how many went (in order)."""
+    """Copy complete frames into TX slots; returns how many went (in order): never a
+    frame larger than a slot (the callers refuse those first)."""
     cdef uint32_t idx = 0, i, k
     cdef xdp_desc *desc
     k = n if n < d.nfree else d.nfree
+    for i in range(k):
+        if pkts[i].len > XDP_FRAME_SIZE:
+            k = i
+            break
     if k == 0:
         return 0
     k = xsk_ring_prod__reserve(d.tx, k, &idx)
@@ -172,7 +177,9 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
     for i in range(n):
         p = pkts[i]
         if p.vnet_hdr[1] != 0:                         # TSO: segments, each complete
-            ok = tso_parse(p, &t)
+            ok = tso_parse(p, &t) and t.hlen < XDP_FRAME_SIZE
+            if ok and t.hlen + t.mss > XDP_FRAME_SIZE:
+                t.mss = XDP_FRAME_SIZE - t.hlen        # segments must fit a UMEM frame
             first = 0
             while ok:
                 nseg = tso_segment(p, &t, first, pool, segs)
@@ -194,10 +201,12 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
         if p.vnet_hdr[0] & 1:                          # NEEDS_CSUM
             if not csum_complete(p):
                 d.st.tx_errors += 1
+                res.refused += 1
                 continue
             d.st.tx_csum += 1
         if p.len > XDP_FRAME_SIZE:
             d.st.tx_oversize += 1
+            res.refused += 1
             continue
         ready[nready] = p
         nready += 1

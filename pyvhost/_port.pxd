@@ -8,6 +8,7 @@ from pyvhost._pktpool cimport pkt_t, pktpool_t
 
 cdef struct tx_result_t:
     uint32_t failed           # frames that could not be made ready (software offloads)
+    uint32_t refused          # frames the device refused (too large, a send error)
     uint64_t bytes            # bytes of the delivered frames
 
 # receive at most ``count`` frames from queue ``q`` into ``pkts`` (buffers from ``pool``);

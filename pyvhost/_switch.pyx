@@ -95,6 +95,7 @@ cdef struct port_counters_t:
     uint64_t drop_police
     uint64_t drop_qos
     uint64_t drop_tx_full    # the output had no room (guest ring full, socket busy, link down)
+    uint64_t drop_tx_error   # the output refused the frame (too large for it, a send error)
     uint64_t drop_action     # dropped by a rule (no output)
     uint64_t drop_offload    # a TCP super-frame that could not be segmented for this port
     uint64_t drop_upcall     # misses over the port's share of upcall time
@@ -391,6 +392,8 @@ cdef class Datapath:
         cdef port_t *p
         if not 0 <= port_id < MAX_PORTS or self.sw.ports[port_id] != NULL:
             raise ValueError(f"port id {port_id} is taken or out of range")
+        if port_id in self.port_objs:       # removed, but a stuck PMD may still be inside
+            raise ValueError(f"port id {port_id} is still held by a stuck PMD")
         if dev.ops == NULL or dev.dev == NULL:
             raise ValueError("the port's device is not set up")
         if not 1 <= dev.nqueues <= MAX_PORT_QUEUES:
@@ -692,6 +695,7 @@ cdef class Pmd:
             n = bucket_filter(&p.shape, pkts, n, self.pool, &p.c.drop_qos)
         if n:
             res.failed = 0
+            res.refused = 0
             res.bytes = 0
             sent = p.ops.tx_burst(p.dev, self.pmd_id, self.pool, pkts, n, &res)
             failed = res.failed
@@ -700,8 +704,10 @@ cdef class Pmd:
                 vh_add_u64(&p.c.tx_bytes, res.bytes)
             if failed:
                 vh_add_u64(&p.c.drop_offload, failed)
-            if sent + failed < n:
-                vh_add_u64(&p.c.drop_tx_full, n - sent - failed)
+            if res.refused:
+                vh_add_u64(&p.c.drop_tx_error, res.refused)
+            if sent + failed + res.refused < n:
+                vh_add_u64(&p.c.drop_tx_full, n - sent - failed - res.refused)
             pool_put_many(self.pool, pkts, n)
 
     cdef inline void output(self, uint16_t port_id, pkt_t *pkt) noexcept nogil:

@@ -82,6 +82,7 @@ cdef uint32_t tap_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
                 d.st.tx_gone += n - i
                 break
             d.st.tx_errors += 1
+            res.refused += 1
             continue
         sent += 1
         res.bytes += pkts[i].len

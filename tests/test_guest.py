@@ -148,6 +148,26 @@ def test_ping_between_two_namespaces(net, switch):
         assert a.mac in flags and "vnet_hdr on" in flags, flags
 
 
+def test_an_unexpected_error_in_the_guest_thread_is_reported(net, switch, monkeypatch,
+                                                             caplog):
+    """The forwarding thread never dies silently: an error nobody expected (here the tap
+    refusing its carrier) ends it with the reason kept and logged."""
+    from pyvhost.frontend import guest as guest_mod
+
+    def refuse(fd, on):
+        if on:                              # when the back-end is there: in the thread
+            raise OSError(5, "carrier refused")
+    monkeypatch.setattr(guest_mod.N, "set_carrier", refuse)
+    run_dir, _ = switch
+    g = Guest(str(run_dir / "a.sock"), netns=net.netns("gerr")).start()
+    try:
+        _wait(lambda: not g.alive, 10)
+        assert "carrier refused" in (g.last_error or ""), g.last_error
+        assert "carrier refused" in caplog.text
+    finally:
+        g.stop()
+
+
 def test_jumbo_mtu_without_offloads(net, switch):
     """--mtu 9000 and no offloads: 9000-byte IP packets (not fragmented) in one frame."""
     run_dir, _ = switch

@@ -409,6 +409,28 @@ def test_link_flap_and_interface_recreated_under_traffic(switch, net):
 
 
 @needs_root
+@pytest.mark.parametrize("kind", ["afpacket", "afxdp"])
+def test_interface_back_from_another_namespace_with_its_index_is_attached_again(switch, net,
+                                                                                kind):
+    """The interface leaves for another namespace and comes back within the switch's one
+    look a second, with the same index: its old socket was unbound by the kernel, so a new
+    one is attached (an afxdp port once went on holding a dead AF_XDP socket)."""
+    if kind == "afxdp" and not afxdp_built():
+        pytest.skip("built without libxdp")
+    ns_a, ns_b, veth, peer = two_namespaces(switch, net, kind, tx_offload=kind == "afpacket")
+    assert net.ping(ns_a, net.ip(2)), ctl(switch, "dump-ports", "br0")
+    away = net.netns("hpx")
+    index = net.link_index(veth)
+    sh(["ip", "link", "set", veth, "netns", away])
+    sh(["ip", "link", "set", veth, "netns", str(os.getpid())], ns=away)
+    sh(["ip", "link", "set", veth, "up"])
+    if net.link_index(veth) != index:
+        pytest.skip("the kernel gave the interface a new index")
+    assert net.ping(ns_a, net.ip(2), timeout=15), ctl(switch, "dump-ports", "br0")
+    assert "promiscuity 1 " in net.link_flags(veth)
+
+
+@needs_root
 def test_afpacket_frames_reach_a_guest_without_offloads_with_complete_checksums(switch, net):
     """A local socket's frames over veth carry partial checksums (TP_STATUS_CSUMNOTREADY);
     the guest, which has no checksum offload, gets them completed."""
@@ -512,6 +534,71 @@ def test_afxdp_port_carries_tcp_and_follows_its_interface(switch, net):
     assert net.ping(ns_a, net.ip(2), timeout=15), ctl(switch, "dump-ports", "br0")
     ctl(switch, "del-port", "up1")
     assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
+    """A TSO frame whose segment size is larger than an AF_XDP frame (4 KiB; a guest may
+    ask for any gso_size) goes out in segments that fit one: they once overran the UMEM
+    and corrupted the switch's memory."""
+    import socket as so
+
+    from pyvhost._switch import Datapath
+    from pyvhost._tap import TapDev
+    from pyvhost.switch.afxdp import AfXdpPort
+    from pyvhost.switch.bridge import Bridge
+    from pyvhost.switch.flows import parse_flow
+    from tests.test_offload import tcp_frame, vnet
+    ns = net.netns("ts")
+    veth, peer = net.name("tsh"), net.name("tsp")
+    net.veth(veth, ns, peer, None)
+    sh(["ip", "link", "set", veth, "mtu", "9000"])
+    sh(["ip", "link", "set", peer, "mtu", "9000"], ns=ns)
+    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "8"],
+                        stdout=subprocess.PIPE, text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    port = AfXdpPort.create("ts", "br0", 1, 1, veth)
+    inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
+    inside.setblocking(False)
+    bridge = Bridge("b", 0)
+    bridge.apply(add=[parse_flow("priority=0,actions=normal")])
+    dp = Datapath()
+    dp.set_bridge(0, bridge.cls, bridge.macs)
+    dp.add_port(0, 0, TapDev(inside.fileno()))
+    dp.add_port(1, 0, port.datapath_dev())
+    pmd = dp.new_pmd(0, pool_size=256)
+    thread = threading.Thread(target=pmd.run, daemon=True)
+    thread.start()
+    pmd.set_rxqs([(0, 0)])
+    payload = bytes(range(256)) * 117 + b"end"               # 29955 bytes
+    try:
+        outside.send(vnet(gso=1, gso_size=8000, hdr_len=54) + tcp_frame(payload))
+        got = counter.communicate(timeout=20)[0].split()
+        sizes = [int(n) for n in got]
+        assert len(sizes) == 8 and max(sizes) <= 4096, sizes     # 4042 bytes each, at most
+        assert sum(n - 54 for n in sizes) == len(payload), sizes
+        assert dp.port_stats(1)["tx_packets"] == 1
+    finally:
+        pmd.stop()
+        thread.join(5)
+        dp.remove_port(0)
+        dp.remove_port(1)
+        port._detach()
+        inside.close()
+        outside.close()
+
+
+COUNT_TCP = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind((sys.argv[1], 0)); s.settimeout(15)
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    f = s.recv(70000)
+    if f[23] == 6:
+        print(len(f), flush=True)
+"""
 
 
 RAW_SEND = """

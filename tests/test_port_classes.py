@@ -106,3 +106,32 @@ def test_add_port_refuses_a_device_that_is_not_set_up():
         dp.add_port(0, 0, PortDev())
     with pytest.raises(ValueError):
         TapDev(-1)
+
+
+def test_a_port_id_a_stuck_pmd_may_still_use_is_not_given_again():
+    """A PMD stuck inside a port (here: blocked in a read on a blocking fd) keeps the
+    removed port's device; its id is refused until then, so a new port's device never
+    replaces (and frees) the one the PMD is inside."""
+    inside, outside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    other, _other_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    bridge = Bridge("b", 0)
+    dp = Datapath()
+    dp.set_bridge(0, bridge.cls, bridge.macs)
+    dp.add_port(0, 0, TapDev(inside.fileno()))
+    pmd = dp.new_pmd(0, pool_size=64)
+    thread = threading.Thread(target=pmd.run, daemon=True)
+    thread.start()
+    pmd.set_rxqs([(0, 0)])
+    try:
+        time.sleep(0.3)                                  # blocked in the port's read
+        with pytest.raises(TimeoutError):
+            dp.remove_port(0)
+        with pytest.raises(ValueError, match="stuck PMD"):
+            dp.add_port(0, 0, TapDev(other.fileno()))
+    finally:
+        outside.close()                                  # the read returns (EOF): unstuck
+        pmd.stop()
+        thread.join(5)
+        for s in (inside, other, _other_peer):
+            s.close()
+    assert not thread.is_alive()

@@ -145,9 +145,12 @@ class Guest:
         if self.thread is not None:
             self.thread.join(timeout=10)
             if self.thread.is_alive():
-                # a loop may still be inside the rings: leak them rather than unmap them
-                log.warning("guest thread did not end within 10 s; leaving its memory")
+                # a loop may still be inside the rings and the tap: leak them rather than
+                # unmap them or close fds whose numbers may be given to something else
+                log.warning("guest thread did not end within 10 s; leaving its memory "
+                            "and its tap open")
                 self.port = None
+                self.tapfds = []
         if self.port is not None:
             self._final = self.stats()      # the rings' counters go with the port
         self._cleanup()
@@ -236,6 +239,15 @@ class Guest:
         return _guest.STOP_CONTROL
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:     # a bug or an unexpected OSError: said, never silent
+            self.last_error = f"the guest's thread failed: {e!r}"
+            log.exception("guest: %s", self.last_error)
+        finally:
+            self.connected.clear()
+
+    def _serve(self) -> None:
         port = self.port
         while not self._stopping.is_set():
             if port.channel is None and not self._connect():
@@ -256,7 +268,6 @@ class Guest:
             self.last_error = f"the backend on {self.socket} {why}"
             log.warning("guest: %s; reconnecting", self.last_error)
             port.disconnect()
-        self.connected.clear()
 
     # -- state --------------------------------------------------------------------------
     @property

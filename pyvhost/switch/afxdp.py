@@ -49,6 +49,9 @@ class AfXdpPort(AfPacketPort):
             self.dev.open(self.dev_name, 0)
         except OSError as e:
             sock.close()
+            if self.sock is not None and self.dev.fd < 0:    # the old one went with it:
+                self.sock.close()                         # attach again next second
+                self.sock, self.ifindex = None, None
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise netdev.NetdevError(
                     f"AF_XDP on {self.dev_name}: not permitted: needs CAP_NET_RAW and "
@@ -60,6 +63,18 @@ class AfXdpPort(AfPacketPort):
             old.close()
         self.xdp_seen = 0                         # a new AF_XDP socket counts from zero
         self.attaches += 1
+
+    def _take_lost(self) -> bool:
+        """The kernel unbound the AF_XDP socket (the interface left, perhaps to come back
+        with the same index from another namespace): it reports ENETDOWN as its error."""
+        fd = self.dev.fd if self.dev is not None else -1
+        if fd < 0:
+            return False
+        try:
+            with socket.fromfd(fd, AF_XDP, socket.SOCK_RAW) as s:    # a dup, closed here
+                return s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:
+            return False
 
     def count_kernel_drops(self) -> None:
         """Add what the kernel dropped since the last look: struct xdp_statistics's

@@ -377,7 +377,7 @@ class Switch:
         if not isinstance(queues, int) or not 1 <= queues <= LIMITS["queues"]:
             raise CommandError(f"queues: {queues!r} out of range 1..{LIMITS['queues']}")
         of = self._ofport(bridge, ofport)
-        used = set(self._by_id)
+        used = set(self._by_id) | {p.port_id for p in self._stuck_ports}   # never reused
         port_id = next((i for i in range(LIMITS["ports"]) if i not in used), None)
         if port_id is None:
             raise CommandError(f"at most {LIMITS['ports']} ports")
@@ -780,6 +780,7 @@ class Switch:
                 d["drop_no_port"] + d["drop_mirror_port"] + \
                 sum(v for k, v in r.items() if k.startswith("drop_"))
             tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
+                d["drop_tx_error"] + \
                 sum(v for k, v in t.items() if k.startswith("drop_"))
             errors = r.get("ring_errors", r.get("rx_errors", 0)) + \
                 t.get("ring_errors", t.get("tx_errors", 0))

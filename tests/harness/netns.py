@@ -89,6 +89,9 @@ class HostNet:
     def link_flags(self, dev: str, ns: str | None = None) -> str:
         return sh(["ip", "-o", "-d", "link", "show", dev], ns=ns, check=False).stdout
 
+    def link_index(self, dev: str, ns: str | None = None) -> int:
+        return int(self.link_flags(dev, ns).split(":", 1)[0])
+
     def exists(self, dev: str, ns: str | None = None) -> bool:
         return sh(["ip", "link", "show", dev], ns=ns, check=False).returncode == 0
 
