@@ -18,7 +18,7 @@ debs:
 
 deps: debs
 	$(PYTHON) -m pip install -q "Cython>=3.0" "setuptools>=65" wheel "pytest>=7.4" "hypothesis>=6.80" "ruff>=0.4" \
-		"prometheus_client>=0.17"
+		"prometheus_client>=0.17" "matplotlib>=3.6"
 
 build: deps
 	$(PYTHON) setup.py -q build_ext --inplace

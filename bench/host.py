@@ -73,6 +73,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ovs import SCHEMA, OvsDpdk  # noqa: E402
 
+from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
 
 OVS_VSWITCHD = "/usr/lib/openvswitch-switch/ovs-vswitchd"     # Debian's non-DPDK build
@@ -449,30 +450,16 @@ def median(values: list[float]) -> float:
 RATIO_MEASURES = ("TCP", "64B at B", "64B rcvd")     # what the switch decides
 
 
-def cell(value: float, unit: str) -> str:
-    if math.isnan(value):
-        return "n/a"
-    return f"{value:.2f}" if unit == "Gbit/s" else f"{value:.1f}"
-
-
-def report(results: dict[str, dict[str, list[float]]]) -> None:
+def report(results: dict[str, dict[str, list[float]]]) -> Table:
+    """The medians as the bench table, ratios on the measures the switch decides."""
     cols = [c for c in ORDER if c in results]
-    med = {c: {m: median(results[c][m]) for m, _ in MEASURES} for c in cols}
-    print("\n| measure (median) | unit | " + " | ".join(cols) + " |")
-    print("|---|---|" + "---|" * len(cols))
+    ratios = [(c, base) for base, which in ((OVS, (AFPACKET, AFXDP)), (OVS_XDP, (AFXDP,)))
+              for c in which if c in cols and base in cols]
+    table = Table("host", "two namespaces through a switch (medians)", cols, ratios)
     for m, unit in MEASURES:
-        print(f"| {m} | {unit} | " + " | ".join(cell(med[c][m], unit) for c in cols) + " |")
-    for base_col, label, which in ((OVS, "pyvhost vs OVS userspace", (AFPACKET, AFXDP)),
-                                   (OVS_XDP, "pyvhost afxdp vs OVS afxdp", (AFXDP,))):
-        if base_col not in med:
-            continue
-        for m in RATIO_MEASURES:
-            base = med[base_col][m]
-            if math.isnan(base) or not base:
-                continue
-            cells = [f"x{med[c][m] / base:.2f}" if c in which and not math.isnan(med[c][m])
-                     else "" for c in cols]
-            print(f"| {label}: {m} | ratio | " + " | ".join(cells) + " |")
+        table.add(m, unit, {c: median(results[c][m]) for c in cols},
+                  compare=m in RATIO_MEASURES)
+    return emit(table)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyvhost.cli.benchtable import Table, emit
 from tests.harness import processes
 from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
 
@@ -96,6 +97,19 @@ def run_dpdk(workdir: Path, size: int, flows: int, seconds, samples) -> float:
         host.close()
 
 
+PY, DPDK = "pyvhost switch", "DPDK testpmd io"
+
+
+def table(rows) -> Table:
+    """The run's rows (frame, flows, pyvhost Mpps, DPDK Mpps) as the bench table."""
+    t = Table("switch", "two-port loop, Mpps summed over both ports (median)", [PY, DPDK],
+              [(PY, DPDK)])
+    for size, flows, py, dp in rows:
+        label = f"flowgen, {flows} flows" if flows else "io loop, 1 flow per port"
+        t.add(f"{size} B {label}", "Mpps", {PY: py, DPDK: dp})
+    return t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="pyvhost bench switch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,12 +131,7 @@ def main() -> int:
                   f"{py / dp if dp else float('nan'):.2f}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print("\n| frame | traffic | pyvhost switch Mpps | DPDK testpmd io Mpps | pyvhost/DPDK |")
-    print("|---|---|---|---|---|")
-    for size, flows, py, dp in rows:
-        label = f"flowgen, {flows} flows" if flows else "io loop, 1 flow per port"
-        print(f"| {size} B | {label} | {py:.2f} | {dp:.2f} | "
-              f"{py / dp if dp else float('nan'):.2f} |")
+    emit(table(rows))
     return 0
 
 
