@@ -167,6 +167,14 @@ class Tmux:
         sock.unlink(missing_ok=True)            # kill-server leaves it behind
 
 
+def exit_status(path, tmux, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < deadline, tmux.screen()
+        time.sleep(0.1)
+    return path.read_text().strip()
+
+
 def rule_packets(screen: str) -> int | None:
     m = re.search(r"^br0\s+\S+\s+\S+\s+(\d+)\s+" + re.escape(RULE[:20]), screen, re.M)
     return int(m.group(1)) if m else None
@@ -187,13 +195,14 @@ def test_top_in_a_terminal_shows_moving_counters(workdir):
 def _top_in_tmux(workdir):
     run_dir = workdir / "run"
     sw = processes.switch(workdir, run_dir, config=CONFIG, name="switch1")
-    status = workdir / "status"
+    status, status2 = workdir / "status", workdir / "status2"
     traffic = tmux = None
     try:
         processes.ctl(run_dir, "add-flow", "br0", RULE)
         traffic = Traffic(run_dir)
-        tmux = Tmux(f"cd {processes.REPO} && {sys.executable} -m pyvhost.cli.main top "
-                    f"--run-dir {run_dir} --interval 0.5; echo $? > {status}; sleep 60")
+        top = f"{sys.executable} -m pyvhost.cli.main top --run-dir {run_dir} --interval 0.5"
+        tmux = Tmux(f"cd {processes.REPO} && {top}; echo $? > {status}; {top}; "
+                    f"echo $? > {status2}; sleep 60")
         first = tmux.wait(lambda s: (rule_packets(s) or 0) > 0 and
                           rx_rate(s) not in (None, "-", "0"), 30,
                           "no rate for port a and no packets for the rule")
@@ -209,11 +218,11 @@ def _top_in_tmux(workdir):
                   "did not recover when the switch came back")
         assert not status.exists()
         tmux.tmux(["send-keys", "-t", "top", "q"])
-        deadline = time.monotonic() + 15
-        while not status.exists() or not status.read_text().strip():
-            assert time.monotonic() < deadline, tmux.screen()
-            time.sleep(0.1)
-        assert status.read_text().strip() == "0"
+        assert exit_status(status, tmux) == "0"
+        # a second top in the same terminal: Ctrl-C ends it with 0 too
+        tmux.wait(lambda s: "br0/a" in s and "PMD" in s, 20, "the second top did not draw")
+        tmux.tmux(["send-keys", "-t", "top", "C-c"])
+        assert exit_status(status2, tmux) == "0"
     finally:
         if traffic is not None:
             traffic.stop()
