@@ -18,7 +18,7 @@ debs:
 
 deps: debs
 	$(PYTHON) -m pip install -q "Cython>=3.0" "setuptools>=65" wheel "pytest>=7.4" "hypothesis>=6.80" "ruff>=0.4" \
-		"prometheus_client>=0.17"
+		"prometheus_client>=0.17" "matplotlib>=3.6"
 
 build: deps
 	$(PYTHON) setup.py -q build_ext --inplace
@@ -52,12 +52,12 @@ demo: build
 	$(PYTHON) -m pyvhost.cli.main demo
 
 # OVS-DPDK (it brings openvswitch-switch, whose plain ovs-vswitchd bench host uses) is only
-# a benchmark peer (bench flows, host), so it is installed here, not by debs
+# a benchmark peer (bench flows, host, guest), so it is installed here, not by debs
 bench: build
 	dpkg -s openvswitch-switch-dpdk >/dev/null 2>&1 || (apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		openvswitch-switch-dpdk)
-	for b in backend frontend switch flows host; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
+	for b in backend frontend switch flows host guest; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info pyvhost/*.so pyvhost/_*.c

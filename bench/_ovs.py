@@ -51,7 +51,9 @@ class Hugepages:
 class OvsDpdk:
     """One OVS-DPDK switch with bridge ``br0`` and the given dpdkvhostuser ports."""
 
-    def __init__(self, workdir: Path, ports: list[str], pmd_cpu: int = 0, name: str = "ovs"):
+    def __init__(self, workdir: Path, ports: list[str], pmd_cpu: int = 0, name: str = "ovs",
+                 other_config: dict[str, str] | None = None):
+        self.other_config = dict(other_config or {})     # more Open_vSwitch other_config
         self.dir = Path(workdir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = ports
@@ -108,7 +110,8 @@ class OvsDpdk:
         self.vsctl("set", "Open_vSwitch", ".", "other_config:dpdk-init=true",
                    'other_config:dpdk-extra="--no-pci"', "other_config:dpdk-socket-mem=1024",
                    "other_config:dpdk-socket-limit=1024", f"other_config:pmd-cpu-mask={mask}",
-                   f"other_config:dpdk-lcore-mask={other}")
+                   f"other_config:dpdk-lcore-mask={other}",
+                   *(f"other_config:{k}={v}" for k, v in self.other_config.items()))
         # in a network namespace of its own: a netdev bridge makes taps (br0, ovs-netdev)
         # that must not appear on the host; they go with the namespace
         subprocess.run(["ip", "netns", "add", self.netns], check=True)

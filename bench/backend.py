@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyvhost.cli.benchtable import Table, emit
 from tests.harness import processes
 from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
 
@@ -93,6 +94,17 @@ def run_dpdk(workdir: Path, direction: str, size: int, seconds, samples, mrg, ri
         host.close()
 
 
+PY, DPDK = "pyvhost", "DPDK vhost"
+
+
+def table(rows) -> Table:
+    """The run's rows (ring, direction, frame, pyvhost Mpps, DPDK Mpps) as the bench table."""
+    t = Table("backend", "vhost-user back-ends, Mpps (median)", [PY, DPDK], [(PY, DPDK)])
+    for ring, direction, size, py, dp in rows:
+        t.add(f"{ring} {direction} {size} B", "Mpps", {PY: py, DPDK: dp})
+    return t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="pyvhost bench backend", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,11 +133,7 @@ def main() -> int:
                           flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print("\n| ring | direction | frame | pyvhost Mpps | DPDK vhost Mpps | pyvhost/DPDK |")
-    print("|---|---|---|---|---|---|")
-    for ring, direction, size, py, dp in rows:
-        ratio = py / dp if dp else float("nan")
-        print(f"| {ring} | {direction} | {size} B | {py:.2f} | {dp:.2f} | {ratio:.2f} |")
+    emit(table(rows))
     return 0
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ovs import Hugepages, OvsDpdk, available  # noqa: E402
 
+from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
 
 PORTS = ("p1", "p2", "p3")
@@ -227,14 +228,15 @@ def main() -> int:
         print(f"bench flows: OVS-DPDK cannot run: {why}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="pvf", dir="/tmp"))
-    rows: list[tuple[str, str, float, float, str]] = []
+    table = Table("flows", "the flow table at scale (medians of alternating rounds)",
+                  ["pyvhost", "OVS-DPDK 3.1"], [("pyvhost", "OVS-DPDK 3.1")], better_by=True)
 
     def row(what: str, unit: str, res: dict, better: str = "higher") -> None:
-        py, ovs = res["pyvhost"], res["OVS-DPDK"]
-        ratio = (py / ovs if better == "higher" else ovs / py) if py and ovs else float("nan")
-        rows.append((what, unit, py, ovs, f"{ratio:.2f}"))
-        print(f"{what:34} pyvhost {py:12.3f}  OVS-DPDK {ovs:12.3f} {unit:8} "
-              f"(pyvhost better by x{ratio:.2f})", flush=True)
+        r = table.add(what, unit, {"pyvhost": res["pyvhost"], "OVS-DPDK 3.1": res["OVS-DPDK"]},
+                      better)
+        ratio = table.ratio(r, table.ratios[0])
+        print(f"{what:34} pyvhost {res['pyvhost']:12.3f}  OVS-DPDK {res['OVS-DPDK']:12.3f} "
+              f"{unit:8} (pyvhost better by x{ratio or float('nan'):.2f})", flush=True)
 
     try:
         with Hugepages():
@@ -334,10 +336,7 @@ def main() -> int:
                     sw.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print("\n| measure | unit | pyvhost | OVS-DPDK 3.1 | pyvhost better by |")
-    print("|---|---|---|---|---|")
-    for what, unit, py, ovs, ratio in rows:
-        print(f"| {what} | {unit} | {py:.3f} | {ovs:.3f} | x{ratio} |")
+    emit(table)
     return 0
 
 

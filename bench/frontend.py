@@ -17,8 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyvhost.cli.benchtable import Table, emit
 from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
 
+PY, DPDK = "pyvhost gen --mode tx", "DPDK virtio-user txonly"
 SINK_MAIN_LCORE = 1       # the sink forwards on CPU 0
 SENDER_CPU = 1
 SENDER_MAIN_LCORE = 0     # DPDK's sender forwards on CPU 1
@@ -102,14 +104,11 @@ def main() -> int:
         dp = run_dpdk(workdir, args.size, args.seconds, args.samples, args.packed)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    ratio = py / dp if dp else float("nan")
     ring = "packed" if args.packed else "split"
-    print(f"{ring} rings, {args.size} B into DPDK vhost rxonly: pyvhost gen {py:.2f} Mpps, "
-          f"DPDK virtio-user txonly {dp:.2f} Mpps, ratio {ratio:.2f}")
-    print("\n| sender | frame | Mpps at the sink |\n|---|---|---|")
-    print(f"| pyvhost gen --mode tx | {args.size} B | {py:.2f} |")
-    print(f"| DPDK virtio-user txonly | {args.size} B | {dp:.2f} |")
-    print(f"| ratio pyvhost/DPDK | | {ratio:.2f} |")
+    t = Table("frontend", "front-ends sending into DPDK vhost rxonly, Mpps at the sink (median)",
+              [PY, DPDK], [(PY, DPDK)])
+    t.add(f"{ring} rings, {args.size} B", "Mpps", {PY: py, DPDK: dp})
+    emit(t)
     return 0
 
 

@@ -71,16 +71,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _iperf  # noqa: E402
 from _ovs import SCHEMA, OvsDpdk  # noqa: E402
 
+from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
 
 OVS_VSWITCHD = "/usr/lib/openvswitch-switch/ovs-vswitchd"     # Debian's non-DPDK build
 SWITCH_CPU, TOOL_CPU = 0, 1
-IPERF_PORT = 5201
 A_DEV, B_DEV = "pva", "pvb"           # in namespaces A and B
 SA_DEV, SB_DEV = "pvsa", "pvsb"       # their peers in the switch namespace
-UDP_LEN = 18                          # iperf3 UDP payload: 60-byte frames
 
 OVS, OVS_XDP = "OVS userspace", "OVS afxdp"
 AFPACKET, AFXDP, BRIDGE = "pyvhost afpacket", "pyvhost afxdp", "Linux bridge"
@@ -260,43 +260,13 @@ def ping(path: Path_, timeout: float = 20.0) -> bool:
     return False
 
 
-def rx_packets(ns: str, dev: str) -> int:
-    out = sh(["ip", "-s", "-j", "link", "show", dev], ns=ns).stdout
-    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
-
-
 def iperf3(path: Path_, seconds: float, *client_args: str) -> dict:
-    """One iperf3 test A -> B (server started for it, -1), both pinned to the tool CPU;
-    the client's JSON report."""
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", path.ns_b, "taskset", "-c", str(TOOL_CPU), "iperf3", "-s",
-         "-1", "-B", path.ip_b, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 10
-        while f":{IPERF_PORT}" not in sh(["ss", "-ltnH"], ns=path.ns_b).stdout:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("iperf3 server did not start")
-            time.sleep(0.05)
-        r = sh(["taskset", "-c", str(TOOL_CPU), "iperf3", "-c", path.ip_b, "-p",
-                str(IPERF_PORT), "-t", str(seconds), "-J", *client_args], ns=path.ns_a,
-               timeout=seconds + 40, check=False)
-        report = json.loads(r.stdout or "{}")
-        if r.returncode or "error" in report:
-            raise RuntimeError(f"iperf3 {' '.join(client_args)}: "
-                               f"{report.get('error') or r.stderr.strip()}")
-        server.wait(10)
-        return report
-    finally:
-        if server.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(5)
+    """One iperf3 test A -> B, both ends pinned to the tool CPU; the client's JSON report."""
+    return _iperf.run(path.ns_a, path.ns_b, path.ip_b, seconds, *client_args, cpu=TOOL_CPU)
 
 
 def measure_tcp(path: Path_, seconds: float) -> float:
-    report = iperf3(path, seconds)
-    return report["end"]["sum_received"]["bits_per_second"] / 1e9
+    return _iperf.tcp_gbps(iperf3(path, seconds))
 
 
 def measure_tcp_offload(path: Path_, seconds: float) -> float:
@@ -308,13 +278,11 @@ def measure_tcp_offload(path: Path_, seconds: float) -> float:
 
 
 def measure_udp(path: Path_, seconds: float) -> dict[str, float]:
-    before = rx_packets(path.ns_b, B_DEV)
-    report = iperf3(path, seconds, "-u", "-b", "0", "-l", str(UDP_LEN))
-    at_b = rx_packets(path.ns_b, B_DEV) - before
-    sent, got = report["end"]["sum_sent"], report["end"]["sum_received"]
-    return {"sent": sent["packets"] / sent["seconds"] / 1e3,
-            "at_b": at_b / sent["seconds"] / 1e3,
-            "rcvd": (got["packets"] - got["lost_packets"]) / got["seconds"] / 1e3}
+    before = _iperf.rx_packets(path.ns_b, B_DEV)
+    report = iperf3(path, seconds, *_iperf.udp_args())
+    at_b = _iperf.rx_packets(path.ns_b, B_DEV) - before
+    return {**_iperf.udp_kpps(report),
+            "at_b": at_b / report["end"]["sum_sent"]["seconds"] / 1e3}
 
 
 MEASURES = (("TCP", "Gbit/s"), ("TCP offload", "Gbit/s"), ("64B sent", "kpps"),
@@ -449,30 +417,16 @@ def median(values: list[float]) -> float:
 RATIO_MEASURES = ("TCP", "64B at B", "64B rcvd")     # what the switch decides
 
 
-def cell(value: float, unit: str) -> str:
-    if math.isnan(value):
-        return "n/a"
-    return f"{value:.2f}" if unit == "Gbit/s" else f"{value:.1f}"
-
-
-def report(results: dict[str, dict[str, list[float]]]) -> None:
+def report(results: dict[str, dict[str, list[float]]]) -> Table:
+    """The medians as the bench table, ratios on the measures the switch decides."""
     cols = [c for c in ORDER if c in results]
-    med = {c: {m: median(results[c][m]) for m, _ in MEASURES} for c in cols}
-    print("\n| measure (median) | unit | " + " | ".join(cols) + " |")
-    print("|---|---|" + "---|" * len(cols))
+    ratios = [(c, base) for base, which in ((OVS, (AFPACKET, AFXDP)), (OVS_XDP, (AFXDP,)))
+              for c in which if c in cols and base in cols]
+    table = Table("host", "two namespaces through a switch (medians)", cols, ratios)
     for m, unit in MEASURES:
-        print(f"| {m} | {unit} | " + " | ".join(cell(med[c][m], unit) for c in cols) + " |")
-    for base_col, label, which in ((OVS, "pyvhost vs OVS userspace", (AFPACKET, AFXDP)),
-                                   (OVS_XDP, "pyvhost afxdp vs OVS afxdp", (AFXDP,))):
-        if base_col not in med:
-            continue
-        for m in RATIO_MEASURES:
-            base = med[base_col][m]
-            if math.isnan(base) or not base:
-                continue
-            cells = [f"x{med[c][m] / base:.2f}" if c in which and not math.isnan(med[c][m])
-                     else "" for c in cols]
-            print(f"| {label}: {m} | ratio | " + " | ".join(cells) + " |")
+        table.add(m, unit, {c: median(results[c][m]) for c in cols},
+                  compare=m in RATIO_MEASURES)
+    return emit(table)
 
 
 if __name__ == "__main__":

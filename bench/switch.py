@@ -7,6 +7,10 @@ mode (primed with `start tx_first 4`) through
 at 64 and 1500 bytes. Then the same with 10,000 distinct flows: the virtio-user testpmd
 runs `flowgen` (--flowgen-flows=10000) on both ports, so every frame has one of 10,000
 keys (cache-miss heavy). Rates are the virtio-user side's RX pps summed over both ports.
+The cost of metrics (issue 14): pyvhost's 64-byte io loop again, started with
+`--metrics 127.0.0.1:PORT`, measured without and then with a scraper fetching /metrics
+every --scrape-interval seconds (same switch, same guests, back to back): two rows (compare
+them with each other: other rows come from other switch processes), a note with the share.
 Prints Mpps and the ratio pyvhost/DPDK. Not a test: no thresholds.
 """
 
@@ -14,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 import statistics
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
+from pyvhost.cli.benchtable import Table, emit
 from tests.harness import processes
 from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
 
@@ -76,6 +84,64 @@ def run_pyvhost(workdir: Path, size: int, flows: int, seconds, samples) -> float
         sw.stop()
 
 
+class Scraper:
+    """Fetches http://127.0.0.1:PORT/metrics every ``interval`` seconds on a thread."""
+
+    def __init__(self, port: int, interval: float):
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.interval = interval
+        self.done = threading.Event()
+        self.times: list[float] = []
+        self.errors = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(self.interval):
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    r.read()
+                self.times.append(time.monotonic() - t0)
+            except OSError:
+                self.errors += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pyvhost_scraped(workdir: Path, seconds, samples, interval: float):
+    """(Mpps unscraped, Mpps scraped, the Scraper) of pyvhost's 64-byte io loop with
+    --metrics on, measured back to back in one switch."""
+    run_dir = workdir / "run-metrics"
+    port = free_port()
+    sw = processes.switch(workdir, run_dir, config=CONFIG, name="switch-metrics",
+                          extra=["--metrics", f"127.0.0.1:{port}"])
+    try:
+        tp = guest_side(workdir, [run_dir / "p1.sock", run_dir / "p2.sock"], 64, 0,
+                        "guest-pyvhost-metrics")
+        try:
+            start_guest(tp, 0)
+            quiet = measure(tp, seconds, samples)
+            scraper = Scraper(port, interval)
+            try:
+                scraped = measure(tp, seconds, samples)
+            finally:
+                scraper.stop()
+            return quiet, scraped, scraper
+        finally:
+            tp.close()
+    finally:
+        sw.stop()
+
+
 def run_dpdk(workdir: Path, size: int, flows: int, seconds, samples) -> float:
     socks = [workdir / f"dpdk{i}.sock" for i in range(2)]
     host = Testpmd([vhost_vdev(s, index=i) for i, s in enumerate(socks)], workdir=workdir,
@@ -96,17 +162,36 @@ def run_dpdk(workdir: Path, size: int, flows: int, seconds, samples) -> float:
         host.close()
 
 
+PY, DPDK = "pyvhost switch", "DPDK testpmd io"
+
+
+def table(rows) -> Table:
+    """The run's rows (frame, flows or a label, pyvhost Mpps, DPDK Mpps) as the bench
+    table."""
+    t = Table("switch", "two-port loop, Mpps summed over both ports (median)", [PY, DPDK],
+              [(PY, DPDK)])
+    for size, flows, py, dp in rows:
+        label = flows if isinstance(flows, str) else \
+            f"flowgen, {flows} flows" if flows else "io loop, 1 flow per port"
+        t.add(f"{size} B {label}", "Mpps", {PY: py, DPDK: dp})
+    return t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="pyvhost bench switch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64,1500")
-    ap.add_argument("--flows", type=int, default=10000)
+    ap.add_argument("--flows", type=int, default=10000, help="0: no flowgen case")
+    ap.add_argument("--scrape-interval", type=float, default=0.1,
+                    help="seconds between /metrics fetches in the metrics row (0: no row)")
     ap.add_argument("--seconds", type=float, default=2.0, help="per sample")
     ap.add_argument("--samples", type=int, default=3)
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pvs", dir="/tmp"))
-    cases = [(int(s), 0) for s in args.sizes.split(",")] + [(64, args.flows)]
+    cases = [(int(s), 0) for s in args.sizes.split(",")] + \
+        ([(64, args.flows)] if args.flows else [])
     rows = []
+    notes = []
     try:
         for size, flows in cases:
             py = run_pyvhost(workdir, size, flows, args.seconds, args.samples)
@@ -115,14 +200,25 @@ def main() -> int:
             label = f"{flows} flows" if flows else "io loop"
             print(f"{size:5} B {label:12} pyvhost {py:6.2f} Mpps  DPDK {dp:6.2f} Mpps  ratio "
                   f"{py / dp if dp else float('nan'):.2f}", flush=True)
+        if args.scrape_interval > 0:
+            quiet, scraped, scraper = run_pyvhost_scraped(workdir, args.seconds, args.samples,
+                                                          args.scrape_interval)
+            dp = next((d for size, flows, _, d in rows if size == 64 and flows == 0), None)
+            rows.append((64, "io loop, --metrics on, not scraped", quiet, dp))
+            rows.append((64, f"io loop, /metrics every {args.scrape_interval:g} s", scraped,
+                         dp))
+            each = statistics.median(scraper.times) * 1e3 if scraper.times else float("nan")
+            notes.append(f"metrics scraping: the 64 B io loop kept {scraped / quiet:.3f} of "
+                         f"its rate without scraping in the same switch ({quiet:.2f} -> "
+                         f"{scraped:.2f} Mpps; {len(scraper.times)} scrapes, {each:.1f} ms "
+                         f"each, {scraper.errors} failed)" if quiet else
+                         "metrics scraping: no rate without scraping")
+            print(notes[-1], flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print("\n| frame | traffic | pyvhost switch Mpps | DPDK testpmd io Mpps | pyvhost/DPDK |")
-    print("|---|---|---|---|---|")
-    for size, flows, py, dp in rows:
-        label = f"flowgen, {flows} flows" if flows else "io loop, 1 flow per port"
-        print(f"| {size} B | {label} | {py:.2f} | {dp:.2f} | "
-              f"{py / dp if dp else float('nan'):.2f} |")
+    t = table(rows)
+    t.notes += notes
+    emit(t)
     return 0
 
 

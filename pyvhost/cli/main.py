@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-SUBCOMMANDS = ["reflector", "switch", "ctl", "gen", "bench", "demo", "guest"]
+SUBCOMMANDS = ["reflector", "switch", "ctl", "gen", "bench", "demo", "guest", "top"]
 
 
 def _chosen(argv: list[str]) -> list[str]:

@@ -186,6 +186,20 @@ async def dump_flows(sw, args):
     return sw.dump_flows(args[0], selector, stats="--no-stats" not in flags)
 
 
+TOP_FLOWS_MAX = 64               # the classifier's one-pass top keeps at most this many
+
+
+async def top_flows(sw, args):
+    args, flags = _flags(args, ("--json",))
+    _need(args, 1, 2, f"top-flows [--json] BRIDGE [N (1..{TOP_FLOWS_MAX}, default 10)]")
+    n = _int(args[1], "N", 1, TOP_FLOWS_MAX) if len(args) == 2 else 10
+    rows = sw.top_flows_data(args[0], n)
+    if "--json" in flags:
+        return json.dumps(rows)
+    return "\n".join(f" n_packets={r['n_packets']}, n_bytes={r['n_bytes']}, {r['flow']}"
+                     for r in rows)
+
+
 async def trace(sw, args):
     args, flags = _flags(args, ("--json",))
     _need(args, 2, 2, 'trace [--json] BRIDGE "in_port=P,dl_src=..,dl_dst=..,ip,..."')
@@ -328,7 +342,7 @@ async def list_mirrors(sw, args):
 COMMANDS = {
     "add-br": add_br, "del-br": del_br, "add-port": add_port, "del-port": del_port,
     "show": show, "add-flow": add_flow, "add-flows": add_flows, "replace-flows": replace_flows,
-    "del-flows": del_flows, "dump-flows": dump_flows, "trace": trace,
+    "del-flows": del_flows, "dump-flows": dump_flows, "top-flows": top_flows, "trace": trace,
     "set-bridge": set_bridge, "set-port": set_port,
     "set-policing": set_policing, "set-qos": set_qos, "dump-ports": dump_ports,
     "fdb-show": fdb_show, "pmd-rxq-show": pmd_rxq_show, "pmd-stats-show": pmd_stats_show,

@@ -116,16 +116,14 @@ class SwitchCollector:
     def _rules(self, counter):
         fam = counter("pyvhost_rule_packets", f"Packets of the {TOP_RULES} busiest rules of "
                       "each bridge", labels=["bridge", "rule"])
-        for bridge in list(self.switch.bridges.values()):
-            for rid in bridge.cls.top(TOP_RULES):
-                rule = bridge.rules.get(rid)
-                if rule is None:
-                    continue
-                try:
-                    packets = bridge.cls.stats(rid)[0]
-                except KeyError:                       # removed since
-                    continue
-                fam.add_metric([bridge.name, rule.text], packets)
+        for name in list(self.switch.bridges):
+            try:
+                rows = self.switch.top_flows_data(name, TOP_RULES)
+            except Exception as e:                     # the bridge went away mid-scrape
+                log.debug("metrics: bridge %s skipped: %s", name, e)
+                continue
+            for r in rows:
+                fam.add_metric([name, r["flow"]], r["n_packets"])
         return fam
 
 

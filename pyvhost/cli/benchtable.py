@@ -1,0 +1,148 @@
+"""A benchmark's result as data: a ``Table`` of rows (a measure, its unit, one median per
+system: pyvhost and its peers) with the ratios it reports, printed as a Markdown table,
+saved and loaded as JSON, handed to ``pyvhost bench --plot`` (benchplot draws it). The
+benchmarks of bench/ build one and ``emit`` it; ``emitted()`` is what the last run emitted.
+No measuring and no drawing here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+class TableError(ValueError):
+    """A table (or its JSON) that does not hold together."""
+
+
+@dataclass
+class Row:
+    label: str                               # "64 B io loop"
+    unit: str                                # "Mpps"
+    values: dict[str, float | None]          # system -> median (None: not measured)
+    better: str = "higher"                   # or "lower"
+    compare: bool = True                     # False: no ratio for this row
+
+
+@dataclass
+class Table:
+    bench: str                               # "switch"
+    title: str
+    columns: list[str]                       # the systems, pyvhost first
+    ratios: list[tuple[str, str]]            # (numerator, denominator) column pairs
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    better_by: bool = False                  # ratios say "a better by" (b/a where lower wins)
+
+    def add(self, label: str, unit: str, values: dict[str, float | None],
+            better: str = "higher", compare: bool = True) -> Row:
+        unknown = set(values) - set(self.columns)
+        if unknown:
+            raise TableError(f"{self.bench}: row {label!r} has values for unknown columns "
+                             f"{sorted(unknown)}")
+        if better not in ("higher", "lower"):
+            raise TableError(f"{self.bench}: row {label!r}: better must be higher or lower")
+        row = Row(label, unit, {c: _number(values.get(c)) for c in self.columns}, better,
+                  bool(compare))
+        self.rows.append(row)
+        return row
+
+    def ratio(self, row: Row, pair: tuple[str, str]) -> float | None:
+        """numerator / denominator of one row (None if either is missing or zero, or the
+        row is not compared); with ``better_by``, how many times the numerator is better."""
+        a, b = (row.values.get(c) for c in pair)
+        if self.better_by and row.better == "lower":
+            a, b = b, a
+        if not row.compare or a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def ratio_name(self, pair: tuple[str, str]) -> str:
+        return f"{pair[0]} better by" if self.better_by else f"{pair[0]}/{pair[1]}"
+
+    def markdown(self) -> str:
+        head = ["measure", "unit", *self.columns, *(self.ratio_name(p) for p in self.ratios)]
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in self.rows:
+            cells = [row.label, row.unit + (" (lower is better)" if row.better == "lower"
+                                            else "")]
+            cells += [_cell(row.values[c]) for c in self.columns]
+            cells += [_ratio(self.ratio(row, pair)) for pair in self.ratios]
+            out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Table:
+        try:
+            table = cls(str(data["bench"]), str(data["title"]), [str(c) for c in
+                                                               data["columns"]],
+                        [(str(a), str(b)) for a, b in data["ratios"]],
+                        notes=[str(n) for n in data.get("notes", [])],
+                        better_by=bool(data.get("better_by", False)))
+            for r in data["rows"]:
+                table.add(str(r["label"]), str(r["unit"]), dict(r["values"]),
+                          r.get("better", "higher"), r.get("compare", True))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TableError(f"not a bench table: {type(e).__name__}: {e}") from None
+        for a, b in table.ratios:
+            if a not in table.columns or b not in table.columns:
+                raise TableError(f"ratio {a}/{b}: not columns of the table")
+        return table
+
+
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TableError(f"{value!r} is not a number")
+    return None if math.isnan(value) else float(value)
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{3 if abs(value) < 10 else 2 if abs(value) < 1000 else 1}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"x{value:.2f}"
+
+
+_EMITTED: list[Table] = []
+
+
+def emit(table: Table) -> Table:
+    """A benchmark's result: printed as Markdown, kept for ``pyvhost bench --plot/--rows``."""
+    print(f"\n{table.title}\n")
+    print(table.markdown(), flush=True)
+    for note in table.notes:
+        print(f"note: {note}")
+    _EMITTED.append(table)
+    return table
+
+
+def emitted() -> list[Table]:
+    """The tables emitted since the last call (and forgets them)."""
+    out = list(_EMITTED)
+    _EMITTED.clear()
+    return out
+
+
+def save(tables: list[Table], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([t.to_json() for t in tables], indent=1) + "\n")
+
+
+def load(path: str | Path) -> list[Table]:
+    """The tables of a file ``save`` wrote (TableError if it is not one)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TableError(f"{path}: {e}") from None
+    if not isinstance(data, list) or not data or not all(isinstance(t, dict) for t in data):
+        raise TableError(f"{path}: not a list of bench tables")
+    return [Table.from_json(t) for t in data]
