@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DEB_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static cpio dpdk-dev \
 	librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23 \
-	iproute2 iputils-ping ethtool iperf3 tcpdump libcap2-bin libxdp-dev libbpf-dev prometheus \
+	iproute2 iputils-ping ethtool iperf3 tcpdump tshark libcap2-bin libxdp-dev libbpf-dev prometheus \
 	openvswitch-common
 
 .PHONY: all deps debs build test test-fast lint demo bench clean fuzz asan-test

@@ -10,7 +10,8 @@ import logging
 import os
 import sys
 
-SUBCOMMANDS = ["reflector", "switch", "ctl", "gen", "bench", "demo", "guest", "top"]
+SUBCOMMANDS = ["reflector", "switch", "ctl", "gen", "bench", "demo", "guest", "top",
+               "capture"]
 
 
 def _chosen(argv: list[str]) -> list[str]:
@@ -36,7 +37,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "own_parser", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.words = extra         # a subcommand with its own parser (capture) parses these
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if os.environ.get("PYVHOST_LOG"):
         level = os.environ["PYVHOST_LOG"].upper()

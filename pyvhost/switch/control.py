@@ -99,7 +99,13 @@ class ControlServer:
                 log.warning("control: request over %d bytes refused", MAX_REQUEST)
                 reply = {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"}
             else:
-                reply = await self._answer(line)
+                argv = self._argv(line)
+                if isinstance(argv, list) and argv[:1] == ["capture"]:
+                    # a stream, not one answer: the capture ends with the connection
+                    await self.switch.captures.serve(argv[1:], reader, writer, self._lock)
+                    await writer.drain()
+                    return
+                reply = await self._answer(argv)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError, ValueError) as e:
@@ -107,7 +113,9 @@ class ControlServer:
         finally:
             writer.close()
 
-    async def _answer(self, line: bytes) -> dict:
+    @staticmethod
+    def _argv(line: bytes) -> list[str] | dict:
+        """The request's argv, or the error answer for a malformed one."""
         try:
             req = json.loads(line)
             argv = req["argv"]
@@ -116,6 +124,11 @@ class ControlServer:
         except (ValueError, KeyError, TypeError) as e:
             log.warning("control: malformed request: %s", e)
             return {"ok": False, "error": f"malformed request: {e}"}
+        return argv
+
+    async def _answer(self, argv: list[str] | dict) -> dict:
+        if isinstance(argv, dict):
+            return argv                              # the error of a malformed request
         async with self._lock:
             try:
                 return {"ok": True, "output": await run_command(self.switch, argv)}

@@ -21,6 +21,7 @@ from pyvhost._flow import KEY_FIELDS, key_dict
 from pyvhost._switch import Datapath, limits
 
 from .bridge import DEFAULT_MAC_AGING, DEFAULT_MAC_TABLE_SIZE, Bridge, Rule
+from .capture import Captures
 from .commands import CommandError
 from .flows import Flow, FlowSyntaxError, Selector, parse_flow, split_canonical
 from .mirrors import Mirror, Mirrors
@@ -90,6 +91,7 @@ class Switch:
         self.ports: dict[str, Port] = {}
         self._by_id: dict[int, Port] = {}
         self.mirrors = Mirrors(self.datapath, self.store)
+        self.captures = Captures(self)
         settings = self.store.settings()
         self.pmd_settings = {"threads": settings.get("threads", 1),
                              "assign": settings.get("assign", "roundrobin"),
@@ -175,6 +177,7 @@ class Switch:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
+        self.captures.end_all("the switch is stopping")
         self.pmds.stop()
         for port in list(self.ports.values()):
             await port.close()
@@ -293,6 +296,7 @@ class Switch:
     async def del_bridge(self, name: str) -> None:
         bridge = self._bridge(name)
         self.store.del_bridge(name)                 # first: it is the step that can fail
+        self.captures.end_bridge(name)
         for port in list(bridge.ports):
             await self.del_port(port, persist=False)
         del self.bridges[name]
@@ -300,6 +304,15 @@ class Switch:
         self.datapath.remove_bridge(bridge.bridge_id)      # waits out the PMDs
         for key in [k for k in self.failed if k.endswith(f" of bridge {name}")]:
             del self.failed[key]
+
+    def new_port_id(self) -> int:
+        """A datapath port id no port, capture or stuck port holds."""
+        used = set(self._by_id) | {p.port_id for p in self._stuck_ports} | \
+            self.captures.port_ids()
+        port_id = next((i for i in range(LIMITS["ports"]) if i not in used), None)
+        if port_id is None:
+            raise CommandError(f"at most {LIMITS['ports']} ports (captures included)")
+        return port_id
 
     # -- mirrors ----------------------------------------------------------------------------
     def add_mirror(self, bridge_name: str, name: str, args: list[str]) -> None:
@@ -377,10 +390,7 @@ class Switch:
         if not isinstance(queues, int) or not 1 <= queues <= LIMITS["queues"]:
             raise CommandError(f"queues: {queues!r} out of range 1..{LIMITS['queues']}")
         of = self._ofport(bridge, ofport)
-        used = set(self._by_id) | {p.port_id for p in self._stuck_ports}   # never reused
-        port_id = next((i for i in range(LIMITS["ports"]) if i not in used), None)
-        if port_id is None:
-            raise CommandError(f"at most {LIMITS['ports']} ports")
+        port_id = self.new_port_id()
         capacity = len(self.pmds.pmds) * LIMITS["rxqs_per_pmd"]
         if sum(p.active for p in self.ports.values()) + 1 > capacity:
             raise CommandError(f"the PMD threads poll at most {capacity} RX queues "
