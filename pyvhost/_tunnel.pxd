@@ -34,6 +34,7 @@ cdef struct tun_dev_stats_t:
     # one port's own counters; TunnelDev.stats() returns them as a dict
     uint64_t rx_geneve_options  # frames with (non-critical) Geneve options: ignored
     uint64_t rx_via_inbox       # frames another port's poll received for this one
+    uint64_t rx_csum_partial    # inner checksums left to an offload by the sender: marked
     uint64_t tx_datagrams       # datagrams handed to the kernel
     uint64_t tx_segmented       # TSO super-frames cut into segments before encapsulation
     uint64_t tx_csum            # inner checksums completed before encapsulation

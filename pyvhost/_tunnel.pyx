@@ -138,6 +138,68 @@ cdef int tun_decap(uint8_t kind, const uint8_t *b, uint32_t n, uint32_t *vni,
     return hlen
 
 
+cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef bint mark_partial(pkt_t *p) noexcept nogil:
+    """An inner TCP/UDP checksum field that holds only the pseudo-header sum (a sender
+    whose kernel left the checksum to an offload: CHECKSUM_PARTIAL over veth arrives at
+    a UDP socket like that) gets a NEEDS_CSUM virtio-net header, so whoever takes the
+    frame completes it. Safe for a complete checksum that happens to equal that sum:
+    completing it gives the same value. True if marked."""
+    cdef const uint8_t *d = p.data
+    cdef uint32_t l3, l4, l4len, sum_ = 0, i, nwords, field_at
+    cdef uint8_t proto
+    if p.len < 14 + 20:
+        return False
+    l3 = 14
+    if rd16(d + 12) == 0x0800:
+        if d[l3] >> 4 != 4 or (rd16(d + l3 + 6) & 0x3FFF) != 0:    # a fragment: no
+            return False
+        l4 = l3 + (d[l3] & 0x0F) * 4
+        if l4 < l3 + 20 or rd16(d + l3 + 2) < l4 - l3:
+            return False
+        l4len = rd16(d + l3 + 2) - (l4 - l3)
+        proto = d[l3 + 9]
+        i = l3 + 12
+        nwords = 4
+    elif rd16(d + 12) == 0x86DD:
+        if p.len < 14 + 40 or d[l3] >> 4 != 6:
+            return False
+        l4 = l3 + 40
+        l4len = rd16(d + l3 + 4)
+        proto = d[l3 + 6]
+        i = l3 + 8
+        nwords = 16
+    else:
+        return False
+    if proto == 6:
+        field_at = l4 + 16
+    elif proto == 17:
+        field_at = l4 + 6
+    else:
+        return False
+    if field_at + 2 > p.len or l4 + l4len > p.len or l4len < field_at + 2 - l4:
+        return False
+    while nwords:
+        sum_ += rd16(d + i)
+        i += 2
+        nwords -= 1
+    sum_ += proto + l4len
+    while sum_ >> 16:
+        sum_ = (sum_ & 0xFFFF) + (sum_ >> 16)
+    if rd16(d + field_at) != sum_:
+        return False
+    p.len = l4 + l4len                       # Ethernet padding is not summed
+    p.vnet_hdr[0] = 1                        # VIRTIO_NET_HDR_F_NEEDS_CSUM
+    p.vnet_hdr[6] = l4 & 0xFF
+    p.vnet_hdr[7] = l4 >> 8
+    p.vnet_hdr[8] = field_at - l4
+    p.vnet_hdr[9] = 0
+    return True
+
+
 cdef tun_dev_t *find_port(tun_sock_t *s, uint32_t remote, uint32_t vni,
                           int *reason) noexcept nogil:
     cdef uint32_t i
@@ -194,6 +256,8 @@ cdef uint32_t tun_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
         d.inbox_head = (d.inbox_head + 1) % INBOX_SLOTS
         d.inbox_count -= 1
         d.st.rx_via_inbox += 1
+        if mark_partial(p):
+            d.st.rx_csum_partial += 1
         pkts[n] = p
         n += 1
     if d.inbox_count == 0:
@@ -242,6 +306,8 @@ cdef uint32_t tun_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
             p.data += hl
             p.len = msgs[i].msg_len - hl
             p.cap -= hl
+            if mark_partial(p):
+                d.st.rx_csum_partial += 1
             pkts[n] = p
             n += 1
         else:
@@ -529,6 +595,25 @@ cdef class TunnelDev(PortDev):
     def stats(self):
         cdef tun_dev_stats_t snapshot = self.d.st
         return snapshot
+
+
+def partial_checksum(bytes frame):
+    """The virtio-net header the receive path gives ``frame`` (tests, tools): 12 zero
+    bytes, or NEEDS_CSUM with its start and offset when the L4 checksum field holds only
+    the pseudo-header sum."""
+    pool_obj = PacketPool(1, 65600)
+    cdef pktpool_t *pool = (<PacketPool>pool_obj).pool
+    cdef pkt_t *p = pool_get(pool)
+    cdef uint32_t n = len(frame)
+    if n > p.cap:
+        pool_put(pool, p)
+        raise ValueError("frame larger than a packet buffer")
+    memcpy(p.data, <const char *>frame, n)
+    p.len = n
+    mark_partial(p)
+    out = (<char *>p.vnet_hdr)[:12]
+    pool_put(pool, p)
+    return out
 
 
 def decap(str kind, bytes datagram):

@@ -24,9 +24,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from pyvhost._offload import complete_checksum
 from pyvhost._switch import Datapath
 from pyvhost._tap import TapDev
-from pyvhost._tunnel import DROP_NAMES, TunnelDev, TunSocket, decap
+from pyvhost._tunnel import DROP_NAMES, TunnelDev, TunSocket, decap, partial_checksum
 from pyvhost.packets import inet_checksum
 from pyvhost.switch.bridge import Bridge
 from pyvhost.switch.flows import parse_flow
@@ -291,6 +292,27 @@ def test_frames_cross_both_ways_with_headers_and_complete_checksums(rig):
     assert rig.at_tap() == NO_HDR + back
     assert rig.sock.stats()["datagrams"] == 1
     assert sum(rig.sock.stats()[k] for k in DROP_NAMES) == 0
+
+
+def test_inner_checksums_left_to_an_offload_are_marked_for_completion(rig):
+    """A sender whose kernel left the inner checksum to an offload (CHECKSUM_PARTIAL over
+    veth: the field holds only the pseudo-header sum) has its frames arrive with
+    NEEDS_CSUM, which completes them; complete checksums arrive untouched."""
+    hdr, partial = udp_frame(MAC2, MAC1, csum_partial=True)
+    assert partial_checksum(partial) == hdr and not l4_ok(partial)
+    _, tcp = tcp_super_frame(1400, b"y" * 100)
+    tcp_hdr = partial_checksum(tcp)
+    assert tcp_hdr[0] == 1 and tcp_hdr[6:10] == bytes([34, 0, 16, 0])
+    assert l4_ok(complete_checksum(tcp, tcp_hdr))
+    rig.from_peer(rig.header(42) + partial)
+    got = rig.at_tap()
+    assert got == hdr + partial, got
+    assert l4_ok(complete_checksum(got[12:], got[:12]))
+    _, whole = udp_frame(MAC2, MAC1)
+    assert partial_checksum(whole) == NO_HDR
+    rig.from_peer(rig.header(42) + whole)
+    assert rig.at_tap() == NO_HDR + whole
+    assert rig.devs[0].stats()["rx_csum_partial"] == 1
 
 
 def test_tso_super_frames_leave_as_segments_and_big_frames_are_dropped(rig):
