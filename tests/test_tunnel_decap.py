@@ -292,6 +292,16 @@ def test_frames_cross_both_ways_with_headers_and_complete_checksums(rig):
     assert rig.at_tap() == NO_HDR + back
     assert rig.sock.stats()["datagrams"] == 1
     assert sum(rig.sock.stats()[k] for k in DROP_NAMES) == 0
+    sleeps = rig.pmd.stats()["sleeps"]
+    time.sleep(0.3)
+    cpu0 = os.times()
+    time.sleep(1.0)
+    cpu = os.times()
+    used = (cpu.user - cpu0.user) + (cpu.system - cpu0.system)
+    assert used < 0.5, f"{used:.2f} s of CPU in 1 s idle"   # it sleeps, not spins
+    assert rig.pmd.stats()["sleeps"] > sleeps
+    rig.from_peer(rig.header(42) + back)                # and wakes for a datagram
+    assert rig.at_tap() == NO_HDR + back
 
 
 def test_inner_checksums_left_to_an_offload_are_marked_for_completion(rig):
