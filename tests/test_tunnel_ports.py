@@ -26,7 +26,7 @@ from pyvhost.frontend.guest import Guest
 from pyvhost.switch import Switch
 from pyvhost.switch.commands import CommandError, run_command
 from pyvhost.switch.netdev import get_mtu
-from tests.harness import processes
+from tests.harness import ovs_netdev, processes
 from tests.harness.limits import time_limit
 from tests.harness.netns import available, sh
 from tests.test_host_ports import transfer
@@ -287,3 +287,32 @@ for i in range(600):
         d = bytes(d)
     s.sendto(d, (sys.argv[1], 4789))
 """
+
+
+@needs_root
+@pytest.mark.slow
+@pytest.mark.skipif(ovs_netdev.available() is not None, reason=str(ovs_netdev.available()))
+def test_guest_reaches_ovs_userspace_over_geneve(workdir, net):
+    """Open vSwitch's userspace datapath as the Geneve peer (header 00 00 6558 VNI 00, UDP
+    checksum 0, DF set): the guest pings an address on OVS's br-int across the tunnel."""
+    u1, u2, ip1, ip2 = underlay(net)
+    ovs = ovs_netdev.OvsTunnelPeer(workdir, u2)
+    gip, oip = overlay_ip(net, 1), overlay_ip(net, 2)
+    sw = ns_switch(workdir, u1, "sw1")
+    with stopping(sw):
+        ovs.start(net.name("tva"), ip2, "geneve", ip1, 42, oip)
+        try:
+            ctl(sw, "add-br", "br0")
+            ctl(sw, "add-port", "br0", "vm", "type=vhostuser", "queues=1")
+            # OVS's userspace drops datagrams whose outer UDP checksum the kernel left to
+            # the veth's offload: send none, as OVS itself does (PEERS.md)
+            ctl(sw, "add-port", "br0", "gnv", "type=geneve", f"remote_ip={ip2}", "key=42",
+                "csum=false")
+            with guest_on(net, sw, "vm", gip) as g:
+                assert net.ping(g.netns, oip, timeout=30), \
+                    ctl(sw, "dump-ports", "br0") + ovs.log_tail()
+            t = json.loads(ctl(sw, "dump-ports", "--json", "br0"))["gnv"]
+            assert t["datapath"]["rx_packets"] >= 3
+            assert sum(v for k, v in t["rx_rings"].items() if k.startswith("drop_")) == 0, t
+        finally:
+            ovs.stop()
