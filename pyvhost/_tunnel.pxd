@@ -41,12 +41,15 @@ cdef struct tun_dev_stats_t:
     uint64_t tx_drop_mtu        # frames too large for the underlay MTU
     uint64_t tx_errors          # datagrams the kernel refused (no route, ...)
     uint64_t tx_busy            # datagrams not sent: the socket's buffer was full
+    uint64_t tx_no_remote       # flow-based: a frame without tun_dst (set_field) to go to
 
 cdef struct tun_dev_t:
     void *sock                 # the tun_sock_t it receives on
     uint8_t kind
     uint32_t remote            # network order
     uint32_t vni
+    uint8_t flow_remote        # remote_ip=flow: any sender; sends to each frame's tun_dst
+    uint8_t flow_key           # key=flow: any VNI; sends each frame's tun_id
     uint32_t max_frame         # the largest inner frame the underlay MTU takes
     uint8_t hdr[TUN_HDR]       # the tunnel header it sends (the VNI in it)
     uint8_t dst[16]            # struct sockaddr_in: remote, UDP port
@@ -57,6 +60,8 @@ cdef struct tun_dev_t:
     int wait_fd                # epoll over the receiving socket and wake_fd
     uint8_t *inbox
     uint32_t inbox_len[INBOX_SLOTS]
+    uint32_t inbox_vni[INBOX_SLOTS]       # the tunnel metadata of each waiting frame
+    uint32_t inbox_src[INBOX_SLOTS]
     uint32_t inbox_head
     uint32_t inbox_count
     tun_dev_stats_t st
@@ -65,6 +70,7 @@ cdef struct tun_sock_t:
     int lock                   # receiving, the inboxes, the port list
     int fd
     uint8_t kind
+    uint32_t local             # the address it is bound to (network order; 0: any)
     uint32_t nports
     tun_dev_t *ports[TUN_MAX_PORTS]
     uint64_t datagrams

@@ -202,20 +202,29 @@ cdef bint mark_partial(pkt_t *p) noexcept nogil:
 
 cdef tun_dev_t *find_port(tun_sock_t *s, uint32_t remote, uint32_t vni,
                           int *reason) noexcept nogil:
+    """The port for a datagram from ``remote`` with ``vni``: the most specific one (fixed
+    remote and key, then fixed remote with key=flow, then remote_ip=flow with its key,
+    then both flow)."""
     cdef uint32_t i
+    cdef int score, best_score = -1
     cdef tun_dev_t *d
+    cdef tun_dev_t *best = NULL
     reason[0] = DROP_UNKNOWN_REMOTE
     for i in range(s.nports):
         d = s.ports[i]
-        if d.remote == remote:
-            if d.vni == vni:
-                return d
+        if not d.flow_remote and d.remote != remote:
+            continue
+        if not d.flow_key and d.vni != vni:
             reason[0] = DROP_UNKNOWN_VNI
-    return NULL
+            continue
+        score = (0 if d.flow_remote else 2) + (0 if d.flow_key else 1)
+        if score > best_score:
+            best, best_score = d, score
+    return best
 
 
 cdef void inbox_put(tun_sock_t *s, tun_dev_t *d, const uint8_t *frame,
-                    uint32_t n) noexcept nogil:
+                    uint32_t n, uint32_t vni, uint32_t remote) noexcept nogil:
     cdef uint32_t slot
     if n > INBOX_SLOT:
         s.drops[DROP_TOO_BIG] += 1
@@ -226,6 +235,8 @@ cdef void inbox_put(tun_sock_t *s, tun_dev_t *d, const uint8_t *frame,
     slot = (d.inbox_head + d.inbox_count) % INBOX_SLOTS
     memcpy(d.inbox + <uint64_t>slot * INBOX_SLOT, frame, n)
     d.inbox_len[slot] = n
+    d.inbox_vni[slot] = vni
+    d.inbox_src[slot] = remote
     d.inbox_count += 1
     vh_eventfd_signal(d.wake_fd)
 
@@ -253,6 +264,9 @@ cdef uint32_t tun_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
             break
         p.len = d.inbox_len[d.inbox_head]
         memcpy(p.data, d.inbox + <uint64_t>d.inbox_head * INBOX_SLOT, p.len)
+        p.tun_id = d.inbox_vni[d.inbox_head]
+        p.tun_src = d.inbox_src[d.inbox_head]
+        p.tun_dst = s.local
         d.inbox_head = (d.inbox_head + 1) % INBOX_SLOTS
         d.inbox_count -= 1
         d.st.rx_via_inbox += 1
@@ -306,12 +320,15 @@ cdef uint32_t tun_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
             p.data += hl
             p.len = msgs[i].msg_len - hl
             p.cap -= hl
+            p.tun_id = vni
+            p.tun_src = remote
+            p.tun_dst = s.local
             if mark_partial(p):
                 d.st.rx_csum_partial += 1
             pkts[n] = p
             n += 1
         else:
-            inbox_put(s, to, p.data + hl, msgs[i].msg_len - hl)
+            inbox_put(s, to, p.data + hl, msgs[i].msg_len - hl, vni, remote)
             pool_put(pool, p)
     for i in range(got, m):
         pool_put(pool, bufs[i])
@@ -324,19 +341,34 @@ cdef uint32_t send_all(tun_dev_t *d, int fd, pkt_t **pkts, uint32_t n,
     """Encapsulate and send ``pkts`` through ``fd``: how many went out."""
     cdef mmsghdr msgs[TX_CHUNK]
     cdef iovec iov[2 * TX_CHUNK]
-    cdef uint32_t i, m, done = 0, sent = 0
+    cdef uint8_t hdrs[TX_CHUNK][TUN_HDR]
+    cdef uint8_t names[TX_CHUNK][SOCKADDR_IN]
+    cdef uint32_t i, m, done = 0, sent = 0, vni
     cdef int r
+    cdef pkt_t *p
     while done < n:
         m = n - done if n - done < TX_CHUNK else TX_CHUNK
         memset(msgs, 0, sizeof(mmsghdr) * m)
         for i in range(m):
+            p = pkts[done + i]
             iov[2 * i].iov_base = d.hdr
+            msgs[i].msg_hdr.msg_name = d.dst
+            if d.flow_key:                        # each frame's own VNI
+                memcpy(hdrs[i], d.hdr, TUN_HDR)
+                vni = p.tun_id
+                hdrs[i][4] = (vni >> 16) & 0xFF
+                hdrs[i][5] = (vni >> 8) & 0xFF
+                hdrs[i][6] = vni & 0xFF
+                iov[2 * i].iov_base = hdrs[i]
+            if d.flow_remote:                     # and its own destination
+                memcpy(names[i], d.dst, SOCKADDR_IN)
+                memcpy(names[i] + 4, &p.tun_dst, 4)
+                msgs[i].msg_hdr.msg_name = names[i]
             iov[2 * i].iov_len = TUN_HDR
-            iov[2 * i + 1].iov_base = pkts[done + i].data
-            iov[2 * i + 1].iov_len = pkts[done + i].len
+            iov[2 * i + 1].iov_base = p.data
+            iov[2 * i + 1].iov_len = p.len
             msgs[i].msg_hdr.msg_iov = &iov[2 * i]
             msgs[i].msg_hdr.msg_iovlen = 2
-            msgs[i].msg_hdr.msg_name = d.dst
             msgs[i].msg_hdr.msg_namelen = SOCKADDR_IN
         r = sendmmsg(fd, msgs, m, MSG_DONTWAIT)
         if r > 0:
@@ -382,6 +414,9 @@ cdef bint send_segmented(tun_dev_t *d, pktpool_t *pool, pkt_t *p, uint64_t *byte
         nseg = tso_segment(p, &t, first, pool, segs)
         if nseg == 0:
             break
+        for k in range(nseg):                   # the segments go where the frame goes
+            segs[k].tun_id = p.tun_id
+            segs[k].tun_dst = p.tun_dst
         k = send_all(d, fd, segs, nseg, &ignored)
         pool_put_many(pool, segs, nseg)
         if k < nseg:
@@ -426,6 +461,10 @@ cdef uint32_t tun_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
                 break
         p = pkts[i]
         i += 1
+        if d.flow_remote and p.tun_dst == 0:        # nowhere to send it
+            d.st.tx_no_remote += 1
+            res.failed += 1
+            continue
         if p.vnet_hdr[1] != 0:                      # TSO: segments, each complete
             if send_segmented(d, pool, p, &res.bytes):
                 sent += 1
@@ -468,13 +507,14 @@ cdef class TunSocket:
     """One receiving UDP socket (borrowed fd: the caller keeps it open until every port
     on it is detached) and the tunnel ports that share it."""
 
-    def __init__(self, str kind, int fd):
+    def __init__(self, str kind, int fd, bytes local=bytes(4)):
         if kind not in KINDS:
             raise ValueError(f"tunnel type {kind!r} (have: {', '.join(KINDS)})")
-        if fd < 0:
-            raise ValueError("a tunnel socket needs an open fd")
+        if fd < 0 or len(local) != 4:
+            raise ValueError("a tunnel socket needs an open fd (and an IPv4 local address)")
         self.s.kind = KINDS[kind]
         self.s.fd = fd
+        memcpy(&self.s.local, <const char *>local, 4)     # tun_dst of what it receives
 
     @property
     def nports(self):
@@ -491,17 +531,25 @@ cdef class TunSocket:
 cdef class TunnelDev(PortDev):
     """The datapath's view of one tunnel port: it receives through ``sock`` (attached at
     once) and sends through ``tx_fds`` (borrowed; kept open by the caller until
-    ``detach``) to ``remote`` (an IPv4 address as 4 bytes) and ``dst_port``."""
+    ``detach``) to ``remote`` (an IPv4 address as 4 bytes; None: remote_ip=flow, each
+    frame's tun_dst) and ``dst_port`` with ``vni`` (-1: key=flow, each frame's tun_id)."""
 
     def __cinit__(self):
         self.d.wake_fd = -1
         self.d.wait_fd = -1
 
-    def __init__(self, TunSocket sock, bytes remote, int dst_port, uint32_t vni,
-                 list tx_fds, int max_frame):
+    def __init__(self, TunSocket sock, remote, int dst_port, long vni, list tx_fds,
+                 int max_frame):
         cdef epoll_event ev
         cdef int fd
-        if len(remote) != 4 or not 0 < dst_port < 65536 or vni >= 1 << 24:
+        cdef tun_dev_t *other
+        if remote is None:
+            self.d.flow_remote = 1
+            remote = bytes(4)
+        if vni == -1:
+            self.d.flow_key = 1
+            vni = 0
+        if len(remote) != 4 or not 0 < dst_port < 65536 or not 0 <= vni < 1 << 24:
             raise ValueError("a tunnel port needs an IPv4 remote, a UDP port and a 24-bit VNI")
         if not 1 <= len(tx_fds) <= TUN_TX_SOCKS or any(f < 0 for f in tx_fds):
             raise ValueError(f"1 to {TUN_TX_SOCKS} open sending sockets")
@@ -541,7 +589,11 @@ cdef class TunnelDev(PortDev):
             vh_lock(&sock.s.lock)
         try:
             for i in range(sock.s.nports):
-                if sock.s.ports[i].remote == self.d.remote and sock.s.ports[i].vni == vni:
+                other = sock.s.ports[i]
+                if other.flow_remote == self.d.flow_remote and \
+                        other.flow_key == self.d.flow_key and \
+                        (self.d.flow_remote or other.remote == self.d.remote) and \
+                        (self.d.flow_key or other.vni == vni):
                     raise ValueError("a tunnel port with this remote and key exists on "
                                      "the socket")
             if sock.s.nports == TUN_MAX_PORTS:

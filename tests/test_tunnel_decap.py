@@ -193,7 +193,7 @@ class Rig:
     tunnel ports 1.. on one receiving socket bound to 127.0.0.1:``port``, whose remote is
     ``peer`` (a UDP socket of the test on 127.0.0.1)."""
 
-    def __init__(self, kind="vxlan", vnis=(42,), max_frame=1464, tx_socks=8):
+    def __init__(self, kind="vxlan", vnis=(42,), max_frame=1464, tx_socks=8, remote="127.0.0.1"):
         self.kind = kind
         self.inside, self.tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.inside.setblocking(False)
@@ -207,7 +207,7 @@ class Rig:
         for s in self.tx:
             s.bind(("127.0.0.1", 0))
         self.sock = TunSocket(kind, self.rx.fileno())
-        self.devs = [TunnelDev(self.sock, socket.inet_aton("127.0.0.1"),
+        self.devs = [TunnelDev(self.sock, remote and socket.inet_aton(remote),
                                self.peer.getsockname()[1], vni, [s.fileno() for s in self.tx],
                                max_frame) for vni in vnis]
         bridge = Bridge("b", 0)
@@ -386,6 +386,31 @@ def test_two_ports_on_one_socket_each_get_their_frames():
         assert got is not None and got[0][:8] == rig.header(43)
         assert rig.at_peer(0.3) is None
     finally:
+        rig.close()
+
+
+def test_a_flow_based_port_takes_any_remote_and_vni_and_needs_a_destination():
+    """remote_ip=flow key=flow: datagrams from any address with any VNI are its own; a
+    frame without tun_dst (nothing set it: here NORMAL floods one) is not sent, and
+    counted; a fixed port on the same socket still gets its own first."""
+    rig = Rig(vnis=(-1, 42), remote=None)
+    try:
+        fixed = TunnelDev(rig.sock, socket.inet_aton("127.0.0.1"), rig.peer.getsockname()[1],
+                          42, [rig.tx[0].fileno()], 1464)
+        rig.dp.add_port(3, 0, fixed)
+        rig.pmd.set_rxqs([(0, 0), (1, 0), (2, 0), (3, 0)])
+        for vni in (1, 2, 3, 42):
+            _, frame = udp_frame(bytes.fromhex(f"5254000003{vni:02x}"), MAC1, sport=vni)
+            rig.from_peer(rig.header(vni) + frame)
+        c = rig.wait(lambda c: c["1.rx_packets"] + c["2.rx_packets"] == 3 and
+                     rig.dp.port_stats(3)["rx_packets"] == 1)
+        assert c["1.rx_packets"] == 3 and c["2.rx_packets"] == 0, c
+        _, frame = udp_frame(MAC1, MAC2)
+        rig.tap.send(NO_HDR + frame)                     # flooded: to both ports
+        rig.wait(lambda c: c["1.tx_no_remote"] >= 1)
+    finally:
+        rig.dp.remove_port(3)
+        fixed.detach()
         rig.close()
 
 

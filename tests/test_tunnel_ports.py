@@ -25,6 +25,7 @@ import pytest
 from pyvhost.frontend.guest import Guest
 from pyvhost.switch import Switch
 from pyvhost.switch.commands import CommandError, run_command
+from pyvhost.switch.flows import FlowSyntaxError, parse_flow
 from pyvhost.switch.netdev import get_mtu
 from tests.harness import ovs_netdev, processes
 from tests.harness.limits import time_limit
@@ -79,7 +80,8 @@ def test_tunnel_port_options_show_store_and_removal(tmp_path):
                       f"dst_port={port}"], "not an address of this host"),
                     (["type=vhostuser", "remote_ip=10.0.0.1"], "for vxlan and geneve"),
                     (["type=vxlan", "remote_ip=10.0.0.1", "dev=eth0"], "not for type=vxlan"),
-                    (["type=vxlan", "remote_ip=flow"], "not supported yet")):
+                    (["type=vxlan", "remote_ip=flows"], "not an IPv4 address"),
+                    (["type=vxlan", "remote_ip=flow", "key=flo"], "not a number")):
                 with pytest.raises(CommandError, match=why):
                     await run_command(sw, ["add-port", "br0", "bad", *bad])
             assert "bad" not in sw.ports
@@ -114,6 +116,101 @@ def test_tunnel_port_options_show_store_and_removal(tmp_path):
             await sw.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text", [
+    "priority=5,tun_id=0x2a,actions=normal",
+    "priority=5,tun_id=0x2a/0xff,tun_src=10.0.0.0/8,tun_dst=10.1.2.3,actions=output:p1",
+    "priority=5,in_port=p1,actions=set_field:10.0.0.9->tun_dst,set_field:7->tun_id,output:t",
+])
+def test_tunnel_fields_and_set_field_round_trip(text):
+    assert parse_flow(text).format() == text
+    assert parse_flow(parse_flow(text).format()) == parse_flow(text)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("tun_id=0x1000000,actions=drop", "out of range"),
+    ("tun_src=10.0.0.300,actions=drop", "not an IPv4"),
+    ("actions=set_field:1->tun_src", "tun_id or VALUE->tun_dst"),
+    ("actions=set_field:10.0.0.0/8->tun_dst", "one address"),
+    ("actions=set_field:x->tun_id", "not a number"),
+])
+def test_bad_tunnel_fields_are_refused(text, why):
+    with pytest.raises(FlowSyntaxError, match=why):
+        parse_flow(text)
+
+
+def test_flow_based_ports_match_and_set_tunnel_metadata(tmp_path):
+    """remote_ip=flow key=flow: one port for every remote. Rules match tun_id and tun_src
+    of what it receives and pick the remote and VNI of what it sends (set_field), over
+    real UDP sockets on loopback: peer A (127.0.0.3) -> flow port -> fixed port -> peer B
+    (127.0.0.2), and back with the VNI and destination the rule sets. The megaflow a
+    lookup installs covers the tunnel fields the rule looked at."""
+    port = free_udp_port()
+    peers = {}
+    for ip in ("127.0.0.2", "127.0.0.3"):
+        peers[ip] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peers[ip].bind((ip, port))
+        peers[ip].settimeout(3)
+    frame = bytes.fromhex("525400000002" "525400000001" "0800") + bytes(46)
+
+    def hdr(vni):
+        return bytes([8, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\0"
+
+    async def scenario():
+        sw = Switch(tmp_path / "run")
+        await sw.start()
+        try:
+            for argv in (["add-br", "br0"],
+                         ["add-port", "br0", "tf", "type=vxlan", "remote_ip=flow", "key=flow",
+                          "local_ip=127.0.0.1", f"dst_port={port}"],
+                         ["add-port", "br0", "tx", "type=vxlan", "remote_ip=127.0.0.2",
+                          "local_ip=127.0.0.1", "key=5", f"dst_port={port}"],
+                         ["del-flows", "br0"],
+                         ["add-flow", "br0", "priority=10,in_port=tf,tun_id=42,"
+                          "tun_src=127.0.0.3,actions=output:tx"],
+                         ["add-flow", "br0", "priority=10,in_port=tx,actions="
+                          "set_field:127.0.0.3->tun_dst,set_field:99->tun_id,output:tf"]):
+                await run_command(sw, argv)
+            show = await run_command(sw, ["show"])
+            assert "remote_ip: flow" in show and "key: flow" in show
+            loop = asyncio.get_running_loop()
+            a, b = peers["127.0.0.3"], peers["127.0.0.2"]
+            a.sendto(hdr(42) + frame, ("127.0.0.1", port))
+            got, addr = await loop.run_in_executor(None, b.recvfrom, 2048)
+            assert got == hdr(5) + frame and addr[0] == "127.0.0.1"
+            a.sendto(hdr(43) + frame, ("127.0.0.1", port))     # no rule for VNI 43: drop
+            b.sendto(hdr(5) + frame, ("127.0.0.1", port))
+            got, addr = await loop.run_in_executor(None, a.recvfrom, 2048)
+            assert got == hdr(99) + frame                       # where the rule said
+            b.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                await loop.run_in_executor(None, b.recvfrom, 2048)
+            flows = await run_command(sw, ["dump-flows", "br0"])
+            assert "tun_id=0x2a,tun_src=127.0.0.3" in flows and "n_packets=1" in flows
+            assert "set_field:127.0.0.3->tun_dst,set_field:99->tun_id,output:tf" in flows
+            trace = await run_command(sw, ["trace", "br0",
+                                           "in_port=tf,tun_id=42,tun_src=127.0.0.3"])
+            megaflow = next(line for line in trace.splitlines() if line.startswith("Megaflow"))
+            assert "tun_id" in megaflow and "tun_src" in megaflow, trace
+            assert "Outputs: tx" in trace
+        finally:
+            await sw.stop()
+        sw = Switch(tmp_path / "run")                      # the store has them back
+        await sw.start()
+        try:
+            assert not sw.failed, sw.failed
+            assert sw.ports["tf"].cfg.key is None and sw.ports["tf"].cfg.remote_ip == "flow"
+            flows = await run_command(sw, ["dump-flows", "br0"])
+            assert "set_field:99->tun_id" in flows
+        finally:
+            await sw.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for s in peers.values():
+            s.close()
 
 
 # -- overlays over a veth underlay --------------------------------------------------------

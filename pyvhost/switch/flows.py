@@ -255,10 +255,10 @@ class Flow:
                 v = v.hex(":") if isinstance(v, bytes) else f"{v[0].hex(':')}/{v[1].hex(':')}"
             elif name in IP_FIELDS:
                 v = str(v)
+            elif name == "tun_id":
+                v = f"0x{v[0]:x}/0x{v[1]:x}" if isinstance(v, tuple) else f"0x{v:x}"
             elif isinstance(v, tuple):
                 v = f"0x{v[0]:04x}/0x{v[1]:04x}"
-            elif name == "tun_id":
-                v = f"0x{v:x}"
             elif name in ("dl_type", "dl_vlan") and (name == "dl_type" or v == VLAN_NONE):
                 v = f"0x{v:04x}"
             parts.append(f"{name}={v}")

@@ -37,9 +37,9 @@ class TunnelError(ValueError):
 @dataclass(frozen=True)
 class TunnelConfig:
     kind: str
-    remote_ip: str
+    remote_ip: str                    # or "flow": each frame's tun_dst
     local_ip: str | None
-    key: int
+    key: int | None                   # None: key=flow, each frame's tun_id
     dst_port: int
     csum: bool
     tos: int
@@ -47,7 +47,7 @@ class TunnelConfig:
 
     def options(self) -> dict:
         """As the store keeps them (strings, what add-port takes)."""
-        out = {"remote_ip": self.remote_ip, "key": str(self.key),
+        out = {"remote_ip": self.remote_ip, "key": "flow" if self.key is None else str(self.key),
                "dst_port": str(self.dst_port), "csum": str(self.csum).lower(),
                "tos": str(self.tos), "ttl": str(self.ttl)}
         if self.local_ip:
@@ -56,9 +56,6 @@ class TunnelConfig:
 
 
 def _ipv4(value: str, what: str) -> str:
-    if value == "flow":
-        raise TunnelError(f"{what}=flow: flow-based tunnel ports are not supported yet "
-                          "(give an address)")
     try:
         addr = ipaddress.IPv4Address(value)
     except ValueError:
@@ -92,19 +89,18 @@ def parse_options(kind: str, opts: dict) -> TunnelConfig:
         raise TunnelError(f"type={kind} takes {', '.join(o + '=' for o in OPTION_NAMES)}; "
                           f"not {', '.join(unknown)}")
     if not opts.get("remote_ip"):
-        raise TunnelError(f"type={kind} needs remote_ip=IP (the other tunnel end)")
+        raise TunnelError(f"type={kind} needs remote_ip=IP (the other tunnel end) or "
+                          "remote_ip=flow (each frame's tun_dst)")
     key = opts.get("key", "0")
-    if key == "flow":
-        raise TunnelError("key=flow: flow-based tunnel ports are not supported yet "
-                          "(give a VNI)")
+    remote = str(opts["remote_ip"])
     csum = str(opts.get("csum", "true"))
     if csum not in ("true", "false"):
         raise TunnelError(f"csum: true or false, not {csum!r}")
     local = opts.get("local_ip")
     return TunnelConfig(
-        kind=kind, remote_ip=_ipv4(str(opts["remote_ip"]), "remote_ip"),
+        kind=kind, remote_ip=remote if remote == "flow" else _ipv4(remote, "remote_ip"),
         local_ip=_ipv4(str(local), "local_ip") if local else None,
-        key=_number(key, "key", 0, (1 << 24) - 1),
+        key=None if key == "flow" else _number(key, "key", 0, (1 << 24) - 1),
         dst_port=_number(opts.get("dst_port", DEFAULT_DST_PORT[kind]), "dst_port", 1, 65535),
         csum=csum == "true", tos=_number(opts.get("tos", 0), "tos", 0, 255),
         ttl=_number(opts.get("ttl", 64), "ttl", 1, 255))
@@ -154,7 +150,8 @@ def _receiving_socket(kind: str, local: str | None, port: int) -> _Shared:
     except OSError as e:
         s.close()
         raise _fail(f"binding UDP {key[0]}:{port}", e) from None
-    shared = _SOCKETS[key] = _Shared(kind, s, TunSocket(kind, s.fileno()))
+    shared = _SOCKETS[key] = _Shared(kind, s, TunSocket(kind, s.fileno(),
+                                                        socket.inet_aton(key[0])))
     return shared
 
 
@@ -190,7 +187,10 @@ def _sending_sockets(cfg: TunnelConfig) -> list[socket.socket]:
 
 
 def underlay_mtu(cfg: TunnelConfig) -> int | None:
-    """The IP MTU of the kernel's route to the remote (None: no route now)."""
+    """The IP MTU of the kernel's route to the remote (None: no route now, or
+    remote_ip=flow: a remote per frame)."""
+    if cfg.remote_ip == "flow":
+        return None
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             if cfg.local_ip:
@@ -221,8 +221,10 @@ class TunnelPort(Port):
         try:
             tx = _sending_sockets(cfg)
             mtu = underlay_mtu(cfg)
-            dev = TunnelDev(shared.dev, socket.inet_aton(cfg.remote_ip), cfg.dst_port,
-                            cfg.key, [s.fileno() for s in tx], _max_frame(mtu))
+            remote = None if cfg.remote_ip == "flow" else socket.inet_aton(cfg.remote_ip)
+            dev = TunnelDev(shared.dev, remote, cfg.dst_port,
+                            -1 if cfg.key is None else cfg.key, [s.fileno() for s in tx],
+                            _max_frame(mtu))
         except BaseException:
             for s in tx:
                 s.close()
@@ -262,15 +264,20 @@ class TunnelPort(Port):
 
     @property
     def connected(self) -> bool:
-        return self.mtu is not None
+        return self.mtu is not None or self.cfg.remote_ip == "flow"
 
     def link(self) -> dict:
         c = self.cfg
-        out = {"remote_ip": c.remote_ip, "local_ip": c.local_ip or "any", "key": c.key,
-               "dst_port": c.dst_port, "csum": str(c.csum).lower(), "tos": c.tos,
-               "ttl": c.ttl, "underlay_mtu": self.mtu if self.mtu is not None else "no route",
-               "mtu": self.inner_mtu if self.mtu is not None else "no route"}
-        return out
+        if self.mtu is not None:
+            under, inner = self.mtu, self.inner_mtu
+        elif c.remote_ip == "flow":       # a route per frame: 1500 is what is checked
+            under, inner = "per flow (1500 assumed)", 1500 - OVERHEAD
+        else:
+            under = inner = "no route"
+        return {"remote_ip": c.remote_ip, "local_ip": c.local_ip or "any",
+                "key": "flow" if c.key is None else c.key, "dst_port": c.dst_port,
+                "csum": str(c.csum).lower(), "tos": c.tos, "ttl": c.ttl,
+                "underlay_mtu": under, "mtu": inner}
 
     def state(self) -> str:
         return " ".join(f"{k}: {v}" for k, v in self.link().items())
