@@ -58,7 +58,7 @@ bench: build
 	dpkg -s openvswitch-switch-dpdk >/dev/null 2>&1 || (apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		openvswitch-switch-dpdk)
-	for b in backend frontend switch flows host; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
+	for b in backend frontend switch flows host tunnel; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info pyvhost/*.so pyvhost/_*.c
