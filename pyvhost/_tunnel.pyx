@@ -29,6 +29,10 @@ from posix.unistd cimport close
 from posix.uio cimport iovec
 
 from pyvhost._flow cimport flow_extract, flow_hash, flow_key_t
+from pyvhost._idle cimport (
+    EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLIN, epoll_create1, epoll_ctl,
+    epoll_event, eventfd,
+)
 from pyvhost._offload cimport MAX_SEGS, csum_complete, tso_parse, tso_segment, tso_t
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._port cimport port_ops_t, tx_result_t
@@ -58,26 +62,6 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         MSG_DONTWAIT
         MSG_TRUNC
-
-cdef extern from "sys/epoll.h" nogil:
-    cdef union epoll_data_t:
-        int fd
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    enum:
-        EPOLLIN
-        EPOLL_CTL_ADD
-        EPOLL_CLOEXEC
-
-cdef extern from "sys/eventfd.h" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_NONBLOCK
-        EFD_CLOEXEC
 
 cdef enum:
     ETH_HLEN = 14
