@@ -246,6 +246,12 @@ cdef uint32_t tun_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
         p = pool_get(pool)
         if p == NULL:
             break
+        if d.inbox_len[d.inbox_head] > p.cap:      # this PMD's buffers are smaller
+            s.drops[DROP_TOO_BIG] += 1
+            d.inbox_head = (d.inbox_head + 1) % INBOX_SLOTS
+            d.inbox_count -= 1
+            pool_put(pool, p)
+            continue
         p.len = d.inbox_len[d.inbox_head]
         memcpy(p.data, d.inbox + <uint64_t>d.inbox_head * INBOX_SLOT, p.len)
         p.tun_id = d.inbox_vni[d.inbox_head]
