@@ -38,7 +38,8 @@ test-fast: build
 # PYVHOST_FUZZ_EXAMPLES for an absolute number per fuzzer)
 FUZZ_SCALE ?= 20
 FUZZ_TESTS = tests/test_fuzz_rings.py tests/test_vring_hostile.py tests/test_backend_messages.py \
-	tests/test_fuzz_messages.py tests/test_protocol.py tests/test_memory.py
+	tests/test_fuzz_messages.py tests/test_protocol.py tests/test_memory.py \
+	tests/test_tunnel_decap.py
 fuzz: build
 	PYVHOST_FUZZ_SCALE=$(FUZZ_SCALE) $(PYTHON) -m pytest -ra -s $(FUZZ_TESTS)
 
@@ -57,7 +58,7 @@ bench: build
 	dpkg -s openvswitch-switch-dpdk >/dev/null 2>&1 || (apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		openvswitch-switch-dpdk)
-	for b in backend frontend switch flows host guest; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
+	for b in backend frontend switch flows host guest tunnel; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info pyvhost/*.so pyvhost/_*.c

@@ -7,7 +7,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from pyvhost._pktpool cimport pkt_t
 
 cdef enum:
-    KEY_WORDS = 5
+    KEY_WORDS = 6
     MAX_ACTION_OPS = 32
     MAX_HOPS = 8           # rules one lookup may pass through (goto_table)
     OP_OUTPUT = 1          # arg: port id
@@ -15,6 +15,9 @@ cdef enum:
     OP_SET_VLAN = 3        # arg: vid (push a tag if none)
     OP_STRIP_VLAN = 4
     OP_NORMAL = 5          # MAC learning: resolved by the upcall, never cached
+    OP_TUN_HI = 6          # arg: the high 16 bits of the next OP_SET_TUN_* value
+    OP_SET_TUN_ID = 7      # arg: the low 16 bits; tun_id = hi << 16 | arg
+    OP_SET_TUN_DST = 8     # arg: the low 16 bits; tun_dst (IPv4, host order as an int)
     EMC_ENTRIES = 8192
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot
@@ -37,7 +40,9 @@ cdef struct flow_key_t:
     uint16_t tp_src         # host order
     uint16_t tp_dst
     uint16_t pad1
-    uint32_t pad2           # the key is exactly KEY_WORDS 64-bit words
+    uint32_t tun_id         # tunnel metadata (pkt_t's): 0 when not from a tunnel
+    uint32_t tun_src        # network order
+    uint32_t tun_dst        # the key is exactly KEY_WORDS 64-bit words
 
 cdef struct action_op_t:
     uint16_t op

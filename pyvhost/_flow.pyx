@@ -1,6 +1,7 @@
 # cython: language_level=3
 """Compiled flow handling for the switch's fast path: parse a frame into a ``flow_key_t``
-(in_port, VLAN, Ethernet, IPv4/ARP, TCP/UDP/ICMP), hash it, the PMD's exact-match cache
+(in_port, VLAN, Ethernet, IPv4/ARP, TCP/UDP/ICMP, and the tunnel metadata the frame
+carries: tun_id, tun_src, tun_dst), hash it, the PMD's exact-match cache
 and megaflow cache, and the VLAN rewrites actions need. Also the Python view of a key
 (``key_dict``, ``pack_key``). No rules, no MAC table, no ports, no rings here.
 """
@@ -22,6 +23,9 @@ cdef void flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept
     cdef uint16_t frag
     memset(k, 0, sizeof(flow_key_t))
     k.in_port = in_port
+    k.tun_id = p.tun_id
+    k.tun_src = p.tun_src
+    k.tun_dst = p.tun_dst
     if n < 14:
         return
     memcpy(k.dl_dst, d, 6)
@@ -354,6 +358,9 @@ def key_dict(bytes raw):
         "nw_tos": k.nw_tos,
         "tp_src": k.tp_src,
         "tp_dst": k.tp_dst,
+        "tun_id": k.tun_id,
+        "tun_src": (<uint8_t *>&k.tun_src)[:4],
+        "tun_dst": (<uint8_t *>&k.tun_dst)[:4],
     }
 
 
@@ -369,13 +376,13 @@ def frame_key(bytes frame, uint16_t in_port=0):
 
 
 KEY_FIELDS = ("in_port", "vlan_tci", "dl_dst", "dl_src", "dl_type", "nw_src", "nw_dst",
-              "nw_proto", "nw_tos", "tp_src", "tp_dst")
+              "nw_proto", "nw_tos", "tp_src", "tp_dst", "tun_id", "tun_src", "tun_dst")
 
 
 def pack_key(dict fields):
     """A raw ``flow_key_t`` (or a mask of one) from {field: value}: integers for in_port,
-    vlan_tci, dl_type, nw_proto, nw_tos, tp_src, tp_dst; 6 bytes for dl_src/dl_dst; 4 bytes
-    (network order) for nw_src/nw_dst. Absent fields are 0."""
+    vlan_tci, dl_type, nw_proto, nw_tos, tp_src, tp_dst, tun_id; 6 bytes for dl_src/dl_dst;
+    4 bytes (network order) for nw_src/nw_dst/tun_src/tun_dst. Absent fields are 0."""
     cdef flow_key_t k
     memset(&k, 0, sizeof(flow_key_t))
     for name, v in fields.items():
@@ -393,6 +400,12 @@ def pack_key(dict fields):
             k.tp_src = v
         elif name == "tp_dst":
             k.tp_dst = v
+        elif name == "tun_id":
+            k.tun_id = v
+        elif name in ("tun_src", "tun_dst"):
+            if len(v) != 4:
+                raise ValueError(f"{name}: 4 bytes expected")
+            memcpy(&k.tun_src if name == "tun_src" else &k.tun_dst, <const char *>v, 4)
         elif name in ("dl_src", "dl_dst", "nw_src", "nw_dst"):
             size = 6 if name[0] == "d" else 4
             if len(v) != size:
@@ -412,7 +425,8 @@ def pack_key(dict fields):
 
 KEY_SIZE = sizeof(flow_key_t)
 ACTION_OPS = {"output": OP_OUTPUT, "flood": OP_FLOOD, "set_vlan": OP_SET_VLAN,
-              "strip_vlan": OP_STRIP_VLAN, "normal": OP_NORMAL}
+              "strip_vlan": OP_STRIP_VLAN, "normal": OP_NORMAL, "tun_hi": OP_TUN_HI,
+              "set_tun_id": OP_SET_TUN_ID, "set_tun_dst": OP_SET_TUN_DST}
 MAX_OPS = MAX_ACTION_OPS
 MAX_TABLE_HOPS = MAX_HOPS
 EMC_SIZE = EMC_ENTRIES

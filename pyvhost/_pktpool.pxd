@@ -15,6 +15,11 @@ cdef struct pkt_t:
     uint32_t hash
     uint8_t vnet_hdr[VNET_HDR_MAX]   # the virtio-net header it arrived with
     uint8_t *buf            # start of the buffer (headroom before data)
+    # tunnel metadata (0: none): set by a tunnel port's receive or a set_field action,
+    # read by the flow key and by a flow-based tunnel port's send
+    uint32_t tun_id         # the VNI
+    uint32_t tun_src        # IPv4, network order
+    uint32_t tun_dst
 
 cdef struct pktpool_t:
     pkt_t **free_list
@@ -35,6 +40,9 @@ cdef inline pkt_t *pool_get(pktpool_t *p) noexcept nogil:
     k.len = 0
     k.cap = p.buf_size
     memset(k.vnet_hdr, 0, VNET_HDR_MAX)
+    k.tun_id = 0
+    k.tun_src = 0
+    k.tun_dst = 0
     return k
 
 

@@ -32,8 +32,9 @@ from pyvhost._classifier cimport (
 )
 from pyvhost._fdb cimport MacTable, fdb_learn, fdb_lookup, fdb_t
 from pyvhost._flow cimport (
-    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_FLOOD, OP_NORMAL, OP_OUTPUT, OP_SET_VLAN,
-    OP_STRIP_VLAN, action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash,
+    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_FLOOD, OP_NORMAL, OP_OUTPUT,
+    OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI, action_op_t,
+    actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash,
     flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
@@ -732,6 +733,9 @@ cdef class Pmd:
         memcpy(c.data, p.data, p.len)
         memcpy(c.vnet_hdr, p.vnet_hdr, sizeof(p.vnet_hdr))
         c.len = p.len
+        c.tun_id = p.tun_id
+        c.tun_src = p.tun_src
+        c.tun_dst = p.tun_dst
         return c
 
     cdef uint16_t mirror(self, uint16_t bits, port_t *inp, const pkt_t *p,
@@ -782,6 +786,7 @@ cdef class Pmd:
         takes no other frames."""
         cdef int i, j
         cdef uint16_t op
+        cdef uint32_t hi = 0
         cdef bint owned = True, final
         cdef pkt_t *c
         cdef port_t *o
@@ -831,6 +836,13 @@ cdef class Pmd:
                 vlan_set(p, a.ops[i].arg)
             elif op == OP_STRIP_VLAN:
                 vlan_strip(p)
+            elif op == OP_TUN_HI:
+                hi = a.ops[i].arg
+            elif op == OP_SET_TUN_ID:
+                p.tun_id = (hi << 16) | a.ops[i].arg
+            elif op == OP_SET_TUN_DST:                 # to network order, as in the key
+                p.tun_dst = ((hi >> 8) & 0xFF) | ((hi & 0xFF) << 8) | \
+                    ((<uint32_t>a.ops[i].arg >> 8) << 16) | ((<uint32_t>a.ops[i].arg & 0xFF) << 24)
         if owned:
             if a.n_ops == 0:
                 vh_add_u64(&inp.c.drop_action, 1)

@@ -7,6 +7,7 @@ elsewhere in the switch; the capture ends when its port goes; bad requests are r
 from __future__ import annotations
 
 import json
+import os
 import select
 import shutil
 import signal
@@ -99,24 +100,25 @@ def test_a_pipe_into_tcpdump_is_readable_while_the_capture_runs(switch_ports):
     proc = start_capture(run_dir, "br0", "b", "--direction", "out", "udp,tp_dst=53",
                          "-w", "-", stdout=subprocess.PIPE, text=False)
     tcpdump = subprocess.Popen(["tcpdump", "-l", "-n", "-r", "-"], stdin=proc.stdout,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     proc.stdout.close()
     try:
         assert proc.stderr.readline().startswith(b"capture: capturing")
         ports["a"].send([udp_frame(MAC["a"], MAC["b"], 53), udp_frame(MAC["a"], MAC["b"], 54),
                          udp_frame(MAC["a"], MAC["c"], 53)])         # to c: not b's output
         ports["c"].send([udp_frame(MAC["c"], MAC["b"], 53)])
-        lines = []
+        text = b""                         # (os.read: no buffer for select to miss)
         deadline = time.monotonic() + 10
-        while len(lines) < 2 and time.monotonic() < deadline:
+        while text.count(b"\n") < 2 and time.monotonic() < deadline:
             if select.select([tcpdump.stdout], [], [], 0.5)[0]:
-                lines.append(tcpdump.stdout.readline())
+                text += os.read(tcpdump.stdout.fileno(), 4096)
+        lines = text.decode().splitlines()
         assert len(lines) == 2 and all(".53:" in line for line in lines), lines
         assert proc.poll() is None                     # still capturing
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         assert b"2 frames written" in proc.stderr.read()
-        assert tcpdump.wait(10) == 0 and tcpdump.stdout.read() == ""
+        assert tcpdump.wait(10) == 0 and tcpdump.stdout.read() == b""
     finally:
         for p in (proc, tcpdump):
             if p.poll() is None:

@@ -20,6 +20,8 @@ from .flows import Flow, Selector, key_fields, match_key, parse_flow
 
 OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL = (
     ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal"))
+OP_TUN_HI, OP_SET_TUN_ID, OP_SET_TUN_DST = (
+    ACTION_OPS[k] for k in ("tun_hi", "set_tun_id", "set_tun_dst"))
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
 NO_PACKET_PORT = 0xFFFE   # trace of a packet given without in_port (matches no in_port rule)
 IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
@@ -141,6 +143,11 @@ class Bridge:
                 ops.append((OP_STRIP_VLAN, 0))
             elif a[0] == "normal":
                 ops.append((OP_NORMAL, 0))
+            elif a[0] in ("set_tun_id", "set_tun_dst"):     # 32 bits: two 16-bit ops
+                v = a[1] if a[0] == "set_tun_id" else int.from_bytes(a[1].addr, "big")
+                ops.append((OP_TUN_HI, v >> 16))
+                ops.append((OP_SET_TUN_ID if a[0] == "set_tun_id" else OP_SET_TUN_DST,
+                            v & 0xFFFF))
         return ops
 
     def spec(self, flow: Flow) -> tuple:

@@ -88,18 +88,21 @@ async def del_br(sw, args):
 
 
 ADD_PORT_USAGE = ("add-port BRIDGE PORT type=vhostuser|vhostuserclient|internal|afpacket|"
-                  "afxdp [path=P (client only)] [queues=N] [ofport_request=N] "
+                  "afxdp|vxlan|geneve [path=P (client only)] [queues=N] [ofport_request=N] "
                   "[socket-mode=0660] [socket-group=G] [mtu=N (internal)] "
-                  "[dev=IFNAME (afpacket, afxdp)]")
+                  "[dev=IFNAME (afpacket, afxdp)] [remote_ip=IP [local_ip=IP] [key=VNI] "
+                  "[dst_port=N] [csum=true|false] [tos=N] [ttl=N] (vxlan, geneve)]")
+TUNNEL_OPTIONS = ("remote_ip", "local_ip", "key", "dst_port", "csum", "tos", "ttl")
 
 
 async def add_port(sw, args):
-    _need(args, 3, 8, ADD_PORT_USAGE)
+    _need(args, 3, 12, ADD_PORT_USAGE)
     opts = _kv(args[2:], ("type", "path", "queues", "ofport_request", "socket-mode",
-                          "socket-group", "mtu", "dev"))
+                          "socket-group", "mtu", "dev") + TUNNEL_OPTIONS)
     if "type" not in opts:
         raise CommandError("add-port needs type=vhostuser, vhostuserclient, internal, "
-                           "afpacket or afxdp")
+                           "afpacket, afxdp, vxlan or geneve")
+    tunnel = {k: opts[k] for k in TUNNEL_OPTIONS if k in opts}
     from pyvhost._switch import limits
     queues = _int(opts["queues"], "queues", 1, limits()["queues"]) if "queues" in opts else None
     ofport = _int(opts["ofport_request"], "ofport_request", 1, 0xFEFF) \
@@ -109,7 +112,7 @@ async def add_port(sw, args):
     mtu = _int(opts["mtu"], "mtu", 68, 65521) if "mtu" in opts else None
     await sw.add_port(args[0], args[1], opts["type"], opts.get("path"), queues,
                       ofport=ofport, socket_mode=mode, socket_group=opts.get("socket-group"),
-                      mtu=mtu, dev=opts.get("dev"))
+                      mtu=mtu, dev=opts.get("dev"), tunnel=tunnel or None)
     return ""
 
 

@@ -6,11 +6,12 @@
 
 Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), nw_src,
 nw_dst (prefix or /netmask), nw_proto, nw_tos (the whole TOS byte), ip_dscp (its six DSCP
-bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), and the
+bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), the tunnel metadata tun_id (the
+VNI, with /mask), tun_src, tun_dst (prefixes), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
 tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
-strip_vlan, goto_table:N. Ports are named here as the user wrote them; a bridge resolves
-them. Pure functions and data: no datapath, no I/O.
+strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, goto_table:N. Ports are named
+here as the user wrote them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ SHORTHANDS = {
 }
 INT_FIELDS = {"dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF, "nw_tos": 0xFF,
               "ip_dscp": 0x3F,
-              "tp_src": 0xFFFF, "tp_dst": 0xFFFF}
-MASKABLE_INTS = ("tp_src", "tp_dst")
+              "tp_src": 0xFFFF, "tp_dst": 0xFFFF, "tun_id": 0xFFFFFF}
+MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id")
 MAC_FIELDS = ("dl_src", "dl_dst")
-IP_FIELDS = ("nw_src", "nw_dst")
-FIELD_ORDER = ("in_port", "dl_vlan", "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst",
-               "nw_proto", "nw_tos", "ip_dscp", "tp_src", "tp_dst")
+IP_FIELDS = ("nw_src", "nw_dst", "tun_src", "tun_dst")
+FIELD_ORDER = ("in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_src", "dl_dst",
+               "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos", "ip_dscp", "tp_src",
+               "tp_dst")
+SET_FIELDS = {"tun_id": "set_tun_id", "tun_dst": "set_tun_dst"}   # set_field:V->FIELD
 SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.items()}
 DEFAULT_PRIORITY = 32768
 VLAN_NONE = 0xFFFF
@@ -199,6 +202,18 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
             actions.append(("mod_vlan_vid", _int(arg, "mod_vlan_vid", 0xFFF)))
         elif name == "goto_table":
             goto = _int(arg, "goto_table", TABLES - 1)
+        elif name == "set_field":
+            value, arrow, target = arg.partition("->")
+            target = target.strip()
+            if not arrow or target not in SET_FIELDS:
+                raise FlowSyntaxError(f"set_field: VALUE->tun_id or VALUE->tun_dst, not {arg!r}")
+            if target == "tun_id":
+                actions.append(("set_tun_id", _int(value.strip(), "tun_id", 0xFFFFFF)))
+            else:
+                ip = _net(value.strip(), "tun_dst")
+                if ip.plen != 32:
+                    raise FlowSyntaxError(f"tun_dst: one address, not {ip}")
+                actions.append(("set_tun_dst", ip))
         elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
             actions.append((sys.intern(name),))
         else:
@@ -240,6 +255,8 @@ class Flow:
                 v = v.hex(":") if isinstance(v, bytes) else f"{v[0].hex(':')}/{v[1].hex(':')}"
             elif name in IP_FIELDS:
                 v = str(v)
+            elif name == "tun_id":
+                v = f"0x{v[0]:x}/0x{v[1]:x}" if isinstance(v, tuple) else f"0x{v:x}"
             elif isinstance(v, tuple):
                 v = f"0x{v[0]:04x}/0x{v[1]:04x}"
             elif name in ("dl_type", "dl_vlan") and (name == "dl_type" or v == VLAN_NONE):
@@ -250,7 +267,10 @@ class Flow:
     def format_actions(self) -> str:
         out = []
         for a in self.actions:
-            out.append(f"{a[0]}:{a[1]}" if len(a) == 2 else a[0])
+            if a[0] in ("set_tun_id", "set_tun_dst"):
+                out.append(f"set_field:{a[1]}->{a[0][4:]}")
+            else:
+                out.append(f"{a[0]}:{a[1]}" if len(a) == 2 else a[0])
         if self.goto_table is not None:
             out.append(f"goto_table:{self.goto_table}")
         return ",".join(out) or "drop"

@@ -4,8 +4,9 @@ RUN_DIR/NAME.sock or in the ``--vhost-sock-dir``) and vhostuserclient (the switc
 to QEMU's socket at ``path=`` and reconnects whenever it comes back) are a virtio-net
 device from pyvhost.backend and its endpoint; the device offers ``queues`` pairs and the
 switch polls as many as the front-end has enabled (at least one), as OVS does. The host
-port types (internal: a tap; afpacket and afxdp: an existing interface) live in
-.internal, .afpacket and .afxdp. Each type hands the datapath a compiled device
+port types (internal: a tap; afpacket and afxdp: an existing interface; vxlan and
+geneve: a remote tunnel end over the host's UDP) live in .internal, .afpacket, .afxdp
+and .tunnel. Each type hands the datapath a compiled device
 (``datapath_dev``) of its port class; the switch itself never asks which type a port is."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from pyvhost.backend import Endpoint, NetDevice
 
 VHOST_TYPES = ("vhostuser", "vhostuserclient")
-HOST_TYPES = ("internal", "afpacket", "afxdp")
+TUNNEL_TYPES = ("vxlan", "geneve")
+HOST_TYPES = ("internal", "afpacket", "afxdp") + TUNNEL_TYPES
 PORT_TYPES = VHOST_TYPES + HOST_TYPES
 DEFAULT_QUEUES = 8             # pairs offered unless queues= says otherwise
 
@@ -153,11 +155,21 @@ class VhostPort(Port):
 
 def create_host_port(name: str, bridge: str, type_: str, port_id: int, ofport: int, *,
                      mtu: int | None = None, dev: str | None = None,
-                     restoring: bool = False) -> Port:
-    """An internal, afpacket or afxdp port, its interface created or attached
-    (NetdevError or ValueError if not: then nothing was created). ``restoring``: an
-    afpacket/afxdp port whose interface is absent is created anyway and attaches when the
-    interface comes."""
+                     restoring: bool = False, tunnel: dict | None = None) -> Port:
+    """An internal, afpacket, afxdp, vxlan or geneve port, its interface created or
+    attached, or its sockets opened (NetdevError or ValueError if not: then nothing was
+    created). ``restoring``: an afpacket/afxdp port whose interface is absent is created
+    anyway and attaches when the interface comes. ``tunnel``: a tunnel port's options
+    (remote_ip=, key=, ...; only for vxlan and geneve)."""
+    if type_ in TUNNEL_TYPES:
+        if mtu is not None or dev is not None:
+            raise ValueError(f"mtu= and dev= are not for type={type_} (its inner MTU is "
+                             "the underlay's minus the encapsulation)")
+        from .tunnel import TunnelPort
+        return TunnelPort.create(name, bridge, port_id, ofport, type_, tunnel or {})
+    if tunnel:
+        raise ValueError(f"{', '.join(k + '=' for k in tunnel)}: for type=vxlan and "
+                         "type=geneve only")
     if type_ == "internal":
         from .internal import InternalPort
         if dev is not None:

@@ -30,6 +30,7 @@ from .pmd import PmdSet
 from .port import DEFAULT_QUEUES, HOST_TYPES, VHOST_TYPES, Port, VhostPort, create_host_port
 from .rundir import CTL_SOCK, RunLock, check_name, group_id, prepare
 from .store import Store, StoreError
+from .tunnel import tunnel_options
 
 log = logging.getLogger("pyvhost.switch")
 LIMITS = limits()
@@ -146,7 +147,8 @@ class Switch:
                                     opts.get("queues"), persist=False, ofport=ofport,
                                     socket_mode=opts.get("socket_mode"),
                                     socket_group=opts.get("socket_group"),
-                                    mtu=opts.get("mtu"), dev=opts.get("dev"), restoring=True)
+                                    mtu=opts.get("mtu"), dev=opts.get("dev"), restoring=True,
+                                    tunnel=tunnel_options(type_, opts))
             except (CommandError, TypeError, ValueError) as e:
                 self._failed(f"port {name}", str(e))
                 if isinstance(ofport, int):
@@ -349,7 +351,8 @@ class Switch:
                        queues: int | None = None, persist: bool = True, *,
                        ofport: int | None = None, socket_mode: int | None = None,
                        socket_group: str | None = None, mtu: int | None = None,
-                       dev: str | None = None, restoring: bool = False) -> None:
+                       dev: str | None = None, restoring: bool = False,
+                       tunnel: dict | None = None) -> None:
         """All or nothing: every check first; a failure after that undoes every step.
         ``mtu`` (internal) and ``dev`` (afpacket) are the host ports' options;
         ``restoring``: loading the store (an afpacket port's absent interface is waited
@@ -371,8 +374,9 @@ class Switch:
                 raise CommandError(f"type={type_} takes no path=, queues=, socket-mode= or "
                                    "socket-group=")
             queues = 1                        # one queue: the interface's
-        elif mtu is not None or dev is not None:
-            raise CommandError("mtu= and dev= are for type=internal, afpacket and afxdp")
+        elif mtu is not None or dev is not None or tunnel:
+            raise CommandError("mtu= and dev= are for type=internal, afpacket and afxdp; "
+                               "remote_ip= and the other tunnel options for vxlan and geneve")
         elif type_ == "vhostuserclient":
             if not path:
                 raise CommandError("type=vhostuserclient needs path= (the front-end's socket)")
@@ -415,7 +419,7 @@ class Switch:
             if type_ in HOST_TYPES:
                 # the interface is created or attached here: a failure leaves nothing
                 port = create_host_port(name, bridge_name, type_, port_id, of, mtu=mtu,
-                                        dev=dev, restoring=restoring)
+                                        dev=dev, restoring=restoring, tunnel=tunnel)
             else:
                 port = VhostPort.create(name, bridge_name, type_, path, queues, port_id, of,
                                         socket_mode, socket_group, gid)
