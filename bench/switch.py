@@ -9,8 +9,10 @@ runs `flowgen` (--flowgen-flows=10000) on both ports, so every frame has one of 
 keys (cache-miss heavy). Rates are the virtio-user side's RX pps summed over both ports.
 The cost of metrics (issue 14): pyvhost's 64-byte io loop again, started with
 `--metrics 127.0.0.1:PORT`, measured without and then with a scraper fetching /metrics
-every --scrape-interval seconds (same switch, same guests, back to back): two rows (compare
-them with each other: other rows come from other switch processes), a note with the share.
+every --scrape-interval seconds, then with an idle capture hook (a `pyvhost capture` of p1,
+both ways, whose filter selects none of the loop's frames: the mirror's test runs on every
+frame, nothing is copied): same switch, same guests, back to back; three rows (compare them
+with each other: other rows come from other switch processes), notes with the shares.
 Prints Mpps and the ratio pyvhost/DPDK. Not a test: no thresholds.
 """
 
@@ -20,6 +22,8 @@ import argparse
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -117,9 +121,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def idle_capture(run_dir: Path) -> subprocess.Popen:
+    """A running ``pyvhost capture`` of p1 whose filter (tcp) the loop's UDP never
+    matches."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyvhost.cli.main", "capture", "--control",
+                             str(run_dir / "ctl.sock"), "-w", "/dev/null", "br0", "p1", "tcp"],
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    if not line.startswith("capture: capturing"):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"capture did not start: {line}")
+    return proc
+
+
 def run_pyvhost_scraped(workdir: Path, seconds, samples, interval: float):
-    """(Mpps unscraped, Mpps scraped, the Scraper) of pyvhost's 64-byte io loop with
-    --metrics on, measured back to back in one switch."""
+    """(Mpps unscraped, Mpps scraped, Mpps with an idle capture, the Scraper) of pyvhost's
+    64-byte io loop with --metrics on, measured back to back in one switch."""
     run_dir = workdir / "run-metrics"
     port = free_port()
     sw = processes.switch(workdir, run_dir, config=CONFIG, name="switch-metrics",
@@ -135,7 +153,13 @@ def run_pyvhost_scraped(workdir: Path, seconds, samples, interval: float):
                 scraped = measure(tp, seconds, samples)
             finally:
                 scraper.stop()
-            return quiet, scraped, scraper
+            capture = idle_capture(run_dir)
+            try:
+                captured = measure(tp, seconds, samples)
+            finally:
+                capture.terminate()
+                capture.wait(10)
+            return quiet, scraped, captured, scraper
         finally:
             tp.close()
     finally:
@@ -201,8 +225,8 @@ def main() -> int:
             print(f"{size:5} B {label:12} pyvhost {py:6.2f} Mpps  DPDK {dp:6.2f} Mpps  ratio "
                   f"{py / dp if dp else float('nan'):.2f}", flush=True)
         if args.scrape_interval > 0:
-            quiet, scraped, scraper = run_pyvhost_scraped(workdir, args.seconds, args.samples,
-                                                          args.scrape_interval)
+            quiet, scraped, captured, scraper = run_pyvhost_scraped(
+                workdir, args.seconds, args.samples, args.scrape_interval)
             dp = next((d for size, flows, _, d in rows if size == 64 and flows == 0), None)
             rows.append((64, "io loop, --metrics on, not scraped", quiet, dp))
             rows.append((64, f"io loop, /metrics every {args.scrape_interval:g} s", scraped,
@@ -213,6 +237,11 @@ def main() -> int:
                          f"{scraped:.2f} Mpps; {len(scraper.times)} scrapes, {each:.1f} ms "
                          f"each, {scraper.errors} failed)" if quiet else
                          "metrics scraping: no rate without scraping")
+            print(notes[-1], flush=True)
+            rows.append((64, "io loop, an idle capture of p1 (filter tcp)", captured, dp))
+            notes.append(f"idle capture hook: the 64 B io loop kept {captured / quiet:.3f} of "
+                         f"its rate ({quiet:.2f} -> {captured:.2f} Mpps)" if quiet else
+                         "idle capture hook: no rate without it")
             print(notes[-1], flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """``pyvhost bench switch``'s metrics rows (issue 14): with the smallest settings (one 64-byte
 io loop, no flowgen case) the table has pyvhost's loop with --metrics on, unscraped and
-scraped, and a note with the share kept and the scrapes done (none failed). Needs DPDK
+scraped, and with an idle capture, and notes with the shares kept and the scrapes done
+(none failed). Needs DPDK
 testpmd (no hugepages)."""
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def test_bench_switch_metrics_rows(tmp_path):
     [table] = benchtable.load(rows)
     got = {row.label: row.values["pyvhost switch"] for row in table.rows}
     assert set(got) == {"64 B io loop, 1 flow per port", "64 B io loop, --metrics on, not "
-                        "scraped", "64 B io loop, /metrics every 0.1 s"}, got
+                        "scraped", "64 B io loop, /metrics every 0.1 s",
+                        "64 B io loop, an idle capture of p1 (filter tcp)"}, got
     assert all(v > 0 for v in got.values()), got
     [note] = [n for n in table.notes if n.startswith("metrics scraping")]
     m = re.search(r"kept ([\d.]+) .*; (\d+) scrapes, [\d.]+ ms each, (\d+) failed", note)
     assert m and int(m.group(2)) >= 3 and m.group(3) == "0", note
+    assert any(n.startswith("idle capture hook: the 64 B io loop kept") for n in table.notes)
