@@ -5,7 +5,11 @@ is uneven (and only then)."""
 
 from __future__ import annotations
 
+import json
+import os
+
 from pyvhost.switch.pmd import LOAD_WINDOW, PmdSet
+from tests.harness import processes
 
 RXQS = [(1, 0), (1, 1), (2, 0), (2, 1)]
 
@@ -84,3 +88,42 @@ def test_auto_lb_moves_queues_only_when_uneven():
     after = owners(pmds)
     assert after[(1, 0)] != after[(2, 0)]
     pmds.stop()
+
+
+def pinned_threads(pid: int) -> list[str]:
+    """Cpus_allowed_list of each of the process's threads that is not allowed every CPU."""
+    every = _cpu_list(sorted(os.sched_getaffinity(0)))
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            allowed = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+        if allowed != every:
+            out.append(allowed)
+    return out
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 and cpus == list(
+        range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
+
+
+def test_pmds_are_pinned_by_default_and_as_set(workdir):
+    """Like OVS's pmd-cpu-mask: by default the PMD thread is pinned to a CPU chosen at start
+    (the highest usable), never left floating next to the traffic; cpus= lists them, and
+    cpus=any leaves them to the scheduler."""
+    cpus = sorted(os.sched_getaffinity(0))
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config="add-br br0\n")
+    try:
+        assert pinned_threads(sw.proc.pid) == [str(cpus[-1])]
+        rxq = json.loads(processes.ctl(run_dir, "pmd-rxq-show", "--json"))
+        assert [p["cpu"] for p in rxq] == [cpus[-1]]
+        processes.ctl(run_dir, "set-pmd", f"cpus={cpus[0]}")
+        assert pinned_threads(sw.proc.pid) == [str(cpus[0])]
+        processes.ctl(run_dir, "set-pmd", "cpus=any")
+        assert pinned_threads(sw.proc.pid) == []
+        assert "(cpu any)" in processes.ctl(run_dir, "pmd-rxq-show")
+        processes.ctl(run_dir, "set-pmd", "cpus=auto")
+        assert pinned_threads(sw.proc.pid) == [str(cpus[-1])]
+    finally:
+        sw.stop()

@@ -283,7 +283,7 @@ async def pmd_rebalance(sw, args):
 
 async def set_pmd(sw, args):
     _need(args, 1, 5, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
-                      "[cpus=0,1] [flow-limit=N]")
+                      "[cpus=0,1|auto|any] [flow-limit=N]")
     opts = _kv(args, ("threads", "assign", "auto-lb", "cpus", "flow-limit"))
     settings = {}
     if "flow-limit" in opts:
@@ -298,7 +298,9 @@ async def set_pmd(sw, args):
         if opts["auto-lb"] not in ("true", "false"):
             raise CommandError("auto-lb: true or false")
         settings["auto_lb"] = opts["auto-lb"] == "true"
-    if "cpus" in opts:
+    if opts.get("cpus") in ("any", "auto"):             # floating; chosen at start (default)
+        settings["cpus"] = "any" if opts["cpus"] == "any" else []
+    elif "cpus" in opts:
         cpus = [_int(c, "cpus", 0, 4095) for c in opts["cpus"].split(",") if c]
         bad = sorted(set(cpus) - usable_cpus())
         if bad:

@@ -1,4 +1,6 @@
-"""PMD threads and RX-queue assignment: start N poll threads (optionally pinned), assign
+"""PMD threads and RX-queue assignment: start N poll threads, each pinned to a CPU (the
+ones ``set-pmd cpus=`` lists, or by default CPUs chosen once at start, the highest usable
+first, as OVS's pmd-cpu-mask pins; ``cpus=any`` leaves them to the scheduler), assign
 every (port, queue) round-robin or by measured processing time, rebalance on request or
 automatically when the load is uneven (like OVS's pmd-rxq-assign=cycles and pmd-auto-lb).
 The loop itself is compiled (pyvhost._switch.Pmd); this module only decides who polls what.
@@ -17,6 +19,20 @@ LOAD_WINDOW = 10          # samples (one per second) the cycles measure covers
 AUTO_LB_IMPROVEMENT = 0.25
 
 
+def pmd_cpus(cpus: list[int] | str | None, n: int) -> list[int | None]:
+    """The CPU each of ``n`` PMDs is pinned to: ``cpus`` in turn; by default (None or
+    empty) the usable CPUs from the highest down, in turn (so traffic generators and the
+    control thread, which the kernel starts low, rarely share a PMD's core); "any": none."""
+    if cpus == "any":
+        return [None] * n
+    if not isinstance(cpus, list) or not all(isinstance(c, int) for c in cpus):
+        log.error("PMD CPUs %r are not a list of CPU numbers: chosen as by default", cpus)
+        cpus = []
+    if not cpus:
+        cpus = sorted(os.sched_getaffinity(0), reverse=True)
+    return [cpus[i % len(cpus)] for i in range(n)]
+
+
 def _pmd_main(pmd, cpu: int | None) -> None:
     if cpu is not None:
         try:
@@ -29,7 +45,7 @@ def _pmd_main(pmd, cpu: int | None) -> None:
 class PmdSet:
     """The poll threads of one datapath and who polls which RX queue."""
 
-    def __init__(self, datapath, n: int = 1, cpus: list[int] | None = None,
+    def __init__(self, datapath, n: int = 1, cpus: list[int] | str | None = None,
                  assign: str = "roundrobin", auto_lb: bool = False,
                  flow_limit: int | None = None):
         if n < 1:
@@ -37,7 +53,7 @@ class PmdSet:
         if assign not in ASSIGN_MODES:
             raise ValueError(f"assign mode {assign!r}: one of {', '.join(ASSIGN_MODES)}")
         self.datapath = datapath
-        self.cpus = cpus or []
+        self.cpus = pmd_cpus(cpus, n)            # per PMD: its CPU, or None (floating)
         self.assign_mode = assign
         self.auto_lb = auto_lb
         self.flow_limit = flow_limit
@@ -52,8 +68,8 @@ class PmdSet:
     def _start(self, i: int) -> None:
         pmd = self.datapath.new_pmd(i) if self.flow_limit is None else \
             self.datapath.new_pmd(i, flow_limit=self.flow_limit)
-        cpu = self.cpus[i % len(self.cpus)] if self.cpus else None
-        t = threading.Thread(target=_pmd_main, args=(pmd, cpu), name=f"pmd{i}", daemon=True)
+        t = threading.Thread(target=_pmd_main, args=(pmd, self.cpus[i]), name=f"pmd{i}",
+                             daemon=True)
         t.start()
         self.pmds.append(pmd)
         self.threads.append(t)

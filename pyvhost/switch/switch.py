@@ -855,7 +855,6 @@ class Switch:
         total = sum(loads.values()) or 1
         out = []
         for i, pmd in enumerate(self.pmds.pmds):
-            cpus = self.pmd_settings["cpus"]
             rxqs = []
             for port_id, q in pmd.rxqs():
                 port = self._by_id.get(port_id)
@@ -863,8 +862,7 @@ class Switch:
                     rxqs.append({"port": port.name, "queue": q,
                                  "enabled": bool(port.queue_enabled(q)),
                                  "usage": 100 * loads.get((port_id, q), 0) // total})
-            out.append({"pmd": i, "cpu": cpus[i % len(cpus)] if cpus else None,
-                        "rxqs": rxqs})
+            out.append({"pmd": i, "cpu": self.pmds.cpus[i], "rxqs": rxqs})
         return out
 
     def pmd_rxq_show(self) -> str:
