@@ -7,12 +7,12 @@ are refused with a reason."""
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 
 from tests.harness import processes
 from tests.harness.frontends import drain, switch_with_ports
+from tests.test_capture import udp_frame
 
 MAC = {n: bytes([0x02, 0, 0, 0, 0, i + 1]) for i, n in enumerate("abcm")}
 BCAST = b"\xff" * 6
@@ -23,13 +23,6 @@ CONFIG = "add-br br0\n" + "".join(f"add-port br0 {n} type=vhostuser queues=1\n"
 def frame(src: bytes, dst: bytes, payload: bytes = b"x" * 50, vlan: int | None = None) -> bytes:
     tag = b"\x81\x00" + vlan.to_bytes(2, "big") if vlan is not None else b""
     return dst + src + tag + b"\x88\xb5" + payload          # local experimental ethertype
-
-
-def udp_frame(src: bytes, dst: bytes, dport: int) -> bytes:
-    udp = struct.pack("!HHHH", 1000, dport, 8 + 4, 0) + b"data"
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
-                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
-    return dst + src + b"\x08\x00" + ip + udp
 
 
 @pytest.fixture
