@@ -20,8 +20,15 @@ from pyvhost._fdb import MacTable
 from pyvhost.switch import Switch
 from pyvhost.switch.commands import run_command
 from tests.harness.limits import time_limit
+from tests.harness.netns import sh
 from tests.test_tunnel_ports import (
+    ctl,
     free_udp_port,
+    guest_on,
+    needs_root,
+    ns_switch,
+    overlay_ip,
+    stopping,
 )
 
 TEST_TIMEOUT = 240
@@ -154,3 +161,73 @@ def test_normal_learns_remotes_floods_each_and_follows_a_move(tmp_path):
     finally:
         for s in peers.values():
             s.close()
+
+
+# -- one switch, two kernel vxlan peers --------------------------------------------------
+def mac_of(ns: str, dev: str) -> str:
+    return json.loads(sh(["ip", "-j", "link", "show", dev], ns=ns).stdout)[0]["address"]
+
+
+def fdb_of(sw) -> dict:
+    return {r["mac"]: r for r in json.loads(ctl(sw, "fdb-show", "--json", "br0"))}
+
+
+@needs_root
+@pytest.mark.slow
+def test_one_flow_based_port_reaches_two_kernel_vxlan_peers_with_normal(workdir, net):
+    """The switch in namespace u1, a kernel vxlan device (VNI 42) in u2 and one in u3,
+    each over its own veth to u1; the switch has one port remote_ip=flow key=42 and
+    NORMAL only. Both peers reach the guest and the guest both peers (its ARP broadcasts
+    flooded to each remote); the fdb shows each peer's MAC with its remote; then u2's MAC
+    moves to u3 (u2's device goes, u3's takes its MAC and address) and the guest's
+    frames to it follow."""
+    u1, u2, u3 = net.netns("tn1"), net.netns("tn2"), net.netns("tn3")
+    _, x, y = net.subnet.split(".")
+    under = {u2: (net.ip(1), net.ip(2)), u3: (f"10.{int(x) - 150}.{y}.1",
+                                             f"10.{int(x) - 150}.{y}.2")}
+    vx = {}
+    for i, (ns, (mine, theirs)) in enumerate(under.items()):
+        a, b, v = net.name(f"tn{i}a"), net.name(f"tn{i}b"), net.name(f"tnv{i}")
+        sh(["ip", "link", "add", a, "netns", u1, "type", "veth", "peer", "name", b,
+            "netns", ns])
+        sh(["ip", "addr", "add", f"{mine}/24", "dev", a], ns=u1)
+        sh(["ip", "link", "set", a, "up"], ns=u1)
+        sh(["ip", "addr", "add", f"{theirs}/24", "dev", b], ns=ns)
+        sh(["ip", "link", "set", b, "up"], ns=ns)
+        sh(["ip", "link", "add", v, "type", "vxlan", "id", "42", "remote", mine, "dstport",
+            "4789", "dev", b], ns=ns)
+        sh(["ip", "addr", "add", f"{overlay_ip(net, 2 + i)}/24", "dev", v], ns=ns)
+        sh(["ip", "link", "set", v, "up"], ns=ns)
+        vx[ns] = v
+    gip, ip2, ip3 = overlay_ip(net, 1), overlay_ip(net, 2), overlay_ip(net, 3)
+    m2, m3 = mac_of(u2, vx[u2]), mac_of(u3, vx[u3])
+    sw = ns_switch(workdir, u1, "sw1")
+    with stopping(sw):
+        ctl(sw, "add-br", "br0")
+        ctl(sw, "add-port", "br0", "vm", "type=vhostuser", "queues=1")
+        ctl(sw, "add-port", "br0", "t", "type=vxlan", "remote_ip=flow", "key=42")
+        with guest_on(net, sw, "vm", gip, label="n") as g:
+            # each peer announces itself first (nothing is learned behind t before)
+            assert net.ping(u2, gip), ctl(sw, "dump-ports", "br0")
+            assert net.ping(u3, gip), ctl(sw, "dump-ports", "br0")
+            fdb = fdb_of(sw)
+            assert (fdb[m2]["port"], fdb[m2]["remote"], fdb[m2]["key"]) == \
+                ("t", under[u2][1], 42), fdb
+            assert (fdb[m3]["port"], fdb[m3]["remote"], fdb[m3]["key"]) == \
+                ("t", under[u3][1], 42), fdb
+            assert f"remote={under[u3][1]} key=42" in ctl(sw, "fdb-show", "br0")
+            # the guest forgets both: its ARP requests are flooded, one copy per remote
+            sh(["ip", "neigh", "flush", "all"], ns=g.netns)
+            assert net.ping(g.netns, ip2) and net.ping(g.netns, ip3)
+            t = json.loads(ctl(sw, "dump-ports", "--json", "br0"))["t"]
+            assert t["tx_rings"]["tx_no_remote"] == 0, t
+            # u2's MAC moves to u3: the guest's cached way to it must follow
+            sh(["ip", "link", "del", vx[u2]], ns=u2)
+            sh(["ip", "link", "set", vx[u3], "address", m2], ns=u3)
+            sh(["ip", "addr", "add", f"{ip2}/24", "dev", vx[u3]], ns=u3)
+            r = sh(["ping", "-c", "3", "-W", "2", "-I", ip2, gip], ns=u3, check=False,
+                   timeout=30)
+            assert r.returncode == 0, (r.stdout, fdb_of(sw))
+            assert net.ping(g.netns, ip2)
+            fdb = fdb_of(sw)
+            assert (fdb[m2]["port"], fdb[m2]["remote"]) == ("t", under[u3][1]), fdb
