@@ -52,16 +52,24 @@ cdef int32_t find(fdb_t *f, uint16_t vlan, const uint8_t *mac) noexcept nogil:
     return -1
 
 
-cdef void remote_ref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
-    """One more entry behind (port, remote, vni) (none without a remote)."""
+cdef int32_t remote_find(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
     cdef uint32_t i
-    if remote == 0:
-        return
     for i in range(f.nremotes):
         if f.remotes[i].port == port and f.remotes[i].remote == remote and \
                 f.remotes[i].vni == vni:
-            f.remotes[i].refs += 1
-            return
+            return i
+    return -1
+
+
+cdef void remote_ref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
+    """One more entry behind (port, remote, vni) (none without a remote)."""
+    cdef int32_t i
+    if remote == 0:
+        return
+    i = remote_find(f, port, remote, vni)
+    if i >= 0:
+        f.remotes[i].refs += 1
+        return
     if f.nremotes == FDB_REMOTES:
         f.remotes_full += 1
         return
@@ -73,17 +81,13 @@ cdef void remote_ref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noe
 
 
 cdef void remote_unref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
-    cdef uint32_t i
-    if remote == 0:
+    cdef int32_t i = remote_find(f, port, remote, vni) if remote else -1
+    if i < 0:                                      # none, or not listed (the list was full)
         return
-    for i in range(f.nremotes):
-        if f.remotes[i].port == port and f.remotes[i].remote == remote and \
-                f.remotes[i].vni == vni:
-            f.remotes[i].refs -= 1
-            if f.remotes[i].refs == 0:             # its last entry went: the last one's slot
-                f.nremotes -= 1
-                f.remotes[i] = f.remotes[f.nremotes]
-            return
+    f.remotes[i].refs -= 1
+    if f.remotes[i].refs == 0:                     # its last entry went: the last one's slot
+        f.nremotes -= 1
+        f.remotes[i] = f.remotes[f.nremotes]
 
 
 cdef void unlink(fdb_t *f, int32_t idx) noexcept nogil:

@@ -19,7 +19,14 @@ import pytest
 from pyvhost.cli.qemu_guest import NicSpec, QemuGuest, qemu_available
 from tests.harness.limits import time_limit
 from tests.harness.netns import sh
-from tests.test_tunnel_ports import ctl, needs_root, ns_switch, overlay_ip, stopping, underlay
+from tests.test_tunnel_ports import (
+    ctl,
+    kernel_vxlan,
+    needs_root,
+    ns_switch,
+    stopping,
+    underlay,
+)
 
 TEST_TIMEOUT = 600
 FETCH_MD5 = ("import hashlib, sys, urllib.request\n"
@@ -39,12 +46,7 @@ def bounded():
 @needs_root
 def test_qemu_guest_reaches_the_kernel_vxlan_device(workdir, net):
     u1, u2, ip1, ip2 = underlay(net)
-    vx = net.name("tqx")
-    sh(["ip", "link", "add", vx, "type", "vxlan", "id", "42", "remote", ip1, "dstport",
-        "4789", "dev", net.name("tva")], ns=u2)
-    gip, kip = overlay_ip(net, 1), overlay_ip(net, 2)
-    sh(["ip", "addr", "add", f"{kip}/24", "dev", vx], ns=u2)
-    sh(["ip", "link", "set", vx, "up"], ns=u2)
+    gip, kip = kernel_vxlan(net, u2, ip1)
     www = workdir / "www"
     www.mkdir()
     data = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest()
