@@ -2,7 +2,9 @@
 """The compiled MAC learning table (see _fdb.pxd): a chained hash table over a fixed array
 of entries, guarded by a spinlock that PMD threads take for a few instructions per upcall
 and the control thread takes to expire, show (a copy, formatted outside the lock) and
-forget ports. No rules, no ports, no packets here.
+forget ports. Entries learned with a remote (a flow-based tunnel port's) are counted per
+(port, remote, VNI) in a small list that a flood reads. No rules, no ports, no packets
+here.
 """
 
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -50,6 +52,44 @@ cdef int32_t find(fdb_t *f, uint16_t vlan, const uint8_t *mac) noexcept nogil:
     return -1
 
 
+cdef int32_t remote_find(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
+    cdef uint32_t i
+    for i in range(f.nremotes):
+        if f.remotes[i].port == port and f.remotes[i].remote == remote and \
+                f.remotes[i].vni == vni:
+            return i
+    return -1
+
+
+cdef void remote_ref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
+    """One more entry behind (port, remote, vni) (none without a remote)."""
+    cdef int32_t i
+    if remote == 0:
+        return
+    i = remote_find(f, port, remote, vni)
+    if i >= 0:
+        f.remotes[i].refs += 1
+        return
+    if f.nremotes == FDB_REMOTES:
+        f.remotes_full += 1
+        return
+    f.remotes[f.nremotes].port = port
+    f.remotes[f.nremotes].remote = remote
+    f.remotes[f.nremotes].vni = vni
+    f.remotes[f.nremotes].refs = 1
+    f.nremotes += 1
+
+
+cdef void remote_unref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
+    cdef int32_t i = remote_find(f, port, remote, vni) if remote else -1
+    if i < 0:                                      # none, or not listed (the list was full)
+        return
+    f.remotes[i].refs -= 1
+    if f.remotes[i].refs == 0:                     # its last entry went: the last one's slot
+        f.nremotes -= 1
+        f.remotes[i] = f.remotes[f.nremotes]
+
+
 cdef void unlink(fdb_t *f, int32_t idx) noexcept nogil:
     cdef fdb_entry_t *e = &f.e[idx]
     cdef int32_t *link = &f.buckets[mac_hash(e.vlan, e.mac) & (f.nbuckets - 1)]
@@ -58,6 +98,9 @@ cdef void unlink(fdb_t *f, int32_t idx) noexcept nogil:
     if link[0] == idx:
         link[0] = e.next
     e.in_use = 0
+    remote_unref(f, e.port, e.remote, e.vni)
+    e.remote = 0
+    e.vni = 0
     e.ver += 1
     f.add_gen += 1                 # decisions that could not learn may now (see fdb_t)
     e.next = f.free_head
@@ -86,11 +129,13 @@ cdef int32_t evict_one(fdb_t *f, uint32_t now) noexcept nogil:
     return best
 
 
-cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port, uint32_t now,
+cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port,
+                   uint32_t remote, uint32_t vni, uint32_t now,
                    uint32_t *idx, uint32_t *ver) noexcept nogil:
-    """Record ``mac`` behind ``port``: 0 seen again, 1 new, 2 moved, -1 not learned (group
-    address, the port's limit, a damped move). ``idx``/``ver`` name the entry the
-    decision depends on (0xFFFFFFFF if none)."""
+    """Record ``mac`` behind ``port`` (and ``remote``/``vni`` on it, remote 0: none): 0 seen
+    again, 1 new, 2 moved (another port, or another remote of the same port), -1 not
+    learned (group address, the port's limit, a damped move). ``idx``/``ver`` name the
+    entry the decision depends on (0xFFFFFFFF if none)."""
     cdef int32_t i
     cdef fdb_entry_t *e
     cdef uint32_t h
@@ -105,14 +150,14 @@ cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port, u
         e = &f.e[i]
         idx[0] = i
         ver[0] = e.ver
-        if e.port == port:
+        if e.port == port and e.remote == remote and e.vni == vni:
             e.used_ms = now
             vh_unlock(&f.lock)
             return 0
         if age_gt(now, e.window_ms, MOVE_WINDOW_MS):
             e.window_ms = now
             e.moves = 0
-        if e.moves >= MOVE_LIMIT or (f.port_limit[port] and
+        if e.moves >= MOVE_LIMIT or (e.port != port and f.port_limit[port] and
                                      f.port_count[port] >= f.port_limit[port]):
             if e.moves >= MOVE_LIMIT:
                 f.damped += 1
@@ -125,10 +170,15 @@ cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port, u
             vh_unlock(&f.lock)
             return -1
         e.moves += 1
-        if f.port_count[e.port]:
-            f.port_count[e.port] -= 1
-        f.port_count[port] += 1
+        if e.port != port:
+            if f.port_count[e.port]:
+                f.port_count[e.port] -= 1
+            f.port_count[port] += 1
+        remote_unref(f, e.port, e.remote, e.vni)
+        remote_ref(f, port, remote, vni)
         e.port = port
+        e.remote = remote
+        e.vni = vni
         e.used_ms = now
         e.ver += 1
         ver[0] = e.ver
@@ -150,6 +200,9 @@ cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port, u
     memcpy(e.mac, mac, 6)
     e.vlan = vlan
     e.port = port
+    e.remote = remote
+    e.vni = vni
+    remote_ref(f, port, remote, vni)
     e.in_use = 1
     e.used_ms = now
     e.window_ms = now
@@ -169,20 +222,39 @@ cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port, u
 
 
 cdef int fdb_lookup(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint32_t *idx,
-                    uint32_t *ver) noexcept nogil:
-    """The port ``mac`` was learned on, or -1 (``idx``/``ver`` name the entry)."""
+                    uint32_t *ver, uint32_t *remote, uint32_t *vni) noexcept nogil:
+    """The port ``mac`` was learned on, or -1 (``idx``/``ver`` name the entry; ``remote``
+    and ``vni`` the remote on that port it came from, remote 0: none)."""
     cdef int32_t i
     cdef int port = -1
     idx[0] = 0xFFFFFFFF
     ver[0] = 0
+    remote[0] = 0
+    vni[0] = 0
     vh_lock(&f.lock)
     i = find(f, vlan, mac)
     if i >= 0:
         port = f.e[i].port
         idx[0] = i
         ver[0] = f.e[i].ver
+        remote[0] = f.e[i].remote
+        vni[0] = f.e[i].vni
     vh_unlock(&f.lock)
     return port
+
+
+cdef uint32_t fdb_remotes(fdb_t *f, uint16_t port, uint32_t *out, uint32_t room) noexcept nogil:
+    """The remotes learned behind ``port``: (remote, vni) pairs into ``out`` (at most
+    ``room`` pairs); how many."""
+    cdef uint32_t i, n = 0
+    vh_lock(&f.lock)
+    for i in range(f.nremotes):
+        if f.remotes[i].port == port and n < room:
+            out[2 * n] = f.remotes[i].remote
+            out[2 * n + 1] = f.remotes[i].vni
+            n += 1
+    vh_unlock(&f.lock)
+    return n
 
 
 cdef class MacTable:
@@ -237,20 +309,35 @@ cdef class MacTable:
             raise ValueError(f"port id {port} out of range")
         self.f.port_limit[port] = limit
 
-    def learn(self, int vlan, bytes mac, int port, now=None):
-        """As a PMD learns (tests and tools): 0 seen, 1 new, 2 moved, -1 not learned."""
-        cdef uint32_t idx, ver
+    def learn(self, int vlan, bytes mac, int port, now=None, bytes remote=None,
+              uint32_t vni=0):
+        """As a PMD learns (tests and tools): 0 seen, 1 new, 2 moved, -1 not learned.
+        ``remote`` (4 bytes, IPv4) and ``vni``: the remote on ``port`` it came from."""
+        cdef uint32_t idx, ver, r = 0
         if len(mac) != 6 or not 0 <= vlan < 4096 or not 0 <= port < 0xFFFF:
             raise ValueError("bad vlan, mac or port")
-        return fdb_learn(self.f, vlan, mac, port, now_ms() if now is None else now,
-                         &idx, &ver)
+        if remote is not None:
+            if len(remote) != 4 or remote == bytes(4):
+                raise ValueError("a remote is a non-zero IPv4 address (4 bytes)")
+            memcpy(&r, <const char *>remote, 4)
+        return fdb_learn(self.f, vlan, mac, port, r, vni if r else 0,
+                         now_ms() if now is None else now, &idx, &ver)
+
+    def remotes(self, int port):
+        """The (remote address bytes, vni) learned behind ``port``, as a flood reaches them."""
+        cdef uint32_t out[2 * FDB_REMOTES]
+        cdef uint32_t n, i
+        if not 0 <= port < FDB_PORTS:
+            raise ValueError(f"port id {port} out of range")
+        n = fdb_remotes(self.f, port, out, FDB_REMOTES)
+        return sorted(((<char *>&out[2 * i])[:4], out[2 * i + 1]) for i in range(n))
 
     def lookup(self, int vlan, bytes mac):
-        cdef uint32_t idx, ver
+        cdef uint32_t idx, ver, remote, vni
         cdef int port
         if len(mac) != 6 or not 0 <= vlan < 4096:
             raise ValueError("bad vlan or mac")
-        port = fdb_lookup(self.f, vlan, mac, &idx, &ver)
+        port = fdb_lookup(self.f, vlan, mac, &idx, &ver, &remote, &vni)
         return None if port < 0 else port
 
     def expire(self, now=None):
@@ -281,8 +368,9 @@ cdef class MacTable:
         return n
 
     def rows(self, now=None):
-        """(port id, vlan, mac bytes, age seconds) of every entry: a copy taken in one short
-        hold of the lock, formatted after it (forwarding never waits on a show)."""
+        """(port id, vlan, mac bytes, age seconds, remote bytes or None, vni) of every entry:
+        a copy taken in one short hold of the lock, formatted after it (forwarding never
+        waits on a show)."""
         cdef uint32_t t = now_ms() if now is None else now, i
         cdef fdb_entry_t *snap = <fdb_entry_t *>malloc(self.f.size * sizeof(fdb_entry_t))
         if snap == NULL:
@@ -293,7 +381,8 @@ cdef class MacTable:
             vh_unlock(&self.f.lock)
         try:
             return [(snap[i].port, snap[i].vlan, (<char *>snap[i].mac)[:6],
-                     age(t, snap[i].used_ms) // 1000)
+                     age(t, snap[i].used_ms) // 1000,
+                     (<char *>&snap[i].remote)[:4] if snap[i].remote else None, snap[i].vni)
                     for i in range(self.f.size) if snap[i].in_use]
         finally:
             free(snap)
@@ -301,7 +390,8 @@ cdef class MacTable:
     def stats(self):
         return {"entries": self.f.count, "size": self.f.size, "learned": self.f.learned,
                 "moved": self.f.moved, "evicted": self.f.evicted, "expired": self.f.expired,
-                "refused": self.f.refused, "damped": self.f.damped}
+                "refused": self.f.refused, "damped": self.f.damped,
+                "remotes": self.f.nremotes, "remotes_full": self.f.remotes_full}
 
     def last_damped(self):
         """(vlan, mac) of the last MAC whose move was ignored."""

@@ -45,3 +45,7 @@ cdef class PortDev:
     cdef const port_ops_t *ops
     cdef void *dev
     cdef readonly int nqueues
+    # 1: one port for many remotes (a flow-based tunnel port): it sends each frame to the
+    # frame's tun_dst with its tun_id, so NORMAL learns the remote of each MAC seen on it
+    # and a flood sends a copy to each remote learned (the switch sets both)
+    cdef readonly int per_remote

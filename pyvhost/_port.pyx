@@ -8,6 +8,7 @@ cdef class PortDev:
         self.ops = NULL
         self.dev = NULL
         self.nqueues = 0
+        self.per_remote = 0
 
     @property
     def ready(self):

@@ -13,7 +13,11 @@ an upcall, also without the GIL: the bridge's compiled classifier gives the rule
 the megaflow mask, NORMAL is resolved through the MAC table (learning the source), and
 the result is cached with what it depends on: the datapath generation (ports, bridges),
 the bridge classifier's generation, and the MAC table entries it used (or the table's add
-generation when it flooded an unknown destination). So a learned, moved or expired MAC
+generation when it flooded an unknown destination). A port that reaches many remotes (a
+flow-based tunnel port, PortDev.per_remote) has each MAC learned with the remote it came
+from: NORMAL output to it sets tun_dst/tun_id first (the decision depends on that entry,
+so a MAC that moves to another remote makes it stale), and a flood sends that port one
+copy per remote learned behind it. So a learned, moved or expired MAC
 makes stale only the decisions that used it, and a rule change only its bridge's. Cache
 hits refresh the source MAC's entry. Upcall time is limited per input port so a miss
 storm from one port cannot starve the others. Ports and bridges are freed only after
@@ -30,7 +34,7 @@ from pyvhost._classifier cimport (
     Classifier, RULE_NORMAL, cls_lookup, cls_read_lock, cls_result_t, cls_rule_t, cls_t,
     cls_unlock,
 )
-from pyvhost._fdb cimport MacTable, fdb_learn, fdb_lookup, fdb_t
+from pyvhost._fdb cimport FDB_REMOTES, MacTable, fdb_learn, fdb_lookup, fdb_remotes, fdb_t
 from pyvhost._flow cimport (
     DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_FLOOD, OP_NORMAL, OP_OUTPUT,
     OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI, action_op_t,
@@ -112,6 +116,7 @@ cdef struct port_t:
     uint16_t mirror_rx                   # the bridge's mirrors that select its input,
     uint16_t mirror_tx                   # its output (bits: mirror_set_t indices)
     int mirror_only                      # a mirror's output: nothing else in or out
+    int per_remote                       # many remotes (PortDev.per_remote)
     const port_ops_t *ops                # the port's class
     void *dev                            # its device state (kept alive by a PortDev)
     bucket_t police
@@ -154,6 +159,7 @@ cdef struct keymask_t:
 
 cdef keymask_t IN_PORT_MASK        # every megaflow matches its input port exactly
 cdef keymask_t NORMAL_MASK         # the fields MAC learning looks at
+cdef keymask_t REMOTE_MASK         # and the remote it learns on a per-remote port
 
 
 cdef void init_masks():
@@ -165,6 +171,10 @@ cdef void init_masks():
     memset(k.dl_src, 0xFF, 6)
     memset(k.dl_dst, 0xFF, 6)
     memcpy(NORMAL_MASK.w, &k, sizeof(k))
+    memset(&k, 0, sizeof(k))
+    k.tun_id = 0xFFFFFFFF
+    k.tun_src = 0xFFFFFFFF
+    memcpy(REMOTE_MASK.w, &k, sizeof(k))
 
 
 init_masks()
@@ -407,6 +417,7 @@ cdef class Datapath:
         p.nqueues = dev.nqueues
         p.ops = dev.ops
         p.dev = dev.dev
+        p.per_remote = dev.per_remote
         p.up = 1
         self.port_objs[port_id] = dev
         self.sw.ports[port_id] = p
@@ -645,39 +656,67 @@ cdef class Pmd:
             if res.ops[i].op == OP_NORMAL:
                 for j in range(KEY_WORDS):
                     mask[j] |= NORMAL_MASK.w[j]
-                if self.normal(b, inp, k, a, &a.ops[n]):
-                    n += 1
+                    if inp.per_remote:             # the remote it learns
+                        mask[j] |= REMOTE_MASK.w[j]
+                j = self.normal(b, inp, k, a, &a.ops[n], MAX_ACTION_OPS - n)
+                if j < 0:
+                    return -1
+                n += j
             else:
                 a.ops[n] = res.ops[i]
                 n += 1
         a.n_ops = n
         return 0
 
-    cdef bint normal(self, bridge_t *b, port_t *inp, const flow_key_t *k, actions_t *a,
-                     action_op_t *op) noexcept nogil:
-        """MAC learning: learn the source, then one op for the destination (or none)."""
+    cdef int normal(self, bridge_t *b, port_t *inp, const flow_key_t *k, actions_t *a,
+                    action_op_t *op, int room) noexcept nogil:
+        """MAC learning: learn the source (with its remote on a per-remote port), then the
+        ops for the destination: how many (0: none; -1: more than ``room``, drop)."""
         cdef uint16_t vlan = k.vlan_tci & 0x0FFF if k.vlan_tci else 0
         cdef uint32_t learn_gen = vh_load_u32(&b.fdb.add_gen)
+        cdef uint32_t remote = 0, vni = 0, h
         cdef int port
-        if fdb_learn(b.fdb, vlan, k.dl_src, inp.id, self.now_ms, &a.src_idx, &a.src_ver) < 0 \
+        if inp.per_remote:
+            remote = k.tun_src
+            vni = k.tun_id if remote else 0
+        if fdb_learn(b.fdb, vlan, k.dl_src, inp.id, remote, vni, self.now_ms,
+                     &a.src_idx, &a.src_ver) < 0 \
                 and not k.dl_src[0] & 1:           # not learned (a group address never is):
             a.flags |= DEP_LEARN                   # try again once the table changes
             a.learn_gen = learn_gen
+        if room < 1:
+            return -1
         op.arg = 0
         if k.dl_dst[0] & 1:
             op.op = OP_FLOOD
-            return True
-        port = fdb_lookup(b.fdb, vlan, k.dl_dst, &a.dst_idx, &a.dst_ver)
+            return 1
+        port = fdb_lookup(b.fdb, vlan, k.dl_dst, &a.dst_idx, &a.dst_ver, &remote, &vni)
         if port < 0:
             a.flags |= DEP_LEARN                   # unknown: flood until it is learned
             a.learn_gen = learn_gen
             op.op = OP_FLOOD
-            return True
+            return 1
         if port == inp.id:
-            return False
-        op.op = OP_OUTPUT
-        op.arg = port
-        return True
+            return 0
+        if remote == 0:
+            op.op = OP_OUTPUT
+            op.arg = port
+            return 1
+        if room < 5:                               # to its remote: set tun_id and tun_dst
+            return -1
+        h = ((remote & 0xFF) << 24) | (((remote >> 8) & 0xFF) << 16) | \
+            (((remote >> 16) & 0xFF) << 8) | (remote >> 24)     # host order, as the op's
+        op[0].op = OP_TUN_HI
+        op[0].arg = vni >> 16
+        op[1].op = OP_SET_TUN_ID
+        op[1].arg = vni & 0xFFFF
+        op[2].op = OP_TUN_HI
+        op[2].arg = h >> 16
+        op[3].op = OP_SET_TUN_DST
+        op[3].arg = h & 0xFFFF
+        op[4].op = OP_OUTPUT
+        op[4].arg = port
+        return 5
 
     cdef void flush(self, uint16_t port_id) noexcept nogil:
         cdef uint32_t n = self.nbatch[port_id], sent = 0, failed = 0
@@ -779,6 +818,26 @@ cdef class Pmd:
             mirrored[0] |= self.mirror(o.mirror_tx & ~mirrored[0], inp, p, k)
         self.output(o.id, p)
 
+    cdef void flood_remotes(self, port_t *inp, port_t *o, pkt_t *p, const flow_key_t *k,
+                            uint16_t *mirrored) noexcept nogil:
+        """A copy of ``p`` into ``o`` for each remote the MAC table learned behind it,
+        with that remote's tun_dst and tun_id."""
+        cdef uint32_t remotes[2 * FDB_REMOTES]
+        cdef uint32_t n, i
+        cdef pkt_t *c
+        cdef bridge_t *b = self.sw.bridges[inp.bridge]
+        if b == NULL:
+            return
+        n = fdb_remotes(b.fdb, o.id, remotes, FDB_REMOTES)
+        for i in range(n):
+            c = self.clone(p)
+            if c == NULL:
+                vh_add_u64(&inp.c.drop_copy, 1)
+                continue
+            c.tun_dst = remotes[2 * i]
+            c.tun_id = remotes[2 * i + 1]
+            self.send(inp, o, c, k, mirrored)
+
     cdef void execute(self, port_t *inp, pkt_t *p, const actions_t *a,
                       const flow_key_t *k, uint16_t mirrored) noexcept nogil:
         """Run ``a`` on ``p`` (whose key is ``k``, which the mirrors in ``mirrored`` have
@@ -815,6 +874,9 @@ cdef class Pmd:
                     o = self.sw.ports[j]
                     if o != NULL and o.up and o.bridge == inp.bridge and j != inp.id \
                             and not o.mirror_only:
+                        if o.per_remote:           # a copy per remote behind it
+                            self.flood_remotes(inp, o, p, k, &mirrored)
+                            continue
                         if last != NULL:
                             c = self.clone(p)
                             if c != NULL:

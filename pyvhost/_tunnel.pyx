@@ -544,6 +544,7 @@ cdef class TunnelDev(PortDev):
         if not 1 <= len(tx_fds) <= TUN_TX_SOCKS or any(f < 0 for f in tx_fds):
             raise ValueError(f"1 to {TUN_TX_SOCKS} open sending sockets")
         self.sock_obj = sock
+        self.per_remote = self.d.flow_remote or self.d.flow_key   # NORMAL learns remotes
         self.d.kind = sock.s.kind
         memcpy(&self.d.remote, <const char *>remote, 4)
         self.d.vni = vni

@@ -175,6 +175,8 @@ def test_mac_table_learn_move_age():
 
 
 class FakePort:
+    per_remote = False
+
     def __init__(self, name, port_id, ofport):
         self.name, self.port_id, self.ofport = name, port_id, ofport
 

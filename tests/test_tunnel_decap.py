@@ -391,8 +391,9 @@ def test_two_ports_on_one_socket_each_get_their_frames():
 
 def test_a_flow_based_port_takes_any_remote_and_vni_and_needs_a_destination():
     """remote_ip=flow key=flow: datagrams from any address with any VNI are its own; a
-    frame without tun_dst (nothing set it: here NORMAL floods one) is not sent, and
-    counted; a fixed port on the same socket still gets its own first."""
+    fixed port on the same socket still gets its own first. NORMAL floods a frame to a
+    flow-based port as one copy per remote (address, VNI) learned behind it, and a
+    flow-based port with none learned (port 2) sends nothing."""
     rig = Rig(vnis=(-1, 42), remote=None)
     try:
         fixed = TunnelDev(rig.sock, socket.inet_aton("127.0.0.1"), rig.peer.getsockname()[1],
@@ -405,9 +406,18 @@ def test_a_flow_based_port_takes_any_remote_and_vni_and_needs_a_destination():
         c = rig.wait(lambda c: c["1.rx_packets"] + c["2.rx_packets"] == 3 and
                      rig.dp.port_stats(3)["rx_packets"] == 1)
         assert c["1.rx_packets"] == 3 and c["2.rx_packets"] == 0, c
+        while rig.at_peer(0.3) is not None:               # what those floods sent
+            pass
+        before = rig.counters()
         _, frame = udp_frame(MAC1, MAC2)
-        rig.tap.send(NO_HDR + frame)                     # flooded: to both ports
-        rig.wait(lambda c: c["1.tx_no_remote"] >= 1)
+        rig.tap.send(NO_HDR + frame)                     # flooded: to every remote
+        got = sorted(rig.at_peer()[0][:8] for _ in range(4))
+        assert got == sorted(rig.header(vni) for vni in (1, 2, 3, 42)), got
+        assert rig.at_peer(0.3) is None
+        c = rig.counters()
+        assert c["1.tx_datagrams"] - before["1.tx_datagrams"] == 3, c
+        assert c["2.tx_datagrams"] == 0, c
+        assert c["1.tx_no_remote"] == c["2.tx_no_remote"] == 0, c
     finally:
         rig.dp.remove_port(3)
         fixed.detach()

@@ -268,16 +268,23 @@ def overlay_ip(net, host: int) -> str:
     return f"10.{int(x) - 100}.{y}.{host}"       # another private /24 (the test's own)
 
 
+def kernel_vxlan(net, ns: str, remote: str) -> tuple[str, str]:
+    """The kernel's vxlan device (VNI 42, port 4789) in ``ns`` (u2 of ``underlay``) to
+    ``remote``: (the guest's overlay address, the device's)."""
+    vx = net.name("tvx")
+    sh(["ip", "link", "add", vx, "type", "vxlan", "id", "42", "remote", remote, "dstport",
+        "4789", "dev", net.name("tva")], ns=ns)
+    gip, kip = overlay_ip(net, 1), overlay_ip(net, 2)
+    sh(["ip", "addr", "add", f"{kip}/24", "dev", vx], ns=ns)
+    sh(["ip", "link", "set", vx, "up"], ns=ns)
+    return gip, kip
+
+
 @needs_root
 @pytest.mark.slow
 def test_guest_reaches_the_kernel_vxlan_device(workdir, net):
     u1, u2, ip1, ip2 = underlay(net)
-    vx = net.name("tvx")
-    sh(["ip", "link", "add", vx, "type", "vxlan", "id", "42", "remote", ip1, "dstport",
-        "4789", "dev", net.name("tva")], ns=u2)
-    gip, kip = overlay_ip(net, 1), overlay_ip(net, 2)
-    sh(["ip", "addr", "add", f"{kip}/24", "dev", vx], ns=u2)
-    sh(["ip", "link", "set", vx, "up"], ns=u2)
+    gip, kip = kernel_vxlan(net, u2, ip1)
     sw = ns_switch(workdir, u1, "sw1")
     with stopping(sw):
         ctl(sw, "add-br", "br0")

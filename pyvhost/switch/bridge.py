@@ -8,6 +8,7 @@ or sockets here.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
 NO_PACKET_PORT = 0xFFFE   # trace of a packet given without in_port (matches no in_port rule)
 IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
 NORMAL_MASK = pack_key({"vlan_tci": 0xFFFF, "dl_src": b"\xff" * 6, "dl_dst": b"\xff" * 6})
+REMOTE_MASK = pack_key({"tun_id": 0xFFFFFFFF, "tun_src": b"\xff" * 4})   # per-remote ports
 DEFAULT_MAC_TABLE_SIZE = 8192
 DEFAULT_MAC_AGING = 300
 
@@ -277,6 +279,8 @@ class Bridge:
                 outputs += self._normal_outputs(fields, port)
         if any(op == OP_NORMAL for op, _ in ops):        # as the datapath widens it
             mask = bytes(a | b for a, b in zip(mask, NORMAL_MASK, strict=True))
+            if port is not None and port.per_remote:     # the remote it learns
+                mask = bytes(a | b for a, b in zip(mask, REMOTE_MASK, strict=True))
         mask = bytes(a | b for a, b in zip(mask, IN_PORT_MASK, strict=True))
         rules = [(t, self.rules[rid]) for t, rid in hops]
         seen = set()
@@ -300,9 +304,12 @@ class Bridge:
         self.mac_limits[port.name] = limit
         self.macs.set_port_limit(port.port_id, limit)
 
-    def fdb_rows(self) -> list[tuple[str, int, str, int]]:
-        """(port, vlan, mac, age) rows, as ovs-appctl fdb/show prints them."""
+    def fdb_rows(self) -> list[tuple[str, int, str, int, str | None, int | None]]:
+        """(port, vlan, mac, age, remote, key) rows, as ovs-appctl fdb/show prints them;
+        remote and key (the VNI) are None but for MACs behind a per-remote port."""
         names = {p.port_id: p.name for p in self.ports.values()}
-        rows = [(names.get(pid, str(pid)), vlan, mac.hex(":"), age)
-                for pid, vlan, mac, age in self.macs.rows()]
-        return sorted(rows)
+        rows = [(names.get(pid, str(pid)), vlan, mac.hex(":"), age,
+                 None if remote is None else socket.inet_ntoa(remote),
+                 None if remote is None else vni)
+                for pid, vlan, mac, age, remote, vni in self.macs.rows()]
+        return sorted(rows, key=lambda r: r[:4])

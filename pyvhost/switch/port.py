@@ -34,6 +34,11 @@ class Port:
     ofport: int
     active: int = 1                       # queue pairs polled
 
+    @property
+    def per_remote(self) -> bool:
+        """Does the port reach many remotes (MAC learning keeps each MAC's)?"""
+        return False
+
     def datapath_dev(self):
         """The port's compiled device (a pyvhost._port.PortDev) for the datapath."""
         raise NotImplementedError

@@ -841,13 +841,21 @@ class Switch:
         return "\n".join(out)
 
     def fdb_data(self, bridge_name: str) -> list[dict]:
-        return [{"port": port, "vlan": vlan, "mac": mac, "age": age}
-                for port, vlan, mac, age in self._bridge(bridge_name).fdb_rows()]
+        out = []
+        for port, vlan, mac, age, remote, key in self._bridge(bridge_name).fdb_rows():
+            row = {"port": port, "vlan": vlan, "mac": mac, "age": age}
+            if remote is not None:                 # behind a per-remote port: which one
+                row.update(remote=remote, key=key)
+            out.append(row)
+        return out
 
     def fdb_show(self, bridge_name: str) -> str:
         rows = [" port  VLAN  MAC                Age"]
         for r in self.fdb_data(bridge_name):
-            rows.append(f"{r['port']:>5} {r['vlan']:5}  {r['mac']}  {r['age']:4}")
+            line = f"{r['port']:>5} {r['vlan']:5}  {r['mac']}  {r['age']:4}"
+            if "remote" in r:
+                line += f"  remote={r['remote']} key={r['key']}"
+            rows.append(line)
         return "\n".join(rows)
 
     def pmd_rxq_data(self) -> list[dict]:

@@ -236,6 +236,10 @@ class TunnelPort(Port):
     def datapath_dev(self):
         return self.dev
 
+    @property
+    def per_remote(self) -> bool:
+        return self.cfg.remote_ip == "flow" or self.cfg.key is None
+
     async def close(self) -> None:
         if self.abandoned or self.closed:
             return
