@@ -32,14 +32,16 @@ from pyvhost._classifier cimport (
 )
 from pyvhost._fdb cimport MacTable, fdb_learn, fdb_lookup, fdb_t
 from pyvhost._flow cimport (
-    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_FLOOD, OP_NORMAL, OP_OUTPUT, OP_SET_VLAN,
-    OP_STRIP_VLAN, action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash,
-    flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
+    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_IN_PORT, OP_NORMAL,
+    OP_OUTPUT, OP_SET_VLAN, OP_STRIP_VLAN, action_op_t, actions_t, emc_insert, emc_lookup, emc_t,
+    flow_extract, flow_hash, flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set,
+    vlan_strip,
 )
 from pyvhost._idle cimport (
     IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
 )
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
+from pyvhost._punt cimport PUNT_NO_RULE, PuntQueue, punt_push, punt_t
 from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
     MAX_BURST, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
@@ -121,6 +123,7 @@ cdef struct switch_t:
     port_t *ports[MAX_PORTS]
     bridge_t *bridges[MAX_BRIDGES]
     uint32_t gen
+    punt_t *punt             # the controller queue (NULL: CONTROLLER drops)
 
 cdef struct rxq_ref_t:
     uint16_t port
@@ -218,6 +221,7 @@ cdef class Datapath:
     cdef dict bridge_objs          # bridge id -> (Classifier, MacTable) kept alive
     cdef list stuck                # tables a stuck PMD may still hold
     cdef readonly list pmds
+    cdef object punt_obj           # the PuntQueue behind sw.punt, kept alive
 
     def __cinit__(self):
         self.sw = <switch_t *>calloc(1, sizeof(switch_t))
@@ -274,6 +278,15 @@ cdef class Datapath:
         self.synchronize()
         free(b)
         del self.bridge_objs[bridge_id]
+
+    def set_punt(self, PuntQueue queue):
+        """Frames an output to CONTROLLER sends go to ``queue`` (None: they are dropped)."""
+        old = self.punt_obj
+        self.sw.punt = queue.q if queue is not None else NULL
+        self.punt_obj = queue
+        vh_fence_seq_cst()
+        if old is not None and old is not queue:
+            self.synchronize()                      # no PMD still pushes into the old one
 
     def invalidate(self):
         """Every cached flow of every bridge is stale (a port or a bridge came or went)."""
@@ -423,6 +436,7 @@ cdef class Pmd:
     cdef uint8_t is_touched[MAX_PORTS]
     cdef uint32_t ntouched
     cdef port_t *cur_inp                # the port whose burst is being processed
+    cdef port_t ext_port                # inject(): the input of a frame from no port
 
     def __cinit__(self, Datapath dp, int pmd_id, PacketPool pool, int flow_limit):
         self.dp = dp
@@ -554,9 +568,12 @@ cdef class Pmd:
         cdef uint16_t vlan = k.vlan_tci & 0x0FFF if k.vlan_tci else 0
         cdef uint32_t learn_gen = vh_load_u32(&b.fdb.add_gen)
         cdef int port
-        if fdb_learn(b.fdb, vlan, k.dl_src, inp.id, self.now_ms, &a.src_idx, &a.src_ver) < 0 \
-                and not k.dl_src[0] & 1:           # not learned (a group address never is):
-            a.flags |= DEP_LEARN                   # try again once the table changes
+        if inp.id >= MAX_PORTS:                    # inject() from no port: nothing to learn
+            pass
+        elif fdb_learn(b.fdb, vlan, k.dl_src, inp.id, self.now_ms, &a.src_idx,
+                       &a.src_ver) < 0 and not k.dl_src[0] & 1:
+            a.flags |= DEP_LEARN                   # not learned (a group address never is):
+                                                   # try again once the table changes
             a.learn_gen = learn_gen
         op.arg = 0
         if k.dl_dst[0] & 1:
@@ -674,6 +691,19 @@ cdef class Pmd:
                             self.output(last_port, c)
                         else:
                             vh_add_u64(&inp.c.drop_copy, 1)
+            elif op == OP_CONTROLLER:
+                self.to_controller(inp, p, a, i)
+            elif op == OP_IN_PORT:
+                if inp.id < MAX_PORTS and self.sw.ports[inp.id] == inp:
+                    if final:
+                        self.output(inp.id, p)
+                        owned = False
+                    else:
+                        c = self.clone(p)
+                        if c != NULL:
+                            self.output(inp.id, c)
+                        else:
+                            vh_add_u64(&inp.c.drop_copy, 1)
             elif op == OP_SET_VLAN:
                 vlan_set(p, a.ops[i].arg)
             elif op == OP_STRIP_VLAN:
@@ -682,6 +712,118 @@ cdef class Pmd:
             if a.n_ops == 0:
                 vh_add_u64(&inp.c.drop_action, 1)
             pool_put(self.pool, p)
+
+    cdef void to_controller(self, port_t *inp, const pkt_t *p, const actions_t *a,
+                            int at) noexcept nogil:
+        """Op ``at`` of ``a`` (an OP_CONTROLLER) hands a copy of ``p`` to the controller
+        queue, with the rule whose action it was (the k-th controller op of the entry is
+        the k-th of its rules, in table order)."""
+        cdef int i, j, k = 0
+        cdef uint32_t h
+        cdef cls_rule_t *r
+        cdef uint32_t rid = PUNT_NO_RULE, prio = 0
+        cdef uint8_t table = 0
+        for i in range(at):
+            if a.ops[i].op == OP_CONTROLLER:
+                k += 1
+        for h in range(a.n_rules):
+            r = <cls_rule_t *>a.rules[h]
+            for j in range(r.n_ops):
+                if r.ops[j].op == OP_CONTROLLER:
+                    if k == 0:
+                        rid, prio, table = r.id, r.priority, r.table
+                        break
+                    k -= 1
+            if rid != PUNT_NO_RULE:
+                break
+        punt_push(self.sw.punt, p, inp.bridge, inp.id, rid, prio, table, a.ops[at].arg)
+
+    def inject(self, int bridge_id, int in_port, bytes frame, ops=None):
+        """Send ``frame`` as if it came in on port ``in_port`` of bridge ``bridge_id`` (a
+        port id, or -1: from no port), run through ``ops`` ([(op, arg)], OP_NORMAL
+        resolved through the MAC table) or, when ``ops`` is None, through the bridge's
+        tables (OpenFlow's packet-out to TABLE). For a Pmd no thread runs, on the control
+        thread only: that is the thread that removes ports and bridges. Returns False if
+        the frame was dropped before any action."""
+        cdef actions_t a
+        cdef port_t *inp = NULL
+        cdef pkt_t *p
+        cdef int n = 0, rc
+        cdef bint table = ops is None
+        if self.running_:
+            raise RuntimeError("inject() is for a Pmd no thread runs")
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(f"no bridge {bridge_id}")
+        if not 14 <= len(frame) <= self.pool.buf_size:
+            raise ValueError(f"a frame of {len(frame)} bytes (14..{self.pool.buf_size})")
+        if 0 <= in_port < MAX_PORTS:
+            inp = self.sw.ports[in_port]
+        if inp != NULL and inp.bridge != bridge_id:
+            raise ValueError(f"port {in_port} is not on bridge {bridge_id}")
+        if inp == NULL:
+            if in_port != -1:
+                raise KeyError(f"no port {in_port}")
+            memset(&self.ext_port, 0, sizeof(port_t))
+            self.ext_port.id = 0xFFFF
+            self.ext_port.bridge = bridge_id
+            self.ext_port.up = 1
+            inp = &self.ext_port
+        memset(&a, 0, sizeof(actions_t))
+        a.bridge = bridge_id
+        a.src_idx = NO_FDB
+        a.dst_idx = NO_FDB
+        if not table:
+            if len(ops) > MAX_ACTION_OPS:
+                raise ValueError(f"more than {MAX_ACTION_OPS} actions")
+            for op, arg in ops:
+                if not (0 < op < 0x10000 and 0 <= arg < 0x10000):
+                    raise ValueError(f"bad op ({op}, {arg})")
+                a.ops[n].op = op
+                a.ops[n].arg = arg
+                n += 1
+            a.n_ops = n
+        p = pool_get(self.pool)
+        if p == NULL:
+            raise MemoryError("no packet buffer")
+        memcpy(p.data, <const char *>frame, len(frame))
+        p.len = len(frame)
+        p.in_port = inp.id
+        with nogil:
+            rc = self._inject(inp, p, &a, table)
+        return rc == 0
+
+    cdef int _inject(self, port_t *inp, pkt_t *p, actions_t *a, bint table) noexcept nogil:
+        cdef flow_key_t key
+        cdef uint64_t mask[KEY_WORDS]
+        cdef uint64_t t = now_ns()
+        cdef bridge_t *b = self.sw.bridges[inp.bridge]
+        cdef uint32_t i, n = 0
+        cdef int rc = 0
+        self.now_ms = <uint32_t>(t // 1000000)
+        flow_extract(p, inp.id, &key)
+        self.cur_inp = inp
+        if table:
+            if self.upcall(inp, &key, a, mask) < 0:
+                pool_put(self.pool, p)
+                rc = -1
+            else:
+                self.account(a, p.len, t)
+        else:
+            for i in range(a.n_ops):
+                if a.ops[i].op != OP_NORMAL:
+                    a.ops[n] = a.ops[i]
+                    n += 1
+                elif self.normal(b, inp, &key, a, &a.ops[n]):
+                    n += 1
+            a.n_ops = n
+        if rc == 0:
+            self.execute(inp, p, a)
+        for i in range(self.ntouched):
+            self.flush(self.touched[i])
+            self.is_touched[self.touched[i]] = 0
+        self.ntouched = 0
+        self.cur_inp = NULL
+        return rc
 
     cdef void roll_window(self, uint64_t t) noexcept nogil:
         """A new upcall-fairness window: with several ports sending on this PMD, each may

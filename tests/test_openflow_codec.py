@@ -170,8 +170,10 @@ def test_instructions_round_trip(actions, match):
 
 
 @pytest.mark.parametrize("ins,match,want", [
-    (O.apply_actions(O.output(C.OFPP_IN_PORT)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
-    (O.apply_actions(O.output(C.OFPP_CONTROLLER)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.apply_actions(O.output(C.OFPP_TABLE)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.apply_actions(O.output(C.OFPP_ANY)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.apply_actions(struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER, 0xFFF0)), {},
+     (E.BAD_ACTION, E.BAC_BAD_ARGUMENT)),
     (O.apply_actions(O.output(C.OFPP_LOCAL)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.apply_actions(O.output(C.OFPP_TABLE)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.apply_actions(O.output(0)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
@@ -278,6 +280,7 @@ def flows(r: Running) -> str:
 
 IN1 = O.match(O.oxm(0, struct.pack("!I", 1)))
 TO2 = O.apply_actions(O.output(2))
+FRAME = bytes.fromhex("020000000002020000000001") + b"\x08\x00" + bytes(46)
 
 
 def test_flow_mods_follow_the_spec(running):
@@ -341,7 +344,17 @@ def test_flow_mods_follow_the_spec(running):
     (O.msg(O.FEATURES_REQUEST, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
     (O.msg(O.SET_CONFIG, b"\x00\x00"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
     (O.msg(O.SET_CONFIG, b"\x00\x04\x00\x80"), (E.SWITCH_CONFIG_FAILED, E.SCFC_BAD_FLAGS)),
-    (O.msg(13, bytes(16)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                 # PACKET_OUT
+    (O.msg(13, bytes(16)), (E.BAD_REQUEST, E.BRC_BUFFER_UNKNOWN)),           # PACKET_OUT
+    (O.msg(13, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
+    (O.packet_out(1, O.output(2), FRAME, actions_len=200), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
+    (O.packet_out(1, O.output(2), FRAME, actions_len=12), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
+    (O.packet_out(1, O.output(2), FRAME[:13]), (E.BAD_REQUEST, E.BRC_BAD_PACKET)),
+    (O.packet_out(0, O.output(2), FRAME), (E.BAD_REQUEST, E.BRC_BAD_PORT)),
+    (O.packet_out(9, O.output(2), FRAME), (E.BAD_REQUEST, E.BRC_BAD_PORT)),
+    (O.packet_out(1, O.output(9), FRAME), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.packet_out(1, O.output(C.OFPP_ANY), FRAME), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.packet_out(1, struct.pack("!HH4x", 0, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_LEN)),
+    (O.packet_out(1, struct.pack("!HH4x", 17, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_ARGUMENT)),
     (O.msg(15, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                  # GROUP_MOD
     (O.msg(6, bytes(24)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                  # a reply
     (O.msg(99), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),

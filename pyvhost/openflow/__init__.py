@@ -6,8 +6,10 @@ drive unmodified. Layers, each its own module (dependencies point down):
 - ``oxm``: OXM matches <-> the rule model's match dict;
 - ``actions``: instructions and actions <-> the rule model's actions;
 - ``multipart``: MULTIPART request bodies and reply layouts;
+- ``asyncmsg``: PACKET_IN, FLOW_REMOVED, PORT_STATUS layouts and the PACKET_OUT parser;
 - ``handler``: one bridge's requests applied through the Switch's own methods;
 - ``connection``: one asyncio connection (HELLO, framing, echo, inactivity probe);
+- ``events``: frames of the datapath's controller queue as PACKET_INs, the injector;
 - ``manager``: per bridge listeners (ptcp:, punix:), dpid, persistence in the store;
 - ``commands``: set-controller, del-controller, set-dpid for ``pyvhost ctl``.
 

@@ -28,9 +28,11 @@ import time
 
 from pyvhost._classifier import TABLES
 from pyvhost.switch.commands import CommandError
-from pyvhost.switch.flows import Flow, FlowSyntaxError, Selector, parse_flow
+from pyvhost.switch.flows import VLAN_NONE, Flow, FlowSyntaxError, Selector, parse_flow
+from pyvhost.switch.inject import InjectError
 
 from . import actions as A
+from . import asyncmsg as AM
 from . import codec as C
 from . import errors as E
 from . import multipart as M
@@ -44,7 +46,7 @@ ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
 SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
-UNSUPPORTED_TYPES = {C.PACKET_OUT, C.GROUP_MOD, C.PORT_MOD, C.TABLE_MOD,
+UNSUPPORTED_TYPES = {C.GROUP_MOD, C.PORT_MOD, C.TABLE_MOD,
                      C.QUEUE_GET_CONFIG_REQUEST, C.ROLE_REQUEST, C.GET_ASYNC_REQUEST,
                      C.SET_ASYNC, C.METER_MOD}
 
@@ -71,8 +73,10 @@ class BridgeState:
 class Handler:
     """Answers one connection's requests for bridge ``bridge_name`` of ``switch``."""
 
-    def __init__(self, switch, bridge_name: str, state: BridgeState, dpid: int):
+    def __init__(self, switch, bridge_name: str, state: BridgeState, dpid: int,
+                 injector=None):
         self.switch = switch
+        self.injector = injector
         self.bridge_name = bridge_name
         self.state = state
         self.dpid = dpid
@@ -104,6 +108,9 @@ class Handler:
             return []
         if t == C.MULTIPART_REQUEST:
             return self.multipart(h.xid, body)
+        if t == C.PACKET_OUT:
+            self.packet_out(body)
+            return []
         if t == C.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
         why = f"{C.TYPE_NAMES.get(t, f'type {t}')} is not supported"
@@ -283,7 +290,37 @@ class Handler:
                 return True
             if a[0] == "normal" and out_port == C.OFPP_NORMAL:
                 return True
+            if a[0] == "controller" and out_port == C.OFPP_CONTROLLER:
+                return True
+            if a[0] == "in_port" and out_port == C.OFPP_IN_PORT:
+                return True
         return False
+
+    # -- PACKET_OUT -----------------------------------------------------------------------
+    def packet_out(self, body: bytes) -> None:
+        """Send the frame through its actions (OUTPUT to a port, FLOOD, ALL, IN_PORT,
+        NORMAL, CONTROLLER, TABLE; VLAN edits) as if it came in on ``in_port``."""
+        po = AM.parse_packet_out(body)
+        bridge = self.bridge
+        in_id = -1
+        if po.in_port < C.OFPP_MAX:
+            port = bridge.resolve(str(po.in_port))
+            if port is None:
+                raise OFError(E.BAD_REQUEST, E.BRC_BAD_PORT, f"in_port {po.in_port}: no "
+                                                             "such port")
+            in_id = port.port_id
+        tagged = po.data[12:14] == b"\x81\x00" and len(po.data) >= 18
+        vid = int.from_bytes(po.data[14:16], "big") & 0xFFF if tagged else VLAN_NONE
+        actions = A.decode_actions(po.actions, {"dl_vlan": vid}, packet_out=True)
+        for a in actions:
+            if a[0] == "output" and bridge.resolve(a[1]) is None:
+                raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
+        if self.injector is None:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_TYPE, "PACKET_OUT: no injector")
+        try:
+            self.injector.send(bridge, in_id, po.data, actions)
+        except InjectError as e:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_PACKET, str(e)) from None
 
     # -- MULTIPART ------------------------------------------------------------------------
     def multipart(self, xid: int, body: bytes) -> list[bytes]:

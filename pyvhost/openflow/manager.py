@@ -21,6 +21,7 @@ from pyvhost.backend.endpoint import unlink_socket
 from pyvhost.switch.commands import CommandError
 
 from .connection import DEFAULT_PROBE, Connection
+from .events import Events
 from .handler import BridgeState, Handler
 
 log = logging.getLogger("pyvhost.openflow")
@@ -102,6 +103,7 @@ class OpenFlow:
         self.bridges: dict[str, BridgeOpenFlow] = {}
         self._tasks: set[asyncio.Task] = set()
         self._states: dict[str, BridgeState] = {}      # kept while the bridge lives
+        self.events = Events(self)
 
     # -- settings -------------------------------------------------------------------------
     def _conf(self, bridge: str) -> dict:
@@ -241,6 +243,7 @@ class OpenFlow:
     async def close(self) -> None:
         for name in list(self.bridges):
             await self._stop_bridge(name)
+        self.events.close()
 
     def _state(self, bridge: str) -> BridgeState:
         """A bridge's OpenFlow state (SET_CONFIG, rule flags): it outlives its
@@ -265,6 +268,7 @@ class OpenFlow:
     # -- listeners and connections --------------------------------------------------------
     async def _listen(self, bridge: str, ln: Listener) -> None:
         t = ln.target
+        self.events.start()
 
         def accept(reader, writer):
             task = asyncio.get_running_loop().create_task(
@@ -322,7 +326,9 @@ class OpenFlow:
         peer = writer.get_extra_info("peername") or "unix"
         if isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}"
-        conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid),
+        self.events.start()
+        conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid,
+                                                  self.events.injector),
                           f"{bridge} {peer}", b.probe)
         b.connections.add(conn)
         ln.connections.add(conn)
@@ -344,6 +350,12 @@ class OpenFlow:
                 lines.append(f'    Controller "{ln.target.text}"  {state}')
             n = len(b.connections)
             lines.append(f"        connections: {n}")
+            st = self.events.stats()
+            if st.get("queued") or st.get("packet_ins"):
+                lines.append(f"        packet_in: queued {st['queued']}, sent "
+                             f"{st['packet_ins']}, dropped: rate {st['drop_rate']}, "
+                             f"full {st['drop_full']}, busy {st['drop_busy']}, "
+                             f"no controller {st['no_controller']}")
         if dpid:
             lines.append(f"    datapath_id: {dpid:016x}")
         return lines

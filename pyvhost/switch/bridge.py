@@ -18,8 +18,9 @@ from pyvhost._flow import ACTION_OPS, pack_key
 
 from .flows import Flow, Selector, key_fields, match_key, parse_flow
 
-OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL = (
-    ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal"))
+OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN_PORT = (
+    ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal",
+                            "controller", "in_port"))
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
 NO_PACKET_PORT = 0xFFFE   # trace of a packet given without in_port (matches no in_port rule)
 IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
@@ -127,8 +128,12 @@ class Bridge:
         return match_key(match, in_port)
 
     def _ops(self, flow: Flow) -> list[tuple[int, int]]:
+        return self.action_ops(flow.actions)
+
+    def action_ops(self, actions: tuple) -> list[tuple[int, int]]:
+        """Model actions as datapath ops (ports resolved; a port that is gone: nothing)."""
         ops = []
-        for a in flow.actions:
+        for a in actions:
             if a[0] == "output":
                 port = self.resolve(a[1])
                 if port is not None:                   # a port that went: nothing
@@ -141,6 +146,10 @@ class Bridge:
                 ops.append((OP_STRIP_VLAN, 0))
             elif a[0] == "normal":
                 ops.append((OP_NORMAL, 0))
+            elif a[0] == "controller":
+                ops.append((OP_CONTROLLER, a[1]))
+            elif a[0] == "in_port":
+                ops.append((OP_IN_PORT, 0))
         return ops
 
     def spec(self, flow: Flow) -> tuple:
