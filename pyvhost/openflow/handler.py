@@ -74,9 +74,9 @@ class Handler:
     """Answers one connection's requests for bridge ``bridge_name`` of ``switch``."""
 
     def __init__(self, switch, bridge_name: str, state: BridgeState, dpid: int,
-                 injector=None):
+                 events=None):
         self.switch = switch
-        self.injector = injector
+        self.events = events                   # PACKET_OUT's injector, FLOW_REMOVED
         self.bridge_name = bridge_name
         self.state = state
         self.dpid = dpid
@@ -187,7 +187,11 @@ class Handler:
         else:
             rules = [r for r in rules if self._outputs_to(r, out_port, out_group)]
             if rules:
+                removed = [(r, r.flow, bridge.counters(r)) for r in rules]
+                flags = [self.state.flags_of(r) for r in rules]
                 self._apply(remove=rules)
+                if self.events is not None:
+                    self.events.flows_removed(bridge, removed, "delete", flags)
 
     def _flow(self, flow: Flow) -> Flow:
         """The flow as the model writes and reads it back (the store's copy): a flow whose
@@ -315,10 +319,10 @@ class Handler:
         for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
-        if self.injector is None:
+        if self.events is None or self.events.injector is None:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_TYPE, "PACKET_OUT: no injector")
         try:
-            self.injector.send(bridge, in_id, po.data, actions)
+            self.events.injector.send(bridge, in_id, po.data, actions)
         except InjectError as e:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_PACKET, str(e)) from None
 

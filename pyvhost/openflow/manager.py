@@ -328,7 +328,7 @@ class OpenFlow:
             peer = f"{peer[0]}:{peer[1]}"
         self.events.start()
         conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid,
-                                                  self.events.injector),
+                                                  self.events),
                           f"{bridge} {peer}", b.probe)
         b.connections.add(conn)
         ln.connections.add(conn)

@@ -100,6 +100,10 @@ class Switch:
         self.pmds = self._new_pmds()
         self._timer: asyncio.Task | None = None
         self._stuck_ports: list[Port] = []
+        # observers (pyvhost.openflow): called as f(kind, **info) after a change, kinds
+        # "port_added"/"port_removed" (bridge, port) and "rules_removed" (bridge, reason
+        # "timeout" or "delete", removed: [(rule, flow, (packets, bytes, used_ns))])
+        self.observers: list = []
 
     def _new_pmds(self) -> PmdSet:
         s = self.pmd_settings
@@ -201,7 +205,7 @@ class Switch:
             bridge.macs.expire()
             gone = bridge.expired(now_ns)
             if gone:
-                self._change(bridge, remove=gone)
+                self._remove_rules(bridge, gone, "timeout")
             damped = bridge.macs.stats()["damped"]
             if damped > self._damped_seen.get(bridge.name, 0):
                 vlan, mac = bridge.macs.last_damped()
@@ -416,6 +420,7 @@ class Switch:
         self._assign()
         log.info("port %s (%s, %s, ofport %d) added to %s", name, type_, port.path, of,
                  bridge_name)
+        self._emit("port_added", bridge=bridge, port=port)
 
     def _queues_changed(self, port: Port) -> None:
         """The front-end enabled a ring: poll as many pairs as it has ever enabled."""
@@ -455,6 +460,7 @@ class Switch:
         give_back_memory()                          # its rules were compiled again
         await port.close()
         log.info("port %s removed from %s", name, port.bridge)
+        self._emit("port_removed", bridge=self.bridges[port.bridge], port=port)
 
     def _assign(self) -> None:
         self.pmds.set_rxqs([(p.port_id, q) for p in self.ports.values()
@@ -563,8 +569,22 @@ class Switch:
                   strict: bool = False) -> int:
         bridge = self._bridge(bridge_name)
         gone = bridge.select(selector, strict)
-        self._change(bridge, remove=gone)
+        self._remove_rules(bridge, gone, "delete")
         return len(gone)
+
+    def _remove_rules(self, bridge: Bridge, gone: list[Rule], reason: str) -> None:
+        """Remove rules and tell the observers, with each rule's last counters."""
+        removed = [(r, r.flow, bridge.counters(r)) for r in gone] if self.observers else []
+        self._change(bridge, remove=gone)
+        if removed:
+            self._emit("rules_removed", bridge=bridge, reason=reason, removed=removed)
+
+    def _emit(self, kind: str, **info) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(kind, **info)
+            except Exception:                   # an observer's bug never stops the switch
+                log.exception("observer of %s failed", kind)
 
     def change_rules(self, bridge_name: str, add: list[Flow] = (), remove: list[Rule] = (),
                      modify: list[tuple[Rule, Flow]] = ()) -> list[Rule]:
