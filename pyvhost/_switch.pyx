@@ -118,6 +118,7 @@ cdef struct port_t:
 cdef struct bridge_t:
     cls_t *cls
     fdb_t *fdb
+    int fail_open            # OpenFlow fail-open: NORMAL for every packet, rules unused
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
@@ -222,6 +223,7 @@ cdef class Datapath:
     cdef list stuck                # tables a stuck PMD may still hold
     cdef readonly list pmds
     cdef object punt_obj           # the PuntQueue behind sw.punt, kept alive
+    cdef set fail_open             # ids of the bridges in fail-open mode
 
     def __cinit__(self):
         self.sw = <switch_t *>calloc(1, sizeof(switch_t))
@@ -232,6 +234,7 @@ cdef class Datapath:
         self.bridge_objs = {}
         self.stuck = []
         self.pmds = []
+        self.fail_open = set()
 
     def __dealloc__(self):
         cdef int i
@@ -253,6 +256,7 @@ cdef class Datapath:
             raise MemoryError()
         b.cls = cls.c
         b.fdb = macs.f
+        b.fail_open = bridge_id in self.fail_open
         old = self.sw.bridges[bridge_id]
         old_objs = self.bridge_objs.get(bridge_id)
         self.bridge_objs[bridge_id] = (cls, macs)     # alive before any PMD can see them
@@ -269,6 +273,7 @@ cdef class Datapath:
 
     def remove_bridge(self, int bridge_id):
         cdef bridge_t *b
+        self.fail_open.discard(bridge_id)
         if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
             raise KeyError(bridge_id)
         b = self.sw.bridges[bridge_id]
@@ -287,6 +292,18 @@ cdef class Datapath:
         vh_fence_seq_cst()
         if old is not None and old is not queue:
             self.synchronize()                      # no PMD still pushes into the old one
+
+    def set_fail_open(self, int bridge_id, bint on):
+        """Fail-open (OpenFlow's standalone fail mode with no controller): the bridge
+        forwards every packet by NORMAL, its rules unused but kept; off: rules again."""
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        if on:
+            self.fail_open.add(bridge_id)
+        else:
+            self.fail_open.discard(bridge_id)
+        vh_store_release_int(&self.sw.bridges[bridge_id].fail_open, on)
+        self.invalidate()                           # every cached decision goes stale
 
     def invalidate(self):
         """Every cached flow of every bridge is stale (a port or a bridge came or went)."""
@@ -539,6 +556,13 @@ cdef class Pmd:
         a.flags = 0
         a.src_idx = NO_FDB
         a.dst_idx = NO_FDB
+        if vh_load_acquire_int(&b.fail_open):
+            a.rule_gen = vh_load_u32(&b.cls.gen)
+            a.n_rules = 0
+            for j in range(KEY_WORDS):
+                mask[j] = IN_PORT_MASK.w[j] | NORMAL_MASK.w[j]
+            a.n_ops = 1 if self.normal(b, inp, k, a, &a.ops[0]) else 0
+            return 0
         cls_read_lock(b.cls)
         a.rule_gen = b.cls.gen
         cls_lookup(b.cls, k, mask, &res)

@@ -210,7 +210,7 @@ def test_traffic_follows_what_ofctl_installed(of_switch):
 def test_set_controller_refusals_punix_connections_and_del(of_switch, workdir):
     run_dir, _, target = of_switch
     port = listening_port(run_dir)
-    for argv, why in ((["tcp:127.0.0.1:6653"], "only passive"),
+    for argv, why in ((["ssl:127.0.0.1:6653"], "not supported"), (["tcp:nowhere"], "IP address"),
                       (["ptcp:70000"], "0..65535"), (["ptcp:6653:nowhere"], "not an IP"),
                       (["punix:/tmp/of.sock"], "run directory"), (["bogus"], "target is"),
                       (["ptcp:1:127.0.0.1", "ptcp:1:127.0.0.1"], "twice")):

@@ -50,6 +50,7 @@ class Connection:
         self._log_window = -LOG_WINDOW
         self._logged = self._unlogged = 0
         self.async_sent = 0
+        self.on_ready = None            # called once the HELLO exchange is done
         self.async_dropped = 0          # asynchronous messages the peer was too slow for
 
     def _next_xid(self) -> int:
@@ -177,6 +178,8 @@ class Connection:
             await self._send(e.reply(C.VERSION, h.xid, raw))
             raise
         log.info("openflow %s: connected (OpenFlow 1.3)", self.name)
+        if self.on_ready is not None:
+            self.on_ready()
         await self._serve(frames[1:], err)
         probing = False
         while True:
