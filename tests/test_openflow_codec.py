@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvhost.openflow import actions as A
+from pyvhost.openflow import asyncmsg as AM
 from pyvhost.openflow import codec as C
 from pyvhost.openflow import errors as E
 from pyvhost.openflow import oxm
@@ -280,6 +281,7 @@ def flows(r: Running) -> str:
 
 IN1 = O.match(O.oxm(0, struct.pack("!I", 1)))
 TO2 = O.apply_actions(O.output(2))
+PACKET_IN, FLOW_REMOVED, PORT_STATUS = 10, 11, 12    # asynchronous: may come any time
 FRAME = bytes.fromhex("020000000002020000000001") + b"\x08\x00" + bytes(46)
 
 
@@ -500,6 +502,12 @@ CORPUS = [
     O.multipart(4, struct.pack("!I4x", O.ANY)), O.multipart(0), O.multipart(3),
     O.msg(O.SET_CONFIG, b"\x00\x00\xff\xff"), O.msg(O.FEATURES_REQUEST),
     O.msg(O.ECHO_REQUEST, b"abc"),
+    O.packet_out(1, O.output(2) + O.output(C.OFPP_IN_PORT), FRAME),
+    O.packet_out(C.OFPP_CONTROLLER, PUSH + SET_VID(0x1007) + O.output(C.OFPP_FLOOD), FRAME),
+    O.packet_out(2, O.output(C.OFPP_NORMAL) + O.output(C.OFPP_TABLE), FRAME),
+    O.packet_out(1, struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER, 40), FRAME),
+    O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER,
+                                                       0xFFFF)), flags=1, idle=1),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 18, 20, 24, 28, 29, 99]
 
@@ -546,7 +554,8 @@ def test_fuzzed_messages_never_break_the_connection(running, caplog):
                 if (t, xid) == (O.ECHO_REPLY, 0xEC):
                     break
                 assert t in (O.ERROR, O.FEATURES_REPLY, O.GET_CONFIG_REPLY, O.MULTIPART_REPLY,
-                             O.BARRIER_REPLY, O.ECHO_REPLY), t
+                             O.BARRIER_REPLY, O.ECHO_REPLY, PACKET_IN, FLOW_REMOVED,
+                             PORT_STATUS), t
         run()
         assert c.alive()
     counter.report(300)
@@ -616,6 +625,8 @@ def test_decoders_raise_nothing_but_oferror():
         for decode in (lambda: oxm.decode(data), lambda: oxm.split_match(data, 0),
                        lambda: A.decode_instructions(data, table, match),
                        lambda: A.decode_actions(data, match),
+                       lambda: A.decode_actions(data, match, packet_out=True),
+                       lambda: AM.parse_packet_out(data),
                        lambda: M.parse_flow_request(data), lambda: M.parse_request(data),
                        lambda: M.parse_port_request(data), lambda: C.parse_set_config(data),
                        lambda: C.negotiate(table & 7, data), lambda: C.parse_header(data)):
