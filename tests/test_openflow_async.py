@@ -74,6 +74,7 @@ def test_port_status(workdir):
     with switch_with_ports(workdir, CONFIG.replace("add-port br0 c type=vhostuser queues=1\n",
                                                    ""), "ab") as (run_dir, _):
         with O.Client("127.0.0.1", listening_port(run_dir)) as c:
+            assert c.alive()         # (its HELLO is taken: async messages come)
             processes.ctl(run_dir, "add-port", "br0", "c", "type=vhostuser", "queues=1")
             assert status_of(c, "c") == (ADD, 3, "c", LINK_DOWN)
             guest = VirtioUser(str(run_dir / "c.sock"), ring_size=256).open()
@@ -91,6 +92,7 @@ def test_flow_removed(workdir):
     with switch_with_ports(workdir, CONFIG, "abc") as (run_dir, ports):
         target = f"tcp:127.0.0.1:{listening_port(run_dir)}"
         with O.Client("127.0.0.1", listening_port(run_dir)) as c:
+            assert c.alive()         # (its HELLO is taken: async messages come)
             ofctl(target, "add-flow", "send_flow_rem,cookie=0x11,idle_timeout=1,priority=5,"
                   "udp,tp_dst=7,actions=output:2")
             ofctl(target, "add-flow", "cookie=0x12,idle_timeout=1,priority=6,udp,tp_dst=8,"

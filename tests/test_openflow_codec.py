@@ -25,6 +25,7 @@ from pyvhost.openflow import asyncmsg as AM
 from pyvhost.openflow import codec as C
 from pyvhost.openflow import errors as E
 from pyvhost.openflow import oxm
+from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
 from pyvhost.openflow.manager import enable
 from pyvhost.switch import Switch, run_command
@@ -508,6 +509,8 @@ CORPUS = [
     O.packet_out(1, struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER, 40), FRAME),
     O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER,
                                                        0xFFFF)), flags=1, idle=1),
+    O.msg(24, struct.pack("!I4xQ", 2, 1)), O.msg(24, struct.pack("!I4xQ", 1, 0)),
+    O.msg(26), O.msg(28, struct.pack("!6I", 3, 2, 7, 7, 15, 0)),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 18, 20, 24, 28, 29, 99]
 
@@ -555,7 +558,7 @@ def test_fuzzed_messages_never_break_the_connection(running, caplog):
                     break
                 assert t in (O.ERROR, O.FEATURES_REPLY, O.GET_CONFIG_REPLY, O.MULTIPART_REPLY,
                              O.BARRIER_REPLY, O.ECHO_REPLY, PACKET_IN, FLOW_REMOVED,
-                             PORT_STATUS), t
+                             PORT_STATUS, 25, 27), t         # (ROLE_REPLY, GET_ASYNC_REPLY)
         run()
         assert c.alive()
     counter.report(300)
@@ -627,6 +630,7 @@ def test_decoders_raise_nothing_but_oferror():
                        lambda: A.decode_actions(data, match),
                        lambda: A.decode_actions(data, match, packet_out=True),
                        lambda: AM.parse_packet_out(data),
+                       lambda: R.parse_role_request(data), lambda: R.parse_set_async(data),
                        lambda: M.parse_flow_request(data), lambda: M.parse_request(data),
                        lambda: M.parse_port_request(data), lambda: C.parse_set_config(data),
                        lambda: C.negotiate(table & 7, data), lambda: C.parse_header(data)):
@@ -776,3 +780,49 @@ def test_ip_dscp_matches_the_six_dscp_bits_only(running):
     for tos in (0x28, 0x29, 0x2B):
         assert r.call(outputs(tos)) == ["priority=50,ip,ip_dscp=10,actions=output:2"], tos
     assert r.call(outputs(0x2C)) == ["priority=0,actions=normal"]
+
+
+def test_roles_generation_ids_and_async_config(running):
+    """ROLE_REQUEST: EQUAL by default, a new MASTER makes the other one a SLAVE, a stale
+    generation id or an unknown role is refused, a SLAVE may not write and gets no
+    PACKET_IN until SET_ASYNC asks for them; GET_ASYNC shows the spec's defaults."""
+    to_ctl = O.apply_actions(struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER, 0xFFFF))[8:]
+
+    def role(c, r, gen):
+        t, xid, body = c.request(O.msg(24, struct.pack("!I4xQ", r, gen), xid=0x50))
+        assert (t, xid) == (25, 0x50), (t, body)
+        return struct.unpack("!I4xQ", body)
+
+    def packet_in(c):
+        while True:
+            t, _, body = c.recv()
+            if t == PACKET_IN:
+                return body
+
+    with running.client() as c1, running.client() as c2:
+        assert role(c1, 0, 99) == (1, 0)                       # NOCHANGE: EQUAL
+        assert role(c1, 2, 10) == (2, 10)
+        assert role(c2, 2, 11) == (2, 11)
+        assert role(c1, 0, 0) == (3, 11)                       # c1 became a SLAVE
+        assert c1.error_of(O.msg(24, struct.pack("!I4xQ", 2, 5))) == \
+            (E.ROLE_REQUEST_FAILED, 0)                          # STALE
+        assert c1.error_of(O.msg(24, struct.pack("!I4xQ", 7, 12))) == \
+            (E.ROLE_REQUEST_FAILED, 2)                          # BAD_ROLE
+        assert c1.error_of(O.msg(24, bytes(8))) == (E.BAD_REQUEST, E.BRC_BAD_LEN)
+        assert c1.error_of(O.flow_mod(O.ADD, IN1, TO2)) == (E.BAD_REQUEST, E.BRC_IS_SLAVE)
+        assert c1.error_of(O.packet_out(1, O.output(2), FRAME)) == \
+            (E.BAD_REQUEST, E.BRC_IS_SLAVE)
+        t, _, body = c1.request(O.msg(26, xid=3))
+        assert t == 27 and struct.unpack("!6I", body) == (3, 0, 7, 7, 15, 0)
+        # the master's PACKET_OUT to CONTROLLER: a PACKET_IN (ACTION) for it, not the slave
+        c2.send(O.packet_out(1, to_ctl, FRAME))
+        assert packet_in(c2)[6] == 1                            # reason ACTION
+        assert c1.alive()                                       # (nothing came before)
+        c1.send(O.msg(28, struct.pack("!6I", 3, 2, 7, 7, 15, 0)))   # slave: ACTION too
+        t, _, body = c1.request(O.msg(26, xid=4))
+        assert struct.unpack("!6I", body) == (3, 2, 7, 7, 15, 0)
+        c2.send(O.packet_out(1, to_ctl, FRAME))
+        assert packet_in(c2)[6] == 1 and packet_in(c1)[6] == 1
+        assert c1.error_of(O.msg(28, bytes(20))) == (E.BAD_REQUEST, E.BRC_BAD_LEN)
+        assert role(c1, 1, 0) == (1, 11)                        # EQUAL: may write again
+        assert c1.error_of(O.flow_mod(O.ADD, IN1, TO2)) is None

@@ -121,6 +121,7 @@ def test_packet_in_to_a_controller_and_its_packet_out(of_switch):
     assert "actions=CONTROLLER:65535" in processes.ctl(run_dir, "dump-flows", "br0")
     assert "actions=CONTROLLER:65535" in ofctl(target, "dump-flows").stdout
     with O.Client("127.0.0.1", port) as ctl:
+        assert ctl.alive()         # (its HELLO is taken: async messages come)
         big = udp(MAC["a"], MAC["b"], size=600)
         a.send_all([big])
         pin = next_packet_in(ctl)
@@ -156,6 +157,7 @@ def test_a_guest_cannot_flood_the_controller(of_switch):
     ofctl(target, "add-flow", "priority=100,udp,actions=controller")
     sent = 4000
     with O.Client("127.0.0.1", port) as ctl:
+        assert ctl.alive()         # (its HELLO is taken: async messages come)
         t0 = time.monotonic()
         for i in range(0, sent, 200):
             ports["a"].send_all([udp(MAC["a"], MAC["b"], dport=1000 + i % 7)] * 200)

@@ -59,9 +59,12 @@ class Connection:
 
     next_xid = _next_xid
 
-    def wants(self, msg_type: int) -> bool:
-        """Does the peer take asynchronous messages of this type now? (After the HELLO.)"""
-        return bool(self.version) and not self.writer.is_closing()
+    def wants(self, msg_type: int, reason: int = 0) -> bool:
+        """Does the peer take asynchronous messages of this type and reason now? (After the
+        HELLO, as its role and SET_ASYNC say.)"""
+        wants = getattr(self.handler, "wants", None)
+        return bool(self.version) and not self.writer.is_closing() and \
+            (wants is None or wants(msg_type, reason))
 
     def send_async(self, message: bytes) -> bool:
         """Queue an asynchronous message without waiting: dropped (and counted) when the

@@ -40,7 +40,7 @@ class Events:
         self.injector: Injector | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.packet_ins = 0            # PACKET_INs handed to connections
-        self.no_controller = 0         # frames for a bridge no controller is connected to
+        self.no_controller = 0         # frames no connected controller wanted or took
         self.unknown = 0               # frames of a bridge or port that went away
         self.links: dict[tuple[str, str], bool] = {}     # (bridge, port) -> link up
         self._watch: asyncio.Task | None = None
@@ -70,12 +70,12 @@ class Events:
         self.switch.datapath.set_punt(None)
         self.queue = None
 
-    def _send(self, bridge_name: str, msg_type: int, message: bytes) -> int:
+    def _send(self, bridge_name: str, msg_type: int, reason: int, message: bytes) -> int:
         """``message`` (xid 0, as OVS sends asynchronous messages) to every connection of
-        the bridge that wants ``msg_type``; how many took it."""
+        the bridge that wants ``msg_type`` for ``reason``; how many took it."""
         b = self.of.bridges.get(bridge_name)
         sent = 0
-        for conn in [c for c in b.connections if c.wants(msg_type)] if b else []:
+        for conn in [c for c in b.connections if c.wants(msg_type, reason)] if b else []:
             sent += conn.send_async(message)
         return sent
 
@@ -96,7 +96,7 @@ class Events:
     def port_status(self, port, reason: int) -> None:
         desc = M.port_desc(port.ofport, port.name, up=port.connected and reason !=
                            AM.OFPPR_DELETE)
-        self._send(port.bridge, C.PORT_STATUS, AM.port_status(0, reason, desc))
+        self._send(port.bridge, C.PORT_STATUS, reason, AM.port_status(0, reason, desc))
 
     async def _watch_links(self) -> None:
         while True:
@@ -133,7 +133,7 @@ class Events:
                 why = AM.OFPRR_IDLE_TIMEOUT
             match = oxm.encode(flow.match, lambda ref: getattr(bridge.resolve(ref), "ofport",
                                                                0))
-            self._send(bridge.name, C.FLOW_REMOVED, AM.flow_removed(
+            self._send(bridge.name, C.FLOW_REMOVED, why, AM.flow_removed(
                 0, flow.cookie, flow.priority, why, flow.table, int(age * 1e9),
                 flow.idle_timeout, flow.hard_timeout, packets, bytes_, match))
 
@@ -157,7 +157,7 @@ class Events:
             self.unknown += 1
             return
         b = self.of.bridges.get(bridge.name)
-        if not any(c.wants(C.PACKET_IN) for c in (b.connections if b else ())):
+        if b is None or not b.connections:
             self.no_controller += 1
             return
         if rec["in_port"] == 0xFFFF:
@@ -176,8 +176,11 @@ class Events:
                 cookie = flow.cookie
                 if flow.priority == 0 and not flow.match:     # the table-miss rule
                     reason = AM.OFPR_NO_MATCH
-        self.packet_ins += self._send(bridge.name, C.PACKET_IN, AM.packet_in(
+        sent = self._send(bridge.name, C.PACKET_IN, reason, AM.packet_in(
             0, rec["total_len"], reason, rec["table"], cookie, ofport, rec["data"]))
+        self.packet_ins += sent
+        if not sent:                    # none wanted it (roles, SET_ASYNC) or could take it
+            self.no_controller += 1
 
     def stats(self) -> dict:
         out = dict(self.queue.stats()) if self.queue is not None else {}

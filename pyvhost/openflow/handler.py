@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import weakref
 
 from pyvhost._classifier import TABLES
 from pyvhost.switch.commands import CommandError
@@ -37,6 +38,7 @@ from . import codec as C
 from . import errors as E
 from . import multipart as M
 from . import oxm
+from . import roles as R
 from .errors import OFError
 
 log = logging.getLogger("pyvhost.openflow")
@@ -47,8 +49,7 @@ SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2,
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
 UNSUPPORTED_TYPES = {C.GROUP_MOD, C.PORT_MOD, C.TABLE_MOD,
-                     C.QUEUE_GET_CONFIG_REQUEST, C.ROLE_REQUEST, C.GET_ASYNC_REQUEST,
-                     C.SET_ASYNC, C.METER_MOD}
+                     C.QUEUE_GET_CONFIG_REQUEST, C.METER_MOD}
 
 
 class StoreFailed(OFError):
@@ -64,6 +65,8 @@ class BridgeState:
         self.config_flags = 0
         self.miss_send_len = 128
         self.rule_flags: dict[int, tuple[str, int]] = {}
+        self.generation = R.Generation()                 # ROLE_REQUEST's generation id
+        self.roles: weakref.WeakSet = weakref.WeakSet()  # the connections' roles
 
     def flags_of(self, rule) -> int:
         text, flags = self.rule_flags.get(rule.id, ("", 0))
@@ -77,6 +80,8 @@ class Handler:
                  events=None):
         self.switch = switch
         self.events = events                   # PACKET_OUT's injector, FLOW_REMOVED
+        self.role = R.Role()                   # this connection's role, async config
+        state.roles.add(self.role)
         self.bridge_name = bridge_name
         self.state = state
         self.dpid = dpid
@@ -91,6 +96,15 @@ class Handler:
     def handle(self, h: C.Header, body: bytes) -> list[bytes]:
         """The replies to one request (OFError: the caller sends the ERROR)."""
         t = h.type
+        self.role.check_write(t)
+        if t == C.ROLE_REQUEST:
+            return [self.role_request(h.xid, body)]
+        if t == C.GET_ASYNC_REQUEST:
+            C.need(body, 0, "GET_ASYNC_REQUEST", exact=True)
+            return [R.async_reply(h.xid, self.role.masks)]
+        if t == C.SET_ASYNC:
+            self.role.masks = R.parse_set_async(body)
+            return []
         if t == C.FEATURES_REQUEST:
             C.need(body, 0, "FEATURES_REQUEST", exact=True)
             return [C.features_reply(h.xid, self.dpid, TABLES, CAPABILITIES)]
@@ -124,6 +138,9 @@ class Handler:
         (the bridge reloads its rules from the store, which rolled back) and each message
         of it gets FLOW_MOD_FAILED."""
         outcome: list[OFError | None] = []
+        if self.role.is_slave:
+            return [OFError(E.BAD_REQUEST, E.BRC_IS_SLAVE, "FLOW_MOD from a slave "
+                            "controller")] * len(bodies)
         try:
             with self.switch.store.transaction():
                 for body in bodies:
@@ -146,6 +163,25 @@ class Handler:
             outcome = [o or failed for o in outcome]
             outcome += [failed] * (len(bodies) - len(outcome))
         return outcome
+
+    def role_request(self, xid: int, body: bytes) -> bytes:
+        """MASTER or SLAVE with a generation id not older than the bridge's (which it
+        becomes); a new MASTER makes the bridge's other masters SLAVEs; NOCHANGE asks."""
+        role, gen = R.parse_role_request(body)
+        if role in (R.MASTER, R.SLAVE):
+            self.state.generation.check(gen)
+        if role == R.MASTER:
+            for other in list(self.state.roles):
+                if other is not self.role and other.role == R.MASTER:
+                    other.role = R.SLAVE
+        if role != R.NOCHANGE:
+            self.role.role = role
+            log.info("openflow %s: a controller is %s now", self.bridge_name,
+                     R.ROLE_NAMES[role])
+        return R.role_reply(xid, self.role.role, self.state.generation.value)
+
+    def wants(self, msg_type: int, reason: int) -> bool:
+        return self.role.wants(msg_type, reason)
 
     # -- ports ----------------------------------------------------------------------------
     def ofport_of(self, ref: str) -> int:
