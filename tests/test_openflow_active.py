@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import socket
-import struct
 import time
 
 from tests.harness import openflow as O
@@ -27,44 +26,32 @@ def wait_for(pred, timeout: float = 15.0, what: str = "") -> None:
 
 
 class FakeController:
-    """The controller's end: accepts the switch's connections and speaks HELLO."""
+    """The controller's end: accepts the switch's connections (each an O.Client)."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.conn: socket.socket | None = None
-        self.buf = b""
+        self.client: O.Client | None = None
 
-    def accept(self, timeout: float = 15.0) -> None:
+    def accept(self, timeout: float = 15.0) -> O.Client:
         self.sock.settimeout(timeout)
-        self.conn, _ = self.sock.accept()
-        self.conn.settimeout(5.0)
-        self.buf = b""
-        self.conn.sendall(O.hello())
-        t, _, _ = self.recv()
-        assert t == O.HELLO
-
-    def recv(self) -> tuple[int, int, bytes]:
-        while True:
-            if len(self.buf) >= 8:
-                _, t, length, xid = struct.unpack_from("!BBHI", self.buf)
-                if len(self.buf) >= length:
-                    m, self.buf = self.buf[:length], self.buf[length:]
-                    return t, xid, m[8:]
-            chunk = self.conn.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed by the switch")
-            self.buf += chunk
+        conn, _ = self.sock.accept()
+        self.client = O.Client.over(conn)
+        return self.client
 
     def closed_by_switch(self, timeout: float) -> bool:
         """True when the switch closes the connection (nothing is answered meanwhile)."""
-        self.conn.settimeout(timeout)
+        self.client.sock.settimeout(timeout)
         try:
             while True:
-                self.recv()
+                self.client.recv()
         except ConnectionError:
             return True
         except TimeoutError:
             return False
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
 
 
 def forwarded(ports) -> bool:
@@ -97,22 +84,20 @@ def test_active_controller_reconnect_probe_and_fail_modes(workdir):
             wait_for(lambda: f'tcp:127.0.0.1:{port}"  connected' in show(), what="connected")
             assert "fail-open" not in show()
             assert not forwarded(ports)             # the rules again: drop
-            t, _, body = ctl.recv()                 # FEATURES works on the active side
-            if t == O.ECHO_REQUEST:                 # (a probe may come first)
-                pass
-            ctl.conn.sendall(O.msg(O.FEATURES_REQUEST, xid=7))
-            while t != O.FEATURES_REPLY:
-                t, xid, body = ctl.recv()
+            ctl.client.send(O.msg(O.FEATURES_REQUEST, xid=7))     # FEATURES on the active side
+            t = xid = None
+            while t != O.FEATURES_REPLY:                          # (a probe may come first)
+                t, xid, body = ctl.client.recv()
             assert xid == 7
             # a controller that answers no probe is closed after 2 intervals, then the
             # switch connects again
             assert ctl.closed_by_switch(timeout=6.0)
-            ctl.conn.close()
+            ctl.close()
             ctl.accept(timeout=10.0)
             wait_for(lambda: f'tcp:127.0.0.1:{port}"  connected' in show(), what="again")
             assert not forwarded(ports)
             # the controller goes: standalone fails open, secure keeps to the rules
-            ctl.conn.close()
+            ctl.close()
             lsock.close()
             wait_for(lambda: "fail-open" in show(), what="fail-open")
             assert forwarded(ports)
@@ -127,5 +112,4 @@ def test_active_controller_reconnect_probe_and_fail_modes(workdir):
             assert not forwarded(ports)
     finally:
         lsock.close()
-        if ctl.conn is not None:
-            ctl.conn.close()
+        ctl.close()

@@ -93,6 +93,19 @@ class Client:
             t, _, _ = self.recv()
             assert t == HELLO
 
+    @classmethod
+    def over(cls, sock: socket.socket, timeout: float = 5.0) -> Client:
+        """The controller's end of a connection the switch made (accepted by the test):
+        HELLO both ways."""
+        self = cls.__new__(cls)
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self.sock.sendall(hello())
+        t, _, _ = self.recv()
+        assert t == HELLO
+        return self
+
     def close(self) -> None:
         self.sock.close()
 
