@@ -17,6 +17,7 @@ cdef enum:
     OP_NORMAL = 5          # MAC learning: resolved by the upcall, never cached
     OP_CONTROLLER = 6      # arg: max_len (0xFFFF: whole frame): to the controller queue
     OP_IN_PORT = 7         # back out of the input port (OpenFlow IN_PORT)
+    OP_GROUP = 8           # arg: group slot: resolved by the upcall, never cached
     EMC_ENTRIES = 8192
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot

@@ -413,7 +413,7 @@ def pack_key(dict fields):
 KEY_SIZE = sizeof(flow_key_t)
 ACTION_OPS = {"output": OP_OUTPUT, "flood": OP_FLOOD, "set_vlan": OP_SET_VLAN,
               "strip_vlan": OP_STRIP_VLAN, "normal": OP_NORMAL,
-              "controller": OP_CONTROLLER, "in_port": OP_IN_PORT}
+              "controller": OP_CONTROLLER, "in_port": OP_IN_PORT, "group": OP_GROUP}
 MAX_OPS = MAX_ACTION_OPS
 MAX_TABLE_HOPS = MAX_HOPS
 EMC_SIZE = EMC_ENTRIES

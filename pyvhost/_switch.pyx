@@ -32,8 +32,8 @@ from pyvhost._classifier cimport (
 )
 from pyvhost._fdb cimport MacTable, fdb_learn, fdb_lookup, fdb_t
 from pyvhost._flow cimport (
-    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_IN_PORT, OP_NORMAL,
-    OP_OUTPUT, OP_SET_VLAN, OP_STRIP_VLAN, action_op_t, actions_t, emc_insert, emc_lookup, emc_t,
+    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_GROUP, OP_IN_PORT,
+    OP_NORMAL, OP_OUTPUT, OP_SET_VLAN, OP_STRIP_VLAN, action_op_t, actions_t, emc_insert, emc_lookup, emc_t,
     flow_extract, flow_hash, flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set,
     vlan_strip,
 )
@@ -41,6 +41,7 @@ from pyvhost._idle cimport (
     IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
 )
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
+from pyvhost._group cimport GroupTable, group_resolve, grp_table_t
 from pyvhost._punt cimport PUNT_NO_RULE, PuntQueue, punt_push, punt_t
 from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
@@ -119,6 +120,7 @@ cdef struct bridge_t:
     cls_t *cls
     fdb_t *fdb
     int fail_open            # OpenFlow fail-open: NORMAL for every packet, rules unused
+    grp_table_t *groups      # OpenFlow groups (NULL: none; a group op then drops)
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
@@ -224,6 +226,7 @@ cdef class Datapath:
     cdef readonly list pmds
     cdef object punt_obj           # the PuntQueue behind sw.punt, kept alive
     cdef set fail_open             # ids of the bridges in fail-open mode
+    cdef dict group_objs           # bridge id -> its GroupTable, kept alive
 
     def __cinit__(self):
         self.sw = <switch_t *>calloc(1, sizeof(switch_t))
@@ -235,6 +238,7 @@ cdef class Datapath:
         self.stuck = []
         self.pmds = []
         self.fail_open = set()
+        self.group_objs = {}
 
     def __dealloc__(self):
         cdef int i
@@ -257,6 +261,8 @@ cdef class Datapath:
         b.cls = cls.c
         b.fdb = macs.f
         b.fail_open = bridge_id in self.fail_open
+        if bridge_id in self.group_objs:
+            b.groups = (<GroupTable>self.group_objs[bridge_id]).t
         old = self.sw.bridges[bridge_id]
         old_objs = self.bridge_objs.get(bridge_id)
         self.bridge_objs[bridge_id] = (cls, macs)     # alive before any PMD can see them
@@ -283,6 +289,7 @@ cdef class Datapath:
         self.synchronize()
         free(b)
         del self.bridge_objs[bridge_id]
+        self.group_objs.pop(bridge_id, None)         # (no PMD can be inside it now)
 
     def set_punt(self, PuntQueue queue):
         """Frames an output to CONTROLLER sends go to ``queue`` (None: they are dropped)."""
@@ -292,6 +299,16 @@ cdef class Datapath:
         vh_fence_seq_cst()
         if old is not None and old is not queue:
             self.synchronize()                      # no PMD still pushes into the old one
+
+    def set_groups(self, int bridge_id, GroupTable groups):
+        """The bridge's group table (set once; changes to it need ``invalidate()``)."""
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        if self.sw.bridges[bridge_id].groups != NULL:
+            raise ValueError(f"bridge {bridge_id} has its group table")
+        self.group_objs[bridge_id] = groups
+        self.sw.bridges[bridge_id].groups = groups.t
+        self.invalidate()
 
     def set_fail_open(self, int bridge_id, bint on):
         """Fail-open (OpenFlow's standalone fail mode with no controller): the bridge
@@ -580,11 +597,29 @@ cdef class Pmd:
                     mask[j] |= NORMAL_MASK.w[j]
                 if self.normal(b, inp, k, a, &a.ops[n]):
                     n += 1
+            elif res.ops[i].op == OP_GROUP:
+                j = group_resolve(b.groups, res.ops[i].arg, k, self.vlan_at(k, a, n), mask,
+                                  &a.ops[n], MAX_ACTION_OPS - n)
+                if j < 0:
+                    return -1                      # more ops than an entry holds: drop
+                n += j
             else:
                 a.ops[n] = res.ops[i]
                 n += 1
         a.n_ops = n
         return 0
+
+    cdef uint16_t vlan_at(self, const flow_key_t *k, const actions_t *a,
+                          uint32_t n) noexcept nogil:
+        """The packet's TCI after the first ``n`` ops of ``a`` (0: untagged)."""
+        cdef uint16_t tci = k.vlan_tci
+        cdef uint32_t i
+        for i in range(n):
+            if a.ops[i].op == OP_SET_VLAN:
+                tci = (tci & 0xE000) | 0x1000 | a.ops[i].arg
+            elif a.ops[i].op == OP_STRIP_VLAN:
+                tci = 0
+        return tci
 
     cdef bint normal(self, bridge_t *b, port_t *inp, const flow_key_t *k, actions_t *a,
                      action_op_t *op) noexcept nogil:

@@ -24,6 +24,7 @@ from pyvhost.openflow import actions as A
 from pyvhost.openflow import asyncmsg as AM
 from pyvhost.openflow import codec as C
 from pyvhost.openflow import errors as E
+from pyvhost.openflow import groupmod as G
 from pyvhost.openflow import oxm
 from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
@@ -179,7 +180,9 @@ def test_instructions_round_trip(actions, match):
     (O.apply_actions(O.output(C.OFPP_LOCAL)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.apply_actions(O.output(C.OFPP_TABLE)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.apply_actions(O.output(0)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
-    (O.apply_actions(struct.pack("!HHI", 22, 8, 1)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
+    (O.apply_actions(struct.pack("!HHI", 22, 8, 0xFFFFFFFC)), {},
+     (E.BAD_ACTION, E.BAC_BAD_OUT_GROUP)),
+    (O.apply_actions(struct.pack("!HHI8x", 22, 16, 1)), {}, (E.BAD_ACTION, E.BAC_BAD_LEN)),
     (O.apply_actions(struct.pack("!HHB3x", 24, 8, 0)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HH4x", 99, 8)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HHI", 0xFFFF, 8, 0x2320)), {},
@@ -283,6 +286,18 @@ def flows(r: Running) -> str:
 IN1 = O.match(O.oxm(0, struct.pack("!I", 1)))
 TO2 = O.apply_actions(O.output(2))
 PACKET_IN, FLOW_REMOVED, PORT_STATUS = 10, 11, 12    # asynchronous: may come any time
+TO2_ACT = O.output(2)
+
+
+def GMOD(command: int, gtype: int, gid: int, *buckets: bytes, xid: int = 1) -> bytes:  # noqa: N802
+    return O.msg(15, struct.pack("!HBxI", command, gtype, gid) + b"".join(buckets), xid)
+
+
+def BUCKET(actions: bytes, weight: int = 0, watch_port: int = C.OFPP_ANY,  # noqa: N802
+           watch_group: int = 0xFFFFFFFF) -> bytes:
+    return struct.pack("!HHII4x", 16 + len(actions), weight, watch_port, watch_group) + actions
+
+
 FRAME = bytes.fromhex("020000000002020000000001") + b"\x08\x00" + bytes(46)
 
 
@@ -358,12 +373,30 @@ def test_flow_mods_follow_the_spec(running):
     (O.packet_out(1, O.output(C.OFPP_ANY), FRAME), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.packet_out(1, struct.pack("!HH4x", 0, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_LEN)),
     (O.packet_out(1, struct.pack("!HH4x", 17, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_ARGUMENT)),
-    (O.msg(15, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                  # GROUP_MOD
+    (O.msg(15, bytes(6)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),                   # GROUP_MOD
+    (GMOD(9, 0, 1), (E.GROUP_MOD_FAILED, 11)),                              # BAD_COMMAND
+    (GMOD(0, 7, 1), (E.GROUP_MOD_FAILED, 10)),                              # BAD_TYPE
+    (GMOD(0, 0, 0xFFFFFF01), (E.GROUP_MOD_FAILED, 1)),                      # INVALID_GROUP
+    (GMOD(0, 2, 1, BUCKET(TO2_ACT), BUCKET(TO2_ACT)), (E.GROUP_MOD_FAILED, 12)),
+    (GMOD(0, 0, 1, BUCKET(TO2_ACT)[:8]), (E.GROUP_MOD_FAILED, 12)),         # BAD_BUCKET
+    (GMOD(0, 0, 1, BUCKET(TO2_ACT, weight=3)), (E.GROUP_MOD_FAILED, 12)),
+    (GMOD(0, 3, 1, BUCKET(TO2_ACT)), (E.GROUP_MOD_FAILED, 13)),             # BAD_WATCH
+    (GMOD(0, 3, 1, BUCKET(TO2_ACT, watch_port=C.OFPP_TABLE)), (E.GROUP_MOD_FAILED, 13)),
+    (GMOD(0, 0, 1, BUCKET(TO2_ACT, watch_group=4)), (E.GROUP_MOD_FAILED, 6)),
+    (GMOD(0, 0, 1, BUCKET(struct.pack("!HHI", 22, 8, 2))), (E.GROUP_MOD_FAILED, 5)),
+    (GMOD(1, 0, 77, BUCKET(TO2_ACT)), (E.GROUP_MOD_FAILED, 8)),             # UNKNOWN_GROUP
+    (GMOD(0, 0, 1, BUCKET(O.output(9))), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (GMOD(0, 0, 1, BUCKET(O.output(C.OFPP_NORMAL))), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (GMOD(0, 0, 1, BUCKET(PUSH + O.output(2))), (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
+    (O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHI", 22, 8, 5))),
+     (E.BAD_ACTION, E.BAC_BAD_OUT_GROUP)),
+    (O.multipart(6, bytes(3)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),             # GROUP stats
+    (O.multipart(8, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),                 # GROUP_FEATURES
     (O.msg(6, bytes(24)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                  # a reply
     (O.msg(99), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),
     (O.msg(4, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER)),
     (O.msg(O.FEATURES_REQUEST, version=1), (E.BAD_REQUEST, E.BRC_BAD_VERSION)),
-    (O.multipart(7), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),                 # group desc
+    (O.multipart(9), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),                 # meter
     (O.multipart(0xFFFF, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER)),
     (O.multipart(0, flags=1), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),
     (O.multipart(0, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
@@ -511,6 +544,12 @@ CORPUS = [
                                                        0xFFFF)), flags=1, idle=1),
     O.msg(24, struct.pack("!I4xQ", 2, 1)), O.msg(24, struct.pack("!I4xQ", 1, 0)),
     O.msg(26), O.msg(28, struct.pack("!6I", 3, 2, 7, 7, 15, 0)),
+    GMOD(0, 0, 3, BUCKET(O.output(1)), BUCKET(O.output(2))),
+    GMOD(0, 1, 4, BUCKET(O.output(1), weight=2), BUCKET(O.output(C.OFPP_CONTROLLER))),
+    GMOD(1, 3, 3, BUCKET(O.output(1), watch_port=1), BUCKET(O.output(2), watch_port=2)),
+    GMOD(2, 0, 0xFFFFFFFC),
+    O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHI", 22, 8, 3))),
+    O.multipart(6, struct.pack("!I4x", 0xFFFFFFFC)), O.multipart(7), O.multipart(8),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 18, 20, 24, 28, 29, 99]
 
@@ -631,6 +670,7 @@ def test_decoders_raise_nothing_but_oferror():
                        lambda: A.decode_actions(data, match, packet_out=True),
                        lambda: AM.parse_packet_out(data),
                        lambda: R.parse_role_request(data), lambda: R.parse_set_async(data),
+                       lambda: G.parse_buckets(data, table & 3),
                        lambda: M.parse_flow_request(data), lambda: M.parse_request(data),
                        lambda: M.parse_port_request(data), lambda: C.parse_set_config(data),
                        lambda: C.negotiate(table & 7, data), lambda: C.parse_header(data)):

@@ -138,6 +138,13 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
                 out[pushed_at] = ("mod_vlan_vid", vid & 0xFFF)
             else:
                 out.append(("mod_vlan_vid", vid & 0xFFF))
+        elif atype == AT_GROUP:
+            if alen != 8:
+                raise _act(E.BAC_BAD_LEN, f"GROUP of length {alen}")
+            gid, = struct.unpack_from("!I", body, 4)
+            if gid > 0xFFFFFF00:
+                raise _act(E.BAC_BAD_OUT_GROUP, f"group {gid:#x}")
+            out.append(("group", gid))
         elif atype == AT_EXPERIMENTER:
             raise _act(E.BAC_BAD_EXPERIMENTER, "experimenter actions are not supported")
         elif atype in KNOWN_ACTIONS:
@@ -216,6 +223,8 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
             out.append(output(C.OFPP_CONTROLLER, a[1]))
         elif a[0] == "in_port":
             out.append(output(C.OFPP_IN_PORT))
+        elif a[0] == "group":
+            out.append(struct.pack("!HHI", AT_GROUP, 8, a[1]))
         elif a[0] == "mod_vlan_vid":
             if state != TAGGED:       # (unknown: as OVS writes mod_vlan_vid in OpenFlow 1.3)
                 out.append(struct.pack("!HHH2x", AT_PUSH_VLAN, 8, ETH_P_8021Q))

@@ -108,6 +108,9 @@ class Events:
                     if key in self.links and self.links[key] != up:
                         self.port_status(port, AM.OFPPR_MODIFY)
                     self.links[key] = up
+                for bridge in list(self.switch.bridges.values()):
+                    if bridge.groups is not None:
+                        bridge.groups.refresh()         # FAST_FAILOVER's watch ports
             except Exception:
                 log.exception("openflow: watching the ports' links failed")
 
@@ -127,6 +130,8 @@ class Events:
             age = now - rule.created
             if reason == "delete":
                 why = AM.OFPRR_DELETE
+            elif reason == "group_delete":
+                why = AM.OFPRR_GROUP_DELETE
             elif flow.hard_timeout and age >= flow.hard_timeout:
                 why = AM.OFPRR_HARD_TIMEOUT
             else:

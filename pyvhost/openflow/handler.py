@@ -36,6 +36,7 @@ from . import actions as A
 from . import asyncmsg as AM
 from . import codec as C
 from . import errors as E
+from . import groupmod as G
 from . import multipart as M
 from . import oxm
 from . import roles as R
@@ -48,7 +49,7 @@ ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
 SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
-UNSUPPORTED_TYPES = {C.GROUP_MOD, C.PORT_MOD, C.TABLE_MOD,
+UNSUPPORTED_TYPES = {C.PORT_MOD, C.TABLE_MOD,
                      C.QUEUE_GET_CONFIG_REQUEST, C.METER_MOD}
 
 
@@ -125,6 +126,9 @@ class Handler:
         if t == C.PACKET_OUT:
             self.packet_out(body)
             return []
+        if t == C.GROUP_MOD:
+            G.group_mod(self, body)
+            return []
         if t == C.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
         why = f"{C.TYPE_NAMES.get(t, f'type {t}')} is not supported"
@@ -179,6 +183,15 @@ class Handler:
             log.info("openflow %s: a controller is %s now", self.bridge_name,
                      R.ROLE_NAMES[role])
         return R.role_reply(xid, self.role.role, self.state.generation.value)
+
+    def save_groups(self) -> None:
+        """Keep the bridge's groups in the store (they come back with the switch)."""
+        if self.events is None:
+            return
+        try:
+            self.events.of.save_groups(self.bridge_name)
+        except CommandError as e:
+            raise OFError(E.GROUP_MOD_FAILED, G.EPERM, str(e)) from None
 
     def wants(self, msg_type: int, reason: int) -> bool:
         return self.role.wants(msg_type, reason)
@@ -246,6 +259,9 @@ class Handler:
         for a in flow.actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
+        for a in flow.actions:
+            if a[0] == "group" and (bridge.groups is None or a[1] not in bridge.groups.groups):
+                raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_GROUP, f"group:{a[1]}: no such group")
         if "in_port" in flow.match and bridge.resolve(flow.match["in_port"]) is None:
             raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
                           f"in_port={flow.match['in_port']}: no such port")
@@ -319,11 +335,12 @@ class Handler:
             self._apply(modify=changes)
 
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
-        if out_group != C.OFPG_ANY:
-            return False                           # no groups here: no rule uses one
+        actions = rule.flow.actions
+        if out_group != C.OFPG_ANY and ("group", out_group) not in actions:
+            return False
         if out_port == C.OFPP_ANY:
             return True
-        for a in rule.flow.actions:
+        for a in actions:
             if a[0] == "output" and self.ofport_of(a[1]) == out_port:
                 return True
             if a[0] == "flood" and out_port in (C.OFPP_FLOOD, C.OFPP_ALL):
@@ -392,6 +409,12 @@ class Handler:
                 raise OFError(E.TABLE_FEATURES_FAILED, 5,     # OFPTFFC_EPERM
                               "table features cannot be changed here")
             entries = [M.table_features(i) for i in range(TABLES)]
+        elif t == M.GROUP:
+            entries = G.stats_entries(self, req.body)
+        elif t == M.GROUP_DESC:
+            entries = G.desc_entries(self, req.body)
+        elif t == M.GROUP_FEATURES:
+            entries = G.features_entries(req.body)
         elif t == M.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter multipart")
         else:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from pyvhost.backend.endpoint import unlink_socket
 from pyvhost.switch.commands import CommandError
+from pyvhost.switch.groups import groups_of
 
+from . import groupmod as G
 from .connection import DEFAULT_PROBE, Connection
 from .events import Events
 from .handler import BridgeState, Handler
@@ -216,6 +218,24 @@ class OpenFlow:
         self._save(bridge, conf)
         await self._stop_bridge(bridge)
 
+    def save_groups(self, bridge: str) -> None:
+        groups = self.switch.bridges[bridge].groups
+        conf = self._conf(bridge)
+        conf["groups"] = [G.to_json(g) for g in groups.groups.values()] if groups else []
+        self._save(bridge, conf)
+
+    def _restore_groups(self, name: str) -> None:
+        """The bridge's stored groups (a bad one is logged and skipped)."""
+        stored = self._conf(name).get("groups") or []
+        if not stored:
+            return
+        groups = groups_of(self.switch.bridges[name], self.switch.datapath)
+        for d in stored:
+            try:
+                groups.set(G.from_json(d))
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("openflow %s: stored group %r skipped: %s", name, d, e)
+
     def fail_mode(self, bridge: str) -> str:
         mode = self._conf(bridge).get("fail_mode")
         return mode if mode in FAIL_MODES else "standalone"
@@ -277,6 +297,7 @@ class OpenFlow:
         """Listen again on every stored target (a target that fails is logged and shown,
         the switch runs on)."""
         for name in list(self.switch.bridges):
+            self._restore_groups(name)
             conf = self._conf(name)
             targets = conf.get("targets")
             if not targets or name in self.bridges:

@@ -156,7 +156,7 @@ def table_features(table: int, name: str = "") -> bytes:
         _prop(TFPT_WRITE_ACTIONS, b""),
         _prop(TFPT_APPLY_ACTIONS, b"".join(struct.pack("!HH", a, 4) for a in
                                            (A.AT_OUTPUT, A.AT_PUSH_VLAN, A.AT_POP_VLAN,
-                                            A.AT_SET_FIELD))),
+                                            A.AT_GROUP, A.AT_SET_FIELD))),
         _prop(TFPT_MATCH, b"".join(struct.pack("!I", h) for h in fields)),
         _prop(TFPT_WILDCARDS, b"".join(struct.pack("!I", h & ~0x1FF | oxm.SIZES[h >> 9 & 0x7F])
                                        for h in fields)),

@@ -18,9 +18,9 @@ from pyvhost._flow import ACTION_OPS, pack_key
 
 from .flows import Flow, Selector, key_fields, match_key, parse_flow
 
-OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN_PORT = (
-    ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal",
-                            "controller", "in_port"))
+OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN_PORT, \
+    OP_GROUP = (ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal",
+                                        "controller", "in_port", "group"))
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
 NO_PACKET_PORT = 0xFFFE   # trace of a packet given without in_port (matches no in_port rule)
 IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
@@ -61,6 +61,7 @@ class Bridge:
         self.cls = Classifier()
         self.macs = MacTable(mac_table_size, mac_aging)
         self.mac_limits: dict[str, int] = {}           # port name -> MAC limit
+        self.groups = None                             # switch.groups.Groups, made on use
 
     # -- ports ----------------------------------------------------------------------------
     def next_ofport(self) -> int:
@@ -83,16 +84,24 @@ class Bridge:
             if port.name in self.mac_limits:
                 self.macs.set_port_limit(port.port_id, self.mac_limits[port.name])
         self._reresolve({port.name, str(port.ofport)})
+        if self.groups is not None:
+            self.groups.recompile()
 
     def detach(self, port) -> None:
         with self.lock:
             self.ports = {k: v for k, v in self.ports.items() if k != port.name}
         self._reresolve({port.name, str(port.ofport)})
+        if self.groups is not None:
+            self.groups.recompile()
 
     def forget(self, port) -> None:
         """The port is out of the datapath (no PMD polls it): drop what it taught."""
         self.macs.forget_port(port.port_id)
         self.macs.set_port_limit(port.port_id, 0)
+
+    def reresolve(self, refs: set[str]) -> None:
+        """Rules naming these ports (or ``group:N``) compile again."""
+        self._reresolve(refs)
 
     def _reresolve(self, refs: set[str]) -> None:
         """Rules naming these ports compile again (a port came or went)."""
@@ -107,7 +116,8 @@ class Bridge:
 
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
-        refs = {a[1] for a in flow.actions if a[0] == "output"}
+        refs = {a[1] for a in flow.actions if a[0] == "output"} | \
+            {f"group:{a[1]}" for a in flow.actions if a[0] == "group"}
         if "in_port" in flow.match:
             refs.add(flow.match["in_port"])
         return refs
@@ -150,6 +160,10 @@ class Bridge:
                 ops.append((OP_CONTROLLER, a[1]))
             elif a[0] == "in_port":
                 ops.append((OP_IN_PORT, 0))
+            elif a[0] == "group":
+                slot = self.groups.slot(a[1]) if self.groups is not None else None
+                if slot is not None:                   # a group that does not exist: nothing
+                    ops.append((OP_GROUP, slot))
         return ops
 
     def spec(self, flow: Flow) -> tuple:

@@ -10,8 +10,9 @@ bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
 tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
 strip_vlan, goto_table:N, controller[:MAX_LEN] (also output:controller[:MAX_LEN]; written
-CONTROLLER:MAX_LEN as ovs-ofctl shows it, 65535: the whole frame) and in_port (back out of
-the input port; written IN_PORT). Ports are named here as the user wrote them; a bridge resolves
+CONTROLLER:MAX_LEN as ovs-ofctl shows it, 65535: the whole frame), in_port (back out of
+the input port; written IN_PORT) and group:N (an OpenFlow group of the bridge).
+Ports are named here as the user wrote them; a bridge resolves
 them. Pure functions and data: no datapath, no I/O.
 """
 
@@ -210,6 +211,8 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
             actions.append(("mod_vlan_vid", _int(arg, "mod_vlan_vid", 0xFFF)))
         elif name == "goto_table":
             goto = _int(arg, "goto_table", TABLES - 1)
+        elif name == "group":
+            actions.append(("group", _int(arg, "group", 0xFFFFFF00)))
         elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
             actions.append((sys.intern(name),))
         else:
