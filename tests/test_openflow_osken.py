@@ -1,5 +1,5 @@
 """A real controller drives pyvhost: a MAC-learning switch written on os-ken (PyPI, in its
-own venv: tests/harness/osken.py) connected to the switch as an active controller
+own venv: tests/harness/sdn.py) connected to the switch as an active controller
 (``set-controller br0 tcp:...``), two ``pyvhost guest`` namespaces pinging through it.
 The bridge starts with no rules, so every frame that gets through was programmed by the
 controller (PACKET_IN, FLOW_MOD, PACKET_OUT). Controller stopped: in secure mode the
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.harness import osken, processes
+from tests.harness import processes, sdn
 from tests.harness.limits import time_limit
 from tests.harness.netns import available, sh
 from tests.test_guest import two_guests
@@ -27,10 +27,10 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def osken_python():
-    python, why = osken.venv()
-    if python is None:
+    bin_dir, why = sdn.venv(sdn.OSKEN)
+    if bin_dir is None:
         pytest.skip(why)
-    return python
+    return bin_dir
 
 
 def free_port() -> int:
@@ -54,7 +54,7 @@ def test_osken_learning_switch_programs_pyvhost(net, workdir, osken_python):
     with time_limit(240):
         port = free_port()
         target = f"tcp:127.0.0.1:{port}"
-        controller = osken.Controller(osken_python, "127.0.0.1", port, workdir / "osken.log")
+        controller = sdn.osken_learning(osken_python, "127.0.0.1", port, workdir / "osken.log")
         run_dir = workdir / "run"
         config = ("add-br br0\nadd-port br0 a type=vhostuser queues=1\n"
                   "add-port br0 b type=vhostuser queues=1\ndel-flows br0\n"
