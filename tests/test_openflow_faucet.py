@@ -10,8 +10,6 @@ switch reconnects, Faucet programs it again and the guests ping on."""
 from __future__ import annotations
 
 import re
-import socket
-import time
 
 import pytest
 
@@ -42,27 +40,7 @@ dps:
 
 @pytest.fixture(scope="module")
 def faucet_bin():
-    bin_dir, why = sdn.venv(sdn.FAUCET)
-    if bin_dir is None:
-        pytest.skip(why)
-    return bin_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_show(run_dir, pred, what: str, timeout: float = 40.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        show = processes.ctl(run_dir, "show")
-        if pred(show):
-            return show
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {show}")
-        time.sleep(0.2)
+    return sdn.venv_or_skip(sdn.FAUCET)
 
 
 def why(run_dir, workdir) -> str:
@@ -75,18 +53,14 @@ def why(run_dir, workdir) -> str:
 
 def test_faucet_programs_pyvhost(net, workdir, faucet_bin):
     with time_limit(240):
-        port = free_port()
+        port = sdn.free_port()
         target = f"tcp:127.0.0.1:{port}"
         (workdir / "faucet.yaml").write_text(CONFIG)
         faucet = sdn.faucet(faucet_bin, "127.0.0.1", port, workdir / "faucet.yaml", workdir)
-        run_dir = workdir / "run"
-        config = ("add-br br0\nadd-port br0 a type=vhostuser queues=1\n"
-                  "add-port br0 b type=vhostuser queues=1\ndel-flows br0\nset-dpid br0 1\n"
-                  f"set-fail-mode br0 secure\nset-controller br0 {target}\n")
         faucet.start()
-        sw = processes.switch(workdir, run_dir, config=config)
+        sw, run_dir = sdn.controlled_switch(workdir, target, "set-dpid br0 1")
         try:
-            wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
+            sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
             with two_guests(net, run_dir) as (ga, gb):
                 ip_a, ip_b = net.ip(1), net.ip(2)
                 assert net.ping(ga.netns, ip_b, count=3, timeout=40), why(run_dir, workdir)
@@ -104,11 +78,11 @@ def test_faucet_programs_pyvhost(net, workdir, faucet_bin):
                 assert "L2 learned" in log and "on Port 2" in log, log[-2000:]
                 # Faucet stops: secure keeps its rules, the pair keeps pinging
                 faucet.stop()
-                wait_show(run_dir, lambda s: f'"{target}"  not connected' in s, "gone")
+                sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s, "gone")
                 assert net.ping(ga.netns, ip_b, count=3)
                 # Faucet comes back: reconnect, reprogram, ping on
                 faucet.start()
-                wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "reconnected")
+                sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "reconnected")
                 assert net.ping(ga.netns, ip_b, count=3, timeout=40)
                 assert net.ping(gb.netns, ip_a, count=3)
         finally:

@@ -11,8 +11,6 @@ it again."""
 from __future__ import annotations
 
 import re
-import socket
-import time
 
 import pytest
 
@@ -27,43 +25,19 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def osken_python():
-    bin_dir, why = sdn.venv(sdn.OSKEN)
-    if bin_dir is None:
-        pytest.skip(why)
-    return bin_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_show(run_dir, pred, what: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        show = processes.ctl(run_dir, "show")
-        if pred(show):
-            return show
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {show}")
-        time.sleep(0.2)
+    return sdn.venv_or_skip(sdn.OSKEN)
 
 
 def test_osken_learning_switch_programs_pyvhost(net, workdir, osken_python):
     with time_limit(240):
-        port = free_port()
+        port = sdn.free_port()
         target = f"tcp:127.0.0.1:{port}"
         controller = sdn.osken_learning(osken_python, "127.0.0.1", port, workdir / "osken.log")
-        run_dir = workdir / "run"
-        config = ("add-br br0\nadd-port br0 a type=vhostuser queues=1\n"
-                  "add-port br0 b type=vhostuser queues=1\ndel-flows br0\n"
-                  f"set-fail-mode br0 secure\nset-controller br0 {target}\n")
         controller.start()
-        sw = processes.switch(workdir, run_dir, config=config)
+        sw, run_dir = sdn.controlled_switch(workdir, target)
         try:
             controller.wait_for("CONNECTED")
-            wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
+            sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
             with two_guests(net, run_dir) as (ga, gb):
                 ip_a, ip_b = net.ip(1), net.ip(2)
                 assert net.ping(ga.netns, ip_b, count=3)
@@ -78,7 +52,7 @@ def test_osken_learning_switch_programs_pyvhost(net, workdir, osken_python):
                 assert re.search(r"n_packets=[1-9]\d*, .*priority=1,in_port=1", flows), flows
                 # the controller stops; secure: only what it installed
                 controller.stop()
-                wait_show(run_dir, lambda s: f'"{target}"  not connected' in s,
+                sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s,
                           "the controller gone")
                 assert net.ping(ga.netns, ip_b, count=3)
                 sh(["ip", "neigh", "flush", "all"], ns=ga.netns)
@@ -90,7 +64,7 @@ def test_osken_learning_switch_programs_pyvhost(net, workdir, osken_python):
                 # the controller comes back: reconnect, resync, its rules again
                 controller.start()
                 controller.wait_for("CONNECTED", 2, timeout=40)
-                wait_show(run_dir, lambda s: f'"{target}"  connected' in s and
+                sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s and
                           "fail-open" not in s, "reconnected")
                 for g in (ga, gb):
                     sh(["ip", "neigh", "flush", "all"], ns=g.netns)

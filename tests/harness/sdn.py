@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+
+from . import processes
 
 OSKEN = ("os-ken==4.2.2", "os_ken",
          Path(os.environ.get("PYVHOST_OSKEN_VENV", "/tmp/pyvhost-osken-venv")))
@@ -43,6 +48,44 @@ def venv(which: tuple[str, str, Path]) -> tuple[Path | None, str]:
         return None, f"pip could not install {requirement} (package index unreachable?): " \
                      f"{r.stderr.strip()[-300:]}"
     return python.parent, ""
+
+
+def venv_or_skip(which: tuple[str, str, Path]) -> Path:
+    """The venv's bin directory, or the test is skipped saying why there is none."""
+    bin_dir, why = venv(which)
+    if bin_dir is None:
+        pytest.skip(why)
+    return bin_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_show(run_dir, pred, what: str, timeout: float = 40.0) -> str:
+    """``ctl show`` once ``pred`` holds for it (AssertionError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        show = processes.ctl(run_dir, "show")
+        if pred(show):
+            return show
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {show}")
+        time.sleep(0.2)
+
+
+def controlled_switch(workdir, target: str, *extra: str):
+    """A started ``pyvhost switch`` (stop it by its PID) with bridge br0 holding vhostuser
+    ports a and b and no rules, secure, whose controller is ``target``; ``extra`` config
+    lines come before the controller. Returns (the process, the run dir)."""
+    run_dir = workdir / "run"
+    config = "".join(f"{line}\n" for line in (
+        "add-br br0", "add-port br0 a type=vhostuser queues=1",
+        "add-port br0 b type=vhostuser queues=1", "del-flows br0", *extra,
+        "set-fail-mode br0 secure", f"set-controller br0 {target}"))
+    return processes.switch(workdir, run_dir, config=config), run_dir
 
 
 class Controller:
