@@ -4,7 +4,8 @@ dump-group-features and dump-group-stats with their outputs checked; rules using
 (a missing group refused); traffic: ALL copies to every bucket, INDIRECT to its one,
 SELECT spreads flows by their 5-tuple (a flow always to the same bucket), FAST_FAILOVER
 takes the first bucket whose watched port is up and fails over when its guest goes;
-deleting a group deletes its rules; groups survive a switch restart."""
+deleting a group deletes its rules; ``ctl trace`` resolves groups; groups survive a
+switch restart."""
 
 from __future__ import annotations
 
@@ -79,6 +80,13 @@ def test_groups_through_ofctl(workdir):
             to_b += bool(got_b)
             to_c += bool(got_c)
         assert to_b and to_c, (to_b, to_c)
+        # trace resolves groups as the upcall does: ALL to both, SELECT one by 5-tuple
+        trace = processes.ctl(run_dir, "trace", "br0", "in_port=a,udp,tp_dst=1")
+        assert "Outputs: b, c" in trace, trace
+        trace = processes.ctl(run_dir, "trace", "br0", "in_port=a,udp,tp_src=1000,tp_dst=100,"
+                              "nw_src=10.0.0.1,nw_dst=10.0.0.2")
+        assert re.search(r"Outputs: [bc]\n", trace + "\n"), trace
+        assert "nw_src" in trace and "tp_src" in trace and "tp_dst" in trace, trace
         stats = ofctl(target, "dump-group-stats", "group_id=1").stdout
         assert re.search(r"group_id=1,duration=[\d.]+s,ref_count=1,packet_count=3,"
                          r"byte_count=180,bucket0:packet_count=3,byte_count=180,"

@@ -37,7 +37,7 @@ class Events:
         self.of = openflow
         self.switch = openflow.switch
         self.queue: PuntQueue | None = None
-        self.injector: Injector | None = None
+        self._injector: Injector | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.packet_ins = 0            # PACKET_INs handed to connections
         self.no_controller = 0         # frames no connected controller wanted or took
@@ -51,12 +51,18 @@ class Events:
             return
         self.loop = asyncio.get_running_loop()
         self.queue = PuntQueue()
-        self.injector = Injector(self.switch.datapath)
         self.switch.datapath.set_punt(self.queue)
         self.loop.add_reader(self.queue.fd, self._drain)
         self.switch.observers.append(self._observe)
         self.links = {(p.bridge, p.name): p.connected for p in self.switch.ports.values()}
         self._watch = self.loop.create_task(self._watch_links(), name="openflow:links")
+
+    @property
+    def injector(self) -> Injector:
+        """PACKET_OUT's way into the datapath (made on the first one: ~6 MB of buffers)."""
+        if self._injector is None:
+            self._injector = Injector(self.switch.datapath)
+        return self._injector
 
     def close(self) -> None:
         if self.queue is None:

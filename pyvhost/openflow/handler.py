@@ -372,7 +372,7 @@ class Handler:
         for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
-        if self.events is None or self.events.injector is None:
+        if self.events is None:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_TYPE, "PACKET_OUT: no injector")
         try:
             self.events.injector.send(bridge, in_id, po.data, actions)

@@ -295,7 +295,9 @@ class OpenFlow:
     # -- life -----------------------------------------------------------------------------
     async def restore(self) -> None:
         """Listen again on every stored target (a target that fails is logged and shown,
-        the switch runs on)."""
+        the switch runs on). From here on frames for a controller are taken from the
+        datapath, and counted when no controller wants them."""
+        self.events.start()
         for name in list(self.switch.bridges):
             self._restore_groups(name)
             conf = self._conf(name)

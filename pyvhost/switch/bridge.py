@@ -275,16 +275,32 @@ class Bridge:
     def trace(self, match: dict) -> dict:
         """What the datapath would do with a packet given in flow syntax: the rules it meets
         in each table (the same classifier lookup PMDs run), the actions, the output port
-        names (NORMAL and flood resolved without learning) and the megaflow mask."""
+        names (NORMAL and flood resolved without learning, a group to the buckets it picks
+        for this packet, CONTROLLER by that name) and the megaflow mask."""
         port = self.resolve(match["in_port"]) if "in_port" in match else None
         if "in_port" in match and port is None:
             raise ValueError(f"in_port: no port {match['in_port']!r} on bridge {self.name}")
         fields = key_fields(match)
         fields["in_port"] = port.port_id if port is not None else NO_PACKET_PORT
-        hops, ops, mask, overflow = self.cls.lookup(pack_key(fields))
+        key = pack_key(fields)
+        hops, ops, mask, overflow = self.cls.lookup(key)
         by_id = {p.port_id: p for p in self.ports.values()}
         outputs: list[str] = []
+        if self.groups is not None and any(op == OP_GROUP for op, _ in ops):
+            resolved = []
+            for op, arg in ops:                      # as the upcall resolves them
+                if op == OP_GROUP:
+                    group_ops, group_mask = self.groups.table.resolve(arg, key)
+                    resolved += group_ops
+                    mask = bytes(a | b for a, b in zip(mask, group_mask, strict=True))
+                else:
+                    resolved.append((op, arg))
+            ops = resolved
         for op, arg in ops:
+            if op == OP_CONTROLLER:
+                outputs.append("CONTROLLER")
+            elif op == OP_IN_PORT and port is not None:
+                outputs.append(port.name)
             if op == OP_OUTPUT and (port is None or arg != port.port_id) and arg in by_id:
                 outputs.append(by_id[arg].name)
             elif op == OP_FLOOD:
