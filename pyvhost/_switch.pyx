@@ -102,12 +102,15 @@ cdef struct port_counters_t:
     uint64_t drop_upcall     # misses over the port's share of upcall time
     uint64_t drop_copy       # input: a copy for one more output failed (no buffer, no room)
     uint64_t drop_no_port    # input: frames for an output port that went away or is down
+    uint64_t drop_no_recv    # input: frames received while told not to (OpenFlow PORT_MOD)
 
 cdef struct port_t:
     uint16_t id
     uint16_t bridge
     uint16_t nqueues
-    int up
+    int up                               # sends (0: OpenFlow port down / no-forward)
+    uint8_t no_recv                      # what it receives is dropped (PORT_MOD)
+    uint8_t no_flood                     # left out of flooding (PORT_MOD no-flood)
     const port_ops_t *ops                # the port's class
     void *dev                            # its device state (kept alive by a PortDev)
     bucket_t police
@@ -367,6 +370,15 @@ cdef class Datapath:
         free(p)
         del self.port_objs[port_id]
         self.wake_all()
+
+    def set_port_config(self, int port_id, bint forward, bint receive, bint flood):
+        """OpenFlow's port config (PORT_MOD): whether the port is sent to, whether what it
+        receives is taken, whether floods include it."""
+        cdef port_t *p = self._port(port_id)
+        vh_store_release_int(&p.up, forward)
+        p.no_recv = not receive
+        p.no_flood = not flood
+        self.invalidate()
 
     def set_police(self, int port_id, uint64_t rate, uint64_t burst):
         """Ingress policing in bytes/s and bytes; rate 0 turns it off."""
@@ -732,7 +744,8 @@ cdef class Pmd:
                 last_port = -1
                 for j in range(MAX_PORTS):
                     o = self.sw.ports[j]
-                    if o != NULL and o.up and o.bridge == inp.bridge and j != inp.id:
+                    if o != NULL and o.up and not o.no_flood and o.bridge == inp.bridge \
+                            and j != inp.id:
                         if last_port >= 0:
                             c = self.clone(p)
                             if c != NULL:
@@ -933,6 +946,11 @@ cdef class Pmd:
         if n == 0:
             self.cur_inp = NULL
             return 0
+        if inp.no_recv:
+            vh_add_u64(&inp.c.drop_no_recv, n)
+            pool_put_many(self.pool, pkts, n)
+            self.cur_inp = NULL
+            return n
         t0 = now_ns()
         self.now_ms = <uint32_t>(t0 // 1000000)
         if t0 - self.window_start > UPCALL_WINDOW_NS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 
@@ -28,9 +29,14 @@ LINK_DOWN, LIVE = 1, 4
 
 
 def next_async(c: O.Client, want: int, timeout: float = 8.0) -> bytes:
-    """The body of the next message of type ``want`` (echo requests answered)."""
-    c.sock.settimeout(timeout)
+    """The body of the next message of type ``want`` (echo requests answered);
+    TimeoutError if none comes within ``timeout``."""
+    deadline = time.monotonic() + timeout
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no message of type {want} in {timeout} s")
+        c.sock.settimeout(left)
         t, xid, body = c.recv()
         if t == O.ECHO_REQUEST:
             c.send(O.msg(O.ECHO_REPLY, body, xid))

@@ -550,6 +550,8 @@ CORPUS = [
     GMOD(2, 0, 0xFFFFFFFC),
     O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHI", 22, 8, 3))),
     O.multipart(6, struct.pack("!I4x", 0xFFFFFFFC)), O.multipart(7), O.multipart(8),
+    O.msg(16, struct.pack("!I4x6s2xIII4x", 2, bytes(6), 0x10, 0x10, 0)),       # PORT_MOD
+    O.msg(16, struct.pack("!I4x6s2xIII4x", 1, bytes(6), 0, 0x65, 0)),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 18, 20, 24, 28, 29, 99]
 

@@ -30,6 +30,7 @@ log = logging.getLogger("pyvhost.openflow")
 DRAIN_MOST = 64
 LINK_EVERY = 1.0          # seconds between two looks at the ports' links
 SEND_FLOW_REM = 1
+NO_PACKET_IN = 0x40                                # OFPPC_NO_PACKET_IN
 
 
 class Events:
@@ -96,12 +97,19 @@ class Events:
             else:
                 self.links.pop(key, None)
             self.port_status(port, AM.OFPPR_ADD if added else AM.OFPPR_DELETE)
+            state = self.of._states.get(port.bridge)
+            if state is not None:                   # a port that comes again starts afresh
+                state.port_config.pop(port.name, None)
         elif kind == "rules_removed":
             self.flows_removed(info["bridge"], info["removed"], info["reason"])
 
+    def _port_config(self, bridge_name: str, port_name: str) -> int:
+        state = self.of._states.get(bridge_name)
+        return state.port_config.get(port_name, 0) if state is not None else 0
+
     def port_status(self, port, reason: int) -> None:
         desc = M.port_desc(port.ofport, port.name, up=port.connected and reason !=
-                           AM.OFPPR_DELETE)
+                           AM.OFPPR_DELETE, config=self._port_config(port.bridge, port.name))
         self._send(port.bridge, C.PORT_STATUS, reason, AM.port_status(0, reason, desc))
 
     async def _watch_links(self) -> None:
@@ -179,6 +187,9 @@ class Events:
                 self.unknown += 1
                 return
             ofport = port.ofport
+            if self._port_config(bridge.name, port.name) & NO_PACKET_IN:
+                self.no_controller += 1             # PORT_MOD no-packet-in
+                return
         reason, cookie = AM.OFPR_ACTION, AM.NO_COOKIE
         rule = bridge.rules.get(rec["rule_id"]) if rec["rule_id"] != NO_RULE else None
         if rule is not None:

@@ -45,11 +45,16 @@ from .errors import OFError
 log = logging.getLogger("pyvhost.openflow")
 
 FLOW_MOD_FIXED = struct.Struct("!QQBBHHHIIIH2x")
+PORT_MOD = struct.Struct("!I4x6s2xIII4x")
+OFPPC_PORT_DOWN, OFPPC_NO_RECV, OFPPC_NO_FLOOD, OFPPC_NO_FWD, OFPPC_NO_PACKET_IN = \
+    1, 4, 0x10, 0x20, 0x40
+PORT_CONFIG_BITS = OFPPC_PORT_DOWN | OFPPC_NO_RECV | OFPPC_NO_FLOOD | OFPPC_NO_FWD | \
+    OFPPC_NO_PACKET_IN
 ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
 SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
-UNSUPPORTED_TYPES = {C.PORT_MOD, C.TABLE_MOD,
+UNSUPPORTED_TYPES = {C.TABLE_MOD,
                      C.QUEUE_GET_CONFIG_REQUEST, C.METER_MOD}
 
 
@@ -66,6 +71,7 @@ class BridgeState:
         self.config_flags = 0
         self.miss_send_len = 128
         self.rule_flags: dict[int, tuple[str, int]] = {}
+        self.port_config: dict[str, int] = {}            # PORT_MOD's config by port name
         self.generation = R.Generation()                 # ROLE_REQUEST's generation id
         self.roles: weakref.WeakSet = weakref.WeakSet()  # the connections' roles
 
@@ -128,6 +134,9 @@ class Handler:
             return []
         if t == C.GROUP_MOD:
             G.group_mod(self, body)
+            return []
+        if t == C.PORT_MOD:
+            self.port_mod(body)
             return []
         if t == C.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
@@ -353,6 +362,34 @@ class Handler:
                 return True
         return False
 
+    # -- PORT_MOD -------------------------------------------------------------------------
+    def port_mod(self, body: bytes) -> None:
+        """PORT_DOWN, NO_RECV, NO_FWD, NO_PACKET_IN and (as Open vSwitch takes it in 1.3)
+        NO_FLOOD; the datapath applies them at once, controllers get a PORT_STATUS."""
+        C.need(body, PORT_MOD.size, "PORT_MOD", exact=True)
+        port_no, hw_addr, config, mask, advertise = PORT_MOD.unpack(body)
+        port = self.bridge.resolve(str(port_no)) if 1 <= port_no < C.OFPP_MAX else None
+        if port is None:
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_PORT, f"port {port_no:#x}: no such port")
+        if hw_addr != bytes(6):                    # (PORT_DESC reports no address)
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_HW_ADDR, f"hw_addr {hw_addr.hex(':')}")
+        if (config | mask) & ~PORT_CONFIG_BITS:
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_CONFIG,
+                          f"config 0x{config:x} mask 0x{mask:x}")
+        if advertise:
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_ADVERTISE,
+                          "advertise: no link features to set")
+        old = self.state.port_config.get(port.name, 0)
+        new = (old & ~mask) | (config & mask)
+        self.switch.datapath.set_port_config(
+            port.port_id, forward=not new & (OFPPC_PORT_DOWN | OFPPC_NO_FWD),
+            receive=not new & (OFPPC_PORT_DOWN | OFPPC_NO_RECV),
+            flood=not new & OFPPC_NO_FLOOD)
+        self.state.port_config[port.name] = new
+        log.info("openflow %s: port %s config 0x%x", self.bridge_name, port.name, new)
+        if new != old and self.events is not None:
+            self.events.port_status(port, AM.OFPPR_MODIFY)
+
     # -- PACKET_OUT -----------------------------------------------------------------------
     def packet_out(self, body: bytes) -> None:
         """Send the frame through its actions (OUTPUT to a port, FLOOD, ALL, IN_PORT,
@@ -402,7 +439,8 @@ class Handler:
             entries = self.port_stats(M.parse_port_request(req.body))
         elif t == M.PORT_DESC:
             C.need(req.body, 0, "PORT_DESC request", exact=True)
-            entries = [M.port_desc(p.ofport, p.name, up=p.connected)
+            entries = [M.port_desc(p.ofport, p.name, up=p.connected,
+                                   config=self.state.port_config.get(p.name, 0))
                        for p in self._ports()]
         elif t == M.TABLE_FEATURES:
             if req.body:
@@ -460,7 +498,7 @@ class Handler:
         for p in ports:
             d = self.switch.datapath.port_stats(p.port_id)
             rx_drop = sum(d.get(k, 0) for k in ("drop_police", "drop_upcall", "drop_copy",
-                                                 "drop_no_port"))
+                                                 "drop_no_port", "drop_no_recv"))
             tx_drop = sum(d.get(k, 0) for k in ("drop_qos", "drop_tx_full", "drop_offload"))
             out.append(M.port_stats(p.ofport, d["rx_packets"], d["tx_packets"], d["rx_bytes"],
                                     d["tx_bytes"], rx_drop, tx_drop, 0, 0, 0))

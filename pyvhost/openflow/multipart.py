@@ -131,9 +131,9 @@ def port_stats(port_no: int, rx_packets: int, tx_packets: int, rx_bytes: int, tx
 
 
 def port_desc(port_no: int, name: str, hw_addr: bytes = bytes(6), up: bool = True,
-              speed_kbps: int = 0) -> bytes:
+              speed_kbps: int = 0, config: int = 0) -> bytes:
     state = OFPPS_LIVE if up else OFPPS_LINK_DOWN
-    return PORT.pack(port_no, hw_addr, _s(name, 16), 0, state, 0, 0, 0, 0, speed_kbps,
+    return PORT.pack(port_no, hw_addr, _s(name, 16), config, state, 0, 0, 0, 0, speed_kbps,
                      speed_kbps)
 
 
