@@ -176,6 +176,8 @@ def test_a_guest_cannot_flood_the_controller(of_switch):
                   r"busy (\d+), no controller (\d+)", show)
     assert m, show
     queued, out, rate, full, busy, none = map(int, m.groups())
+    print(f"[packet_in] {sent} frames in {elapsed:.2f} s: {got} PACKET_INs, dropped: rate "
+          f"{rate}, full {full}, busy {busy}")
     stats = ofctl(target, "dump-flows").stdout
     matched = int(re.search(r"n_packets=(\d+), .*priority=100", stats).group(1))
     assert matched == sent

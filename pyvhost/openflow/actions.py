@@ -1,17 +1,18 @@
 """OpenFlow 1.3 instructions and actions to and from the switch's rule model (actions
-``output:PORT``, ``flood``, ``normal``, ``mod_vlan_vid:N``, ``strip_vlan`` and
-``goto_table:N`` of ``pyvhost.switch.flows``).
+``output:PORT``, ``flood``, ``normal``, ``mod_vlan_vid:N``, ``strip_vlan``, ``controller:N``,
+``in_port``, ``group:N`` and ``goto_table:N`` of ``pyvhost.switch.flows``).
 
 Taken: GOTO_TABLE and APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL,
-CONTROLLER with its max_len, IN_PORT; TABLE in a packet-out only, see ``decode_packet_out``),
-PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the model's action does exactly
-the same to every packet the rule's match admits: PUSH_VLAN (+ SET_FIELD) only on a match
-of untagged packets (mod_vlan_vid pushes a tag there), SET_FIELD vlan_vid and POP_VLAN only
-on a match of tagged ones (or after a push). OFPP_ALL is the model's ``flood`` (no port here
-is excluded from flooding, so the two are the same set). Everything else gets the spec's
-BAD_INSTRUCTION/BAD_ACTION error: WRITE/CLEAR_ACTIONS, WRITE_METADATA, METER (no action
-set, metadata or meters yet), OUTPUT to LOCAL, TABLE (in a rule) or ANY (the datapath
-cannot send there), GROUP, TTL and MPLS actions. Pure functions."""
+CONTROLLER with its max_len, IN_PORT; TABLE in a packet-out only: ``decode_actions(...,
+packet_out=True)``), GROUP, PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the
+model's action does exactly the same to every packet the rule's match admits: PUSH_VLAN
+(+ SET_FIELD) only on a match of untagged packets (mod_vlan_vid pushes a tag there),
+SET_FIELD vlan_vid and POP_VLAN only on a match of tagged ones (or after a push). OFPP_ALL
+is the model's ``flood`` (so a port PORT_MOD took out of flooding is left out of ALL too:
+a difference from the spec). Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION
+error: WRITE/CLEAR_ACTIONS, WRITE_METADATA, METER (no action set, metadata or meters
+yet), OUTPUT to LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and
+MPLS actions. Pure functions."""
 
 from __future__ import annotations
 

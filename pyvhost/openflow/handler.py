@@ -10,7 +10,7 @@ messages. FLOW_MOD semantics as OpenFlow 1.3.5 (6.4) has them:
   match, as ``Bridge.select``) get the new instructions; cookie, timeouts, counters and
   duration stay (RESET_COUNTS: counters restart). No match: nothing happens.
 - DELETE[_STRICT]: table 255 is every table; cookie/mask, out_port and out_group filter
-  (no groups here: an out_group other than ANY selects nothing). MODIFY on table 255 is
+  (a rule passes out_group when it names that group). MODIFY on table 255 is
   every table too, as Open vSwitch takes it (the spec allows 255 for deletes only).
 
 Rules ``ctl`` made read back through OpenFlow as the nearest OpenFlow can say them: ports
