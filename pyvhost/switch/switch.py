@@ -769,7 +769,8 @@ class Switch:
             c = self.port_counters(port)
             d, r, t = c["datapath"], c["rx_rings"], c["tx_rings"]
             rx_drop = d["drop_police"] + d["drop_upcall"] + d["drop_copy"] + \
-                d["drop_no_port"] + d["drop_no_recv"] + sum(v for k, v in r.items() if k.startswith("drop_"))
+                d["drop_no_port"] + d["drop_no_recv"] + \
+                sum(v for k, v in r.items() if k.startswith("drop_"))
             tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
                 sum(v for k, v in t.items() if k.startswith("drop_"))
             errors = r.get("ring_errors", r.get("rx_errors", 0)) + \
