@@ -373,6 +373,7 @@ def test_flow_mods_follow_the_spec(running):
     (O.packet_out(1, O.output(C.OFPP_ANY), FRAME), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.packet_out(1, struct.pack("!HH4x", 0, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_LEN)),
     (O.packet_out(1, struct.pack("!HH4x", 17, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_ARGUMENT)),
+    (O.packet_out(1, struct.pack("!HHI", 22, 8, 1), FRAME), (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.msg(15, bytes(6)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),                   # GROUP_MOD
     (GMOD(9, 0, 1), (E.GROUP_MOD_FAILED, 11)),                              # BAD_COMMAND
     (GMOD(0, 7, 1), (E.GROUP_MOD_FAILED, 10)),                              # BAD_TYPE

@@ -409,6 +409,10 @@ class Handler:
         for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
+            if a[0] == "group":                    # (the upcall resolves groups; a
+                raise OFError(E.BAD_ACTION, E.BAC_BAD_TYPE,   # packet-out has none)
+                              "GROUP in a PACKET_OUT is not supported (output to TABLE "
+                              "through a rule that uses the group)")
         if self.events is None:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_TYPE, "PACKET_OUT: no injector")
         try:
