@@ -19,7 +19,9 @@ from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
-from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_NORMAL, masked_hash
+from pyvhost._flow cimport (
+    KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_NORMAL, OP_SET_VLAN, OP_STRIP_VLAN, masked_hash,
+)
 from pyvhost._trie cimport (
     TRIE_NODES_PER_INSERT, prefix_len, prefix_mask, spare_move, spare_reserve, spare_trim,
     trie_free, trie_insert, trie_lookup, trie_node_t, trie_remove, trie_spare_t,
@@ -276,8 +278,12 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
 
 cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t *out) noexcept nogil:
     """Run the tables from table 0 (the caller holds the read lock): the rules matched,
-    their ops in order, and the mask of every bit consulted OR-ed into ``mask``."""
+    their ops in order, and the mask of every bit consulted OR-ed into ``mask``. A later
+    table sees the packet as the earlier tables' VLAN ops left it (OpenFlow: apply-actions
+    change the packet the next table matches); the bits it consults are masked in the
+    packet's own key, which those ops' outcome is a function of (conservative, correct)."""
     cdef uint64_t w[KEY_WORDS]
+    cdef flow_key_t *key = <flow_key_t *>w
     cdef int table = 0
     cdef uint32_t i
     cdef cls_rule_t *r
@@ -298,6 +304,10 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
         for i in range(r.n_ops):
             out.ops[out.n_ops] = r.ops[i]
             out.n_ops += 1
+            if r.ops[i].op == OP_SET_VLAN:
+                key.vlan_tci = (key.vlan_tci & 0xE000) | 0x1000 | r.ops[i].arg
+            elif r.ops[i].op == OP_STRIP_VLAN:
+                key.vlan_tci = 0
         out.flags |= r.flags
         if r.goto_table == NO_GOTO or r.goto_table <= table:
             break

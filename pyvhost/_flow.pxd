@@ -18,6 +18,9 @@ cdef enum:
     OP_TUN_HI = 6          # arg: the high 16 bits of the next OP_SET_TUN_* value
     OP_SET_TUN_ID = 7      # arg: the low 16 bits; tun_id = hi << 16 | arg
     OP_SET_TUN_DST = 8     # arg: the low 16 bits; tun_dst (IPv4, host order as an int)
+    OP_CONTROLLER = 9      # arg: max_len (0xFFFF: whole frame): to the controller queue
+    OP_IN_PORT = 10        # back out of the input port (OpenFlow IN_PORT)
+    OP_GROUP = 11          # arg: group slot: resolved by the upcall, never cached
     EMC_ENTRIES = 8192
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot

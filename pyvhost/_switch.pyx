@@ -36,16 +36,18 @@ from pyvhost._classifier cimport (
 )
 from pyvhost._fdb cimport FDB_REMOTES, MacTable, fdb_learn, fdb_lookup, fdb_remotes, fdb_t
 from pyvhost._flow cimport (
-    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_FLOOD, OP_NORMAL, OP_OUTPUT,
-    OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI, action_op_t,
-    actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash,
-    flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
+    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_GROUP, OP_IN_PORT,
+    OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
+    action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t,
+    mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
 from pyvhost._idle cimport (
     IDLE_NS, idle_free, idle_init, idle_sleep, idle_t, idle_wake, notify_all, now_ns,
 )
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
+from pyvhost._group cimport GroupTable, group_resolve, grp_table_t
+from pyvhost._punt cimport PUNT_NO_RULE, PuntQueue, punt_push, punt_t
 from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
     MAX_BURST, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
@@ -107,16 +109,19 @@ cdef struct port_counters_t:
     uint64_t drop_copy       # input: a copy for one more output failed (no buffer, no room)
     uint64_t drop_no_port    # input: frames for an output port that went away or is down
     uint64_t drop_mirror_port  # received on a mirror's output port (it only sends)
+    uint64_t drop_no_recv    # input: frames received while told not to (OpenFlow PORT_MOD)
 
 cdef struct port_t:
     uint16_t id
     uint16_t bridge
     uint16_t nqueues
-    int up
+    int up                               # sends (0: OpenFlow port down / no-forward)
     uint16_t mirror_rx                   # the bridge's mirrors that select its input,
     uint16_t mirror_tx                   # its output (bits: mirror_set_t indices)
     int mirror_only                      # a mirror's output: nothing else in or out
     int per_remote                       # many remotes (PortDev.per_remote)
+    uint8_t no_recv                      # what it receives is dropped (PORT_MOD)
+    uint8_t no_flood                     # left out of flooding (PORT_MOD no-flood)
     const port_ops_t *ops                # the port's class
     void *dev                            # its device state (kept alive by a PortDev)
     bucket_t police
@@ -129,11 +134,14 @@ cdef struct bridge_t:
     cls_t *cls
     fdb_t *fdb
     mirror_set_t *mirrors                # NULL: none
+    int fail_open            # OpenFlow fail-open: NORMAL for every packet, rules unused
+    grp_table_t *groups      # OpenFlow groups (NULL: none; a group op then drops)
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
     bridge_t *bridges[MAX_BRIDGES]
     uint32_t gen
+    punt_t *punt             # the controller queue (NULL: CONTROLLER drops)
 
 cdef struct rxq_ref_t:
     uint16_t port
@@ -236,6 +244,9 @@ cdef class Datapath:
     cdef dict bridge_objs          # bridge id -> (Classifier, MacTable) kept alive
     cdef list stuck                # tables a stuck PMD may still hold
     cdef readonly list pmds
+    cdef object punt_obj           # the PuntQueue behind sw.punt, kept alive
+    cdef set fail_open             # ids of the bridges in fail-open mode
+    cdef dict group_objs           # bridge id -> its GroupTable, kept alive
 
     def __cinit__(self):
         self.sw = <switch_t *>calloc(1, sizeof(switch_t))
@@ -246,6 +257,8 @@ cdef class Datapath:
         self.bridge_objs = {}
         self.stuck = []
         self.pmds = []
+        self.fail_open = set()
+        self.group_objs = {}
 
     def __dealloc__(self):
         cdef int i
@@ -269,6 +282,9 @@ cdef class Datapath:
             raise MemoryError()
         b.cls = cls.c
         b.fdb = macs.f
+        b.fail_open = bridge_id in self.fail_open
+        if bridge_id in self.group_objs:
+            b.groups = (<GroupTable>self.group_objs[bridge_id]).t
         old = self.sw.bridges[bridge_id]
         if old != NULL:
             b.mirrors = old.mirrors                  # the mirrors stay (now b's)
@@ -287,6 +303,7 @@ cdef class Datapath:
 
     def remove_bridge(self, int bridge_id):
         cdef bridge_t *b
+        self.fail_open.discard(bridge_id)
         if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
             raise KeyError(bridge_id)
         b = self.sw.bridges[bridge_id]
@@ -297,6 +314,38 @@ cdef class Datapath:
         free(b.mirrors)
         free(b)
         del self.bridge_objs[bridge_id]
+        self.group_objs.pop(bridge_id, None)         # (no PMD can be inside it now)
+
+    def set_punt(self, PuntQueue queue):
+        """Frames an output to CONTROLLER sends go to ``queue`` (None: they are dropped)."""
+        old = self.punt_obj
+        self.sw.punt = queue.q if queue is not None else NULL
+        self.punt_obj = queue
+        vh_fence_seq_cst()
+        if old is not None and old is not queue:
+            self.synchronize()                      # no PMD still pushes into the old one
+
+    def set_groups(self, int bridge_id, GroupTable groups):
+        """The bridge's group table (set once; changes to it need ``invalidate()``)."""
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        if self.sw.bridges[bridge_id].groups != NULL:
+            raise ValueError(f"bridge {bridge_id} has its group table")
+        self.group_objs[bridge_id] = groups
+        self.sw.bridges[bridge_id].groups = groups.t
+        self.invalidate()
+
+    def set_fail_open(self, int bridge_id, bint on):
+        """Fail-open (OpenFlow's standalone fail mode with no controller): the bridge
+        forwards every packet by NORMAL, its rules unused but kept; off: rules again."""
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        if on:
+            self.fail_open.add(bridge_id)
+        else:
+            self.fail_open.discard(bridge_id)
+        vh_store_release_int(&self.sw.bridges[bridge_id].fail_open, on)
+        self.invalidate()                           # every cached decision goes stale
 
     def set_mirrors(self, int bridge_id, list mirrors):
         """The bridge's mirrors from now on, each a dict: ``out`` (port id), ``src`` and
@@ -437,6 +486,15 @@ cdef class Datapath:
         del self.port_objs[port_id]
         self.wake_all()
 
+    def set_port_config(self, int port_id, bint forward, bint receive, bint flood):
+        """OpenFlow's port config (PORT_MOD): whether the port is sent to, whether what it
+        receives is taken, whether floods include it."""
+        cdef port_t *p = self._port(port_id)
+        vh_store_release_int(&p.up, forward)
+        p.no_recv = not receive
+        p.no_flood = not flood
+        self.invalidate()
+
     def set_police(self, int port_id, uint64_t rate, uint64_t burst):
         """Ingress policing in bytes/s and bytes; rate 0 turns it off."""
         self._set_bucket(&self._port(port_id).police, rate, burst)
@@ -539,6 +597,7 @@ cdef class Pmd:
     cdef uint8_t is_touched[MAX_PORTS]
     cdef uint32_t ntouched
     cdef port_t *cur_inp                # the port whose burst is being processed
+    cdef port_t ext_port                # inject(): the input of a frame from no port
 
     def __cinit__(self, Datapath dp, int pmd_id, PacketPool pool, int flow_limit):
         self.dp = dp
@@ -641,6 +700,18 @@ cdef class Pmd:
         a.flags = 0
         a.src_idx = NO_FDB
         a.dst_idx = NO_FDB
+        if vh_load_acquire_int(&b.fail_open):
+            a.rule_gen = vh_load_u32(&b.cls.gen)
+            a.n_rules = 0
+            for j in range(KEY_WORDS):
+                mask[j] = IN_PORT_MASK.w[j] | NORMAL_MASK.w[j]
+                if inp.per_remote:
+                    mask[j] |= REMOTE_MASK.w[j]
+            j = self.normal(b, inp, k, a, &a.ops[0], MAX_ACTION_OPS)
+            if j < 0:
+                return -1
+            a.n_ops = j
+            return 0
         cls_read_lock(b.cls)
         a.rule_gen = b.cls.gen
         cls_lookup(b.cls, k, mask, &res)
@@ -662,11 +733,29 @@ cdef class Pmd:
                 if j < 0:
                     return -1
                 n += j
+            elif res.ops[i].op == OP_GROUP:
+                j = group_resolve(b.groups, res.ops[i].arg, k, self.vlan_at(k, a, n), mask,
+                                  &a.ops[n], MAX_ACTION_OPS - n)
+                if j < 0:
+                    return -1                      # more ops than an entry holds: drop
+                n += j
             else:
                 a.ops[n] = res.ops[i]
                 n += 1
         a.n_ops = n
         return 0
+
+    cdef uint16_t vlan_at(self, const flow_key_t *k, const actions_t *a,
+                          uint32_t n) noexcept nogil:
+        """The packet's TCI after the first ``n`` ops of ``a`` (0: untagged)."""
+        cdef uint16_t tci = k.vlan_tci
+        cdef uint32_t i
+        for i in range(n):
+            if a.ops[i].op == OP_SET_VLAN:
+                tci = (tci & 0xE000) | 0x1000 | a.ops[i].arg
+            elif a.ops[i].op == OP_STRIP_VLAN:
+                tci = 0
+        return tci
 
     cdef int normal(self, bridge_t *b, port_t *inp, const flow_key_t *k, actions_t *a,
                     action_op_t *op, int room) noexcept nogil:
@@ -679,10 +768,12 @@ cdef class Pmd:
         if inp.per_remote:
             remote = k.tun_src
             vni = k.tun_id if remote else 0
-        if fdb_learn(b.fdb, vlan, k.dl_src, inp.id, remote, vni, self.now_ms,
-                     &a.src_idx, &a.src_ver) < 0 \
-                and not k.dl_src[0] & 1:           # not learned (a group address never is):
-            a.flags |= DEP_LEARN                   # try again once the table changes
+        if inp.id >= MAX_PORTS:                    # inject() from no port: nothing to learn
+            pass
+        elif fdb_learn(b.fdb, vlan, k.dl_src, inp.id, remote, vni, self.now_ms,
+                       &a.src_idx, &a.src_ver) < 0 and not k.dl_src[0] & 1:
+            a.flags |= DEP_LEARN                   # not learned (a group address never is):
+                                                   # try again once the table changes
             a.learn_gen = learn_gen
         if room < 1:
             return -1
@@ -872,8 +963,8 @@ cdef class Pmd:
                 last = NULL
                 for j in range(MAX_PORTS):
                     o = self.sw.ports[j]
-                    if o != NULL and o.up and o.bridge == inp.bridge and j != inp.id \
-                            and not o.mirror_only:
+                    if o != NULL and o.up and not o.no_flood and o.bridge == inp.bridge \
+                            and j != inp.id and not o.mirror_only:
                         if o.per_remote:           # a copy per remote behind it
                             self.flood_remotes(inp, o, p, k, &mirrored)
                             continue
@@ -894,6 +985,19 @@ cdef class Pmd:
                             self.send(inp, last, c, k, &mirrored)
                         else:
                             vh_add_u64(&inp.c.drop_copy, 1)
+            elif op == OP_CONTROLLER:
+                self.to_controller(inp, p, a, i)
+            elif op == OP_IN_PORT:
+                if inp.id < MAX_PORTS and self.sw.ports[inp.id] == inp:
+                    if final:
+                        self.send(inp, inp, p, k, &mirrored)
+                        owned = False
+                    else:
+                        c = self.clone(p)
+                        if c != NULL:
+                            self.send(inp, inp, c, k, &mirrored)
+                        else:
+                            vh_add_u64(&inp.c.drop_copy, 1)
             elif op == OP_SET_VLAN:
                 vlan_set(p, a.ops[i].arg)
             elif op == OP_STRIP_VLAN:
@@ -909,6 +1013,131 @@ cdef class Pmd:
             if a.n_ops == 0:
                 vh_add_u64(&inp.c.drop_action, 1)
             pool_put(self.pool, p)
+
+    cdef void to_controller(self, port_t *inp, const pkt_t *p, const actions_t *a,
+                            int at) noexcept nogil:
+        """Op ``at`` of ``a`` (an OP_CONTROLLER) hands a copy of ``p`` to the controller
+        queue, with the rule whose action it was (the k-th controller op of the entry is
+        the k-th of its rules, in table order)."""
+        cdef int i, j, k = 0
+        cdef uint32_t h
+        cdef cls_rule_t *r
+        cdef uint32_t rid = PUNT_NO_RULE, prio = 0
+        cdef uint8_t table = 0
+        for i in range(at):
+            if a.ops[i].op == OP_CONTROLLER:
+                k += 1
+        for h in range(a.n_rules):
+            r = <cls_rule_t *>a.rules[h]
+            for j in range(r.n_ops):
+                if r.ops[j].op == OP_CONTROLLER:
+                    if k == 0:
+                        rid, prio, table = r.id, r.priority, r.table
+                        break
+                    k -= 1
+            if rid != PUNT_NO_RULE:
+                break
+        punt_push(self.sw.punt, p, inp.bridge, inp.id, rid, prio, table, a.ops[at].arg)
+
+    def inject(self, int bridge_id, int in_port, bytes frame, ops=None):
+        """Send ``frame`` as if it came in on port ``in_port`` of bridge ``bridge_id`` (a
+        port id, or -1: from no port), run through ``ops`` ([(op, arg)], OP_NORMAL
+        resolved through the MAC table) or, when ``ops`` is None, through the bridge's
+        tables (OpenFlow's packet-out to TABLE). For a Pmd no thread runs, on the control
+        thread only: that is the thread that removes ports and bridges. Returns False if
+        the frame was dropped before any action."""
+        cdef actions_t a
+        cdef port_t *inp = NULL
+        cdef pkt_t *p
+        cdef int n = 0, rc
+        cdef bint table = ops is None
+        if self.running_:
+            raise RuntimeError("inject() is for a Pmd no thread runs")
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(f"no bridge {bridge_id}")
+        if not 14 <= len(frame) <= self.pool.buf_size:
+            raise ValueError(f"a frame of {len(frame)} bytes (14..{self.pool.buf_size})")
+        if 0 <= in_port < MAX_PORTS:
+            inp = self.sw.ports[in_port]
+        if inp != NULL and inp.bridge != bridge_id:
+            raise ValueError(f"port {in_port} is not on bridge {bridge_id}")
+        if inp == NULL:
+            if in_port != -1:
+                raise KeyError(f"no port {in_port}")
+            memset(&self.ext_port, 0, sizeof(port_t))
+            self.ext_port.id = 0xFFFF
+            self.ext_port.bridge = bridge_id
+            self.ext_port.up = 1
+            inp = &self.ext_port
+        memset(&a, 0, sizeof(actions_t))
+        a.bridge = bridge_id
+        a.src_idx = NO_FDB
+        a.dst_idx = NO_FDB
+        if not table:
+            if len(ops) > MAX_ACTION_OPS:
+                raise ValueError(f"more than {MAX_ACTION_OPS} actions")
+            for op, arg in ops:
+                if not (0 < op < 0x10000 and 0 <= arg < 0x10000):
+                    raise ValueError(f"bad op ({op}, {arg})")
+                a.ops[n].op = op
+                a.ops[n].arg = arg
+                n += 1
+            a.n_ops = n
+        p = pool_get(self.pool)
+        if p == NULL:
+            raise MemoryError("no packet buffer")
+        memcpy(p.data, <const char *>frame, len(frame))
+        p.len = len(frame)
+        p.in_port = inp.id
+        with nogil:
+            rc = self._inject(inp, p, &a, table)
+        return rc == 0
+
+    cdef int _inject(self, port_t *inp, pkt_t *p, actions_t *a, bint table) noexcept nogil:
+        cdef flow_key_t key
+        cdef uint64_t mask[KEY_WORDS]
+        cdef uint64_t t = now_ns()
+        cdef bridge_t *b = self.sw.bridges[inp.bridge]
+        cdef uint32_t i, n = 0, count
+        cdef int rc = 0, j
+        cdef action_op_t given[MAX_ACTION_OPS]
+        self.now_ms = <uint32_t>(t // 1000000)
+        flow_extract(p, inp.id, &key)
+        self.cur_inp = inp
+        if table:
+            if self.upcall(inp, &key, a, mask) < 0:
+                pool_put(self.pool, p)
+                rc = -1
+            else:
+                self.account(a, p.len, t)
+        else:
+            # NORMAL may become several ops (a remote's): read the given ones from a copy
+            count = a.n_ops
+            memcpy(given, a.ops, count * sizeof(action_op_t))
+            for i in range(count):
+                if given[i].op != OP_NORMAL:
+                    if n >= MAX_ACTION_OPS:
+                        rc = -1
+                        break
+                    a.ops[n] = given[i]
+                    n += 1
+                else:
+                    j = self.normal(b, inp, &key, a, &a.ops[n], MAX_ACTION_OPS - n)
+                    if j < 0:
+                        rc = -1
+                        break
+                    n += j
+            a.n_ops = n
+            if rc < 0:
+                pool_put(self.pool, p)
+        if rc == 0:
+            self.execute(inp, p, a, &key, 0)
+        for i in range(self.ntouched):
+            self.flush(self.touched[i])
+            self.is_touched[self.touched[i]] = 0
+        self.ntouched = 0
+        self.cur_inp = NULL
+        return rc
 
     cdef void roll_window(self, uint64_t t) noexcept nogil:
         """A new upcall-fairness window: with several ports sending on this PMD, each may
@@ -960,6 +1189,11 @@ cdef class Pmd:
         if n == 0:
             self.cur_inp = NULL
             return 0
+        if inp.no_recv:
+            vh_add_u64(&inp.c.drop_no_recv, n)
+            pool_put_many(self.pool, pkts, n)
+            self.cur_inp = NULL
+            return n
         t0 = now_ns()
         self.now_ms = <uint32_t>(t0 // 1000000)
         if t0 - self.window_start > UPCALL_WINDOW_NS:

@@ -242,6 +242,25 @@ def test_strict_and_select_and_modify():
     assert len(cls) == 3 and cls.lookup(key)[1] == [(1, 4)]
 
 
+def test_later_tables_see_the_vlan_ops_of_earlier_ones():
+    """OpenFlow: a table after goto_table matches the packet as the earlier tables' apply
+    actions left it (Faucet pushes the VLAN tag in table 0 and matches it in table 1)."""
+    from pyvhost._flow import ACTION_OPS
+    set_vlan, strip = ACTION_OPS["set_vlan"], ACTION_OPS["strip_vlan"]
+    cls = Classifier()
+    vlan = pack_key({"vlan_tci": 0x1FFF})
+    cls.insert(0, 5, pack_key({"vlan_tci": 0xFFFF}), pack_key({"vlan_tci": 0}),
+               [(set_vlan, 100)], 1)                                    # untagged: push 100
+    cls.insert(0, 5, vlan, pack_key({"vlan_tci": 0x1000 | 7}), [(strip, 0)], 1)   # 7: pop
+    tagged_100 = cls.insert(1, 5, vlan, pack_key({"vlan_tci": 0x1000 | 100}), [(1, 2)])
+    untagged = cls.insert(1, 5, pack_key({"vlan_tci": 0xFFFF}), pack_key({"vlan_tci": 0}),
+                          [(1, 3)])
+    hops, ops, mask, _ = cls.lookup(pack_key({"in_port": 1}))
+    assert hops[1] == (1, tagged_100) and ops == [(set_vlan, 100), (1, 2)], (hops, ops)
+    hops, ops, _, _ = cls.lookup(pack_key({"in_port": 1, "vlan_tci": 0x1000 | 7}))
+    assert hops[1] == (1, untagged) and ops == [(strip, 0), (1, 3)], (hops, ops)
+
+
 def test_100k_rules_load_match_and_memory():
     """OVN-sized: 100k rules of a few shapes load in one change, each packet finds its rule,
     and a rule costs at most 1 KiB (classifier and the bridge's Python side together)."""

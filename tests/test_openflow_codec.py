@@ -21,9 +21,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvhost.openflow import actions as A
+from pyvhost.openflow import asyncmsg as AM
 from pyvhost.openflow import codec as C
 from pyvhost.openflow import errors as E
+from pyvhost.openflow import groupmod as G
 from pyvhost.openflow import oxm
+from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
 from pyvhost.openflow.manager import enable
 from pyvhost.switch import Switch, run_command
@@ -170,12 +173,16 @@ def test_instructions_round_trip(actions, match):
 
 
 @pytest.mark.parametrize("ins,match,want", [
-    (O.apply_actions(O.output(C.OFPP_IN_PORT)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
-    (O.apply_actions(O.output(C.OFPP_CONTROLLER)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.apply_actions(O.output(C.OFPP_TABLE)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.apply_actions(O.output(C.OFPP_ANY)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.apply_actions(struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER, 0xFFF0)), {},
+     (E.BAD_ACTION, E.BAC_BAD_ARGUMENT)),
     (O.apply_actions(O.output(C.OFPP_LOCAL)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.apply_actions(O.output(C.OFPP_TABLE)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.apply_actions(O.output(0)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
-    (O.apply_actions(struct.pack("!HHI", 22, 8, 1)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
+    (O.apply_actions(struct.pack("!HHI", 22, 8, 0xFFFFFFFC)), {},
+     (E.BAD_ACTION, E.BAC_BAD_OUT_GROUP)),
+    (O.apply_actions(struct.pack("!HHI8x", 22, 16, 1)), {}, (E.BAD_ACTION, E.BAC_BAD_LEN)),
     (O.apply_actions(struct.pack("!HHB3x", 24, 8, 0)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HH4x", 99, 8)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HHI", 0xFFFF, 8, 0x2320)), {},
@@ -278,6 +285,20 @@ def flows(r: Running) -> str:
 
 IN1 = O.match(O.oxm(0, struct.pack("!I", 1)))
 TO2 = O.apply_actions(O.output(2))
+PACKET_IN, FLOW_REMOVED, PORT_STATUS = 10, 11, 12    # asynchronous: may come any time
+TO2_ACT = O.output(2)
+
+
+def GMOD(command: int, gtype: int, gid: int, *buckets: bytes, xid: int = 1) -> bytes:  # noqa: N802
+    return O.msg(15, struct.pack("!HBxI", command, gtype, gid) + b"".join(buckets), xid)
+
+
+def BUCKET(actions: bytes, weight: int = 0, watch_port: int = C.OFPP_ANY,  # noqa: N802
+           watch_group: int = 0xFFFFFFFF) -> bytes:
+    return struct.pack("!HHII4x", 16 + len(actions), weight, watch_port, watch_group) + actions
+
+
+FRAME = bytes.fromhex("020000000002020000000001") + b"\x08\x00" + bytes(46)
 
 
 def test_flow_mods_follow_the_spec(running):
@@ -341,13 +362,42 @@ def test_flow_mods_follow_the_spec(running):
     (O.msg(O.FEATURES_REQUEST, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
     (O.msg(O.SET_CONFIG, b"\x00\x00"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
     (O.msg(O.SET_CONFIG, b"\x00\x04\x00\x80"), (E.SWITCH_CONFIG_FAILED, E.SCFC_BAD_FLAGS)),
-    (O.msg(13, bytes(16)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                 # PACKET_OUT
-    (O.msg(15, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                  # GROUP_MOD
+    (O.msg(13, bytes(16)), (E.BAD_REQUEST, E.BRC_BUFFER_UNKNOWN)),           # PACKET_OUT
+    (O.msg(13, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
+    (O.packet_out(1, O.output(2), FRAME, actions_len=200), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
+    (O.packet_out(1, O.output(2), FRAME, actions_len=12), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
+    (O.packet_out(1, O.output(2), FRAME[:13]), (E.BAD_REQUEST, E.BRC_BAD_PACKET)),
+    (O.packet_out(0, O.output(2), FRAME), (E.BAD_REQUEST, E.BRC_BAD_PORT)),
+    (O.packet_out(9, O.output(2), FRAME), (E.BAD_REQUEST, E.BRC_BAD_PORT)),
+    (O.packet_out(1, O.output(9), FRAME), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.packet_out(1, O.output(C.OFPP_ANY), FRAME), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (O.packet_out(1, struct.pack("!HH4x", 0, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_LEN)),
+    (O.packet_out(1, struct.pack("!HH4x", 17, 8), FRAME), (E.BAD_ACTION, E.BAC_BAD_ARGUMENT)),
+    (O.packet_out(1, struct.pack("!HHI", 22, 8, 1), FRAME), (E.BAD_ACTION, E.BAC_BAD_TYPE)),
+    (O.msg(15, bytes(6)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),                   # GROUP_MOD
+    (GMOD(9, 0, 1), (E.GROUP_MOD_FAILED, 11)),                              # BAD_COMMAND
+    (GMOD(0, 7, 1), (E.GROUP_MOD_FAILED, 10)),                              # BAD_TYPE
+    (GMOD(0, 0, 0xFFFFFF01), (E.GROUP_MOD_FAILED, 1)),                      # INVALID_GROUP
+    (GMOD(0, 2, 1, BUCKET(TO2_ACT), BUCKET(TO2_ACT)), (E.GROUP_MOD_FAILED, 12)),
+    (GMOD(0, 0, 1, BUCKET(TO2_ACT)[:8]), (E.GROUP_MOD_FAILED, 12)),         # BAD_BUCKET
+    (GMOD(0, 0, 1, BUCKET(TO2_ACT, weight=3)), (E.GROUP_MOD_FAILED, 12)),
+    (GMOD(0, 3, 1, BUCKET(TO2_ACT)), (E.GROUP_MOD_FAILED, 13)),             # BAD_WATCH
+    (GMOD(0, 3, 1, BUCKET(TO2_ACT, watch_port=C.OFPP_TABLE)), (E.GROUP_MOD_FAILED, 13)),
+    (GMOD(0, 0, 1, BUCKET(TO2_ACT, watch_group=4)), (E.GROUP_MOD_FAILED, 6)),
+    (GMOD(0, 0, 1, BUCKET(struct.pack("!HHI", 22, 8, 2))), (E.GROUP_MOD_FAILED, 5)),
+    (GMOD(1, 0, 77, BUCKET(TO2_ACT)), (E.GROUP_MOD_FAILED, 8)),             # UNKNOWN_GROUP
+    (GMOD(0, 0, 1, BUCKET(O.output(9))), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (GMOD(0, 0, 1, BUCKET(O.output(C.OFPP_NORMAL))), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
+    (GMOD(0, 0, 1, BUCKET(PUSH + O.output(2))), (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
+    (O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHI", 22, 8, 5))),
+     (E.BAD_ACTION, E.BAC_BAD_OUT_GROUP)),
+    (O.multipart(6, bytes(3)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),             # GROUP stats
+    (O.multipart(8, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),                 # GROUP_FEATURES
     (O.msg(6, bytes(24)), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),                  # a reply
     (O.msg(99), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),
     (O.msg(4, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER)),
     (O.msg(O.FEATURES_REQUEST, version=1), (E.BAD_REQUEST, E.BRC_BAD_VERSION)),
-    (O.multipart(7), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),                 # group desc
+    (O.multipart(9), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),                 # meter
     (O.multipart(0xFFFF, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER)),
     (O.multipart(0, flags=1), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),
     (O.multipart(0, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
@@ -487,6 +537,22 @@ CORPUS = [
     O.multipart(4, struct.pack("!I4x", O.ANY)), O.multipart(0), O.multipart(3),
     O.msg(O.SET_CONFIG, b"\x00\x00\xff\xff"), O.msg(O.FEATURES_REQUEST),
     O.msg(O.ECHO_REQUEST, b"abc"),
+    O.packet_out(1, O.output(2) + O.output(C.OFPP_IN_PORT), FRAME),
+    O.packet_out(C.OFPP_CONTROLLER, PUSH + SET_VID(0x1007) + O.output(C.OFPP_FLOOD), FRAME),
+    O.packet_out(2, O.output(C.OFPP_NORMAL) + O.output(C.OFPP_TABLE), FRAME),
+    O.packet_out(1, struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER, 40), FRAME),
+    O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER,
+                                                       0xFFFF)), flags=1, idle=1),
+    O.msg(24, struct.pack("!I4xQ", 2, 1)), O.msg(24, struct.pack("!I4xQ", 1, 0)),
+    O.msg(26), O.msg(28, struct.pack("!6I", 3, 2, 7, 7, 15, 0)),
+    GMOD(0, 0, 3, BUCKET(O.output(1)), BUCKET(O.output(2))),
+    GMOD(0, 1, 4, BUCKET(O.output(1), weight=2), BUCKET(O.output(C.OFPP_CONTROLLER))),
+    GMOD(1, 3, 3, BUCKET(O.output(1), watch_port=1), BUCKET(O.output(2), watch_port=2)),
+    GMOD(2, 0, 0xFFFFFFFC),
+    O.flow_mod(O.ADD, IN1, O.apply_actions(struct.pack("!HHI", 22, 8, 3))),
+    O.multipart(6, struct.pack("!I4x", 0xFFFFFFFC)), O.multipart(7), O.multipart(8),
+    O.msg(16, struct.pack("!I4x6s2xIII4x", 2, bytes(6), 0x10, 0x10, 0)),       # PORT_MOD
+    O.msg(16, struct.pack("!I4x6s2xIII4x", 1, bytes(6), 0, 0x65, 0)),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 18, 20, 24, 28, 29, 99]
 
@@ -533,7 +599,8 @@ def test_fuzzed_messages_never_break_the_connection(running, caplog):
                 if (t, xid) == (O.ECHO_REPLY, 0xEC):
                     break
                 assert t in (O.ERROR, O.FEATURES_REPLY, O.GET_CONFIG_REPLY, O.MULTIPART_REPLY,
-                             O.BARRIER_REPLY, O.ECHO_REPLY), t
+                             O.BARRIER_REPLY, O.ECHO_REPLY, PACKET_IN, FLOW_REMOVED,
+                             PORT_STATUS, 25, 27), t         # (ROLE_REPLY, GET_ASYNC_REPLY)
         run()
         assert c.alive()
     counter.report(300)
@@ -603,6 +670,10 @@ def test_decoders_raise_nothing_but_oferror():
         for decode in (lambda: oxm.decode(data), lambda: oxm.split_match(data, 0),
                        lambda: A.decode_instructions(data, table, match),
                        lambda: A.decode_actions(data, match),
+                       lambda: A.decode_actions(data, match, packet_out=True),
+                       lambda: AM.parse_packet_out(data),
+                       lambda: R.parse_role_request(data), lambda: R.parse_set_async(data),
+                       lambda: G.parse_buckets(data, table & 3),
                        lambda: M.parse_flow_request(data), lambda: M.parse_request(data),
                        lambda: M.parse_port_request(data), lambda: C.parse_set_config(data),
                        lambda: C.negotiate(table & 7, data), lambda: C.parse_header(data)):
@@ -752,3 +823,49 @@ def test_ip_dscp_matches_the_six_dscp_bits_only(running):
     for tos in (0x28, 0x29, 0x2B):
         assert r.call(outputs(tos)) == ["priority=50,ip,ip_dscp=10,actions=output:2"], tos
     assert r.call(outputs(0x2C)) == ["priority=0,actions=normal"]
+
+
+def test_roles_generation_ids_and_async_config(running):
+    """ROLE_REQUEST: EQUAL by default, a new MASTER makes the other one a SLAVE, a stale
+    generation id or an unknown role is refused, a SLAVE may not write and gets no
+    PACKET_IN until SET_ASYNC asks for them; GET_ASYNC shows the spec's defaults."""
+    to_ctl = O.apply_actions(struct.pack("!HHIH6x", 0, 16, C.OFPP_CONTROLLER, 0xFFFF))[8:]
+
+    def role(c, r, gen):
+        t, xid, body = c.request(O.msg(24, struct.pack("!I4xQ", r, gen), xid=0x50))
+        assert (t, xid) == (25, 0x50), (t, body)
+        return struct.unpack("!I4xQ", body)
+
+    def packet_in(c):
+        while True:
+            t, _, body = c.recv()
+            if t == PACKET_IN:
+                return body
+
+    with running.client() as c1, running.client() as c2:
+        assert role(c1, 0, 99) == (1, 0)                       # NOCHANGE: EQUAL
+        assert role(c1, 2, 10) == (2, 10)
+        assert role(c2, 2, 11) == (2, 11)
+        assert role(c1, 0, 0) == (3, 11)                       # c1 became a SLAVE
+        assert c1.error_of(O.msg(24, struct.pack("!I4xQ", 2, 5))) == \
+            (E.ROLE_REQUEST_FAILED, 0)                          # STALE
+        assert c1.error_of(O.msg(24, struct.pack("!I4xQ", 7, 12))) == \
+            (E.ROLE_REQUEST_FAILED, 2)                          # BAD_ROLE
+        assert c1.error_of(O.msg(24, bytes(8))) == (E.BAD_REQUEST, E.BRC_BAD_LEN)
+        assert c1.error_of(O.flow_mod(O.ADD, IN1, TO2)) == (E.BAD_REQUEST, E.BRC_IS_SLAVE)
+        assert c1.error_of(O.packet_out(1, O.output(2), FRAME)) == \
+            (E.BAD_REQUEST, E.BRC_IS_SLAVE)
+        t, _, body = c1.request(O.msg(26, xid=3))
+        assert t == 27 and struct.unpack("!6I", body) == (3, 0, 7, 7, 15, 0)
+        # the master's PACKET_OUT to CONTROLLER: a PACKET_IN (ACTION) for it, not the slave
+        c2.send(O.packet_out(1, to_ctl, FRAME))
+        assert packet_in(c2)[6] == 1                            # reason ACTION
+        assert c1.alive()                                       # (nothing came before)
+        c1.send(O.msg(28, struct.pack("!6I", 3, 2, 7, 7, 15, 0)))   # slave: ACTION too
+        t, _, body = c1.request(O.msg(26, xid=4))
+        assert struct.unpack("!6I", body) == (3, 2, 7, 7, 15, 0)
+        c2.send(O.packet_out(1, to_ctl, FRAME))
+        assert packet_in(c2)[6] == 1 and packet_in(c1)[6] == 1
+        assert c1.error_of(O.msg(28, bytes(20))) == (E.BAD_REQUEST, E.BRC_BAD_LEN)
+        assert role(c1, 1, 0) == (1, 11)                        # EQUAL: may write again
+        assert c1.error_of(O.flow_mod(O.ADD, IN1, TO2)) is None

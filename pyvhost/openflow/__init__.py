@@ -6,10 +6,16 @@ drive unmodified. Layers, each its own module (dependencies point down):
 - ``oxm``: OXM matches <-> the rule model's match dict;
 - ``actions``: instructions and actions <-> the rule model's actions;
 - ``multipart``: MULTIPART request bodies and reply layouts;
+- ``asyncmsg``: PACKET_IN, FLOW_REMOVED, PORT_STATUS layouts and the PACKET_OUT parser;
+- ``roles``: ROLE_REQUEST (generation ids) and GET/SET_ASYNC per connection;
+- ``groupmod``: GROUP_MOD and the group multiparts over pyvhost.switch.groups;
 - ``handler``: one bridge's requests applied through the Switch's own methods;
 - ``connection``: one asyncio connection (HELLO, framing, echo, inactivity probe);
-- ``manager``: per bridge listeners (ptcp:, punix:), dpid, persistence in the store;
-- ``commands``: set-controller, del-controller, set-dpid for ``pyvhost ctl``.
+- ``events``: PACKET_INs from the datapath's controller queue, PORT_STATUS, FLOW_REMOVED,
+  the PACKET_OUT injector;
+- ``manager``: per bridge targets (tcp: with reconnect, ptcp:, punix:), fail mode, dpid,
+  groups, persistence in the store;
+- ``commands``: set-controller, del-controller, set-dpid, set-fail-mode for ``pyvhost ctl``.
 
 May import pyvhost.switch (its rule model and Switch methods) and the compiled flow
 constants; the switch and the datapath import nothing from here. ``enable(switch)``

@@ -1,16 +1,18 @@
 """OpenFlow 1.3 instructions and actions to and from the switch's rule model (actions
-``output:PORT``, ``flood``, ``normal``, ``mod_vlan_vid:N``, ``strip_vlan`` and
-``goto_table:N`` of ``pyvhost.switch.flows``).
+``output:PORT``, ``flood``, ``normal``, ``mod_vlan_vid:N``, ``strip_vlan``, ``controller:N``,
+``in_port``, ``group:N`` and ``goto_table:N`` of ``pyvhost.switch.flows``).
 
-Taken: GOTO_TABLE and APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL),
-PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the model's action does exactly
-the same to every packet the rule's match admits: PUSH_VLAN (+ SET_FIELD) only on a match
-of untagged packets (mod_vlan_vid pushes a tag there), SET_FIELD vlan_vid and POP_VLAN only
-on a match of tagged ones (or after a push). OFPP_ALL is the model's ``flood`` (no port here
-is excluded from flooding, so the two are the same set). Everything else gets the spec's
-BAD_INSTRUCTION/BAD_ACTION error: WRITE/CLEAR_ACTIONS, WRITE_METADATA, METER (no action
-set, metadata or meters yet), OUTPUT to IN_PORT, CONTROLLER, LOCAL, TABLE or ANY (the
-datapath cannot send there), GROUP, TTL and MPLS actions. Pure functions."""
+Taken: GOTO_TABLE and APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL,
+CONTROLLER with its max_len, IN_PORT; TABLE in a packet-out only: ``decode_actions(...,
+packet_out=True)``), GROUP, PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the
+model's action does exactly the same to every packet the rule's match admits: PUSH_VLAN
+(+ SET_FIELD) only on a match of untagged packets (mod_vlan_vid pushes a tag there),
+SET_FIELD vlan_vid and POP_VLAN only on a match of tagged ones (or after a push). OFPP_ALL
+is the model's ``flood`` (so a port PORT_MOD took out of flooding is left out of ALL too:
+a difference from the spec). Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION
+error: WRITE/CLEAR_ACTIONS, WRITE_METADATA, METER (no action set, metadata or meters
+yet), OUTPUT to LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and
+MPLS actions. Pure functions."""
 
 from __future__ import annotations
 
@@ -49,8 +51,12 @@ def _act(code: int, why: str) -> OFError:
     return OFError(E.BAD_ACTION, code, why)
 
 
-def decode_actions(data: bytes, match: dict) -> tuple:
-    """The model's actions of an action list (APPLY_ACTIONS)."""
+OFPCML_MAX = 0xFFE5        # the largest max_len that still asks to cut the frame
+
+
+def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
+    """The model's actions of an action list (APPLY_ACTIONS); ``packet_out``: also
+    OUTPUT to TABLE, as ("table",)."""
     out: list[tuple] = []
     state = vlan_state(match)
     pushed_at = -1                     # index of the mod_vlan_vid a PUSH_VLAN made
@@ -73,6 +79,15 @@ def decode_actions(data: bytes, match: dict) -> tuple:
                 out.append(("flood",))
             elif port == C.OFPP_NORMAL:
                 out.append(("normal",))
+            elif port == C.OFPP_CONTROLLER:
+                if OFPCML_MAX < _max_len < 0xFFFF:
+                    raise _act(E.BAC_BAD_ARGUMENT, f"controller max_len {_max_len:#x} "
+                                                   "(0..0xffe5 or 0xffff)")
+                out.append(("controller", _max_len))
+            elif port == C.OFPP_IN_PORT:
+                out.append(("in_port",))
+            elif port == C.OFPP_TABLE and packet_out:
+                out.append(("table",))
             else:
                 name = RESERVED_NAMES.get(port, f"{port:#x}")
                 raise _act(E.BAC_BAD_OUT_PORT, f"output to {name}: not supported here")
@@ -124,6 +139,13 @@ def decode_actions(data: bytes, match: dict) -> tuple:
                 out[pushed_at] = ("mod_vlan_vid", vid & 0xFFF)
             else:
                 out.append(("mod_vlan_vid", vid & 0xFFF))
+        elif atype == AT_GROUP:
+            if alen != 8:
+                raise _act(E.BAC_BAD_LEN, f"GROUP of length {alen}")
+            gid, = struct.unpack_from("!I", body, 4)
+            if gid > 0xFFFFFF00:
+                raise _act(E.BAC_BAD_OUT_GROUP, f"group {gid:#x}")
+            out.append(("group", gid))
         elif atype == AT_EXPERIMENTER:
             raise _act(E.BAC_BAD_EXPERIMENTER, "experimenter actions are not supported")
         elif atype in KNOWN_ACTIONS:
@@ -198,6 +220,12 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
             out.append(output(C.OFPP_FLOOD))
         elif a[0] == "normal":
             out.append(output(C.OFPP_NORMAL))
+        elif a[0] == "controller":
+            out.append(output(C.OFPP_CONTROLLER, a[1]))
+        elif a[0] == "in_port":
+            out.append(output(C.OFPP_IN_PORT))
+        elif a[0] == "group":
+            out.append(struct.pack("!HHI", AT_GROUP, 8, a[1]))
         elif a[0] == "mod_vlan_vid":
             if state != TAGGED:       # (unknown: as OVS writes mod_vlan_vid in OpenFlow 1.3)
                 out.append(struct.pack("!HHH2x", AT_PUSH_VLAN, 8, ETH_P_8021Q))

@@ -1,5 +1,6 @@
 """The ctl commands of OpenFlow: ``set-controller BRIDGE TARGET... [inactivity_probe=MS]``,
-``del-controller BRIDGE``, ``set-dpid BRIDGE N``; and ``show`` listing each bridge's
+``del-controller BRIDGE``, ``set-dpid BRIDGE N``,
+``set-fail-mode BRIDGE standalone|secure``; and ``show`` listing each bridge's
 controllers, ``del-br`` dropping them. They are added to the switch's command table
 (pyvhost.switch.commands.COMMANDS) by ``register()``, so the switch package needs no
 knowledge of OpenFlow; each finds the switch's ``OpenFlow`` (``manager.enable``)."""
@@ -11,7 +12,8 @@ import json
 from pyvhost.switch import commands as base
 from pyvhost.switch.commands import CommandError, _int, _need
 
-SET_USAGE = "set-controller BRIDGE TARGET... (ptcp:PORT[:IP], punix:PATH) [inactivity_probe=MS]"
+SET_USAGE = ("set-controller BRIDGE TARGET... (tcp:IP[:PORT], ptcp:PORT[:IP], punix:PATH) "
+             "[inactivity_probe=MS]")
 
 
 def _of(sw):
@@ -36,6 +38,12 @@ async def set_controller(sw, args):
 async def del_controller(sw, args):
     _need(args, 1, 1, "del-controller BRIDGE")
     await _of(sw).del_controller(args[0])
+    return ""
+
+
+async def set_fail_mode(sw, args):
+    _need(args, 2, 2, "set-fail-mode BRIDGE standalone|secure")
+    _of(sw).set_fail_mode(args[0], args[1])
     return ""
 
 
@@ -95,7 +103,7 @@ def register(table: dict | None = None) -> None:
     """Add the OpenFlow commands to ``table`` (the switch's); idempotent."""
     table = base.COMMANDS if table is None else table
     table.update({"set-controller": set_controller, "del-controller": del_controller,
-                  "set-dpid": set_dpid})
+                  "set-dpid": set_dpid, "set-fail-mode": set_fail_mode})
     if not getattr(table["show"], "openflow", False):
         table["show"] = _with_controllers(table["show"])
     if not getattr(table["del-br"], "openflow", False):

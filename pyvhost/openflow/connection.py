@@ -25,6 +25,7 @@ HELLO_TIMEOUT = 10.0      # seconds for the peer's HELLO, and for the rest of a 
 DRAIN_TIMEOUT = 30.0      # seconds replies may wait for a peer that does not read them
 READ_SIZE = 256 * 1024
 MAX_BATCH = 1000          # FLOW_MODs stored in one transaction
+ASYNC_BUFFER = 1 << 20    # bytes of unread messages after which async ones are dropped
 LOG_WINDOW, LOG_LINES = 10.0, 20    # refusals logged per connection per window
 
 
@@ -48,10 +49,33 @@ class Connection:
         self.buf = bytearray()
         self._log_window = -LOG_WINDOW
         self._logged = self._unlogged = 0
+        self.async_sent = 0
+        self.on_ready = None            # called once the HELLO exchange is done
+        self.async_dropped = 0          # asynchronous messages the peer was too slow for
 
     def _next_xid(self) -> int:
         self.xid = (self.xid + 1) & 0xFFFFFFFF
         return self.xid
+
+    next_xid = _next_xid
+
+    def wants(self, msg_type: int, reason: int = 0) -> bool:
+        """Does the peer take asynchronous messages of this type and reason now? (After the
+        HELLO, as its role and SET_ASYNC say.)"""
+        wants = getattr(self.handler, "wants", None)
+        return bool(self.version) and not self.writer.is_closing() and \
+            (wants is None or wants(msg_type, reason))
+
+    def send_async(self, message: bytes) -> bool:
+        """Queue an asynchronous message without waiting: dropped (and counted) when the
+        peer has ASYNC_BUFFER bytes unread already (the switch never waits for it)."""
+        transport = self.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > ASYNC_BUFFER:
+            self.async_dropped += 1
+            return False
+        self.writer.write(message)
+        self.async_sent += 1
+        return True
 
     async def _send(self, *messages: bytes) -> None:
         for m in messages:
@@ -157,6 +181,8 @@ class Connection:
             await self._send(e.reply(C.VERSION, h.xid, raw))
             raise
         log.info("openflow %s: connected (OpenFlow 1.3)", self.name)
+        if self.on_ready is not None:
+            self.on_ready()
         await self._serve(frames[1:], err)
         probing = False
         while True:

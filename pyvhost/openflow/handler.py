@@ -10,7 +10,7 @@ messages. FLOW_MOD semantics as OpenFlow 1.3.5 (6.4) has them:
   match, as ``Bridge.select``) get the new instructions; cookie, timeouts, counters and
   duration stay (RESET_COUNTS: counters restart). No match: nothing happens.
 - DELETE[_STRICT]: table 255 is every table; cookie/mask, out_port and out_group filter
-  (no groups here: an out_group other than ANY selects nothing). MODIFY on table 255 is
+  (a rule passes out_group when it names that group). MODIFY on table 255 is
   every table too, as Open vSwitch takes it (the spec allows 255 for deletes only).
 
 Rules ``ctl`` made read back through OpenFlow as the nearest OpenFlow can say them: ports
@@ -25,28 +25,37 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import weakref
 
 from pyvhost._classifier import TABLES
 from pyvhost.switch.commands import CommandError
-from pyvhost.switch.flows import Flow, FlowSyntaxError, Selector, parse_flow
+from pyvhost.switch.flows import VLAN_NONE, Flow, FlowSyntaxError, Selector, parse_flow
+from pyvhost.switch.inject import InjectError
 
 from . import actions as A
+from . import asyncmsg as AM
 from . import codec as C
 from . import errors as E
+from . import groupmod as G
 from . import multipart as M
 from . import oxm
+from . import roles as R
 from .errors import OFError
 
 log = logging.getLogger("pyvhost.openflow")
 
 FLOW_MOD_FIXED = struct.Struct("!QQBBHHHIIIH2x")
+PORT_MOD = struct.Struct("!I4x6s2xIII4x")
+OFPPC_PORT_DOWN, OFPPC_NO_RECV, OFPPC_NO_FLOOD, OFPPC_NO_FWD, OFPPC_NO_PACKET_IN = \
+    1, 4, 0x10, 0x20, 0x40
+PORT_CONFIG_BITS = OFPPC_PORT_DOWN | OFPPC_NO_RECV | OFPPC_NO_FLOOD | OFPPC_NO_FWD | \
+    OFPPC_NO_PACKET_IN
 ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
 SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
-UNSUPPORTED_TYPES = {C.PACKET_OUT, C.GROUP_MOD, C.PORT_MOD, C.TABLE_MOD,
-                     C.QUEUE_GET_CONFIG_REQUEST, C.ROLE_REQUEST, C.GET_ASYNC_REQUEST,
-                     C.SET_ASYNC, C.METER_MOD}
+UNSUPPORTED_TYPES = {C.TABLE_MOD,
+                     C.QUEUE_GET_CONFIG_REQUEST, C.METER_MOD}
 
 
 class StoreFailed(OFError):
@@ -62,6 +71,9 @@ class BridgeState:
         self.config_flags = 0
         self.miss_send_len = 128
         self.rule_flags: dict[int, tuple[str, int]] = {}
+        self.port_config: dict[str, int] = {}            # PORT_MOD's config by port name
+        self.generation = R.Generation()                 # ROLE_REQUEST's generation id
+        self.roles: weakref.WeakSet = weakref.WeakSet()  # the connections' roles
 
     def flags_of(self, rule) -> int:
         text, flags = self.rule_flags.get(rule.id, ("", 0))
@@ -71,8 +83,12 @@ class BridgeState:
 class Handler:
     """Answers one connection's requests for bridge ``bridge_name`` of ``switch``."""
 
-    def __init__(self, switch, bridge_name: str, state: BridgeState, dpid: int):
+    def __init__(self, switch, bridge_name: str, state: BridgeState, dpid: int,
+                 events=None):
         self.switch = switch
+        self.events = events                   # PACKET_OUT's injector, FLOW_REMOVED
+        self.role = R.Role()                   # this connection's role, async config
+        state.roles.add(self.role)
         self.bridge_name = bridge_name
         self.state = state
         self.dpid = dpid
@@ -87,6 +103,15 @@ class Handler:
     def handle(self, h: C.Header, body: bytes) -> list[bytes]:
         """The replies to one request (OFError: the caller sends the ERROR)."""
         t = h.type
+        self.role.check_write(t)
+        if t == C.ROLE_REQUEST:
+            return [self.role_request(h.xid, body)]
+        if t == C.GET_ASYNC_REQUEST:
+            C.need(body, 0, "GET_ASYNC_REQUEST", exact=True)
+            return [R.async_reply(h.xid, self.role.masks)]
+        if t == C.SET_ASYNC:
+            self.role.masks = R.parse_set_async(body)
+            return []
         if t == C.FEATURES_REQUEST:
             C.need(body, 0, "FEATURES_REQUEST", exact=True)
             return [C.features_reply(h.xid, self.dpid, TABLES, CAPABILITIES)]
@@ -104,6 +129,15 @@ class Handler:
             return []
         if t == C.MULTIPART_REQUEST:
             return self.multipart(h.xid, body)
+        if t == C.PACKET_OUT:
+            self.packet_out(body)
+            return []
+        if t == C.GROUP_MOD:
+            G.group_mod(self, body)
+            return []
+        if t == C.PORT_MOD:
+            self.port_mod(body)
+            return []
         if t == C.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
         why = f"{C.TYPE_NAMES.get(t, f'type {t}')} is not supported"
@@ -117,6 +151,9 @@ class Handler:
         (the bridge reloads its rules from the store, which rolled back) and each message
         of it gets FLOW_MOD_FAILED."""
         outcome: list[OFError | None] = []
+        if self.role.is_slave:
+            return [OFError(E.BAD_REQUEST, E.BRC_IS_SLAVE, "FLOW_MOD from a slave "
+                            "controller")] * len(bodies)
         try:
             with self.switch.store.transaction():
                 for body in bodies:
@@ -139,6 +176,34 @@ class Handler:
             outcome = [o or failed for o in outcome]
             outcome += [failed] * (len(bodies) - len(outcome))
         return outcome
+
+    def role_request(self, xid: int, body: bytes) -> bytes:
+        """MASTER or SLAVE with a generation id not older than the bridge's (which it
+        becomes); a new MASTER makes the bridge's other masters SLAVEs; NOCHANGE asks."""
+        role, gen = R.parse_role_request(body)
+        if role in (R.MASTER, R.SLAVE):
+            self.state.generation.check(gen)
+        if role == R.MASTER:
+            for other in list(self.state.roles):
+                if other is not self.role and other.role == R.MASTER:
+                    other.role = R.SLAVE
+        if role != R.NOCHANGE:
+            self.role.role = role
+            log.info("openflow %s: a controller is %s now", self.bridge_name,
+                     R.ROLE_NAMES[role])
+        return R.role_reply(xid, self.role.role, self.state.generation.value)
+
+    def save_groups(self) -> None:
+        """Keep the bridge's groups in the store (they come back with the switch)."""
+        if self.events is None:
+            return
+        try:
+            self.events.of.save_groups(self.bridge_name)
+        except CommandError as e:
+            raise OFError(E.GROUP_MOD_FAILED, G.EPERM, str(e)) from None
+
+    def wants(self, msg_type: int, reason: int) -> bool:
+        return self.role.wants(msg_type, reason)
 
     # -- ports ----------------------------------------------------------------------------
     def ofport_of(self, ref: str) -> int:
@@ -180,7 +245,11 @@ class Handler:
         else:
             rules = [r for r in rules if self._outputs_to(r, out_port, out_group)]
             if rules:
+                removed = [(r, r.flow, bridge.counters(r)) for r in rules]
+                flags = [self.state.flags_of(r) for r in rules]
                 self._apply(remove=rules)
+                if self.events is not None:
+                    self.events.flows_removed(bridge, removed, "delete", flags)
 
     def _flow(self, flow: Flow) -> Flow:
         """The flow as the model writes and reads it back (the store's copy): a flow whose
@@ -199,6 +268,9 @@ class Handler:
         for a in flow.actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
+        for a in flow.actions:
+            if a[0] == "group" and (bridge.groups is None or a[1] not in bridge.groups.groups):
+                raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_GROUP, f"group:{a[1]}: no such group")
         if "in_port" in flow.match and bridge.resolve(flow.match["in_port"]) is None:
             raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
                           f"in_port={flow.match['in_port']}: no such port")
@@ -272,18 +344,81 @@ class Handler:
             self._apply(modify=changes)
 
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
-        if out_group != C.OFPG_ANY:
-            return False                           # no groups here: no rule uses one
+        actions = rule.flow.actions
+        if out_group != C.OFPG_ANY and ("group", out_group) not in actions:
+            return False
         if out_port == C.OFPP_ANY:
             return True
-        for a in rule.flow.actions:
+        for a in actions:
             if a[0] == "output" and self.ofport_of(a[1]) == out_port:
                 return True
             if a[0] == "flood" and out_port in (C.OFPP_FLOOD, C.OFPP_ALL):
                 return True
             if a[0] == "normal" and out_port == C.OFPP_NORMAL:
                 return True
+            if a[0] == "controller" and out_port == C.OFPP_CONTROLLER:
+                return True
+            if a[0] == "in_port" and out_port == C.OFPP_IN_PORT:
+                return True
         return False
+
+    # -- PORT_MOD -------------------------------------------------------------------------
+    def port_mod(self, body: bytes) -> None:
+        """PORT_DOWN, NO_RECV, NO_FWD, NO_PACKET_IN and (as Open vSwitch takes it in 1.3)
+        NO_FLOOD; the datapath applies them at once, controllers get a PORT_STATUS."""
+        C.need(body, PORT_MOD.size, "PORT_MOD", exact=True)
+        port_no, hw_addr, config, mask, advertise = PORT_MOD.unpack(body)
+        port = self.bridge.resolve(str(port_no)) if 1 <= port_no < C.OFPP_MAX else None
+        if port is None:
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_PORT, f"port {port_no:#x}: no such port")
+        if hw_addr != bytes(6):                    # (PORT_DESC reports no address)
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_HW_ADDR, f"hw_addr {hw_addr.hex(':')}")
+        if (config | mask) & ~PORT_CONFIG_BITS:
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_CONFIG,
+                          f"config 0x{config:x} mask 0x{mask:x}")
+        if advertise:
+            raise OFError(E.PORT_MOD_FAILED, E.PMFC_BAD_ADVERTISE,
+                          "advertise: no link features to set")
+        old = self.state.port_config.get(port.name, 0)
+        new = (old & ~mask) | (config & mask)
+        self.switch.datapath.set_port_config(
+            port.port_id, forward=not new & (OFPPC_PORT_DOWN | OFPPC_NO_FWD),
+            receive=not new & (OFPPC_PORT_DOWN | OFPPC_NO_RECV),
+            flood=not new & OFPPC_NO_FLOOD)
+        self.state.port_config[port.name] = new
+        log.info("openflow %s: port %s config 0x%x", self.bridge_name, port.name, new)
+        if new != old and self.events is not None:
+            self.events.port_status(port, AM.OFPPR_MODIFY)
+
+    # -- PACKET_OUT -----------------------------------------------------------------------
+    def packet_out(self, body: bytes) -> None:
+        """Send the frame through its actions (OUTPUT to a port, FLOOD, ALL, IN_PORT,
+        NORMAL, CONTROLLER, TABLE; VLAN edits) as if it came in on ``in_port``."""
+        po = AM.parse_packet_out(body)
+        bridge = self.bridge
+        in_id = -1
+        if po.in_port < C.OFPP_MAX:
+            port = bridge.resolve(str(po.in_port))
+            if port is None:
+                raise OFError(E.BAD_REQUEST, E.BRC_BAD_PORT, f"in_port {po.in_port}: no "
+                                                             "such port")
+            in_id = port.port_id
+        tagged = po.data[12:14] == b"\x81\x00" and len(po.data) >= 18
+        vid = int.from_bytes(po.data[14:16], "big") & 0xFFF if tagged else VLAN_NONE
+        actions = A.decode_actions(po.actions, {"dl_vlan": vid}, packet_out=True)
+        for a in actions:
+            if a[0] == "output" and bridge.resolve(a[1]) is None:
+                raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
+            if a[0] == "group":                    # (the upcall resolves groups; a
+                raise OFError(E.BAD_ACTION, E.BAC_BAD_TYPE,   # packet-out has none)
+                              "GROUP in a PACKET_OUT is not supported (output to TABLE "
+                              "through a rule that uses the group)")
+        if self.events is None:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_TYPE, "PACKET_OUT: no injector")
+        try:
+            self.events.injector.send(bridge, in_id, po.data, actions)
+        except InjectError as e:
+            raise OFError(E.BAD_REQUEST, E.BRC_BAD_PACKET, str(e)) from None
 
     # -- MULTIPART ------------------------------------------------------------------------
     def multipart(self, xid: int, body: bytes) -> list[bytes]:
@@ -308,13 +443,20 @@ class Handler:
             entries = self.port_stats(M.parse_port_request(req.body))
         elif t == M.PORT_DESC:
             C.need(req.body, 0, "PORT_DESC request", exact=True)
-            entries = [M.port_desc(p.ofport, p.name, up=p.connected)
+            entries = [M.port_desc(p.ofport, p.name, up=p.connected,
+                                   config=self.state.port_config.get(p.name, 0))
                        for p in self._ports()]
         elif t == M.TABLE_FEATURES:
             if req.body:
                 raise OFError(E.TABLE_FEATURES_FAILED, 5,     # OFPTFFC_EPERM
                               "table features cannot be changed here")
             entries = [M.table_features(i) for i in range(TABLES)]
+        elif t == M.GROUP:
+            entries = G.stats_entries(self, req.body)
+        elif t == M.GROUP_DESC:
+            entries = G.desc_entries(self, req.body)
+        elif t == M.GROUP_FEATURES:
+            entries = G.features_entries(req.body)
         elif t == M.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter multipart")
         else:
@@ -360,7 +502,7 @@ class Handler:
         for p in ports:
             d = self.switch.datapath.port_stats(p.port_id)
             rx_drop = sum(d.get(k, 0) for k in ("drop_police", "drop_upcall", "drop_copy",
-                                                 "drop_no_port"))
+                                                 "drop_no_port", "drop_no_recv"))
             tx_drop = sum(d.get(k, 0) for k in ("drop_qos", "drop_tx_full", "drop_offload"))
             out.append(M.port_stats(p.ofport, d["rx_packets"], d["tx_packets"], d["rx_bytes"],
                                     d["tx_bytes"], rx_drop, tx_drop, 0, 0, 0))

@@ -19,12 +19,19 @@ from pathlib import Path
 
 from pyvhost.backend.endpoint import unlink_socket
 from pyvhost.switch.commands import CommandError
+from pyvhost.switch.groups import groups_of
 
+from . import groupmod as G
 from .connection import DEFAULT_PROBE, Connection
+from .events import Events
 from .handler import BridgeState, Handler
 
 log = logging.getLogger("pyvhost.openflow")
 DEFAULT_HOST = "127.0.0.1"   # ptcp:PORT alone listens on loopback (0.0.0.0: every address)
+DEFAULT_CONTROLLER_PORT = 6653
+CONNECT_TIMEOUT = 5.0        # seconds for an active connection's TCP handshake
+MIN_BACKOFF, MAX_BACKOFF = 1.0, 8.0      # seconds between connection attempts (as OVS)
+FAIL_MODES = ("standalone", "secure")
 MAX_TARGETS = 8
 MAX_CONNECTIONS = 64        # per bridge, over all its listeners
 
@@ -32,15 +39,28 @@ MAX_CONNECTIONS = 64        # per bridge, over all its listeners
 @dataclass
 class Target:
     text: str
-    kind: str                       # "ptcp" or "punix"
+    kind: str                       # "ptcp", "punix" or "tcp" (active)
     port: int = 0
     host: str = DEFAULT_HOST
     path: str = ""
 
 
 def parse_target(text: str, run_dir: Path) -> Target:
-    """``ptcp:PORT[:IP]`` or ``punix:PATH`` (a name, or a path inside the run dir)."""
+    """``ptcp:PORT[:IP]``, ``punix:PATH`` (a name, or a path inside the run dir) or
+    ``tcp:IP[:PORT]`` (a controller to connect to, port 6653 unless given)."""
     kind, _, rest = text.partition(":")
+    if kind == "tcp":
+        host, _, port_text = rest.rpartition(":") if rest.count(":") == 1 or \
+            rest.startswith("[") else (rest, "", "")
+        host = host.strip("[]")
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise CommandError(f"{text}: tcp:IP[:PORT] needs an IP address") from None
+        if port_text and (not port_text.isdigit() or not 1 <= int(port_text) <= 65535):
+            raise CommandError(f"{text}: tcp:IP[:PORT] with PORT 1..65535")
+        return Target(text, "tcp", int(port_text) if port_text else DEFAULT_CONTROLLER_PORT,
+                      host)
     if kind == "ptcp":
         port_text, _, host = rest.partition(":")
         if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
@@ -61,9 +81,9 @@ def parse_target(text: str, run_dir: Path) -> Target:
         if len(str(path).encode()) > 107:
             raise CommandError(f"{text}: the socket path is longer than 107 bytes")
         return Target(text, "punix", path=str(path))
-    if kind in ("tcp", "unix", "ssl", "pssl"):
-        raise CommandError(f"{text}: only passive targets (ptcp:, punix:) for now")
-    raise CommandError(f"{text}: a target is ptcp:PORT[:IP] or punix:PATH")
+    if kind in ("unix", "ssl", "pssl"):
+        raise CommandError(f"{text}: {kind}: targets are not supported (tcp:, ptcp:, punix:)")
+    raise CommandError(f"{text}: a target is tcp:IP[:PORT], ptcp:PORT[:IP] or punix:PATH")
 
 
 @dataclass
@@ -74,12 +94,20 @@ class Listener:
     error: str = ""
     inode: tuple[int, int] | None = None
     connections: set = field(default_factory=set)
+    task: asyncio.Task | None = None        # an active target's connect loop
+    connected: bool = False                 # an active target: past the HELLO now
+
+    @property
+    def running(self) -> bool:
+        return self.server is not None or self.task is not None
 
     def key(self) -> tuple | None:
         """What the listener listens on (None: a port the kernel will choose)."""
         t = self.target
         if t.kind == "punix":
             return ("punix", t.path)
+        if t.kind == "tcp":
+            return ("tcp", t.host, t.port)
         if self.server is not None:
             host, port = self.server.sockets[0].getsockname()[:2]
             return ("ptcp", str(ipaddress.ip_address(host)), port)
@@ -94,6 +122,7 @@ class BridgeOpenFlow:
     listeners: list[Listener] = field(default_factory=list)
     connections: set = field(default_factory=set)
     state: BridgeState = field(default_factory=BridgeState)
+    fail_open: bool = False
 
 
 class OpenFlow:
@@ -102,6 +131,7 @@ class OpenFlow:
         self.bridges: dict[str, BridgeOpenFlow] = {}
         self._tasks: set[asyncio.Task] = set()
         self._states: dict[str, BridgeState] = {}      # kept while the bridge lives
+        self.events = Events(self)
 
     # -- settings -------------------------------------------------------------------------
     def _conf(self, bridge: str) -> dict:
@@ -141,7 +171,7 @@ class OpenFlow:
             raise CommandError(f"at most {MAX_TARGETS} targets")
         conf = self._conf(bridge)
         current = self.bridges.get(bridge)
-        running = {ln.key(): ln for ln in current.listeners if ln.server} if current else {}
+        running = {ln.key(): ln for ln in current.listeners if ln.running} if current else {}
         keep = {t.text: running[key] for t in parsed
                 if (key := Listener(t).key()) is not None and key in running}
         new = [Listener(t) for t in parsed if t.text not in keep]
@@ -177,7 +207,9 @@ class OpenFlow:
         by_text = {**keep, **{ln.target.text: ln for ln in new}}
         current.listeners = [by_text[t.text] for t in parsed]
         for ln in current.listeners:
-            log.info("openflow %s: %s listening on %s", bridge, ln.target.text, ln.address)
+            log.info("openflow %s: %s %s %s", bridge, ln.target.text,
+                     "connecting to" if ln.target.kind == "tcp" else "listening on", ln.address)
+        self._check_fail_open(bridge)
 
     async def del_controller(self, bridge: str) -> None:
         self._bridge(bridge)
@@ -185,6 +217,56 @@ class OpenFlow:
         conf.pop("targets", None)
         self._save(bridge, conf)
         await self._stop_bridge(bridge)
+
+    def save_groups(self, bridge: str) -> None:
+        groups = self.switch.bridges[bridge].groups
+        conf = self._conf(bridge)
+        conf["groups"] = [G.to_json(g) for g in groups.groups.values()] if groups else []
+        self._save(bridge, conf)
+
+    def _restore_groups(self, name: str) -> None:
+        """The bridge's stored groups (a bad one is logged and skipped)."""
+        stored = self._conf(name).get("groups") or []
+        if not stored:
+            return
+        groups = groups_of(self.switch.bridges[name], self.switch.datapath)
+        for d in stored:
+            try:
+                groups.set(G.from_json(d))
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("openflow %s: stored group %r skipped: %s", name, d, e)
+
+    def fail_mode(self, bridge: str) -> str:
+        mode = self._conf(bridge).get("fail_mode")
+        return mode if mode in FAIL_MODES else "standalone"
+
+    def set_fail_mode(self, bridge: str, mode: str) -> None:
+        """standalone: while the bridge has controllers to connect to (tcp:) and none is
+        connected, it forwards by NORMAL (its rules kept, unused); secure: its rules only."""
+        self._bridge(bridge)
+        if mode not in FAIL_MODES:
+            raise CommandError(f"fail mode {mode!r}: standalone or secure")
+        conf = self._conf(bridge)
+        conf["fail_mode"] = mode
+        self._save(bridge, conf)
+        self._check_fail_open(bridge)
+
+    def _check_fail_open(self, bridge: str) -> None:
+        """Fail open or closed as the bridge's fail mode and its controllers say."""
+        b = self.bridges.get(bridge)
+        br = self.switch.bridges.get(bridge)
+        if br is None:
+            return
+        active = [ln for ln in b.listeners if ln.target.kind == "tcp"] if b else []
+        on = bool(active) and self.fail_mode(bridge) == "standalone" and \
+            not any(ln.connected for ln in active)
+        if (b.fail_open if b is not None else False) == on:
+            return
+        self.switch.datapath.set_fail_open(br.bridge_id, on)
+        if b is not None:
+            b.fail_open = on
+        log.info("openflow %s: %s", bridge, "no controller connected: fail-open, forwarding "
+                 "by NORMAL (standalone)" if on else "forwarding by its rules")
 
     def set_dpid(self, bridge: str, dpid: int) -> None:
         self._bridge(bridge)
@@ -213,8 +295,11 @@ class OpenFlow:
     # -- life -----------------------------------------------------------------------------
     async def restore(self) -> None:
         """Listen again on every stored target (a target that fails is logged and shown,
-        the switch runs on)."""
+        the switch runs on). From here on frames for a controller are taken from the
+        datapath, and counted when no controller wants them."""
+        self.events.start()
         for name in list(self.switch.bridges):
+            self._restore_groups(name)
             conf = self._conf(name)
             targets = conf.get("targets")
             if not targets or name in self.bridges:
@@ -237,10 +322,12 @@ class OpenFlow:
                 except OSError as e:
                     ln.error = e.strerror or str(e)
                     log.error("openflow %s: %s cannot listen: %s", name, text, ln.error)
+            self._check_fail_open(name)
 
     async def close(self) -> None:
         for name in list(self.bridges):
             await self._stop_bridge(name)
+        self.events.close()
 
     def _state(self, bridge: str) -> BridgeState:
         """A bridge's OpenFlow state (SET_CONFIG, rule flags): it outlives its
@@ -251,6 +338,8 @@ class OpenFlow:
         b = self.bridges.pop(name, None)
         if b is None:
             return
+        if b.fail_open and name in self.switch.bridges:
+            self.switch.datapath.set_fail_open(self.switch.bridges[name].bridge_id, False)
         for ln in b.listeners:
             await self._close_listener(ln)
         for conn in list(b.connections):
@@ -265,6 +354,7 @@ class OpenFlow:
     # -- listeners and connections --------------------------------------------------------
     async def _listen(self, bridge: str, ln: Listener) -> None:
         t = ln.target
+        self.events.start()
 
         def accept(reader, writer):
             task = asyncio.get_running_loop().create_task(
@@ -272,7 +362,11 @@ class OpenFlow:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        if t.kind == "ptcp":
+        if t.kind == "tcp":
+            ln.address = f"{t.host}:{t.port}" if ":" not in t.host else f"[{t.host}]:{t.port}"
+            ln.task = asyncio.get_running_loop().create_task(self._connect_loop(bridge, ln),
+                                                             name=f"openflow:{bridge}")
+        elif t.kind == "ptcp":
             ln.server = await asyncio.start_server(accept, t.host, t.port,
                                                    reuse_address=True)
             sockname = ln.server.sockets[0].getsockname()
@@ -296,9 +390,15 @@ class OpenFlow:
         ln.error = ""
 
     async def _close_listener(self, ln: Listener) -> None:
-        """Stop listening, and close the connections the listener accepted."""
+        """Stop listening (or connecting), and close the listener's connections."""
         for conn in list(ln.connections):
             conn.writer.close()
+        if ln.task is not None:
+            task, ln.task = ln.task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            ln.connected = False
         if ln.server is None:
             return
         ln.server.close()
@@ -309,9 +409,41 @@ class OpenFlow:
             with contextlib.suppress(OSError):
                 unlink_socket(ln.target.path, ln.inode)
 
+    async def _connect_loop(self, bridge: str, ln: Listener) -> None:
+        """An active target: connect, serve the connection until it ends, then again
+        after a backoff that doubles from MIN_BACKOFF to MAX_BACKOFF (reset by a
+        connection that got past the HELLO)."""
+        t = ln.target
+        backoff = MIN_BACKOFF
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(t.host, t.port), CONNECT_TIMEOUT)
+            except (OSError, TimeoutError) as e:
+                errno = getattr(e, "errno", None)
+                ln.error = os.strerror(errno) if errno else str(e) or "timed out"
+                log.info("openflow %s: %s: cannot connect (%s); again in %.0f s", bridge,
+                         t.text, ln.error, backoff)
+            else:
+                ln.error = ""
+                await self._serve(bridge, ln, reader, writer)
+                if ln.connected:
+                    backoff = MIN_BACKOFF
+                ln.connected = False
+                ln.error = ln.error or "connection closed"
+                self._check_fail_open(bridge)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _ready(self, bridge: str, ln: Listener) -> None:
+        """A connection of ``ln`` is past the HELLO."""
+        if ln.target.kind == "tcp":
+            ln.connected = True
+            self._check_fail_open(bridge)
+
     async def _serve(self, bridge: str, ln: Listener, reader, writer) -> None:
         b = self.bridges.get(bridge)
-        if b is None or ln.server is None:
+        if b is None or not ln.running:
             writer.close()
             return
         if len(b.connections) >= MAX_CONNECTIONS:
@@ -322,8 +454,11 @@ class OpenFlow:
         peer = writer.get_extra_info("peername") or "unix"
         if isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}"
-        conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid),
+        self.events.start()
+        conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid,
+                                                  self.events),
                           f"{bridge} {peer}", b.probe)
+        conn.on_ready = lambda: self._ready(bridge, ln)
         b.connections.add(conn)
         ln.connections.add(conn)
         try:
@@ -339,11 +474,23 @@ class OpenFlow:
         lines = []
         if b is not None:
             for ln in b.listeners:
-                state = f"listening on {ln.address}" if ln.server else \
-                    f"not listening: {ln.error or 'closed'}"
+                if ln.target.kind == "tcp":
+                    state = "connected" if ln.connected else \
+                        f"not connected: {ln.error or 'connecting'}"
+                else:
+                    state = f"listening on {ln.address}" if ln.server else \
+                        f"not listening: {ln.error or 'closed'}"
                 lines.append(f'    Controller "{ln.target.text}"  {state}')
+            lines.append(f"        fail_mode: {self.fail_mode(bridge)}"
+                         + ("  (fail-open: forwarding by NORMAL)" if b.fail_open else ""))
             n = len(b.connections)
             lines.append(f"        connections: {n}")
+            st = self.events.stats()
+            if st.get("queued") or st.get("packet_ins"):
+                lines.append(f"        packet_in: queued {st['queued']}, sent "
+                             f"{st['packet_ins']}, dropped: rate {st['drop_rate']}, "
+                             f"full {st['drop_full']}, busy {st['drop_busy']}, "
+                             f"no controller {st['no_controller']}")
         if dpid:
             lines.append(f"    datapath_id: {dpid:016x}")
         return lines

@@ -131,9 +131,9 @@ def port_stats(port_no: int, rx_packets: int, tx_packets: int, rx_bytes: int, tx
 
 
 def port_desc(port_no: int, name: str, hw_addr: bytes = bytes(6), up: bool = True,
-              speed_kbps: int = 0) -> bytes:
+              speed_kbps: int = 0, config: int = 0) -> bytes:
     state = OFPPS_LIVE if up else OFPPS_LINK_DOWN
-    return PORT.pack(port_no, hw_addr, _s(name, 16), 0, state, 0, 0, 0, 0, speed_kbps,
+    return PORT.pack(port_no, hw_addr, _s(name, 16), config, state, 0, 0, 0, 0, speed_kbps,
                      speed_kbps)
 
 
@@ -156,7 +156,7 @@ def table_features(table: int, name: str = "") -> bytes:
         _prop(TFPT_WRITE_ACTIONS, b""),
         _prop(TFPT_APPLY_ACTIONS, b"".join(struct.pack("!HH", a, 4) for a in
                                            (A.AT_OUTPUT, A.AT_PUSH_VLAN, A.AT_POP_VLAN,
-                                            A.AT_SET_FIELD))),
+                                            A.AT_GROUP, A.AT_SET_FIELD))),
         _prop(TFPT_MATCH, b"".join(struct.pack("!I", h) for h in fields)),
         _prop(TFPT_WILDCARDS, b"".join(struct.pack("!I", h & ~0x1FF | oxm.SIZES[h >> 9 & 0x7F])
                                        for h in fields)),

@@ -19,8 +19,9 @@ from pyvhost._flow import ACTION_OPS, pack_key
 
 from .flows import Flow, Selector, key_fields, match_key, parse_flow
 
-OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL = (
-    ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal"))
+OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN_PORT, \
+    OP_GROUP = (ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal",
+                                        "controller", "in_port", "group"))
 OP_TUN_HI, OP_SET_TUN_ID, OP_SET_TUN_DST = (
     ACTION_OPS[k] for k in ("tun_hi", "set_tun_id", "set_tun_dst"))
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
@@ -64,6 +65,7 @@ class Bridge:
         self.cls = Classifier()
         self.macs = MacTable(mac_table_size, mac_aging)
         self.mac_limits: dict[str, int] = {}           # port name -> MAC limit
+        self.groups = None                             # switch.groups.Groups, made on use
 
     # -- ports ----------------------------------------------------------------------------
     def next_ofport(self) -> int:
@@ -86,16 +88,24 @@ class Bridge:
             if port.name in self.mac_limits:
                 self.macs.set_port_limit(port.port_id, self.mac_limits[port.name])
         self._reresolve({port.name, str(port.ofport)})
+        if self.groups is not None:
+            self.groups.recompile()
 
     def detach(self, port) -> None:
         with self.lock:
             self.ports = {k: v for k, v in self.ports.items() if k != port.name}
         self._reresolve({port.name, str(port.ofport)})
+        if self.groups is not None:
+            self.groups.recompile()
 
     def forget(self, port) -> None:
         """The port is out of the datapath (no PMD polls it): drop what it taught."""
         self.macs.forget_port(port.port_id)
         self.macs.set_port_limit(port.port_id, 0)
+
+    def reresolve(self, refs: set[str]) -> None:
+        """Rules naming these ports (or ``group:N``) compile again."""
+        self._reresolve(refs)
 
     def _reresolve(self, refs: set[str]) -> None:
         """Rules naming these ports compile again (a port came or went)."""
@@ -110,7 +120,8 @@ class Bridge:
 
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
-        refs = {a[1] for a in flow.actions if a[0] == "output"}
+        refs = {a[1] for a in flow.actions if a[0] == "output"} | \
+            {f"group:{a[1]}" for a in flow.actions if a[0] == "group"}
         if "in_port" in flow.match:
             refs.add(flow.match["in_port"])
         return refs
@@ -131,8 +142,12 @@ class Bridge:
         return match_key(match, in_port)
 
     def _ops(self, flow: Flow) -> list[tuple[int, int]]:
+        return self.action_ops(flow.actions)
+
+    def action_ops(self, actions: tuple) -> list[tuple[int, int]]:
+        """Model actions as datapath ops (ports resolved; a port that is gone: nothing)."""
         ops = []
-        for a in flow.actions:
+        for a in actions:
             if a[0] == "output":
                 port = self.resolve(a[1])
                 if port is not None:                   # a port that went: nothing
@@ -150,6 +165,14 @@ class Bridge:
                 ops.append((OP_TUN_HI, v >> 16))
                 ops.append((OP_SET_TUN_ID if a[0] == "set_tun_id" else OP_SET_TUN_DST,
                             v & 0xFFFF))
+            elif a[0] == "controller":
+                ops.append((OP_CONTROLLER, a[1]))
+            elif a[0] == "in_port":
+                ops.append((OP_IN_PORT, 0))
+            elif a[0] == "group":
+                slot = self.groups.slot(a[1]) if self.groups is not None else None
+                if slot is not None:                   # a group that does not exist: nothing
+                    ops.append((OP_GROUP, slot))
         return ops
 
     def spec(self, flow: Flow) -> tuple:
@@ -261,16 +284,32 @@ class Bridge:
     def trace(self, match: dict) -> dict:
         """What the datapath would do with a packet given in flow syntax: the rules it meets
         in each table (the same classifier lookup PMDs run), the actions, the output port
-        names (NORMAL and flood resolved without learning) and the megaflow mask."""
+        names (NORMAL and flood resolved without learning, a group to the buckets it picks
+        for this packet, CONTROLLER by that name) and the megaflow mask."""
         port = self.resolve(match["in_port"]) if "in_port" in match else None
         if "in_port" in match and port is None:
             raise ValueError(f"in_port: no port {match['in_port']!r} on bridge {self.name}")
         fields = key_fields(match)
         fields["in_port"] = port.port_id if port is not None else NO_PACKET_PORT
-        hops, ops, mask, overflow = self.cls.lookup(pack_key(fields))
+        key = pack_key(fields)
+        hops, ops, mask, overflow = self.cls.lookup(key)
         by_id = {p.port_id: p for p in self.ports.values()}
         outputs: list[str] = []
+        if self.groups is not None and any(op == OP_GROUP for op, _ in ops):
+            resolved = []
+            for op, arg in ops:                      # as the upcall resolves them
+                if op == OP_GROUP:
+                    group_ops, group_mask = self.groups.table.resolve(arg, key)
+                    resolved += group_ops
+                    mask = bytes(a | b for a, b in zip(mask, group_mask, strict=True))
+                else:
+                    resolved.append((op, arg))
+            ops = resolved
         for op, arg in ops:
+            if op == OP_CONTROLLER:
+                outputs.append("CONTROLLER")
+            elif op == OP_IN_PORT and port is not None:
+                outputs.append(port.name)
             if op == OP_OUTPUT and (port is None or arg != port.port_id) and arg in by_id:
                 outputs.append(by_id[arg].name)
             elif op == OP_FLOOD:

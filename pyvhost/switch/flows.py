@@ -10,8 +10,11 @@ bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), the tunnel metadata t
 VNI, with /mask), tun_src, tun_dst (prefixes), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
 tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
-strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, goto_table:N. Ports are named
-here as the user wrote them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
+strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, goto_table:N,
+controller[:MAX_LEN] (also output:controller[:MAX_LEN]; written CONTROLLER:MAX_LEN as
+ovs-ofctl shows it, 65535: the whole frame), in_port (back out of the input port; written
+IN_PORT) and group:N (an OpenFlow group of the bridge). Ports are named here as the user
+wrote them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.item
 DEFAULT_PRIORITY = 32768
 VLAN_NONE = 0xFFFF
 MAX_RULE_TEXT = 4096
+CONTROLLER_MAX_LEN = 0xFFFF      # OpenFlow's OFPCML_NO_BUFFER: the whole frame
+UPPER_ACTIONS = {"controller": "CONTROLLER", "in_port": "IN_PORT"}   # as ovs-ofctl writes them
 FULL_MAC = b"\xff" * 6
 
 
@@ -194,7 +199,14 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
         name = name.strip()
         if goto is not None:
             raise FlowSyntaxError("goto_table must be the last action")
-        if name == "output":
+        if name == "output" and arg.strip().lower().partition(":")[0] in UPPER_ACTIONS:
+            name, _, arg = arg.strip().partition(":")         # output:CONTROLLER[:N] ...
+        if name.lower() == "controller":
+            max_len = _int(arg, "controller", 0xFFFF) if arg.strip() else CONTROLLER_MAX_LEN
+            actions.append(("controller", max_len))
+        elif name.lower() == "in_port" and not arg:
+            actions.append(("in_port",))
+        elif name == "output":
             if not arg.strip():
                 raise FlowSyntaxError("output needs a port: output:PORT")
             actions.append(("output", port_ref(arg.strip())))
@@ -214,6 +226,8 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
                 if ip.plen != 32:
                     raise FlowSyntaxError(f"tun_dst: one address, not {ip}")
                 actions.append(("set_tun_dst", ip))
+        elif name == "group":
+            actions.append(("group", _int(arg, "group", 0xFFFFFF00)))
         elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
             actions.append((sys.intern(name),))
         else:
@@ -270,7 +284,8 @@ class Flow:
             if a[0] in ("set_tun_id", "set_tun_dst"):
                 out.append(f"set_field:{a[1]}->{a[0][4:]}")
             else:
-                out.append(f"{a[0]}:{a[1]}" if len(a) == 2 else a[0])
+                name = UPPER_ACTIONS.get(a[0], a[0])
+                out.append(f"{name}:{a[1]}" if len(a) == 2 else name)
         if self.goto_table is not None:
             out.append(f"goto_table:{self.goto_table}")
         return ",".join(out) or "drop"

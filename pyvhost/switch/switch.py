@@ -105,6 +105,10 @@ class Switch:
         self.pmds = self._new_pmds()
         self._timer: asyncio.Task | None = None
         self._stuck_ports: list[Port] = []
+        # observers (pyvhost.openflow): called as f(kind, **info) after a change, kinds
+        # "port_added"/"port_removed" (bridge, port) and "rules_removed" (bridge, reason
+        # "timeout" or "delete", removed: [(rule, flow, (packets, bytes, used_ns))])
+        self.observers: list = []
 
     def _new_pmds(self) -> PmdSet:
         s = self.pmd_settings
@@ -211,7 +215,7 @@ class Switch:
             bridge.macs.expire()
             gone = bridge.expired(now_ns)
             if gone:
-                self._change(bridge, remove=gone)
+                self._remove_rules(bridge, gone, "timeout")
             damped = bridge.macs.stats()["damped"]
             if damped > self._damped_seen.get(bridge.name, 0):
                 vlan, mac = bridge.macs.last_damped()
@@ -457,6 +461,7 @@ class Switch:
         self.mirrors.apply(bridge)                  # mirrors that name it take it now
         log.info("port %s (%s, %s, ofport %d) added to %s", name, type_, port.path, of,
                  bridge_name)
+        self._emit("port_added", bridge=bridge, port=port)
 
     def _queues_changed(self, port: Port) -> None:
         """The front-end enabled a ring: poll as many pairs as it has ever enabled."""
@@ -497,6 +502,7 @@ class Switch:
         give_back_memory()                          # its rules were compiled again
         await port.close()
         log.info("port %s removed from %s", name, port.bridge)
+        self._emit("port_removed", bridge=self.bridges[port.bridge], port=port)
 
     def _assign(self) -> None:
         self.pmds.set_rxqs([(p.port_id, q) for p in self.ports.values()
@@ -605,8 +611,22 @@ class Switch:
                   strict: bool = False) -> int:
         bridge = self._bridge(bridge_name)
         gone = bridge.select(selector, strict)
-        self._change(bridge, remove=gone)
+        self._remove_rules(bridge, gone, "delete")
         return len(gone)
+
+    def _remove_rules(self, bridge: Bridge, gone: list[Rule], reason: str) -> None:
+        """Remove rules and tell the observers, with each rule's last counters."""
+        removed = [(r, r.flow, bridge.counters(r)) for r in gone] if self.observers else []
+        self._change(bridge, remove=gone)
+        if removed:
+            self._emit("rules_removed", bridge=bridge, reason=reason, removed=removed)
+
+    def _emit(self, kind: str, **info) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(kind, **info)
+            except Exception:                   # an observer's bug never stops the switch
+                log.exception("observer of %s failed", kind)
 
     def change_rules(self, bridge_name: str, add: list[Flow] = (), remove: list[Rule] = (),
                      modify: list[tuple[Rule, Flow]] = ()) -> list[Rule]:
@@ -810,7 +830,7 @@ class Switch:
             c = self.port_counters(port)
             d, r, t = c["datapath"], c["rx_rings"], c["tx_rings"]
             rx_drop = d["drop_police"] + d["drop_upcall"] + d["drop_copy"] + \
-                d["drop_no_port"] + d["drop_mirror_port"] + \
+                d["drop_no_port"] + d["drop_mirror_port"] + d["drop_no_recv"] + \
                 sum(v for k, v in r.items() if k.startswith("drop_"))
             tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
                 d["drop_tx_error"] + \

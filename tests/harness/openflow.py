@@ -46,6 +46,12 @@ def output(port: int) -> bytes:
     return struct.pack("!HHIH6x", 0, 16, port, 0)
 
 
+def packet_out(in_port: int, actions: bytes, data: bytes, *, buffer_id: int = 0xFFFFFFFF,
+               actions_len: int | None = None, xid: int = 1) -> bytes:
+    alen = len(actions) if actions_len is None else actions_len
+    return msg(13, struct.pack("!IIH6x", buffer_id, in_port, alen) + actions + data, xid)
+
+
 def apply_actions(*actions: bytes) -> bytes:
     body = b"".join(actions)
     return struct.pack("!HH4x", 4, 8 + len(body)) + body
@@ -86,6 +92,19 @@ class Client:
             self.sock.sendall(hello())
             t, _, _ = self.recv()
             assert t == HELLO
+
+    @classmethod
+    def over(cls, sock: socket.socket, timeout: float = 5.0) -> Client:
+        """The controller's end of a connection the switch made (accepted by the test):
+        HELLO both ways."""
+        self = cls.__new__(cls)
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self.sock.sendall(hello())
+        t, _, _ = self.recv()
+        assert t == HELLO
+        return self
 
     def close(self) -> None:
         self.sock.close()
