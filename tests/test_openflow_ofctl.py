@@ -278,3 +278,25 @@ def test_a_restarted_switch_listens_again(workdir):
         assert "Controller" not in processes.ctl(run_dir, "show")
     finally:
         assert sw.stop() == 0
+
+
+def test_a_stored_datapath_id_out_of_range_is_reported_and_replaced(workdir):
+    """A corrupt store (a datapath id of 2**64) must not make every FEATURES_REPLY fail:
+    the switch says so and serves with datapath id 1."""
+    import json
+    import sqlite3
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config="add-br br0\n"
+                          "set-controller br0 ptcp:0:127.0.0.1\n")
+    sw.stop()
+    with sqlite3.connect(run_dir / "conf.db") as db:
+        (text,) = db.execute("SELECT value FROM settings WHERE key='openflow:br0'").fetchone()
+        conf = dict(json.loads(text), dpid=1 << 64)
+        db.execute("UPDATE settings SET value=? WHERE key='openflow:br0'", (json.dumps(conf),))
+    sw = processes.switch(workdir, run_dir)
+    try:
+        out = ofctl(f"tcp:127.0.0.1:{listening_port(run_dir)}", "show").stdout
+        assert "dpid:0000000000000001" in out, out
+        assert "stored datapath id 18446744073709551616 is not one" in sw.errors()
+    finally:
+        sw.stop()

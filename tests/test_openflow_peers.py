@@ -51,3 +51,32 @@ def test_a_unix_peer_by_its_credentials():
     with a, b:
         ok, who = allowed(a, None)
         assert ok and f"uid {os.getuid()}" in who
+
+
+def test_a_local_user_who_may_not_use_the_control_socket_may_not_program_the_bridge(workdir):
+    """ptcp: on loopback admits the peers the control socket admits: root's ovs-ofctl
+    programs the bridge, nobody's connection is refused and logged."""
+    import shutil
+    if shutil.which("ovs-ofctl") is None:
+        pytest.fail("ovs-ofctl missing (make test installs openvswitch-common)")
+    run_dir = workdir / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sw = processes.switch(workdir, run_dir, config="add-br br0\n"
+                          f"set-controller br0 ptcp:{port}\n")
+    try:
+        target = f"tcp:127.0.0.1:{port}"
+        ok = subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "add-flow", target,
+                             "priority=5,actions=drop"], capture_output=True, text=True,
+                            timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        refused = subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "add-flow", target,
+                                  "priority=6,actions=drop"], capture_output=True, text=True,
+                                 timeout=30, user="nobody")
+        assert refused.returncode != 0
+        flows = processes.ctl(run_dir, "dump-flows", "br0")
+        assert "priority=5" in flows and "priority=6" not in flows, flows
+        assert "connection from uid 65534 on this host refused" in sw.errors()
+    finally:
+        sw.stop()

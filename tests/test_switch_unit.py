@@ -181,6 +181,30 @@ class FakePort:
         self.name, self.port_id, self.ofport = name, port_id, ofport
 
 
+def test_same_priority_index_follows_every_change():
+    """The (table, priority) index CHECK_OVERLAP uses is made on the first question and then
+    kept in step with adds, modifies and deletes (checked against a scan of all rules)."""
+    import random
+    rng = random.Random(7)
+    br = Bridge("br0", 0)
+    flows = [parse_flow(f"table={t},priority={p},tcp,tp_dst={d},actions=drop")
+             for t in (0, 1) for p in (5, 6, 7) for d in range(20)]
+
+    def scan(t, p):
+        return sorted(r.id for r in br.rules.values() if br.cls.rule(r.id)[:2] == (t, p))
+
+    br.apply(add=flows[:30])
+    for step in range(60):
+        t, p = rng.choice((0, 1)), rng.choice((5, 6, 7))
+        assert sorted(r.id for r in br.same_priority(t, p)) == scan(t, p), step
+        if br.rules and rng.random() < 0.4:
+            br.apply(remove=rng.sample(list(br.rules.values()), min(3, len(br.rules))))
+        else:
+            present = {r.text for r in br.rules.values()}
+            new = [f for f in rng.sample(flows, 4) if f.format() not in present]
+            br.apply(add=new)
+
+
 def test_bridge_rules_and_trace():
     br = Bridge("br0", 0)
     p1, p2 = FakePort("p1", 10, 1), FakePort("p2", 11, 2)

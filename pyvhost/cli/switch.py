@@ -56,6 +56,7 @@ async def _main(args) -> int:
     except (RunDirError, StoreError, ValueError) as e:
         print(f"switch: {e}", file=sys.stderr)
         return 2
+    sw.ctl_gid = ctl_gid           # OpenFlow listeners admit the control socket's peers
     control = ControlServer(sw, args.control or str(run_dir / "ctl.sock"), ctl_gid)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -23,6 +23,7 @@ request and synchronous. No sockets here."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import struct
 import time
 import weakref
@@ -164,7 +165,9 @@ class Handler:
                         raise                      # the store failed: so does the batch
                     except OFError as e:
                         outcome.append(e)
-                    except (CommandError, ValueError, KeyError, TypeError) as e:  # a bug
+                    except (sqlite3.Error, OSError):
+                        raise                      # the store's own failure
+                    except Exception as e:         # a bug: this message fails, not the batch
                         log.exception("openflow %s: FLOW_MOD failed", self.bridge_name)
                         outcome.append(OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN,
                                                f"internal error: {e}"))
@@ -292,7 +295,7 @@ class Handler:
         table, priority, mask, value = spec[:4]
         m1 = int.from_bytes(mask, "little")
         v1 = int.from_bytes(value, "little") & m1
-        for rule in bridge.rules.values():
+        for rule in bridge.same_priority(table, priority):
             t, p, m2, v2 = bridge.rule_identity(rule)
             if t == table and p == priority and (v1 ^ v2) & m1 & m2 == 0:
                 return True

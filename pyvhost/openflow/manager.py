@@ -22,6 +22,7 @@ from pyvhost.switch.commands import CommandError
 from pyvhost.switch.groups import groups_of
 
 from . import groupmod as G
+from . import peers
 from .connection import DEFAULT_PROBE, Connection
 from .events import Events
 from .handler import BridgeState, Handler
@@ -43,6 +44,12 @@ class Target:
     port: int = 0
     host: str = DEFAULT_HOST
     path: str = ""
+
+
+def valid_dpid(value) -> int | None:
+    """A stored datapath id if it is one (1 .. 2**64 - 1), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and \
+        0 < value < 1 << 64 else None
 
 
 def parse_target(text: str, run_dir: Path) -> Target:
@@ -148,8 +155,7 @@ class OpenFlow:
         b = self.bridges.get(bridge)
         if b is not None:
             return b.dpid
-        dpid = self._conf(bridge).get("dpid")
-        return dpid if isinstance(dpid, int) and 0 < dpid < 1 << 64 else 0
+        return valid_dpid(self._conf(bridge).get("dpid")) or 0
 
     def _bridge(self, name: str):
         if name not in self.switch.bridges:
@@ -182,7 +188,7 @@ class OpenFlow:
                 for other in new:
                     await self._close_listener(other)
                 raise CommandError(f"{ln.target.text}: {e.strerror or e}") from None
-        dpid = conf.get("dpid") if isinstance(conf.get("dpid"), int) else \
+        dpid = valid_dpid(conf.get("dpid")) or \
             (current.dpid if current else secrets.randbits(48) or 1)
         probe = conf.get("inactivity_probe", int(DEFAULT_PROBE * 1000)) \
             if probe_ms is None else probe_ms
@@ -304,7 +310,11 @@ class OpenFlow:
             targets = conf.get("targets")
             if not targets or name in self.bridges:
                 continue
-            dpid = conf.get("dpid") if isinstance(conf.get("dpid"), int) else 1
+            dpid = valid_dpid(conf.get("dpid"))
+            if dpid is None:
+                log.error("openflow %s: stored datapath id %r is not one: using 1",
+                          name, conf.get("dpid"))
+                dpid = 1
             probe = conf.get("inactivity_probe", int(DEFAULT_PROBE * 1000))
             b = self.bridges[name] = BridgeOpenFlow(name, dpid,
                                                     probe / 1000 if probe else None,
@@ -454,6 +464,14 @@ class OpenFlow:
         peer = writer.get_extra_info("peername") or "unix"
         if isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}"
+        if ln.target.kind != "tcp":            # a listener: who may program the bridge?
+            ok, who = peers.allowed(writer.get_extra_info("socket"),
+                                    getattr(self.switch, "ctl_gid", None))
+            if not ok:
+                log.warning("openflow %s: connection from %s refused: not root, not the "
+                            "switch's user and not in its control group", bridge, who)
+                writer.close()
+                return
         self.events.start()
         conn = Connection(reader, writer, Handler(self.switch, bridge, b.state, b.dpid,
                                                   self.events),

@@ -62,6 +62,8 @@ class Bridge:
         self.ports: dict = {}
         self.rules: dict[int, Rule] = {}
         self.timed: set[int] = set()                   # ids of rules with timeouts
+        self._by_priority: dict[tuple[int, int], set[int]] | None = None   # see same_priority
+        self._priority_of: dict[int, tuple[int, int]] = {}
         self.cls = Classifier()
         self.macs = MacTable(mac_table_size, mac_aging)
         self.mac_limits: dict[str, int] = {}           # port name -> MAC limit
@@ -235,10 +237,37 @@ class Bridge:
             self.timed.add(rule.id)
         else:
             self.timed.discard(rule.id)
+        if self._by_priority is not None:
+            self._unlist(rule.id)
+            self._list(rule.id, (flow.table, flow.priority))
 
     def _forget(self, rule: Rule) -> None:
         self.rules.pop(rule.id, None)
         self.timed.discard(rule.id)
+        if self._by_priority is not None:
+            self._unlist(rule.id)
+
+    def _list(self, rule_id: int, key: tuple[int, int]) -> None:
+        self._by_priority.setdefault(key, set()).add(rule_id)
+        self._priority_of[rule_id] = key
+
+    def _unlist(self, rule_id: int) -> None:
+        key = self._priority_of.pop(rule_id, None)
+        if key is not None:
+            ids = self._by_priority[key]
+            ids.discard(rule_id)
+            if not ids:
+                del self._by_priority[key]
+
+    def same_priority(self, table: int, priority: int) -> list[Rule]:
+        """The rules of ``table`` with ``priority`` (OpenFlow's CHECK_OVERLAP compares
+        only those): an index made on the first question and kept from then on, so a
+        bridge that is never asked pays nothing for it."""
+        if self._by_priority is None:
+            self._by_priority, self._priority_of = {}, {}
+            for rule_id in self.rules:
+                self._list(rule_id, tuple(self.cls.rule(rule_id)[:2]))
+        return [self.rules[i] for i in self._by_priority.get((table, priority), ())]
 
     # -- selections -----------------------------------------------------------------------
     def select(self, sel: Selector | None, strict: bool = False) -> list[Rule]:

@@ -86,6 +86,7 @@ class Switch:
             self.lock.release()
             raise
         self.failed: dict[str, str] = {}          # stored rows that did not load: why
+        self.ctl_gid: int | None = None           # the control group (--ctl-group)
         self._reserved_ofports: dict[str, set[int]] = {}   # bridge -> failed ports' numbers
         self.datapath = Datapath()
         self.bridges: dict[str, Bridge] = {}
