@@ -30,6 +30,7 @@ import time
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
+from posix.time cimport nanosleep, timespec
 from pyvhost._classifier cimport (
     Classifier, RULE_NORMAL, cls_lookup, cls_read_lock, cls_result_t, cls_rule_t, cls_t,
     cls_unlock,
@@ -80,6 +81,8 @@ cdef enum:
     UPCALL_COST_SLACK_NS = 2000
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
     UPCALL_WINDOW_NS = 10000000
+    LOAD_SLEEP_STEP_NS = 1000  # load-based sleeping grows by 1 us a round (as OVS's)
+    MAX_LOAD_SLEEP_US = 10000
     THROTTLED_BURST = 4        # frames read per visit from a port over its upcall share
     DEFAULT_FLOW_LIMIT = 200000
 
@@ -159,6 +162,7 @@ cdef struct pmd_stats_t:
     uint64_t megaflow_hits
     uint64_t upcall_ns
     uint64_t upcall_throttled
+    uint64_t load_sleep_ns      # slept while lightly loaded (set_sleep_max), part of idle
 
 
 
@@ -589,6 +593,8 @@ cdef class Pmd:
     cdef int running_
     cdef int stopping
     cdef idle_t idle
+    cdef uint64_t sleep_max_ns          # load-based sleep bound (0: off; OVS pmd-sleep-max)
+    cdef uint64_t sleep_ns              # the current load-based sleep
     cdef rxq_src_t inputs[MAX_POLL]  # the polled queues, for the idle path
     cdef pmd_stats_t st
     cdef pkt_t *batch[MAX_PORTS][MAX_BURST]
@@ -660,6 +666,15 @@ cdef class Pmd:
 
     def wake(self):
         idle_wake(&self.idle)
+
+    def set_sleep_max(self, uint32_t us):
+        """Load-based sleeping, as OVS's other_config:pmd-sleep-max: while no polled
+        queue gives at least half a burst, the loop sleeps a little longer each round
+        (1 us more, at most ``us``), giving the core back at the cost of that much
+        latency; a busy round (half a burst or more) polls again at once. 0: off."""
+        if us > MAX_LOAD_SLEEP_US:
+            raise ValueError(f"sleep-max {us} us out of range 0..{MAX_LOAD_SLEEP_US}")
+        vh_store_u64(&self.sleep_max_ns, <uint64_t>us * 1000)
 
     def stop(self):
         vh_store_release_int(&self.stopping, 1)
@@ -1300,10 +1315,26 @@ cdef class Pmd:
         vh_unlock(&self.lock)
         self.idle.epoll_generation = -1
 
+    cdef inline void load_sleep(self, uint32_t most) noexcept nogil:
+        """Load-based sleeping (set_sleep_max): ``most``, the largest burst a queue gave
+        this round, decides whether the next sleep grows or goes."""
+        cdef uint64_t limit = vh_load_u64(&self.sleep_max_ns)
+        cdef timespec ts
+        if limit == 0 or most >= MAX_BURST // 2:
+            self.sleep_ns = 0
+            return
+        self.sleep_ns += LOAD_SLEEP_STEP_NS
+        if self.sleep_ns > limit:
+            self.sleep_ns = limit
+        ts.tv_sec = 0
+        ts.tv_nsec = self.sleep_ns
+        nanosleep(&ts, NULL)
+        self.st.load_sleep_ns += self.sleep_ns
+
     def run(self):
         """The poll loop; returns after ``stop()``."""
         cdef uint64_t last_busy, t, t_prev
-        cdef uint32_t empty = 0, got
+        cdef uint32_t empty = 0, got, n, most
         cdef int i
         vh_store_release_int(&self.running_, 1)
         with nogil:
@@ -1315,8 +1346,21 @@ cdef class Pmd:
                     self.do_reload()
                     notify_all(self.inputs, self.collect_inputs(), False)
                 got = 0
+                most = 0
                 for i in range(self.npoll):
-                    got += self.process_rxq(&self.poll[i])
+                    n = self.process_rxq(&self.poll[i])
+                    got += n
+                    if n > most:
+                        most = n
+                if self.sleep_max_ns:
+                    t = now_ns()                # the round's work is busy, the sleep idle
+                    if got:
+                        self.st.busy_ns += t - t_prev
+                    else:
+                        self.st.idle_ns += t - t_prev
+                    self.load_sleep(most)
+                    t_prev = now_ns()
+                    self.st.idle_ns += t_prev - t
                 t = now_ns()
                 if got:
                     self.st.busy_ns += t - t_prev
@@ -1341,4 +1385,5 @@ cdef class Pmd:
 
 def limits():
     return {"ports": MAX_PORTS, "bridges": MAX_BRIDGES, "queues": MAX_PORT_QUEUES,
-            "rxqs_per_pmd": MAX_POLL, "actions": MAX_ACTION_OPS}
+            "rxqs_per_pmd": MAX_POLL, "actions": MAX_ACTION_OPS,
+            "sleep_max_us": MAX_LOAD_SLEEP_US}

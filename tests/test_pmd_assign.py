@@ -127,3 +127,46 @@ def test_pmds_are_pinned_by_default_and_as_set(workdir):
         assert pinned_threads(sw.proc.pid) == [str(cpus[-1])]
     finally:
         sw.stop()
+
+
+def switch_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_load_based_sleeping_gives_the_core_back_and_delivers_everything(workdir):
+    """set-pmd sleep-max=US (OVS's pmd-sleep-max): a lightly loaded PMD (a frame every
+    0.3 ms: never idle for the 1 ms after which it sleeps in epoll) naps between rounds
+    instead of busy-polling, and still forwards every frame; sleep-max=0 polls again."""
+    import time
+
+    from tests.harness.frontends import drain, switch_with_ports
+    config = "add-br br0\n" + "".join(f"add-port br0 {n} type=vhostuser queues=1\n"
+                                      for n in "ab") + \
+        "add-flow br0 priority=5,in_port=a,actions=output:b\n"
+    frame = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x88\xb5" + bytes(50)
+
+    def trickle(ports, seconds=2.0) -> int:
+        sent, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            sent += ports["a"].send([frame])
+            time.sleep(0.0003)
+            got[0] += len(ports["b"].recv_nowait(max_packets=64))
+        return sent
+
+    with switch_with_ports(workdir, config, "ab") as (run_dir, ports):
+        pid = int((run_dir / "pyvhost.pid").read_text().split()[0])
+        used = {}
+        for sleep_max in (0, 500, 0):
+            processes.ctl(run_dir, "set-pmd", f"sleep-max={sleep_max}")
+            got = [0]
+            before = switch_cpu_seconds(pid)
+            sent = trickle(ports)
+            used.setdefault(sleep_max, []).append(switch_cpu_seconds(pid) - before)
+            got[0] += len(drain(ports["b"], 0.3))
+            assert got[0] == sent, (sleep_max, got[0], sent)
+        stats = processes.ctl(run_dir, "pmd-stats-show")
+        assert "while lightly loaded" in stats
+        # busy-polling takes most of a core for the 2 s; napping, a small part of it
+        assert max(used[500]) < 0.5 * min(used[0]), used

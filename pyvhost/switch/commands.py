@@ -282,12 +282,16 @@ async def pmd_rebalance(sw, args):
 
 
 async def set_pmd(sw, args):
-    _need(args, 1, 5, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
-                      "[cpus=0,1|auto|any] [flow-limit=N]")
-    opts = _kv(args, ("threads", "assign", "auto-lb", "cpus", "flow-limit"))
+    _need(args, 1, 6, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
+                      "[cpus=0,1|auto|any] [flow-limit=N] [sleep-max=US]")
+    opts = _kv(args, ("threads", "assign", "auto-lb", "cpus", "flow-limit", "sleep-max"))
     settings = {}
     if "flow-limit" in opts:
         settings["flow_limit"] = _int(opts["flow-limit"], "flow-limit", 1, 50000000)
+    if "sleep-max" in opts:
+        from pyvhost._switch import limits
+        settings["sleep_max"] = _int(opts["sleep-max"], "sleep-max", 0,
+                                     limits()["sleep_max_us"])
     if "threads" in opts:
         settings["threads"] = _int(opts["threads"], "threads", 1, len(usable_cpus()))
     if "assign" in opts:

@@ -1,4 +1,5 @@
-"""PMD threads and RX-queue assignment: start N poll threads, each pinned to a CPU (the
+"""PMD threads and RX-queue assignment: start N poll threads (with load-based sleeping
+when ``sleep-max`` is set, as OVS's pmd-sleep-max), each pinned to a CPU (the
 ones ``set-pmd cpus=`` lists, or by default CPUs chosen once at start, the highest usable
 first, as OVS's pmd-cpu-mask pins; ``cpus=any`` leaves them to the scheduler), assign
 every (port, queue) round-robin or by measured processing time, rebalance on request or
@@ -47,7 +48,7 @@ class PmdSet:
 
     def __init__(self, datapath, n: int = 1, cpus: list[int] | str | None = None,
                  assign: str = "roundrobin", auto_lb: bool = False,
-                 flow_limit: int | None = None):
+                 flow_limit: int | None = None, sleep_max: int = 0):
         if n < 1:
             raise ValueError("at least one PMD thread")
         if assign not in ASSIGN_MODES:
@@ -57,6 +58,7 @@ class PmdSet:
         self.assign_mode = assign
         self.auto_lb = auto_lb
         self.flow_limit = flow_limit
+        self.sleep_max = sleep_max if isinstance(sleep_max, int) else 0   # us (pmd-sleep-max)
         self.rxqs: list[tuple[int, int]] = []
         self.samples: list[dict] = []          # per second: {(port, q): ns in that second}
         self._last_totals: dict = {}
@@ -68,6 +70,10 @@ class PmdSet:
     def _start(self, i: int) -> None:
         pmd = self.datapath.new_pmd(i) if self.flow_limit is None else \
             self.datapath.new_pmd(i, flow_limit=self.flow_limit)
+        try:
+            pmd.set_sleep_max(self.sleep_max)
+        except ValueError as e:
+            log.error("PMD %d: %s: no load-based sleeping", i, e)
         t = threading.Thread(target=_pmd_main, args=(pmd, self.cpus[i]), name=f"pmd{i}",
                              daemon=True)
         t.start()

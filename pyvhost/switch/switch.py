@@ -99,7 +99,8 @@ class Switch:
                              "assign": settings.get("assign", "roundrobin"),
                              "auto_lb": settings.get("auto_lb", False),
                              "cpus": settings.get("cpus", []),
-                             "flow_limit": settings.get("flow_limit")}
+                             "flow_limit": settings.get("flow_limit"),
+                             "sleep_max": settings.get("sleep_max", 0)}
         self._damped_seen: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
         self._log_skipped: dict[str, int] = {}
@@ -114,7 +115,7 @@ class Switch:
     def _new_pmds(self) -> PmdSet:
         s = self.pmd_settings
         return PmdSet(self.datapath, s["threads"], s["cpus"], s["assign"], s["auto_lb"],
-                      s["flow_limit"])
+                      s["flow_limit"], s["sleep_max"])
 
     # -- life -----------------------------------------------------------------------------
     async def start(self, seed: list[list[str]] | None = None) -> None:
@@ -928,7 +929,8 @@ class Switch:
                     f"{s['upcall_ns'] // max(s['upcalls'], 1)} ns each)",
                     f"  idle cycles: {s['idle_ns']} ({100 * s['idle_ns'] / cycles:.2f}%)",
                     f"  processing cycles: {s['busy_ns']} ({100 * s['busy_ns'] / cycles:.2f}%)",
-                    f"  sleeps: {s['sleeps']}"]
+                    f"  sleeps: {s['sleeps']} (and {s['load_sleep_ns'] // 1000} us slept "
+                    f"while lightly loaded)"]
         return "\n".join(out)
 
 
