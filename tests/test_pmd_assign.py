@@ -27,6 +27,9 @@ class FakePmd:
     def run(self):
         pass
 
+    def set_sleep_max(self, us):
+        self.sleep_max = us
+
     def stop(self):
         pass
 
