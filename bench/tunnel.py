@@ -137,6 +137,9 @@ class GuestPath(Underlay):
         self.ns_a, self.ns_b = names
 
 
+SLEEP_MAX_US = [0]       # --sleep-max: the pyvhost switches' set-pmd sleep-max
+
+
 def start_pyvhost(bench: H.HostBench, path: Underlay, guest_ports) -> None:
     """A `pyvhost switch` in each switch namespace: br0 (NORMAL) with the guest's port (its
     ctl add-port words from ``guest_ports``: a list of two) and a vxlan port to the other."""
@@ -151,7 +154,8 @@ def start_pyvhost(bench: H.HostBench, path: Underlay, guest_ports) -> None:
                      *proc.args]
         bench.switches.append(proc)
         proc.start(ready_text="switch: running")
-        for argv in (("set-pmd", "threads=1", f"cpus={H.SWITCH_CPU}"), ("add-br", "br0"),
+        for argv in (("set-pmd", "threads=1", f"cpus={H.SWITCH_CPU}",
+                      f"sleep-max={SLEEP_MAX_US[0]}"), ("add-br", "br0"),
                      ("add-port", "br0", *guest_port),
                      ("add-port", "br0", "vx0", "type=vxlan", f"remote_ip={there}",
                       "key=42")):
@@ -250,7 +254,13 @@ def main() -> int:
                     help="what the pyvhost guests offer (default none, as the tx-off veths)")
     ap.add_argument("--deadline", type=float, default=900.0,
                     help="start no round after this many seconds")
+    ap.add_argument("--sleep-max", type=int, default=0, metavar="US",
+                    help="the pyvhost switches' set-pmd sleep-max (load-based sleeping; two "
+                         "busy-polling PMDs share CPU 0 here, OVS userspace does not poll)")
     args = ap.parse_args()
+    if not 0 <= args.sleep_max <= 10000:
+        ap.error("--sleep-max 0..10000")
+    SLEEP_MAX_US[0] = args.sleep_max
     wanted = args.paths.split(",")
     if args.rounds < 1 or not 0.5 <= args.seconds <= 600:
         ap.error("--rounds 1 or more, --seconds 0.5..600")
@@ -314,7 +324,7 @@ def main() -> int:
         notes.append(f"{args.rounds} rounds of {args.seconds:g} s tests in "
                      f"{time.monotonic() - t1:.0f} s; pyvhost guests offer --offloads "
                      f"{args.offloads}; switches on CPU {H.SWITCH_CPU}, guests and iperf3 on "
-                     f"CPU {H.TOOL_CPU}")
+                     f"CPU {H.TOOL_CPU}; pyvhost set-pmd sleep-max={args.sleep_max}")
     except (KeyboardInterrupt, H.Interrupted):
         print("bench tunnel: interrupted; cleaning up", file=sys.stderr)
         return 130
