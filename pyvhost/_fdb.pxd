@@ -14,6 +14,7 @@ cdef enum:
     MOVE_WINDOW_MS = 1000
     MOVE_LIMIT = 4           # moves per window beyond which a MAC's moves are ignored
     FDB_REMOTES = 1024       # distinct (port, remote, VNI) of learned entries
+    FDB_PORT_REMOTES = 256   # of them behind one port: a flood copies a frame this often
 
 cdef struct fdb_entry_t:
     uint8_t mac[6]
@@ -58,7 +59,9 @@ cdef struct fdb_t:
     uint8_t damped_mac[6]
     uint16_t damped_vlan
     uint32_t nremotes
-    uint64_t remotes_full    # entries learned with a remote the remote list had no room for
+    uint32_t port_remotes[FDB_PORTS]   # distinct (remote, VNI) listed behind each port
+    uint64_t remotes_full    # entries not learned: their remote found no room in the list
+                             # (or its port has FDB_PORT_REMOTES already)
     fdb_remote_t remotes[FDB_REMOTES]
 
 cdef uint32_t now_ms() noexcept nogil

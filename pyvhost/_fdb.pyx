@@ -16,6 +16,7 @@ from pyvhost._vring cimport vh_lock, vh_unlock
 
 DEFAULT_SIZE = 8192
 DEFAULT_AGING = 300
+FDB_PORT_REMOTES_MAX = FDB_PORT_REMOTES     # remotes listed behind one port, at most
 
 
 cdef uint32_t now_ms() noexcept nogil:
@@ -61,8 +62,20 @@ cdef int32_t remote_find(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni)
     return -1
 
 
+cdef bint remote_room(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
+    """Whether an entry behind (port, remote, vni) can be counted: no remote, one listed
+    already, or room for one more (in the table, and behind the port: every remote is a
+    copy of each flood, and a remote is whoever sends a datagram, so their number is
+    bounded). An entry that cannot be counted is not learned (every entry is counted)."""
+    if remote == 0 or remote_find(f, port, remote, vni) >= 0:
+        return True
+    return f.nremotes < FDB_REMOTES and (port >= FDB_PORTS or
+                                        f.port_remotes[port] < FDB_PORT_REMOTES)
+
+
 cdef void remote_ref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
-    """One more entry behind (port, remote, vni) (none without a remote)."""
+    """One more entry behind (port, remote, vni) (none without a remote); the caller made
+    sure there is room (remote_room)."""
     cdef int32_t i
     if remote == 0:
         return
@@ -70,9 +83,10 @@ cdef void remote_ref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noe
     if i >= 0:
         f.remotes[i].refs += 1
         return
-    if f.nremotes == FDB_REMOTES:
-        f.remotes_full += 1
+    if f.nremotes == FDB_REMOTES:                  # (never: remote_room said so)
         return
+    if port < FDB_PORTS:
+        f.port_remotes[port] += 1
     f.remotes[f.nremotes].port = port
     f.remotes[f.nremotes].remote = remote
     f.remotes[f.nremotes].vni = vni
@@ -82,10 +96,12 @@ cdef void remote_ref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noe
 
 cdef void remote_unref(fdb_t *f, uint16_t port, uint32_t remote, uint32_t vni) noexcept nogil:
     cdef int32_t i = remote_find(f, port, remote, vni) if remote else -1
-    if i < 0:                                      # none, or not listed (the list was full)
+    if i < 0:                                      # none
         return
     f.remotes[i].refs -= 1
     if f.remotes[i].refs == 0:                     # its last entry went: the last one's slot
+        if port < FDB_PORTS and f.port_remotes[port]:
+            f.port_remotes[port] -= 1
         f.nremotes -= 1
         f.remotes[i] = f.remotes[f.nremotes]
 
@@ -169,6 +185,12 @@ cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port,
             ver[0] = 0
             vh_unlock(&f.lock)
             return -1
+        if not remote_room(f, port, remote, vni):
+            f.remotes_full += 1
+            idx[0] = 0xFFFFFFFF
+            ver[0] = 0
+            vh_unlock(&f.lock)
+            return -1
         e.moves += 1
         if e.port != port:
             if f.port_count[e.port]:
@@ -187,6 +209,10 @@ cdef int fdb_learn(fdb_t *f, uint16_t vlan, const uint8_t *mac, uint16_t port,
         return 2
     if f.port_limit[port] and f.port_count[port] >= f.port_limit[port]:
         f.refused += 1
+        vh_unlock(&f.lock)
+        return -1
+    if not remote_room(f, port, remote, vni):
+        f.remotes_full += 1
         vh_unlock(&f.lock)
         return -1
     if f.free_head < 0:

@@ -83,6 +83,7 @@ cdef class PuntQueue:
         self.q = <punt_t *>calloc(1, sizeof(punt_t))
         if self.q == NULL:
             raise MemoryError()
+        self.q.efd = -1                 # (calloc's 0 is stdin: never closed by mistake)
         self.q.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.set_rate(rate, burst)
 

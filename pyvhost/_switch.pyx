@@ -327,7 +327,11 @@ cdef class Datapath:
         self.punt_obj = queue
         vh_fence_seq_cst()
         if old is not None and old is not queue:
-            self.synchronize()                      # no PMD still pushes into the old one
+            try:
+                self.synchronize()                  # no PMD still pushes into the old one
+            except TimeoutError:
+                self.stuck.append(old)              # a stuck PMD may: never freed
+                raise
 
     def set_groups(self, int bridge_id, GroupTable groups):
         """The bridge's group table (set once; changes to it need ``invalidate()``)."""
@@ -424,7 +428,7 @@ cdef class Datapath:
         for i in range(MAX_PORTS):
             p = self.sw.ports[i]
             if p != NULL and p.bridge == bridge_id:
-                p.mirror_only = i in outs
+                p.mirror_only = 2 if p.mirror_only == 2 else i in outs
                 p.mirror_rx = rx.get(i, 0)
                 p.mirror_tx = tx.get(i, 0)
         self.wake_all()
@@ -451,8 +455,9 @@ cdef class Datapath:
     def generation(self):
         return self.sw.gen
 
-    def add_port(self, int port_id, int bridge, PortDev dev):
-        """Port ``port_id`` on ``bridge``: ``dev`` (of any port class) receives and sends."""
+    def add_port(self, int port_id, int bridge, PortDev dev, bint mirror_only=False):
+        """Port ``port_id`` on ``bridge``: ``dev`` (of any port class) receives and sends;
+        ``mirror_only``: only ever a mirror's output (a capture), from its first moment."""
         cdef port_t *p
         if not 0 <= port_id < MAX_PORTS or self.sw.ports[port_id] != NULL:
             raise ValueError(f"port id {port_id} is taken or out of range")
@@ -471,6 +476,7 @@ cdef class Datapath:
         p.ops = dev.ops
         p.dev = dev.dev
         p.per_remote = dev.per_remote
+        p.mirror_only = 2 if mirror_only else 0      # 2: for good (set_mirrors keeps it)
         p.up = 1
         self.port_objs[port_id] = dev
         self.sw.ports[port_id] = p
@@ -783,8 +789,9 @@ cdef class Pmd:
         if inp.per_remote:
             remote = k.tun_src
             vni = k.tun_id if remote else 0
-        if inp.id >= MAX_PORTS:                    # inject() from no port: nothing to learn
-            pass
+        if inp.id >= MAX_PORTS or (inp.per_remote and remote == 0):
+            pass                                   # from no port (inject()), or a frame on a
+                                                   # per-remote port without one (PACKET_OUT)
         elif fdb_learn(b.fdb, vlan, k.dl_src, inp.id, remote, vni, self.now_ms,
                        &a.src_idx, &a.src_ver) < 0 and not k.dl_src[0] & 1:
             a.flags |= DEP_LEARN                   # not learned (a group address never is):

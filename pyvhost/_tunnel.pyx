@@ -327,8 +327,9 @@ cdef uint32_t tun_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
 
 
 cdef uint32_t send_all(tun_dev_t *d, int fd, pkt_t **pkts, uint32_t n,
-                       uint64_t *bytes_) noexcept nogil:
-    """Encapsulate and send ``pkts`` through ``fd``: how many went out."""
+                       uint64_t *bytes_, uint32_t *refused) noexcept nogil:
+    """Encapsulate and send ``pkts`` through ``fd``: how many went out (``refused``: how
+    many the kernel refused, not counting those a busy socket left)."""
     cdef mmsghdr msgs[TX_CHUNK]
     cdef iovec iov[2 * TX_CHUNK]
     cdef uint8_t hdrs[TX_CHUNK][TUN_HDR]
@@ -374,6 +375,7 @@ cdef uint32_t send_all(tun_dev_t *d, int fd, pkt_t **pkts, uint32_t n,
             d.st.tx_drop_mtu += 1
         else:
             d.st.tx_errors += 1
+        refused[0] += 1
         done += 1                               # that one is refused; go on after it
     d.st.tx_datagrams += sent
     return sent
@@ -394,6 +396,7 @@ cdef bint send_segmented(tun_dev_t *d, pktpool_t *pool, pkt_t *p, uint64_t *byte
     cdef uint32_t first = 0, nseg, k
     cdef int fd
     cdef uint64_t ignored = 0
+    cdef uint32_t ignored_refused = 0
     if not tso_parse(p, &t):
         return False
     if t.hlen + t.mss > d.max_frame:
@@ -407,7 +410,7 @@ cdef bint send_segmented(tun_dev_t *d, pktpool_t *pool, pkt_t *p, uint64_t *byte
         for k in range(nseg):                   # the segments go where the frame goes
             segs[k].tun_id = p.tun_id
             segs[k].tun_dst = p.tun_dst
-        k = send_all(d, fd, segs, nseg, &ignored)
+        k = send_all(d, fd, segs, nseg, &ignored, &ignored_refused)
         pool_put_many(pool, segs, nseg)
         if k < nseg:
             return False
@@ -445,7 +448,7 @@ cdef uint32_t tun_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
                         group[ngroup] = ready[k]
                         ngroup += 1
                         ready[k] = NULL
-                sent += send_all(d, fd, group, ngroup, &res.bytes)
+                sent += send_all(d, fd, group, ngroup, &res.bytes, &res.refused)
             nready = 0
             if i == n:
                 break
@@ -453,7 +456,7 @@ cdef uint32_t tun_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
         i += 1
         if d.flow_remote and p.tun_dst == 0:        # nowhere to send it
             d.st.tx_no_remote += 1
-            res.failed += 1
+            res.refused += 1
             continue
         if p.vnet_hdr[1] != 0:                      # TSO: segments, each complete
             if send_segmented(d, pool, p, &res.bytes):
@@ -463,12 +466,12 @@ cdef uint32_t tun_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
             continue
         if p.vnet_hdr[0] & 1:                       # NEEDS_CSUM
             if not csum_complete(p):
-                res.failed += 1
+                res.refused += 1
                 continue
             d.st.tx_csum += 1
         if p.len > d.max_frame:
             d.st.tx_drop_mtu += 1
-            res.failed += 1
+            res.refused += 1
             continue
         ready[nready] = p
         fds[nready] = pick_fd(d, p)

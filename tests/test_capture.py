@@ -166,6 +166,12 @@ def test_a_reader_that_does_not_read_loses_frames_that_are_counted(switch_ports)
     stats = json.loads(processes.ctl(run_dir, "dump-ports", "--json", "br0"))
     assert stats["b"]["datapath"]["tx_packets"] >= 10000
     assert stats["b"]["datapath"]["drop_tx_full"] == 0
+    # the reader still does not read: the switch is idle, not spinning on its capture
+    time.sleep(1.0)
+    pid = int((run_dir / "pyvhost.pid").read_text().split()[0])
+    before = cpu_seconds(pid)
+    time.sleep(1.5)
+    assert cpu_seconds(pid) - before < 0.3, "the switch spins on a stalled capture"
     s.sendall(b"stop\n")                     # now read it all: the last S says what happened
     data = b""
     s.setblocking(True)
@@ -186,6 +192,42 @@ def test_a_reader_that_does_not_read_loses_frames_that_are_counted(switch_ports)
     assert counters["ended"] == "stopped by the reader"
     # what was captured is whole records: 24 + captured * (16 + 1400) bytes were sent
     assert pcap >= 24 + counters["captured"] * (16 + 1400) - 4 * (16 + 1400)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_capture_port_never_takes_the_bridges_floods(switch_ports):
+    """A capture's port is a mirror's output from its first moment to its last: broadcasts
+    flooding the bridge while captures start and stop never land in one (a capture of
+    a's input whose filter, tcp, selects none of them captures nothing)."""
+    import threading
+    run_dir, ports = switch_ports
+    stop = threading.Event()
+
+    def flood():
+        end = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < end:
+            ports["b"].send([udp_frame(MAC["b"], BCAST, 67)] * 8)
+            drain(ports["a"], 0)
+            drain(ports["c"], 0)
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        for _ in range(4):
+            proc = start_capture(run_dir, "br0", "a", "--direction", "in", "tcp",
+                                 "-w", "/dev/null")
+            wait_capturing(proc)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            err = proc.stderr.read()
+            assert "the switch captured 0 " in err, err
+    finally:
+        stop.set()
+        t.join(30)
 
 
 @pytest.mark.parametrize("args,error,code", [

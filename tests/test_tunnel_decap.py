@@ -37,8 +37,11 @@ ETH_MIN = 14
 
 
 def reference(kind: str, d: bytes):
-    """What RFC 7348 / RFC 8926 say a receiver that understands no Geneve option does
-    with the datagram: (vni, option bytes, inner frame) or the reason it is dropped."""
+    """What a receiver that understands no Geneve option does with the datagram, by RFC
+    8926 and RFC 7348 as Linux's vxlan driver reads it: (vni, option bytes, inner frame)
+    or the reason it is dropped. (RFC 7348 says reserved VXLAN bits MUST be ignored on
+    receipt; Linux, and so pyvhost, drops a datagram with any of them set, which also
+    drops VXLAN-GBP and VXLAN-GPE senders: deliberate, and what this checks.)"""
     if len(d) < 8 + ETH_MIN:
         return "drop_short"
     if kind == "vxlan":

@@ -63,6 +63,29 @@ def test_mac_table_keeps_each_macs_remote_and_the_remotes_of_a_port():
         macs.learn(0, MA, 3, remote=bytes(4))
 
 
+def test_remotes_behind_a_port_are_bounded_and_always_counted():
+    """A remote is whoever sends a datagram to a flow-based port (spoofable), and a flood
+    copies a frame to each: at most FDB_PORT_REMOTES per port; a MAC whose remote finds
+    no room is not learned (so the list never loses a remote that still has MACs)."""
+    from pyvhost._fdb import FDB_PORT_REMOTES_MAX as FDB_PORT_REMOTES
+    macs = MacTable(4096)
+    mac = [bytes([2, 0, 0, 0, i >> 8, i & 255]) for i in range(FDB_PORT_REMOTES + 2)]
+    ip = [bytes([10, 1, i >> 8, i & 255]) for i in range(FDB_PORT_REMOTES + 2)]
+    for i in range(FDB_PORT_REMOTES):
+        assert macs.learn(0, mac[i], 3, now=i, remote=ip[i], vni=1) == 1
+    n = FDB_PORT_REMOTES
+    assert macs.learn(0, mac[n], 3, now=n, remote=ip[n], vni=1) == -1      # no room: refused
+    assert macs.stats()["remotes_full"] == 1 and len(macs.remotes(3)) == FDB_PORT_REMOTES
+    assert macs.learn(0, mac[n], 3, now=n, remote=ip[0], vni=1) == 1       # a listed one: fine
+    assert macs.learn(0, mac[0], 3, now=n, remote=ip[n], vni=1) == -1      # a move: refused
+    assert macs.learn(0, mac[0], 4, now=n, remote=ip[n], vni=1) == 2       # another port: fine
+    # mac[0] left ip[0] (mac[n] is still there): ip[0] stays listed behind port 3
+    assert (ip[0], 1) in macs.remotes(3)
+    assert macs.learn(0, mac[n], 4, now=n + 1) == 2                         # its last MAC goes
+    assert (ip[0], 1) not in macs.remotes(3)
+    assert macs.learn(0, mac[n + 1], 3, now=n + 1, remote=ip[n + 1], vni=1) == 1   # room again
+
+
 def eth(dst: bytes, src: bytes) -> bytes:
     return dst + src + b"\x08\x00" + bytes(46)
 

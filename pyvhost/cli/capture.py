@@ -84,30 +84,35 @@ class Output:
         self.frames = 0
 
     def feed(self, data: bytes, limit: int) -> bool:
-        """Take pcap bytes; False once ``limit`` frames (0: no limit) are out."""
-        self.pending += data
-        out = []
+        """Take pcap bytes; False once ``limit`` frames (0: no limit) are out. Walks an
+        offset over the bytes and keeps only the unfinished tail (one copy per chunk, not
+        one per record)."""
+        buf = self.pending + data if self.pending else data
+        view, off, out = memoryview(buf), 0, []
         if not self.header_done:
-            if len(self.pending) < PCAP_HEADER_LEN:
+            if len(buf) < PCAP_HEADER_LEN:
+                self.pending = buf
                 return True
-            out.append(self.pending[:PCAP_HEADER_LEN])
-            self.pending = self.pending[PCAP_HEADER_LEN:]
+            out.append(view[:PCAP_HEADER_LEN])
+            off = PCAP_HEADER_LEN
             self.header_done = True
         done = False
-        while len(self.pending) >= RECORD.size:
-            sec, usec, caplen, length = RECORD.unpack_from(self.pending)
-            if len(self.pending) < RECORD.size + caplen:
+        while len(buf) - off >= RECORD.size:
+            sec, usec, caplen, length = RECORD.unpack_from(buf, off)
+            end = off + RECORD.size + caplen
+            if len(buf) < end:
                 break
-            rec = self.pending[:RECORD.size + caplen]
-            self.pending = self.pending[RECORD.size + caplen:]
             self.frames += 1
             if self.text:
-                print(describe(sec + usec / 1e6, rec[RECORD.size:], length), flush=True)
+                print(describe(sec + usec / 1e6, bytes(view[off + RECORD.size:end]), length),
+                      flush=True)
             else:
-                out.append(rec)
+                out.append(view[off:end])
+            off = end
             if limit and self.frames >= limit:
                 done = True
                 break
+        self.pending = bytes(view[off:]) if not done else b""
         if out and not self.text:
             self.f.write(b"".join(out))
             self.f.flush()                             # readable while it runs

@@ -39,7 +39,8 @@ GROUP_EXISTS, INVALID_GROUP, WEIGHT_UNSUPPORTED, OUT_OF_GROUPS, OUT_OF_BUCKETS =
 CHAINING_UNSUPPORTED, WATCH_UNSUPPORTED, LOOP, UNKNOWN_GROUP, CHAINED_GROUP = 5, 6, 7, 8, 9
 BAD_TYPE, BAD_COMMAND, BAD_BUCKET, BAD_WATCH, EPERM = 10, 11, 12, 13, 14
 UNAVAILABLE = 0xFFFFFFFFFFFFFFFF
-BUCKET_ACTIONS = ("output", "flood", "in_port", "controller")
+BUCKET_ACTIONS = ("output", "flood", "in_port")   # (a CONTROLLER here would be reported
+                                                   # with another rule's cookie and reason)
 GROUP_DELETE = 3                                 # OFPRR_GROUP_DELETE
 
 

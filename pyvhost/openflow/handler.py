@@ -32,6 +32,7 @@ from pyvhost._classifier import TABLES
 from pyvhost.switch.commands import CommandError
 from pyvhost.switch.flows import VLAN_NONE, Flow, FlowSyntaxError, Selector, parse_flow
 from pyvhost.switch.inject import InjectError
+from pyvhost.switch.switch import RX_DROPS, TX_DROPS
 
 from . import actions as A
 from . import asyncmsg as AM
@@ -504,9 +505,8 @@ class Handler:
         out = []
         for p in ports:
             d = self.switch.datapath.port_stats(p.port_id)
-            rx_drop = sum(d.get(k, 0) for k in ("drop_police", "drop_upcall", "drop_copy",
-                                                 "drop_no_port", "drop_no_recv"))
-            tx_drop = sum(d.get(k, 0) for k in ("drop_qos", "drop_tx_full", "drop_offload"))
+            rx_drop = sum(d.get(k, 0) for k in RX_DROPS)
+            tx_drop = sum(d.get(k, 0) for k in TX_DROPS)
             out.append(M.port_stats(p.ofport, d["rx_packets"], d["tx_packets"], d["rx_bytes"],
                                     d["tx_bytes"], rx_drop, tx_drop, 0, 0, 0))
         return out

@@ -30,6 +30,8 @@ PCAP_HEADER = struct.Struct("<IHHiIII")     # magic, 2.4, zone, sigfigs, snaplen
 DEFAULT_SNAPLEN = 262144
 RING_BYTES = 4 << 20
 DRAIN_BYTES = 1 << 20                        # per write; the ring holds 4 of these
+WRITE_BACKLOG = 2 << 20                      # bytes buffered for a reader before the ring
+                                             # is left to fill
 MAX_CAPTURES = 8                             # at once, over the whole switch
 USAGE = ("capture BRIDGE PORT [--direction in|out|both] [--snaplen N] [FILTER] "
          "(FILTER in the flow-match syntax, e.g. tcp,tp_dst=80)")
@@ -101,7 +103,10 @@ class Captures:
             raise CaptureError(f"no port {port_name} on bridge {bridge_name}")
         if len(self.sessions) >= MAX_CAPTURES:
             raise CaptureError(f"at most {MAX_CAPTURES} captures at once")
-        port_id = self.sw.new_port_id()
+        try:
+            port_id = self.sw.new_port_id()
+        except ValueError as e:                          # (CommandError: no id left)
+            raise CaptureError(str(e)) from None
         name = f"capture:{port_id}"
         try:
             mirror = Mirror.from_options(name, {
@@ -111,13 +116,17 @@ class Captures:
         except ValueError as e:
             raise CaptureError(str(e).replace(f"mirror {name}: ", "")) from None
         mirror.transient, mirror.out_id = True, port_id
-        dev = CaptureDev(RING_BYTES, snaplen)
-        self.sw.datapath.add_port(port_id, bridge.bridge_id, dev)
+        try:
+            dev = CaptureDev(RING_BYTES, snaplen)
+            # a mirror's output from its first moment: floods never reach it
+            self.sw.datapath.add_port(port_id, bridge.bridge_id, dev, mirror_only=True)
+        except (ValueError, OSError) as e:
+            raise CaptureError(f"the capture port: {e}") from None
         session = Session(port_id, bridge_name, port_name, direction, snaplen, dev, name)
         self.sessions[port_id] = session
         try:
             self.sw.mirrors.add(bridge, mirror)
-        except ValueError as e:
+        except Exception as e:                          # (ValueError, TimeoutError, ...)
             self._end(session, "")
             raise CaptureError(str(e)) from None
         log.info("capture of %s (%s) on %s started%s", port_name, direction, bridge_name,
@@ -170,7 +179,16 @@ class Captures:
                 return
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        loop.add_reader(s.dev.fileno(), wake.set)
+        fd = s.dev.fileno()
+        armed = False
+
+        def woken():
+            # once per fill: the eventfd stays readable until drain() reads it, and a
+            # reader left on it would run on every turn of the loop (a spinning core)
+            nonlocal armed
+            loop.remove_reader(fd)
+            armed = False
+            wake.set()
         client_done = asyncio.ensure_future(reader.readline())    # a line or EOF: stop
         waits: list[asyncio.Future] = []
         last = dropped_seen = 0.0
@@ -180,17 +198,23 @@ class Captures:
             header = PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, s.snaplen, 1)
             writer.write(CHUNK.pack(b"D", len(header)) + header)
             while not s.ended.is_set() and not client_done.done():
-                waits = [asyncio.ensure_future(wake.wait()),
-                         asyncio.ensure_future(s.ended.wait())]
-                await asyncio.wait([client_done, *waits], timeout=1.0,
+                # a reader that does not keep up: its socket and our buffer are full; the
+                # ring is left to fill (the datapath drops and counts), never waited on
+                backlog = writer.transport.get_write_buffer_size() > WRITE_BACKLOG
+                if not backlog and not armed and not wake.is_set():
+                    loop.add_reader(fd, woken)
+                    armed = True
+                waits = [asyncio.ensure_future(s.ended.wait())] + \
+                    ([] if backlog else [asyncio.ensure_future(wake.wait())])
+                await asyncio.wait([client_done, *waits], timeout=0.2 if backlog else 1.0,
                                    return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
                     w.cancel()
-                wake.clear()
-                data = s.dev.drain(DRAIN_BYTES)
-                if data:
-                    writer.write(CHUNK.pack(b"D", len(data)) + data)
-                    await writer.drain()             # a slow reader: the ring fills
+                if not backlog and wake.is_set():
+                    wake.clear()
+                    data = s.dev.drain(DRAIN_BYTES)
+                    if data:
+                        writer.write(CHUNK.pack(b"D", len(data)) + data)
                     if s.dev.pending:
                         wake.set()                   # more than one write's worth waits
                 now = time.monotonic()
@@ -208,21 +232,21 @@ class Captures:
         except (ConnectionError, OSError) as e:
             s.reason = s.reason or f"the reader went away ({e})"
         finally:
-            loop.remove_reader(s.dev.fileno())
+            loop.remove_reader(fd)
             client_done.cancel()
             for w in waits:
                 w.cancel()
             self._counters(s)                    # the drops, while its port is there
             async with lock:
                 self._end(s, s.reason or "stopped by the reader")
-            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
                 data = s.dev.drain(RING_BYTES)
                 if data:
                     writer.write(CHUNK.pack(b"D", len(data)) + data)
                 counters = self._counters(s)
                 counters["ended"] = s.reason or "stopped by the reader"
                 self._send_counters(writer, counters)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), 5.0)   # a reader that never reads
 
     @staticmethod
     def _send_counters(writer, counters: dict) -> None:

@@ -57,6 +57,10 @@ def masked_fields(mask: bytes) -> list[str]:
             if (any(wild[k]) if isinstance(wild[k], bytes) else wild[k])]
 
 
+# the datapath's per-port drop counters, by the direction they count against
+RX_DROPS = ("drop_police", "drop_upcall", "drop_copy", "drop_no_port", "drop_mirror_port",
+            "drop_no_recv")
+TX_DROPS = ("drop_qos", "drop_tx_full", "drop_offload", "drop_tx_error")
 MAX_OFPORT = 0xFEFF        # OpenFlow's OFPP_MAX: numbers above are reserved ports
 
 
@@ -831,11 +835,9 @@ class Switch:
         for name, port in ports:
             c = self.port_counters(port)
             d, r, t = c["datapath"], c["rx_rings"], c["tx_rings"]
-            rx_drop = d["drop_police"] + d["drop_upcall"] + d["drop_copy"] + \
-                d["drop_no_port"] + d["drop_mirror_port"] + d["drop_no_recv"] + \
+            rx_drop = sum(d[k] for k in RX_DROPS) + \
                 sum(v for k, v in r.items() if k.startswith("drop_"))
-            tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
-                d["drop_tx_error"] + \
+            tx_drop = sum(d[k] for k in TX_DROPS) + \
                 sum(v for k, v in t.items() if k.startswith("drop_"))
             errors = r.get("ring_errors", r.get("rx_errors", 0)) + \
                 t.get("ring_errors", t.get("tx_errors", 0))
