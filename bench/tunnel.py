@@ -20,10 +20,12 @@ kernel's IP stack:
                     namespaces on veths.
 
 Pinning, the same for every path: both switch processes under `taskset -c 0` (pyvhost:
-`set-pmd threads=1 cpus=0`); the `pyvhost guest` processes and iperf3 client and server
-under `taskset -c 1`. The guests' veths have `tx off` and the `pyvhost guest`s offer
---offloads (default none: complete checksums, no TSO, as the veths; OVS system ports do
-not complete partial checksums).
+`set-pmd threads=1 cpus=0 sleep-max=50`: two switches share that core, and OVS's userspace
+datapath does not busy-poll, so pyvhost's PMDs nap while lightly loaded, as OVS-DPDK's
+pmd-sleep-max lets them; --sleep-max 0 to compare busy-polling); the `pyvhost guest`
+processes and iperf3 client and server under `taskset -c 1`. The guests' veths have
+`tx off` and the `pyvhost guest`s offer --offloads (default none: complete checksums, no
+TSO, as the veths; OVS system ports do not complete partial checksums).
 
   TCP        iperf3 -c B -t SECONDS (one stream), Gbit/s received
   64B sent   iperf3 -u -b 0 -l 18 (60-byte inner frames), datagrams/s A's iperf3 sent
@@ -137,7 +139,7 @@ class GuestPath(Underlay):
         self.ns_a, self.ns_b = names
 
 
-SLEEP_MAX_US = [0]       # --sleep-max: the pyvhost switches' set-pmd sleep-max
+SLEEP_MAX_US = [50]      # --sleep-max: the pyvhost switches' set-pmd sleep-max
 
 
 def start_pyvhost(bench: H.HostBench, path: Underlay, guest_ports) -> None:
@@ -254,9 +256,10 @@ def main() -> int:
                     help="what the pyvhost guests offer (default none, as the tx-off veths)")
     ap.add_argument("--deadline", type=float, default=900.0,
                     help="start no round after this many seconds")
-    ap.add_argument("--sleep-max", type=int, default=0, metavar="US",
-                    help="the pyvhost switches' set-pmd sleep-max (load-based sleeping; two "
-                         "busy-polling PMDs share CPU 0 here, OVS userspace does not poll)")
+    ap.add_argument("--sleep-max", type=int, default=50, metavar="US",
+                    help="the pyvhost switches' set-pmd sleep-max (default 50: load-based "
+                         "sleeping, as both switches share CPU 0 here and OVS userspace does "
+                         "not poll; 0: both pyvhost PMDs busy-poll that one core)")
     args = ap.parse_args()
     if not 0 <= args.sleep_max <= 10000:
         ap.error("--sleep-max 0..10000")
