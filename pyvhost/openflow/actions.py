@@ -1,8 +1,9 @@
 """OpenFlow 1.3 instructions and actions to and from the switch's rule model (actions
 ``output:PORT``, ``flood``, ``normal``, ``mod_vlan_vid:N``, ``strip_vlan``, ``controller:N``,
-``in_port``, ``group:N`` and ``goto_table:N`` of ``pyvhost.switch.flows``).
+``in_port``, ``group:N``, ``meter:N`` and ``goto_table:N`` of ``pyvhost.switch.flows``).
 
-Taken: GOTO_TABLE and APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL,
+Taken: GOTO_TABLE, METER (the model's ``meter:N``, first of the actions) and
+APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL,
 CONTROLLER with its max_len, IN_PORT; TABLE in a packet-out only: ``decode_actions(...,
 packet_out=True)``), GROUP, PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the
 model's action does exactly the same to every packet the rule's match admits: PUSH_VLAN
@@ -10,9 +11,9 @@ model's action does exactly the same to every packet the rule's match admits: PU
 SET_FIELD vlan_vid and POP_VLAN only on a match of tagged ones (or after a push). OFPP_ALL
 is the model's ``flood`` (so a port PORT_MOD took out of flooding is left out of ALL too:
 a difference from the spec). Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION
-error: WRITE/CLEAR_ACTIONS, WRITE_METADATA, METER (no action set, metadata or meters
-yet), OUTPUT to LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and
-MPLS actions. Pure functions."""
+error: WRITE/CLEAR_ACTIONS, WRITE_METADATA (no action set or metadata yet), OUTPUT to
+LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and MPLS actions.
+Pure functions."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import struct
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS
-from pyvhost.switch.flows import VLAN_NONE
+from pyvhost.switch.flows import METER_MAX, VLAN_NONE
 
 from . import codec as C
 from . import errors as E
@@ -165,6 +166,7 @@ def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, in
     seen: set[int] = set()
     actions: tuple = ()
     goto = None
+    meter = None
     off = 0
     while off < len(data):
         if off + 4 > len(data):
@@ -189,8 +191,15 @@ def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, in
                               f"0..{TABLES - 1})")
         elif itype == IT_APPLY_ACTIONS:
             actions = decode_actions(body[8:], match)
-        elif itype in (IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_CLEAR_ACTIONS, IT_METER):
-            names = {2: "WRITE_METADATA", 3: "WRITE_ACTIONS", 5: "CLEAR_ACTIONS", 6: "METER"}
+        elif itype == IT_METER:
+            if ilen != 8:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN, f"METER of length {ilen}")
+            meter, = struct.unpack_from("!I", body, 4)
+            if not 1 <= meter <= METER_MAX:
+                raise OFError(E.METER_MOD_FAILED, E.MMFC_INVALID_METER,
+                              f"meter {meter:#x}: not a meter id a rule can name")
+        elif itype in (IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_CLEAR_ACTIONS):
+            names = {2: "WRITE_METADATA", 3: "WRITE_ACTIONS", 5: "CLEAR_ACTIONS"}
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST,
                           f"{names[itype]} is not supported here")
         elif itype == IT_EXPERIMENTER:
@@ -198,6 +207,11 @@ def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, in
                           "experimenter instructions are not supported")
         else:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST, f"instruction type {itype}")
+    if meter is not None:
+        if len(actions) + 1 > MAX_OPS:
+            raise _act(E.BAC_TOO_MANY, f"{len(actions)} actions and a meter: a rule holds "
+                                       f"at most {MAX_OPS}")
+        actions = (("meter", meter),) + actions
     return actions, goto
 
 
@@ -239,6 +253,9 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
 
 def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of) -> bytes:
     out = b""
+    if actions and actions[0][0] == "meter":
+        out += struct.pack("!HHI", IT_METER, 8, actions[0][1])
+        actions = actions[1:]
     if actions:
         acts = encode_actions(actions, match, ofport_of)
         out += struct.pack("!HH4x", IT_APPLY_ACTIONS, 8 + len(acts)) + acts

@@ -38,6 +38,7 @@ from . import asyncmsg as AM
 from . import codec as C
 from . import errors as E
 from . import groupmod as G
+from . import metermod as MM
 from . import multipart as M
 from . import oxm
 from . import roles as R
@@ -55,8 +56,7 @@ ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
 SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
-UNSUPPORTED_TYPES = {C.TABLE_MOD,
-                     C.QUEUE_GET_CONFIG_REQUEST, C.METER_MOD}
+UNSUPPORTED_TYPES = {C.TABLE_MOD, C.QUEUE_GET_CONFIG_REQUEST}
 
 
 class StoreFailed(OFError):
@@ -139,6 +139,9 @@ class Handler:
         if t == C.PORT_MOD:
             self.port_mod(body)
             return []
+        if t == C.METER_MOD:
+            MM.meter_mod(self, body)
+            return []
         if t == C.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
         why = f"{C.TYPE_NAMES.get(t, f'type {t}')} is not supported"
@@ -204,6 +207,15 @@ class Handler:
             self.events.of.save_groups(self.bridge_name)
         except CommandError as e:
             raise OFError(E.GROUP_MOD_FAILED, G.EPERM, str(e)) from None
+
+    def save_meters(self) -> None:
+        """Keep the bridge's meters in the store (they come back with the switch)."""
+        if self.events is None:
+            return
+        try:
+            self.events.of.save_meters(self.bridge_name)
+        except CommandError as e:
+            raise OFError(E.METER_MOD_FAILED, E.MMFC_UNKNOWN, str(e)) from None
 
     def wants(self, msg_type: int, reason: int) -> bool:
         return self.role.wants(msg_type, reason)
@@ -274,6 +286,9 @@ class Handler:
         for a in flow.actions:
             if a[0] == "group" and (bridge.groups is None or a[1] not in bridge.groups.groups):
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_GROUP, f"group:{a[1]}: no such group")
+            if a[0] == "meter" and (bridge.meters is None or a[1] not in bridge.meters.meters):
+                raise OFError(E.METER_MOD_FAILED, E.MMFC_UNKNOWN_METER,
+                              f"meter:{a[1]}: no such meter")
         if "in_port" in flow.match and bridge.resolve(flow.match["in_port"]) is None:
             raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
                           f"in_port={flow.match['in_port']}: no such port")
@@ -460,6 +475,12 @@ class Handler:
             entries = G.desc_entries(self, req.body)
         elif t == M.GROUP_FEATURES:
             entries = G.features_entries(req.body)
+        elif t == M.METER:
+            entries = MM.stats_entries(self, req.body)
+        elif t == M.METER_CONFIG:
+            entries = MM.config_entries(self, req.body)
+        elif t == M.METER_FEATURES:
+            entries = MM.features_entries(req.body)
         elif t == M.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter multipart")
         else:
@@ -505,7 +526,8 @@ class Handler:
         for p in ports:
             d = self.switch.datapath.port_stats(p.port_id)
             rx_drop = sum(d.get(k, 0) for k in ("drop_police", "drop_upcall", "drop_copy",
-                                                 "drop_no_port", "drop_no_recv"))
+                                                 "drop_no_port", "drop_no_recv",
+                                                 "drop_meter"))
             tx_drop = sum(d.get(k, 0) for k in ("drop_qos", "drop_tx_full", "drop_offload"))
             out.append(M.port_stats(p.ofport, d["rx_packets"], d["tx_packets"], d["rx_bytes"],
                                     d["tx_bytes"], rx_drop, tx_drop, 0, 0, 0))

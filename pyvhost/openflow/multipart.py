@@ -147,7 +147,7 @@ def table_features(table: int, name: str = "") -> bytes:
     requires: instructions, next tables, write/apply actions, match, wildcards, write/apply
     set-field."""
     last = table == TABLES - 1
-    instr = [A.IT_APPLY_ACTIONS] + ([] if last else [A.IT_GOTO_TABLE])
+    instr = [A.IT_APPLY_ACTIONS, A.IT_METER] + ([] if last else [A.IT_GOTO_TABLE])
     fields = [oxm.header(f, oxm.SIZES[f] * (2 if m else 1), m)
               for f, m in oxm.SUPPORTED.items()]
     props = [

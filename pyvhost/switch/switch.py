@@ -832,6 +832,7 @@ class Switch:
             d, r, t = c["datapath"], c["rx_rings"], c["tx_rings"]
             rx_drop = d["drop_police"] + d["drop_upcall"] + d["drop_copy"] + \
                 d["drop_no_port"] + d["drop_mirror_port"] + d["drop_no_recv"] + \
+                d["drop_meter"] + \
                 sum(v for k, v in r.items() if k.startswith("drop_"))
             tx_drop = d["drop_qos"] + d["drop_tx_full"] + d["drop_offload"] + \
                 d["drop_tx_error"] + \
