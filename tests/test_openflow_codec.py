@@ -570,8 +570,9 @@ CORPUS = [
     O.flow_mod(O.ADD, IN1, struct.pack("!HHI", 6, 8, 1) + TO2, priority=3),
     O.multipart(9, struct.pack("!I4x", 0xFFFFFFFF)), O.multipart(10, struct.pack("!I4x", 1)),
     O.multipart(11), O.msg(29, struct.pack("!HHI", 2, 0, 0xFFFFFFFF)),
+    O.msg(17, struct.pack("!B3xI", 0xFF, 3)),                                   # TABLE_MOD
 ]
-INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 18, 20, 24, 28, 29, 99]
+INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 17, 18, 20, 24, 28, 29, 99]
 
 
 @st.composite

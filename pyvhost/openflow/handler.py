@@ -56,7 +56,9 @@ ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
 SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
-UNSUPPORTED_TYPES = {C.TABLE_MOD, C.QUEUE_GET_CONFIG_REQUEST}
+UNSUPPORTED_TYPES = {C.QUEUE_GET_CONFIG_REQUEST}
+TABLE_MOD = struct.Struct("!B3xI")
+OFPTC_DEPRECATED_MASK = 3          # 1.1/1.2's table-miss bits: no meaning in 1.3
 
 
 class StoreFailed(OFError):
@@ -141,6 +143,9 @@ class Handler:
             return []
         if t == C.METER_MOD:
             MM.meter_mod(self, body)
+            return []
+        if t == C.TABLE_MOD:
+            self.table_mod(body)
             return []
         if t == C.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
@@ -379,6 +384,21 @@ class Handler:
             if a[0] == "in_port" and out_port == C.OFPP_IN_PORT:
                 return True
         return False
+
+    # -- TABLE_MOD ------------------------------------------------------------------------
+    def table_mod(self, body: bytes) -> None:
+        """OpenFlow 1.3 gives a table no configuration: the config bits are reserved (the
+        two 1.1/1.2 table-miss bits deprecated, ignored as Open vSwitch does; a table-miss
+        rule says what a miss does). A table that is not there: BAD_TABLE; any other bit:
+        BAD_CONFIG."""
+        C.need(body, TABLE_MOD.size, "TABLE_MOD", exact=True)
+        table, config = TABLE_MOD.unpack(body)
+        if table != C.OFPTT_ALL and table >= TABLES:
+            raise OFError(E.TABLE_MOD_FAILED, E.TMFC_BAD_TABLE, f"table {table}")
+        if config & ~OFPTC_DEPRECATED_MASK:
+            raise OFError(E.TABLE_MOD_FAILED, E.TMFC_BAD_CONFIG, f"config 0x{config:x}")
+        log.info("openflow %s: TABLE_MOD table %s config 0x%x: nothing to change in 1.3",
+                 self.bridge_name, "all" if table == C.OFPTT_ALL else table, config)
 
     # -- PORT_MOD -------------------------------------------------------------------------
     def port_mod(self, body: bytes) -> None:
