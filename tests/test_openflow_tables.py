@@ -93,13 +93,13 @@ def test_table_features_list_exactly_what_the_switch_takes(table):
     wild = _ids(props[M.TFPT_WILDCARDS], "!I")
     assert {h & ~0x1FF for h in match_fields} == {h & ~0x1FF for h in wild}
     for h in match_fields:                               # a mask listed: a mask taken
-        field, hasmask, length = h >> 9 & 0x7F, h >> 8 & 1, h & 0xFF
+        field, hasmask, length = oxm.key(h), h >> 8 & 1, h & 0xFF
         assert oxm.SUPPORTED[field] == bool(hasmask)
         assert length == oxm.SIZES[field] * (2 if hasmask else 1)
     assert props[M.TFPT_WRITE_SETFIELD] == b""
     for h in _ids(props[M.TFPT_APPLY_SETFIELD], "!I"):
         size = h & 0xFF
-        value = (0x1005).to_bytes(2, "big") if h >> 9 & 0x7F == oxm.VLAN_VID else \
+        value = (0x1005).to_bytes(2, "big") if oxm.key(h) == oxm.VLAN_VID else \
             bytes(size)
         body = struct.pack("!I", h) + value
         act = struct.pack("!HH", 25, (4 + len(body) + 7) // 8 * 8) + body

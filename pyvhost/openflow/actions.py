@@ -6,7 +6,8 @@ Taken: GOTO_TABLE, METER (the model's ``meter:N``, first of the actions) and
 APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL,
 CONTROLLER with its max_len, IN_PORT; TABLE in a packet-out only: ``decode_actions(...,
 packet_out=True)``), GROUP, PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the
-model's action does exactly the same to every packet the rule's match admits: PUSH_VLAN
+model's action does exactly the same to every packet the rule's match admits (and
+SET_FIELD tunnel_id, a 24-bit VNI, and NXM tun_dst: set_tun_id and set_tun_dst): PUSH_VLAN
 (+ SET_FIELD) only on a match of untagged packets (mod_vlan_vid pushes a tag there),
 SET_FIELD vlan_vid and POP_VLAN only on a match of tagged ones (or after a push). OFPP_ALL
 is the model's ``flood`` (so a port PORT_MOD took out of flooding is left out of ALL too:
@@ -21,10 +22,11 @@ import struct
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS
-from pyvhost.switch.flows import METER_MAX, VLAN_NONE
+from pyvhost.switch.flows import METER_MAX, VLAN_NONE, Prefix
 
 from . import codec as C
 from . import errors as E
+from . import oxm
 from .codec import pad8
 from .errors import OFError
 from .oxm import BASIC, OFPVID_PRESENT, VLAN_VID, header
@@ -123,9 +125,15 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
             if pad8(8 + flen) != alen:
                 raise _act(E.BAC_BAD_SET_LEN, f"SET_FIELD of length {alen} holding "
                                               f"{flen} bytes")
+            fkey = oxm.key(h)
+            if fkey in (oxm.TUNNEL_ID, oxm.NX_TUN_IPV4_DST):
+                out.append(_set_tunnel(fkey, hasmask, flen, body[8:8 + flen]))
+                pushed_at = -1
+                continue
             if cls != BASIC or field != VLAN_VID:
                 raise _act(E.BAC_BAD_SET_TYPE, f"set_field of class 0x{cls:04x} field "
-                                               f"{field}: only vlan_vid here")
+                                               f"{field}: only vlan_vid, tunnel_id and "
+                                               "tun_dst here")
             if hasmask or flen != 2:
                 raise _act(E.BAC_BAD_SET_LEN, f"set_field vlan_vid of {flen} bytes")
             vid, = struct.unpack_from("!H", body, 8)
@@ -158,6 +166,22 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
     if len(out) > MAX_OPS:
         raise _act(E.BAC_TOO_MANY, f"{len(out)} actions: a rule holds at most {MAX_OPS}")
     return tuple(out)
+
+
+def _set_tunnel(fkey: int, hasmask: int, flen: int, value: bytes) -> tuple:
+    """SET_FIELD tunnel_id (the model's set_tun_id: a 24-bit VNI) or NXM tun_dst
+    (set_tun_dst: one address)."""
+    size = oxm.SIZES[fkey]
+    if hasmask or flen != size:
+        raise _act(E.BAC_BAD_SET_LEN, f"set_field of a tunnel field: {flen} bytes"
+                                      f"{' with a mask' if hasmask else ''} ({size})")
+    v = int.from_bytes(value, "big")
+    if fkey == oxm.TUNNEL_ID:
+        if v > oxm.VNI_MAX:
+            raise _act(E.BAC_BAD_SET_ARGUMENT, f"set_field tunnel_id {v:#x}: tunnel ids "
+                                               "here are 24-bit VNIs")
+        return ("set_tun_id", v)
+    return ("set_tun_dst", Prefix(value, 32))
 
 
 def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, int | None]:
@@ -248,6 +272,13 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
         elif a[0] == "strip_vlan":
             out.append(struct.pack("!HH4x", AT_POP_VLAN, 8))
             state = UNTAGGED
+        elif a[0] == "set_tun_id":
+            out.append(struct.pack("!HHIQ", AT_SET_FIELD, 16, header(oxm.TUNNEL_ID, 8), a[1]))
+        elif a[0] == "set_tun_dst":
+            out.append(struct.pack("!HHI4s4x", AT_SET_FIELD, 16,
+                                   header(oxm.NX_TUN_IPV4_DST, 4), a[1].addr))
+        else:                                    # (never a rule that reads back otherwise)
+            raise ValueError(f"action {a!r} has no OpenFlow form here")
     return b"".join(out)
 
 
