@@ -21,6 +21,7 @@ cdef enum:
     OP_CONTROLLER = 9      # arg: max_len (0xFFFF: whole frame): to the controller queue
     OP_IN_PORT = 10        # back out of the input port (OpenFlow IN_PORT)
     OP_GROUP = 11          # arg: group slot: resolved by the upcall, never cached
+    OP_METER = 12          # arg: meter slot: run per packet (a band may drop the frame)
     EMC_ENTRIES = 8192
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot

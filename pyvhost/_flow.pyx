@@ -427,7 +427,8 @@ KEY_SIZE = sizeof(flow_key_t)
 ACTION_OPS = {"output": OP_OUTPUT, "flood": OP_FLOOD, "set_vlan": OP_SET_VLAN,
               "strip_vlan": OP_STRIP_VLAN, "normal": OP_NORMAL, "tun_hi": OP_TUN_HI,
               "set_tun_id": OP_SET_TUN_ID, "set_tun_dst": OP_SET_TUN_DST,
-              "controller": OP_CONTROLLER, "in_port": OP_IN_PORT, "group": OP_GROUP}
+              "controller": OP_CONTROLLER, "in_port": OP_IN_PORT, "group": OP_GROUP,
+              "meter": OP_METER}
 MAX_OPS = MAX_ACTION_OPS
 MAX_TABLE_HOPS = MAX_HOPS
 EMC_SIZE = EMC_ENTRIES

@@ -38,7 +38,7 @@ from pyvhost._classifier cimport (
 from pyvhost._fdb cimport FDB_REMOTES, MacTable, fdb_learn, fdb_lookup, fdb_remotes, fdb_t
 from pyvhost._flow cimport (
     DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_GROUP, OP_IN_PORT,
-    OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
+    OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
     action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t,
     mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
@@ -48,6 +48,7 @@ from pyvhost._idle cimport (
 )
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._group cimport GroupTable, group_resolve, grp_table_t
+from pyvhost._meter cimport MeterTable, meter_admit, mtr_table_t
 from pyvhost._punt cimport PUNT_NO_RULE, PuntQueue, punt_push, punt_t
 from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
@@ -113,6 +114,7 @@ cdef struct port_counters_t:
     uint64_t drop_no_port    # input: frames for an output port that went away or is down
     uint64_t drop_mirror_port  # received on a mirror's output port (it only sends)
     uint64_t drop_no_recv    # input: frames received while told not to (OpenFlow PORT_MOD)
+    uint64_t drop_meter      # input: dropped by an OpenFlow meter's band
 
 cdef struct port_t:
     uint16_t id
@@ -139,6 +141,7 @@ cdef struct bridge_t:
     mirror_set_t *mirrors                # NULL: none
     int fail_open            # OpenFlow fail-open: NORMAL for every packet, rules unused
     grp_table_t *groups      # OpenFlow groups (NULL: none; a group op then drops)
+    mtr_table_t *meters      # OpenFlow meters (NULL: none; a meter op then passes)
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
@@ -251,6 +254,7 @@ cdef class Datapath:
     cdef object punt_obj           # the PuntQueue behind sw.punt, kept alive
     cdef set fail_open             # ids of the bridges in fail-open mode
     cdef dict group_objs           # bridge id -> its GroupTable, kept alive
+    cdef dict meter_objs           # bridge id -> its MeterTable, kept alive
 
     def __cinit__(self):
         self.sw = <switch_t *>calloc(1, sizeof(switch_t))
@@ -263,6 +267,7 @@ cdef class Datapath:
         self.pmds = []
         self.fail_open = set()
         self.group_objs = {}
+        self.meter_objs = {}
 
     def __dealloc__(self):
         cdef int i
@@ -289,6 +294,8 @@ cdef class Datapath:
         b.fail_open = bridge_id in self.fail_open
         if bridge_id in self.group_objs:
             b.groups = (<GroupTable>self.group_objs[bridge_id]).t
+        if bridge_id in self.meter_objs:
+            b.meters = (<MeterTable>self.meter_objs[bridge_id]).t
         old = self.sw.bridges[bridge_id]
         if old != NULL:
             b.mirrors = old.mirrors                  # the mirrors stay (now b's)
@@ -319,6 +326,7 @@ cdef class Datapath:
         free(b)
         del self.bridge_objs[bridge_id]
         self.group_objs.pop(bridge_id, None)         # (no PMD can be inside it now)
+        self.meter_objs.pop(bridge_id, None)
 
     def set_punt(self, PuntQueue queue):
         """Frames an output to CONTROLLER sends go to ``queue`` (None: they are dropped)."""
@@ -341,6 +349,17 @@ cdef class Datapath:
             raise ValueError(f"bridge {bridge_id} has its group table")
         self.group_objs[bridge_id] = groups
         self.sw.bridges[bridge_id].groups = groups.t
+        self.invalidate()
+
+    def set_meters(self, int bridge_id, MeterTable meters):
+        """The bridge's meter table (set once; a meter op names a slot of it, so changing
+        a meter's bands needs no invalidation; a deleted meter's rules go with it)."""
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        if self.sw.bridges[bridge_id].meters != NULL:
+            raise ValueError(f"bridge {bridge_id} has its meter table")
+        self.meter_objs[bridge_id] = meters
+        self.sw.bridges[bridge_id].meters = meters.t
         self.invalidate()
 
     def set_fail_open(self, int bridge_id, bint on):
@@ -963,6 +982,7 @@ cdef class Pmd:
         cdef pkt_t *c
         cdef port_t *o
         cdef port_t *last
+        cdef bridge_t *b
         for i in range(a.n_ops):
             op = a.ops[i].op
             final = i == a.n_ops - 1
@@ -1020,6 +1040,11 @@ cdef class Pmd:
                             self.send(inp, inp, c, k, &mirrored)
                         else:
                             vh_add_u64(&inp.c.drop_copy, 1)
+            elif op == OP_METER:
+                b = self.sw.bridges[inp.bridge]
+                if b != NULL and not meter_admit(b.meters, a.ops[i].arg, p.len, now_ns()):
+                    vh_add_u64(&inp.c.drop_meter, 1)
+                    break                          # the rest of the actions: not for it
             elif op == OP_SET_VLAN:
                 vlan_set(p, a.ops[i].arg)
             elif op == OP_STRIP_VLAN:

@@ -25,6 +25,7 @@ from pyvhost.openflow import asyncmsg as AM
 from pyvhost.openflow import codec as C
 from pyvhost.openflow import errors as E
 from pyvhost.openflow import groupmod as G
+from pyvhost.openflow import metermod as MM
 from pyvhost.openflow import oxm
 from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
@@ -158,6 +159,8 @@ def test_instructions_decode_to_the_model():
                                  TAGGED)[0] == (("mod_vlan_vid", 3), ("strip_vlan",),
                                                 ("output", "1"))
     assert A.decode_instructions(b"", 0, {}) == ((), None)              # drop
+    assert A.decode_instructions(O.apply_actions(O.output(2)) + struct.pack("!HHI", 6, 8, 9),
+                                 0, {}) == ((("meter", 9), ("output", "2")), None)
 
 
 @pytest.mark.parametrize("actions,match", [
@@ -165,6 +168,8 @@ def test_instructions_decode_to_the_model():
     ((("mod_vlan_vid", 20), ("output", "1")), UNTAGGED),
     ((("mod_vlan_vid", 3), ("output", "1"), ("strip_vlan",), ("output", "2")), TAGGED),
     ((), {}),
+    ((("meter", 3), ("output", "2")), {}),
+    ((("meter", 0xFFFF0000),), {}),
 ])
 def test_instructions_round_trip(actions, match):
     for goto in (None, 9):
@@ -208,7 +213,12 @@ def test_instructions_round_trip(actions, match):
     (struct.pack("!HH4x", 3, 8), {}, (E.BAD_INSTRUCTION, E.BIC_UNSUP_INST)),   # write
     (struct.pack("!HH4x", 5, 8), {}, (E.BAD_INSTRUCTION, E.BIC_UNSUP_INST)),   # clear
     (struct.pack("!HH4xQQ", 2, 24, 1, 1), {}, (E.BAD_INSTRUCTION, E.BIC_UNSUP_INST)),
-    (struct.pack("!HHI", 6, 8, 1), {}, (E.BAD_INSTRUCTION, E.BIC_UNSUP_INST)),  # meter
+    (struct.pack("!HHI", 6, 8, 0), {}, (E.METER_MOD_FAILED, E.MMFC_INVALID_METER)),
+    (struct.pack("!HHI", 6, 8, 0xFFFF0001), {}, (E.METER_MOD_FAILED, E.MMFC_INVALID_METER)),
+    (struct.pack("!HHI4x", 6, 16, 1), {}, (E.BAD_INSTRUCTION, E.BIC_BAD_LEN)),
+    (struct.pack("!HHI", 6, 8, 1) * 2, {}, (E.BAD_INSTRUCTION, E.BIC_UNSUP_INST)),
+    (struct.pack("!HHI", 6, 8, 1) + O.apply_actions(*[O.output(1)] * 32), {},
+     (E.BAD_ACTION, E.BAC_TOO_MANY)),
     (struct.pack("!HH4x", 77, 8), {}, (E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST)),
     (struct.pack("!HHI", 0xFFFF, 8, 1), {}, (E.BAD_INSTRUCTION, E.BIC_BAD_EXPERIMENTER)),
     (struct.pack("!HH", 1, 6) + bytes(2), {}, (E.BAD_INSTRUCTION, E.BIC_BAD_LEN)),
@@ -397,7 +407,8 @@ def test_flow_mods_follow_the_spec(running):
     (O.msg(99), (E.BAD_REQUEST, E.BRC_BAD_TYPE)),
     (O.msg(4, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER)),
     (O.msg(O.FEATURES_REQUEST, version=1), (E.BAD_REQUEST, E.BRC_BAD_VERSION)),
-    (O.multipart(9), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),                 # meter
+    (O.multipart(9), (E.BAD_REQUEST, E.BRC_BAD_LEN)),                       # meter
+    (O.multipart(5), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),                 # queue
     (O.multipart(0xFFFF, bytes(8)), (E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER)),
     (O.multipart(0, flags=1), (E.BAD_REQUEST, E.BRC_BAD_MULTIPART)),
     (O.multipart(0, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
@@ -553,8 +564,15 @@ CORPUS = [
     O.multipart(6, struct.pack("!I4x", 0xFFFFFFFC)), O.multipart(7), O.multipart(8),
     O.msg(16, struct.pack("!I4x6s2xIII4x", 2, bytes(6), 0x10, 0x10, 0)),       # PORT_MOD
     O.msg(16, struct.pack("!I4x6s2xIII4x", 1, bytes(6), 0, 0x65, 0)),
+    O.msg(29, struct.pack("!HHI", 0, 0xE, 1) + struct.pack("!HHII4x", 1, 16, 10, 10)),
+    O.msg(29, struct.pack("!HHI", 0, 1, 2) + struct.pack("!HHII4x", 1, 16, 80, 0) * 2),
+    O.msg(29, struct.pack("!HHI", 1, 2, 1) + struct.pack("!HHII4x", 1, 16, 5, 0)),
+    O.flow_mod(O.ADD, IN1, struct.pack("!HHI", 6, 8, 1) + TO2, priority=3),
+    O.multipart(9, struct.pack("!I4x", 0xFFFFFFFF)), O.multipart(10, struct.pack("!I4x", 1)),
+    O.multipart(11), O.msg(29, struct.pack("!HHI", 2, 0, 0xFFFFFFFF)),
+    O.msg(17, struct.pack("!B3xI", 0xFF, 3)),                                   # TABLE_MOD
 ]
-INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 18, 20, 24, 28, 29, 99]
+INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 17, 18, 20, 24, 28, 29, 99]
 
 
 @st.composite
@@ -674,6 +692,7 @@ def test_decoders_raise_nothing_but_oferror():
                        lambda: AM.parse_packet_out(data),
                        lambda: R.parse_role_request(data), lambda: R.parse_set_async(data),
                        lambda: G.parse_buckets(data, table & 3),
+                       lambda: MM.parse_bands(data, table & 0xF),
                        lambda: M.parse_flow_request(data), lambda: M.parse_request(data),
                        lambda: M.parse_port_request(data), lambda: C.parse_set_config(data),
                        lambda: C.negotiate(table & 7, data), lambda: C.parse_header(data)):

@@ -156,7 +156,7 @@ def test_ofctl_reports_the_spec_errors(of_switch):
     r = ofctl(target, "add-flow", "check_overlap,priority=0,actions=drop", check=False)
     # (an identical match at the same priority overlaps)
     assert r.returncode != 0 and "OFPFMFC_OVERLAP" in r.stderr, r.stderr
-    r = ofctl(target, "dump-meters", check=False)       # (OVS names BAD_MULTIPART so)
+    r = ofctl(target, "queue-stats", check=False)       # (OVS names BAD_MULTIPART so)
     assert "OFPBRC_BAD_STAT" in r.stdout + r.stderr, r
     assert "priority=0 actions=NORMAL" in ofctl(target, "dump-flows").stdout
 

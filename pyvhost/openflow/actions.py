@@ -1,18 +1,20 @@
 """OpenFlow 1.3 instructions and actions to and from the switch's rule model (actions
 ``output:PORT``, ``flood``, ``normal``, ``mod_vlan_vid:N``, ``strip_vlan``, ``controller:N``,
-``in_port``, ``group:N`` and ``goto_table:N`` of ``pyvhost.switch.flows``).
+``in_port``, ``group:N``, ``meter:N`` and ``goto_table:N`` of ``pyvhost.switch.flows``).
 
-Taken: GOTO_TABLE and APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL,
+Taken: GOTO_TABLE, METER (the model's ``meter:N``, first of the actions) and
+APPLY_ACTIONS holding OUTPUT (a port number, FLOOD, ALL, NORMAL,
 CONTROLLER with its max_len, IN_PORT; TABLE in a packet-out only: ``decode_actions(...,
 packet_out=True)``), GROUP, PUSH_VLAN 0x8100, POP_VLAN and SET_FIELD vlan_vid, where the
-model's action does exactly the same to every packet the rule's match admits: PUSH_VLAN
+model's action does exactly the same to every packet the rule's match admits (and
+SET_FIELD tunnel_id, a 24-bit VNI, and NXM tun_dst: set_tun_id and set_tun_dst): PUSH_VLAN
 (+ SET_FIELD) only on a match of untagged packets (mod_vlan_vid pushes a tag there),
 SET_FIELD vlan_vid and POP_VLAN only on a match of tagged ones (or after a push). OFPP_ALL
 is the model's ``flood`` (so a port PORT_MOD took out of flooding is left out of ALL too:
 a difference from the spec). Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION
-error: WRITE/CLEAR_ACTIONS, WRITE_METADATA, METER (no action set, metadata or meters
-yet), OUTPUT to LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and
-MPLS actions. Pure functions."""
+error: WRITE/CLEAR_ACTIONS, WRITE_METADATA (no action set or metadata yet), OUTPUT to
+LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and MPLS actions.
+Pure functions."""
 
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ import struct
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS
-from pyvhost.switch.flows import VLAN_NONE
+from pyvhost.switch.flows import METER_MAX, VLAN_NONE, Prefix
 
 from . import codec as C
 from . import errors as E
+from . import oxm
 from .codec import pad8
 from .errors import OFError
 from .oxm import BASIC, OFPVID_PRESENT, VLAN_VID, header
@@ -122,9 +125,15 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
             if pad8(8 + flen) != alen:
                 raise _act(E.BAC_BAD_SET_LEN, f"SET_FIELD of length {alen} holding "
                                               f"{flen} bytes")
+            fkey = oxm.key(h)
+            if fkey in (oxm.TUNNEL_ID, oxm.NX_TUN_IPV4_DST):
+                out.append(_set_tunnel(fkey, hasmask, flen, body[8:8 + flen]))
+                pushed_at = -1
+                continue
             if cls != BASIC or field != VLAN_VID:
                 raise _act(E.BAC_BAD_SET_TYPE, f"set_field of class 0x{cls:04x} field "
-                                               f"{field}: only vlan_vid here")
+                                               f"{field}: only vlan_vid, tunnel_id and "
+                                               "tun_dst here")
             if hasmask or flen != 2:
                 raise _act(E.BAC_BAD_SET_LEN, f"set_field vlan_vid of {flen} bytes")
             vid, = struct.unpack_from("!H", body, 8)
@@ -159,12 +168,29 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
     return tuple(out)
 
 
+def _set_tunnel(fkey: int, hasmask: int, flen: int, value: bytes) -> tuple:
+    """SET_FIELD tunnel_id (the model's set_tun_id: a 24-bit VNI) or NXM tun_dst
+    (set_tun_dst: one address)."""
+    size = oxm.SIZES[fkey]
+    if hasmask or flen != size:
+        raise _act(E.BAC_BAD_SET_LEN, f"set_field of a tunnel field: {flen} bytes"
+                                      f"{' with a mask' if hasmask else ''} ({size})")
+    v = int.from_bytes(value, "big")
+    if fkey == oxm.TUNNEL_ID:
+        if v > oxm.VNI_MAX:
+            raise _act(E.BAC_BAD_SET_ARGUMENT, f"set_field tunnel_id {v:#x}: tunnel ids "
+                                               "here are 24-bit VNIs")
+        return ("set_tun_id", v)
+    return ("set_tun_dst", Prefix(value, 32))
+
+
 def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, int | None]:
     """(actions, goto_table or None) of a FLOW_MOD's instructions for a rule in
     ``table`` with ``match``."""
     seen: set[int] = set()
     actions: tuple = ()
     goto = None
+    meter = None
     off = 0
     while off < len(data):
         if off + 4 > len(data):
@@ -189,8 +215,15 @@ def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, in
                               f"0..{TABLES - 1})")
         elif itype == IT_APPLY_ACTIONS:
             actions = decode_actions(body[8:], match)
-        elif itype in (IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_CLEAR_ACTIONS, IT_METER):
-            names = {2: "WRITE_METADATA", 3: "WRITE_ACTIONS", 5: "CLEAR_ACTIONS", 6: "METER"}
+        elif itype == IT_METER:
+            if ilen != 8:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN, f"METER of length {ilen}")
+            meter, = struct.unpack_from("!I", body, 4)
+            if not 1 <= meter <= METER_MAX:
+                raise OFError(E.METER_MOD_FAILED, E.MMFC_INVALID_METER,
+                              f"meter {meter:#x}: not a meter id a rule can name")
+        elif itype in (IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_CLEAR_ACTIONS):
+            names = {2: "WRITE_METADATA", 3: "WRITE_ACTIONS", 5: "CLEAR_ACTIONS"}
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST,
                           f"{names[itype]} is not supported here")
         elif itype == IT_EXPERIMENTER:
@@ -198,6 +231,11 @@ def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, in
                           "experimenter instructions are not supported")
         else:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST, f"instruction type {itype}")
+    if meter is not None:
+        if len(actions) + 1 > MAX_OPS:
+            raise _act(E.BAC_TOO_MANY, f"{len(actions)} actions and a meter: a rule holds "
+                                       f"at most {MAX_OPS}")
+        actions = (("meter", meter),) + actions
     return actions, goto
 
 
@@ -234,11 +272,21 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
         elif a[0] == "strip_vlan":
             out.append(struct.pack("!HH4x", AT_POP_VLAN, 8))
             state = UNTAGGED
+        elif a[0] == "set_tun_id":
+            out.append(struct.pack("!HHIQ", AT_SET_FIELD, 16, header(oxm.TUNNEL_ID, 8), a[1]))
+        elif a[0] == "set_tun_dst":
+            out.append(struct.pack("!HHI4s4x", AT_SET_FIELD, 16,
+                                   header(oxm.NX_TUN_IPV4_DST, 4), a[1].addr))
+        else:                                    # (never a rule that reads back otherwise)
+            raise ValueError(f"action {a!r} has no OpenFlow form here")
     return b"".join(out)
 
 
 def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of) -> bytes:
     out = b""
+    if actions and actions[0][0] == "meter":
+        out += struct.pack("!HHI", IT_METER, 8, actions[0][1])
+        actions = actions[1:]
     if actions:
         acts = encode_actions(actions, match, ofport_of)
         out += struct.pack("!HH4x", IT_APPLY_ACTIONS, 8 + len(acts)) + acts

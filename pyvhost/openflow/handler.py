@@ -39,6 +39,7 @@ from . import asyncmsg as AM
 from . import codec as C
 from . import errors as E
 from . import groupmod as G
+from . import metermod as MM
 from . import multipart as M
 from . import oxm
 from . import roles as R
@@ -56,8 +57,9 @@ ADD, MODIFY, MODIFY_STRICT, DELETE, DELETE_STRICT = range(5)
 SEND_FLOW_REM, CHECK_OVERLAP, RESET_COUNTS, NO_PKT_COUNTS, NO_BYT_COUNTS = 1, 2, 4, 8, 16
 ALL_FLAGS = 0x1F
 CAPABILITIES = C.OFPC_FLOW_STATS | C.OFPC_TABLE_STATS | C.OFPC_PORT_STATS
-UNSUPPORTED_TYPES = {C.TABLE_MOD,
-                     C.QUEUE_GET_CONFIG_REQUEST, C.METER_MOD}
+UNSUPPORTED_TYPES = {C.QUEUE_GET_CONFIG_REQUEST}
+TABLE_MOD = struct.Struct("!B3xI")
+OFPTC_DEPRECATED_MASK = 3          # 1.1/1.2's table-miss bits: no meaning in 1.3
 
 
 class StoreFailed(OFError):
@@ -140,6 +142,12 @@ class Handler:
         if t == C.PORT_MOD:
             self.port_mod(body)
             return []
+        if t == C.METER_MOD:
+            MM.meter_mod(self, body)
+            return []
+        if t == C.TABLE_MOD:
+            self.table_mod(body)
+            return []
         if t == C.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter messages")
         why = f"{C.TYPE_NAMES.get(t, f'type {t}')} is not supported"
@@ -205,6 +213,15 @@ class Handler:
             self.events.of.save_groups(self.bridge_name)
         except CommandError as e:
             raise OFError(E.GROUP_MOD_FAILED, G.EPERM, str(e)) from None
+
+    def save_meters(self) -> None:
+        """Keep the bridge's meters in the store (they come back with the switch)."""
+        if self.events is None:
+            return
+        try:
+            self.events.of.save_meters(self.bridge_name)
+        except CommandError as e:
+            raise OFError(E.METER_MOD_FAILED, E.MMFC_UNKNOWN, str(e)) from None
 
     def wants(self, msg_type: int, reason: int) -> bool:
         return self.role.wants(msg_type, reason)
@@ -275,6 +292,9 @@ class Handler:
         for a in flow.actions:
             if a[0] == "group" and (bridge.groups is None or a[1] not in bridge.groups.groups):
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_GROUP, f"group:{a[1]}: no such group")
+            if a[0] == "meter" and (bridge.meters is None or a[1] not in bridge.meters.meters):
+                raise OFError(E.METER_MOD_FAILED, E.MMFC_UNKNOWN_METER,
+                              f"meter:{a[1]}: no such meter")
         if "in_port" in flow.match and bridge.resolve(flow.match["in_port"]) is None:
             raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
                           f"in_port={flow.match['in_port']}: no such port")
@@ -365,6 +385,21 @@ class Handler:
             if a[0] == "in_port" and out_port == C.OFPP_IN_PORT:
                 return True
         return False
+
+    # -- TABLE_MOD ------------------------------------------------------------------------
+    def table_mod(self, body: bytes) -> None:
+        """OpenFlow 1.3 gives a table no configuration: the config bits are reserved (the
+        two 1.1/1.2 table-miss bits deprecated, ignored as Open vSwitch does; a table-miss
+        rule says what a miss does). A table that is not there: BAD_TABLE; any other bit:
+        BAD_CONFIG."""
+        C.need(body, TABLE_MOD.size, "TABLE_MOD", exact=True)
+        table, config = TABLE_MOD.unpack(body)
+        if table != C.OFPTT_ALL and table >= TABLES:
+            raise OFError(E.TABLE_MOD_FAILED, E.TMFC_BAD_TABLE, f"table {table}")
+        if config & ~OFPTC_DEPRECATED_MASK:
+            raise OFError(E.TABLE_MOD_FAILED, E.TMFC_BAD_CONFIG, f"config 0x{config:x}")
+        log.info("openflow %s: TABLE_MOD table %s config 0x%x: nothing to change in 1.3",
+                 self.bridge_name, "all" if table == C.OFPTT_ALL else table, config)
 
     # -- PORT_MOD -------------------------------------------------------------------------
     def port_mod(self, body: bytes) -> None:
@@ -461,6 +496,12 @@ class Handler:
             entries = G.desc_entries(self, req.body)
         elif t == M.GROUP_FEATURES:
             entries = G.features_entries(req.body)
+        elif t == M.METER:
+            entries = MM.stats_entries(self, req.body)
+        elif t == M.METER_CONFIG:
+            entries = MM.config_entries(self, req.body)
+        elif t == M.METER_FEATURES:
+            entries = MM.features_entries(req.body)
         elif t == M.EXPERIMENTER:
             raise OFError(E.BAD_REQUEST, E.BRC_BAD_EXPERIMENTER, "experimenter multipart")
         else:

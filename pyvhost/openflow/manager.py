@@ -20,8 +20,10 @@ from pathlib import Path
 from pyvhost.backend.endpoint import unlink_socket
 from pyvhost.switch.commands import CommandError
 from pyvhost.switch.groups import groups_of
+from pyvhost.switch.meters import meters_of
 
 from . import groupmod as G
+from . import metermod as MM
 from . import peers
 from .connection import DEFAULT_PROBE, Connection
 from .events import Events
@@ -230,6 +232,24 @@ class OpenFlow:
         conf["groups"] = [G.to_json(g) for g in groups.groups.values()] if groups else []
         self._save(bridge, conf)
 
+    def save_meters(self, bridge: str) -> None:
+        meters = self.switch.bridges[bridge].meters
+        conf = self._conf(bridge)
+        conf["meters"] = [MM.to_json(m) for m in meters.meters.values()] if meters else []
+        self._save(bridge, conf)
+
+    def _restore_meters(self, name: str) -> None:
+        """The bridge's stored meters (a bad one is logged and skipped)."""
+        stored = self._conf(name).get("meters") or []
+        if not stored:
+            return
+        meters = meters_of(self.switch.bridges[name], self.switch.datapath)
+        for d in stored:
+            try:
+                meters.set(MM.from_json(d))
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("openflow %s: stored meter %r skipped: %s", name, d, e)
+
     def _restore_groups(self, name: str) -> None:
         """The bridge's stored groups (a bad one is logged and skipped)."""
         stored = self._conf(name).get("groups") or []
@@ -306,6 +326,7 @@ class OpenFlow:
         self.events.start()
         for name in list(self.switch.bridges):
             self._restore_groups(name)
+            self._restore_meters(name)
             conf = self._conf(name)
             targets = conf.get("targets")
             if not targets or name in self.bridges:

@@ -147,7 +147,7 @@ def table_features(table: int, name: str = "") -> bytes:
     requires: instructions, next tables, write/apply actions, match, wildcards, write/apply
     set-field."""
     last = table == TABLES - 1
-    instr = [A.IT_APPLY_ACTIONS] + ([] if last else [A.IT_GOTO_TABLE])
+    instr = [A.IT_APPLY_ACTIONS, A.IT_METER] + ([] if last else [A.IT_GOTO_TABLE])
     fields = [oxm.header(f, oxm.SIZES[f] * (2 if m else 1), m)
               for f, m in oxm.SUPPORTED.items()]
     props = [
@@ -158,10 +158,11 @@ def table_features(table: int, name: str = "") -> bytes:
                                            (A.AT_OUTPUT, A.AT_PUSH_VLAN, A.AT_POP_VLAN,
                                             A.AT_GROUP, A.AT_SET_FIELD))),
         _prop(TFPT_MATCH, b"".join(struct.pack("!I", h) for h in fields)),
-        _prop(TFPT_WILDCARDS, b"".join(struct.pack("!I", h & ~0x1FF | oxm.SIZES[h >> 9 & 0x7F])
+        _prop(TFPT_WILDCARDS, b"".join(struct.pack("!I", h & ~0x1FF | oxm.SIZES[oxm.key(h)])
                                        for h in fields)),
         _prop(TFPT_WRITE_SETFIELD, b""),
-        _prop(TFPT_APPLY_SETFIELD, struct.pack("!I", oxm.header(oxm.VLAN_VID, 2))),
+        _prop(TFPT_APPLY_SETFIELD, b"".join(struct.pack("!I", oxm.header(f, oxm.SIZES[f]))
+                                            for f in oxm.SETTABLE)),
     ]
     body = b"".join(props)
     return TABLE_FEATURES_HEAD.pack(TABLE_FEATURES_HEAD.size + len(body), table,

@@ -1,6 +1,12 @@
 """OXM matches (OFPMT_OXM, class OFPXMC_OPENFLOW_BASIC) to and from the switch's match
 model (``pyvhost.switch.flows``: a dict of in_port, dl_src/dl_dst, dl_type, dl_vlan,
-nw_src/nw_dst, nw_proto, nw_tos, ip_dscp, tp_src/tp_dst).
+nw_src/nw_dst, nw_proto, nw_tos, ip_dscp, tp_src/tp_dst, tun_id, tun_src/tun_dst).
+
+The tunnel fields: tunnel_id (OFPXMT_OFB_TUNNEL_ID, 64 bits: the model's 24-bit VNI, so a
+value or mask bit above bit 23 is refused), and tun_src/tun_dst as Open vSwitch sends
+them in OpenFlow 1.3: NXM_NX_TUN_IPV4_SRC/DST, OXM class 0x0001 (NXM_1) fields 31 and 32.
+A field is known here by its key: the field number for OPENFLOW_BASIC, else class << 16
+| field (``key``).
 
 Only what the model expresses exactly is taken; anything else is refused with the spec's
 BAD_MATCH code (an unknown or inexpressible field BAD_FIELD, a mask the model has no room
@@ -25,7 +31,11 @@ BASIC = 0x8000
 IN_PORT, IN_PHY_PORT, METADATA, ETH_DST, ETH_SRC, ETH_TYPE, VLAN_VID, VLAN_PCP = range(8)
 IP_DSCP, IP_ECN, IP_PROTO, IPV4_SRC, IPV4_DST, TCP_SRC, TCP_DST, UDP_SRC, UDP_DST = range(8, 17)
 SCTP_SRC, SCTP_DST, ICMPV4_TYPE, ICMPV4_CODE, ARP_OP, ARP_SPA, ARP_TPA = range(17, 24)
-SIZES = {IN_PORT: 4, IN_PHY_PORT: 4, METADATA: 8, ETH_DST: 6, ETH_SRC: 6, ETH_TYPE: 2,
+TUNNEL_ID = 38
+NXM_1 = 0x0001
+NX_TUN_IPV4_SRC, NX_TUN_IPV4_DST = NXM_1 << 16 | 31, NXM_1 << 16 | 32
+SIZES = {NX_TUN_IPV4_SRC: 4, NX_TUN_IPV4_DST: 4,
+         IN_PORT: 4, IN_PHY_PORT: 4, METADATA: 8, ETH_DST: 6, ETH_SRC: 6, ETH_TYPE: 2,
          VLAN_VID: 2, VLAN_PCP: 1, IP_DSCP: 1, IP_ECN: 1, IP_PROTO: 1, IPV4_SRC: 4,
          IPV4_DST: 4, TCP_SRC: 2, TCP_DST: 2, UDP_SRC: 2, UDP_DST: 2, SCTP_SRC: 2,
          SCTP_DST: 2, ICMPV4_TYPE: 1, ICMPV4_CODE: 1, ARP_OP: 2, ARP_SPA: 4, ARP_TPA: 4,
@@ -35,14 +45,26 @@ SIZES = {IN_PORT: 4, IN_PHY_PORT: 4, METADATA: 8, ETH_DST: 6, ETH_SRC: 6, ETH_TY
 SUPPORTED = {IN_PORT: False, ETH_DST: True, ETH_SRC: True, ETH_TYPE: False, VLAN_VID: False,
              IP_DSCP: False, IP_ECN: False, IP_PROTO: False, IPV4_SRC: True, IPV4_DST: True,
              TCP_SRC: True, TCP_DST: True, UDP_SRC: True, UDP_DST: True, ICMPV4_TYPE: False,
-             ICMPV4_CODE: False, ARP_OP: False, ARP_SPA: True, ARP_TPA: True}
+             ICMPV4_CODE: False, ARP_OP: False, ARP_SPA: True, ARP_TPA: True, TUNNEL_ID: True,
+             NX_TUN_IPV4_SRC: True, NX_TUN_IPV4_DST: True}
+# the fields a SET_FIELD takes (TABLE_FEATURES lists them)
+SETTABLE = (VLAN_VID, TUNNEL_ID, NX_TUN_IPV4_DST)
+VNI_MAX = 0xFFFFFF
 OFPVID_PRESENT = 0x1000
 IP, ARP = 0x0800, 0x0806
 TCP, UDP, ICMP = 6, 17, 1
 
 
 def header(field: int, length: int, hasmask: bool = False) -> int:
-    return BASIC << 16 | field << 9 | int(hasmask) << 8 | length
+    """The OXM header of field ``field`` (a key: see the module doc)."""
+    cls = field >> 16 or BASIC
+    return cls << 16 | (field & 0x7F) << 9 | int(hasmask) << 8 | length
+
+
+def key(h: int) -> int:
+    """The field key of an OXM header."""
+    cls, field = h >> 16, h >> 9 & 0x7F
+    return field if cls == BASIC else cls << 16 | field
 
 
 def _bad(code: int, why: str) -> OFError:
@@ -77,8 +99,10 @@ def parse_tlvs(oxm: bytes) -> dict[int, tuple[bytes, bytes | None]]:
             raise _bad(E.BMC_BAD_LEN, f"OXM of {length} bytes overruns the match")
         body = oxm[off + 4:off + 4 + length]
         off += 4 + length
-        if cls != BASIC:
-            raise _bad(E.BMC_BAD_FIELD, f"OXM class 0x{cls:04x} (only OPENFLOW_BASIC)")
+        if cls != BASIC and cls << 16 | field not in SUPPORTED:
+            raise _bad(E.BMC_BAD_FIELD, f"OXM class 0x{cls:04x} field {field} (only "
+                                        "OPENFLOW_BASIC and NXM_1's tunnel addresses)")
+        field = key(h)
         size = SIZES.get(field)
         if size is None:
             raise _bad(E.BMC_BAD_FIELD, f"unknown OXM field {field}")
@@ -180,6 +204,17 @@ def decode(oxm: bytes) -> dict:
                     raise _bad(E.BMC_BAD_PREREQ, f"OXM field {field} needs eth_type=0x0800 "
                                                  f"and ip_proto={need_proto}")
                 match[name] = _ports(*tlv[field])
+    if TUNNEL_ID in tlv:
+        v, m = (_int(b) if b is not None else None for b in tlv[TUNNEL_ID])
+        if m is not None and m > VNI_MAX:
+            raise _bad(E.BMC_BAD_MASK, f"tunnel_id mask {m:#x}: tunnel ids here are 24-bit "
+                                       "VNIs")
+        if v > VNI_MAX:
+            raise _bad(E.BMC_BAD_VALUE, f"tunnel_id {v:#x}: tunnel ids here are 24-bit VNIs")
+        match["tun_id"] = v if m is None else (v, m)
+    for field, name in ((NX_TUN_IPV4_SRC, "tun_src"), (NX_TUN_IPV4_DST, "tun_dst")):
+        if field in tlv:
+            match[name] = _prefix(*tlv[field], field)
     arp = (ARP_OP, ARP_SPA, ARP_TPA)
     if any(f in tlv for f in arp):
         if eth_type != ARP:
@@ -212,6 +247,14 @@ def encode(match: dict, ofport_of) -> bytes:
     out = []
     if "in_port" in match:
         out.append(_tlv(IN_PORT, _b(ofport_of(match["in_port"]), 4)))
+    if "tun_id" in match:
+        v = match["tun_id"]
+        out.append(_tlv(TUNNEL_ID, _b(v, 8)) if isinstance(v, int) else
+                   _tlv(TUNNEL_ID, _b(v[0], 8), _b(v[1], 8)))
+    for name, field in (("tun_src", NX_TUN_IPV4_SRC), ("tun_dst", NX_TUN_IPV4_DST)):
+        if name in match and match[name].plen:
+            p = match[name]
+            out.append(_tlv(field, p.addr) if p.plen == 32 else _tlv(field, p.addr, p.mask))
     for name, field in (("dl_dst", ETH_DST), ("dl_src", ETH_SRC)):
         if name in match:
             v = match[name]

@@ -22,6 +22,7 @@ from .flows import Flow, Selector, key_fields, match_key, parse_flow
 OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN_PORT, \
     OP_GROUP = (ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal",
                                         "controller", "in_port", "group"))
+OP_METER = ACTION_OPS["meter"]
 OP_TUN_HI, OP_SET_TUN_ID, OP_SET_TUN_DST = (
     ACTION_OPS[k] for k in ("tun_hi", "set_tun_id", "set_tun_dst"))
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
@@ -68,6 +69,7 @@ class Bridge:
         self.macs = MacTable(mac_table_size, mac_aging)
         self.mac_limits: dict[str, int] = {}           # port name -> MAC limit
         self.groups = None                             # switch.groups.Groups, made on use
+        self.meters = None                             # switch.meters.Meters, made on use
 
     # -- ports ----------------------------------------------------------------------------
     def next_ofport(self) -> int:
@@ -106,7 +108,7 @@ class Bridge:
         self.macs.set_port_limit(port.port_id, 0)
 
     def reresolve(self, refs: set[str]) -> None:
-        """Rules naming these ports (or ``group:N``) compile again."""
+        """Rules naming these ports (or ``group:N``, ``meter:N``) compile again."""
         self._reresolve(refs)
 
     def _reresolve(self, refs: set[str]) -> None:
@@ -123,7 +125,7 @@ class Bridge:
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
         refs = {a[1] for a in flow.actions if a[0] == "output"} | \
-            {f"group:{a[1]}" for a in flow.actions if a[0] == "group"}
+            {f"{a[0]}:{a[1]}" for a in flow.actions if a[0] in ("group", "meter")}
         if "in_port" in flow.match:
             refs.add(flow.match["in_port"])
         return refs
@@ -175,6 +177,10 @@ class Bridge:
                 slot = self.groups.slot(a[1]) if self.groups is not None else None
                 if slot is not None:                   # a group that does not exist: nothing
                     ops.append((OP_GROUP, slot))
+            elif a[0] == "meter":
+                slot = self.meters.slot(a[1]) if self.meters is not None else None
+                if slot is not None:                   # a meter that does not exist: none
+                    ops.append((OP_METER, slot))
         return ops
 
     def spec(self, flow: Flow) -> tuple:

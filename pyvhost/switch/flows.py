@@ -13,8 +13,9 @@ tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vla
 strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, goto_table:N,
 controller[:MAX_LEN] (also output:controller[:MAX_LEN]; written CONTROLLER:MAX_LEN as
 ovs-ofctl shows it, 65535: the whole frame), in_port (back out of the input port; written
-IN_PORT) and group:N (an OpenFlow group of the bridge). Ports are named here as the user
-wrote them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
+IN_PORT), group:N (an OpenFlow group of the bridge) and meter:N (an OpenFlow meter of the
+bridge, OpenFlow's meter instruction: first of the actions, at most one). Ports are named
+here as the user wrote them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.item
 DEFAULT_PRIORITY = 32768
 VLAN_NONE = 0xFFFF
 MAX_RULE_TEXT = 4096
+METER_MAX = 0xFFFF0000           # OpenFlow's OFPM_MAX
 CONTROLLER_MAX_LEN = 0xFFFF      # OpenFlow's OFPCML_NO_BUFFER: the whole frame
 UPPER_ACTIONS = {"controller": "CONTROLLER", "in_port": "IN_PORT"}   # as ovs-ofctl writes them
 FULL_MAC = b"\xff" * 6
@@ -228,6 +230,13 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
                 actions.append(("set_tun_dst", ip))
         elif name == "group":
             actions.append(("group", _int(arg, "group", 0xFFFFFF00)))
+        elif name == "meter":
+            if actions:
+                raise FlowSyntaxError("meter:N must be the first action (and only one)")
+            meter = _int(arg, "meter", METER_MAX)
+            if meter == 0:
+                raise FlowSyntaxError("meter: 0 is not a meter (1..0xffff0000)")
+            actions.append(("meter", meter))
         elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
             actions.append((sys.intern(name),))
         else:

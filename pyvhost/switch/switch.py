@@ -59,7 +59,7 @@ def masked_fields(mask: bytes) -> list[str]:
 
 # the datapath's per-port drop counters, by the direction they count against
 RX_DROPS = ("drop_police", "drop_upcall", "drop_copy", "drop_no_port", "drop_mirror_port",
-            "drop_no_recv")
+            "drop_no_recv", "drop_meter")
 TX_DROPS = ("drop_qos", "drop_tx_full", "drop_offload", "drop_tx_error")
 MAX_OFPORT = 0xFEFF        # OpenFlow's OFPP_MAX: numbers above are reserved ports
 
