@@ -127,21 +127,30 @@ cdef class PuntQueue:
         """The waiting frames, oldest first, at most ``most``: a list of dicts (bridge,
         in_port, rule_id, priority, table, max_len, total_len, data)."""
         cdef punt_slot_t *s
+        cdef uint32_t head, n, i, more
         out = []
         vh_eventfd_drain(self.q.efd)
+        # the lock is held only to read and to advance the ring, not while the frames are
+        # copied out (PMDs that find it held drop their frame): slots head..head+n-1 stay
+        # as they are until head moves, since PMDs write only past head + count
         with nogil:
             vh_lock(&self.q.lock)
-        try:
-            while self.q.count and len(out) < most:
-                s = &self.q.slots[self.q.head]
-                out.append({"bridge": s.bridge, "in_port": s.in_port, "rule_id": s.rule_id,
-                            "priority": s.rule_priority, "table": s.table,
-                            "max_len": s.max_len, "total_len": s.total_len,
-                            "data": (<char *>s.data)[:s.len]})
-                self.q.head = (self.q.head + 1) % PUNT_SLOTS
-                self.q.count -= 1
+            head = self.q.head
+            n = self.q.count
+            vh_unlock(&self.q.lock)
+        if n > <uint32_t>max(most, 0):
+            n = max(most, 0)
+        for i in range(n):
+            s = &self.q.slots[(head + i) % PUNT_SLOTS]
+            out.append({"bridge": s.bridge, "in_port": s.in_port, "rule_id": s.rule_id,
+                        "priority": s.rule_priority, "table": s.table,
+                        "max_len": s.max_len, "total_len": s.total_len,
+                        "data": (<char *>s.data)[:s.len]})
+        with nogil:
+            vh_lock(&self.q.lock)
+            self.q.head = (head + n) % PUNT_SLOTS
+            self.q.count -= n
             more = self.q.count
-        finally:
             vh_unlock(&self.q.lock)
         if more:
             vh_eventfd_signal(self.q.efd)       # the rest on the next turn of the loop
