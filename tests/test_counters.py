@@ -19,7 +19,7 @@ RING_FIELDS = {"packets", "bytes", "bursts", "calls", "drop_bad_desc", "drop_no_
                "iotlb_misses", "call_errors", "faults"}
 PORT_FIELDS = {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drop_police", "drop_qos",
                "drop_tx_full", "drop_action", "drop_offload", "drop_upcall", "drop_copy",
-               "drop_no_port", "drop_mirror_port", "drop_tx_error", "drop_no_recv"}
+               "drop_no_port", "drop_mirror_port", "drop_tx_error", "drop_no_recv", "drop_meter"}
 
 
 def frame(n: int) -> bytes:
