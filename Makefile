@@ -53,12 +53,12 @@ demo: build
 	$(PYTHON) -m pyvhost.cli.main demo
 
 # OVS-DPDK (it brings openvswitch-switch, whose plain ovs-vswitchd bench host uses) is only
-# a benchmark peer (bench flows, host, guest), so it is installed here, not by debs
+# a benchmark peer (bench flows, openflow, host, guest), so it is installed here, not by debs
 bench: build
 	dpkg -s openvswitch-switch-dpdk >/dev/null 2>&1 || (apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		openvswitch-switch-dpdk)
-	for b in backend frontend switch flows host guest tunnel; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
+	for b in backend frontend switch flows openflow host guest tunnel; do $(PYTHON) -m pyvhost.cli.main bench $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info pyvhost/*.so pyvhost/_*.c

@@ -2,7 +2,8 @@
 """The controller queue (see _punt.pxd): PMD threads push frames an output to CONTROLLER
 sent, the control thread (asyncio, woken through an eventfd) pops them and makes
 PACKET_INs. Bounded three ways so a guest cannot flood the control plane: PUNT_SLOTS
-frames at most, a frames-per-second token bucket, and a try-lock (a PMD that finds the
+frames at most (all bridges), a frames-per-second token bucket per bridge (the rate
+and burst OVS calls controller_rate_limit and controller_burst_limit), and a try-lock (a PMD that finds the
 queue busy drops the frame instead of waiting). Each way of dropping has its counter.
 No OpenFlow encoding and no rules here."""
 
@@ -29,6 +30,7 @@ cdef void punt_push(punt_t *q, const pkt_t *p, uint16_t bridge, uint16_t in_port
                     uint16_t max_len) noexcept nogil:
     cdef uint64_t t
     cdef punt_slot_t *s
+    cdef punt_rate_t *r
     cdef uint32_t n
     cdef bint wake
     if q == NULL:
@@ -36,19 +38,25 @@ cdef void punt_push(punt_t *q, const pkt_t *p, uint16_t bridge, uint16_t in_port
     if not vh_trylock(&q.lock):
         punt_count_one(&q.drop_busy)
         return
-    if q.rate:
+    if bridge >= PUNT_BRIDGES:
+        q.drop_rate += 1
+        vh_unlock(&q.lock)
+        return
+    r = &q.rates[bridge]
+    if r.rate:
         t = now_ns()
-        if q.last_ns and t > q.last_ns:
-            q.tokens += (t - q.last_ns) * <double>q.rate / 1e9
-        if t > q.last_ns:
-            q.last_ns = t
-        if q.tokens > q.burst:
-            q.tokens = q.burst
-        if q.tokens < 1:
+        if r.last_ns and t > r.last_ns:
+            r.tokens += (t - r.last_ns) * <double>r.rate / 1e9
+        if t > r.last_ns:
+            r.last_ns = t
+        if r.tokens > r.burst:
+            r.tokens = r.burst
+        if r.tokens < 1:
+            r.drop_rate += 1
             q.drop_rate += 1
             vh_unlock(&q.lock)
             return
-        q.tokens -= 1
+        r.tokens -= 1
     if q.count >= PUNT_SLOTS:
         q.drop_full += 1
         vh_unlock(&q.lock)
@@ -98,37 +106,52 @@ cdef class PuntQueue:
         """Readable when frames wait (drain it with ``pop``)."""
         return self.q.efd
 
-    def set_rate(self, uint64_t rate, uint64_t burst):
-        """At most ``rate`` frames per second, ``burst`` at once (rate 0: no limit)."""
+    def set_rate(self, uint64_t rate, uint64_t burst, int bridge=-1):
+        """At most ``rate`` frames per second, ``burst`` at once (rate 0: no limit) from
+        bridge ``bridge`` (-1: every bridge)."""
+        cdef int i
         if rate and not burst:
             raise ValueError("a rate needs a burst of at least 1")
+        if not -1 <= bridge < PUNT_BRIDGES:
+            raise ValueError(f"bridge {bridge} out of range")
         with nogil:
             vh_lock(&self.q.lock)
-        self.q.rate = rate
-        self.q.burst = burst
-        self.q.tokens = burst
-        self.q.last_ns = 0
+        for i in range(PUNT_BRIDGES):
+            if bridge == -1 or i == bridge:
+                self.q.rates[i].rate = rate
+                self.q.rates[i].burst = burst
+                self.q.rates[i].tokens = burst
+                self.q.rates[i].last_ns = 0
         vh_unlock(&self.q.lock)
 
     def pop(self, int most=PUNT_SLOTS):
         """The waiting frames, oldest first, at most ``most``: a list of dicts (bridge,
         in_port, rule_id, priority, table, max_len, total_len, data)."""
         cdef punt_slot_t *s
+        cdef uint32_t head, n, i, more
         out = []
         vh_eventfd_drain(self.q.efd)
+        # the lock is held only to read and to advance the ring, not while the frames are
+        # copied out (PMDs that find it held drop their frame): slots head..head+n-1 stay
+        # as they are until head moves, since PMDs write only past head + count
         with nogil:
             vh_lock(&self.q.lock)
-        try:
-            while self.q.count and len(out) < most:
-                s = &self.q.slots[self.q.head]
-                out.append({"bridge": s.bridge, "in_port": s.in_port, "rule_id": s.rule_id,
-                            "priority": s.rule_priority, "table": s.table,
-                            "max_len": s.max_len, "total_len": s.total_len,
-                            "data": (<char *>s.data)[:s.len]})
-                self.q.head = (self.q.head + 1) % PUNT_SLOTS
-                self.q.count -= 1
+            head = self.q.head
+            n = self.q.count
+            vh_unlock(&self.q.lock)
+        if n > <uint32_t>max(most, 0):
+            n = max(most, 0)
+        for i in range(n):
+            s = &self.q.slots[(head + i) % PUNT_SLOTS]
+            out.append({"bridge": s.bridge, "in_port": s.in_port, "rule_id": s.rule_id,
+                        "priority": s.rule_priority, "table": s.table,
+                        "max_len": s.max_len, "total_len": s.total_len,
+                        "data": (<char *>s.data)[:s.len]})
+        with nogil:
+            vh_lock(&self.q.lock)
+            self.q.head = (head + n) % PUNT_SLOTS
+            self.q.count -= n
             more = self.q.count
-        finally:
             vh_unlock(&self.q.lock)
         if more:
             vh_eventfd_signal(self.q.efd)       # the rest on the next turn of the loop
@@ -137,7 +160,14 @@ cdef class PuntQueue:
     def stats(self):
         return {"queued": self.q.queued, "waiting": self.q.count,
                 "drop_full": self.q.drop_full, "drop_busy": self.q.drop_busy,
-                "drop_rate": self.q.drop_rate, "rate": self.q.rate, "burst": self.q.burst}
+                "drop_rate": self.q.drop_rate}
+
+    def bridge_stats(self, int bridge):
+        """Bridge ``bridge``'s rate, burst and frames over its rate."""
+        if not 0 <= bridge < PUNT_BRIDGES:
+            raise ValueError(f"bridge {bridge} out of range")
+        cdef punt_rate_t *r = &self.q.rates[bridge]
+        return {"rate": r.rate, "burst": r.burst, "drop_rate": r.drop_rate}
 
 
 NO_RULE = PUNT_NO_RULE

@@ -185,3 +185,17 @@ def test_a_guest_cannot_flood_the_controller(of_switch):
     # at most the burst (100) plus the rate (1000/s) over the time the guest sent
     assert got <= 100 + 1000 * (elapsed + 1.5), (got, elapsed)
     assert rate + full + busy > 0 or elapsed > (sent - 100) / 1000
+
+
+@pytest.mark.parametrize("text", [
+    "priority=0,actions=controller",
+    "cookie=0x5a,table=3,idle_timeout=9,priority=7,in_port=a,udp,tp_dst=53,actions=drop",
+    "table=1,priority=0,actions=meter:2,controller:40",
+    "cookie=0xffffffffffffffff,priority=65535,dl_vlan=0xffff,actions=normal",
+])
+def test_canonical_head_is_what_parsing_says(text):
+    """A PACKET_IN names its rule's table, priority and cookie (and NO_MATCH for a
+    table-miss rule) from the stored text without parsing it: the same as parsing."""
+    from pyvhost.switch.flows import canonical_head, parse_flow
+    f = parse_flow(parse_flow(text).format())
+    assert canonical_head(f.format()) == (f.table, f.priority, f.cookie, bool(f.match))

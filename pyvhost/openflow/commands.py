@@ -1,4 +1,5 @@
-"""The ctl commands of OpenFlow: ``set-controller BRIDGE TARGET... [inactivity_probe=MS]``,
+"""The ctl commands of OpenFlow: ``set-controller BRIDGE TARGET... [inactivity_probe=MS]
+[controller_rate_limit=N] [controller_burst_limit=N]``,
 ``del-controller BRIDGE``, ``set-dpid BRIDGE N``,
 ``set-fail-mode BRIDGE standalone|secure``; and ``show`` listing each bridge's
 controllers, ``del-br`` dropping them. They are added to the switch's command table
@@ -13,7 +14,9 @@ from pyvhost.switch import commands as base
 from pyvhost.switch.commands import CommandError, _int, _need
 
 SET_USAGE = ("set-controller BRIDGE TARGET... (tcp:IP[:PORT], ptcp:PORT[:IP], punix:PATH) "
-             "[inactivity_probe=MS]")
+             "[inactivity_probe=MS] [controller_rate_limit=N (PACKET_INs/s, 0: no limit)] "
+             "[controller_burst_limit=N]")
+MAX_RATE = 10_000_000
 
 
 def _of(sw):
@@ -22,16 +25,22 @@ def _of(sw):
 
 
 async def set_controller(sw, args):
-    _need(args, 2, 10, SET_USAGE)
-    targets, probe = [], None
+    _need(args, 2, 12, SET_USAGE)
+    targets, probe, rate, burst = [], None, None, None
     for a in args[1:]:
         if a.startswith("inactivity_probe="):
             probe = _int(a.partition("=")[2], "inactivity_probe", 0, 3_600_000)
+        elif a.startswith("controller_rate_limit="):
+            rate = _int(a.partition("=")[2], "controller_rate_limit", 0, MAX_RATE)
+        elif a.startswith("controller_burst_limit="):
+            burst = _int(a.partition("=")[2], "controller_burst_limit", 1, MAX_RATE)
+        elif "=" in a.partition(":")[0]:
+            raise CommandError(f"unknown option {a!r}; usage: {SET_USAGE}")
         else:
             targets.append(a)
     if not targets:
         raise CommandError(f"usage: {SET_USAGE}")
-    await _of(sw).set_controller(args[0], targets, probe)
+    await _of(sw).set_controller(args[0], targets, probe, rate, burst)
     return ""
 
 

@@ -52,6 +52,8 @@ class Connection:
         self.async_sent = 0
         self.on_ready = None            # called once the HELLO exchange is done
         self.async_dropped = 0          # asynchronous messages the peer was too slow for
+        self._held: list[bytes] | None = None   # async messages hold() keeps for release()
+        self._held_bytes = 0
 
     def _next_xid(self) -> int:
         self.xid = (self.xid + 1) & 0xFFFFFFFF
@@ -70,12 +72,32 @@ class Connection:
         """Queue an asynchronous message without waiting: dropped (and counted) when the
         peer has ASYNC_BUFFER bytes unread already (the switch never waits for it)."""
         transport = self.writer.transport
-        if transport.is_closing() or transport.get_write_buffer_size() > ASYNC_BUFFER:
+        if transport.is_closing() or \
+                transport.get_write_buffer_size() + self._held_bytes > ASYNC_BUFFER:
             self.async_dropped += 1
             return False
-        self.writer.write(message)
+        if self._held is not None:
+            self._held.append(message)
+            self._held_bytes += len(message)
+        else:
+            self.writer.write(message)
         self.async_sent += 1
         return True
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def hold(self) -> None:
+        """Asynchronous messages wait for ``release()`` and go out in one write (the caller
+        releases before it yields to the loop, so nothing overtakes them)."""
+        if self._held is None:
+            self._held, self._held_bytes = [], 0
+
+    def release(self) -> None:
+        held, self._held, self._held_bytes = self._held, None, 0
+        if held and not self.writer.transport.is_closing():
+            self.writer.write(b"".join(held))
 
     async def _send(self, *messages: bytes) -> None:
         for m in messages:

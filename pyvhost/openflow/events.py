@@ -19,6 +19,7 @@ import logging
 import time
 
 from pyvhost._punt import NO_RULE, PuntQueue
+from pyvhost.switch.flows import canonical_head
 from pyvhost.switch.inject import Injector
 
 from . import asyncmsg as AM
@@ -45,6 +46,7 @@ class Events:
         self.unknown = 0               # frames of a bridge or port that went away
         self.links: dict[tuple[str, str], bool] = {}     # (bridge, port) -> link up
         self._watch: asyncio.Task | None = None
+        self._holding: list | None = None   # while draining: connections holding PACKET_INs
 
     def start(self) -> None:
         """Take frames from the datapath (once; on the running loop)."""
@@ -83,6 +85,9 @@ class Events:
         b = self.of.bridges.get(bridge_name)
         sent = 0
         for conn in [c for c in b.connections if c.wants(msg_type, reason)] if b else []:
+            if self._holding is not None and not conn.holding:
+                conn.hold()
+                self._holding.append(conn)
             sent += conn.send_async(message)
         return sent
 
@@ -158,11 +163,19 @@ class Events:
 
     # -- PACKET_IN ------------------------------------------------------------------------
     def _drain(self) -> None:
+        """The waiting frames as PACKET_INs; each connection's are written together, in
+        one send (nothing else runs in between: no other message can come between them)."""
+        held: list = []
+        self._holding = held
         try:
             for rec in self.queue.pop(DRAIN_MOST):
                 self._packet_in(rec)
         except Exception:                   # never let the reader callback die
             log.exception("openflow: PACKET_IN delivery failed")
+        finally:
+            self._holding = None
+            for conn in held:
+                conn.release()
 
     def _bridge_of(self, bridge_id: int):
         for b in self.switch.bridges.values():
@@ -193,10 +206,10 @@ class Events:
         reason, cookie = AM.OFPR_ACTION, AM.NO_COOKIE
         rule = bridge.rules.get(rec["rule_id"]) if rec["rule_id"] != NO_RULE else None
         if rule is not None:
-            flow = rule.flow
-            if flow.table == rec["table"] and flow.priority == rec["priority"]:
-                cookie = flow.cookie
-                if flow.priority == 0 and not flow.match:     # the table-miss rule
+            table, priority, rule_cookie, has_match = canonical_head(rule.text)
+            if table == rec["table"] and priority == rec["priority"]:
+                cookie = rule_cookie
+                if priority == 0 and not has_match:            # the table-miss rule
                     reason = AM.OFPR_NO_MATCH
         sent = self._send(bridge.name, C.PACKET_IN, reason, AM.packet_in(
             0, rec["total_len"], reason, rec["table"], cookie, ofport, rec["data"]))

@@ -17,6 +17,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvhost._punt import DEFAULT_BURST as DEFAULT_PUNT_BURST
+from pyvhost._punt import DEFAULT_RATE as DEFAULT_PUNT_RATE
 from pyvhost.backend.endpoint import unlink_socket
 from pyvhost.switch.commands import CommandError
 from pyvhost.switch.groups import groups_of
@@ -36,6 +38,7 @@ CONNECT_TIMEOUT = 5.0        # seconds for an active connection's TCP handshake
 MIN_BACKOFF, MAX_BACKOFF = 1.0, 8.0      # seconds between connection attempts (as OVS)
 FAIL_MODES = ("standalone", "secure")
 MAX_TARGETS = 8
+DEFAULT_RATE, DEFAULT_BURST = DEFAULT_PUNT_RATE, DEFAULT_PUNT_BURST   # PACKET_INs/s, at once
 MAX_CONNECTIONS = 64        # per bridge, over all its listeners
 
 
@@ -140,6 +143,7 @@ class OpenFlow:
         self.bridges: dict[str, BridgeOpenFlow] = {}
         self._tasks: set[asyncio.Task] = set()
         self._states: dict[str, BridgeState] = {}      # kept while the bridge lives
+        self._rate_ids: dict[str, int] = {}          # bridges given a rate: their ids
         self.events = Events(self)
 
     # -- settings -------------------------------------------------------------------------
@@ -166,9 +170,12 @@ class OpenFlow:
 
     # -- commands -------------------------------------------------------------------------
     async def set_controller(self, bridge: str, targets: list[str],
-                             probe_ms: int | None = None) -> None:
+                             probe_ms: int | None = None, rate: int | None = None,
+                             burst: int | None = None) -> None:
         """Listen on exactly ``targets`` (all or nothing: a target that cannot listen
-        leaves everything as it was)."""
+        leaves everything as it was). ``rate``/``burst``: the bridge's PACKET_IN limit
+        (OVS's controller_rate_limit/controller_burst_limit; None: as stored, else the
+        defaults; a rate alone takes a burst of a quarter of it, at least 25, as OVS's)."""
         self._bridge(bridge)
         run_dir = Path(self.switch.run_dir)
         parsed = [parse_target(t, run_dir) for t in targets]
@@ -196,6 +203,12 @@ class OpenFlow:
             if probe_ms is None else probe_ms
         conf.update({"targets": [t.text for t in parsed], "dpid": dpid,
                      "inactivity_probe": probe})
+        if rate is not None:
+            conf["controller_rate_limit"] = rate
+            conf["controller_burst_limit"] = burst if burst is not None else max(25, rate // 4)
+        elif burst is not None:
+            conf["controller_burst_limit"] = burst
+
         try:
             self._save(bridge, conf)
         except CommandError:
@@ -206,6 +219,7 @@ class OpenFlow:
             current = self.bridges[bridge] = BridgeOpenFlow(bridge, dpid,
                                                             state=self._state(bridge))
         current.probe = probe / 1000 if probe else None
+        self._apply_rate(bridge)
         kept = {id(ln) for ln in keep.values()}
         for ln in current.listeners:
             if id(ln) not in kept:
@@ -218,6 +232,27 @@ class OpenFlow:
             log.info("openflow %s: %s %s %s", bridge, ln.target.text,
                      "connecting to" if ln.target.kind == "tcp" else "listening on", ln.address)
         self._check_fail_open(bridge)
+
+    def rate_limits(self, bridge: str, conf: dict | None = None) -> tuple[int, int]:
+        """(controller_rate_limit, controller_burst_limit) of the bridge (0: no limit)."""
+        conf = self._conf(bridge) if conf is None else conf
+        return (int(conf.get("controller_rate_limit", DEFAULT_RATE)),
+                int(conf.get("controller_burst_limit", DEFAULT_BURST)))
+
+    def _apply_rate(self, bridge: str) -> None:
+        """The datapath's controller queue takes the bridge's rate and burst."""
+        queue = self.events.queue
+        b = self.switch.bridges.get(bridge)
+        if queue is None or b is None:
+            return
+        rate, burst = self.rate_limits(bridge)
+        try:
+            queue.set_rate(rate, burst, b.bridge_id)
+        except ValueError as e:                  # (a stored pair set-controller refuses)
+            log.error("openflow %s: controller rate %s burst %s: %s; the defaults instead",
+                      bridge, rate, burst, e)
+            queue.set_rate(DEFAULT_RATE, DEFAULT_BURST, b.bridge_id)
+        self._rate_ids[bridge] = b.bridge_id
 
     async def del_controller(self, bridge: str) -> None:
         self._bridge(bridge)
@@ -314,6 +349,9 @@ class OpenFlow:
         """The bridge was deleted: its listeners, connections, state and settings go."""
         await self._stop_bridge(bridge)
         self._states.pop(bridge, None)
+        bridge_id = self._rate_ids.pop(bridge, None)
+        if bridge_id is not None and self.events.queue is not None:
+            self.events.queue.set_rate(DEFAULT_RATE, DEFAULT_BURST, bridge_id)
         with contextlib.suppress(Exception):
             if self._conf(bridge):
                 self.switch.store.set_setting(f"openflow:{bridge}", None)
@@ -327,6 +365,7 @@ class OpenFlow:
         for name in list(self.switch.bridges):
             self._restore_groups(name)
             self._restore_meters(name)
+            self._apply_rate(name)
             conf = self._conf(name)
             targets = conf.get("targets")
             if not targets or name in self.bridges:
@@ -524,6 +563,9 @@ class OpenFlow:
                          + ("  (fail-open: forwarding by NORMAL)" if b.fail_open else ""))
             n = len(b.connections)
             lines.append(f"        connections: {n}")
+            rate, burst = self.rate_limits(bridge)
+            lines.append(f"        controller_rate_limit: {rate or 'none'}, "
+                         f"controller_burst_limit: {burst}")
             st = self.events.stats()
             if st.get("queued") or st.get("packet_ins"):
                 lines.append(f"        packet_in: queued {st['queued']}, sent "

@@ -368,6 +368,15 @@ def split_canonical(text: str) -> tuple[dict[str, str], str]:
     return head, f"{pre[at:]} actions={actions}"
 
 
+def canonical_head(text: str) -> tuple[int, int, int, bool]:
+    """(table, priority, cookie, whether it has a match) of what ``Flow.format()`` wrote,
+    without parsing it again (a PACKET_IN names its rule's cookie: per frame)."""
+    head, body = split_canonical(text)
+    priority, _, match = body.partition(" actions=")[0].partition(",")
+    return (int(head.get("table", "0")), int(priority.removeprefix("priority=")),
+            int(head.get("cookie", "0x0"), 16), bool(match))
+
+
 @dataclass(slots=True)
 class Selector:
     """del-flows/dump-flows: which rules (table None: all; cookie with its mask; for

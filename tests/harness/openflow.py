@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 OVS_OFCTL = shutil.which("ovs-ofctl") or "/usr/bin/ovs-ofctl"
@@ -185,3 +186,97 @@ def flow_lines(dump: str) -> list[str]:
         line = re.sub(r" idle_age=\d+,", "", line)
         out.append(line.strip())
     return sorted(out)
+
+
+def packet_in_fields(body: bytes) -> tuple[int, bytes]:
+    """(in_port, frame) of a PACKET_IN's body (in_port 0 if its match has none)."""
+    _, mlen = struct.unpack_from("!HH", body, 16)
+    oxm = body[20:16 + mlen]
+    in_port = 0
+    if oxm[:4] == struct.pack("!HBB", 0x8000, 0, 4):
+        in_port = struct.unpack_from("!I", oxm, 4)[0]
+    return in_port, body[16 + (mlen + 7) // 8 * 8 + 2:]
+
+
+class Responder:
+    """A controller that answers every PACKET_IN with a PACKET_OUT of its frame to
+    ``out_port`` (benchmarks: PACKET_IN -> PACKET_OUT round trips). It listens on
+    127.0.0.1 (``port``) or, given ``unix_path``, on that Unix socket (a switch in another
+    network namespace reaches it), takes one switch connection (an active ``tcp:`` target), says
+    HELLO, asks for whole frames (SET_CONFIG miss_send_len NO_BUFFER: a passive OVS
+    connection sends PACKET_INs only then), answers ECHO_REQUESTs, and runs in a thread
+    until ``stop()``. ``packet_ins`` counts what it answered."""
+
+    def __init__(self, out_port: int, unix_path: str | None = None):
+        self.out_port = out_port
+        if unix_path is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.port = self.listener.getsockname()[1]
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(unix_path)
+            self.listener.listen()
+            self.port = None
+        self.packet_ins = 0
+        self.connected = False
+        self.error: BaseException | None = None
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="responder")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.listener.settimeout(0.5)
+            while not self._stop:
+                try:
+                    sock, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                with sock:
+                    self._serve(sock)
+        except BaseException as e:               # noqa: BLE001 (reported by stop())
+            self.error = e
+
+    def _serve(self, sock: socket.socket) -> None:
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(0.5)
+        sock.sendall(hello() + msg(SET_CONFIG, struct.pack("!HH", 0, 0xFFFF), xid=2))
+        self.connected = True
+        action = output(self.out_port)
+        buf = b""
+        while not self._stop:
+            try:
+                chunk = sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            if not chunk:
+                self.connected = False
+                return
+            buf += chunk
+            out = []
+            off = 0
+            while len(buf) - off >= 8:
+                _, t, length, xid = struct.unpack_from("!BBHI", buf, off)
+                if length < 8:
+                    raise ConnectionError(f"a message of length {length}")
+                if len(buf) - off < length:
+                    break
+                body = buf[off + 8:off + length]
+                off += length
+                if t == 10:                                              # PACKET_IN
+                    in_port, frame = packet_in_fields(body)
+                    out.append(packet_out(in_port or 0xFFFFFFFD, action, frame, xid=xid))
+                    self.packet_ins += 1
+                elif t == ECHO_REQUEST:
+                    out.append(msg(ECHO_REPLY, body, xid))
+            buf = buf[off:]
+            if out:
+                sock.sendall(b"".join(out))
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(10)
+        self.listener.close()
+        if self.error is not None:
+            raise self.error
