@@ -16,7 +16,7 @@ import pytest
 from pyvhost._classifier import NO_GOTO_TABLE, Classifier
 from pyvhost._fdb import MacTable
 from pyvhost._flow import KEY_SIZE, frame_key, pack_key
-from pyvhost.switch.bridge import Bridge
+from pyvhost.switch.bridge import OP_SET_VLAN, OP_STRIP_VLAN, Bridge
 from pyvhost.switch.flows import parse_flow
 
 SEED = int(os.environ.get("PYVHOST_FUZZ_SEED", random.randrange(1 << 30)))
@@ -52,7 +52,9 @@ def random_rule(rng: random.Random, table: int, tables: int):
     goto = NO_GOTO_TABLE
     if table + 1 < tables and rng.random() < 0.3:
         goto = rng.randint(table + 1, tables - 1)
-    ops = [(3, rng.randint(0, 4095))] if rng.random() < 0.5 else []
+    r = rng.random()                # VLAN edits a later table sees, often to a vid it matches
+    ops = [(OP_SET_VLAN, rng.choice((5, 6, rng.randint(0, 4095))))] if r < 0.4 else \
+        [(OP_STRIP_VLAN, 0)] if r < 0.5 else []
     return table, rng.randint(0, 12), mask, value, ops, goto
 
 
@@ -61,7 +63,8 @@ def random_key(rng: random.Random) -> bytes:
 
 
 class Reference:
-    """The obvious classifier: scan every rule of the table, best priority, earliest wins."""
+    """The obvious classifier: scan every rule of the table, best priority, earliest wins;
+    a table after goto_table sees the packet as the earlier tables' VLAN ops left it."""
 
     def __init__(self):
         self.rules: dict[int, tuple] = {}
@@ -87,6 +90,13 @@ class Reference:
             rid = best[1]
             hops.append((table, rid))
             ops += self.rules[rid][4]
+            for op, arg in self.rules[rid][4]:       # a later table sees the VLAN edits
+                tci = (k >> 16) & 0xFFFF             # (vlan_tci: the key's bytes 2-3)
+                if op == OP_SET_VLAN:
+                    tci = (tci & 0xE000) | 0x1000 | arg
+                elif op == OP_STRIP_VLAN:
+                    tci = 0
+                k = (k & ~(0xFFFF << 16)) | (tci << 16)
             goto = self.rules[rid][5]
             if goto == NO_GOTO_TABLE:
                 break
