@@ -6,9 +6,10 @@ Two directions, each at 64 and 1500 bytes, over split rings and over packed ring
                 vs into DPDK's vhost PMD in `rxonly`      (rate: virtio-user Tx-pps)
   from-backend: DPDK virtio-user `rxonly` fed by `pyvhost reflector --mode source`
                 vs by DPDK's vhost PMD in `txonly`        (rate: virtio-user Rx-pps)
-The virtio-user testpmd forwards on CPU 1; the back-end under test polls on CPU 0.
-Prints Mpps and the ratio pyvhost/DPDK, one table with a "ring" column. Not a test: no
-thresholds.
+The virtio-user testpmd forwards on CPU 1; the back-end under test polls on CPU 0. Each row
+is measured in --rounds alternating rounds (DPDK, pyvhost, DPDK, ...; each round printed).
+Prints Mpps (medians, with each side's spread over the rounds) and the ratio pyvhost/DPDK.
+Not a test: no thresholds.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pyvhost.cli.benchtable import Table, emit
-from tests.harness import processes
-from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rounds import alternate  # noqa: E402
+
+from pyvhost.cli.benchtable import Table, emit  # noqa: E402
+from tests.harness import processes  # noqa: E402
+from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev  # noqa: E402
 
 FRONTEND_MAIN_LCORE = 0   # forwards on CPU 1
 BACKEND_MAIN_LCORE = 1    # forwards on CPU 0
@@ -97,43 +102,40 @@ def run_dpdk(workdir: Path, direction: str, size: int, seconds, samples, mrg, ri
 PY, DPDK = "pyvhost", "DPDK vhost"
 
 
-def table(rows) -> Table:
-    """The run's rows (ring, direction, frame, pyvhost Mpps, DPDK Mpps) as the bench table."""
-    t = Table("backend", "vhost-user back-ends, Mpps (median)", [PY, DPDK], [(PY, DPDK)])
-    for ring, direction, size, py, dp in rows:
-        t.add(f"{ring} {direction} {size} B", "Mpps", {PY: py, DPDK: dp})
-    return t
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(prog="pyvhost bench backend", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64,1500")
     ap.add_argument("--seconds", type=float, default=2.0, help="per sample")
-    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=3, help="rate readings per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per row")
     ap.add_argument("--mrg-rxbuf", type=int, default=1, choices=(0, 1))
     ap.add_argument("--rings", default="split,packed", help="split, packed or both")
     args = ap.parse_args()
     rings = args.rings.split(",")
     if not rings or any(r not in RINGS for r in rings):
         ap.error(f"--rings: a comma-separated subset of {', '.join(RINGS)}")
+    if args.rounds < 1 or args.samples < 1:
+        ap.error("--rounds and --samples must be at least 1")
     workdir = Path(tempfile.mkdtemp(prefix="pvb", dir="/tmp"))
-    rows = []
+    t = Table("backend", "vhost-user back-ends, Mpps", [PY, DPDK], [(PY, DPDK)])
     try:
         for ring in rings:
             for direction in ("to-backend", "from-backend"):
                 for size in (int(s) for s in args.sizes.split(",")):
-                    py = run_pyvhost(workdir, direction, size, args.seconds, args.samples,
-                                     args.mrg_rxbuf, ring)
-                    dp = run_dpdk(workdir, direction, size, args.seconds, args.samples,
-                                  args.mrg_rxbuf, ring)
-                    rows.append((ring, direction, size, py, dp))
-                    print(f"{ring:6} {direction:13} {size:5} B  pyvhost {py:6.2f} Mpps  "
-                          f"DPDK {dp:6.2f} Mpps  ratio {py / dp if dp else float('nan'):.2f}",
+                    def one(run, ring=ring, direction=direction, size=size):
+                        return lambda: run(workdir, direction, size, args.seconds,
+                                           args.samples, args.mrg_rxbuf, ring)
+                    label = f"{ring} {direction} {size} B"
+                    row = t.add(label, "Mpps", rounds=alternate(
+                        label, args.rounds, {DPDK: one(run_dpdk), PY: one(run_pyvhost)}))
+                    ratio = t.ratio(row, t.ratios[0])
+                    print(f"{label}: pyvhost {row.values[PY]:6.2f} Mpps  DPDK "
+                          f"{row.values[DPDK]:6.2f} Mpps  ratio {ratio or float('nan'):.2f}",
                           flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    emit(table(rows))
+    emit(t)
     return 0
 
 

@@ -35,7 +35,6 @@ import argparse
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ovs import Hugepages, OvsDpdk, available  # noqa: E402
+from _rounds import alternate, medians  # noqa: E402
 
 from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
@@ -200,15 +200,6 @@ def pmd_cost(sw, workdir: Path, seconds: float, p1_args: list[str]) -> float:
             p.stop()
 
 
-def alternate(rounds: int, switches, fn) -> dict[str, float]:
-    """fn(switch) for each switch in turn, ``rounds`` times; the medians by name."""
-    got: dict[str, list[float]] = {sw.name: [] for sw in switches}
-    for _ in range(rounds):
-        for sw in switches:
-            got[sw.name].append(fn(sw))
-    return {k: statistics.median(v) for k, v in got.items()}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(prog="pyvhost bench flows", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,9 +222,17 @@ def main() -> int:
     table = Table("flows", "the flow table at scale (medians of alternating rounds)",
                   ["pyvhost", "OVS-DPDK 3.1"], [("pyvhost", "OVS-DPDK 3.1")], better_by=True)
 
-    def row(what: str, unit: str, res: dict, better: str = "higher") -> None:
-        r = table.add(what, unit, {"pyvhost": res["pyvhost"], "OVS-DPDK 3.1": res["OVS-DPDK"]},
-                      better)
+    def row(what: str, unit: str, res, better: str = "higher") -> None:
+        """A row from one number per switch (dict) or from alternating rounds of
+        ``res(switch)``."""
+        rounds = {}
+        if callable(res):
+            rounds = alternate(what, args.rounds, {sw.name: (lambda sw=sw: res(sw))
+                                                  for sw in switches}, unit)
+            res = medians(rounds)
+        names = {"pyvhost": "pyvhost", "OVS-DPDK": "OVS-DPDK 3.1"}
+        r = table.add(what, unit, {names[k]: v for k, v in res.items()}, better,
+                      rounds={names[k]: v for k, v in rounds.items()})
         ratio = table.ratio(r, table.ratios[0])
         print(f"{what:34} pyvhost {res['pyvhost']:12.3f}  OVS-DPDK {res['OVS-DPDK']:12.3f} "
               f"{unit:8} (pyvhost better by x{ratio or float('nan'):.2f})", flush=True)
@@ -260,8 +259,7 @@ def main() -> int:
                     def load(sw, path=path):
                         sw.clear()
                         return sw.load(path)
-                    row(f"load {n} rules", "s", alternate(args.rounds, switches, load),
-                        better="lower")
+                    row(f"load {n} rules", "s", load, better="lower")
                 setup_rules = workdir / "setup.txt"
                 setup_rules.write_text(dst_rules(100000, "p1", "output:p2") +
                                        "priority=1,in_port=p1,actions=output:p2\n")
@@ -274,8 +272,7 @@ def main() -> int:
                                           ["--vary", "dst-ip", "--flows", "1000000",
                                            "--target", "10.0.0.0"]) / 1e3
                 if "setup" in cases:
-                    row("1M new destinations, 100k rules", "kframes/s",
-                        alternate(args.rounds, switches, setup))
+                    row("1M new destinations, 100k rules", "kframes/s", setup)
 
                 def upcalls(sw):
                     return forwarded_rate(sw, workdir, args.seconds, args.samples,
@@ -285,8 +282,7 @@ def main() -> int:
                     for sw in switches:
                         sw.flow_limit(UPCALL_FLOW_LIMIT)
                     try:
-                        row("every frame a miss, 100k rules", "kflows/s",
-                            alternate(args.rounds, switches, upcalls))
+                        row("every frame a miss, 100k rules", "kflows/s", upcalls)
                     finally:
                         for sw in switches:
                             sw.flow_limit(None)
@@ -297,7 +293,7 @@ def main() -> int:
                                            "--target", "10.0.0.0"]) / 1e6
                 if "active" in cases:
                     row("100k rules, 10k active flows", "Mpps",
-                        alternate(args.rounds, switches, active))
+                        active)
 
                 def cost(sw):
                     return pmd_cost(sw, workdir, args.seconds * args.samples,
@@ -305,7 +301,7 @@ def main() -> int:
                                      "10.0.0.0", "--rate", str(args.rate)])
                 if "active" in cases:
                     row(f"10k active flows at {args.rate / 1e6:g} Mpps: PMD time per frame",
-                        "ns", alternate(args.rounds, switches, cost), better="lower")
+                        "ns", cost, better="lower")
                 p1 = ["--rate", str(args.rate)]
                 storms = {
                     "mac storm": ("priority=20,in_port=p1,actions=output:p2\n"
@@ -329,8 +325,7 @@ def main() -> int:
                         quiet = forwarded_rate(sw, workdir, args.seconds, args.samples, p1)
                         storm = forwarded_rate(sw, workdir, args.seconds, args.samples, p1, p3)
                         return storm / quiet if quiet else 0.0
-                    row(f"{what}: p1->p2 kept", "fraction", alternate(args.rounds, switches,
-                                                                      impact))
+                    row(f"{what}: p1->p2 kept", "fraction", impact)
             finally:
                 for sw in switches:
                     sw.stop()

@@ -60,6 +60,26 @@ def test_table_rows_ratios_and_json(tmp_path):
         t.add("x", "s", {"nobody": 1.0})
 
 
+def test_rows_from_alternating_rounds_keep_each_round_and_the_spread(tmp_path):
+    t = Table("switch", "loop", ["pyvhost", "OVS"], [("pyvhost", "OVS")])
+    r = t.add("64 B", "Mpps", rounds={"pyvhost": [6.0, 10.0, 8.0], "OVS": [5.0, 5.0]})
+    assert r.values == {"pyvhost": 8.0, "OVS": 5.0}               # the medians
+    assert r.spread("pyvhost") == 0.25 and r.spread("OVS") == 0.0
+    one = t.add("1500 B", "Mpps", rounds={"pyvhost": [3.0]}, compare=False)
+    assert one.spread("pyvhost") is None and one.values["OVS"] is None
+    md = t.markdown()
+    assert "| 64 B | Mpps | 8.000 +-25% | 5.000 +-0% | x1.60 |" in md, md
+    assert "| 1500 B | Mpps | 3.000 | n/a |" in md and "half the range of the rounds" in md
+    benchtable.save([t], tmp_path / "rows.json")
+    [back] = benchtable.load(tmp_path / "rows.json")
+    assert back.rows[0].rounds == {"pyvhost": [6.0, 10.0, 8.0], "OVS": [5.0, 5.0]}
+    assert back.markdown() == md
+    with pytest.raises(TableError, match="not a number"):
+        t.add("x", "Mpps", rounds={"pyvhost": ["fast"]})
+    with pytest.raises(TableError, match="unknown columns"):
+        t.add("x", "Mpps", rounds={"nobody": [1.0]})
+
+
 @pytest.mark.parametrize("text, why", [("not json", "Expecting value"), ("[]", "not a list"),
                                        ('[{"bench": "x"}]', "not a bench table"),
                                        ('[{"bench": "x", "title": "t", "columns": ["a"], '

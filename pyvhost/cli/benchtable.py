@@ -1,5 +1,6 @@
 """A benchmark's result as data: a ``Table`` of rows (a measure, its unit, one median per
-system: pyvhost and its peers) with the ratios it reports, printed as a Markdown table,
+system: pyvhost and its peers, and where the bench ran alternating rounds, each round's
+number and so each system's spread) with the ratios it reports, printed as a Markdown table,
 saved and loaded as JSON, handed to ``pyvhost bench --plot`` (benchplot draws it). The
 benchmarks of bench/ build one and ``emit`` it; ``emitted()`` is what the last run emitted.
 No measuring and no drawing here.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,16 @@ class Row:
     values: dict[str, float | None]          # system -> median (None: not measured)
     better: str = "higher"                   # or "lower"
     compare: bool = True                     # False: no ratio for this row
+    rounds: dict[str, list[float]] = field(default_factory=dict)  # system -> each round
+
+    def spread(self, column: str) -> float | None:
+        """Half the range of a system's rounds relative to their median (0.04: the rounds
+        lie within +-4% of it); None without two rounds or with a median of 0."""
+        got = self.rounds.get(column) or []
+        median = self.values.get(column)
+        if len(got) < 2 or not median:
+            return None
+        return (max(got) - min(got)) / 2 / abs(median)
 
 
 @dataclass
@@ -36,16 +48,24 @@ class Table:
     notes: list[str] = field(default_factory=list)
     better_by: bool = False                  # ratios say "a better by" (b/a where lower wins)
 
-    def add(self, label: str, unit: str, values: dict[str, float | None],
-            better: str = "higher", compare: bool = True) -> Row:
-        unknown = set(values) - set(self.columns)
+    def add(self, label: str, unit: str, values: dict[str, float | None] | None = None,
+            better: str = "higher", compare: bool = True,
+            rounds: dict[str, list[float]] | None = None) -> Row:
+        """A row; with ``rounds`` (each system's numbers, one per round) and no ``values``,
+        the values are the rounds' medians."""
+        rounds = {str(c): [_number(v) for v in got] for c, got in (rounds or {}).items()}
+        if any(v is None for got in rounds.values() for v in got):
+            raise TableError(f"{self.bench}: row {label!r}: a round without a number")
+        if values is None:
+            values = {c: statistics.median(got) for c, got in rounds.items() if got}
+        unknown = (set(values) | set(rounds)) - set(self.columns)
         if unknown:
             raise TableError(f"{self.bench}: row {label!r} has values for unknown columns "
                              f"{sorted(unknown)}")
         if better not in ("higher", "lower"):
             raise TableError(f"{self.bench}: row {label!r}: better must be higher or lower")
         row = Row(label, unit, {c: _number(values.get(c)) for c in self.columns}, better,
-                  bool(compare))
+                  bool(compare), rounds)
         self.rows.append(row)
         return row
 
@@ -68,9 +88,12 @@ class Table:
         for row in self.rows:
             cells = [row.label, row.unit + (" (lower is better)" if row.better == "lower"
                                             else "")]
-            cells += [_cell(row.values[c]) for c in self.columns]
+            cells += [_cell(row.values[c], row.spread(c)) for c in self.columns]
             cells += [_ratio(self.ratio(row, pair)) for pair in self.ratios]
             out.append("| " + " | ".join(cells) + " |")
+        if any(row.rounds for row in self.rows):
+            out.append("\nmedians of alternating rounds; +-N%: half the range of the rounds, "
+                       "relative to the median")
         return "\n".join(out)
 
     def to_json(self) -> dict:
@@ -86,7 +109,8 @@ class Table:
                         better_by=bool(data.get("better_by", False)))
             for r in data["rows"]:
                 table.add(str(r["label"]), str(r["unit"]), dict(r["values"]),
-                          r.get("better", "higher"), r.get("compare", True))
+                          r.get("better", "higher"), r.get("compare", True),
+                          {str(c): list(v) for c, v in dict(r.get("rounds") or {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise TableError(f"not a bench table: {type(e).__name__}: {e}") from None
         for a, b in table.ratios:
@@ -103,10 +127,11 @@ def _number(value) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _cell(value: float | None) -> str:
+def _cell(value: float | None, spread: float | None = None) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.{3 if abs(value) < 10 else 2 if abs(value) < 1000 else 1}f}"
+    text = f"{value:.{3 if abs(value) < 10 else 2 if abs(value) < 1000 else 1}f}"
+    return text if spread is None else f"{text} +-{spread * 100:.0f}%"
 
 
 def _ratio(value: float | None) -> str:
