@@ -74,6 +74,8 @@ def test_rows_from_alternating_rounds_keep_each_round_and_the_spread(tmp_path):
     [back] = benchtable.load(tmp_path / "rows.json")
     assert back.rows[0].rounds == {"pyvhost": [6.0, 10.0, 8.0], "OVS": [5.0, 5.0]}
     assert back.markdown() == md
+    notes = draw([back], tmp_path / "rounds.png")                 # whiskers where rounds exist
+    assert notes == ["64 B: x1.60"] and png_size(tmp_path / "rounds.png")[0] > 0
     with pytest.raises(TableError, match="not a number"):
         t.add("x", "Mpps", rounds={"pyvhost": ["fast"]})
     with pytest.raises(TableError, match="unknown columns"):

@@ -1,11 +1,13 @@
 """``pyvhost bench --plot FILE.png``: draws bench tables (benchtable.Table) with matplotlib's
 Agg backend (no display needed): one panel per unit of each table, in it one group of bars
-per row (a bar per system: pyvhost next to its peers), the table's ratios written above
-each group. Reads tables, writes the PNG; measures nothing.
+per row (a bar per system: pyvhost next to its peers; a whisker from the lowest to the
+highest round where the row kept its rounds), the table's ratios written above each group.
+Reads tables, writes the PNG; measures nothing.
 """
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -23,6 +25,22 @@ def _panels(tables: list[Table]) -> list[tuple[Table, str, list]]:
             units.setdefault(row.unit, []).append(row)
         out += [(table, unit, rows) for unit, rows in units.items()]
     return out
+
+
+def _whiskers(rows, col: str, ys: list[float]) -> list[list[float]] | None:
+    """(below, above) each bar: its rounds' lowest and highest (none without rounds)."""
+    if not any(r.rounds.get(col) for r in rows):
+        return None
+    below, above = [], []
+    for row, y in zip(rows, ys, strict=True):
+        got = row.rounds.get(col)
+        below.append(max(y - min(got), 0.0) if got else math.nan)
+        above.append(max(max(got) - y, 0.0) if got else math.nan)
+    return [below, above]
+
+
+def _highest(row) -> list[float]:
+    return [max(v) for v in row.rounds.values() if v]
 
 
 def draw(tables: list[Table], path: str | Path) -> list[str]:
@@ -44,8 +62,10 @@ def draw(tables: list[Table], path: str | Path) -> list[str]:
         for i, col in enumerate(cols):
             xs = [k + (i - (len(cols) - 1) / 2) * width for k in range(len(rows))]
             ys = [r.values.get(col) or 0.0 for r in rows]
-            ax.bar(xs, ys, width, label=col, color=COLORS[i % len(COLORS)])
-        top = max((v for r in rows for v in r.values.values() if v is not None), default=1.0)
+            ax.bar(xs, ys, width, label=col, color=COLORS[i % len(COLORS)],
+                   yerr=_whiskers(rows, col, ys), capsize=3, ecolor="#444444")
+        top = max((v for r in rows for v in [*r.values.values(), *_highest(r)]
+                   if v is not None), default=1.0)
         for k, row in enumerate(rows):
             parts = [(f"{p[0]}/{p[1]} " if len(table.ratios) > 1 else "") +
                      f"x{table.ratio(row, p):.2f}" for p in table.ratios
