@@ -115,18 +115,23 @@ def start_guest(tp: Testpmd, case: Case) -> None:
         tp.start_fwd(tx_first=True, bursts=4)
 
 
+def run_guests(workdir: Path, socks, case: Case, seconds, samples, name: str) -> float:
+    """The guests' rate through a switch already listening on ``socks``."""
+    tp = guest_side(workdir, socks, case, name)
+    try:
+        start_guest(tp, case)
+        return measure(tp, seconds, samples)
+    finally:
+        tp.close()
+
+
 def run_pyvhost(workdir: Path, case: Case, seconds, samples, n: int) -> float:
     run_dir = workdir / f"run-{case.key}-{n}"
     config = PORTS + "".join(f"add-flow br0 {r}\n" for r in case.rules)
     sw = processes.switch(workdir, run_dir, config=config, name=f"switch-{case.key}-{n}")
     try:
-        tp = guest_side(workdir, [run_dir / "p1.sock", run_dir / "p2.sock"], case,
-                        f"guest-pyvhost-{case.key}-{n}")
-        try:
-            start_guest(tp, case)
-            return measure(tp, seconds, samples)
-        finally:
-            tp.close()
+        return run_guests(workdir, [run_dir / "p1.sock", run_dir / "p2.sock"], case, seconds,
+                          samples, f"guest-pyvhost-{case.key}-{n}")
     finally:
         sw.stop()
 
@@ -137,13 +142,8 @@ def run_ovs(workdir: Path, case: Case, seconds, samples, n: int) -> float:
         ovs.ofctl("del-flows", "br0")
         for rule in case.rules:
             ovs.ofctl("add-flow", "br0", rule)
-        tp = guest_side(workdir, [ovs.sock("p1"), ovs.sock("p2")], case,
-                        f"guest-ovs-{case.key}-{n}")
-        try:
-            start_guest(tp, case)
-            return measure(tp, seconds, samples)
-        finally:
-            tp.close()
+        return run_guests(workdir, [ovs.sock("p1"), ovs.sock("p2")], case, seconds, samples,
+                          f"guest-ovs-{case.key}-{n}")
     finally:
         ovs.stop()
 

@@ -132,14 +132,7 @@ def delete_group(handler, groups, gid: int) -> None:
     GROUP_DELETE to controllers that asked)."""
     if gid not in groups.groups:
         return
-    users = groups.users(gid)
-    if users:
-        bridge = handler.bridge
-        removed = [(r, r.flow, bridge.counters(r)) for r in users]
-        flags = [handler.state.flags_of(r) for r in users]
-        handler._apply(remove=users)
-        if handler.events is not None:
-            handler.events.flows_removed(bridge, removed, "group_delete", flags)
+    handler.remove_rules(groups.users(gid), "group_delete")
     groups.delete(gid)
 
 

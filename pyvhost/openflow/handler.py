@@ -264,13 +264,20 @@ class Handler:
         if command in (MODIFY, MODIFY_STRICT):
             self._modify(bridge, rules, instructions, flags)
         else:
-            rules = [r for r in rules if self._outputs_to(r, out_port, out_group)]
-            if rules:
-                removed = [(r, r.flow, bridge.counters(r)) for r in rules]
-                flags = [self.state.flags_of(r) for r in rules]
-                self._apply(remove=rules)
-                if self.events is not None:
-                    self.events.flows_removed(bridge, removed, "delete", flags)
+            self.remove_rules([r for r in rules if self._outputs_to(r, out_port, out_group)],
+                              "delete")
+
+    def remove_rules(self, rules: list, reason: str) -> None:
+        """``rules`` go (stored at once); the controllers that asked for it get a
+        FLOW_REMOVED with ``reason`` for each."""
+        if not rules:
+            return
+        bridge = self.bridge
+        removed = [(r, r.flow, bridge.counters(r)) for r in rules]
+        flags = [self.state.flags_of(r) for r in rules]
+        self._apply(remove=rules)
+        if self.events is not None:
+            self.events.flows_removed(bridge, removed, reason, flags)
 
     def _flow(self, flow: Flow) -> Flow:
         """The flow as the model writes and reads it back (the store's copy): a flow whose

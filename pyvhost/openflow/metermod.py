@@ -109,14 +109,7 @@ def delete_meter(handler, meters, mid: int) -> None:
     controllers that asked, with reason DELETE: 1.3 has no METER_DELETE, as OVS sends it)."""
     if mid not in meters.meters:
         return
-    users = meters.users(mid)
-    if users:
-        bridge = handler.bridge
-        removed = [(r, r.flow, bridge.counters(r)) for r in users]
-        flags = [handler.state.flags_of(r) for r in users]
-        handler._apply(remove=users)
-        if handler.events is not None:
-            handler.events.flows_removed(bridge, removed, "delete", flags)
+    handler.remove_rules(meters.users(mid), "delete")
     meters.delete(mid)
 
 
