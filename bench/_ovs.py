@@ -6,15 +6,14 @@ stay there and go with it). Only what this module starts is stopped, by PID."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
+from tests.harness.ovs import SCHEMA, OvsProcesses
+
 VSWITCHD = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
-SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 HUGEPAGES = 600                     # 2 MiB each: dpdk-socket-mem=1024 plus room
 HUGE_MOUNT = Path("/dev/hugepages")
 
@@ -48,41 +47,20 @@ class Hugepages:
         self.nr_path.write_text(str(self.before))
 
 
-class OvsDpdk:
+class OvsDpdk(OvsProcesses):
     """One OVS-DPDK switch with bridge ``br0`` and the given dpdkvhostuser ports."""
 
     def __init__(self, workdir: Path, ports: list[str], pmd_cpu: int = 0, name: str = "ovs",
                  other_config: dict[str, str] | None = None):
+        super().__init__(workdir, name)
         self.other_config = dict(other_config or {})     # more Open_vSwitch other_config
-        self.dir = Path(workdir) / name
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.ports = ports
         self.pmd_cpu = pmd_cpu
-        self.env = {**os.environ, "OVS_RUNDIR": str(self.dir), "OVS_LOGDIR": str(self.dir),
-                    "OVS_DBDIR": str(self.dir), "OVS_SYSCONFDIR": str(self.dir)}
-        self.db = f"unix:{self.dir / 'db.sock'}"
-        self.procs: list[subprocess.Popen] = []
         self.netns = f"pvbench-ovs-{os.getpid()}"
-
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
-        with open(self.dir / f"{name}.out", "wb") as out:
-            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def vsctl(self, *args: str, wait: bool = False) -> str:
-        argv = ["ovs-vsctl", f"--db={self.db}", "--timeout=60"] + ([] if wait else ["--no-wait"])
-        return subprocess.run(argv + list(args), env=self.env, check=True, capture_output=True,
-                              text=True).stdout
 
     def ofctl(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(["ovs-ofctl", *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout, check=True)
-
-    def appctl(self, *args: str) -> str:
-        return subprocess.run(["ovs-appctl", "-t", str(self.dir / "vswitchd.ctl"), *args],
-                              env=self.env, capture_output=True, text=True, timeout=60).stdout
 
     def sock(self, port: str) -> Path:
         return self.dir / port
@@ -95,16 +73,7 @@ class OvsDpdk:
             raise
 
     def _start(self) -> OvsDpdk:
-        conf = self.dir / "conf.db"
-        subprocess.run(["ovsdb-tool", "create", str(conf), SCHEMA], check=True, env=self.env)
-        self._spawn(["ovsdb-server", str(conf), f"--remote=punix:{self.dir / 'db.sock'}",
-                     f"--unixctl={self.dir / 'ovsdb.ctl'}", "--no-chdir"], "ovsdb-server")
-        deadline = time.monotonic() + 20
-        while not (self.dir / "db.sock").exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("ovsdb-server did not start")
-            time.sleep(0.05)
-        self.vsctl("init")
+        self.start_db()
         mask = hex(1 << self.pmd_cpu)
         other = hex(1 << (1 - self.pmd_cpu)) if self.pmd_cpu in (0, 1) else "0x2"
         self.vsctl("set", "Open_vSwitch", ".", "other_config:dpdk-init=true",
@@ -115,7 +84,7 @@ class OvsDpdk:
         # in a network namespace of its own: a netdev bridge makes taps (br0, ovs-netdev)
         # that must not appear on the host; they go with the namespace
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
-        self._spawn(["ip", "netns", "exec", self.netns, VSWITCHD, self.db,
+        self.spawn(["ip", "netns", "exec", self.netns, VSWITCHD, self.db,
                      f"--unixctl={self.dir / 'vswitchd.ctl'}", "--no-chdir"], "vswitchd")
         self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev",
                    wait=True)
@@ -132,18 +101,6 @@ class OvsDpdk:
     def vswitchd_pid(self) -> int:
         return self.procs[1].pid
 
-    def log_tail(self) -> str:
-        return (self.dir / "vswitchd.out").read_text(errors="replace")[-2000:]
-
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs = []
+        self.stop_processes()
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)

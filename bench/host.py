@@ -110,22 +110,12 @@ class OvsNetdev(OvsDpdk):
         self.netns = netns
 
     def _start(self) -> OvsNetdev:
-        conf = self.dir / "conf.db"
-        subprocess.run(["ovsdb-tool", "create", str(conf), SCHEMA], check=True, env=self.env,
-                       capture_output=True)
-        self._spawn(["ovsdb-server", str(conf), f"--remote=punix:{self.dir / 'db.sock'}",
-                     f"--unixctl={self.dir / 'ovsdb.ctl'}", "--no-chdir"], "ovsdb-server")
-        deadline = time.monotonic() + 20
-        while not (self.dir / "db.sock").exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("ovsdb-server did not start")
-            time.sleep(0.05)
-        self.vsctl("init")
+        self.start_db()
         self.vsctl("set", "Open_vSwitch", ".",
                    f"other_config:pmd-cpu-mask={hex(1 << self.pmd_cpu)}")
-        self._spawn(["ip", "netns", "exec", self.netns, "taskset", "-c", str(self.pmd_cpu),
-                     OVS_VSWITCHD, self.db, f"--unixctl={self.dir / 'vswitchd.ctl'}",
-                     "--no-chdir"], "vswitchd")
+        self.spawn(["ip", "netns", "exec", self.netns, "taskset", "-c", str(self.pmd_cpu),
+                    OVS_VSWITCHD, self.db, f"--unixctl={self.dir / 'vswitchd.ctl'}",
+                    "--no-chdir"], "vswitchd")
         self.vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev",
                    wait=True)
         for port in self.ports:
@@ -133,11 +123,7 @@ class OvsNetdev(OvsDpdk):
         return self
 
     def stop(self) -> None:
-        netns, self.netns = self.netns, ""       # the namespace is the caller's to delete
-        try:
-            super().stop()
-        finally:
-            self.netns = netns
+        self.stop_processes()                    # the namespace is the caller's to delete
 
 
 class HostBench:
