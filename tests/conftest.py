@@ -11,10 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import processes, vhost_client
+from tests.harness import netns, processes, vhost_client
 from tests.harness.driver import GuestImage
 from tests.harness.netns import HostNet
 from tests.harness.testpmd import Testpmd
+
+
+def pytest_sessionstart(session):
+    """Namespaces and veths that earlier test processes made and could not delete (they
+    died) go before this session makes its own; only what their ledgers name."""
+    if netns.available():
+        for what in netns.sweep_orphans():
+            print(f"conftest: removed what a dead test process left: {what}")
 
 
 @pytest.fixture

@@ -1,16 +1,23 @@
 """Network namespaces and veth pairs for tests of the switch's host ports: every name is
 unique to the test (a random tag), every address private and only inside namespaces made
 here, and ``close()`` deletes all of it (processes started in a namespace first, by PID).
+A test process that dies cannot close: each HostNet keeps a ledger of what it made
+(LEDGER_DIR, one file per HostNet naming its process), and ``sweep_orphans()`` (run when a
+test session starts) deletes what the ledgers of dead processes name, and nothing else.
 Needs root (CAP_NET_ADMIN); ``available()`` says whether this machine can."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import time
+from pathlib import Path
+
+LEDGER_DIR = Path("/run/pyvhost-tests")
 
 
 def available() -> bool:
@@ -36,6 +43,15 @@ class HostNet:
         self.namespaces: list[str] = []
         self.links: list[str] = []                 # root-namespace ends of veth pairs
         self.procs: list[subprocess.Popen] = []
+        self.ledger = LEDGER_DIR / f"{os.getpid()}-{self.tag}-{secrets.token_hex(4)}.json"
+
+    def _record(self) -> None:
+        """Write down, before it exists, what this HostNet is about to make."""
+        LEDGER_DIR.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.ledger.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid()),
+                                   "namespaces": self.namespaces, "links": self.links}))
+        tmp.replace(self.ledger)
 
     def name(self, what: str) -> str:
         """A unique interface or namespace name (at most 15 characters)."""
@@ -46,18 +62,20 @@ class HostNet:
 
     def netns(self, what: str) -> str:
         ns = self.name(what)
-        sh(["ip", "netns", "add", ns])
         self.namespaces.append(ns)
+        self._record()
+        sh(["ip", "netns", "add", ns])
         sh(["ip", "link", "set", "lo", "up"], ns=ns)
         return ns
 
     def veth(self, host_end: str, ns: str, peer: str, address: str | None,
              *, up: bool = True) -> None:
         """A veth pair: ``host_end`` here (up), ``peer`` in ``ns`` with ``address``/24."""
-        sh(["ip", "link", "add", host_end, "numtxqueues", "1", "numrxqueues", "1", "type",
-            "veth", "peer", "name", peer, "numtxqueues", "1", "numrxqueues", "1"])
         if host_end not in self.links:
             self.links.append(host_end)
+            self._record()
+        sh(["ip", "link", "add", host_end, "numtxqueues", "1", "numrxqueues", "1", "type",
+            "veth", "peer", "name", peer, "numtxqueues", "1", "numrxqueues", "1"])
         sh(["ip", "link", "set", peer, "netns", ns])
         if up:
             sh(["ip", "link", "set", host_end, "up"])
@@ -105,3 +123,40 @@ class HostNet:
             sh(["ip", "link", "del", link], check=False)
         for ns in self.namespaces:
             sh(["ip", "netns", "del", ns], check=False)
+        with contextlib.suppress(FileNotFoundError):
+            self.ledger.unlink()
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (a PID reused later differs)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def sweep_orphans() -> list[str]:
+    """Delete the namespaces and links named by the ledgers of test processes that are gone
+    (died without closing their HostNet); returns what was deleted. A ledger that cannot be
+    read is left alone and said so."""
+    swept: list[str] = []
+    for ledger in sorted(LEDGER_DIR.glob("*.json")) if LEDGER_DIR.is_dir() else []:
+        try:
+            got = json.loads(ledger.read_text())
+            pid, start = int(got["pid"]), got["start"]
+            namespaces, links = list(got["namespaces"]), list(got["links"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            swept.append(f"{ledger}: unreadable ledger left alone ({e})")
+            continue
+        if start is not None and _start_time(pid) == start:
+            continue                                   # its process still runs
+        for link in links:
+            if sh(["ip", "link", "del", str(link)], check=False).returncode == 0:
+                swept.append(f"link {link}")
+        for ns in namespaces:
+            if sh(["ip", "netns", "del", str(ns)], check=False).returncode == 0:
+                swept.append(f"namespace {ns}")
+        with contextlib.suppress(FileNotFoundError):
+            ledger.unlink()
+    return swept
