@@ -22,6 +22,7 @@ from posix.uio cimport iovec
 
 from pyvhost._pktpool cimport pkt_t, pktpool_t, pool_get, pool_put
 from pyvhost._port cimport port_ops_t, tx_result_t
+from pyvhost._sockets cimport MSG_DONTWAIT, SO_ERROR, SOL_SOCKET, getsockopt, mmsghdr, sendmmsg
 from pyvhost._vring cimport MAX_BURST, vh_lock, vh_trylock, vh_unlock
 
 cdef extern from "vhost_atomic.h" nogil:
@@ -61,30 +62,6 @@ cdef extern from "<linux/if_packet.h>" nogil:
         TP_STATUS_CSUMNOTREADY
         TP_STATUS_VLAN_VALID
         TP_STATUS_VLAN_TPID_VALID
-
-cdef extern from "<sys/socket.h>" nogil:
-    """
-    #ifndef _GNU_SOURCE
-    #define _GNU_SOURCE
-    #endif
-    """
-    struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
-    int getsockopt(int fd, int level, int name, void *value, unsigned int *len)
-    enum:
-        MSG_DONTWAIT
-        SOL_SOCKET
-        SO_ERROR
 
 cdef enum:
     VNET_HDR_LEN = 10          # struct virtio_net_hdr (PACKET_VNET_HDR)

@@ -36,32 +36,10 @@ from pyvhost._idle cimport (
 from pyvhost._offload cimport MAX_SEGS, csum_complete, tso_parse, tso_segment, tso_t
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._port cimport port_ops_t, tx_result_t
+from pyvhost._sockets cimport MSG_DONTWAIT, MSG_TRUNC, mmsghdr, recvmmsg, sendmmsg
 from pyvhost._vring cimport (
     MAX_BURST, vh_eventfd_drain, vh_eventfd_signal, vh_lock, vh_trylock, vh_unlock,
 )
-
-cdef extern from "<sys/socket.h>" nogil:
-    """
-    #ifndef _GNU_SOURCE
-    #define _GNU_SOURCE
-    #endif
-    """
-    struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
-    int recvmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags, void *timeout)
-    enum:
-        MSG_DONTWAIT
-        MSG_TRUNC
 
 cdef enum:
     ETH_HLEN = 14
