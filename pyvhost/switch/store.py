@@ -240,9 +240,11 @@ class Store:
                      update: list[tuple[int, str]] = ()) -> list[int]:
         """One transaction: delete rows, rewrite rows, add rules; the new rows' ids."""
         with self.transaction():
-            self.db.executemany("DELETE FROM flows WHERE id=?", [(r,) for r in delete])
-            self.db.executemany("UPDATE flows SET text=? WHERE id=?",
-                                [(t, r) for r, t in update])
+            if delete:
+                self.db.executemany("DELETE FROM flows WHERE id=?", [(r,) for r in delete])
+            if update:
+                self.db.executemany("UPDATE flows SET text=? WHERE id=?",
+                                    [(t, r) for r, t in update])
             rows = []
             for text in add:
                 rows.append(self.db.execute("INSERT INTO flows (bridge, text) VALUES (?, ?)",
