@@ -41,75 +41,52 @@ def why(run_dir, workdir) -> str:
 
 
 def test_faucet_programs_pyvhost_between_qemu_guests(workdir, faucet_bin):
-    from pyvhost.cli.qemu_guest import NicSpec, QemuGuest, qemu_available
+    from pyvhost.cli.qemu_guest import qemu_available
     if not qemu_available():
         pytest.skip("needs QEMU and a guest kernel (make test installs them)")
-    with time_limit(480):
-        port = sdn.free_port()
-        target = f"tcp:127.0.0.1:{port}"
-        (workdir / "faucet.yaml").write_text(CONFIG)
-        faucet = sdn.faucet(faucet_bin, "127.0.0.1", port, workdir / "faucet.yaml", workdir)
+    with time_limit(480), sdn.faucet_switch(faucet_bin, workdir, CONFIG) as \
+            (faucet, run_dir, target), sdn.qemu_pair(workdir, run_dir, (IP_A, IP_B)) as (va, vb):
+        status, out = ping(va, IP_B)
+        assert status == 0, out + why(run_dir, workdir)
+        status, out = ping(vb, IP_A)
+        assert status == 0, out + why(run_dir, workdir)
+        flows = processes.ctl(run_dir, "dump-flows", "br0")
+        # the way in: untagged on port 1 gets VLAN 100 (push_vlan + set_field)
+        assert re.search(r"n_packets=[1-9]\d*, .*in_port=1,dl_vlan=0xffff "
+                         r"actions=mod_vlan_vid:100,goto_table:1", flows), flows
+        # the guests Faucet learned: to each one's MAC, the tag popped, packets counted
+        for out_port, vm in ((1, va), (2, vb)):
+            mac = vm.macs[0].lower()
+            assert re.search(rf"table=2, n_packets=[1-9]\d*, .*dl_vlan=100,dl_dst={mac} "
+                             rf"actions=strip_vlan,output:{out_port}", flows), flows
+        # Faucet stops (secure): its rules keep the guests pinging
+        faucet.stop()
+        sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s,
+                      "the controller gone")
+        before = processes.ctl(run_dir, "dump-flows", "br0")
+        status, out = ping(va, IP_B, count=5)
+        assert status == 0, out + why(run_dir, workdir)
+        assert processes.ctl(run_dir, "dump-flows", "br0") != before   # counters moved
+        # secure keeps only what was installed: without rules nothing gets through
+        processes.ctl(run_dir, "del-flows", "br0")
+        status, out = ping(va, IP_B, count=2)
+        assert status != 0, out
+        # standalone: no controller, so the switch fails open and forwards by NORMAL
+        processes.ctl(run_dir, "set-fail-mode", "br0", "standalone")
+        assert "fail-open" in processes.ctl(run_dir, "show")
+        status, out = ping(va, IP_B)
+        assert status == 0, out + why(run_dir, workdir)
+        # a rule Faucet did not make, then Faucet back: reconnect and resync
+        processes.ctl(run_dir, "add-flow", "br0", STRAY)
+        assert "dl_src=02:00:00:00:99:99" in processes.ctl(run_dir, "dump-flows", "br0")
         faucet.start()
-        sw, run_dir = sdn.controlled_switch(workdir, target, "set-dpid br0 1")
-        vms = []
-        try:
-            sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
-            for name, sock, ip in (("vma", "a.sock", IP_A), ("vmb", "b.sock", IP_B)):
-                vms.append(QemuGuest(name, workdir, nics=[NicSpec(run_dir / sock,
-                                                                  ip=f"{ip}/24")]))
-                vms[-1].start()
-            for vm in vms:
-                vm.wait_ready(timeout=180)
-                vm.wait_link_up(timeout=30)
-            va, vb = vms
-            status, out = ping(va, IP_B)
-            assert status == 0, out + why(run_dir, workdir)
-            status, out = ping(vb, IP_A)
-            assert status == 0, out + why(run_dir, workdir)
-            flows = processes.ctl(run_dir, "dump-flows", "br0")
-            # the way in: untagged on port 1 gets VLAN 100 (push_vlan + set_field)
-            assert re.search(r"n_packets=[1-9]\d*, .*in_port=1,dl_vlan=0xffff "
-                             r"actions=mod_vlan_vid:100,goto_table:1", flows), flows
-            # the guests Faucet learned: to each one's MAC, the tag popped, packets counted
-            for out_port, vm in ((1, va), (2, vb)):
-                mac = vm.macs[0].lower()
-                assert re.search(rf"table=2, n_packets=[1-9]\d*, .*dl_vlan=100,dl_dst={mac} "
-                                 rf"actions=strip_vlan,output:{out_port}", flows), flows
-            # Faucet stops (secure): its rules keep the guests pinging
-            faucet.stop()
-            sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s,
-                          "the controller gone")
-            before = processes.ctl(run_dir, "dump-flows", "br0")
-            status, out = ping(va, IP_B, count=5)
-            assert status == 0, out + why(run_dir, workdir)
-            assert processes.ctl(run_dir, "dump-flows", "br0") != before   # counters moved
-            # secure keeps only what was installed: without rules nothing gets through
-            processes.ctl(run_dir, "del-flows", "br0")
-            status, out = ping(va, IP_B, count=2)
-            assert status != 0, out
-            # standalone: no controller, so the switch fails open and forwards by NORMAL
-            processes.ctl(run_dir, "set-fail-mode", "br0", "standalone")
-            assert "fail-open" in processes.ctl(run_dir, "show")
-            status, out = ping(va, IP_B)
-            assert status == 0, out + why(run_dir, workdir)
-            # a rule Faucet did not make, then Faucet back: reconnect and resync
-            processes.ctl(run_dir, "add-flow", "br0", STRAY)
-            assert "dl_src=02:00:00:00:99:99" in processes.ctl(run_dir, "dump-flows", "br0")
-            faucet.start()
-            sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s and
-                          "fail-open" not in s, "reconnected")
-            status, out = ping(va, IP_B, count=5)
-            assert status == 0, out + why(run_dir, workdir)
-            status, out = ping(vb, IP_A)
-            assert status == 0, out + why(run_dir, workdir)
-            flows = processes.ctl(run_dir, "dump-flows", "br0")
-            assert "02:00:00:00:99:99" not in flows, flows          # resynced from scratch
-            assert re.search(r"in_port=1,dl_vlan=0xffff actions=mod_vlan_vid:100,"
-                             r"goto_table:1", flows), flows
-        finally:
-            for vm in vms:
-                vm.stop()
-            try:
-                faucet.stop()
-            finally:
-                sw.stop()
+        sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s and
+                      "fail-open" not in s, "reconnected")
+        status, out = ping(va, IP_B, count=5)
+        assert status == 0, out + why(run_dir, workdir)
+        status, out = ping(vb, IP_A)
+        assert status == 0, out + why(run_dir, workdir)
+        flows = processes.ctl(run_dir, "dump-flows", "br0")
+        assert "02:00:00:00:99:99" not in flows, flows          # resynced from scratch
+        assert re.search(r"in_port=1,dl_vlan=0xffff actions=mod_vlan_vid:100,"
+                         r"goto_table:1", flows), flows
