@@ -141,10 +141,11 @@ def test_kill_9_in_the_middle_of_a_flow_mod_stream_leaves_a_store_that_loads(wor
                     c.send(data)
             except OSError:
                 pass                                  # the switch is gone
-            killer.join()
-            sw.proc.wait(10)
-            c.close()
-            t.join(10)
+            finally:
+                killer.join()
+                sw.proc.wait(10)
+                c.close()
+                t.join(10)
         finally:
             sw.stop()
         assert confirmed, "no BARRIER_REPLY before the kill: the test proved nothing"
