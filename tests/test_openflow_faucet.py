@@ -52,41 +52,28 @@ def why(run_dir, workdir) -> str:
 
 
 def test_faucet_programs_pyvhost(net, workdir, faucet_bin):
-    with time_limit(240):
-        port = sdn.free_port()
-        target = f"tcp:127.0.0.1:{port}"
-        (workdir / "faucet.yaml").write_text(CONFIG)
-        faucet = sdn.faucet(faucet_bin, "127.0.0.1", port, workdir / "faucet.yaml", workdir)
+    with time_limit(240), sdn.faucet_switch(faucet_bin, workdir, CONFIG) as \
+            (faucet, run_dir, target), two_guests(net, run_dir) as (ga, gb):
+        ip_a, ip_b = net.ip(1), net.ip(2)
+        assert net.ping(ga.netns, ip_b, count=3, timeout=40), why(run_dir, workdir)
+        assert net.ping(gb.netns, ip_a, count=3)
+        flows = processes.ctl(run_dir, "dump-flows", "br0")
+        # the way in: untagged on port 1 gets VLAN 100 (push_vlan + set_field)
+        assert re.search(r"in_port=1,dl_vlan=0xffff actions=mod_vlan_vid:100,"
+                         r"goto_table:1", flows), flows
+        # hosts Faucet learned: to each guest's MAC, the tag popped
+        assert re.search(r"table=2, .*dl_vlan=100,dl_dst=[0-9a-f:]{17} "
+                         r"actions=strip_vlan,output:2", flows), flows
+        assert re.search(r"table=2, n_packets=[1-9]\d*, .*actions=strip_vlan,output:1",
+                         flows), flows
+        log = (workdir / "faucet.log").read_text()
+        assert "L2 learned" in log and "on Port 2" in log, log[-2000:]
+        # Faucet stops: secure keeps its rules, the pair keeps pinging
+        faucet.stop()
+        sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s, "gone")
+        assert net.ping(ga.netns, ip_b, count=3)
+        # Faucet comes back: reconnect, reprogram, ping on
         faucet.start()
-        sw, run_dir = sdn.controlled_switch(workdir, target, "set-dpid br0 1")
-        try:
-            sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
-            with two_guests(net, run_dir) as (ga, gb):
-                ip_a, ip_b = net.ip(1), net.ip(2)
-                assert net.ping(ga.netns, ip_b, count=3, timeout=40), why(run_dir, workdir)
-                assert net.ping(gb.netns, ip_a, count=3)
-                flows = processes.ctl(run_dir, "dump-flows", "br0")
-                # the way in: untagged on port 1 gets VLAN 100 (push_vlan + set_field)
-                assert re.search(r"in_port=1,dl_vlan=0xffff actions=mod_vlan_vid:100,"
-                                 r"goto_table:1", flows), flows
-                # hosts Faucet learned: to each guest's MAC, the tag popped
-                assert re.search(r"table=2, .*dl_vlan=100,dl_dst=[0-9a-f:]{17} "
-                                 r"actions=strip_vlan,output:2", flows), flows
-                assert re.search(r"table=2, n_packets=[1-9]\d*, .*actions=strip_vlan,output:1",
-                                 flows), flows
-                log = (workdir / "faucet.log").read_text()
-                assert "L2 learned" in log and "on Port 2" in log, log[-2000:]
-                # Faucet stops: secure keeps its rules, the pair keeps pinging
-                faucet.stop()
-                sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s, "gone")
-                assert net.ping(ga.netns, ip_b, count=3)
-                # Faucet comes back: reconnect, reprogram, ping on
-                faucet.start()
-                sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "reconnected")
-                assert net.ping(ga.netns, ip_b, count=3, timeout=40)
-                assert net.ping(gb.netns, ip_a, count=3)
-        finally:
-            try:
-                faucet.stop()
-            finally:
-                sw.stop()
+        sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "reconnected")
+        assert net.ping(ga.netns, ip_b, count=3, timeout=40)
+        assert net.ping(gb.netns, ip_a, count=3)

@@ -29,7 +29,7 @@ def ping(vm, ip: str, count: int = 3) -> tuple[int, str]:
 
 
 def test_osken_programs_pyvhost_between_qemu_guests(workdir, osken_python):
-    from pyvhost.cli.qemu_guest import NicSpec, QemuGuest, qemu_available
+    from pyvhost.cli.qemu_guest import qemu_available
     if not qemu_available():
         pytest.skip("needs QEMU and a guest kernel (make test installs them)")
     with time_limit(400):
@@ -38,39 +38,35 @@ def test_osken_programs_pyvhost_between_qemu_guests(workdir, osken_python):
         controller = sdn.osken_learning(osken_python, "127.0.0.1", port, workdir / "osken.log")
         controller.start()
         sw, run_dir = sdn.controlled_switch(workdir, target)
-        vms = []
         try:
             controller.wait_for("CONNECTED")
             sdn.wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
-            for name, sock, ip in (("vma", "a.sock", IP_A), ("vmb", "b.sock", IP_B)):
-                vms.append(QemuGuest(name, workdir, nics=[NicSpec(run_dir / sock,
-                                                                  ip=f"{ip}/24")]))
-                vms[-1].start()
-            for vm in vms:
-                vm.wait_ready(timeout=180)
-                vm.wait_link_up(timeout=30)
-            va, vb = vms
-            status, out = ping(va, IP_B)
-            assert status == 0, out
-            status, out = ping(vb, IP_A)
-            assert status == 0, out
-            flows = processes.ctl(run_dir, "dump-flows", "br0")
-            assert "priority=0 actions=CONTROLLER:65535" in flows, flows
-            for a, b in ((1, 2), (2, 1)):
-                assert re.search(rf"n_packets=[1-9]\d*, .*priority=1,in_port={a},"
-                                 rf"dl_dst=[0-9a-f:]{{17}} actions=output:{b}", flows), flows
-            # the controller stops (secure): what it installed keeps the guests pinging
-            controller.stop()
-            sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s,
-                          "the controller gone")
-            before = processes.ctl(run_dir, "dump-flows", "br0")
-            status, out = ping(va, IP_B, count=5)
-            assert status == 0, out
-            assert processes.ctl(run_dir, "dump-flows", "br0") != before   # counters moved
+            with sdn.qemu_pair(workdir, run_dir, (IP_A, IP_B)) as (va, vb):
+                osken_scenario(controller, run_dir, target, va, vb)
         finally:
-            for vm in vms:
-                vm.stop()
             try:
                 controller.stop()
             finally:
                 sw.stop()
+
+
+def osken_scenario(controller, run_dir, target: str, va, vb) -> None:
+    """Pings through the controller's rules; then, the controller stopped, through what it
+    installed."""
+    status, out = ping(va, IP_B)
+    assert status == 0, out
+    status, out = ping(vb, IP_A)
+    assert status == 0, out
+    flows = processes.ctl(run_dir, "dump-flows", "br0")
+    assert "priority=0 actions=CONTROLLER:65535" in flows, flows
+    for a, b in ((1, 2), (2, 1)):
+        assert re.search(rf"n_packets=[1-9]\d*, .*priority=1,in_port={a},"
+                         rf"dl_dst=[0-9a-f:]{{17}} actions=output:{b}", flows), flows
+    # the controller stops (secure): what it installed keeps the guests pinging
+    controller.stop()
+    sdn.wait_show(run_dir, lambda s: f'"{target}"  not connected' in s,
+                  "the controller gone")
+    before = processes.ctl(run_dir, "dump-flows", "br0")
+    status, out = ping(va, IP_B, count=5)
+    assert status == 0, out
+    assert processes.ctl(run_dir, "dump-flows", "br0") != before   # counters moved

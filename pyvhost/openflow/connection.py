@@ -100,10 +100,13 @@ class Connection:
             self.writer.write(b"".join(held))
 
     async def _send(self, *messages: bytes) -> None:
-        for m in messages:
-            self.writer.write(m)
+        self.writer.write(messages[0] if len(messages) == 1 else b"".join(messages))
+        transport = self.writer.transport
+        if not transport.get_write_buffer_size() and not transport.is_closing():
+            return                        # all in the kernel's socket buffer: no wait
         try:                              # a peer that sends but never reads: closed
-            await asyncio.wait_for(self.writer.drain(), max(self.probe or 0, DRAIN_TIMEOUT))
+            async with asyncio.timeout(max(self.probe or 0, DRAIN_TIMEOUT)):
+                await self.writer.drain()
         except TimeoutError:
             raise ConnectionError("the peer reads none of the replies") from None
 
@@ -126,7 +129,8 @@ class Connection:
     # -- framing --------------------------------------------------------------------------
     async def _fill(self, timeout: float | None) -> None:
         """More bytes into the buffer (TimeoutError if none come in ``timeout``)."""
-        data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+        async with asyncio.timeout(timeout):          # (no task per read, as wait_for)
+            data = await self.reader.read(READ_SIZE)
         if not data:
             raise asyncio.IncompleteReadError(bytes(self.buf), None)
         self.buf += data

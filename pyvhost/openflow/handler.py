@@ -306,11 +306,12 @@ class Handler:
             raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
                           f"in_port={flow.match['in_port']}: no such port")
 
-    def _apply(self, add=(), remove=(), modify=()):
+    def _apply(self, add=(), remove=(), modify=(), specs=None):
         flags = {r.id: self.state.flags_of(r) for r, _ in modify}
         try:
             added = self.switch.change_rules(self.bridge_name, add=list(add),
-                                             remove=list(remove), modify=list(modify))
+                                             remove=list(remove), modify=list(modify),
+                                             specs=specs)
         except CommandError as e:
             raise StoreFailed(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, str(e)) from None
         for r in remove:
@@ -340,7 +341,8 @@ class Handler:
             old.created = time.monotonic()         # ... the duration restarts
             rule = old
         else:
-            rule, = self._apply(add=[flow], remove=[old] if old is not None else [])
+            rule, = self._apply(add=[flow], remove=[old] if old is not None else [],
+                                specs=[spec])
         self._remember(rule, flags)
 
     def _remember(self, rule, flags: int) -> None:

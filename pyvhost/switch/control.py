@@ -138,3 +138,5 @@ class ControlServer:
             except Exception as e:       # a bug must not take the switch down
                 log.exception("control: %s failed", " ".join(argv))
                 return {"ok": False, "error": f"internal error: {e}"}
+            finally:
+                self.switch.sync_store()     # what the answer confirms is on disk

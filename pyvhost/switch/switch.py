@@ -203,6 +203,17 @@ class Switch:
                 self.periodic()
             except Exception as e:
                 self._log_once("tick", "periodic work failed: %s", e)
+            self.sync_store()
+
+    def sync_store(self) -> None:
+        """Put what the store committed on disk (it already survives a crash of the switch;
+        now of the machine too): before a ctl answer, and at most a second after an
+        OpenFlow commit (OVS keeps no OpenFlow rule across a restart at all)."""
+        try:
+            self.store.sync()
+        except sqlite3.Error as e:
+            self._log_once("sync", "store: committed changes could not be synced to disk "
+                           "(%s); they survive a crash of the switch, not of the machine", e)
 
     def periodic(self, now_ns: int | None = None) -> None:
         """Once a second: PMD load samples, host ports' links, MAC aging, rule timeouts,
@@ -635,13 +646,15 @@ class Switch:
                 log.exception("observer of %s failed", kind)
 
     def change_rules(self, bridge_name: str, add: list[Flow] = (), remove: list[Rule] = (),
-                     modify: list[tuple[Rule, Flow]] = ()) -> list[Rule]:
+                     modify: list[tuple[Rule, Flow]] = (),
+                     specs: list[tuple] | None = None) -> list[Rule]:
         """One all-or-nothing change of rules the caller picked itself (OpenFlow's
         FLOW_MODs, pyvhost.openflow): the path add-flows and del-flows take, store
-        included; ``modify`` gives rules new actions, cookie and timeouts (counters stay).
+        included; ``modify`` gives rules new actions, cookie and timeouts (counters stay);
+        ``specs``: Bridge.spec of each of ``add`` when the caller made them already.
         Returns the added rules."""
         return self._change(self._bridge(bridge_name), add=list(add), remove=list(remove),
-                            modify=list(modify))
+                            modify=list(modify), specs=specs)
 
     def reload_rules(self, bridge_name: str) -> None:
         """Make a bridge's rules exactly what the store holds for it, touching only rules

@@ -11,6 +11,7 @@ grace period); what it prints goes to a log file the test reads."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -88,6 +89,25 @@ def controlled_switch(workdir, target: str, *extra: str):
     return processes.switch(workdir, run_dir, config=config), run_dir
 
 
+@contextlib.contextmanager
+def qemu_pair(workdir, run_dir, ips: tuple[str, str]):
+    """Two QEMU guests, vma on port a and vmb on port b of ``controlled_switch``, with
+    ``ips`` (/24), booted and their links up; stopped afterwards."""
+    from pyvhost.cli.qemu_guest import NicSpec, QemuGuest
+    vms = []
+    try:
+        for name, sock, ip in zip(("vma", "vmb"), ("a.sock", "b.sock"), ips, strict=True):
+            vms.append(QemuGuest(name, workdir, nics=[NicSpec(run_dir / sock, ip=f"{ip}/24")]))
+            vms[-1].start()
+        for vm in vms:
+            vm.wait_ready(timeout=180)
+            vm.wait_link_up(timeout=30)
+        yield vms
+    finally:
+        for vm in vms:
+            vm.stop()
+
+
 class Controller:
     """A controller process; ``lines()`` is what it printed so far."""
 
@@ -143,3 +163,24 @@ def faucet(bin_dir: Path, host: str, port: int, config: Path, workdir: Path) -> 
                PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
     return Controller([str(bin_dir / "faucet"), f"--ryu-ofp-listen-host={host}",
                        f"--ryu-ofp-tcp-listen-port={port}"], workdir / "faucet.out", env)
+
+
+@contextlib.contextmanager
+def faucet_switch(bin_dir: Path, workdir: Path, config: str):
+    """Faucet (started, with the YAML ``config``) on a free loopback port and a
+    ``controlled_switch`` of datapath id 1 connected to it: yields (the Faucet Controller,
+    the run dir, the controller target); both stopped afterwards."""
+    port = free_port()
+    target = f"tcp:127.0.0.1:{port}"
+    (workdir / "faucet.yaml").write_text(config)
+    controller = faucet(bin_dir, "127.0.0.1", port, workdir / "faucet.yaml", workdir)
+    controller.start()
+    try:
+        sw, run_dir = controlled_switch(workdir, target, "set-dpid br0 1")
+        try:
+            wait_show(run_dir, lambda s: f'"{target}"  connected' in s, "connected")
+            yield controller, run_dir, target
+        finally:
+            sw.stop()
+    finally:
+        controller.stop()
