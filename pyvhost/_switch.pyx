@@ -1074,9 +1074,9 @@ cdef class Pmd:
         for i in range(at):
             if a.ops[i].op == OP_CONTROLLER:
                 k += 1
-        for h in range(a.n_rules):
+        for h in range(a.n_rules):                 # the rules' apply-actions, in order
             r = <cls_rule_t *>a.rules[h]
-            for j in range(r.n_ops):
+            for j in range(r.n_apply):
                 if r.ops[j].op == OP_CONTROLLER:
                     if k == 0:
                         rid, prio, table = r.id, r.priority, r.table
@@ -1084,6 +1084,14 @@ cdef class Pmd:
                     k -= 1
             if rid != PUNT_NO_RULE:
                 break
+        if rid == PUNT_NO_RULE:                    # then the action set's: the last written
+            for h in range(<int>a.n_rules - 1, -1, -1):
+                r = <cls_rule_t *>a.rules[h]
+                for j in range(r.n_apply, r.n_ops):
+                    if r.ops[j].op == OP_CONTROLLER:
+                        rid, prio, table = r.id, r.priority, r.table
+                if rid != PUNT_NO_RULE:
+                    break
         punt_push(self.sw.punt, p, inp.bridge, inp.id, rid, prio, table, a.ops[at].arg)
 
     def inject(self, int bridge_id, int in_port, bytes frame, ops=None):

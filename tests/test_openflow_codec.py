@@ -31,7 +31,7 @@ from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
 from pyvhost.openflow.manager import enable
 from pyvhost.switch import Switch, run_command
-from pyvhost.switch.flows import VLAN_NONE, Prefix, parse_flow
+from pyvhost.switch.flows import VLAN_NONE, Instructions, Prefix, parse_flow
 from tests.harness import openflow as O
 from tests.harness.fuzzing import Counter, fuzz_settings, minimum
 
@@ -102,7 +102,7 @@ IPT = O.oxm(5, b"\x08\x00")
 
 @pytest.mark.parametrize("tlvs,code", [
     (O.oxm(7, b"\x03"), E.BMC_BAD_FIELD),                              # vlan_pcp
-    (O.oxm(2, bytes(8)), E.BMC_BAD_FIELD),                             # metadata
+    (O.oxm(1, bytes(4)), E.BMC_BAD_FIELD),                             # in_phy_port
     (O.oxm(60, b"\x00"), E.BMC_BAD_FIELD),                             # unknown field
     (struct.pack("!I", 0xFFFF << 16 | 1 << 9 | 8) + bytes(8), E.BMC_BAD_FIELD),  # experimenter
     (O.oxm(0, b"\x00\x01"), E.BMC_BAD_LEN),                            # in_port of 2 bytes
@@ -146,6 +146,11 @@ SET_VID = lambda vid: struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 6 << 9 | 2, 
 UNTAGGED, TAGGED = {"dl_vlan": VLAN_NONE}, {"dl_vlan": 7}
 
 
+def WRITE(*actions: bytes) -> bytes:  # noqa: N802 (an instruction, as O.apply_actions)
+    body = b"".join(actions)
+    return struct.pack("!HH4x", 3, 8 + len(body)) + body
+
+
 def test_instructions_decode_to_the_model():
     ins = O.apply_actions(O.output(2), O.output(C.OFPP_FLOOD), O.output(C.OFPP_ALL),
                           O.output(C.OFPP_NORMAL)) + O.goto(5)
@@ -175,6 +180,40 @@ def test_instructions_round_trip(actions, match):
     for goto in (None, 9):
         data = A.encode_instructions(actions, goto, match, int)
         assert A.decode_instructions(data, 2, match) == (actions, goto)
+
+
+@pytest.mark.parametrize("inst,match", [
+    (Instructions(write_actions=(("output", "2"), ("group", 4))), {}),
+    (Instructions(clear_actions=True), {}),
+    (Instructions(write_metadata=(0x5, 0xFF)), {}),
+    (Instructions((("mod_vlan_vid", 3), ("strip_vlan",), ("controller", 64)), True,
+                  (0, (1 << 64) - 1)), TAGGED),
+])
+def test_write_clear_and_metadata_instructions_round_trip(inst, match):
+    for actions, goto in (((), None), ((("output", "1"),), 7), ((("meter", 2),), None)):
+        data = A.encode_instructions(actions, goto, match, int, inst)
+        assert A.decode_flow_instructions(data, 2, match) == (actions, goto, inst)
+        with pytest.raises(OFError) as e:                # (the two-part form takes none)
+            A.decode_instructions(data, 2, match)
+        assert (e.value.type, e.value.code) == (E.BAD_INSTRUCTION, E.BIC_UNSUP_INST)
+
+
+@pytest.mark.parametrize("ins,code", [
+    (struct.pack("!HH4xQ", 2, 16, 1), E.BIC_BAD_LEN),               # write_metadata short
+    (struct.pack("!HH4xQQ", 2, 24, 3, 1), E.BIC_UNSUP_METADATA),    # value outside mask
+    (struct.pack("!HH4xQ", 5, 16, 0), E.BIC_BAD_LEN),                # clear_actions long
+    (WRITE(O.output(1)) * 2, E.BIC_UNSUP_INST),                      # twice
+])
+def test_write_instruction_refusals(ins, code):
+    with pytest.raises(OFError) as e:
+        A.decode_flow_instructions(ins, 0, {})
+    assert (e.value.type, e.value.code) == (E.BAD_INSTRUCTION, code)
+
+
+def test_metadata_match_round_trips():
+    for md in (5, (0x10, 0xF0), (0, 1)):
+        tlvs = oxm.encode({"metadata": md}, int)
+        assert oxm.decode(tlvs) == {"metadata": md}
 
 
 @pytest.mark.parametrize("ins,match,want", [
@@ -571,6 +610,14 @@ CORPUS = [
     O.multipart(9, struct.pack("!I4x", 0xFFFFFFFF)), O.multipart(10, struct.pack("!I4x", 1)),
     O.multipart(11), O.msg(29, struct.pack("!HHI", 2, 0, 0xFFFFFFFF)),
     O.msg(17, struct.pack("!B3xI", 0xFF, 3)),                                   # TABLE_MOD
+    # the action set and metadata: write/clear actions, write_metadata, a metadata match
+    O.flow_mod(O.ADD, O.match(O.oxm(2, struct.pack("!Q", 5), struct.pack("!Q", 0xFF))),
+               O.apply_actions(O.output(1)) + struct.pack("!HH4x", 5, 8) +
+               WRITE(O.output(2), struct.pack("!HHI", 22, 8, 3)) +
+               struct.pack("!HH4xQQ", 2, 24, 0x10, 0xF0) + O.goto(2), table=1),
+    O.flow_mod(O.ADD, O.match(O.oxm(6, b"\x00\x00")),
+               WRITE(PUSH, SET_VID(0x1009), O.output(C.OFPP_CONTROLLER)) +
+               struct.pack("!HH4xQQ", 2, 24, 1, 0xFFFFFFFFFFFFFFFF)),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 17, 18, 20, 24, 28, 29, 99]
 

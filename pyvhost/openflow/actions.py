@@ -11,10 +11,10 @@ SET_FIELD tunnel_id, a 24-bit VNI, and NXM tun_dst: set_tun_id and set_tun_dst):
 (+ SET_FIELD) only on a match of untagged packets (mod_vlan_vid pushes a tag there),
 SET_FIELD vlan_vid and POP_VLAN only on a match of tagged ones (or after a push). OFPP_ALL
 is the model's ``flood`` (so a port PORT_MOD took out of flooding is left out of ALL too:
-a difference from the spec). Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION
-error: WRITE/CLEAR_ACTIONS, WRITE_METADATA (no action set or metadata yet), OUTPUT to
-LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and MPLS actions.
-Pure functions."""
+a difference from the spec). WRITE_ACTIONS (the same actions, into the action set),
+CLEAR_ACTIONS and WRITE_METADATA (value and mask) are the model's ``Instructions``.
+Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION error: OUTPUT to LOCAL, TABLE
+(in a rule) or ANY (the datapath cannot send there), TTL and MPLS actions. Pure functions."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import struct
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS
-from pyvhost.switch.flows import METER_MAX, VLAN_NONE, Prefix
+from pyvhost.switch.flows import METER_MAX, U64, VLAN_NONE, Instructions, Prefix
 
 from . import codec as C
 from . import errors as E
@@ -185,10 +185,22 @@ def _set_tunnel(fkey: int, hasmask: int, flen: int, value: bytes) -> tuple:
 
 
 def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, int | None]:
-    """(actions, goto_table or None) of a FLOW_MOD's instructions for a rule in
-    ``table`` with ``match``."""
+    """(actions, goto_table or None) of instructions that hold no others (see
+    ``decode_flow_instructions``: those are refused here)."""
+    actions, goto, inst = decode_flow_instructions(data, table, match)
+    if inst is not None:
+        raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST,
+                      "write/clear actions and write_metadata are not taken here")
+    return actions, goto
+
+
+def decode_flow_instructions(data: bytes, table: int,
+                             match: dict) -> tuple[tuple, int | None, Instructions | None]:
+    """(apply-actions, goto_table or None, the other instructions or None) of a
+    FLOW_MOD's instructions for a rule in ``table`` with ``match``."""
     seen: set[int] = set()
     actions: tuple = ()
+    inst = Instructions()
     goto = None
     meter = None
     off = 0
@@ -222,21 +234,37 @@ def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, in
             if not 1 <= meter <= METER_MAX:
                 raise OFError(E.METER_MOD_FAILED, E.MMFC_INVALID_METER,
                               f"meter {meter:#x}: not a meter id a rule can name")
-        elif itype in (IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_CLEAR_ACTIONS):
-            names = {2: "WRITE_METADATA", 3: "WRITE_ACTIONS", 5: "CLEAR_ACTIONS"}
-            raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST,
-                          f"{names[itype]} is not supported here")
+        elif itype == IT_WRITE_ACTIONS:
+            inst.write_actions = decode_actions(body[8:], match)   # (of each kind the last
+                                                                # is the set's, as in OVS)
+        elif itype == IT_CLEAR_ACTIONS:
+            if ilen != 8:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN, f"CLEAR_ACTIONS of length {ilen}")
+            inst.clear_actions = True
+        elif itype == IT_WRITE_METADATA:
+            if ilen != 24:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN,
+                              f"WRITE_METADATA of length {ilen}")
+            value, mask = struct.unpack_from("!QQ", body, 8)
+            if value & ~mask & U64:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_METADATA,
+                              f"write_metadata {value:#x} has bits outside its mask {mask:#x}")
+            inst.write_metadata = (value, mask)
         elif itype == IT_EXPERIMENTER:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_EXPERIMENTER,
                           "experimenter instructions are not supported")
         else:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST, f"instruction type {itype}")
+    written = len(inst.write_actions or ())
+    if len(actions) + written > MAX_OPS:
+        raise _act(E.BAC_TOO_MANY, f"{len(actions) + written} actions: a rule holds at most "
+                                   f"{MAX_OPS}")
     if meter is not None:
-        if len(actions) + 1 > MAX_OPS:
+        if len(actions) + written + 1 > MAX_OPS:
             raise _act(E.BAC_TOO_MANY, f"{len(actions)} actions and a meter: a rule holds "
                                        f"at most {MAX_OPS}")
         actions = (("meter", meter),) + actions
-    return actions, goto
+    return actions, goto, (None if inst == Instructions() else inst)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -282,7 +310,8 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
     return b"".join(out)
 
 
-def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of) -> bytes:
+def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of,
+                        inst: Instructions | None = None) -> bytes:
     out = b""
     if actions and actions[0][0] == "meter":
         out += struct.pack("!HHI", IT_METER, 8, actions[0][1])
@@ -290,6 +319,14 @@ def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of
     if actions:
         acts = encode_actions(actions, match, ofport_of)
         out += struct.pack("!HH4x", IT_APPLY_ACTIONS, 8 + len(acts)) + acts
+    if inst is not None:
+        if inst.clear_actions:
+            out += struct.pack("!HH4x", IT_CLEAR_ACTIONS, 8)
+        if inst.write_actions is not None:
+            acts = encode_actions(inst.write_actions, match, ofport_of)
+            out += struct.pack("!HH4x", IT_WRITE_ACTIONS, 8 + len(acts)) + acts
+        if inst.write_metadata is not None:
+            out += struct.pack("!HH4xQQ", IT_WRITE_METADATA, 24, *inst.write_metadata)
     if goto is not None:
         out += struct.pack("!HHB3x", IT_GOTO_TABLE, 8, goto)
     return out

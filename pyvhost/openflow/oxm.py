@@ -1,6 +1,7 @@
 """OXM matches (OFPMT_OXM, class OFPXMC_OPENFLOW_BASIC) to and from the switch's match
-model (``pyvhost.switch.flows``: a dict of in_port, dl_src/dl_dst, dl_type, dl_vlan,
-nw_src/nw_dst, nw_proto, nw_tos, ip_dscp, tp_src/tp_dst, tun_id, tun_src/tun_dst).
+model (``pyvhost.switch.flows``: a dict of in_port, metadata (masked), dl_src/dl_dst,
+dl_type, dl_vlan, nw_src/nw_dst, nw_proto, nw_tos, ip_dscp, tp_src/tp_dst, tun_id,
+tun_src/tun_dst).
 
 The tunnel fields: tunnel_id (OFPXMT_OFB_TUNNEL_ID, 64 bits: the model's 24-bit VNI, so a
 value or mask bit above bit 23 is refused), and tun_src/tun_dst as Open vSwitch sends
@@ -42,7 +43,8 @@ SIZES = {NX_TUN_IPV4_SRC: 4, NX_TUN_IPV4_DST: 4,
          24: 6, 25: 6, 26: 16, 27: 16, 28: 4, 29: 1, 30: 1, 31: 16, 32: 6, 33: 6, 34: 4,
          35: 1, 36: 1, 37: 2, 38: 8, 39: 2, 40: 3}
 # the fields this switch matches on (TABLE_FEATURES lists them), and whether a mask is ok
-SUPPORTED = {IN_PORT: False, ETH_DST: True, ETH_SRC: True, ETH_TYPE: False, VLAN_VID: False,
+SUPPORTED = {IN_PORT: False, METADATA: True, ETH_DST: True, ETH_SRC: True, ETH_TYPE: False,
+             VLAN_VID: False,
              IP_DSCP: False, IP_ECN: False, IP_PROTO: False, IPV4_SRC: True, IPV4_DST: True,
              TCP_SRC: True, TCP_DST: True, UDP_SRC: True, UDP_DST: True, ICMPV4_TYPE: False,
              ICMPV4_CODE: False, ARP_OP: False, ARP_SPA: True, ARP_TPA: True, TUNNEL_ID: True,
@@ -157,6 +159,9 @@ def decode(oxm: bytes) -> dict:
         if not 1 <= port < OFPP_MAX:
             raise _bad(E.BMC_BAD_VALUE, f"in_port {port:#x}: no such port here")
         match["in_port"] = str(port)
+    if METADATA in tlv:
+        v, m = tlv[METADATA]
+        match["metadata"] = _int(v) if m is None else (_int(v), _int(m))
     for field, name in ((ETH_DST, "dl_dst"), (ETH_SRC, "dl_src")):
         if field in tlv:
             v, m = tlv[field]
@@ -247,6 +252,10 @@ def encode(match: dict, ofport_of) -> bytes:
     out = []
     if "in_port" in match:
         out.append(_tlv(IN_PORT, _b(ofport_of(match["in_port"]), 4)))
+    if "metadata" in match:
+        v = match["metadata"]
+        out.append(_tlv(METADATA, _b(v, 8)) if isinstance(v, int) else
+                   _tlv(METADATA, _b(v[0], 8), _b(v[1], 8)))
     if "tun_id" in match:
         v = match["tun_id"]
         out.append(_tlv(TUNNEL_ID, _b(v, 8)) if isinstance(v, int) else

@@ -7,15 +7,19 @@
 Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), nw_src,
 nw_dst (prefix or /netmask), nw_proto, nw_tos (the whole TOS byte), ip_dscp (its six DSCP
 bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), the tunnel metadata tun_id (the
-VNI, with /mask), tun_src, tun_dst (prefixes), and the
+VNI, with /mask), tun_src, tun_dst (prefixes), OpenFlow's pipeline register metadata (64
+bits, with /mask: 0 when a packet enters table 0, changed by write_metadata), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
 tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
 strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, goto_table:N,
 controller[:MAX_LEN] (also output:controller[:MAX_LEN]; written CONTROLLER:MAX_LEN as
 ovs-ofctl shows it, 65535: the whole frame), in_port (back out of the input port; written
 IN_PORT), group:N (an OpenFlow group of the bridge) and meter:N (an OpenFlow meter of the
-bridge, OpenFlow's meter instruction: first of the actions, at most one). Ports are named
-here as the user wrote them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
+bridge, OpenFlow's meter instruction: first of the actions, at most one). OpenFlow's other
+instructions, written as OVS prints them, after the apply-actions and before goto_table:
+clear_actions, write_actions(ACTIONS) (the action set, run when the pipeline ends) and
+write_metadata:VALUE[/MASK]. Ports are named here as the user wrote them; a bridge
+resolves them. Pure functions and data: no datapath, no I/O.
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ SHORTHANDS = {
     "udp": {"dl_type": 0x0800, "nw_proto": 17},
     "arp": {"dl_type": 0x0806},
 }
-INT_FIELDS = {"dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF, "nw_tos": 0xFF,
-              "ip_dscp": 0x3F,
+U64 = (1 << 64) - 1
+INT_FIELDS = {"metadata": U64, "dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF,
+              "nw_tos": 0xFF, "ip_dscp": 0x3F,
               "tp_src": 0xFFFF, "tp_dst": 0xFFFF, "tun_id": 0xFFFFFF}
-MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id")
+MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id", "metadata")
 MAC_FIELDS = ("dl_src", "dl_dst")
 IP_FIELDS = ("nw_src", "nw_dst", "tun_src", "tun_dst")
-FIELD_ORDER = ("in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_src", "dl_dst",
-               "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos", "ip_dscp", "tp_src",
+FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_src",
+               "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos", "ip_dscp", "tp_src",
                "tp_dst")
 SET_FIELDS = {"tun_id": "set_tun_id", "tun_dst": "set_tun_dst"}   # set_field:V->FIELD
 SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.items()}
@@ -129,7 +134,24 @@ def _net(text: str, name: str) -> Prefix:
 
 
 def _split_top(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
+    """Comma-separated parts, a comma inside parentheses (write_actions(...)) kept."""
+    if "(" not in text:
+        return [p.strip() for p in text.split(",") if p.strip()]
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise FlowSyntaxError(f"unbalanced ')' in {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise FlowSyntaxError(f"unbalanced '(' in {text!r}")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
 
 
 def port_ref(text: str) -> str:
@@ -159,6 +181,9 @@ def parse_match(text: str) -> dict:
         elif name in MASKABLE_INTS and "/" in value:
             v, _, m = value.partition("/")
             match[name] = (_int(v, name, INT_FIELDS[name]), _int(m, name, INT_FIELDS[name]))
+            if name == "metadata":                     # as OVS keeps it: value under mask
+                v, m = match[name]
+                match[name] = v if m == U64 else (v & m, m)
         elif name in INT_FIELDS:
             match[name] = _int(value, name, INT_FIELDS[name])
             if name == "dl_vlan" and match[name] > 0xFFF and match[name] != VLAN_NONE:
@@ -192,8 +217,64 @@ def _check_prerequisites(match: dict) -> None:
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs tcp, udp or icmp)")
 
 
-def parse_actions(text: str) -> tuple[tuple, int | None]:
-    """(actions, goto_table or None); names interned (a rule set holds 100k of them)."""
+@dataclass(slots=True)
+class Instructions:
+    """OpenFlow's instructions besides apply-actions, meter and goto_table."""
+
+    write_actions: tuple | None = None     # None: no write_actions instruction
+    clear_actions: bool = False
+    write_metadata: tuple[int, int] | None = None   # (value, mask)
+
+
+def parse_instructions(text: str) -> tuple[tuple, int | None, Instructions]:
+    """(apply-actions, goto_table or None, the other instructions) of an actions= text, in
+    OpenFlow's order: meter, apply-actions, clear_actions, write_actions(...),
+    write_metadata, goto_table."""
+    inst = Instructions()
+    rest = []
+    stage = 0                                  # 1 clear, 2 write_actions, 3 write_metadata
+    for part in _split_top(text):
+        name, _, arg = part.partition(":")
+        name = name.strip()
+        if rest and rest[-1].startswith("goto_table"):
+            raise FlowSyntaxError("goto_table must be the last action")
+        if name.startswith("write_actions("):
+            if not part.endswith(")"):
+                raise FlowSyntaxError(f"write_actions(...): {part!r}")
+            if stage >= 2:
+                raise FlowSyntaxError("write_actions: once, after clear_actions and before "
+                                      "write_metadata")
+            stage = 2
+            inst.write_actions = parse_actions(part[len("write_actions("):-1], inner=True)[0]
+        elif name == "clear_actions" and not arg:
+            if stage >= 1:
+                raise FlowSyntaxError("clear_actions: once, before write_actions and "
+                                      "write_metadata")
+            stage = 1
+            inst.clear_actions = True
+        elif name == "write_metadata":
+            if stage >= 3:
+                raise FlowSyntaxError("write_metadata given twice")
+            stage = 3
+            v, slash, m = arg.strip().partition("/")
+            value = _int(v, "write_metadata", U64)
+            mask = _int(m, "write_metadata", U64) if slash else U64
+            if value & ~mask:
+                raise FlowSyntaxError(f"write_metadata: value {value:#x} has bits outside "
+                                      f"its mask {mask:#x}")
+            inst.write_metadata = (value, mask)
+        else:
+            if stage and name != "goto_table":
+                raise FlowSyntaxError(f"{part!r}: apply-actions come before clear_actions, "
+                                      "write_actions and write_metadata")
+            rest.append(part)
+    actions, goto = parse_actions(",".join(rest), n_other=len(inst.write_actions or ()))
+    return actions, goto, inst
+
+
+def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tuple, int | None]:
+    """(actions, goto_table or None); names interned (a rule set holds 100k of them).
+    ``inner``: the actions of write_actions(...) (no goto_table, meter or drop there)."""
     actions: list[tuple] = []
     goto = None
     for part in _split_top(text):
@@ -201,6 +282,9 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
         name = name.strip()
         if goto is not None:
             raise FlowSyntaxError("goto_table must be the last action")
+        if inner and name in ("goto_table", "meter", "drop", "write_actions",
+                              "clear_actions", "write_metadata"):
+            raise FlowSyntaxError(f"write_actions(...) cannot hold {name}")
         if name == "output" and arg.strip().lower().partition(":")[0] in UPPER_ACTIONS:
             name, _, arg = arg.strip().partition(":")         # output:CONTROLLER[:N] ...
         if name.lower() == "controller":
@@ -243,8 +327,9 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
             raise FlowSyntaxError(f"unknown action {part!r}")
     if any(a[0] == "drop" for a in actions) and (len(actions) > 1 or goto is not None):
         raise FlowSyntaxError("drop cannot be combined with other actions")
-    if len(actions) > MAX_OPS:
-        raise FlowSyntaxError(f"{len(actions)} actions: a rule holds at most {MAX_OPS}")
+    if len(actions) + n_other > MAX_OPS:
+        raise FlowSyntaxError(f"{len(actions) + n_other} actions: a rule holds at most "
+                              f"{MAX_OPS}")
     return tuple(a for a in actions if a[0] != "drop"), goto
 
 
@@ -260,6 +345,7 @@ class Flow:
     idle_timeout: int = 0
     hard_timeout: int = 0
     goto_table: int | None = None
+    inst: Instructions | None = None        # clear/write actions, write_metadata (None: none)
 
     def format_match(self) -> str:
         parts = []
@@ -278,7 +364,7 @@ class Flow:
                 v = v.hex(":") if isinstance(v, bytes) else f"{v[0].hex(':')}/{v[1].hex(':')}"
             elif name in IP_FIELDS:
                 v = str(v)
-            elif name == "tun_id":
+            elif name in ("tun_id", "metadata"):
                 v = f"0x{v[0]:x}/0x{v[1]:x}" if isinstance(v, tuple) else f"0x{v:x}"
             elif isinstance(v, tuple):
                 v = f"0x{v[0]:04x}/0x{v[1]:04x}"
@@ -288,13 +374,16 @@ class Flow:
         return ",".join(parts)
 
     def format_actions(self) -> str:
-        out = []
-        for a in self.actions:
-            if a[0] in ("set_tun_id", "set_tun_dst"):
-                out.append(f"set_field:{a[1]}->{a[0][4:]}")
-            else:
-                name = UPPER_ACTIONS.get(a[0], a[0])
-                out.append(f"{name}:{a[1]}" if len(a) == 2 else name)
+        out = [format_action(a) for a in self.actions]
+        inst = self.inst
+        if inst is not None:
+            if inst.clear_actions:
+                out.append("clear_actions")
+            if inst.write_actions is not None:
+                out.append(f"write_actions({','.join(map(format_action, inst.write_actions))})")
+            if inst.write_metadata is not None:
+                v, m = inst.write_metadata
+                out.append(f"write_metadata:0x{v:x}" + (f"/0x{m:x}" if m != U64 else ""))
         if self.goto_table is not None:
             out.append(f"goto_table:{self.goto_table}")
         return ",".join(out) or "drop"
@@ -329,6 +418,13 @@ class Flow:
         return "".join(f"{h}, " for h in self._head()) + self.format_body()
 
 
+def format_action(a: tuple) -> str:
+    if a[0] in ("set_tun_id", "set_tun_dst"):
+        return f"set_field:{a[1]}->{a[0][4:]}"
+    name = UPPER_ACTIONS.get(a[0], a[0])
+    return f"{name}:{a[1]}" if len(a) == 2 else name
+
+
 HEAD_INTS = {"priority": 0xFFFF, "table": TABLES - 1, "idle_timeout": 0xFFFF,
              "hard_timeout": 0xFFFF, "cookie": (1 << 64) - 1}
 
@@ -351,7 +447,9 @@ def parse_flow(text: str) -> Flow:
         else:
             rest.append(part)
     flow.match = parse_match(",".join(rest))
-    flow.actions, flow.goto_table = parse_actions(actions)
+    flow.actions, flow.goto_table, inst = parse_instructions(actions)
+    if inst != Instructions():
+        flow.inst = inst
     if flow.goto_table is not None and flow.goto_table <= flow.table:
         raise FlowSyntaxError(f"goto_table:{flow.goto_table} must name a later table than "
                               f"{flow.table}")
@@ -419,6 +517,8 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
     value: dict = {}
     mask: dict = {}
     for name, v in match.items():
+        if name == "metadata":
+            continue                               # not a key field: ``metadata_key``
         if name == "in_port":
             value["in_port"], mask["in_port"] = in_port_id, 0xFFFF
         elif name == "dl_vlan":
@@ -441,11 +541,21 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
     return pack_key(mask), pack_key(value)
 
 
+def metadata_key(match: dict) -> tuple[bytes, bytes]:
+    """(mask, value) of the match's metadata as the classifier's word after the key
+    (native byte order; both 0: metadata not matched)."""
+    v = match.get("metadata")
+    if v is None:
+        return bytes(8), bytes(8)
+    value, mask = (v, U64) if isinstance(v, int) else v
+    return mask.to_bytes(8, sys.byteorder), (value & mask).to_bytes(8, sys.byteorder)
+
+
 def key_fields(match: dict) -> dict:
     """A match given with exact values (``trace``) as the key fields of one packet."""
     fields: dict = {}
     for name, v in match.items():
-        if name == "in_port":
+        if name in ("in_port", "metadata"):
             continue
         if name == "dl_vlan":
             if v != VLAN_NONE:
