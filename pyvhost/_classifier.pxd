@@ -25,7 +25,8 @@ cdef enum:
 
 cdef struct aset_t:               # OpenFlow's action set, built along the pipeline
     uint32_t used                  # bit per slot
-    action_op_t hi[ASET_SLOTS]     # an OP_TUN_HI the slot's op needs (op 0: none)
+    uint8_t npre[ASET_SLOTS]       # OP_TUN_HI ops the slot's op takes first (its value's
+    action_op_t pre[ASET_SLOTS][2] # high bits)
     action_op_t op[ASET_SLOTS]
 
 cdef struct cls_rule_t:

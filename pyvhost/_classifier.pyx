@@ -20,8 +20,10 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 from pyvhost._flow cimport (
-    KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_CONTROLLER, OP_FLOOD, OP_GROUP, OP_IN_PORT, OP_METER,
-    OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
+    KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_CONTROLLER, OP_DEC_TTL, OP_FLOOD, OP_GROUP,
+    OP_IN_PORT, OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC,
+    OP_SET_NW_DST, OP_SET_NW_SRC, OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC, OP_SET_TUN_DST,
+    OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
 )
 from pyvhost._trie cimport (
     TRIE_NODES_PER_INSERT, prefix_len, prefix_mask, spare_move, spare_reserve, spare_trim,
@@ -297,16 +299,35 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
 
 # -- the action set (OpenFlow write_actions / clear_actions) ------------------------------------
 # One action of each kind, run when the pipeline ends, in the spec's order (5.10): pop,
-# push/set VLAN, set-field (one per field), group, then output (not when a group is set).
+# push/set VLAN, dec TTL, set-field (one per field), group, then output (not when a group
+# is set).
 
 cdef enum:
     ASET_POP_VLAN = 0
     ASET_SET_VLAN = 1
-    ASET_TUN_ID = 4
-    ASET_TUN_DST = 5
-    ASET_TUN_PAIR = 100        # what aset_slot says of an op OP_TUN_HI may precede
+    ASET_DEC_TTL = 2
+    ASET_TUN_ID = 3            # set-field: OP_SET_TUN_ID .. ; one slot per field
+    ASET_TUN_DST = 4
+    ASET_ETH_SRC = 5
+    ASET_ETH_DST = 6
+    ASET_NW_SRC = 7
+    ASET_NW_DST = 8
+    ASET_TP_SRC = 9
+    ASET_TP_DST = 10
+    ASET_DSCP = 11
+    ASET_PCP = 12
     ASET_GROUP = 14
     ASET_OUTPUT = 15
+
+
+cdef inline int wide_ops(uint16_t op) noexcept nogil:
+    """How many OP_TUN_HI an op's value takes (its high bits)."""
+    if op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
+        return 2
+    if op == OP_SET_TUN_ID or op == OP_SET_TUN_DST or op == OP_SET_NW_SRC or \
+            op == OP_SET_NW_DST:
+        return 1
+    return 0
 
 
 cdef inline int aset_slot_of(uint16_t op) noexcept nogil:
@@ -315,10 +336,28 @@ cdef inline int aset_slot_of(uint16_t op) noexcept nogil:
         return ASET_POP_VLAN
     if op == OP_SET_VLAN:
         return ASET_SET_VLAN
+    if op == OP_DEC_TTL:
+        return ASET_DEC_TTL
     if op == OP_SET_TUN_ID:
         return ASET_TUN_ID
     if op == OP_SET_TUN_DST:
         return ASET_TUN_DST
+    if op == OP_SET_ETH_SRC:
+        return ASET_ETH_SRC
+    if op == OP_SET_ETH_DST:
+        return ASET_ETH_DST
+    if op == OP_SET_NW_SRC:
+        return ASET_NW_SRC
+    if op == OP_SET_NW_DST:
+        return ASET_NW_DST
+    if op == OP_SET_TP_SRC:
+        return ASET_TP_SRC
+    if op == OP_SET_TP_DST:
+        return ASET_TP_DST
+    if op == OP_SET_DSCP:
+        return ASET_DSCP
+    if op == OP_SET_PCP:
+        return ASET_PCP
     if op == OP_GROUP:
         return ASET_GROUP
     if op == OP_OUTPUT or op == OP_FLOOD or op == OP_NORMAL or op == OP_CONTROLLER or \
@@ -327,49 +366,71 @@ cdef inline int aset_slot_of(uint16_t op) noexcept nogil:
     return -1
 
 
-cdef int aset_slot(uint16_t op) noexcept nogil:
-    """As aset_slot_of, but the tunnel ops (which take an OP_TUN_HI first) as ASET_TUN_PAIR."""
-    if op == OP_SET_TUN_ID or op == OP_SET_TUN_DST:
-        return ASET_TUN_PAIR
-    return aset_slot_of(op)
-
-
 cdef void aset_write(aset_t *s, const cls_rule_t *r) noexcept nogil:
     """Merge the rule's write-actions into the set (an action replaces its kind's)."""
-    cdef uint32_t i
-    cdef int slot
-    cdef action_op_t hi
-    hi.op = 0
-    hi.arg = 0
+    cdef uint32_t i, first
+    cdef int slot, j
     for i in range(r.n_apply, r.n_ops):
         if r.ops[i].op == OP_TUN_HI:
-            hi = r.ops[i]
-            continue
+            continue                                   # (taken with the op after it)
         slot = aset_slot_of(r.ops[i].op)
         if slot < 0:
             continue                                   # (refused when the rule was built)
         s.op[slot] = r.ops[i]
-        s.hi[slot] = hi
+        s.npre[slot] = wide_ops(r.ops[i].op)
+        first = i - s.npre[slot]                       # (_set_ops checked they are there)
+        for j in range(s.npre[slot]):
+            s.pre[slot][j] = r.ops[first + j]
         s.used |= (<uint32_t>1) << slot
-        hi.op = 0
 
 
 cdef int aset_emit(const aset_t *s, cls_result_t *out) noexcept nogil:
     """Append the set's actions in the spec's order; -1 if they do not fit."""
-    cdef int slot
+    cdef int slot, j
     for slot in range(ASET_SLOTS):
         if not (s.used >> slot) & 1:
             continue
         if slot == ASET_OUTPUT and (s.used >> ASET_GROUP) & 1:
             continue                                   # a group replaces the output
-        if out.n_ops + (2 if s.hi[slot].op else 1) > MAX_ACTION_OPS:
+        if out.n_ops + 1 + s.npre[slot] > MAX_ACTION_OPS:
             return -1
-        if s.hi[slot].op:
-            out.ops[out.n_ops] = s.hi[slot]
+        for j in range(s.npre[slot]):
+            out.ops[out.n_ops] = s.pre[slot][j]
             out.n_ops += 1
         out.ops[out.n_ops] = s.op[slot]
         out.n_ops += 1
     return 0
+
+
+cdef void key_apply(flow_key_t *k, uint16_t op, uint64_t v) noexcept nogil:
+    """What an apply-action set-field does to the key a later table matches (``v``: its
+    value with its OP_TUN_HI bits); only where the key has that header."""
+    cdef int j
+    cdef uint8_t *b
+    if op == OP_SET_VLAN:
+        k.vlan_tci = (k.vlan_tci & 0xE000) | 0x1000 | (v & 0xFFF)
+    elif op == OP_STRIP_VLAN:
+        k.vlan_tci = 0
+    elif op == OP_SET_PCP:
+        if k.vlan_tci:
+            k.vlan_tci = (k.vlan_tci & 0x1FFF) | ((v & 7) << 13)
+    elif op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
+        b = &k.dl_src[0] if op == OP_SET_ETH_SRC else &k.dl_dst[0]
+        for j in range(6):
+            b[j] = (v >> (40 - 8 * j)) & 0xFF
+    elif k.dl_type != 0x0800:
+        return
+    elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST:
+        b = <uint8_t *>&k.nw_src if op == OP_SET_NW_SRC else <uint8_t *>&k.nw_dst
+        for j in range(4):
+            b[j] = (v >> (24 - 8 * j)) & 0xFF
+    elif op == OP_SET_DSCP:
+        k.nw_tos = (k.nw_tos & 3) | ((v & 0x3F) << 2)
+    elif (op == OP_SET_TP_SRC or op == OP_SET_TP_DST) and (k.nw_proto == 6 or k.nw_proto == 17):
+        if op == OP_SET_TP_SRC:
+            k.tp_src = <uint16_t>v
+        else:
+            k.tp_dst = <uint16_t>v
 
 
 cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t *out) noexcept nogil:
@@ -386,6 +447,7 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
     cdef flow_key_t *key = <flow_key_t *>w
     cdef int table = 0
     cdef uint32_t i
+    cdef uint64_t hi = 0
     cdef cls_rule_t *r
     cdef aset_t aset
     aset.used = 0
@@ -404,13 +466,14 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
         if out.n_ops + r.n_apply > MAX_ACTION_OPS:
             out.overflow = 1
             break
-        for i in range(r.n_apply):
+        for i in range(r.n_apply):                     # a later table sees their edits
             out.ops[out.n_ops] = r.ops[i]
             out.n_ops += 1
-            if r.ops[i].op == OP_SET_VLAN:
-                key.vlan_tci = (key.vlan_tci & 0xE000) | 0x1000 | r.ops[i].arg
-            elif r.ops[i].op == OP_STRIP_VLAN:
-                key.vlan_tci = 0
+            if r.ops[i].op == OP_TUN_HI:
+                hi = (hi << 16) | r.ops[i].arg
+            else:
+                key_apply(key, r.ops[i].op, (hi << 16) | r.ops[i].arg)
+                hi = 0
         out.flags |= r.flags
         if r.flags & RULE_CLEAR:
             aset.used = 0
@@ -576,19 +639,26 @@ cdef class Classifier:
                 r.flags |= RULE_NORMAL
             i += 1
         n_apply = i
-        for j, (op, arg) in enumerate(write):
+        pending = 0                                    # OP_TUN_HI ops waiting for their op
+        for op, arg in write:
             if not (0 < op < 0x10000 and 0 <= arg < 0x10000):
                 raise ValueError(f"bad op ({op}, {arg})")
             if op == OP_TUN_HI:
-                if j + 1 >= len(write) or aset_slot(write[j + 1][0]) != ASET_TUN_PAIR:
-                    raise ValueError(f"write-actions: op {op} must precede a tunnel op")
-            elif aset_slot(op) < 0:
+                pending += 1
+            elif aset_slot_of(op) < 0:
                 raise ValueError(f"write-actions: op {op} has no place in an action set")
+            elif pending != wide_ops(op):
+                raise ValueError(f"write-actions: op {op} takes {wide_ops(op)} high-bits "
+                                 f"ops first, not {pending}")
+            else:
+                pending = 0
             r.ops[i].op = op
             r.ops[i].arg = arg
             if op == OP_NORMAL:
                 r.flags |= RULE_NORMAL
             i += 1
+        if pending:
+            raise ValueError("write-actions end in a high-bits op")
         r.n_ops = i
         r.n_apply = n_apply
         r.md_value = r.md_mask = 0

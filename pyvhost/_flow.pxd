@@ -15,13 +15,26 @@ cdef enum:
     OP_SET_VLAN = 3        # arg: vid (push a tag if none)
     OP_STRIP_VLAN = 4
     OP_NORMAL = 5          # MAC learning: resolved by the upcall, never cached
-    OP_TUN_HI = 6          # arg: the high 16 bits of the next OP_SET_TUN_* value
+    OP_TUN_HI = 6          # arg: 16 more high bits of the next wide op's value (OP_SET_TUN_*,
+                           # OP_SET_ETH_*, OP_SET_NW_*)
     OP_SET_TUN_ID = 7      # arg: the low 16 bits; tun_id = hi << 16 | arg
     OP_SET_TUN_DST = 8     # arg: the low 16 bits; tun_dst (IPv4, host order as an int)
     OP_CONTROLLER = 9      # arg: max_len (0xFFFF: whole frame): to the controller queue
     OP_IN_PORT = 10        # back out of the input port (OpenFlow IN_PORT)
     OP_GROUP = 11          # arg: group slot: resolved by the upcall, never cached
     OP_METER = 12          # arg: meter slot: run per packet (a band may drop the frame)
+    # set-field: the value is (the OP_TUN_HI args before it, each shifting 16 bits in) << 16
+    # | arg; an edit of a frame that lacks the header does nothing (the match ensures it)
+    OP_SET_ETH_SRC = 13    # 48 bits: two OP_TUN_HI first
+    OP_SET_ETH_DST = 14
+    OP_SET_NW_SRC = 15     # 32 bits (host order as a number): one OP_TUN_HI first
+    OP_SET_NW_DST = 16
+    OP_SET_TP_SRC = 17     # TCP/UDP port
+    OP_SET_TP_DST = 18
+    OP_SET_DSCP = 19       # arg: DSCP 0..63 (ECN kept)
+    OP_SET_PCP = 20        # arg: 802.1Q priority 0..7 (a tagged frame)
+    OP_DEC_TTL = 21        # IPv4 TTL - 1; one that would reach 0: the frame goes no further
+                           # (to the controller as INVALID_TTL, if it asked)
     EMC_ENTRIES = 8192
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot

@@ -428,7 +428,10 @@ ACTION_OPS = {"output": OP_OUTPUT, "flood": OP_FLOOD, "set_vlan": OP_SET_VLAN,
               "strip_vlan": OP_STRIP_VLAN, "normal": OP_NORMAL, "tun_hi": OP_TUN_HI,
               "set_tun_id": OP_SET_TUN_ID, "set_tun_dst": OP_SET_TUN_DST,
               "controller": OP_CONTROLLER, "in_port": OP_IN_PORT, "group": OP_GROUP,
-              "meter": OP_METER}
+              "meter": OP_METER, "set_eth_src": OP_SET_ETH_SRC, "set_eth_dst": OP_SET_ETH_DST,
+              "set_nw_src": OP_SET_NW_SRC, "set_nw_dst": OP_SET_NW_DST,
+              "set_tp_src": OP_SET_TP_SRC, "set_tp_dst": OP_SET_TP_DST,
+              "set_dscp": OP_SET_DSCP, "set_pcp": OP_SET_PCP, "dec_ttl": OP_DEC_TTL}
 MAX_OPS = MAX_ACTION_OPS
 MAX_TABLE_HOPS = MAX_HOPS
 EMC_SIZE = EMC_ENTRIES

@@ -16,7 +16,7 @@ import pytest
 
 from pyvhost._classifier import NO_GOTO_TABLE, Classifier
 from pyvhost._fdb import MacTable
-from pyvhost._flow import KEY_SIZE, frame_key, pack_key
+from pyvhost._flow import ACTION_OPS, KEY_SIZE, frame_key, pack_key
 from pyvhost.switch.bridge import (
     OP_CONTROLLER,
     OP_FLOOD,
@@ -24,6 +24,7 @@ from pyvhost.switch.bridge import (
     OP_OUTPUT,
     OP_SET_VLAN,
     OP_STRIP_VLAN,
+    OP_TUN_HI,
     Bridge,
 )
 from pyvhost.switch.flows import parse_flow
@@ -55,11 +56,34 @@ def words(raw: bytes) -> int:
 
 
 U64 = (1 << 64) - 1
+OP_SET_NW_DST, OP_SET_TP_DST = ACTION_OPS["set_nw_dst"], ACTION_OPS["set_tp_dst"]
 MD_VALUES, MD_MASKS = [0, 1, 2, 0x100, 0x101], [U64, 0xFF, 0x100]
 # the action set's slots, in the order it runs (OpenFlow 1.3, 5.10): pop, push/set VLAN,
 # group, output (an output not run when a group is set); the last write of each kind wins
 SLOT = {OP_STRIP_VLAN: 0, OP_SET_VLAN: 1, OP_GROUP: 14, OP_OUTPUT: 15, OP_FLOOD: 15,
         OP_CONTROLLER: 15}
+
+
+def set_nw_dst(addr: bytes) -> list:
+    v = int.from_bytes(addr, "big")
+    return [(OP_TUN_HI, v >> 16), (OP_SET_NW_DST, v & 0xFFFF)]
+
+
+def edited(k: int, op: int, value: int) -> int:
+    """The key (an int of its bytes, little-endian) as an apply-action leaves it for a
+    later table: VLAN ops; nw_dst and tp_dst of an IPv4 (TCP/UDP) packet."""
+    b = bytearray(k.to_bytes(KEY_SIZE, "little"))
+    ip = b[16:18] == (0x0800).to_bytes(2, "little")
+    if op == OP_SET_VLAN:
+        tci = int.from_bytes(b[2:4], "little")
+        b[2:4] = ((tci & 0xE000) | 0x1000 | value).to_bytes(2, "little")
+    elif op == OP_STRIP_VLAN:
+        b[2:4] = bytes(2)
+    elif op == OP_SET_NW_DST and ip:
+        b[24:28] = value.to_bytes(4, "big")
+    elif op == OP_SET_TP_DST and ip and b[28] in (6, 17):
+        b[32:34] = value.to_bytes(2, "little")
+    return int.from_bytes(b, "little")
 
 
 def md8(n: int) -> bytes:
@@ -82,9 +106,14 @@ def random_rule(rng: random.Random, table: int, tables: int):
     goto = NO_GOTO_TABLE
     if table + 1 < tables and rng.random() < 0.3:
         goto = rng.randint(table + 1, tables - 1)
-    r = rng.random()                # VLAN edits a later table sees, often to a vid it matches
+    r = rng.random()                # edits a later table sees, often to a value it matches
     ops = [(OP_SET_VLAN, rng.choice((5, 6, rng.randint(0, 4095))))] if r < 0.4 else \
-        [(OP_STRIP_VLAN, 0)] if r < 0.5 else []
+        [(OP_STRIP_VLAN, 0)] if r < 0.5 else \
+        set_nw_dst(rng.choice(VALUES["nw_dst"])) if r < 0.6 else \
+        [(OP_SET_TP_DST, rng.choice(VALUES["tp_dst"]))] if r < 0.65 else []
+    if r >= 0.5 and ops and goto == NO_GOTO_TABLE and table + 1 < tables and \
+            rng.random() < 0.7:             # (an edit a later table can see)
+        goto = rng.randint(table + 1, tables - 1)
     if rng.random() < 0.5:          # plain: a flow key's mask and value, no instructions
         return table, rng.randint(0, 12), mask, value, ops, goto
     # OpenFlow's instructions: a metadata match, write_metadata, clear/write actions (and
@@ -146,13 +175,13 @@ class Reference:
                 aset[SLOT[op]] = (op, arg)
             if wmd is not None:
                 md = (md & ~wmd[1]) | wmd[0]
-            for op, arg in self.rules[rid][4]:       # a later table sees the VLAN edits
-                tci = (k >> 16) & 0xFFFF             # (vlan_tci: the key's bytes 2-3)
-                if op == OP_SET_VLAN:
-                    tci = (tci & 0xE000) | 0x1000 | arg
-                elif op == OP_STRIP_VLAN:
-                    tci = 0
-                k = (k & ~(0xFFFF << 16)) | (tci << 16)
+            hi = 0
+            for op, arg in self.rules[rid][4]:       # a later table sees the edits
+                if op == OP_TUN_HI:
+                    hi = hi << 16 | arg
+                    continue
+                k = edited(k, op, hi << 16 | arg)
+                hi = 0
             goto = self.rules[rid][5]
             if goto == NO_GOTO_TABLE:
                 ops += [aset[s] for s in sorted(aset) if not (s == 15 and 14 in aset)]
@@ -308,6 +337,23 @@ def test_strict_and_select_and_modify():
     with pytest.raises(ValueError):
         cls.apply(changes=[(a, [], NO_GOTO_TABLE)], removes=[a])
     assert len(cls) == 3 and cls.lookup(key)[1] == [(1, 4)]
+
+
+def test_later_tables_see_set_field_edits():
+    """A set_field (ip_dst, tcp/udp dst) of table 0 is what table 1 matches; on a packet
+    without that header (ARP) it changes nothing."""
+    cls = Classifier()
+    cls.insert(0, 1, pack_key({}), pack_key({}), set_nw_dst(bytes([10, 0, 0, 2])) +
+               [(OP_SET_TP_DST, 80)], 1)
+    to2 = cls.insert(1, 5, pack_key({"nw_dst": b"\xff" * 4, "tp_dst": 0xFFFF}),
+                     pack_key({"nw_dst": bytes([10, 0, 0, 2]), "tp_dst": 80}), [(1, 7)])
+    other = cls.insert(1, 1, pack_key({}), pack_key({}), [(1, 8)])
+    for key, hop in ((pack_key({"dl_type": 0x0800, "nw_proto": 6, "tp_dst": 22,
+                                "nw_dst": bytes([10, 0, 0, 1])}), to2),
+                     (pack_key({"dl_type": 0x0800, "nw_proto": 1,
+                                "nw_dst": bytes([10, 0, 0, 1])}), other),     # no ports
+                     (pack_key({"dl_type": 0x0806, "nw_dst": bytes([10, 0, 0, 1])}), other)):
+        assert cls.lookup(key)[0][-1] == (1, hop), key.hex()
 
 
 def test_later_tables_see_the_vlan_ops_of_earlier_ones():

@@ -31,7 +31,7 @@ from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
 from pyvhost.openflow.manager import enable
 from pyvhost.switch import Switch, run_command
-from pyvhost.switch.flows import VLAN_NONE, Instructions, Prefix, parse_flow
+from pyvhost.switch.flows import VLAN_NONE, Instructions, Prefix, format_action, parse_flow
 from tests.harness import openflow as O
 from tests.harness.fuzzing import Counter, fuzz_settings, minimum
 
@@ -182,6 +182,25 @@ def test_instructions_round_trip(actions, match):
         assert A.decode_instructions(data, 2, match) == (actions, goto)
 
 
+@pytest.mark.parametrize("actions,text", [
+    ((("set_field", "eth_src", b"\x02\x00\x00\x00\x00\x09"),
+      ("set_field", "eth_dst", b"\xff" * 6)), ""),
+    ((("set_field", "ip_src", bytes([10, 0, 0, 9])), ("set_field", "ip_dst", bytes(4)),
+      ("set_field", "ip_dscp", 46), ("dec_ttl",)), "ip"),
+    ((("set_field", "tcp_src", 1), ("set_field", "tcp_dst", 0xFFFF)), "tcp"),
+    ((("set_field", "udp_src", 53), ("set_field", "udp_dst", 0)), "udp"),
+    ((("set_field", "vlan_pcp", 7), ("output", "1")), "dl_vlan=7"),
+    ((("mod_vlan_vid", 9), ("set_field", "vlan_pcp", 3)), "dl_vlan=0xffff"),
+])
+def test_set_field_and_dec_ttl_round_trip(actions, text):
+    """OpenFlow's form and back, and the model's text and back, say the same."""
+    flow = parse_flow(f"priority=1,{text + ',' if text else ''}"
+                      f"actions={','.join(map(format_action, actions))}")
+    assert flow.actions == actions
+    data = A.encode_actions(actions, flow.match, int)
+    assert A.decode_actions(data, flow.match) == actions
+
+
 @pytest.mark.parametrize("inst,match", [
     (Instructions(write_actions=(("output", "2"), ("group", 4))), {}),
     (Instructions(clear_actions=True), {}),
@@ -227,7 +246,7 @@ def test_metadata_match_round_trips():
     (O.apply_actions(struct.pack("!HHI", 22, 8, 0xFFFFFFFC)), {},
      (E.BAD_ACTION, E.BAC_BAD_OUT_GROUP)),
     (O.apply_actions(struct.pack("!HHI8x", 22, 16, 1)), {}, (E.BAD_ACTION, E.BAC_BAD_LEN)),
-    (O.apply_actions(struct.pack("!HHB3x", 24, 8, 0)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
+    (O.apply_actions(struct.pack("!HHB3x", 23, 8, 0)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HH4x", 99, 8)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HHI", 0xFFFF, 8, 0x2320)), {},
      (E.BAD_ACTION, E.BAC_BAD_EXPERIMENTER)),
@@ -241,8 +260,21 @@ def test_metadata_match_round_trips():
     (O.apply_actions(POP), {}, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
     (O.apply_actions(SET_VID(0x1005)), UNTAGGED, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
     (O.apply_actions(SET_VID(0x0005)), TAGGED, (E.BAD_ACTION, E.BAC_BAD_SET_ARGUMENT)),
-    (O.apply_actions(struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 3 << 9 | 6, bytes(6))),
-     {}, (E.BAD_ACTION, E.BAC_BAD_SET_TYPE)),
+    (O.apply_actions(struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 21 << 9 | 2, 1)),
+     {}, (E.BAD_ACTION, E.BAC_BAD_SET_TYPE)),                       # arp_op: not settable
+    (O.apply_actions(struct.pack("!HHI4s4x", 25, 16, 0x8000 << 16 | 11 << 9 | 4, bytes(4))),
+     {}, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),                 # ipv4_src without ip
+    (O.apply_actions(struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 13 << 9 | 2, 80)),
+     {"dl_type": 0x0800, "nw_proto": 17}, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
+    (O.apply_actions(struct.pack("!HHIB7x", 25, 16, 0x8000 << 16 | 7 << 9 | 1, 3)),
+     UNTAGGED, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),          # vlan_pcp untagged
+    (O.apply_actions(struct.pack("!HHIB7x", 25, 16, 0x8000 << 16 | 8 << 9 | 1, 64)),
+     {"dl_type": 0x0800}, (E.BAD_ACTION, E.BAC_BAD_SET_ARGUMENT)),  # dscp 64
+    (O.apply_actions(struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 3 << 9 | 0x10C,
+                                 bytes(6) * 2)[:16]),
+     {}, (E.BAD_ACTION, E.BAC_BAD_SET_LEN)),                        # eth_dst masked
+    (O.apply_actions(struct.pack("!HH4x", 24, 16) + bytes(8)), {},
+     (E.BAD_ACTION, E.BAC_BAD_LEN)),                                 # dec_nw_ttl long
     (O.apply_actions(struct.pack("!HHI", 25, 8, 0x8000 << 16 | 6 << 9 | 2)),
      TAGGED, (E.BAD_ACTION, E.BAC_BAD_SET_LEN)),
     (O.apply_actions(*[O.output(1)] * 33), {}, (E.BAD_ACTION, E.BAC_TOO_MANY)),
@@ -618,6 +650,15 @@ CORPUS = [
     O.flow_mod(O.ADD, O.match(O.oxm(6, b"\x00\x00")),
                WRITE(PUSH, SET_VID(0x1009), O.output(C.OFPP_CONTROLLER)) +
                struct.pack("!HH4xQQ", 2, 24, 1, 0xFFFFFFFFFFFFFFFF)),
+    # set-field of header fields (checksums follow), dec_nw_ttl
+    O.flow_mod(O.ADD, O.match(O.oxm(5, b"\x08\x00"), O.oxm(10, b"\x06")),
+               O.apply_actions(
+                   struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 4 << 9 | 6, b"\x02" * 6),
+                   struct.pack("!HHI4s4x", 25, 16, 0x8000 << 16 | 12 << 9 | 4, IP4("10.0.0.9")),
+                   struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 13 << 9 | 2, 8080),
+                   struct.pack("!HHIB7x", 25, 16, 0x8000 << 16 | 8 << 9 | 1, 46),
+                   struct.pack("!HH4x", 24, 8), O.output(2))),
+    O.packet_out(1, struct.pack("!HH4x", 24, 8) + O.output(2), FRAME),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 17, 18, 20, 24, 28, 29, 99]
 

@@ -106,7 +106,8 @@ def test_table_features_list_exactly_what_the_switch_takes(table):
         body = struct.pack("!I", h) + value
         act = struct.pack("!HH", 25, (4 + len(body) + 7) // 8 * 8) + body
         act += bytes((8 - len(act) % 8) % 8)
-        A.decode_actions(act, {"dl_vlan": 5})            # listed: taken
+        proto = 17 if oxm.key(h) in (oxm.UDP_SRC, oxm.UDP_DST) else 6
+        A.decode_actions(act, {"dl_vlan": 5, "dl_type": 0x0800, "nw_proto": proto})  # taken
 
 
 def test_table_mod_answers_as_the_spec(running):  # noqa: F811

@@ -153,7 +153,8 @@ def table_features(table: int, name: str = "") -> bytes:
     instr = [A.IT_APPLY_ACTIONS, A.IT_WRITE_ACTIONS, A.IT_CLEAR_ACTIONS, A.IT_WRITE_METADATA,
              A.IT_METER] + ([] if last else [A.IT_GOTO_TABLE])
     actions = b"".join(struct.pack("!HH", a, 4) for a in
-                       (A.AT_OUTPUT, A.AT_PUSH_VLAN, A.AT_POP_VLAN, A.AT_GROUP, A.AT_SET_FIELD))
+                       (A.AT_OUTPUT, A.AT_PUSH_VLAN, A.AT_POP_VLAN, A.AT_GROUP,
+                        A.AT_DEC_NW_TTL, A.AT_SET_FIELD))
     setfields = b"".join(struct.pack("!I", oxm.header(f, oxm.SIZES[f])) for f in oxm.SETTABLE)
     fields = [oxm.header(f, oxm.SIZES[f] * (2 if m else 1), m)
               for f, m in oxm.SUPPORTED.items()]

@@ -25,6 +25,12 @@ OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN
 OP_METER = ACTION_OPS["meter"]
 OP_TUN_HI, OP_SET_TUN_ID, OP_SET_TUN_DST = (
     ACTION_OPS[k] for k in ("tun_hi", "set_tun_id", "set_tun_dst"))
+OP_DEC_TTL = ACTION_OPS["dec_ttl"]
+SET_FIELD_OPS = {"eth_src": ACTION_OPS["set_eth_src"], "eth_dst": ACTION_OPS["set_eth_dst"],
+                 "ip_src": ACTION_OPS["set_nw_src"], "ip_dst": ACTION_OPS["set_nw_dst"],
+                 "tcp_src": ACTION_OPS["set_tp_src"], "tcp_dst": ACTION_OPS["set_tp_dst"],
+                 "udp_src": ACTION_OPS["set_tp_src"], "udp_dst": ACTION_OPS["set_tp_dst"],
+                 "ip_dscp": ACTION_OPS["set_dscp"], "vlan_pcp": ACTION_OPS["set_pcp"]}
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
 NO_PACKET_PORT = 0xFFFE   # trace of a packet given without in_port (matches no in_port rule)
 IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
@@ -189,6 +195,14 @@ class Bridge:
                 ops.append((OP_TUN_HI, v >> 16))
                 ops.append((OP_SET_TUN_ID if a[0] == "set_tun_id" else OP_SET_TUN_DST,
                             v & 0xFFFF))
+            elif a[0] == "set_field":               # wide values: 16 bits per op, high first
+                v = int.from_bytes(a[2], "big") if isinstance(a[2], bytes) else a[2]
+                for shift in range(16 * (len(a[2]) // 2 - 1) if isinstance(a[2], bytes) else 0,
+                                   0, -16):
+                    ops.append((OP_TUN_HI, (v >> shift) & 0xFFFF))
+                ops.append((SET_FIELD_OPS[a[1]], v & 0xFFFF))
+            elif a[0] == "dec_ttl":
+                ops.append((OP_DEC_TTL, 0))
             elif a[0] == "controller":
                 ops.append((OP_CONTROLLER, a[1]))
             elif a[0] == "in_port":

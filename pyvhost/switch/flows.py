@@ -11,7 +11,10 @@ VNI, with /mask), tun_src, tun_dst (prefixes), OpenFlow's pipeline register meta
 bits, with /mask: 0 when a packet enters table 0, changed by write_metadata), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
 tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
-strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, goto_table:N,
+strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, set_field:VALUE->FIELD for
+FIELD eth_src, eth_dst, ip_src, ip_dst, tcp_src, tcp_dst, udp_src, udp_dst, ip_dscp,
+vlan_pcp (also mod_dl_src/mod_dl_dst/mod_nw_src/mod_nw_dst/mod_vlan_pcp:VALUE; each with
+OVS's prerequisites on the match: ip, tcp, udp, a VLAN tag), dec_ttl, goto_table:N,
 controller[:MAX_LEN] (also output:controller[:MAX_LEN]; written CONTROLLER:MAX_LEN as
 ovs-ofctl shows it, 65535: the whole frame), in_port (back out of the input port; written
 IN_PORT), group:N (an OpenFlow group of the bridge) and meter:N (an OpenFlow meter of the
@@ -51,6 +54,13 @@ FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan",
                "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos", "ip_dscp", "tp_src",
                "tp_dst")
 SET_FIELDS = {"tun_id": "set_tun_id", "tun_dst": "set_tun_dst"}   # set_field:V->FIELD
+# the header fields a set_field edits: ("set_field", FIELD, value); value bytes for the
+# addresses, an int (with its limit here) for the others
+PACKET_SET_FIELDS = {"eth_src": None, "eth_dst": None, "ip_src": None, "ip_dst": None,
+                     "tcp_src": 0xFFFF, "tcp_dst": 0xFFFF, "udp_src": 0xFFFF,
+                     "udp_dst": 0xFFFF, "ip_dscp": 0x3F, "vlan_pcp": 7}
+MOD_ALIASES = {"mod_dl_src": "eth_src", "mod_dl_dst": "eth_dst", "mod_nw_src": "ip_src",
+               "mod_nw_dst": "ip_dst", "mod_vlan_pcp": "vlan_pcp"}
 SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.items()}
 DEFAULT_PRIORITY = 32768
 VLAN_NONE = 0xFFFF
@@ -300,11 +310,18 @@ def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tup
             actions.append(("mod_vlan_vid", _int(arg, "mod_vlan_vid", 0xFFF)))
         elif name == "goto_table":
             goto = _int(arg, "goto_table", TABLES - 1)
+        elif name in MOD_ALIASES:
+            actions.append(_set_field(MOD_ALIASES[name], arg.strip()))
+        elif name == "set_field" and arg.partition("->")[2].strip() in PACKET_SET_FIELDS:
+            value, _, target = arg.partition("->")
+            actions.append(_set_field(target.strip(), value.strip()))
         elif name == "set_field":
             value, arrow, target = arg.partition("->")
             target = target.strip()
             if not arrow or target not in SET_FIELDS:
-                raise FlowSyntaxError(f"set_field: VALUE->tun_id or VALUE->tun_dst, not {arg!r}")
+                raise FlowSyntaxError(f"set_field: VALUE->FIELD (FIELD one of "
+                                      f"{', '.join([*SET_FIELDS, *PACKET_SET_FIELDS])}), "
+                                      f"not {arg!r}")
             if target == "tun_id":
                 actions.append(("set_tun_id", _int(value.strip(), "tun_id", 0xFFFFFF)))
             else:
@@ -321,7 +338,7 @@ def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tup
             if meter == 0:
                 raise FlowSyntaxError("meter: 0 is not a meter (1..0xffff0000)")
             actions.append(("meter", meter))
-        elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
+        elif name in ("flood", "drop", "normal", "strip_vlan", "dec_ttl") and not arg:
             actions.append((sys.intern(name),))
         else:
             raise FlowSyntaxError(f"unknown action {part!r}")
@@ -418,9 +435,26 @@ class Flow:
         return "".join(f"{h}, " for h in self._head()) + self.format_body()
 
 
+def _set_field(name: str, text: str) -> tuple:
+    limit = PACKET_SET_FIELDS[name]
+    if name in ("eth_src", "eth_dst"):
+        return ("set_field", name, _mac(text, name))
+    if name in ("ip_src", "ip_dst"):
+        ip = _net(text, name)
+        if ip.plen != 32:
+            raise FlowSyntaxError(f"{name}: one address, not {ip}")
+        return ("set_field", name, ip.addr)
+    return ("set_field", name, _int(text, name, limit))
+
+
 def format_action(a: tuple) -> str:
     if a[0] in ("set_tun_id", "set_tun_dst"):
         return f"set_field:{a[1]}->{a[0][4:]}"
+    if a[0] == "set_field":
+        v = a[2]
+        text = v.hex(":") if isinstance(v, bytes) and len(v) == 6 else \
+            socket.inet_ntoa(v) if isinstance(v, bytes) else str(v)
+        return f"set_field:{text}->{a[1]}"
     name = UPPER_ACTIONS.get(a[0], a[0])
     return f"{name}:{a[1]}" if len(a) == 2 else name
 
@@ -450,10 +484,35 @@ def parse_flow(text: str) -> Flow:
     flow.actions, flow.goto_table, inst = parse_instructions(actions)
     if inst != Instructions():
         flow.inst = inst
+    check_action_prerequisites(flow.match, flow.actions)
+    check_action_prerequisites(flow.match, inst.write_actions or ())
     if flow.goto_table is not None and flow.goto_table <= flow.table:
         raise FlowSyntaxError(f"goto_table:{flow.goto_table} must name a later table than "
                               f"{flow.table}")
     return flow
+
+
+def check_action_prerequisites(match: dict, actions: tuple) -> None:
+    """A set_field only on packets that have its header, as OVS checks it: ip_* needs ip,
+    tcp_*/udp_* tcp/udp, vlan_pcp a VLAN tag (matched, or pushed by mod_vlan_vid before)."""
+    tagged = match.get("dl_vlan", VLAN_NONE) != VLAN_NONE
+    for a in actions:
+        if a[0] == "mod_vlan_vid":
+            tagged = True
+        elif a[0] == "strip_vlan":
+            tagged = False
+        if a[0] != "set_field":
+            continue
+        name = a[1]
+        proto = {"tcp": 6, "udp": 17}.get(name[:3])
+        if (name.startswith("ip_") or proto) and match.get("dl_type") != 0x0800:
+            raise FlowSyntaxError(f"set_field {name}: prerequisites not met (needs ip)")
+        if proto and match.get("nw_proto") != proto:
+            raise FlowSyntaxError(f"set_field {name}: prerequisites not met (needs "
+                                  f"{name[:3]})")
+        if name == "vlan_pcp" and not tagged:
+            raise FlowSyntaxError("set_field vlan_pcp: prerequisites not met (needs a VLAN "
+                                  "tag: dl_vlan=N or mod_vlan_vid before)")
 
 
 def split_canonical(text: str) -> tuple[dict[str, str], str]:
