@@ -1,13 +1,16 @@
 """The rest of the OpenFlow 1.3 pipeline through the real ``ovs-ofctl -O OpenFlow13`` against
 a running ``pyvhost switch`` with three pyvhost front-end guests: write_actions /
 clear_actions (the action set, run when the pipeline ends, in the spec's order), write_metadata
-and the metadata match, installed with ovs-ofctl's syntax, dumped the same by ovs-ofctl
-and ``ctl dump-flows``, and frames between the guests showing what the rules did."""
+and the metadata match, set_field on header fields and dec_ttl (PACKET_IN INVALID_TTL),
+installed with ovs-ofctl's syntax, dumped the same by ovs-ofctl and ``ctl dump-flows``, and
+frames between the guests showing what the rules did (checksums true), also when cached
+decisions would be reused across rules."""
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 
 import pytest
 
@@ -15,7 +18,8 @@ from tests.harness import openflow as O
 from tests.harness import processes
 from tests.harness.frontends import drain, switch_with_ports
 from tests.harness.openflow import flow_lines, ofctl
-from tests.test_openflow_packets import listening_port
+from tests.test_edit import csum, frame, layers, verify
+from tests.test_openflow_packets import listening_port, next_packet_in
 
 pytestmark = pytest.mark.skipif(not os.path.exists(O.OVS_OFCTL),
                                 reason="ovs-ofctl (Debian openvswitch-common) is not installed")
@@ -118,3 +122,95 @@ def test_action_set_and_metadata_through_ofctl(of_switch, tmp_path):
     dump = ofctl(target, "dump-flows").stdout
     assert re.search(r"n_packets=4, .*priority=10,metadata=0x6 actions=clear_actions", dump)
     assert drain(a, 0.2) == []
+
+
+def _ip(f: bytes) -> bytes:
+    return layers(f)[0]
+
+
+def test_set_field_and_dec_ttl_through_ofctl(of_switch):
+    """Header edits installed by ovs-ofctl arrive at the guest with true checksums; a TTL
+    that dec_ttl would take to 0 goes no further and reaches, as INVALID_TTL, only a
+    controller that asked for it (SET_ASYNC)."""
+    run_dir, ports, target = of_switch
+    a, b, c = ports["a"], ports["b"], ports["c"]
+    ofctl(target, "del-flows")
+    ofctl(target, "add-flow", "priority=10,in_port=1,tcp,actions=mod_dl_src:02:00:00:00:00:99,"
+          "mod_nw_dst:10.0.0.99,set_field:8080->tcp_dst,set_field:46->ip_dscp,dec_ttl,output:2")
+    ofctl(target, "add-flow", "priority=10,in_port=1,dl_vlan=5,udp,actions=set_field:3->vlan_pcp,"
+          "write_actions(set_field:5353->udp_dst,output:3)")
+    dump = ofctl(target, "dump-flows").stdout
+    assert "priority=10,tcp,in_port=1 actions=set_field:02:00:00:00:00:99->eth_src," \
+        "set_field:10.0.0.99->ip_dst,set_field:8080->tcp_dst,set_field:46->ip_dscp,dec_ttl," \
+        "output:2" in dump, dump
+    assert "priority=10,udp,in_port=1,dl_vlan=5 actions=set_field:3->vlan_pcp," \
+        "write_actions(set_field:5353->udp_dst,output:3)" in dump, dump
+    ctl = processes.ctl(run_dir, "dump-flows", "--no-stats", "br0")
+    assert "actions=set_field:02:00:00:00:00:99->eth_src,set_field:10.0.0.99->ip_dst," \
+        "set_field:8080->tcp_dst,set_field:46->ip_dscp,dec_ttl,output:b" in ctl.replace(
+            "output:2", "output:b"), ctl
+    a.send_all([frame(6)] * 2)
+    got = drain(b)
+    assert len(got) == 2 and got[0] == got[1]
+    g = got[0]
+    verify(g)
+    ip, l4 = layers(g)
+    assert g[6:12] == bytes([2, 0, 0, 0, 0, 0x99]) and ip[16:20] == bytes([10, 0, 0, 99])
+    assert l4[2:4] == (8080).to_bytes(2, "big") and ip[1] == 46 << 2 | 1 and ip[8] == 63
+    a.send_all([frame(17, vlan=0x0005)])
+    got = drain(c)
+    assert len(got) == 1 and got[0][14:16] == bytes([0x60, 0x05]), got
+    verify(got[0])
+    assert layers(got[0])[1][2:4] == (5353).to_bytes(2, "big") and drain(b, 0.2) == []
+    # TTL 1: not forwarded; PACKET_IN INVALID_TTL only where SET_ASYNC asked for it
+    with O.Client("127.0.0.1", listening_port(run_dir)) as plain, \
+            O.Client("127.0.0.1", listening_port(run_dir)) as asking:
+        assert plain.alive() and asking.alive()
+        asking.send(O.msg(28, struct.pack("!6I", 0b111, 0, 0b111, 0b111, 0b1111, 0)))
+        assert asking.alive()
+        a.send_all([frame(6, ttl=1)])
+        pin = next_packet_in(asking)
+        assert (pin["reason"], pin["in_port"], pin["table"]) == (2, 1, 0)
+        ip = _ip(pin["data"])                        # as the actions before it left it
+        assert ip[8] == 1 and ip[16:20] == bytes([10, 0, 0, 99])
+        verify(pin["data"])
+        assert drain(b, 0.3) == []
+        plain.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            plain.recv()
+
+
+def test_megaflow_never_carries_a_decision_across_rules(of_switch):
+    """Table 0 rewrites ip_dst, table 1 decides on ip_src and the new ip_dst: frames that
+    differ only in fields a table consulted, sent interleaved so that cached decisions
+    would be reused, each go where the rules say."""
+    run_dir, ports, target = of_switch
+    a, b, c = ports["a"], ports["b"], ports["c"]
+    ofctl(target, "del-flows")
+    ofctl(target, "add-flow", "priority=5,in_port=2,ip,actions=set_field:10.0.0.50->ip_dst,"
+          "goto_table:1")
+    ofctl(target, "add-flow", "priority=5,in_port=2,arp,actions=goto_table:1")
+    ofctl(target, "add-flow", "table=1,priority=10,ip,nw_src=10.0.0.1,nw_dst=10.0.0.50,"
+          "actions=output:1")
+    ofctl(target, "add-flow", "table=1,priority=20,tcp,nw_src=10.0.0.1,tp_dst=22,"
+          "actions=output:3")
+    ofctl(target, "add-flow", "table=1,priority=1,actions=output:3")
+
+    def from_src(f: bytes, src: bytes) -> bytes:     # the same frame, another ip_src
+        off = 14
+        ip = f[off:off + 12] + src + f[off + 16:off + 20]
+        ip = ip[:10] + b"\0\0" + ip[12:]
+        ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+        return f[:off] + ip + f[off + 20:]
+
+    one = frame(6)                                   # 10.0.0.1 -> a
+    other = from_src(frame(6), bytes([10, 0, 0, 7]))  # -> c
+    ssh = one[:36] + (22).to_bytes(2, "big") + one[38:]   # tp_dst 22 -> c (its L4 checksum
+    arp = b"\xff" * 6 + MAC["b"] + b"\x08\x06" + bytes(28)   # is off: not checked) ; -> c
+    for _ in range(3):
+        b.send_all([one, other, ssh, arp, one])
+        got_a, got_c = drain(a), drain(c)
+        assert len(got_a) == 2 and all(_ip(f)[16:20] == bytes([10, 0, 0, 50]) for f in got_a)
+        assert [(_ip(f)[12:16], f[36:38]) if f[12:14] == b"\x08\x00" else "arp"
+                for f in got_c] == [(bytes([10, 0, 0, 7]), (80).to_bytes(2, "big")),
+                                    (bytes([10, 0, 0, 1]), (22).to_bytes(2, "big")), "arp"]
