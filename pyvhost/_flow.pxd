@@ -7,7 +7,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from pyvhost._pktpool cimport pkt_t
 
 cdef enum:
-    KEY_WORDS = 6
+    KEY_WORDS = 8
     MAX_ACTION_OPS = 32
     MAX_HOPS = 8           # rules one lookup may pass through (goto_table)
     OP_OUTPUT = 1          # arg: port id
@@ -59,7 +59,10 @@ cdef struct flow_key_t:
     uint16_t pad1
     uint32_t tun_id         # tunnel metadata (pkt_t's): 0 when not from a tunnel
     uint32_t tun_src        # network order
-    uint32_t tun_dst        # the key is exactly KEY_WORDS 64-bit words
+    uint32_t tun_dst
+    uint8_t arp_sha[6]      # ARP: the sender's and target's hardware addresses
+    uint8_t arp_tha[6]
+    uint32_t pad2           # the key is exactly KEY_WORDS 64-bit words
 
 cdef struct action_op_t:
     uint16_t op

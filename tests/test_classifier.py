@@ -39,6 +39,7 @@ FIELDS = {
     "nw_src": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\xff\xff\x00\x00"],
     "nw_dst": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\xff\x00\x00\x00"],
     "dl_src": [b"\xff" * 6, b"\x01\x00\x00\x00\x00\x00"], "dl_dst": [b"\xff" * 6],
+    "arp_tha": [b"\xff" * 6, b"\xff" * 5 + b"\x00"],
 }
 # few distinct values per field, so that random packets hit random rules often
 VALUES = {
@@ -48,6 +49,7 @@ VALUES = {
     "nw_dst": [bytes([10, 0, 0, i]) for i in (1, 2)] + [bytes([192, 168, 0, 1])],
     "dl_src": [bytes([2, 0, 0, 0, 0, i]) for i in (1, 2)] + [bytes([3, 0, 0, 0, 0, 1])],
     "dl_dst": [bytes([2, 0, 0, 0, 0, i]) for i in (1, 2, 3)],
+    "arp_tha": [bytes([2, 0, 0, 0, 0, i]) for i in (0, 1)] + [bytes([2, 0, 0, 0, 1, 0])],
 }
 
 

@@ -31,7 +31,14 @@ from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
 from pyvhost.openflow.manager import enable
 from pyvhost.switch import Switch, run_command
-from pyvhost.switch.flows import VLAN_NONE, Instructions, Prefix, format_action, parse_flow
+from pyvhost.switch.flows import (
+    VLAN_NONE,
+    Flow,
+    Instructions,
+    Prefix,
+    format_action,
+    parse_flow,
+)
 from tests.harness import openflow as O
 from tests.harness.fuzzing import Counter, fuzz_settings, minimum
 
@@ -101,7 +108,11 @@ IPT = O.oxm(5, b"\x08\x00")
 
 
 @pytest.mark.parametrize("tlvs,code", [
-    (O.oxm(7, b"\x03"), E.BMC_BAD_FIELD),                              # vlan_pcp
+    (O.oxm(7, b"\x03"), E.BMC_BAD_PREREQ),                             # vlan_pcp, no vid
+    (O.oxm(6, b"\x00\x00") + O.oxm(7, b"\x03"), E.BMC_BAD_PREREQ),      # pcp untagged
+    (O.oxm(6, b"\x10\x05") + O.oxm(7, b"\x08"), E.BMC_BAD_VALUE),      # pcp 8
+    (O.oxm(6, b"\x10\x00", b"\x1f\x00") + O.oxm(7, b"\x03"), E.BMC_BAD_MASK),
+    (O.oxm(24, b"\x02" * 6), E.BMC_BAD_PREREQ),                        # arp_sha, no arp
     (O.oxm(1, bytes(4)), E.BMC_BAD_FIELD),                             # in_phy_port
     (O.oxm(60, b"\x00"), E.BMC_BAD_FIELD),                             # unknown field
     (struct.pack("!I", 0xFFFF << 16 | 1 << 9 | 8) + bytes(8), E.BMC_BAD_FIELD),  # experimenter
@@ -119,7 +130,7 @@ IPT = O.oxm(5, b"\x08\x00")
     (O.oxm(5, b"\x08\x00", b"\xff\x00"), E.BMC_BAD_MASK),              # eth_type masked
     (O.oxm(6, b"\x10\x00", b"\x10\x00"), E.BMC_BAD_MASK),              # vlan: any tag
     (O.oxm(6, b"\x00\x05"), E.BMC_BAD_VALUE),                          # vid without PRESENT
-    (IPT + O.oxm(9, b"\x01"), E.BMC_BAD_FIELD),                        # ip_ecn alone
+    (IPT + O.oxm(9, b"\x04"), E.BMC_BAD_VALUE),                        # ip_ecn 4
     (IPT + O.oxm(8, b"\x40"), E.BMC_BAD_VALUE),                        # dscp 64
     (O.oxm(5, b"\x86\xdd") + O.oxm(10, b"\x06"), E.BMC_BAD_FIELD),     # IPv6 ip_proto
     (O.oxm(5, b"\x08\x06") + O.oxm(21, b"\x01\x00"), E.BMC_BAD_VALUE),  # arp_op 256
@@ -229,10 +240,36 @@ def test_write_instruction_refusals(ins, code):
     assert (e.value.type, e.value.code) == (E.BAD_INSTRUCTION, code)
 
 
-def test_metadata_match_round_trips():
-    for md in (5, (0x10, 0xF0), (0, 1)):
-        tlvs = oxm.encode({"metadata": md}, int)
-        assert oxm.decode(tlvs) == {"metadata": md}
+def test_wide_set_fields_count_as_the_ops_they_take():
+    """A MAC takes three datapath ops: eleven set_field eth_src (33) are too many, ten (30)
+    fit, and with apply- and write-actions counted together."""
+    eth = struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 4 << 9 | 6, b"\x02" * 6)
+    assert len(A.decode_actions(eth * 10, {})) == 10
+    for ins in (O.apply_actions(*[eth] * 11),
+                O.apply_actions(*[eth] * 6) + WRITE(*[eth] * 5)):
+        with pytest.raises(OFError) as e:
+            A.decode_flow_instructions(ins, 0, {})
+        assert (e.value.type, e.value.code) == (E.BAD_ACTION, E.BAC_TOO_MANY)
+
+
+@pytest.mark.parametrize("match", [
+    {"metadata": 5}, {"metadata": (0x10, 0xF0)}, {"metadata": (0, 1)},
+    {"dl_vlan_pcp": 3}, {"dl_vlan": 5, "dl_vlan_pcp": 7},
+    {"dl_type": 0x0800, "nw_ecn": 2}, {"dl_type": 0x0800, "ip_dscp": 46, "nw_ecn": 1},
+    {"dl_type": 0x0806, "arp_sha": b"\x02" * 6,
+     "arp_tha": (b"\x02" * 5 + b"\x00", b"\xff" * 5 + b"\x00")},
+])
+def test_pipeline_matches_round_trip(match):
+    """metadata, vlan_pcp (alone: vlan_vid PRESENT/PRESENT, as OVS sends it), ip_ecn,
+    arp_sha/arp_tha: OXM and back, the model's text and back."""
+    tlvs = oxm.encode(match, int)
+    got = oxm.decode(tlvs)
+    if "ip_dscp" in match and "nw_ecn" in match:          # both: the whole TOS byte
+        assert got == {"dl_type": 0x0800, "nw_tos": 46 << 2 | 1}
+    else:
+        assert got == match
+    flow = parse_flow(Flow(1, got, (("output", "1"),)).format())
+    assert flow.match == got
 
 
 @pytest.mark.parametrize("ins,match,want", [
@@ -437,7 +474,7 @@ def test_flow_mods_follow_the_spec(running):
     (O.flow_mod(O.ADD, IN1, O.apply_actions(O.output(9))), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.flow_mod(O.ADD, O.match(O.oxm(0, struct.pack("!I", 9))), TO2),
      (E.BAD_MATCH, E.BMC_BAD_VALUE)),
-    (O.flow_mod(O.ADD, O.match(O.oxm(7, b"\x01")), TO2), (E.BAD_MATCH, E.BMC_BAD_FIELD)),
+    (O.flow_mod(O.ADD, O.match(O.oxm(1, bytes(4))), TO2), (E.BAD_MATCH, E.BMC_BAD_FIELD)),
     (O.flow_mod(O.ADD, struct.pack("!HH4x", 1, 40)), (E.BAD_MATCH, E.BMC_BAD_LEN)),
     (O.msg(O.FLOW_MOD, bytes(20)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
     (O.msg(O.FEATURES_REQUEST, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),

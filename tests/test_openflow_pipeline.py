@@ -214,3 +214,43 @@ def test_megaflow_never_carries_a_decision_across_rules(of_switch):
         assert [(_ip(f)[12:16], f[36:38]) if f[12:14] == b"\x08\x00" else "arp"
                 for f in got_c] == [(bytes([10, 0, 0, 7]), (80).to_bytes(2, "big")),
                                     (bytes([10, 0, 0, 1]), (22).to_bytes(2, "big")), "arp"]
+
+
+def test_pcp_ecn_and_arp_hardware_matches_through_ofctl(of_switch):
+    """dl_vlan_pcp (alone: any tag with that priority), nw_ecn and arp_sha/arp_tha (masked)
+    installed by ovs-ofctl, dumped back the same, and frames sorted by them."""
+    run_dir, ports, target = of_switch
+    a, b, c = ports["a"], ports["b"], ports["c"]
+    ofctl(target, "del-flows")
+    for flow in ("priority=10,in_port=1,dl_vlan_pcp=5,actions=output:2",
+                 "priority=10,in_port=1,ip,nw_ecn=3,actions=output:2",
+                 "priority=10,in_port=1,arp,arp_sha=02:00:00:00:00:01,"
+                 "arp_tha=02:00:00:00:00:00/ff:ff:ff:ff:ff:00,actions=output:2",
+                 "priority=1,in_port=1,actions=output:3"):
+        ofctl(target, "add-flow", flow)
+    dump = ofctl(target, "dump-flows").stdout
+    for text in ("priority=10,in_port=1,dl_vlan_pcp=5 actions=output:2",
+                 "priority=10,ip,in_port=1,nw_ecn=3 actions=output:2",
+                 "priority=10,arp,in_port=1,arp_sha=02:00:00:00:00:01,"
+                 "arp_tha=02:00:00:00:00:00/ff:ff:ff:ff:ff:00 actions=output:2"):
+        assert text in dump, dump
+    ctl = processes.ctl(run_dir, "dump-flows", "--no-stats", "br0")
+    assert "priority=10,in_port=1,dl_vlan_pcp=5 actions=output:2" in ctl.replace(
+        "in_port=a", "in_port=1").replace("output:b", "output:2"), ctl
+
+    def arp(sha: bytes, tha: bytes) -> bytes:
+        return b"\xff" * 6 + MAC["a"] + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 1]) + sha + \
+            bytes([10, 0, 0, 1]) + tha + bytes([10, 0, 0, 2])
+
+    to_b = [frame(6, vlan=0xA007), frame(6, vlan=0xA000),         # pcp 5 (vid 7, vid 0)
+            arp(bytes([2, 0, 0, 0, 0, 1]), bytes([2, 0, 0, 0, 0, 0x42]))]
+    ecn = frame(6)
+    ecn = ecn[:15] + bytes([ecn[15] | 3]) + ecn[16:]              # (IP checksum off: fine)
+    to_b.append(ecn)
+    to_c = [frame(6, vlan=0x8007), frame(6),                      # pcp 4; untagged, ECN 1
+            arp(bytes([2, 0, 0, 0, 0, 2]), bytes([2, 0, 0, 0, 0, 0x42])),
+            arp(bytes([2, 0, 0, 0, 0, 1]), bytes([2, 0, 0, 0, 1, 0x42]))]
+    for _ in range(2):                                            # (and from the caches)
+        for f in to_b + to_c:
+            a.send_all([f])
+        assert drain(b) == to_b and drain(c) == to_c

@@ -25,7 +25,7 @@ import struct
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS
-from pyvhost.switch.flows import METER_MAX, U64, VLAN_NONE, Instructions, Prefix
+from pyvhost.switch.flows import METER_MAX, U64, VLAN_NONE, Instructions, Prefix, op_count
 
 from . import codec as C
 from . import errors as E
@@ -181,8 +181,9 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
             raise _act(E.BAC_BAD_TYPE, f"unknown action type {atype}")
         if atype != AT_PUSH_VLAN and atype != AT_SET_FIELD:
             pushed_at = -1
-    if len(out) > MAX_OPS:
-        raise _act(E.BAC_TOO_MANY, f"{len(out)} actions: a rule holds at most {MAX_OPS}")
+    if op_count(out) > MAX_OPS:
+        raise _act(E.BAC_TOO_MANY, f"{len(out)} actions taking {op_count(out)} datapath ops: "
+                                   f"a rule holds at most {MAX_OPS}")
     return tuple(out)
 
 
@@ -300,12 +301,12 @@ def decode_flow_instructions(data: bytes, table: int,
                           "experimenter instructions are not supported")
         else:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST, f"instruction type {itype}")
-    written = len(inst.write_actions or ())
-    if len(actions) + written > MAX_OPS:
-        raise _act(E.BAC_TOO_MANY, f"{len(actions) + written} actions: a rule holds at most "
-                                   f"{MAX_OPS}")
+    written = op_count(inst.write_actions or ())
+    if op_count(actions) + written > MAX_OPS:
+        raise _act(E.BAC_TOO_MANY, f"{op_count(actions) + written} datapath ops: a rule "
+                                   f"holds at most {MAX_OPS}")
     if meter is not None:
-        if len(actions) + written + 1 > MAX_OPS:
+        if op_count(actions) + written + 1 > MAX_OPS:
             raise _act(E.BAC_TOO_MANY, f"{len(actions)} actions and a meter: a rule holds "
                                        f"at most {MAX_OPS}")
         actions = (("meter", meter),) + actions

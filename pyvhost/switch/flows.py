@@ -6,7 +6,9 @@
 
 Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), nw_src,
 nw_dst (prefix or /netmask), nw_proto, nw_tos (the whole TOS byte), ip_dscp (its six DSCP
-bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), the tunnel metadata tun_id (the
+bits, as OpenFlow's IP_DSCP), nw_ecn (its two ECN bits), dl_vlan_pcp (the 802.1Q priority:
+a tagged frame), arp_sha, arp_tha (with /mask; arp), tp_src, tp_dst (with /mask), the
+tunnel metadata tun_id (the
 VNI, with /mask), tun_src, tun_dst (prefixes), OpenFlow's pipeline register metadata (64
 bits, with /mask: 0 when a packet enters table 0, changed by write_metadata), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
@@ -45,14 +47,14 @@ SHORTHANDS = {
 }
 U64 = (1 << 64) - 1
 INT_FIELDS = {"metadata": U64, "dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF,
-              "nw_tos": 0xFF, "ip_dscp": 0x3F,
+              "nw_tos": 0xFF, "ip_dscp": 0x3F, "nw_ecn": 3, "dl_vlan_pcp": 7,
               "tp_src": 0xFFFF, "tp_dst": 0xFFFF, "tun_id": 0xFFFFFF}
 MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id", "metadata")
-MAC_FIELDS = ("dl_src", "dl_dst")
+MAC_FIELDS = ("dl_src", "dl_dst", "arp_sha", "arp_tha")
 IP_FIELDS = ("nw_src", "nw_dst", "tun_src", "tun_dst")
-FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_src",
-               "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos", "ip_dscp", "tp_src",
-               "tp_dst")
+FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_vlan_pcp",
+               "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos",
+               "ip_dscp", "nw_ecn", "tp_src", "tp_dst", "arp_sha", "arp_tha")
 SET_FIELDS = {"tun_id": "set_tun_id", "tun_dst": "set_tun_dst"}   # set_field:V->FIELD
 # the header fields a set_field edits: ("set_field", FIELD, value); value bytes for the
 # addresses, an int (with its limit here) for the others
@@ -216,9 +218,15 @@ def _check_prerequisites(match: dict) -> None:
     for name in ("nw_src", "nw_dst"):
         if name in match and dl_type not in (0x0800, 0x0806):
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip or arp)")
-    if "nw_tos" in match and "ip_dscp" in match:
-        raise FlowSyntaxError("nw_tos and ip_dscp: give one (nw_tos includes the DSCP bits)")
-    for name in ("nw_proto", "nw_tos", "ip_dscp"):
+    if "nw_tos" in match and ("ip_dscp" in match or "nw_ecn" in match):
+        raise FlowSyntaxError("nw_tos with ip_dscp or nw_ecn: nw_tos is the whole TOS byte")
+    if "dl_vlan_pcp" in match and match.get("dl_vlan") == VLAN_NONE:
+        raise FlowSyntaxError("dl_vlan_pcp: prerequisites not met (a tagged frame, not "
+                              "dl_vlan=0xffff)")
+    for name in ("arp_sha", "arp_tha"):
+        if name in match and dl_type != 0x0806:
+            raise FlowSyntaxError(f"{name}: prerequisites not met (needs arp)")
+    for name in ("nw_proto", "nw_tos", "ip_dscp", "nw_ecn"):
         if name in match and dl_type != 0x0800 and not (name == "nw_proto" and
                                                         dl_type == 0x0806):
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip)")
@@ -278,7 +286,7 @@ def parse_instructions(text: str) -> tuple[tuple, int | None, Instructions]:
                 raise FlowSyntaxError(f"{part!r}: apply-actions come before clear_actions, "
                                       "write_actions and write_metadata")
             rest.append(part)
-    actions, goto = parse_actions(",".join(rest), n_other=len(inst.write_actions or ()))
+    actions, goto = parse_actions(",".join(rest), n_other=op_count(inst.write_actions or ()))
     return actions, goto, inst
 
 
@@ -344,10 +352,22 @@ def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tup
             raise FlowSyntaxError(f"unknown action {part!r}")
     if any(a[0] == "drop" for a in actions) and (len(actions) > 1 or goto is not None):
         raise FlowSyntaxError("drop cannot be combined with other actions")
-    if len(actions) + n_other > MAX_OPS:
-        raise FlowSyntaxError(f"{len(actions) + n_other} actions: a rule holds at most "
-                              f"{MAX_OPS}")
+    if op_count(actions) + n_other > MAX_OPS:
+        raise FlowSyntaxError(f"{len(actions)} actions taking {op_count(actions) + n_other} "
+                              f"datapath ops in all: a rule holds at most {MAX_OPS}")
     return tuple(a for a in actions if a[0] != "drop"), goto
+
+
+def op_count(actions: tuple) -> int:
+    """Datapath ops the actions take (a wide value takes 16 bits per op: a MAC 3, an IPv4
+    address or a tunnel field 2)."""
+    n = 0
+    for a in actions:
+        if a[0] == "set_field" and isinstance(a[2], bytes):
+            n += len(a[2]) // 2
+        else:
+            n += 2 if a[0] in ("set_tun_id", "set_tun_dst") else 1
+    return n
 
 
 @dataclass(slots=True)
@@ -584,14 +604,20 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
             if v == VLAN_NONE:
                 value["vlan_tci"], mask["vlan_tci"] = 0, 0xFFFF
             else:
-                value["vlan_tci"], mask["vlan_tci"] = v | 0x1000, 0x1FFF
+                value["vlan_tci"] = value.get("vlan_tci", 0) | v | 0x1000
+                mask["vlan_tci"] = mask.get("vlan_tci", 0) | 0x1FFF
         elif name in MAC_FIELDS:
             mac, m = (v, FULL_MAC) if isinstance(v, bytes) else v
             value[name], mask[name] = mac, m
         elif name in IP_FIELDS:
             value[name], mask[name] = v.addr, v.mask
-        elif name == "ip_dscp":
-            value["nw_tos"], mask["nw_tos"] = v << 2, 0xFC
+        elif name in ("ip_dscp", "nw_ecn"):             # parts of the TOS byte
+            shift, bits = (2, 0xFC) if name == "ip_dscp" else (0, 0x03)
+            value["nw_tos"] = value.get("nw_tos", 0) | v << shift
+            mask["nw_tos"] = mask.get("nw_tos", 0) | bits
+        elif name == "dl_vlan_pcp":                     # a tag with this priority
+            value["vlan_tci"] = value.get("vlan_tci", 0) | v << 13 | 0x1000
+            mask["vlan_tci"] = mask.get("vlan_tci", 0) | 0xF000
         elif isinstance(v, tuple):
             value[name], mask[name] = v
         else:
@@ -618,7 +644,11 @@ def key_fields(match: dict) -> dict:
             continue
         if name == "dl_vlan":
             if v != VLAN_NONE:
-                fields["vlan_tci"] = v | 0x1000
+                fields["vlan_tci"] = fields.get("vlan_tci", 0) | v | 0x1000
+        elif name == "dl_vlan_pcp":
+            fields["vlan_tci"] = fields.get("vlan_tci", 0) | v << 13 | 0x1000
+        elif name == "nw_ecn":
+            fields["nw_tos"] = fields.get("nw_tos", 0) | v
         elif name in MAC_FIELDS:
             fields[name] = v if isinstance(v, bytes) else v[0]
         elif name in IP_FIELDS:
@@ -626,7 +656,7 @@ def key_fields(match: dict) -> dict:
                 raise FlowSyntaxError(f"{name}: a packet has one address, not {v}")
             fields[name] = v.addr
         elif name == "ip_dscp":
-            fields["nw_tos"] = v << 2
+            fields["nw_tos"] = fields.get("nw_tos", 0) | v << 2
         else:
             fields[name] = v[0] if isinstance(v, tuple) else v
     return fields
