@@ -595,6 +595,31 @@ cdef class Datapath:
                 time.sleep(0.0005)
 
 
+cdef cls_rule_t *rule_of_op(const actions_t *a, int at, uint16_t op, bint apply) noexcept nogil:
+    """The rule of ``a`` that op ``at`` (an ``op``) came from: ``apply``, the one whose
+    apply-actions hold the k-th ``op`` of all theirs (``at`` the k-th in ``a``); else the
+    last rule whose write-actions hold one (the action set keeps the last written)."""
+    cdef int i, h, j, k = 0
+    cdef cls_rule_t *r
+    cdef cls_rule_t *found = NULL
+    for i in range(at):
+        if a.ops[i].op == op:
+            k += 1
+    for h in range(a.n_rules):
+        r = <cls_rule_t *>a.rules[h]
+        for j in range(r.n_apply if apply else r.n_ops):
+            if r.ops[j].op != op:
+                continue
+            if not apply:
+                if j >= r.n_apply:
+                    found = r
+            elif k == 0:
+                return r
+            else:
+                k -= 1
+    return found
+
+
 cdef class Pmd:
     """One poll-mode thread's state; ``run()`` is its body (call it from its own thread)."""
 
@@ -1098,53 +1123,16 @@ cdef class Pmd:
                             int at, uint8_t reason=PUNT_ACTION) noexcept nogil:
         """Op ``at`` of ``a`` (an OP_CONTROLLER, or for INVALID_TTL an OP_DEC_TTL) hands a
         copy of ``p`` to the controller queue, with the rule whose action it was (the k-th
-        controller op of the entry is the k-th of its rules' apply-actions, in table order;
-        then the action set's)."""
-        cdef int i, j, k = 0
-        cdef uint32_t h
-        cdef cls_rule_t *r
-        cdef uint32_t rid = PUNT_NO_RULE, prio = 0
-        cdef uint8_t table = 0
-        if reason == PUNT_INVALID_TTL:             # the rule whose dec_nw_ttl it was
-            rid = PUNT_NO_RULE
-            k = 0
-            for i in range(at):
-                if a.ops[i].op == OP_DEC_TTL:
-                    k += 1
-            for h in range(a.n_rules):
-                r = <cls_rule_t *>a.rules[h]
-                for j in range(r.n_ops):
-                    if r.ops[j].op == OP_DEC_TTL:
-                        if k == 0:
-                            rid, prio, table = r.id, r.priority, r.table
-                            break
-                        k -= 1
-                if rid != PUNT_NO_RULE:
-                    break
-            punt_push(self.sw.punt, p, inp.bridge, inp.id, rid, prio, table, 0xFFFF, reason)
-            return
-        for i in range(at):
-            if a.ops[i].op == OP_CONTROLLER:
-                k += 1
-        for h in range(a.n_rules):                 # the rules' apply-actions, in order
-            r = <cls_rule_t *>a.rules[h]
-            for j in range(r.n_apply):
-                if r.ops[j].op == OP_CONTROLLER:
-                    if k == 0:
-                        rid, prio, table = r.id, r.priority, r.table
-                        break
-                    k -= 1
-            if rid != PUNT_NO_RULE:
-                break
-        if rid == PUNT_NO_RULE:                    # then the action set's: the last written
-            for h in range(<int>a.n_rules - 1, -1, -1):
-                r = <cls_rule_t *>a.rules[h]
-                for j in range(r.n_apply, r.n_ops):
-                    if r.ops[j].op == OP_CONTROLLER:
-                        rid, prio, table = r.id, r.priority, r.table
-                if rid != PUNT_NO_RULE:
-                    break
-        punt_push(self.sw.punt, p, inp.bridge, inp.id, rid, prio, table, a.ops[at].arg)
+        such op of the entry is the k-th of its rules' apply-actions, in table order; else
+        the action set's, which holds the last one written)."""
+        cdef uint16_t op = a.ops[at].op
+        cdef cls_rule_t *r = rule_of_op(a, at, op, True)
+        if r == NULL:
+            r = rule_of_op(a, at, op, False)
+        punt_push(self.sw.punt, p, inp.bridge, inp.id,
+                  r.id if r != NULL else PUNT_NO_RULE, r.priority if r != NULL else 0,
+                  r.table if r != NULL else 0,
+                  a.ops[at].arg if reason == PUNT_ACTION else 0xFFFF, reason)
 
     def inject(self, int bridge_id, int in_port, bytes frame, ops=None):
         """Send ``frame`` as if it came in on port ``in_port`` of bridge ``bridge_id`` (a

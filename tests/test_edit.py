@@ -10,18 +10,10 @@ import struct
 import pytest
 
 from pyvhost._edit import edit_frame
+from pyvhost.packets import inet_checksum as csum
 
 NO_HDR = bytes(12)
 SRC, DST = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
-
-
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def frame(proto: int = 6, vlan: int | None = None, ttl: int = 64, udp_csum: bool = True,

@@ -19,21 +19,14 @@ from tests.harness import processes
 from tests.harness.frontends import drain, switch_with_ports
 from tests.harness.openflow import flow_lines, ofctl
 from tests.test_edit import csum, frame, layers, verify
-from tests.test_openflow_packets import listening_port, next_packet_in
+from tests.test_openflow_ofctl import udp
+from tests.test_openflow_packets import MAC, listening_port, next_packet_in
 
 pytestmark = pytest.mark.skipif(not os.path.exists(O.OVS_OFCTL),
                                 reason="ovs-ofctl (Debian openvswitch-common) is not installed")
 
-MAC = {n: bytes([0x02, 0, 0, 0, 0, i + 1]) for i, n in enumerate("abc")}
 CONFIG = "add-br br0\n" + "".join(f"add-port br0 {n} type=vhostuser queues=1\n" for n in "abc") \
     + "set-controller br0 ptcp:0:127.0.0.1\n"
-
-
-def udp(src: bytes, dst: bytes, dport: int = 53, vlan: int | None = None) -> bytes:
-    ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
-    tag = b"\x81\x00" + vlan.to_bytes(2, "big") if vlan is not None else b""
-    return dst + src + tag + b"\x08\x00" + ip + (1000).to_bytes(2, "big") + \
-        dport.to_bytes(2, "big") + bytes(4) + b"p" * 18
 
 
 @pytest.fixture
@@ -168,6 +161,15 @@ def test_set_field_and_dec_ttl_through_ofctl(of_switch):
         assert plain.alive() and asking.alive()
         asking.send(O.msg(28, struct.pack("!6I", 0b111, 0, 0b111, 0b111, 0b1111, 0)))
         assert asking.alive()
+        # (an action set's CONTROLLER: the PACKET_IN names the rule that wrote it)
+        ofctl(target, "add-flow", "priority=20,cookie=0x77,in_port=1,tcp,tp_dst=99,"
+              "actions=output:3,write_actions(CONTROLLER:64)")
+        hit = frame(6)[:36] + (99).to_bytes(2, "big") + frame(6)[38:]
+        a.send_all([hit])
+        for ctl in (plain, asking):
+            pin = next_packet_in(ctl)
+            assert (pin["reason"], pin["cookie"], pin["data"]) == (1, 0x77, hit[:64])
+        assert drain(c) == [hit]
         a.send_all([frame(6, ttl=1)])
         pin = next_packet_in(asking)
         assert (pin["reason"], pin["in_port"], pin["table"]) == (2, 1, 0)
