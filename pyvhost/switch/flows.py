@@ -327,8 +327,8 @@ def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tup
             value, arrow, target = arg.partition("->")
             target = target.strip()
             if not arrow or target not in SET_FIELDS:
-                raise FlowSyntaxError(f"set_field: VALUE->FIELD (FIELD one of "
-                                      f"{', '.join([*SET_FIELDS, *PACKET_SET_FIELDS])}), "
+                raise FlowSyntaxError(f"set_field: VALUE->tun_id or VALUE->tun_dst or a "
+                                      f"header field ({', '.join(PACKET_SET_FIELDS)}), "
                                       f"not {arg!r}")
             if target == "tun_id":
                 actions.append(("set_tun_id", _int(value.strip(), "tun_id", 0xFFFFFF)))
