@@ -3,7 +3,10 @@
 # order of their highest priority with early exit. Rules carry compiled datapath ops and
 # their counters. Per table, a prefix trie of the rules' nw_src and of their nw_dst lets a
 # lookup skip subtables no prefix can match while consulting only the address bits that
-# proved it. No rule syntax, no MAC table, no ports here.
+# proved it. A rule's match is the flow key and OpenFlow's metadata word; besides its
+# apply-actions it may carry write-actions, clear_actions and write_metadata, and a lookup
+# gathers the action set (aset_t) it runs at the end. No rule syntax, no MAC table, no
+# ports here.
 from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, action_op_t, flow_key_t

@@ -9,6 +9,11 @@ bits gets the same answer. ``goto_table`` continues the lookup in a later table.
 A subtable matching a CIDR prefix of nw_src or nw_dst is first asked of the table's
 prefix trie (``_trie``): when no rule has that prefix length on the packet's address it is
 skipped, and the megaflow takes only the address bits the trie walk looked at.
+OpenFlow's pipeline state travels with the lookup: a metadata word after the key (0 at
+table 0, changed by write_metadata, matched like a key field but never part of the
+megaflow: it is a function of the key), the apply-actions' edits of the key a later table
+sees (VLAN, set-field), and the action set (write/clear actions) appended, in the spec's
+order, when a rule without goto_table ends the pipeline.
 
 PMD threads call ``cls_lookup`` without the GIL under the read lock; control changes take
 the write lock and bump ``gen``. Removed rules are kept until ``reclaim()`` (called once

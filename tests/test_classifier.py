@@ -233,6 +233,41 @@ def test_classifier_matches_brute_force_reference():
     check(n_keys // 2)
 
 
+def test_later_tables_see_edits_as_the_reference_does():
+    """Few fields (the ones apply-actions rewrite and their prerequisites), so that later
+    tables often decide on what an earlier one rewrote: the classifier agrees with the
+    reference, and its megaflow mask stays exact (a key equal on the mask's bits gets the
+    same answer)."""
+    rng = random.Random(SEED + 2)
+    narrow = ("vlan_tci", "dl_type", "nw_proto", "nw_dst", "tp_dst")
+    cls, ref = Classifier(), Reference()
+    specs = []
+    for _ in range(int(400 * SCALE)):
+        table = rng.randrange(3)
+        fields = rng.sample(narrow, rng.randint(1, 3))
+        mask = pack_key({f: FIELDS[f][0] for f in fields})
+        value = pack_key({f: rng.choice(VALUES[f]) for f in fields})
+        r = rng.random()
+        ops = set_nw_dst(rng.choice(VALUES["nw_dst"])) if r < 0.35 else \
+            [(OP_SET_TP_DST, rng.choice(VALUES["tp_dst"]))] if r < 0.6 else \
+            [(OP_SET_VLAN, rng.choice((5, 6)))] if r < 0.75 else [(OP_OUTPUT, table)]
+        goto = rng.randint(table + 1, 2) if table < 2 and rng.random() < 0.7 else NO_GOTO_TABLE
+        specs.append((table, rng.randint(0, 12), mask, value, ops, goto))
+    for spec, rid in zip(specs, cls.apply(specs), strict=True):
+        ref.add(rid, spec)
+    edited_hits = 0
+    for _ in range(int(3000 * SCALE)):
+        key = pack_key({f: rng.choice(VALUES[f]) for f in narrow if rng.random() < 0.9})
+        hops, ops, mask, _ = cls.lookup(key)
+        assert (hops, ops) == ref.lookup(key), key.hex()
+        edited_hits += len(hops) > 1 and any(op == OP_SET_NW_DST for op, _ in ops)
+        noise = rng.getrandbits(8 * KEY_SIZE)
+        other = ((words(key) & words(mask)) | (noise & ~words(mask))).to_bytes(
+            KEY_SIZE, "little")
+        assert cls.lookup(other)[:2] == (hops, ops), (key.hex(), other.hex())
+    assert edited_hits > 100                           # later tables did see rewrites
+
+
 def prefix_rule(rng: random.Random, bases: list[int], table: int = 0):
     """A rule on a prefix of nw_src and/or nw_dst near one of ``bases`` (sometimes with
     in_port too), of any length 1..32."""

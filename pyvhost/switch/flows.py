@@ -51,6 +51,7 @@ INT_FIELDS = {"metadata": U64, "dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto":
               "tp_src": 0xFFFF, "tp_dst": 0xFFFF, "tun_id": 0xFFFFFF}
 MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id", "metadata")
 MAC_FIELDS = ("dl_src", "dl_dst", "arp_sha", "arp_tha")
+MATCH_ALIASES = {"ip_ecn": "nw_ecn", "vlan_pcp": "dl_vlan_pcp"}     # (as OVS takes them)
 IP_FIELDS = ("nw_src", "nw_dst", "tun_src", "tun_dst")
 FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_vlan_pcp",
                "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos",
@@ -177,7 +178,7 @@ def parse_match(text: str) -> dict:
     match: dict = {}
     for part in _split_top(text):
         name, eq, value = part.partition("=")
-        name = sys.intern(name.strip())
+        name = sys.intern(MATCH_ALIASES.get(name.strip(), name.strip()))
         if not eq:
             if name in SHORTHANDS:
                 match.update(SHORTHANDS[name])
