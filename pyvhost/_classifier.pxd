@@ -3,7 +3,10 @@
 # order of their highest priority with early exit. Rules carry compiled datapath ops and
 # their counters. Per table, a prefix trie of the rules' nw_src and of their nw_dst lets a
 # lookup skip subtables no prefix can match while consulting only the address bits that
-# proved it. No rule syntax, no MAC table, no ports here.
+# proved it. A rule's match is the flow key and OpenFlow's metadata word; besides its
+# apply-actions it may carry write-actions, clear_actions and write_metadata, and a lookup
+# gathers the action set (aset_t) it runs at the end. No rule syntax, no MAC table, no
+# ports here.
 from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, action_op_t, flow_key_t
@@ -17,10 +20,20 @@ cdef enum:
     CLS_TABLES = 255
     NO_GOTO = 0xFF
     RULE_NORMAL = 1          # its ops include OP_NORMAL
+    RULE_CLEAR = 2           # OpenFlow clear_actions: empty the action set first
+    RULE_WRITE_MD = 4        # OpenFlow write_metadata: md_value under md_mask
     TRIE_FIELDS = 2          # nw_src, nw_dst
+    CLS_WORDS = KEY_WORDS + 1      # a rule's match: the flow key, then the metadata word
+    ASET_SLOTS = 16          # the kinds of action an action set holds one of each
+
+cdef struct aset_t:               # OpenFlow's action set, built along the pipeline
+    uint32_t used                  # bit per slot
+    uint8_t npre[ASET_SLOTS]       # OP_TUN_HI ops the slot's op takes first (its value's
+    action_op_t pre[ASET_SLOTS][2] # high bits)
+    action_op_t op[ASET_SLOTS]
 
 cdef struct cls_rule_t:
-    uint64_t value[KEY_WORDS]      # already masked by its subtable's mask
+    uint64_t value[CLS_WORDS]      # already masked by its subtable's mask
     uint64_t n_packets
     uint64_t n_bytes
     uint64_t used_ns               # last packet (0: none yet)
@@ -35,10 +48,13 @@ cdef struct cls_rule_t:
     uint8_t goto_table             # NO_GOTO: none
     uint8_t flags
     uint8_t n_ops
+    uint8_t n_apply                # ops[:n_apply]: apply-actions; the rest: write-actions
+    uint64_t md_value              # write_metadata (RULE_WRITE_MD)
+    uint64_t md_mask
     action_op_t ops[MAX_ACTION_OPS]
 
 cdef struct cls_sub_t:
-    uint64_t mask[KEY_WORDS]
+    uint64_t mask[CLS_WORDS]
     uint32_t max_priority
     uint32_t n_max                 # rules at max_priority (recount only when none is left)
     uint32_t n_rules
@@ -91,7 +107,7 @@ cdef class Classifier:
     cdef cls_sub_t *_subtable(self, int table, const uint64_t *mask) except NULL
     cdef uint32_t _new_id(self) except? 0xFFFFFFFF
     cdef cls_rule_t *_rule(self, uint32_t rule_id) except NULL
-    cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table) except -1
+    cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table, inst) except -1
     cdef cls_rule_t *_build(self, spec, uint64_t *m) except NULL
     cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m) except? 0xFFFFFFFF
     cdef void _remove(self, cls_rule_t *r) noexcept nogil

@@ -9,6 +9,11 @@ bits gets the same answer. ``goto_table`` continues the lookup in a later table.
 A subtable matching a CIDR prefix of nw_src or nw_dst is first asked of the table's
 prefix trie (``_trie``): when no rule has that prefix length on the packet's address it is
 skipped, and the megaflow takes only the address bits the trie walk looked at.
+OpenFlow's pipeline state travels with the lookup: a metadata word after the key (0 at
+table 0, changed by write_metadata, matched like a key field but never part of the
+megaflow: it is a function of the key), the apply-actions' edits of the key a later table
+sees (VLAN, set-field), and the action set (write/clear actions) appended, in the spec's
+order, when a rule without goto_table ends the pipeline.
 
 PMD threads call ``cls_lookup`` without the GIL under the read lock; control changes take
 the write lock and bump ``gen``. Removed rules are kept until ``reclaim()`` (called once
@@ -20,7 +25,10 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 from pyvhost._flow cimport (
-    KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_NORMAL, OP_SET_VLAN, OP_STRIP_VLAN, masked_hash,
+    KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, OP_CONTROLLER, OP_DEC_TTL, OP_FLOOD, OP_GROUP,
+    OP_IN_PORT, OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC,
+    OP_SET_NW_DST, OP_SET_NW_SRC, OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC, OP_SET_TUN_DST,
+    OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
 )
 from pyvhost._trie cimport (
     TRIE_NODES_PER_INSERT, prefix_len, prefix_mask, spare_move, spare_reserve, spare_trim,
@@ -43,6 +51,7 @@ cdef extern from "pthread.h" nogil:
 cdef enum:
     MIN_BUCKETS = 16
     KEY_BYTES = KEY_WORDS * 8
+    CLS_BYTES = CLS_WORDS * 8     # a rule's value or mask: the key and the metadata word
     NW_SRC_OFFSET = 20       # flow_key_t.nw_src; nw_dst follows (both network order)
     SPARE_KEEP = 256         # trie nodes kept for the next change
 
@@ -73,17 +82,34 @@ cdef void cls_unlock(cls_t *c) noexcept nogil:
 
 # -- subtables ----------------------------------------------------------------------------
 
+cdef inline uint64_t mix(uint64_t h, uint64_t w) noexcept nogil:
+    h ^= w
+    h *= 0xFF51AFD7ED558CCDULL
+    return h ^ (h >> 32)
+
+
+cdef inline uint32_t cls_masked_hash(const uint64_t *w, const uint64_t *mask,
+                                     uint64_t *out) noexcept nogil:
+    """Hash of the CLS_WORDS of ``w & mask`` (key and metadata), written to ``out``."""
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL
+    cdef int i
+    for i in range(CLS_WORDS):
+        out[i] = w[i] & mask[i]
+        h = mix(h, out[i])
+    return <uint32_t>h
+
+
 cdef inline uint32_t value_hash(const uint64_t *value) noexcept nogil:
-    cdef uint64_t all_ones[KEY_WORDS]
-    cdef uint64_t scratch[KEY_WORDS]
+    cdef uint64_t all_ones[CLS_WORDS]
+    cdef uint64_t scratch[CLS_WORDS]
     memset(all_ones, 0xFF, sizeof(all_ones))
-    return masked_hash(value, all_ones, scratch)
+    return cls_masked_hash(value, all_ones, scratch)
 
 
 cdef inline bint covers_mask(const uint64_t *outer, const uint64_t *inner) noexcept nogil:
     """Every bit of ``inner`` is in ``outer``."""
     cdef int i
-    for i in range(KEY_WORDS):
+    for i in range(CLS_WORDS):
         if inner[i] & ~outer[i]:
             return False
     return True
@@ -92,7 +118,7 @@ cdef inline bint covers_mask(const uint64_t *outer, const uint64_t *inner) noexc
 cdef cls_rule_t *sub_find_head(cls_sub_t *s, const uint64_t *value, uint32_t h) noexcept nogil:
     cdef cls_rule_t *r = s.buckets[h & (s.nbuckets - 1)]
     while r != NULL:
-        if r.hash == h and memcmp(r.value, value, KEY_BYTES) == 0:
+        if r.hash == h and memcmp(r.value, value, CLS_BYTES) == 0:
             return r
         r = r.hnext
     return NULL
@@ -127,7 +153,7 @@ cdef cls_rule_t **head_link(cls_sub_t *s, const cls_rule_t *r) noexcept nogil:
     the NULL ending its bucket's chain."""
     cdef cls_rule_t **link = &s.buckets[r.hash & (s.nbuckets - 1)]
     while link[0] != NULL and not (link[0].hash == r.hash and
-                                   memcmp(link[0].value, r.value, KEY_BYTES) == 0):
+                                   memcmp(link[0].value, r.value, CLS_BYTES) == 0):
         link = &link[0].hnext
     return link
 
@@ -225,7 +251,7 @@ cdef void table_sort(cls_table_t *t) noexcept nogil:
 # -- one lookup -----------------------------------------------------------------------------
 
 cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask) noexcept nogil:
-    cdef uint64_t m[KEY_WORDS]
+    cdef uint64_t m[CLS_WORDS]
     cdef uint64_t plens[TRIE_FIELDS]
     cdef uint32_t check[TRIE_FIELDS]
     cdef uint32_t need[TRIE_FIELDS]                    # address bits the misses relied on
@@ -243,7 +269,7 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
             break                                      # nothing further can win
         if s.n_rules == 0:
             continue
-        h = masked_hash(w, s.mask, m)                 # == value_hash of the masked key
+        h = cls_masked_hash(w, s.mask, m)             # == value_hash of the masked key
         r = sub_find_head(s, m, h)
         if r != NULL:
             for j in range(KEY_WORDS):
@@ -276,18 +302,162 @@ cdef cls_rule_t *table_lookup(cls_table_t *t, const uint64_t *w, uint64_t *mask)
     return best
 
 
+# -- the action set (OpenFlow write_actions / clear_actions) ------------------------------------
+# One action of each kind, run when the pipeline ends, in the spec's order (5.10): pop,
+# push/set VLAN, dec TTL, set-field (one per field), group, then output (not when a group
+# is set).
+
+cdef enum:
+    ASET_POP_VLAN = 0
+    ASET_SET_VLAN = 1
+    ASET_DEC_TTL = 2
+    ASET_TUN_ID = 3            # set-field: OP_SET_TUN_ID .. ; one slot per field
+    ASET_TUN_DST = 4
+    ASET_ETH_SRC = 5
+    ASET_ETH_DST = 6
+    ASET_NW_SRC = 7
+    ASET_NW_DST = 8
+    ASET_TP_SRC = 9
+    ASET_TP_DST = 10
+    ASET_DSCP = 11
+    ASET_PCP = 12
+    ASET_GROUP = 14
+    ASET_OUTPUT = 15
+
+
+cdef inline int wide_ops(uint16_t op) noexcept nogil:
+    """How many OP_TUN_HI an op's value takes (its high bits)."""
+    if op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
+        return 2
+    if op == OP_SET_TUN_ID or op == OP_SET_TUN_DST or op == OP_SET_NW_SRC or \
+            op == OP_SET_NW_DST:
+        return 1
+    return 0
+
+
+cdef inline int aset_slot_of(uint16_t op) noexcept nogil:
+    """The action-set slot of an op (-1: none, e.g. a meter: an instruction)."""
+    if op == OP_STRIP_VLAN:
+        return ASET_POP_VLAN
+    if op == OP_SET_VLAN:
+        return ASET_SET_VLAN
+    if op == OP_DEC_TTL:
+        return ASET_DEC_TTL
+    if op == OP_SET_TUN_ID:
+        return ASET_TUN_ID
+    if op == OP_SET_TUN_DST:
+        return ASET_TUN_DST
+    if op == OP_SET_ETH_SRC:
+        return ASET_ETH_SRC
+    if op == OP_SET_ETH_DST:
+        return ASET_ETH_DST
+    if op == OP_SET_NW_SRC:
+        return ASET_NW_SRC
+    if op == OP_SET_NW_DST:
+        return ASET_NW_DST
+    if op == OP_SET_TP_SRC:
+        return ASET_TP_SRC
+    if op == OP_SET_TP_DST:
+        return ASET_TP_DST
+    if op == OP_SET_DSCP:
+        return ASET_DSCP
+    if op == OP_SET_PCP:
+        return ASET_PCP
+    if op == OP_GROUP:
+        return ASET_GROUP
+    if op == OP_OUTPUT or op == OP_FLOOD or op == OP_NORMAL or op == OP_CONTROLLER or \
+            op == OP_IN_PORT:
+        return ASET_OUTPUT
+    return -1
+
+
+cdef void aset_write(aset_t *s, const cls_rule_t *r) noexcept nogil:
+    """Merge the rule's write-actions into the set (an action replaces its kind's)."""
+    cdef uint32_t i, first
+    cdef int slot, j
+    for i in range(r.n_apply, r.n_ops):
+        if r.ops[i].op == OP_TUN_HI:
+            continue                                   # (taken with the op after it)
+        slot = aset_slot_of(r.ops[i].op)
+        if slot < 0:
+            continue                                   # (refused when the rule was built)
+        s.op[slot] = r.ops[i]
+        s.npre[slot] = wide_ops(r.ops[i].op)
+        first = i - s.npre[slot]                       # (_set_ops checked they are there)
+        for j in range(s.npre[slot]):
+            s.pre[slot][j] = r.ops[first + j]
+        s.used |= (<uint32_t>1) << slot
+
+
+cdef int aset_emit(const aset_t *s, cls_result_t *out) noexcept nogil:
+    """Append the set's actions in the spec's order; -1 if they do not fit."""
+    cdef int slot, j
+    for slot in range(ASET_SLOTS):
+        if not (s.used >> slot) & 1:
+            continue
+        if slot == ASET_OUTPUT and (s.used >> ASET_GROUP) & 1:
+            continue                                   # a group replaces the output
+        if out.n_ops + 1 + s.npre[slot] > MAX_ACTION_OPS:
+            return -1
+        for j in range(s.npre[slot]):
+            out.ops[out.n_ops] = s.pre[slot][j]
+            out.n_ops += 1
+        out.ops[out.n_ops] = s.op[slot]
+        out.n_ops += 1
+    return 0
+
+
+cdef void key_apply(flow_key_t *k, uint16_t op, uint64_t v) noexcept nogil:
+    """What an apply-action set-field does to the key a later table matches (``v``: its
+    value with its OP_TUN_HI bits); only where the key has that header."""
+    cdef int j
+    cdef uint8_t *b
+    if op == OP_SET_VLAN:
+        k.vlan_tci = (k.vlan_tci & 0xE000) | 0x1000 | (v & 0xFFF)
+    elif op == OP_STRIP_VLAN:
+        k.vlan_tci = 0
+    elif op == OP_SET_PCP:
+        if k.vlan_tci:
+            k.vlan_tci = (k.vlan_tci & 0x1FFF) | ((v & 7) << 13)
+    elif op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
+        b = &k.dl_src[0] if op == OP_SET_ETH_SRC else &k.dl_dst[0]
+        for j in range(6):
+            b[j] = (v >> (40 - 8 * j)) & 0xFF
+    elif k.dl_type != 0x0800:
+        return
+    elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST:
+        b = <uint8_t *>&k.nw_src if op == OP_SET_NW_SRC else <uint8_t *>&k.nw_dst
+        for j in range(4):
+            b[j] = (v >> (24 - 8 * j)) & 0xFF
+    elif op == OP_SET_DSCP:
+        k.nw_tos = (k.nw_tos & 3) | ((v & 0x3F) << 2)
+    elif (op == OP_SET_TP_SRC or op == OP_SET_TP_DST) and (k.nw_proto == 6 or k.nw_proto == 17):
+        if op == OP_SET_TP_SRC:
+            k.tp_src = <uint16_t>v
+        else:
+            k.tp_dst = <uint16_t>v
+
+
 cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t *out) noexcept nogil:
     """Run the tables from table 0 (the caller holds the read lock): the rules matched,
     their ops in order, and the mask of every bit consulted OR-ed into ``mask``. A later
     table sees the packet as the earlier tables' VLAN ops left it (OpenFlow: apply-actions
     change the packet the next table matches); the bits it consults are masked in the
-    packet's own key, which those ops' outcome is a function of (conservative, correct)."""
-    cdef uint64_t w[KEY_WORDS]
+    packet's own key, which those ops' outcome is a function of (conservative, correct).
+    The metadata word (after the key) starts at 0 and changes only by write_metadata of
+    the rules matched, so it is a function of the key too and never in the megaflow.
+    Write-actions gather in an action set, run (appended) when a rule without
+    goto_table ends the pipeline; a table miss drops the packet and the set with it."""
+    cdef uint64_t w[CLS_WORDS]
     cdef flow_key_t *key = <flow_key_t *>w
     cdef int table = 0
     cdef uint32_t i
+    cdef uint64_t hi = 0
     cdef cls_rule_t *r
-    memcpy(w, k, sizeof(w))
+    cdef aset_t aset
+    aset.used = 0
+    memcpy(w, k, sizeof(flow_key_t))
+    w[KEY_WORDS] = 0
     out.n_rules = 0
     out.n_ops = 0
     out.flags = 0
@@ -298,18 +468,27 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
             break                                      # table miss: drop
         out.rules[out.n_rules] = r
         out.n_rules += 1
-        if out.n_ops + r.n_ops > MAX_ACTION_OPS:
+        if out.n_ops + r.n_apply > MAX_ACTION_OPS:
             out.overflow = 1
             break
-        for i in range(r.n_ops):
+        for i in range(r.n_apply):                     # a later table sees their edits
             out.ops[out.n_ops] = r.ops[i]
             out.n_ops += 1
-            if r.ops[i].op == OP_SET_VLAN:
-                key.vlan_tci = (key.vlan_tci & 0xE000) | 0x1000 | r.ops[i].arg
-            elif r.ops[i].op == OP_STRIP_VLAN:
-                key.vlan_tci = 0
+            if r.ops[i].op == OP_TUN_HI:
+                hi = (hi << 16) | r.ops[i].arg
+            else:
+                key_apply(key, r.ops[i].op, (hi << 16) | r.ops[i].arg)
+                hi = 0
         out.flags |= r.flags
+        if r.flags & RULE_CLEAR:
+            aset.used = 0
+        if r.n_ops > r.n_apply:
+            aset_write(&aset, r)
+        if r.flags & RULE_WRITE_MD:
+            w[KEY_WORDS] = (w[KEY_WORDS] & ~r.md_mask) | r.md_value
         if r.goto_table == NO_GOTO or r.goto_table <= table:
+            if aset.used and aset_emit(&aset, out) < 0:
+                out.overflow = 1
             break
         if out.n_rules == MAX_HOPS:
             out.overflow = 1                           # a longer chain than an entry holds
@@ -320,9 +499,12 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
 # -- the Python face ------------------------------------------------------------------------
 
 cdef inline void key_words(bytes raw, uint64_t *out) except *:
-    if len(raw) != KEY_BYTES:
-        raise ValueError(f"a key or mask is {KEY_BYTES} bytes")
-    memcpy(out, <const char *>raw, KEY_BYTES)
+    """A rule's value or mask (CLS_WORDS words): given as a flow key (KEY_BYTES, the
+    metadata word then 0: not matched) or a flow key and the metadata (CLS_BYTES)."""
+    if len(raw) != KEY_BYTES and len(raw) != CLS_BYTES:
+        raise ValueError(f"a key or mask is {KEY_BYTES} bytes ({CLS_BYTES} with metadata)")
+    out[KEY_WORDS] = 0
+    memcpy(out, <const char *>raw, len(raw))
 
 
 cdef class Classifier:
@@ -391,7 +573,7 @@ cdef class Classifier:
                 raise MemoryError()
             self.c.tables[table] = t
         for i in range(t.nsubs):
-            if memcmp(t.subs[i].mask, mask, KEY_BYTES) == 0:
+            if memcmp(t.subs[i].mask, mask, CLS_BYTES) == 0:
                 return t.subs[i]
         if t.nsubs == t.cap:
             subs = <cls_sub_t **>realloc(t.subs, (t.cap * 2 + 8) * sizeof(cls_sub_t *))
@@ -407,7 +589,7 @@ cdef class Classifier:
             free(s)
             raise MemoryError()
         s.nbuckets = MIN_BUCKETS
-        memcpy(s.mask, mask, KEY_BYTES)
+        memcpy(s.mask, mask, CLS_BYTES)
         for i in range(TRIE_FIELDS):
             s.plen[i] = <int8_t>prefix_len(addr_of(mask, i))
         t.subs[t.nsubs] = s
@@ -441,9 +623,13 @@ cdef class Classifier:
             raise KeyError(rule_id)
         return self.c.by_id[rule_id]
 
-    cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table) except -1:
-        cdef int i = 0
-        if len(ops) > MAX_ACTION_OPS:
+    cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table, inst) except -1:
+        """The rule's apply-actions ``ops``, goto_table and, in ``inst`` (None: none), its
+        other OpenFlow instructions: (write-actions ops, clear_actions, None or
+        write_metadata's (value, mask))."""
+        cdef int i = 0, n_apply
+        write, clear, md = ((), False, None) if inst is None else inst
+        if len(ops) + len(write) > MAX_ACTION_OPS:
             raise ValueError(f"more than {MAX_ACTION_OPS} actions")
         if not (goto_table == NO_GOTO or r.table < goto_table < CLS_TABLES):
             raise ValueError(f"goto_table:{goto_table} must name a later table "
@@ -457,19 +643,50 @@ cdef class Classifier:
             if op == OP_NORMAL:
                 r.flags |= RULE_NORMAL
             i += 1
+        n_apply = i
+        pending = 0                                    # OP_TUN_HI ops waiting for their op
+        for op, arg in write:
+            if not (0 < op < 0x10000 and 0 <= arg < 0x10000):
+                raise ValueError(f"bad op ({op}, {arg})")
+            if op == OP_TUN_HI:
+                pending += 1
+            elif aset_slot_of(op) < 0:
+                raise ValueError(f"write-actions: op {op} has no place in an action set")
+            elif pending != wide_ops(op):
+                raise ValueError(f"write-actions: op {op} takes {wide_ops(op)} high-bits "
+                                 f"ops first, not {pending}")
+            else:
+                pending = 0
+            r.ops[i].op = op
+            r.ops[i].arg = arg
+            if op == OP_NORMAL:
+                r.flags |= RULE_NORMAL
+            i += 1
+        if pending:
+            raise ValueError("write-actions end in a high-bits op")
         r.n_ops = i
+        r.n_apply = n_apply
+        r.md_value = r.md_mask = 0
+        if clear:
+            r.flags |= RULE_CLEAR
+        if md is not None:
+            if not (0 <= md[0] < 1 << 64 and 0 <= md[1] < 1 << 64):
+                raise ValueError(f"write_metadata {md!r}: 64-bit value and mask")
+            r.flags |= RULE_WRITE_MD
+            r.md_mask = md[1]
+            r.md_value = md[0] & md[1]
         r.goto_table = goto_table
         return 0
 
     cdef cls_rule_t *_build(self, spec, uint64_t *m) except NULL:
         """A rule made from a spec, not linked anywhere yet; its mask written to ``m``."""
-        cdef uint64_t v[KEY_WORDS]
+        cdef uint64_t v[CLS_WORDS]
         cdef cls_rule_t *r
         cdef uint32_t i
-        table, priority, mask, value, ops, goto_table = spec
+        table, priority, mask, value, ops, goto_table = spec[:6]
         key_words(mask, m)
         key_words(value, v)
-        for i in range(KEY_WORDS):
+        for i in range(CLS_WORDS):
             v[i] &= m[i]
         r = <cls_rule_t *>calloc(1, sizeof(cls_rule_t))
         if r == NULL:
@@ -477,11 +694,11 @@ cdef class Classifier:
         r.table = table
         r.priority = priority
         try:
-            self._set_ops(r, ops, goto_table)
+            self._set_ops(r, ops, goto_table, spec[6] if len(spec) > 6 else None)
         except BaseException:
             free(r)
             raise
-        memcpy(r.value, v, KEY_BYTES)
+        memcpy(r.value, v, CLS_BYTES)
         r.hash = value_hash(v)
         return r
 
@@ -536,31 +753,37 @@ cdef class Classifier:
                 table_sort(t)
 
     def insert(self, int table, uint32_t priority, bytes mask, bytes value, ops,
-               int goto_table=NO_GOTO):
-        """Add a rule; returns its id. ``ops``: (op, arg) pairs as the datapath runs them."""
-        return self.apply([(table, priority, mask, value, ops, goto_table)])[0]
+               int goto_table=NO_GOTO, inst=None):
+        """Add a rule; returns its id. ``ops``: (op, arg) pairs as the datapath runs them
+        (apply-actions); ``inst``: (write-actions ops, clear_actions, write_metadata's
+        (value, mask) or None) or None."""
+        return self.apply([(table, priority, mask, value, ops, goto_table, inst)])[0]
 
     def remove(self, uint32_t rule_id):
         self.apply(removes=[rule_id])
 
     cdef int _check_spec(self, spec) except -1:
         cdef cls_rule_t tmp
-        table, priority, mask, value, ops, goto_table = spec
+        if len(spec) not in (6, 7):
+            raise ValueError("a rule is (table, priority, mask, value, ops, goto_table"
+                             "[, instructions])")
+        table, priority, mask, value, ops, goto_table = spec[:6]
         if not 0 <= table < CLS_TABLES:
             raise ValueError(f"table {table} out of range 0..{CLS_TABLES - 1}")
         if not 0 <= priority <= 0xFFFFFFFF:
             raise ValueError(f"priority {priority} out of range")
-        if len(mask) != KEY_BYTES or len(value) != KEY_BYTES:
-            raise ValueError(f"a key or mask is {KEY_BYTES} bytes")
+        if len(mask) not in (KEY_BYTES, CLS_BYTES) or len(value) != len(mask):
+            raise ValueError(f"a key or mask is {KEY_BYTES} bytes ({CLS_BYTES} with metadata)")
         tmp.table = table
-        self._set_ops(&tmp, ops, goto_table)
+        self._set_ops(&tmp, ops, goto_table, spec[6] if len(spec) > 6 else None)
         return 0
 
     def apply(self, specs=(), changes=(), removes=(), carry=()):
         """One change that lookups see whole, all or nothing (everything is checked and
         built before the write lock is taken, so PMD upcalls wait only for the linking):
         remove rules by id, give rules new actions ((id, ops, goto_table); counters stay),
-        then add rules given as (table, priority, mask, value, ops, goto_table).
+        then add rules given as (table, priority, mask, value, ops, goto_table[, inst])
+        (``inst`` as ``insert`` takes it; a change may carry one as its fourth item).
         ``carry``: (removed id, index in specs) pairs, the same rule compiled again: the
         new one keeps its counters and last-used time. Returns the new rules' ids."""
         cdef uint32_t rid, n = len(specs), nc = len(changes), i = 0
@@ -584,19 +807,21 @@ cdef class Classifier:
             if old_id not in gone or not 0 <= index < n:
                 raise ValueError(f"carry ({old_id}, {index}): not a removed rule and a new one")
         built = <cls_rule_t **>calloc(n + 1, sizeof(cls_rule_t *))
-        masks = <uint64_t *>calloc(n + 1, KEY_BYTES)
+        masks = <uint64_t *>calloc(n + 1, CLS_BYTES)
         staged = <cls_rule_t *>calloc(nc + 1, sizeof(cls_rule_t))
         ids = []
         try:
             if built == NULL or masks == NULL or staged == NULL:
                 raise MemoryError()
-            for i, (rid, ops, goto_table) in enumerate(changes):
+            for i, change in enumerate(changes):
+                rid, ops, goto_table = change[:3]
                 if rid in gone:
                     raise ValueError(f"rule {rid} both removed and modified")
                 staged[i].table = self._rule(rid).table
-                self._set_ops(&staged[i], ops, goto_table)
+                self._set_ops(&staged[i], ops, goto_table,
+                              change[3] if len(change) > 3 else None)
             for i, spec in enumerate(specs):
-                built[i] = self._build(spec, &masks[i * KEY_WORDS])
+                built[i] = self._build(spec, &masks[i * CLS_WORDS])
             olds = {rid: <size_t>self.c.by_id[rid] for rid, _ in carry}
             # the tries' nodes for the new rules, allocated before the lock is taken
             if spare_reserve(&nodes, n * TRIE_FIELDS * TRIE_NODES_PER_INSERT) < 0:
@@ -610,14 +835,17 @@ cdef class Classifier:
             try:
                 for rid in removes:
                     self._remove(self.c.by_id[rid])
-                for i, (rid, _, _) in enumerate(changes):
-                    new = self.c.by_id[<uint32_t>rid]
+                for i, change in enumerate(changes):
+                    new = self.c.by_id[<uint32_t>change[0]]
                     memcpy(new.ops, staged[i].ops, sizeof(new.ops))
                     new.n_ops = staged[i].n_ops
+                    new.n_apply = staged[i].n_apply
+                    new.md_value = staged[i].md_value
+                    new.md_mask = staged[i].md_mask
                     new.flags = staged[i].flags
                     new.goto_table = staged[i].goto_table
                 for i in range(n):
-                    ids.append(self._link(built[i], &masks[i * KEY_WORDS]))
+                    ids.append(self._link(built[i], &masks[i * CLS_WORDS]))
                     built[i] = NULL
                 for old_id, index in carry:       # the removed rules wait in the graveyard
                     old = <cls_rule_t *><size_t>olds[old_id]
@@ -650,8 +878,8 @@ cdef class Classifier:
     # -- queries ----------------------------------------------------------------------------
     def find_strict(self, int table, uint32_t priority, bytes mask, bytes value):
         """The id of the rule with exactly this table, priority and match, or -1."""
-        cdef uint64_t m[KEY_WORDS]
-        cdef uint64_t v[KEY_WORDS]
+        cdef uint64_t m[CLS_WORDS]
+        cdef uint64_t v[CLS_WORDS]
         cdef cls_table_t *t
         cdef cls_rule_t *r = NULL
         cdef uint32_t i
@@ -660,14 +888,14 @@ cdef class Classifier:
             return -1
         key_words(mask, m)
         key_words(value, v)
-        for i in range(KEY_WORDS):
+        for i in range(CLS_WORDS):
             v[i] &= m[i]
         with nogil:
             pthread_rwlock_rdlock(&self.c.lock)
             t = self.c.tables[table]
             if t != NULL:
                 for i in range(t.nsubs):
-                    if memcmp(t.subs[i].mask, m, KEY_BYTES) == 0:
+                    if memcmp(t.subs[i].mask, m, CLS_BYTES) == 0:
                         r = sub_find_head(t.subs[i], v, value_hash(v))
                         break
             while r != NULL:
@@ -681,8 +909,8 @@ cdef class Classifier:
     def select(self, int table, bytes mask, bytes value):
         """Ids of the rules (in ``table``, or every table if -1) whose match is at least as
         specific as (mask, value): ovs-ofctl's non-strict matching for del-flows/dump-flows."""
-        cdef uint64_t m[KEY_WORDS]
-        cdef uint64_t v[KEY_WORDS]
+        cdef uint64_t m[CLS_WORDS]
+        cdef uint64_t v[CLS_WORDS]
         cdef cls_table_t *t
         cdef cls_sub_t *s
         cdef cls_rule_t *head
@@ -708,7 +936,7 @@ cdef class Classifier:
                         head = s.buckets[b]
                         while head != NULL:
                             ok = True
-                            for j in range(KEY_WORDS):
+                            for j in range(CLS_WORDS):
                                 if (head.value[j] & m[j]) != (v[j] & m[j]):
                                     ok = False
                             if ok:
@@ -770,10 +998,11 @@ cdef class Classifier:
                 if self.c.tables[t] != NULL and self.c.tables[t].n_rules]
 
     def rule(self, uint32_t rule_id):
-        """(table, priority, mask, value) of one rule."""
+        """(table, priority, mask, value) of one rule: CLS_BYTES each, the flow key's
+        bytes then the metadata word (native order)."""
         cdef cls_rule_t *r = self._rule(rule_id)
-        return (r.table, r.priority, (<char *>(<cls_sub_t *>r.sub).mask)[:KEY_BYTES],
-                (<char *>r.value)[:KEY_BYTES])
+        return (r.table, r.priority, (<char *>(<cls_sub_t *>r.sub).mask)[:CLS_BYTES],
+                (<char *>r.value)[:CLS_BYTES])
 
     def lookup(self, bytes key):
         """What the datapath's lookup finds for a raw key: ([(table, rule id), ...],

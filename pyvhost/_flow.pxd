@@ -7,7 +7,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from pyvhost._pktpool cimport pkt_t
 
 cdef enum:
-    KEY_WORDS = 6
+    KEY_WORDS = 8
     MAX_ACTION_OPS = 32
     MAX_HOPS = 8           # rules one lookup may pass through (goto_table)
     OP_OUTPUT = 1          # arg: port id
@@ -15,13 +15,26 @@ cdef enum:
     OP_SET_VLAN = 3        # arg: vid (push a tag if none)
     OP_STRIP_VLAN = 4
     OP_NORMAL = 5          # MAC learning: resolved by the upcall, never cached
-    OP_TUN_HI = 6          # arg: the high 16 bits of the next OP_SET_TUN_* value
+    OP_TUN_HI = 6          # arg: 16 more high bits of the next wide op's value (OP_SET_TUN_*,
+                           # OP_SET_ETH_*, OP_SET_NW_*)
     OP_SET_TUN_ID = 7      # arg: the low 16 bits; tun_id = hi << 16 | arg
     OP_SET_TUN_DST = 8     # arg: the low 16 bits; tun_dst (IPv4, host order as an int)
     OP_CONTROLLER = 9      # arg: max_len (0xFFFF: whole frame): to the controller queue
     OP_IN_PORT = 10        # back out of the input port (OpenFlow IN_PORT)
     OP_GROUP = 11          # arg: group slot: resolved by the upcall, never cached
     OP_METER = 12          # arg: meter slot: run per packet (a band may drop the frame)
+    # set-field: the value is (the OP_TUN_HI args before it, each shifting 16 bits in) << 16
+    # | arg; an edit of a frame that lacks the header does nothing (the match ensures it)
+    OP_SET_ETH_SRC = 13    # 48 bits: two OP_TUN_HI first
+    OP_SET_ETH_DST = 14
+    OP_SET_NW_SRC = 15     # 32 bits (host order as a number): one OP_TUN_HI first
+    OP_SET_NW_DST = 16
+    OP_SET_TP_SRC = 17     # TCP/UDP port
+    OP_SET_TP_DST = 18
+    OP_SET_DSCP = 19       # arg: DSCP 0..63 (ECN kept)
+    OP_SET_PCP = 20        # arg: 802.1Q priority 0..7 (a tagged frame)
+    OP_DEC_TTL = 21        # IPv4 TTL - 1; one that would reach 0: the frame goes no further
+                           # (to the controller as INVALID_TTL, if it asked)
     EMC_ENTRIES = 8192
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot
@@ -46,7 +59,10 @@ cdef struct flow_key_t:
     uint16_t pad1
     uint32_t tun_id         # tunnel metadata (pkt_t's): 0 when not from a tunnel
     uint32_t tun_src        # network order
-    uint32_t tun_dst        # the key is exactly KEY_WORDS 64-bit words
+    uint32_t tun_dst
+    uint8_t arp_sha[6]      # ARP: the sender's and target's hardware addresses
+    uint8_t arp_tha[6]
+    uint32_t pad2           # the key is exactly KEY_WORDS 64-bit words
 
 cdef struct action_op_t:
     uint16_t op

@@ -1,6 +1,7 @@
 # cython: language_level=3
 """Compiled flow handling for the switch's fast path: parse a frame into a ``flow_key_t``
-(in_port, VLAN, Ethernet, IPv4/ARP, TCP/UDP/ICMP, and the tunnel metadata the frame
+(in_port, VLAN, Ethernet, IPv4/ARP (with its hardware addresses), TCP/UDP/ICMP, and the
+tunnel metadata the frame
 carries: tun_id, tun_src, tun_dst), hash it, the PMD's exact-match cache
 and megaflow cache, and the VLAN rewrites actions need. Also the Python view of a key
 (``key_dict``, ``pack_key``). No rules, no MAC table, no ports, no rings here.
@@ -35,8 +36,10 @@ cdef void flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept
         k.vlan_tci = rd16(d + 14) | 0x1000
         k.dl_type = rd16(d + 16)
         off = 18
-    if k.dl_type == 0x0806 and n >= off + 28:            # ARP: opcode, sender/target IP
+    if k.dl_type == 0x0806 and n >= off + 28:            # ARP: opcode, sender/target
         k.nw_proto = d[off + 7]
+        memcpy(k.arp_sha, d + off + 8, 6)
+        memcpy(k.arp_tha, d + off + 18, 6)
         memcpy(&k.nw_src, d + off + 14, 4)
         memcpy(&k.nw_dst, d + off + 24, 4)
     elif k.dl_type == 0x0800 and n >= off + 20 and d[off] >> 4 == 4:
@@ -361,6 +364,8 @@ def key_dict(bytes raw):
         "tun_id": k.tun_id,
         "tun_src": (<uint8_t *>&k.tun_src)[:4],
         "tun_dst": (<uint8_t *>&k.tun_dst)[:4],
+        "arp_sha": bytes(k.arp_sha[:6]),
+        "arp_tha": bytes(k.arp_tha[:6]),
     }
 
 
@@ -376,12 +381,14 @@ def frame_key(bytes frame, uint16_t in_port=0):
 
 
 KEY_FIELDS = ("in_port", "vlan_tci", "dl_dst", "dl_src", "dl_type", "nw_src", "nw_dst",
-              "nw_proto", "nw_tos", "tp_src", "tp_dst", "tun_id", "tun_src", "tun_dst")
+              "nw_proto", "nw_tos", "tp_src", "tp_dst", "tun_id", "tun_src", "tun_dst",
+              "arp_sha", "arp_tha")
 
 
 def pack_key(dict fields):
     """A raw ``flow_key_t`` (or a mask of one) from {field: value}: integers for in_port,
-    vlan_tci, dl_type, nw_proto, nw_tos, tp_src, tp_dst, tun_id; 6 bytes for dl_src/dl_dst;
+    vlan_tci, dl_type, nw_proto, nw_tos, tp_src, tp_dst, tun_id; 6 bytes for dl_src/dl_dst,
+    arp_sha/arp_tha;
     4 bytes (network order) for nw_src/nw_dst/tun_src/tun_dst. Absent fields are 0."""
     cdef flow_key_t k
     memset(&k, 0, sizeof(flow_key_t))
@@ -406,6 +413,10 @@ def pack_key(dict fields):
             if len(v) != 4:
                 raise ValueError(f"{name}: 4 bytes expected")
             memcpy(&k.tun_src if name == "tun_src" else &k.tun_dst, <const char *>v, 4)
+        elif name in ("arp_sha", "arp_tha"):
+            if len(v) != 6:
+                raise ValueError(f"{name}: 6 bytes expected")
+            memcpy(&k.arp_sha[0] if name == "arp_sha" else &k.arp_tha[0], <const char *>v, 6)
         elif name in ("dl_src", "dl_dst", "nw_src", "nw_dst"):
             size = 6 if name[0] == "d" else 4
             if len(v) != size:
@@ -428,7 +439,10 @@ ACTION_OPS = {"output": OP_OUTPUT, "flood": OP_FLOOD, "set_vlan": OP_SET_VLAN,
               "strip_vlan": OP_STRIP_VLAN, "normal": OP_NORMAL, "tun_hi": OP_TUN_HI,
               "set_tun_id": OP_SET_TUN_ID, "set_tun_dst": OP_SET_TUN_DST,
               "controller": OP_CONTROLLER, "in_port": OP_IN_PORT, "group": OP_GROUP,
-              "meter": OP_METER}
+              "meter": OP_METER, "set_eth_src": OP_SET_ETH_SRC, "set_eth_dst": OP_SET_ETH_DST,
+              "set_nw_src": OP_SET_NW_SRC, "set_nw_dst": OP_SET_NW_DST,
+              "set_tp_src": OP_SET_TP_SRC, "set_tp_dst": OP_SET_TP_DST,
+              "set_dscp": OP_SET_DSCP, "set_pcp": OP_SET_PCP, "dec_ttl": OP_DEC_TTL}
 MAX_OPS = MAX_ACTION_OPS
 MAX_TABLE_HOPS = MAX_HOPS
 EMC_SIZE = EMC_ENTRIES

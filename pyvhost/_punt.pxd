@@ -11,6 +11,8 @@ cdef enum:
     PUNT_SLOT_BYTES = 9216     # bytes of a frame a slot keeps (a jumbo frame whole)
     PUNT_NO_RULE = 0xFFFFFFFF  # rule id of a frame no rule sent (a packet-out)
     PUNT_BRIDGES = 256         # bridges with a rate of their own (the datapath's MAX_BRIDGES)
+    PUNT_ACTION = 0            # why a frame was sent: a rule's (or packet-out's) action
+    PUNT_INVALID_TTL = 1       # dec_nw_ttl found the TTL expired
 
 cdef struct punt_rate_t:       # a bridge's token bucket (OVS: controller_rate_limit/burst)
     uint64_t rate              # frames per second (0: no limit)
@@ -25,7 +27,7 @@ cdef struct punt_slot_t:
     uint32_t rule_id           # the classifier rule whose action sent it
     uint32_t rule_priority
     uint8_t table
-    uint8_t pad
+    uint8_t reason             # PUNT_ACTION, or PUNT_INVALID_TTL (dec_nw_ttl reached 0)
     uint16_t max_len           # the action's max_len (0xFFFF: the whole frame)
     uint32_t total_len         # the frame's length
     uint32_t len               # bytes kept in data
@@ -45,7 +47,7 @@ cdef struct punt_t:
 
 cdef void punt_push(punt_t *q, const pkt_t *p, uint16_t bridge, uint16_t in_port,
                     uint32_t rule_id, uint32_t priority, uint8_t table,
-                    uint16_t max_len) noexcept nogil
+                    uint16_t max_len, uint8_t reason=*) noexcept nogil
 
 
 cdef class PuntQueue:

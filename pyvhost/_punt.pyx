@@ -27,7 +27,7 @@ DEFAULT_BURST = 100
 
 cdef void punt_push(punt_t *q, const pkt_t *p, uint16_t bridge, uint16_t in_port,
                     uint32_t rule_id, uint32_t priority, uint8_t table,
-                    uint16_t max_len) noexcept nogil:
+                    uint16_t max_len, uint8_t reason=PUNT_ACTION) noexcept nogil:
     cdef uint64_t t
     cdef punt_slot_t *s
     cdef punt_rate_t *r
@@ -76,6 +76,7 @@ cdef void punt_push(punt_t *q, const pkt_t *p, uint16_t bridge, uint16_t in_port
     s.rule_priority = priority
     s.table = table
     s.max_len = max_len
+    s.reason = reason
     wake = q.count == 0
     q.count += 1
     q.queued += 1
@@ -146,6 +147,7 @@ cdef class PuntQueue:
             out.append({"bridge": s.bridge, "in_port": s.in_port, "rule_id": s.rule_id,
                         "priority": s.rule_priority, "table": s.table,
                         "max_len": s.max_len, "total_len": s.total_len,
+                        "invalid_ttl": s.reason == PUNT_INVALID_TTL,
                         "data": (<char *>s.data)[:s.len]})
         with nogil:
             vh_lock(&self.q.lock)

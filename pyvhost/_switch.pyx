@@ -39,6 +39,8 @@ from pyvhost._fdb cimport FDB_REMOTES, MacTable, fdb_learn, fdb_lookup, fdb_remo
 from pyvhost._flow cimport (
     DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_GROUP, OP_IN_PORT,
     OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
+    OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
+    OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
     action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t,
     mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
@@ -49,7 +51,10 @@ from pyvhost._idle cimport (
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._group cimport GroupTable, group_resolve, grp_table_t
 from pyvhost._meter cimport MeterTable, meter_admit, mtr_table_t
-from pyvhost._punt cimport PUNT_NO_RULE, PuntQueue, punt_push, punt_t
+from pyvhost._edit cimport (
+    edit_dec_ttl, edit_dscp, edit_eth, edit_ipv4_addr, edit_l4_port, edit_pcp,
+)
+from pyvhost._punt cimport PUNT_ACTION, PUNT_INVALID_TTL, PUNT_NO_RULE, PuntQueue, punt_push, punt_t
 from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
     MAX_BURST, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
@@ -590,6 +595,31 @@ cdef class Datapath:
                 time.sleep(0.0005)
 
 
+cdef cls_rule_t *rule_of_op(const actions_t *a, int at, uint16_t op, bint apply) noexcept nogil:
+    """The rule of ``a`` that op ``at`` (an ``op``) came from: ``apply``, the one whose
+    apply-actions hold the k-th ``op`` of all theirs (``at`` the k-th in ``a``); else the
+    last rule whose write-actions hold one (the action set keeps the last written)."""
+    cdef int i, h, j, k = 0
+    cdef cls_rule_t *r
+    cdef cls_rule_t *found = NULL
+    for i in range(at):
+        if a.ops[i].op == op:
+            k += 1
+    for h in range(a.n_rules):
+        r = <cls_rule_t *>a.rules[h]
+        for j in range(r.n_apply if apply else r.n_ops):
+            if r.ops[j].op != op:
+                continue
+            if not apply:
+                if j >= r.n_apply:
+                    found = r
+            elif k == 0:
+                return r
+            else:
+                k -= 1
+    return found
+
+
 cdef class Pmd:
     """One poll-mode thread's state; ``run()`` is its body (call it from its own thread)."""
 
@@ -977,7 +1007,7 @@ cdef class Pmd:
         takes no other frames."""
         cdef int i, j
         cdef uint16_t op
-        cdef uint32_t hi = 0
+        cdef uint64_t hi = 0               # a wide op's high bits (OP_TUN_HI)
         cdef bint owned = True, final
         cdef pkt_t *c
         cdef port_t *o
@@ -1050,41 +1080,59 @@ cdef class Pmd:
             elif op == OP_STRIP_VLAN:
                 vlan_strip(p)
             elif op == OP_TUN_HI:
-                hi = a.ops[i].arg
+                hi = (hi << 16) | a.ops[i].arg
             elif op == OP_SET_TUN_ID:
-                p.tun_id = (hi << 16) | a.ops[i].arg
+                p.tun_id = <uint32_t>((hi << 16) | a.ops[i].arg)
+                hi = 0
             elif op == OP_SET_TUN_DST:                 # to network order, as in the key
                 p.tun_dst = ((hi >> 8) & 0xFF) | ((hi & 0xFF) << 8) | \
                     ((<uint32_t>a.ops[i].arg >> 8) << 16) | ((<uint32_t>a.ops[i].arg & 0xFF) << 24)
+                hi = 0
+            elif op >= OP_SET_ETH_SRC and op <= OP_DEC_TTL:
+                if self.edit(inp, p, a, i, (hi << 16) | a.ops[i].arg) < 0:
+                    break                          # TTL expired: the rest is not for it
+                hi = 0
         if owned:
             if a.n_ops == 0:
                 vh_add_u64(&inp.c.drop_action, 1)
             pool_put(self.pool, p)
 
+    cdef int edit(self, port_t *inp, pkt_t *p, const actions_t *a, int at,
+                  uint64_t v) noexcept nogil:
+        """Op ``at`` of ``a``, a set-field or dec_nw_ttl, on ``p`` (``v``: its value with the
+        OP_TUN_HI bits before it). -1: dec_nw_ttl found the TTL expired (the frame goes to
+        the controller as INVALID_TTL, which drops it unless one asked, and no further)."""
+        cdef uint16_t op = a.ops[at].op
+        if op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
+            edit_eth(p, op == OP_SET_ETH_DST, v & 0xFFFFFFFFFFFFULL)
+        elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST:
+            edit_ipv4_addr(p, op == OP_SET_NW_DST, <uint32_t>v)
+        elif op == OP_SET_TP_SRC or op == OP_SET_TP_DST:
+            edit_l4_port(p, op == OP_SET_TP_DST, <uint16_t>v)
+        elif op == OP_SET_DSCP:
+            edit_dscp(p, <uint8_t>v)
+        elif op == OP_SET_PCP:
+            edit_pcp(p, <uint8_t>v)
+        elif op == OP_DEC_TTL and edit_dec_ttl(p) < 0:
+            vh_add_u64(&inp.c.drop_action, 1)
+            self.to_controller(inp, p, a, at, PUNT_INVALID_TTL)
+            return -1
+        return 0
+
     cdef void to_controller(self, port_t *inp, const pkt_t *p, const actions_t *a,
-                            int at) noexcept nogil:
-        """Op ``at`` of ``a`` (an OP_CONTROLLER) hands a copy of ``p`` to the controller
-        queue, with the rule whose action it was (the k-th controller op of the entry is
-        the k-th of its rules, in table order)."""
-        cdef int i, j, k = 0
-        cdef uint32_t h
-        cdef cls_rule_t *r
-        cdef uint32_t rid = PUNT_NO_RULE, prio = 0
-        cdef uint8_t table = 0
-        for i in range(at):
-            if a.ops[i].op == OP_CONTROLLER:
-                k += 1
-        for h in range(a.n_rules):
-            r = <cls_rule_t *>a.rules[h]
-            for j in range(r.n_ops):
-                if r.ops[j].op == OP_CONTROLLER:
-                    if k == 0:
-                        rid, prio, table = r.id, r.priority, r.table
-                        break
-                    k -= 1
-            if rid != PUNT_NO_RULE:
-                break
-        punt_push(self.sw.punt, p, inp.bridge, inp.id, rid, prio, table, a.ops[at].arg)
+                            int at, uint8_t reason=PUNT_ACTION) noexcept nogil:
+        """Op ``at`` of ``a`` (an OP_CONTROLLER, or for INVALID_TTL an OP_DEC_TTL) hands a
+        copy of ``p`` to the controller queue, with the rule whose action it was (the k-th
+        such op of the entry is the k-th of its rules' apply-actions, in table order; else
+        the action set's, which holds the last one written)."""
+        cdef uint16_t op = a.ops[at].op
+        cdef cls_rule_t *r = rule_of_op(a, at, op, True)
+        if r == NULL:
+            r = rule_of_op(a, at, op, False)
+        punt_push(self.sw.punt, p, inp.bridge, inp.id,
+                  r.id if r != NULL else PUNT_NO_RULE, r.priority if r != NULL else 0,
+                  r.table if r != NULL else 0,
+                  a.ops[at].arg if reason == PUNT_ACTION else 0xFFFF, reason)
 
     def inject(self, int bridge_id, int in_port, bytes frame, ops=None):
         """Send ``frame`` as if it came in on port ``in_port`` of bridge ``bridge_id`` (a

@@ -1,6 +1,7 @@
 """The compiled classifier and MAC table on their own: a differential test against a brute
 force reference over thousands of random overlapping rules in several tables (random
-masks and priorities, ties, goto_table, deletions), megaflow masks that are exact (a key
+masks and priorities, ties, goto_table, deletions, OpenFlow's metadata match and
+write_metadata, write/clear actions into the action set), megaflow masks that are exact (a key
 differing only outside the mask gets the same answer), 100k rules loaded, matched and
 measured, and the MAC table's size, per-port, aging and flapping limits."""
 
@@ -15,8 +16,17 @@ import pytest
 
 from pyvhost._classifier import NO_GOTO_TABLE, Classifier
 from pyvhost._fdb import MacTable
-from pyvhost._flow import KEY_SIZE, frame_key, pack_key
-from pyvhost.switch.bridge import OP_SET_VLAN, OP_STRIP_VLAN, Bridge
+from pyvhost._flow import ACTION_OPS, KEY_SIZE, frame_key, pack_key
+from pyvhost.switch.bridge import (
+    OP_CONTROLLER,
+    OP_FLOOD,
+    OP_GROUP,
+    OP_OUTPUT,
+    OP_SET_VLAN,
+    OP_STRIP_VLAN,
+    OP_TUN_HI,
+    Bridge,
+)
 from pyvhost.switch.flows import parse_flow
 
 SEED = int(os.environ.get("PYVHOST_FUZZ_SEED", random.randrange(1 << 30)))
@@ -29,6 +39,7 @@ FIELDS = {
     "nw_src": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\xff\xff\x00\x00"],
     "nw_dst": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\xff\x00\x00\x00"],
     "dl_src": [b"\xff" * 6, b"\x01\x00\x00\x00\x00\x00"], "dl_dst": [b"\xff" * 6],
+    "arp_tha": [b"\xff" * 6, b"\xff" * 5 + b"\x00"],
 }
 # few distinct values per field, so that random packets hit random rules often
 VALUES = {
@@ -38,11 +49,56 @@ VALUES = {
     "nw_dst": [bytes([10, 0, 0, i]) for i in (1, 2)] + [bytes([192, 168, 0, 1])],
     "dl_src": [bytes([2, 0, 0, 0, 0, i]) for i in (1, 2)] + [bytes([3, 0, 0, 0, 0, 1])],
     "dl_dst": [bytes([2, 0, 0, 0, 0, i]) for i in (1, 2, 3)],
+    "arp_tha": [bytes([2, 0, 0, 0, 0, i]) for i in (0, 1)] + [bytes([2, 0, 0, 0, 1, 0])],
 }
 
 
 def words(raw: bytes) -> int:
     return int.from_bytes(raw, "little")
+
+
+U64 = (1 << 64) - 1
+OP_SET_NW_DST, OP_SET_TP_DST = ACTION_OPS["set_nw_dst"], ACTION_OPS["set_tp_dst"]
+MD_VALUES, MD_MASKS = [0, 1, 2, 0x100, 0x101], [U64, 0xFF, 0x100]
+# the action set's slots, in the order it runs (OpenFlow 1.3, 5.10): pop, push/set VLAN,
+# group, output (an output not run when a group is set); the last write of each kind wins
+SLOT = {OP_STRIP_VLAN: 0, OP_SET_VLAN: 1, OP_GROUP: 14, OP_OUTPUT: 15, OP_FLOOD: 15,
+        OP_CONTROLLER: 15}
+
+
+def set_nw_dst(addr: bytes) -> list:
+    v = int.from_bytes(addr, "big")
+    return [(OP_TUN_HI, v >> 16), (OP_SET_NW_DST, v & 0xFFFF)]
+
+
+def edited(k: int, op: int, value: int) -> int:
+    """The key (an int of its bytes, little-endian) as an apply-action leaves it for a
+    later table: VLAN ops; nw_dst and tp_dst of an IPv4 (TCP/UDP) packet."""
+    b = bytearray(k.to_bytes(KEY_SIZE, "little"))
+    ip = b[16:18] == (0x0800).to_bytes(2, "little")
+    if op == OP_SET_VLAN:
+        tci = int.from_bytes(b[2:4], "little")
+        b[2:4] = ((tci & 0xE000) | 0x1000 | value).to_bytes(2, "little")
+    elif op == OP_STRIP_VLAN:
+        b[2:4] = bytes(2)
+    elif op == OP_SET_NW_DST and ip:
+        b[24:28] = value.to_bytes(4, "big")
+    elif op == OP_SET_TP_DST and ip and b[28] in (6, 17):
+        b[32:34] = value.to_bytes(2, "little")
+    return int.from_bytes(b, "little")
+
+
+def md8(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def random_write(rng: random.Random) -> list:
+    ops = []
+    for _ in range(rng.randint(1, 3)):
+        op = rng.choice((OP_STRIP_VLAN, OP_SET_VLAN, OP_GROUP, OP_OUTPUT, OP_FLOOD,
+                         OP_CONTROLLER))
+        ops.append((op, rng.randint(0, 3) if op != OP_STRIP_VLAN else 0))
+    return ops
 
 
 def random_rule(rng: random.Random, table: int, tables: int):
@@ -52,10 +108,28 @@ def random_rule(rng: random.Random, table: int, tables: int):
     goto = NO_GOTO_TABLE
     if table + 1 < tables and rng.random() < 0.3:
         goto = rng.randint(table + 1, tables - 1)
-    r = rng.random()                # VLAN edits a later table sees, often to a vid it matches
+    r = rng.random()                # edits a later table sees, often to a value it matches
     ops = [(OP_SET_VLAN, rng.choice((5, 6, rng.randint(0, 4095))))] if r < 0.4 else \
-        [(OP_STRIP_VLAN, 0)] if r < 0.5 else []
-    return table, rng.randint(0, 12), mask, value, ops, goto
+        [(OP_STRIP_VLAN, 0)] if r < 0.5 else \
+        set_nw_dst(rng.choice(VALUES["nw_dst"])) if r < 0.6 else \
+        [(OP_SET_TP_DST, rng.choice(VALUES["tp_dst"]))] if r < 0.65 else []
+    if r >= 0.5 and ops and goto == NO_GOTO_TABLE and table + 1 < tables and \
+            rng.random() < 0.7:             # (an edit a later table can see)
+        goto = rng.randint(table + 1, tables - 1)
+    if rng.random() < 0.5:          # plain: a flow key's mask and value, no instructions
+        return table, rng.randint(0, 12), mask, value, ops, goto
+    # OpenFlow's instructions: a metadata match, write_metadata, clear/write actions (and
+    # more often a goto_table, so that later tables see what earlier ones wrote)
+    if goto == NO_GOTO_TABLE and table + 1 < tables and rng.random() < 0.4:
+        goto = rng.randint(table + 1, tables - 1)
+    md_mask = rng.choice(MD_MASKS) if table and rng.random() < 0.6 else 0
+    mask += md8(md_mask)
+    value += md8(rng.choice(MD_VALUES) & md_mask)
+    write = random_write(rng) if rng.random() < 0.6 else []
+    wmd = (lambda m: (rng.choice(MD_VALUES) & m, m))(rng.choice(MD_MASKS)) \
+        if rng.random() < 0.5 else None
+    return table, rng.randint(0, 12), mask, value, ops, goto, \
+        (write, rng.random() < 0.2, wmd)
 
 
 def random_key(rng: random.Random) -> bytes:
@@ -64,7 +138,10 @@ def random_key(rng: random.Random) -> bytes:
 
 class Reference:
     """The obvious classifier: scan every rule of the table, best priority, earliest wins;
-    a table after goto_table sees the packet as the earlier tables' VLAN ops left it."""
+    a table after goto_table sees the packet as the earlier tables' VLAN ops left it and
+    the metadata as their write_metadata left it (0 at first); write-actions fill an
+    action set (clear_actions empties it) run when a rule without goto_table ends the
+    pipeline (a miss drops it)."""
 
     def __init__(self):
         self.rules: dict[int, tuple] = {}
@@ -78,11 +155,13 @@ class Reference:
 
     def lookup(self, key: bytes):
         k = words(key)
-        table, hops, ops = 0, [], []
+        table, hops, ops, md, aset = 0, [], [], 0, {}
         while len(hops) < 8:
             best = None
-            for rid, (t, prio, mask, value, _, _) in self.rules.items():
-                if t == table and k & words(mask) == words(value) & words(mask):
+            for rid, (t, prio, mask, value, *_) in self.rules.items():
+                m, v = words(mask[:KEY_SIZE]), words(value[:KEY_SIZE])
+                mm, mv = words(mask[KEY_SIZE:]), words(value[KEY_SIZE:])
+                if t == table and k & m == v & m and md & mm == mv & mm:
                     if best is None or (prio, -self.order[rid]) > best[0]:
                         best = ((prio, -self.order[rid]), rid)
             if best is None:
@@ -90,15 +169,24 @@ class Reference:
             rid = best[1]
             hops.append((table, rid))
             ops += self.rules[rid][4]
-            for op, arg in self.rules[rid][4]:       # a later table sees the VLAN edits
-                tci = (k >> 16) & 0xFFFF             # (vlan_tci: the key's bytes 2-3)
-                if op == OP_SET_VLAN:
-                    tci = (tci & 0xE000) | 0x1000 | arg
-                elif op == OP_STRIP_VLAN:
-                    tci = 0
-                k = (k & ~(0xFFFF << 16)) | (tci << 16)
+            write, clear, wmd = self.rules[rid][6] if len(self.rules[rid]) > 6 else \
+                ([], False, None)
+            if clear:
+                aset = {}
+            for op, arg in write:
+                aset[SLOT[op]] = (op, arg)
+            if wmd is not None:
+                md = (md & ~wmd[1]) | wmd[0]
+            hi = 0
+            for op, arg in self.rules[rid][4]:       # a later table sees the edits
+                if op == OP_TUN_HI:
+                    hi = hi << 16 | arg
+                    continue
+                k = edited(k, op, hi << 16 | arg)
+                hi = 0
             goto = self.rules[rid][5]
             if goto == NO_GOTO_TABLE:
+                ops += [aset[s] for s in sorted(aset) if not (s == 15 and 14 in aset)]
                 break
             table = goto
         return hops, ops
@@ -130,11 +218,12 @@ def test_classifier_matches_brute_force_reference():
                 KEY_SIZE, "little")
             assert cls.lookup(other)[:2] == (hops, ops), (key.hex(), other.hex())
             for _, rid in hops:                        # the matched rules' bits are in it
-                rule_mask = words(cls.rule(rid)[2])
+                rule_mask = words(cls.rule(rid)[2][:KEY_SIZE])
                 assert words(mask) & rule_mask == rule_mask
         return hit
 
     assert check(n_keys) > n_keys // 4                 # the keys do hit rules
+    assert sum(len(s) > 6 and bool(s[6][0]) for s in specs) > n_rules // 10   # (written)
     gone = rng.sample(sorted(ref.rules), n_rules // 2)
     cls.apply(removes=gone)
     cls.reclaim()
@@ -142,6 +231,41 @@ def test_classifier_matches_brute_force_reference():
         del ref.rules[rid]
     assert len(cls) == len(ref.rules)
     check(n_keys // 2)
+
+
+def test_later_tables_see_edits_as_the_reference_does():
+    """Few fields (the ones apply-actions rewrite and their prerequisites), so that later
+    tables often decide on what an earlier one rewrote: the classifier agrees with the
+    reference, and its megaflow mask stays exact (a key equal on the mask's bits gets the
+    same answer)."""
+    rng = random.Random(SEED + 2)
+    narrow = ("vlan_tci", "dl_type", "nw_proto", "nw_dst", "tp_dst")
+    cls, ref = Classifier(), Reference()
+    specs = []
+    for _ in range(int(400 * SCALE)):
+        table = rng.randrange(3)
+        fields = rng.sample(narrow, rng.randint(1, 3))
+        mask = pack_key({f: FIELDS[f][0] for f in fields})
+        value = pack_key({f: rng.choice(VALUES[f]) for f in fields})
+        r = rng.random()
+        ops = set_nw_dst(rng.choice(VALUES["nw_dst"])) if r < 0.35 else \
+            [(OP_SET_TP_DST, rng.choice(VALUES["tp_dst"]))] if r < 0.6 else \
+            [(OP_SET_VLAN, rng.choice((5, 6)))] if r < 0.75 else [(OP_OUTPUT, table)]
+        goto = rng.randint(table + 1, 2) if table < 2 and rng.random() < 0.7 else NO_GOTO_TABLE
+        specs.append((table, rng.randint(0, 12), mask, value, ops, goto))
+    for spec, rid in zip(specs, cls.apply(specs), strict=True):
+        ref.add(rid, spec)
+    edited_hits = 0
+    for _ in range(int(3000 * SCALE)):
+        key = pack_key({f: rng.choice(VALUES[f]) for f in narrow if rng.random() < 0.9})
+        hops, ops, mask, _ = cls.lookup(key)
+        assert (hops, ops) == ref.lookup(key), key.hex()
+        edited_hits += len(hops) > 1 and any(op == OP_SET_NW_DST for op, _ in ops)
+        noise = rng.getrandbits(8 * KEY_SIZE)
+        other = ((words(key) & words(mask)) | (noise & ~words(mask))).to_bytes(
+            KEY_SIZE, "little")
+        assert cls.lookup(other)[:2] == (hops, ops), (key.hex(), other.hex())
+    assert edited_hits > 100                           # later tables did see rewrites
 
 
 def prefix_rule(rng: random.Random, bases: list[int], table: int = 0):
@@ -250,6 +374,23 @@ def test_strict_and_select_and_modify():
     with pytest.raises(ValueError):
         cls.apply(changes=[(a, [], NO_GOTO_TABLE)], removes=[a])
     assert len(cls) == 3 and cls.lookup(key)[1] == [(1, 4)]
+
+
+def test_later_tables_see_set_field_edits():
+    """A set_field (ip_dst, tcp/udp dst) of table 0 is what table 1 matches; on a packet
+    without that header (ARP) it changes nothing."""
+    cls = Classifier()
+    cls.insert(0, 1, pack_key({}), pack_key({}), set_nw_dst(bytes([10, 0, 0, 2])) +
+               [(OP_SET_TP_DST, 80)], 1)
+    to2 = cls.insert(1, 5, pack_key({"nw_dst": b"\xff" * 4, "tp_dst": 0xFFFF}),
+                     pack_key({"nw_dst": bytes([10, 0, 0, 2]), "tp_dst": 80}), [(1, 7)])
+    other = cls.insert(1, 1, pack_key({}), pack_key({}), [(1, 8)])
+    for key, hop in ((pack_key({"dl_type": 0x0800, "nw_proto": 6, "tp_dst": 22,
+                                "nw_dst": bytes([10, 0, 0, 1])}), to2),
+                     (pack_key({"dl_type": 0x0800, "nw_proto": 1,
+                                "nw_dst": bytes([10, 0, 0, 1])}), other),     # no ports
+                     (pack_key({"dl_type": 0x0806, "nw_dst": bytes([10, 0, 0, 1])}), other)):
+        assert cls.lookup(key)[0][-1] == (1, hop), key.hex()
 
 
 def test_later_tables_see_the_vlan_ops_of_earlier_ones():
@@ -362,3 +503,45 @@ def test_frame_keys_feed_the_classifier():
     frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp
     assert br.cls.lookup(frame_key(frame, 3))[1] == [(4, 0)]
     assert br.cls.lookup(frame_key(frame, 4))[1] == []                # another port
+
+
+def test_metadata_and_the_action_set():
+    """write_metadata changes only the bits under its mask, a later table matches the
+    metadata (masked); write-actions run at the end in the spec's order (pop, set VLAN,
+    group, output; a group drops the output), the last written of a kind wins,
+    clear_actions empties the set, a table miss drops the set but not applied actions."""
+    cls = Classifier()
+    any_key, none = pack_key({}), pack_key({})
+    port = pack_key({"in_port": 0xFFFF})
+
+    def md(mask, value):
+        return any_key + md8(mask), none + md8(value)
+
+    # table 0: metadata := 0x1100 (all bits), write output:1 and set_vlan:7
+    cls.insert(0, 1, any_key, none, [(OP_OUTPUT, 9)], 1,
+               ([(OP_OUTPUT, 1), (OP_SET_VLAN, 7)], False, (0x1100, U64)))
+    # table 1: metadata low byte := 0x22 (keeps 0x1100), write strip_vlan, output:2 wins
+    cls.insert(1, 1, *md(0xFF00, 0x1100), [], 2,
+               ([(OP_OUTPUT, 2), (OP_STRIP_VLAN, 0)], False, (0x22, 0xFF)))
+    # table 2: on 0x1122 exactly (both writes seen): apply flood, end
+    t2 = cls.insert(2, 5, *md(U64, 0x1122), [(OP_FLOOD, 0)])
+    cls.insert(2, 1, any_key, none, [(OP_CONTROLLER, 0)])
+    hops, ops, mask, _ = cls.lookup(pack_key({"in_port": 1}))
+    assert hops[-1] == (2, t2)
+    assert ops == [(OP_OUTPUT, 9), (OP_FLOOD, 0),
+                   (OP_STRIP_VLAN, 0), (OP_SET_VLAN, 7), (OP_OUTPUT, 2)]
+    assert mask[KEY_SIZE:] == b"" and not any(mask)    # metadata is never in the megaflow
+    # in_port 2: table 0 clears the set and writes a group: it replaces the output
+    cls.insert(0, 9, port, pack_key({"in_port": 2}), [], 1,
+               ([(OP_GROUP, 3)], True, (0x1100, 0xFF00)))
+    hops, ops, _, _ = cls.lookup(pack_key({"in_port": 2}))
+    assert ops == [(OP_FLOOD, 0), (OP_STRIP_VLAN, 0), (OP_GROUP, 3)]
+    # in_port 3: metadata 0x2133: table 1 (0x11xx) misses: the set (set_vlan) is dropped
+    cls.insert(0, 9, port, pack_key({"in_port": 3}), [(OP_OUTPUT, 4)], 1,
+               ([(OP_SET_VLAN, 7)], False, (0x2133, U64)))
+    assert cls.lookup(pack_key({"in_port": 3}))[1] == [(OP_OUTPUT, 4)]
+    with pytest.raises(ValueError):                    # a meter is no action-set action
+        cls.insert(0, 1, any_key, none, [], NO_GOTO_TABLE, ([(12, 1)], False, None))
+    with pytest.raises(ValueError):                    # 33 ops in all
+        cls.insert(0, 1, any_key, none, [(OP_OUTPUT, 1)] * 30, NO_GOTO_TABLE,
+                   ([(OP_OUTPUT, 1)] * 3, False, None))

@@ -31,7 +31,14 @@ from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
 from pyvhost.openflow.manager import enable
 from pyvhost.switch import Switch, run_command
-from pyvhost.switch.flows import VLAN_NONE, Prefix, parse_flow
+from pyvhost.switch.flows import (
+    VLAN_NONE,
+    Flow,
+    Instructions,
+    Prefix,
+    format_action,
+    parse_flow,
+)
 from tests.harness import openflow as O
 from tests.harness.fuzzing import Counter, fuzz_settings, minimum
 
@@ -101,8 +108,12 @@ IPT = O.oxm(5, b"\x08\x00")
 
 
 @pytest.mark.parametrize("tlvs,code", [
-    (O.oxm(7, b"\x03"), E.BMC_BAD_FIELD),                              # vlan_pcp
-    (O.oxm(2, bytes(8)), E.BMC_BAD_FIELD),                             # metadata
+    (O.oxm(7, b"\x03"), E.BMC_BAD_PREREQ),                             # vlan_pcp, no vid
+    (O.oxm(6, b"\x00\x00") + O.oxm(7, b"\x03"), E.BMC_BAD_PREREQ),      # pcp untagged
+    (O.oxm(6, b"\x10\x05") + O.oxm(7, b"\x08"), E.BMC_BAD_VALUE),      # pcp 8
+    (O.oxm(6, b"\x10\x00", b"\x1f\x00") + O.oxm(7, b"\x03"), E.BMC_BAD_MASK),
+    (O.oxm(24, b"\x02" * 6), E.BMC_BAD_PREREQ),                        # arp_sha, no arp
+    (O.oxm(1, bytes(4)), E.BMC_BAD_FIELD),                             # in_phy_port
     (O.oxm(60, b"\x00"), E.BMC_BAD_FIELD),                             # unknown field
     (struct.pack("!I", 0xFFFF << 16 | 1 << 9 | 8) + bytes(8), E.BMC_BAD_FIELD),  # experimenter
     (O.oxm(0, b"\x00\x01"), E.BMC_BAD_LEN),                            # in_port of 2 bytes
@@ -119,7 +130,7 @@ IPT = O.oxm(5, b"\x08\x00")
     (O.oxm(5, b"\x08\x00", b"\xff\x00"), E.BMC_BAD_MASK),              # eth_type masked
     (O.oxm(6, b"\x10\x00", b"\x10\x00"), E.BMC_BAD_MASK),              # vlan: any tag
     (O.oxm(6, b"\x00\x05"), E.BMC_BAD_VALUE),                          # vid without PRESENT
-    (IPT + O.oxm(9, b"\x01"), E.BMC_BAD_FIELD),                        # ip_ecn alone
+    (IPT + O.oxm(9, b"\x04"), E.BMC_BAD_VALUE),                        # ip_ecn 4
     (IPT + O.oxm(8, b"\x40"), E.BMC_BAD_VALUE),                        # dscp 64
     (O.oxm(5, b"\x86\xdd") + O.oxm(10, b"\x06"), E.BMC_BAD_FIELD),     # IPv6 ip_proto
     (O.oxm(5, b"\x08\x06") + O.oxm(21, b"\x01\x00"), E.BMC_BAD_VALUE),  # arp_op 256
@@ -144,6 +155,11 @@ PUSH = struct.pack("!HHH2x", 17, 8, 0x8100)
 POP = struct.pack("!HH4x", 18, 8)
 SET_VID = lambda vid: struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 6 << 9 | 2, vid)  # noqa: E731
 UNTAGGED, TAGGED = {"dl_vlan": VLAN_NONE}, {"dl_vlan": 7}
+
+
+def WRITE(*actions: bytes) -> bytes:  # noqa: N802 (an instruction, as O.apply_actions)
+    body = b"".join(actions)
+    return struct.pack("!HH4x", 3, 8 + len(body)) + body
 
 
 def test_instructions_decode_to_the_model():
@@ -177,6 +193,85 @@ def test_instructions_round_trip(actions, match):
         assert A.decode_instructions(data, 2, match) == (actions, goto)
 
 
+@pytest.mark.parametrize("actions,text", [
+    ((("set_field", "eth_src", b"\x02\x00\x00\x00\x00\x09"),
+      ("set_field", "eth_dst", b"\xff" * 6)), ""),
+    ((("set_field", "ip_src", bytes([10, 0, 0, 9])), ("set_field", "ip_dst", bytes(4)),
+      ("set_field", "ip_dscp", 46), ("dec_ttl",)), "ip"),
+    ((("set_field", "tcp_src", 1), ("set_field", "tcp_dst", 0xFFFF)), "tcp"),
+    ((("set_field", "udp_src", 53), ("set_field", "udp_dst", 0)), "udp"),
+    ((("set_field", "vlan_pcp", 7), ("output", "1")), "dl_vlan=7"),
+    ((("mod_vlan_vid", 9), ("set_field", "vlan_pcp", 3)), "dl_vlan=0xffff"),
+])
+def test_set_field_and_dec_ttl_round_trip(actions, text):
+    """OpenFlow's form and back, and the model's text and back, say the same."""
+    flow = parse_flow(f"priority=1,{text + ',' if text else ''}"
+                      f"actions={','.join(map(format_action, actions))}")
+    assert flow.actions == actions
+    data = A.encode_actions(actions, flow.match, int)
+    assert A.decode_actions(data, flow.match) == actions
+
+
+@pytest.mark.parametrize("inst,match", [
+    (Instructions(write_actions=(("output", "2"), ("group", 4))), {}),
+    (Instructions(clear_actions=True), {}),
+    (Instructions(write_metadata=(0x5, 0xFF)), {}),
+    (Instructions((("mod_vlan_vid", 3), ("strip_vlan",), ("controller", 64)), True,
+                  (0, (1 << 64) - 1)), TAGGED),
+])
+def test_write_clear_and_metadata_instructions_round_trip(inst, match):
+    for actions, goto in (((), None), ((("output", "1"),), 7), ((("meter", 2),), None)):
+        data = A.encode_instructions(actions, goto, match, int, inst)
+        assert A.decode_flow_instructions(data, 2, match) == (actions, goto, inst)
+        with pytest.raises(OFError) as e:                # (the two-part form takes none)
+            A.decode_instructions(data, 2, match)
+        assert (e.value.type, e.value.code) == (E.BAD_INSTRUCTION, E.BIC_UNSUP_INST)
+
+
+@pytest.mark.parametrize("ins,code", [
+    (struct.pack("!HH4xQ", 2, 16, 1), E.BIC_BAD_LEN),               # write_metadata short
+    (struct.pack("!HH4xQQ", 2, 24, 3, 1), E.BIC_UNSUP_METADATA),    # value outside mask
+    (struct.pack("!HH4xQ", 5, 16, 0), E.BIC_BAD_LEN),                # clear_actions long
+    (WRITE(O.output(1)) * 2, E.BIC_UNSUP_INST),                      # twice
+])
+def test_write_instruction_refusals(ins, code):
+    with pytest.raises(OFError) as e:
+        A.decode_flow_instructions(ins, 0, {})
+    assert (e.value.type, e.value.code) == (E.BAD_INSTRUCTION, code)
+
+
+def test_wide_set_fields_count_as_the_ops_they_take():
+    """A MAC takes three datapath ops: eleven set_field eth_src (33) are too many, ten (30)
+    fit, and with apply- and write-actions counted together."""
+    eth = struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 4 << 9 | 6, b"\x02" * 6)
+    assert len(A.decode_actions(eth * 10, {})) == 10
+    for ins in (O.apply_actions(*[eth] * 11),
+                O.apply_actions(*[eth] * 6) + WRITE(*[eth] * 5)):
+        with pytest.raises(OFError) as e:
+            A.decode_flow_instructions(ins, 0, {})
+        assert (e.value.type, e.value.code) == (E.BAD_ACTION, E.BAC_TOO_MANY)
+
+
+@pytest.mark.parametrize("match", [
+    {"metadata": 5}, {"metadata": (0x10, 0xF0)}, {"metadata": (0, 1)},
+    {"dl_vlan_pcp": 3}, {"dl_vlan": 5, "dl_vlan_pcp": 7},
+    {"dl_type": 0x0800, "nw_ecn": 2}, {"dl_type": 0x0800, "ip_dscp": 46, "nw_ecn": 1},
+    {"dl_type": 0x0806, "arp_sha": b"\x02" * 6,
+     "arp_tha": (b"\x02" * 5 + b"\x00", b"\xff" * 5 + b"\x00")},
+])
+def test_pipeline_matches_round_trip(match):
+    """metadata, vlan_pcp (alone: vlan_vid PRESENT/PRESENT, as OVS sends it), ip_ecn,
+    arp_sha/arp_tha: OXM and back, the model's text and back."""
+    tlvs = oxm.encode(match, int)
+    got = oxm.decode(tlvs)
+    if "ip_dscp" in match and "nw_ecn" in match:          # both: the whole TOS byte
+        assert got == {"dl_type": 0x0800, "nw_tos": 46 << 2 | 1}
+    else:
+        assert got == match
+    flow = parse_flow(Flow(1, got, (("output", "1"),)).format())
+    assert flow.match == got
+
+
 @pytest.mark.parametrize("ins,match,want", [
     (O.apply_actions(O.output(C.OFPP_TABLE)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.apply_actions(O.output(C.OFPP_ANY)), {}, (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
@@ -188,7 +283,7 @@ def test_instructions_round_trip(actions, match):
     (O.apply_actions(struct.pack("!HHI", 22, 8, 0xFFFFFFFC)), {},
      (E.BAD_ACTION, E.BAC_BAD_OUT_GROUP)),
     (O.apply_actions(struct.pack("!HHI8x", 22, 16, 1)), {}, (E.BAD_ACTION, E.BAC_BAD_LEN)),
-    (O.apply_actions(struct.pack("!HHB3x", 24, 8, 0)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
+    (O.apply_actions(struct.pack("!HHB3x", 23, 8, 0)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HH4x", 99, 8)), {}, (E.BAD_ACTION, E.BAC_BAD_TYPE)),
     (O.apply_actions(struct.pack("!HHI", 0xFFFF, 8, 0x2320)), {},
      (E.BAD_ACTION, E.BAC_BAD_EXPERIMENTER)),
@@ -202,8 +297,21 @@ def test_instructions_round_trip(actions, match):
     (O.apply_actions(POP), {}, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
     (O.apply_actions(SET_VID(0x1005)), UNTAGGED, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
     (O.apply_actions(SET_VID(0x0005)), TAGGED, (E.BAD_ACTION, E.BAC_BAD_SET_ARGUMENT)),
-    (O.apply_actions(struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 3 << 9 | 6, bytes(6))),
-     {}, (E.BAD_ACTION, E.BAC_BAD_SET_TYPE)),
+    (O.apply_actions(struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 21 << 9 | 2, 1)),
+     {}, (E.BAD_ACTION, E.BAC_BAD_SET_TYPE)),                       # arp_op: not settable
+    (O.apply_actions(struct.pack("!HHI4s4x", 25, 16, 0x8000 << 16 | 11 << 9 | 4, bytes(4))),
+     {}, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),                 # ipv4_src without ip
+    (O.apply_actions(struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 13 << 9 | 2, 80)),
+     {"dl_type": 0x0800, "nw_proto": 17}, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),
+    (O.apply_actions(struct.pack("!HHIB7x", 25, 16, 0x8000 << 16 | 7 << 9 | 1, 3)),
+     UNTAGGED, (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT)),          # vlan_pcp untagged
+    (O.apply_actions(struct.pack("!HHIB7x", 25, 16, 0x8000 << 16 | 8 << 9 | 1, 64)),
+     {"dl_type": 0x0800}, (E.BAD_ACTION, E.BAC_BAD_SET_ARGUMENT)),  # dscp 64
+    (O.apply_actions(struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 3 << 9 | 0x10C,
+                                 bytes(6) * 2)[:16]),
+     {}, (E.BAD_ACTION, E.BAC_BAD_SET_LEN)),                        # eth_dst masked
+    (O.apply_actions(struct.pack("!HH4x", 24, 16) + bytes(8)), {},
+     (E.BAD_ACTION, E.BAC_BAD_LEN)),                                 # dec_nw_ttl long
     (O.apply_actions(struct.pack("!HHI", 25, 8, 0x8000 << 16 | 6 << 9 | 2)),
      TAGGED, (E.BAD_ACTION, E.BAC_BAD_SET_LEN)),
     (O.apply_actions(*[O.output(1)] * 33), {}, (E.BAD_ACTION, E.BAC_TOO_MANY)),
@@ -366,7 +474,7 @@ def test_flow_mods_follow_the_spec(running):
     (O.flow_mod(O.ADD, IN1, O.apply_actions(O.output(9))), (E.BAD_ACTION, E.BAC_BAD_OUT_PORT)),
     (O.flow_mod(O.ADD, O.match(O.oxm(0, struct.pack("!I", 9))), TO2),
      (E.BAD_MATCH, E.BMC_BAD_VALUE)),
-    (O.flow_mod(O.ADD, O.match(O.oxm(7, b"\x01")), TO2), (E.BAD_MATCH, E.BMC_BAD_FIELD)),
+    (O.flow_mod(O.ADD, O.match(O.oxm(1, bytes(4))), TO2), (E.BAD_MATCH, E.BMC_BAD_FIELD)),
     (O.flow_mod(O.ADD, struct.pack("!HH4x", 1, 40)), (E.BAD_MATCH, E.BMC_BAD_LEN)),
     (O.msg(O.FLOW_MOD, bytes(20)), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
     (O.msg(O.FEATURES_REQUEST, b"x"), (E.BAD_REQUEST, E.BRC_BAD_LEN)),
@@ -571,6 +679,23 @@ CORPUS = [
     O.multipart(9, struct.pack("!I4x", 0xFFFFFFFF)), O.multipart(10, struct.pack("!I4x", 1)),
     O.multipart(11), O.msg(29, struct.pack("!HHI", 2, 0, 0xFFFFFFFF)),
     O.msg(17, struct.pack("!B3xI", 0xFF, 3)),                                   # TABLE_MOD
+    # the action set and metadata: write/clear actions, write_metadata, a metadata match
+    O.flow_mod(O.ADD, O.match(O.oxm(2, struct.pack("!Q", 5), struct.pack("!Q", 0xFF))),
+               O.apply_actions(O.output(1)) + struct.pack("!HH4x", 5, 8) +
+               WRITE(O.output(2), struct.pack("!HHI", 22, 8, 3)) +
+               struct.pack("!HH4xQQ", 2, 24, 0x10, 0xF0) + O.goto(2), table=1),
+    O.flow_mod(O.ADD, O.match(O.oxm(6, b"\x00\x00")),
+               WRITE(PUSH, SET_VID(0x1009), O.output(C.OFPP_CONTROLLER)) +
+               struct.pack("!HH4xQQ", 2, 24, 1, 0xFFFFFFFFFFFFFFFF)),
+    # set-field of header fields (checksums follow), dec_nw_ttl
+    O.flow_mod(O.ADD, O.match(O.oxm(5, b"\x08\x00"), O.oxm(10, b"\x06")),
+               O.apply_actions(
+                   struct.pack("!HHI6s2x", 25, 16, 0x8000 << 16 | 4 << 9 | 6, b"\x02" * 6),
+                   struct.pack("!HHI4s4x", 25, 16, 0x8000 << 16 | 12 << 9 | 4, IP4("10.0.0.9")),
+                   struct.pack("!HHIH6x", 25, 16, 0x8000 << 16 | 13 << 9 | 2, 8080),
+                   struct.pack("!HHIB7x", 25, 16, 0x8000 << 16 | 8 << 9 | 1, 46),
+                   struct.pack("!HH4x", 24, 8), O.output(2))),
+    O.packet_out(1, struct.pack("!HH4x", 24, 8) + O.output(2), FRAME),
 ]
 INTERESTING = [0, 1, 2, 3, 4, 5, 7, 9, 13, 14, 15, 16, 17, 18, 20, 24, 28, 29, 99]
 

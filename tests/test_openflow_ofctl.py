@@ -144,9 +144,9 @@ def test_ofctl_reports_the_spec_errors(of_switch):
     _, _, target = of_switch
     for flow, error in (("priority=5,actions=LOCAL", "OFPBAC_BAD_OUT_PORT"),
                         ("priority=5,actions=output:9", "OFPBAC_BAD_OUT_PORT"),
-                        ("priority=5,actions=write_actions(output:2)", "OFPBIC_UNSUP_INST"),
+                        ("priority=5,actions=write_actions(LOCAL)", "OFPBAC_BAD_OUT_PORT"),
                         ("priority=5,actions=group:1", "OFPBAC_BAD_OUT_GROUP"),
-                        ("priority=5,dl_vlan_pcp=3,actions=drop", "OFPBMC_BAD_FIELD"),
+                        ("priority=5,sctp,tp_dst=5,actions=drop", "OFPBMC_BAD_FIELD"),
                         ("priority=5,ip,nw_ttl=3,actions=drop", "OFPBMC_BAD_FIELD"),
                         ("priority=5,in_port=2,actions=push_vlan:0x8100,output:1",
                          "OFPBAC_MATCH_INCONSISTENT"),

@@ -74,13 +74,13 @@ def test_table_features_list_exactly_what_the_switch_takes(table):
     for itype, sample in INSTRUCTION_SAMPLES.items():
         ok = True
         try:
-            A.decode_instructions(sample, table if itype != A.IT_GOTO_TABLE else 0, {})
+            A.decode_flow_instructions(sample, table if itype != A.IT_GOTO_TABLE else 0, {})
         except OFError as e:
             ok = e.type == E.METER_MOD_FAILED            # (no meter 1: but it is taken)
         if itype == A.IT_GOTO_TABLE and table == TABLES - 1:
             ok = False                                   # (no later table)
         assert ok == (itype in listed), (table, itype, listed)
-    assert props[M.TFPT_WRITE_ACTIONS] == b""            # no action set (yet)
+    assert props[M.TFPT_WRITE_ACTIONS] == props[M.TFPT_APPLY_ACTIONS]   # the same, in the set
     listed = set(_ids(props[M.TFPT_APPLY_ACTIONS]))
     for atype, (sample, match) in ACTION_SAMPLES.items():
         try:
@@ -96,7 +96,9 @@ def test_table_features_list_exactly_what_the_switch_takes(table):
         field, hasmask, length = oxm.key(h), h >> 8 & 1, h & 0xFF
         assert oxm.SUPPORTED[field] == bool(hasmask)
         assert length == oxm.SIZES[field] * (2 if hasmask else 1)
-    assert props[M.TFPT_WRITE_SETFIELD] == b""
+    assert props[M.TFPT_WRITE_SETFIELD] == props[M.TFPT_APPLY_SETFIELD]
+    head = struct.unpack_from("!HB5x32sQQII", M.table_features(table))
+    assert head[3] == head[4] == (1 << 64) - 1           # metadata: every bit matched, written
     for h in _ids(props[M.TFPT_APPLY_SETFIELD], "!I"):
         size = h & 0xFF
         value = (0x1005).to_bytes(2, "big") if oxm.key(h) == oxm.VLAN_VID else \
@@ -104,7 +106,8 @@ def test_table_features_list_exactly_what_the_switch_takes(table):
         body = struct.pack("!I", h) + value
         act = struct.pack("!HH", 25, (4 + len(body) + 7) // 8 * 8) + body
         act += bytes((8 - len(act) % 8) % 8)
-        A.decode_actions(act, {"dl_vlan": 5})            # listed: taken
+        proto = 17 if oxm.key(h) in (oxm.UDP_SRC, oxm.UDP_DST) else 6
+        A.decode_actions(act, {"dl_vlan": 5, "dl_type": 0x0800, "nw_proto": proto})  # taken
 
 
 def test_table_mod_answers_as_the_spec(running):  # noqa: F811

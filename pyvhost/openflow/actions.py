@@ -11,10 +11,13 @@ SET_FIELD tunnel_id, a 24-bit VNI, and NXM tun_dst: set_tun_id and set_tun_dst):
 (+ SET_FIELD) only on a match of untagged packets (mod_vlan_vid pushes a tag there),
 SET_FIELD vlan_vid and POP_VLAN only on a match of tagged ones (or after a push). OFPP_ALL
 is the model's ``flood`` (so a port PORT_MOD took out of flooding is left out of ALL too:
-a difference from the spec). Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION
-error: WRITE/CLEAR_ACTIONS, WRITE_METADATA (no action set or metadata yet), OUTPUT to
-LOCAL, TABLE (in a rule) or ANY (the datapath cannot send there), TTL and MPLS actions.
-Pure functions."""
+a difference from the spec). SET_FIELD of eth_src/eth_dst, ipv4_src/ipv4_dst,
+tcp_src/tcp_dst, udp_src/udp_dst, ip_dscp and vlan_pcp (the model's ``("set_field", FIELD,
+value)``, prerequisites as the spec's MATCH_INCONSISTENT) and DEC_NW_TTL (``dec_ttl``).
+WRITE_ACTIONS (the same actions, into the action set),
+CLEAR_ACTIONS and WRITE_METADATA (value and mask) are the model's ``Instructions``.
+Everything else gets the spec's BAD_INSTRUCTION/BAD_ACTION error: OUTPUT to LOCAL, TABLE
+(in a rule) or ANY (the datapath cannot send there), TTL and MPLS actions. Pure functions."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import struct
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS
-from pyvhost.switch.flows import METER_MAX, VLAN_NONE, Prefix
+from pyvhost.switch.flows import METER_MAX, U64, VLAN_NONE, Instructions, Prefix, op_count
 
 from . import codec as C
 from . import errors as E
@@ -36,6 +39,13 @@ IT_GOTO_TABLE, IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_APPLY_ACTIONS = 1, 2, 3, 
 IT_CLEAR_ACTIONS, IT_METER, IT_EXPERIMENTER = 5, 6, 0xFFFF
 # enum ofp_action_type
 AT_OUTPUT, AT_PUSH_VLAN, AT_POP_VLAN, AT_GROUP, AT_SET_FIELD = 0, 17, 18, 22, 25
+AT_DEC_NW_TTL = 24
+# SET_FIELD's header fields: OXM field -> the model's name (values: bytes for addresses)
+PACKET_FIELDS = {oxm.ETH_SRC: "eth_src", oxm.ETH_DST: "eth_dst", oxm.IPV4_SRC: "ip_src",
+                 oxm.IPV4_DST: "ip_dst", oxm.TCP_SRC: "tcp_src", oxm.TCP_DST: "tcp_dst",
+                 oxm.UDP_SRC: "udp_src", oxm.UDP_DST: "udp_dst", oxm.IP_DSCP: "ip_dscp",
+                 oxm.VLAN_PCP: "vlan_pcp"}
+FIELD_OF = {name: f for f, name in PACKET_FIELDS.items()}
 AT_EXPERIMENTER = 0xFFFF
 KNOWN_ACTIONS = {0, 11, 12, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27}
 ETH_P_8021Q = 0x8100
@@ -130,6 +140,10 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
                 out.append(_set_tunnel(fkey, hasmask, flen, body[8:8 + flen]))
                 pushed_at = -1
                 continue
+            if cls == BASIC and field in PACKET_FIELDS:
+                out.append(_set_packet_field(field, hasmask, flen, body[8:8 + flen], match,
+                                             state))
+                continue
             if cls != BASIC or field != VLAN_VID:
                 raise _act(E.BAC_BAD_SET_TYPE, f"set_field of class 0x{cls:04x} field "
                                                f"{field}: only vlan_vid, tunnel_id and "
@@ -155,6 +169,10 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
             if gid > 0xFFFFFF00:
                 raise _act(E.BAC_BAD_OUT_GROUP, f"group {gid:#x}")
             out.append(("group", gid))
+        elif atype == AT_DEC_NW_TTL:
+            if alen != 8:
+                raise _act(E.BAC_BAD_LEN, f"DEC_NW_TTL of length {alen}")
+            out.append(("dec_ttl",))
         elif atype == AT_EXPERIMENTER:
             raise _act(E.BAC_BAD_EXPERIMENTER, "experimenter actions are not supported")
         elif atype in KNOWN_ACTIONS:
@@ -163,9 +181,37 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
             raise _act(E.BAC_BAD_TYPE, f"unknown action type {atype}")
         if atype != AT_PUSH_VLAN and atype != AT_SET_FIELD:
             pushed_at = -1
-    if len(out) > MAX_OPS:
-        raise _act(E.BAC_TOO_MANY, f"{len(out)} actions: a rule holds at most {MAX_OPS}")
+    if op_count(out) > MAX_OPS:
+        raise _act(E.BAC_TOO_MANY, f"{len(out)} actions taking {op_count(out)} datapath ops: "
+                                   f"a rule holds at most {MAX_OPS}")
     return tuple(out)
+
+
+def _set_packet_field(field: int, hasmask: int, flen: int, value: bytes, match: dict,
+                      state: str) -> tuple:
+    """SET_FIELD of a header field: the model's ("set_field", name, value), the match
+    providing the header (else MATCH_INCONSISTENT, as the spec says)."""
+    name = PACKET_FIELDS[field]
+    size = oxm.SIZES[field]
+    if hasmask or flen != size:
+        raise _act(E.BAC_BAD_SET_LEN, f"set_field {name}: {flen} bytes"
+                                      f"{' with a mask' if hasmask else ''} ({size})")
+    proto = {"tcp": oxm.TCP, "udp": oxm.UDP}.get(name[:3])
+    if (name.startswith("ip_") or proto) and match.get("dl_type") != oxm.IP:
+        raise _act(E.BAC_MATCH_INCONSISTENT, f"set_field {name} needs a match of IPv4 "
+                                             "(eth_type=0x0800)")
+    if proto and match.get("nw_proto") != proto:
+        raise _act(E.BAC_MATCH_INCONSISTENT, f"set_field {name} needs ip_proto={proto}")
+    if name == "vlan_pcp" and state != TAGGED:
+        raise _act(E.BAC_MATCH_INCONSISTENT, "set_field vlan_pcp needs a tagged packet "
+                                             "(match vlan_vid=N, or push_vlan first)")
+    if size == 6 or size == 4:
+        return ("set_field", name, value)
+    v = int.from_bytes(value, "big")
+    limit = {"ip_dscp": 0x3F, "vlan_pcp": 7}.get(name, 0xFFFF)
+    if v > limit:
+        raise _act(E.BAC_BAD_SET_ARGUMENT, f"set_field {name} {v} (0..{limit})")
+    return ("set_field", name, v)
 
 
 def _set_tunnel(fkey: int, hasmask: int, flen: int, value: bytes) -> tuple:
@@ -185,10 +231,22 @@ def _set_tunnel(fkey: int, hasmask: int, flen: int, value: bytes) -> tuple:
 
 
 def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, int | None]:
-    """(actions, goto_table or None) of a FLOW_MOD's instructions for a rule in
-    ``table`` with ``match``."""
+    """(actions, goto_table or None) of instructions that hold no others (see
+    ``decode_flow_instructions``: those are refused here)."""
+    actions, goto, inst = decode_flow_instructions(data, table, match)
+    if inst is not None:
+        raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST,
+                      "write/clear actions and write_metadata are not taken here")
+    return actions, goto
+
+
+def decode_flow_instructions(data: bytes, table: int,
+                             match: dict) -> tuple[tuple, int | None, Instructions | None]:
+    """(apply-actions, goto_table or None, the other instructions or None) of a
+    FLOW_MOD's instructions for a rule in ``table`` with ``match``."""
     seen: set[int] = set()
     actions: tuple = ()
+    inst = Instructions()
     goto = None
     meter = None
     off = 0
@@ -222,21 +280,37 @@ def decode_instructions(data: bytes, table: int, match: dict) -> tuple[tuple, in
             if not 1 <= meter <= METER_MAX:
                 raise OFError(E.METER_MOD_FAILED, E.MMFC_INVALID_METER,
                               f"meter {meter:#x}: not a meter id a rule can name")
-        elif itype in (IT_WRITE_METADATA, IT_WRITE_ACTIONS, IT_CLEAR_ACTIONS):
-            names = {2: "WRITE_METADATA", 3: "WRITE_ACTIONS", 5: "CLEAR_ACTIONS"}
-            raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_INST,
-                          f"{names[itype]} is not supported here")
+        elif itype == IT_WRITE_ACTIONS:
+            inst.write_actions = decode_actions(body[8:], match)   # (of each kind the last
+                                                                # is the set's, as in OVS)
+        elif itype == IT_CLEAR_ACTIONS:
+            if ilen != 8:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN, f"CLEAR_ACTIONS of length {ilen}")
+            inst.clear_actions = True
+        elif itype == IT_WRITE_METADATA:
+            if ilen != 24:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN,
+                              f"WRITE_METADATA of length {ilen}")
+            value, mask = struct.unpack_from("!QQ", body, 8)
+            if value & ~mask & U64:
+                raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_METADATA,
+                              f"write_metadata {value:#x} has bits outside its mask {mask:#x}")
+            inst.write_metadata = (value, mask)
         elif itype == IT_EXPERIMENTER:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_EXPERIMENTER,
                           "experimenter instructions are not supported")
         else:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST, f"instruction type {itype}")
+    written = op_count(inst.write_actions or ())
+    if op_count(actions) + written > MAX_OPS:
+        raise _act(E.BAC_TOO_MANY, f"{op_count(actions) + written} datapath ops: a rule "
+                                   f"holds at most {MAX_OPS}")
     if meter is not None:
-        if len(actions) + 1 > MAX_OPS:
+        if op_count(actions) + written + 1 > MAX_OPS:
             raise _act(E.BAC_TOO_MANY, f"{len(actions)} actions and a meter: a rule holds "
                                        f"at most {MAX_OPS}")
         actions = (("meter", meter),) + actions
-    return actions, goto
+    return actions, goto, (None if inst == Instructions() else inst)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -272,6 +346,15 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
         elif a[0] == "strip_vlan":
             out.append(struct.pack("!HH4x", AT_POP_VLAN, 8))
             state = UNTAGGED
+        elif a[0] == "set_field":
+            field = FIELD_OF[a[1]]
+            size = oxm.SIZES[field]
+            value = a[2] if isinstance(a[2], bytes) else a[2].to_bytes(size, "big")
+            body = struct.pack("!I", header(field, size)) + value
+            out.append(struct.pack("!HH", AT_SET_FIELD, pad8(4 + len(body))) + body +
+                       bytes(pad8(4 + len(body)) - 4 - len(body)))
+        elif a[0] == "dec_ttl":
+            out.append(struct.pack("!HH4x", AT_DEC_NW_TTL, 8))
         elif a[0] == "set_tun_id":
             out.append(struct.pack("!HHIQ", AT_SET_FIELD, 16, header(oxm.TUNNEL_ID, 8), a[1]))
         elif a[0] == "set_tun_dst":
@@ -282,7 +365,8 @@ def encode_actions(actions: tuple, match: dict, ofport_of) -> bytes:
     return b"".join(out)
 
 
-def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of) -> bytes:
+def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of,
+                        inst: Instructions | None = None) -> bytes:
     out = b""
     if actions and actions[0][0] == "meter":
         out += struct.pack("!HHI", IT_METER, 8, actions[0][1])
@@ -290,6 +374,14 @@ def encode_instructions(actions: tuple, goto: int | None, match: dict, ofport_of
     if actions:
         acts = encode_actions(actions, match, ofport_of)
         out += struct.pack("!HH4x", IT_APPLY_ACTIONS, 8 + len(acts)) + acts
+    if inst is not None:
+        if inst.clear_actions:
+            out += struct.pack("!HH4x", IT_CLEAR_ACTIONS, 8)
+        if inst.write_actions is not None:
+            acts = encode_actions(inst.write_actions, match, ofport_of)
+            out += struct.pack("!HH4x", IT_WRITE_ACTIONS, 8 + len(acts)) + acts
+        if inst.write_metadata is not None:
+            out += struct.pack("!HH4xQQ", IT_WRITE_METADATA, 24, *inst.write_metadata)
     if goto is not None:
         out += struct.pack("!HHB3x", IT_GOTO_TABLE, 8, goto)
     return out

@@ -211,6 +211,8 @@ class Events:
                 cookie = rule_cookie
                 if priority == 0 and not has_match:            # the table-miss rule
                     reason = AM.OFPR_NO_MATCH
+        if rec.get("invalid_ttl"):                 # dec_nw_ttl: sent only where SET_ASYNC
+            reason = AM.OFPR_INVALID_TTL           # asked for it (not by default)
         sent = self._send(bridge.name, C.PACKET_IN, reason, AM.packet_in(
             0, rec["total_len"], reason, rec["table"], cookie, ofport, rec["data"]))
         self.packet_ins += sent

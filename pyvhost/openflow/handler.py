@@ -252,8 +252,9 @@ class Handler:
         match = oxm.decode(tlvs)
         bridge = self.bridge
         if command == ADD:
-            actions, goto = A.decode_instructions(instructions, table, match)
-            flow = self._flow(Flow(priority, match, actions, table, cookie, idle, hard, goto))
+            actions, goto, inst = A.decode_flow_instructions(instructions, table, match)
+            flow = self._flow(Flow(priority, match, actions, table, cookie, idle, hard, goto,
+                                   inst))
             self._check_ports(flow)
             self._add(bridge, flow, flags)
             return
@@ -293,10 +294,11 @@ class Handler:
 
     def _check_ports(self, flow: Flow) -> None:
         bridge = self.bridge
-        for a in flow.actions:
+        actions = flow.actions + (flow.inst.write_actions or () if flow.inst else ())
+        for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
-        for a in flow.actions:
+        for a in actions:
             if a[0] == "group" and (bridge.groups is None or a[1] not in bridge.groups.groups):
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_GROUP, f"group:{a[1]}: no such group")
             if a[0] == "meter" and (bridge.meters is None or a[1] not in bridge.meters.meters):
@@ -361,10 +363,10 @@ class Handler:
             f = rule.flow
             key = (f.table, A.vlan_state(f.match))
             if key not in decoded:
-                decoded[key] = A.decode_instructions(instructions, f.table, f.match)
-            actions, goto = decoded[key]
+                decoded[key] = A.decode_flow_instructions(instructions, f.table, f.match)
+            actions, goto, inst = decoded[key]
             new = Flow(f.priority, f.match, actions, f.table, f.cookie, f.idle_timeout,
-                       f.hard_timeout, goto)
+                       f.hard_timeout, goto, inst)
             self._check_ports(new)
             changes.append((rule, new))
         if flags & RESET_COUNTS:                   # new rules: counters from zero
@@ -377,7 +379,8 @@ class Handler:
             self._apply(modify=changes)
 
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
-        actions = rule.flow.actions
+        f = rule.flow
+        actions = f.actions + (f.inst.write_actions or () if f.inst else ())
         if out_group != C.OFPG_ANY and ("group", out_group) not in actions:
             return False
         if out_port == C.OFPP_ANY:
@@ -543,7 +546,8 @@ class Handler:
                 f.table, max(0, int((now - rule.created) * 1e9)), f.priority, f.idle_timeout,
                 f.hard_timeout, self.state.flags_of(rule), f.cookie, n, b,
                 oxm.encode(f.match, self.ofport_of),
-                A.encode_instructions(f.actions, f.goto_table, f.match, self.ofport_of)))
+                A.encode_instructions(f.actions, f.goto_table, f.match, self.ofport_of,
+                                      f.inst)))
         return [M.aggregate(packets, bytes_, len(rules))] if aggregate else out
 
     def port_stats(self, port_no: int) -> list[bytes]:

@@ -142,28 +142,34 @@ def _prop(ptype: int, payload: bytes) -> bytes:
     return struct.pack("!HH", ptype, length) + payload + bytes(pad8(length) - length)
 
 
+METADATA_ALL = (1 << 64) - 1      # every metadata bit can be matched and written
+
+
 def table_features(table: int, name: str = "") -> bytes:
     """One table's features: the 8 properties every 1.3 controller (and ovs-ofctl)
     requires: instructions, next tables, write/apply actions, match, wildcards, write/apply
     set-field."""
     last = table == TABLES - 1
-    instr = [A.IT_APPLY_ACTIONS, A.IT_METER] + ([] if last else [A.IT_GOTO_TABLE])
+    instr = [A.IT_APPLY_ACTIONS, A.IT_WRITE_ACTIONS, A.IT_CLEAR_ACTIONS, A.IT_WRITE_METADATA,
+             A.IT_METER] + ([] if last else [A.IT_GOTO_TABLE])
+    actions = b"".join(struct.pack("!HH", a, 4) for a in
+                       (A.AT_OUTPUT, A.AT_PUSH_VLAN, A.AT_POP_VLAN, A.AT_GROUP,
+                        A.AT_DEC_NW_TTL, A.AT_SET_FIELD))
+    setfields = b"".join(struct.pack("!I", oxm.header(f, oxm.SIZES[f])) for f in oxm.SETTABLE)
     fields = [oxm.header(f, oxm.SIZES[f] * (2 if m else 1), m)
               for f, m in oxm.SUPPORTED.items()]
     props = [
         _prop(TFPT_INSTRUCTIONS, b"".join(struct.pack("!HH", i, 4) for i in instr)),
         _prop(TFPT_NEXT_TABLES, bytes(range(table + 1, TABLES))),
-        _prop(TFPT_WRITE_ACTIONS, b""),
-        _prop(TFPT_APPLY_ACTIONS, b"".join(struct.pack("!HH", a, 4) for a in
-                                           (A.AT_OUTPUT, A.AT_PUSH_VLAN, A.AT_POP_VLAN,
-                                            A.AT_GROUP, A.AT_SET_FIELD))),
+        _prop(TFPT_WRITE_ACTIONS, actions),            # the same actions, into the set
+        _prop(TFPT_APPLY_ACTIONS, actions),
         _prop(TFPT_MATCH, b"".join(struct.pack("!I", h) for h in fields)),
         _prop(TFPT_WILDCARDS, b"".join(struct.pack("!I", h & ~0x1FF | oxm.SIZES[oxm.key(h)])
                                        for h in fields)),
-        _prop(TFPT_WRITE_SETFIELD, b""),
-        _prop(TFPT_APPLY_SETFIELD, b"".join(struct.pack("!I", oxm.header(f, oxm.SIZES[f]))
-                                            for f in oxm.SETTABLE)),
+        _prop(TFPT_WRITE_SETFIELD, setfields),
+        _prop(TFPT_APPLY_SETFIELD, setfields),
     ]
     body = b"".join(props)
     return TABLE_FEATURES_HEAD.pack(TABLE_FEATURES_HEAD.size + len(body), table,
-                                    _s(name, 32), 0, 0, 0, MAX_ENTRIES) + body
+                                    _s(name, 32), METADATA_ALL, METADATA_ALL, 0,
+                                    MAX_ENTRIES) + body

@@ -1,6 +1,8 @@
 """OXM matches (OFPMT_OXM, class OFPXMC_OPENFLOW_BASIC) to and from the switch's match
-model (``pyvhost.switch.flows``: a dict of in_port, dl_src/dl_dst, dl_type, dl_vlan,
-nw_src/nw_dst, nw_proto, nw_tos, ip_dscp, tp_src/tp_dst, tun_id, tun_src/tun_dst).
+model (``pyvhost.switch.flows``: a dict of in_port, metadata (masked), dl_src/dl_dst,
+dl_type, dl_vlan, dl_vlan_pcp, nw_src/nw_dst, nw_proto, nw_tos, ip_dscp, nw_ecn,
+tp_src/tp_dst, arp_sha/arp_tha, tun_id, tun_src/tun_dst). A vlan_vid mask is taken only as
+OVS sends a priority without a VLAN id: vlan_vid=PRESENT/PRESENT with vlan_pcp.
 
 The tunnel fields: tunnel_id (OFPXMT_OFB_TUNNEL_ID, 64 bits: the model's 24-bit VNI, so a
 value or mask bit above bit 23 is refused), and tun_src/tun_dst as Open vSwitch sends
@@ -42,13 +44,16 @@ SIZES = {NX_TUN_IPV4_SRC: 4, NX_TUN_IPV4_DST: 4,
          24: 6, 25: 6, 26: 16, 27: 16, 28: 4, 29: 1, 30: 1, 31: 16, 32: 6, 33: 6, 34: 4,
          35: 1, 36: 1, 37: 2, 38: 8, 39: 2, 40: 3}
 # the fields this switch matches on (TABLE_FEATURES lists them), and whether a mask is ok
-SUPPORTED = {IN_PORT: False, ETH_DST: True, ETH_SRC: True, ETH_TYPE: False, VLAN_VID: False,
+ARP_SHA, ARP_THA = 24, 25
+SUPPORTED = {IN_PORT: False, METADATA: True, ETH_DST: True, ETH_SRC: True, ETH_TYPE: False,
+             VLAN_VID: True, VLAN_PCP: False, ARP_SHA: True, ARP_THA: True,
              IP_DSCP: False, IP_ECN: False, IP_PROTO: False, IPV4_SRC: True, IPV4_DST: True,
              TCP_SRC: True, TCP_DST: True, UDP_SRC: True, UDP_DST: True, ICMPV4_TYPE: False,
              ICMPV4_CODE: False, ARP_OP: False, ARP_SPA: True, ARP_TPA: True, TUNNEL_ID: True,
              NX_TUN_IPV4_SRC: True, NX_TUN_IPV4_DST: True}
 # the fields a SET_FIELD takes (TABLE_FEATURES lists them)
-SETTABLE = (VLAN_VID, TUNNEL_ID, NX_TUN_IPV4_DST)
+SETTABLE = (VLAN_VID, VLAN_PCP, ETH_SRC, ETH_DST, IPV4_SRC, IPV4_DST, TCP_SRC, TCP_DST,
+            UDP_SRC, UDP_DST, IP_DSCP, TUNNEL_ID, NX_TUN_IPV4_DST)
 VNI_MAX = 0xFFFFFF
 OFPVID_PRESENT = 0x1000
 IP, ARP = 0x0800, 0x0806
@@ -157,6 +162,9 @@ def decode(oxm: bytes) -> dict:
         if not 1 <= port < OFPP_MAX:
             raise _bad(E.BMC_BAD_VALUE, f"in_port {port:#x}: no such port here")
         match["in_port"] = str(port)
+    if METADATA in tlv:
+        v, m = tlv[METADATA]
+        match["metadata"] = _int(v) if m is None else (_int(v), _int(m))
     for field, name in ((ETH_DST, "dl_dst"), (ETH_SRC, "dl_src")):
         if field in tlv:
             v, m = tlv[field]
@@ -164,7 +172,12 @@ def decode(oxm: bytes) -> dict:
     eth_type = _int(tlv[ETH_TYPE][0]) if ETH_TYPE in tlv else None
     if eth_type is not None:
         match["dl_type"] = eth_type
-    if VLAN_VID in tlv:
+    if VLAN_VID in tlv and tlv[VLAN_VID][1] is not None:     # "any tag": only with a pcp
+        if tlv[VLAN_VID] != (_b(OFPVID_PRESENT, 2), _b(OFPVID_PRESENT, 2)) or \
+                VLAN_PCP not in tlv:
+            raise _bad(E.BMC_BAD_MASK, "vlan_vid with a mask: only PRESENT/PRESENT, with "
+                                       "vlan_pcp")
+    elif VLAN_VID in tlv:
         vid = _int(tlv[VLAN_VID][0])
         if vid == 0:
             match["dl_vlan"] = VLAN_NONE
@@ -172,6 +185,13 @@ def decode(oxm: bytes) -> dict:
             match["dl_vlan"] = vid & 0xFFF
         else:
             raise _bad(E.BMC_BAD_VALUE, f"vlan_vid 0x{vid:04x}")
+    if VLAN_PCP in tlv:
+        if VLAN_VID not in tlv or match.get("dl_vlan") == VLAN_NONE:
+            raise _bad(E.BMC_BAD_PREREQ, "vlan_pcp needs vlan_vid (a tagged frame)")
+        pcp = _int(tlv[VLAN_PCP][0])
+        if pcp > 7:
+            raise _bad(E.BMC_BAD_VALUE, f"vlan_pcp {pcp}")
+        match["dl_vlan_pcp"] = pcp
     ip_fields = (IP_DSCP, IP_ECN, IP_PROTO, IPV4_SRC, IPV4_DST)
     if any(f in tlv for f in ip_fields) and eth_type != IP:
         if eth_type == 0x86DD:
@@ -189,7 +209,10 @@ def decode(oxm: bytes) -> dict:
         else:
             match["ip_dscp"] = dscp
     elif IP_ECN in tlv:
-        raise _bad(E.BMC_BAD_FIELD, "ip_ecn without ip_dscp: this switch cannot match it")
+        ecn = _int(tlv[IP_ECN][0])
+        if ecn > 3:
+            raise _bad(E.BMC_BAD_VALUE, f"ip_ecn {ecn}")
+        match["nw_ecn"] = ecn
     proto = _int(tlv[IP_PROTO][0]) if IP_PROTO in tlv else None
     if proto is not None:
         match["nw_proto"] = proto
@@ -215,7 +238,7 @@ def decode(oxm: bytes) -> dict:
     for field, name in ((NX_TUN_IPV4_SRC, "tun_src"), (NX_TUN_IPV4_DST, "tun_dst")):
         if field in tlv:
             match[name] = _prefix(*tlv[field], field)
-    arp = (ARP_OP, ARP_SPA, ARP_TPA)
+    arp = (ARP_OP, ARP_SPA, ARP_TPA, ARP_SHA, ARP_THA)
     if any(f in tlv for f in arp):
         if eth_type != ARP:
             raise _bad(E.BMC_BAD_PREREQ, "ARP fields need eth_type=0x0806")
@@ -227,6 +250,10 @@ def decode(oxm: bytes) -> dict:
         for field, name in ((ARP_SPA, "nw_src"), (ARP_TPA, "nw_dst")):
             if field in tlv:
                 match[name] = _prefix(*tlv[field], field)
+        for field, name in ((ARP_SHA, "arp_sha"), (ARP_THA, "arp_tha")):
+            if field in tlv:
+                v, m = tlv[field]
+                match[name] = v if m is None else (v, m)
     return match
 
 
@@ -247,6 +274,10 @@ def encode(match: dict, ofport_of) -> bytes:
     out = []
     if "in_port" in match:
         out.append(_tlv(IN_PORT, _b(ofport_of(match["in_port"]), 4)))
+    if "metadata" in match:
+        v = match["metadata"]
+        out.append(_tlv(METADATA, _b(v, 8)) if isinstance(v, int) else
+                   _tlv(METADATA, _b(v[0], 8), _b(v[1], 8)))
     if "tun_id" in match:
         v = match["tun_id"]
         out.append(_tlv(TUNNEL_ID, _b(v, 8)) if isinstance(v, int) else
@@ -265,11 +296,17 @@ def encode(match: dict, ofport_of) -> bytes:
     if "dl_vlan" in match:
         v = match["dl_vlan"]
         out.append(_tlv(VLAN_VID, _b(0 if v == VLAN_NONE else v | OFPVID_PRESENT, 2)))
+    elif "dl_vlan_pcp" in match:                       # any tag (as OVS sends it)
+        out.append(_tlv(VLAN_VID, _b(OFPVID_PRESENT, 2), _b(OFPVID_PRESENT, 2)))
+    if "dl_vlan_pcp" in match:
+        out.append(_tlv(VLAN_PCP, _b(match["dl_vlan_pcp"], 1)))
     if "nw_tos" in match:
         out.append(_tlv(IP_DSCP, _b(match["nw_tos"] >> 2, 1)))
         out.append(_tlv(IP_ECN, _b(match["nw_tos"] & 3, 1)))
     if "ip_dscp" in match:
         out.append(_tlv(IP_DSCP, _b(match["ip_dscp"], 1)))
+    if "nw_ecn" in match:
+        out.append(_tlv(IP_ECN, _b(match["nw_ecn"], 1)))
     proto = match.get("nw_proto")
     if proto is not None:
         out.append(_tlv(ARP_OP, _b(proto, 2)) if dl_type == ARP else _tlv(IP_PROTO, _b(proto, 1)))
@@ -278,6 +315,10 @@ def encode(match: dict, ofport_of) -> bytes:
             p = match[name]
             field = arp_field if dl_type == ARP else ip_field
             out.append(_tlv(field, p.addr) if p.plen == 32 else _tlv(field, p.addr, p.mask))
+    for name, field in (("arp_sha", ARP_SHA), ("arp_tha", ARP_THA)):
+        if name in match:
+            v = match[name]
+            out.append(_tlv(field, v) if isinstance(v, bytes) else _tlv(field, *v))
     fields = {TCP: (TCP_SRC, TCP_DST), UDP: (UDP_SRC, UDP_DST),
               ICMP: (ICMPV4_TYPE, ICMPV4_CODE)}.get(proto)
     for i, name in enumerate(("tp_src", "tp_dst")):

@@ -17,7 +17,7 @@ from pyvhost._classifier import NO_GOTO_TABLE, Classifier
 from pyvhost._fdb import MacTable
 from pyvhost._flow import ACTION_OPS, pack_key
 
-from .flows import Flow, Selector, key_fields, match_key, parse_flow
+from .flows import Flow, Selector, key_fields, match_key, metadata_key, parse_flow
 
 OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN_PORT, \
     OP_GROUP = (ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal",
@@ -25,6 +25,12 @@ OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN
 OP_METER = ACTION_OPS["meter"]
 OP_TUN_HI, OP_SET_TUN_ID, OP_SET_TUN_DST = (
     ACTION_OPS[k] for k in ("tun_hi", "set_tun_id", "set_tun_dst"))
+OP_DEC_TTL = ACTION_OPS["dec_ttl"]
+SET_FIELD_OPS = {"eth_src": ACTION_OPS["set_eth_src"], "eth_dst": ACTION_OPS["set_eth_dst"],
+                 "ip_src": ACTION_OPS["set_nw_src"], "ip_dst": ACTION_OPS["set_nw_dst"],
+                 "tcp_src": ACTION_OPS["set_tp_src"], "tcp_dst": ACTION_OPS["set_tp_dst"],
+                 "udp_src": ACTION_OPS["set_tp_src"], "udp_dst": ACTION_OPS["set_tp_dst"],
+                 "ip_dscp": ACTION_OPS["set_dscp"], "vlan_pcp": ACTION_OPS["set_pcp"]}
 NO_PORT = 0xFFFF          # an in_port no packet has: the rule's port is gone
 NO_PACKET_PORT = 0xFFFE   # trace of a packet given without in_port (matches no in_port rule)
 IN_PORT_MASK = pack_key({"in_port": 0xFFFF})
@@ -32,6 +38,11 @@ NORMAL_MASK = pack_key({"vlan_tci": 0xFFFF, "dl_src": b"\xff" * 6, "dl_dst": b"\
 REMOTE_MASK = pack_key({"tun_id": 0xFFFFFFFF, "tun_src": b"\xff" * 4})   # per-remote ports
 DEFAULT_MAC_TABLE_SIZE = 8192
 DEFAULT_MAC_AGING = 300
+
+
+def _written(flow: Flow) -> tuple:
+    """The actions of the flow's write_actions instruction (none: ())."""
+    return flow.inst.write_actions or () if flow.inst is not None else ()
 
 
 @dataclass(slots=True)
@@ -124,15 +135,16 @@ class Bridge:
 
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
-        refs = {a[1] for a in flow.actions if a[0] == "output"} | \
-            {f"{a[0]}:{a[1]}" for a in flow.actions if a[0] in ("group", "meter")}
+        actions = flow.actions + _written(flow)
+        refs = {a[1] for a in actions if a[0] == "output"} | \
+            {f"{a[0]}:{a[1]}" for a in actions if a[0] in ("group", "meter")}
         if "in_port" in flow.match:
             refs.add(flow.match["in_port"])
         return refs
 
     def check(self, flow: Flow) -> None:
         """ValueError if the flow names a port this bridge does not have."""
-        for a in flow.actions:
+        for a in flow.actions + _written(flow):
             if a[0] == "output" and self.resolve(a[1]) is None:
                 raise ValueError(f"output: no port {a[1]!r} on bridge {self.name}")
         if "in_port" in flow.match and self.resolve(flow.match["in_port"]) is None:
@@ -147,6 +159,20 @@ class Bridge:
 
     def _ops(self, flow: Flow) -> list[tuple[int, int]]:
         return self.action_ops(flow.actions)
+
+    def _inst(self, flow: Flow) -> tuple | None:
+        """The classifier's form of the flow's other instructions (None: none)."""
+        inst = flow.inst
+        if inst is None:
+            return None
+        write = self.action_ops(inst.write_actions) if inst.write_actions else []
+        return write, inst.clear_actions, inst.write_metadata
+
+    def rule_match(self, match: dict) -> tuple[bytes, bytes]:
+        """(mask, value) of a match as a rule's: the flow key's bytes, then metadata."""
+        mask, value = self.match_of(match)
+        md_mask, md_value = metadata_key(match)
+        return mask + md_mask, value + md_value
 
     def action_ops(self, actions: tuple) -> list[tuple[int, int]]:
         """Model actions as datapath ops (ports resolved; a port that is gone: nothing)."""
@@ -169,6 +195,14 @@ class Bridge:
                 ops.append((OP_TUN_HI, v >> 16))
                 ops.append((OP_SET_TUN_ID if a[0] == "set_tun_id" else OP_SET_TUN_DST,
                             v & 0xFFFF))
+            elif a[0] == "set_field":               # wide values: 16 bits per op, high first
+                v = int.from_bytes(a[2], "big") if isinstance(a[2], bytes) else a[2]
+                for shift in range(16 * (len(a[2]) // 2 - 1) if isinstance(a[2], bytes) else 0,
+                                   0, -16):
+                    ops.append((OP_TUN_HI, (v >> shift) & 0xFFFF))
+                ops.append((SET_FIELD_OPS[a[1]], v & 0xFFFF))
+            elif a[0] == "dec_ttl":
+                ops.append((OP_DEC_TTL, 0))
             elif a[0] == "controller":
                 ops.append((OP_CONTROLLER, a[1]))
             elif a[0] == "in_port":
@@ -184,10 +218,11 @@ class Bridge:
         return ops
 
     def spec(self, flow: Flow) -> tuple:
-        """The flow as the classifier takes it: (table, priority, mask, value, ops, goto)."""
-        mask, value = self.match_of(flow.match)
+        """The flow as the classifier takes it: (table, priority, mask, value, ops, goto,
+        other instructions)."""
+        mask, value = self.rule_match(flow.match)
         goto = NO_GOTO_TABLE if flow.goto_table is None else flow.goto_table
-        return flow.table, flow.priority, mask, value, self._ops(flow), goto
+        return flow.table, flow.priority, mask, value, self._ops(flow), goto, self._inst(flow)
 
     def find(self, spec: tuple) -> Rule | None:
         """The rule with the spec's table, priority and match, if any."""
@@ -216,8 +251,8 @@ class Bridge:
         carry over). ``specs``: those of ``add`` when the caller has them already."""
         now = time.monotonic() if now is None else now
         specs = [self.spec(f) for f in add] if specs is None else specs
-        changes = [(r.id, self._ops(f), NO_GOTO_TABLE if f.goto_table is None else f.goto_table)
-                   for r, f in modify]
+        changes = [(r.id, self._ops(f), NO_GOTO_TABLE if f.goto_table is None else f.goto_table,
+                    self._inst(f)) for r, f in modify]
         before = dict(zip(map(id, add), remove, strict=True)) if same_rules else {}
         carry = [(r.id, i) for i, r in enumerate(remove)] if same_rules else []
         ids = self.cls.apply(specs, changes, [r.id for r in remove], carry)
@@ -284,7 +319,7 @@ class Bridge:
         else:
             if "in_port" in sel.match and self.resolve(sel.match["in_port"]) is None:
                 return []
-            mask, value = self.match_of(sel.match)
+            mask, value = self.rule_match(sel.match)
             if strict:
                 tables = [sel.table] if sel.table is not None else self.cls.tables()
                 ids = [self.cls.find_strict(t, sel.priority, mask, value) for t in tables]

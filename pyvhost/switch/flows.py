@@ -6,16 +6,25 @@
 
 Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), nw_src,
 nw_dst (prefix or /netmask), nw_proto, nw_tos (the whole TOS byte), ip_dscp (its six DSCP
-bits, as OpenFlow's IP_DSCP), tp_src, tp_dst (with /mask), the tunnel metadata tun_id (the
-VNI, with /mask), tun_src, tun_dst (prefixes), and the
+bits, as OpenFlow's IP_DSCP), nw_ecn (its two ECN bits), dl_vlan_pcp (the 802.1Q priority:
+a tagged frame), arp_sha, arp_tha (with /mask; arp), tp_src, tp_dst (with /mask), the
+tunnel metadata tun_id (the
+VNI, with /mask), tun_src, tun_dst (prefixes), OpenFlow's pipeline register metadata (64
+bits, with /mask: 0 when a packet enters table 0, changed by write_metadata), and the
 shorthands ip, icmp, tcp, udp, arp; prerequisites as OVS checks them (nw_* needs ip or arp,
 tp_* needs tcp, udp or icmp). Actions: output:PORT, flood, drop, normal, mod_vlan_vid:VID,
-strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, goto_table:N,
+strip_vlan, set_field:VNI->tun_id, set_field:IP->tun_dst, set_field:VALUE->FIELD for
+FIELD eth_src, eth_dst, ip_src, ip_dst, tcp_src, tcp_dst, udp_src, udp_dst, ip_dscp,
+vlan_pcp (also mod_dl_src/mod_dl_dst/mod_nw_src/mod_nw_dst/mod_vlan_pcp:VALUE; each with
+OVS's prerequisites on the match: ip, tcp, udp, a VLAN tag), dec_ttl, goto_table:N,
 controller[:MAX_LEN] (also output:controller[:MAX_LEN]; written CONTROLLER:MAX_LEN as
 ovs-ofctl shows it, 65535: the whole frame), in_port (back out of the input port; written
 IN_PORT), group:N (an OpenFlow group of the bridge) and meter:N (an OpenFlow meter of the
-bridge, OpenFlow's meter instruction: first of the actions, at most one). Ports are named
-here as the user wrote them; a bridge resolves them. Pure functions and data: no datapath, no I/O.
+bridge, OpenFlow's meter instruction: first of the actions, at most one). OpenFlow's other
+instructions, written as OVS prints them, after the apply-actions and before goto_table:
+clear_actions, write_actions(ACTIONS) (the action set, run when the pipeline ends) and
+write_metadata:VALUE[/MASK]. Ports are named here as the user wrote them; a bridge
+resolves them. Pure functions and data: no datapath, no I/O.
 """
 
 from __future__ import annotations
@@ -36,16 +45,25 @@ SHORTHANDS = {
     "udp": {"dl_type": 0x0800, "nw_proto": 17},
     "arp": {"dl_type": 0x0806},
 }
-INT_FIELDS = {"dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF, "nw_tos": 0xFF,
-              "ip_dscp": 0x3F,
+U64 = (1 << 64) - 1
+INT_FIELDS = {"metadata": U64, "dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF,
+              "nw_tos": 0xFF, "ip_dscp": 0x3F, "nw_ecn": 3, "dl_vlan_pcp": 7,
               "tp_src": 0xFFFF, "tp_dst": 0xFFFF, "tun_id": 0xFFFFFF}
-MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id")
-MAC_FIELDS = ("dl_src", "dl_dst")
+MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id", "metadata")
+MAC_FIELDS = ("dl_src", "dl_dst", "arp_sha", "arp_tha")
+MATCH_ALIASES = {"ip_ecn": "nw_ecn", "vlan_pcp": "dl_vlan_pcp"}     # (as OVS takes them)
 IP_FIELDS = ("nw_src", "nw_dst", "tun_src", "tun_dst")
-FIELD_ORDER = ("in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_src", "dl_dst",
-               "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos", "ip_dscp", "tp_src",
-               "tp_dst")
+FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_vlan_pcp",
+               "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos",
+               "ip_dscp", "nw_ecn", "tp_src", "tp_dst", "arp_sha", "arp_tha")
 SET_FIELDS = {"tun_id": "set_tun_id", "tun_dst": "set_tun_dst"}   # set_field:V->FIELD
+# the header fields a set_field edits: ("set_field", FIELD, value); value bytes for the
+# addresses, an int (with its limit here) for the others
+PACKET_SET_FIELDS = {"eth_src": None, "eth_dst": None, "ip_src": None, "ip_dst": None,
+                     "tcp_src": 0xFFFF, "tcp_dst": 0xFFFF, "udp_src": 0xFFFF,
+                     "udp_dst": 0xFFFF, "ip_dscp": 0x3F, "vlan_pcp": 7}
+MOD_ALIASES = {"mod_dl_src": "eth_src", "mod_dl_dst": "eth_dst", "mod_nw_src": "ip_src",
+               "mod_nw_dst": "ip_dst", "mod_vlan_pcp": "vlan_pcp"}
 SHORTHAND_OF = {(v["dl_type"], v.get("nw_proto")): k for k, v in SHORTHANDS.items()}
 DEFAULT_PRIORITY = 32768
 VLAN_NONE = 0xFFFF
@@ -129,7 +147,24 @@ def _net(text: str, name: str) -> Prefix:
 
 
 def _split_top(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
+    """Comma-separated parts, a comma inside parentheses (write_actions(...)) kept."""
+    if "(" not in text:
+        return [p.strip() for p in text.split(",") if p.strip()]
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise FlowSyntaxError(f"unbalanced ')' in {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise FlowSyntaxError(f"unbalanced '(' in {text!r}")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
 
 
 def port_ref(text: str) -> str:
@@ -143,7 +178,7 @@ def parse_match(text: str) -> dict:
     match: dict = {}
     for part in _split_top(text):
         name, eq, value = part.partition("=")
-        name = sys.intern(name.strip())
+        name = sys.intern(MATCH_ALIASES.get(name.strip(), name.strip()))
         if not eq:
             if name in SHORTHANDS:
                 match.update(SHORTHANDS[name])
@@ -159,6 +194,9 @@ def parse_match(text: str) -> dict:
         elif name in MASKABLE_INTS and "/" in value:
             v, _, m = value.partition("/")
             match[name] = (_int(v, name, INT_FIELDS[name]), _int(m, name, INT_FIELDS[name]))
+            if name == "metadata":                     # as OVS keeps it: value under mask
+                v, m = match[name]
+                match[name] = v if m == U64 else (v & m, m)
         elif name in INT_FIELDS:
             match[name] = _int(value, name, INT_FIELDS[name])
             if name == "dl_vlan" and match[name] > 0xFFF and match[name] != VLAN_NONE:
@@ -181,9 +219,15 @@ def _check_prerequisites(match: dict) -> None:
     for name in ("nw_src", "nw_dst"):
         if name in match and dl_type not in (0x0800, 0x0806):
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip or arp)")
-    if "nw_tos" in match and "ip_dscp" in match:
-        raise FlowSyntaxError("nw_tos and ip_dscp: give one (nw_tos includes the DSCP bits)")
-    for name in ("nw_proto", "nw_tos", "ip_dscp"):
+    if "nw_tos" in match and ("ip_dscp" in match or "nw_ecn" in match):
+        raise FlowSyntaxError("nw_tos with ip_dscp or nw_ecn: nw_tos is the whole TOS byte")
+    if "dl_vlan_pcp" in match and match.get("dl_vlan") == VLAN_NONE:
+        raise FlowSyntaxError("dl_vlan_pcp: prerequisites not met (a tagged frame, not "
+                              "dl_vlan=0xffff)")
+    for name in ("arp_sha", "arp_tha"):
+        if name in match and dl_type != 0x0806:
+            raise FlowSyntaxError(f"{name}: prerequisites not met (needs arp)")
+    for name in ("nw_proto", "nw_tos", "ip_dscp", "nw_ecn"):
         if name in match and dl_type != 0x0800 and not (name == "nw_proto" and
                                                         dl_type == 0x0806):
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs ip)")
@@ -192,8 +236,64 @@ def _check_prerequisites(match: dict) -> None:
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs tcp, udp or icmp)")
 
 
-def parse_actions(text: str) -> tuple[tuple, int | None]:
-    """(actions, goto_table or None); names interned (a rule set holds 100k of them)."""
+@dataclass(slots=True)
+class Instructions:
+    """OpenFlow's instructions besides apply-actions, meter and goto_table."""
+
+    write_actions: tuple | None = None     # None: no write_actions instruction
+    clear_actions: bool = False
+    write_metadata: tuple[int, int] | None = None   # (value, mask)
+
+
+def parse_instructions(text: str) -> tuple[tuple, int | None, Instructions]:
+    """(apply-actions, goto_table or None, the other instructions) of an actions= text, in
+    OpenFlow's order: meter, apply-actions, clear_actions, write_actions(...),
+    write_metadata, goto_table."""
+    inst = Instructions()
+    rest = []
+    stage = 0                                  # 1 clear, 2 write_actions, 3 write_metadata
+    for part in _split_top(text):
+        name, _, arg = part.partition(":")
+        name = name.strip()
+        if rest and rest[-1].startswith("goto_table"):
+            raise FlowSyntaxError("goto_table must be the last action")
+        if name.startswith("write_actions("):
+            if not part.endswith(")"):
+                raise FlowSyntaxError(f"write_actions(...): {part!r}")
+            if stage >= 2:
+                raise FlowSyntaxError("write_actions: once, after clear_actions and before "
+                                      "write_metadata")
+            stage = 2
+            inst.write_actions = parse_actions(part[len("write_actions("):-1], inner=True)[0]
+        elif name == "clear_actions" and not arg:
+            if stage >= 1:
+                raise FlowSyntaxError("clear_actions: once, before write_actions and "
+                                      "write_metadata")
+            stage = 1
+            inst.clear_actions = True
+        elif name == "write_metadata":
+            if stage >= 3:
+                raise FlowSyntaxError("write_metadata given twice")
+            stage = 3
+            v, slash, m = arg.strip().partition("/")
+            value = _int(v, "write_metadata", U64)
+            mask = _int(m, "write_metadata", U64) if slash else U64
+            if value & ~mask:
+                raise FlowSyntaxError(f"write_metadata: value {value:#x} has bits outside "
+                                      f"its mask {mask:#x}")
+            inst.write_metadata = (value, mask)
+        else:
+            if stage and name != "goto_table":
+                raise FlowSyntaxError(f"{part!r}: apply-actions come before clear_actions, "
+                                      "write_actions and write_metadata")
+            rest.append(part)
+    actions, goto = parse_actions(",".join(rest), n_other=op_count(inst.write_actions or ()))
+    return actions, goto, inst
+
+
+def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tuple, int | None]:
+    """(actions, goto_table or None); names interned (a rule set holds 100k of them).
+    ``inner``: the actions of write_actions(...) (no goto_table, meter or drop there)."""
     actions: list[tuple] = []
     goto = None
     for part in _split_top(text):
@@ -201,6 +301,9 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
         name = name.strip()
         if goto is not None:
             raise FlowSyntaxError("goto_table must be the last action")
+        if inner and name in ("goto_table", "meter", "drop", "write_actions",
+                              "clear_actions", "write_metadata"):
+            raise FlowSyntaxError(f"write_actions(...) cannot hold {name}")
         if name == "output" and arg.strip().lower().partition(":")[0] in UPPER_ACTIONS:
             name, _, arg = arg.strip().partition(":")         # output:CONTROLLER[:N] ...
         if name.lower() == "controller":
@@ -216,11 +319,18 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
             actions.append(("mod_vlan_vid", _int(arg, "mod_vlan_vid", 0xFFF)))
         elif name == "goto_table":
             goto = _int(arg, "goto_table", TABLES - 1)
+        elif name in MOD_ALIASES:
+            actions.append(_set_field(MOD_ALIASES[name], arg.strip()))
+        elif name == "set_field" and arg.partition("->")[2].strip() in PACKET_SET_FIELDS:
+            value, _, target = arg.partition("->")
+            actions.append(_set_field(target.strip(), value.strip()))
         elif name == "set_field":
             value, arrow, target = arg.partition("->")
             target = target.strip()
             if not arrow or target not in SET_FIELDS:
-                raise FlowSyntaxError(f"set_field: VALUE->tun_id or VALUE->tun_dst, not {arg!r}")
+                raise FlowSyntaxError(f"set_field: VALUE->tun_id or VALUE->tun_dst or a "
+                                      f"header field ({', '.join(PACKET_SET_FIELDS)}), "
+                                      f"not {arg!r}")
             if target == "tun_id":
                 actions.append(("set_tun_id", _int(value.strip(), "tun_id", 0xFFFFFF)))
             else:
@@ -237,15 +347,28 @@ def parse_actions(text: str) -> tuple[tuple, int | None]:
             if meter == 0:
                 raise FlowSyntaxError("meter: 0 is not a meter (1..0xffff0000)")
             actions.append(("meter", meter))
-        elif name in ("flood", "drop", "normal", "strip_vlan") and not arg:
+        elif name in ("flood", "drop", "normal", "strip_vlan", "dec_ttl") and not arg:
             actions.append((sys.intern(name),))
         else:
             raise FlowSyntaxError(f"unknown action {part!r}")
     if any(a[0] == "drop" for a in actions) and (len(actions) > 1 or goto is not None):
         raise FlowSyntaxError("drop cannot be combined with other actions")
-    if len(actions) > MAX_OPS:
-        raise FlowSyntaxError(f"{len(actions)} actions: a rule holds at most {MAX_OPS}")
+    if op_count(actions) + n_other > MAX_OPS:
+        raise FlowSyntaxError(f"{len(actions)} actions taking {op_count(actions) + n_other} "
+                              f"datapath ops in all: a rule holds at most {MAX_OPS}")
     return tuple(a for a in actions if a[0] != "drop"), goto
+
+
+def op_count(actions: tuple) -> int:
+    """Datapath ops the actions take (a wide value takes 16 bits per op: a MAC 3, an IPv4
+    address or a tunnel field 2)."""
+    n = 0
+    for a in actions:
+        if a[0] == "set_field" and isinstance(a[2], bytes):
+            n += len(a[2]) // 2
+        else:
+            n += 2 if a[0] in ("set_tun_id", "set_tun_dst") else 1
+    return n
 
 
 @dataclass(slots=True)
@@ -260,6 +383,7 @@ class Flow:
     idle_timeout: int = 0
     hard_timeout: int = 0
     goto_table: int | None = None
+    inst: Instructions | None = None        # clear/write actions, write_metadata (None: none)
 
     def format_match(self) -> str:
         parts = []
@@ -278,7 +402,7 @@ class Flow:
                 v = v.hex(":") if isinstance(v, bytes) else f"{v[0].hex(':')}/{v[1].hex(':')}"
             elif name in IP_FIELDS:
                 v = str(v)
-            elif name == "tun_id":
+            elif name in ("tun_id", "metadata"):
                 v = f"0x{v[0]:x}/0x{v[1]:x}" if isinstance(v, tuple) else f"0x{v:x}"
             elif isinstance(v, tuple):
                 v = f"0x{v[0]:04x}/0x{v[1]:04x}"
@@ -288,13 +412,16 @@ class Flow:
         return ",".join(parts)
 
     def format_actions(self) -> str:
-        out = []
-        for a in self.actions:
-            if a[0] in ("set_tun_id", "set_tun_dst"):
-                out.append(f"set_field:{a[1]}->{a[0][4:]}")
-            else:
-                name = UPPER_ACTIONS.get(a[0], a[0])
-                out.append(f"{name}:{a[1]}" if len(a) == 2 else name)
+        out = [format_action(a) for a in self.actions]
+        inst = self.inst
+        if inst is not None:
+            if inst.clear_actions:
+                out.append("clear_actions")
+            if inst.write_actions is not None:
+                out.append(f"write_actions({','.join(map(format_action, inst.write_actions))})")
+            if inst.write_metadata is not None:
+                v, m = inst.write_metadata
+                out.append(f"write_metadata:0x{v:x}" + (f"/0x{m:x}" if m != U64 else ""))
         if self.goto_table is not None:
             out.append(f"goto_table:{self.goto_table}")
         return ",".join(out) or "drop"
@@ -329,6 +456,30 @@ class Flow:
         return "".join(f"{h}, " for h in self._head()) + self.format_body()
 
 
+def _set_field(name: str, text: str) -> tuple:
+    limit = PACKET_SET_FIELDS[name]
+    if name in ("eth_src", "eth_dst"):
+        return ("set_field", name, _mac(text, name))
+    if name in ("ip_src", "ip_dst"):
+        ip = _net(text, name)
+        if ip.plen != 32:
+            raise FlowSyntaxError(f"{name}: one address, not {ip}")
+        return ("set_field", name, ip.addr)
+    return ("set_field", name, _int(text, name, limit))
+
+
+def format_action(a: tuple) -> str:
+    if a[0] in ("set_tun_id", "set_tun_dst"):
+        return f"set_field:{a[1]}->{a[0][4:]}"
+    if a[0] == "set_field":
+        v = a[2]
+        text = v.hex(":") if isinstance(v, bytes) and len(v) == 6 else \
+            socket.inet_ntoa(v) if isinstance(v, bytes) else str(v)
+        return f"set_field:{text}->{a[1]}"
+    name = UPPER_ACTIONS.get(a[0], a[0])
+    return f"{name}:{a[1]}" if len(a) == 2 else name
+
+
 HEAD_INTS = {"priority": 0xFFFF, "table": TABLES - 1, "idle_timeout": 0xFFFF,
              "hard_timeout": 0xFFFF, "cookie": (1 << 64) - 1}
 
@@ -351,11 +502,38 @@ def parse_flow(text: str) -> Flow:
         else:
             rest.append(part)
     flow.match = parse_match(",".join(rest))
-    flow.actions, flow.goto_table = parse_actions(actions)
+    flow.actions, flow.goto_table, inst = parse_instructions(actions)
+    if inst != Instructions():
+        flow.inst = inst
+    check_action_prerequisites(flow.match, flow.actions)
+    check_action_prerequisites(flow.match, inst.write_actions or ())
     if flow.goto_table is not None and flow.goto_table <= flow.table:
         raise FlowSyntaxError(f"goto_table:{flow.goto_table} must name a later table than "
                               f"{flow.table}")
     return flow
+
+
+def check_action_prerequisites(match: dict, actions: tuple) -> None:
+    """A set_field only on packets that have its header, as OVS checks it: ip_* needs ip,
+    tcp_*/udp_* tcp/udp, vlan_pcp a VLAN tag (matched, or pushed by mod_vlan_vid before)."""
+    tagged = match.get("dl_vlan", VLAN_NONE) != VLAN_NONE
+    for a in actions:
+        if a[0] == "mod_vlan_vid":
+            tagged = True
+        elif a[0] == "strip_vlan":
+            tagged = False
+        if a[0] != "set_field":
+            continue
+        name = a[1]
+        proto = {"tcp": 6, "udp": 17}.get(name[:3])
+        if (name.startswith("ip_") or proto) and match.get("dl_type") != 0x0800:
+            raise FlowSyntaxError(f"set_field {name}: prerequisites not met (needs ip)")
+        if proto and match.get("nw_proto") != proto:
+            raise FlowSyntaxError(f"set_field {name}: prerequisites not met (needs "
+                                  f"{name[:3]})")
+        if name == "vlan_pcp" and not tagged:
+            raise FlowSyntaxError("set_field vlan_pcp: prerequisites not met (needs a VLAN "
+                                  "tag: dl_vlan=N or mod_vlan_vid before)")
 
 
 def split_canonical(text: str) -> tuple[dict[str, str], str]:
@@ -419,20 +597,28 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
     value: dict = {}
     mask: dict = {}
     for name, v in match.items():
+        if name == "metadata":
+            continue                               # not a key field: ``metadata_key``
         if name == "in_port":
             value["in_port"], mask["in_port"] = in_port_id, 0xFFFF
         elif name == "dl_vlan":
             if v == VLAN_NONE:
                 value["vlan_tci"], mask["vlan_tci"] = 0, 0xFFFF
             else:
-                value["vlan_tci"], mask["vlan_tci"] = v | 0x1000, 0x1FFF
+                value["vlan_tci"] = value.get("vlan_tci", 0) | v | 0x1000
+                mask["vlan_tci"] = mask.get("vlan_tci", 0) | 0x1FFF
         elif name in MAC_FIELDS:
             mac, m = (v, FULL_MAC) if isinstance(v, bytes) else v
             value[name], mask[name] = mac, m
         elif name in IP_FIELDS:
             value[name], mask[name] = v.addr, v.mask
-        elif name == "ip_dscp":
-            value["nw_tos"], mask["nw_tos"] = v << 2, 0xFC
+        elif name in ("ip_dscp", "nw_ecn"):             # parts of the TOS byte
+            shift, bits = (2, 0xFC) if name == "ip_dscp" else (0, 0x03)
+            value["nw_tos"] = value.get("nw_tos", 0) | v << shift
+            mask["nw_tos"] = mask.get("nw_tos", 0) | bits
+        elif name == "dl_vlan_pcp":                     # a tag with this priority
+            value["vlan_tci"] = value.get("vlan_tci", 0) | v << 13 | 0x1000
+            mask["vlan_tci"] = mask.get("vlan_tci", 0) | 0xF000
         elif isinstance(v, tuple):
             value[name], mask[name] = v
         else:
@@ -441,15 +627,29 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
     return pack_key(mask), pack_key(value)
 
 
+def metadata_key(match: dict) -> tuple[bytes, bytes]:
+    """(mask, value) of the match's metadata as the classifier's word after the key
+    (native byte order; both 0: metadata not matched)."""
+    v = match.get("metadata")
+    if v is None:
+        return bytes(8), bytes(8)
+    value, mask = (v, U64) if isinstance(v, int) else v
+    return mask.to_bytes(8, sys.byteorder), (value & mask).to_bytes(8, sys.byteorder)
+
+
 def key_fields(match: dict) -> dict:
     """A match given with exact values (``trace``) as the key fields of one packet."""
     fields: dict = {}
     for name, v in match.items():
-        if name == "in_port":
+        if name in ("in_port", "metadata"):
             continue
         if name == "dl_vlan":
             if v != VLAN_NONE:
-                fields["vlan_tci"] = v | 0x1000
+                fields["vlan_tci"] = fields.get("vlan_tci", 0) | v | 0x1000
+        elif name == "dl_vlan_pcp":
+            fields["vlan_tci"] = fields.get("vlan_tci", 0) | v << 13 | 0x1000
+        elif name == "nw_ecn":
+            fields["nw_tos"] = fields.get("nw_tos", 0) | v
         elif name in MAC_FIELDS:
             fields[name] = v if isinstance(v, bytes) else v[0]
         elif name in IP_FIELDS:
@@ -457,7 +657,7 @@ def key_fields(match: dict) -> dict:
                 raise FlowSyntaxError(f"{name}: a packet has one address, not {v}")
             fields[name] = v.addr
         elif name == "ip_dscp":
-            fields["nw_tos"] = v << 2
+            fields["nw_tos"] = fields.get("nw_tos", 0) | v << 2
         else:
             fields[name] = v[0] if isinstance(v, tuple) else v
     return fields
