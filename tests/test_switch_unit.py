@@ -121,6 +121,17 @@ def test_split_canonical_is_format_spec_and_body():
         assert int(head.get("table", "0")) == f.table
 
 
+def test_action_names_are_case_insensitive_as_in_ovs():
+    """ovs-ofctl takes actions=NORMAL as actions=normal (OVS compares action names without
+    case); port names stay as written."""
+    for upper, lower in [("actions=NORMAL", "actions=normal"), ("actions=FLOOD", "actions=flood"),
+                         ("actions=Strip_Vlan,OUTPUT:p2", "actions=strip_vlan,output:p2"),
+                         ("actions=DROP", "actions=drop"), ("actions=Controller:64",
+                                                             "actions=controller:64")]:
+        assert parse_flow(upper) == parse_flow(lower)
+    assert parse_flow("actions=output:P2") != parse_flow("actions=output:p2")
+
+
 @pytest.mark.parametrize("text", [
     "in_port=1", "actions=jump", "foo=1,actions=drop", "nw_proto=300,actions=drop",
     "dl_src=zz:00:00:00:00:00,actions=drop", "nw_dst=10.0.0.300,actions=drop",

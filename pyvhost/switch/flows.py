@@ -298,7 +298,7 @@ def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tup
     goto = None
     for part in _split_top(text):
         name, _, arg = part.partition(":")
-        name = name.strip()
+        name = name.strip().lower()                # as OVS: NORMAL, normal, Normal
         if goto is not None:
             raise FlowSyntaxError("goto_table must be the last action")
         if inner and name in ("goto_table", "meter", "drop", "write_actions",
@@ -306,10 +306,10 @@ def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tup
             raise FlowSyntaxError(f"write_actions(...) cannot hold {name}")
         if name == "output" and arg.strip().lower().partition(":")[0] in UPPER_ACTIONS:
             name, _, arg = arg.strip().partition(":")         # output:CONTROLLER[:N] ...
-        if name.lower() == "controller":
+        if name == "controller":
             max_len = _int(arg, "controller", 0xFFFF) if arg.strip() else CONTROLLER_MAX_LEN
             actions.append(("controller", max_len))
-        elif name.lower() == "in_port" and not arg:
+        elif name == "in_port" and not arg:
             actions.append(("in_port",))
         elif name == "output":
             if not arg.strip():
