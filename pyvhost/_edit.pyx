@@ -11,7 +11,7 @@ inverted, the device completes it): address edits keep it partial, port edits le
 No rules, keys or ports here."""
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 from pyvhost._pktpool cimport PacketPool, pkt_t, pool_get, pool_put
 
@@ -161,6 +161,10 @@ cdef int edit_dec_ttl(pkt_t *p) noexcept nogil:
     return 0
 
 
+cdef enum:
+    CANARY = 0xA5
+
+
 def edit_frame(bytes frame, bytes vnet_hdr, str what, value=0):
     """``frame`` (with its 12-byte virtio-net header) edited as the datapath edits it
     (tests and tools): ``what`` one of eth_src, eth_dst, vlan_pcp, ip_src, ip_dst (an int),
@@ -174,6 +178,9 @@ def edit_frame(bytes frame, bytes vnet_hdr, str what, value=0):
     if len(vnet_hdr) != 12:
         pool_put(pool.pool, p)
         raise ValueError("a virtio-net header is 12 bytes here")
+    # the buffer around the frame holds a known pattern: an edit that writes outside the
+    # frame (before it or past its length) is caught below, not only where ASan would see it
+    memset(p.buf, CANARY, <size_t>(p.data - p.buf) + p.cap)
     memcpy(p.data, <const char *>frame, len(frame))
     p.len = len(frame)
     memcpy(p.vnet_hdr, <const char *>vnet_hdr, 12)
@@ -193,5 +200,8 @@ def edit_frame(bytes frame, bytes vnet_hdr, str what, value=0):
         pool_put(pool.pool, p)
         raise ValueError(f"no edit {what!r}")
     out = None if rc < 0 else ((<char *>p.data)[:p.len], (<char *>p.vnet_hdr)[:12])
+    outside = (<char *>p.buf)[:p.data - p.buf] + (<char *>p.data)[p.len:p.cap]
     pool_put(pool.pool, p)
+    if outside.strip(bytes([CANARY])):
+        raise AssertionError(f"{what} wrote outside the {len(frame)}-byte frame")
     return out

@@ -8,9 +8,12 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from pyvhost._edit import edit_frame
 from pyvhost.packets import inet_checksum as csum
+from tests.harness.fuzzing import Counter, fuzz_settings, minimum
 
 NO_HDR = bytes(12)
 SRC, DST = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
@@ -117,3 +120,42 @@ def test_dec_ttl_refuses_an_expiring_packet():
     g, _ = edit_frame(frame(ttl=2), NO_HDR, "dec_ttl")
     assert layers(g)[0][8] == 1
     verify(g)
+
+
+N_HOSTILE = 3000
+hostile_cases = Counter("hostile frames through every edit")
+PARTIAL = bytes([1, 0, 0, 0, 0, 0, 34, 0, 16, 0, 0, 0])
+ALL_EDITS = EDITS + [("dec_ttl", 0), ("vlan_pcp", 7), ("ip_dscp", 63)]
+
+
+@fuzz_settings(N_HOSTILE)
+@given(base=st.sampled_from([frame(6), frame(17), frame(6, 0x2005), frame(17, 0x2005),
+                             frame(6, partial=True), frame(17, udp_csum=False)]),
+       cut=st.integers(0, 200), flips=st.lists(st.tuples(st.integers(0, 199),
+                                                         st.integers(0, 255)), max_size=8),
+       hdr=st.one_of(st.just(NO_HDR), st.just(PARTIAL), st.binary(min_size=12, max_size=12)),
+       edit=st.sampled_from(ALL_EDITS))
+@example(base=frame(6, partial=True), cut=200, flips=[], hdr=bytes([1, 0, 0, 0, 0, 0, 0xFF,
+                                                                   0xFF, 0xFF, 0xFF, 0, 0]),
+         edit=("tp_dst", 7))                         # csum_start and offset far past the end
+@example(base=frame(6), cut=200, flips=[(14, 0x4F)], hdr=NO_HDR, edit=("ip_src", 1))  # IHL 15
+@example(base=frame(17), cut=36, flips=[], hdr=NO_HDR, edit=("tp_src", 1))   # L4 cut short
+def test_hostile_frames_are_edited_within_the_frame(base, cut, flips, hdr, edit):
+    """A frame a guest made up (cut anywhere, any byte changed: lengths, IHL, fragments,
+    protocol) and any virtio-net header (csum_start/offset anywhere): every edit either
+    leaves the frame alone or changes it within its bytes (edit_frame checks the buffer
+    around it), never its length or header; under ASan in test_fuzz_asan too."""
+    hostile_cases()
+    f = bytearray(base[:cut])
+    for at, value in flips:
+        if at < len(f):
+            f[at] = value
+    what, value = edit
+    out = edit_frame(bytes(f), hdr, what, value)
+    if out is not None:
+        assert len(out[0]) == len(f) and out[1] == hdr
+
+
+def test_hostile_frames_ran():
+    assert hostile_cases.n >= minimum(N_HOSTILE)
+    hostile_cases.report(N_HOSTILE)
