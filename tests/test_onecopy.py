@@ -322,3 +322,72 @@ def test_a_receiver_removed_mid_stream_drops_counted(switch):
     used: list = []
     assert wait_for(lambda: len(used.__iadd__(a.tx.used())) >= 4, pmd=pmd)
     assert wait_for(lambda: dp.port_stats(1)["drop_tx_full"] == 3, pmd=pmd), dp.port_stats(1)
+
+
+# -- a sender whose memory goes away between the receive and the copy -----------------
+# (in a child interpreter: without the guards the SIGBUS would kill the test run)
+
+def _sender_with_tail_in_region_1(layout: str):
+    """A sender whose frame's head lies in region 0 and tail in region 1 of its image."""
+    img = GuestImage((MiB, MiB))
+    tx = (DriverRing if layout == "split" else PackedDriverRing)(img, 16)
+    vq = tx.make_queue(img.guest_memory(), index=1)
+    if layout == "packed":
+        with vq:
+            vq.set_features(event_idx=False, indirect=True, mrg_rxbuf=False, hdr_len=12,
+                            packed=True)
+            vq.start()
+    f = frame("a", MAC["b"], 1500, 9)
+    data = vnet_hdr() + f
+    head = img.alloc(300, 8)
+    tail = img.boundary(0) + 4096
+    img.write(head, data[:300])
+    img.write(tail, data[300:])
+    if layout == "split":
+        tx.publish(tx._chain([(head, 300), (tail, len(data) - 300)], 0, False))
+    else:
+        tx._post([(head, 300), (tail, len(data) - 300)], False, False)
+    return img, vq
+
+
+def _child_sender_memory_truncated(layout: str) -> None:
+    import os
+
+    from pyvhost._pktpool import PacketPool
+    pool = PacketPool(8, 65600)
+    img, src = _sender_with_tail_in_region_1(layout)
+    dimg = GuestImage((MiB,))
+    rx = (DriverRing if layout == "split" else PackedDriverRing)(dimg, 16)
+    dst = rx.make_queue(dimg.guest_memory(), index=0, mrg_rxbuf=True)
+    if layout == "packed":
+        with dst:
+            dst.set_features(event_idx=False, indirect=True, mrg_rxbuf=True, hdr_len=12,
+                             packed=True)
+            dst.start()
+    for _ in range(4):
+        rx.post_rx([2048])
+    os.ftruncate(img.regions[1].fd, 0)      # the tail is gone; the ring and head are not
+    assert src.forward_burst(pool, dst) == (1, 0)
+    assert pool.available == pool.count
+    assert src.faults == 1 and src.broken, src.stats()
+    assert dst.faults == 0 and not dst.broken, dst.stats()     # not the receiver's fault
+    assert rx.used() == []                                     # its buffers stay its own
+    assert dst.send_burst(pool, [b"z" * 100]) == 1             # and it works on
+    img2, src2 = _sender_with_tail_in_region_1(layout)
+    os.ftruncate(img2.regions[1].fd, 0)
+    assert src2.recv_burst_ref(pool) == []                     # made whole: the same
+    assert src2.faults == 1 and pool.available == pool.count
+    print("OK")
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_a_sender_truncating_its_memory_faults_itself_not_the_receiver(layout):
+    import subprocess
+    import sys
+    from pathlib import Path
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         f"import tests.test_onecopy as t; t._child_sender_memory_truncated({layout!r})"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, \
+        f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
