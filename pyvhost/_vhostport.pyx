@@ -19,15 +19,21 @@ from pyvhost._vring cimport (
 )
 
 
-cdef uint32_t vhost_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
-                             uint32_t count) noexcept nogil:
+cdef inline vq_t *rx_ring_locked(void *dev, uint16_t q) noexcept nogil:
+    """Queue ``q``'s TX ring, locked; NULL when there is none or another thread has it."""
     cdef vhost_dev_t *d = <vhost_dev_t *>dev
     cdef vq_t *vq
-    cdef uint32_t n
     if q >= d.nqueues:
-        return 0
+        return NULL
     vq = d.guest_tx[q]
-    if not vh_trylock(&vq.lock):
+    return vq if vh_trylock(&vq.lock) else NULL
+
+
+cdef uint32_t vhost_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
+                             uint32_t count) noexcept nogil:
+    cdef vq_t *vq = rx_ring_locked(dev, q)
+    cdef uint32_t n
+    if vq == NULL:
         return 0
     n = vq_dequeue(vq, pool, pkts, count if count < MAX_BURST else MAX_BURST)
     vh_unlock(&vq.lock)
@@ -38,13 +44,9 @@ cdef uint32_t vhost_rx_burst_ref(void *dev, uint16_t q, pktpool_t *pool, pkt_t *
                                  uint32_t count) noexcept nogil:
     """Receive by reference: the ring stays locked until vhost_rx_complete while any frame
     of the burst keeps its tail in the guest's buffers."""
-    cdef vhost_dev_t *d = <vhost_dev_t *>dev
-    cdef vq_t *vq
+    cdef vq_t *vq = rx_ring_locked(dev, q)
     cdef uint32_t n
-    if q >= d.nqueues:
-        return 0
-    vq = d.guest_tx[q]
-    if not vh_trylock(&vq.lock):
+    if vq == NULL:
         return 0
     n = vq_dequeue_ref(vq, pool, pkts, count if count < MAX_BURST else MAX_BURST)
     if vq.nref:

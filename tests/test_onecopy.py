@@ -22,6 +22,7 @@ from pyvhost._vring import OFFLOAD_BITS
 from pyvhost.switch.bridge import Bridge
 from pyvhost.switch.flows import parse_flow
 from tests.harness.driver import DriverRing, GuestImage, PackedDriverRing, vnet_hdr
+from tests.test_offload import csum
 
 MiB = 1 << 20
 MAC = {n: bytes([0x02, 0, 0, 0, 0, i + 1]) for i, n in enumerate("abc")}
@@ -251,17 +252,10 @@ def udp_csum_frame(size: int) -> tuple[bytes, bytes, bytes]:
     udp_len = size - 34
     pseudo = src + dst + bytes([0, 17]) + udp_len.to_bytes(2, "big")
 
-    def fold(data: bytes) -> int:
-        if len(data) % 2:
-            data += b"\0"
-        s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-        while s >> 16:
-            s = (s & 0xFFFF) + (s >> 16)
-        return s
-    f[40:42] = fold(pseudo).to_bytes(2, "big")
+    f[40:42] = csum(pseudo).to_bytes(2, "big")
     partial = bytes(f)
     full = bytearray(f)
-    c = (~fold(bytes(full[34:]))) & 0xFFFF
+    c = (~csum(bytes(full[34:]))) & 0xFFFF
     full[40:42] = (c or 0xFFFF).to_bytes(2, "big")
     hdr = bytes([1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0])
     return partial, hdr, bytes(full)
