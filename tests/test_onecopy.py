@@ -385,3 +385,36 @@ def test_a_sender_truncating_its_memory_faults_itself_not_the_receiver(layout):
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, \
         f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_frames_held_for_an_iotlb_miss_keep_their_tails():
+    """A receiver behind an IOMMU whose buffer is not mapped yet: the frame is held (copied
+    whole, tail included: the sender gets its buffer back at once) and delivered once the
+    mapping comes."""
+    from pyvhost._memory import IotlbTable
+    from pyvhost._pktpool import PacketPool
+    from tests.harness.driver import F_WRITE
+    iova, page = 0x7F00_0000_0000, 4096
+    pool = PacketPool(8, 65600)
+    with GuestImage((MiB,)) as simg, GuestImage((MiB,)) as dimg:
+        tx = DriverRing(simg, 16)
+        src = tx.make_queue(simg.guest_memory(), index=1)
+        rx = DriverRing(dimg, 16)
+        dst = rx.make_queue(dimg.guest_memory(), index=0)
+        with dst:
+            dst.set_iotlb(IotlbTable())
+        f = frame("a", MAC["b"], 1500, 3)
+        head_tx = tx.post_tx(f, hdr=vnet_hdr(), splits=3)
+        buf = dimg.alloc(2 * page, page)
+        (head,) = rx.take(1)
+        rx.write_desc(head, iova, 2 * page, F_WRITE)
+        rx.publish(head)
+        assert src.forward_burst(pool, dst) == (1, 1)         # held: counted as delivered
+        assert tx.used() == [(head_tx, 0)] and rx.used() == []
+        assert dst.take_miss() == (iova, 2)
+        with dst:
+            dst.set_iotlb(IotlbTable([(iova, iova + 2 * page - 1, dimg.uva(buf), 3)]))
+        assert dst.flush_held() == 0
+        ((h, length),) = rx.used()
+        assert h == head and dimg.read(buf + 12, length - 12) == f
+        assert pool.available == pool.count
