@@ -1,4 +1,5 @@
-# Split virtqueues, device side, and the virtio-net burst copy on top of them.
+# Split virtqueues, device side, and the virtio-net burst copy on top of them (and the
+# one-copy receive: vq_dequeue_ref / vq_rx_complete, ext_t, vq_materialize).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._memory cimport IotlbTable, MemTable, iotlb_t, memtable_t

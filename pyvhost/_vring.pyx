@@ -1,7 +1,11 @@
 # cython: language_level=3
 """Split and packed virtqueues, device side, compiled: descriptor-chain walking with limits, the burst
 copy between guest buffers and packet-pool buffers, the virtio-net header, mergeable RX
-buffers, used-ring updates with release ordering, and guest notification.
+buffers, used-ring updates with release ordering, and guest notification. One-copy
+forwarding: vq_dequeue_ref copies only a frame's head and keeps the rest as translated,
+bounds-checked segments of the guest's buffers (ext_t) until vq_rx_complete returns them;
+vq_enqueue copies such a tail straight from the sender's buffers (a fault there is the
+sender's), vq_materialize makes the frame whole for every other use.
 
 Everything per packet runs without the GIL. A ring is only touched with its ``lock`` held
 (the data path try-locks around a burst; control code locks to change a ring). This module
