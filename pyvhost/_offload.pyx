@@ -12,7 +12,7 @@ from libc.string cimport memcpy
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
 from pyvhost._vring cimport (
     OFL_CSUM, OFL_TSO4, OFL_TSO6, VNET_HDR_F_NEEDS_CSUM, VNET_HDR_GSO_ECN, VNET_HDR_GSO_NONE,
-    VNET_HDR_GSO_TCPV4, VNET_HDR_GSO_TCPV6, vq_enqueue, vq_t,
+    VNET_HDR_GSO_TCPV4, VNET_HDR_GSO_TCPV6, vq_enqueue, vq_materialize, vq_t,
 )
 
 cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
@@ -202,21 +202,29 @@ cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
     cdef uint32_t i, start = 0, sent = 0, done, j
     cdef pkt_t *p
     cdef uint8_t gso
+    cdef bint soft, lost
     failed[0] = 0
     delivered_bytes[0] = 0
     for i in range(n):
         p = pkts[i]
         gso = p.vnet_hdr[1]
-        if gso != VNET_HDR_GSO_NONE and not takes_gso(vq, gso):
+        soft = gso != VNET_HDR_GSO_NONE and not takes_gso(vq, gso)
+        lost = False
+        if p.ext_len and (soft or p.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and
+                          not vq.ofl_rx & OFL_CSUM):
+            lost = vq_materialize(p) < 0      # work on the whole frame: not one-copy
+        if soft or lost:
             if i > start:
                 done = vq_enqueue(vq, pkts + start, i - start)
                 for j in range(start, start + done):
-                    delivered_bytes[0] += pkts[j].len
+                    delivered_bytes[0] += pkts[j].len + pkts[j].ext_len
                 sent += done
                 if done < i - start:
                     return sent
             start = i + 1
-            if segment_and_send(vq, pool, p):
+            if lost:
+                failed[0] += 1
+            elif segment_and_send(vq, pool, p):
                 sent += 1
                 delivered_bytes[0] += p.len
             else:
@@ -227,7 +235,7 @@ cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
     if start < n:
         done = vq_enqueue(vq, pkts + start, n - start)
         for j in range(start, start + done):
-            delivered_bytes[0] += pkts[j].len
+            delivered_bytes[0] += pkts[j].len + pkts[j].ext_len
         sent += done
     return sent
 

@@ -20,6 +20,10 @@ cdef struct pkt_t:
     uint32_t tun_id         # the VNI
     uint32_t tun_src        # IPv4, network order
     uint32_t tun_dst
+    # one-copy forwarding (_vring's ext_t): the frame's bytes past ``len`` still in the
+    # sending guest's memory (0: the whole frame is in ``data``), and where they are
+    uint32_t ext_len
+    void *ext
 
 cdef struct pktpool_t:
     pkt_t **free_list
@@ -43,6 +47,8 @@ cdef inline pkt_t *pool_get(pktpool_t *p) noexcept nogil:
     k.tun_id = 0
     k.tun_src = 0
     k.tun_dst = 0
+    k.ext_len = 0
+    k.ext = NULL
     return k
 
 

@@ -10,6 +10,7 @@ cdef struct tx_result_t:
     uint32_t failed           # frames that could not be made ready (software offloads)
     uint32_t refused          # frames the device refused (too large, a send error)
     uint64_t bytes            # bytes of the delivered frames
+    uint32_t onecopy          # of the delivered, frames copied straight from a sender's memory
 
 # receive at most ``count`` frames from queue ``q`` into ``pkts`` (buffers from ``pool``);
 # returns how many. Never blocks; may return 0 when another thread holds the queue.
@@ -19,6 +20,11 @@ ctypedef uint32_t (*rx_burst_fn)(void *dev, uint16_t q, pktpool_t *pool, pkt_t *
 # returns how many were delivered, in order (the rest found no room or failed, see res).
 ctypedef uint32_t (*tx_burst_fn)(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pkts,
                                  uint32_t n, tx_result_t *res) noexcept nogil
+# one-copy forwarding (NULL: the class cannot): rx_burst, except that a frame may keep its
+# tail in the sender's memory (pkt.ext_len, pkt.ext: see _vring.vq_dequeue_ref) and nothing
+# goes back to the sender until rx_complete(dev, q), which the caller must call after every
+# rx_burst_ref once the burst's frames are sent or freed, returns 0 included
+ctypedef void (*rx_complete_fn)(void *dev, uint16_t q) noexcept nogil
 # the fd that becomes readable when queue ``q`` has work (for epoll in the idle path), -1
 ctypedef int (*wait_fd_fn)(void *dev, uint16_t q) noexcept nogil
 # notifications on (before sleeping) / off (while polling); NULL when not needed
@@ -32,6 +38,10 @@ cdef struct port_ops_t:
     wait_fd_fn wait_fd
     set_notify_fn set_notify
     pending_fn pending
+    rx_burst_fn rx_burst_ref         # NULL: not offered
+    rx_complete_fn rx_complete
+    int tx_ref                       # tx_burst takes frames whose tail is in a sender's
+                                     # memory (0: the caller materializes them first)
 
 cdef struct rxq_src_t:        # one polled queue, for the idle path (ops NULL: none)
     const port_ops_t *ops

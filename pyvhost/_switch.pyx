@@ -2,7 +2,12 @@
 """The switch's compiled data path: ports (their rings), bridges (their classifier and MAC
 table), PMD poll loops with an exact-match and a megaflow cache each, the upcall on a
 cache miss, action execution, QoS token buckets (ingress policing, egress rate limit) and
-the counters behind pmd-stats-show.
+the counters behind pmd-stats-show. One-copy forwarding: a port class that receives by
+reference (rx_burst_ref) leaves a long frame's tail in the sender's memory; a frame whose
+cached action is exactly one output to a port class that sends such frames (tx_ref), with
+no mirror, shaping or per-remote copies, goes as it is (its tail copied once, by the send);
+every other frame is made whole first (vq_materialize) and takes the usual path, and the
+input's rx_complete returns the burst's buffers once its batches are flushed.
 
 A port is a device of some port class (_port.pxd: receive burst, send burst, wait fd;
 vhost-user, internal/tap, afpacket, ...); nothing here asks which. A PMD thread polls its
@@ -58,7 +63,7 @@ from pyvhost._punt cimport PUNT_ACTION, PUNT_INVALID_TTL, PUNT_NO_RULE, PuntQueu
 from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
     MAX_BURST, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
-    vh_store_release_int, vh_unlock,
+    vh_store_release_int, vh_unlock, vq_materialize,
 )
 
 cdef extern from "vhost_atomic.h" nogil:
@@ -171,6 +176,7 @@ cdef struct pmd_stats_t:
     uint64_t upcall_ns
     uint64_t upcall_throttled
     uint64_t load_sleep_ns      # slept while lightly loaded (set_sleep_max), part of idle
+    uint64_t onecopy            # frames sent straight from the sender's guest memory
 
 
 
@@ -893,14 +899,18 @@ cdef class Pmd:
                 vh_add_u64(&self.cur_inp.c.drop_no_port, n)
             pool_put_many(self.pool, pkts, n)
             return
+        if not p.ops.tx_ref or p.shape.rate:
+            n = self.make_whole(pkts, n)           # (a port changed since the decision)
         if p.shape.rate:
             n = bucket_filter(&p.shape, pkts, n, self.pool, &p.c.drop_qos)
         if n:
             res.failed = 0
             res.refused = 0
             res.bytes = 0
+            res.onecopy = 0
             sent = p.ops.tx_burst(p.dev, self.pmd_id, self.pool, pkts, n, &res)
             failed = res.failed
+            self.st.onecopy += res.onecopy
             if sent:
                 vh_add_u64(&p.c.tx_packets, sent)
                 vh_add_u64(&p.c.tx_bytes, res.bytes)
@@ -911,6 +921,37 @@ cdef class Pmd:
             if sent + failed + res.refused < n:
                 vh_add_u64(&p.c.drop_tx_full, n - sent - failed - res.refused)
             pool_put_many(self.pool, pkts, n)
+
+    cdef uint32_t make_whole(self, pkt_t **pkts, uint32_t n) noexcept nogil:
+        """Every frame of ``pkts`` whole in its buffer (vq_materialize); a frame whose
+        sender's memory faulted is freed (the sender's ring counts the fault). Returns
+        how many are left, in order."""
+        cdef uint32_t i, kept = 0
+        for i in range(n):
+            if pkts[i].ext_len and vq_materialize(pkts[i]) < 0:
+                pool_put(self.pool, pkts[i])
+                continue
+            pkts[kept] = pkts[i]
+            kept += 1
+        return kept
+
+    cdef inline bint one_copy_ok(self, port_t *inp, const actions_t *a) noexcept nogil:
+        """May a frame whose tail is still in its sender's memory follow ``a`` as it is?
+        Only exactly one output to a port whose class sends such frames (tx_ref), with
+        nothing that reads or copies the whole frame on the way (a mirror of the output,
+        shaping, a per-remote port's copies)."""
+        cdef port_t *o
+        if a.n_ops != 1 or a.ops[0].op != OP_OUTPUT or a.ops[0].arg >= MAX_PORTS or \
+                a.ops[0].arg == inp.id:
+            return False
+        o = self.sw.ports[a.ops[0].arg]
+        return o != NULL and o.ops.tx_ref and o.up and o.bridge == inp.bridge and \
+            not o.mirror_only and not o.mirror_tx and not o.shape.rate and not o.per_remote
+
+    cdef inline void rx_done(self, port_t *inp, uint16_t q) noexcept nogil:
+        """The input's buffers of a by-reference burst go back (after every flush)."""
+        if inp.ops.rx_complete != NULL and inp.ops.rx_burst_ref != NULL:
+            inp.ops.rx_complete(inp.dev, q)
 
     cdef inline void output(self, uint16_t port_id, pkt_t *pkt) noexcept nogil:
         if not self.is_touched[port_id]:          # once per port per burst, however often
@@ -1279,14 +1320,19 @@ cdef class Pmd:
         # a port over its share of upcall time is also read in small bursts until the
         # window ends: what it sends beyond that waits in its own queue (the sender is
         # slowed down), instead of costing this PMD a copy and a lookup per frame to drop
-        n = inp.ops.rx_burst(inp.dev, r.queue, self.pool, pkts, THROTTLED_BURST
-                             if self.up_ns[inp.id] >= self.up_budget_ns else MAX_BURST)
+        if inp.ops.rx_burst_ref != NULL:          # one-copy: tails stay in guest memory
+            n = inp.ops.rx_burst_ref(inp.dev, r.queue, self.pool, pkts, THROTTLED_BURST
+                                     if self.up_ns[inp.id] >= self.up_budget_ns else MAX_BURST)
+        else:
+            n = inp.ops.rx_burst(inp.dev, r.queue, self.pool, pkts, THROTTLED_BURST
+                                 if self.up_ns[inp.id] >= self.up_budget_ns else MAX_BURST)
         if n == 0:
             self.cur_inp = NULL
             return 0
         if inp.no_recv:
             vh_add_u64(&inp.c.drop_no_recv, n)
             pool_put_many(self.pool, pkts, n)
+            self.rx_done(inp, r.queue)
             self.cur_inp = NULL
             return n
         t0 = now_ns()
@@ -1295,12 +1341,13 @@ cdef class Pmd:
             self.roll_window(t0)
         self.win_packets[inp.id] += n
         for i in range(n):
-            bytes_ += pkts[i].len
+            bytes_ += pkts[i].len + pkts[i].ext_len
         vh_add_u64(&inp.c.rx_packets, n)
         vh_add_u64(&inp.c.rx_bytes, bytes_)
         self.st.packets += n
         self.st.bursts += 1
         if inp.police.rate:
+            n = self.make_whole(pkts, n)
             n = bucket_filter(&inp.police, pkts, n, self.pool, &inp.c.drop_police)
         if inp.mirror_only:                       # a mirror's output: it only sends
             vh_add_u64(&inp.c.drop_mirror_port, n)
@@ -1310,6 +1357,9 @@ cdef class Pmd:
             flow_extract(pkts[i], inp.id, &key)
             mirrored = 0
             if inp.mirror_rx:
+                if pkts[i].ext_len and vq_materialize(pkts[i]) < 0:
+                    pool_put(self.pool, pkts[i])
+                    continue
                 mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)
             h = flow_hash(&key)
             a = emc_lookup(self.emc, &key, h)
@@ -1363,12 +1413,17 @@ cdef class Pmd:
                     self.st.upcall_ns += dt
                     if a == NULL:
                         continue
-            self.account(a, pkts[i].len, t0)
+            if pkts[i].ext_len and not self.one_copy_ok(inp, a) and \
+                    vq_materialize(pkts[i]) < 0:
+                pool_put(self.pool, pkts[i])      # the sender's memory faulted (counted there)
+                continue
+            self.account(a, pkts[i].len + pkts[i].ext_len, t0)
             self.execute(inp, pkts[i], a, &key, mirrored)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0
         self.ntouched = 0
+        self.rx_done(inp, r.queue)
         inp.rxq_ns[r.queue] += now_ns() - t0
         inp.rxq_packets[r.queue] += n
         self.cur_inp = NULL

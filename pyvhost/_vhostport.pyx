@@ -2,7 +2,10 @@
 """The vhost-user port class of the datapath: receive = dequeue from the guest's TX ring,
 send = enqueue into its RX ring (with the offloads it did not agree to done in software,
 _offload), wait fd = the TX ring's kick eventfd, notifications = the ring's flags. Per
-queue locks as the rings define them. Knows nothing of the vhost-user protocol or sockets.
+queue locks as the rings define them. One-copy forwarding: receive by reference
+(vq_dequeue_ref) keeps the TX ring locked from the burst to rx_complete, so no memory table
+can change under the frames' tails; send takes such frames (vq_enqueue copies the tail
+straight from the sender's buffers). Knows nothing of the vhost-user protocol or sockets.
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
@@ -10,22 +13,60 @@ from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport pkt_t, pktpool_t
 from pyvhost._port cimport port_ops_t, tx_result_t
-from pyvhost._vring cimport MAX_BURST, VirtQueue, vh_lock, vh_trylock, vh_unlock, vq_dequeue, vq_t
+from pyvhost._vring cimport (
+    MAX_BURST, VirtQueue, vh_lock, vh_trylock, vh_unlock, vq_dequeue, vq_dequeue_ref,
+    vq_rx_complete, vq_t,
+)
+
+
+cdef inline vq_t *rx_ring_locked(void *dev, uint16_t q) noexcept nogil:
+    """Queue ``q``'s TX ring, locked; NULL when there is none or another thread has it."""
+    cdef vhost_dev_t *d = <vhost_dev_t *>dev
+    cdef vq_t *vq
+    if q >= d.nqueues:
+        return NULL
+    vq = d.guest_tx[q]
+    return vq if vh_trylock(&vq.lock) else NULL
 
 
 cdef uint32_t vhost_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
                              uint32_t count) noexcept nogil:
-    cdef vhost_dev_t *d = <vhost_dev_t *>dev
-    cdef vq_t *vq
+    cdef vq_t *vq = rx_ring_locked(dev, q)
     cdef uint32_t n
-    if q >= d.nqueues:
-        return 0
-    vq = d.guest_tx[q]
-    if not vh_trylock(&vq.lock):
+    if vq == NULL:
         return 0
     n = vq_dequeue(vq, pool, pkts, count if count < MAX_BURST else MAX_BURST)
     vh_unlock(&vq.lock)
     return n
+
+
+cdef uint32_t vhost_rx_burst_ref(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
+                                 uint32_t count) noexcept nogil:
+    """Receive by reference: the ring stays locked until vhost_rx_complete while any frame
+    of the burst keeps its tail in the guest's buffers."""
+    cdef vq_t *vq = rx_ring_locked(dev, q)
+    cdef uint32_t n
+    if vq == NULL:
+        return 0
+    n = vq_dequeue_ref(vq, pool, pkts, count if count < MAX_BURST else MAX_BURST)
+    if vq.nref:
+        vq.ref_locked = 1
+        return n
+    vq_rx_complete(vq)                      # every frame whole: as vq_dequeue
+    vh_unlock(&vq.lock)
+    return n
+
+
+cdef void vhost_rx_complete(void *dev, uint16_t q) noexcept nogil:
+    cdef vhost_dev_t *d = <vhost_dev_t *>dev
+    cdef vq_t *vq
+    if q >= d.nqueues:
+        return
+    vq = d.guest_tx[q]
+    if vq.ref_locked:                       # only the burst's owner sets it, under the lock
+        vq.ref_locked = 0
+        vq_rx_complete(vq)
+        vh_unlock(&vq.lock)
 
 
 cdef uint32_t vhost_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pkts,
@@ -33,10 +74,13 @@ cdef uint32_t vhost_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **
     cdef vhost_dev_t *d = <vhost_dev_t *>dev
     cdef vq_t *vq = d.guest_rx[hint % d.nqueues]
     cdef uint32_t sent
+    cdef uint64_t onecopy
     if not (vq.ready and vq.enabled):
         vq = d.guest_rx[0]
     vh_lock(&vq.lock)
+    onecopy = vq.onecopy
     sent = offload_send(vq, pool, pkts, n, &res.failed, &res.bytes)
+    res.onecopy = <uint32_t>(vq.onecopy - onecopy)
     vh_unlock(&vq.lock)
     return sent
 
@@ -63,6 +107,9 @@ VHOST_OPS.tx_burst = vhost_tx_burst
 VHOST_OPS.wait_fd = vhost_wait_fd
 VHOST_OPS.set_notify = vhost_set_notify
 VHOST_OPS.pending = vhost_pending
+VHOST_OPS.rx_burst_ref = vhost_rx_burst_ref
+VHOST_OPS.rx_complete = vhost_rx_complete
+VHOST_OPS.tx_ref = 1
 
 
 cdef class VhostDev(PortDev):

@@ -1,4 +1,5 @@
-# Split virtqueues, device side, and the virtio-net burst copy on top of them.
+# Split virtqueues, device side, and the virtio-net burst copy on top of them (and the
+# one-copy receive: vq_dequeue_ref / vq_rx_complete, ext_t, vq_materialize).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._memory cimport IotlbTable, MemTable, iotlb_t, memtable_t
@@ -28,6 +29,7 @@ cdef enum:
     MAX_IOV = 64          # segments of one packet's buffers
     MAX_BURST = 32
     MAX_HELD = 64             # RX frames kept per ring while an IOTLB miss is answered
+    ONECOPY_HEAD = 128        # vq_dequeue_ref: frame bytes copied (flow_extract reads <= 82)
     VNET_HDR_F_NEEDS_CSUM = 1
     VNET_HDR_GSO_NONE = 0
     VNET_HDR_GSO_TCPV4 = 1
@@ -126,9 +128,29 @@ cdef struct vq_t:
     int faultfd               # eventfd signalled when guest memory faults (SIGBUS), or -1
     uint32_t dq_taken         # inside vq_dequeue: pkts[0..dq_taken) are ours (a fault frees them)
     vq_stats_t st
+    # vq_dequeue_ref: the chains taken in the burst, in order, returned by vq_rx_complete
+    uint32_t npend
+    uint16_t pend_id[MAX_BURST]           # split: the head; packed: the buffer id
+    uint16_t pend_slots[MAX_BURST]        # packed: the slots the chain spans
+    uint32_t nref                         # frames of the burst whose tail stays in guest memory
+    uint8_t ref_locked                    # the port class keeps the lock until rx_complete
+    uint64_t onecopy                      # RX: frames delivered straight from another guest
+
+
+cdef struct ext_t:
+    # one-copy forwarding: where the rest of a frame lies in the sending guest's memory,
+    # translated and bounds-checked at dequeue; valid while the sender's ring stays locked
+    # (vq_dequeue_ref .. vq_rx_complete). Kept at the tail of the frame's own pool buffer.
+    vq_t *src
+    uint32_t nseg
+    iov_t seg[MAX_IOV]
 
 
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil
+cdef uint32_t vq_dequeue_ref(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
+                            uint32_t count) noexcept nogil
+cdef void vq_rx_complete(vq_t *vq) noexcept nogil
+cdef int vq_materialize(pkt_t *p) noexcept nogil
 cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil
 cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil
 cdef bint vq_pending(vq_t *vq) noexcept nogil

@@ -15,6 +15,10 @@ from tests.harness.testpmd import parse_fwd_stats, virtio_user_vdev
 pytestmark = pytest.mark.slow
 
 MACS = ("00:01:02:03:04:05", "00:01:02:03:04:06")
+LOOP_CONFIG = ("add-br br0\nadd-port br0 p1 type=vhostuser queues=1\n"
+               "add-port br0 p2 type=vhostuser queues=1\n"
+               "add-flow br0 priority=10,in_port=p1,actions=output:p2\n"
+               "add-flow br0 priority=10,in_port=p2,actions=output:p1\n")
 
 
 def two_port_testpmd(testpmds, run_dir, queues: int, active_queues: int, name: str, **opts):
@@ -89,11 +93,7 @@ def test_two_pmds_two_queues_and_rebalance(workdir, testpmds):
 @pytest.mark.parametrize("in_order", [0, 1])
 def test_packed_ring_loop_through_switch(workdir, testpmds, in_order):
     run_dir = workdir / "run"
-    config = ("add-br br0\nadd-port br0 p1 type=vhostuser queues=1\n"
-              "add-port br0 p2 type=vhostuser queues=1\n"
-              "add-flow br0 priority=10,in_port=p1,actions=output:p2\n"
-              "add-flow br0 priority=10,in_port=p2,actions=output:p1\n")
-    sw = processes.switch(workdir, run_dir, config=config)
+    sw = processes.switch(workdir, run_dir, config=LOOP_CONFIG)
     try:
         tp = two_port_testpmd(testpmds, run_dir, queues=1, active_queues=1, name="tp-packed",
                               packed_vq=1, in_order=in_order)
@@ -106,6 +106,32 @@ def test_packed_ring_loop_through_switch(workdir, testpmds, in_order):
             other = fwd[1 - port]
             assert 0 <= fwd[port]["tx_packets"] - other["rx_packets"] <= 4 * 32, fwd
         assert min(f["rx_packets"] for f in fwd.values()) > 10000, fwd
+    finally:
+        assert sw.stop() == 0
+
+
+@pytest.mark.parametrize("packed", [0, 1], ids=["split", "packed"])
+def test_long_frames_between_guests_are_copied_once(workdir, testpmds, packed):
+    """1500-byte frames in an in_port loop between two testpmd virtio-user ports go
+    straight from one guest's buffers into the other's (pmd-stats-show one-copy frames),
+    and none is lost but those in flight."""
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config=LOOP_CONFIG)
+    try:
+        tp = two_port_testpmd(testpmds, run_dir, queues=1, active_queues=1,
+                              name=f"tp-onecopy-{packed}", packed_vq=packed)
+        tp.cmd("set txpkts 1500")
+        tp.set_fwd("io")
+        tp.start_fwd(tx_first=True)
+        time.sleep(1)
+        fwd = parse_fwd_stats(tp.stop_fwd())
+        for port in (0, 1):
+            other = fwd[1 - port]
+            assert 0 <= fwd[port]["tx_packets"] - other["rx_packets"] <= 4 * 32, fwd
+        stats = processes.ctl(run_dir, "pmd-stats-show")
+        onecopy = int(re.search(r"one-copy frames: (\d+)", stats).group(1))
+        received = int(re.search(r"packets received: (\d+)", stats).group(1))
+        assert received > 1000 and 0 <= received - onecopy <= 4 * 32, stats
     finally:
         assert sw.stop() == 0
 

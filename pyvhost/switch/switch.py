@@ -933,6 +933,7 @@ class Switch:
             out += [f"pmd thread {i}:",
                     f"  packets received: {s['packets']}",
                     f"  avg. packets per burst: {per_burst:.2f}",
+                    f"  one-copy frames: {s['onecopy']}",
                     f"  emc hits: {s['emc_hits']}",
                     f"  emc misses: {s['emc_misses']}",
                     f"  megaflow hits: {s['megaflow_hits']} "

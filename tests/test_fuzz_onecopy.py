@@ -1,0 +1,171 @@
+"""A hostile driver against one-copy forwarding (the receive that leaves a frame's tail in
+the sender's buffers, and the send that copies it from there), packed and split.
+
+Differential: the same random ring contents in two identical guest images, one read by
+the plain receive (vq_dequeue), one by the one-copy receive made whole (vq_dequeue_ref,
+vq_materialize, vq_rx_complete): the same frames, the same counters, the same ring
+positions, and nothing written in guest memory but the ring. Then the same hostile rings
+forwarded straight into a well-formed receiver (vq_enqueue from the sender's buffers):
+every chain taken is delivered or counted, every packet buffer comes back. Runs under
+ASan/UBSan too (test_fuzz_asan.py)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyvhost._pktpool import PacketPool
+from tests.harness.driver import DriverRing, GuestImage, PackedDriverRing
+from tests.harness.fuzzing import Counter, fuzz_settings
+from tests.test_fuzz_rings import (
+    assert_only_written,
+    delta,
+    packed_ring_ranges,
+    packed_round,
+    snapshot,
+    split_ring_ranges,
+    split_round,
+)
+
+MiB = 1 << 20
+
+
+def load(d, img, layout: str, vq, contents) -> None:
+    """Write one random round into the TX ring ``d`` of ``img``."""
+    if layout == "packed":
+        slots, tables = contents
+        for slot, raw in slots:
+            img.write(d.desc_gpa + 16 * slot, raw)
+        img.write(img.start, tables)
+        return
+    heads, descs, ahead, tables = contents
+    for slot, raw in descs:
+        img.write(d.desc_gpa + 16 * slot, raw)
+    for k, h in enumerate(heads):
+        d.set_avail_entry(k, h)
+    img.write(img.start, tables)
+    d.set_avail_idx(vq.base + ahead)
+
+
+def tx_ring(img, layout: str, size: int, indirect: bool):
+    d = (DriverRing if layout == "split" else PackedDriverRing)(img, size)
+    return d, d.make_queue(img.guest_memory(), indirect=indirect)
+
+
+@st.composite
+def good_frames(draw):
+    """Well-formed TX chains to mix into the hostile rounds: (frame, splits, indirect)."""
+    sizes = draw(st.lists(st.sampled_from([14, 60, 128, 129, 200, 1500, 2030, 2100]),
+                          min_size=1, max_size=6))
+    return [(bytes((k * 31 + i) & 0xFF for i in range(size)), draw(st.integers(1, 5)),
+             draw(st.booleans())) for k, size in enumerate(sizes)]
+
+
+def post_good(d, frames) -> None:
+    for frame, splits, indirect in frames:
+        try:
+            d.post_tx(frame, splits=splits, indirect=indirect)
+        except RuntimeError:            # the driver ring is full (deterministic: both)
+            return
+
+
+def ring_ranges(d, layout: str):
+    return packed_ring_ranges(d) if layout == "packed" else split_ring_ranges(d)
+
+
+def draw_round(data, img, layout: str, size: int):
+    return data.draw(packed_round(img, size, 0) if layout == "packed"
+                     else split_round(img, size, 0))
+
+
+def fuzz_same_as_plain_receive(layout: str, n: int) -> None:
+    count = Counter(f"{layout} rings, hostile driver, one-copy receive vs plain")
+    long_frames = []                # frames past the copied head: the one-copy receive ran
+
+    @fuzz_settings(n)
+    @given(st.data(), st.sampled_from([1, 2, 16, 64]), st.booleans())
+    def run(data, size, indirect):
+        count()
+        with GuestImage((MiB, MiB)) as img1, GuestImage((MiB, MiB)) as img2:
+            d1, vq1 = tx_ring(img1, layout, size, indirect)
+            d2, vq2 = tx_ring(img2, layout, size, indirect)
+            assert (d1.desc_gpa, img1.start) == (d2.desc_gpa, img2.start)
+            pool1, pool2 = PacketPool(8, 2048), PacketPool(8, 2048)
+            for _ in range(data.draw(st.integers(1, 3))):
+                for vq in (vq1, vq2):
+                    if vq.broken:
+                        with vq:
+                            vq.start()
+                if data.draw(st.booleans()):
+                    contents = draw_round(data, img1, layout, size)
+                    load(d1, img1, layout, vq1, contents)
+                    load(d2, img2, layout, vq2, contents)
+                else:
+                    good = data.draw(good_frames())
+                    post_good(d1, good)
+                    post_good(d2, good)
+                for _ in range(2):
+                    b1, b2 = vq1.stats(), vq2.stats()
+                    mem2 = snapshot(img2)
+                    plain = vq1.recv_burst(pool1)
+                    ref = vq2.recv_burst_ref(pool2)
+                    assert_only_written(img2, mem2, ring_ranges(d2, layout))
+                    assert ref == plain
+                    long_frames.extend(f for f in ref if len(f) > 128)
+                    assert delta(vq2.stats(), b2) == delta(vq1.stats(), b1)
+                    assert vq2.base == vq1.base and vq2.broken == vq1.broken
+                    assert pool1.available == pool1.count and pool2.available == pool2.count
+
+    run()
+    count.report(n)
+    assert long_frames, "no frame longer than the copied head was generated"
+
+
+def test_fuzz_split_one_copy_receive_is_the_plain_receive():
+    fuzz_same_as_plain_receive("split", 120)
+
+
+def test_fuzz_packed_one_copy_receive_is_the_plain_receive():
+    fuzz_same_as_plain_receive("packed", 120)
+
+
+def test_fuzz_forward_hostile_sender_into_a_good_receiver():
+    count = Counter("hostile sender, one-copy forward")
+    n = 150
+
+    @fuzz_settings(n)
+    @given(st.data(), st.sampled_from(["split", "packed"]), st.sampled_from(["split", "packed"]),
+           st.sampled_from([1, 2, 16, 64]), st.booleans(), st.booleans(),
+           st.lists(st.integers(0, 2100), min_size=0, max_size=8))
+    def run(data, src_layout, dst_layout, size, indirect, mrg, rx_sizes):
+        count()
+        with GuestImage((MiB, MiB)) as img, GuestImage((MiB,)) as dimg:
+            d, vq = tx_ring(img, src_layout, size, indirect)
+            r = (DriverRing if dst_layout == "split" else PackedDriverRing)(dimg, 64)
+            dst = r.make_queue(dimg.guest_memory(), mrg_rxbuf=mrg)
+            for length in rx_sizes:
+                r.post_rx([length])
+            pool = PacketPool(8, 2048)
+            for _ in range(data.draw(st.integers(1, 3))):
+                if vq.broken:
+                    with vq:
+                        vq.start()
+                if data.draw(st.booleans()):
+                    load(d, img, src_layout, vq, draw_round(data, img, src_layout, size))
+                else:
+                    post_good(d, data.draw(good_frames()))
+                before, dbefore = vq.stats(), dst.stats()
+                mem = snapshot(img)
+                taken, sent = vq.forward_burst(pool, dst)
+                assert_only_written(img, mem, ring_ranges(d, src_layout))
+                dd, ddst = delta(vq.stats(), before), delta(dst.stats(), dbefore)
+                assert taken == dd.get("packets", 0)
+                assert sent == ddst.get("packets", 0) <= taken
+                assert sent + sum(v for k, v in ddst.items() if k.startswith("drop_")) \
+                    >= taken, ddst
+                assert pool.available == pool.count
+                if src_layout == "packed":
+                    assert (vq.base & 0x7FFF) < size
+
+    run()
+    count.report(n)
