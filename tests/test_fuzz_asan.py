@@ -17,9 +17,8 @@ import pytest
 from tests.harness import asan
 
 CORPUS = ["tests/test_fuzz_rings.py", "tests/test_fuzz_onecopy.py", "tests/test_vring_hostile.py",
-          "tests/test_memory.py",
-          "tests/test_protocol.py", "tests/test_openflow_codec.py", "tests/test_tunnel_decap.py",
-          "tests/test_edit.py",
+          "tests/test_memory.py", "tests/test_protocol.py", "tests/test_openflow_codec.py",
+          "tests/test_tunnel_decap.py", "tests/test_edit.py",
           "tests/test_openflow_meters.py::test_meter_buckets_pass_a_burst_then_the_rate",
           "tests/test_openflow_meters.py::test_meter_mods_follow_the_spec"]
 
