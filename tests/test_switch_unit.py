@@ -127,7 +127,10 @@ def test_action_names_are_case_insensitive_as_in_ovs():
     for upper, lower in [("actions=NORMAL", "actions=normal"), ("actions=FLOOD", "actions=flood"),
                          ("actions=Strip_Vlan,OUTPUT:p2", "actions=strip_vlan,output:p2"),
                          ("actions=DROP", "actions=drop"), ("actions=Controller:64",
-                                                             "actions=controller:64")]:
+                                                             "actions=controller:64"),
+                         ("actions=output:CONTROLLER:128", "actions=controller:128"),
+                         ("actions=output:IN_PORT", "actions=in_port"),
+                         ("actions=output:controller", "actions=CONTROLLER")]:
         assert parse_flow(upper) == parse_flow(lower)
     assert parse_flow("actions=output:P2") != parse_flow("actions=output:p2")
 

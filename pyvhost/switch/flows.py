@@ -306,6 +306,7 @@ def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tup
             raise FlowSyntaxError(f"write_actions(...) cannot hold {name}")
         if name == "output" and arg.strip().lower().partition(":")[0] in UPPER_ACTIONS:
             name, _, arg = arg.strip().partition(":")         # output:CONTROLLER[:N] ...
+            name = name.lower()
         if name == "controller":
             max_len = _int(arg, "controller", 0xFFFF) if arg.strip() else CONTROLLER_MAX_LEN
             actions.append(("controller", max_len))
