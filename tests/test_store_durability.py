@@ -8,6 +8,7 @@ then refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
@@ -23,6 +24,7 @@ import time
 
 import pytest
 
+from pyvhost.switch.control import ControlServer
 from pyvhost.switch.store import Store, StoreError
 from tests.harness import openflow as O
 from tests.harness import processes
@@ -261,3 +263,69 @@ def test_sync_puts_commits_into_the_database_file(tmp_path):
         assert not store.sync()                               # nothing new: nothing done
     finally:
         store.close()
+
+
+def test_sync_with_an_outside_reader_fsyncs_the_log_and_copies_later(tmp_path, monkeypatch):
+    """A reader's snapshot (a sqlite3 shell, a backup) holds the log's frames back: the
+    checkpoint copies none and fsyncs nothing, so sync() fsyncs the log itself and stays
+    unsynced; once the reader is gone the next sync copies them into the file."""
+    path = tmp_path / "conf.db"
+    store = Store(path)
+    reader = None
+    try:
+        store.add_bridge("br0")
+        store.sync()
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM flows").fetchone()      # a snapshot, held
+        store.change_flows("br0", ["priority=1,actions=drop"])
+        synced = []
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
+        assert store.sync() and store.unsynced
+        assert synced == [f"{path}-wal"], synced
+        copy_dir = tmp_path / "copy"
+        copy_dir.mkdir()
+        assert main_file_rules(tmp_path, copy_dir) == []        # not copied: the reader
+        reader.execute("COMMIT")
+        assert store.sync() and not store.unsynced
+        assert main_file_rules(tmp_path, copy_dir) == ["priority=1,actions=drop"]
+    finally:
+        if reader is not None:
+            reader.close()
+        store.close()
+
+
+def test_a_write_waits_briefly_for_an_outside_writer_then_fails(tmp_path):
+    """Another process holding the write lock (a sqlite3 shell mid-transaction) makes a
+    store write fail with an error after a short wait, not stall the switch 5 s a time."""
+    store = Store(tmp_path / "conf.db")
+    other = sqlite3.connect(tmp_path / "conf.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        t0 = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.add_bridge("br0")
+        assert time.monotonic() - t0 < 4.0                   # (the default would be 5 s)
+        other.execute("ROLLBACK")
+        store.add_bridge("br0")
+        assert store.bridges() == ["br0"]
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_ctl_answer_says_when_its_change_could_not_be_synced():
+    """An answer whose change was committed but not synced (the disk refused) carries a
+    warning saying so, whatever the command's own result."""
+    class Unsyncable:
+        def sync_store(self):
+            return "committed changes could not be synced to disk (disk I/O error)"
+
+    server = ControlServer(Unsyncable(), "/nonexistent/ctl.sock")
+    answer = asyncio.run(server._answer(["no-such-command"]))
+    assert answer["ok"] is False and "disk I/O error" in answer["warning"], answer

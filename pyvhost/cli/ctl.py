@@ -54,6 +54,8 @@ def run(args) -> int:
     except OSError as e:
         print(f"ctl: cannot reach the switch at {args.control}: {e}", file=sys.stderr)
         return 2
+    if answer.get("warning"):
+        print(f"ctl: warning: {answer['warning']}", file=sys.stderr)
     if not answer.get("ok"):
         print(f"ctl: {answer.get('error')}", file=sys.stderr)
         return 1

@@ -131,12 +131,14 @@ class ControlServer:
             return argv                              # the error of a malformed request
         async with self._lock:
             try:
-                return {"ok": True, "output": await run_command(self.switch, argv)}
+                answer = {"ok": True, "output": await run_command(self.switch, argv)}
             except CommandError as e:
                 log.info("control: %s: %s", " ".join(argv), e)
-                return {"ok": False, "error": str(e)}
+                answer = {"ok": False, "error": str(e)}
             except Exception as e:       # a bug must not take the switch down
                 log.exception("control: %s failed", " ".join(argv))
-                return {"ok": False, "error": f"internal error: {e}"}
-            finally:
-                self.switch.sync_store()     # what the answer confirms is on disk
+                answer = {"ok": False, "error": f"internal error: {e}"}
+            why = self.switch.sync_store()     # what the answer confirms is on disk
+            if why:
+                answer["warning"] = why
+            return answer

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
 VERSION = 1
 WAL_LIMIT = 4 << 20        # bytes the -wal file is cut back to after a checkpoint
+BUSY_TIMEOUT = 0.5         # seconds a write waits for another process's write lock
 SCHEMA = """
 CREATE TABLE bridges (name TEXT PRIMARY KEY, seq INTEGER);
 CREATE TABLE ports (name TEXT PRIMARY KEY, bridge TEXT, type TEXT, options TEXT, seq INTEGER,
@@ -83,7 +85,9 @@ class Store:
         self.wal = False                # (until the schema is there: rollback journal)
         self._check_readable()
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None)
+            # another process holding the write lock (a sqlite3 shell mid-transaction) makes
+            # a write fail after BUSY_TIMEOUT instead of stalling the switch for 5 s a time
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
             self._open()
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self.wal = mode == "wal"
@@ -155,10 +159,22 @@ class Store:
         """Make every committed transaction survive a crash of the machine too: checkpoint
         the write-ahead log (fsync the log, copy it into the database, fsync that). Does
         nothing when nothing was committed since the last sync; True if it synced.
-        sqlite3.Error if the disk refuses (the commits stay committed)."""
+        sqlite3.Error or OSError if the disk refuses (the commits stay committed).
+
+        Another process reading the file (a ``sqlite3`` shell, a backup) holds back the
+        frames its snapshot may still need, and SQLite then copies none and fsyncs nothing:
+        the log is fsynced here instead (its committed frames are what a restart recovers),
+        and the store stays unsynced so that the next sync copies them."""
         if not self.unsynced or self._depth:
             return False
-        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        _, logged, copied = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if logged > 0 and copied < logged:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
         self.unsynced = False
         return True
 

@@ -205,15 +205,19 @@ class Switch:
                 self._log_once("tick", "periodic work failed: %s", e)
             self.sync_store()
 
-    def sync_store(self) -> None:
+    def sync_store(self) -> str | None:
         """Put what the store committed on disk (it already survives a crash of the switch;
         now of the machine too): before a ctl answer, and at most a second after an
-        OpenFlow commit (OVS keeps no OpenFlow rule across a restart at all)."""
+        OpenFlow commit (OVS keeps no OpenFlow rule across a restart at all). Returns
+        why it could not (None: synced, or nothing to sync)."""
         try:
             self.store.sync()
-        except sqlite3.Error as e:
-            self._log_once("sync", "store: committed changes could not be synced to disk "
-                           "(%s); they survive a crash of the switch, not of the machine", e)
+        except (sqlite3.Error, OSError) as e:
+            why = (f"committed changes could not be synced to disk ({e}); they survive a "
+                   "crash of the switch, not of the machine")
+            self._log_once("sync", "store: %s", why)
+            return why
+        return None
 
     def periodic(self, now_ns: int | None = None) -> None:
         """Once a second: PMD load samples, host ports' links, MAC aging, rule timeouts,
