@@ -324,19 +324,16 @@ def test_request_size_limit_and_ctl_start_up(workdir):
         done = subprocess.run([*ctl, "add-flows", "br0", str(path)], capture_output=True,
                               text=True, timeout=600, cwd=processes.REPO)
         assert done.returncode == 0 and "flows added" in done.stdout, done.stderr
-        # ctl imports only the wire format, and answers a simple command fast
+        # ctl imports only the wire format
         mods = subprocess.run([sys.executable, "-c", "import sys, pyvhost.cli.main as m;"
                                "m.build_parser(['ctl', 'show']); print(sorted(sys.modules))"],
                               capture_output=True, text=True, timeout=30, cwd=processes.REPO)
         for heavy in ("pyvhost._switch", "pyvhost.backend", "pyvhost.switch.switch", "asyncio"):
             assert f"'{heavy}'" not in mods.stdout, heavy
-        times = []
-        for _ in range(5):
-            t = time.monotonic()
-            subprocess.run([*ctl, "show"], check=True, capture_output=True, timeout=30,
-                           cwd=processes.REPO)
-            times.append(time.monotonic() - t)
-        assert min(times) < 0.1, times
+        # (how fast: `farm-bench` or `pyvhost bench`, not a threshold in a test that shares a
+        # machine; the module check above is what keeps ctl light)
+        subprocess.run([*ctl, "show"], check=True, capture_output=True, timeout=30,
+                       cwd=processes.REPO)
     finally:
         assert sw.stop() == 0
 
