@@ -965,8 +965,13 @@ cdef class Pmd:
 
     cdef pkt_t *clone(self, pkt_t *p) noexcept nogil:
         """A copy of ``p`` (frame and virtio-net header), or NULL (no buffer, or ``p`` grew
-        past a buffer's room with a VLAN tag pushed into its headroom)."""
-        cdef pkt_t *c = pool_get(self.pool)
+        past a buffer's room with a VLAN tag pushed into its headroom, or its tail is still
+        in its sender's memory: callers make frames whole first, this is the safety net for
+        a mirror set that changed in between)."""
+        cdef pkt_t *c
+        if p.ext_len:
+            return NULL
+        c = pool_get(self.pool)
         if c == NULL:
             return NULL
         if p.len > c.cap:
@@ -980,6 +985,27 @@ cdef class Pmd:
         c.tun_dst = p.tun_dst
         return c
 
+    cdef inline bint mirror_takes(self, const mirror_t *m, port_t *inp,
+                                  const flow_key_t *k) noexcept nogil:
+        """Does mirror ``m`` copy this frame of ``inp``'s (it selects it, and its output
+        is another port of the bridge)?"""
+        cdef port_t *o
+        if m.out_port == inp.id or not mirror_selects(m, k):
+            return False
+        o = self.sw.ports[m.out_port]
+        return o != NULL and o.bridge == inp.bridge
+
+    cdef bint mirrors_take(self, uint16_t bits, port_t *inp, const flow_key_t *k) noexcept nogil:
+        """Does any mirror in ``bits`` copy this frame (so that it must be whole first)?"""
+        cdef bridge_t *b = self.sw.bridges[inp.bridge]
+        cdef uint32_t i
+        if b == NULL or b.mirrors == NULL:
+            return False
+        for i in range(b.mirrors.n):
+            if bits & (1 << i) and self.mirror_takes(&b.mirrors.m[i], inp, k):
+                return True
+        return False
+
     cdef uint16_t mirror(self, uint16_t bits, port_t *inp, const pkt_t *p,
                          const flow_key_t *k) noexcept nogil:
         """A copy of ``p`` to each mirror in ``bits`` (of ``inp``'s bridge) that takes it;
@@ -987,7 +1013,6 @@ cdef class Pmd:
         cdef bridge_t *b = self.sw.bridges[inp.bridge]
         cdef mirror_set_t *ms
         cdef mirror_t *m
-        cdef port_t *o
         cdef pkt_t *c
         cdef uint32_t i
         cdef uint16_t took = 0
@@ -995,14 +1020,9 @@ cdef class Pmd:
             return 0
         ms = b.mirrors
         for i in range(ms.n):
-            if not bits & (1 << i):
+            if not bits & (1 << i) or not self.mirror_takes(&ms.m[i], inp, k):
                 continue
             m = &ms.m[i]
-            if m.out_port == inp.id or not mirror_selects(m, k):
-                continue
-            o = self.sw.ports[m.out_port]
-            if o == NULL or o.bridge != inp.bridge:
-                continue
             took |= 1 << i
             c = self.clone(<pkt_t *>p)
             if c == NULL:
@@ -1357,7 +1377,10 @@ cdef class Pmd:
             flow_extract(pkts[i], inp.id, &key)
             mirrored = 0
             if inp.mirror_rx:
-                if pkts[i].ext_len and vq_materialize(pkts[i]) < 0:
+                # a copy needs the whole frame; a frame no mirror selects (a capture whose
+                # filter it does not match) keeps its tail and can still go one-copy
+                if pkts[i].ext_len and self.mirrors_take(inp.mirror_rx, inp, &key) and \
+                        vq_materialize(pkts[i]) < 0:
                     pool_put(self.pool, pkts[i])
                     continue
                 mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)

@@ -244,6 +244,32 @@ def test_every_other_action_takes_the_pool_path_byte_exact(switch, name):
     assert wait_for(lambda: len(used.__iadd__(a.tx.used())) >= len(frames), pmd=pmd)
 
 
+def test_an_input_mirror_that_selects_none_of_the_frames_keeps_them_one_copy(switch):
+    """An idle capture (a mirror of the input whose selection takes none of the frames:
+    here VLAN 99, the frames are untagged) leaves the frames their one-copy path; a
+    mirror that takes them gets them whole."""
+    a = Guest("split", "split", mrg=False, hdr_len=12)
+    b = Guest("packed", "packed", mrg=True, hdr_len=12)
+    c = Guest("split", "split", mrg=False, hdr_len=12)
+    dp, pmd = switch({"a": a, "b": b, "c": c}, ["priority=10,in_port=a,actions=output:b"])
+    dp.set_mirrors(0, [{"out": 2, "src": [0], "dst": [], "vlan": 99, "filter": None,
+                        "carry": -1}])
+    frames = [frame("a", MAC["b"], 1500, seed) for seed in range(4)]
+    b.post_rx(2 * len(frames))
+    c.post_rx(len(frames))
+    send(a, frames, indirect=True)
+    pmd.wake()
+    assert [f for _, f in collect(b, len(frames), pmd)] == frames
+    assert pmd.stats()["onecopy"] == len(frames)
+    dp.set_mirrors(0, [{"out": 2, "src": [0], "dst": [], "vlan": -1, "filter": None,
+                        "carry": -1}])
+    send(a, frames, indirect=True)
+    pmd.wake()
+    assert [f for _, f in collect(b, len(frames), pmd)] == frames
+    assert [f for _, f in collect(c, len(frames), pmd)] == frames
+    assert pmd.stats()["onecopy"] == len(frames)              # none more: made whole
+
+
 def udp_csum_frame(size: int) -> tuple[bytes, bytes, bytes]:
     """(frame with the pseudo-header sum in its UDP checksum, its NEEDS_CSUM header, the
     frame with the checksum completed)."""
