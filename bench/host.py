@@ -404,14 +404,16 @@ RATIO_MEASURES = ("TCP", "64B at B", "64B rcvd")     # what the switch decides
 
 
 def report(results: dict[str, dict[str, list[float]]]) -> Table:
-    """The medians as the bench table, ratios on the measures the switch decides."""
+    """The medians as the bench table (each system's spread over its rounds with them),
+    ratios on the measures the switch decides."""
     cols = [c for c in ORDER if c in results]
     ratios = [(c, base) for base, which in ((OVS, (AFPACKET, AFXDP)), (OVS_XDP, (AFXDP,)))
               for c in which if c in cols and base in cols]
     table = Table("host", "two namespaces through a switch (medians)", cols, ratios)
     for m, unit in MEASURES:
         table.add(m, unit, {c: median(results[c][m]) for c in cols},
-                  compare=m in RATIO_MEASURES)
+                  compare=m in RATIO_MEASURES,
+                  rounds={c: results[c][m] for c in cols if results[c][m]})
     return emit(table)
 
 

@@ -27,6 +27,8 @@ cdef struct xdp_stats_t:
     uint64_t tx_csum          # partial checksums completed here
     uint64_t tx_errors        # frames that could not be finished or sent
     uint64_t tx_down          # frames not sent: detached (the interface is gone)
+    uint64_t tx_kicks         # sendto() calls that had the kernel send from the TX ring
+    uint64_t tx_kick_errors   # kicks that left frames in the ring (an error, or no end)
 
 cdef struct xdp_dev_t:
     int rx_lock

@@ -13,7 +13,7 @@ the socket. Without the GIL.
 switch/afxdp.py, decides when: the interface went away or came back). Knows no switch.
 """
 
-from libc.errno cimport errno
+from libc.errno cimport EAGAIN, EBUSY, ENOBUFS, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
@@ -78,6 +78,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef enum:
     RING_SIZE = 2048           # each of fill, completion, RX and TX
+    MAX_KICKS = RING_SIZE // 32 + 2     # sendto()s for one full TX ring, and some
     RX_FRAMES = XDP_FRAMES // 2
     MAX_TX = 32
 
@@ -215,9 +216,26 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
             nready = 0
     if nready:
         sent += put_frames(d, ready, nready, &res.bytes)
-    sendto(d.fd, NULL, 0, MSG_DONTWAIT, NULL, 0)        # copy mode: the kernel sends now
+    kick(d)
     vh_unlock(&d.tx_lock)
     return sent
+
+
+cdef void kick(xdp_dev_t *d) noexcept nogil:
+    """Copy mode: the kernel sends from the TX ring in sendto(), at most a batch (32 on
+    this kernel) per call, and says EAGAIN while frames are left: kick again until the
+    ring is empty (no frame may wait for the port's next burst: a TCP sender would stall
+    on it), reclaiming completions in between so the completion ring never fills."""
+    cdef int tries
+    for tries in range(MAX_KICKS):
+        d.st.tx_kicks += 1
+        if sendto(d.fd, NULL, 0, MSG_DONTWAIT, NULL, 0) >= 0:
+            return
+        if errno != EAGAIN and errno != EBUSY and errno != ENOBUFS:
+            d.st.tx_kick_errors += 1
+            return
+        reclaim(d)
+    d.st.tx_kick_errors += 1                           # the device keeps refusing: later
 
 
 cdef int xdp_wait_fd(void *dev, uint16_t q) noexcept nogil:

@@ -589,6 +589,57 @@ def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
         outside.close()
 
 
+@needs_root
+@needs_afxdp
+def test_afxdp_sends_every_segment_of_a_burst_without_further_traffic(net):
+    """One TSO frame of 60 segments is one send burst of 60 frames, more than the kernel's
+    generic AF_XDP transmit takes per kick (32): every segment reaches the peer with no
+    other frame behind it to kick the rest out of the TX ring (they once sat there until
+    the port's next burst: stalls for TCP)."""
+    import socket as so
+
+    from pyvhost._switch import Datapath
+    from pyvhost._tap import TapDev
+    from pyvhost.switch.afxdp import AfXdpPort
+    from pyvhost.switch.bridge import Bridge
+    from pyvhost.switch.flows import parse_flow
+    from tests.test_offload import tcp_frame, vnet
+    ns = net.netns("tk")
+    veth, peer = net.name("tkh"), net.name("tkp")
+    net.veth(veth, ns, peer, None)
+    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "60"],
+                        stdout=subprocess.PIPE, text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    port = AfXdpPort.create("tk", "br0", 1, 1, veth)
+    inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
+    inside.setblocking(False)
+    bridge = Bridge("b", 0)
+    bridge.apply(add=[parse_flow("priority=0,actions=normal")])
+    dp = Datapath()
+    dp.set_bridge(0, bridge.cls, bridge.macs)
+    dp.add_port(0, 0, TapDev(inside.fileno()))
+    dp.add_port(1, 0, port.datapath_dev())
+    pmd = dp.new_pmd(0, pool_size=256)
+    thread = threading.Thread(target=pmd.run, daemon=True)
+    thread.start()
+    pmd.set_rxqs([(0, 0)])
+    payload = bytes(range(250)) * 240                        # 60 segments of 1000 bytes
+    try:
+        outside.send(vnet(gso=1, gso_size=1000, hdr_len=54) + tcp_frame(payload))
+        got = counter.communicate(timeout=30)[0].split()
+        sizes = [int(n) for n in got[:60]]
+        assert len(sizes) == 60 and sum(n - 54 for n in sizes) == len(payload), sizes
+        assert dp.port_stats(1)["tx_packets"] == 1
+    finally:
+        pmd.stop()
+        thread.join(5)
+        dp.remove_port(0)
+        dp.remove_port(1)
+        port._detach()
+        inside.close()
+        outside.close()
+
+
 COUNT_TCP = """
 import socket, sys
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
