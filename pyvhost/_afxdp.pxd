@@ -7,9 +7,11 @@ from pyvhost._port cimport PortDev
 
 cdef extern from "<xdp/xsk.h>" nogil:
     struct xsk_ring_prod:
-        pass
+        uint32_t size
+        void *ring
     struct xsk_ring_cons:
-        pass
+        uint32_t size
+        void *ring
     struct xsk_umem:
         pass
     struct xsk_socket:

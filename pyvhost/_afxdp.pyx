@@ -49,6 +49,7 @@ cdef extern from "<xdp/xsk.h>" nogil:
                            const xsk_socket_config *config)
     void xsk_socket__delete(xsk_socket *xsk)
     int xsk_socket__fd(const xsk_socket *xsk)
+    int xsk_umem__fd(const xsk_umem *umem)
     uint32_t xsk_ring_cons__peek(xsk_ring_cons *c, uint32_t nb, uint32_t *idx)
     void xsk_ring_cons__release(xsk_ring_cons *c, uint32_t nb)
     const xdp_desc *xsk_ring_cons__rx_desc(const xsk_ring_cons *rx, uint32_t idx)
@@ -65,12 +66,20 @@ cdef extern from "<xdp/xsk.h>" nogil:
 cdef extern from "<linux/if_link.h>":
     enum:
         XDP_FLAGS_SKB_MODE
+        XDP_FLAGS_DRV_MODE
 
 cdef extern from "<linux/if_xdp.h>":
     enum:
         XDP_COPY
+        XDP_MMAP_OFFSETS
+    struct xdp_ring_offset:
+        uint64_t desc
+    struct xdp_mmap_offsets:
+        xdp_ring_offset fr
+        xdp_ring_offset cr
 
 cdef extern from "<sys/socket.h>" nogil:
+    int getsockopt(int fd, int level, int name, void *val, unsigned int *len)
     long sendto(int fd, const void *buf, size_t n, int flags, const void *addr,
                 unsigned int addrlen)
     enum:
@@ -78,6 +87,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef enum:
     RING_SIZE = 2048           # each of fill, completion, RX and TX
+    SOL_XDP = 283
     MAX_KICKS = RING_SIZE // 32 + 2     # sendto()s for one full TX ring, and some
     RX_FRAMES = XDP_FRAMES // 2
     MAX_TX = 32
@@ -242,10 +252,30 @@ cdef int xdp_wait_fd(void *dev, uint16_t q) noexcept nogil:
     return (<xdp_dev_t *>dev).fd
 
 
+cdef void unmap_umem_rings(xdp_dev_t *d) noexcept:
+    """The UMEM's fill and completion rings, mapped from its socket by xsk_umem__create:
+    xsk_socket__delete unmaps them, but when xsk_socket__create failed (after binding the
+    socket to the queue: e.g. the driver refused the XDP program) libxdp keeps them for a
+    next try and xsk_umem__delete leaves them mapped. Those mappings keep the socket, and
+    its binding to the queue, alive after its fd is closed: every later socket on that
+    queue (another mode, a reattach) would get EBUSY."""
+    cdef xdp_mmap_offsets off
+    cdef unsigned int n = sizeof(off)
+    if getsockopt(xsk_umem__fd(d.umem), SOL_XDP, XDP_MMAP_OFFSETS, &off, &n) != 0:
+        return
+    if d.fill.ring != NULL:
+        munmap(<uint8_t *>d.fill.ring - off.fr.desc, off.fr.desc + d.fill.size * sizeof(uint64_t))
+    if d.comp.ring != NULL:
+        munmap(<uint8_t *>d.comp.ring - off.cr.desc, off.cr.desc + d.comp.size * sizeof(uint64_t))
+    memset(d.ring_room, 0, 128)
+
+
 cdef void xdp_delete(xdp_dev_t *d) noexcept:
     if d.xsk != NULL:
         xsk_socket__delete(d.xsk)
         d.xsk = NULL
+    elif d.umem != NULL:
+        unmap_umem_rings(d)
     if d.umem != NULL:
         xsk_umem__delete(d.umem)
         d.umem = NULL
@@ -283,9 +313,14 @@ cdef class AfXdpDev(PortDev):
             xdp_delete(self.d)
             free(self.d)
 
-    def open(self, str ifname, int queue=0):
-        """An AF_XDP socket on ``ifname``'s ``queue`` (copy mode, generic XDP), used from
-        now on; OSError (errno as libxdp said) if it cannot be made."""
+    def open(self, str ifname, int queue=0, str mode="skb"):
+        """An AF_XDP socket on ``ifname``'s ``queue`` in copy mode, its XDP program attached
+        in ``mode``: "skb" (generic XDP, any interface) or "drv" (the driver's own XDP:
+        veth has it, for peers whose MTU fits a page); used from now on. OSError (errno as
+        libxdp said) if it cannot be made, and then nothing of it is left: a new ``open``
+        starts from a fresh UMEM (libxdp keeps a UMEM it failed to bind: EBUSY after)."""
+        if mode not in ("skb", "drv"):
+            raise ValueError(f"AF_XDP mode {mode!r}: skb or drv")
         cdef xsk_umem_config ucfg
         cdef xsk_socket_config scfg
         cdef uint64_t size = <uint64_t>XDP_FRAMES * XDP_FRAME_SIZE
@@ -317,13 +352,14 @@ cdef class AfXdpDev(PortDev):
             memset(&scfg, 0, sizeof(scfg))
             scfg.rx_size = RING_SIZE
             scfg.tx_size = RING_SIZE
-            scfg.xdp_flags = XDP_FLAGS_SKB_MODE
+            scfg.xdp_flags = XDP_FLAGS_SKB_MODE if mode == "skb" else XDP_FLAGS_DRV_MODE
             scfg.bind_flags = XDP_COPY
             r = xsk_socket__create(&self.d.xsk, name, queue, self.d.umem, self.d.rx,
                                    self.d.tx, &scfg)
             if r:
                 self.d.xsk = NULL
-                raise OSError(-r, f"AF_XDP socket on {ifname} queue {queue}: {_strerror(-r)}")
+                raise OSError(-r, f"AF_XDP socket on {ifname} queue {queue} ({mode} mode): "
+                                  f"{_strerror(-r)}")
             if xsk_ring_prod__reserve(self.d.fill, RX_FRAMES, &idx) != RX_FRAMES:
                 raise OSError(12, "AF_XDP fill ring")
             for i in range(RX_FRAMES):

@@ -640,6 +640,40 @@ def test_afxdp_sends_every_segment_of_a_burst_without_further_traffic(net):
         outside.close()
 
 
+@needs_root
+@needs_afxdp
+def test_afxdp_driver_mode_refused_leaves_the_queue_to_generic_mode(net):
+    """veth refuses its own (driver) XDP mode when the peer's MTU does not fit a page: the
+    error names the mode, the device stays closed, and a generic (skb) socket on the same
+    queue, from a fresh UMEM, follows (the kernel frees the refused socket's hold on the
+    queue a moment later: EBUSY until then, never for good). A bad mode is refused."""
+    from pyvhost._afxdp import AfXdpDev
+    ns = net.netns("dm")
+    veth, peer = net.name("dmh"), net.name("dmp")
+    net.veth(veth, ns, peer, None)
+    sh(["ip", "link", "set", veth, "mtu", "9000"])
+    sh(["ip", "link", "set", peer, "mtu", "9000"], ns=ns)
+    dev = AfXdpDev()
+    try:
+        with pytest.raises(ValueError, match="skb or drv"):
+            dev.open(veth, 0, "zc")
+        with pytest.raises(OSError, match="drv mode") as refused:
+            dev.open(veth, 0, "drv")
+        assert refused.value.errno not in (0, errno.EBUSY) and not dev.attached
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                dev.open(veth, 0, "skb")
+                break
+            except OSError as e:
+                assert e.errno == errno.EBUSY and time.monotonic() < deadline, e
+                time.sleep(0.1)
+        assert dev.attached and dev.fd >= 0
+    finally:
+        dev.close()
+    assert not dev.attached
+
+
 COUNT_TCP = """
 import socket, sys
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
