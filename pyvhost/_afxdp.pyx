@@ -3,7 +3,8 @@
 AF_XDP socket made with libxdp (which loads its default XDP program redirecting the queue
 to the socket). The UMEM is split in two: receive frames cycle between the fill ring and
 the RX ring (each frame is copied out and handed straight back), send frames between a
-free list and the TX/completion rings. AF_XDP carries no virtio-net header, so a frame
+free list and the TX/completion rings; a send burst kicks the kernel until the TX ring
+is empty (copy mode sends a batch per kick). AF_XDP carries no virtio-net header, so a frame
 that asks for a checksum or TSO is completed or segmented here (_offload's helpers) before
 it leaves; frames received carry none either (a sender over veth must not leave partial
 checksums: ``ethtool -K PEER tx off``, as OVS documents for its afxdp ports). Wait fd =
