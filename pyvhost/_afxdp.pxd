@@ -36,6 +36,9 @@ cdef struct xdp_dev_t:
     int rx_lock
     int tx_lock
     int fd                    # -1: detached
+    int epfd                  # the wait fd: an epoll set holding fd while a PMD sleeps
+    int watched               # the socket fd in epfd (-1: none)
+    int notify                # a PMD sleeps on epfd (set_notify on): new sockets join it
     uint8_t *area             # the UMEM
     xsk_umem *umem
     xsk_socket *xsk

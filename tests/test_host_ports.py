@@ -674,6 +674,100 @@ def test_afxdp_driver_mode_refused_leaves_the_queue_to_generic_mode(net):
     assert not dev.attached
 
 
+def epoll_targets(fd: int) -> list[int]:
+    """The fds an epoll set watches (its /proc fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return [int(line.split()[1]) for line in f if line.startswith("tfd:")]
+
+
+def arrived(sock, frame: bytes) -> bool:
+    """Has ``frame`` (after its virtio-net header) come in among what ``sock`` (not blocking)
+    holds?"""
+    while True:
+        try:
+            if sock.recv(4096).endswith(frame):
+                return True
+        except BlockingIOError:
+            return False
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_socket_is_watched_only_while_the_pmd_sleeps(net):
+    """The kernel signals an AF_XDP socket's waiters for every frame it copies in, so the
+    socket sits in the port's epoll set (its wait fd) only while the PMD sleeps: not while
+    the PMD polls or no PMD has the port; a frame wakes the sleeping PMD and is forwarded;
+    a socket made again while the PMD sleeps (the interface came back) is watched at once."""
+    import socket as so
+
+    from pyvhost._switch import Datapath
+    from pyvhost._tap import TapDev
+    from pyvhost.switch.afxdp import AfXdpPort
+    from pyvhost.switch.bridge import Bridge
+    from pyvhost.switch.flows import parse_flow
+    ns = net.netns("ws")
+    veth, peer = net.name("wsh"), net.name("wsp")
+    net.veth(veth, ns, peer, None)
+    port = AfXdpPort.create("ws", "br0", 1, 1, veth)
+    dev = port.dev
+    assert dev.wait_fd >= 0 and dev.wait_fd != dev.fd
+    assert epoll_targets(dev.wait_fd) == []                  # no PMD sleeps on it
+    inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
+    inside.setblocking(False)
+    outside.setblocking(False)
+    bridge = Bridge("b", 0)
+    bridge.apply(add=[parse_flow("priority=0,actions=normal")])
+    dp = Datapath()
+    dp.set_bridge(0, bridge.cls, bridge.macs)
+    dp.add_port(0, 0, TapDev(inside.fileno()))
+    dp.add_port(1, 0, port.datapath_dev())
+    pmd = dp.new_pmd(0, pool_size=256)
+    thread = threading.Thread(target=pmd.run, daemon=True)
+    thread.start()
+    pmd.set_rxqs([(1, 0)])
+    frame = bytes.fromhex("ffffffffffff020000000001" "88b5") + b"wake me" * 8
+    try:
+        wait_for(lambda: epoll_targets(dev.wait_fd) == [dev.fd], 5, "the sleeping PMD "
+                 "watching the socket")
+        sh([sys.executable, "-c", RAW_SEND, peer, frame.hex()], ns=ns)
+        wait_for(lambda: arrived(outside, frame), 5, "the frame forwarded")
+        flood = net.popen(ns, [sys.executable, "-c", FLOOD, peer, "300000"])
+
+        def flood_done():        # all forwarded, the tap side read empty (its queue is short:
+            seen = dp.port_stats(1)["rx_packets"]            # a frame sent while it is full
+            arrived(outside, b"no such frame")               # is dropped)
+            time.sleep(0.3)
+            arrived(outside, b"no such frame")
+            return dp.port_stats(1)["rx_packets"] == seen
+        looks = []
+        while flood.poll() is None and len(looks) < 2000:
+            looks.append(epoll_targets(dev.wait_fd))
+            time.sleep(0.002)
+        flood.wait(60)
+        assert [] in looks, looks[:20]                       # polling: not watched
+        wait_for(flood_done, 10, "the flood forwarded")
+
+        def attach_again():                  # a new socket, PMD asleep; the kernel frees
+            try:                             # the old one's hold on the queue a moment later
+                port._attach()
+                return True
+            except netdev.NetdevError as e:
+                assert "busy" in str(e), e
+                return False
+        wait_for(attach_again, 5, "a new socket")
+        wait_for(lambda: epoll_targets(dev.wait_fd) == [dev.fd], 5, "the new socket")
+        sh([sys.executable, "-c", RAW_SEND, peer, frame.hex()], ns=ns)
+        wait_for(lambda: arrived(outside, frame), 5, "the frame forwarded")
+    finally:
+        pmd.stop()
+        thread.join(5)
+        dp.remove_port(0)
+        dp.remove_port(1)
+        port._detach()
+        inside.close()
+        outside.close()
+
+
 COUNT_TCP = """
 import socket, sys
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
