@@ -8,6 +8,7 @@ deleted and made again under traffic; what happens without the capabilities; bad
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -536,12 +537,12 @@ def test_afxdp_port_carries_tcp_and_follows_its_interface(switch, net):
     assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
 
 
-@needs_root
-@needs_afxdp
-def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
-    """A TSO frame whose segment size is larger than an AF_XDP frame (4 KiB; a guest may
-    ask for any gso_size) goes out in segments that fit one: they once overran the UMEM
-    and corrupted the switch's memory."""
+@contextlib.contextmanager
+def afxdp_behind_pmd(veth: str, poll: int):
+    """A datapath with one NORMAL bridge: port 0 a TapDev on a socketpair (the caller gets
+    the other end, not blocking; frames come with a virtio-net header), port 1 an afxdp
+    port on ``veth``; one PMD polling port ``poll``. Yields (afxdp port, datapath, socket);
+    all stopped and detached after."""
     import socket as so
 
     from pyvhost._switch import Datapath
@@ -549,6 +550,38 @@ def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
     from pyvhost.switch.afxdp import AfXdpPort
     from pyvhost.switch.bridge import Bridge
     from pyvhost.switch.flows import parse_flow
+    port = AfXdpPort.create("ax", "br0", 1, 1, veth)
+    inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
+    inside.setblocking(False)
+    outside.setblocking(False)
+    bridge = Bridge("b", 0)
+    bridge.apply(add=[parse_flow("priority=0,actions=normal")])
+    dp = Datapath()
+    dp.set_bridge(0, bridge.cls, bridge.macs)
+    dp.add_port(0, 0, TapDev(inside.fileno()))
+    dp.add_port(1, 0, port.datapath_dev())
+    pmd = dp.new_pmd(0, pool_size=256)
+    thread = threading.Thread(target=pmd.run, daemon=True)
+    thread.start()
+    try:
+        pmd.set_rxqs([(poll, 0)])
+        yield port, dp, outside
+    finally:
+        pmd.stop()
+        thread.join(5)
+        dp.remove_port(0)
+        dp.remove_port(1)
+        port._detach()
+        inside.close()
+        outside.close()
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
+    """A TSO frame whose segment size is larger than an AF_XDP frame (4 KiB; a guest may
+    ask for any gso_size) goes out in segments that fit one: they once overran the UMEM
+    and corrupted the switch's memory."""
     from tests.test_offload import tcp_frame, vnet
     ns = net.netns("ts")
     veth, peer = net.name("tsh"), net.name("tsp")
@@ -558,35 +591,14 @@ def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
     counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "8"],
                         stdout=subprocess.PIPE, text=True)
     assert counter.stdout.readline().strip() == "ready"
-    port = AfXdpPort.create("ts", "br0", 1, 1, veth)
-    inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
-    inside.setblocking(False)
-    bridge = Bridge("b", 0)
-    bridge.apply(add=[parse_flow("priority=0,actions=normal")])
-    dp = Datapath()
-    dp.set_bridge(0, bridge.cls, bridge.macs)
-    dp.add_port(0, 0, TapDev(inside.fileno()))
-    dp.add_port(1, 0, port.datapath_dev())
-    pmd = dp.new_pmd(0, pool_size=256)
-    thread = threading.Thread(target=pmd.run, daemon=True)
-    thread.start()
-    pmd.set_rxqs([(0, 0)])
     payload = bytes(range(256)) * 117 + b"end"               # 29955 bytes
-    try:
+    with afxdp_behind_pmd(veth, 0) as (_, dp, outside):
         outside.send(vnet(gso=1, gso_size=8000, hdr_len=54) + tcp_frame(payload))
         got = counter.communicate(timeout=20)[0].split()
         sizes = [int(n) for n in got]
         assert len(sizes) == 8 and max(sizes) <= 4096, sizes     # 4042 bytes each, at most
         assert sum(n - 54 for n in sizes) == len(payload), sizes
         assert dp.port_stats(1)["tx_packets"] == 1
-    finally:
-        pmd.stop()
-        thread.join(5)
-        dp.remove_port(0)
-        dp.remove_port(1)
-        port._detach()
-        inside.close()
-        outside.close()
 
 
 @needs_root
@@ -596,13 +608,6 @@ def test_afxdp_sends_every_segment_of_a_burst_without_further_traffic(net):
     generic AF_XDP transmit takes per kick (32): every segment reaches the peer with no
     other frame behind it to kick the rest out of the TX ring (they once sat there until
     the port's next burst: stalls for TCP)."""
-    import socket as so
-
-    from pyvhost._switch import Datapath
-    from pyvhost._tap import TapDev
-    from pyvhost.switch.afxdp import AfXdpPort
-    from pyvhost.switch.bridge import Bridge
-    from pyvhost.switch.flows import parse_flow
     from tests.test_offload import tcp_frame, vnet
     ns = net.netns("tk")
     veth, peer = net.name("tkh"), net.name("tkp")
@@ -610,34 +615,13 @@ def test_afxdp_sends_every_segment_of_a_burst_without_further_traffic(net):
     counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "60"],
                         stdout=subprocess.PIPE, text=True)
     assert counter.stdout.readline().strip() == "ready"
-    port = AfXdpPort.create("tk", "br0", 1, 1, veth)
-    inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
-    inside.setblocking(False)
-    bridge = Bridge("b", 0)
-    bridge.apply(add=[parse_flow("priority=0,actions=normal")])
-    dp = Datapath()
-    dp.set_bridge(0, bridge.cls, bridge.macs)
-    dp.add_port(0, 0, TapDev(inside.fileno()))
-    dp.add_port(1, 0, port.datapath_dev())
-    pmd = dp.new_pmd(0, pool_size=256)
-    thread = threading.Thread(target=pmd.run, daemon=True)
-    thread.start()
-    pmd.set_rxqs([(0, 0)])
     payload = bytes(range(250)) * 240                        # 60 segments of 1000 bytes
-    try:
+    with afxdp_behind_pmd(veth, 0) as (_, dp, outside):
         outside.send(vnet(gso=1, gso_size=1000, hdr_len=54) + tcp_frame(payload))
         got = counter.communicate(timeout=30)[0].split()
         sizes = [int(n) for n in got[:60]]
         assert len(sizes) == 60 and sum(n - 54 for n in sizes) == len(payload), sizes
         assert dp.port_stats(1)["tx_packets"] == 1
-    finally:
-        pmd.stop()
-        thread.join(5)
-        dp.remove_port(0)
-        dp.remove_port(1)
-        port._detach()
-        inside.close()
-        outside.close()
 
 
 @needs_root
@@ -695,43 +679,27 @@ def arrived(sock, frame: bytes) -> bool:
 @needs_afxdp
 def test_afxdp_socket_is_watched_only_while_the_pmd_sleeps(net):
     """The kernel signals an AF_XDP socket's waiters for every frame it copies in, so the
-    socket sits in the port's epoll set (its wait fd) only while the PMD sleeps: not while
-    the PMD polls or no PMD has the port; a frame wakes the sleeping PMD and is forwarded;
+    socket sits in the port's epoll set (its wait fd) only while the PMD sleeps, not while
+    it polls (a flood keeps it polling); a frame wakes the sleeping PMD and is forwarded;
     a socket made again while the PMD sleeps (the interface came back) is watched at once."""
-    import socket as so
-
-    from pyvhost._switch import Datapath
-    from pyvhost._tap import TapDev
-    from pyvhost.switch.afxdp import AfXdpPort
-    from pyvhost.switch.bridge import Bridge
-    from pyvhost.switch.flows import parse_flow
     ns = net.netns("ws")
     veth, peer = net.name("wsh"), net.name("wsp")
     net.veth(veth, ns, peer, None)
-    port = AfXdpPort.create("ws", "br0", 1, 1, veth)
-    dev = port.dev
-    assert dev.wait_fd >= 0 and dev.wait_fd != dev.fd
-    assert epoll_targets(dev.wait_fd) == []                  # no PMD sleeps on it
-    inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
-    inside.setblocking(False)
-    outside.setblocking(False)
-    bridge = Bridge("b", 0)
-    bridge.apply(add=[parse_flow("priority=0,actions=normal")])
-    dp = Datapath()
-    dp.set_bridge(0, bridge.cls, bridge.macs)
-    dp.add_port(0, 0, TapDev(inside.fileno()))
-    dp.add_port(1, 0, port.datapath_dev())
-    pmd = dp.new_pmd(0, pool_size=256)
-    thread = threading.Thread(target=pmd.run, daemon=True)
-    thread.start()
-    pmd.set_rxqs([(1, 0)])
     frame = bytes.fromhex("ffffffffffff020000000001" "88b5") + b"wake me" * 8
-    try:
+    with afxdp_behind_pmd(veth, 1) as (port, dp, outside):
+        dev = port.dev
+        assert dev.wait_fd >= 0 and dev.wait_fd != dev.fd
         wait_for(lambda: epoll_targets(dev.wait_fd) == [dev.fd], 5, "the sleeping PMD "
                  "watching the socket")
         sh([sys.executable, "-c", RAW_SEND, peer, frame.hex()], ns=ns)
         wait_for(lambda: arrived(outside, frame), 5, "the frame forwarded")
         flood = net.popen(ns, [sys.executable, "-c", FLOOD, peer, "300000"])
+        looks = []
+        while flood.poll() is None and len(looks) < 2000:
+            looks.append(epoll_targets(dev.wait_fd))
+            time.sleep(0.002)
+        flood.wait(60)
+        assert [] in looks, looks[:20]                       # polling: not watched
 
         def flood_done():        # all forwarded, the tap side read empty (its queue is short:
             seen = dp.port_stats(1)["rx_packets"]            # a frame sent while it is full
@@ -739,12 +707,6 @@ def test_afxdp_socket_is_watched_only_while_the_pmd_sleeps(net):
             time.sleep(0.3)
             arrived(outside, b"no such frame")
             return dp.port_stats(1)["rx_packets"] == seen
-        looks = []
-        while flood.poll() is None and len(looks) < 2000:
-            looks.append(epoll_targets(dev.wait_fd))
-            time.sleep(0.002)
-        flood.wait(60)
-        assert [] in looks, looks[:20]                       # polling: not watched
         wait_for(flood_done, 10, "the flood forwarded")
 
         def attach_again():                  # a new socket, PMD asleep; the kernel frees
@@ -758,14 +720,7 @@ def test_afxdp_socket_is_watched_only_while_the_pmd_sleeps(net):
         wait_for(lambda: epoll_targets(dev.wait_fd) == [dev.fd], 5, "the new socket")
         sh([sys.executable, "-c", RAW_SEND, peer, frame.hex()], ns=ns)
         wait_for(lambda: arrived(outside, frame), 5, "the frame forwarded")
-    finally:
-        pmd.stop()
-        thread.join(5)
-        dp.remove_port(0)
-        dp.remove_port(1)
-        port._detach()
-        inside.close()
-        outside.close()
+    assert not dev.attached
 
 
 COUNT_TCP = """
