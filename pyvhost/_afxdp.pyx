@@ -4,11 +4,12 @@ AF_XDP socket made with libxdp (which loads its default XDP program redirecting 
 to the socket). The UMEM is split in two: receive frames cycle between the fill ring and
 the RX ring (each frame is copied out and handed straight back), send frames between a
 free list and the TX/completion rings; a send burst kicks the kernel until the TX ring
-is empty (copy mode sends a batch per kick). AF_XDP carries no virtio-net header, so a frame
-that asks for a checksum or TSO is completed or segmented here (_offload's helpers) before
-it leaves; frames received carry none either (a sender over veth must not leave partial
+is empty (copy mode sends a batch per kick). AF_XDP carries no virtio-net header, so a
+frame that asks for a checksum or TSO is completed or segmented here (_offload's helpers)
+before it leaves; frames received carry none either (a sender over veth must not leave partial
 checksums: ``ethtool -K PEER tx off``, as OVS documents for its afxdp ports). Wait fd =
-the socket. Without the GIL.
+an epoll set of the device's own that holds the socket only while the PMD sleeps
+(set_notify). Without the GIL.
 
 ``open`` creates the socket and ``close`` deletes it under both locks (the control plane,
 switch/afxdp.py, decides when: the interface went away or came back). Knows no switch.
@@ -297,11 +298,12 @@ cdef void xdp_set_notify(void *dev, uint16_t q, bint on) noexcept nogil:
 
 cdef void unmap_umem_rings(xdp_dev_t *d) noexcept:
     """The UMEM's fill and completion rings, mapped from its socket by xsk_umem__create:
-    xsk_socket__delete unmaps them, but when xsk_socket__create failed (after binding the
-    socket to the queue: e.g. the driver refused the XDP program) libxdp keeps them for a
-    next try and xsk_umem__delete leaves them mapped. Those mappings keep the socket, and
-    its binding to the queue, alive after its fd is closed: every later socket on that
-    queue (another mode, a reattach) would get EBUSY."""
+    xsk_socket__delete unmaps them, but when xsk_socket__create failed (e.g. the driver
+    refused the XDP program, after the socket was bound to the queue) libxdp 1.3 keeps them
+    for a next try on the same UMEM, and xsk_umem__delete leaves them mapped: without this
+    every refused attempt would leave two mappings of a closed socket behind. (Right after
+    a refused attempt a new socket on the queue still gets EBUSY for a moment: the kernel
+    releases the old one's hold on the queue asynchronously. Callers retry.)"""
     cdef xdp_mmap_offsets off
     cdef unsigned int n = sizeof(off)
     if getsockopt(xsk_umem__fd(d.umem), SOL_XDP, XDP_MMAP_OFFSETS, &off, &n) != 0:
@@ -367,8 +369,9 @@ cdef class AfXdpDev(PortDev):
         """An AF_XDP socket on ``ifname``'s ``queue`` in copy mode, its XDP program attached
         in ``mode``: "skb" (generic XDP, any interface) or "drv" (the driver's own XDP:
         veth has it, for peers whose MTU fits a page); used from now on. OSError (errno as
-        libxdp said) if it cannot be made, and then nothing of it is left: a new ``open``
-        starts from a fresh UMEM (libxdp keeps a UMEM it failed to bind: EBUSY after)."""
+        libxdp said) if it cannot be made, and then nothing of it is left (unmap_umem_rings)
+        and a new ``open`` starts from a fresh UMEM; for a moment after a refused attempt
+        the queue still answers EBUSY (the kernel lets go of it asynchronously)."""
         if mode not in ("skb", "drv"):
             raise ValueError(f"AF_XDP mode {mode!r}: skb or drv")
         cdef xsk_umem_config ucfg
