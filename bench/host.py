@@ -46,11 +46,12 @@ the bridge); OVS's system ports and AF_XDP ports do not (TCP stalls), so they sh
   64B rcvd     datagrams/s B's iperf3 received (sent minus lost, iperf3's count)
 
 Rounds alternate (OVS, OVS afxdp, pyvhost afpacket, pyvhost afxdp, bridge, repeat);
-medians are printed, with the ratios pyvhost / OVS userspace and pyvhost afxdp / OVS
-afxdp. On a 2-core machine sender and receiver share CPU 1, so the 64-byte rates are
-bounded by iperf3 itself as well; the bridge forwards on the sender's CPU, so its column
-is no ceiling either. Everything this creates (namespaces with their veths, processes) is
-removed at the end, also on Ctrl-C; processes are stopped by PID. Not a test: no thresholds.
+medians are printed (with each system's spread over the rounds), with the ratios pyvhost /
+OVS userspace, pyvhost afxdp / OVS afxdp and pyvhost afxdp / pyvhost afpacket. On a 2-core
+machine sender and receiver share CPU 1, so the 64-byte rates are bounded by iperf3 itself
+as well; the bridge forwards on the sender's CPU, so its column is no ceiling either.
+Everything this creates (namespaces with their veths, processes) is removed at the end, also
+on Ctrl-C; processes are stopped by PID. Not a test: no thresholds.
 """
 
 from __future__ import annotations
@@ -404,14 +405,17 @@ RATIO_MEASURES = ("TCP", "64B at B", "64B rcvd")     # what the switch decides
 
 
 def report(results: dict[str, dict[str, list[float]]]) -> Table:
-    """The medians as the bench table, ratios on the measures the switch decides."""
+    """The medians as the bench table (each system's spread over its rounds with them),
+    ratios on the measures the switch decides."""
     cols = [c for c in ORDER if c in results]
-    ratios = [(c, base) for base, which in ((OVS, (AFPACKET, AFXDP)), (OVS_XDP, (AFXDP,)))
+    ratios = [(c, base) for base, which in ((OVS, (AFPACKET, AFXDP)), (OVS_XDP, (AFXDP,)),
+                                            (AFPACKET, (AFXDP,)))
               for c in which if c in cols and base in cols]
     table = Table("host", "two namespaces through a switch (medians)", cols, ratios)
     for m, unit in MEASURES:
         table.add(m, unit, {c: median(results[c][m]) for c in cols},
-                  compare=m in RATIO_MEASURES)
+                  compare=m in RATIO_MEASURES,
+                  rounds={c: results[c][m] for c in cols if results[c][m]})
     return emit(table)
 
 

@@ -7,9 +7,11 @@ from pyvhost._port cimport PortDev
 
 cdef extern from "<xdp/xsk.h>" nogil:
     struct xsk_ring_prod:
-        pass
+        uint32_t size
+        void *ring
     struct xsk_ring_cons:
-        pass
+        uint32_t size
+        void *ring
     struct xsk_umem:
         pass
     struct xsk_socket:
@@ -27,11 +29,16 @@ cdef struct xdp_stats_t:
     uint64_t tx_csum          # partial checksums completed here
     uint64_t tx_errors        # frames that could not be finished or sent
     uint64_t tx_down          # frames not sent: detached (the interface is gone)
+    uint64_t tx_kicks         # sendto() calls that had the kernel send from the TX ring
+    uint64_t tx_kick_errors   # kicks that left frames in the ring (an error, or no end)
 
 cdef struct xdp_dev_t:
     int rx_lock
     int tx_lock
     int fd                    # -1: detached
+    int epfd                  # the wait fd: an epoll set holding fd while a PMD sleeps
+    int watched               # the socket fd in epfd (-1: none)
+    int notify                # a PMD sleeps on epfd (set_notify on): new sockets join it
     uint8_t *area             # the UMEM
     xsk_umem *umem
     xsk_socket *xsk

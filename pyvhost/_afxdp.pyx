@@ -3,20 +3,23 @@
 AF_XDP socket made with libxdp (which loads its default XDP program redirecting the queue
 to the socket). The UMEM is split in two: receive frames cycle between the fill ring and
 the RX ring (each frame is copied out and handed straight back), send frames between a
-free list and the TX/completion rings. AF_XDP carries no virtio-net header, so a frame
-that asks for a checksum or TSO is completed or segmented here (_offload's helpers) before
-it leaves; frames received carry none either (a sender over veth must not leave partial
+free list and the TX/completion rings; a send burst kicks the kernel until the TX ring
+is empty (copy mode sends a batch per kick). AF_XDP carries no virtio-net header, so a
+frame that asks for a checksum or TSO is completed or segmented here (_offload's helpers)
+before it leaves; frames received carry none either (a sender over veth must not leave partial
 checksums: ``ethtool -K PEER tx off``, as OVS documents for its afxdp ports). Wait fd =
-the socket. Without the GIL.
+an epoll set of the device's own that holds the socket only while the PMD sleeps
+(set_notify). Without the GIL.
 
 ``open`` creates the socket and ``close`` deletes it under both locks (the control plane,
 switch/afxdp.py, decides when: the interface went away or came back). Knows no switch.
 """
 
-from libc.errno cimport errno
+from libc.errno cimport EAGAIN, EBUSY, ENOBUFS, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
+from posix.unistd cimport close
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 from pyvhost._offload cimport MAX_SEGS, csum_complete, tso_parse, tso_segment, tso_t
@@ -49,6 +52,7 @@ cdef extern from "<xdp/xsk.h>" nogil:
                            const xsk_socket_config *config)
     void xsk_socket__delete(xsk_socket *xsk)
     int xsk_socket__fd(const xsk_socket *xsk)
+    int xsk_umem__fd(const xsk_umem *umem)
     uint32_t xsk_ring_cons__peek(xsk_ring_cons *c, uint32_t nb, uint32_t *idx)
     void xsk_ring_cons__release(xsk_ring_cons *c, uint32_t nb)
     const xdp_desc *xsk_ring_cons__rx_desc(const xsk_ring_cons *rx, uint32_t idx)
@@ -65,12 +69,34 @@ cdef extern from "<xdp/xsk.h>" nogil:
 cdef extern from "<linux/if_link.h>":
     enum:
         XDP_FLAGS_SKB_MODE
+        XDP_FLAGS_DRV_MODE
 
 cdef extern from "<linux/if_xdp.h>":
     enum:
         XDP_COPY
+        XDP_MMAP_OFFSETS
+    struct xdp_ring_offset:
+        uint64_t desc
+    struct xdp_mmap_offsets:
+        xdp_ring_offset fr
+        xdp_ring_offset cr
+
+cdef extern from "<sys/epoll.h>" nogil:
+    union epoll_data_t:
+        int fd
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    enum:
+        EPOLLIN
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
 
 cdef extern from "<sys/socket.h>" nogil:
+    int getsockopt(int fd, int level, int name, void *val, unsigned int *len)
     long sendto(int fd, const void *buf, size_t n, int flags, const void *addr,
                 unsigned int addrlen)
     enum:
@@ -78,6 +104,8 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef enum:
     RING_SIZE = 2048           # each of fill, completion, RX and TX
+    SOL_XDP = 283
+    MAX_KICKS = RING_SIZE // 32 + 2     # sendto()s for one full TX ring, and some
     RX_FRAMES = XDP_FRAMES // 2
     MAX_TX = 32
 
@@ -215,19 +243,85 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
             nready = 0
     if nready:
         sent += put_frames(d, ready, nready, &res.bytes)
-    sendto(d.fd, NULL, 0, MSG_DONTWAIT, NULL, 0)        # copy mode: the kernel sends now
+    kick(d)
     vh_unlock(&d.tx_lock)
     return sent
 
 
+cdef void kick(xdp_dev_t *d) noexcept nogil:
+    """Copy mode: the kernel sends from the TX ring in sendto(), at most a batch (32 on
+    this kernel) per call, and says EAGAIN while frames are left: kick again until the
+    ring is empty (no frame may wait for the port's next burst: a TCP sender would stall
+    on it), reclaiming completions in between so the completion ring never fills."""
+    cdef int tries
+    for tries in range(MAX_KICKS):
+        d.st.tx_kicks += 1
+        if sendto(d.fd, NULL, 0, MSG_DONTWAIT, NULL, 0) >= 0:
+            return
+        if errno != EAGAIN and errno != EBUSY and errno != ENOBUFS:
+            d.st.tx_kick_errors += 1
+            return
+        reclaim(d)
+    d.st.tx_kick_errors += 1                           # the device keeps refusing: later
+
+
 cdef int xdp_wait_fd(void *dev, uint16_t q) noexcept nogil:
-    return (<xdp_dev_t *>dev).fd
+    """The device's own epoll fd, holding the socket only while the PMD sleeps."""
+    cdef xdp_dev_t *d = <xdp_dev_t *>dev
+    return d.epfd if d.fd >= 0 else -1
+
+
+cdef void watch(xdp_dev_t *d, bint on) noexcept nogil:
+    """The socket into (on) or out of the device's epoll set; under rx_lock. While it is in
+    a set, the kernel wakes that set for every frame it copies in (generic XDP signals each
+    frame: sock_def_readable, ~4% of the sender's CPU for 64-byte frames): so only while
+    the PMD sleeps, as virtio drivers turn interrupts off while they poll."""
+    cdef epoll_event ev
+    if on and d.fd >= 0 and d.watched != d.fd:
+        if d.watched >= 0:
+            epoll_ctl(d.epfd, EPOLL_CTL_DEL, d.watched, &ev)
+        ev.events = EPOLLIN
+        ev.data.fd = d.fd
+        d.watched = d.fd if epoll_ctl(d.epfd, EPOLL_CTL_ADD, d.fd, &ev) == 0 else -1
+    elif not on and d.watched >= 0:
+        epoll_ctl(d.epfd, EPOLL_CTL_DEL, d.watched, &ev)
+        d.watched = -1
+
+
+cdef void xdp_set_notify(void *dev, uint16_t q, bint on) noexcept nogil:
+    cdef xdp_dev_t *d = <xdp_dev_t *>dev
+    vh_lock(&d.rx_lock)
+    d.notify = on
+    watch(d, on)
+    vh_unlock(&d.rx_lock)
+
+
+cdef void unmap_umem_rings(xdp_dev_t *d) noexcept:
+    """The UMEM's fill and completion rings, mapped from its socket by xsk_umem__create:
+    xsk_socket__delete unmaps them, but when xsk_socket__create failed (e.g. the driver
+    refused the XDP program, after the socket was bound to the queue) libxdp 1.3 keeps them
+    for a next try on the same UMEM, and xsk_umem__delete leaves them mapped: without this
+    every refused attempt would leave two mappings of a closed socket behind. (Right after
+    a refused attempt a new socket on the queue still gets EBUSY for a moment: the kernel
+    releases the old one's hold on the queue asynchronously. Callers retry.)"""
+    cdef xdp_mmap_offsets off
+    cdef unsigned int n = sizeof(off)
+    if getsockopt(xsk_umem__fd(d.umem), SOL_XDP, XDP_MMAP_OFFSETS, &off, &n) != 0:
+        return
+    if d.fill.ring != NULL:
+        munmap(<uint8_t *>d.fill.ring - off.fr.desc, off.fr.desc + d.fill.size * sizeof(uint64_t))
+    if d.comp.ring != NULL:
+        munmap(<uint8_t *>d.comp.ring - off.cr.desc, off.cr.desc + d.comp.size * sizeof(uint64_t))
+    memset(d.ring_room, 0, 128)
 
 
 cdef void xdp_delete(xdp_dev_t *d) noexcept:
+    watch(d, False)                  # before its fd closes (or its number is reused)
     if d.xsk != NULL:
         xsk_socket__delete(d.xsk)
         d.xsk = NULL
+    elif d.umem != NULL:
+        unmap_umem_rings(d)
     if d.umem != NULL:
         xsk_umem__delete(d.umem)
         d.umem = NULL
@@ -240,7 +334,7 @@ cdef port_ops_t XDP_OPS
 XDP_OPS.rx_burst = xdp_rx_burst
 XDP_OPS.tx_burst = xdp_tx_burst
 XDP_OPS.wait_fd = xdp_wait_fd
-XDP_OPS.set_notify = NULL
+XDP_OPS.set_notify = xdp_set_notify
 XDP_OPS.pending = NULL
 
 
@@ -252,6 +346,10 @@ cdef class AfXdpDev(PortDev):
         if self.d == NULL:
             raise MemoryError()
         self.d.fd = -1
+        self.d.watched = -1
+        self.d.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.d.epfd < 0:
+            raise OSError(errno, "epoll_create1")
         self.d.fill = <xsk_ring_prod *>(self.d.ring_room)
         self.d.comp = <xsk_ring_cons *>(self.d.ring_room + 64)
         self.d.rx = <xsk_ring_cons *>(self.d.ring_room + 128)
@@ -263,11 +361,19 @@ cdef class AfXdpDev(PortDev):
     def __dealloc__(self):
         if self.d != NULL:
             xdp_delete(self.d)
+            if self.d.epfd >= 0:
+                close(self.d.epfd)
             free(self.d)
 
-    def open(self, str ifname, int queue=0):
-        """An AF_XDP socket on ``ifname``'s ``queue`` (copy mode, generic XDP), used from
-        now on; OSError (errno as libxdp said) if it cannot be made."""
+    def open(self, str ifname, int queue=0, str mode="skb"):
+        """An AF_XDP socket on ``ifname``'s ``queue`` in copy mode, its XDP program attached
+        in ``mode``: "skb" (generic XDP, any interface) or "drv" (the driver's own XDP:
+        veth has it, for peers whose MTU fits a page); used from now on. OSError (errno as
+        libxdp said) if it cannot be made, and then nothing of it is left (unmap_umem_rings)
+        and a new ``open`` starts from a fresh UMEM; for a moment after a refused attempt
+        the queue still answers EBUSY (the kernel lets go of it asynchronously)."""
+        if mode not in ("skb", "drv"):
+            raise ValueError(f"AF_XDP mode {mode!r}: skb or drv")
         cdef xsk_umem_config ucfg
         cdef xsk_socket_config scfg
         cdef uint64_t size = <uint64_t>XDP_FRAMES * XDP_FRAME_SIZE
@@ -299,13 +405,14 @@ cdef class AfXdpDev(PortDev):
             memset(&scfg, 0, sizeof(scfg))
             scfg.rx_size = RING_SIZE
             scfg.tx_size = RING_SIZE
-            scfg.xdp_flags = XDP_FLAGS_SKB_MODE
+            scfg.xdp_flags = XDP_FLAGS_SKB_MODE if mode == "skb" else XDP_FLAGS_DRV_MODE
             scfg.bind_flags = XDP_COPY
             r = xsk_socket__create(&self.d.xsk, name, queue, self.d.umem, self.d.rx,
                                    self.d.tx, &scfg)
             if r:
                 self.d.xsk = NULL
-                raise OSError(-r, f"AF_XDP socket on {ifname} queue {queue}: {_strerror(-r)}")
+                raise OSError(-r, f"AF_XDP socket on {ifname} queue {queue} ({mode} mode): "
+                                  f"{_strerror(-r)}")
             if xsk_ring_prod__reserve(self.d.fill, RX_FRAMES, &idx) != RX_FRAMES:
                 raise OSError(12, "AF_XDP fill ring")
             for i in range(RX_FRAMES):
@@ -316,6 +423,8 @@ cdef class AfXdpDev(PortDev):
                 self.d.free_frames[self.d.nfree] = <uint64_t>i * XDP_FRAME_SIZE
                 self.d.nfree += 1
             self.d.fd = xsk_socket__fd(self.d.xsk)
+            if self.d.notify:                   # a PMD sleeps on the set: the new socket
+                watch(self.d, True)
         except BaseException:
             xdp_delete(self.d)
             raise
@@ -336,6 +445,11 @@ cdef class AfXdpDev(PortDev):
     @property
     def attached(self):
         return self.d.fd >= 0
+
+    @property
+    def wait_fd(self):
+        """What a sleeping PMD waits on (-1 when closed): the device's epoll set."""
+        return self.d.epfd if self.d.fd >= 0 else -1
 
     @property
     def fd(self):

@@ -8,6 +8,7 @@ deleted and made again under traffic; what happens without the capabilities; bad
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -536,12 +537,12 @@ def test_afxdp_port_carries_tcp_and_follows_its_interface(switch, net):
     assert net.exists(veth) and "promiscuity 0 " in net.link_flags(veth)
 
 
-@needs_root
-@needs_afxdp
-def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
-    """A TSO frame whose segment size is larger than an AF_XDP frame (4 KiB; a guest may
-    ask for any gso_size) goes out in segments that fit one: they once overran the UMEM
-    and corrupted the switch's memory."""
+@contextlib.contextmanager
+def afxdp_behind_pmd(veth: str, poll: int):
+    """A datapath with one NORMAL bridge: port 0 a TapDev on a socketpair (the caller gets
+    the other end, not blocking; frames come with a virtio-net header), port 1 an afxdp
+    port on ``veth``; one PMD polling port ``poll``. Yields (afxdp port, datapath, socket);
+    all stopped and detached after."""
     import socket as so
 
     from pyvhost._switch import Datapath
@@ -549,18 +550,10 @@ def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
     from pyvhost.switch.afxdp import AfXdpPort
     from pyvhost.switch.bridge import Bridge
     from pyvhost.switch.flows import parse_flow
-    from tests.test_offload import tcp_frame, vnet
-    ns = net.netns("ts")
-    veth, peer = net.name("tsh"), net.name("tsp")
-    net.veth(veth, ns, peer, None)
-    sh(["ip", "link", "set", veth, "mtu", "9000"])
-    sh(["ip", "link", "set", peer, "mtu", "9000"], ns=ns)
-    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "8"],
-                        stdout=subprocess.PIPE, text=True)
-    assert counter.stdout.readline().strip() == "ready"
-    port = AfXdpPort.create("ts", "br0", 1, 1, veth)
+    port = AfXdpPort.create("ax", "br0", 1, 1, veth)
     inside, outside = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
     inside.setblocking(False)
+    outside.setblocking(False)
     bridge = Bridge("b", 0)
     bridge.apply(add=[parse_flow("priority=0,actions=normal")])
     dp = Datapath()
@@ -570,15 +563,9 @@ def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
     pmd = dp.new_pmd(0, pool_size=256)
     thread = threading.Thread(target=pmd.run, daemon=True)
     thread.start()
-    pmd.set_rxqs([(0, 0)])
-    payload = bytes(range(256)) * 117 + b"end"               # 29955 bytes
     try:
-        outside.send(vnet(gso=1, gso_size=8000, hdr_len=54) + tcp_frame(payload))
-        got = counter.communicate(timeout=20)[0].split()
-        sizes = [int(n) for n in got]
-        assert len(sizes) == 8 and max(sizes) <= 4096, sizes     # 4042 bytes each, at most
-        assert sum(n - 54 for n in sizes) == len(payload), sizes
-        assert dp.port_stats(1)["tx_packets"] == 1
+        pmd.set_rxqs([(poll, 0)])
+        yield port, dp, outside
     finally:
         pmd.stop()
         thread.join(5)
@@ -587,6 +574,153 @@ def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
         port._detach()
         inside.close()
         outside.close()
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
+    """A TSO frame whose segment size is larger than an AF_XDP frame (4 KiB; a guest may
+    ask for any gso_size) goes out in segments that fit one: they once overran the UMEM
+    and corrupted the switch's memory."""
+    from tests.test_offload import tcp_frame, vnet
+    ns = net.netns("ts")
+    veth, peer = net.name("tsh"), net.name("tsp")
+    net.veth(veth, ns, peer, None)
+    sh(["ip", "link", "set", veth, "mtu", "9000"])
+    sh(["ip", "link", "set", peer, "mtu", "9000"], ns=ns)
+    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "8"],
+                        stdout=subprocess.PIPE, text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    payload = bytes(range(256)) * 117 + b"end"               # 29955 bytes
+    with afxdp_behind_pmd(veth, 0) as (_, dp, outside):
+        outside.send(vnet(gso=1, gso_size=8000, hdr_len=54) + tcp_frame(payload))
+        got = counter.communicate(timeout=20)[0].split()
+        sizes = [int(n) for n in got]
+        assert len(sizes) == 8 and max(sizes) <= 4096, sizes     # 4042 bytes each, at most
+        assert sum(n - 54 for n in sizes) == len(payload), sizes
+        assert dp.port_stats(1)["tx_packets"] == 1
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_sends_every_segment_of_a_burst_without_further_traffic(net):
+    """One TSO frame of 60 segments is one send burst of 60 frames, more than the kernel's
+    generic AF_XDP transmit takes per kick (32): every segment reaches the peer with no
+    other frame behind it to kick the rest out of the TX ring (they once sat there until
+    the port's next burst: stalls for TCP)."""
+    from tests.test_offload import tcp_frame, vnet
+    ns = net.netns("tk")
+    veth, peer = net.name("tkh"), net.name("tkp")
+    net.veth(veth, ns, peer, None)
+    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "60"],
+                        stdout=subprocess.PIPE, text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    payload = bytes(range(250)) * 240                        # 60 segments of 1000 bytes
+    with afxdp_behind_pmd(veth, 0) as (_, dp, outside):
+        outside.send(vnet(gso=1, gso_size=1000, hdr_len=54) + tcp_frame(payload))
+        got = counter.communicate(timeout=30)[0].split()
+        sizes = [int(n) for n in got[:60]]
+        assert len(sizes) == 60 and sum(n - 54 for n in sizes) == len(payload), sizes
+        assert dp.port_stats(1)["tx_packets"] == 1
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_driver_mode_refused_leaves_the_queue_to_generic_mode(net):
+    """veth refuses its own (driver) XDP mode when the peer's MTU does not fit a page: the
+    error names the mode, the device stays closed, and a generic (skb) socket on the same
+    queue, from a fresh UMEM, follows (the kernel frees the refused socket's hold on the
+    queue a moment later: EBUSY until then, never for good). A bad mode is refused."""
+    from pyvhost._afxdp import AfXdpDev
+    ns = net.netns("dm")
+    veth, peer = net.name("dmh"), net.name("dmp")
+    net.veth(veth, ns, peer, None)
+    sh(["ip", "link", "set", veth, "mtu", "9000"])
+    sh(["ip", "link", "set", peer, "mtu", "9000"], ns=ns)
+    dev = AfXdpDev()
+    try:
+        with pytest.raises(ValueError, match="skb or drv"):
+            dev.open(veth, 0, "zc")
+        with pytest.raises(OSError, match="drv mode") as refused:
+            dev.open(veth, 0, "drv")
+        assert refused.value.errno not in (0, errno.EBUSY) and not dev.attached
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                dev.open(veth, 0, "skb")
+                break
+            except OSError as e:
+                assert e.errno == errno.EBUSY and time.monotonic() < deadline, e
+                time.sleep(0.1)
+        assert dev.attached and dev.fd >= 0
+    finally:
+        dev.close()
+    assert not dev.attached
+
+
+def epoll_targets(fd: int) -> list[int]:
+    """The fds an epoll set watches (its /proc fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return [int(line.split()[1]) for line in f if line.startswith("tfd:")]
+
+
+def arrived(sock, frame: bytes) -> bool:
+    """Has ``frame`` (after its virtio-net header) come in among what ``sock`` (not blocking)
+    holds?"""
+    while True:
+        try:
+            if sock.recv(4096).endswith(frame):
+                return True
+        except BlockingIOError:
+            return False
+
+
+@needs_root
+@needs_afxdp
+def test_afxdp_socket_is_watched_only_while_the_pmd_sleeps(net):
+    """The kernel signals an AF_XDP socket's waiters for every frame it copies in, so the
+    socket sits in the port's epoll set (its wait fd) only while the PMD sleeps, not while
+    it polls (a flood keeps it polling); a frame wakes the sleeping PMD and is forwarded;
+    a socket made again while the PMD sleeps (the interface came back) is watched at once."""
+    ns = net.netns("ws")
+    veth, peer = net.name("wsh"), net.name("wsp")
+    net.veth(veth, ns, peer, None)
+    frame = bytes.fromhex("ffffffffffff020000000001" "88b5") + b"wake me" * 8
+    with afxdp_behind_pmd(veth, 1) as (port, dp, outside):
+        dev = port.dev
+        assert dev.wait_fd >= 0 and dev.wait_fd != dev.fd
+        wait_for(lambda: epoll_targets(dev.wait_fd) == [dev.fd], 5, "the sleeping PMD "
+                 "watching the socket")
+        sh([sys.executable, "-c", RAW_SEND, peer, frame.hex()], ns=ns)
+        wait_for(lambda: arrived(outside, frame), 5, "the frame forwarded")
+        flood = net.popen(ns, [sys.executable, "-c", FLOOD, peer, "300000"])
+        looks = []
+        while flood.poll() is None and len(looks) < 2000:
+            looks.append(epoll_targets(dev.wait_fd))
+            time.sleep(0.002)
+        flood.wait(60)
+        assert [] in looks, looks[:20]                       # polling: not watched
+
+        def flood_done():        # all forwarded, the tap side read empty (its queue is short:
+            seen = dp.port_stats(1)["rx_packets"]            # a frame sent while it is full
+            arrived(outside, b"no such frame")               # is dropped)
+            time.sleep(0.3)
+            arrived(outside, b"no such frame")
+            return dp.port_stats(1)["rx_packets"] == seen
+        wait_for(flood_done, 10, "the flood forwarded")
+
+        def attach_again():                  # a new socket, PMD asleep; the kernel frees
+            try:                             # the old one's hold on the queue a moment later
+                port._attach()
+                return True
+            except netdev.NetdevError as e:
+                assert "busy" in str(e), e
+                return False
+        wait_for(attach_again, 5, "a new socket")
+        wait_for(lambda: epoll_targets(dev.wait_fd) == [dev.fd], 5, "the new socket")
+        sh([sys.executable, "-c", RAW_SEND, peer, frame.hex()], ns=ns)
+        wait_for(lambda: arrived(outside, frame), 5, "the frame forwarded")
+    assert not dev.attached
 
 
 COUNT_TCP = """
