@@ -132,7 +132,7 @@ def delete_group(handler, groups, gid: int) -> None:
     GROUP_DELETE to controllers that asked)."""
     if gid not in groups.groups:
         return
-    handler.remove_rules(groups.users(gid), "group_delete")
+    handler.remove_rules([r for r, _ in groups.users(gid)], "group_delete")
     groups.delete(gid)
 
 
@@ -169,9 +169,8 @@ def stats_entries(handler, body: bytes) -> list[bytes]:
         group = groups.groups[g]
         users = groups.users(g)
         packets = bytes_ = 0
-        for r in users:
+        for r, uses in users:
             n, b, _ = bridge.counters(r)
-            uses = sum(a == ("group", g) for a in r.flow.actions)
             packets += n * uses
             bytes_ += b * uses
         exact = group.type in ("all", "indirect")

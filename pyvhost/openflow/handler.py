@@ -294,7 +294,7 @@ class Handler:
 
     def _check_ports(self, flow: Flow) -> None:
         bridge = self.bridge
-        actions = flow.actions + (flow.inst.write_actions or () if flow.inst else ())
+        actions = flow.all_actions()
         for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
@@ -380,7 +380,7 @@ class Handler:
 
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
         f = rule.flow
-        actions = f.actions + (f.inst.write_actions or () if f.inst else ())
+        actions = f.all_actions()
         if out_group != C.OFPG_ANY and ("group", out_group) not in actions:
             return False
         if out_port == C.OFPP_ANY:

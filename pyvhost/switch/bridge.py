@@ -40,11 +40,6 @@ DEFAULT_MAC_TABLE_SIZE = 8192
 DEFAULT_MAC_AGING = 300
 
 
-def _written(flow: Flow) -> tuple:
-    """The actions of the flow's write_actions instruction (none: ())."""
-    return flow.inst.write_actions or () if flow.inst is not None else ()
-
-
 @dataclass(slots=True)
 class Rule:
     """A rule of the bridge. Its text (``Flow.format()``, what the store keeps) is the only
@@ -135,7 +130,7 @@ class Bridge:
 
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
-        actions = flow.actions + _written(flow)
+        actions = flow.all_actions()
         refs = {a[1] for a in actions if a[0] == "output"} | \
             {f"{a[0]}:{a[1]}" for a in actions if a[0] in ("group", "meter")}
         if "in_port" in flow.match:
@@ -144,7 +139,7 @@ class Bridge:
 
     def check(self, flow: Flow) -> None:
         """ValueError if the flow names a port this bridge does not have."""
-        for a in flow.actions + _written(flow):
+        for a in flow.all_actions():
             if a[0] == "output" and self.resolve(a[1]) is None:
                 raise ValueError(f"output: no port {a[1]!r} on bridge {self.name}")
         if "in_port" in flow.match and self.resolve(flow.match["in_port"]) is None:

@@ -385,6 +385,12 @@ class Flow:
     goto_table: int | None = None
     inst: Instructions | None = None        # clear/write actions, write_metadata (None: none)
 
+    def all_actions(self) -> tuple:
+        """Every action the rule names: its apply-actions, then its write_actions (what
+        walks a rule's ports, groups or meters walks this, never ``actions`` alone)."""
+        written = self.inst.write_actions if self.inst is not None else None
+        return self.actions + written if written else self.actions
+
     def format_match(self) -> str:
         parts = []
         rest = dict(self.match)
