@@ -377,20 +377,43 @@ def test_strict_and_select_and_modify():
 
 
 def test_later_tables_see_set_field_edits():
-    """A set_field (ip_dst, tcp/udp dst) of table 0 is what table 1 matches; on a packet
-    without that header (ARP) it changes nothing."""
+    """A set_field (ip_dst, tcp/udp dst, vlan_pcp) of table 0 is what table 1 matches; on a
+    packet without that header (ARP, untagged) it changes nothing. Whether the header is
+    there is a decision on the key's dl_type, nw_proto, tag: the megaflow mask has those
+    bits, so a packet differing there is not given the same answer."""
+    set_pcp = ACTION_OPS["set_pcp"]
     cls = Classifier()
     cls.insert(0, 1, pack_key({}), pack_key({}), set_nw_dst(bytes([10, 0, 0, 2])) +
-               [(OP_SET_TP_DST, 80)], 1)
+               [(OP_SET_TP_DST, 80), (set_pcp, 5)], 1)
     to2 = cls.insert(1, 5, pack_key({"nw_dst": b"\xff" * 4, "tp_dst": 0xFFFF}),
                      pack_key({"nw_dst": bytes([10, 0, 0, 2]), "tp_dst": 80}), [(1, 7)])
+    pcp5 = cls.insert(1, 3, pack_key({"vlan_tci": 0xE000}), pack_key({"vlan_tci": 0xA000}),
+                      [(1, 9)])
     other = cls.insert(1, 1, pack_key({}), pack_key({}), [(1, 8)])
-    for key, hop in ((pack_key({"dl_type": 0x0800, "nw_proto": 6, "tp_dst": 22,
-                                "nw_dst": bytes([10, 0, 0, 1])}), to2),
-                     (pack_key({"dl_type": 0x0800, "nw_proto": 1,
-                                "nw_dst": bytes([10, 0, 0, 1])}), other),     # no ports
-                     (pack_key({"dl_type": 0x0806, "nw_dst": bytes([10, 0, 0, 1])}), other)):
-        assert cls.lookup(key)[0][-1] == (1, hop), key.hex()
+    cases = ((pack_key({"dl_type": 0x0800, "nw_proto": 6, "tp_dst": 22,
+                        "nw_dst": bytes([10, 0, 0, 1])}), to2),
+             (pack_key({"dl_type": 0x0800, "nw_proto": 1,
+                        "nw_dst": bytes([10, 0, 0, 1])}), other),             # no ports
+             (pack_key({"dl_type": 0x0806, "nw_dst": bytes([10, 0, 0, 1])}), other),
+             (pack_key({"dl_type": 0x0806, "vlan_tci": 0x1007}), pcp5),           # tagged
+             (pack_key({"dl_type": 0x0806}), other))                            # untagged
+    masks = []
+    for key, hop in cases:
+        hops, _, mask, _ = cls.lookup(key)
+        assert hops[-1] == (1, hop), key.hex()
+        masks.append(mask)
+    for (key, _), mask in zip(cases, masks, strict=True):
+        want = {"dl_type": 0xFFFF, "vlan_tci": 0x1000}
+        if key[16:18] == (0x0800).to_bytes(2, "little"):
+            want["nw_proto"] = 0xFF                    # (looked at only in IPv4)
+        for field, bits in want.items():
+            m = pack_key({field: bits})
+            assert words(mask) & words(m) == words(m), (key.hex(), field, mask.hex())
+        # and what the mask says is true: a key equal on its bits gets the same rules
+        for flip in range(8 * KEY_SIZE):
+            if not words(mask) >> flip & 1:
+                other_key = (words(key) ^ 1 << flip).to_bytes(KEY_SIZE, "little")
+                assert cls.lookup(other_key)[0] == cls.lookup(key)[0], (key.hex(), flip)
 
 
 def test_later_tables_see_the_vlan_ops_of_earlier_ones():
