@@ -427,6 +427,12 @@ cdef void key_apply(flow_key_t *k, uint16_t op, uint64_t v, uint64_t *mask) noex
         b = &k.dl_src[0] if op == OP_SET_ETH_SRC else &k.dl_dst[0]
         for j in range(6):
             b[j] = (v >> (40 - 8 * j)) & 0xFF
+    elif op == OP_SET_TUN_ID:
+        k.tun_id = <uint32_t>v
+    elif op == OP_SET_TUN_DST:                         # (network order in the key)
+        b = <uint8_t *>&k.tun_dst
+        for j in range(4):
+            b[j] = (v >> (24 - 8 * j)) & 0xFF
     elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST or op == OP_SET_DSCP or \
             op == OP_SET_TP_SRC or op == OP_SET_TP_DST:
         m.dl_type = 0xFFFF
