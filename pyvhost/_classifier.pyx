@@ -529,6 +529,27 @@ cdef inline void key_words(bytes raw, uint64_t *out) except *:
     memcpy(out, <const char *>raw, len(raw))
 
 
+def key_after(bytes key, ops):
+    """(the flow key ``key`` as the datapath ops ``ops``, (op, arg) pairs, leave it, the
+    bits of ``key`` that outcome depends on as a mask): what NORMAL after set_field sees
+    (trace)."""
+    cdef uint64_t w[KEY_WORDS]
+    cdef uint64_t m[KEY_WORDS]
+    cdef action_op_t op[1]
+    cdef uint64_t hi = 0
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a flow key is {KEY_BYTES} bytes")
+    memcpy(w, <const char *>key, KEY_BYTES)
+    memset(m, 0, KEY_BYTES)
+    for code, arg in ops:
+        if code == OP_TUN_HI:
+            hi = (hi << 16) | <uint16_t>arg
+        else:
+            key_apply(<flow_key_t *>w, <uint16_t>code, (hi << 16) | <uint16_t>arg, m)
+            hi = 0
+    return (<char *>w)[:KEY_BYTES], (<char *>m)[:KEY_BYTES]
+
+
 cdef class Classifier:
     """One bridge's rules. Rule ids are small integers chosen here (reused after removal)."""
 

@@ -38,7 +38,7 @@ from libc.string cimport memcpy, memset
 from posix.time cimport nanosleep, timespec
 from pyvhost._classifier cimport (
     Classifier, RULE_NORMAL, cls_lookup, cls_read_lock, cls_result_t, cls_rule_t, cls_t,
-    cls_unlock,
+    cls_unlock, key_run,
 )
 from pyvhost._fdb cimport FDB_REMOTES, MacTable, fdb_learn, fdb_lookup, fdb_remotes, fdb_t
 from pyvhost._flow cimport (
@@ -765,6 +765,7 @@ cdef class Pmd:
         (and what it depends on) and the megaflow ``mask`` filled; -1 to drop."""
         cdef bridge_t *b
         cdef cls_result_t res
+        cdef flow_key_t cur
         cdef uint32_t i, n = 0
         cdef int j
         a.gen = vh_load_u32(&self.sw.gen)           # before the bridge: a table swapped
@@ -805,12 +806,16 @@ cdef class Pmd:
                     mask[j] |= NORMAL_MASK.w[j]
                     if inp.per_remote:             # the remote it learns
                         mask[j] |= REMOTE_MASK.w[j]
-                j = self.normal(b, inp, k, a, &a.ops[n], MAX_ACTION_OPS - n)
+                cur = k[0]                         # as the ops before it left the packet
+                key_run(&cur, a.ops, n, mask)      # (OVS: NORMAL sees the edited flow)
+                j = self.normal(b, inp, &cur, a, &a.ops[n], MAX_ACTION_OPS - n)
                 if j < 0:
                     return -1
                 n += j
             elif res.ops[i].op == OP_GROUP:
-                j = group_resolve(b.groups, res.ops[i].arg, k, self.vlan_at(k, a, n), mask,
+                cur = k[0]
+                key_run(&cur, a.ops, n, mask)
+                j = group_resolve(b.groups, res.ops[i].arg, k, cur.vlan_tci, mask,
                                   &a.ops[n], MAX_ACTION_OPS - n)
                 if j < 0:
                     return -1                      # more ops than an entry holds: drop
@@ -820,18 +825,6 @@ cdef class Pmd:
                 n += 1
         a.n_ops = n
         return 0
-
-    cdef uint16_t vlan_at(self, const flow_key_t *k, const actions_t *a,
-                          uint32_t n) noexcept nogil:
-        """The packet's TCI after the first ``n`` ops of ``a`` (0: untagged)."""
-        cdef uint16_t tci = k.vlan_tci
-        cdef uint32_t i
-        for i in range(n):
-            if a.ops[i].op == OP_SET_VLAN:
-                tci = (tci & 0xE000) | 0x1000 | a.ops[i].arg
-            elif a.ops[i].op == OP_STRIP_VLAN:
-                tci = 0
-        return tci
 
     cdef int normal(self, bridge_t *b, port_t *inp, const flow_key_t *k, actions_t *a,
                     action_op_t *op, int room) noexcept nogil:
@@ -1230,7 +1223,7 @@ cdef class Pmd:
         return rc == 0
 
     cdef int _inject(self, port_t *inp, pkt_t *p, actions_t *a, bint table) noexcept nogil:
-        cdef flow_key_t key
+        cdef flow_key_t key, cur
         cdef uint64_t mask[KEY_WORDS]
         cdef uint64_t t = now_ns()
         cdef bridge_t *b = self.sw.bridges[inp.bridge]
@@ -1258,7 +1251,9 @@ cdef class Pmd:
                     a.ops[n] = given[i]
                     n += 1
                 else:
-                    j = self.normal(b, inp, &key, a, &a.ops[n], MAX_ACTION_OPS - n)
+                    cur = key                      # as the ops before it left the packet
+                    key_run(&cur, a.ops, n, mask)
+                    j = self.normal(b, inp, &cur, a, &a.ops[n], MAX_ACTION_OPS - n)
                     if j < 0:
                         rc = -1
                         break

@@ -13,9 +13,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pyvhost._classifier import NO_GOTO_TABLE, Classifier
+from pyvhost._classifier import NO_GOTO_TABLE, Classifier, key_after
 from pyvhost._fdb import MacTable
-from pyvhost._flow import ACTION_OPS, pack_key
+from pyvhost._flow import ACTION_OPS, key_dict, pack_key
 
 from .flows import Flow, Selector, key_fields, match_key, metadata_key, parse_flow
 
@@ -370,7 +370,7 @@ class Bridge:
                 else:
                     resolved.append((op, arg))
             ops = resolved
-        for op, arg in ops:
+        for i, (op, arg) in enumerate(ops):
             if op == OP_CONTROLLER:
                 outputs.append("CONTROLLER")
             elif op == OP_IN_PORT and port is not None:
@@ -379,8 +379,10 @@ class Bridge:
                 outputs.append(by_id[arg].name)
             elif op == OP_FLOOD:
                 outputs += [p.name for p in self.ports.values() if p is not port]
-            elif op == OP_NORMAL:
-                outputs += self._normal_outputs(fields, port)
+            elif op == OP_NORMAL:                       # on the packet as edited so far
+                edited, decided = key_after(key, ops[:i])
+                mask = bytes(a | b for a, b in zip(mask, decided, strict=True))
+                outputs += self._normal_outputs(key_dict(edited), port)
         if any(op == OP_NORMAL for op, _ in ops):        # as the datapath widens it
             mask = bytes(a | b for a, b in zip(mask, NORMAL_MASK, strict=True))
             if port is not None and port.per_remote:     # the remote it learns
