@@ -58,7 +58,7 @@ def parse_buckets(data: bytes, gtype: int) -> list[Bucket]:
         if length < BUCKET.size or length % 8 or off + length > len(data):
             raise _fail(BAD_BUCKET, f"bucket of length {length} at offset {off}")
         try:
-            actions = A.decode_actions(data[off + BUCKET.size:off + length], {})
+            actions = A.decode_actions(data[off + BUCKET.size:off + length], None)
         except OFError as e:
             if e.code == E.BAC_BAD_TYPE and struct.unpack_from("!H", data, off + 16)[0] == \
                     A.AT_GROUP:

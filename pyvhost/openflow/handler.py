@@ -29,6 +29,7 @@ import time
 import weakref
 
 from pyvhost._classifier import TABLES
+from pyvhost._flow import frame_key, key_dict
 from pyvhost.switch.commands import CommandError
 from pyvhost.switch.flows import VLAN_NONE, Flow, FlowSyntaxError, Selector, parse_flow
 from pyvhost.switch.inject import InjectError
@@ -61,6 +62,20 @@ UNSUPPORTED_TYPES = {C.QUEUE_GET_CONFIG_REQUEST}
 TABLE_MOD = struct.Struct("!B3xI")
 OFPTC_DEPRECATED_MASK = 3          # 1.1/1.2's table-miss bits: no meaning in 1.3
 
+
+
+def packet_match(frame: bytes) -> dict:
+    """The match a PACKET_OUT's actions are checked against: the frame's own headers (its
+    tag, its ethertype, IPv4's protocol), so a set_field the frame has the header for is
+    taken and one it has not is refused (MATCH_INCONSISTENT)."""
+    tagged = frame[12:14] == b"\x81\x00" and len(frame) >= 18
+    match = {"dl_vlan": int.from_bytes(frame[14:16], "big") & 0xFFF if tagged else VLAN_NONE}
+    k = key_dict(frame_key(frame))
+    if k["dl_type"]:
+        match["dl_type"] = k["dl_type"]
+        if k["dl_type"] == oxm.IP:
+            match["nw_proto"] = k["nw_proto"]
+    return match
 
 class StoreFailed(OFError):
     """The switch refused a change it had been given valid rules for: its store failed."""
@@ -454,9 +469,7 @@ class Handler:
                 raise OFError(E.BAD_REQUEST, E.BRC_BAD_PORT, f"in_port {po.in_port}: no "
                                                              "such port")
             in_id = port.port_id
-        tagged = po.data[12:14] == b"\x81\x00" and len(po.data) >= 18
-        vid = int.from_bytes(po.data[14:16], "big") & 0xFFF if tagged else VLAN_NONE
-        actions = A.decode_actions(po.actions, {"dl_vlan": vid}, packet_out=True)
+        actions = A.decode_actions(po.actions, packet_match(po.data), packet_out=True)
         for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
