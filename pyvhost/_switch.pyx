@@ -150,6 +150,7 @@ cdef struct bridge_t:
     fdb_t *fdb
     mirror_set_t *mirrors                # NULL: none
     int fail_open            # OpenFlow fail-open: NORMAL for every packet, rules unused
+    int ttl_punt             # a controller wants INVALID_TTL PACKET_INs (else: dropped)
     grp_table_t *groups      # OpenFlow groups (NULL: none; a group op then drops)
     mtr_table_t *meters      # OpenFlow meters (NULL: none; a meter op then passes)
 
@@ -310,6 +311,7 @@ cdef class Datapath:
         old = self.sw.bridges[bridge_id]
         if old != NULL:
             b.mirrors = old.mirrors                  # the mirrors stay (now b's)
+            b.ttl_punt = old.ttl_punt                # and what the controllers asked for
         old_objs = self.bridge_objs.get(bridge_id)
         self.bridge_objs[bridge_id] = (cls, macs)     # alive before any PMD can see them
         self.sw.bridges[bridge_id] = b
@@ -384,6 +386,14 @@ cdef class Datapath:
             self.fail_open.discard(bridge_id)
         vh_store_release_int(&self.sw.bridges[bridge_id].fail_open, on)
         self.invalidate()                           # every cached decision goes stale
+
+    def set_invalid_ttl_punt(self, int bridge_id, bint on):
+        """Whether a frame whose TTL dec_ttl expires goes to the controller queue (a
+        controller asked for INVALID_TTL PACKET_INs) or is only dropped and counted (none
+        did: it never takes the bridge's PACKET_IN budget)."""
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        vh_store_release_int(&self.sw.bridges[bridge_id].ttl_punt, on)
 
     def set_mirrors(self, int bridge_id, list mirrors):
         """The bridge's mirrors from now on, each a dict: ``out`` (port id), ``src`` and
@@ -1137,6 +1147,7 @@ cdef class Pmd:
         OP_TUN_HI bits before it). -1: dec_nw_ttl found the TTL expired (the frame goes to
         the controller as INVALID_TTL, which drops it unless one asked, and no further)."""
         cdef uint16_t op = a.ops[at].op
+        cdef bridge_t *b
         if op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
             edit_eth(p, op == OP_SET_ETH_DST, v & 0xFFFFFFFFFFFFULL)
         elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST:
@@ -1148,8 +1159,10 @@ cdef class Pmd:
         elif op == OP_SET_PCP:
             edit_pcp(p, <uint8_t>v)
         elif op == OP_DEC_TTL and edit_dec_ttl(p) < 0:
-            vh_add_u64(&inp.c.drop_action, 1)
-            self.to_controller(inp, p, a, at, PUNT_INVALID_TTL)
+            vh_add_u64(&inp.c.drop_action, 1)      # (a drop by the rule's action, punted
+            b = self.sw.bridges[inp.bridge]        # or not: it goes no further)
+            if b != NULL and vh_load_acquire_int(&b.ttl_punt):
+                self.to_controller(inp, p, a, at, PUNT_INVALID_TTL)
             return -1
         return 0
 

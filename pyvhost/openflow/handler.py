@@ -124,12 +124,15 @@ class Handler:
         t = h.type
         self.role.check_write(t)
         if t == C.ROLE_REQUEST:
-            return [self.role_request(h.xid, body)]
+            reply = self.role_request(h.xid, body)
+            self._async_changed()
+            return [reply]
         if t == C.GET_ASYNC_REQUEST:
             C.need(body, 0, "GET_ASYNC_REQUEST", exact=True)
             return [R.async_reply(h.xid, self.role.masks)]
         if t == C.SET_ASYNC:
             self.role.masks = R.parse_set_async(body)
+            self._async_changed()
             return []
         if t == C.FEATURES_REQUEST:
             C.need(body, 0, "FEATURES_REQUEST", exact=True)
@@ -240,6 +243,10 @@ class Handler:
 
     def wants(self, msg_type: int, reason: int) -> bool:
         return self.role.wants(msg_type, reason)
+
+    def _async_changed(self) -> None:
+        if self.events is not None:
+            self.events.invalid_ttl_changed(self.bridge_name)
 
     # -- ports ----------------------------------------------------------------------------
     def ofport_of(self, ref: str) -> int:
