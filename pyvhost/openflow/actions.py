@@ -57,6 +57,8 @@ UNKNOWN, UNTAGGED, TAGGED = "unknown", "untagged", "tagged"
 
 def vlan_state(match: dict) -> str:
     v = match.get("dl_vlan")
+    if v is None and "dl_vlan_pcp" in match:
+        return TAGGED                                  # a priority match implies a tag
     return UNKNOWN if v is None else UNTAGGED if v == VLAN_NONE else TAGGED
 
 

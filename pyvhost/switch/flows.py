@@ -522,8 +522,8 @@ def parse_flow(text: str) -> Flow:
 def check_action_prerequisites(match: dict, actions: tuple) -> None:
     """A set_field only on packets that have its header, as OVS checks it: ip_* needs ip,
     tcp_*/udp_* tcp/udp, vlan_pcp a VLAN tag (matched, or pushed by mod_vlan_vid before)."""
-    tagged = match.get("dl_vlan", VLAN_NONE) != VLAN_NONE
-    for a in actions:
+    tagged = match.get("dl_vlan", VLAN_NONE) != VLAN_NONE or "dl_vlan_pcp" in match
+    for a in actions:                                  # (a priority match implies a tag)
         if a[0] == "mod_vlan_vid":
             tagged = True
         elif a[0] == "strip_vlan":
