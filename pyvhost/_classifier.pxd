@@ -98,6 +98,7 @@ cdef struct cls_t:
 cdef void cls_read_lock(cls_t *c) noexcept nogil
 cdef void cls_unlock(cls_t *c) noexcept nogil
 cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t *out) noexcept nogil
+cdef void key_run(flow_key_t *k, const action_op_t *ops, uint32_t n, uint64_t *mask) noexcept nogil
 
 
 cdef class Classifier:

@@ -407,35 +407,63 @@ cdef int aset_emit(const aset_t *s, cls_result_t *out) noexcept nogil:
     return 0
 
 
-cdef void key_apply(flow_key_t *k, uint16_t op, uint64_t v) noexcept nogil:
+cdef void key_apply(flow_key_t *k, uint16_t op, uint64_t v, uint64_t *mask) noexcept nogil:
     """What an apply-action set-field does to the key a later table matches (``v``: its
-    value with its OP_TUN_HI bits); only where the key has that header."""
+    value with its OP_TUN_HI bits); only where the key has that header. Whether it has
+    is a decision on bits of the key (tagged, dl_type, nw_proto): those go into ``mask``
+    (the megaflow's), so a packet differing there never reuses the outcome."""
     cdef int j
     cdef uint8_t *b
+    cdef flow_key_t *m = <flow_key_t *>mask
     if op == OP_SET_VLAN:
         k.vlan_tci = (k.vlan_tci & 0xE000) | 0x1000 | (v & 0xFFF)
     elif op == OP_STRIP_VLAN:
         k.vlan_tci = 0
     elif op == OP_SET_PCP:
-        if k.vlan_tci:
+        m.vlan_tci |= 0x1000
+        if k.vlan_tci & 0x1000:                        # tagged (the key's CFI bit is on)
             k.vlan_tci = (k.vlan_tci & 0x1FFF) | ((v & 7) << 13)
     elif op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
         b = &k.dl_src[0] if op == OP_SET_ETH_SRC else &k.dl_dst[0]
         for j in range(6):
             b[j] = (v >> (40 - 8 * j)) & 0xFF
-    elif k.dl_type != 0x0800:
-        return
-    elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST:
-        b = <uint8_t *>&k.nw_src if op == OP_SET_NW_SRC else <uint8_t *>&k.nw_dst
+    elif op == OP_SET_TUN_ID:
+        k.tun_id = <uint32_t>v
+    elif op == OP_SET_TUN_DST:                         # (network order in the key)
+        b = <uint8_t *>&k.tun_dst
         for j in range(4):
             b[j] = (v >> (24 - 8 * j)) & 0xFF
-    elif op == OP_SET_DSCP:
-        k.nw_tos = (k.nw_tos & 3) | ((v & 0x3F) << 2)
-    elif (op == OP_SET_TP_SRC or op == OP_SET_TP_DST) and (k.nw_proto == 6 or k.nw_proto == 17):
-        if op == OP_SET_TP_SRC:
-            k.tp_src = <uint16_t>v
+    elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST or op == OP_SET_DSCP or \
+            op == OP_SET_TP_SRC or op == OP_SET_TP_DST:
+        m.dl_type = 0xFFFF
+        if k.dl_type != 0x0800:
+            return
+        if op == OP_SET_NW_SRC or op == OP_SET_NW_DST:
+            b = <uint8_t *>&k.nw_src if op == OP_SET_NW_SRC else <uint8_t *>&k.nw_dst
+            for j in range(4):
+                b[j] = (v >> (24 - 8 * j)) & 0xFF
+        elif op == OP_SET_DSCP:
+            k.nw_tos = (k.nw_tos & 3) | ((v & 0x3F) << 2)
         else:
-            k.tp_dst = <uint16_t>v
+            m.nw_proto = 0xFF
+            if k.nw_proto == 6 or k.nw_proto == 17:
+                if op == OP_SET_TP_SRC:
+                    k.tp_src = <uint16_t>v
+                else:
+                    k.tp_dst = <uint16_t>v
+
+
+cdef void key_run(flow_key_t *k, const action_op_t *ops, uint32_t n,
+                  uint64_t *mask) noexcept nogil:
+    """``key_apply`` of ``n`` ops in order (an op's OP_TUN_HI bits before it)."""
+    cdef uint64_t hi = 0
+    cdef uint32_t i
+    for i in range(n):
+        if ops[i].op == OP_TUN_HI:
+            hi = (hi << 16) | ops[i].arg
+        else:
+            key_apply(k, ops[i].op, (hi << 16) | ops[i].arg, mask)
+            hi = 0
 
 
 cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t *out) noexcept nogil:
@@ -452,7 +480,6 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
     cdef flow_key_t *key = <flow_key_t *>w
     cdef int table = 0
     cdef uint32_t i
-    cdef uint64_t hi = 0
     cdef cls_rule_t *r
     cdef aset_t aset
     aset.used = 0
@@ -471,14 +498,9 @@ cdef void cls_lookup(cls_t *c, const flow_key_t *k, uint64_t *mask, cls_result_t
         if out.n_ops + r.n_apply > MAX_ACTION_OPS:
             out.overflow = 1
             break
-        for i in range(r.n_apply):                     # a later table sees their edits
-            out.ops[out.n_ops] = r.ops[i]
-            out.n_ops += 1
-            if r.ops[i].op == OP_TUN_HI:
-                hi = (hi << 16) | r.ops[i].arg
-            else:
-                key_apply(key, r.ops[i].op, (hi << 16) | r.ops[i].arg)
-                hi = 0
+        memcpy(&out.ops[out.n_ops], r.ops, r.n_apply * sizeof(action_op_t))
+        out.n_ops += r.n_apply
+        key_run(key, r.ops, r.n_apply, mask)           # a later table sees their edits
         out.flags |= r.flags
         if r.flags & RULE_CLEAR:
             aset.used = 0
@@ -505,6 +527,27 @@ cdef inline void key_words(bytes raw, uint64_t *out) except *:
         raise ValueError(f"a key or mask is {KEY_BYTES} bytes ({CLS_BYTES} with metadata)")
     out[KEY_WORDS] = 0
     memcpy(out, <const char *>raw, len(raw))
+
+
+def key_after(bytes key, ops):
+    """(the flow key ``key`` as the datapath ops ``ops``, (op, arg) pairs, leave it, the
+    bits of ``key`` that outcome depends on as a mask): what NORMAL after set_field sees
+    (trace)."""
+    cdef uint64_t w[KEY_WORDS]
+    cdef uint64_t m[KEY_WORDS]
+    cdef action_op_t op[1]
+    cdef uint64_t hi = 0
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a flow key is {KEY_BYTES} bytes")
+    memcpy(w, <const char *>key, KEY_BYTES)
+    memset(m, 0, KEY_BYTES)
+    for code, arg in ops:
+        if code == OP_TUN_HI:
+            hi = (hi << 16) | <uint16_t>arg
+        else:
+            key_apply(<flow_key_t *>w, <uint16_t>code, (hi << 16) | <uint16_t>arg, m)
+            hi = 0
+    return (<char *>w)[:KEY_BYTES], (<char *>m)[:KEY_BYTES]
 
 
 cdef class Classifier:

@@ -38,7 +38,7 @@ from libc.string cimport memcpy, memset
 from posix.time cimport nanosleep, timespec
 from pyvhost._classifier cimport (
     Classifier, RULE_NORMAL, cls_lookup, cls_read_lock, cls_result_t, cls_rule_t, cls_t,
-    cls_unlock,
+    cls_unlock, key_run,
 )
 from pyvhost._fdb cimport FDB_REMOTES, MacTable, fdb_learn, fdb_lookup, fdb_remotes, fdb_t
 from pyvhost._flow cimport (
@@ -150,6 +150,7 @@ cdef struct bridge_t:
     fdb_t *fdb
     mirror_set_t *mirrors                # NULL: none
     int fail_open            # OpenFlow fail-open: NORMAL for every packet, rules unused
+    int ttl_punt             # a controller wants INVALID_TTL PACKET_INs (else: dropped)
     grp_table_t *groups      # OpenFlow groups (NULL: none; a group op then drops)
     mtr_table_t *meters      # OpenFlow meters (NULL: none; a meter op then passes)
 
@@ -310,6 +311,7 @@ cdef class Datapath:
         old = self.sw.bridges[bridge_id]
         if old != NULL:
             b.mirrors = old.mirrors                  # the mirrors stay (now b's)
+            b.ttl_punt = old.ttl_punt                # and what the controllers asked for
         old_objs = self.bridge_objs.get(bridge_id)
         self.bridge_objs[bridge_id] = (cls, macs)     # alive before any PMD can see them
         self.sw.bridges[bridge_id] = b
@@ -384,6 +386,14 @@ cdef class Datapath:
             self.fail_open.discard(bridge_id)
         vh_store_release_int(&self.sw.bridges[bridge_id].fail_open, on)
         self.invalidate()                           # every cached decision goes stale
+
+    def set_invalid_ttl_punt(self, int bridge_id, bint on):
+        """Whether a frame whose TTL dec_ttl expires goes to the controller queue (a
+        controller asked for INVALID_TTL PACKET_INs) or is only dropped and counted (none
+        did: it never takes the bridge's PACKET_IN budget)."""
+        if not 0 <= bridge_id < MAX_BRIDGES or self.sw.bridges[bridge_id] == NULL:
+            raise KeyError(bridge_id)
+        vh_store_release_int(&self.sw.bridges[bridge_id].ttl_punt, on)
 
     def set_mirrors(self, int bridge_id, list mirrors):
         """The bridge's mirrors from now on, each a dict: ``out`` (port id), ``src`` and
@@ -765,6 +775,7 @@ cdef class Pmd:
         (and what it depends on) and the megaflow ``mask`` filled; -1 to drop."""
         cdef bridge_t *b
         cdef cls_result_t res
+        cdef flow_key_t cur
         cdef uint32_t i, n = 0
         cdef int j
         a.gen = vh_load_u32(&self.sw.gen)           # before the bridge: a table swapped
@@ -805,12 +816,16 @@ cdef class Pmd:
                     mask[j] |= NORMAL_MASK.w[j]
                     if inp.per_remote:             # the remote it learns
                         mask[j] |= REMOTE_MASK.w[j]
-                j = self.normal(b, inp, k, a, &a.ops[n], MAX_ACTION_OPS - n)
+                cur = k[0]                         # as the ops before it left the packet
+                key_run(&cur, a.ops, n, mask)      # (OVS: NORMAL sees the edited flow)
+                j = self.normal(b, inp, &cur, a, &a.ops[n], MAX_ACTION_OPS - n)
                 if j < 0:
                     return -1
                 n += j
             elif res.ops[i].op == OP_GROUP:
-                j = group_resolve(b.groups, res.ops[i].arg, k, self.vlan_at(k, a, n), mask,
+                cur = k[0]
+                key_run(&cur, a.ops, n, mask)
+                j = group_resolve(b.groups, res.ops[i].arg, k, cur.vlan_tci, mask,
                                   &a.ops[n], MAX_ACTION_OPS - n)
                 if j < 0:
                     return -1                      # more ops than an entry holds: drop
@@ -820,18 +835,6 @@ cdef class Pmd:
                 n += 1
         a.n_ops = n
         return 0
-
-    cdef uint16_t vlan_at(self, const flow_key_t *k, const actions_t *a,
-                          uint32_t n) noexcept nogil:
-        """The packet's TCI after the first ``n`` ops of ``a`` (0: untagged)."""
-        cdef uint16_t tci = k.vlan_tci
-        cdef uint32_t i
-        for i in range(n):
-            if a.ops[i].op == OP_SET_VLAN:
-                tci = (tci & 0xE000) | 0x1000 | a.ops[i].arg
-            elif a.ops[i].op == OP_STRIP_VLAN:
-                tci = 0
-        return tci
 
     cdef int normal(self, bridge_t *b, port_t *inp, const flow_key_t *k, actions_t *a,
                     action_op_t *op, int room) noexcept nogil:
@@ -1164,6 +1167,7 @@ cdef class Pmd:
         OP_TUN_HI bits before it). -1: dec_nw_ttl found the TTL expired (the frame goes to
         the controller as INVALID_TTL, which drops it unless one asked, and no further)."""
         cdef uint16_t op = a.ops[at].op
+        cdef bridge_t *b
         if op == OP_SET_ETH_SRC or op == OP_SET_ETH_DST:
             edit_eth(p, op == OP_SET_ETH_DST, v & 0xFFFFFFFFFFFFULL)
         elif op == OP_SET_NW_SRC or op == OP_SET_NW_DST:
@@ -1175,8 +1179,10 @@ cdef class Pmd:
         elif op == OP_SET_PCP:
             edit_pcp(p, <uint8_t>v)
         elif op == OP_DEC_TTL and edit_dec_ttl(p) < 0:
-            vh_add_u64(&inp.c.drop_action, 1)
-            self.to_controller(inp, p, a, at, PUNT_INVALID_TTL)
+            vh_add_u64(&inp.c.drop_action, 1)      # (a drop by the rule's action, punted
+            b = self.sw.bridges[inp.bridge]        # or not: it goes no further)
+            if b != NULL and vh_load_acquire_int(&b.ttl_punt):
+                self.to_controller(inp, p, a, at, PUNT_INVALID_TTL)
             return -1
         return 0
 
@@ -1250,7 +1256,7 @@ cdef class Pmd:
         return rc == 0
 
     cdef int _inject(self, port_t *inp, pkt_t *p, actions_t *a, bint table) noexcept nogil:
-        cdef flow_key_t key
+        cdef flow_key_t key, cur
         cdef uint64_t mask[KEY_WORDS]
         cdef uint64_t t = now_ns()
         cdef bridge_t *b = self.sw.bridges[inp.bridge]
@@ -1278,7 +1284,9 @@ cdef class Pmd:
                     a.ops[n] = given[i]
                     n += 1
                 else:
-                    j = self.normal(b, inp, &key, a, &a.ops[n], MAX_ACTION_OPS - n)
+                    cur = key                      # as the ops before it left the packet
+                    key_run(&cur, a.ops, n, mask)
+                    j = self.normal(b, inp, &cur, a, &a.ops[n], MAX_ACTION_OPS - n)
                     if j < 0:
                         rc = -1
                         break

@@ -40,6 +40,7 @@ FIELDS = {
     "nw_dst": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\xff\x00\x00\x00"],
     "dl_src": [b"\xff" * 6, b"\x01\x00\x00\x00\x00\x00"], "dl_dst": [b"\xff" * 6],
     "arp_tha": [b"\xff" * 6, b"\xff" * 5 + b"\x00"],
+    "tun_id": [0xFFFFFFFF, 0xFF], "tun_dst": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00"],
 }
 # few distinct values per field, so that random packets hit random rules often
 VALUES = {
@@ -50,6 +51,7 @@ VALUES = {
     "dl_src": [bytes([2, 0, 0, 0, 0, i]) for i in (1, 2)] + [bytes([3, 0, 0, 0, 0, 1])],
     "dl_dst": [bytes([2, 0, 0, 0, 0, i]) for i in (1, 2, 3)],
     "arp_tha": [bytes([2, 0, 0, 0, 0, i]) for i in (0, 1)] + [bytes([2, 0, 0, 0, 1, 0])],
+    "tun_id": [0, 5, 0x123456], "tun_dst": [bytes(4), bytes([172, 16, 0, 1])],
 }
 
 
@@ -59,6 +61,7 @@ def words(raw: bytes) -> int:
 
 U64 = (1 << 64) - 1
 OP_SET_NW_DST, OP_SET_TP_DST = ACTION_OPS["set_nw_dst"], ACTION_OPS["set_tp_dst"]
+OP_SET_TUN_ID, OP_SET_TUN_DST = ACTION_OPS["set_tun_id"], ACTION_OPS["set_tun_dst"]
 MD_VALUES, MD_MASKS = [0, 1, 2, 0x100, 0x101], [U64, 0xFF, 0x100]
 # the action set's slots, in the order it runs (OpenFlow 1.3, 5.10): pop, push/set VLAN,
 # group, output (an output not run when a group is set); the last write of each kind wins
@@ -71,9 +74,15 @@ def set_nw_dst(addr: bytes) -> list:
     return [(OP_TUN_HI, v >> 16), (OP_SET_NW_DST, v & 0xFFFF)]
 
 
+def set_tun(op: int, v: int) -> list:
+    """set_tun_id / set_tun_dst (``v``: the address as an int) as the bridge compiles them."""
+    return [(OP_TUN_HI, v >> 16), (op, v & 0xFFFF)]
+
+
 def edited(k: int, op: int, value: int) -> int:
     """The key (an int of its bytes, little-endian) as an apply-action leaves it for a
-    later table: VLAN ops; nw_dst and tp_dst of an IPv4 (TCP/UDP) packet."""
+    later table: VLAN ops; tun_id and tun_dst; nw_dst and tp_dst of an IPv4 (TCP/UDP)
+    packet."""
     b = bytearray(k.to_bytes(KEY_SIZE, "little"))
     ip = b[16:18] == (0x0800).to_bytes(2, "little")
     if op == OP_SET_VLAN:
@@ -81,6 +90,10 @@ def edited(k: int, op: int, value: int) -> int:
         b[2:4] = ((tci & 0xE000) | 0x1000 | value).to_bytes(2, "little")
     elif op == OP_STRIP_VLAN:
         b[2:4] = bytes(2)
+    elif op == OP_SET_TUN_ID:
+        b[36:40] = value.to_bytes(4, "little")
+    elif op == OP_SET_TUN_DST:
+        b[44:48] = value.to_bytes(4, "big")
     elif op == OP_SET_NW_DST and ip:
         b[24:28] = value.to_bytes(4, "big")
     elif op == OP_SET_TP_DST and ip and b[28] in (6, 17):
@@ -112,7 +125,10 @@ def random_rule(rng: random.Random, table: int, tables: int):
     ops = [(OP_SET_VLAN, rng.choice((5, 6, rng.randint(0, 4095))))] if r < 0.4 else \
         [(OP_STRIP_VLAN, 0)] if r < 0.5 else \
         set_nw_dst(rng.choice(VALUES["nw_dst"])) if r < 0.6 else \
-        [(OP_SET_TP_DST, rng.choice(VALUES["tp_dst"]))] if r < 0.65 else []
+        [(OP_SET_TP_DST, rng.choice(VALUES["tp_dst"]))] if r < 0.65 else \
+        set_tun(OP_SET_TUN_ID, rng.choice(VALUES["tun_id"])) if r < 0.68 else \
+        set_tun(OP_SET_TUN_DST, int.from_bytes(rng.choice(VALUES["tun_dst"]), "big")) \
+        if r < 0.71 else []
     if r >= 0.5 and ops and goto == NO_GOTO_TABLE and table + 1 < tables and \
             rng.random() < 0.7:             # (an edit a later table can see)
         goto = rng.randint(table + 1, tables - 1)
@@ -239,7 +255,7 @@ def test_later_tables_see_edits_as_the_reference_does():
     reference, and its megaflow mask stays exact (a key equal on the mask's bits gets the
     same answer)."""
     rng = random.Random(SEED + 2)
-    narrow = ("vlan_tci", "dl_type", "nw_proto", "nw_dst", "tp_dst")
+    narrow = ("vlan_tci", "dl_type", "nw_proto", "nw_dst", "tp_dst", "tun_id", "tun_dst")
     cls, ref = Classifier(), Reference()
     specs = []
     for _ in range(int(400 * SCALE)):
@@ -250,7 +266,10 @@ def test_later_tables_see_edits_as_the_reference_does():
         r = rng.random()
         ops = set_nw_dst(rng.choice(VALUES["nw_dst"])) if r < 0.35 else \
             [(OP_SET_TP_DST, rng.choice(VALUES["tp_dst"]))] if r < 0.6 else \
-            [(OP_SET_VLAN, rng.choice((5, 6)))] if r < 0.75 else [(OP_OUTPUT, table)]
+            [(OP_SET_VLAN, rng.choice((5, 6)))] if r < 0.7 else \
+            set_tun(OP_SET_TUN_ID, rng.choice(VALUES["tun_id"])) if r < 0.75 else \
+            set_tun(OP_SET_TUN_DST, int.from_bytes(rng.choice(VALUES["tun_dst"]), "big")) \
+            if r < 0.8 else [(OP_OUTPUT, table)]
         goto = rng.randint(table + 1, 2) if table < 2 and rng.random() < 0.7 else NO_GOTO_TABLE
         specs.append((table, rng.randint(0, 12), mask, value, ops, goto))
     for spec, rid in zip(specs, cls.apply(specs), strict=True):
@@ -377,20 +396,57 @@ def test_strict_and_select_and_modify():
 
 
 def test_later_tables_see_set_field_edits():
-    """A set_field (ip_dst, tcp/udp dst) of table 0 is what table 1 matches; on a packet
-    without that header (ARP) it changes nothing."""
+    """A set_field (ip_dst, tcp/udp dst, vlan_pcp) of table 0 is what table 1 matches; on a
+    packet without that header (ARP, untagged) it changes nothing. Whether the header is
+    there is a decision on the key's dl_type, nw_proto, tag: the megaflow mask has those
+    bits, so a packet differing there is not given the same answer."""
+    set_pcp = ACTION_OPS["set_pcp"]
     cls = Classifier()
     cls.insert(0, 1, pack_key({}), pack_key({}), set_nw_dst(bytes([10, 0, 0, 2])) +
-               [(OP_SET_TP_DST, 80)], 1)
+               [(OP_SET_TP_DST, 80), (set_pcp, 5)], 1)
     to2 = cls.insert(1, 5, pack_key({"nw_dst": b"\xff" * 4, "tp_dst": 0xFFFF}),
                      pack_key({"nw_dst": bytes([10, 0, 0, 2]), "tp_dst": 80}), [(1, 7)])
+    pcp5 = cls.insert(1, 3, pack_key({"vlan_tci": 0xE000}), pack_key({"vlan_tci": 0xA000}),
+                      [(1, 9)])
     other = cls.insert(1, 1, pack_key({}), pack_key({}), [(1, 8)])
-    for key, hop in ((pack_key({"dl_type": 0x0800, "nw_proto": 6, "tp_dst": 22,
-                                "nw_dst": bytes([10, 0, 0, 1])}), to2),
-                     (pack_key({"dl_type": 0x0800, "nw_proto": 1,
-                                "nw_dst": bytes([10, 0, 0, 1])}), other),     # no ports
-                     (pack_key({"dl_type": 0x0806, "nw_dst": bytes([10, 0, 0, 1])}), other)):
-        assert cls.lookup(key)[0][-1] == (1, hop), key.hex()
+    cases = ((pack_key({"dl_type": 0x0800, "nw_proto": 6, "tp_dst": 22,
+                        "nw_dst": bytes([10, 0, 0, 1])}), to2),
+             (pack_key({"dl_type": 0x0800, "nw_proto": 1,
+                        "nw_dst": bytes([10, 0, 0, 1])}), other),             # no ports
+             (pack_key({"dl_type": 0x0806, "nw_dst": bytes([10, 0, 0, 1])}), other),
+             (pack_key({"dl_type": 0x0806, "vlan_tci": 0x1007}), pcp5),           # tagged
+             (pack_key({"dl_type": 0x0806}), other))                            # untagged
+    masks = []
+    for key, hop in cases:
+        hops, _, mask, _ = cls.lookup(key)
+        assert hops[-1] == (1, hop), key.hex()
+        masks.append(mask)
+    for (key, _), mask in zip(cases, masks, strict=True):
+        want = {"dl_type": 0xFFFF, "vlan_tci": 0x1000}
+        if key[16:18] == (0x0800).to_bytes(2, "little"):
+            want["nw_proto"] = 0xFF                    # (looked at only in IPv4)
+        for field, bits in want.items():
+            m = pack_key({field: bits})
+            assert words(mask) & words(m) == words(m), (key.hex(), field, mask.hex())
+        # and what the mask says is true: a key equal on its bits gets the same rules
+        for flip in range(8 * KEY_SIZE):
+            if not words(mask) >> flip & 1:
+                other_key = (words(key) ^ 1 << flip).to_bytes(KEY_SIZE, "little")
+                assert cls.lookup(other_key)[0] == cls.lookup(key)[0], (key.hex(), flip)
+
+
+def test_later_tables_see_tunnel_set_fields():
+    """set_field tun_id / tun_dst of table 0 is what table 1 matches (OVS: a later table
+    matches the tunnel metadata as set)."""
+    cls = Classifier()
+    cls.insert(0, 1, pack_key({}), pack_key({}), set_tun(OP_SET_TUN_ID, 0x123456) +
+               set_tun(OP_SET_TUN_DST, 0xAC100001), 1)
+    both = cls.insert(1, 5, pack_key({"tun_id": 0xFFFFFFFF, "tun_dst": b"\xff" * 4}),
+                      pack_key({"tun_id": 0x123456, "tun_dst": bytes([172, 16, 0, 1])}),
+                      [(1, 7)])
+    cls.insert(1, 1, pack_key({}), pack_key({}), [(1, 8)])
+    for key in (pack_key({}), pack_key({"tun_id": 9, "tun_dst": bytes([10, 0, 0, 9])})):
+        assert cls.lookup(key)[0][-1] == (1, both), key.hex()
 
 
 def test_later_tables_see_the_vlan_ops_of_earlier_ones():

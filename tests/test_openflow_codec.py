@@ -202,6 +202,7 @@ def test_instructions_round_trip(actions, match):
     ((("set_field", "udp_src", 53), ("set_field", "udp_dst", 0)), "udp"),
     ((("set_field", "vlan_pcp", 7), ("output", "1")), "dl_vlan=7"),
     ((("mod_vlan_vid", 9), ("set_field", "vlan_pcp", 3)), "dl_vlan=0xffff"),
+    ((("set_field", "vlan_pcp", 3), ("output", "1")), "dl_vlan_pcp=5"),   # (implies a tag)
 ])
 def test_set_field_and_dec_ttl_round_trip(actions, text):
     """OpenFlow's form and back, and the model's text and back, say the same."""

@@ -121,3 +121,26 @@ def test_groups_through_ofctl(workdir):
         assert lines(ofctl(target, "dump-groups").stdout) == []
     finally:
         assert sw.stop() == 0
+
+
+def test_a_group_used_only_in_write_actions(workdir):
+    """A rule naming a group only inside write_actions uses it as much as one naming it in
+    its apply-actions: it counts in the group's stats, and GROUP_DELETE deletes it (kept,
+    it would forward through whatever group next takes the freed slot)."""
+    with switch_with_ports(workdir, CONFIG, "ab") as (run_dir, ports):
+        target = f"tcp:127.0.0.1:{listening_port(run_dir)}"
+        a, b = ports["a"], ports["b"]
+        ofctl(target, "del-flows")
+        ofctl(target, "add-group", "group_id=5,type=all,bucket=output:2")
+        ofctl(target, "add-flow", "priority=10,in_port=1,actions=write_actions(group:5)")
+        f = udp(MAC["a"], MAC["b"])
+        a.send_all([f] * 2)
+        assert drain(b) == [f] * 2
+        stats = ofctl(target, "dump-group-stats", "group_id=5").stdout
+        assert re.search(r"group_id=5,duration=[\d.]+s,ref_count=1,packet_count=2,"
+                         r"byte_count=120,bucket0:packet_count=2,byte_count=120", stats), stats
+        ofctl(target, "del-groups", "group_id=5")
+        assert "group:5" not in ofctl(target, "dump-flows").stdout
+        ofctl(target, "add-group", "group_id=7,type=all,bucket=output:in_port")
+        a.send_all([f])
+        assert drain(a, 0.3) == [] and drain(b, 0.2) == []

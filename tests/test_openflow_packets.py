@@ -18,6 +18,8 @@ from tests.harness import openflow as O
 from tests.harness import processes
 from tests.harness.frontends import drain, switch_with_ports
 from tests.harness.openflow import ofctl
+from tests.test_edit import frame as frame_of
+from tests.test_edit import layers, verify
 
 pytestmark = pytest.mark.skipif(not os.path.exists(O.OVS_OFCTL),
                                 reason="ovs-ofctl (Debian openvswitch-common) is not installed")
@@ -199,3 +201,28 @@ def test_canonical_head_is_what_parsing_says(text):
     from pyvhost.switch.flows import canonical_head, parse_flow
     f = parse_flow(parse_flow(text).format())
     assert canonical_head(f.format()) == (f.table, f.priority, f.cookie, bool(f.match))
+
+
+def test_packet_out_set_field_checked_against_the_frame(of_switch):
+    """A PACKET_OUT's set_field is checked against the frame's own headers: an ip/udp edit
+    of a UDP frame is done (true checksums at the guest), a tcp one is refused as
+    MATCH_INCONSISTENT; a group bucket's set_field is refused as not supported here (only
+    outputs in buckets), not as a prerequisite no match could meet."""
+    run_dir, ports, port = of_switch
+    target = f"tcp:127.0.0.1:{port}"
+    a, b = ports["a"], ports["b"]
+    f = frame_of(17)
+    ofctl(target, "packet-out", "1", "set_field:10.0.0.99->ip_dst,set_field:5353->udp_dst,"
+          "output:2", f.hex())
+    got = drain(b)
+    assert len(got) == 1, got
+    verify(got[0])
+    ip, l4 = layers(got[0])
+    assert ip[16:20] == bytes([10, 0, 0, 99]) and l4[2:4] == (5353).to_bytes(2, "big")
+    r = ofctl(target, "packet-out", "1", "set_field:80->tcp_dst,output:2", f.hex(),
+              check=False)
+    assert r.returncode != 0 and "OFPBAC_MATCH_INCONSISTENT" in r.stderr, r.stderr
+    assert drain(b, 0.2) == [] and drain(a, 0.1) == []
+    r = ofctl(target, "add-group", "group_id=1,type=all,bucket=set_field:10.0.0.1->ip_dst,"
+              "output:2", check=False)
+    assert r.returncode != 0 and "OFPBAC_BAD_TYPE" in r.stderr, r.stderr

@@ -256,3 +256,65 @@ def test_pcp_ecn_and_arp_hardware_matches_through_ofctl(of_switch):
         for f in to_b + to_c:
             a.send_all([f])
         assert drain(b) == to_b and drain(c) == to_c
+
+
+def test_normal_after_set_field_decides_on_the_edited_packet(of_switch):
+    """NORMAL after a set_field (in the same actions, or in a later table) learns and looks
+    up the addresses as edited, as OVS's does: a rewritten destination goes to its port,
+    a rewritten source is what is learned; ``ctl trace`` says the same."""
+    run_dir, ports, target = of_switch
+    a, b, c = ports["a"], ports["b"], ports["c"]
+    ofctl(target, "del-flows")
+    ofctl(target, "add-flow", "priority=1,actions=NORMAL")
+    for name, port in (("b", b), ("c", c)):           # b and c learned
+        port.send_all([udp(MAC[name], b"\xff" * 6)])
+    drain(a)
+    drain(b)
+    drain(c)
+    new_src = bytes([2, 0, 0, 0, 0, 0x99])
+    ofctl(target, "add-flow", "priority=10,in_port=1,udp,tp_dst=53,"
+          f"actions=mod_dl_dst:{MAC['c'].hex(':')},mod_dl_src:{new_src.hex(':')},NORMAL")
+    ofctl(target, "add-flow", f"priority=10,in_port=1,udp,tp_dst=54,actions=set_field:"
+          f"{MAC['c'].hex(':')}->eth_dst,goto_table:1")
+    ofctl(target, "add-flow", "table=1,priority=1,actions=NORMAL")
+    to_b = udp(MAC["a"], MAC["b"])
+    a.send_all([to_b])
+    assert drain(c) == [MAC["c"] + new_src + to_b[12:]] and drain(b, 0.3) == []
+    to_b54 = udp(MAC["a"], MAC["b"], dport=54)
+    a.send_all([to_b54])
+    assert drain(c) == [MAC["c"] + to_b54[6:]] and drain(b, 0.3) == []
+    back = udp(MAC["c"], new_src)                    # the edited source was learned (on a)
+    c.send_all([back])
+    assert drain(a) == [back] and drain(b, 0.3) == []
+    trace = processes.ctl(run_dir, "trace", "br0", f"in_port=a,udp,tp_dst=54,"
+                          f"dl_src={MAC['a'].hex(':')},dl_dst={MAC['b'].hex(':')}")
+    assert "Outputs: c\n" in trace + "\n", trace
+
+
+def test_expired_ttls_no_controller_asked_for_do_not_use_the_packet_in_budget(workdir):
+    """A storm of TTL=1 frames through dec_ttl, with no controller asking for INVALID_TTL:
+    dropped in the datapath (counted as dropped by the rule's action), never queued for
+    the controller, so the table-miss PACKET_IN that follows still gets through the
+    bridge's small PACKET_IN budget (burst 25, 1/s)."""
+    config = CONFIG.replace("ptcp:0:127.0.0.1\n", "ptcp:0:127.0.0.1 controller_rate_limit=1 "
+                            "controller_burst_limit=25\n")
+    with switch_with_ports(workdir, config, "ab") as (run_dir, ports):
+        port = listening_port(run_dir)
+        target = f"tcp:127.0.0.1:{port}"
+        a, b = ports["a"], ports["b"]
+        ofctl(target, "del-flows")
+        ofctl(target, "add-flow", "priority=10,in_port=1,tcp,actions=dec_ttl,output:2")
+        ofctl(target, "add-flow", "priority=0,actions=CONTROLLER:128")
+        with O.Client("127.0.0.1", port) as ctl:
+            assert ctl.alive()
+            for _ in range(4):
+                a.send_all([frame(6, ttl=1)] * 25)
+            assert drain(b, 0.3) == []
+            miss = udp(MAC["a"], MAC["b"])
+            a.send_all([miss])
+            ctl.sock.settimeout(0.8)
+            pin = next_packet_in(ctl)
+            assert (pin["reason"], pin["data"]) == (0, miss), pin
+        show = processes.ctl(run_dir, "show")
+        m = re.search(r"packet_in: queued (\d+),", show)
+        assert m and int(m.group(1)) == 1, show

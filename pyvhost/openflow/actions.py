@@ -57,6 +57,8 @@ UNKNOWN, UNTAGGED, TAGGED = "unknown", "untagged", "tagged"
 
 def vlan_state(match: dict) -> str:
     v = match.get("dl_vlan")
+    if v is None and "dl_vlan_pcp" in match:
+        return TAGGED                                  # a priority match implies a tag
     return UNKNOWN if v is None else UNTAGGED if v == VLAN_NONE else TAGGED
 
 
@@ -67,11 +69,13 @@ def _act(code: int, why: str) -> OFError:
 OFPCML_MAX = 0xFFE5        # the largest max_len that still asks to cut the frame
 
 
-def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
+def decode_actions(data: bytes, match: dict | None, packet_out: bool = False) -> tuple:
     """The model's actions of an action list (APPLY_ACTIONS); ``packet_out``: also
-    OUTPUT to TABLE, as ("table",)."""
+    OUTPUT to TABLE, as ("table",). ``match`` None: no set_field prerequisites (a group's
+    bucket, which any packet of its rules may reach: an edit does nothing where the header
+    is missing)."""
     out: list[tuple] = []
-    state = vlan_state(match)
+    state = vlan_state(match or {})
     pushed_at = -1                     # index of the mod_vlan_vid a PUSH_VLAN made
     off = 0
     while off < len(data):
@@ -187,7 +191,7 @@ def decode_actions(data: bytes, match: dict, packet_out: bool = False) -> tuple:
     return tuple(out)
 
 
-def _set_packet_field(field: int, hasmask: int, flen: int, value: bytes, match: dict,
+def _set_packet_field(field: int, hasmask: int, flen: int, value: bytes, match: dict | None,
                       state: str) -> tuple:
     """SET_FIELD of a header field: the model's ("set_field", name, value), the match
     providing the header (else MATCH_INCONSISTENT, as the spec says)."""
@@ -197,12 +201,14 @@ def _set_packet_field(field: int, hasmask: int, flen: int, value: bytes, match: 
         raise _act(E.BAC_BAD_SET_LEN, f"set_field {name}: {flen} bytes"
                                       f"{' with a mask' if hasmask else ''} ({size})")
     proto = {"tcp": oxm.TCP, "udp": oxm.UDP}.get(name[:3])
-    if (name.startswith("ip_") or proto) and match.get("dl_type") != oxm.IP:
+    if match is None:
+        pass                                       # (a bucket: no prerequisites)
+    elif (name.startswith("ip_") or proto) and match.get("dl_type") != oxm.IP:
         raise _act(E.BAC_MATCH_INCONSISTENT, f"set_field {name} needs a match of IPv4 "
                                              "(eth_type=0x0800)")
-    if proto and match.get("nw_proto") != proto:
+    elif proto and match.get("nw_proto") != proto:
         raise _act(E.BAC_MATCH_INCONSISTENT, f"set_field {name} needs ip_proto={proto}")
-    if name == "vlan_pcp" and state != TAGGED:
+    elif name == "vlan_pcp" and state != TAGGED:
         raise _act(E.BAC_MATCH_INCONSISTENT, "set_field vlan_pcp needs a tagged packet "
                                              "(match vlan_vid=N, or push_vlan first)")
     if size == 6 or size == 4:

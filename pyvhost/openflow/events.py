@@ -91,6 +91,20 @@ class Events:
             sent += conn.send_async(message)
         return sent
 
+    def invalid_ttl_changed(self, bridge_name: str) -> None:
+        """A connection came, went, or changed its role or SET_ASYNC: the datapath punts
+        TTL-expired frames of the bridge only while one of them wants INVALID_TTL."""
+        bridge = self.switch.bridges.get(bridge_name)
+        if bridge is None:
+            return
+        b = self.of.bridges.get(bridge_name)
+        on = b is not None and any(c.wants(C.PACKET_IN, AM.OFPR_INVALID_TTL)
+                                   for c in b.connections)
+        try:
+            self.switch.datapath.set_invalid_ttl_punt(bridge.bridge_id, on)
+        except KeyError:                    # (the bridge is going)
+            pass
+
     # -- PORT_STATUS, FLOW_REMOVED ----------------------------------------------------------
     def _observe(self, kind: str, **info) -> None:
         if kind in ("port_added", "port_removed"):

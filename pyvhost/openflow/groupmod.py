@@ -58,7 +58,7 @@ def parse_buckets(data: bytes, gtype: int) -> list[Bucket]:
         if length < BUCKET.size or length % 8 or off + length > len(data):
             raise _fail(BAD_BUCKET, f"bucket of length {length} at offset {off}")
         try:
-            actions = A.decode_actions(data[off + BUCKET.size:off + length], {})
+            actions = A.decode_actions(data[off + BUCKET.size:off + length], None)
         except OFError as e:
             if e.code == E.BAC_BAD_TYPE and struct.unpack_from("!H", data, off + 16)[0] == \
                     A.AT_GROUP:
@@ -132,7 +132,7 @@ def delete_group(handler, groups, gid: int) -> None:
     GROUP_DELETE to controllers that asked)."""
     if gid not in groups.groups:
         return
-    handler.remove_rules(groups.users(gid), "group_delete")
+    handler.remove_rules([r for r, _ in groups.users(gid)], "group_delete")
     groups.delete(gid)
 
 
@@ -169,9 +169,8 @@ def stats_entries(handler, body: bytes) -> list[bytes]:
         group = groups.groups[g]
         users = groups.users(g)
         packets = bytes_ = 0
-        for r in users:
+        for r, uses in users:
             n, b, _ = bridge.counters(r)
-            uses = sum(a == ("group", g) for a in r.flow.actions)
             packets += n * uses
             bytes_ += b * uses
         exact = group.type in ("all", "indirect")

@@ -29,6 +29,7 @@ import time
 import weakref
 
 from pyvhost._classifier import TABLES
+from pyvhost._flow import frame_key, key_dict
 from pyvhost.switch.commands import CommandError
 from pyvhost.switch.flows import VLAN_NONE, Flow, FlowSyntaxError, Selector, parse_flow
 from pyvhost.switch.inject import InjectError
@@ -61,6 +62,20 @@ UNSUPPORTED_TYPES = {C.QUEUE_GET_CONFIG_REQUEST}
 TABLE_MOD = struct.Struct("!B3xI")
 OFPTC_DEPRECATED_MASK = 3          # 1.1/1.2's table-miss bits: no meaning in 1.3
 
+
+
+def packet_match(frame: bytes) -> dict:
+    """The match a PACKET_OUT's actions are checked against: the frame's own headers (its
+    tag, its ethertype, IPv4's protocol), so a set_field the frame has the header for is
+    taken and one it has not is refused (MATCH_INCONSISTENT)."""
+    tagged = frame[12:14] == b"\x81\x00" and len(frame) >= 18
+    match = {"dl_vlan": int.from_bytes(frame[14:16], "big") & 0xFFF if tagged else VLAN_NONE}
+    k = key_dict(frame_key(frame))
+    if k["dl_type"]:
+        match["dl_type"] = k["dl_type"]
+        if k["dl_type"] == oxm.IP:
+            match["nw_proto"] = k["nw_proto"]
+    return match
 
 class StoreFailed(OFError):
     """The switch refused a change it had been given valid rules for: its store failed."""
@@ -109,12 +124,15 @@ class Handler:
         t = h.type
         self.role.check_write(t)
         if t == C.ROLE_REQUEST:
-            return [self.role_request(h.xid, body)]
+            reply = self.role_request(h.xid, body)
+            self._async_changed()
+            return [reply]
         if t == C.GET_ASYNC_REQUEST:
             C.need(body, 0, "GET_ASYNC_REQUEST", exact=True)
             return [R.async_reply(h.xid, self.role.masks)]
         if t == C.SET_ASYNC:
             self.role.masks = R.parse_set_async(body)
+            self._async_changed()
             return []
         if t == C.FEATURES_REQUEST:
             C.need(body, 0, "FEATURES_REQUEST", exact=True)
@@ -226,6 +244,10 @@ class Handler:
     def wants(self, msg_type: int, reason: int) -> bool:
         return self.role.wants(msg_type, reason)
 
+    def _async_changed(self) -> None:
+        if self.events is not None:
+            self.events.invalid_ttl_changed(self.bridge_name)
+
     # -- ports ----------------------------------------------------------------------------
     def ofport_of(self, ref: str) -> int:
         port = self.bridge.resolve(ref)
@@ -294,7 +316,7 @@ class Handler:
 
     def _check_ports(self, flow: Flow) -> None:
         bridge = self.bridge
-        actions = flow.actions + (flow.inst.write_actions or () if flow.inst else ())
+        actions = flow.all_actions()
         for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")
@@ -380,7 +402,7 @@ class Handler:
 
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
         f = rule.flow
-        actions = f.actions + (f.inst.write_actions or () if f.inst else ())
+        actions = f.all_actions()
         if out_group != C.OFPG_ANY and ("group", out_group) not in actions:
             return False
         if out_port == C.OFPP_ANY:
@@ -454,9 +476,7 @@ class Handler:
                 raise OFError(E.BAD_REQUEST, E.BRC_BAD_PORT, f"in_port {po.in_port}: no "
                                                              "such port")
             in_id = port.port_id
-        tagged = po.data[12:14] == b"\x81\x00" and len(po.data) >= 18
-        vid = int.from_bytes(po.data[14:16], "big") & 0xFFF if tagged else VLAN_NONE
-        actions = A.decode_actions(po.actions, {"dl_vlan": vid}, packet_out=True)
+        actions = A.decode_actions(po.actions, packet_match(po.data), packet_out=True)
         for a in actions:
             if a[0] == "output" and bridge.resolve(a[1]) is None:
                 raise OFError(E.BAD_ACTION, E.BAC_BAD_OUT_PORT, f"output:{a[1]}: no such port")

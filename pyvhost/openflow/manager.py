@@ -544,6 +544,7 @@ class OpenFlow:
         finally:
             b.connections.discard(conn)
             ln.connections.discard(conn)
+            self.events.invalid_ttl_changed(bridge)
 
     # -- reports --------------------------------------------------------------------------
     def show_lines(self, bridge: str) -> list[str]:

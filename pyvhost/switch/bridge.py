@@ -13,9 +13,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pyvhost._classifier import NO_GOTO_TABLE, Classifier
+from pyvhost._classifier import NO_GOTO_TABLE, Classifier, key_after
 from pyvhost._fdb import MacTable
-from pyvhost._flow import ACTION_OPS, pack_key
+from pyvhost._flow import ACTION_OPS, key_dict, pack_key
 
 from .flows import Flow, Selector, key_fields, match_key, metadata_key, parse_flow
 
@@ -38,11 +38,6 @@ NORMAL_MASK = pack_key({"vlan_tci": 0xFFFF, "dl_src": b"\xff" * 6, "dl_dst": b"\
 REMOTE_MASK = pack_key({"tun_id": 0xFFFFFFFF, "tun_src": b"\xff" * 4})   # per-remote ports
 DEFAULT_MAC_TABLE_SIZE = 8192
 DEFAULT_MAC_AGING = 300
-
-
-def _written(flow: Flow) -> tuple:
-    """The actions of the flow's write_actions instruction (none: ())."""
-    return flow.inst.write_actions or () if flow.inst is not None else ()
 
 
 @dataclass(slots=True)
@@ -135,7 +130,7 @@ class Bridge:
 
     # -- compiling rules ------------------------------------------------------------------
     def _refs(self, flow: Flow) -> set[str]:
-        actions = flow.actions + _written(flow)
+        actions = flow.all_actions()
         refs = {a[1] for a in actions if a[0] == "output"} | \
             {f"{a[0]}:{a[1]}" for a in actions if a[0] in ("group", "meter")}
         if "in_port" in flow.match:
@@ -144,7 +139,7 @@ class Bridge:
 
     def check(self, flow: Flow) -> None:
         """ValueError if the flow names a port this bridge does not have."""
-        for a in flow.actions + _written(flow):
+        for a in flow.all_actions():
             if a[0] == "output" and self.resolve(a[1]) is None:
                 raise ValueError(f"output: no port {a[1]!r} on bridge {self.name}")
         if "in_port" in flow.match and self.resolve(flow.match["in_port"]) is None:
@@ -375,7 +370,7 @@ class Bridge:
                 else:
                     resolved.append((op, arg))
             ops = resolved
-        for op, arg in ops:
+        for i, (op, arg) in enumerate(ops):
             if op == OP_CONTROLLER:
                 outputs.append("CONTROLLER")
             elif op == OP_IN_PORT and port is not None:
@@ -384,8 +379,10 @@ class Bridge:
                 outputs.append(by_id[arg].name)
             elif op == OP_FLOOD:
                 outputs += [p.name for p in self.ports.values() if p is not port]
-            elif op == OP_NORMAL:
-                outputs += self._normal_outputs(fields, port)
+            elif op == OP_NORMAL:                       # on the packet as edited so far
+                edited, decided = key_after(key, ops[:i])
+                mask = bytes(a | b for a, b in zip(mask, decided, strict=True))
+                outputs += self._normal_outputs(key_dict(edited), port)
         if any(op == OP_NORMAL for op, _ in ops):        # as the datapath widens it
             mask = bytes(a | b for a, b in zip(mask, NORMAL_MASK, strict=True))
             if port is not None and port.per_remote:     # the remote it learns

@@ -386,6 +386,12 @@ class Flow:
     goto_table: int | None = None
     inst: Instructions | None = None        # clear/write actions, write_metadata (None: none)
 
+    def all_actions(self) -> tuple:
+        """Every action the rule names: its apply-actions, then its write_actions (what
+        walks a rule's ports, groups or meters walks this, never ``actions`` alone)."""
+        written = self.inst.write_actions if self.inst is not None else None
+        return self.actions + written if written else self.actions
+
     def format_match(self) -> str:
         parts = []
         rest = dict(self.match)
@@ -517,8 +523,8 @@ def parse_flow(text: str) -> Flow:
 def check_action_prerequisites(match: dict, actions: tuple) -> None:
     """A set_field only on packets that have its header, as OVS checks it: ip_* needs ip,
     tcp_*/udp_* tcp/udp, vlan_pcp a VLAN tag (matched, or pushed by mod_vlan_vid before)."""
-    tagged = match.get("dl_vlan", VLAN_NONE) != VLAN_NONE
-    for a in actions:
+    tagged = match.get("dl_vlan", VLAN_NONE) != VLAN_NONE or "dl_vlan_pcp" in match
+    for a in actions:                                  # (a priority match implies a tag)
         if a[0] == "mod_vlan_vid":
             tagged = True
         elif a[0] == "strip_vlan":

@@ -111,11 +111,17 @@ class Groups:
             self.datapath.invalidate()
         return changed
 
-    def users(self, gid: int) -> list:
-        """The bridge's rules that name group ``gid``."""
+    def users(self, gid: int) -> list[tuple]:
+        """(rule, how many times it names group ``gid``) for the bridge's rules that name
+        it, in apply-actions or in write_actions."""
         ref = f"group:{gid}"
-        return [r for r in self.bridge.rules.values()
-                if ref in r.text and any(a == ("group", gid) for a in r.flow.actions)]
+        out = []
+        for r in self.bridge.rules.values():
+            if ref in r.text:
+                n = r.flow.all_actions().count(("group", gid))
+                if n:
+                    out.append((r, n))
+        return out
 
 
 def groups_of(bridge, datapath) -> Groups:

@@ -92,7 +92,7 @@ class Meters:
         """The bridge's rules that name meter ``mid``."""
         ref = f"meter:{mid}"
         return [r for r in self.bridge.rules.values()
-                if ref in r.text and any(a == ("meter", mid) for a in r.flow.actions)]
+                if ref in r.text and ("meter", mid) in r.flow.all_actions()]
 
 
 def meters_of(bridge, datapath) -> Meters:
