@@ -3,7 +3,8 @@
 (vlan_tci=0x1010/0x1ff0) installed by ovs-ofctl and by ``ctl add-flow``, printed the same
 by both dump-flows, and frames through the switch: tagged frames of the VIDs match,
 untagged ones do not, whatever order they come in (the megaflow of one never answers for
-the other)."""
+the other); and the text syntax vlan_tci=V[/M] with its refusals and set_field vlan_pcp's
+prerequisite on a masked match."""
 
 from __future__ import annotations
 
@@ -97,3 +98,30 @@ def test_masked_vlan_from_ctl_and_folded_forms(of_switch):
     a, b = ports["a"], ports["b"]
     a.send_all([udp(vlan=0x2006), udp()])
     assert drain(b) == [udp(vlan=0x6006)]                       # pcp 1 -> 3, untagged: no rule
+
+
+@pytest.mark.parametrize("text,want", [
+    ("vlan_tci=0x1000/0x1000", {"vlan_tci": (0x1000, 0x1000)}),
+    ("vlan_tci=0x1fff/0x1ff0", {"vlan_tci": (0x1FF0, 0x1FF0)}),   # value kept under the mask
+    ("vlan_tci=0x1005/0x1fff", {"dl_vlan": 5}),
+    ("vlan_tci=0x7000/0xf000", {"dl_vlan_pcp": 3}),
+    ("vlan_tci=0", {"dl_vlan": 0xFFFF}),
+    ("vlan_tci=0x1234/0", {}),
+    ("vlan_tci=0x1000/0x1000,dl_vlan=5", "give the tag one way"),
+    ("vlan_tci=0x10000", "out of range"),
+])
+def test_vlan_tci_syntax(text, want):
+    from pyvhost.switch.flows import FlowSyntaxError, parse_match
+    if isinstance(want, str):
+        with pytest.raises(FlowSyntaxError, match=want):
+            parse_match(text)
+    else:
+        assert parse_match(text) == want
+
+
+def test_set_field_vlan_pcp_needs_a_tag_in_a_masked_match():
+    from pyvhost.switch.flows import FlowSyntaxError, parse_flow
+    parse_flow("vlan_tci=0x1000/0x1000,actions=set_field:3->vlan_pcp")
+    for match in ("vlan_tci=0/0x1000", "vlan_tci=0x0005/0x0fff"):
+        with pytest.raises(FlowSyntaxError, match="prerequisites"):
+            parse_flow(f"{match},actions=set_field:3->vlan_pcp")
