@@ -34,7 +34,7 @@ SCALE = float(os.environ.get("PYVHOST_FUZZ_SCALE", "1"))
 
 # the key's bytes that packets can differ in, grouped by field, and masks a rule may use
 FIELDS = {
-    "in_port": [0xFFFF], "vlan_tci": [0x1FFF, 0xFFFF], "dl_type": [0xFFFF],
+    "in_port": [0xFFFF], "vlan_tci": [0x1FFF, 0xFFFF, 0x1000, 0x1FF0], "dl_type": [0xFFFF],
     "nw_proto": [0xFF], "tp_src": [0xFFFF, 0xFF00], "tp_dst": [0xFFFF, 0xFFF0],
     "nw_src": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\xff\xff\x00\x00"],
     "nw_dst": [b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\xff\x00\x00\x00"],
@@ -44,7 +44,7 @@ FIELDS = {
 }
 # few distinct values per field, so that random packets hit random rules often
 VALUES = {
-    "in_port": [1, 2, 3], "vlan_tci": [0, 0x1005, 0x1006], "dl_type": [0x0800, 0x0806],
+    "in_port": [1, 2, 3], "vlan_tci": [0, 0x1005, 0x1006, 0x3015], "dl_type": [0x0800, 0x0806],
     "nw_proto": [1, 6, 17], "tp_src": [53, 80, 0x1234], "tp_dst": [53, 80, 443],
     "nw_src": [bytes([10, 0, 0, i]) for i in (1, 2)] + [bytes([10, 0, 1, 1])],
     "nw_dst": [bytes([10, 0, 0, i]) for i in (1, 2)] + [bytes([192, 168, 0, 1])],
@@ -261,7 +261,8 @@ def test_later_tables_see_edits_as_the_reference_does():
     for _ in range(int(400 * SCALE)):
         table = rng.randrange(3)
         fields = rng.sample(narrow, rng.randint(1, 3))
-        mask = pack_key({f: FIELDS[f][0] for f in fields})
+        mask = pack_key({f: rng.choice(FIELDS[f]) if f == "vlan_tci" else FIELDS[f][0]
+                         for f in fields})             # (VLAN: any tag, VID ranges too)
         value = pack_key({f: rng.choice(VALUES[f]) for f in fields})
         r = rng.random()
         ops = set_nw_dst(rng.choice(VALUES["nw_dst"])) if r < 0.35 else \

@@ -226,3 +226,37 @@ def test_packet_out_set_field_checked_against_the_frame(of_switch):
     r = ofctl(target, "add-group", "group_id=1,type=all,bucket=set_field:10.0.0.1->ip_dst,"
               "output:2", check=False)
     assert r.returncode != 0 and "OFPBAC_BAD_TYPE" in r.stderr, r.stderr
+
+
+def test_packet_out_edits_apply_before_table(of_switch):
+    """PACKET_OUT set_field(s) then output:TABLE: the tables see the edited frame (as OVS
+    runs the actions on the packet before resubmitting it): the rule for the new address
+    and port matches, the one for the old ones does not, and the frame that arrives
+    carries the edits with true checksums."""
+    run_dir, ports, port = of_switch
+    target = f"tcp:127.0.0.1:{port}"
+    b, c = ports["b"], ports["c"]
+    f = frame_of(17)                                   # UDP to DST, port 53
+    ip, _ = layers(f)
+    ofctl(target, "del-flows")
+    ofctl(target, "add-flow", f"cookie=0x2,priority=10,udp,nw_dst={'.'.join(map(str, ip[16:20]))},"
+          "tp_dst=53,actions=output:2")
+    ofctl(target, "add-flow", "cookie=0x9,priority=10,udp,nw_dst=10.0.0.9,tp_dst=5353,"
+          "actions=output:3")
+    ofctl(target, "packet-out", "1", "set_field:10.0.0.9->ip_dst,set_field:5353->udp_dst,"
+          "output:TABLE", f.hex())
+    got = drain(c)
+    assert len(got) == 1 and drain(b, 0.1) == [], got
+    verify(got[0])
+    ip, l4 = layers(got[0])
+    assert ip[16:20] == bytes([10, 0, 0, 9]) and l4[2:4] == (5353).to_bytes(2, "big")
+    dump = ofctl(target, "dump-flows").stdout
+    assert re.search(r"cookie=0x9, .*n_packets=1,", dump) and \
+        re.search(r"cookie=0x2, .*n_packets=0,", dump), dump
+    # dec_ttl before TABLE: the tables see TTL - 1; a TTL it expires goes no further
+    ofctl(target, "packet-out", "1", "dec_ttl,output:TABLE", frame_of(17, ttl=9).hex())
+    got = drain(b)
+    assert len(got) == 1 and layers(got[0])[0][8] == 8, got
+    verify(got[0])
+    ofctl(target, "packet-out", "1", "dec_ttl,output:TABLE", frame_of(17, ttl=1).hex())
+    assert drain(b, 0.3) == [] and drain(c, 0.1) == []

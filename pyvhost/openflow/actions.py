@@ -25,7 +25,7 @@ import struct
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import MAX_OPS
-from pyvhost.switch.flows import METER_MAX, U64, VLAN_NONE, Instructions, Prefix, op_count
+from pyvhost.switch.flows import METER_MAX, U64, Instructions, Prefix, op_count, vlan_tagged
 
 from . import codec as C
 from . import errors as E
@@ -56,10 +56,8 @@ UNKNOWN, UNTAGGED, TAGGED = "unknown", "untagged", "tagged"
 
 
 def vlan_state(match: dict) -> str:
-    v = match.get("dl_vlan")
-    if v is None and "dl_vlan_pcp" in match:
-        return TAGGED                                  # a priority match implies a tag
-    return UNKNOWN if v is None else UNTAGGED if v == VLAN_NONE else TAGGED
+    tagged = vlan_tagged(match)
+    return UNKNOWN if tagged is None else TAGGED if tagged else UNTAGGED
 
 
 def _act(code: int, why: str) -> OFError:

@@ -1,8 +1,10 @@
 """OXM matches (OFPMT_OXM, class OFPXMC_OPENFLOW_BASIC) to and from the switch's match
 model (``pyvhost.switch.flows``: a dict of in_port, metadata (masked), dl_src/dl_dst,
 dl_type, dl_vlan, dl_vlan_pcp, nw_src/nw_dst, nw_proto, nw_tos, ip_dscp, nw_ecn,
-tp_src/tp_dst, arp_sha/arp_tha, tun_id, tun_src/tun_dst). A vlan_vid mask is taken only as
-OVS sends a priority without a VLAN id: vlan_vid=PRESENT/PRESENT with vlan_pcp.
+tp_src/tp_dst, arp_sha/arp_tha, tun_id, tun_src/tun_dst, vlan_tci). vlan_vid (with
+OFPVID_PRESENT, masked or not) and vlan_pcp become one 802.1Q TCI value and mask, which the
+model keeps as dl_vlan/dl_vlan_pcp where it can and as vlan_tci (value, mask) otherwise
+(vlan_vid=PRESENT/PRESENT: any tagged frame), as OVS prints them.
 
 The tunnel fields: tunnel_id (OFPXMT_OFB_TUNNEL_ID, 64 bits: the model's 24-bit VNI, so a
 value or mask bit above bit 23 is refused), and tun_src/tun_dst as Open vSwitch sends
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import struct
 
-from pyvhost.switch.flows import VLAN_NONE, Prefix
+from pyvhost.switch.flows import VLAN_NONE, Prefix, vlan_match
 
 from . import errors as E
 from .codec import OFPP_MAX, pad8
@@ -172,26 +174,23 @@ def decode(oxm: bytes) -> dict:
     eth_type = _int(tlv[ETH_TYPE][0]) if ETH_TYPE in tlv else None
     if eth_type is not None:
         match["dl_type"] = eth_type
-    if VLAN_VID in tlv and tlv[VLAN_VID][1] is not None:     # "any tag": only with a pcp
-        if tlv[VLAN_VID] != (_b(OFPVID_PRESENT, 2), _b(OFPVID_PRESENT, 2)) or \
-                VLAN_PCP not in tlv:
-            raise _bad(E.BMC_BAD_MASK, "vlan_vid with a mask: only PRESENT/PRESENT, with "
-                                       "vlan_pcp")
-    elif VLAN_VID in tlv:
-        vid = _int(tlv[VLAN_VID][0])
-        if vid == 0:
-            match["dl_vlan"] = VLAN_NONE
-        elif vid & OFPVID_PRESENT and vid <= 0x1FFF:
-            match["dl_vlan"] = vid & 0xFFF
-        else:
-            raise _bad(E.BMC_BAD_VALUE, f"vlan_vid 0x{vid:04x}")
+    if VLAN_VID in tlv:
+        v, m = (_int(b) if b is not None else None for b in tlv[VLAN_VID])
+        if v > 0x1FFF or (m is None and v and not v & OFPVID_PRESENT):
+            raise _bad(E.BMC_BAD_VALUE, f"vlan_vid 0x{v:04x}")
+        if m is not None and m > 0x1FFF:
+            raise _bad(E.BMC_BAD_MASK, f"vlan_vid mask 0x{m:04x} (13 bits: PRESENT and VID)")
+        tci, tci_mask = v, 0x1FFF if m is None else m       # the TCI's bit 12: a tag
     if VLAN_PCP in tlv:
-        if VLAN_VID not in tlv or match.get("dl_vlan") == VLAN_NONE:
+        if VLAN_VID not in tlv or not tci_mask & tci & OFPVID_PRESENT:
             raise _bad(E.BMC_BAD_PREREQ, "vlan_pcp needs vlan_vid (a tagged frame)")
         pcp = _int(tlv[VLAN_PCP][0])
         if pcp > 7:
             raise _bad(E.BMC_BAD_VALUE, f"vlan_pcp {pcp}")
-        match["dl_vlan_pcp"] = pcp
+        tci, tci_mask = tci | pcp << 13, tci_mask | 0xE000
+    if VLAN_VID in tlv:                         # OFPVID_NONE: untagged (dl_vlan=0xffff)
+        match.update({"dl_vlan": VLAN_NONE} if tci_mask == 0x1FFF and tci == 0 else
+                     vlan_match(tci, tci_mask))
     ip_fields = (IP_DSCP, IP_ECN, IP_PROTO, IPV4_SRC, IPV4_DST)
     if any(f in tlv for f in ip_fields) and eth_type != IP:
         if eth_type == 0x86DD:
@@ -298,6 +297,14 @@ def encode(match: dict, ofport_of) -> bytes:
         out.append(_tlv(VLAN_VID, _b(0 if v == VLAN_NONE else v | OFPVID_PRESENT, 2)))
     elif "dl_vlan_pcp" in match:                       # any tag (as OVS sends it)
         out.append(_tlv(VLAN_VID, _b(OFPVID_PRESENT, 2), _b(OFPVID_PRESENT, 2)))
+    elif "vlan_tci" in match:                          # (as OVS sends a TCI: VID and
+        v, m = match["vlan_tci"]                       # PRESENT, then a whole PCP)
+        vid, vid_m = v & 0x1FFF, m & 0x1FFF
+        if vid_m:
+            out.append(_tlv(VLAN_VID, _b(vid, 2)) if vid_m == 0x1FFF else
+                       _tlv(VLAN_VID, _b(vid, 2), _b(vid_m, 2)))
+        if vid and m & 0xE000 == 0xE000:
+            out.append(_tlv(VLAN_PCP, _b(v >> 13, 1)))
     if "dl_vlan_pcp" in match:
         out.append(_tlv(VLAN_PCP, _b(match["dl_vlan_pcp"], 1)))
     if "nw_tos" in match:

@@ -4,7 +4,9 @@
     table=0,priority=10,cookie=0x5,idle_timeout=30,in_port=vm1,icmp,nw_dst=10.0.0.0/24,actions=drop
     in_port=1,actions=mod_vlan_vid:10,output:2,goto_table:1
 
-Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), nw_src,
+Matches: in_port, dl_src, dl_dst (with /mask), dl_type, dl_vlan (0xffff: untagged), vlan_tci
+(the 802.1Q TCI as OVS keys it, bit 12 set on every tagged frame, 0 on untagged ones; with
+/mask: vlan_tci=0x1000/0x1000 is any tagged frame), nw_src,
 nw_dst (prefix or /netmask), nw_proto, nw_tos (the whole TOS byte), ip_dscp (its six DSCP
 bits, as OpenFlow's IP_DSCP), nw_ecn (its two ECN bits), dl_vlan_pcp (the 802.1Q priority:
 a tagged frame), arp_sha, arp_tha (with /mask; arp), tp_src, tp_dst (with /mask), the
@@ -48,12 +50,13 @@ SHORTHANDS = {
 U64 = (1 << 64) - 1
 INT_FIELDS = {"metadata": U64, "dl_type": 0xFFFF, "dl_vlan": 0xFFFF, "nw_proto": 0xFF,
               "nw_tos": 0xFF, "ip_dscp": 0x3F, "nw_ecn": 3, "dl_vlan_pcp": 7,
-              "tp_src": 0xFFFF, "tp_dst": 0xFFFF, "tun_id": 0xFFFFFF}
-MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id", "metadata")
+              "tp_src": 0xFFFF, "tp_dst": 0xFFFF, "tun_id": 0xFFFFFF, "vlan_tci": 0xFFFF}
+MASKABLE_INTS = ("tp_src", "tp_dst", "tun_id", "metadata", "vlan_tci")
 MAC_FIELDS = ("dl_src", "dl_dst", "arp_sha", "arp_tha")
 MATCH_ALIASES = {"ip_ecn": "nw_ecn", "vlan_pcp": "dl_vlan_pcp"}     # (as OVS takes them)
 IP_FIELDS = ("nw_src", "nw_dst", "tun_src", "tun_dst")
-FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "dl_vlan", "dl_vlan_pcp",
+FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "vlan_tci", "dl_vlan",
+               "dl_vlan_pcp",
                "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos",
                "ip_dscp", "nw_ecn", "tp_src", "tp_dst", "arp_sha", "arp_tha")
 SET_FIELDS = {"tun_id": "set_tun_id", "tun_dst": "set_tun_dst"}   # set_field:V->FIELD
@@ -210,8 +213,45 @@ def parse_match(text: str) -> dict:
             match[name] = _net(value, name)
         else:
             raise FlowSyntaxError(f"unknown match field {name!r}")
+    if "vlan_tci" in match:
+        if "dl_vlan" in match or "dl_vlan_pcp" in match:
+            raise FlowSyntaxError("vlan_tci with dl_vlan or dl_vlan_pcp: give the tag one way")
+        tci = match.pop("vlan_tci")
+        match.update(vlan_match(*(tci if isinstance(tci, tuple) else (tci, 0xFFFF))))
     _check_prerequisites(match)
     return match
+
+
+def vlan_match(value: int, mask: int) -> dict:
+    """The match fields of a masked 802.1Q TCI (bit 12: tagged), as OVS prints it: dl_vlan
+    and/or dl_vlan_pcp when the mask asks for a tag and whole VID/PCP fields, dl_vlan=0xffff
+    for exactly untagged, else vlan_tci=(value, mask) (value under the mask; none at all
+    for mask 0)."""
+    value &= mask
+    vid_m, pcp_m = mask & 0x0FFF, mask & 0xE000
+    if mask & value & 0x1000 and vid_m in (0, 0x0FFF) and pcp_m in (0, 0xE000) and \
+            (vid_m or pcp_m):
+        out = {}
+        if vid_m:
+            out["dl_vlan"] = value & 0x0FFF
+        if pcp_m:
+            out["dl_vlan_pcp"] = value >> 13
+        return out
+    if mask == 0xFFFF and value == 0:
+        return {"dl_vlan": VLAN_NONE}
+    return {"vlan_tci": (value, mask)} if mask else {}
+
+
+def vlan_tagged(match: dict) -> bool | None:
+    """Whether every frame the match takes has a VLAN tag (True), none has (False), or
+    either may (None)."""
+    if "vlan_tci" in match:
+        value, mask = match["vlan_tci"]
+        return bool(value & 0x1000) if mask & 0x1000 else None
+    v = match.get("dl_vlan")
+    if v is None:
+        return True if "dl_vlan_pcp" in match else None    # a priority match implies a tag
+    return v != VLAN_NONE
 
 
 def _check_prerequisites(match: dict) -> None:
@@ -411,6 +451,8 @@ class Flow:
                 v = str(v)
             elif name in ("tun_id", "metadata"):
                 v = f"0x{v[0]:x}/0x{v[1]:x}" if isinstance(v, tuple) else f"0x{v:x}"
+            elif name == "vlan_tci" and v[1] == 0xFFFF:
+                v = f"0x{v[0]:04x}"
             elif isinstance(v, tuple):
                 v = f"0x{v[0]:04x}/0x{v[1]:04x}"
             elif name in ("dl_type", "dl_vlan") and (name == "dl_type" or v == VLAN_NONE):
@@ -523,8 +565,8 @@ def parse_flow(text: str) -> Flow:
 def check_action_prerequisites(match: dict, actions: tuple) -> None:
     """A set_field only on packets that have its header, as OVS checks it: ip_* needs ip,
     tcp_*/udp_* tcp/udp, vlan_pcp a VLAN tag (matched, or pushed by mod_vlan_vid before)."""
-    tagged = match.get("dl_vlan", VLAN_NONE) != VLAN_NONE or "dl_vlan_pcp" in match
-    for a in actions:                                  # (a priority match implies a tag)
+    tagged = bool(vlan_tagged(match))
+    for a in actions:
         if a[0] == "mod_vlan_vid":
             tagged = True
         elif a[0] == "strip_vlan":
