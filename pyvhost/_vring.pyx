@@ -524,15 +524,9 @@ cdef void vq_rx_complete(vq_t *vq) noexcept nogil:
     if VH_GUARD_ENTER(&g):
         vq_fault(vq)
         return
-    if vq.packed:
-        for k in range(n):
-            put_used_packed(vq, vq.pend_id[k], 0, vq.pend_slots[k], False)
-        notify_guest_packed(vq)
-    else:
-        for k in range(n):
-            put_used(vq, vq.pend_id[k], 0)
-        if vq.last_used_idx != vh_load_relaxed_u16(&vq.used[1]):
-            notify_guest(vq)
+    for k in range(n):
+        mark_used(vq, vq.pend_id[k], vq.pend_slots[k], 0, False)
+    ring_notify(vq, n)
     vh_guard_leave(&g)
 
 
@@ -631,9 +625,7 @@ cdef uint32_t dequeue_core(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t cou
             make_rarp(pkts[0], vq.rarp_mac)
             vq.rarp_pending = 0
             lead = 1
-    if vq.packed:
-        return lead + packed_dequeue(vq, pool, pkts + lead, count - lead, ref)
-    return lead + split_dequeue(vq, pool, pkts + lead, count - lead, ref)
+    return lead + dequeue_chains(vq, pool, pkts + lead, count - lead, ref)
 
 
 cdef void make_rarp(pkt_t *p, const uint8_t *mac) noexcept nogil:
@@ -653,44 +645,6 @@ cdef void make_rarp(pkt_t *p, const uint8_t *mac) noexcept nogil:
     memcpy(d + 32, mac, 6)                        # target MAC
     memset(p.vnet_hdr, 0, 12)
     p.len = 60
-
-
-cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
-                            uint32_t count, bint ref) noexcept nogil:
-    cdef uint16_t avail_idx, head
-    cdef int avail
-    cdef uint32_t i, nout = 0, niov
-    cdef uint64_t total
-    cdef iov_t iov[MAX_IOV]
-    cdef int rc
-    avail = avail_count(vq, &avail_idx)
-    if avail <= 0:
-        return 0
-    if <uint32_t>avail < count:
-        count = avail
-    for i in range(count):
-        head = vh_load_relaxed_u16(&vq.avail[2 + ((vq.last_avail_idx) & (vq.size - 1))])
-        if head >= vq.size:
-            vq.broken = 1
-            vq.st.ring_errors += 1
-            break
-        niov = 0
-        rc = walk_chain(vq, head, False, iov, &niov, &total)
-        if rc == -3:
-            break                           # not mapped yet: stays in the ring
-        if receive_chain(vq, pool, iov, niov, total, rc < 0, pkts, &nout, ref) < 0:
-            break                           # no packet buffer: it stays in the ring
-        if ref:
-            vq.pend_id[vq.npend] = head       # back to the guest in vq_rx_complete
-            vq.npend += 1
-        else:
-            put_used(vq, head, 0)
-        vq.last_avail_idx += 1
-    if vq.last_used_idx != vh_load_relaxed_u16(&vq.used[1]):
-        notify_guest(vq)
-    vq.st.packets += nout
-    vq.st.bursts += 1
-    return nout
 
 
 cdef inline void fill_iovs(iov_t *iov, uint32_t *i_iov, uint64_t *off, const uint8_t *src,
@@ -744,9 +698,7 @@ cdef uint32_t enqueue_guarded(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept n
 
 
 cdef inline uint32_t enqueue_core(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    if vq.packed and vq.ready and vq.enabled and not vq.broken and not vq.iotlb_miss:
-        return packed_enqueue(vq, pkts, count)
-    return split_enqueue(vq, pkts, count)
+    return enqueue_chains(vq, pkts, count)
 
 
 cdef uint32_t hold_frames(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
@@ -821,108 +773,6 @@ cdef inline void fill_header(uint8_t *hdr, vq_t *vq, uint32_t nbufs, pkt_t *pkt)
     if vq.hdr_len == 12:
         hdr[10] = <uint8_t>(nbufs & 0xff)
         hdr[11] = <uint8_t>(nbufs >> 8)
-
-
-cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    cdef uint16_t avail_idx, head, used_before
-    cdef int avail
-    cdef uint32_t i, b, nbufs, niov, i_iov, nsent = 0
-    cdef uint64_t need, cap, total, off, w
-    cdef iov_t iov[MAX_IOV]
-    cdef uint16_t heads[MAX_BUFS_PER_PKT]
-    cdef uint64_t caps[MAX_BUFS_PER_PKT]
-    cdef uint8_t hdr[12]
-    cdef pkt_t *pkt
-    cdef bint bad, miss = False
-    cdef int rc
-    if not vq.ready:
-        return 0
-    if not vq.enabled:
-        vq.st.drop_disabled += count
-        return 0
-    if vq.iotlb_miss:                     # waiting for the front-end to map a buffer
-        return 0                          # (vq_enqueue holds or counts them)
-    if vq.broken or avail_count(vq, &avail_idx) < 0:
-        vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
-        return 0
-    used_before = vq.last_used_idx
-    i = 0
-    while i < count:
-        pkt = pkts[i]
-        need = vq.hdr_len + pkt.len + pkt.ext_len
-        nbufs = 0
-        niov = 0
-        cap = 0
-        bad = False
-        while cap < need:
-            if <uint16_t>(avail_idx - vq.last_avail_idx) == nbufs or nbufs == MAX_BUFS_PER_PKT:
-                break
-            head = vh_load_relaxed_u16(&vq.avail[2 + ((vq.last_avail_idx + nbufs) & (vq.size - 1))])
-            if head >= vq.size:
-                vq.broken = 1             # counted as packed counts a broken ring: one
-                vq.st.ring_errors += 1    # ring error, the frames left are drop_no_buffer
-                break
-            rc = walk_chain(vq, head, True, iov, &niov, &total)
-            if rc == -3:
-                miss = True
-                break
-            if rc < 0:
-                bad = True
-                heads[nbufs] = head
-                nbufs += 1
-                break
-            heads[nbufs] = head
-            caps[nbufs] = total
-            nbufs += 1
-            cap += total
-            if not vq.mrg_rxbuf:
-                break
-        if miss or vq.broken:
-            break                           # nothing of this frame's buffers was consumed
-        if bad:
-            # a hostile chain: give the buffers back untouched, drop this frame
-            vq.st.drop_bad_desc += 1
-            if vq.broken:
-                i += 1                      # counted once; the rest: drop_no_buffer
-                break
-            for b in range(nbufs):
-                put_used(vq, heads[b], 0)
-            vq.last_avail_idx += nbufs
-            i += 1
-            continue
-        if cap < need:
-            if nbufs and not vq.mrg_rxbuf:
-                vq.st.drop_oversize += 1    # the guest's buffer is too small for it
-                i += 1
-                continue
-            break                           # out of buffers: the rest are not delivered
-        fill_header(hdr, vq, nbufs, pkt)
-        i_iov = 0
-        off = 0
-        fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
-        fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
-        if pkt.ext_len and fill_ext(iov, &i_iov, &off, pkt) < 0:
-            i += 1                          # the sender's memory faulted: the frame is
-            continue                        # lost, the buffers stay the guest's
-        log_iovs(vq, iov, niov, need)
-        w = need
-        for b in range(nbufs):
-            total = caps[b] if caps[b] < w else w
-            put_used(vq, heads[b], <uint32_t>total)
-            w -= total
-        vq.last_avail_idx += nbufs
-        vq.st.bytes += pkt.len + pkt.ext_len
-        if pkt.ext_len:
-            vq.onecopy += 1
-        nsent += 1
-        i += 1
-    if i < count and not miss:
-        vq.st.drop_no_buffer += count - i
-    if vq.last_used_idx != used_before:
-        notify_guest(vq)
-    vq.st.packets += nsent
-    vq.st.bursts += 1
-    return nsent
 
 
 # -- packed virtqueues -------------------------------------------------------------------
@@ -1081,97 +931,205 @@ cdef void notify_guest_packed(vq_t *vq) noexcept nogil:
             vq.st.call_errors += 1
 
 
-cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
-                             uint32_t count, bint ref) noexcept nogil:
-    cdef uint32_t i, nout = 0, niov, nslots, used = 0
-    cdef uint64_t total
-    cdef uint16_t buf_id
+# -- one ring core: split and packed through the same dequeue and enqueue ------------------
+# The two layouts differ only in how the next available chain is found and read, how a used
+# element is written and how the guest is told; everything else (counters, limits, the
+# copy, the header, logging) is the core's, so a fault is counted the same on both.
+
+cdef enum:
+    CHAIN_OK = 0
+    CHAIN_BAD = -1          # a hostile chain: it is consumed (given back untouched) and dropped
+    CHAIN_BROKEN = -2       # the ring's own structure is bad (head index, endless chain)
+    CHAIN_MISS = -3         # an IOTLB miss: nothing may be consumed
+    CHAIN_NONE = -4         # nothing (more) available
+
+
+cdef struct cursor_t:
+    # where the next available chain is: split, the free-running avail index and the guest's
+    # avail idx read once per burst; packed, the slot and its wrap counter
+    uint16_t idx
+    uint16_t avail_idx
+    uint8_t wrap
+
+
+cdef struct chain_t:
+    uint16_t id             # split: the head index; packed: the buffer id
+    uint16_t nslots         # packed: the ring slots the chain spans; split: 1
+    uint64_t total          # bytes of its buffers
+
+
+cdef inline int ring_begin(vq_t *vq, cursor_t *cur) noexcept nogil:
+    """A cursor at the next available chain; -1 when the ring proves broken (split: an
+    avail idx more than a ring ahead, counted in ring_errors)."""
+    cur.idx = vq.last_avail_idx
+    cur.wrap = vq.avail_wrap
+    if vq.packed:
+        return 0
+    return -1 if avail_count(vq, &cur.avail_idx) < 0 else 0
+
+
+cdef inline void ring_commit(vq_t *vq, const cursor_t *cur) noexcept nogil:
+    """The chains up to ``cur`` are consumed."""
+    vq.last_avail_idx = cur.idx
+    vq.avail_wrap = cur.wrap
+
+
+cdef inline bint ring_has_chain(vq_t *vq, const cursor_t *cur) noexcept nogil:
+    if vq.packed:
+        return packed_avail(vq, cur.idx, cur.wrap)
+    return cur.avail_idx != cur.idx
+
+
+cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
+                           uint32_t *niov, chain_t *ch) noexcept nogil:
+    """Read the chain at ``cur`` into iov[*niov..] and step ``cur`` past it: CHAIN_OK,
+    CHAIN_BAD (``ch`` still names it, so it can be given back), or CHAIN_BROKEN,
+    CHAIN_MISS, CHAIN_NONE (``cur`` is then not to be committed)."""
+    cdef uint32_t nslots = 1
+    cdef uint16_t head
     cdef int rc
-    cdef iov_t iov[MAX_IOV]
-    for i in range(count):
-        if not packed_avail(vq, vq.last_avail_idx, vq.avail_wrap):
-            break
-        niov = 0
-        rc = walk_packed(vq, vq.last_avail_idx, False, iov, &niov, &total, &nslots, &buf_id)
-        if rc == -3:
-            break
+    ch.total = 0
+    if not ring_has_chain(vq, cur):
+        return CHAIN_NONE
+    if vq.packed:
+        rc = walk_packed(vq, cur.idx, writable, iov, niov, &ch.total, &nslots, &ch.id)
         if rc == -2:
-            vq.broken = 1
-            vq.st.ring_errors += 1
+            return CHAIN_BROKEN
+        if rc == -3:
+            return CHAIN_MISS
+        packed_advance(&cur.idx, &cur.wrap, nslots, vq.size)
+    else:
+        head = vh_load_relaxed_u16(&vq.avail[2 + (cur.idx & (vq.size - 1))])
+        if head >= vq.size:
+            return CHAIN_BROKEN
+        rc = walk_chain(vq, head, writable, iov, niov, &ch.total)
+        if rc == -3:
+            return CHAIN_MISS
+        ch.id = head
+        cur.idx += 1
+    ch.nslots = <uint16_t>nslots
+    return CHAIN_BAD if rc < 0 else CHAIN_OK
+
+
+cdef inline void ring_broken(vq_t *vq) noexcept nogil:
+    """The ring cannot be trusted any more: control resets it."""
+    vq.broken = 1
+    vq.st.ring_errors += 1
+
+
+cdef inline void mark_used(vq_t *vq, uint16_t id, uint16_t nslots, uint32_t length,
+                           bint written) noexcept nogil:
+    if vq.packed:
+        put_used_packed(vq, id, length, nslots, written)
+    else:
+        put_used(vq, id, length)
+
+
+cdef inline void ring_notify(vq_t *vq, uint32_t nused) noexcept nogil:
+    """Publish the ``nused`` used elements just written (our own count: never the used
+    index in guest memory, which the guest can write) and notify unless suppressed."""
+    if nused == 0:
+        return
+    if vq.packed:
+        notify_guest_packed(vq)
+    else:
+        notify_guest(vq)
+
+
+cdef uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count,
+                             bint ref) noexcept nogil:
+    """Guest TX chains into packets, split or packed. An empty ring is not a burst."""
+    cdef cursor_t cur
+    cdef chain_t ch
+    cdef uint32_t i, nout = 0, niov, nused = 0
+    cdef iov_t iov[MAX_IOV]
+    cdef int rc
+    if ring_begin(vq, &cur) < 0 or not ring_has_chain(vq, &cur):
+        return 0
+    for i in range(count):
+        niov = 0
+        rc = next_chain(vq, &cur, False, iov, &niov, &ch)
+        if rc == CHAIN_NONE or rc == CHAIN_MISS:
+            break                           # a miss: not mapped yet, stays in the ring
+        if rc == CHAIN_BROKEN:
+            ring_broken(vq)
             break
-        if receive_chain(vq, pool, iov, niov, total, rc < 0, pkts, &nout, ref) < 0:
-            break
+        if receive_chain(vq, pool, iov, niov, ch.total, rc < 0, pkts, &nout, ref) < 0:
+            break                           # no packet buffer: it stays in the ring
         if ref:
-            vq.pend_id[vq.npend] = buf_id     # back to the guest in vq_rx_complete
-            vq.pend_slots[vq.npend] = <uint16_t>nslots
+            vq.pend_id[vq.npend] = ch.id      # back to the guest in vq_rx_complete
+            vq.pend_slots[vq.npend] = ch.nslots
             vq.npend += 1
         else:
-            put_used_packed(vq, buf_id, 0, nslots, False)
-            used += 1
-        packed_advance(&vq.last_avail_idx, &vq.avail_wrap, nslots, vq.size)
-    if used:
-        notify_guest_packed(vq)
+            mark_used(vq, ch.id, ch.nslots, 0, False)
+            nused += 1
+        ring_commit(vq, &cur)
+    ring_notify(vq, nused)
     vq.st.packets += nout
     vq.st.bursts += 1
     return nout
 
 
-cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0, nslots, used = 0
+cdef uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
+    """Packets into guest RX buffers, split or packed, mergeable or not."""
+    cdef cursor_t cur, nxt
+    cdef chain_t chains[MAX_BUFS_PER_PKT]
+    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0, nused = 0
     cdef uint64_t need, cap, total, off, w
-    cdef uint16_t idx, buf_id
-    cdef uint8_t wrap
-    cdef int rc
     cdef iov_t iov[MAX_IOV]
-    cdef uint16_t ids[MAX_BUFS_PER_PKT]
-    cdef uint32_t slots[MAX_BUFS_PER_PKT]
-    cdef uint64_t caps[MAX_BUFS_PER_PKT]
     cdef uint8_t hdr[12]
     cdef pkt_t *pkt
+    cdef bint miss = False
+    cdef int rc
+    if not vq.ready:
+        return 0
+    if not vq.enabled:
+        vq.st.drop_disabled += count
+        return 0
+    if vq.iotlb_miss:                     # waiting for the front-end to map a buffer
+        return 0                          # (vq_enqueue holds or counts them)
+    if vq.broken or ring_begin(vq, &cur) < 0:
+        vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
+        return 0
     while i < count:
         pkt = pkts[i]
         need = vq.hdr_len + pkt.len + pkt.ext_len
         nbufs = niov = 0
         cap = 0
-        rc = 0
-        idx = vq.last_avail_idx
-        wrap = vq.avail_wrap
-        while cap < need and nbufs < MAX_BUFS_PER_PKT and packed_avail(vq, idx, wrap):
-            rc = walk_packed(vq, idx, True, iov, &niov, &total, &nslots, &buf_id)
-            if rc == -2 or rc == -3:
+        rc = CHAIN_OK
+        nxt = cur
+        while cap < need and nbufs < MAX_BUFS_PER_PKT:
+            rc = next_chain(vq, &nxt, True, iov, &niov, &chains[nbufs])
+            if rc == CHAIN_NONE or rc == CHAIN_MISS or rc == CHAIN_BROKEN:
                 break
-            ids[nbufs] = buf_id
-            slots[nbufs] = nslots
-            caps[nbufs] = total if rc == 0 else 0
             nbufs += 1
-            packed_advance(&idx, &wrap, nslots, vq.size)
-            if rc < 0:
+            if rc == CHAIN_BAD:
                 break
-            cap += total
+            cap += chains[nbufs - 1].total
             if not vq.mrg_rxbuf:
                 break
-        if rc == -3:
+        if rc == CHAIN_MISS:
+            miss = True
             break                           # not mapped yet: nothing consumed
-        if rc == -2:
-            vq.broken = 1
-            vq.st.ring_errors += 1
+        if rc == CHAIN_BROKEN:
+            ring_broken(vq)                 # one ring error; the frames left: drop_no_buffer
             break
-        if rc == -1:
+        if rc == CHAIN_BAD:
             # a hostile buffer: give back what this frame took, untouched, and drop it
             vq.st.drop_bad_desc += 1
             for b in range(nbufs):
-                put_used_packed(vq, ids[b], 0, slots[b], True)
-                used += 1
-            vq.last_avail_idx = idx
-            vq.avail_wrap = wrap
+                mark_used(vq, chains[b].id, chains[b].nslots, 0, True)
+            nused += nbufs
+            cur = nxt
+            ring_commit(vq, &cur)
             i += 1
             continue
         if cap < need:
             if nbufs and not vq.mrg_rxbuf:
-                vq.st.drop_oversize += 1
+                vq.st.drop_oversize += 1    # the guest's buffer is too small for it
                 i += 1
                 continue
-            break
+            break                           # out of buffers: the rest are not delivered
         fill_header(hdr, vq, nbufs, pkt)
         i_iov = 0
         off = 0
@@ -1183,21 +1141,20 @@ cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept no
         log_iovs(vq, iov, niov, need)
         w = need
         for b in range(nbufs):
-            total = caps[b] if caps[b] < w else w
-            put_used_packed(vq, ids[b], <uint32_t>total, slots[b], True)
+            total = chains[b].total if chains[b].total < w else w
+            mark_used(vq, chains[b].id, chains[b].nslots, <uint32_t>total, True)
             w -= total
-            used += 1
-        vq.last_avail_idx = idx
-        vq.avail_wrap = wrap
+        nused += nbufs
+        cur = nxt
+        ring_commit(vq, &cur)
         vq.st.bytes += pkt.len + pkt.ext_len
         if pkt.ext_len:
             vq.onecopy += 1
         nsent += 1
         i += 1
-    if i < count and not vq.iotlb_miss:
+    if i < count and not miss:
         vq.st.drop_no_buffer += count - i
-    if used:
-        notify_guest_packed(vq)
+    ring_notify(vq, nused)
     vq.st.packets += nsent
     vq.st.bursts += 1
     return nsent
