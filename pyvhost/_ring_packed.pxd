@@ -1,0 +1,69 @@
+# The packed layout's part of the ring core: which descriptor is available (wrap
+# counters), used descriptors written back in place, and the guest notification through the
+# event-suppression areas. Writes only used descriptors. Header-only: compiled into _vring.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from pyvhost._ring_split cimport need_event
+from pyvhost._vring cimport (
+    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, VRING_DESC_F_WRITE,
+    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, vh_eventfd_signal, vh_fence_seq_cst,
+    vh_load_acquire_u16, vh_load_relaxed_u16, vh_log_write, vh_store_release_u16, vq_t,
+    vring_packed_desc_t,
+)
+
+
+cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nogil:
+    """Is the descriptor at ``idx`` available to us under avail wrap counter ``wrap``?"""
+    cdef uint16_t flags = vh_load_acquire_u16(&vq.pdesc[idx].flags)
+    cdef uint8_t avail = (flags & VRING_PACKED_DESC_F_AVAIL) != 0
+    cdef uint8_t used = (flags & VRING_PACKED_DESC_F_USED) != 0
+    return avail == wrap and used != wrap
+
+
+cdef inline void packed_advance(uint16_t *idx, uint8_t *wrap, uint32_t n,
+                                uint32_t size) noexcept nogil:
+    cdef uint32_t i = idx[0] + n
+    if i >= size:
+        i -= size
+        wrap[0] ^= 1
+    idx[0] = <uint16_t>i
+
+
+cdef inline void put_used_packed(vq_t *vq, uint16_t buf_id, uint32_t length, uint32_t nslots,
+                                 bint written) noexcept nogil:
+    cdef vring_packed_desc_t *d = &vq.pdesc[vq.last_used_idx]
+    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) \
+        if vq.used_wrap else 0
+    if written:
+        flags |= VRING_DESC_F_WRITE
+    d.id = buf_id
+    d.len = length
+    vh_store_release_u16(&d.flags, flags)
+    if vq.log_all:
+        vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>vq.last_used_idx, 16)
+    packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
+
+
+cdef inline void notify_guest_packed(vq_t *vq) noexcept nogil:
+    """Signal the call fd unless the driver's event-suppression area says not to."""
+    cdef uint16_t old = vq.signalled_used, new = vq.last_used_idx, flags, off_wrap, off
+    cdef bint fire
+    vh_fence_seq_cst()
+    flags = vh_load_relaxed_u16(&vq.avail[1])
+    if flags != RING_EVENT_FLAGS_DESC or not vq.event_idx:
+        fire = flags != RING_EVENT_FLAGS_DISABLE
+    else:
+        off_wrap = vh_load_relaxed_u16(&vq.avail[0])
+        off = off_wrap & 0x7FFF
+        if new <= old:
+            old -= vq.size
+        if vq.used_wrap != off_wrap >> 15:
+            off -= vq.size
+        fire = need_event(off, new, old) or not vq.signalled_used_valid
+    vq.signalled_used = new
+    vq.signalled_used_valid = 1
+    if fire and vq.callfd >= 0:
+        if vh_eventfd_signal(vq.callfd) == 0:
+            vq.st.calls += 1
+        else:
+            vq.st.call_errors += 1
