@@ -10,7 +10,8 @@ from pyvhost._ring_copy cimport copy_head, copy_out, fill_header, fill_iovs, log
 from pyvhost._ring_guard cimport vh_compiler_barrier
 from pyvhost._ring_onecopy cimport fill_ext
 from pyvhost._ring_packed cimport (
-    notify_guest_packed, packed_advance, packed_avail, put_used_packed,
+    notify_guest_packed, packed_advance, packed_avail, packed_used_flush, put_used_packed,
+    used_batch_t,
 )
 from pyvhost._ring_split cimport avail_count, notify_guest, put_used
 from pyvhost._ring_walk cimport MAX_BUFS_PER_PKT, walk_chain, walk_packed
@@ -138,20 +139,24 @@ cdef inline void ring_broken(vq_t *vq) noexcept nogil:
     vq.st.ring_errors += 1
 
 
-cdef inline void mark_used(vq_t *vq, uint16_t id, uint16_t nslots, uint32_t length,
-                           bint written) noexcept nogil:
+cdef inline void mark_used(vq_t *vq, used_batch_t *ub, uint16_t id, uint16_t nslots,
+                           uint32_t length, bint written) noexcept nogil:
+    """A used element into the burst's batch ``ub`` (zeroed at the burst's start); the guest
+    sees the batch in ring_notify. Split: the used index is published once there anyway."""
     if vq.packed:
-        put_used_packed(vq, id, length, nslots, written)
+        put_used_packed(vq, ub, id, length, nslots, written)
     else:
         put_used(vq, id, length)
+        ub.n += 1
 
 
-cdef inline void ring_notify(vq_t *vq, uint32_t nused) noexcept nogil:
-    """Publish the ``nused`` used elements just written (our own count: never the used
-    index in guest memory, which the guest can write) and notify unless suppressed."""
-    if nused == 0:
+cdef inline void ring_notify(vq_t *vq, used_batch_t *ub) noexcept nogil:
+    """Publish the used elements the burst wrote (our own count: never the used index in
+    guest memory, which the guest can write) and notify unless suppressed."""
+    if ub.n == 0:
         return
     if vq.packed:
+        packed_used_flush(vq, ub)
         notify_guest_packed(vq)
     else:
         notify_guest(vq)
@@ -162,9 +167,11 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     """Guest TX chains into packets, split or packed. An empty ring is not a burst."""
     cdef cursor_t cur
     cdef chain_t ch
-    cdef uint32_t i, nout = 0, niov, nused = 0
+    cdef uint32_t i, nout = 0, niov
+    cdef used_batch_t ub
     cdef iov_t iov[MAX_IOV]
     cdef int rc
+    ub.n = 0
     if ring_begin(vq, &cur) < 0 or not ring_has_chain(vq, &cur):
         return 0
     for i in range(count):
@@ -182,10 +189,9 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
             vq.pend_slots[vq.npend] = ch.nslots
             vq.npend += 1
         else:
-            mark_used(vq, ch.id, ch.nslots, 0, False)
-            nused += 1
+            mark_used(vq, &ub, ch.id, ch.nslots, 0, False)
         ring_commit(vq, &cur)
-    ring_notify(vq, nused)
+    ring_notify(vq, &ub)
     vq.st.packets += nout
     vq.st.bursts += 1
     return nout
@@ -195,13 +201,15 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
     """Packets into guest RX buffers, split or packed, mergeable or not."""
     cdef cursor_t cur, nxt
     cdef chain_t chains[MAX_BUFS_PER_PKT]
-    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0, nused = 0
+    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0
+    cdef used_batch_t ub
     cdef uint64_t need, cap, total, off, w
     cdef iov_t iov[MAX_IOV]
     cdef uint8_t hdr[12]
     cdef pkt_t *pkt
     cdef bint miss = False
     cdef int rc
+    ub.n = 0
     if not vq.ready:
         return 0
     if not vq.enabled:
@@ -239,8 +247,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
             # a hostile buffer: give back what this frame took, untouched, and drop it
             vq.st.drop_bad_desc += 1
             for b in range(nbufs):
-                mark_used(vq, chains[b].id, chains[b].nslots, 0, True)
-            nused += nbufs
+                mark_used(vq, &ub, chains[b].id, chains[b].nslots, 0, True)
             cur = nxt
             ring_commit(vq, &cur)
             i += 1
@@ -263,9 +270,8 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
         w = need
         for b in range(nbufs):
             total = chains[b].total if chains[b].total < w else w
-            mark_used(vq, chains[b].id, chains[b].nslots, <uint32_t>total, True)
+            mark_used(vq, &ub, chains[b].id, chains[b].nslots, <uint32_t>total, True)
             w -= total
-        nused += nbufs
         cur = nxt
         ring_commit(vq, &cur)
         vq.st.bytes += pkt.len + pkt.ext_len
@@ -275,7 +281,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
         i += 1
     if i < count and not miss:
         vq.st.drop_no_buffer += count - i
-    ring_notify(vq, nused)
+    ring_notify(vq, &ub)
     vq.st.packets += nsent
     vq.st.bursts += 1
     return nsent

@@ -29,8 +29,17 @@ cdef inline void packed_advance(uint16_t *idx, uint8_t *wrap, uint32_t n,
     idx[0] = <uint16_t>i
 
 
-cdef inline void put_used_packed(vq_t *vq, uint16_t buf_id, uint32_t length, uint32_t nslots,
-                                 bint written) noexcept nogil:
+cdef struct used_batch_t:
+    # the used descriptors one burst writes (packed: DPDK's batch): every one is written as
+    # it is decided except the first one's flags, stored last (packed_used_flush), so the
+    # driver, which reads used descriptors in order, takes the burst as one
+    uint32_t n              # used elements written in this burst
+    uint16_t head_slot      # packed: the slot of the first, its flags not yet stored
+    uint16_t head_flags
+
+
+cdef inline void put_used_packed(vq_t *vq, used_batch_t *ub, uint16_t buf_id, uint32_t length,
+                                 uint32_t nslots, bint written) noexcept nogil:
     cdef vring_packed_desc_t *d = &vq.pdesc[vq.last_used_idx]
     cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) \
         if vq.used_wrap else 0
@@ -38,10 +47,23 @@ cdef inline void put_used_packed(vq_t *vq, uint16_t buf_id, uint32_t length, uin
         flags |= VRING_DESC_F_WRITE
     d.id = buf_id
     d.len = length
-    vh_store_release_u16(&d.flags, flags)
-    if vq.log_all:
-        vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>vq.last_used_idx, 16)
+    if ub.n == 0:
+        ub.head_slot = vq.last_used_idx          # its flags: packed_used_flush
+        ub.head_flags = flags
+    else:
+        vh_store_release_u16(&d.flags, flags)
+        if vq.log_all:
+            vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>vq.last_used_idx, 16)
+    ub.n += 1
     packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
+
+
+cdef inline void packed_used_flush(vq_t *vq, used_batch_t *ub) noexcept nogil:
+    """The batch's first used descriptor made visible (release: after everything written
+    before it, the rest of the batch included), then dirty-logged."""
+    vh_store_release_u16(&vq.pdesc[ub.head_slot].flags, ub.head_flags)
+    if vq.log_all:
+        vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>ub.head_slot, 16)
 
 
 cdef inline void notify_guest_packed(vq_t *vq) noexcept nogil:

@@ -30,7 +30,7 @@ from pyvhost._ring_guard cimport (
 )
 from pyvhost._ring_held cimport drop_held, flush_held, hold_frames
 from pyvhost._ring_onecopy cimport gather_try
-from pyvhost._ring_packed cimport packed_avail
+from pyvhost._ring_packed cimport packed_avail, used_batch_t
 from pyvhost._ring_split cimport log_used
 
 
@@ -90,6 +90,7 @@ cdef void vq_rx_complete(vq_t *vq) noexcept nogil:
     """The chains a vq_dequeue_ref burst took go back to the guest (in the order taken, as
     vq_dequeue returns them) and the guest is notified as vq_dequeue would have."""
     cdef vh_guard_t g
+    cdef used_batch_t ub
     cdef uint32_t k, n = vq.npend
     vq.npend = 0
     vq.nref = 0
@@ -98,9 +99,10 @@ cdef void vq_rx_complete(vq_t *vq) noexcept nogil:
     if VH_GUARD_ENTER(&g):
         vq_fault(vq)
         return
+    ub.n = 0
     for k in range(n):
-        mark_used(vq, vq.pend_id[k], vq.pend_slots[k], 0, False)
-    ring_notify(vq, n)
+        mark_used(vq, &ub, vq.pend_id[k], vq.pend_slots[k], 0, False)
+    ring_notify(vq, &ub)
     vh_guard_leave(&g)
 
 
