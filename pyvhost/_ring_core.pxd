@@ -71,6 +71,8 @@ cdef struct cursor_t:
     uint16_t idx
     uint16_t avail_idx
     uint8_t wrap
+    uint32_t room           # packed: slots a chain may span from idx, up to the first one
+                            # not given back (consumed in this burst or pending, ref)
 
 
 cdef struct chain_t:
@@ -85,7 +87,11 @@ cdef inline int ring_begin(vq_t *vq, cursor_t *cur) noexcept nogil:
     cur.idx = vq.last_avail_idx
     cur.wrap = vq.avail_wrap
     cur.avail_idx = 0
+    cur.room = 0
     if vq.packed:
+        cur.room = vq.size - ((vq.last_avail_idx + vq.size - vq.last_used_idx) % vq.size)
+        if cur.room == vq.size and vq.avail_wrap != vq.used_wrap:
+            cur.room = 0                  # the whole ring is taken and not given back
         return 0
     return -1 if avail_count(vq, &cur.avail_idx) < 0 else 0
 
@@ -114,12 +120,14 @@ cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
     if not ring_has_chain(vq, cur):
         return CHAIN_NONE
     if vq.packed:
-        rc = walk_packed(vq, cur.idx, writable, iov, niov, &ch.total, &nslots, &ch.id)
+        rc = walk_packed(vq, cur.idx, cur.room, writable, iov, niov, &ch.total, &nslots,
+                         &ch.id)
         if rc == -2:
             return CHAIN_BROKEN
         if rc == -3:
             return CHAIN_MISS
         packed_advance(&cur.idx, &cur.wrap, nslots, vq.size)
+        cur.room -= nslots
     else:
         head = vh_load_relaxed_u16(&vq.avail[2 + (cur.idx & (vq.size - 1))])
         if head >= vq.size:

@@ -146,12 +146,14 @@ cdef inline int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, u
     return 0
 
 
-cdef inline int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t *niov,
-                            uint64_t *total, uint32_t *nslots, uint16_t *buf_id) noexcept nogil:
+cdef inline int walk_packed(vq_t *vq, uint16_t idx, uint32_t room, bint writable, iov_t *iov,
+                            uint32_t *niov, uint64_t *total, uint32_t *nslots,
+                            uint16_t *buf_id) noexcept nogil:
     """Translate the chain starting in slot ``idx``. Returns 0; -1 when its contents are bad
     (``*nslots`` still says how many slots it spans, so it can be given back); -2 when its
-    shape is (a chain longer than the ring): the ring cannot be trusted any more; -3 on an
-    IOTLB miss (nothing may be consumed)."""
+    shape is (a chain running past ``room`` slots: longer than the ring, or on into slots
+    taken and not given back yet, which the driver cannot have posted again): the ring
+    cannot be trusted any more; -3 on an IOTLB miss (nothing may be consumed)."""
     cdef uint32_t slots = 0, n = niov[0], i, k, count
     cdef vring_packed_desc_t d
     cdef uint16_t ring_flags
@@ -162,7 +164,7 @@ cdef inline int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, u
     cdef int rc
     cdef bint bad = False
     while True:
-        if slots >= vq.size:
+        if slots >= room:
             return -2
         i = idx + slots
         if i >= vq.size:

@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from pyvhost._pktpool import PacketPool
-from tests.harness.driver import DriverRing, GuestImage, PackedDriverRing
+from tests.harness.driver import F_NEXT, PACKED_F_AVAIL, DriverRing, GuestImage, PackedDriverRing
 
 MiB = 1 << 20
 MAC = bytes.fromhex("020000000001")
@@ -34,9 +34,13 @@ def frame(n: int, seed: int = 0) -> bytes:
     return bytes((seed + i) & 0xFF for i in range(n))
 
 
-def ring(image, layout: str, callfd: int = -1):
-    d = (PackedDriverRing if layout == "packed" else DriverRing)(image, 64)
+def ring_of(image, cls, size: int, callfd: int = -1):
+    d = cls(image, size)
     return d, d.make_queue(image.guest_memory(), callfd=callfd)
+
+
+def ring(image, layout: str, callfd: int = -1):
+    return ring_of(image, PackedDriverRing if layout == "packed" else DriverRing, 64, callfd)
 
 
 @pytest.mark.parametrize("layout", ["split", "packed"])
@@ -72,3 +76,24 @@ def test_split_used_index_comes_from_the_device_not_guest_memory(image, callfd):
         os.eventfd_read(callfd)
     assert vq.recv_burst(PacketPool(4, 2048)) == [frame(60)]
     assert d.used_idx() == 1 and vq.stats()["calls"] == 1   # the real completion is told
+
+
+@pytest.mark.parametrize("receive", ["plain", "one_copy"])
+def test_packed_chain_running_into_slots_not_given_back_breaks_the_ring(receive):
+    """A packed chain whose NEXT flags run on, past the ring's end, into the slots this very
+    burst took: the driver cannot have posted those again (the device has not given them
+    back), so the chain is hostile. The walk read them anyway: the plain receive read our
+    own used descriptor there (a bad chain), the one-copy receive, which gives its chains
+    back only at vq_rx_complete, read the first frame's buffer again and delivered it twice.
+    Now a chain may span only the slots not taken: the ring is broken, the same for both."""
+    with GuestImage((MiB,)) as image:
+        pool = PacketPool(16, 2048)
+        d, vq = ring_of(image, PackedDriverRing, 2)
+        buf = image.alloc(64)
+        d.write_desc(1, buf, 0, id=1, flags=PACKED_F_AVAIL | F_NEXT)   # runs on into slot 0
+        d.post_tx(frame(14))                                          # slot 0, posted last
+        got = vq.recv_burst(pool) if receive == "plain" else vq.recv_burst_ref(pool)
+        assert got == [frame(14)]
+        s = vq.stats()
+        assert (s["ring_errors"], s["drop_bad_desc"], s["packets"]) == (1, 0, 1)
+        assert vq.broken and pool.available == pool.count
