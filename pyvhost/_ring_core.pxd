@@ -180,6 +180,7 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     cdef iov_t iov[MAX_IOV]
     cdef int rc
     ub.n = 0
+    ub.head_slot = 0
     if ring_begin(vq, &cur) < 0 or not ring_has_chain(vq, &cur):
         return 0
     for i in range(count):
@@ -218,6 +219,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
     cdef bint miss = False
     cdef int rc
     ub.n = 0
+    ub.head_slot = 0
     if not vq.ready:
         return 0
     if not vq.enabled:

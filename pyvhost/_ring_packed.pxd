@@ -36,6 +36,7 @@ cdef struct used_batch_t:
     uint32_t n              # used elements written in this burst
     uint16_t head_slot      # packed: the slot of the first, its flags not yet stored
     uint16_t head_flags
+    uint8_t written         # packed: the first one is an RX buffer (written, has a length)
 
 
 cdef inline void put_used_packed(vq_t *vq, used_batch_t *ub, uint16_t buf_id, uint32_t length,
@@ -45,9 +46,18 @@ cdef inline void put_used_packed(vq_t *vq, used_batch_t *ub, uint16_t buf_id, ui
         if vq.used_wrap else 0
     if written:
         flags |= VRING_DESC_F_WRITE
+    if ub.n and vq.in_order and not written and not ub.written:
+        # IN_ORDER: a batch of TX buffers is completed by one used descriptor in the batch's
+        # first slot naming its last buffer; the driver steps over the batch (virtio 1.1
+        # 2.7.9). RX buffers each need their length, so they are written one by one.
+        vq.pdesc[ub.head_slot].id = buf_id
+        ub.n += 1
+        packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
+        return
     d.id = buf_id
     d.len = length
     if ub.n == 0:
+        ub.written = written
         ub.head_slot = vq.last_used_idx          # its flags: packed_used_flush
         ub.head_flags = flags
     else:

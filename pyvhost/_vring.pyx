@@ -100,6 +100,7 @@ cdef void vq_rx_complete(vq_t *vq) noexcept nogil:
         vq_fault(vq)
         return
     ub.n = 0
+    ub.head_slot = 0
     for k in range(n):
         mark_used(vq, &ub, vq.pend_id[k], vq.pend_slots[k], 0, False)
     ring_notify(vq, &ub)
@@ -352,7 +353,7 @@ cdef class VirtQueue:
         self.vq.ready = 0
 
     def set_features(self, *, bint event_idx, bint indirect, bint mrg_rxbuf, int hdr_len,
-                     bint packed=False, int ofl_rx=0, int ofl_tx=0):
+                     bint packed=False, int ofl_rx=0, int ofl_tx=0, bint in_order=False):
         if hdr_len not in (10, 12):
             raise ValueError("virtio-net header is 10 or 12 bytes")
         if self.vq.ready and (packed != self.vq.packed or hdr_len != self.vq.hdr_len or
@@ -362,6 +363,7 @@ cdef class VirtQueue:
             self.vq.avail_wrap = 1          # a fresh packed ring starts at wrap 1
             self.vq.used_wrap = 1
         self.vq.packed = packed
+        self.vq.in_order = in_order
         self.vq.ofl_rx = ofl_rx
         self.vq.ofl_tx = ofl_tx
         self.vq.event_idx = event_idx
@@ -494,6 +496,7 @@ cdef class VirtQueue:
         """Back to a fresh split ring at index 0 (a new connection negotiates again)."""
         self.vq.ready = 0
         self.vq.packed = 0
+        self.vq.in_order = 0
         self.vq.avail_wrap = 1
         self.vq.used_wrap = 1
         self.vq.last_avail_idx = 0

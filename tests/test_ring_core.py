@@ -11,7 +11,14 @@ import struct
 import pytest
 
 from pyvhost._pktpool import PacketPool
-from tests.harness.driver import F_NEXT, PACKED_F_AVAIL, DriverRing, GuestImage, PackedDriverRing
+from tests.harness.driver import (
+    F_NEXT,
+    PACKED_F_AVAIL,
+    PACKED_F_USED,
+    DriverRing,
+    GuestImage,
+    PackedDriverRing,
+)
 
 MiB = 1 << 20
 MAC = bytes.fromhex("020000000001")
@@ -97,3 +104,30 @@ def test_packed_chain_running_into_slots_not_given_back_breaks_the_ring(receive)
         s = vq.stats()
         assert (s["ring_errors"], s["drop_bad_desc"], s["packets"]) == (1, 0, 1)
         assert vq.broken and pool.available == pool.count
+
+
+def test_packed_in_order_tx_batch_completes_with_one_used_descriptor(image):
+    """VIRTIO_F_IN_ORDER on a packed ring: a burst of TX buffers is given back with one used
+    descriptor in the burst's first slot naming its last buffer (the driver steps over the
+    rest); without IN_ORDER every buffer gets its own. RX buffers are each written (their
+    lengths differ)."""
+    pool = PacketPool(16, 2048)
+    for in_order in (False, True):
+        d, vq = ring(image, "packed")
+        with vq:
+            vq.set_features(event_idx=False, indirect=True, mrg_rxbuf=False, hdr_len=12,
+                            packed=True, in_order=in_order)
+        ids = [d.post_tx(frame(60, 0)), d.post_tx(frame(60, 1), splits=[12, 60]),
+               d.post_tx(frame(60, 2))]
+        assert vq.recv_burst(pool) == [frame(60, k) for k in range(3)]
+        assert (vq.base >> 16) & 0x7FFF == 4                 # four slots used either way
+        _, _, first_id, first_flags = d.read_desc(0)
+        used = {k: bool(d.read_desc(k)[3] & PACKED_F_USED) for k in (0, 1, 3)}
+        if in_order:
+            assert first_id == ids[2] and used == {0: True, 1: False, 3: False}
+        else:
+            assert first_id == ids[0] and used == {0: True, 1: True, 3: True}
+        d.post_rx()
+        d.post_rx()
+        assert vq.send_burst(pool, [frame(100), frame(200)]) == 2
+        assert [d.read_desc(k)[1] for k in (4, 5)] == [112, 212]     # each with its length
