@@ -102,6 +102,7 @@ cdef struct vq_t:
     uint8_t indirect
     uint8_t mrg_rxbuf
     uint8_t packed
+    uint8_t in_order          # VIRTIO_F_IN_ORDER: packed TX batches complete with one used desc
     uint8_t ofl_rx            # what the guest takes on its RX ring: OFL_* (GUEST_CSUM/TSO)
     uint8_t ofl_tx            # what the guest may send on its TX ring: OFL_* (CSUM/HOST_TSO)
     uint8_t avail_wrap        # packed: the wrap counters of the next avail / used slot

@@ -1,137 +1,37 @@
 # cython: language_level=3
-"""Split and packed virtqueues, device side, compiled: descriptor-chain walking with limits, the burst
-copy between guest buffers and packet-pool buffers, the virtio-net header, mergeable RX
-buffers, used-ring updates with release ordering, and guest notification. One-copy
+"""Split and packed virtqueues, device side: the entry points of the compiled ring code and
+``VirtQueue``, the ring's control object. What they call lives in header-only helpers
+compiled into this module, one job each: _ring_core.pxd (the one dequeue and enqueue for
+both layouts), _ring_split.pxd and _ring_packed.pxd (the per-layout parts), _ring_walk.pxd
+(reading descriptor chains, every hostile-chain limit), _ring_copy.pxd (bytes and the
+virtio-net header), _ring_onecopy.pxd (reads of another guest's memory), _ring_held.pxd
+(RX frames held over an IOTLB miss), _ring_guard.pxd (the SIGBUS guard). One-copy
 forwarding: vq_dequeue_ref copies only a frame's head and keeps the rest as translated,
 bounds-checked segments of the guest's buffers (ext_t) until vq_rx_complete returns them;
 vq_enqueue copies such a tail straight from the sender's buffers (a fault there is the
 sender's), vq_materialize makes the frame whole for every other use.
 
-Everything per packet runs without the GIL. A ring is only touched with its ``lock`` held
-(the data path try-locks around a burst; control code locks to change a ring). This module
-knows nothing of sockets, messages or the vhost-user state machine: ``VirtQueue`` is told
-addresses, fds and features by the backend.
+Every entry point that touches guest memory runs under the SIGBUS guard. Everything per
+packet runs without the GIL. A ring is only touched with its ``lock`` held (the data path
+try-locks around a burst; control code locks to change a ring). This module knows nothing
+of sockets, messages or the vhost-user state machine: ``VirtQueue`` is told addresses, fds
+and features by the backend.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcpy, memset
 
-from pyvhost._memory cimport (
-    IOTLB_PERM_RO, IOTLB_PERM_RW, IOTLB_PERM_WO, IotlbTable, MemTable, gpa_to_host, iotlb_entry_t,
-    iotlb_find, uva_to_host, uva_to_host_gpa,
+from pyvhost._memory cimport IotlbTable, MemTable, uva_to_host, uva_to_host_gpa
+from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put_many
+from pyvhost._ring_copy cimport make_rarp
+from pyvhost._ring_core cimport dequeue_chains, enqueue_chains, mark_used, ring_notify
+from pyvhost._ring_guard cimport (
+    VH_GUARD_ENTER, vh_bus_caught, vh_bus_install, vh_guard_leave, vh_guard_t, vq_fault,
 )
-from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_get, pool_put, pool_put_many
-
-# -- SIGBUS guard --------------------------------------------------------------------------
-# A front-end's memory and dirty-log fds are sealed against shrinking when they allow it
-# (pyvhost.memory). One that cannot be sealed (hugetlbfs, tmpfs files, a memfd created
-# without MFD_ALLOW_SEALING) can be truncated under us: the next access to the lost pages
-# raises SIGBUS. Every entry point of this module that touches guest memory or the dirty
-# log runs under a guard (a per-thread sigjmp_buf): the handler jumps back to the guard,
-# which marks the ring broken and faulted and signals its faultfd; the control side then
-# drops that front-end. A SIGBUS outside a guard goes to the previous handler (or the
-# default action: the process dies, as it would have without us).
-cdef extern from *:
-    """
-    #include <setjmp.h>
-    #include <signal.h>
-    #include <string.h>
-    #include <pthread.h>
-
-    typedef struct vh_guard { sigjmp_buf jb; struct vh_guard *prev; } vh_guard_t;
-    static __thread vh_guard_t *vh_guard_top = NULL;
-    static struct sigaction vh_bus_prev;
-    static volatile sig_atomic_t vh_bus_chaining = 0;
-    static uint64_t vh_bus_caught = 0;
-
-    /* sigsetjmp must be called from the frame that stays live: a macro, not a function.
-       No signal mask is saved (cheap); SA_NODEFER keeps SIGBUS unblocked in the handler. */
-    #define VH_GUARD_ENTER(g) ((g)->prev = vh_guard_top, vh_guard_top = (g), sigsetjmp((g)->jb, 0))
-    static inline void vh_guard_leave(vh_guard_t *g) { vh_guard_top = g->prev; }
-
-    static void vh_bus_handler(int sig, siginfo_t *si, void *uc)
-    {
-        vh_guard_t *g = vh_guard_top;
-        if (g != NULL) {
-            vh_guard_top = g->prev;
-            __atomic_fetch_add(&vh_bus_caught, 1, __ATOMIC_RELAXED);
-            siglongjmp(g->jb, 1);
-        }
-        if (!vh_bus_chaining) {
-            struct sigaction dfl;
-            vh_bus_chaining = 1;
-            memset(&dfl, 0, sizeof dfl);
-            dfl.sa_handler = SIG_DFL;
-            sigaction(SIGBUS, &dfl, NULL);
-            if ((vh_bus_prev.sa_flags & SA_SIGINFO) && vh_bus_prev.sa_sigaction != NULL &&
-                    vh_bus_prev.sa_sigaction != vh_bus_handler)
-                vh_bus_prev.sa_sigaction(sig, si, uc);        /* e.g. faulthandler */
-            else if (!(vh_bus_prev.sa_flags & SA_SIGINFO) &&
-                     vh_bus_prev.sa_handler != SIG_DFL && vh_bus_prev.sa_handler != SIG_IGN)
-                vh_bus_prev.sa_handler(sig);
-        }
-        {
-            struct sigaction dfl;
-            memset(&dfl, 0, sizeof dfl);
-            dfl.sa_handler = SIG_DFL;
-            sigaction(SIGBUS, &dfl, NULL);
-        }
-        if (si == NULL || si->si_code <= 0)
-            raise(sig);         /* sent, not a fault: returning would not re-raise it */
-        /* a fault: returning re-runs the access under the default action (core dump) */
-    }
-
-    /* Install the handler unless it is installed; the one found is chained to. Called at
-       import and whenever a ring gets memory or a log, so that a handler installed later
-       (faulthandler.enable()) does not see our faults first. */
-    static int vh_bus_install(void)
-    {
-        struct sigaction cur, sa;
-        if (sigaction(SIGBUS, NULL, &cur) != 0) return -1;
-        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == vh_bus_handler) return 0;
-        vh_bus_prev = cur;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_sigaction = vh_bus_handler;
-        sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
-        sigemptyset(&sa.sa_mask);
-        return sigaction(SIGBUS, &sa, NULL);
-    }
-
-    static inline void vh_bus_recovered(void)
-    {
-        sigset_t set;
-        sigemptyset(&set);
-        sigaddset(&set, SIGBUS);
-        pthread_sigmask(SIG_UNBLOCK, &set, NULL);   /* in case a chained handler blocked it */
-    }
-
-    static inline void vh_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
-    """
-    ctypedef struct vh_guard_t:
-        pass
-    int VH_GUARD_ENTER(vh_guard_t *g) nogil
-    void vh_guard_leave(vh_guard_t *g) nogil
-    int vh_bus_install() nogil
-    void vh_bus_recovered() nogil
-    void vh_compiler_barrier() nogil
-    uint64_t vh_bus_caught
-
-cdef extern from *:
-    """
-    static inline uint8_t vh_touch(const uint8_t *p) { return *(const volatile uint8_t *)p; }
-    """
-    uint8_t vh_touch(const uint8_t *p) nogil
-
-
-cdef void vq_fault(vq_t *vq) noexcept nogil:
-    """Guest memory under ``vq`` faulted: keep the data path out until control resets it."""
-    vh_bus_recovered()
-    vh_store_release_int(&vq.ready, 0)
-    vq.broken = 1
-    vq.st.faults += 1
-    if vq.faultfd >= 0:
-        vh_eventfd_signal(vq.faultfd)
+from pyvhost._ring_held cimport drop_held, flush_held, hold_frames
+from pyvhost._ring_onecopy cimport gather_try
+from pyvhost._ring_packed cimport packed_avail, used_batch_t
+from pyvhost._ring_split cimport log_used
 
 
 def install_sigbus_guard():
@@ -146,332 +46,6 @@ def sigbus_caught():
 
 
 install_sigbus_guard()
-
-
-cdef enum:
-    MAX_CHAIN_BYTES = 1 << 24      # a guest buffer chain larger than this is malformed
-    MAX_BUFS_PER_PKT = 64
-    MAX_INDIRECT_COPY = MAX_IOV * 16   # an indirect table split across mappings is copied
-
-
-cdef inline bint need_event(uint16_t event, uint16_t new, uint16_t old) noexcept nogil:
-    return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
-
-
-cdef uint8_t *iotlb_translate(vq_t *vq, uint64_t iova, uint64_t *length, uint32_t perm,
-                              uint64_t *gpa) noexcept nogil:
-    """IOVA -> front-end VA (IOTLB) -> host (memory table); ``*length`` cut to what is
-    contiguous. A miss is recorded (and the control side woken) once; NULL either way."""
-    cdef const iotlb_entry_t *e = iotlb_find(vq.iotlb, iova)
-    if e == NULL:
-        if not vq.iotlb_miss:
-            vq.miss_iova = iova
-            vq.miss_perm = perm
-            vq.iotlb_miss = 1
-            vq.st.iotlb_misses += 1
-            if vq.missfd >= 0:
-                vh_eventfd_signal(vq.missfd)
-        return NULL
-    if e.perm & perm != perm:
-        return NULL                       # the guest did not grant this access
-    if length[0] == 0 or length[0] - 1 > e.last - iova:
-        length[0] = e.last - iova + 1
-    return uva_to_host_gpa(vq.mem, e.uva + (iova - e.iova), length, gpa)
-
-
-cdef inline uint8_t *vq_translate(vq_t *vq, uint64_t addr, uint64_t *length, uint32_t perm,
-                                  uint64_t *gpa) noexcept nogil:
-    """A descriptor address to a host pointer; ``*gpa`` is its guest-physical address (for
-    dirty logging). Without ACCESS_PLATFORM addresses are GPAs: one predictable branch."""
-    if vq.iotlb == NULL:
-        gpa[0] = addr
-        return gpa_to_host(vq.mem, addr, length)
-    return iotlb_translate(vq, addr, length, perm, gpa)
-
-
-cdef int read_table(vq_t *vq, uint64_t addr, uint32_t length, uint8_t *buf,
-                    const uint8_t **out) noexcept nogil:
-    """An indirect descriptor table: in place when contiguous in our memory, else (IOVAs
-    mapped page by page) gathered into ``buf`` (MAX_INDIRECT_COPY bytes). 0, -1 (unmapped,
-    too big) or -3 (IOTLB miss)."""
-    cdef uint64_t chunk = length, done = 0, gpa
-    cdef uint8_t *p = vq_translate(vq, addr, &chunk, IOTLB_PERM_RO, &gpa)
-    if p == NULL:
-        return -3 if vq.iotlb_miss else -1
-    if chunk >= length:
-        out[0] = p
-        return 0
-    if length > MAX_INDIRECT_COPY or vq.iotlb == NULL:
-        return -1       # without an IOMMU a table must lie in one region (a known limit)
-    while True:
-        memcpy(buf + done, p, chunk)
-        done += chunk
-        if done >= length:
-            break
-        chunk = length - done
-        p = vq_translate(vq, addr + done, &chunk, IOTLB_PERM_RO, &gpa)
-        if p == NULL:
-            return -3 if vq.iotlb_miss else -1
-    out[0] = buf
-    return 0
-
-
-cdef int walk_chain(vq_t *vq, uint16_t head, bint writable, iov_t *iov, uint32_t *niov,
-                    uint64_t *total) noexcept nogil:
-    """Translate the chain at ``head`` into host segments appended at iov[*niov].
-
-    Returns 0, or -1 for a malformed chain: index out of range, a loop (more descriptors
-    than the table holds), nested or misformed indirect table, wrong direction, an address
-    in no region, too many segments or too many bytes; -3 for an IOTLB miss (nothing may
-    be consumed: the burst stops until the front-end maps it)."""
-    cdef const vring_desc_t *table = vq.desc
-    cdef uint32_t table_size = vq.size
-    cdef uint32_t idx = head
-    cdef uint32_t seen = 0
-    cdef uint32_t n = niov[0]
-    cdef bint in_indirect = False
-    cdef vring_desc_t d
-    cdef uint64_t addr, left, chunk, tot = 0, gpa
-    cdef uint8_t *p
-    cdef const uint8_t *tp
-    cdef uint8_t tbuf[MAX_INDIRECT_COPY]
-    cdef uint32_t perm = IOTLB_PERM_WO if writable else IOTLB_PERM_RO
-    cdef int rc
-    while True:
-        if idx >= table_size or seen >= table_size:
-            return -1
-        seen += 1
-        memcpy(&d, &table[idx], sizeof(vring_desc_t))   # read guest memory once
-        if d.flags & VRING_DESC_F_INDIRECT:
-            if in_indirect or not vq.indirect or d.flags & VRING_DESC_F_NEXT:
-                return -1
-            if d.len == 0 or d.len % sizeof(vring_desc_t) or d.len > 32768 * sizeof(vring_desc_t):
-                return -1
-            rc = read_table(vq, d.addr, d.len, tbuf, &tp)
-            if rc < 0:
-                return rc
-            table = <const vring_desc_t *>tp
-            table_size = d.len // sizeof(vring_desc_t)
-            idx = 0
-            seen = 0
-            in_indirect = True
-            continue
-        if (d.flags & VRING_DESC_F_WRITE != 0) != writable:
-            return -1
-        tot += d.len
-        if tot > MAX_CHAIN_BYTES:
-            return -1
-        addr = d.addr
-        left = d.len
-        while left:
-            if n >= MAX_IOV:
-                return -1
-            chunk = left
-            p = vq_translate(vq, addr, &chunk, perm, &gpa)
-            if p == NULL:
-                return -3 if vq.iotlb_miss else -1
-            iov[n].base = p
-            iov[n].len = chunk
-            iov[n].gpa = gpa
-            n += 1
-            addr += chunk
-            left -= chunk
-        if not d.flags & VRING_DESC_F_NEXT:
-            break
-        idx = d.next
-    niov[0] = n
-    total[0] = tot
-    return 0
-
-
-cdef inline void log_used(vq_t *vq, uint64_t offset, uint64_t length) noexcept nogil:
-    """Dirty-log a write at ``offset`` into the split used ring (VHOST_VRING_F_LOG)."""
-    if vq.log_all and vq.log_used:
-        vh_log_write(vq.log, vq.log_size, vq.log_used_gpa + offset, length)
-
-
-cdef inline void log_iovs(vq_t *vq, const iov_t *iov, uint32_t niov,
-                          uint64_t written) noexcept nogil:
-    """Dirty-log the guest pages of the first ``written`` bytes of ``iov``."""
-    cdef uint32_t j
-    cdef uint64_t n
-    if not vq.log_all:
-        return
-    for j in range(niov):
-        if written == 0:
-            break
-        n = iov[j].len if iov[j].len < written else written
-        vh_log_write(vq.log, vq.log_size, iov[j].gpa, n)
-        written -= n
-
-
-cdef inline void put_used(vq_t *vq, uint32_t head, uint32_t length) noexcept nogil:
-    cdef uint32_t slot = vq.last_used_idx & (vq.size - 1)
-    cdef vring_used_elem_t *e = &vq.used_ring[slot]
-    e.id = head
-    e.len = length
-    log_used(vq, 4 + 8 * <uint64_t>slot, 8)
-    vq.last_used_idx += 1
-
-
-cdef void notify_guest(vq_t *vq) noexcept nogil:
-    """Publish the used index and signal the call fd unless the guest suppressed it."""
-    cdef uint16_t old, ev
-    cdef bint fire
-    vh_store_release_u16(&vq.used[1], vq.last_used_idx)
-    log_used(vq, 2, 2)
-    vh_fence_seq_cst()   # the used idx store before reading the guest's suppression state
-    if vq.event_idx:
-        old = vq.signalled_used
-        ev = vh_load_relaxed_u16(&vq.avail[2 + vq.size])
-        fire = need_event(ev, vq.last_used_idx, old) or not vq.signalled_used_valid
-        vq.signalled_used = vq.last_used_idx
-        vq.signalled_used_valid = 1
-    else:
-        fire = not (vh_load_relaxed_u16(&vq.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT)
-    if fire and vq.callfd >= 0:
-        if vh_eventfd_signal(vq.callfd) == 0:
-            vq.st.calls += 1
-        else:
-            vq.st.call_errors += 1
-
-
-cdef inline int avail_count(vq_t *vq, uint16_t *avail_idx) noexcept nogil:
-    """Entries the guest has made available, or -1 (ring broken) if more than the ring holds."""
-    cdef uint16_t idx = vh_load_acquire_u16(&vq.avail[1])
-    cdef uint16_t count = idx - vq.last_avail_idx
-    if count > vq.size:
-        vq.broken = 1
-        vq.st.ring_errors += 1
-        return -1
-    avail_idx[0] = idx
-    return count
-
-
-cdef inline void copy_out(const iov_t *iov, uint32_t niov, uint64_t total, uint32_t hdr,
-                          pkt_t *pkt) noexcept nogil:
-    """The virtio-net header into pkt.vnet_hdr, the rest (the frame) into pkt.data."""
-    cdef uint64_t skip = 0, take
-    cdef uint8_t *dst = pkt.data
-    cdef uint32_t j
-    for j in range(niov):
-        take = iov[j].len
-        if skip < hdr:
-            if take > hdr - skip:
-                take = hdr - skip
-            memcpy(&pkt.vnet_hdr[skip], iov[j].base, take)
-            skip += take
-            if take < iov[j].len:
-                memcpy(dst, iov[j].base + take, iov[j].len - take)
-                dst += iov[j].len - take
-        else:
-            memcpy(dst, iov[j].base, take)
-            dst += take
-    pkt.len = <uint32_t>(total - hdr)
-
-
-cdef inline uint16_t rd_le16(const uint8_t *p) noexcept nogil:
-    return p[0] | (<uint16_t>p[1] << 8)
-
-
-cdef bint tx_header_ok(vq_t *vq, pkt_t *p) noexcept nogil:
-    """Check the header a guest sent with a frame against what it negotiated; never trust
-    it blindly (it decides where the switch writes a checksum)."""
-    cdef uint8_t flags = p.vnet_hdr[0], gso = p.vnet_hdr[1] & ~VNET_HDR_GSO_ECN
-    cdef uint32_t start, offset
-    p.vnet_hdr[0] = flags & VNET_HDR_F_NEEDS_CSUM        # DATA_VALID etc. mean nothing here
-    if vq.hdr_len < 12:
-        p.vnet_hdr[10] = 0
-        p.vnet_hdr[11] = 0
-    if flags & VNET_HDR_F_NEEDS_CSUM:
-        start = rd_le16(p.vnet_hdr + 6)
-        offset = rd_le16(p.vnet_hdr + 8)
-        if not vq.ofl_tx & OFL_CSUM or start + offset + 2 > p.len + p.ext_len:
-            return False
-    if gso == VNET_HDR_GSO_NONE:
-        p.vnet_hdr[1] = 0
-        return True
-    if gso == VNET_HDR_GSO_TCPV4 and vq.ofl_tx & OFL_TSO4 or \
-            gso == VNET_HDR_GSO_TCPV6 and vq.ofl_tx & OFL_TSO6:
-        return rd_le16(p.vnet_hdr + 4) > 0 and flags & VNET_HDR_F_NEEDS_CSUM
-    return False
-
-
-cdef inline void copy_head(vq_t *vq, const iov_t *iov, uint32_t niov, uint64_t total,
-                           uint32_t hdr, pkt_t *pkt) noexcept nogil:
-    """One-copy receive: the virtio-net header into pkt.vnet_hdr, the frame's first
-    ONECOPY_HEAD bytes into pkt.data (all a decision may read), the rest left where it is:
-    its (already translated) segments recorded in an ext_t at the tail of pkt's buffer."""
-    cdef ext_t *e = <ext_t *>((<size_t>(pkt.data + pkt.cap - sizeof(ext_t))) & ~(<size_t>7))
-    cdef uint64_t pos = 0, take, left
-    cdef uint64_t head_end = hdr + ONECOPY_HEAD
-    cdef const uint8_t *b
-    cdef uint32_t j
-    e.src = vq
-    e.nseg = 0
-    for j in range(niov):
-        b = iov[j].base
-        left = iov[j].len
-        if pos < hdr:
-            take = left if left < hdr - pos else hdr - pos
-            memcpy(&pkt.vnet_hdr[pos], b, take)
-            b += take
-            left -= take
-            pos += take
-        if left and pos < head_end:
-            take = left if left < head_end - pos else head_end - pos
-            memcpy(pkt.data + (pos - hdr), b, take)
-            b += take
-            left -= take
-            pos += take
-        if left:
-            e.seg[e.nseg].base = <uint8_t *>b
-            e.seg[e.nseg].len = left
-            e.seg[e.nseg].gpa = 0
-            e.nseg += 1
-            pos += left
-    pkt.len = ONECOPY_HEAD
-    pkt.ext_len = <uint32_t>(total - hdr - ONECOPY_HEAD)
-    pkt.ext = e
-
-
-cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint32_t niov,
-                              uint64_t total, bint bad, pkt_t **pkts,
-                              uint32_t *nout, bint ref) noexcept nogil:
-    """One guest TX chain (split or packed) into a packet appended to ``pkts``, or counted
-    as dropped. -1 when no packet buffer is free: the chain must stay in the ring. ``ref``:
-    a frame longer than ONECOPY_HEAD keeps its tail in guest memory (copy_head)."""
-    cdef uint32_t hdr = vq.hdr_len
-    cdef pkt_t *pkt
-    if bad or total < hdr:
-        vq.st.drop_bad_desc += 1
-    elif not vq.enabled:
-        vq.st.drop_disabled += 1
-    elif total - hdr > pool.buf_size:
-        vq.st.drop_oversize += 1
-    else:
-        pkt = pool_get(pool)
-        if pkt == NULL:
-            vq.st.drop_no_mbuf += 1
-            return -1
-        pkts[nout[0]] = pkt
-        vq.dq_taken += 1                # a fault in the copy gives it back (vq_dequeue)
-        vh_compiler_barrier()
-        if ref and total - hdr > ONECOPY_HEAD and \
-                pkt.cap >= ONECOPY_HEAD + sizeof(ext_t) + 8:
-            copy_head(vq, iov, niov, total, hdr, pkt)
-        else:
-            copy_out(iov, niov, total, hdr, pkt)
-        if tx_header_ok(vq, pkt):
-            nout[0] += 1
-            vq.st.bytes += pkt.len + pkt.ext_len
-            if pkt.ext_len:
-                vq.nref += 1
-        else:
-            vq.st.drop_bad_hdr += 1
-            vq.dq_taken -= 1
-            pool_put(pool, pkt)
-    return 0
 
 
 cdef uint32_t vq_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count) noexcept nogil:
@@ -516,6 +90,7 @@ cdef void vq_rx_complete(vq_t *vq) noexcept nogil:
     """The chains a vq_dequeue_ref burst took go back to the guest (in the order taken, as
     vq_dequeue returns them) and the guest is notified as vq_dequeue would have."""
     cdef vh_guard_t g
+    cdef used_batch_t ub
     cdef uint32_t k, n = vq.npend
     vq.npend = 0
     vq.nref = 0
@@ -524,29 +99,12 @@ cdef void vq_rx_complete(vq_t *vq) noexcept nogil:
     if VH_GUARD_ENTER(&g):
         vq_fault(vq)
         return
-    if vq.packed:
-        for k in range(n):
-            put_used_packed(vq, vq.pend_id[k], 0, vq.pend_slots[k], False)
-        notify_guest_packed(vq)
-    else:
-        for k in range(n):
-            put_used(vq, vq.pend_id[k], 0)
-        if vq.last_used_idx != vh_load_relaxed_u16(&vq.used[1]):
-            notify_guest(vq)
+    ub.n = 0
+    ub.head_slot = 0
+    for k in range(n):
+        mark_used(vq, &ub, vq.pend_id[k], vq.pend_slots[k], 0, False)
+    ring_notify(vq, &ub)
     vh_guard_leave(&g)
-
-
-cdef int gather_try(uint8_t *dst, const iov_t *seg, uint32_t nseg) noexcept nogil:
-    """Copy the sender's segments to ``dst`` (ours); -1 when the sender's memory faulted."""
-    cdef vh_guard_t g
-    cdef uint32_t j
-    if VH_GUARD_ENTER(&g):
-        return -1
-    for j in range(nseg):
-        memcpy(dst, seg[j].base, seg[j].len)
-        dst += seg[j].len
-    vh_guard_leave(&g)
-    return 0
 
 
 cdef int vq_materialize(pkt_t *p) noexcept nogil:
@@ -572,55 +130,6 @@ cdef int vq_materialize(pkt_t *p) noexcept nogil:
     return 0
 
 
-cdef int probe_src(const ext_t *e) noexcept nogil:
-    """Read a byte of every page of the sender's segments: -1 when that memory faults."""
-    cdef vh_guard_t g
-    cdef uint32_t j
-    cdef uint64_t o
-    if VH_GUARD_ENTER(&g):
-        return -1
-    for j in range(e.nseg):
-        o = 0
-        while o < e.seg[j].len:
-            vh_touch(e.seg[j].base + o)
-            o += 4096
-        vh_touch(e.seg[j].base + e.seg[j].len - 1)
-    vh_guard_leave(&g)
-    return 0
-
-
-cdef int fill_ext_try(iov_t *iov, uint32_t *i_iov, uint64_t *off,
-                      const ext_t *e) noexcept nogil:
-    cdef vh_guard_t g
-    cdef uint32_t j
-    if VH_GUARD_ENTER(&g):
-        return -1
-    for j in range(e.nseg):
-        fill_iovs(iov, i_iov, off, e.seg[j].base, e.seg[j].len)
-    vh_guard_leave(&g)
-    return 0
-
-
-cdef int fill_ext(iov_t *iov, uint32_t *i_iov, uint64_t *off, const pkt_t *p) noexcept nogil:
-    """One-copy: a frame's tail from the sender's guest memory into this guest's buffers.
-    0; -1 when the sender's memory faulted (its ring is marked faulted, the frame is lost).
-    A fault in this guest's memory is retried outside the inner guard, so the caller's
-    guard marks this ring faulted, as for a frame from a packet buffer."""
-    cdef const ext_t *e = <const ext_t *>p.ext
-    cdef uint32_t i0 = i_iov[0], j
-    cdef uint64_t o0 = off[0]
-    if fill_ext_try(iov, i_iov, off, e) == 0:
-        return 0
-    if probe_src(e) < 0:
-        vq_fault(e.src)
-        return -1
-    i_iov[0] = i0
-    off[0] = o0
-    for j in range(e.nseg):
-        fill_iovs(iov, i_iov, off, e.seg[j].base, e.seg[j].len)
-    return 0
-
-
 cdef uint32_t dequeue_core(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count,
                            bint ref) noexcept nogil:
     cdef uint32_t lead = 0
@@ -631,82 +140,7 @@ cdef uint32_t dequeue_core(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t cou
             make_rarp(pkts[0], vq.rarp_mac)
             vq.rarp_pending = 0
             lead = 1
-    if vq.packed:
-        return lead + packed_dequeue(vq, pool, pkts + lead, count - lead, ref)
-    return lead + split_dequeue(vq, pool, pkts + lead, count - lead, ref)
-
-
-cdef void make_rarp(pkt_t *p, const uint8_t *mac) noexcept nogil:
-    """The RARP request a migrated guest's new location announces itself with."""
-    cdef uint8_t *d = p.data
-    memset(d, 0, 60)
-    memset(d, 0xFF, 6)
-    memcpy(d + 6, mac, 6)
-    d[12] = 0x80                                  # ethertype RARP 0x8035
-    d[13] = 0x35
-    d[15] = 1                                     # htype Ethernet
-    d[16] = 0x08                                  # ptype IPv4
-    d[18] = 6                                     # hlen
-    d[19] = 4                                     # plen
-    d[21] = 3                                     # op: reverse request
-    memcpy(d + 22, mac, 6)                        # sender MAC
-    memcpy(d + 32, mac, 6)                        # target MAC
-    memset(p.vnet_hdr, 0, 12)
-    p.len = 60
-
-
-cdef uint32_t split_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
-                            uint32_t count, bint ref) noexcept nogil:
-    cdef uint16_t avail_idx, head
-    cdef int avail
-    cdef uint32_t i, nout = 0, niov
-    cdef uint64_t total
-    cdef iov_t iov[MAX_IOV]
-    cdef int rc
-    avail = avail_count(vq, &avail_idx)
-    if avail <= 0:
-        return 0
-    if <uint32_t>avail < count:
-        count = avail
-    for i in range(count):
-        head = vh_load_relaxed_u16(&vq.avail[2 + ((vq.last_avail_idx) & (vq.size - 1))])
-        if head >= vq.size:
-            vq.broken = 1
-            vq.st.ring_errors += 1
-            break
-        niov = 0
-        rc = walk_chain(vq, head, False, iov, &niov, &total)
-        if rc == -3:
-            break                           # not mapped yet: stays in the ring
-        if receive_chain(vq, pool, iov, niov, total, rc < 0, pkts, &nout, ref) < 0:
-            break                           # no packet buffer: it stays in the ring
-        if ref:
-            vq.pend_id[vq.npend] = head       # back to the guest in vq_rx_complete
-            vq.npend += 1
-        else:
-            put_used(vq, head, 0)
-        vq.last_avail_idx += 1
-    if vq.last_used_idx != vh_load_relaxed_u16(&vq.used[1]):
-        notify_guest(vq)
-    vq.st.packets += nout
-    vq.st.bursts += 1
-    return nout
-
-
-cdef inline void fill_iovs(iov_t *iov, uint32_t *i_iov, uint64_t *off, const uint8_t *src,
-                           uint64_t length) noexcept nogil:
-    cdef uint64_t take
-    while length:
-        take = iov[i_iov[0]].len - off[0]
-        if take > length:
-            take = length
-        memcpy(iov[i_iov[0]].base + off[0], src, take)
-        src += take
-        length -= take
-        off[0] += take
-        if off[0] == iov[i_iov[0]].len:
-            i_iov[0] += 1
-            off[0] = 0
+    return lead + dequeue_chains(vq, pool, pkts + lead, count - lead, ref)
 
 
 cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
@@ -732,475 +166,17 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
 cdef uint32_t enqueue_guarded(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
     cdef uint32_t n
     if vq.iotlb == NULL:
-        return enqueue_core(vq, pkts, count)
+        return enqueue_chains(vq, pkts, count)
     if vq.nheld:
         flush_held(vq)
         if vq.nheld:
             return hold_frames(vq, pkts, count)     # in order, behind the held ones
-    n = enqueue_core(vq, pkts, count)
+    n = enqueue_chains(vq, pkts, count)
     if n < count and vq.iotlb_miss and vq.enabled and not vq.broken:
         n += hold_frames(vq, pkts + n, count - n)
     return n
 
 
-cdef inline uint32_t enqueue_core(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    if vq.packed and vq.ready and vq.enabled and not vq.broken and not vq.iotlb_miss:
-        return packed_enqueue(vq, pkts, count)
-    return split_enqueue(vq, pkts, count)
-
-
-cdef uint32_t hold_frames(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    """Copy up to MAX_HELD - nheld frames aside; the rest are drop_no_buffer."""
-    cdef uint32_t i, n = 0
-    cdef pkt_t *h
-    cdef uint8_t *copy
-    cdef uint32_t length
-    cdef const ext_t *e
-    for i in range(count):
-        if vq.nheld >= MAX_HELD:
-            break
-        length = pkts[i].len + pkts[i].ext_len
-        copy = <uint8_t *>malloc(length if length else 1)
-        if copy == NULL:
-            break
-        memcpy(copy, pkts[i].data, pkts[i].len)
-        if pkts[i].ext_len:
-            e = <const ext_t *>pkts[i].ext
-            if gather_try(copy + pkts[i].len, e.seg, e.nseg) < 0:
-                vq_fault(e.src)             # the sender's memory: this frame is lost
-                free(copy)
-                continue
-        h = &vq.held[vq.nheld]
-        memcpy(h, pkts[i], sizeof(pkt_t))
-        h.buf = copy
-        h.data = copy
-        h.len = length
-        h.cap = length
-        h.ext_len = 0
-        h.ext = NULL
-        vq.nheld += 1
-        n += 1
-    vq.st.drop_no_buffer += count - n
-    return n
-
-
-cdef void flush_held(vq_t *vq) noexcept nogil:
-    """Deliver held frames (in order) as far as the ring and the IOTLB allow."""
-    cdef pkt_t *ptrs[MAX_HELD]
-    cdef uint32_t i, n, missed_before = vq.st.drop_no_buffer
-    for i in range(vq.nheld):
-        ptrs[i] = &vq.held[i]
-    n = enqueue_core(vq, ptrs, vq.nheld)
-    if vq.iotlb_miss or not vq.ready:
-        vq.st.drop_no_buffer = missed_before      # still held, not dropped
-    else:
-        n = vq.nheld                              # delivered or counted as dropped
-    for i in range(n):
-        free(vq.held[i].buf)
-    memmove(&vq.held[0], &vq.held[n], (vq.nheld - n) * sizeof(pkt_t))
-    vq.nheld -= n
-
-
-cdef void drop_held(vq_t *vq) noexcept nogil:
-    cdef uint32_t i
-    for i in range(vq.nheld):
-        free(vq.held[i].buf)
-    vq.nheld = 0
-
-
-cdef inline void fill_header(uint8_t *hdr, vq_t *vq, uint32_t nbufs, pkt_t *pkt) noexcept nogil:
-    """The RX header: the frame's offload state where this guest agreed to take it."""
-    cdef uint8_t gso = pkt.vnet_hdr[1]
-    memset(hdr, 0, 12)
-    if pkt.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and vq.ofl_rx & OFL_CSUM:
-        memcpy(hdr, pkt.vnet_hdr, 10)
-        if not (gso == VNET_HDR_GSO_TCPV4 and vq.ofl_rx & OFL_TSO4 or
-                gso == VNET_HDR_GSO_TCPV6 and vq.ofl_rx & OFL_TSO6):
-            hdr[1] = 0                       # no (acceptable) GSO: a plain partial checksum
-            hdr[2] = hdr[3] = hdr[4] = hdr[5] = 0
-    if vq.hdr_len == 12:
-        hdr[10] = <uint8_t>(nbufs & 0xff)
-        hdr[11] = <uint8_t>(nbufs >> 8)
-
-
-cdef uint32_t split_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    cdef uint16_t avail_idx, head, used_before
-    cdef int avail
-    cdef uint32_t i, b, nbufs, niov, i_iov, nsent = 0
-    cdef uint64_t need, cap, total, off, w
-    cdef iov_t iov[MAX_IOV]
-    cdef uint16_t heads[MAX_BUFS_PER_PKT]
-    cdef uint64_t caps[MAX_BUFS_PER_PKT]
-    cdef uint8_t hdr[12]
-    cdef pkt_t *pkt
-    cdef bint bad, miss = False
-    cdef int rc
-    if not vq.ready:
-        return 0
-    if not vq.enabled:
-        vq.st.drop_disabled += count
-        return 0
-    if vq.iotlb_miss:                     # waiting for the front-end to map a buffer
-        return 0                          # (vq_enqueue holds or counts them)
-    if vq.broken or avail_count(vq, &avail_idx) < 0:
-        vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
-        return 0
-    used_before = vq.last_used_idx
-    i = 0
-    while i < count:
-        pkt = pkts[i]
-        need = vq.hdr_len + pkt.len + pkt.ext_len
-        nbufs = 0
-        niov = 0
-        cap = 0
-        bad = False
-        while cap < need:
-            if <uint16_t>(avail_idx - vq.last_avail_idx) == nbufs or nbufs == MAX_BUFS_PER_PKT:
-                break
-            head = vh_load_relaxed_u16(&vq.avail[2 + ((vq.last_avail_idx + nbufs) & (vq.size - 1))])
-            if head >= vq.size:
-                vq.broken = 1             # counted as packed counts a broken ring: one
-                vq.st.ring_errors += 1    # ring error, the frames left are drop_no_buffer
-                break
-            rc = walk_chain(vq, head, True, iov, &niov, &total)
-            if rc == -3:
-                miss = True
-                break
-            if rc < 0:
-                bad = True
-                heads[nbufs] = head
-                nbufs += 1
-                break
-            heads[nbufs] = head
-            caps[nbufs] = total
-            nbufs += 1
-            cap += total
-            if not vq.mrg_rxbuf:
-                break
-        if miss or vq.broken:
-            break                           # nothing of this frame's buffers was consumed
-        if bad:
-            # a hostile chain: give the buffers back untouched, drop this frame
-            vq.st.drop_bad_desc += 1
-            if vq.broken:
-                i += 1                      # counted once; the rest: drop_no_buffer
-                break
-            for b in range(nbufs):
-                put_used(vq, heads[b], 0)
-            vq.last_avail_idx += nbufs
-            i += 1
-            continue
-        if cap < need:
-            if nbufs and not vq.mrg_rxbuf:
-                vq.st.drop_oversize += 1    # the guest's buffer is too small for it
-                i += 1
-                continue
-            break                           # out of buffers: the rest are not delivered
-        fill_header(hdr, vq, nbufs, pkt)
-        i_iov = 0
-        off = 0
-        fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
-        fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
-        if pkt.ext_len and fill_ext(iov, &i_iov, &off, pkt) < 0:
-            i += 1                          # the sender's memory faulted: the frame is
-            continue                        # lost, the buffers stay the guest's
-        log_iovs(vq, iov, niov, need)
-        w = need
-        for b in range(nbufs):
-            total = caps[b] if caps[b] < w else w
-            put_used(vq, heads[b], <uint32_t>total)
-            w -= total
-        vq.last_avail_idx += nbufs
-        vq.st.bytes += pkt.len + pkt.ext_len
-        if pkt.ext_len:
-            vq.onecopy += 1
-        nsent += 1
-        i += 1
-    if i < count and not miss:
-        vq.st.drop_no_buffer += count - i
-    if vq.last_used_idx != used_before:
-        notify_guest(vq)
-    vq.st.packets += nsent
-    vq.st.bursts += 1
-    return nsent
-
-
-# -- packed virtqueues -------------------------------------------------------------------
-
-cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nogil:
-    """Is the descriptor at ``idx`` available to us under avail wrap counter ``wrap``?"""
-    cdef uint16_t flags = vh_load_acquire_u16(&vq.pdesc[idx].flags)
-    cdef uint8_t avail = (flags & VRING_PACKED_DESC_F_AVAIL) != 0
-    cdef uint8_t used = (flags & VRING_PACKED_DESC_F_USED) != 0
-    return avail == wrap and used != wrap
-
-
-cdef inline void packed_advance(uint16_t *idx, uint8_t *wrap, uint32_t n,
-                                uint32_t size) noexcept nogil:
-    cdef uint32_t i = idx[0] + n
-    if i >= size:
-        i -= size
-        wrap[0] ^= 1
-    idx[0] = <uint16_t>i
-
-
-cdef int walk_packed(vq_t *vq, uint16_t idx, bint writable, iov_t *iov, uint32_t *niov,
-                     uint64_t *total, uint32_t *nslots, uint16_t *buf_id) noexcept nogil:
-    """Translate the chain starting in slot ``idx``. Returns 0; -1 when its contents are bad
-    (``*nslots`` still says how many slots it spans, so it can be given back); -2 when its
-    shape is (a chain longer than the ring): the ring cannot be trusted any more; -3 on an
-    IOTLB miss (nothing may be consumed)."""
-    cdef uint32_t slots = 0, n = niov[0], i, k, count
-    cdef vring_packed_desc_t d
-    cdef uint16_t ring_flags
-    cdef const vring_packed_desc_t *table
-    cdef uint64_t tot = 0
-    cdef const uint8_t *tp
-    cdef uint8_t tbuf[MAX_INDIRECT_COPY]
-    cdef int rc
-    cdef bint bad = False
-    while True:
-        if slots >= vq.size:
-            return -2
-        i = idx + slots
-        if i >= vq.size:
-            i -= vq.size
-        memcpy(&d, &vq.pdesc[i], sizeof(vring_packed_desc_t))
-        slots += 1
-        buf_id[0] = d.id
-        ring_flags = d.flags
-        if d.flags & VRING_DESC_F_INDIRECT:
-            rc = -1
-            if not bad and vq.indirect and d.len and d.len % sizeof(vring_packed_desc_t) == 0 \
-                    and d.len <= 32768 * sizeof(vring_packed_desc_t) and \
-                    not d.flags & VRING_DESC_F_NEXT:
-                rc = read_table(vq, d.addr, d.len, tbuf, &tp)
-            if rc == -3:
-                return -3
-            if rc < 0:
-                bad = True
-            else:
-                table = <const vring_packed_desc_t *>tp
-                count = d.len // sizeof(vring_packed_desc_t)
-                for k in range(count):
-                    memcpy(&d, &table[k], sizeof(vring_packed_desc_t))
-                    if d.flags & VRING_DESC_F_INDIRECT or \
-                            (d.flags & VRING_DESC_F_WRITE != 0) != writable:
-                        bad = True
-                        break
-                    rc = add_segments(vq, d.addr, d.len, iov, &n, &tot, writable)
-                    if rc == -3:
-                        return -3
-                    if rc < 0:
-                        bad = True
-                        break
-            if not ring_flags & VRING_DESC_F_NEXT:       # the ring slot's flag, not the table's
-                break
-            continue
-        if not bad:
-            if (d.flags & VRING_DESC_F_WRITE != 0) != writable:
-                bad = True
-            else:
-                rc = add_segments(vq, d.addr, d.len, iov, &n, &tot, writable)
-                if rc == -3:
-                    return -3
-                if rc < 0:
-                    bad = True
-        if not d.flags & VRING_DESC_F_NEXT:
-            break
-    nslots[0] = slots
-    if bad:
-        return -1
-    niov[0] = n
-    total[0] = tot
-    return 0
-
-
-cdef int add_segments(vq_t *vq, uint64_t addr, uint64_t length, iov_t *iov, uint32_t *n,
-                      uint64_t *tot, bint writable) noexcept nogil:
-    """Append the host segments of [addr, addr+length) to iov; -1 if unmapped or too many,
-    -3 on an IOTLB miss."""
-    cdef uint64_t chunk, gpa
-    cdef uint8_t *p
-    tot[0] += length
-    if tot[0] > MAX_CHAIN_BYTES:
-        return -1
-    while length:
-        if n[0] >= MAX_IOV:
-            return -1
-        chunk = length
-        p = vq_translate(vq, addr, &chunk, IOTLB_PERM_WO if writable else IOTLB_PERM_RO, &gpa)
-        if p == NULL:
-            return -3 if vq.iotlb_miss else -1
-        iov[n[0]].base = p
-        iov[n[0]].len = chunk
-        iov[n[0]].gpa = gpa
-        n[0] += 1
-        addr += chunk
-        length -= chunk
-    return 0
-
-
-cdef inline void put_used_packed(vq_t *vq, uint16_t buf_id, uint32_t length, uint32_t nslots,
-                                 bint written) noexcept nogil:
-    cdef vring_packed_desc_t *d = &vq.pdesc[vq.last_used_idx]
-    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) \
-        if vq.used_wrap else 0
-    if written:
-        flags |= VRING_DESC_F_WRITE
-    d.id = buf_id
-    d.len = length
-    vh_store_release_u16(&d.flags, flags)
-    if vq.log_all:
-        vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>vq.last_used_idx, 16)
-    packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
-
-
-cdef void notify_guest_packed(vq_t *vq) noexcept nogil:
-    """Signal the call fd unless the driver's event-suppression area says not to."""
-    cdef uint16_t old = vq.signalled_used, new = vq.last_used_idx, flags, off_wrap, off
-    cdef bint fire
-    vh_fence_seq_cst()
-    flags = vh_load_relaxed_u16(&vq.avail[1])
-    if flags != RING_EVENT_FLAGS_DESC or not vq.event_idx:
-        fire = flags != RING_EVENT_FLAGS_DISABLE
-    else:
-        off_wrap = vh_load_relaxed_u16(&vq.avail[0])
-        off = off_wrap & 0x7FFF
-        if new <= old:
-            old -= vq.size
-        if vq.used_wrap != off_wrap >> 15:
-            off -= vq.size
-        fire = need_event(off, new, old) or not vq.signalled_used_valid
-    vq.signalled_used = new
-    vq.signalled_used_valid = 1
-    if fire and vq.callfd >= 0:
-        if vh_eventfd_signal(vq.callfd) == 0:
-            vq.st.calls += 1
-        else:
-            vq.st.call_errors += 1
-
-
-cdef uint32_t packed_dequeue(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
-                             uint32_t count, bint ref) noexcept nogil:
-    cdef uint32_t i, nout = 0, niov, nslots, used = 0
-    cdef uint64_t total
-    cdef uint16_t buf_id
-    cdef int rc
-    cdef iov_t iov[MAX_IOV]
-    for i in range(count):
-        if not packed_avail(vq, vq.last_avail_idx, vq.avail_wrap):
-            break
-        niov = 0
-        rc = walk_packed(vq, vq.last_avail_idx, False, iov, &niov, &total, &nslots, &buf_id)
-        if rc == -3:
-            break
-        if rc == -2:
-            vq.broken = 1
-            vq.st.ring_errors += 1
-            break
-        if receive_chain(vq, pool, iov, niov, total, rc < 0, pkts, &nout, ref) < 0:
-            break
-        if ref:
-            vq.pend_id[vq.npend] = buf_id     # back to the guest in vq_rx_complete
-            vq.pend_slots[vq.npend] = <uint16_t>nslots
-            vq.npend += 1
-        else:
-            put_used_packed(vq, buf_id, 0, nslots, False)
-            used += 1
-        packed_advance(&vq.last_avail_idx, &vq.avail_wrap, nslots, vq.size)
-    if used:
-        notify_guest_packed(vq)
-    vq.st.packets += nout
-    vq.st.bursts += 1
-    return nout
-
-
-cdef uint32_t packed_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0, nslots, used = 0
-    cdef uint64_t need, cap, total, off, w
-    cdef uint16_t idx, buf_id
-    cdef uint8_t wrap
-    cdef int rc
-    cdef iov_t iov[MAX_IOV]
-    cdef uint16_t ids[MAX_BUFS_PER_PKT]
-    cdef uint32_t slots[MAX_BUFS_PER_PKT]
-    cdef uint64_t caps[MAX_BUFS_PER_PKT]
-    cdef uint8_t hdr[12]
-    cdef pkt_t *pkt
-    while i < count:
-        pkt = pkts[i]
-        need = vq.hdr_len + pkt.len + pkt.ext_len
-        nbufs = niov = 0
-        cap = 0
-        rc = 0
-        idx = vq.last_avail_idx
-        wrap = vq.avail_wrap
-        while cap < need and nbufs < MAX_BUFS_PER_PKT and packed_avail(vq, idx, wrap):
-            rc = walk_packed(vq, idx, True, iov, &niov, &total, &nslots, &buf_id)
-            if rc == -2 or rc == -3:
-                break
-            ids[nbufs] = buf_id
-            slots[nbufs] = nslots
-            caps[nbufs] = total if rc == 0 else 0
-            nbufs += 1
-            packed_advance(&idx, &wrap, nslots, vq.size)
-            if rc < 0:
-                break
-            cap += total
-            if not vq.mrg_rxbuf:
-                break
-        if rc == -3:
-            break                           # not mapped yet: nothing consumed
-        if rc == -2:
-            vq.broken = 1
-            vq.st.ring_errors += 1
-            break
-        if rc == -1:
-            # a hostile buffer: give back what this frame took, untouched, and drop it
-            vq.st.drop_bad_desc += 1
-            for b in range(nbufs):
-                put_used_packed(vq, ids[b], 0, slots[b], True)
-                used += 1
-            vq.last_avail_idx = idx
-            vq.avail_wrap = wrap
-            i += 1
-            continue
-        if cap < need:
-            if nbufs and not vq.mrg_rxbuf:
-                vq.st.drop_oversize += 1
-                i += 1
-                continue
-            break
-        fill_header(hdr, vq, nbufs, pkt)
-        i_iov = 0
-        off = 0
-        fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
-        fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
-        if pkt.ext_len and fill_ext(iov, &i_iov, &off, pkt) < 0:
-            i += 1                          # the sender's memory faulted: the frame is
-            continue                        # lost, the buffers stay the guest's
-        log_iovs(vq, iov, niov, need)
-        w = need
-        for b in range(nbufs):
-            total = caps[b] if caps[b] < w else w
-            put_used_packed(vq, ids[b], <uint32_t>total, slots[b], True)
-            w -= total
-            used += 1
-        vq.last_avail_idx = idx
-        vq.avail_wrap = wrap
-        vq.st.bytes += pkt.len + pkt.ext_len
-        if pkt.ext_len:
-            vq.onecopy += 1
-        nsent += 1
-        i += 1
-    if i < count and not vq.iotlb_miss:
-        vq.st.drop_no_buffer += count - i
-    if used:
-        notify_guest_packed(vq)
-    vq.st.packets += nsent
-    vq.st.bursts += 1
-    return nsent
 
 
 cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil:
@@ -1270,7 +246,6 @@ cdef int read_used_idx(vq_t *vq, uint16_t *idx) noexcept nogil:
 
 
 OFFLOAD_BITS = {"csum": OFL_CSUM, "tso4": OFL_TSO4, "tso6": OFL_TSO6}
-
 
 
 cdef class VirtQueue:
@@ -1378,7 +353,7 @@ cdef class VirtQueue:
         self.vq.ready = 0
 
     def set_features(self, *, bint event_idx, bint indirect, bint mrg_rxbuf, int hdr_len,
-                     bint packed=False, int ofl_rx=0, int ofl_tx=0):
+                     bint packed=False, int ofl_rx=0, int ofl_tx=0, bint in_order=False):
         if hdr_len not in (10, 12):
             raise ValueError("virtio-net header is 10 or 12 bytes")
         if self.vq.ready and (packed != self.vq.packed or hdr_len != self.vq.hdr_len or
@@ -1388,6 +363,7 @@ cdef class VirtQueue:
             self.vq.avail_wrap = 1          # a fresh packed ring starts at wrap 1
             self.vq.used_wrap = 1
         self.vq.packed = packed
+        self.vq.in_order = in_order
         self.vq.ofl_rx = ofl_rx
         self.vq.ofl_tx = ofl_tx
         self.vq.event_idx = event_idx
@@ -1520,6 +496,7 @@ cdef class VirtQueue:
         """Back to a fresh split ring at index 0 (a new connection negotiates again)."""
         self.vq.ready = 0
         self.vq.packed = 0
+        self.vq.in_order = 0
         self.vq.avail_wrap = 1
         self.vq.used_wrap = 1
         self.vq.last_avail_idx = 0

@@ -97,7 +97,8 @@ class VhostUserDevice:
         """Keyword arguments for VirtQueue.set_features under the negotiated features."""
         return {"event_idx": self.has(F.RING_EVENT_IDX),
                 "indirect": self.has(F.RING_INDIRECT_DESC),
-                "mrg_rxbuf": False, "hdr_len": 12, "packed": self.has(F.RING_PACKED)}
+                "mrg_rxbuf": False, "hdr_len": 12, "packed": self.has(F.RING_PACKED),
+                "in_order": self.has(F.IN_ORDER)}
 
     def _swap_memory(self, retired) -> None:
         table = self.memory.table

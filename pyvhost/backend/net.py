@@ -61,6 +61,7 @@ class NetDevice(VhostUserDevice):
                 "mrg_rxbuf": mrg,
                 "hdr_len": 12 if (mrg or self.has(F.VERSION_1)) else 10,
                 "packed": self.has(F.RING_PACKED),
+                "in_order": self.has(F.IN_ORDER),
                 "ofl_tx": self._offloads(F.NET_CSUM, F.NET_HOST_TSO4, F.NET_HOST_TSO6),
                 "ofl_rx": self._offloads(F.NET_GUEST_CSUM, F.NET_GUEST_TSO4, F.NET_GUEST_TSO6)}
 

@@ -1,0 +1,165 @@
+# Bytes between translated guest segments and packet buffers, whatever the layout: the
+# virtio-net header checked on TX (tx_header_ok) and written on RX (fill_header), a frame
+# copied out whole (copy_out) or by its head only for one-copy (copy_head), copied in
+# (fill_iovs), dirty-logged (log_iovs); the RARP of SEND_RARP. Knows no ring structure.
+# Header-only: compiled into _vring.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from pyvhost._pktpool cimport pkt_t
+from pyvhost._vring cimport (
+    OFL_CSUM, OFL_TSO4, OFL_TSO6, ONECOPY_HEAD, VNET_HDR_F_NEEDS_CSUM, VNET_HDR_GSO_ECN,
+    VNET_HDR_GSO_NONE, VNET_HDR_GSO_TCPV4, VNET_HDR_GSO_TCPV6, ext_t, iov_t, vh_log_write, vq_t,
+)
+
+
+cdef inline void log_iovs(vq_t *vq, const iov_t *iov, uint32_t niov,
+                          uint64_t written) noexcept nogil:
+    """Dirty-log the guest pages of the first ``written`` bytes of ``iov``."""
+    cdef uint32_t j
+    cdef uint64_t n
+    if not vq.log_all:
+        return
+    for j in range(niov):
+        if written == 0:
+            break
+        n = iov[j].len if iov[j].len < written else written
+        vh_log_write(vq.log, vq.log_size, iov[j].gpa, n)
+        written -= n
+
+
+cdef inline void copy_out(const iov_t *iov, uint32_t niov, uint64_t total, uint32_t hdr,
+                          pkt_t *pkt) noexcept nogil:
+    """The virtio-net header into pkt.vnet_hdr, the rest (the frame) into pkt.data."""
+    cdef uint64_t skip = 0, take
+    cdef uint8_t *dst = pkt.data
+    cdef uint32_t j
+    for j in range(niov):
+        take = iov[j].len
+        if skip < hdr:
+            if take > hdr - skip:
+                take = hdr - skip
+            memcpy(&pkt.vnet_hdr[skip], iov[j].base, take)
+            skip += take
+            if take < iov[j].len:
+                memcpy(dst, iov[j].base + take, iov[j].len - take)
+                dst += iov[j].len - take
+        else:
+            memcpy(dst, iov[j].base, take)
+            dst += take
+    pkt.len = <uint32_t>(total - hdr)
+
+
+cdef inline uint16_t rd_le16(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint16_t>p[1] << 8)
+
+
+cdef inline bint tx_header_ok(vq_t *vq, pkt_t *p) noexcept nogil:
+    """Check the header a guest sent with a frame against what it negotiated; never trust
+    it blindly (it decides where the switch writes a checksum)."""
+    cdef uint8_t flags = p.vnet_hdr[0], gso = p.vnet_hdr[1] & ~VNET_HDR_GSO_ECN
+    cdef uint32_t start, offset
+    p.vnet_hdr[0] = flags & VNET_HDR_F_NEEDS_CSUM        # DATA_VALID etc. mean nothing here
+    if vq.hdr_len < 12:
+        p.vnet_hdr[10] = 0
+        p.vnet_hdr[11] = 0
+    if flags & VNET_HDR_F_NEEDS_CSUM:
+        start = rd_le16(p.vnet_hdr + 6)
+        offset = rd_le16(p.vnet_hdr + 8)
+        if not vq.ofl_tx & OFL_CSUM or start + offset + 2 > p.len + p.ext_len:
+            return False
+    if gso == VNET_HDR_GSO_NONE:
+        p.vnet_hdr[1] = 0
+        return True
+    if gso == VNET_HDR_GSO_TCPV4 and vq.ofl_tx & OFL_TSO4 or \
+            gso == VNET_HDR_GSO_TCPV6 and vq.ofl_tx & OFL_TSO6:
+        return rd_le16(p.vnet_hdr + 4) > 0 and flags & VNET_HDR_F_NEEDS_CSUM
+    return False
+
+
+cdef inline void copy_head(vq_t *vq, const iov_t *iov, uint32_t niov, uint64_t total,
+                           uint32_t hdr, pkt_t *pkt) noexcept nogil:
+    """One-copy receive: the virtio-net header into pkt.vnet_hdr, the frame's first
+    ONECOPY_HEAD bytes into pkt.data (all a decision may read), the rest left where it is:
+    its (already translated) segments recorded in an ext_t at the tail of pkt's buffer."""
+    cdef ext_t *e = <ext_t *>((<size_t>(pkt.data + pkt.cap - sizeof(ext_t))) & ~(<size_t>7))
+    cdef uint64_t pos = 0, take, left
+    cdef uint64_t head_end = hdr + ONECOPY_HEAD
+    cdef const uint8_t *b
+    cdef uint32_t j
+    e.src = vq
+    e.nseg = 0
+    for j in range(niov):
+        b = iov[j].base
+        left = iov[j].len
+        if pos < hdr:
+            take = left if left < hdr - pos else hdr - pos
+            memcpy(&pkt.vnet_hdr[pos], b, take)
+            b += take
+            left -= take
+            pos += take
+        if left and pos < head_end:
+            take = left if left < head_end - pos else head_end - pos
+            memcpy(pkt.data + (pos - hdr), b, take)
+            b += take
+            left -= take
+            pos += take
+        if left:
+            e.seg[e.nseg].base = <uint8_t *>b
+            e.seg[e.nseg].len = left
+            e.seg[e.nseg].gpa = 0
+            e.nseg += 1
+            pos += left
+    pkt.len = ONECOPY_HEAD
+    pkt.ext_len = <uint32_t>(total - hdr - ONECOPY_HEAD)
+    pkt.ext = e
+
+
+cdef inline void fill_iovs(iov_t *iov, uint32_t *i_iov, uint64_t *off, const uint8_t *src,
+                           uint64_t length) noexcept nogil:
+    cdef uint64_t take
+    while length:
+        take = iov[i_iov[0]].len - off[0]
+        if take > length:
+            take = length
+        memcpy(iov[i_iov[0]].base + off[0], src, take)
+        src += take
+        length -= take
+        off[0] += take
+        if off[0] == iov[i_iov[0]].len:
+            i_iov[0] += 1
+            off[0] = 0
+
+
+cdef inline void fill_header(uint8_t *hdr, vq_t *vq, uint32_t nbufs, pkt_t *pkt) noexcept nogil:
+    """The RX header: the frame's offload state where this guest agreed to take it."""
+    cdef uint8_t gso = pkt.vnet_hdr[1]
+    memset(hdr, 0, 12)
+    if pkt.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and vq.ofl_rx & OFL_CSUM:
+        memcpy(hdr, pkt.vnet_hdr, 10)
+        if not (gso == VNET_HDR_GSO_TCPV4 and vq.ofl_rx & OFL_TSO4 or
+                gso == VNET_HDR_GSO_TCPV6 and vq.ofl_rx & OFL_TSO6):
+            hdr[1] = 0                       # no (acceptable) GSO: a plain partial checksum
+            hdr[2] = hdr[3] = hdr[4] = hdr[5] = 0
+    if vq.hdr_len == 12:
+        hdr[10] = <uint8_t>(nbufs & 0xff)
+        hdr[11] = <uint8_t>(nbufs >> 8)
+
+
+cdef inline void make_rarp(pkt_t *p, const uint8_t *mac) noexcept nogil:
+    """The RARP request a migrated guest's new location announces itself with."""
+    cdef uint8_t *d = p.data
+    memset(d, 0, 60)
+    memset(d, 0xFF, 6)
+    memcpy(d + 6, mac, 6)
+    d[12] = 0x80                                  # ethertype RARP 0x8035
+    d[13] = 0x35
+    d[15] = 1                                     # htype Ethernet
+    d[16] = 0x08                                  # ptype IPv4
+    d[18] = 6                                     # hlen
+    d[19] = 4                                     # plen
+    d[21] = 3                                     # op: reverse request
+    memcpy(d + 22, mac, 6)                        # sender MAC
+    memcpy(d + 32, mac, 6)                        # target MAC
+    memset(p.vnet_hdr, 0, 12)
+    p.len = 60

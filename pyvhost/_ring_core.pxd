@@ -1,0 +1,297 @@
+# The one ring core: dequeue_chains (guest TX -> packets) and enqueue_chains (packets ->
+# guest RX, mergeable or not) for split and packed alike, over small per-layout helpers
+# (ring_begin/next_chain/ring_commit: the next available chain; mark_used; ring_notify).
+# Every counter of a burst is kept here, once for both layouts. Runs inside the caller's
+# SIGBUS guard with the ring locked. Header-only: compiled into _vring.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from pyvhost._pktpool cimport pkt_t, pktpool_t, pool_get, pool_put
+from pyvhost._ring_copy cimport copy_head, copy_out, fill_header, fill_iovs, log_iovs, tx_header_ok
+from pyvhost._ring_guard cimport vh_compiler_barrier
+from pyvhost._ring_onecopy cimport fill_ext
+from pyvhost._ring_packed cimport (
+    notify_guest_packed, packed_advance, packed_avail, packed_used_flush, put_used_packed,
+    used_batch_t,
+)
+from pyvhost._ring_split cimport avail_count, notify_guest, put_used
+from pyvhost._ring_walk cimport MAX_BUFS_PER_PKT, walk_chain, walk_packed
+from pyvhost._vring cimport MAX_IOV, ONECOPY_HEAD, ext_t, iov_t, vh_load_relaxed_u16, vq_t
+
+
+cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint32_t niov,
+                              uint64_t total, bint bad, pkt_t **pkts,
+                              uint32_t *nout, bint ref) noexcept nogil:
+    """One guest TX chain (split or packed) into a packet appended to ``pkts``, or counted
+    as dropped. -1 when no packet buffer is free: the chain must stay in the ring. ``ref``:
+    a frame longer than ONECOPY_HEAD keeps its tail in guest memory (copy_head)."""
+    cdef uint32_t hdr = vq.hdr_len
+    cdef pkt_t *pkt
+    if bad or total < hdr:
+        vq.st.drop_bad_desc += 1
+    elif not vq.enabled:
+        vq.st.drop_disabled += 1
+    elif total - hdr > pool.buf_size:
+        vq.st.drop_oversize += 1
+    else:
+        pkt = pool_get(pool)
+        if pkt == NULL:
+            vq.st.drop_no_mbuf += 1
+            return -1
+        pkts[nout[0]] = pkt
+        vq.dq_taken += 1                # a fault in the copy gives it back (vq_dequeue)
+        vh_compiler_barrier()
+        if ref and total - hdr > ONECOPY_HEAD and \
+                pkt.cap >= ONECOPY_HEAD + sizeof(ext_t) + 8:
+            copy_head(vq, iov, niov, total, hdr, pkt)
+        else:
+            copy_out(iov, niov, total, hdr, pkt)
+        if tx_header_ok(vq, pkt):
+            nout[0] += 1
+            vq.st.bytes += pkt.len + pkt.ext_len
+            if pkt.ext_len:
+                vq.nref += 1
+        else:
+            vq.st.drop_bad_hdr += 1
+            vq.dq_taken -= 1
+            pool_put(pool, pkt)
+    return 0
+
+
+cdef enum:
+    CHAIN_OK = 0
+    CHAIN_BAD = -1          # a hostile chain: it is consumed (given back untouched) and dropped
+    CHAIN_BROKEN = -2       # the ring's own structure is bad (head index, endless chain)
+    CHAIN_MISS = -3         # an IOTLB miss: nothing may be consumed
+    CHAIN_NONE = -4         # nothing (more) available
+
+
+cdef struct cursor_t:
+    # where the next available chain is: split, the free-running avail index and the guest's
+    # avail idx read once per burst; packed, the slot and its wrap counter
+    uint16_t idx
+    uint16_t avail_idx
+    uint8_t wrap
+    uint32_t room           # packed: slots a chain may span from idx, up to the first one
+                            # not given back (consumed in this burst or pending, ref)
+
+
+cdef struct chain_t:
+    uint16_t id             # split: the head index; packed: the buffer id
+    uint16_t nslots         # packed: the ring slots the chain spans; split: 1
+    uint64_t total          # bytes of its buffers
+
+
+cdef inline int ring_begin(vq_t *vq, cursor_t *cur) noexcept nogil:
+    """A cursor at the next available chain; -1 when the ring proves broken (split: an
+    avail idx more than a ring ahead, counted in ring_errors)."""
+    cur.idx = vq.last_avail_idx
+    cur.wrap = vq.avail_wrap
+    cur.avail_idx = 0
+    cur.room = 0
+    if vq.packed:
+        cur.room = vq.size - ((vq.last_avail_idx + vq.size - vq.last_used_idx) % vq.size)
+        if cur.room == vq.size and vq.avail_wrap != vq.used_wrap:
+            cur.room = 0                  # the whole ring is taken and not given back
+        return 0
+    return -1 if avail_count(vq, &cur.avail_idx) < 0 else 0
+
+
+cdef inline void ring_commit(vq_t *vq, const cursor_t *cur) noexcept nogil:
+    """The chains up to ``cur`` are consumed."""
+    vq.last_avail_idx = cur.idx
+    vq.avail_wrap = cur.wrap
+
+
+cdef inline bint ring_has_chain(vq_t *vq, const cursor_t *cur) noexcept nogil:
+    if vq.packed:
+        return packed_avail(vq, cur.idx, cur.wrap)
+    return cur.avail_idx != cur.idx
+
+
+cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
+                           uint32_t *niov, chain_t *ch) noexcept nogil:
+    """Read the chain at ``cur`` into iov[*niov..] and step ``cur`` past it: CHAIN_OK,
+    CHAIN_BAD (``ch`` still names it, so it can be given back), or CHAIN_BROKEN,
+    CHAIN_MISS, CHAIN_NONE (``cur`` is then not to be committed)."""
+    cdef uint32_t nslots = 1
+    cdef uint16_t head
+    cdef int rc
+    ch.total = 0
+    if not ring_has_chain(vq, cur):
+        return CHAIN_NONE
+    if vq.packed:
+        rc = walk_packed(vq, cur.idx, cur.room, writable, iov, niov, &ch.total, &nslots,
+                         &ch.id)
+        if rc == -2:
+            return CHAIN_BROKEN
+        if rc == -3:
+            return CHAIN_MISS
+        packed_advance(&cur.idx, &cur.wrap, nslots, vq.size)
+        cur.room -= nslots
+    else:
+        head = vh_load_relaxed_u16(&vq.avail[2 + (cur.idx & (vq.size - 1))])
+        if head >= vq.size:
+            return CHAIN_BROKEN
+        rc = walk_chain(vq, head, writable, iov, niov, &ch.total)
+        if rc == -3:
+            return CHAIN_MISS
+        ch.id = head
+        cur.idx += 1
+    ch.nslots = <uint16_t>nslots
+    return CHAIN_BAD if rc < 0 else CHAIN_OK
+
+
+cdef inline void ring_broken(vq_t *vq) noexcept nogil:
+    """The ring cannot be trusted any more: control resets it."""
+    vq.broken = 1
+    vq.st.ring_errors += 1
+
+
+cdef inline void mark_used(vq_t *vq, used_batch_t *ub, uint16_t id, uint16_t nslots,
+                           uint32_t length, bint written) noexcept nogil:
+    """A used element into the burst's batch ``ub`` (zeroed at the burst's start); the guest
+    sees the batch in ring_notify. Split: the used index is published once there anyway."""
+    if vq.packed:
+        put_used_packed(vq, ub, id, length, nslots, written)
+    else:
+        put_used(vq, id, length)
+        ub.n += 1
+
+
+cdef inline void ring_notify(vq_t *vq, used_batch_t *ub) noexcept nogil:
+    """Publish the used elements the burst wrote (our own count: never the used index in
+    guest memory, which the guest can write) and notify unless suppressed."""
+    if ub.n == 0:
+        return
+    if vq.packed:
+        packed_used_flush(vq, ub)
+        notify_guest_packed(vq)
+    else:
+        notify_guest(vq)
+
+
+cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count,
+                                    bint ref) noexcept nogil:
+    """Guest TX chains into packets, split or packed. An empty ring is not a burst."""
+    cdef cursor_t cur
+    cdef chain_t ch
+    cdef uint32_t i, nout = 0, niov
+    cdef used_batch_t ub
+    cdef iov_t iov[MAX_IOV]
+    cdef int rc
+    ub.n = 0
+    ub.head_slot = 0
+    if ring_begin(vq, &cur) < 0 or not ring_has_chain(vq, &cur):
+        return 0
+    for i in range(count):
+        niov = 0
+        rc = next_chain(vq, &cur, False, iov, &niov, &ch)
+        if rc == CHAIN_NONE or rc == CHAIN_MISS:
+            break                           # a miss: not mapped yet, stays in the ring
+        if rc == CHAIN_BROKEN:
+            ring_broken(vq)
+            break
+        if receive_chain(vq, pool, iov, niov, ch.total, rc < 0, pkts, &nout, ref) < 0:
+            break                           # no packet buffer: it stays in the ring
+        if ref:
+            vq.pend_id[vq.npend] = ch.id      # back to the guest in vq_rx_complete
+            vq.pend_slots[vq.npend] = ch.nslots
+            vq.npend += 1
+        else:
+            mark_used(vq, &ub, ch.id, ch.nslots, 0, False)
+        ring_commit(vq, &cur)
+    ring_notify(vq, &ub)
+    vq.st.packets += nout
+    vq.st.bursts += 1
+    return nout
+
+
+cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
+    """Packets into guest RX buffers, split or packed, mergeable or not."""
+    cdef cursor_t cur, nxt
+    cdef chain_t chains[MAX_BUFS_PER_PKT]
+    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0
+    cdef used_batch_t ub
+    cdef uint64_t need, cap, total, off, w
+    cdef iov_t iov[MAX_IOV]
+    cdef uint8_t hdr[12]
+    cdef pkt_t *pkt
+    cdef bint miss = False
+    cdef int rc
+    ub.n = 0
+    ub.head_slot = 0
+    if not vq.ready:
+        return 0
+    if not vq.enabled:
+        vq.st.drop_disabled += count
+        return 0
+    if vq.iotlb_miss:                     # waiting for the front-end to map a buffer
+        return 0                          # (vq_enqueue holds or counts them)
+    if vq.broken or ring_begin(vq, &cur) < 0:
+        vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
+        return 0
+    while i < count:
+        pkt = pkts[i]
+        need = vq.hdr_len + pkt.len + pkt.ext_len
+        nbufs = niov = 0
+        cap = 0
+        rc = CHAIN_OK
+        nxt = cur
+        while cap < need and nbufs < MAX_BUFS_PER_PKT:
+            rc = next_chain(vq, &nxt, True, iov, &niov, &chains[nbufs])
+            if rc == CHAIN_NONE or rc == CHAIN_MISS or rc == CHAIN_BROKEN:
+                break
+            nbufs += 1
+            if rc == CHAIN_BAD:
+                break
+            cap += chains[nbufs - 1].total
+            if not vq.mrg_rxbuf:
+                break
+        if rc == CHAIN_MISS:
+            miss = True
+            break                           # not mapped yet: nothing consumed
+        if rc == CHAIN_BROKEN:
+            ring_broken(vq)                 # one ring error; the frames left: drop_no_buffer
+            break
+        if rc == CHAIN_BAD:
+            # a hostile buffer: give back what this frame took, untouched, and drop it
+            vq.st.drop_bad_desc += 1
+            for b in range(nbufs):
+                mark_used(vq, &ub, chains[b].id, chains[b].nslots, 0, True)
+            cur = nxt
+            ring_commit(vq, &cur)
+            i += 1
+            continue
+        if cap < need:
+            if nbufs and not vq.mrg_rxbuf:
+                vq.st.drop_oversize += 1    # the guest's buffer is too small for it
+                i += 1
+                continue
+            break                           # out of buffers: the rest are not delivered
+        fill_header(hdr, vq, nbufs, pkt)
+        i_iov = 0
+        off = 0
+        fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
+        fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
+        if pkt.ext_len and fill_ext(iov, &i_iov, &off, pkt) < 0:
+            i += 1                          # the sender's memory faulted: the frame is
+            continue                        # lost, the buffers stay the guest's
+        log_iovs(vq, iov, niov, need)
+        w = need
+        for b in range(nbufs):
+            total = chains[b].total if chains[b].total < w else w
+            mark_used(vq, &ub, chains[b].id, chains[b].nslots, <uint32_t>total, True)
+            w -= total
+        cur = nxt
+        ring_commit(vq, &cur)
+        vq.st.bytes += pkt.len + pkt.ext_len
+        if pkt.ext_len:
+            vq.onecopy += 1
+        nsent += 1
+        i += 1
+    if i < count and not miss:
+        vq.st.drop_no_buffer += count - i
+    ring_notify(vq, &ub)
+    vq.st.packets += nsent
+    vq.st.bursts += 1
+    return nsent

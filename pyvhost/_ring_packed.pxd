@@ -1,0 +1,101 @@
+# The packed layout's part of the ring core: which descriptor is available (wrap
+# counters), used descriptors written back in place, and the guest notification through the
+# event-suppression areas. Writes only used descriptors. Header-only: compiled into _vring.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from pyvhost._ring_split cimport need_event
+from pyvhost._vring cimport (
+    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, VRING_DESC_F_WRITE,
+    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, vh_eventfd_signal, vh_fence_seq_cst,
+    vh_load_acquire_u16, vh_load_relaxed_u16, vh_log_write, vh_store_release_u16, vq_t,
+    vring_packed_desc_t,
+)
+
+
+cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nogil:
+    """Is the descriptor at ``idx`` available to us under avail wrap counter ``wrap``?"""
+    cdef uint16_t flags = vh_load_acquire_u16(&vq.pdesc[idx].flags)
+    cdef uint8_t avail = (flags & VRING_PACKED_DESC_F_AVAIL) != 0
+    cdef uint8_t used = (flags & VRING_PACKED_DESC_F_USED) != 0
+    return avail == wrap and used != wrap
+
+
+cdef inline void packed_advance(uint16_t *idx, uint8_t *wrap, uint32_t n,
+                                uint32_t size) noexcept nogil:
+    cdef uint32_t i = idx[0] + n
+    if i >= size:
+        i -= size
+        wrap[0] ^= 1
+    idx[0] = <uint16_t>i
+
+
+cdef struct used_batch_t:
+    # the used descriptors one burst writes (packed: DPDK's batch): every one is written as
+    # it is decided except the first one's flags, stored last (packed_used_flush), so the
+    # driver, which reads used descriptors in order, takes the burst as one
+    uint32_t n              # used elements written in this burst
+    uint16_t head_slot      # packed: the slot of the first, its flags not yet stored
+    uint16_t head_flags
+    uint8_t written         # packed: the first one is an RX buffer (written, has a length)
+
+
+cdef inline void put_used_packed(vq_t *vq, used_batch_t *ub, uint16_t buf_id, uint32_t length,
+                                 uint32_t nslots, bint written) noexcept nogil:
+    cdef vring_packed_desc_t *d = &vq.pdesc[vq.last_used_idx]
+    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) \
+        if vq.used_wrap else 0
+    if written:
+        flags |= VRING_DESC_F_WRITE
+    if ub.n and vq.in_order and not written and not ub.written:
+        # IN_ORDER: a batch of TX buffers is completed by one used descriptor in the batch's
+        # first slot naming its last buffer; the driver steps over the batch (virtio 1.1
+        # 2.7.9). RX buffers each need their length, so they are written one by one.
+        vq.pdesc[ub.head_slot].id = buf_id
+        ub.n += 1
+        packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
+        return
+    d.id = buf_id
+    d.len = length
+    if ub.n == 0:
+        ub.written = written
+        ub.head_slot = vq.last_used_idx          # its flags: packed_used_flush
+        ub.head_flags = flags
+    else:
+        vh_store_release_u16(&d.flags, flags)
+        if vq.log_all:
+            vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>vq.last_used_idx, 16)
+    ub.n += 1
+    packed_advance(&vq.last_used_idx, &vq.used_wrap, nslots, vq.size)
+
+
+cdef inline void packed_used_flush(vq_t *vq, used_batch_t *ub) noexcept nogil:
+    """The batch's first used descriptor made visible (release: after everything written
+    before it, the rest of the batch included), then dirty-logged."""
+    vh_store_release_u16(&vq.pdesc[ub.head_slot].flags, ub.head_flags)
+    if vq.log_all:
+        vh_log_write(vq.log, vq.log_size, vq.desc_gpa + 16 * <uint64_t>ub.head_slot, 16)
+
+
+cdef inline void notify_guest_packed(vq_t *vq) noexcept nogil:
+    """Signal the call fd unless the driver's event-suppression area says not to."""
+    cdef uint16_t old = vq.signalled_used, new = vq.last_used_idx, flags, off_wrap, off
+    cdef bint fire
+    vh_fence_seq_cst()
+    flags = vh_load_relaxed_u16(&vq.avail[1])
+    if flags != RING_EVENT_FLAGS_DESC or not vq.event_idx:
+        fire = flags != RING_EVENT_FLAGS_DISABLE
+    else:
+        off_wrap = vh_load_relaxed_u16(&vq.avail[0])
+        off = off_wrap & 0x7FFF
+        if new <= old:
+            old -= vq.size
+        if vq.used_wrap != off_wrap >> 15:
+            off -= vq.size
+        fire = need_event(off, new, old) or not vq.signalled_used_valid
+    vq.signalled_used = new
+    vq.signalled_used_valid = 1
+    if fire and vq.callfd >= 0:
+        if vh_eventfd_signal(vq.callfd) == 0:
+            vq.st.calls += 1
+        else:
+            vq.st.call_errors += 1

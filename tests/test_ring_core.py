@@ -1,0 +1,133 @@
+"""The one ring core (pyvhost._vring: dequeue_chains, enqueue_chains): split and packed
+rings go through the same dequeue and enqueue, so the same event is counted and signalled
+the same way on both layouts. Each test here caught a place where the two copies had
+drifted apart before they were merged."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from pyvhost._pktpool import PacketPool
+from tests.harness.driver import (
+    F_NEXT,
+    PACKED_F_AVAIL,
+    PACKED_F_USED,
+    DriverRing,
+    GuestImage,
+    PackedDriverRing,
+)
+
+MiB = 1 << 20
+MAC = bytes.fromhex("020000000001")
+
+
+@pytest.fixture
+def image():
+    with GuestImage((MiB,)) as img:
+        yield img
+
+
+@pytest.fixture
+def callfd():
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+def frame(n: int, seed: int = 0) -> bytes:
+    return bytes((seed + i) & 0xFF for i in range(n))
+
+
+def ring_of(image, cls, size: int, callfd: int = -1):
+    d = cls(image, size)
+    return d, d.make_queue(image.guest_memory(), callfd=callfd)
+
+
+def ring(image, layout: str, callfd: int = -1):
+    return ring_of(image, PackedDriverRing if layout == "packed" else DriverRing, 64, callfd)
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_an_empty_ring_is_not_a_burst(image, layout):
+    """Packed counted a burst for every poll of an empty ring, split did not: a polling
+    PMD's packets-per-burst then meant different things on the two layouts."""
+    pool = PacketPool(16, 2048)
+    d, vq = ring(image, layout)
+    for _ in range(3):
+        assert vq.recv_burst(pool) == []
+    assert vq.stats()["bursts"] == 0
+    d.post_tx(frame(60))
+    assert vq.recv_burst(pool) == [frame(60)]
+    assert (vq.stats()["bursts"], vq.stats()["packets"]) == (1, 1)
+
+
+def test_split_used_index_comes_from_the_device_not_guest_memory(image, callfd):
+    """A split dequeue that completed nothing compared its used index with the one in guest
+    memory (which the guest can write) and, when they differed, published it again and
+    signalled the guest; packed (and split enqueue) decided on what the burst itself used.
+    Now both layouts notify only for used elements the burst wrote."""
+    one = PacketPool(1, 2048)           # the RARP takes the only buffer: the chain stays
+    d, vq = ring(image, "split", callfd)
+    d.post_tx(frame(60))
+    vq.inject_rarp(MAC)
+    image.write(d.used_gpa + 2, struct.pack("<H", 5))      # the guest scribbles used->idx
+    got = vq.recv_burst(one)
+    assert len(got) == 1 and got[0][6:12] == MAC            # the RARP, nothing of the ring
+    s = vq.stats()
+    assert (s["drop_no_mbuf"], s["packets"], s["calls"]) == (1, 0, 0)
+    assert d.used_idx() == 5                                # nothing written: nothing used
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(callfd)
+    assert vq.recv_burst(PacketPool(4, 2048)) == [frame(60)]
+    assert d.used_idx() == 1 and vq.stats()["calls"] == 1   # the real completion is told
+
+
+@pytest.mark.parametrize("receive", ["plain", "one_copy"])
+def test_packed_chain_running_into_slots_not_given_back_breaks_the_ring(receive):
+    """A packed chain whose NEXT flags run on, past the ring's end, into the slots this very
+    burst took: the driver cannot have posted those again (the device has not given them
+    back), so the chain is hostile. The walk read them anyway: the plain receive read our
+    own used descriptor there (a bad chain), the one-copy receive, which gives its chains
+    back only at vq_rx_complete, read the first frame's buffer again and delivered it twice.
+    Now a chain may span only the slots not taken: the ring is broken, the same for both."""
+    with GuestImage((MiB,)) as image:
+        pool = PacketPool(16, 2048)
+        d, vq = ring_of(image, PackedDriverRing, 2)
+        buf = image.alloc(64)
+        d.write_desc(1, buf, 0, id=1, flags=PACKED_F_AVAIL | F_NEXT)   # runs on into slot 0
+        d.post_tx(frame(14))                                          # slot 0, posted last
+        got = vq.recv_burst(pool) if receive == "plain" else vq.recv_burst_ref(pool)
+        assert got == [frame(14)]
+        s = vq.stats()
+        assert (s["ring_errors"], s["drop_bad_desc"], s["packets"]) == (1, 0, 1)
+        assert vq.broken and pool.available == pool.count
+
+
+def test_packed_in_order_tx_batch_completes_with_one_used_descriptor(image):
+    """VIRTIO_F_IN_ORDER on a packed ring: a burst of TX buffers is given back with one used
+    descriptor in the burst's first slot naming its last buffer (the driver steps over the
+    rest); without IN_ORDER every buffer gets its own. RX buffers are each written (their
+    lengths differ)."""
+    pool = PacketPool(16, 2048)
+    for in_order in (False, True):
+        d, vq = ring(image, "packed")
+        with vq:
+            vq.set_features(event_idx=False, indirect=True, mrg_rxbuf=False, hdr_len=12,
+                            packed=True, in_order=in_order)
+        ids = [d.post_tx(frame(60, 0)), d.post_tx(frame(60, 1), splits=[12, 60]),
+               d.post_tx(frame(60, 2))]
+        assert vq.recv_burst(pool) == [frame(60, k) for k in range(3)]
+        assert (vq.base >> 16) & 0x7FFF == 4                 # four slots used either way
+        _, _, first_id, first_flags = d.read_desc(0)
+        used = {k: bool(d.read_desc(k)[3] & PACKED_F_USED) for k in (0, 1, 3)}
+        if in_order:
+            assert first_id == ids[2] and used == {0: True, 1: False, 3: False}
+        else:
+            assert first_id == ids[0] and used == {0: True, 1: True, 3: True}
+        d.post_rx()
+        d.post_rx()
+        assert vq.send_burst(pool, [frame(100), frame(200)]) == 2
+        assert [d.read_desc(k)[1] for k in (4, 5)] == [112, 212]     # each with its length
