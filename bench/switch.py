@@ -367,7 +367,9 @@ def measure_case(workdir: Path, case: Case, peers: list[str], args):
 def paired(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
     """The median over rounds of a's number over b's in the same round: a machine whose
     speed drifts between rounds moves both, so this is steadier than the ratio of medians."""
-    got = [x / y for x, y in zip(rounds.get(a, []), rounds.get(b, []), strict=True) if y]
+    if not rounds.get(a) or not rounds.get(b):
+        return None
+    got = [x / y for x, y in zip(rounds[a], rounds[b], strict=True) if y]
     return statistics.median(got) if got else None
 
 
