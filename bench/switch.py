@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ovs import Hugepages, OvsDpdk, available  # noqa: E402
-from _rounds import alternate  # noqa: E402
+from _rounds import alternate, paired  # noqa: E402
 
 from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
@@ -362,15 +362,6 @@ def measure_case(workdir: Path, case: Case, peers: list[str], args):
 
     rates = alternate(case.label, args.rounds, {name: runner(name) for name in order})
     return rates, {name: got for name, got in costs.items() if got and None not in got}
-
-
-def paired(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
-    """The median over rounds of a's number over b's in the same round: a machine whose
-    speed drifts between rounds moves both, so this is steadier than the ratio of medians."""
-    if not rounds.get(a) or not rounds.get(b):
-        return None
-    got = [x / y for x, y in zip(rounds[a], rounds[b], strict=True) if y]
-    return statistics.median(got) if got else None
 
 
 def report(table: Table, label: str, rounds: dict[str, list[float]], unit: str) -> None:

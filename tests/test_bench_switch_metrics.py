@@ -21,6 +21,7 @@ from tests.harness import processes
 from tests.harness.limits import time_limit
 
 sys.path.insert(0, str(Path(processes.REPO) / "bench"))
+from _rounds import paired  # noqa: E402
 from switch import ovs_ns_per_frame  # noqa: E402
 
 OVS_PMD_STATS = """\
@@ -47,6 +48,14 @@ main thread:
   idle cycles: 0 (0.00%)
   processing cycles: 99999999 (100.00%)
 """
+
+
+def test_paired_ratios_are_the_median_of_each_rounds_ratio():
+    # rounds 2/1, 4/4, 9/3: 2, 1, 3 -> 2 (the ratio of the medians would say 4/3)
+    assert paired({"a": [2, 4, 9], "b": [1, 4, 3]}, "a", "b") == 2
+    assert paired({"a": [2, 4, 9]}, "a", "b") is None
+    with pytest.raises(ValueError):
+        paired({"a": [2, 4, 9], "b": [1, 4]}, "a", "b")
 
 
 def test_ovs_pmd_stats_give_processing_ns_per_frame():
