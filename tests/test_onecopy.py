@@ -444,3 +444,44 @@ def test_frames_held_for_an_iotlb_miss_keep_their_tails():
         ((h, length),) = rx.used()
         assert h == head and dimg.read(buf + 12, length - 12) == f
         assert pool.available == pool.count
+
+
+def test_only_the_thread_holding_a_burst_by_reference_gives_it_back():
+    """A queue moving between PMDs is polled by both for a moment: one PMD's rx_complete
+    (after a burst of its own, or none) must not give back and unlock another PMD's burst
+    received by reference while that one still reads the tails."""
+    from pyvhost._pktpool import PacketPool
+    with GuestImage((MiB,)) as img:
+        tx = DriverRing(img, 16)
+        vq = tx.make_queue(img.guest_memory(), index=1, hdr_len=12)
+        rx = DriverRing(img, 16)
+        dev = VhostDev([rx.make_queue(img.guest_memory(), index=0, hdr_len=12)], [vq])
+        heads = [tx.post_tx(frame("a", MAC["b"], 1500, k), hdr=vnet_hdr()[:12], splits=2)
+                 for k in range(3)]
+        pools = [PacketPool(8, 4096), PacketPool(8, 4096)]
+        got, step = {}, [threading.Event() for _ in range(3)]
+
+        def owner():                       # the PMD whose burst keeps its tails
+            got["a"] = dev._test_rx_ref(0, pools[0])
+            step[0].set()
+            step[1].wait(10)
+            dev._test_rx_complete(0)
+            step[2].set()
+
+        t = threading.Thread(target=owner)
+        t.start()
+        try:
+            assert step[0].wait(10) and got["a"] == 3
+            dev._test_rx_complete(0)           # the other PMD, with no burst of its own
+            assert tx.used() == []             # nothing given back under the owner
+            assert dev._test_rx_ref(0, pools[1]) == 0     # and the ring still locked
+            step[1].set()
+            assert step[2].wait(10)
+        finally:
+            step[1].set()
+            t.join(10)
+        assert [h for h, _ in tx.used()] == heads
+        tx.post_tx(frame("a", MAC["b"], 1500, 9), hdr=vnet_hdr()[:12], splits=2)
+        assert dev._test_rx_ref(0, pools[1]) == 1         # unlocked: the next one gets it
+        dev._test_rx_complete(0)
+        assert len(tx.used()) == 1
