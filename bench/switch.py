@@ -15,6 +15,11 @@ Rows:
   flowgen       (--flows): guests run `flowgen` (--flowgen-flows=N) on both ports, so every
                 frame has one of N keys (cache-miss heavy); in_port rules
 Rates are the guests' RX pps summed over both ports (median of --samples readings per round).
+The guests forward on one core and cap the loop's rate, so each loop row has a second row:
+each switch's PMD processing time per frame over the same readings, from its own counters
+(pyvhost: pmd-stats busy ns; OVS-DPDK: pmd-stats-show processing cycles' share of the wall
+time; testpmd: `set record-core-cycles on`, cycles in bursts that received frames, at its
+TSC clock): what a frame costs the switch, whatever the guests manage.
 The cost of metrics (issue 14): pyvhost's 64-byte io loop again, started with
 `--metrics 127.0.0.1:PORT`, measured without and then with a scraper fetching /metrics
 every --scrape-interval seconds, then with an idle capture hook (a `pyvhost capture` of p1,
@@ -128,6 +133,28 @@ class OvsCost(PmdCost):
         elapsed = time.monotonic() - self.t0
         text = self.ovs.appctl("dpif-netdev/pmd-stats-show")
         return ovs_ns_per_frame(text, elapsed)
+
+
+class TestpmdCost(PmdCost):
+    """DPDK testpmd as the switch, with ``set record-core-cycles on``: its forwarding
+    core's cycles in bursts that received frames, per frame, at its TSC clock."""
+
+    def __init__(self, tp: Testpmd):
+        self.tp = tp
+
+    def clear(self) -> None:
+        self.tp.cmd("clear fwd stats all")
+
+    def read(self) -> float | None:
+        return fwd_stats_ns_per_frame(self.tp.cmd("show fwd stats all"))
+
+
+def fwd_stats_ns_per_frame(text: str) -> float | None:
+    """ns per frame from ``show fwd stats all`` ("CPU cycles/packet=X (...) at M MHz")."""
+    m = re.search(r"CPU cycles/packet=([\d.]+) .*? at (\d+) MHz", text)
+    if not m or not float(m.group(2)):
+        return None
+    return float(m.group(1)) * 1000 / float(m.group(2))
 
 
 def ovs_ns_per_frame(text: str, elapsed: float) -> float | None:
@@ -300,20 +327,20 @@ def run_pyvhost_scraped(workdir: Path, seconds, samples, interval: float):
 
 
 def run_dpdk(workdir: Path, case: Case, seconds, samples, n: int, costs: list) -> float:
-    """(testpmd keeps no processing/idle split of its own by default: no cost.)"""
     socks = [workdir / f"dpdk-{case.key}-{n}-{i}.sock" for i in range(2)]
     host = Testpmd([vhost_vdev(s, index=i) for i, s in enumerate(socks)], workdir=workdir,
                    name=f"switch-dpdk-{case.key}-{n}", main_lcore=1)
     try:
         host.start()
         host.set_fwd("io")
+        host.cmd("set record-core-cycles on")
         tp = guest_side(workdir, socks, case, f"guest-dpdk-{case.key}-{n}")
         try:
             host.wait_link_up(0)
             host.wait_link_up(1)
             host.start_fwd()
             start_guest(tp, case)
-            return measure(tp, seconds, samples)
+            return measure(tp, seconds, samples, TestpmdCost(host), costs)
         finally:
             tp.close()
     finally:
@@ -347,7 +374,7 @@ def measure_case(workdir: Path, case: Case, peers: list[str], args):
     """Each system's numbers for one case, in alternating rounds: the peers around pyvhost
     (OVS, pyvhost, testpmd, ...); testpmd has no lookup, so it has no NORMAL rows. Returns
     (rates, costs): each system's Mpps per round, and each switch's PMD ns per frame per
-    round (pyvhost and OVS-DPDK; None where no frame was received)."""
+    round (None where no frame was received)."""
     systems = [p for p in peers if not (case.normal and p == DPDK)]
     order = systems[:1] + [PY] + systems[1:]
     count = {name: 0 for name in order}

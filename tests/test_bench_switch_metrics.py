@@ -22,7 +22,7 @@ from tests.harness.limits import time_limit
 
 sys.path.insert(0, str(Path(processes.REPO) / "bench"))
 from _rounds import paired  # noqa: E402
-from switch import ovs_ns_per_frame  # noqa: E402
+from switch import fwd_stats_ns_per_frame, ovs_ns_per_frame  # noqa: E402
 
 OVS_PMD_STATS = """\
 pmd thread numa_id 0 core_id 0:
@@ -56,6 +56,13 @@ def test_paired_ratios_are_the_median_of_each_rounds_ratio():
     assert paired({"a": [2, 4, 9]}, "a", "b") is None
     with pytest.raises(ValueError):
         paired({"a": [2, 4, 9], "b": [1, 4]}, "a", "b")
+
+
+def test_testpmd_fwd_stats_give_ns_per_frame():
+    text = ("  CPU cycles/packet=43.92 (total cycles=2545102277 / total io packets=57951552)"
+            " at 2600 MHz Clock\n")
+    assert fwd_stats_ns_per_frame(text) == pytest.approx(43.92 / 2.6)
+    assert fwd_stats_ns_per_frame("  RX-packets: 0\n") is None
 
 
 def test_ovs_pmd_stats_give_processing_ns_per_frame():
@@ -92,7 +99,9 @@ def test_bench_switch_rounds_and_metrics_rows(tmp_path):
     for label, row in costs.items():
         assert row is not None, (label, sorted(got))
         assert row.unit == "ns" and row.better == "lower", row
-        assert set(row.rounds) == {"pyvhost switch", "OVS-DPDK 3.1"}, row
+        want = {"pyvhost switch", "OVS-DPDK 3.1"} | ({"DPDK testpmd io"} if "in_port" in label
+                                                     else set())
+        assert set(row.rounds) == want, row
         assert all(len(v) == 2 and min(v) > 0 for v in row.rounds.values()), row
     assert set(got) == {*loops,
                         "64 B io loop, --metrics on, not scraped",
