@@ -3,7 +3,8 @@
 ``VirtQueue``, the ring's control object. What they call lives in header-only helpers
 compiled into this module, one job each: _ring_core.pxd (the one dequeue and enqueue for
 both layouts), _ring_split.pxd and _ring_packed.pxd (the per-layout parts), _ring_walk.pxd
-(reading descriptor chains, every hostile-chain limit), _ring_copy.pxd (bytes and the
+(reading descriptor chains, every hostile-chain limit), _ring_batch.pxd (packed: four
+descriptors read at once), _ring_copy.pxd (bytes and the
 virtio-net header), _ring_onecopy.pxd (reads of another guest's memory), _ring_held.pxd
 (RX frames held over an IOTLB miss), _ring_guard.pxd (the SIGBUS guard). One-copy
 forwarding: vq_dequeue_ref copies only a frame's head and keeps the rest as translated,
@@ -334,6 +335,20 @@ cdef class VirtQueue:
 
         def __set__(self, int fd):
             self.vq.faultfd = fd
+
+    @property
+    def batched(self):
+        """Packed: chains (TX) or buffers (RX) this ring took four at a time (_ring_batch)."""
+        return self.vq.batched
+
+    property batching:
+        """Take packed descriptors four at a time where they form a batch (the default);
+        False: always one at a time (tests compare the two)."""
+        def __get__(self):
+            return not self.vq.no_batch
+
+        def __set__(self, bint on):
+            self.vq.no_batch = not on
 
     @property
     def faults(self):
