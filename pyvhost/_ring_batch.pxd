@@ -15,8 +15,8 @@ from pyvhost._ring_index cimport packed_avail_flags
 from pyvhost._ring_walk cimport MAX_CHAIN_BYTES, vq_translate
 from pyvhost._vring cimport (
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_PACKED_DESC_F_AVAIL,
-    VRING_PACKED_DESC_F_USED, iov_t, vh_fence_acquire, vh_load_relaxed_u16, vh_prefetch, vq_t,
-    vring_packed_desc_t,
+    VRING_PACKED_DESC_F_USED, iov_t, vh_fence_acquire, vh_load_relaxed_u16, vh_prefetch,
+    vh_prefetch_w, vq_t, vring_packed_desc_t,
 )
 
 cdef enum:
@@ -59,5 +59,8 @@ cdef inline bint batch_read(vq_t *vq, uint16_t idx, uint8_t wrap, uint32_t room,
         iov[k].base = p
         iov[k].len = d.len
         iov[k].gpa = gpa
-        vh_prefetch(p)
+        if writable:
+            vh_prefetch_w(p)            # the frame lands here: ask for the line to own
+        else:
+            vh_prefetch(p)
     return True

@@ -112,6 +112,18 @@ cdef inline bint ring_has_chain(vq_t *vq, const cursor_t *cur) noexcept nogil:
     return cur.avail_idx != cur.idx
 
 
+cdef inline void prefetch_ahead(vq_t *vq, uint16_t slot) noexcept nogil:
+    """The descriptor line after ``slot``'s into the cache while ``slot``'s chain is read
+    and copied (a driver posts chains in consecutive descriptors most of the time: then
+    the next chains' descriptors, which it wrote on its own core, are on that line). A hint
+    on an address we compute, never on a value read from the guest."""
+    cdef uint32_t ahead = slot + PACKED_BATCH
+    if ahead >= vq.size:
+        ahead -= vq.size
+    if ahead < vq.size:
+        vh_prefetch(&vq.desc[ahead])
+
+
 cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
                            uint32_t *niov, chain_t *ch) noexcept nogil:
     """Read the chain at ``cur`` into iov[*niov..] and step ``cur`` past it: CHAIN_OK,
@@ -124,6 +136,7 @@ cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
     if not ring_has_chain(vq, cur):
         return CHAIN_NONE
     if vq.packed:
+        prefetch_ahead(vq, cur.idx)
         rc = walk_packed(vq, cur.idx, cur.room, writable, iov, niov, &ch.total, &nslots,
                          &ch.id)
         if rc == -2:
@@ -136,6 +149,7 @@ cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
         head = vh_load_relaxed_u16(&vq.avail[2 + (cur.idx & (vq.size - 1))])
         if head >= vq.size:
             return CHAIN_BROKEN
+        prefetch_ahead(vq, head)
         rc = walk_chain(vq, head, writable, iov, niov, &ch.total)
         if rc == -3:
             return CHAIN_MISS
