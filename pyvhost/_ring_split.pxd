@@ -1,6 +1,10 @@
 # The split layout's part of the ring core: the avail index, used elements, publishing
 # the used index and the guest notification (event idx or the NO_INTERRUPT flag). Writes
 # only the used ring. Header-only: compiled into _vring.
+# With VIRTIO_F_IN_ORDER every used element is still written (virtio 1.1 2.6.9 would allow
+# one per TX batch): DPDK's in-order TX cleanup and ours go by the used index and read at
+# most one element, so the others' stores stay in lines of our own cache, and which slot a
+# single element belongs in (the batch's first or last) differs between implementations.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._ring_index cimport index_ahead, need_event
