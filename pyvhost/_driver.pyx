@@ -345,7 +345,8 @@ cdef class DriverQueue:
         return n
 
     def pending(self):
-        """Used entries waiting (RX frames or TX completions); -1 when the ring is broken."""
+        """Used entries waiting (RX frames or TX completions): split, how many; packed, 1
+        when there is one (counting would walk the ring); -1 when the ring is broken."""
         cdef uint16_t idx
         return drv_used_count(&self.q, &idx)
 
