@@ -181,7 +181,7 @@ cdef bint segment_and_send(vq_t *vq, pktpool_t *pool, pkt_t *p) noexcept nogil:
         nseg = tso_segment(p, &t, first, pool, segs)
         if nseg == 0:
             return first > 0 and first * t.mss >= t.payload
-        k = vq_enqueue(vq, segs, nseg)
+        k = vq_enqueue(vq, segs, nseg, NULL)
         pool_put_many(pool, segs, nseg)
         if k < nseg:
             return False
@@ -199,7 +199,8 @@ cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
     how many of ``pkts`` were delivered; ``*failed`` counts those that could not be
     segmented, ``*delivered_bytes`` the delivered frames' bytes. The caller keeps (and
     frees) ``pkts``. Delivery stops at the first frame that does not fit (ring full)."""
-    cdef uint32_t i, start = 0, sent = 0, done, j
+    cdef uint32_t i, start = 0, sent = 0, done, taken
+    cdef uint64_t bytes_before = vq.st.bytes
     cdef pkt_t *p
     cdef uint8_t gso
     cdef bint soft, lost
@@ -215,28 +216,26 @@ cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
             lost = vq_materialize(p) < 0      # work on the whole frame: not one-copy
         if soft or lost:
             if i > start:
-                done = vq_enqueue(vq, pkts + start, i - start)
-                for j in range(start, start + done):
-                    delivered_bytes[0] += pkts[j].len + pkts[j].ext_len
+                done = vq_enqueue(vq, pkts + start, i - start, &taken)
                 sent += done
-                if done < i - start:
+                if taken < i - start:                 # no room: the rest waits
+                    delivered_bytes[0] += vq.st.bytes - bytes_before
                     return sent
             start = i + 1
             if lost:
                 failed[0] += 1
             elif segment_and_send(vq, pool, p):
                 sent += 1
-                delivered_bytes[0] += p.len
             else:
                 failed[0] += 1
         elif p.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and not vq.ofl_rx & OFL_CSUM:
             if not csum_complete(p):
                 p.vnet_hdr[0] = 0
     if start < n:
-        done = vq_enqueue(vq, pkts + start, n - start)
-        for j in range(start, start + done):
-            delivered_bytes[0] += pkts[j].len + pkts[j].ext_len
-        sent += done
+        sent += vq_enqueue(vq, pkts + start, n - start, NULL)
+    # what went into the ring (a frame dropped in the middle is not in it), the segments'
+    # included; frames held for an IOTLB miss count when they go in
+    delivered_bytes[0] += vq.st.bytes - bytes_before
     return sent
 
 

@@ -129,7 +129,7 @@ cdef class Poller:
         if self.mode == 2:
             if vh_trylock(&rx.lock):
                 if vq_pending(rx):
-                    sent = vq_enqueue(rx, self.templates, MAX_BURST)
+                    sent = vq_enqueue(rx, self.templates, MAX_BURST, NULL)
                 vh_unlock(&rx.lock)
             self.tx_packets += sent
             return sent

@@ -310,9 +310,15 @@ cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_b
     return PACKED_BATCH
 
 
-cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
+cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
+                                    uint32_t *taken) noexcept nogil:
     """Packets into guest RX buffers, split or packed, mergeable or not. Packed: four at a
-    time where the buffers form a batch (enqueue_batch), else one at a time."""
+    time where the buffers form a batch (enqueue_batch), else one at a time. Returns how
+    many were delivered; ``*taken``: how many of the first frames are done with (delivered,
+    or dropped and counted: too big for a buffer, a hostile buffer, the sender's memory
+    faulting, no buffers left), which is more than the delivered ones when a frame in the
+    middle was dropped. The frames after ``*taken`` (an IOTLB miss, the ring not ready) are
+    untouched: the caller may hold or retry them."""
     cdef cursor_t cur, nxt
     cdef chain_t chains[MAX_BUFS_PER_PKT]
     cdef uint32_t i = 0, b, nb, nbufs, niov, i_iov, nsent = 0
@@ -325,15 +331,18 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
     cdef int rc
     ub.n = 0
     ub.head_slot = 0
+    taken[0] = 0
     if not vq.ready:
         return 0
     if not vq.enabled:
         vq.st.drop_disabled += count
+        taken[0] = count
         return 0
     if vq.iotlb_miss:                     # waiting for the front-end to map a buffer
         return 0                          # (vq_enqueue holds or counts them)
     if vq.broken or ring_begin(vq, &cur) < 0:
         vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
+        taken[0] = count
         return 0
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
@@ -401,6 +410,8 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
         i += 1
     if i < count and not miss:
         vq.st.drop_no_buffer += count - i
+        i = count
+    taken[0] = i
     ring_notify(vq, &ub)
     vq.st.packets += nsent
     vq.st.bursts += 1

@@ -50,10 +50,11 @@ cdef inline uint32_t hold_frames(vq_t *vq, pkt_t **pkts, uint32_t count) noexcep
 cdef inline void flush_held(vq_t *vq) noexcept nogil:
     """Deliver held frames (in order) as far as the ring and the IOTLB allow."""
     cdef pkt_t *ptrs[MAX_HELD]
-    cdef uint32_t i, n, missed_before = vq.st.drop_no_buffer
+    cdef uint32_t i, n
+    cdef uint64_t missed_before = vq.st.drop_no_buffer
     for i in range(vq.nheld):
         ptrs[i] = &vq.held[i]
-    n = enqueue_chains(vq, ptrs, vq.nheld)
+    enqueue_chains(vq, ptrs, vq.nheld, &n)          # n: the first ones done with
     if vq.iotlb_miss or not vq.ready:
         vq.st.drop_no_buffer = missed_before      # still held, not dropped
     else:

@@ -157,7 +157,8 @@ cdef uint32_t vq_dequeue_ref(vq_t *vq, pktpool_t *pool, pkt_t **pkts,
                             uint32_t count) noexcept nogil
 cdef void vq_rx_complete(vq_t *vq) noexcept nogil
 cdef int vq_materialize(pkt_t *p) noexcept nogil
-cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil
+cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count,
+                         uint32_t *taken) noexcept nogil
 cdef void vq_set_notify(vq_t *vq, bint on) noexcept nogil
 cdef bint vq_pending(vq_t *vq) noexcept nogil
 

@@ -145,8 +145,13 @@ cdef uint32_t dequeue_core(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t cou
     return lead + dequeue_chains(vq, pool, pkts + lead, count - lead, ref)
 
 
-cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    """Packets -> guest RX: returns how many of ``pkts`` were delivered (in order).
+cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count,
+                         uint32_t *taken) noexcept nogil:
+    """Packets -> guest RX: returns how many of ``pkts`` were delivered (in order);
+    ``*taken`` (NULL: not wanted) how many of the first ones are done with: delivered, held
+    or dropped and counted. A frame dropped in the middle (too big for a buffer, a hostile
+    buffer, a fault in its sender's memory) makes the two differ: the frames after
+    ``*taken`` found no room and may be tried again.
 
     The caller keeps ownership of every packet. Frames not delivered for lack of guest
     buffers are counted in drop_no_buffer. With ACCESS_PLATFORM, frames that meet an IOTLB
@@ -156,26 +161,35 @@ cdef uint32_t vq_enqueue(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
 
     A fault in guest memory or the dirty log (SIGBUS) returns 0: nothing delivered."""
     cdef vh_guard_t g
-    cdef uint32_t n
+    cdef uint32_t n, t = 0
+    if taken == NULL:
+        taken = &t
+    taken[0] = 0
     if VH_GUARD_ENTER(&g):
         vq_fault(vq)
+        taken[0] = count                     # the ring is gone: none will go
         return 0
-    n = enqueue_guarded(vq, pkts, count)
+    n = enqueue_guarded(vq, pkts, count, taken)
     vh_guard_leave(&g)
     return n
 
 
-cdef uint32_t enqueue_guarded(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
+cdef uint32_t enqueue_guarded(vq_t *vq, pkt_t **pkts, uint32_t count,
+                              uint32_t *taken) noexcept nogil:
     cdef uint32_t n
     if vq.iotlb == NULL:
-        return enqueue_chains(vq, pkts, count)
+        return enqueue_chains(vq, pkts, count, taken)
     if vq.nheld:
         flush_held(vq)
         if vq.nheld:
+            taken[0] = count                         # held or counted as dropped
             return hold_frames(vq, pkts, count)     # in order, behind the held ones
-    n = enqueue_chains(vq, pkts, count)
-    if n < count and vq.iotlb_miss and vq.enabled and not vq.broken:
-        n += hold_frames(vq, pkts + n, count - n)
+    n = enqueue_chains(vq, pkts, count, taken)
+    if taken[0] < count and vq.iotlb_miss and vq.enabled and not vq.broken:
+        # the frames from the one that missed on: held (the frames before it that were
+        # dropped in the ring stay dropped; none delivered is held again)
+        n += hold_frames(vq, pkts + taken[0], count - taken[0])
+        taken[0] = count
     return n
 
 
@@ -615,7 +629,7 @@ cdef class VirtQueue:
             n = vq_dequeue_ref(&self.vq, pool.pool, pkts, max_packets)
             if n:
                 vh_lock(&dst.vq.lock)
-                sent = vq_enqueue(&dst.vq, pkts, n)
+                sent = vq_enqueue(&dst.vq, pkts, n, NULL)
                 vh_unlock(&dst.vq.lock)
             vq_rx_complete(&self.vq)
             vh_unlock(&self.vq.lock)
@@ -657,7 +671,7 @@ cdef class VirtQueue:
                 vh_lock(&self.vq.lock)
                 self.vq.st.drop_oversize += oversize
                 self.vq.st.drop_no_mbuf += no_mbuf
-                sent = vq_enqueue(&self.vq, pkts, n)
+                sent = vq_enqueue(&self.vq, pkts, n, NULL)
                 vh_unlock(&self.vq.lock)
             pool_put_many(pool.pool, pkts, n)
             total += sent

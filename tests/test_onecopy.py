@@ -495,3 +495,49 @@ def test_only_the_thread_holding_a_burst_by_reference_gives_it_back():
         assert dev._test_rx_ref(0, pools[1]) == 1         # unlocked: the next one gets it
         dev._test_rx_complete(0)
         assert len(tx.used()) == 1
+
+
+@pytest.mark.parametrize("first", ["oversize", "hostile"])
+def test_a_frame_dropped_before_an_iotlb_miss_is_not_held_again(first):
+    """A burst whose first frame is dropped in the ring (too big for a non-mergeable buffer,
+    which stays the guest's; or its buffer is hostile, given back empty), whose second is
+    delivered and whose third meets an unmapped buffer: only the third is held (the second
+    was held too and delivered twice once the mapping came: the ring said "one delivered",
+    taken as "the first one"), and the held one lands once, after the mapping."""
+    from pyvhost._memory import IotlbTable
+    from pyvhost._pktpool import PacketPool
+    from tests.harness.driver import F_WRITE
+    iova, page = 0x7F00_0000_0000, 4096
+    pool = PacketPool(8, 4096)
+    with GuestImage((MiB,)) as dimg:
+        rx = DriverRing(dimg, 16)
+        dst = rx.make_queue(dimg.guest_memory(), index=0)
+        bufs = [dimg.alloc(page, page) for _ in range(3)]
+        maps = [(iova + k * page, iova + (k + 1) * page - 1, dimg.uva(bufs[k]), 3)
+                for k in range(3)]
+        heads = rx.take(3)
+        # A (200 B) meets heads[0]: 100 bytes (too small, kept) or device-readable (hostile)
+        rx.write_desc(heads[0], iova, 100, F_WRITE if first == "oversize" else 0)
+        rx.write_desc(heads[1], iova + page, page, F_WRITE)
+        rx.write_desc(heads[2], iova + 2 * page, page, F_WRITE)
+        rx.publish(*heads)
+        # B lands in the first buffer left, C misses on the one after (not mapped yet)
+        b_at, c_at = (0, 1) if first == "oversize" else (1, 2)
+        with dst:
+            dst.set_iotlb(IotlbTable(maps[:c_at]))
+        a, b, c = (frame("a", MAC["b"], 200 if k == 0 else 60, k) for k in range(3))
+        assert dst.send_burst(pool, [a, b, c]) == 2              # b, and c held
+        assert dst.take_miss() == (iova + c_at * page, 2)
+        with dst:
+            dst.set_iotlb(IotlbTable(maps))
+        assert dst.flush_held() == 0
+        used = dict(rx.used())
+        assert dimg.read(bufs[b_at] + 12, used[heads[b_at]] - 12) == b
+        assert dimg.read(bufs[c_at] + 12, used[heads[c_at]] - 12) == c
+        if first == "hostile":
+            assert used[heads[0]] == 0                             # given back, empty
+        assert len(used) == (2 if first == "oversize" else 3), used
+        st = dst.stats()
+        assert st["packets"] == 2, st
+        assert st["drop_oversize" if first == "oversize" else "drop_bad_desc"] == 1, st
+        assert pool.available == pool.count
