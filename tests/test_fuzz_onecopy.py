@@ -1,14 +1,14 @@
 """A hostile driver against one-copy forwarding (the receive that leaves a frame's tail in
 the sender's buffers, and the send that copies it from there), packed and split.
 
-Differential: the same random ring contents in two identical guest images, one read by
-the plain receive (vq_dequeue), one by the one-copy receive made whole (vq_dequeue_ref,
-vq_materialize, vq_rx_complete): the same frames, the same counters, the same ring
-positions, and nothing written in guest memory but the ring. Then the same hostile rings
-forwarded straight into a well-formed receiver (vq_enqueue from the sender's buffers):
-every chain taken is delivered or counted, every packet buffer comes back, and the bytes
-delivered are those the plain receive reads from a twin image. Runs under ASan/UBSan too
-(test_fuzz_asan.py)."""
+Differential: the same random ring contents in two identical guest images, one read by the
+plain receive (vq_dequeue), one by the one-copy receive made whole (vq_dequeue_ref,
+vq_materialize, vq_rx_complete), with and without IN_ORDER: the same frames, the same
+counters, the same ring positions, and nothing written in guest memory but the ring. Then
+the same hostile rings forwarded straight into a well-formed receiver (vq_enqueue from the
+sender's buffers): every chain taken is delivered or counted, every packet buffer comes
+back, and the bytes delivered are those the plain receive reads from a twin image. Runs
+under ASan/UBSan too (test_fuzz_asan.py)."""
 
 from __future__ import annotations
 
@@ -48,9 +48,14 @@ def load(d, img, layout: str, vq, contents) -> None:
     d.set_avail_idx(vq.base + ahead)
 
 
-def tx_ring(img, layout: str, size: int, indirect: bool):
+def tx_ring(img, layout: str, size: int, indirect: bool, in_order: bool = False):
     d = (DriverRing if layout == "split" else PackedDriverRing)(img, size)
-    return d, d.make_queue(img.guest_memory(), indirect=indirect)
+    vq = d.make_queue(img.guest_memory(), indirect=indirect)
+    if in_order:                        # VIRTIO_F_IN_ORDER: packed TX bursts complete with
+        with vq:                        # one used descriptor
+            vq.set_features(event_idx=False, indirect=indirect, mrg_rxbuf=False, hdr_len=12,
+                            packed=layout == "packed", in_order=True)
+    return d, vq
 
 
 @st.composite
@@ -84,12 +89,12 @@ def fuzz_same_as_plain_receive(layout: str, n: int) -> None:
     long_frames = []                # frames past the copied head: the one-copy receive ran
 
     @fuzz_settings(n)
-    @given(st.data(), st.sampled_from([1, 2, 16, 64]), st.booleans())
-    def run(data, size, indirect):
+    @given(st.data(), st.sampled_from([1, 2, 16, 64]), st.booleans(), st.booleans())
+    def run(data, size, indirect, in_order):
         count()
         with GuestImage((MiB, MiB)) as img1, GuestImage((MiB, MiB)) as img2:
-            d1, vq1 = tx_ring(img1, layout, size, indirect)
-            d2, vq2 = tx_ring(img2, layout, size, indirect)
+            d1, vq1 = tx_ring(img1, layout, size, indirect, in_order)
+            d2, vq2 = tx_ring(img2, layout, size, indirect, in_order)
             assert (d1.desc_gpa, img1.start) == (d2.desc_gpa, img2.start)
             pool1, pool2 = PacketPool(8, 2048), PacketPool(8, 2048)
             for _ in range(data.draw(st.integers(1, 3))):
@@ -112,6 +117,8 @@ def fuzz_same_as_plain_receive(layout: str, n: int) -> None:
                     ref = vq2.recv_burst_ref(pool2)
                     assert_only_written(img2, mem2, ring_ranges(d2, layout))
                     assert ref == plain
+                    for lo, hi in ring_ranges(d1, layout):    # the same used entries
+                        assert img1.read(lo, hi - lo) == img2.read(lo, hi - lo)
                     long_frames.extend(f for f in ref if len(f) > 128)
                     assert delta(vq2.stats(), b2) == delta(vq1.stats(), b1)
                     assert vq2.base == vq1.base and vq2.broken == vq1.broken
