@@ -84,6 +84,23 @@ def draw_round(data, img, layout: str, size: int):
                      else split_round(img, size, 0))
 
 
+def twin_round(data, layout: str, size: int, twins) -> None:
+    """The same next round into each (driver ring, image, queue) of ``twins`` (identical
+    images): a random hostile one or well-formed frames; a broken queue restarted first."""
+    for _, _, vq in twins:
+        if vq.broken:
+            with vq:
+                vq.start()
+    if data.draw(st.booleans()):
+        contents = draw_round(data, twins[0][1], layout, size)
+        for d, img, vq in twins:
+            load(d, img, layout, vq, contents)
+    else:
+        good = data.draw(good_frames())
+        for d, _, _ in twins:
+            post_good(d, good)
+
+
 def fuzz_same_as_plain_receive(layout: str, n: int) -> None:
     count = Counter(f"{layout} rings, hostile driver, one-copy receive vs plain")
     long_frames = []                # frames past the copied head: the one-copy receive ran
@@ -98,18 +115,7 @@ def fuzz_same_as_plain_receive(layout: str, n: int) -> None:
             assert (d1.desc_gpa, img1.start) == (d2.desc_gpa, img2.start)
             pool1, pool2 = PacketPool(8, 2048), PacketPool(8, 2048)
             for _ in range(data.draw(st.integers(1, 3))):
-                for vq in (vq1, vq2):
-                    if vq.broken:
-                        with vq:
-                            vq.start()
-                if data.draw(st.booleans()):
-                    contents = draw_round(data, img1, layout, size)
-                    load(d1, img1, layout, vq1, contents)
-                    load(d2, img2, layout, vq2, contents)
-                else:
-                    good = data.draw(good_frames())
-                    post_good(d1, good)
-                    post_good(d2, good)
+                twin_round(data, layout, size, [(d1, img1, vq1), (d2, img2, vq2)])
                 for _ in range(2):
                     b1, b2 = vq1.stats(), vq2.stats()
                     mem2 = snapshot(img2)
@@ -231,18 +237,7 @@ def test_fuzz_forwarded_bytes_are_the_plain_receive():
                 r.post_rx([length])
             pool, pool2 = PacketPool(8, 2048), PacketPool(8, 2048)
             for _ in range(data.draw(st.integers(1, 3))):
-                for q in (vq, vq2):
-                    if q.broken:
-                        with q:
-                            q.start()
-                if data.draw(st.booleans()):
-                    contents = draw_round(data, img, src_layout, size)
-                    load(d, img, src_layout, vq, contents)
-                    load(d2, img2, src_layout, vq2, contents)
-                else:
-                    good = data.draw(good_frames())
-                    post_good(d, good)
-                    post_good(d2, good)
+                twin_round(data, src_layout, size, [(d, img, vq), (d2, img2, vq2)])
                 taken, sent = vq.forward_burst(pool, dst)
                 plain = vq2.recv_burst(pool2)
                 got = received(r, mrg)

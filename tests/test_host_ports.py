@@ -576,6 +576,21 @@ def afxdp_behind_pmd(veth: str, poll: int):
         outside.close()
 
 
+def veth_tcp_counter(net, tag: str, count: int, mtu: int | None = None):
+    """(the host end of a new veth, a process in the peer's namespace printing the sizes
+    of the next ``count`` TCP frames the peer receives, ready)."""
+    ns = net.netns(tag)
+    veth, peer = net.name(f"{tag}h"), net.name(f"{tag}p")
+    net.veth(veth, ns, peer, None)
+    if mtu:
+        sh(["ip", "link", "set", veth, "mtu", str(mtu)])
+        sh(["ip", "link", "set", peer, "mtu", str(mtu)], ns=ns)
+    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, str(count)],
+                        stdout=subprocess.PIPE, text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    return veth, counter
+
+
 @needs_root
 @needs_afxdp
 def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
@@ -583,14 +598,7 @@ def test_afxdp_cuts_tso_segments_to_fit_its_frames(net):
     ask for any gso_size) goes out in segments that fit one: they once overran the UMEM
     and corrupted the switch's memory."""
     from tests.test_offload import tcp_frame, vnet
-    ns = net.netns("ts")
-    veth, peer = net.name("tsh"), net.name("tsp")
-    net.veth(veth, ns, peer, None)
-    sh(["ip", "link", "set", veth, "mtu", "9000"])
-    sh(["ip", "link", "set", peer, "mtu", "9000"], ns=ns)
-    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "8"],
-                        stdout=subprocess.PIPE, text=True)
-    assert counter.stdout.readline().strip() == "ready"
+    veth, counter = veth_tcp_counter(net, "ts", 8, mtu=9000)
     payload = bytes(range(256)) * 117 + b"end"               # 29955 bytes
     with afxdp_behind_pmd(veth, 0) as (_, dp, outside):
         outside.send(vnet(gso=1, gso_size=8000, hdr_len=54) + tcp_frame(payload))
@@ -609,12 +617,7 @@ def test_afxdp_sends_every_segment_of_a_burst_without_further_traffic(net):
     other frame behind it to kick the rest out of the TX ring (they once sat there until
     the port's next burst: stalls for TCP)."""
     from tests.test_offload import tcp_frame, vnet
-    ns = net.netns("tk")
-    veth, peer = net.name("tkh"), net.name("tkp")
-    net.veth(veth, ns, peer, None)
-    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "60"],
-                        stdout=subprocess.PIPE, text=True)
-    assert counter.stdout.readline().strip() == "ready"
+    veth, counter = veth_tcp_counter(net, "tk", 60)
     payload = bytes(range(250)) * 240                        # 60 segments of 1000 bytes
     with afxdp_behind_pmd(veth, 0) as (_, dp, outside):
         outside.send(vnet(gso=1, gso_size=1000, hdr_len=54) + tcp_frame(payload))
@@ -631,12 +634,7 @@ def test_afxdp_sends_a_burst_in_order_around_a_tso_frame(net):
     peer gets them in that order (the TSO segments once went out before the short frames
     queued ahead of them: out-of-order TCP data, duplicate ACKs)."""
     from tests.test_offload import tcp_frame, vnet
-    ns = net.netns("to")
-    veth, peer = net.name("toh"), net.name("top")
-    net.veth(veth, ns, peer, None)
-    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "7"],
-                        stdout=subprocess.PIPE, text=True)
-    assert counter.stdout.readline().strip() == "ready"
+    veth, counter = veth_tcp_counter(net, "to", 7)
     with afxdp_behind_pmd(veth, 1) as (_, dp, outside):    # the tap side not polled yet
         outside.send(vnet() + tcp_frame(b"a" * 100, seq=1000))
         outside.send(vnet(gso=1, gso_size=1000, hdr_len=54) +
