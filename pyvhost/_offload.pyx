@@ -169,22 +169,26 @@ cdef uint32_t tso_segment(pkt_t *p, const tso_t *t, uint32_t first, pktpool_t *p
     return n
 
 
-cdef bint segment_and_send(vq_t *vq, pktpool_t *pool, pkt_t *p) noexcept nogil:
-    """Software TSO of ``p`` into ``vq``, MAX_SEGS segments at a time; False if any
-    segment could not be made or delivered."""
+cdef int segment_and_send(vq_t *vq, pktpool_t *pool, pkt_t *p) noexcept nogil:
+    """Software TSO of ``p`` into ``vq``, MAX_SEGS segments at a time: 1 when every segment
+    went in, -1 when the ring ran out of buffers (or could not take frames) on the way, 0
+    when the frame could not be segmented or a segment was refused."""
     cdef tso_t t
     cdef pkt_t *segs[MAX_SEGS]
-    cdef uint32_t first = 0, nseg, k
+    cdef uint32_t first = 0, nseg, k, taken
+    cdef uint64_t no_buffer = vq.st.drop_no_buffer
     if not tso_parse(p, &t):
-        return False
+        return 0
     while True:
         nseg = tso_segment(p, &t, first, pool, segs)
         if nseg == 0:
-            return first > 0 and first * t.mss >= t.payload
-        k = vq_enqueue(vq, segs, nseg, NULL)
+            return 1 if first > 0 and first * t.mss >= t.payload else 0
+        k = vq_enqueue(vq, segs, nseg, &taken)
         pool_put_many(pool, segs, nseg)
+        if taken < nseg or vq.st.drop_no_buffer != no_buffer:
+            return -1
         if k < nseg:
-            return False
+            return 0
         first += nseg
 
 
@@ -197,13 +201,16 @@ cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
                            uint32_t *failed, uint64_t *delivered_bytes) noexcept nogil:
     """vq_enqueue with the offloads the receiver did not agree to done here first. Returns
     how many of ``pkts`` were delivered; ``*failed`` counts those that could not be
-    segmented, ``*delivered_bytes`` the delivered frames' bytes. The caller keeps (and
-    frees) ``pkts``. Delivery stops at the first frame that does not fit (ring full)."""
+    segmented, ``*delivered_bytes`` the bytes that went into the ring (the segments' with
+    their headers; frames held for an IOTLB miss count when they go in). The caller keeps
+    (and frees) ``pkts``. Delivery stops when the ring runs out of buffers (none is cut
+    into segments for a full ring): the frames after that are the caller's to count."""
     cdef uint32_t i, start = 0, sent = 0, done, taken
-    cdef uint64_t bytes_before = vq.st.bytes
+    cdef uint64_t bytes_before = vq.st.bytes, no_buffer = vq.st.drop_no_buffer
     cdef pkt_t *p
     cdef uint8_t gso
     cdef bint soft, lost
+    cdef int rc
     failed[0] = 0
     delivered_bytes[0] = 0
     for i in range(n):
@@ -216,25 +223,26 @@ cdef uint32_t offload_send(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t n,
             lost = vq_materialize(p) < 0      # work on the whole frame: not one-copy
         if soft or lost:
             if i > start:
-                done = vq_enqueue(vq, pkts + start, i - start, &taken)
-                sent += done
-                if taken < i - start:                 # no room: the rest waits
-                    delivered_bytes[0] += vq.st.bytes - bytes_before
-                    return sent
+                sent += vq_enqueue(vq, pkts + start, i - start, &taken)
+                if taken < i - start or vq.st.drop_no_buffer != no_buffer:
+                    break                             # no room: the rest waits
             start = i + 1
             if lost:
                 failed[0] += 1
-            elif segment_and_send(vq, pool, p):
+                continue
+            rc = segment_and_send(vq, pool, p)
+            if rc < 0:
+                break                                 # this one and the rest: no room
+            if rc:
                 sent += 1
             else:
                 failed[0] += 1
         elif p.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and not vq.ofl_rx & OFL_CSUM:
             if not csum_complete(p):
                 p.vnet_hdr[0] = 0
-    if start < n:
-        sent += vq_enqueue(vq, pkts + start, n - start, NULL)
-    # what went into the ring (a frame dropped in the middle is not in it), the segments'
-    # included; frames held for an IOTLB miss count when they go in
+    else:
+        if start < n:
+            sent += vq_enqueue(vq, pkts + start, n - start, NULL)
     delivered_bytes[0] += vq.st.bytes - bytes_before
     return sent
 

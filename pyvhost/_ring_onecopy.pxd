@@ -58,13 +58,18 @@ cdef inline int fill_ext(iov_t *iov, uint32_t *i_iov, uint64_t *off, const pkt_t
     cdef uint32_t i0 = i_iov[0]
     cdef uint64_t o0 = off[0]
     cdef uint8_t *bounce
+    cdef uint32_t j
     if fill_ext_try(iov, i_iov, off, e) == 0:
         return 0
-    bounce = vh_bounce_buf()
-    if p.ext_len > VH_BOUNCE_SIZE or gather_try(bounce, e.seg, e.nseg) < 0:
-        vq_fault(e.src)
-        return -1
     i_iov[0] = i0
     off[0] = o0
+    if p.ext_len > VH_BOUNCE_SIZE:          # (no pool makes such frames: straight again)
+        for j in range(e.nseg):
+            fill_iovs(iov, i_iov, off, e.seg[j].base, e.seg[j].len)
+        return 0
+    bounce = vh_bounce_buf()
+    if gather_try(bounce, e.seg, e.nseg) < 0:
+        vq_fault(e.src)
+        return -1
     fill_iovs(iov, i_iov, off, bounce, p.ext_len)
     return 0

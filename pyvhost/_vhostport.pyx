@@ -63,7 +63,6 @@ cdef uint32_t vhost_rx_burst_ref(void *dev, uint16_t q, pktpool_t *pool, pkt_t *
         return 0
     n = vq_dequeue_ref(vq, pool, pkts, count if count < MAX_BURST else MAX_BURST)
     if vq.nref:
-        vq.ref_locked = 1
         vh_owner_store(&(<vhost_dev_t *>dev).ref_owner[q], vh_thread_id())
         return n
     vq_rx_complete(vq)                      # every frame whole: as vq_dequeue
@@ -84,7 +83,6 @@ cdef void vhost_rx_complete(void *dev, uint16_t q) noexcept nogil:
     if vh_owner_load(&d.ref_owner[q]) != vh_thread_id():
         return
     vh_owner_store(&d.ref_owner[q], 0)
-    vq.ref_locked = 0
     vq_rx_complete(vq)
     vh_unlock(&vq.lock)
 

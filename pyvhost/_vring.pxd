@@ -137,7 +137,6 @@ cdef struct vq_t:
     uint16_t pend_id[MAX_BURST]           # split: the head; packed: the buffer id
     uint16_t pend_slots[MAX_BURST]        # packed: the slots the chain spans
     uint32_t nref                         # frames of the burst whose tail stays in guest memory
-    uint8_t ref_locked                    # the port class keeps the lock until rx_complete
     uint64_t onecopy                      # RX: frames delivered straight from another guest
     uint64_t batched                      # packed: chains taken 4 at a time (_ring_batch)
     uint8_t no_batch                      # test hook: every chain one at a time

@@ -541,3 +541,26 @@ def test_a_frame_dropped_before_an_iotlb_miss_is_not_held_again(first):
         assert st["packets"] == 2, st
         assert st["drop_oversize" if first == "oversize" else "drop_bad_desc"] == 1, st
         assert pool.available == pool.count
+
+
+def test_a_full_receiver_stops_the_send_before_segmenting(switch):
+    """A receiver with no RX buffers and no GUEST_TSO, and a burst [frame, TSO frame,
+    frame]: the send stops at the full ring; the TSO frame is not cut into segments for
+    nothing and not counted as one that could not be segmented (drop_offload), it and the
+    last frame are the port's drop_tx_full."""
+    from tests.test_offload import tcp_frame, vnet
+    a = Guest("split", "split", mrg=False, hdr_len=12,
+              ofl_tx=OFFLOAD_BITS["csum"] | OFFLOAD_BITS["tso4"])
+    b = Guest("split", "split", mrg=False, hdr_len=12)
+    dp, pmd = switch({"a": a, "b": b}, ["priority=10,in_port=a,actions=output:b"])
+    time.sleep(0.05)                                  # the PMD asleep: one burst
+    plain = vnet(flags=0) + bytes(2)
+    a.tx.post_tx(tcp_frame(b"p" * 1000), hdr=plain)
+    a.tx.post_tx(tcp_frame(bytes(4000)), hdr=vnet(gso=1, gso_size=1000, hdr_len=54,
+                                                      start=34, offset=16) + bytes(2))
+    a.tx.post_tx(tcp_frame(b"q" * 1000), hdr=plain)
+    pmd.wake()
+    assert settled(a, 3, pmd)
+    st = dp.port_stats(1)
+    assert st["drop_offload"] == 0 and st["drop_tx_full"] == 3 and st["tx_packets"] == 0, st
+    assert b.rx_vq.stats()["drop_no_buffer"] <= 4, b.rx_vq.stats()   # not 1 + 4 + 1
