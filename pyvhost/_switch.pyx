@@ -46,7 +46,7 @@ from pyvhost._flow cimport (
     OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
-    action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_hash, flow_key_t,
+    action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_key_t,
     mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
@@ -1271,7 +1271,7 @@ cdef class Pmd:
                 pool_put(self.pool, p)
                 rc = -1
             else:
-                self.account(a, p.len, t)
+                self.account(a, 1, p.len, t)
         else:
             # NORMAL may become several ops (a remote's): read the given ones from a copy
             count = a.n_ops
@@ -1315,14 +1315,16 @@ cdef class Pmd:
         memset(self.win_packets, 0, sizeof(self.win_packets))
         self.window_start = t
 
-    cdef inline void account(self, const actions_t *a, uint32_t length, uint64_t t) noexcept nogil:
-        """Rule counters, and a cache hit keeps the source MAC's entry from aging out."""
+    cdef inline void account(self, const actions_t *a, uint32_t packets, uint64_t length,
+                             uint64_t t) noexcept nogil:
+        """Rule counters for ``packets`` frames of ``length`` bytes in all, and a cache hit
+        keeps the source MAC's entry from aging out."""
         cdef uint32_t j
         cdef cls_rule_t *r
         cdef bridge_t *b
         for j in range(a.n_rules):
             r = <cls_rule_t *>a.rules[j]
-            vh_add_u64(&r.n_packets, 1)
+            vh_add_u64(&r.n_packets, packets)
             vh_add_u64(&r.n_bytes, length)
             r.used_ns = t
         if a.src_idx != NO_FDB:
@@ -1340,8 +1342,11 @@ cdef class Pmd:
         cdef actions_t *a
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
-        cdef bint timed
+        cdef bint timed, hit
         cdef uint16_t mirrored
+        cdef const actions_t *run_a = NULL     # the EMC entry of the run of hits being counted
+        cdef uint32_t run_n = 0
+        cdef uint64_t run_bytes = 0
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         self.cur_inp = inp
@@ -1382,7 +1387,7 @@ cdef class Pmd:
             pool_put_many(self.pool, pkts, n)
             n = 0
         for i in range(n):
-            flow_extract(pkts[i], inp.id, &key)
+            h = flow_extract(pkts[i], inp.id, &key)
             mirrored = 0
             if inp.mirror_rx:
                 # a copy needs the whole frame; a frame no mirror selects (a capture whose
@@ -1392,12 +1397,15 @@ cdef class Pmd:
                     pool_put(self.pool, pkts[i])
                     continue
                 mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)
-            h = flow_hash(&key)
             a = emc_lookup(self.emc, &key, h)
-            if a != NULL and entry_valid(self.sw, a):
+            hit = a != NULL and entry_valid(self.sw, a)
+            if hit:
                 self.st.emc_hits += 1
             else:
                 self.st.emc_misses += 1
+                if run_n:                          # the slow path may overwrite cache entries:
+                    self.account(run_a, run_n, run_bytes, t0)   # count the run first
+                    run_n = 0
                 a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw)
                 if a != NULL:
                     self.st.megaflow_hits += 1
@@ -1448,8 +1456,22 @@ cdef class Pmd:
                     vq_materialize(pkts[i]) < 0:
                 pool_put(self.pool, pkts[i])      # the sender's memory faulted (counted there)
                 continue
-            self.account(a, pkts[i].len + pkts[i].ext_len, t0)
+            # rule counters: a run of frames hitting one EMC entry is counted once (two
+            # atomic adds per rule per run, not per frame); any other frame at once
+            if not hit:
+                self.account(a, 1, pkts[i].len + pkts[i].ext_len, t0)
+            elif a == run_a and run_n:
+                run_n += 1
+                run_bytes += pkts[i].len + pkts[i].ext_len
+            else:
+                if run_n:
+                    self.account(run_a, run_n, run_bytes, t0)
+                run_a = a
+                run_n = 1
+                run_bytes = pkts[i].len + pkts[i].ext_len
             self.execute(inp, pkts[i], a, &key, mirrored)
+        if run_n:
+            self.account(run_a, run_n, run_bytes, t0)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0
