@@ -1406,7 +1406,10 @@ cdef class Pmd:
                     continue
                 mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)
             a = emc_lookup(self.emc, &key, h)
-            hit = a != NULL and entry_valid(self.sw, a)
+            # an entry this burst already found valid (the run being counted) is not asked
+            # again: only this thread's slow path could make it stale meanwhile, and a miss
+            # ends the run; another thread's change is seen by the next burst
+            hit = a != NULL and ((a == run_a and run_n != 0) or entry_valid(self.sw, a))
             if hit:
                 self.st.emc_hits += 1
             else:
