@@ -42,7 +42,7 @@ from pyvhost._classifier cimport (
 )
 from pyvhost._fdb cimport FDB_REMOTES, MacTable, fdb_learn, fdb_lookup, fdb_remotes, fdb_t
 from pyvhost._flow cimport (
-    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_GROUP, OP_IN_PORT,
+    DEP_LEARN, KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, NO_FDB, OP_CONTROLLER, OP_FLOOD, OP_GROUP, OP_IN_PORT,
     OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
@@ -183,6 +183,15 @@ cdef struct pmd_stats_t:
 
 cdef struct keymask_t:
     uint64_t w[KEY_WORDS]
+
+
+cdef struct tally_t:
+    # a rule's packets and bytes not yet added to its counters: frames of a burst whose
+    # decisions pass the same rule at the same hop are added to it at once (two atomic
+    # adds per rule per burst instead of per frame; rules outlive the burst, see synchronize)
+    cls_rule_t *rule
+    uint64_t packets
+    uint64_t bytes
 
 cdef keymask_t IN_PORT_MASK        # every megaflow matches its input port exactly
 cdef keymask_t NORMAL_MASK         # the fields MAC learning looks at
@@ -634,6 +643,22 @@ cdef cls_rule_t *rule_of_op(const actions_t *a, int at, uint16_t op, bint apply)
             else:
                 k -= 1
     return found
+
+
+cdef inline void tally_count(tally_t *t, uint64_t now) noexcept nogil:
+    """Add a tally to its rule's counters and empty it."""
+    if t.packets:
+        vh_add_u64(&t.rule.n_packets, t.packets)
+        vh_add_u64(&t.rule.n_bytes, t.bytes)
+        t.rule.used_ns = now
+        t.packets = 0
+        t.bytes = 0
+
+
+cdef inline void tally_flush(tally_t *tally, uint64_t now) noexcept nogil:
+    cdef int j
+    for j in range(MAX_HOPS):
+        tally_count(&tally[j], now)
 
 
 cdef class Pmd:
@@ -1267,6 +1292,7 @@ cdef class Pmd:
         cdef uint32_t i, n = 0, count
         cdef int rc = 0, j
         cdef action_op_t given[MAX_ACTION_OPS]
+        cdef tally_t tally[MAX_HOPS]
         self.now_ms = <uint32_t>(t // 1000000)
         flow_extract(p, inp.id, &key)
         self.cur_inp = inp
@@ -1275,7 +1301,9 @@ cdef class Pmd:
                 pool_put(self.pool, p)
                 rc = -1
             else:
-                self.account(a, 1, p.len, t)
+                memset(tally, 0, sizeof(tally))
+                self.account(a, p.len, t, tally)
+                tally_flush(tally, t)
         else:
             # NORMAL may become several ops (a remote's): read the given ones from a copy
             count = a.n_ops
@@ -1319,18 +1347,21 @@ cdef class Pmd:
         memset(self.win_packets, 0, sizeof(self.win_packets))
         self.window_start = t
 
-    cdef inline void account(self, const actions_t *a, uint32_t packets, uint64_t length,
-                             uint64_t t) noexcept nogil:
-        """Rule counters for ``packets`` frames of ``length`` bytes in all, and a cache hit
-        keeps the source MAC's entry from aging out."""
+    cdef inline void account(self, const actions_t *a, uint32_t length, uint64_t t,
+                             tally_t *tally) noexcept nogil:
+        """One frame of ``length`` bytes for the rules of ``a`` (into ``tally``, one per
+        hop, counted when another rule takes the hop's tally or by tally_flush), and a
+        cache hit keeps the source MAC's entry from aging out."""
         cdef uint32_t j
         cdef cls_rule_t *r
         cdef bridge_t *b
         for j in range(a.n_rules):
             r = <cls_rule_t *>a.rules[j]
-            vh_add_u64(&r.n_packets, packets)
-            vh_add_u64(&r.n_bytes, length)
-            r.used_ns = t
+            if tally[j].rule != r:
+                tally_count(&tally[j], t)
+                tally[j].rule = r
+            tally[j].packets += 1
+            tally[j].bytes += length
         if a.src_idx != NO_FDB:
             b = self.sw.bridges[a.bridge]
             if b != NULL and a.src_idx < b.fdb.size and b.fdb.e[a.src_idx].used_ms != self.now_ms:
@@ -1346,11 +1377,10 @@ cdef class Pmd:
         cdef actions_t *a
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
-        cdef bint timed, hit
+        cdef bint timed
         cdef uint16_t mirrored
-        cdef const actions_t *run_a = NULL     # the EMC entry of the run of hits being counted
-        cdef uint32_t run_n = 0
-        cdef uint64_t run_bytes = 0
+        cdef tally_t tally[MAX_HOPS]
+        cdef const actions_t *valid_a = NULL   # the EMC entry this burst last found valid
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         self.cur_inp = inp
@@ -1390,6 +1420,7 @@ cdef class Pmd:
         if inp.police.rate:
             n = self.make_whole(pkts, n)
             n = bucket_filter(&inp.police, pkts, n, self.pool, &inp.c.drop_police)
+        memset(tally, 0, sizeof(tally))
         if inp.mirror_only:                       # a mirror's output: it only sends
             vh_add_u64(&inp.c.drop_mirror_port, n)
             pool_put_many(self.pool, pkts, n)
@@ -1406,17 +1437,14 @@ cdef class Pmd:
                     continue
                 mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)
             a = emc_lookup(self.emc, &key, h)
-            # an entry this burst already found valid (the run being counted) is not asked
-            # again: only this thread's slow path could make it stale meanwhile, and a miss
-            # ends the run; another thread's change is seen by the next burst
-            hit = a != NULL and ((a == run_a and run_n != 0) or entry_valid(self.sw, a))
-            if hit:
+            # the entry this burst last found valid is not asked again: only this thread's
+            # EMC inserts and upcalls (learning) could change it or its validity meanwhile,
+            # and they forget it; another thread's change is seen by the next burst
+            if a != NULL and (a == valid_a or entry_valid(self.sw, a)):
                 self.st.emc_hits += 1
+                valid_a = a
             else:
                 self.st.emc_misses += 1
-                if run_n:                          # the slow path may overwrite cache entries:
-                    self.account(run_a, run_n, run_bytes, t0)   # count the run first
-                    run_n = 0
                 a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw)
                 if a != NULL:
                     self.st.megaflow_hits += 1
@@ -1424,6 +1452,7 @@ cdef class Pmd:
                     if self.mf_hits_since_insert >= EMC_INSERT_EVERY:
                         self.mf_hits_since_insert = 0
                         emc_insert(self.emc, &key, h, a)
+                        valid_a = NULL
                 elif self.up_ns[inp.id] >= self.up_budget_ns:
                     self.st.upcall_throttled += 1        # over its share: dropped, counted
                     vh_add_u64(&inp.c.drop_upcall, 1)
@@ -1431,6 +1460,7 @@ cdef class Pmd:
                     continue
                 else:
                     self.st.upcalls += 1
+                    valid_a = NULL
                     timed = self.upcalls_untimed == 0
                     if timed:
                         tu = now_ns()
@@ -1467,22 +1497,9 @@ cdef class Pmd:
                     vq_materialize(pkts[i]) < 0:
                 pool_put(self.pool, pkts[i])      # the sender's memory faulted (counted there)
                 continue
-            # rule counters: a run of frames hitting one EMC entry is counted once (two
-            # atomic adds per rule per run, not per frame); any other frame at once
-            if not hit:
-                self.account(a, 1, pkts[i].len + pkts[i].ext_len, t0)
-            elif a == run_a and run_n:
-                run_n += 1
-                run_bytes += pkts[i].len + pkts[i].ext_len
-            else:
-                if run_n:
-                    self.account(run_a, run_n, run_bytes, t0)
-                run_a = a
-                run_n = 1
-                run_bytes = pkts[i].len + pkts[i].ext_len
+            self.account(a, pkts[i].len + pkts[i].ext_len, t0, tally)
             self.execute(inp, pkts[i], a, &key, mirrored)
-        if run_n:
-            self.account(run_a, run_n, run_bytes, t0)
+        tally_flush(tally, t0)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0

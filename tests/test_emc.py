@@ -141,15 +141,20 @@ def test_extraction_agrees_with_the_reference_and_returns_the_key_hash(f, port, 
 RULES = ["priority=20,udp,in_port=a,tp_src=1000,actions=output:b",
          "priority=20,udp,in_port=a,tp_src=1001,actions=output:b",
          "priority=10,in_port=a,actions=output:b"]
+# the same decisions through two tables: every frame passes the table-0 rule, then one of
+# the three (each decision counts two rules)
+PIPELINE = ["priority=10,in_port=a,actions=goto_table:1",
+            *(f"table=1,{r.replace('in_port=a,', '')}" for r in RULES)]
 
 
 def rule_for(seed: int) -> int:
     return {0: 0, 1: 1}.get(seed, 2)
 
 
-@pytest.fixture
-def loop():
-    """(guests a -> b, bridge, Datapath, Pmd) with RULES; the PMD thread stopped at the end."""
+@pytest.fixture(params=["one table", "two tables"])
+def loop(request):
+    """(guests a -> b, bridge, Datapath, Pmd) with RULES or PIPELINE; the PMD thread
+    stopped at the end."""
     a = Guest("split", "split", mrg=False, hdr_len=12)
     b = Guest("split", "split", mrg=False, hdr_len=12)
     bridge = Bridge("br0", 0)
@@ -158,10 +163,12 @@ def loop():
     for i, (name, g) in enumerate((("a", a), ("b", b))):
         bridge.attach(SimpleNamespace(name=name, port_id=i, ofport=i + 1))
         dp.add_port(i, 0, g.dev)
-    bridge.apply(add=[parse_flow(f) for f in RULES])
+    rules = RULES if request.param == "one table" else PIPELINE
+    bridge.apply(add=[parse_flow(f) for f in rules])
     pmd = dp.new_pmd(0, pool_size=512)
     thread = threading.Thread(target=pmd.run, daemon=True)
-    yield SimpleNamespace(a=a, b=b, bridge=bridge, dp=dp, pmd=pmd, thread=thread)
+    yield SimpleNamespace(a=a, b=b, bridge=bridge, dp=dp, pmd=pmd, thread=thread,
+                          pipeline=rules is PIPELINE)
     if thread.is_alive():
         pmd.stop()
         thread.join(5)
@@ -208,8 +215,13 @@ def test_rule_counters_stay_exact_through_runs_misses_and_upcalls(loop):
     stats = loop.pmd.stats()
     assert stats["emc_hits"] > 300, stats                 # the runs were EMC hits
     assert stats["upcalls"] >= 12 * 5, stats
-    got = [None] * len(RULES)
+    got = [None] * (len(RULES) + loop.pipeline)
     for r in loop.bridge.rules.values():
-        i = 0 if "tp_src=1000" in r.text else 1 if "tp_src=1001" in r.text else 2
+        if "goto_table" in r.text:
+            i = 3
+        else:
+            i = 0 if "tp_src=1000" in r.text else 1 if "tp_src=1001" in r.text else 2
         got[i] = list(loop.bridge.counters(r)[:2])
+    if loop.pipeline:                        # every frame passed the table-0 rule
+        want.append([sum(w[0] for w in want), sum(w[1] for w in want)])
     assert got == want
