@@ -27,3 +27,13 @@ def alternate(label: str, rounds: int, measures: dict[str, Callable[[], float]],
 
 def medians(rounds: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in rounds.items() if v}
+
+
+def paired(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
+    """The median over rounds of a's number over b's in the same round (None unless both
+    have every round): a machine whose speed drifts between rounds moves both systems of a
+    round alike, so this is steadier than the ratio of the medians."""
+    if not rounds.get(a) or not rounds.get(b):
+        return None
+    got = [x / y for x, y in zip(rounds[a], rounds[b], strict=True) if y]
+    return statistics.median(got) if got else None

@@ -8,7 +8,8 @@ Two directions, each at 64 and 1500 bytes, over split rings and over packed ring
                 vs by DPDK's vhost PMD in `txonly`        (rate: virtio-user Rx-pps)
 The virtio-user testpmd forwards on CPU 1; the back-end under test polls on CPU 0. Each row
 is measured in --rounds alternating rounds (DPDK, pyvhost, DPDK, ...; each round printed).
-Prints Mpps (medians, with each side's spread over the rounds) and the ratio pyvhost/DPDK.
+Prints Mpps (medians, with each side's spread over the rounds) and the ratio pyvhost/DPDK,
+of the medians and (steadier on a machine whose speed drifts) the median of each round's.
 Not a test: no thresholds.
 """
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _rounds import alternate  # noqa: E402
+from _rounds import alternate, paired  # noqa: E402
 
 from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
@@ -130,9 +131,13 @@ def main() -> int:
                     row = t.add(label, "Mpps", rounds=alternate(
                         label, args.rounds, {DPDK: one(run_dpdk), PY: one(run_pyvhost)}))
                     ratio = t.ratio(row, t.ratios[0])
+                    per_round = paired(row.rounds, PY, DPDK)
                     print(f"{label}: pyvhost {row.values[PY]:6.2f} Mpps  DPDK "
-                          f"{row.values[DPDK]:6.2f} Mpps  ratio {ratio or float('nan'):.2f}",
-                          flush=True)
+                          f"{row.values[DPDK]:6.2f} Mpps  ratio {ratio or float('nan'):.2f}"
+                          f"  per round {per_round or float('nan'):.2f}", flush=True)
+                    if per_round is not None:
+                        t.notes.append(f"{label}: pyvhost/DPDK median of per-round ratios "
+                                       f"x{per_round:.2f}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     emit(t)

@@ -15,6 +15,11 @@ Rows:
   flowgen       (--flows): guests run `flowgen` (--flowgen-flows=N) on both ports, so every
                 frame has one of N keys (cache-miss heavy); in_port rules
 Rates are the guests' RX pps summed over both ports (median of --samples readings per round).
+The guests forward on one core and cap the loop's rate, so each loop row has a second row:
+each switch's PMD processing time per frame over the same readings, from its own counters
+(pyvhost: pmd-stats busy ns; OVS-DPDK: pmd-stats-show processing cycles' share of the wall
+time; testpmd: `set record-core-cycles on`, cycles in bursts that received frames, at its
+TSC clock): what a frame costs the switch, whatever the guests manage.
 The cost of metrics (issue 14): pyvhost's 64-byte io loop again, started with
 `--metrics 127.0.0.1:PORT`, measured without and then with a scraper fetching /metrics
 every --scrape-interval seconds, then with an idle capture hook (a `pyvhost capture` of p1,
@@ -28,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import re
 import shutil
 import socket
 import statistics
@@ -41,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ovs import Hugepages, OvsDpdk, available  # noqa: E402
-from _rounds import alternate  # noqa: E402
+from _rounds import alternate, paired  # noqa: E402
 
 from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
@@ -81,13 +88,105 @@ class Case:
         return f"{self.size}-{self.mode}-{self.flows}-{int(self.offloads)}"
 
 
-def measure(tp: Testpmd, seconds: float, samples: int) -> float:
+class PmdCost:
+    """A switch's PMD processing time per received frame over a measurement: its own
+    counters cleared when the measurement starts and read when it ends. Both switches count
+    a poll-loop iteration that received at least one frame as processing, one that received
+    none as idle (OVS: pmd_perf_end_iteration), so this is the PMD time each frame took,
+    whatever the guests' rate; the loop's rate is capped by the guests' own core."""
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def read(self) -> float | None:
+        """ns per frame since clear(); None if no frame was received."""
+        raise NotImplementedError
+
+
+class PyvhostCost(PmdCost):
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def clear(self) -> None:
+        processes.ctl(self.run_dir, "pmd-stats-clear")
+
+    def read(self) -> float | None:
+        stats = json.loads(processes.ctl(self.run_dir, "pmd-stats-show", "--json"))
+        busy = sum(s["busy_ns"] for s in stats)
+        frames = sum(s["packets"] for s in stats)
+        return busy / frames if frames else None
+
+
+class OvsCost(PmdCost):
+    """From ``dpif-netdev/pmd-stats-show``: processing cycles over all cycles, times the
+    wall time since the clear (so no TSC frequency is needed), over packets received."""
+
+    def __init__(self, ovs: OvsDpdk):
+        self.ovs = ovs
+        self.t0 = 0.0
+
+    def clear(self) -> None:
+        self.ovs.appctl("dpif-netdev/pmd-stats-clear")
+        self.t0 = time.monotonic()
+
+    def read(self) -> float | None:
+        elapsed = time.monotonic() - self.t0
+        text = self.ovs.appctl("dpif-netdev/pmd-stats-show")
+        return ovs_ns_per_frame(text, elapsed)
+
+
+class TestpmdCost(PmdCost):
+    """DPDK testpmd as the switch, with ``set record-core-cycles on``: its forwarding
+    core's cycles in bursts that received frames, per frame, at its TSC clock."""
+
+    def __init__(self, tp: Testpmd):
+        self.tp = tp
+
+    def clear(self) -> None:
+        self.tp.cmd("clear fwd stats all")
+
+    def read(self) -> float | None:
+        return fwd_stats_ns_per_frame(self.tp.cmd("show fwd stats all"))
+
+
+def fwd_stats_ns_per_frame(text: str) -> float | None:
+    """ns per frame from ``show fwd stats all`` ("CPU cycles/packet=X (...) at M MHz")."""
+    m = re.search(r"CPU cycles/packet=([\d.]+) .*? at (\d+) MHz", text)
+    if not m or not float(m.group(2)):
+        return None
+    return float(m.group(1)) * 1000 / float(m.group(2))
+
+
+def ovs_ns_per_frame(text: str, elapsed: float) -> float | None:
+    """ns of PMD processing per received packet from OVS's pmd-stats-show text (summed over
+    its PMD threads, the non-PMD 'main thread' left out), ``elapsed`` seconds after a clear."""
+    frames, busy_s = 0, 0.0
+    for block in re.split(r"^(?=\S)", text, flags=re.M):
+        if not block.startswith("pmd thread"):
+            continue
+        got = {k: int(v) for k, v in re.findall(
+            r"^\s+(packets received|idle cycles|processing cycles): (\d+)", block, re.M)}
+        cycles = got.get("idle cycles", 0) + got.get("processing cycles", 0)
+        frames += got.get("packets received", 0)
+        if cycles:
+            busy_s += got.get("processing cycles", 0) / cycles * elapsed
+    return busy_s * 1e9 / frames if frames else None
+
+
+def measure(tp: Testpmd, seconds: float, samples: int,
+            cost: PmdCost | None = None, costs: list | None = None) -> float:
+    """The guests' RX rate (Mpps, median of ``samples`` readings); with ``cost``, the
+    switch's PMD ns per frame over the same readings appended to ``costs``."""
     tp.port_stats()
+    if cost:
+        cost.clear()
     rates = []
     for _ in range(samples):
         time.sleep(seconds)
         stats = tp.port_stats()
         rates.append(stats[0]["rx_pps"] + stats[1]["rx_pps"])
+    if cost:
+        costs.append(cost.read())
     return statistics.median(rates) / 1e6
 
 
@@ -115,35 +214,36 @@ def start_guest(tp: Testpmd, case: Case) -> None:
         tp.start_fwd(tx_first=True, bursts=4)
 
 
-def run_guests(workdir: Path, socks, case: Case, seconds, samples, name: str) -> float:
+def run_guests(workdir: Path, socks, case: Case, seconds, samples, name: str,
+               cost: PmdCost | None = None, costs: list | None = None) -> float:
     """The guests' rate through a switch already listening on ``socks``."""
     tp = guest_side(workdir, socks, case, name)
     try:
         start_guest(tp, case)
-        return measure(tp, seconds, samples)
+        return measure(tp, seconds, samples, cost, costs)
     finally:
         tp.close()
 
 
-def run_pyvhost(workdir: Path, case: Case, seconds, samples, n: int) -> float:
+def run_pyvhost(workdir: Path, case: Case, seconds, samples, n: int, costs: list) -> float:
     run_dir = workdir / f"run-{case.key}-{n}"
     config = PORTS + "".join(f"add-flow br0 {r}\n" for r in case.rules)
     sw = processes.switch(workdir, run_dir, config=config, name=f"switch-{case.key}-{n}")
     try:
         return run_guests(workdir, [run_dir / "p1.sock", run_dir / "p2.sock"], case, seconds,
-                          samples, f"guest-pyvhost-{case.key}-{n}")
+                          samples, f"guest-pyvhost-{case.key}-{n}", PyvhostCost(run_dir), costs)
     finally:
         sw.stop()
 
 
-def run_ovs(workdir: Path, case: Case, seconds, samples, n: int) -> float:
+def run_ovs(workdir: Path, case: Case, seconds, samples, n: int, costs: list) -> float:
     ovs = OvsDpdk(workdir, ["p1", "p2"], pmd_cpu=0, name=f"ovs-{case.key}-{n}").start()
     try:
         ovs.ofctl("del-flows", "br0")
         for rule in case.rules:
             ovs.ofctl("add-flow", "br0", rule)
         return run_guests(workdir, [ovs.sock("p1"), ovs.sock("p2")], case, seconds, samples,
-                          f"guest-ovs-{case.key}-{n}")
+                          f"guest-ovs-{case.key}-{n}", OvsCost(ovs), costs)
     finally:
         ovs.stop()
 
@@ -226,20 +326,21 @@ def run_pyvhost_scraped(workdir: Path, seconds, samples, interval: float):
         sw.stop()
 
 
-def run_dpdk(workdir: Path, case: Case, seconds, samples, n: int) -> float:
+def run_dpdk(workdir: Path, case: Case, seconds, samples, n: int, costs: list) -> float:
     socks = [workdir / f"dpdk-{case.key}-{n}-{i}.sock" for i in range(2)]
     host = Testpmd([vhost_vdev(s, index=i) for i, s in enumerate(socks)], workdir=workdir,
                    name=f"switch-dpdk-{case.key}-{n}", main_lcore=1)
     try:
         host.start()
         host.set_fwd("io")
+        host.cmd("set record-core-cycles on")
         tp = guest_side(workdir, socks, case, f"guest-dpdk-{case.key}-{n}")
         try:
             host.wait_link_up(0)
             host.wait_link_up(1)
             host.start_fwd()
             start_guest(tp, case)
-            return measure(tp, seconds, samples)
+            return measure(tp, seconds, samples, TestpmdCost(host), costs)
         finally:
             tp.close()
     finally:
@@ -252,8 +353,8 @@ RUNNERS = {PY: run_pyvhost, OVS: run_ovs, DPDK: run_dpdk}
 
 
 def new_table(peers: list[str]) -> Table:
-    return Table("switch", "two-port loop, Mpps summed over both ports", [PY, *peers],
-                 [(PY, p) for p in peers])
+    return Table("switch", "two-port loop: Mpps summed over both ports, and each switch's PMD "
+                 "processing ns per frame", [PY, *peers], [(PY, p) for p in peers])
 
 
 def cases(args) -> list[Case]:
@@ -269,20 +370,39 @@ def _ints(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def measure_case(workdir: Path, case: Case, peers: list[str], args) -> dict[str, list[float]]:
+def measure_case(workdir: Path, case: Case, peers: list[str], args):
     """Each system's numbers for one case, in alternating rounds: the peers around pyvhost
-    (OVS, pyvhost, testpmd, ...); testpmd has no lookup, so it has no NORMAL rows."""
+    (OVS, pyvhost, testpmd, ...); testpmd has no lookup, so it has no NORMAL rows. Returns
+    (rates, costs): each system's Mpps per round, and each switch's PMD ns per frame per
+    round (None where no frame was received)."""
     systems = [p for p in peers if not (case.normal and p == DPDK)]
     order = systems[:1] + [PY] + systems[1:]
     count = {name: 0 for name in order}
+    costs: dict[str, list] = {name: [] for name in order}
 
     def runner(name):
         def run() -> float:
             count[name] += 1
-            return RUNNERS[name](workdir, case, args.seconds, args.samples, count[name])
+            return RUNNERS[name](workdir, case, args.seconds, args.samples, count[name],
+                                 costs[name])
         return run
 
-    return alternate(case.label, args.rounds, {name: runner(name) for name in order})
+    rates = alternate(case.label, args.rounds, {name: runner(name) for name in order})
+    return rates, {name: got for name, got in costs.items() if got and None not in got}
+
+
+def report(table: Table, label: str, rounds: dict[str, list[float]], unit: str) -> None:
+    row = table.add(label, unit, rounds=rounds, better="lower" if unit == "ns" else "higher")
+    cells = [f"{c} {row.values[c]:.2f} +-{(row.spread(c) or 0) * 100:.0f}%"
+             for c in table.columns if row.values[c] is not None]
+    for a, b in table.ratios:
+        ratio = paired(rounds, a, b)
+        if ratio is not None:
+            cells.append(f"{a}/{b} per round x{ratio:.2f}")
+    print(f"{label}: " + "  ".join(cells), flush=True)
+    table.notes.append(f"{label}: " + "; ".join(
+        f"{a}/{b} median of per-round ratios x{r:.2f}" for a, b in table.ratios
+        if (r := paired(rounds, a, b)) is not None))
 
 
 def main() -> int:
@@ -316,11 +436,10 @@ def main() -> int:
     try:
         with Hugepages() if OVS in peers else contextlib.nullcontext():
             for case in todo:
-                row = table.add(case.label, "Mpps", rounds=measure_case(workdir, case, peers,
-                                                                        args))
-                print(f"{case.label}: " + "  ".join(
-                    f"{c} {row.values[c]:.2f} +-{(row.spread(c) or 0) * 100:.0f}%"
-                    for c in table.columns if row.values[c] is not None), flush=True)
+                rates, costs = measure_case(workdir, case, peers, args)
+                report(table, case.label, rates, "Mpps")
+                if costs:
+                    report(table, f"{case.label}, PMD processing per frame", costs, "ns")
         if args.scrape_interval > 0:
             metrics_rows(table, workdir, args)
     finally:

@@ -24,6 +24,7 @@ cdef enum:
 cdef struct xdp_stats_t:
     # the socket's own counters; AfXdpDev.stats() returns this struct as a dict
     uint64_t rx_oversize      # frames larger than a packet buffer: dropped
+    uint64_t rx_no_buffer     # frames received while the PMD's packet pool was empty: dropped
     uint64_t tx_oversize      # frames larger than a UMEM frame (and not TSO): dropped
     uint64_t tx_segmented     # TSO super-frames cut into segments here
     uint64_t tx_csum          # partial checksums completed here

@@ -132,10 +132,11 @@ cdef uint32_t xdp_rx_burst(void *dev, uint16_t q, pktpool_t *pool, pkt_t **pkts,
     for i in range(got):
         desc = xsk_ring_cons__rx_desc(d.rx, idx + i)
         p = pool_get(pool)
-        if p == NULL or desc.len > p.cap or desc.len > XDP_FRAME_SIZE:
-            if p != NULL:
-                pool_put(pool, p)
-                d.st.rx_oversize += 1
+        if p == NULL:
+            d.st.rx_no_buffer += 1
+        elif desc.len > p.cap or desc.len > XDP_FRAME_SIZE:
+            pool_put(pool, p)
+            d.st.rx_oversize += 1
         else:
             memcpy(p.data, xsk_umem__get_data(d.area, desc.addr), desc.len)
             p.len = desc.len
@@ -195,7 +196,7 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
     cdef uint32_t i, nready = 0, sent = 0, nseg, first, put
     cdef tso_t t
     cdef pkt_t *p
-    cdef bint ok
+    cdef bint ok, full
     vh_lock(&d.tx_lock)
     if d.fd < 0:
         d.st.tx_down += n
@@ -205,6 +206,13 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
     for i in range(n):
         p = pkts[i]
         if p.vnet_hdr[1] != 0:                         # TSO: segments, each complete
+            if nready:                                 # the frames before it go first
+                put = put_frames(d, ready, nready, &res.bytes)
+                sent += put
+                full = put < nready
+                nready = 0
+                if full:
+                    break
             ok = tso_parse(p, &t) and t.hlen < XDP_FRAME_SIZE
             if ok and t.hlen + t.mss > XDP_FRAME_SIZE:
                 t.mss = XDP_FRAME_SIZE - t.hlen        # segments must fit a UMEM frame
@@ -225,6 +233,8 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
                 d.st.tx_segmented += 1
             else:
                 res.failed += 1
+                if d.nfree == 0 or xsk_prod_nb_free(d.tx, 1) == 0:
+                    break                              # no room: later frames must not pass
             continue
         if p.vnet_hdr[0] & 1:                          # NEEDS_CSUM
             if not csum_complete(p):
@@ -239,8 +249,12 @@ cdef uint32_t xdp_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pk
         ready[nready] = p
         nready += 1
         if nready == MAX_TX:
-            sent += put_frames(d, ready, nready, &res.bytes)
+            put = put_frames(d, ready, nready, &res.bytes)
+            sent += put
+            full = put < nready
             nready = 0
+            if full:
+                break                                  # the ring is full: the rest waits
     if nready:
         sent += put_frames(d, ready, nready, &res.bytes)
     kick(d)

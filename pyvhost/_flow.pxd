@@ -87,13 +87,15 @@ cdef struct actions_t:
 
 ctypedef int (*valid_fn)(void *ctx, const actions_t *a) noexcept nogil
 
-cdef struct emc_entry_t:
-    uint32_t hash
-    uint32_t pad
+cdef struct emc_entry_t:       # its hash is emc_t.hashes[its slot]
     flow_key_t key
     actions_t actions
 
 cdef struct emc_t:
+    # each slot's hash, apart from the entries: a probe that misses (most of them when the
+    # flows outnumber the slots) reads 4 bytes of this 32 KiB array, not a ~300-byte entry
+    # 2.4 MiB away in the cache hierarchy (31% of the PMD's time with 10,000 flows)
+    uint32_t hashes[EMC_ENTRIES]
     emc_entry_t e[EMC_ENTRIES]
 
 cdef struct mf_mask_t:
@@ -128,6 +130,20 @@ cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged
 cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil  # its hash
 cdef uint32_t flow_hash(const flow_key_t *k) noexcept nogil
 cdef uint32_t masked_hash(const uint64_t *w, const uint64_t *mask, uint64_t *out) noexcept nogil
+cdef extern from *:
+    void __builtin_prefetch(const void *addr) nogil
+
+
+cdef inline void emc_prefetch(emc_t *emc, uint32_t h) noexcept nogil:
+    """Start loading what emc_lookup(h) will read (the slot's hash, the entry's key and its
+    validity words), so a burst's lookups do not each wait for memory in turn."""
+    cdef uint32_t i = h & (EMC_ENTRIES - 1)
+    __builtin_prefetch(&emc.hashes[i])
+    __builtin_prefetch(&emc.e[i].key)
+    __builtin_prefetch(&emc.e[i].actions.gen)
+    __builtin_prefetch(&emc.e[i].actions.rules)
+
+
 cdef actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h) noexcept nogil
 cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_t *a) noexcept nogil
 cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil

@@ -174,16 +174,23 @@ cdef inline bint key_eq(const flow_key_t *a, const flow_key_t *b) noexcept nogil
 
 
 cdef actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h) noexcept nogil:
-    """The entry for exactly this key, or NULL; the caller checks it is still valid."""
-    cdef emc_entry_t *e = &emc.e[h & (EMC_ENTRIES - 1)]
-    if e.hash == h and e.actions.gen != 0 and key_eq(&e.key, k):
+    """The entry for exactly this key, or NULL; the caller checks it is still valid. The
+    slot's hash is compared first, in the compact array: the entry itself is read only when
+    the hash matches."""
+    cdef uint32_t i = h & (EMC_ENTRIES - 1)
+    cdef emc_entry_t *e
+    if emc.hashes[i] != h:
+        return NULL
+    e = &emc.e[i]
+    if e.actions.gen != 0 and key_eq(&e.key, k):
         return &e.actions
     return NULL
 
 
 cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_t *a) noexcept nogil:
-    cdef emc_entry_t *e = &emc.e[h & (EMC_ENTRIES - 1)]
-    e.hash = h
+    cdef uint32_t i = h & (EMC_ENTRIES - 1)
+    cdef emc_entry_t *e = &emc.e[i]
+    emc.hashes[i] = h
     memcpy(&e.key, k, sizeof(flow_key_t))
     memcpy(&e.actions, a, sizeof(actions_t))
 

@@ -22,8 +22,10 @@ ctypedef uint32_t (*tx_burst_fn)(void *dev, uint32_t hint, pktpool_t *pool, pkt_
                                  uint32_t n, tx_result_t *res) noexcept nogil
 # one-copy forwarding (NULL: the class cannot): rx_burst, except that a frame may keep its
 # tail in the sender's memory (pkt.ext_len, pkt.ext: see _vring.vq_dequeue_ref) and nothing
-# goes back to the sender until rx_complete(dev, q), which the caller must call after every
-# rx_burst_ref once the burst's frames are sent or freed, returns 0 included
+# goes back to the sender until rx_complete(dev, q), which the caller must call, in the same
+# thread, after every rx_burst_ref that returned frames, once they are sent or freed (one
+# that returned 0 holds nothing); rx_complete in a thread that holds no burst of the queue
+# (another PMD polling it for a moment while it moves) does nothing
 ctypedef void (*rx_complete_fn)(void *dev, uint16_t q) noexcept nogil
 # the fd that becomes readable when queue ``q`` has work (for epoll in the idle path), -1
 ctypedef int (*wait_fd_fn)(void *dev, uint16_t q) noexcept nogil

@@ -1,21 +1,25 @@
 # The one ring core: dequeue_chains (guest TX -> packets) and enqueue_chains (packets ->
 # guest RX, mergeable or not) for split and packed alike, over small per-layout helpers
-# (ring_begin/next_chain/ring_commit: the next available chain; mark_used; ring_notify).
+# (ring_begin/next_chain/ring_commit: the next available chain; mark_used; ring_notify);
+# packed rings take four single-descriptor chains at once where they can (_ring_batch).
 # Every counter of a burst is kept here, once for both layouts. Runs inside the caller's
 # SIGBUS guard with the ring locked. Header-only: compiled into _vring.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._pktpool cimport pkt_t, pktpool_t, pool_get, pool_put
+from pyvhost._ring_batch cimport PACKED_BATCH, batch_read
 from pyvhost._ring_copy cimport copy_head, copy_out, fill_header, fill_iovs, log_iovs, tx_header_ok
 from pyvhost._ring_guard cimport vh_compiler_barrier
 from pyvhost._ring_onecopy cimport fill_ext
+from pyvhost._ring_index cimport packed_advance
 from pyvhost._ring_packed cimport (
-    notify_guest_packed, packed_advance, packed_avail, packed_used_flush, put_used_packed,
-    used_batch_t,
+    notify_guest_packed, packed_avail, packed_used_flush, put_used_packed, used_batch_t,
 )
 from pyvhost._ring_split cimport avail_count, notify_guest, put_used
 from pyvhost._ring_walk cimport MAX_BUFS_PER_PKT, walk_chain, walk_packed
-from pyvhost._vring cimport MAX_IOV, ONECOPY_HEAD, ext_t, iov_t, vh_load_relaxed_u16, vq_t
+from pyvhost._vring cimport (
+    MAX_IOV, ONECOPY_HEAD, ext_t, iov_t, vh_load_relaxed_u16, vh_prefetch, vq_t,
+)
 
 
 cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint32_t niov,
@@ -108,6 +112,18 @@ cdef inline bint ring_has_chain(vq_t *vq, const cursor_t *cur) noexcept nogil:
     return cur.avail_idx != cur.idx
 
 
+cdef inline void prefetch_ahead(vq_t *vq, uint16_t slot) noexcept nogil:
+    """The descriptor line after ``slot``'s into the cache while ``slot``'s chain is read
+    and copied (a driver posts chains in consecutive descriptors most of the time: then
+    the next chains' descriptors, which it wrote on its own core, are on that line). A hint
+    on an address we compute, never on a value read from the guest."""
+    cdef uint32_t ahead = slot + PACKED_BATCH
+    if ahead >= vq.size:
+        ahead -= vq.size
+    if ahead < vq.size:
+        vh_prefetch(&vq.desc[ahead])
+
+
 cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
                            uint32_t *niov, chain_t *ch) noexcept nogil:
     """Read the chain at ``cur`` into iov[*niov..] and step ``cur`` past it: CHAIN_OK,
@@ -120,6 +136,7 @@ cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
     if not ring_has_chain(vq, cur):
         return CHAIN_NONE
     if vq.packed:
+        prefetch_ahead(vq, cur.idx)
         rc = walk_packed(vq, cur.idx, cur.room, writable, iov, niov, &ch.total, &nslots,
                          &ch.id)
         if rc == -2:
@@ -132,6 +149,7 @@ cdef inline int next_chain(vq_t *vq, cursor_t *cur, bint writable, iov_t *iov,
         head = vh_load_relaxed_u16(&vq.avail[2 + (cur.idx & (vq.size - 1))])
         if head >= vq.size:
             return CHAIN_BROKEN
+        prefetch_ahead(vq, head)
         rc = walk_chain(vq, head, writable, iov, niov, &ch.total)
         if rc == -3:
             return CHAIN_MISS
@@ -170,12 +188,53 @@ cdef inline void ring_notify(vq_t *vq, used_batch_t *ub) noexcept nogil:
         notify_guest(vq)
 
 
+cdef inline void step_one(vq_t *vq, cursor_t *cur) noexcept nogil:
+    """A batch's chain (one slot) is consumed: the cursor past it, committed."""
+    packed_advance(&cur.idx, &cur.wrap, 1, vq.size)
+    cur.room -= 1
+    ring_commit(vq, cur)
+
+
+cdef inline void tx_complete(vq_t *vq, used_batch_t *ub, bint ref, uint16_t id,
+                             uint16_t nslots) noexcept nogil:
+    """A TX chain taken: back to the guest now, or (ref) at vq_rx_complete."""
+    if ref:
+        vq.pend_id[vq.npend] = id
+        vq.pend_slots[vq.npend] = nslots
+        vq.npend += 1
+    else:
+        mark_used(vq, ub, id, nslots, 0, False)
+
+
+cdef inline int dequeue_batch(vq_t *vq, pktpool_t *pool, cursor_t *cur, used_batch_t *ub,
+                              pkt_t **pkts, uint32_t *nout, bint ref) noexcept nogil:
+    """Packed: the next PACKED_BATCH chains at once when they form a batch (_ring_batch):
+    PACKED_BATCH when all were consumed, 0 when they are not a batch, -1 - k when the
+    packet pool ran dry after k (the rest stay in the ring: the burst stops)."""
+    cdef uint16_t ids[PACKED_BATCH]
+    cdef iov_t biov[PACKED_BATCH]
+    cdef int k
+    if not batch_read(vq, cur.idx, cur.wrap, cur.room, False, ids, biov):
+        return 0
+    for k in range(PACKED_BATCH):
+        if k + 1 < PACKED_BATCH:
+            vh_prefetch(biov[k + 1].base + 64)
+        if receive_chain(vq, pool, &biov[k], 1, biov[k].len, False, pkts, nout, ref) < 0:
+            vq.batched += k
+            return -1 - k
+        tx_complete(vq, ub, ref, ids[k], 1)
+        step_one(vq, cur)
+    vq.batched += PACKED_BATCH
+    return PACKED_BATCH
+
+
 cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t count,
                                     bint ref) noexcept nogil:
-    """Guest TX chains into packets, split or packed. An empty ring is not a burst."""
+    """Guest TX chains into packets, split or packed. An empty ring is not a burst. Packed:
+    four at a time where they form a batch (dequeue_batch), else one at a time."""
     cdef cursor_t cur
     cdef chain_t ch
-    cdef uint32_t i, nout = 0, niov
+    cdef uint32_t i = 0, nout = 0, niov
     cdef used_batch_t ub
     cdef iov_t iov[MAX_IOV]
     cdef int rc
@@ -183,7 +242,14 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     ub.head_slot = 0
     if ring_begin(vq, &cur) < 0 or not ring_has_chain(vq, &cur):
         return 0
-    for i in range(count):
+    while i < count:
+        if vq.packed and count - i >= PACKED_BATCH:
+            rc = dequeue_batch(vq, pool, &cur, &ub, pkts, &nout, ref)
+            if rc == PACKED_BATCH:
+                i += PACKED_BATCH
+                continue
+            if rc < 0:
+                break                       # out of packet buffers
         niov = 0
         rc = next_chain(vq, &cur, False, iov, &niov, &ch)
         if rc == CHAIN_NONE or rc == CHAIN_MISS:
@@ -193,24 +259,63 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
             break
         if receive_chain(vq, pool, iov, niov, ch.total, rc < 0, pkts, &nout, ref) < 0:
             break                           # no packet buffer: it stays in the ring
-        if ref:
-            vq.pend_id[vq.npend] = ch.id      # back to the guest in vq_rx_complete
-            vq.pend_slots[vq.npend] = ch.nslots
-            vq.npend += 1
-        else:
-            mark_used(vq, &ub, ch.id, ch.nslots, 0, False)
+        tx_complete(vq, &ub, ref, ch.id, ch.nslots)
         ring_commit(vq, &cur)
+        i += 1
     ring_notify(vq, &ub)
     vq.st.packets += nout
     vq.st.bursts += 1
     return nout
 
 
+cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_batch_t *ub,
+                                   uint32_t *nsent) noexcept nogil:
+    """Packed: PACKED_BATCH packets into the next PACKED_BATCH buffers at once when those
+    form a batch (_ring_batch) and each frame fits its buffer (one buffer per frame,
+    num_buffers 1). Returns how many of ``pkts`` were dealt with: 0 when not a batch (take
+    them one at a time); fewer than PACKED_BATCH when a one-copy frame's sender faulted
+    (that frame is lost, its buffer and the rest stay the guest's, as one at a time)."""
+    cdef uint16_t ids[PACKED_BATCH]
+    cdef iov_t biov[PACKED_BATCH]
+    cdef uint32_t k, i_iov
+    cdef uint64_t need, off
+    cdef uint8_t hdr[12]
+    cdef pkt_t *pkt
+    if not batch_read(vq, cur.idx, cur.wrap, cur.room, True, ids, biov):
+        return 0
+    for k in range(PACKED_BATCH):
+        if vq.hdr_len + pkts[k].len + pkts[k].ext_len > biov[k].len:
+            return 0                        # a frame needs more than its buffer
+    for k in range(PACKED_BATCH):
+        pkt = pkts[k]
+        if k + 1 < PACKED_BATCH:
+            vh_prefetch(pkts[k + 1].data)
+        need = vq.hdr_len + pkt.len + pkt.ext_len
+        fill_header(hdr, vq, 1, pkt)
+        i_iov = 0
+        off = 0
+        fill_iovs(&biov[k], &i_iov, &off, hdr, vq.hdr_len)
+        fill_iovs(&biov[k], &i_iov, &off, pkt.data, pkt.len)
+        if pkt.ext_len and fill_ext(&biov[k], &i_iov, &off, pkt) < 0:
+            vq.batched += k
+            return k + 1
+        log_iovs(vq, &biov[k], 1, need)
+        mark_used(vq, ub, ids[k], 1, <uint32_t>need, True)
+        step_one(vq, cur)
+        vq.st.bytes += pkt.len + pkt.ext_len
+        if pkt.ext_len:
+            vq.onecopy += 1
+        nsent[0] += 1
+    vq.batched += PACKED_BATCH
+    return PACKED_BATCH
+
+
 cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noexcept nogil:
-    """Packets into guest RX buffers, split or packed, mergeable or not."""
+    """Packets into guest RX buffers, split or packed, mergeable or not. Packed: four at a
+    time where the buffers form a batch (enqueue_batch), else one at a time."""
     cdef cursor_t cur, nxt
     cdef chain_t chains[MAX_BUFS_PER_PKT]
-    cdef uint32_t i = 0, b, nbufs, niov, i_iov, nsent = 0
+    cdef uint32_t i = 0, b, nb, nbufs, niov, i_iov, nsent = 0
     cdef used_batch_t ub
     cdef uint64_t need, cap, total, off, w
     cdef iov_t iov[MAX_IOV]
@@ -231,6 +336,11 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count) noex
         vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
         return 0
     while i < count:
+        if vq.packed and count - i >= PACKED_BATCH:
+            nb = enqueue_batch(vq, pkts + i, &cur, &ub, &nsent)
+            if nb:
+                i += nb
+                continue
         pkt = pkts[i]
         need = vq.hdr_len + pkt.len + pkt.ext_len
         nbufs = niov = 0

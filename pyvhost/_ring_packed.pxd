@@ -3,10 +3,10 @@
 # event-suppression areas. Writes only used descriptors. Header-only: compiled into _vring.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from pyvhost._ring_split cimport need_event
+from pyvhost._ring_index cimport need_event, packed_advance, packed_is_avail, packed_used_flags
 from pyvhost._vring cimport (
-    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, VRING_DESC_F_WRITE,
-    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, vh_eventfd_signal, vh_fence_seq_cst,
+    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, VRING_DESC_F_WRITE, vh_eventfd_signal,
+    vh_fence_seq_cst,
     vh_load_acquire_u16, vh_load_relaxed_u16, vh_log_write, vh_store_release_u16, vq_t,
     vring_packed_desc_t,
 )
@@ -14,19 +14,7 @@ from pyvhost._vring cimport (
 
 cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nogil:
     """Is the descriptor at ``idx`` available to us under avail wrap counter ``wrap``?"""
-    cdef uint16_t flags = vh_load_acquire_u16(&vq.pdesc[idx].flags)
-    cdef uint8_t avail = (flags & VRING_PACKED_DESC_F_AVAIL) != 0
-    cdef uint8_t used = (flags & VRING_PACKED_DESC_F_USED) != 0
-    return avail == wrap and used != wrap
-
-
-cdef inline void packed_advance(uint16_t *idx, uint8_t *wrap, uint32_t n,
-                                uint32_t size) noexcept nogil:
-    cdef uint32_t i = idx[0] + n
-    if i >= size:
-        i -= size
-        wrap[0] ^= 1
-    idx[0] = <uint16_t>i
+    return packed_is_avail(vh_load_acquire_u16(&vq.pdesc[idx].flags), wrap)
 
 
 cdef struct used_batch_t:
@@ -42,8 +30,7 @@ cdef struct used_batch_t:
 cdef inline void put_used_packed(vq_t *vq, used_batch_t *ub, uint16_t buf_id, uint32_t length,
                                  uint32_t nslots, bint written) noexcept nogil:
     cdef vring_packed_desc_t *d = &vq.pdesc[vq.last_used_idx]
-    cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) \
-        if vq.used_wrap else 0
+    cdef uint16_t flags = packed_used_flags(vq.used_wrap)
     if written:
         flags |= VRING_DESC_F_WRITE
     if ub.n and vq.in_order and not written and not ub.written:

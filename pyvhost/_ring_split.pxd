@@ -1,16 +1,17 @@
 # The split layout's part of the ring core: the avail index, used elements, publishing
 # the used index and the guest notification (event idx or the NO_INTERRUPT flag). Writes
 # only the used ring. Header-only: compiled into _vring.
+# With VIRTIO_F_IN_ORDER every used element is still written (virtio 1.1 2.6.9 would allow
+# one per TX batch): DPDK's in-order TX cleanup and ours go by the used index and read at
+# most one element, so the others' stores stay in lines of our own cache, and which slot a
+# single element belongs in (the batch's first or last) differs between implementations.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
+from pyvhost._ring_index cimport index_ahead, need_event
 from pyvhost._vring cimport (
     VRING_AVAIL_F_NO_INTERRUPT, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_u16,
     vh_load_relaxed_u16, vh_log_write, vh_store_release_u16, vq_t, vring_used_elem_t,
 )
-
-
-cdef inline bint need_event(uint16_t event, uint16_t new, uint16_t old) noexcept nogil:
-    return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
 
 
 cdef inline void log_used(vq_t *vq, uint64_t offset, uint64_t length) noexcept nogil:
@@ -53,8 +54,8 @@ cdef inline void notify_guest(vq_t *vq) noexcept nogil:
 cdef inline int avail_count(vq_t *vq, uint16_t *avail_idx) noexcept nogil:
     """Entries the guest has made available, or -1 (ring broken) if more than the ring holds."""
     cdef uint16_t idx = vh_load_acquire_u16(&vq.avail[1])
-    cdef uint16_t count = idx - vq.last_avail_idx
-    if count > vq.size:
+    cdef int count = index_ahead(idx, vq.last_avail_idx, vq.size)
+    if count < 0:
         vq.broken = 1
         vq.st.ring_errors += 1
         return -1

@@ -46,8 +46,8 @@ from pyvhost._flow cimport (
     OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
-    action_op_t, actions_t, emc_insert, emc_lookup, emc_t, flow_extract, flow_key_t,
-    mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
+    action_op_t, actions_t, emc_insert, emc_lookup, emc_prefetch, emc_t, flow_extract,
+    flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
 from pyvhost._idle cimport (
@@ -183,15 +183,6 @@ cdef struct pmd_stats_t:
 
 cdef struct keymask_t:
     uint64_t w[KEY_WORDS]
-
-
-cdef struct tally_t:
-    # a rule's packets and bytes not yet added to its counters: frames of a burst whose
-    # decisions pass the same rule at the same hop are added to it at once (two atomic
-    # adds per rule per burst instead of per frame; rules outlive the burst, see synchronize)
-    cls_rule_t *rule
-    uint64_t packets
-    uint64_t bytes
 
 cdef keymask_t IN_PORT_MASK        # every megaflow matches its input port exactly
 cdef keymask_t NORMAL_MASK         # the fields MAC learning looks at
@@ -645,22 +636,6 @@ cdef cls_rule_t *rule_of_op(const actions_t *a, int at, uint16_t op, bint apply)
     return found
 
 
-cdef inline void tally_count(tally_t *t, uint64_t now) noexcept nogil:
-    """Add a tally to its rule's counters and empty it."""
-    if t.packets:
-        vh_add_u64(&t.rule.n_packets, t.packets)
-        vh_add_u64(&t.rule.n_bytes, t.bytes)
-        t.rule.used_ns = now
-        t.packets = 0
-        t.bytes = 0
-
-
-cdef inline void tally_flush(tally_t *tally, uint64_t now) noexcept nogil:
-    cdef int j
-    for j in range(MAX_HOPS):
-        tally_count(&tally[j], now)
-
-
 cdef class Pmd:
     """One poll-mode thread's state; ``run()`` is its body (call it from its own thread)."""
 
@@ -672,6 +647,11 @@ cdef class Pmd:
     cdef emc_t *emc
     cdef mf_t mf
     cdef uint32_t mf_hits_since_insert
+    # rule counters of a burst's run of frames through the same rules, added once (two
+    # locked adds per rule and frame were ~13% of the PMD's time): see account_run
+    cdef void *run_rules[MAX_HOPS]
+    cdef uint16_t run_n
+    cdef uint64_t run_packets, run_bytes
     cdef uint32_t upcalls_untimed
     cdef uint64_t upcall_cost_ns        # moving average of timed upcalls
     cdef uint32_t now_ms                # the burst's millisecond clock (MAC table ages)
@@ -1292,7 +1272,6 @@ cdef class Pmd:
         cdef uint32_t i, n = 0, count
         cdef int rc = 0, j
         cdef action_op_t given[MAX_ACTION_OPS]
-        cdef tally_t tally[MAX_HOPS]
         self.now_ms = <uint32_t>(t // 1000000)
         flow_extract(p, inp.id, &key)
         self.cur_inp = inp
@@ -1301,9 +1280,7 @@ cdef class Pmd:
                 pool_put(self.pool, p)
                 rc = -1
             else:
-                memset(tally, 0, sizeof(tally))
-                self.account(a, p.len, t, tally)
-                tally_flush(tally, t)
+                self.account(a, p.len, t)
         else:
             # NORMAL may become several ops (a remote's): read the given ones from a copy
             count = a.n_ops
@@ -1347,21 +1324,54 @@ cdef class Pmd:
         memset(self.win_packets, 0, sizeof(self.win_packets))
         self.window_start = t
 
-    cdef inline void account(self, const actions_t *a, uint32_t length, uint64_t t,
-                             tally_t *tally) noexcept nogil:
-        """One frame of ``length`` bytes for the rules of ``a`` (into ``tally``, one per
-        hop, counted when another rule takes the hop's tally or by tally_flush), and a
-        cache hit keeps the source MAC's entry from aging out."""
+    cdef inline void account_run(self, const actions_t *a, uint32_t length,
+                                 uint64_t t) noexcept nogil:
+        """account() for a frame of a burst: the rule counters wait while the next frames
+        go through the same rules (the rules themselves, not the cache entry naming them:
+        an entry may be overwritten within the burst) and are added by account_flush, which
+        the burst calls before it ends (rules are not freed while a PMD is in a round)."""
+        cdef uint32_t j
+        cdef bridge_t *b
+        cdef bint same = a.n_rules == self.run_n
+        if same:
+            for j in range(a.n_rules):         # (one or two, mostly: no call to memcmp)
+                if a.rules[j] != self.run_rules[j]:
+                    same = False
+                    break
+        if not same:
+            self.account_flush(t)
+            self.run_n = a.n_rules
+            memcpy(self.run_rules, a.rules, a.n_rules * sizeof(void *))
+        self.run_packets += 1
+        self.run_bytes += length
+        if a.src_idx != NO_FDB:
+            b = self.sw.bridges[a.bridge]
+            if b != NULL and a.src_idx < b.fdb.size and b.fdb.e[a.src_idx].used_ms != self.now_ms:
+                b.fdb.e[a.src_idx].used_ms = self.now_ms
+
+    cdef inline void account_flush(self, uint64_t t) noexcept nogil:
+        cdef uint32_t j
+        cdef cls_rule_t *r
+        if self.run_packets:
+            for j in range(self.run_n):
+                r = <cls_rule_t *>self.run_rules[j]
+                vh_add_u64(&r.n_packets, self.run_packets)
+                vh_add_u64(&r.n_bytes, self.run_bytes)
+                r.used_ns = t
+        self.run_packets = 0
+        self.run_bytes = 0
+        self.run_n = 0
+
+    cdef inline void account(self, const actions_t *a, uint32_t length, uint64_t t) noexcept nogil:
+        """Rule counters, and a cache hit keeps the source MAC's entry from aging out."""
         cdef uint32_t j
         cdef cls_rule_t *r
         cdef bridge_t *b
         for j in range(a.n_rules):
             r = <cls_rule_t *>a.rules[j]
-            if tally[j].rule != r:
-                tally_count(&tally[j], t)
-                tally[j].rule = r
-            tally[j].packets += 1
-            tally[j].bytes += length
+            vh_add_u64(&r.n_packets, 1)
+            vh_add_u64(&r.n_bytes, length)
+            r.used_ns = t
         if a.src_idx != NO_FDB:
             b = self.sw.bridges[a.bridge]
             if b != NULL and a.src_idx < b.fdb.size and b.fdb.e[a.src_idx].used_ms != self.now_ms:
@@ -1373,13 +1383,14 @@ cdef class Pmd:
         cdef uint32_t n = 0, i
         cdef uint64_t t0, tu, dt, bytes_ = 0
         cdef flow_key_t key
+        cdef flow_key_t keys[MAX_BURST]
         cdef uint32_t h
+        cdef uint32_t hashes[MAX_BURST]
         cdef actions_t *a
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
         cdef bint timed
         cdef uint16_t mirrored
-        cdef tally_t tally[MAX_HOPS]
         cdef const actions_t *valid_a = NULL   # the EMC entry this burst last found valid
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
@@ -1420,13 +1431,17 @@ cdef class Pmd:
         if inp.police.rate:
             n = self.make_whole(pkts, n)
             n = bucket_filter(&inp.police, pkts, n, self.pool, &inp.c.drop_police)
-        memset(tally, 0, sizeof(tally))
         if inp.mirror_only:                       # a mirror's output: it only sends
             vh_add_u64(&inp.c.drop_mirror_port, n)
             pool_put_many(self.pool, pkts, n)
             n = 0
+        # keys and hashes first, each EMC slot's load started: with more flows than the
+        # cache holds in the CPU's caches, the lookups below then do not wait in turn
         for i in range(n):
-            h = flow_extract(pkts[i], inp.id, &key)
+            hashes[i] = flow_extract(pkts[i], inp.id, &keys[i])
+            emc_prefetch(self.emc, hashes[i])
+        for i in range(n):
+            key = keys[i]
             mirrored = 0
             if inp.mirror_rx:
                 # a copy needs the whole frame; a frame no mirror selects (a capture whose
@@ -1436,6 +1451,7 @@ cdef class Pmd:
                     pool_put(self.pool, pkts[i])
                     continue
                 mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)
+            h = hashes[i]
             a = emc_lookup(self.emc, &key, h)
             # the entry this burst last found valid is not asked again: only this thread's
             # EMC inserts and upcalls (learning) could change it or its validity meanwhile,
@@ -1497,9 +1513,9 @@ cdef class Pmd:
                     vq_materialize(pkts[i]) < 0:
                 pool_put(self.pool, pkts[i])      # the sender's memory faulted (counted there)
                 continue
-            self.account(a, pkts[i].len + pkts[i].ext_len, t0, tally)
+            self.account_run(a, pkts[i].len + pkts[i].ext_len, t0)
             self.execute(inp, pkts[i], a, &key, mirrored)
-        tally_flush(tally, t0)
+        self.account_flush(t0)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0

@@ -1,6 +1,6 @@
 # The vhost-user port class: a guest's virtqueues behind the port ops of _port.pxd. The
 # inline helpers on one ring are shared with the reflector's poll loop (_poll).
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint16_t, uint64_t
 
 from pyvhost._port cimport PortDev
 from pyvhost._vring cimport (
@@ -14,6 +14,10 @@ cdef struct vhost_dev_t:
     uint16_t nqueues
     vq_t *guest_tx[VHOST_MAX_QUEUES]      # rings we receive from
     vq_t *guest_rx[VHOST_MAX_QUEUES]      # rings we send into
+    # the thread holding guest_tx[q]'s lock for a burst received by reference (0: none);
+    # only rx_complete in that thread gives the burst back and unlocks (a queue moving
+    # between PMDs is briefly polled by both: the other one must not release it)
+    uint64_t ref_owner[VHOST_MAX_QUEUES]
 
 
 cdef inline void vq_notify_locked(vq_t *vq, bint on) noexcept nogil:

@@ -11,12 +11,25 @@ straight from the sender's buffers). Knows nothing of the vhost-user protocol or
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 from pyvhost._offload cimport offload_send
-from pyvhost._pktpool cimport pkt_t, pktpool_t
+from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_put_many
 from pyvhost._port cimport port_ops_t, tx_result_t
 from pyvhost._vring cimport (
     MAX_BURST, VirtQueue, vh_lock, vh_trylock, vh_unlock, vq_dequeue, vq_dequeue_ref,
     vq_rx_complete, vq_t,
 )
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    static inline uint64_t vh_thread_id(void) { return (uint64_t)pthread_self(); }
+    static inline uint64_t vh_owner_load(const uint64_t *p)
+    { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void vh_owner_store(uint64_t *p, uint64_t v)
+    { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    """
+    uint64_t vh_thread_id() nogil
+    uint64_t vh_owner_load(const uint64_t *p) nogil
+    void vh_owner_store(uint64_t *p, uint64_t v) nogil
 
 
 cdef inline vq_t *rx_ring_locked(void *dev, uint16_t q) noexcept nogil:
@@ -51,6 +64,7 @@ cdef uint32_t vhost_rx_burst_ref(void *dev, uint16_t q, pktpool_t *pool, pkt_t *
     n = vq_dequeue_ref(vq, pool, pkts, count if count < MAX_BURST else MAX_BURST)
     if vq.nref:
         vq.ref_locked = 1
+        vh_owner_store(&(<vhost_dev_t *>dev).ref_owner[q], vh_thread_id())
         return n
     vq_rx_complete(vq)                      # every frame whole: as vq_dequeue
     vh_unlock(&vq.lock)
@@ -63,10 +77,16 @@ cdef void vhost_rx_complete(void *dev, uint16_t q) noexcept nogil:
     if q >= d.nqueues:
         return
     vq = d.guest_tx[q]
-    if vq.ref_locked:                       # only the burst's owner sets it, under the lock
-        vq.ref_locked = 0
-        vq_rx_complete(vq)
-        vh_unlock(&vq.lock)
+    # only the thread that holds the lock for a burst by reference: it wrote its id there
+    # after taking the lock and clears it before unlocking, and no other thread writes that
+    # id, so reading its own id means it holds the lock (another PMD polling the same queue
+    # for a moment reads 0 or the holder's id, and leaves the burst alone)
+    if vh_owner_load(&d.ref_owner[q]) != vh_thread_id():
+        return
+    vh_owner_store(&d.ref_owner[q], 0)
+    vq.ref_locked = 0
+    vq_rx_complete(vq)
+    vh_unlock(&vq.lock)
 
 
 cdef uint32_t vhost_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pkts,
@@ -130,3 +150,19 @@ cdef class VhostDev(PortDev):
         self.nqueues = self.d.nqueues
         self.dev = &self.d
         self.ops = &VHOST_OPS
+
+    def _test_rx_ref(self, uint16_t q, PacketPool pool):
+        """Tests: a burst of queue ``q`` received by reference in the calling thread, as a
+        PMD does (its frames go back to ``pool`` at once; their tails stay referenced, the
+        ring locked, until that thread's _test_rx_complete). How many frames."""
+        cdef pkt_t *pkts[MAX_BURST]
+        cdef uint32_t n
+        with nogil:
+            n = vhost_rx_burst_ref(&self.d, q, pool.pool, pkts, MAX_BURST)
+            pool_put_many(pool.pool, pkts, n)
+        return n
+
+    def _test_rx_complete(self, uint16_t q):
+        """Tests: rx_complete of queue ``q`` in the calling thread."""
+        with nogil:
+            vhost_rx_complete(&self.d, q)

@@ -11,6 +11,9 @@ cdef extern from "vhost_atomic.h" nogil:
     void vh_store_release_u16(uint16_t *p, uint16_t v)
     void vh_store_relaxed_u16(uint16_t *p, uint16_t v)
     void vh_fence_seq_cst()
+    void vh_fence_acquire()
+    void vh_prefetch(const void *p)
+    void vh_prefetch_w(const void *p)
     int vh_load_acquire_int(const int *p)
     void vh_store_release_int(int *p, int v)
     int vh_trylock(int *p)
@@ -136,6 +139,8 @@ cdef struct vq_t:
     uint32_t nref                         # frames of the burst whose tail stays in guest memory
     uint8_t ref_locked                    # the port class keeps the lock until rx_complete
     uint64_t onecopy                      # RX: frames delivered straight from another guest
+    uint64_t batched                      # packed: chains taken 4 at a time (_ring_batch)
+    uint8_t no_batch                      # test hook: every chain one at a time
 
 
 cdef struct ext_t:

@@ -2,14 +2,16 @@
 """Split and packed virtqueues, device side: the entry points of the compiled ring code and
 ``VirtQueue``, the ring's control object. What they call lives in header-only helpers
 compiled into this module, one job each: _ring_core.pxd (the one dequeue and enqueue for
-both layouts), _ring_split.pxd and _ring_packed.pxd (the per-layout parts), _ring_walk.pxd
-(reading descriptor chains, every hostile-chain limit), _ring_copy.pxd (bytes and the
-virtio-net header), _ring_onecopy.pxd (reads of another guest's memory), _ring_held.pxd
-(RX frames held over an IOTLB miss), _ring_guard.pxd (the SIGBUS guard). One-copy
-forwarding: vq_dequeue_ref copies only a frame's head and keeps the rest as translated,
-bounds-checked segments of the guest's buffers (ext_t) until vq_rx_complete returns them;
-vq_enqueue copies such a tail straight from the sender's buffers (a fault there is the
-sender's), vq_materialize makes the frame whole for every other use.
+both layouts), _ring_split.pxd and _ring_packed.pxd (the per-layout parts), _ring_batch.pxd
+(packed: four descriptors read at once), _ring_walk.pxd (reading descriptor chains, every
+hostile-chain limit), _ring_copy.pxd (bytes and the virtio-net header), _ring_onecopy.pxd
+(reads of another guest's memory), _ring_held.pxd (RX frames held over an IOTLB miss),
+_ring_guard.pxd (the SIGBUS guard), _ring_index.pxd (index arithmetic shared with the
+driver side, _driver). One-copy forwarding: vq_dequeue_ref copies only a frame's head and
+keeps the rest as translated, bounds-checked segments of the guest's buffers (ext_t) until
+vq_rx_complete returns them; vq_enqueue copies such a tail straight from the sender's
+buffers (a fault there is the sender's), vq_materialize makes the frame whole for every
+other use.
 
 Every entry point that touches guest memory runs under the SIGBUS guard. Everything per
 packet runs without the GIL. A ring is only touched with its ``lock`` held (the data path
@@ -334,6 +336,20 @@ cdef class VirtQueue:
 
         def __set__(self, int fd):
             self.vq.faultfd = fd
+
+    @property
+    def batched(self):
+        """Packed: chains (TX) or buffers (RX) this ring took four at a time (_ring_batch)."""
+        return self.vq.batched
+
+    property batching:
+        """Take packed descriptors four at a time where they form a batch (the default);
+        False: always one at a time (tests compare the two)."""
+        def __get__(self):
+            return not self.vq.no_batch
+
+        def __set__(self, bint on):
+            self.vq.no_batch = not on
 
     @property
     def faults(self):

@@ -1,5 +1,5 @@
 /* Memory-ordering helpers for the compiled data path (Cython cannot spell __atomic builtins).
- * Only barriers, atomic loads/stores and the eventfd signal live here; all ring logic is in
+ * Only barriers, atomic loads/stores, prefetch hints and the eventfd signal live here; all ring logic is in
  * the .pyx modules. */
 #ifndef PYVHOST_VHOST_ATOMIC_H
 #define PYVHOST_VHOST_ATOMIC_H
@@ -18,6 +18,9 @@ static inline void vh_store_relaxed_u16(volatile uint16_t *p, uint16_t v)
 static inline void vh_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void vh_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void vh_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+/* a hint only: read p into the cache ahead of its use (never faults, even unmapped) */
+static inline void vh_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+static inline void vh_prefetch_w(const void *p) { __builtin_prefetch(p, 1, 3); }
 
 static inline int vh_load_acquire_int(const volatile int *p)
 { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }

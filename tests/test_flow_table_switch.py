@@ -280,3 +280,41 @@ def test_megaflow_cache_limit_evicts_idle_entries(switch_ports):
     stats = processes.ctl(run_dir, "pmd-stats-show")
     m = re.search(r"megaflows: (\d+) in \d+ masks \(limit 100, evicted (\d+)\)", stats)
     assert m and int(m.group(1)) <= 100 and int(m.group(2)) >= 290, stats
+
+
+def test_rule_counters_are_exact_when_a_burst_mixes_rules(switch_ports):
+    """The PMD adds a burst's rule counters once per run of frames through the same rules:
+    frames of three rule paths (one through two tables) interleaved in the same bursts, runs
+    of one and of many, and EMC entries overwritten within a burst, still count each frame
+    and byte to exactly its own rules."""
+    run_dir, ports = switch_ports
+    rules = ("table=0,priority=10,in_port=a,udp,tp_dst=1,actions=output:b\n"
+             "table=0,priority=10,in_port=a,udp,tp_dst=2,actions=output:c\n"
+             "table=0,priority=10,in_port=a,udp,tp_dst=3,actions=goto_table:1\n"
+             "table=1,priority=10,udp,actions=output:d\n")
+    r = ctl_run(run_dir, "add-flows", "br0", "-", stdin=rules)
+    assert r.returncode == 0, r.stderr
+    pattern = [1, 2, 3, 3, 1, 1, 1, 2, 3, 2, 2, 2, 2, 1, 3, 3, 3, 3, 3, 1]
+    frames, want = [], {1: [0, 0], 2: [0, 0], 3: [0, 0]}
+    for i in range(400):
+        dport = pattern[i % len(pattern)]
+        # many source ports: more keys than one EMC slot each, some sharing slots
+        f = udp(MAC["a"], MAC["b"], "10.0.0.1", "10.0.0.2", sport=1000 + i % 97,
+                dport=dport) + b"x" * (i % 50)
+        frames.append(f)
+        want[dport][0] += 1
+        want[dport][1] += len(f)
+    for _ in range(3):                   # the second and third time: from the caches
+        assert ports["a"].send_all(frames) == len(frames)
+        got = {n: len(drain(ports[n])) for n in "bcd"}
+        assert got == {"b": want[1][0], "c": want[2][0], "d": want[3][0]}, got
+    stats = {}
+    for line in processes.ctl(run_dir, "dump-flows", "br0").splitlines():
+        m = re.search(r"n_packets=(\d+), n_bytes=(\d+)", line)
+        which = re.search(r"tp_dst=\d|table=1", line)
+        if m and which:
+            stats[which.group(0)] = (int(m.group(1)), int(m.group(2)))
+    three = (3 * want[3][0], 3 * want[3][1])
+    assert stats == {"tp_dst=1": (3 * want[1][0], 3 * want[1][1]),
+                     "tp_dst=2": (3 * want[2][0], 3 * want[2][1]),
+                     "tp_dst=3": three, "table=1": three}, stats

@@ -626,6 +626,29 @@ def test_afxdp_sends_every_segment_of_a_burst_without_further_traffic(net):
 
 @needs_root
 @needs_afxdp
+def test_afxdp_sends_a_burst_in_order_around_a_tso_frame(net):
+    """One send burst of [a short TCP segment, a TSO frame of 5 segments, a short one]: the
+    peer gets them in that order (the TSO segments once went out before the short frames
+    queued ahead of them: out-of-order TCP data, duplicate ACKs)."""
+    from tests.test_offload import tcp_frame, vnet
+    ns = net.netns("to")
+    veth, peer = net.name("toh"), net.name("top")
+    net.veth(veth, ns, peer, None)
+    counter = net.popen(ns, [sys.executable, "-c", COUNT_TCP, peer, "7"],
+                        stdout=subprocess.PIPE, text=True)
+    assert counter.stdout.readline().strip() == "ready"
+    with afxdp_behind_pmd(veth, 1) as (_, dp, outside):    # the tap side not polled yet
+        outside.send(vnet() + tcp_frame(b"a" * 100, seq=1000))
+        outside.send(vnet(gso=1, gso_size=1000, hdr_len=54) +
+                     tcp_frame(bytes(5000), seq=1100))
+        outside.send(vnet() + tcp_frame(b"c" * 200, seq=6100))
+        dp.pmds[0].set_rxqs([(0, 0)])       # now one burst takes all three
+        got = counter.communicate(timeout=30)[0].split()
+    assert [int(n) for n in got] == [154] + [1054] * 5 + [254], got
+
+
+@needs_root
+@needs_afxdp
 def test_afxdp_driver_mode_refused_leaves_the_queue_to_generic_mode(net):
     """veth refuses its own (driver) XDP mode when the peer's MTU does not fit a page: the
     error names the mode, the device stays closed, and a generic (skb) socket on the same

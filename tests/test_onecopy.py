@@ -133,6 +133,14 @@ def wait_for(cond, timeout: float = 5.0, pmd=None):
     return cond()
 
 
+def settled(sender: Guest, count: int, pmd) -> bool:
+    """Wait for ``count`` of the sender's TX buffers to come back: they go back after the
+    burst's sends, so its counters (one-copy frames) are final then, while the frames
+    themselves are visible to the receiver a moment before."""
+    used: list = []
+    return wait_for(lambda: len(used.__iadd__(sender.tx.used())) >= count, pmd=pmd)
+
+
 def collect(guest: Guest, count: int, pmd, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
     got: list = []
     wait_for(lambda: len(got.__iadd__(guest.received())) >= count, timeout, pmd)
@@ -239,9 +247,8 @@ def test_every_other_action_takes_the_pool_path_byte_exact(switch, name):
     for r in receivers:
         got = collect({"b": b, "c": c}[r], len(frames), pmd)
         assert [f for _, f in got] == frames, (name, r)
+    assert settled(a, len(frames), pmd)
     assert pmd.stats()["onecopy"] == 0
-    used: list = []
-    assert wait_for(lambda: len(used.__iadd__(a.tx.used())) >= len(frames), pmd=pmd)
 
 
 def test_an_input_mirror_that_selects_none_of_the_frames_keeps_them_one_copy(switch):
@@ -260,6 +267,7 @@ def test_an_input_mirror_that_selects_none_of_the_frames_keeps_them_one_copy(swi
     send(a, frames, indirect=True)
     pmd.wake()
     assert [f for _, f in collect(b, len(frames), pmd)] == frames
+    assert settled(a, len(frames), pmd)
     assert pmd.stats()["onecopy"] == len(frames)
     dp.set_mirrors(0, [{"out": 2, "src": [0], "dst": [], "vlan": -1, "filter": None,
                         "carry": -1}])
@@ -267,6 +275,7 @@ def test_an_input_mirror_that_selects_none_of_the_frames_keeps_them_one_copy(swi
     pmd.wake()
     assert [f for _, f in collect(b, len(frames), pmd)] == frames
     assert [f for _, f in collect(c, len(frames), pmd)] == frames
+    assert settled(a, len(frames), pmd)
     assert pmd.stats()["onecopy"] == len(frames)              # none more: made whole
 
 
@@ -299,6 +308,7 @@ def test_a_receiver_without_the_offload_gets_the_checksum_done(switch, guest_csu
         a.tx.post_tx(partial, hdr=hdr, splits=[12, 40, 1460])
     pmd.wake()
     got = collect(b, 4, pmd)
+    assert settled(a, 4, pmd)
     if guest_csum:                    # passed on as it is: one copy, header kept
         assert [f for _, f in got] == [partial] * 4
         assert all(h[0] == 1 and h[6:10] == hdr[6:10] for h, _ in got)
@@ -444,3 +454,44 @@ def test_frames_held_for_an_iotlb_miss_keep_their_tails():
         ((h, length),) = rx.used()
         assert h == head and dimg.read(buf + 12, length - 12) == f
         assert pool.available == pool.count
+
+
+def test_only_the_thread_holding_a_burst_by_reference_gives_it_back():
+    """A queue moving between PMDs is polled by both for a moment: one PMD's rx_complete
+    (after a burst of its own, or none) must not give back and unlock another PMD's burst
+    received by reference while that one still reads the tails."""
+    from pyvhost._pktpool import PacketPool
+    with GuestImage((MiB,)) as img:
+        tx = DriverRing(img, 16)
+        vq = tx.make_queue(img.guest_memory(), index=1, hdr_len=12)
+        rx = DriverRing(img, 16)
+        dev = VhostDev([rx.make_queue(img.guest_memory(), index=0, hdr_len=12)], [vq])
+        heads = [tx.post_tx(frame("a", MAC["b"], 1500, k), hdr=vnet_hdr()[:12], splits=2)
+                 for k in range(3)]
+        pools = [PacketPool(8, 4096), PacketPool(8, 4096)]
+        got, step = {}, [threading.Event() for _ in range(3)]
+
+        def owner():                       # the PMD whose burst keeps its tails
+            got["a"] = dev._test_rx_ref(0, pools[0])
+            step[0].set()
+            step[1].wait(10)
+            dev._test_rx_complete(0)
+            step[2].set()
+
+        t = threading.Thread(target=owner)
+        t.start()
+        try:
+            assert step[0].wait(10) and got["a"] == 3
+            dev._test_rx_complete(0)           # the other PMD, with no burst of its own
+            assert tx.used() == []             # nothing given back under the owner
+            assert dev._test_rx_ref(0, pools[1]) == 0     # and the ring still locked
+            step[1].set()
+            assert step[2].wait(10)
+        finally:
+            step[1].set()
+            t.join(10)
+        assert [h for h, _ in tx.used()] == heads
+        tx.post_tx(frame("a", MAC["b"], 1500, 9), hdr=vnet_hdr()[:12], splits=2)
+        assert dev._test_rx_ref(0, pools[1]) == 1         # unlocked: the next one gets it
+        dev._test_rx_complete(0)
+        assert len(tx.used()) == 1

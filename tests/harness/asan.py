@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+KEEP_BUILDS = 3            # the sanitized builds of the most recently used sources
+BUILDING_GRACE_S = 3600    # a build without its "done" mark younger than this is under way
 REPORT_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer",
                   "UndefinedBehaviorSanitizer")
 
@@ -35,6 +39,7 @@ def build(base: str | os.PathLike = "/tmp") -> Path:
     out = Path(base) / f"pyvhost-asan-{source_hash()}"
     lib = out / "lib"
     if (out / "done").exists():
+        (out / "done").touch()             # used now: the newest to keep
         return lib
     env = dict(os.environ, PYVHOST_SANITIZE="1")
     proc = subprocess.run(
@@ -44,7 +49,29 @@ def build(base: str | os.PathLike = "/tmp") -> Path:
     if proc.returncode:
         raise RuntimeError(f"sanitized build failed:\n{proc.stderr[-4000:]}")
     (out / "done").write_text("ok\n")
+    prune(Path(base))
     return lib
+
+
+def prune(base: Path, keep: int = KEEP_BUILDS) -> list[Path]:
+    """Delete the sanitized builds of older sources (each ~60 MB; every edit of a .pyx made
+    one more), keeping the ``keep`` most recently used and any build still under way; the
+    ones deleted."""
+    done, now = [], time.time()
+    for d in base.glob("pyvhost-asan-*"):
+        mark = d / "done"
+        try:
+            if mark.exists():
+                done.append((mark.stat().st_mtime, d))
+            elif now - d.stat().st_mtime > BUILDING_GRACE_S:
+                done.append((0.0, d))      # a build that died half way
+        except OSError:
+            continue
+    done.sort(reverse=True)
+    gone = [d for _, d in done[keep:]]
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
 
 
 def libasan() -> str:
