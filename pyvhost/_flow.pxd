@@ -127,7 +127,7 @@ cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged
     uint64_t hits
 
 
-cdef void flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil
+cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil  # its hash
 cdef uint32_t flow_hash(const flow_key_t *k) noexcept nogil
 cdef uint32_t masked_hash(const uint64_t *w, const uint64_t *mask, uint64_t *out) noexcept nogil
 cdef extern from *:

@@ -46,7 +46,7 @@ from pyvhost._flow cimport (
     OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
-    action_op_t, actions_t, emc_insert, emc_lookup, emc_prefetch, emc_t, flow_extract, flow_hash,
+    action_op_t, actions_t, emc_insert, emc_lookup, emc_prefetch, emc_t, flow_extract,
     flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
@@ -680,6 +680,10 @@ cdef class Pmd:
     cdef uint32_t ntouched
     cdef port_t *cur_inp                # the port whose burst is being processed
     cdef port_t ext_port                # inject(): the input of a frame from no port
+    # the last clock reading and whether only a burst's receive came after it (then it
+    # stands for now: a clock read costs ~70 ns on a VM, more than a frame's lookup)
+    cdef uint64_t stamp
+    cdef bint stamp_fresh
 
     def __cinit__(self, Datapath dp, int pmd_id, PacketPool pool, int flow_limit):
         self.dp = dp
@@ -1387,6 +1391,7 @@ cdef class Pmd:
         cdef uint64_t mask[KEY_WORDS]
         cdef bint timed
         cdef uint16_t mirrored
+        cdef const actions_t *valid_a = NULL   # the EMC entry this burst last found valid
         if inp == NULL or r.queue >= inp.nqueues:
             return 0
         self.cur_inp = inp
@@ -1400,15 +1405,19 @@ cdef class Pmd:
             n = inp.ops.rx_burst(inp.dev, r.queue, self.pool, pkts, THROTTLED_BURST
                                  if self.up_ns[inp.id] >= self.up_budget_ns else MAX_BURST)
         if n == 0:
+            self.stamp_fresh = False
             self.cur_inp = NULL
             return 0
         if inp.no_recv:
             vh_add_u64(&inp.c.drop_no_recv, n)
             pool_put_many(self.pool, pkts, n)
             self.rx_done(inp, r.queue)
+            self.stamp_fresh = False
             self.cur_inp = NULL
             return n
-        t0 = now_ns()
+        # the previous queue's end stands for this one's start when only this burst's
+        # receive came between (the queue's time then includes its receive, as OVS's does)
+        t0 = self.stamp if self.stamp_fresh else now_ns()
         self.now_ms = <uint32_t>(t0 // 1000000)
         if t0 - self.window_start > UPCALL_WINDOW_NS:
             self.roll_window(t0)
@@ -1429,8 +1438,7 @@ cdef class Pmd:
         # keys and hashes first, each EMC slot's load started: with more flows than the
         # cache holds in the CPU's caches, the lookups below then do not wait in turn
         for i in range(n):
-            flow_extract(pkts[i], inp.id, &keys[i])
-            hashes[i] = flow_hash(&keys[i])
+            hashes[i] = flow_extract(pkts[i], inp.id, &keys[i])
             emc_prefetch(self.emc, hashes[i])
         for i in range(n):
             key = keys[i]
@@ -1445,8 +1453,12 @@ cdef class Pmd:
                 mirrored = self.mirror(inp.mirror_rx, inp, pkts[i], &key)
             h = hashes[i]
             a = emc_lookup(self.emc, &key, h)
-            if a != NULL and entry_valid(self.sw, a):
+            # the entry this burst last found valid is not asked again: only this thread's
+            # EMC inserts and upcalls (learning) could change it or its validity meanwhile,
+            # and they forget it; another thread's change is seen by the next burst
+            if a != NULL and (a == valid_a or entry_valid(self.sw, a)):
                 self.st.emc_hits += 1
+                valid_a = a
             else:
                 self.st.emc_misses += 1
                 a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw)
@@ -1456,6 +1468,7 @@ cdef class Pmd:
                     if self.mf_hits_since_insert >= EMC_INSERT_EVERY:
                         self.mf_hits_since_insert = 0
                         emc_insert(self.emc, &key, h, a)
+                        valid_a = NULL
                 elif self.up_ns[inp.id] >= self.up_budget_ns:
                     self.st.upcall_throttled += 1        # over its share: dropped, counted
                     vh_add_u64(&inp.c.drop_upcall, 1)
@@ -1463,6 +1476,7 @@ cdef class Pmd:
                     continue
                 else:
                     self.st.upcalls += 1
+                    valid_a = NULL
                     timed = self.upcalls_untimed == 0
                     if timed:
                         tu = now_ns()
@@ -1507,7 +1521,9 @@ cdef class Pmd:
             self.is_touched[self.touched[i]] = 0
         self.ntouched = 0
         self.rx_done(inp, r.queue)
-        inp.rxq_ns[r.queue] += now_ns() - t0
+        self.stamp = now_ns()
+        self.stamp_fresh = True
+        inp.rxq_ns[r.queue] += self.stamp - t0
         inp.rxq_packets[r.queue] += n
         self.cur_inp = NULL
         return n
@@ -1563,6 +1579,7 @@ cdef class Pmd:
                 if vh_load_acquire_int(&self.reload):
                     self.do_reload()
                     notify_all(self.inputs, self.collect_inputs(), False)
+                    self.stamp_fresh = False
                 got = 0
                 most = 0
                 for i in range(self.npoll):
@@ -1579,7 +1596,9 @@ cdef class Pmd:
                     self.load_sleep(most)
                     t_prev = now_ns()
                     self.st.idle_ns += t_prev - t
-                t = now_ns()
+                    self.stamp_fresh = False
+                # the last queue's end is the round's end when it was the last one polled
+                t = self.stamp if got and self.stamp_fresh else now_ns()
                 if got:
                     self.st.busy_ns += t - t_prev
                     t_prev = t
@@ -1598,6 +1617,7 @@ cdef class Pmd:
                     t_prev = now_ns()
                     last_busy = t_prev
                     empty = 0
+                    self.stamp_fresh = False
         vh_store_release_int(&self.running_, 0)
 
 

@@ -1,7 +1,8 @@
 """The fuzz corpus (hostile rings, split and packed; guest memory; message parsing; OpenFlow
 messages against an in-process switch: FLOW_MODs, PACKET_OUTs into the datapath, groups,
 meters and their compiled token buckets;
-VXLAN/Geneve decapsulation and hostile datagrams at a tunnel port) run
+VXLAN/Geneve decapsulation and hostile datagrams at a tunnel port; flow extraction of any
+frame and the PMD's exact-match cache) run
 again with the compiled modules built with AddressSanitizer + UBSan: zero reports.
 
 The sanitized build lives in /tmp/pyvhost-asan-<source hash> (built once per source
@@ -21,7 +22,7 @@ from tests.harness import asan
 CORPUS = ["tests/test_fuzz_rings.py", "tests/test_fuzz_onecopy.py", "tests/test_vring_hostile.py",
           "tests/test_ring_batch.py", "tests/test_driver_core.py",
           "tests/test_memory.py", "tests/test_protocol.py", "tests/test_openflow_codec.py",
-          "tests/test_tunnel_decap.py", "tests/test_edit.py",
+          "tests/test_tunnel_decap.py", "tests/test_edit.py", "tests/test_emc.py",
           "tests/test_openflow_meters.py::test_meter_buckets_pass_a_burst_then_the_rate",
           "tests/test_openflow_meters.py::test_meter_mods_follow_the_spec"]
 
