@@ -1611,8 +1611,13 @@ cdef class Pmd:
                 if t - last_busy > IDLE_NS:
                     idle_sleep(&self.idle, self.inputs, self.collect_inputs(), &self.stopping,
                                &self.reload)
-                    # ports may have been freed while we slept: look them up again
+                    # ports may have been freed while we slept: look them up again; a new
+                    # set of queues first (woken for it), so notifications go off only on
+                    # queues still ours: a queue that moved to a PMD already asleep on it
+                    # must keep them (its new owner would sleep through its traffic)
                     vh_store_u64(&self.seq_, self.seq_ + 1)
+                    if vh_load_acquire_int(&self.reload):
+                        self.do_reload()
                     notify_all(self.inputs, self.collect_inputs(), False)
                     t_prev = now_ns()
                     last_busy = t_prev
