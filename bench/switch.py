@@ -90,7 +90,7 @@ class Case:
 
 class PmdCost:
     """A switch's PMD processing time per received frame over a measurement: its own
-    counters cleared when the measurement starts and read when it ends. Both switches count
+    counters cleared when the measurement starts and read when it ends. Each switch counts
     a poll-loop iteration that received at least one frame as processing, one that received
     none as idle (OVS: pmd_perf_end_iteration), so this is the PMD time each frame took,
     whatever the guests' rate; the loop's rate is capped by the guests' own core."""
