@@ -15,7 +15,12 @@ from tests.harness.testpmd import parse_fwd_stats, virtio_user_vdev
 pytestmark = pytest.mark.slow
 
 MACS = ("00:01:02:03:04:05", "00:01:02:03:04:06")
-LOOP_CONFIG = ("add-br br0\nadd-port br0 p1 type=vhostuser queues=1\n"
+# testpmd forwards on lcore 1 (its main lcore 0 waits at the prompt); the switch pins its
+# PMD to the highest CPU by default, so these tests put it on CPU 0: two busy pollers on one
+# core took turns by the scheduler's clock (~10 kpps, the switch spinning its 1 ms before
+# each sleep while testpmd waited for the core)
+PMD_CPU = "set-pmd cpus=0\n"
+LOOP_CONFIG = (PMD_CPU + "add-br br0\nadd-port br0 p1 type=vhostuser queues=1\n"
                "add-port br0 p2 type=vhostuser queues=1\n"
                "add-flow br0 priority=10,in_port=p1,actions=output:p2\n"
                "add-flow br0 priority=10,in_port=p2,actions=output:p1\n")
@@ -105,7 +110,8 @@ def test_packed_ring_loop_through_switch(workdir, testpmds, in_order):
         for port in (0, 1):      # what one port sends, the other receives, less in flight
             other = fwd[1 - port]
             assert 0 <= fwd[port]["tx_packets"] - other["rx_packets"] <= 4 * 32, fwd
-        assert min(f["rx_packets"] for f in fwd.values()) > 10000, fwd
+        in_flight = 2 * 32                        # tx_first: a burst from each port
+        assert min(f["rx_packets"] for f in fwd.values()) > 100 * in_flight, fwd   # kept going
     finally:
         assert sw.stop() == 0
 
@@ -152,7 +158,7 @@ def passed_bytes(run_dir) -> int:
 def test_ingress_policing_holds_rate(workdir, testpmds):
     run_dir = workdir / "run"
     rate_kbps = 20000                                           # 20 Mbit/s
-    config = ("add-br br0\nadd-port br0 p1 type=vhostuser queues=1\n"
+    config = (PMD_CPU + "add-br br0\nadd-port br0 p1 type=vhostuser queues=1\n"
               "add-port br0 p2 type=vhostuser queues=1\n"
               "add-flow br0 priority=10,in_port=p1,actions=output:p2\n"
               "add-flow br0 priority=10,in_port=p2,actions=drop\n"
