@@ -149,6 +149,24 @@ def test_parse_flow_rejects(text):
         parse_flow(text)
 
 
+def test_a_netmask_means_what_ovs_means():
+    """ADDR/NETMASK matches the netmask's 1 bits (ovs-ofctl): a contiguous one is the prefix
+    it spells; any other is refused with the reason. (Python's ipaddress reads 0.0.255.255
+    as a Cisco host mask, /16: the rule silently matched the other half of the address.)"""
+    assert parse_flow("ip,nw_dst=10.1.2.3/255.255.0.0,actions=drop") == \
+        parse_flow("ip,nw_dst=10.1.0.0/16,actions=drop")
+    assert parse_flow("ip,nw_src=10.1.2.3/255.255.255.255,actions=drop") == \
+        parse_flow("ip,nw_src=10.1.2.3,actions=drop")
+    assert parse_flow("ip,nw_src=10.1.2.3/0.0.0.0,actions=drop") == \
+        parse_flow("ip,nw_src=0.0.0.0/0,actions=drop")
+    for mask in ("0.0.255.255", "255.0.255.0", "0.0.0.255"):
+        with pytest.raises(FlowSyntaxError, match=f"netmask {mask} is not contiguous"):
+            parse_flow(f"ip,nw_dst=10.0.0.7/{mask},actions=drop")
+    for bad in ("10.0.0.7/255.255.0", "10.0/255.0.0.0", "10.0.0.7/255.255.0.256"):
+        with pytest.raises(FlowSyntaxError, match="not an IPv4 address or prefix"):
+            parse_flow(f"ip,nw_dst={bad},actions=drop")
+
+
 def matches(text: str, raw_key: bytes, in_port: int = 0) -> bool:
     """Does the compiled classifier match this frame key with this one rule?"""
     cls = Classifier()

@@ -103,8 +103,28 @@ class Prefix(NamedTuple):
                     return cls(packed, 32)
                 value = int.from_bytes(packed, "big") & (0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF
                 return cls(value.to_bytes(4, "big"), n)
-        net = ipaddress.IPv4Network(text, strict=False)  # a netmask, or an error to report
+        if "." in plen:                                # a netmask, as OVS reads one: its
+            return cls._with_netmask(addr, plen)       # 1 bits are the ones matched
+        net = ipaddress.IPv4Network(text, strict=False)  # (or an error to report)
         return cls(net.network_address.packed, net.prefixlen)
+
+    @classmethod
+    def _with_netmask(cls, addr: str, mask: str) -> Prefix:
+        """ADDR/NETMASK: the netmask's 1 bits from the top, then 0 bits (ipaddress would
+        take 0.0.255.255 for a Cisco host mask, /16: the opposite of what OVS matches);
+        other masks are refused, not widened (the classifier keeps prefixes)."""
+        try:
+            value = int.from_bytes(socket.inet_aton(addr), "big")
+            m = int.from_bytes(socket.inet_aton(mask), "big")
+        except OSError:
+            raise ValueError(f"{addr}/{mask}: not an address and netmask") from None
+        if len(addr.split(".")) != 4 or len(mask.split(".")) != 4:
+            raise ValueError(f"{addr}/{mask}: not an address and netmask")
+        host = m ^ 0xFFFFFFFF
+        if host & (host + 1):
+            raise ValueError(f"netmask {mask} is not contiguous: only prefixes are matched")
+        n = 32 - host.bit_length()
+        return cls((value & m).to_bytes(4, "big"), n)
 
     @property
     def mask(self) -> bytes:
@@ -145,8 +165,10 @@ def _mac(text: str, name: str) -> bytes:
 def _net(text: str, name: str) -> Prefix:
     try:
         return Prefix.parse(text)
-    except ValueError:
-        raise FlowSyntaxError(f"{name}: {text!r} is not an IPv4 address or prefix") from None
+    except ValueError as e:
+        why = f" ({e})" if "contiguous" in str(e) else ""
+        raise FlowSyntaxError(f"{name}: {text!r} is not an IPv4 address or prefix{why}") \
+            from None
 
 
 def _split_top(text: str) -> list[str]:
