@@ -39,6 +39,7 @@ cdef enum:
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot
     MF_MIN_SLOTS = 4096
+    MF_NO_SLOT = 0xFFFFFFFF
     ETH_P_8021Q = 0x8100
     NO_FDB = 0xFFFFFFFF
     DEP_LEARN = 1          # stale when the bridge learns a new MAC (flooded: unknown dst)
@@ -104,13 +105,15 @@ cdef struct mf_mask_t:
     uint32_t in_use
     uint64_t hits
 
-cdef struct mf_entry_t:
-    uint32_t hash
+cdef struct mf_tag_t:       # a slot's hash and mask, apart from its entry (as the EMC's
+    uint32_t hash           # hashes): a probe reads 8 bytes a slot, 8 slots a cache line,
     uint16_t mask_id        # 0xFFFF: empty slot
-    uint16_t pad
-    uint32_t last_used      # the PMD's millisecond clock
-    uint32_t pad2
+    uint16_t pad            # and touches an entry only when its tag matches
+
+cdef struct mf_entry_t:
     uint64_t key[KEY_WORDS] # the key with the mask applied
+    uint32_t last_used      # the PMD's millisecond clock
+    uint32_t pad
     actions_t actions
 
 cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged by mask
@@ -118,6 +121,7 @@ cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged
     uint32_t limit          # most entries kept (eviction prefers the least recently used)
     uint32_t count
     uint32_t nmasks
+    mf_tag_t *tags          # nslots of each
     mf_entry_t *e
     uint16_t order[MF_MAX_MASKS]   # masks in lookup order (most hit first)
     mf_mask_t masks[MF_MAX_MASKS]
@@ -144,12 +148,20 @@ cdef inline void emc_prefetch(emc_t *emc, uint32_t h) noexcept nogil:
     __builtin_prefetch(&emc.e[i].actions.rules)
 
 
+cdef inline bint emc_may_hold(emc_t *emc, uint32_t h) noexcept nogil:
+    """False when emc_lookup(h) will miss (its slot holds another hash)."""
+    return emc.hashes[h & (EMC_ENTRIES - 1)] == h
+
+
 cdef actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h) noexcept nogil
 cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_t *a) noexcept nogil
 cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil
 cdef void mf_free(mf_t *mf) noexcept nogil
+cdef enum:
+    MF_NO_HINT = 0         # mf_hint's answer when no mask is in use (else (id + 1) << 32 | hash)
+cdef uint64_t mf_hint(mf_t *mf, const flow_key_t *k) noexcept nogil
 cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
-                          void *ctx) noexcept nogil
+                          void *ctx, uint64_t hint) noexcept nogil
 cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t now_ms,
                     const actions_t *a) noexcept nogil
 cdef void mf_flush(mf_t *mf) noexcept nogil

@@ -145,13 +145,20 @@ cdef inline uint64_t mix(uint64_t h, uint64_t w) noexcept nogil:
 
 
 cdef uint32_t masked_hash(const uint64_t *w, const uint64_t *mask, uint64_t *out) noexcept nogil:
-    """Hash of ``w & mask``, the masked words written to ``out``."""
-    cdef uint64_t h = 0x9E3779B97F4A7C15ULL
-    cdef int i
-    for i in range(KEY_WORDS):
-        out[i] = w[i] & mask[i]
-        h = mix(h, out[i])
-    return <uint32_t>h
+    """Hash of ``w & mask`` (hash_words of the masked words: flow_hash when the mask is all
+    ones), the masked words written to ``out``."""
+    cdef uint64_t m0 = w[0] & mask[0], m1 = w[1] & mask[1], m2 = w[2] & mask[2]
+    cdef uint64_t m3 = w[3] & mask[3], m4 = w[4] & mask[4], m5 = w[5] & mask[5]
+    cdef uint64_t m6 = w[6] & mask[6], m7 = w[7] & mask[7]
+    out[0] = m0
+    out[1] = m1
+    out[2] = m2
+    out[3] = m3
+    out[4] = m4
+    out[5] = m5
+    out[6] = m6
+    out[7] = m7
+    return hash_words(m0, m1, m2, m3, m4, m5, m6, m7)
 
 
 # -- exact-match cache ------------------------------------------------------------------------
@@ -169,6 +176,15 @@ cdef inline bint key_eq(const flow_key_t *a, const flow_key_t *b) noexcept nogil
     cdef int i
     for i in range(KEY_WORDS):
         if word(a, i) != word(b, i):
+            return False
+    return True
+
+
+cdef inline bint words_eq(const uint64_t *a, const uint64_t *b) noexcept nogil:
+    """key_eq for keys held as words (the megaflow cache's masked keys)."""
+    cdef int i
+    for i in range(KEY_WORDS):
+        if a[i] != b[i]:
             return False
     return True
 
@@ -196,72 +212,86 @@ cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_
 
 
 # -- megaflow cache ---------------------------------------------------------------------------
-# One open-addressing table per PMD; an entry is (mask id, masked key) -> actions. A lookup
-# tries the masks most-hit first; an entry that is no longer valid is freed where it is
-# found. Inserting into a full neighbourhood (or a full cache) evicts the least recently
-# used entry there. The table grows by doubling up to twice the entry limit; only its PMD
-# thread touches it.
+# One open-addressing table per PMD; an entry is (mask id, masked key) -> actions. Each
+# slot's hash and mask id sit in a compact tag array apart from the entries: a probe walks
+# tags (8 to a cache line) and reads an entry only when its tag matches. A lookup tries the
+# masks most-hit first; an entry that is no longer valid is freed where it is found.
+# Inserting into a full neighbourhood (or a full cache) evicts the least recently used
+# entry there. The table grows by doubling up to twice the entry limit; only its PMD
+# thread touches it. mf_hint lets a burst start every frame's first probe before the
+# lookups (the EMC's prefetch, one level down).
 
 cdef inline uint32_t mf_hash(uint32_t h, uint32_t mask_id) noexcept nogil:
     return <uint32_t>mix(h, mask_id + 1)
 
 
-cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil:
+cdef inline void mf_clear_tags(mf_tag_t *tags, uint32_t n) noexcept nogil:
     cdef uint32_t i
+    for i in range(n):
+        tags[i].mask_id = 0xFFFF
+
+
+cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil:
     memset(mf, 0, sizeof(mf_t))
     mf.limit = limit if limit > 0 else 1
     mf.nslots = MF_MIN_SLOTS
+    mf.tags = <mf_tag_t *>calloc(mf.nslots, sizeof(mf_tag_t))
     mf.e = <mf_entry_t *>calloc(mf.nslots, sizeof(mf_entry_t))
-    if mf.e == NULL:
+    if mf.e == NULL or mf.tags == NULL:
+        mf_free(mf)
         return -1
-    for i in range(mf.nslots):
-        mf.e[i].mask_id = 0xFFFF
+    mf_clear_tags(mf.tags, mf.nslots)
     return 0
 
 
 cdef void mf_free(mf_t *mf) noexcept nogil:
     free(mf.e)
+    free(mf.tags)
     mf.e = NULL
+    mf.tags = NULL
 
 
 cdef void mf_flush(mf_t *mf) noexcept nogil:
     cdef uint32_t i
-    for i in range(mf.nslots):
-        mf.e[i].mask_id = 0xFFFF
+    mf_clear_tags(mf.tags, mf.nslots)
     for i in range(mf.nmasks):
         mf.masks[i].refs = 0
     mf.count = 0
 
 
-cdef inline void mf_drop(mf_t *mf, mf_entry_t *e) noexcept nogil:
-    mf.masks[e.mask_id].refs -= 1
+cdef inline void mf_drop(mf_t *mf, uint32_t slot) noexcept nogil:
+    mf.masks[mf.tags[slot].mask_id].refs -= 1
     mf.count -= 1
-    e.mask_id = 0xFFFF
+    mf.tags[slot].mask_id = 0xFFFF
 
 
 cdef void mf_grow(mf_t *mf) noexcept nogil:
     """Double the table (entries that find no slot in their neighbourhood are dropped)."""
     cdef uint32_t n = mf.nslots * 2, i, j, s
-    cdef mf_entry_t *old = mf.e
+    cdef mf_tag_t *tags = <mf_tag_t *>calloc(n, sizeof(mf_tag_t))
     cdef mf_entry_t *e = <mf_entry_t *>calloc(n, sizeof(mf_entry_t))
-    if e == NULL:
+    if e == NULL or tags == NULL:
+        free(e)
+        free(tags)
         return
-    for i in range(n):
-        e[i].mask_id = 0xFFFF
+    mf_clear_tags(tags, n)
     for i in range(mf.nslots):
-        if old[i].mask_id == 0xFFFF:
+        if mf.tags[i].mask_id == 0xFFFF:
             continue
         for j in range(MF_PROBE):
-            s = (old[i].hash + j) & (n - 1)
-            if e[s].mask_id == 0xFFFF:
-                memcpy(&e[s], &old[i], sizeof(mf_entry_t))
+            s = (mf.tags[i].hash + j) & (n - 1)
+            if tags[s].mask_id == 0xFFFF:
+                tags[s] = mf.tags[i]
+                memcpy(&e[s], &mf.e[i], sizeof(mf_entry_t))
                 break
         else:
-            mf.masks[old[i].mask_id].refs -= 1
+            mf.masks[mf.tags[i].mask_id].refs -= 1
             mf.count -= 1
+    free(mf.e)
+    free(mf.tags)
     mf.e = e
+    mf.tags = tags
     mf.nslots = n
-    free(old)
 
 
 cdef void mf_sort(mf_t *mf) noexcept nogil:
@@ -279,65 +309,135 @@ cdef void mf_sort(mf_t *mf) noexcept nogil:
         mf.masks[i].hits >>= 1
 
 
+cdef inline bint older(uint32_t now_ms, uint32_t a, uint32_t b) noexcept nogil:
+    """Was ``a`` last used longer ago than ``b``? (wrapping millisecond clock)"""
+    return <int32_t>(now_ms - a) > <int32_t>(now_ms - b)
+
+
 cdef bint mf_evict_one(mf_t *mf, uint32_t now_ms) noexcept nogil:
     """Drop the least recently used of the next few entries a clock hand finds (the cache
     is at its limit and the new entry's neighbourhood has room but nothing to evict)."""
-    cdef uint32_t i, found = 0
-    cdef mf_entry_t *e
-    cdef mf_entry_t *victim = NULL
+    cdef uint32_t i, s, found = 0, victim = MF_NO_SLOT
     for i in range(mf.nslots):
-        e = &mf.e[mf.hand & (mf.nslots - 1)]
+        s = mf.hand & (mf.nslots - 1)
         mf.hand += 1
-        if e.mask_id == 0xFFFF:
+        if mf.tags[s].mask_id == 0xFFFF:
             continue
-        if victim == NULL or <int32_t>(now_ms - e.last_used) > <int32_t>(now_ms - victim.last_used):
-            victim = e
+        if victim == MF_NO_SLOT or older(now_ms, mf.e[s].last_used, mf.e[victim].last_used):
+            victim = s
         found += 1
         if found == MF_PROBE:
             break
-    if victim == NULL:
+    if victim == MF_NO_SLOT:
         return False
     mf_drop(mf, victim)
     mf.evictions += 1
     return True
 
 
+cdef inline void key_words(const flow_key_t *k, uint64_t *w) noexcept nogil:
+    """The key's words, loaded at the width they were stored (see key_eq)."""
+    cdef int i
+    for i in range(KEY_WORDS):
+        w[i] = word(k, i)
+
+
+cdef inline uint32_t mf_first_mask(mf_t *mf) noexcept nogil:
+    """The most-hit mask that has entries, or 0xFFFF."""
+    cdef uint32_t i
+    for i in range(mf.nmasks):
+        if mf.masks[mf.order[i]].refs:
+            return mf.order[i]
+    return 0xFFFF
+
+
+cdef uint64_t mf_hint(mf_t *mf, const flow_key_t *k) noexcept nogil:
+    """Start loading what mf_lookup(k) reads first (the home slot's tags and entry under
+    the most-hit mask) and return that probe's hash for it, or MF_NO_HINT. A burst calls
+    this for each frame the EMC will not answer, then looks them up: the probes' memory
+    arrives while the other frames are hashed."""
+    cdef uint64_t w[KEY_WORDS]
+    cdef uint32_t id_ = mf_first_mask(mf), h, s
+    if id_ == 0xFFFF:
+        return MF_NO_HINT
+    key_words(k, w)
+    h = mf_hash(masked_hash(w, mf.masks[id_].mask, w), id_)
+    s = h & (mf.nslots - 1)
+    __builtin_prefetch(&mf.tags[s])
+    __builtin_prefetch(&mf.e[s].key)
+    __builtin_prefetch(&mf.e[s].actions.gen)
+    return (<uint64_t>(id_ + 1) << 32) | h
+
+
 cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
-                          void *ctx) noexcept nogil:
-    """The valid cached actions of the first mask whose masked key is cached, or NULL."""
+                          void *ctx, uint64_t hint) noexcept nogil:
+    """The valid cached actions of the first mask whose masked key is cached, or NULL.
+    ``hint`` (mf_hint's, or MF_NO_HINT) is the probe hash of its mask: not computed again.
+    A stale hint (its mask id reused since) only costs a miss: entries match on mask id
+    and masked key, never on the hash alone."""
     cdef uint64_t w[KEY_WORDS]
     cdef uint64_t m[KEY_WORDS]
-    cdef uint32_t i, j, h, id_
+    cdef uint32_t i, j, h, s, id_
+    cdef uint32_t hint_id = <uint32_t>(hint >> 32) - 1
     cdef mf_mask_t *mk
     cdef mf_entry_t *e
-    memcpy(w, k, sizeof(flow_key_t))
+    key_words(k, w)
     for i in range(mf.nmasks):
         id_ = mf.order[i]
         mk = &mf.masks[id_]
         if mk.refs == 0:
             continue
-        h = mf_hash(masked_hash(w, mk.mask, m), id_)
+        if id_ == hint_id:
+            for j in range(KEY_WORDS):
+                m[j] = w[j] & mk.mask[j]
+            h = <uint32_t>hint
+        else:
+            h = mf_hash(masked_hash(w, mk.mask, m), id_)
         for j in range(MF_PROBE):
-            e = &mf.e[(h + j) & (mf.nslots - 1)]
-            if e.mask_id == id_ and e.hash == h and memcmp(e.key, m, sizeof(m)) == 0:
+            s = (h + j) & (mf.nslots - 1)
+            if mf.tags[s].hash != h or mf.tags[s].mask_id != id_:
+                continue
+            e = &mf.e[s]
+            if words_eq(e.key, m):
                 if valid(ctx, &e.actions):
                     e.last_used = now_ms
                     mk.hits += 1
                     mf.hits += 1
                     mf.lookups_per_hit_num += i + 1
                     return &e.actions
-                mf_drop(mf, e)
+                mf_drop(mf, s)
                 break
     return NULL
+
+
+cdef inline bint mf_place(mf_t *mf, uint32_t h, uint32_t id_, const uint64_t *w,
+                          uint32_t now_ms, const actions_t *a, uint32_t *slot,
+                          uint32_t *victim) noexcept nogil:
+    """Probe the neighbourhood of ``h`` for the masked key ``w``: True when it was cached
+    (its decision replaced); else ``slot`` is the first free slot there, ``victim`` the
+    least recently used entry (either MF_NO_SLOT if none)."""
+    cdef uint32_t i, s
+    for i in range(MF_PROBE):
+        s = (h + i) & (mf.nslots - 1)
+        if mf.tags[s].mask_id == 0xFFFF:
+            if slot[0] == MF_NO_SLOT:
+                slot[0] = s
+        elif mf.tags[s].mask_id == id_ and mf.tags[s].hash == h and words_eq(mf.e[s].key, w):
+            memcpy(&mf.e[s].actions, a, sizeof(actions_t))   # the same flow: new decision
+            mf.e[s].last_used = now_ms
+            return True
+        elif victim[0] == MF_NO_SLOT or older(now_ms, mf.e[s].last_used,
+                                              mf.e[victim[0]].last_used):
+            victim[0] = s
+    return False
 
 
 cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t now_ms,
                     const actions_t *a) noexcept nogil:
     cdef uint64_t w[KEY_WORDS]
     cdef uint32_t i, h, id_ = 0xFFFF, free_id = 0xFFFF
+    cdef uint32_t slot = MF_NO_SLOT, victim = MF_NO_SLOT
     cdef mf_entry_t *e
-    cdef mf_entry_t *slot = NULL
-    cdef mf_entry_t *victim = NULL
     for i in range(mf.nmasks):
         if memcmp(mf.masks[i].mask, mask, sizeof(w)) == 0:
             id_ = i
@@ -357,32 +457,32 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
         mf.masks[id_].in_use = 1
     if mf.count + 1 > mf.nslots // 2 and mf.nslots < 2 * mf.limit:
         mf_grow(mf)
-    memcpy(w, k, sizeof(w))
+    key_words(k, w)
     h = mf_hash(masked_hash(w, mf.masks[id_].mask, w), id_)
-    for i in range(MF_PROBE):
-        e = &mf.e[(h + i) & (mf.nslots - 1)]
-        if e.mask_id == 0xFFFF:
-            if slot == NULL:
-                slot = e
-        elif e.mask_id == id_ and e.hash == h and memcmp(e.key, w, sizeof(w)) == 0:
-            memcpy(&e.actions, a, sizeof(actions_t))         # the same flow: new decision
-            e.last_used = now_ms
+    if mf_place(mf, h, id_, w, now_ms, a, &slot, &victim):
+        return
+    # a full neighbourhood under the limit, the table a quarter full: room, not eviction
+    # (a busy flow evicted comes back as an upcall that evicts another)
+    if slot == MF_NO_SLOT and mf.count < mf.limit and mf.nslots < 2 * mf.limit and \
+            mf.count >= mf.nslots // 4:
+        mf_grow(mf)
+        slot = victim = MF_NO_SLOT
+        if mf_place(mf, h, id_, w, now_ms, a, &slot, &victim):
             return
-        elif victim == NULL or <int32_t>(now_ms - e.last_used) > <int32_t>(now_ms - victim.last_used):
-            victim = e
-    if slot == NULL or (mf.count >= mf.limit and victim != NULL):
-        if victim == NULL:
+    if slot == MF_NO_SLOT or (mf.count >= mf.limit and victim != MF_NO_SLOT):
+        if victim == MF_NO_SLOT:
             return                                   # a full neighbourhood of nothing
         mf_drop(mf, victim)
         mf.evictions += 1
         slot = victim
     elif mf.count >= mf.limit and not mf_evict_one(mf, now_ms):
         return
-    slot.hash = h
-    slot.mask_id = id_
-    slot.last_used = now_ms
-    memcpy(slot.key, w, sizeof(w))
-    memcpy(&slot.actions, a, sizeof(actions_t))
+    e = &mf.e[slot]
+    mf.tags[slot].hash = h
+    mf.tags[slot].mask_id = id_
+    e.last_used = now_ms
+    memcpy(e.key, w, sizeof(w))
+    memcpy(&e.actions, a, sizeof(actions_t))
     mf.masks[id_].refs += 1
     mf.count += 1
     if (mf.count & 1023) == 0:
@@ -521,6 +621,57 @@ def emc_probe(bytes stored, bytes probe, h=None):
     found = emc_lookup(emc, &kp, hv) != NULL
     free(emc)
     return found
+
+
+cdef int _always_valid(void *ctx, const actions_t *a) noexcept nogil:
+    return 1
+
+
+def megaflow_run(list ops, uint32_t limit=100000):
+    """Run ``ops`` on a fresh megaflow cache (tests): ("insert", key, mask, tag) caches
+    ``tag`` for the key under the mask; ("lookup", key, hinted) answers the tag found or
+    None, with mf_hint's hint for that key computed just before (hinted) or none;
+    ("hint", key) computes a hint and keeps it, ("lookup_kept", key) looks up with the
+    kept hint (stale by then, if inserts came between). Returns the lookups' answers and
+    the cache's (entries, slots, masks in use, evictions) at the end."""
+    cdef mf_t mf
+    cdef flow_key_t k
+    cdef uint64_t mask[KEY_WORDS]
+    cdef uint64_t kept = MF_NO_HINT, hint
+    cdef actions_t a
+    cdef actions_t *found
+    cdef uint32_t now_ms = 0
+    if mf_init(&mf, limit) < 0:
+        raise MemoryError()
+    answers = []
+    try:
+        for op in ops:
+            now_ms += 1
+            if len(op[1]) != sizeof(flow_key_t):
+                raise ValueError("not a flow key")
+            memcpy(&k, <const char *>op[1], sizeof(flow_key_t))
+            if op[0] == "insert":
+                if len(op[2]) != sizeof(flow_key_t):
+                    raise ValueError("not a flow key mask")
+                memcpy(mask, <const char *>op[2], sizeof(mask))
+                memset(&a, 0, sizeof(a))
+                a.gen = 1
+                a.n_ops = 1
+                a.ops[0].arg = op[3]
+                mf_insert(&mf, &k, mask, now_ms, &a)
+            elif op[0] == "hint":
+                kept = mf_hint(&mf, &k)
+            elif op[0] in ("lookup", "lookup_kept"):
+                hint = kept if op[0] == "lookup_kept" else \
+                    (mf_hint(&mf, &k) if op[2] else MF_NO_HINT)
+                found = mf_lookup(&mf, &k, now_ms, _always_valid, NULL, hint)
+                answers.append(None if found == NULL else found.ops[0].arg)
+            else:
+                raise ValueError(f"no megaflow op {op[0]!r}")
+        masks = sum(1 for i in range(mf.nmasks) if mf.masks[i].refs)
+        return answers, (mf.count, mf.nslots, masks, mf.evictions)
+    finally:
+        mf_free(&mf)
 
 
 KEY_FIELDS = ("in_port", "vlan_tci", "dl_dst", "dl_src", "dl_type", "nw_src", "nw_dst",

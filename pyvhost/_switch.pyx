@@ -46,7 +46,8 @@ from pyvhost._flow cimport (
     OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
-    action_op_t, actions_t, emc_insert, emc_lookup, emc_prefetch, emc_t, flow_extract,
+    MF_NO_HINT, action_op_t, actions_t, emc_insert, emc_lookup, emc_may_hold, emc_prefetch,
+    emc_t, flow_extract, mf_hint,
     flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
@@ -647,6 +648,7 @@ cdef class Pmd:
     cdef emc_t *emc
     cdef mf_t mf
     cdef uint32_t mf_hits_since_insert
+    cdef bint emc_missed                   # the last burst had EMC misses: prefetch megaflows
     # rule counters of a burst's run of frames through the same rules, added once (two
     # locked adds per rule and frame were ~13% of the PMD's time): see account_run
     cdef void *run_rules[MAX_HOPS]
@@ -1386,6 +1388,8 @@ cdef class Pmd:
         cdef flow_key_t keys[MAX_BURST]
         cdef uint32_t h
         cdef uint32_t hashes[MAX_BURST]
+        cdef uint64_t hints[MAX_BURST]
+        cdef uint64_t misses = self.st.emc_misses
         cdef actions_t *a
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
@@ -1440,6 +1444,15 @@ cdef class Pmd:
         for i in range(n):
             hashes[i] = flow_extract(pkts[i], inp.id, &keys[i])
             emc_prefetch(self.emc, hashes[i])
+        # the same one level down when the EMC has been missing (more flows than it holds):
+        # each frame it will not answer starts its megaflow probe's load
+        if self.emc_missed and self.mf.count:
+            for i in range(n):
+                hints[i] = MF_NO_HINT if emc_may_hold(self.emc, hashes[i]) else \
+                    mf_hint(&self.mf, &keys[i])
+        else:
+            for i in range(n):
+                hints[i] = MF_NO_HINT
         for i in range(n):
             key = keys[i]
             mirrored = 0
@@ -1461,7 +1474,7 @@ cdef class Pmd:
                 valid_a = a
             else:
                 self.st.emc_misses += 1
-                a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw)
+                a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw, hints[i])
                 if a != NULL:
                     self.st.megaflow_hits += 1
                     self.mf_hits_since_insert += 1
@@ -1516,6 +1529,7 @@ cdef class Pmd:
             self.account_run(a, pkts[i].len + pkts[i].ext_len, t0)
             self.execute(inp, pkts[i], a, &key, mirrored)
         self.account_flush(t0)
+        self.emc_missed = self.st.emc_misses != misses
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0
