@@ -353,7 +353,7 @@ cdef inline uint32_t mf_first_mask(mf_t *mf) noexcept nogil:
 
 cdef uint64_t mf_hint(mf_t *mf, const flow_key_t *k) noexcept nogil:
     """Start loading what mf_lookup(k) reads first (the home slot's tags and entry under
-    the most-hit mask) and return that probe's hash for it, or MF_NO_HINT. A burst calls
+    the most-hit mask: its key, and the lines of its actions a hit reads) and return that probe's hash for it, or MF_NO_HINT. A burst calls
     this for each frame the EMC will not answer, then looks them up: the probes' memory
     arrives while the other frames are hashed."""
     cdef uint64_t w[KEY_WORDS]
@@ -365,6 +365,8 @@ cdef uint64_t mf_hint(mf_t *mf, const flow_key_t *k) noexcept nogil:
     s = h & (mf.nslots - 1)
     __builtin_prefetch(&mf.tags[s])
     __builtin_prefetch(&mf.e[s].key)
+    __builtin_prefetch(&mf.e[s].actions)           # n_rules and the first ops
+    __builtin_prefetch(&mf.e[s].actions.rules)
     __builtin_prefetch(&mf.e[s].actions.gen)
     return (<uint64_t>(id_ + 1) << 32) | h
 

@@ -64,7 +64,7 @@ from pyvhost._punt cimport PUNT_ACTION, PUNT_INVALID_TTL, PUNT_NO_RULE, PuntQueu
 from pyvhost._port cimport PortDev, port_ops_t, rxq_src_t, tx_result_t
 from pyvhost._vring cimport (
     MAX_BURST, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_int, vh_lock,
-    vh_store_release_int, vh_unlock, vq_materialize,
+    vh_prefetch_w, vh_store_release_int, vh_unlock, vq_materialize,
 )
 
 cdef extern from "vhost_atomic.h" nogil:
@@ -654,6 +654,13 @@ cdef class Pmd:
     cdef void *run_rules[MAX_HOPS]
     cdef uint16_t run_n
     cdef uint64_t run_packets, run_bytes
+    # finished runs of this burst, added at its end: each rule's line was asked for
+    # (prefetched for writing) when its run ended, so with a rule per frame (many flows,
+    # a rule each) the adds no longer wait for each line in turn
+    cdef void *done_rules[MAX_BURST * MAX_HOPS]
+    cdef uint64_t done_packets[MAX_BURST * MAX_HOPS]
+    cdef uint64_t done_bytes[MAX_BURST * MAX_HOPS]
+    cdef uint32_t ndone
     cdef uint32_t upcalls_untimed
     cdef uint64_t upcall_cost_ns        # moving average of timed upcalls
     cdef uint32_t now_ms                # the burst's millisecond clock (MAC table ages)
@@ -1341,7 +1348,7 @@ cdef class Pmd:
                     same = False
                     break
         if not same:
-            self.account_flush(t)
+            self.end_run()
             self.run_n = a.n_rules
             memcpy(self.run_rules, a.rules, a.n_rules * sizeof(void *))
         self.run_packets += 1
@@ -1351,18 +1358,37 @@ cdef class Pmd:
             if b != NULL and a.src_idx < b.fdb.size and b.fdb.e[a.src_idx].used_ms != self.now_ms:
                 b.fdb.e[a.src_idx].used_ms = self.now_ms
 
-    cdef inline void account_flush(self, uint64_t t) noexcept nogil:
+    cdef inline void end_run(self) noexcept nogil:
+        """The current run's counts wait for account_flush; its rules' lines are asked for."""
         cdef uint32_t j
-        cdef cls_rule_t *r
         if self.run_packets:
             for j in range(self.run_n):
-                r = <cls_rule_t *>self.run_rules[j]
-                vh_add_u64(&r.n_packets, self.run_packets)
-                vh_add_u64(&r.n_bytes, self.run_bytes)
-                r.used_ns = t
+                if self.ndone == MAX_BURST * MAX_HOPS:
+                    self.add_done(now_ns())     # (cannot happen: a run per frame at most)
+                vh_prefetch_w(self.run_rules[j])
+                self.done_rules[self.ndone] = self.run_rules[j]
+                self.done_packets[self.ndone] = self.run_packets
+                self.done_bytes[self.ndone] = self.run_bytes
+                self.ndone += 1
         self.run_packets = 0
         self.run_bytes = 0
         self.run_n = 0
+
+    cdef inline void add_done(self, uint64_t t) noexcept nogil:
+        cdef uint32_t j
+        cdef cls_rule_t *r
+        for j in range(self.ndone):
+            r = <cls_rule_t *>self.done_rules[j]
+            vh_add_u64(&r.n_packets, self.done_packets[j])
+            vh_add_u64(&r.n_bytes, self.done_bytes[j])
+            r.used_ns = t
+        self.ndone = 0
+
+    cdef inline void account_flush(self, uint64_t t) noexcept nogil:
+        """Add the burst's rule counts (before it ends: rules are not freed while a PMD is
+        in a round)."""
+        self.end_run()
+        self.add_done(t)
 
     cdef inline void account(self, const actions_t *a, uint32_t length, uint64_t t) noexcept nogil:
         """Rule counters, and a cache hit keeps the source MAC's entry from aging out."""
