@@ -14,6 +14,9 @@ Rows:
                 --tx-offloads=0x0 and once with testpmd's default TX offloads
   flowgen       (--flows): guests run `flowgen` (--flowgen-flows=N) on both ports, so every
                 frame has one of N keys (cache-miss heavy); in_port rules
+  flowgen, a rule per flow (--rule-flows): the same with N more rules per port, one for
+                each flow's destination (in_port=pX,ip,nw_dst=<flowgen's address i>), so
+                the megaflow cache holds 2N entries and each frame counts to its own rule
 Rates are the guests' RX pps summed over both ports (median of --samples readings per round).
 The guests forward on one core and cap the loop's rate, so each loop row has a second row:
 each switch's PMD processing time per frame over the same readings, from its own counters
@@ -69,15 +72,20 @@ CONFIG = PORTS + "".join(f"add-flow br0 {r}\n" for r in IN_PORT_RULES)
 class Case:
     """One row's traffic: frame size, guest forwarding mode and the switches' rules."""
 
-    def __init__(self, size: int, mode: str = "io", flows: int = 0, offloads: bool = True):
+    def __init__(self, size: int, mode: str = "io", flows: int = 0, offloads: bool = True,
+                 rule_per_flow: bool = False):
         self.size, self.mode, self.flows, self.offloads = size, mode, flows, offloads
         self.normal = mode == "mac"
+        self.rule_per_flow = rule_per_flow
         self.rules = NORMAL_RULES if self.normal else IN_PORT_RULES
+        if rule_per_flow:
+            self.rules = IN_PORT_RULES + flow_rules(flows)
 
     @property
     def label(self) -> str:
         if self.flows:
-            return f"{self.size} B flowgen, {self.flows} flows"
+            return f"{self.size} B flowgen, {self.flows} flows" + \
+                (", a rule per flow" if self.rule_per_flow else "")
         if self.normal:
             return (f"{self.size} B NORMAL loop, mac fwd, "
                     f"{'testpmd default TX offloads' if self.offloads else 'tx-offloads=0'}")
@@ -85,7 +93,21 @@ class Case:
 
     @property
     def key(self) -> str:
-        return f"{self.size}-{self.mode}-{self.flows}-{int(self.offloads)}"
+        return f"{self.size}-{self.mode}-{self.flows}-{int(self.offloads)}" + \
+            ("-rules" if self.rule_per_flow else "")
+
+
+FLOWGEN_DST = 0x0AFD0000      # testpmd flowgen's destinations: 10.253.0.0 + flow number
+
+
+def flow_rules(flows: int) -> tuple[str, ...]:
+    """A rule per flowgen flow and port, above the in_port rules, doing what they do."""
+    out = []
+    for i in range(flows):
+        dst = socket.inet_ntoa((FLOWGEN_DST + i).to_bytes(4, "big"))
+        out += [f"priority=20,in_port=p1,ip,nw_dst={dst},actions=output:p2",
+                f"priority=20,in_port=p2,ip,nw_dst={dst},actions=output:p1"]
+    return tuple(out)
 
 
 class PmdCost:
@@ -240,8 +262,9 @@ def run_ovs(workdir: Path, case: Case, seconds, samples, n: int, costs: list) ->
     ovs = OvsDpdk(workdir, ["p1", "p2"], pmd_cpu=0, name=f"ovs-{case.key}-{n}").start()
     try:
         ovs.ofctl("del-flows", "br0")
-        for rule in case.rules:
-            ovs.ofctl("add-flow", "br0", rule)
+        rules = workdir / f"ovs-rules-{case.key}.txt"
+        rules.write_text("".join(f"{r}\n" for r in case.rules))
+        ovs.ofctl("add-flows", "br0", str(rules))
         return run_guests(workdir, [ovs.sock("p1"), ovs.sock("p2")], case, seconds, samples,
                           f"guest-ovs-{case.key}-{n}", OvsCost(ovs), costs)
     finally:
@@ -363,6 +386,8 @@ def cases(args) -> list[Case]:
         out += [Case(size, "mac", offloads=False), Case(size, "mac", offloads=True)]
     if args.flows:
         out.append(Case(64, flows=args.flows))
+    if args.rule_flows:
+        out.append(Case(64, flows=args.rule_flows, rule_per_flow=True))
     return out
 
 
@@ -411,6 +436,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="64,1500", help="in_port loop rows ('' for none)")
     ap.add_argument("--normal", default="64", help="NORMAL loop rows ('' for none)")
     ap.add_argument("--flows", type=int, default=10000, help="0: no flowgen case")
+    ap.add_argument("--rule-flows", type=int, default=10000,
+                    help="flowgen flows with a rule each (0: no such case)")
     ap.add_argument("--peers", default="ovs,dpdk",
                     help="the peers measured next to pyvhost: ovs, dpdk or both")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per row")
