@@ -39,6 +39,9 @@ cdef enum:
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot
     MF_MIN_SLOTS = 4096
+    MF_SLOTS_PER_ENTRY = 4 # the table grows to at most this many slots per entry of the limit
+    MF_CHUNK_SHIFT = 12    # entries are allocated MF_CHUNK at a time and never move
+    MF_CHUNK = 4096
     MF_NO_SLOT = 0xFFFFFFFF
     ETH_P_8021Q = 0x8100
     NO_FDB = 0xFFFFFFFF
@@ -105,30 +108,38 @@ cdef struct mf_mask_t:
     uint32_t in_use
     uint64_t hits
 
-cdef struct mf_tag_t:       # a slot's hash and mask, apart from its entry (as the EMC's
-    uint32_t hash           # hashes): a probe reads 8 bytes a slot, 8 slots a cache line,
-    uint16_t mask_id        # 0xFFFF: empty slot
-    uint16_t pad            # and touches an entry only when its tag matches
+cdef struct mf_tag_t:       # a slot: its entry's hash, mask and place, apart from the entry
+    uint32_t hash           # (as the EMC's hashes): a probe reads 12 bytes a slot and an
+    uint32_t idx            # entry only when its tag matches; growing the table moves tags,
+    uint16_t mask_id        # never entries. 0xFFFF: an empty slot
+    uint16_t pad
 
-cdef struct mf_entry_t:
+cdef struct mf_entry_t:     # in chunks of MF_CHUNK, allocated as needed, up to the limit
     uint64_t key[KEY_WORDS] # the key with the mask applied
     uint32_t last_used      # the PMD's millisecond clock
-    uint32_t pad
+    uint32_t next_free      # a free entry: the next free one (MF_NO_SLOT: none)
     actions_t actions
 
 cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged by mask
-    uint32_t nslots         # power of 2, grows up to 2 * limit
+    uint32_t nslots         # power of 2; grows (tags only) up to MF_SLOTS_PER_ENTRY * limit
     uint32_t limit          # most entries kept (eviction prefers the least recently used)
     uint32_t count
     uint32_t nmasks
-    mf_tag_t *tags          # nslots of each
-    mf_entry_t *e
+    mf_tag_t *tags          # nslots
+    mf_entry_t **chunks     # limit / MF_CHUNK + 1 pointers, each chunk allocated when needed
+    uint32_t nchunks        # chunks allocated
+    uint32_t high           # entries ever handed out (above it: never used)
+    uint32_t free_head      # the first free entry below ``high`` (MF_NO_SLOT: none)
     uint16_t order[MF_MAX_MASKS]   # masks in lookup order (most hit first)
     mf_mask_t masks[MF_MAX_MASKS]
-    uint64_t evictions
+    uint64_t evictions      # entries dropped to make room (at the limit or a full neighbourhood)
     uint32_t hand           # where the next eviction search starts
     uint64_t lookups_per_hit_num   # subtables searched, summed over hits
     uint64_t hits
+
+
+cdef inline mf_entry_t *mf_entry(mf_t *mf, uint32_t idx) noexcept nogil:
+    return &mf.chunks[idx >> MF_CHUNK_SHIFT][idx & (MF_CHUNK - 1)]
 
 
 cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil  # its hash
@@ -160,6 +171,7 @@ cdef void mf_free(mf_t *mf) noexcept nogil
 cdef enum:
     MF_NO_HINT = 0         # mf_hint's answer when no mask is in use (else (id + 1) << 32 | hash)
 cdef uint64_t mf_hint(mf_t *mf, const flow_key_t *k) noexcept nogil
+cdef void mf_hint_entry(mf_t *mf, uint64_t hint) noexcept nogil
 cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
                           void *ctx, uint64_t hint) noexcept nogil
 cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t now_ms,

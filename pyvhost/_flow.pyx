@@ -213,13 +213,14 @@ cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_
 
 # -- megaflow cache ---------------------------------------------------------------------------
 # One open-addressing table per PMD; an entry is (mask id, masked key) -> actions. Each
-# slot's hash and mask id sit in a compact tag array apart from the entries: a probe walks
-# tags (8 to a cache line) and reads an entry only when its tag matches. A lookup tries the
-# masks most-hit first; an entry that is no longer valid is freed where it is found.
-# Inserting into a full neighbourhood (or a full cache) evicts the least recently used
-# entry there. The table grows by doubling up to twice the entry limit; only its PMD
-# thread touches it. mf_hint lets a burst start every frame's first probe before the
-# lookups (the EMC's prefetch, one level down).
+# slot is a tag (hash, mask id, entry index) in a compact array; the entries sit in chunks
+# that never move. A probe walks tags and reads an entry only when its tag matches. A
+# lookup tries the masks most-hit first; an entry that is no longer valid is freed where
+# it is found. A full neighbourhood grows the table (tags only: cheap, and bounded by
+# MF_SLOTS_PER_ENTRY slots per entry of the limit) before it evicts a live entry; at the
+# limit, the least recently used entry there (or near a clock hand) goes. Only its PMD
+# thread touches it. mf_hint and mf_hint_entry let a burst start every frame's probe
+# before the lookups (the EMC's prefetch, one level down).
 
 cdef inline uint32_t mf_hash(uint32_t h, uint32_t mask_id) noexcept nogil:
     return <uint32_t>mix(h, mask_id + 1)
@@ -235,9 +236,10 @@ cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil:
     memset(mf, 0, sizeof(mf_t))
     mf.limit = limit if limit > 0 else 1
     mf.nslots = MF_MIN_SLOTS
+    mf.free_head = MF_NO_SLOT
     mf.tags = <mf_tag_t *>calloc(mf.nslots, sizeof(mf_tag_t))
-    mf.e = <mf_entry_t *>calloc(mf.nslots, sizeof(mf_entry_t))
-    if mf.e == NULL or mf.tags == NULL:
+    mf.chunks = <mf_entry_t **>calloc((mf.limit >> MF_CHUNK_SHIFT) + 1, sizeof(mf_entry_t *))
+    if mf.tags == NULL or mf.chunks == NULL:
         mf_free(mf)
         return -1
     mf_clear_tags(mf.tags, mf.nslots)
@@ -245,10 +247,15 @@ cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil:
 
 
 cdef void mf_free(mf_t *mf) noexcept nogil:
-    free(mf.e)
+    cdef uint32_t i
+    if mf.chunks != NULL:
+        for i in range(mf.nchunks):
+            free(mf.chunks[i])
+    free(mf.chunks)
     free(mf.tags)
-    mf.e = NULL
+    mf.chunks = NULL
     mf.tags = NULL
+    mf.nchunks = 0
 
 
 cdef void mf_flush(mf_t *mf) noexcept nogil:
@@ -257,41 +264,72 @@ cdef void mf_flush(mf_t *mf) noexcept nogil:
     for i in range(mf.nmasks):
         mf.masks[i].refs = 0
     mf.count = 0
+    mf.high = 0                      # every entry free again (the chunks are kept)
+    mf.free_head = MF_NO_SLOT
+
+
+cdef inline uint32_t mf_alloc(mf_t *mf) noexcept nogil:
+    """A free entry's index, or MF_NO_SLOT (no memory for a new chunk). The caller keeps
+    count below the limit, so one is always free but for memory."""
+    cdef uint32_t idx = mf.free_head
+    cdef uint32_t c
+    if idx != MF_NO_SLOT:
+        mf.free_head = mf_entry(mf, idx).next_free
+        return idx
+    if mf.high >= mf.limit:
+        return MF_NO_SLOT
+    c = mf.high >> MF_CHUNK_SHIFT
+    if c >= mf.nchunks:
+        mf.chunks[c] = <mf_entry_t *>calloc(MF_CHUNK, sizeof(mf_entry_t))
+        if mf.chunks[c] == NULL:
+            return MF_NO_SLOT
+        mf.nchunks = c + 1
+    mf.high += 1
+    return mf.high - 1
 
 
 cdef inline void mf_drop(mf_t *mf, uint32_t slot) noexcept nogil:
+    """Free a slot and its entry."""
+    cdef uint32_t idx = mf.tags[slot].idx
     mf.masks[mf.tags[slot].mask_id].refs -= 1
     mf.count -= 1
     mf.tags[slot].mask_id = 0xFFFF
+    mf_entry(mf, idx).next_free = mf.free_head
+    mf.free_head = idx
+
+
+cdef inline bint mf_can_grow(mf_t *mf) noexcept nogil:
+    return mf.nslots < (<uint32_t>1 << 30) and \
+        <uint64_t>mf.nslots < <uint64_t>MF_SLOTS_PER_ENTRY * mf.limit
 
 
 cdef void mf_grow(mf_t *mf) noexcept nogil:
-    """Double the table (entries that find no slot in their neighbourhood are dropped)."""
+    """Double the table: tags only, the entries stay where they are (a tag that finds no
+    slot in its neighbourhood drops its entry: counted as an eviction)."""
     cdef uint32_t n = mf.nslots * 2, i, j, s
     cdef mf_tag_t *tags = <mf_tag_t *>calloc(n, sizeof(mf_tag_t))
-    cdef mf_entry_t *e = <mf_entry_t *>calloc(n, sizeof(mf_entry_t))
-    if e == NULL or tags == NULL:
-        free(e)
-        free(tags)
+    cdef mf_tag_t *old = mf.tags
+    cdef uint32_t old_n = mf.nslots
+    if tags == NULL:
         return
     mf_clear_tags(tags, n)
-    for i in range(mf.nslots):
-        if mf.tags[i].mask_id == 0xFFFF:
-            continue
-        for j in range(MF_PROBE):
-            s = (mf.tags[i].hash + j) & (n - 1)
-            if tags[s].mask_id == 0xFFFF:
-                tags[s] = mf.tags[i]
-                memcpy(&e[s], &mf.e[i], sizeof(mf_entry_t))
-                break
-        else:
-            mf.masks[mf.tags[i].mask_id].refs -= 1
-            mf.count -= 1
-    free(mf.e)
-    free(mf.tags)
-    mf.e = e
     mf.tags = tags
     mf.nslots = n
+    for i in range(old_n):
+        if old[i].mask_id == 0xFFFF:
+            continue
+        for j in range(MF_PROBE):
+            s = (old[i].hash + j) & (n - 1)
+            if tags[s].mask_id == 0xFFFF:
+                tags[s] = old[i]
+                break
+        else:
+            mf.masks[old[i].mask_id].refs -= 1
+            mf.count -= 1
+            mf_entry(mf, old[i].idx).next_free = mf.free_head
+            mf.free_head = old[i].idx
+            mf.evictions += 1
+    free(old)
 
 
 cdef void mf_sort(mf_t *mf) noexcept nogil:
@@ -314,6 +352,10 @@ cdef inline bint older(uint32_t now_ms, uint32_t a, uint32_t b) noexcept nogil:
     return <int32_t>(now_ms - a) > <int32_t>(now_ms - b)
 
 
+cdef inline uint32_t slot_used(mf_t *mf, uint32_t s) noexcept nogil:
+    return mf_entry(mf, mf.tags[s].idx).last_used
+
+
 cdef bint mf_evict_one(mf_t *mf, uint32_t now_ms) noexcept nogil:
     """Drop the least recently used of the next few entries a clock hand finds (the cache
     is at its limit and the new entry's neighbourhood has room but nothing to evict)."""
@@ -323,7 +365,7 @@ cdef bint mf_evict_one(mf_t *mf, uint32_t now_ms) noexcept nogil:
         mf.hand += 1
         if mf.tags[s].mask_id == 0xFFFF:
             continue
-        if victim == MF_NO_SLOT or older(now_ms, mf.e[s].last_used, mf.e[victim].last_used):
+        if victim == MF_NO_SLOT or older(now_ms, slot_used(mf, s), slot_used(mf, victim)):
             victim = s
         found += 1
         if found == MF_PROBE:
@@ -352,23 +394,36 @@ cdef inline uint32_t mf_first_mask(mf_t *mf) noexcept nogil:
 
 
 cdef uint64_t mf_hint(mf_t *mf, const flow_key_t *k) noexcept nogil:
-    """Start loading what mf_lookup(k) reads first (the home slot's tags and entry under
-    the most-hit mask: its key, and the lines of its actions a hit reads) and return that probe's hash for it, or MF_NO_HINT. A burst calls
-    this for each frame the EMC will not answer, then looks them up: the probes' memory
-    arrives while the other frames are hashed."""
+    """Start loading the tags mf_lookup(k) probes first (under the most-hit mask) and
+    return that probe's hash for it, or MF_NO_HINT. A burst calls this for each frame the
+    EMC will not answer, then mf_hint_entry for each, then looks them up: the probes'
+    memory arrives while the other frames are hashed."""
     cdef uint64_t w[KEY_WORDS]
-    cdef uint32_t id_ = mf_first_mask(mf), h, s
+    cdef uint32_t id_ = mf_first_mask(mf), h
     if id_ == 0xFFFF:
         return MF_NO_HINT
     key_words(k, w)
     h = mf_hash(masked_hash(w, mf.masks[id_].mask, w), id_)
-    s = h & (mf.nslots - 1)
-    __builtin_prefetch(&mf.tags[s])
-    __builtin_prefetch(&mf.e[s].key)
-    __builtin_prefetch(&mf.e[s].actions)           # n_rules and the first ops
-    __builtin_prefetch(&mf.e[s].actions.rules)
-    __builtin_prefetch(&mf.e[s].actions.gen)
+    __builtin_prefetch(&mf.tags[h & (mf.nslots - 1)])
     return (<uint64_t>(id_ + 1) << 32) | h
+
+
+cdef void mf_hint_entry(mf_t *mf, uint64_t hint) noexcept nogil:
+    """The second step of a hint: the tags have arrived; start loading the lines a hit on
+    the entry they name reads (its key, n_rules and ops, rules, validity words)."""
+    cdef uint32_t h = <uint32_t>hint, id_ = <uint32_t>(hint >> 32) - 1, j, s
+    cdef mf_entry_t *e
+    if hint == MF_NO_HINT:
+        return
+    for j in range(MF_PROBE):
+        s = (h + j) & (mf.nslots - 1)
+        if mf.tags[s].hash == h and mf.tags[s].mask_id == id_:
+            e = mf_entry(mf, mf.tags[s].idx)
+            __builtin_prefetch(&e.key)
+            __builtin_prefetch(&e.actions)
+            __builtin_prefetch(&e.actions.rules)
+            __builtin_prefetch(&e.actions.gen)
+            return
 
 
 cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
@@ -399,7 +454,7 @@ cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_
             s = (h + j) & (mf.nslots - 1)
             if mf.tags[s].hash != h or mf.tags[s].mask_id != id_:
                 continue
-            e = &mf.e[s]
+            e = mf_entry(mf, mf.tags[s].idx)
             if words_eq(e.key, m):
                 if valid(ctx, &e.actions):
                     e.last_used = now_ms
@@ -419,17 +474,20 @@ cdef inline bint mf_place(mf_t *mf, uint32_t h, uint32_t id_, const uint64_t *w,
     (its decision replaced); else ``slot`` is the first free slot there, ``victim`` the
     least recently used entry (either MF_NO_SLOT if none)."""
     cdef uint32_t i, s
+    cdef mf_entry_t *e
     for i in range(MF_PROBE):
         s = (h + i) & (mf.nslots - 1)
         if mf.tags[s].mask_id == 0xFFFF:
             if slot[0] == MF_NO_SLOT:
                 slot[0] = s
-        elif mf.tags[s].mask_id == id_ and mf.tags[s].hash == h and words_eq(mf.e[s].key, w):
-            memcpy(&mf.e[s].actions, a, sizeof(actions_t))   # the same flow: new decision
-            mf.e[s].last_used = now_ms
+        elif mf.tags[s].mask_id == id_ and mf.tags[s].hash == h and \
+                words_eq(mf_entry(mf, mf.tags[s].idx).key, w):
+            e = mf_entry(mf, mf.tags[s].idx)
+            memcpy(&e.actions, a, sizeof(actions_t))   # the same flow: new decision
+            e.last_used = now_ms
             return True
-        elif victim[0] == MF_NO_SLOT or older(now_ms, mf.e[s].last_used,
-                                              mf.e[victim[0]].last_used):
+        elif victim[0] == MF_NO_SLOT or older(now_ms, slot_used(mf, s),
+                                              slot_used(mf, victim[0])):
             victim[0] = s
     return False
 
@@ -437,7 +495,7 @@ cdef inline bint mf_place(mf_t *mf, uint32_t h, uint32_t id_, const uint64_t *w,
 cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t now_ms,
                     const actions_t *a) noexcept nogil:
     cdef uint64_t w[KEY_WORDS]
-    cdef uint32_t i, h, id_ = 0xFFFF, free_id = 0xFFFF
+    cdef uint32_t i, h, idx, id_ = 0xFFFF, free_id = 0xFFFF
     cdef uint32_t slot = MF_NO_SLOT, victim = MF_NO_SLOT
     cdef mf_entry_t *e
     for i in range(mf.nmasks):
@@ -457,18 +515,20 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
         memcpy(mf.masks[id_].mask, mask, sizeof(w))
         mf.masks[id_].hits = 0
         mf.masks[id_].in_use = 1
-    if mf.count + 1 > mf.nslots // 2 and mf.nslots < 2 * mf.limit:
+    if mf.count + 1 > mf.nslots // 2 and mf_can_grow(mf):
         mf_grow(mf)
     key_words(k, w)
     h = mf_hash(masked_hash(w, mf.masks[id_].mask, w), id_)
     if mf_place(mf, h, id_, w, now_ms, a, &slot, &victim):
         return
-    # a full neighbourhood under the limit, the table a quarter full: room, not eviction
-    # (a busy flow evicted comes back as an upcall that evicts another)
-    if slot == MF_NO_SLOT and mf.count < mf.limit and mf.nslots < 2 * mf.limit and \
-            mf.count >= mf.nslots // 4:
+    # a full neighbourhood: room (the table grows: tags only) rather than evict a live
+    # entry (9 busy flows in 8 slots would re-upcall each other forever)
+    while slot == MF_NO_SLOT and mf_can_grow(mf):
+        i = mf.nslots
         mf_grow(mf)
-        slot = victim = MF_NO_SLOT
+        if mf.nslots == i:
+            break                                    # no memory: evict instead
+        victim = MF_NO_SLOT
         if mf_place(mf, h, id_, w, now_ms, a, &slot, &victim):
             return
     if slot == MF_NO_SLOT or (mf.count >= mf.limit and victim != MF_NO_SLOT):
@@ -479,9 +539,13 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
         slot = victim
     elif mf.count >= mf.limit and not mf_evict_one(mf, now_ms):
         return
-    e = &mf.e[slot]
+    idx = mf_alloc(mf)
+    if idx == MF_NO_SLOT:
+        return                                       # no memory for the entry: not cached
+    e = mf_entry(mf, idx)
     mf.tags[slot].hash = h
     mf.tags[slot].mask_id = id_
+    mf.tags[slot].idx = idx
     e.last_used = now_ms
     memcpy(e.key, w, sizeof(w))
     memcpy(&e.actions, a, sizeof(actions_t))
@@ -489,6 +553,39 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
     mf.count += 1
     if (mf.count & 1023) == 0:
         mf_sort(mf)
+
+
+cdef int mf_check(mf_t *mf) noexcept nogil:
+    """0 when the cache is consistent (tests): occupied slots = count = the masks' refs,
+    each names a distinct entry below ``high``, none of them free."""
+    cdef uint32_t i, used = 0, refs = 0, idx
+    cdef uint8_t *seen = <uint8_t *>calloc(mf.high + 1, 1)
+    if seen == NULL:
+        return -1
+    for i in range(mf.nslots):
+        if mf.tags[i].mask_id == 0xFFFF:
+            continue
+        used += 1
+        idx = mf.tags[i].idx
+        if idx >= mf.high or seen[idx] or mf.tags[i].mask_id >= mf.nmasks:
+            free(seen)
+            return 1
+        seen[idx] = 1
+    idx = mf.free_head
+    while idx != MF_NO_SLOT:
+        if idx >= mf.high or seen[idx]:
+            free(seen)
+            return 2                                 # a free entry in use, or a loop
+        seen[idx] = 2
+        idx = mf_entry(mf, idx).next_free
+    for i in range(mf.high):
+        if not seen[i]:
+            free(seen)
+            return 4                                 # an entry neither in use nor free
+    for i in range(mf.nmasks):
+        refs += mf.masks[i].refs
+    free(seen)
+    return 0 if used == mf.count and refs == mf.count else 3
 
 
 cdef inline void shift_offload_offsets(pkt_t *p, int delta) noexcept nogil:
@@ -625,17 +722,32 @@ def emc_probe(bytes stored, bytes probe, h=None):
     return found
 
 
-cdef int _always_valid(void *ctx, const actions_t *a) noexcept nogil:
-    return 1
+cdef int _valid_unless_marked(void *ctx, const actions_t *a) noexcept nogil:
+    return not (<const uint8_t *>ctx)[a.ops[0].arg]
+
+
+def megaflow_hash(bytes key, bytes mask):
+    """The probe hash of ``key`` under ``mask`` as mask id 0 (tests: keys that share a
+    home slot)."""
+    cdef uint64_t w[KEY_WORDS]
+    cdef uint64_t m[KEY_WORDS]
+    if len(key) != sizeof(flow_key_t) or len(mask) != sizeof(flow_key_t):
+        raise ValueError("not a flow key")
+    memcpy(w, <const char *>key, sizeof(w))
+    memcpy(m, <const char *>mask, sizeof(m))
+    return mf_hash(masked_hash(w, m, w), 0)
 
 
 def megaflow_run(list ops, uint32_t limit=100000):
-    """Run ``ops`` on a fresh megaflow cache (tests): ("insert", key, mask, tag) caches
-    ``tag`` for the key under the mask; ("lookup", key, hinted) answers the tag found or
-    None, with mf_hint's hint for that key computed just before (hinted) or none;
+    """Run ``ops`` on a fresh megaflow cache (tests), checking its consistency (mf_check)
+    after each: ("insert", key, mask, tag) caches ``tag`` (0..65535) for the key under the
+    mask; ("lookup", key, hinted) answers the tag found or None, with mf_hint's (and
+    mf_hint_entry's) hint for that key computed just before (hinted) or none;
     ("hint", key) computes a hint and keeps it, ("lookup_kept", key) looks up with the
-    kept hint (stale by then, if inserts came between). Returns the lookups' answers and
-    the cache's (entries, slots, masks in use, evictions) at the end."""
+    kept hint (stale by then, if inserts came between); ("lookup_raw", key, hint) with any
+    64-bit hint; ("invalidate", tag): entries with that tag are no longer valid (a lookup
+    that finds one frees it). Returns the lookups' answers and the cache's (entries, slots,
+    masks in use, evictions) at the end."""
     cdef mf_t mf
     cdef flow_key_t k
     cdef uint64_t mask[KEY_WORDS]
@@ -643,12 +755,20 @@ def megaflow_run(list ops, uint32_t limit=100000):
     cdef actions_t a
     cdef actions_t *found
     cdef uint32_t now_ms = 0
+    cdef int bad
+    cdef uint8_t *invalid = <uint8_t *>calloc(65536, 1)
+    if invalid == NULL:
+        raise MemoryError()
     if mf_init(&mf, limit) < 0:
+        free(invalid)
         raise MemoryError()
     answers = []
     try:
-        for op in ops:
+        for n, op in enumerate(ops):
             now_ms += 1
+            if op[0] == "invalidate":
+                invalid[<uint16_t>op[1]] = 1
+                continue
             if len(op[1]) != sizeof(flow_key_t):
                 raise ValueError("not a flow key")
             memcpy(&k, <const char *>op[1], sizeof(flow_key_t))
@@ -663,17 +783,26 @@ def megaflow_run(list ops, uint32_t limit=100000):
                 mf_insert(&mf, &k, mask, now_ms, &a)
             elif op[0] == "hint":
                 kept = mf_hint(&mf, &k)
-            elif op[0] in ("lookup", "lookup_kept"):
-                hint = kept if op[0] == "lookup_kept" else \
-                    (mf_hint(&mf, &k) if op[2] else MF_NO_HINT)
-                found = mf_lookup(&mf, &k, now_ms, _always_valid, NULL, hint)
+            elif op[0] in ("lookup", "lookup_kept", "lookup_raw"):
+                if op[0] == "lookup_kept":
+                    hint = kept
+                elif op[0] == "lookup_raw":
+                    hint = op[2]
+                else:
+                    hint = mf_hint(&mf, &k) if op[2] else MF_NO_HINT
+                    mf_hint_entry(&mf, hint)
+                found = mf_lookup(&mf, &k, now_ms, _valid_unless_marked, invalid, hint)
                 answers.append(None if found == NULL else found.ops[0].arg)
             else:
                 raise ValueError(f"no megaflow op {op[0]!r}")
+            bad = mf_check(&mf)
+            if bad:
+                raise AssertionError(f"megaflow cache inconsistent ({bad}) after op {n}: {op[0]}")
         masks = sum(1 for i in range(mf.nmasks) if mf.masks[i].refs)
         return answers, (mf.count, mf.nslots, masks, mf.evictions)
     finally:
         mf_free(&mf)
+        free(invalid)
 
 
 KEY_FIELDS = ("in_port", "vlan_tci", "dl_dst", "dl_src", "dl_type", "nw_src", "nw_dst",

@@ -47,7 +47,7 @@ from pyvhost._flow cimport (
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
     MF_NO_HINT, action_op_t, actions_t, emc_insert, emc_lookup, emc_may_hold, emc_prefetch,
-    emc_t, flow_extract, mf_hint,
+    emc_t, flow_extract, mf_hint, mf_hint_entry,
     flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
@@ -654,7 +654,7 @@ cdef class Pmd:
     cdef void *run_rules[MAX_HOPS]
     cdef uint16_t run_n
     cdef uint64_t run_packets, run_bytes
-    # finished runs of this burst, added at its end: each rule's line was asked for
+    # finished runs of this burst, added at its end: each rule's counters were asked for
     # (prefetched for writing) when its run ended, so with a rule per frame (many flows,
     # a rule each) the adds no longer wait for each line in turn
     cdef void *done_rules[MAX_BURST * MAX_HOPS]
@@ -1359,13 +1359,15 @@ cdef class Pmd:
                 b.fdb.e[a.src_idx].used_ms = self.now_ms
 
     cdef inline void end_run(self) noexcept nogil:
-        """The current run's counts wait for account_flush; its rules' lines are asked for."""
+        """The current run's counts wait for account_flush; its rules' counters are asked
+        for."""
         cdef uint32_t j
         if self.run_packets:
             for j in range(self.run_n):
                 if self.ndone == MAX_BURST * MAX_HOPS:
                     self.add_done(now_ns())     # (cannot happen: a run per frame at most)
-                vh_prefetch_w(self.run_rules[j])
+                vh_prefetch_w(&(<cls_rule_t *>self.run_rules[j]).n_packets)
+                vh_prefetch_w(&(<cls_rule_t *>self.run_rules[j]).used_ns)
                 self.done_rules[self.ndone] = self.run_rules[j]
                 self.done_packets[self.ndone] = self.run_packets
                 self.done_bytes[self.ndone] = self.run_bytes
@@ -1415,7 +1417,7 @@ cdef class Pmd:
         cdef uint32_t h
         cdef uint32_t hashes[MAX_BURST]
         cdef uint64_t hints[MAX_BURST]
-        cdef uint64_t misses = self.st.emc_misses
+        cdef uint32_t misses = 0               # this burst's EMC misses
         cdef actions_t *a
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
@@ -1476,6 +1478,8 @@ cdef class Pmd:
             for i in range(n):
                 hints[i] = MF_NO_HINT if emc_may_hold(self.emc, hashes[i]) else \
                     mf_hint(&self.mf, &keys[i])
+            for i in range(n):                     # the tags are in: now their entries
+                mf_hint_entry(&self.mf, hints[i])
         else:
             for i in range(n):
                 hints[i] = MF_NO_HINT
@@ -1500,6 +1504,7 @@ cdef class Pmd:
                 valid_a = a
             else:
                 self.st.emc_misses += 1
+                misses += 1
                 a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw, hints[i])
                 if a != NULL:
                     self.st.megaflow_hits += 1
@@ -1555,7 +1560,7 @@ cdef class Pmd:
             self.account_run(a, pkts[i].len + pkts[i].ext_len, t0)
             self.execute(inp, pkts[i], a, &key, mirrored)
         self.account_flush(t0)
-        self.emc_missed = self.st.emc_misses != misses
+        self.emc_missed = misses != 0
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0

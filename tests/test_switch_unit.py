@@ -159,10 +159,14 @@ def test_a_netmask_means_what_ovs_means():
         parse_flow("ip,nw_src=10.1.2.3,actions=drop")
     assert parse_flow("ip,nw_src=10.1.2.3/0.0.0.0,actions=drop") == \
         parse_flow("ip,nw_src=0.0.0.0/0,actions=drop")
+    assert parse_flow("tun_src=10.1.2.3/255.255.255.0,actions=drop") == \
+        parse_flow("tun_src=10.1.2.0/24,actions=drop")
     for mask in ("0.0.255.255", "255.0.255.0", "0.0.0.255"):
         with pytest.raises(FlowSyntaxError, match=f"netmask {mask} is not contiguous"):
             parse_flow(f"ip,nw_dst=10.0.0.7/{mask},actions=drop")
-    for bad in ("10.0.0.7/255.255.0", "10.0/255.0.0.0", "10.0.0.7/255.255.0.256"):
+    for bad in ("10.0.0.7/255.255.0", "10.0/255.0.0.0", "10.0.0.7/255.255.0.256",
+                "010.0.0.7/255.0.0.0", "0x0a.0.0.7/255.0.0.0", "10.0.0.7/0xff.0.0.0",
+                "10.0.0.7/255.255.0.0 junk", "10.0.0.7 /255.255.0.0"):
         with pytest.raises(FlowSyntaxError, match="not an IPv4 address or prefix"):
             parse_flow(f"ip,nw_dst={bad},actions=drop")
 

@@ -113,12 +113,8 @@ class Prefix(NamedTuple):
         """ADDR/NETMASK: the netmask's 1 bits from the top, then 0 bits (ipaddress would
         take 0.0.255.255 for a Cisco host mask, /16: the opposite of what OVS matches);
         other masks are refused, not widened (the classifier keeps prefixes)."""
-        try:
-            value = int.from_bytes(socket.inet_aton(addr), "big")
-            m = int.from_bytes(socket.inet_aton(mask), "big")
-        except OSError:
-            raise ValueError(f"{addr}/{mask}: not an address and netmask") from None
-        if len(addr.split(".")) != 4 or len(mask.split(".")) != 4:
+        value, m = _dotted_quad(addr), _dotted_quad(mask)
+        if value is None or m is None:
             raise ValueError(f"{addr}/{mask}: not an address and netmask")
         host = m ^ 0xFFFFFFFF
         if host & (host + 1):
@@ -133,6 +129,15 @@ class Prefix(NamedTuple):
     def __str__(self) -> str:
         ip = socket.inet_ntoa(self.addr)
         return ip if self.plen == 32 else f"{ip}/{self.plen}"
+
+
+def _dotted_quad(text: str) -> int | None:
+    """Four plain decimal parts of 0..255 (inet_aton would also take octal, hex and
+    trailing text), as a number; None if it is not that."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(_decimal(p, 3) and int(p) <= 255 for p in parts):
+        return None
+    return int.from_bytes(bytes(int(p) for p in parts), "big")
 
 
 def _decimal(text: str, digits: int) -> bool:
