@@ -2,7 +2,7 @@
 messages against an in-process switch: FLOW_MODs, PACKET_OUTs into the datapath, groups,
 meters and their compiled token buckets;
 VXLAN/Geneve decapsulation and hostile datagrams at a tunnel port; flow extraction of any
-frame and the PMD's exact-match cache) run
+frame, the PMD's exact-match cache and its megaflow cache) run
 again with the compiled modules built with AddressSanitizer + UBSan: zero reports.
 
 The sanitized build lives in /tmp/pyvhost-asan-<source hash> (built once per source
@@ -23,6 +23,7 @@ CORPUS = ["tests/test_fuzz_rings.py", "tests/test_fuzz_onecopy.py", "tests/test_
           "tests/test_ring_batch.py", "tests/test_driver_core.py",
           "tests/test_memory.py", "tests/test_protocol.py", "tests/test_openflow_codec.py",
           "tests/test_tunnel_decap.py", "tests/test_edit.py", "tests/test_emc.py",
+          "tests/test_megaflow.py",
           "tests/test_openflow_meters.py::test_meter_buckets_pass_a_burst_then_the_rate",
           "tests/test_openflow_meters.py::test_meter_mods_follow_the_spec"]
 
