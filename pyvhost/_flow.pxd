@@ -39,7 +39,7 @@ cdef enum:
     MF_MAX_MASKS = 256     # distinct wildcard masks a PMD's megaflow cache keeps
     MF_PROBE = 8           # slots an entry may sit from its home slot
     MF_MIN_SLOTS = 4096
-    MF_SLOTS_PER_ENTRY = 4 # the table grows to at most this many slots per entry of the limit
+    MF_SLOTS_PER_ENTRY = 4 # the table stops growing at the first power of 2 >= this * limit
     MF_CHUNK_SHIFT = 12    # entries are allocated MF_CHUNK at a time and never move
     MF_CHUNK = 4096
     MF_NO_SLOT = 0xFFFFFFFF
@@ -121,7 +121,7 @@ cdef struct mf_entry_t:     # in chunks of MF_CHUNK, allocated as needed, up to 
     actions_t actions
 
 cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged by mask
-    uint32_t nslots         # power of 2; grows (tags only) up to MF_SLOTS_PER_ENTRY * limit
+    uint32_t nslots         # power of 2; grows (tags only) to the first >= MF_SLOTS_PER_ENTRY * limit
     uint32_t limit          # most entries kept (eviction prefers the least recently used)
     uint32_t count
     uint32_t nmasks

@@ -217,7 +217,7 @@ cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_
 # that never move. A probe walks tags and reads an entry only when its tag matches. A
 # lookup tries the masks most-hit first; an entry that is no longer valid is freed where
 # it is found. A full neighbourhood grows the table (tags only: cheap, and bounded by
-# MF_SLOTS_PER_ENTRY slots per entry of the limit) before it evicts a live entry; at the
+# about MF_SLOTS_PER_ENTRY slots per entry of the limit) before it evicts a live entry; at the
 # limit, the least recently used entry there (or near a clock hand) goes. Only its PMD
 # thread touches it. mf_hint and mf_hint_entry let a burst start every frame's probe
 # before the lookups (the EMC's prefetch, one level down).
