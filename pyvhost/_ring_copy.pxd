@@ -1,5 +1,5 @@
 # Bytes between translated guest segments and packet buffers, whatever the layout: the
-# virtio-net header checked on TX (tx_header_ok) and written on RX (fill_header), a frame
+# virtio-net header checked on TX (tx_header_ok) and written on RX (put_header, fill_header), a frame
 # copied out whole (copy_out) or by its head only for one-copy (copy_head), copied in
 # (fill_iovs), dirty-logged (log_iovs); the RARP of SEND_RARP. Knows no ring structure.
 # Header-only: compiled into _vring.
@@ -33,8 +33,15 @@ cdef inline void copy_out(const iov_t *iov, uint32_t niov, uint64_t total, uint3
     """The virtio-net header into pkt.vnet_hdr, the rest (the frame) into pkt.data."""
     cdef uint64_t skip = 0, take
     cdef uint8_t *dst = pkt.data
-    cdef uint32_t j
-    for j in range(niov):
+    cdef uint32_t j = 0
+    if hdr == 12 and niov and iov[0].len >= 12:
+        memcpy(pkt.vnet_hdr, iov[0].base, 12)       # a constant size: inline loads
+        if iov[0].len > 12:
+            memcpy(dst, iov[0].base + 12, iov[0].len - 12)
+            dst += iov[0].len - 12
+        skip = 12
+        j = 1
+    while j < niov:
         take = iov[j].len
         if skip < hdr:
             if take > hdr - skip:
@@ -47,6 +54,7 @@ cdef inline void copy_out(const iov_t *iov, uint32_t niov, uint64_t total, uint3
         else:
             memcpy(dst, iov[j].base, take)
             dst += take
+        j += 1
     pkt.len = <uint32_t>(total - hdr)
 
 
@@ -163,3 +171,32 @@ cdef inline void make_rarp(pkt_t *p, const uint8_t *mac) noexcept nogil:
     memcpy(d + 32, mac, 6)                        # target MAC
     memset(p.vnet_hdr, 0, 12)
     p.len = 60
+
+
+cdef inline void put_header(iov_t *iov, uint32_t *i_iov, uint64_t *off, vq_t *vq,
+                            uint32_t nbufs, pkt_t *pkt) noexcept nogil:
+    """The RX header (fill_header) into the buffer at iov[*i_iov] + *off, which is then
+    past it. Without an offload to pass on, when the header fits the segment, it is made in
+    registers and stored as one 8- and one 4- (or 2-) byte store: a header made byte by byte
+    in our memory and copied out reads back in pieces the CPU cannot forward from its store
+    queue, so each frame waited for every earlier store to reach the cache, the guest's
+    lines too, which another core may have to give up first (hundreds of ns a frame when
+    the guest's core is in another cache domain)."""
+    cdef uint8_t hdr[12]
+    cdef uint64_t zero8 = 0
+    cdef uint32_t hi4 = nbufs << 16       # csum_offset 0, num_buffers (little-endian)
+    cdef uint16_t zero2 = 0
+    cdef uint8_t *d
+    if not (pkt.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and vq.ofl_rx & OFL_CSUM) and \
+            (vq.hdr_len == 12 or vq.hdr_len == 10) and \
+            iov[i_iov[0]].len - off[0] > vq.hdr_len:
+        d = iov[i_iov[0]].base + off[0]
+        memcpy(d, &zero8, 8)
+        if vq.hdr_len == 12:
+            memcpy(d + 8, &hi4, 4)
+        else:
+            memcpy(d + 8, &zero2, 2)
+        off[0] += vq.hdr_len
+        return
+    fill_header(hdr, vq, nbufs, pkt)
+    fill_iovs(iov, i_iov, off, hdr, vq.hdr_len)

@@ -8,14 +8,18 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._pktpool cimport pkt_t, pktpool_t, pool_get, pool_put
 from pyvhost._ring_batch cimport PACKED_BATCH, batch_read
-from pyvhost._ring_copy cimport copy_head, copy_out, fill_header, fill_iovs, log_iovs, tx_header_ok
+from pyvhost._ring_copy cimport (
+    copy_head, copy_out, fill_iovs, log_iovs, put_header, tx_header_ok,
+)
 from pyvhost._ring_guard cimport vh_compiler_barrier
 from pyvhost._ring_onecopy cimport fill_ext
 from pyvhost._ring_index cimport packed_advance
 from pyvhost._ring_packed cimport (
     notify_guest_packed, packed_avail, packed_used_flush, put_used_packed, used_batch_t,
 )
-from pyvhost._ring_split cimport avail_count, notify_guest, put_used
+from pyvhost._ring_split cimport (
+    avail_count, notify_guest, prefetch_chains, put_used_split, split_used_flush,
+)
 from pyvhost._ring_walk cimport MAX_BUFS_PER_PKT, walk_chain, walk_packed
 from pyvhost._vring cimport (
     MAX_IOV, ONECOPY_HEAD, ext_t, iov_t, vh_load_relaxed_u16, vh_prefetch, vq_t,
@@ -172,7 +176,7 @@ cdef inline void mark_used(vq_t *vq, used_batch_t *ub, uint16_t id, uint16_t nsl
     if vq.packed:
         put_used_packed(vq, ub, id, length, nslots, written)
     else:
-        put_used(vq, id, length)
+        put_used_split(vq, ub, id, length)
         ub.n += 1
 
 
@@ -185,6 +189,7 @@ cdef inline void ring_notify(vq_t *vq, used_batch_t *ub) noexcept nogil:
         packed_used_flush(vq, ub)
         notify_guest_packed(vq)
     else:
+        split_used_flush(vq, ub)
         notify_guest(vq)
 
 
@@ -239,9 +244,12 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     cdef iov_t iov[MAX_IOV]
     cdef int rc
     ub.n = 0
+    ub.nshadow = 0
     ub.head_slot = 0
     if ring_begin(vq, &cur) < 0 or not ring_has_chain(vq, &cur):
         return 0
+    if not vq.packed:
+        prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)), False)
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
             rc = dequeue_batch(vq, pool, &cur, &ub, pkts, &nout, ref)
@@ -279,7 +287,6 @@ cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_b
     cdef iov_t biov[PACKED_BATCH]
     cdef uint32_t k, i_iov
     cdef uint64_t need, off
-    cdef uint8_t hdr[12]
     cdef pkt_t *pkt
     if not batch_read(vq, cur.idx, cur.wrap, cur.room, True, ids, biov):
         return 0
@@ -291,10 +298,9 @@ cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_b
         if k + 1 < PACKED_BATCH:
             vh_prefetch(pkts[k + 1].data)
         need = vq.hdr_len + pkt.len + pkt.ext_len
-        fill_header(hdr, vq, 1, pkt)
         i_iov = 0
         off = 0
-        fill_iovs(&biov[k], &i_iov, &off, hdr, vq.hdr_len)
+        put_header(&biov[k], &i_iov, &off, vq, 1, pkt)
         fill_iovs(&biov[k], &i_iov, &off, pkt.data, pkt.len)
         if pkt.ext_len and fill_ext(&biov[k], &i_iov, &off, pkt) < 0:
             vq.batched += k
@@ -325,11 +331,11 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
     cdef used_batch_t ub
     cdef uint64_t need, cap, total, off, w
     cdef iov_t iov[MAX_IOV]
-    cdef uint8_t hdr[12]
     cdef pkt_t *pkt
     cdef bint miss = False
     cdef int rc
     ub.n = 0
+    ub.nshadow = 0
     ub.head_slot = 0
     taken[0] = 0
     if not vq.ready:
@@ -344,6 +350,8 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
         vq.st.drop_no_buffer += count     # a broken ring has no usable buffers
         taken[0] = count
         return 0
+    if not vq.packed:
+        prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)), True)
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
             nb = enqueue_batch(vq, pkts + i, &cur, &ub, &nsent)
@@ -387,10 +395,9 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
                 i += 1
                 continue
             break                           # out of buffers: the rest are not delivered
-        fill_header(hdr, vq, nbufs, pkt)
         i_iov = 0
         off = 0
-        fill_iovs(iov, &i_iov, &off, hdr, vq.hdr_len)
+        put_header(iov, &i_iov, &off, vq, nbufs, pkt)
         fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
         if pkt.ext_len and fill_ext(iov, &i_iov, &off, pkt) < 0:
             i += 1                          # the sender's memory faulted: the frame is

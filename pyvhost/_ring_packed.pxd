@@ -17,6 +17,10 @@ cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nog
     return packed_is_avail(vh_load_acquire_u16(&vq.pdesc[idx].flags), wrap)
 
 
+cdef enum:
+    SPLIT_SHADOW = 32
+
+
 cdef struct used_batch_t:
     # the used descriptors one burst writes (packed: DPDK's batch): every one is written as
     # it is decided except the first one's flags, stored last (packed_used_flush), so the
@@ -25,6 +29,8 @@ cdef struct used_batch_t:
     uint16_t head_slot      # packed: the slot of the first, its flags not yet stored
     uint16_t head_flags
     uint8_t written         # packed: the first one is an RX buffer (written, has a length)
+    uint32_t nshadow        # split: elements decided but not yet written (split_used_flush)
+    uint64_t shadow[SPLIT_SHADOW]   # split: id | len << 32, a used element's bytes
 
 
 cdef inline void put_used_packed(vq_t *vq, used_batch_t *ub, uint16_t buf_id, uint32_t length,

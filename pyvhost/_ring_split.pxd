@@ -1,16 +1,22 @@
-# The split layout's part of the ring core: the avail index, used elements, publishing
-# the used index and the guest notification (event idx or the NO_INTERRUPT flag). Writes
-# only the used ring. Header-only: compiled into _vring.
+# The split layout's part of the ring core: the avail index, used elements (kept aside
+# during a burst and written at its end), publishing the used index, the guest
+# notification (event idx or the NO_INTERRUPT flag) and the hints that start a burst's
+# cache misses together (prefetch_chains). Writes only the used ring. Header-only:
+# compiled into _vring.
 # With VIRTIO_F_IN_ORDER every used element is still written (virtio 1.1 2.6.9 would allow
 # one per TX batch): DPDK's in-order TX cleanup and ours go by the used index and read at
 # most one element, so the others' stores stay in lines of our own cache, and which slot a
 # single element belongs in (the batch's first or last) differs between implementations.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
+from pyvhost._memory cimport gpa_to_host
 from pyvhost._ring_index cimport index_ahead, need_event
+from pyvhost._ring_packed cimport SPLIT_SHADOW, used_batch_t
 from pyvhost._vring cimport (
-    VRING_AVAIL_F_NO_INTERRUPT, vh_eventfd_signal, vh_fence_seq_cst, vh_load_acquire_u16,
-    vh_load_relaxed_u16, vh_log_write, vh_store_release_u16, vq_t, vring_used_elem_t,
+    MAX_BURST, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, vh_eventfd_signal,
+    vh_fence_seq_cst, vh_load_acquire_u16, vh_load_relaxed_u16, vh_log_write, vh_prefetch,
+    vh_prefetch_w, vh_store_release_u16, vq_t, vring_desc_t,
 )
 
 
@@ -20,13 +26,28 @@ cdef inline void log_used(vq_t *vq, uint64_t offset, uint64_t length) noexcept n
         vh_log_write(vq.log, vq.log_size, vq.log_used_gpa + offset, length)
 
 
-cdef inline void put_used(vq_t *vq, uint32_t head, uint32_t length) noexcept nogil:
-    cdef uint32_t slot = vq.last_used_idx & (vq.size - 1)
-    cdef vring_used_elem_t *e = &vq.used_ring[slot]
-    e.id = head
-    e.len = length
-    log_used(vq, 4 + 8 * <uint64_t>slot, 8)
-    vq.last_used_idx += 1
+cdef inline void split_used_flush(vq_t *vq, used_batch_t *ub) noexcept nogil:
+    """The used elements a burst decided (id, then len, little-endian as virtio 1.0 has
+    them), written into the ring together, one 8-byte store each, like DPDK's shadow used
+    ring; notify_guest publishes the used index. The guest reads these lines: stores to
+    them spread over the burst each waited for the guest's core to give a line up while
+    the burst's later stores queued behind."""
+    cdef uint32_t k, slot, mask = vq.size - 1
+    for k in range(ub.nshadow):
+        slot = vq.last_used_idx & mask
+        memcpy(&vq.used_ring[slot], &ub.shadow[k], 8)
+        log_used(vq, 4 + 8 * <uint64_t>slot, 8)
+        vq.last_used_idx += 1
+    ub.nshadow = 0
+
+
+cdef inline void put_used_split(vq_t *vq, used_batch_t *ub, uint32_t head,
+                                uint32_t length) noexcept nogil:
+    """A used element into the burst's shadow (split_used_flush writes it)."""
+    if ub.nshadow == SPLIT_SHADOW:
+        split_used_flush(vq, ub)
+    ub.shadow[ub.nshadow] = head | (<uint64_t>length << 32)
+    ub.nshadow += 1
 
 
 cdef inline void notify_guest(vq_t *vq) noexcept nogil:
@@ -61,3 +82,50 @@ cdef inline int avail_count(vq_t *vq, uint16_t *avail_idx) noexcept nogil:
         return -1
     avail_idx[0] = idx
     return count
+
+
+cdef inline void prefetch_chains(vq_t *vq, uint16_t first, uint32_t n, bint writable) noexcept nogil:
+    """Hints before a burst of ``n`` chains from the free-running avail index ``first``:
+    the used-ring lines the burst will write, the chains' head descriptors, then the first
+    and last line of each head buffer's first 128 bytes (virtio-net header and frame
+    start; for writing when ``writable``). The guest wrote these lines on its own core, and
+    a core in another cache domain answers each in hundreds of ns: asked for together, the
+    misses overlap instead of coming one per frame. Hints only, on addresses inside the
+    ring or (translated like any buffer) in the guest's mapped memory: nothing read here is
+    kept; the chains are read again and checked when they are walked. Not behind an IOMMU
+    (a translation could record a miss) nor for indirect tables."""
+    cdef uint16_t heads[MAX_BURST]
+    cdef uint32_t j, mask = vq.size - 1, slot
+    cdef uint64_t length
+    cdef vring_desc_t d
+    cdef uint8_t *p
+    if n > MAX_BURST:
+        n = MAX_BURST
+    for j in range(n):
+        slot = (vq.last_used_idx + j) & mask
+        if j == 0 or slot & 7 == 0:               # 8 used elements to a line
+            vh_prefetch_w(&vq.used_ring[slot])
+    for j in range(n):
+        heads[j] = vh_load_relaxed_u16(&vq.avail[2 + ((first + j) & mask)])
+        if heads[j] < vq.size:
+            vh_prefetch(&vq.desc[heads[j]])
+    if vq.iotlb != NULL:
+        return
+    for j in range(n):
+        if heads[j] >= vq.size:
+            continue
+        memcpy(&d, &vq.desc[heads[j]], sizeof(vring_desc_t))
+        length = d.len
+        if d.flags & VRING_DESC_F_INDIRECT or length == 0:
+            continue
+        if length > 128:
+            length = 128
+        p = gpa_to_host(vq.mem, d.addr, &length)
+        if p == NULL:
+            continue
+        if writable:
+            vh_prefetch_w(p)
+            vh_prefetch_w(p + length - 1)
+        else:
+            vh_prefetch(p)
+            vh_prefetch(p + length - 1)

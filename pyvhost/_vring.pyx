@@ -102,6 +102,7 @@ cdef void vq_rx_complete(vq_t *vq) noexcept nogil:
         vq_fault(vq)
         return
     ub.n = 0
+    ub.nshadow = 0
     ub.head_slot = 0
     for k in range(n):
         mark_used(vq, &ub, vq.pend_id[k], vq.pend_slots[k], 0, False)

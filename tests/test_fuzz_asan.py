@@ -20,7 +20,7 @@ import pytest
 from tests.harness import asan
 
 CORPUS = ["tests/test_fuzz_rings.py", "tests/test_fuzz_onecopy.py", "tests/test_vring_hostile.py",
-          "tests/test_ring_batch.py", "tests/test_driver_core.py",
+          "tests/test_ring_batch.py", "tests/test_ring_core.py", "tests/test_driver_core.py",
           "tests/test_memory.py", "tests/test_protocol.py", "tests/test_openflow_codec.py",
           "tests/test_tunnel_decap.py", "tests/test_edit.py", "tests/test_emc.py",
           "tests/test_megaflow.py",

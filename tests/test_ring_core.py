@@ -131,3 +131,54 @@ def test_packed_in_order_tx_batch_completes_with_one_used_descriptor(image):
         d.post_rx()
         assert vq.send_burst(pool, [frame(100), frame(200)]) == 2
         assert [d.read_desc(k)[1] for k in (4, 5)] == [112, 212]     # each with its length
+
+
+@pytest.mark.parametrize("mrg_rxbuf", [False, True])
+def test_split_used_elements_of_a_burst_are_written_in_order(image, mrg_rxbuf):
+    """A split burst keeps its used elements aside and writes them together at its end
+    (32 at a time, as DPDK's shadow used ring): a burst of 32 frames that each take three
+    mergeable buffers gives back 96 elements, more than are kept aside at once. Every one
+    must land in its slot, in the order taken, with its length, the used index published
+    once, and each frame's header say how many buffers it took."""
+    pool = PacketPool(64, 2048)
+    d = DriverRing(image, 256)
+    vq = d.make_queue(image.guest_memory(), mrg_rxbuf=mrg_rxbuf)
+    size = 64 if mrg_rxbuf else 1024
+    heads = [d.post_rx((size,)) for _ in range(96 if mrg_rxbuf else 32)]
+    frames = [frame(150, k) for k in range(32)]
+    assert vq.send_burst(pool, frames) == 32
+    used = d.used()
+    assert [h for h, _ in used] == heads
+    if mrg_rxbuf:       # 12 + 150 bytes: 64, 64 and 34 of three buffers
+        assert [n for _, n in used] == [64, 64, 34] * 32
+        for k in range(32):
+            got = b"".join(d.rx_bytes(h, n) for h, n in used[3 * k:3 * k + 3])
+            assert got == bytes(10) + struct.pack("<H", 3) + frames[k]
+    else:
+        assert [n for _, n in used] == [162] * 32
+        for (h, n), f in zip(used, frames, strict=True):
+            assert d.rx_bytes(h, n) == bytes(10) + struct.pack("<H", 1) + f
+    s = vq.stats()
+    assert (s["packets"], s["bursts"]) == (32, 1)
+
+
+@pytest.mark.parametrize("hdr_len", [10, 12])
+def test_rx_header_is_exactly_the_header(image, hdr_len):
+    """The RX header is written straight into the guest's buffer (no offload to pass on):
+    all its bytes zero but num_buffers (12-byte header), nothing before or after it
+    touched, and the frame right behind it; a header split across two buffers the same."""
+    pool = PacketPool(16, 2048)
+    d = DriverRing(image, 64)
+    vq = d.make_queue(image.guest_memory(), hdr_len=hdr_len)
+    one = d.post_rx((256,))
+    split = d.post_rx((7, 249))
+    f = frame(100, 9)
+    image.write(d.buffers[one][0][0], bytes(range(1, 256)) + b"\x01")   # no zeros to hide in
+    assert vq.send_burst(pool, [f, f]) == 2
+    want = (bytes(10) + (struct.pack("<H", 1) if hdr_len == 12 else b"")) + f
+    assert d.used() == [(one, len(want)), (split, len(want))]
+    assert d.rx_bytes(one, len(want)) == want
+    assert d.rx_bytes(split, len(want)) == want
+    gpa, length = d.buffers[one][0]
+    assert image.read(gpa + len(want), length - len(want)) == \
+        bytes(range(1, 256))[len(want):] + b"\x01"
