@@ -2,8 +2,11 @@
 # guest RX, mergeable or not) for split and packed alike, over small per-layout helpers
 # (ring_begin/next_chain/ring_commit: the next available chain; mark_used; ring_notify);
 # packed rings take four single-descriptor chains at once where they can (_ring_batch).
-# Every counter of a burst is kept here, once for both layouts. Runs inside the caller's
-# SIGBUS guard with the ring locked. Header-only: compiled into _vring.
+# The copies of a burst's frames in one segment wait for its end and go together
+# (tx_copies, rx_copies), as DPDK's batch copy: lines another core holds are then asked
+# for many at once, not one between each frame's other work. Every counter of a burst is
+# kept here, once for both layouts. Runs inside the caller's SIGBUS guard with the ring
+# locked. Header-only: compiled into _vring.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._pktpool cimport pkt_t, pktpool_t, pool_get, pool_put
@@ -22,16 +25,74 @@ from pyvhost._ring_split cimport (
 )
 from pyvhost._ring_walk cimport MAX_BUFS_PER_PKT, walk_chain, walk_packed
 from pyvhost._vring cimport (
-    MAX_IOV, ONECOPY_HEAD, ext_t, iov_t, vh_load_relaxed_u16, vh_prefetch, vq_t,
+    MAX_BURST, MAX_IOV, ONECOPY_HEAD, ext_t, iov_t, vh_load_relaxed_u16, vh_prefetch, vq_t,
 )
+
+
+cdef struct tx_copy_t:
+    # a chain dequeue_chains has taken a packet for and copies at the burst's end
+    const uint8_t *src      # its one segment: header and frame
+    uint64_t total
+    uint32_t at             # the packet's place in pkts
+
+
+cdef inline void tx_copy_one(vq_t *vq, pkt_t *pkt, const iov_t *iov, uint32_t niov,
+                             uint64_t total, bint ref) noexcept nogil:
+    if ref and total - vq.hdr_len > ONECOPY_HEAD and \
+            pkt.cap >= ONECOPY_HEAD + sizeof(ext_t) + 8:
+        copy_head(vq, iov, niov, total, vq.hdr_len, pkt)
+    else:
+        copy_out(iov, niov, total, vq.hdr_len, pkt)
+
+
+cdef inline bint tx_accept(vq_t *vq, pktpool_t *pool, pkt_t *pkt) noexcept nogil:
+    """The copied frame's header checked: counted, or dropped (its packet given back)."""
+    if tx_header_ok(vq, pkt):
+        vq.st.bytes += pkt.len + pkt.ext_len
+        if pkt.ext_len:
+            vq.nref += 1
+        return True
+    vq.st.drop_bad_hdr += 1
+    vq.dq_taken -= 1
+    pool_put(pool, pkt)
+    return False
+
+
+cdef inline uint32_t tx_copies(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t nout,
+                               tx_copy_t *dc, uint32_t n) noexcept nogil:
+    """The burst's deferred chains copied into their packets one after another (DPDK's
+    batch copy: the loads of lines the guest wrote go out together), then each header
+    checked; a packet whose header is refused leaves ``pkts``, the others keep their
+    order. Before ring_notify: no chain goes back before it is copied. Returns the new
+    count. A fault in a copy unwinds with every packet still in ``pkts``."""
+    cdef iov_t one
+    cdef uint32_t k, j, w = 0, d = 0
+    if n == 0:
+        return nout
+    for k in range(n):
+        one.base = <uint8_t *>dc[k].src
+        one.len = dc[k].total
+        one.gpa = 0
+        copy_out(&one, 1, dc[k].total, vq.hdr_len, pkts[dc[k].at])
+    for j in range(nout):               # no guest memory from here on
+        if d < n and dc[d].at == j:
+            d += 1
+            if not tx_accept(vq, pool, pkts[j]):
+                continue
+        pkts[w] = pkts[j]
+        w += 1
+    return w
 
 
 cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint32_t niov,
                               uint64_t total, bint bad, pkt_t **pkts,
-                              uint32_t *nout, bint ref) noexcept nogil:
+                              uint32_t *nout, bint ref, tx_copy_t *dc,
+                              uint32_t *ndc) noexcept nogil:
     """One guest TX chain (split or packed) into a packet appended to ``pkts``, or counted
     as dropped. -1 when no packet buffer is free: the chain must stay in the ring. ``ref``:
-    a frame longer than ONECOPY_HEAD keeps its tail in guest memory (copy_head)."""
+    a frame longer than ONECOPY_HEAD keeps its tail in guest memory (copy_head). With
+    ``dc``, a frame in one segment that is copied whole is only noted there: tx_copies
+    copies and checks it before the burst ends."""
     cdef uint32_t hdr = vq.hdr_len
     cdef pkt_t *pkt
     if bad or total < hdr:
@@ -48,20 +109,16 @@ cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint3
         pkts[nout[0]] = pkt
         vq.dq_taken += 1                # a fault in the copy gives it back (vq_dequeue)
         vh_compiler_barrier()
-        if ref and total - hdr > ONECOPY_HEAD and \
-                pkt.cap >= ONECOPY_HEAD + sizeof(ext_t) + 8:
-            copy_head(vq, iov, niov, total, hdr, pkt)
-        else:
-            copy_out(iov, niov, total, hdr, pkt)
-        if tx_header_ok(vq, pkt):
+        if dc != NULL and niov == 1 and not (ref and total - hdr > ONECOPY_HEAD):
+            dc[ndc[0]].src = iov[0].base
+            dc[ndc[0]].total = total
+            dc[ndc[0]].at = nout[0]
+            ndc[0] += 1
             nout[0] += 1
-            vq.st.bytes += pkt.len + pkt.ext_len
-            if pkt.ext_len:
-                vq.nref += 1
-        else:
-            vq.st.drop_bad_hdr += 1
-            vq.dq_taken -= 1
-            pool_put(pool, pkt)
+            return 0
+        tx_copy_one(vq, pkt, iov, niov, total, ref)
+        if tx_accept(vq, pool, pkt):
+            nout[0] += 1
     return 0
 
 
@@ -224,7 +281,8 @@ cdef inline int dequeue_batch(vq_t *vq, pktpool_t *pool, cursor_t *cur, used_bat
     for k in range(PACKED_BATCH):
         if k + 1 < PACKED_BATCH:
             vh_prefetch(biov[k + 1].base + 64)
-        if receive_chain(vq, pool, &biov[k], 1, biov[k].len, False, pkts, nout, ref) < 0:
+        if receive_chain(vq, pool, &biov[k], 1, biov[k].len, False, pkts, nout, ref,
+                         NULL, NULL) < 0:
             vq.batched += k
             return -1 - k
         tx_complete(vq, ub, ref, ids[k], 1)
@@ -242,6 +300,8 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     cdef uint32_t i = 0, nout = 0, niov
     cdef used_batch_t ub
     cdef iov_t iov[MAX_IOV]
+    cdef tx_copy_t dc[MAX_BURST]
+    cdef uint32_t ndc = 0
     cdef int rc
     ub.n = 0
     ub.nshadow = 0
@@ -265,11 +325,13 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
         if rc == CHAIN_BROKEN:
             ring_broken(vq)
             break
-        if receive_chain(vq, pool, iov, niov, ch.total, rc < 0, pkts, &nout, ref) < 0:
+        if receive_chain(vq, pool, iov, niov, ch.total, rc < 0, pkts, &nout, ref,
+                         dc if ndc < MAX_BURST else NULL, &ndc) < 0:
             break                           # no packet buffer: it stays in the ring
         tx_complete(vq, &ub, ref, ch.id, ch.nslots)
         ring_commit(vq, &cur)
         i += 1
+    nout = tx_copies(vq, pool, pkts, nout, dc, ndc)
     ring_notify(vq, &ub)
     vq.st.packets += nout
     vq.st.bursts += 1
@@ -316,6 +378,34 @@ cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_b
     return PACKED_BATCH
 
 
+cdef struct rx_copy_t:
+    # a frame enqueue_chains has found its buffer for and copies at the burst's end
+    uint8_t *dst            # the buffer: one segment, room for header and frame
+    uint64_t gpa
+    pkt_t *pkt
+    uint32_t need           # header and frame bytes
+    uint32_t nbufs          # num_buffers of the header
+
+
+cdef inline void rx_copies(vq_t *vq, rx_copy_t *cp, uint32_t n) noexcept nogil:
+    """The burst's deferred frames into their buffers, header, frame, dirty log, one after
+    another (DPDK's batch copy): stores to lines the guest holds are then side by side and
+    the CPU asks for many of those lines at once; between other work, each waited its turn.
+    Before ring_notify: the guest sees none of these buffers before then."""
+    cdef iov_t one
+    cdef uint32_t k, i_iov
+    cdef uint64_t off
+    for k in range(n):
+        one.base = cp[k].dst
+        one.len = cp[k].need
+        one.gpa = cp[k].gpa
+        i_iov = 0
+        off = 0
+        put_header(&one, &i_iov, &off, vq, cp[k].nbufs, cp[k].pkt)
+        fill_iovs(&one, &i_iov, &off, cp[k].pkt.data, cp[k].pkt.len)
+        log_iovs(vq, &one, 1, cp[k].need)
+
+
 cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
                                     uint32_t *taken) noexcept nogil:
     """Packets into guest RX buffers, split or packed, mergeable or not. Packed: four at a
@@ -331,6 +421,8 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
     cdef used_batch_t ub
     cdef uint64_t need, cap, total, off, w
     cdef iov_t iov[MAX_IOV]
+    cdef rx_copy_t cp[MAX_BURST]
+    cdef uint32_t ncp = 0
     cdef pkt_t *pkt
     cdef bint miss = False
     cdef int rc
@@ -395,14 +487,22 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
                 i += 1
                 continue
             break                           # out of buffers: the rest are not delivered
-        i_iov = 0
-        off = 0
-        put_header(iov, &i_iov, &off, vq, nbufs, pkt)
-        fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
-        if pkt.ext_len and fill_ext(iov, &i_iov, &off, pkt) < 0:
-            i += 1                          # the sender's memory faulted: the frame is
-            continue                        # lost, the buffers stay the guest's
-        log_iovs(vq, iov, niov, need)
+        if niov == 1 and pkt.ext_len == 0 and ncp < MAX_BURST:
+            cp[ncp].dst = iov[0].base       # the common case: copied with the others
+            cp[ncp].gpa = iov[0].gpa        # at the burst's end (rx_copies)
+            cp[ncp].pkt = pkt
+            cp[ncp].need = <uint32_t>need
+            cp[ncp].nbufs = nbufs
+            ncp += 1
+        else:
+            i_iov = 0
+            off = 0
+            put_header(iov, &i_iov, &off, vq, nbufs, pkt)
+            fill_iovs(iov, &i_iov, &off, pkt.data, pkt.len)
+            if pkt.ext_len and fill_ext(iov, &i_iov, &off, pkt) < 0:
+                i += 1                      # the sender's memory faulted: the frame is
+                continue                    # lost, the buffers stay the guest's
+            log_iovs(vq, iov, niov, need)
         w = need
         for b in range(nbufs):
             total = chains[b].total if chains[b].total < w else w
@@ -419,6 +519,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
         vq.st.drop_no_buffer += count - i
         i = count
     taken[0] = i
+    rx_copies(vq, cp, ncp)
     ring_notify(vq, &ub)
     vq.st.packets += nsent
     vq.st.bursts += 1
