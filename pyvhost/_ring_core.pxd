@@ -63,8 +63,13 @@ cdef inline uint32_t tx_copies(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t
     """The burst's deferred chains copied into their packets one after another (DPDK's
     batch copy: the loads of lines the guest wrote go out together), then each header
     checked; a packet whose header is refused leaves ``pkts``, the others keep their
-    order. Before ring_notify: no chain goes back before it is copied. Returns the new
-    count. A fault in a copy unwinds with every packet still in ``pkts``."""
+    order. Before ring_notify, so no chain is seen given back before it is copied (split:
+    the used elements are written there; packed: the burst's other used descriptors are
+    in the ring already, but the driver reads them in order and the first one's flags are
+    stored last; one-copy: at vq_rx_complete). Returns the new count. A fault in a copy
+    unwinds with every packet still in ``pkts``. Also called mid-burst when the pool runs
+    dry (receive_chain's -2): a refused packet's buffer then serves the next chain, as if
+    each had been settled at once."""
     cdef iov_t one
     cdef uint32_t k, j, w = 0, d = 0
     if n == 0:
@@ -89,7 +94,9 @@ cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint3
                               uint32_t *nout, bint ref, tx_copy_t *dc,
                               uint32_t *ndc) noexcept nogil:
     """One guest TX chain (split or packed) into a packet appended to ``pkts``, or counted
-    as dropped. -1 when no packet buffer is free: the chain must stay in the ring. ``ref``:
+    as dropped. -1 when no packet buffer is free: the chain must stay in the ring; -2 when
+    none is free while chains noted in ``dc`` are not settled (tx_copies, then again).
+    ``ref``:
     a frame longer than ONECOPY_HEAD keeps its tail in guest memory (copy_head). With
     ``dc``, a frame in one segment that is copied whole is only noted there: tx_copies
     copies and checks it before the burst ends."""
@@ -104,6 +111,8 @@ cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint3
     else:
         pkt = pool_get(pool)
         if pkt == NULL:
+            if ndc != NULL and ndc[0]:
+                return -2           # settle the deferred first: a refused one frees its buffer
             vq.st.drop_no_mbuf += 1
             return -1
         pkts[nout[0]] = pkt
@@ -111,7 +120,7 @@ cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint3
         vh_compiler_barrier()
         if dc != NULL and niov == 1 and not (ref and total - hdr > ONECOPY_HEAD):
             dc[ndc[0]].src = iov[0].base
-            dc[ndc[0]].total = total
+            dc[ndc[0]].total = iov[0].len   # (one segment: all of the chain)
             dc[ndc[0]].at = nout[0]
             ndc[0] += 1
             nout[0] += 1
@@ -228,8 +237,10 @@ cdef inline void ring_broken(vq_t *vq) noexcept nogil:
 
 cdef inline void mark_used(vq_t *vq, used_batch_t *ub, uint16_t id, uint16_t nslots,
                            uint32_t length, bint written) noexcept nogil:
-    """A used element into the burst's batch ``ub`` (zeroed at the burst's start); the guest
-    sees the batch in ring_notify. Split: the used index is published once there anyway."""
+    """A used element into the burst's batch ``ub`` (its n, nshadow and head_slot set to 0
+    at the burst's start); the guest sees the batch in ring_notify. Split: the element
+    waits in the shadow (written when 32 wait, or there) and the used index is published
+    once there."""
     if vq.packed:
         put_used_packed(vq, ub, id, length, nslots, written)
     else:
@@ -259,7 +270,8 @@ cdef inline void step_one(vq_t *vq, cursor_t *cur) noexcept nogil:
 
 cdef inline void tx_complete(vq_t *vq, used_batch_t *ub, bint ref, uint16_t id,
                              uint16_t nslots) noexcept nogil:
-    """A TX chain taken: back to the guest now, or (ref) at vq_rx_complete."""
+    """A TX chain taken: back to the guest with the burst's used elements (ring_notify),
+    or (ref) at vq_rx_complete."""
     if ref:
         vq.pend_id[vq.npend] = id
         vq.pend_slots[vq.npend] = nslots
@@ -303,6 +315,7 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     cdef tx_copy_t dc[MAX_BURST]
     cdef uint32_t ndc = 0
     cdef int rc
+    cdef bint bad
     ub.n = 0
     ub.nshadow = 0
     ub.head_slot = 0
@@ -325,8 +338,15 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
         if rc == CHAIN_BROKEN:
             ring_broken(vq)
             break
-        if receive_chain(vq, pool, iov, niov, ch.total, rc < 0, pkts, &nout, ref,
-                         dc if ndc < MAX_BURST else NULL, &ndc) < 0:
+        bad = rc < 0
+        rc = receive_chain(vq, pool, iov, niov, ch.total, bad, pkts, &nout, ref,
+                           dc if ndc < MAX_BURST else NULL, &ndc)
+        if rc == -2:                        # the pool ran dry with copies outstanding:
+            nout = tx_copies(vq, pool, pkts, nout, dc, ndc)     # as if each had been
+            ndc = 0                                             # settled at once
+            rc = receive_chain(vq, pool, iov, niov, ch.total, bad, pkts, &nout, ref,
+                               dc, &ndc)
+        if rc < 0:
             break                           # no packet buffer: it stays in the ring
         tx_complete(vq, &ub, ref, ch.id, ch.nslots)
         ring_commit(vq, &cur)
@@ -423,6 +443,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
     cdef iov_t iov[MAX_IOV]
     cdef rx_copy_t cp[MAX_BURST]
     cdef uint32_t ncp = 0
+    cdef uint64_t nbytes = 0
     cdef pkt_t *pkt
     cdef bint miss = False
     cdef int rc
@@ -510,7 +531,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
             w -= total
         cur = nxt
         ring_commit(vq, &cur)
-        vq.st.bytes += pkt.len + pkt.ext_len
+        nbytes += pkt.len + pkt.ext_len
         if pkt.ext_len:
             vq.onecopy += 1
         nsent += 1
@@ -522,5 +543,6 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
     rx_copies(vq, cp, ncp)
     ring_notify(vq, &ub)
     vq.st.packets += nsent
+    vq.st.bytes += nbytes               # (a fault unwinds before: neither counted)
     vq.st.bursts += 1
     return nsent

@@ -18,14 +18,15 @@ cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nog
 
 
 cdef enum:
-    SPLIT_SHADOW = 32
+    SPLIT_SHADOW = 32       # split used elements kept aside at most (split_used_flush)
 
 
 cdef struct used_batch_t:
-    # the used descriptors one burst writes (packed: DPDK's batch): every one is written as
-    # it is decided except the first one's flags, stored last (packed_used_flush), so the
-    # driver, which reads used descriptors in order, takes the burst as one
-    uint32_t n              # used elements written in this burst
+    # the used elements one burst gives back, both layouts (DPDK's batch). Packed: every
+    # descriptor is written as it is decided except the first one's flags, stored last
+    # (packed_used_flush), so the driver, which reads used descriptors in order, takes the
+    # burst as one. Split: elements wait in ``shadow`` and are written together.
+    uint32_t n              # used elements decided in this burst
     uint16_t head_slot      # packed: the slot of the first, its flags not yet stored
     uint16_t head_flags
     uint8_t written         # packed: the first one is an RX buffer (written, has a length)

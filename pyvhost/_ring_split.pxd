@@ -103,7 +103,7 @@ cdef inline void prefetch_chains(vq_t *vq, uint16_t first, uint32_t n, bint writ
         n = MAX_BURST
     for j in range(n):
         slot = (vq.last_used_idx + j) & mask
-        if j == 0 or slot & 7 == 0:               # 8 used elements to a line
+        if j == 0 or (<size_t>&vq.used_ring[slot]) & 63 < 8:     # the first on a line
             vh_prefetch_w(&vq.used_ring[slot])
     for j in range(n):
         heads[j] = vh_load_relaxed_u16(&vq.avail[2 + ((first + j) & mask)])

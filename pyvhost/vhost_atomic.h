@@ -26,7 +26,7 @@ static inline void vh_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 static inline void vh_prefetch_w(const void *p)
 {
 #if defined(__x86_64__)
-    __asm__ __volatile__("prefetchw %0" : : "m"(*(const char *)p));
+    __asm__ __volatile__("prefetchw (%0)" : : "r"(p));   /* no memory operand: p is a hint */
 #else
     __builtin_prefetch(p, 1, 3);
 #endif

@@ -212,3 +212,51 @@ def test_a_burst_copies_its_chains_together_and_keeps_their_order(image, layout,
     assert (s["packets"], s["drop_bad_hdr"]) == (len(want), 24 - len(want))
     assert len(d.used()) == 24
     assert pool.available == pool.count
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+@pytest.mark.parametrize("receive", ["plain", "one_copy"])
+def test_a_fault_in_the_burst_copies_gives_every_packet_back(layout, receive):
+    """The guest's memory vanishes under the chains whose copies wait for the burst's end
+    (the rings stay mapped): the fault unwinds the burst with every packet taken so far
+    back in the pool, our RARP lead, a frame copied at once and the deferred ones alike,
+    and a refused header dropped on the way is not given back twice. The hints before the
+    burst touch the vanished buffers too: a hint must not fault."""
+    with GuestImage((MiB, MiB)) as img:
+        pool = PacketPool(16, 2048)
+        d, vq = ring_of(img, PackedDriverRing if layout == "packed" else DriverRing, 64)
+        vq.inject_rarp(MAC)                                         # a packet of our own
+        d.post_tx(frame(100), hdr=vnet_hdr(flags=1), splits=[12, 50, 50])   # refused
+        d.post_tx(frame(60), splits=[12, 30, 30])                   # copied at once
+        at = img.alloc(16)
+        img.alloc(img.boundary(0) - at - 16, 1)                     # the rest: region 1
+        for k in range(4):
+            d.post_tx(frame(60, k))                                 # copied at the end
+        assert img.alloc(16) >= img.boundary(0)
+        os.ftruncate(img.regions[1].fd, 0)
+        got = vq.recv_burst(pool) if receive == "plain" else vq.recv_burst_ref(pool)
+        assert got == []
+        assert pool.available == pool.count
+        assert vq.faults == 1 and vq.broken
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_a_refused_header_frees_its_packet_for_the_next_chain(image, layout):
+    """Two packet buffers for five chains, two of them with a header the device refuses:
+    settled one at a time, each refused packet's buffer serves the next chain, so two
+    frames are delivered and the fifth chain waits in the ring (no buffer). Copies that
+    wait for the burst's end must come out the same: when the pool runs dry they are
+    settled first, and the burst goes on."""
+    pool = PacketPool(2, 2048)
+    d, vq = ring(image, layout)
+    refused = vnet_hdr(flags=1)
+    d.post_tx(frame(60, 1), hdr=refused)
+    d.post_tx(frame(60, 2))
+    d.post_tx(frame(60, 3), hdr=refused)
+    d.post_tx(frame(60, 4))
+    d.post_tx(frame(60, 5))
+    assert vq.recv_burst(pool) == [frame(60, 2), frame(60, 4)]
+    s = vq.stats()
+    assert (s["drop_bad_hdr"], s["drop_no_mbuf"], s["packets"]) == (2, 1, 2)
+    assert vq.recv_burst(pool) == [frame(60, 5)]
+    assert pool.available == pool.count
