@@ -21,15 +21,28 @@ static inline void vh_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEA
 /* a hint only: read p into the cache ahead of its use (never faults, even unmapped) */
 static inline void vh_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 /* for writing: the line comes in owned, so the store does not wait for another core to give
- * it up. GCC spells __builtin_prefetch(p, 1) as a read prefetch unless built for PRFCHW;
- * PREFETCHW is in every x86-64 CPU since AMD K8 and Intel Broadwell (a NOP before). */
+ * it up. GCC spells __builtin_prefetch(p, 1) as a read prefetch unless built for PRFCHW,
+ * so PREFETCHW is spelled here, where the CPU says it has it (CPUID 0x80000001 ECX bit 8:
+ * AMD since K8, Intel since Broadwell), checked once when the module is loaded. */
+#if defined(__x86_64__)
+#include <cpuid.h>
+static int vh_has_prefetchw;
+__attribute__((constructor)) static void vh_detect_prefetchw(void)
+{
+    unsigned int a, b, c, d;
+    if (__get_cpuid(0x80000001, &a, &b, &c, &d))
+        vh_has_prefetchw = (c >> 8) & 1;
+}
+#endif
 static inline void vh_prefetch_w(const void *p)
 {
 #if defined(__x86_64__)
-    __asm__ __volatile__("prefetchw (%0)" : : "r"(p));   /* no memory operand: p is a hint */
-#else
-    __builtin_prefetch(p, 1, 3);
+    if (vh_has_prefetchw) {
+        __asm__ __volatile__("prefetchw (%0)" : : "r"(p));   /* no memory operand: a hint */
+        return;
+    }
 #endif
+    __builtin_prefetch(p, 1, 3);
 }
 
 static inline int vh_load_acquire_int(const volatile int *p)
