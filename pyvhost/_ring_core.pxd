@@ -96,10 +96,9 @@ cdef inline int receive_chain(vq_t *vq, pktpool_t *pool, const iov_t *iov, uint3
     """One guest TX chain (split or packed) into a packet appended to ``pkts``, or counted
     as dropped. -1 when no packet buffer is free: the chain must stay in the ring; -2 when
     none is free while chains noted in ``dc`` are not settled (tx_copies, then again).
-    ``ref``:
-    a frame longer than ONECOPY_HEAD keeps its tail in guest memory (copy_head). With
-    ``dc``, a frame in one segment that is copied whole is only noted there: tx_copies
-    copies and checks it before the burst ends."""
+    ``ref``: a frame longer than ONECOPY_HEAD keeps its tail in guest memory (copy_head).
+    With ``dc``, a frame in one segment that is copied whole is only noted there:
+    tx_copies copies and checks it before the burst ends."""
     cdef uint32_t hdr = vq.hdr_len
     cdef pkt_t *pkt
     if bad or total < hdr:
