@@ -321,7 +321,7 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     if ring_begin(vq, &cur) < 0 or not ring_has_chain(vq, &cur):
         return 0
     if not vq.packed:
-        prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)), False)
+        prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)))
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
             rc = dequeue_batch(vq, pool, &cur, &ub, pkts, &nout, ref)
@@ -463,7 +463,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
         taken[0] = count
         return 0
     if not vq.packed:
-        prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)), True)
+        prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)))
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
             nb = enqueue_batch(vq, pkts + i, &cur, &ub, &nsent)

@@ -7,16 +7,15 @@
 # one per TX batch): DPDK's in-order TX cleanup and ours go by the used index and read at
 # most one element, so the others' stores stay in lines of our own cache, and which slot a
 # single element belongs in (the batch's first or last) differs between implementations.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from pyvhost._memory cimport gpa_to_host
 from pyvhost._ring_index cimport index_ahead, need_event
 from pyvhost._ring_packed cimport SPLIT_SHADOW, used_batch_t
 from pyvhost._vring cimport (
-    MAX_BURST, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, vh_eventfd_signal,
+    MAX_BURST, VRING_AVAIL_F_NO_INTERRUPT, vh_eventfd_signal,
     vh_fence_seq_cst, vh_load_acquire_u16, vh_load_relaxed_u16, vh_log_write, vh_prefetch,
-    vh_prefetch_w, vh_store_release_u16, vq_t, vring_desc_t,
+    vh_prefetch_w, vh_store_release_u16, vq_t,
 )
 
 
@@ -84,21 +83,17 @@ cdef inline int avail_count(vq_t *vq, uint16_t *avail_idx) noexcept nogil:
     return count
 
 
-cdef inline void prefetch_chains(vq_t *vq, uint16_t first, uint32_t n, bint writable) noexcept nogil:
+cdef inline void prefetch_chains(vq_t *vq, uint16_t first, uint32_t n) noexcept nogil:
     """Hints before a burst of ``n`` chains from the free-running avail index ``first``:
-    the used-ring lines the burst will write, the chains' head descriptors, then the first
-    and last line of each head buffer's first 128 bytes (virtio-net header and frame
-    start; for writing when ``writable``). The guest wrote these lines on its own core, and
-    a core in another cache domain answers each in hundreds of ns: asked for together, the
-    misses overlap instead of coming one per frame. Hints only, on addresses inside the
-    ring or (translated like any buffer) in the guest's mapped memory: nothing read here is
-    kept; the chains are read again and checked when they are walked. Not behind an IOMMU
-    (a translation could record a miss) nor for indirect tables."""
-    cdef uint16_t heads[MAX_BURST]
+    the used-ring lines the burst will write and the chains' head descriptors. The guest
+    wrote these lines on its own core, and a core in another cache domain answers each in
+    hundreds of ns: asked for together, the misses overlap instead of coming one per frame.
+    Hints only, on addresses inside the ring: the avail entries read here are not kept.
+    The buffers' own lines are not hinted: 2 x 32 prefetches at a burst's start filled the
+    core's miss buffers and cost ~5 ns a frame in the fast mode, for no gain measured in the
+    slow one once the burst's copies were batched (rx_copies / tx_copies)."""
     cdef uint32_t j, mask = vq.size - 1, slot
-    cdef uint64_t length
-    cdef vring_desc_t d
-    cdef uint8_t *p
+    cdef uint16_t head
     if n > MAX_BURST:
         n = MAX_BURST
     for j in range(n):
@@ -106,26 +101,6 @@ cdef inline void prefetch_chains(vq_t *vq, uint16_t first, uint32_t n, bint writ
         if j == 0 or (<size_t>&vq.used_ring[slot]) & 63 < 8:     # the first on a line
             vh_prefetch_w(&vq.used_ring[slot])
     for j in range(n):
-        heads[j] = vh_load_relaxed_u16(&vq.avail[2 + ((first + j) & mask)])
-        if heads[j] < vq.size:
-            vh_prefetch(&vq.desc[heads[j]])
-    if vq.iotlb != NULL:
-        return
-    for j in range(n):
-        if heads[j] >= vq.size:
-            continue
-        memcpy(&d, &vq.desc[heads[j]], sizeof(vring_desc_t))
-        length = d.len
-        if d.flags & VRING_DESC_F_INDIRECT or length == 0:
-            continue
-        if length > 128:
-            length = 128
-        p = gpa_to_host(vq.mem, d.addr, &length)
-        if p == NULL:
-            continue
-        if writable:
-            vh_prefetch_w(p)
-            vh_prefetch_w(p + length - 1)
-        else:
-            vh_prefetch(p)
-            vh_prefetch(p + length - 1)
+        head = vh_load_relaxed_u16(&vq.avail[2 + ((first + j) & mask)])
+        if head < vq.size:
+            vh_prefetch(&vq.desc[head])
