@@ -17,7 +17,7 @@ if os.environ.get("PYVHOST_SANITIZE"):
 
 MODULES = ["_memory", "_pktpool", "_vring", "_port", "_vhostport", "_tap", "_afpacket", "_poll",
            "_flow", "_edit", "_trie", "_classifier", "_fdb", "_punt", "_group", "_meter",
-           "_switch", "_driver", "_gen", "_offload", "_guest", "_capture", "_tunnel"]
+           "_switch", "_driver", "_gen", "_offload", "_guest", "_capture", "_tunnel", "_corelat"]
 
 # the afxdp port class links libxdp (Debian libxdp-dev, which make debs installs); without
 # its headers the switch is built without it and type=afxdp says so

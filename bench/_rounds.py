@@ -1,7 +1,8 @@
 """Alternating rounds for the benchmarks: every system measured once per round, in turn,
 the peers around pyvhost (peer, pyvhost, peer, ...), so a machine that slows down or speeds
 up during a run weighs on all of them alike; each round printed as it ends, the rounds
-kept so the table shows each system's median and spread (benchtable.Row.rounds). No
+kept so the table shows each system's median and spread (benchtable.Row.rounds), and with
+them the machine's cross-core round trip read before each (cross_core: Row.round_trips). No
 system is started or stopped here: each measure does that itself."""
 
 from __future__ import annotations
@@ -11,18 +12,33 @@ from collections.abc import Callable
 
 
 def alternate(label: str, rounds: int, measures: dict[str, Callable[[], float]],
-              unit: str = "Mpps") -> dict[str, list[float]]:
+              unit: str = "Mpps", probe: Callable[[], float] | None = None,
+              probed: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """measures[name]() for each name in the given order, ``rounds`` times; every round's
-    numbers by name. A measure that raises ends the bench (a missing number is not 0)."""
+    numbers by name. A measure that raises ends the bench (a missing number is not 0).
+    With ``probe`` (cross_core: the machine's state, read while no system runs), probe()
+    just before each measure, printed with its number and kept in ``probed[name]``."""
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
     got: dict[str, list[float]] = {name: [] for name in measures}
+    trips: dict[str, list[float]] = probed if probed is not None else {}
     for i in range(rounds):
         for name, fn in measures.items():
+            if probe is not None:
+                trips.setdefault(name, []).append(float(probe()))
             got[name].append(float(fn()))
-        cells = "  ".join(f"{name} {got[name][-1]:.3f}" for name in measures)
+        cells = "  ".join(f"{name} {got[name][-1]:.3f}" + (
+            f" [rt {trips[name][-1]:.0f} ns]" if probe is not None else "") for name in measures)
         print(f"  round {i + 1}/{rounds}  {label}: {cells} {unit}", flush=True)
     return got
+
+
+def cross_core(cpu_a: int, cpu_b: int, seconds: float = 0.5) -> Callable[[], float]:
+    """A probe for alternate: the round trip of a cache line between the two CPUs the
+    systems poll on (ns). On a VM it swings (87, 130, ~450 ns on these machines) as the
+    host moves the vCPUs between cache domains, and every PMD's rate swings with it."""
+    from pyvhost._corelat import round_trip_ns
+    return lambda: round_trip_ns(cpu_a, cpu_b, seconds)
 
 
 def medians(rounds: dict[str, list[float]]) -> dict[str, float]:

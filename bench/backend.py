@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _rounds import alternate, paired  # noqa: E402
+from _rounds import alternate, cross_core, paired  # noqa: E402
 
 from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
@@ -33,6 +33,7 @@ from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev  # noqa:
 FRONTEND_MAIN_LCORE = 0   # forwards on CPU 1
 BACKEND_MAIN_LCORE = 1    # forwards on CPU 0
 BACKEND_CPU = 0
+FRONTEND_CPU = 1
 
 
 def measure(tp: Testpmd, key: str, seconds: float, samples: int) -> float:
@@ -128,8 +129,12 @@ def main() -> int:
                         return lambda: run(workdir, direction, size, args.seconds,
                                            args.samples, args.mrg_rxbuf, ring)
                     label = f"{ring} {direction} {size} B"
-                    row = t.add(label, "Mpps", rounds=alternate(
-                        label, args.rounds, {DPDK: one(run_dpdk), PY: one(run_pyvhost)}))
+                    trips: dict[str, list[float]] = {}
+                    rounds = alternate(label, args.rounds,
+                                       {DPDK: one(run_dpdk), PY: one(run_pyvhost)},
+                                       probe=cross_core(BACKEND_CPU, FRONTEND_CPU),
+                                       probed=trips)
+                    row = t.add(label, "Mpps", rounds=rounds, round_trips=trips)
                     ratio = t.ratio(row, t.ratios[0])
                     per_round = paired(row.rounds, PY, DPDK)
                     print(f"{label}: pyvhost {row.values[PY]:6.2f} Mpps  DPDK "

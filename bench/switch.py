@@ -51,14 +51,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ovs import Hugepages, OvsDpdk, available  # noqa: E402
-from _rounds import alternate, paired  # noqa: E402
+from _rounds import alternate, cross_core, paired  # noqa: E402
 
 from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness import processes  # noqa: E402
 from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev  # noqa: E402
 
 MACS = ("00:01:02:03:04:05", "00:01:02:03:04:06")
-PORTS = """set-pmd threads=1 cpus=0
+PMD_CPU, GUEST_CPU = 0, 1     # every switch polls on CPU 0, the guests forward on CPU 1
+PORTS = f"""set-pmd threads=1 cpus={PMD_CPU}
 add-br br0
 add-port br0 p1 type=vhostuser queues=1
 add-port br0 p2 type=vhostuser queues=1
@@ -259,7 +260,7 @@ def run_pyvhost(workdir: Path, case: Case, seconds, samples, n: int, costs: list
 
 
 def run_ovs(workdir: Path, case: Case, seconds, samples, n: int, costs: list) -> float:
-    ovs = OvsDpdk(workdir, ["p1", "p2"], pmd_cpu=0, name=f"ovs-{case.key}-{n}").start()
+    ovs = OvsDpdk(workdir, ["p1", "p2"], pmd_cpu=PMD_CPU, name=f"ovs-{case.key}-{n}").start()
     try:
         ovs.ofctl("del-flows", "br0")
         rules = workdir / f"ovs-rules-{case.key}.txt"
@@ -398,8 +399,8 @@ def _ints(text: str) -> list[int]:
 def measure_case(workdir: Path, case: Case, peers: list[str], args):
     """Each system's numbers for one case, in alternating rounds: the peers around pyvhost
     (OVS, pyvhost, testpmd, ...); testpmd has no lookup, so it has no NORMAL rows. Returns
-    (rates, costs): each system's Mpps per round, and each switch's PMD ns per frame per
-    round (None where no frame was received)."""
+    (rates, costs, trips): each system's Mpps per round, each switch's PMD ns per frame per
+    round (None where no frame was received) and the CPU 0-1 round trip before each round."""
     systems = [p for p in peers if not (case.normal and p == DPDK)]
     order = systems[:1] + [PY] + systems[1:]
     count = {name: 0 for name in order}
@@ -412,12 +413,16 @@ def measure_case(workdir: Path, case: Case, peers: list[str], args):
                                  costs[name])
         return run
 
-    rates = alternate(case.label, args.rounds, {name: runner(name) for name in order})
-    return rates, {name: got for name, got in costs.items() if got and None not in got}
+    trips: dict[str, list[float]] = {}
+    rates = alternate(case.label, args.rounds, {name: runner(name) for name in order},
+                      probe=cross_core(PMD_CPU, GUEST_CPU), probed=trips)
+    return rates, {name: got for name, got in costs.items() if got and None not in got}, trips
 
 
-def report(table: Table, label: str, rounds: dict[str, list[float]], unit: str) -> None:
-    row = table.add(label, unit, rounds=rounds, better="lower" if unit == "ns" else "higher")
+def report(table: Table, label: str, rounds: dict[str, list[float]], unit: str,
+           trips: dict[str, list[float]] | None = None) -> None:
+    row = table.add(label, unit, rounds=rounds, better="lower" if unit == "ns" else "higher",
+                    round_trips=trips)
     cells = [f"{c} {row.values[c]:.2f} +-{(row.spread(c) or 0) * 100:.0f}%"
              for c in table.columns if row.values[c] is not None]
     for a, b in table.ratios:
@@ -463,8 +468,8 @@ def main() -> int:
     try:
         with Hugepages() if OVS in peers else contextlib.nullcontext():
             for case in todo:
-                rates, costs = measure_case(workdir, case, peers, args)
-                report(table, case.label, rates, "Mpps")
+                rates, costs, trips = measure_case(workdir, case, peers, args)
+                report(table, case.label, rates, "Mpps", trips)
                 if costs:
                     report(table, f"{case.label}, PMD processing per frame", costs, "ns")
         if args.scrape_interval > 0:

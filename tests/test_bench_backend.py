@@ -1,10 +1,12 @@
 """``pyvhost bench backend`` with small settings: split rings, 64-byte frames, both
 directions, two alternating rounds each (DPDK's vhost PMD, pyvhost, ...): the table keeps
-every round of both back-ends (issue 15: rounds and spreads), each one a rate, and the run
-prints each round as it ends. Needs DPDK testpmd (no hugepages)."""
+every round of both back-ends (issue 15: rounds and spreads), each one a rate, with the
+cross-core round trip read before it, and the run prints each round as it ends. Needs DPDK
+testpmd (no hugepages)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -32,5 +34,8 @@ def test_bench_backend_alternating_rounds(tmp_path):
     for row in table.rows:
         assert set(row.rounds) == {"pyvhost", "DPDK vhost"}, row
         assert all(len(v) == 2 and min(v) > 0 for v in row.rounds.values()), row
+        assert set(row.round_trips) == set(row.rounds), row      # CPU 0-1, before each
+        assert all(len(v) == 2 and min(v) > 0 for v in row.round_trips.values()), row
         assert f"round 2/2  {row.label}: DPDK vhost " in r.stdout
+        assert re.search(rf"round 2/2  {row.label}: DPDK vhost [\d.]+ \[rt \d+ ns\]", r.stdout)
     assert "+-" in r.stdout and "half the range of the rounds" in r.stdout

@@ -1,8 +1,8 @@
 """``pyvhost bench switch`` with small settings: the 64-byte in_port loop and the flowgen
 row with a rule per flow next to OVS-DPDK and DPDK testpmd and the NORMAL loops next to
-OVS-DPDK, each in two alternating rounds whose
-numbers the table keeps (issue 15: rounds and spreads); pyvhost's loop with --metrics on,
-unscraped and scraped, and with an idle capture, with notes on the shares kept and the
+OVS-DPDK, each in two alternating rounds whose numbers the table keeps with the cross-core
+round trip read before each (issue 15: rounds and spreads); pyvhost's loop with --metrics
+on, unscraped and scraped, and with an idle capture, with notes on the shares kept and the
 scrapes done, none failed (issue 14); for each loop row, a row of each switch's PMD
 processing ns per frame from its own counters. Needs DPDK testpmd and OVS-DPDK (hugepages,
 given back). The OVS counters' parser alone on OVS 3.1's text."""
@@ -118,8 +118,12 @@ def test_bench_switch_rounds_and_metrics_rows(tmp_path):
         assert set(row.rounds) == want, (label, row.rounds)
         assert all(len(v) == 2 and min(v) > 0 for v in row.rounds.values()), row
         assert row.values["pyvhost switch"] > 0, row
+        if row.rounds:                          # the CPU 0-1 round trip before each round
+            assert set(row.round_trips) == want, (label, row.round_trips)
+            assert all(len(v) == 2 and min(v) > 0 for v in row.round_trips.values()), row
     for round_ in (1, 2):
-        assert f"round {round_}/2  64 B in_port loop: OVS-DPDK 3.1 " in r.stdout
+        assert re.search(rf"round {round_}/2  64 B in_port loop: OVS-DPDK 3.1 [\d.]+ "
+                         r"\[rt \d+ ns\]", r.stdout), r.stdout[-3000:]
     [note] = [n for n in table.notes if n.startswith("metrics scraping")]
     m = re.search(r"kept ([\d.]+) .*; (\d+) scrapes, [\d.]+ ms each, (\d+) failed", note)
     assert m and int(m.group(2)) >= 3 and m.group(3) == "0", note

@@ -27,6 +27,9 @@ class Row:
     better: str = "higher"                   # or "lower"
     compare: bool = True                     # False: no ratio for this row
     rounds: dict[str, list[float]] = field(default_factory=dict)  # system -> each round
+    # system -> the machine's cross-core round trip (ns) just before each of its rounds:
+    # a round far from the others next to a far different round trip was the host's doing
+    round_trips: dict[str, list[float]] = field(default_factory=dict)
 
     def spread(self, column: str) -> float | None:
         """Half the range of a system's rounds relative to their median (0.04: the rounds
@@ -50,12 +53,18 @@ class Table:
 
     def add(self, label: str, unit: str, values: dict[str, float | None] | None = None,
             better: str = "higher", compare: bool = True,
-            rounds: dict[str, list[float]] | None = None) -> Row:
+            rounds: dict[str, list[float]] | None = None,
+            round_trips: dict[str, list[float]] | None = None) -> Row:
         """A row; with ``rounds`` (each system's numbers, one per round) and no ``values``,
-        the values are the rounds' medians."""
+        the values are the rounds' medians; ``round_trips``: one per round of a system."""
         rounds = {str(c): [_number(v) for v in got] for c, got in (rounds or {}).items()}
-        if any(v is None for got in rounds.values() for v in got):
+        trips = {str(c): [_number(v) for v in got] for c, got in (round_trips or {}).items()}
+        if any(v is None for got in [*rounds.values(), *trips.values()] for v in got):
             raise TableError(f"{self.bench}: row {label!r}: a round without a number")
+        for c, got in trips.items():
+            if len(got) != len(rounds.get(c, ())):
+                raise TableError(f"{self.bench}: row {label!r}: {len(got)} round trips for "
+                                 f"{len(rounds.get(c, ()))} rounds of {c}")
         if values is None:
             values = {c: statistics.median(got) for c, got in rounds.items() if got}
         unknown = (set(values) | set(rounds)) - set(self.columns)
@@ -65,7 +74,7 @@ class Table:
         if better not in ("higher", "lower"):
             raise TableError(f"{self.bench}: row {label!r}: better must be higher or lower")
         row = Row(label, unit, {c: _number(values.get(c)) for c in self.columns}, better,
-                  bool(compare), rounds)
+                  bool(compare), rounds, trips)
         self.rows.append(row)
         return row
 
@@ -94,6 +103,13 @@ class Table:
         if any(row.rounds for row in self.rows):
             out.append("\nmedians of alternating rounds; +-N%: half the range of the rounds, "
                        "relative to the median")
+        trips = [row for row in self.rows if row.round_trips]
+        if trips:
+            out.append("\ncross-core round trip (ns) just before each round, in round order "
+                       "(the host moving the CPUs apart shows here):")
+            out += [f"- {row.label}: " + "; ".join(
+                f"{c} " + " ".join(f"{v:.0f}" for v in row.round_trips[c])
+                for c in self.columns if c in row.round_trips) for row in trips]
         return "\n".join(out)
 
     def to_json(self) -> dict:
@@ -110,7 +126,9 @@ class Table:
             for r in data["rows"]:
                 table.add(str(r["label"]), str(r["unit"]), dict(r["values"]),
                           r.get("better", "higher"), r.get("compare", True),
-                          {str(c): list(v) for c, v in dict(r.get("rounds") or {}).items()})
+                          {str(c): list(v) for c, v in dict(r.get("rounds") or {}).items()},
+                          {str(c): list(v) for c, v in
+                           dict(r.get("round_trips") or {}).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise TableError(f"not a bench table: {type(e).__name__}: {e}") from None
         for a, b in table.ratios:
