@@ -17,28 +17,42 @@ def alternate(label: str, rounds: int, measures: dict[str, Callable[[], float]],
     """measures[name]() for each name in the given order, ``rounds`` times; every round's
     numbers by name. A measure that raises ends the bench (a missing number is not 0).
     With ``probe`` (cross_core: the machine's state, read while no system runs), probe()
-    just before each measure, printed with its number and kept in ``probed[name]``."""
+    just before each measure, printed with its number and kept in ``probed[name]`` (None:
+    the probe could not read it)."""
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
     got: dict[str, list[float]] = {name: [] for name in measures}
-    trips: dict[str, list[float]] = probed if probed is not None else {}
+    trips: dict[str, list[float | None]] = probed if probed is not None else {}
     for i in range(rounds):
         for name, fn in measures.items():
             if probe is not None:
-                trips.setdefault(name, []).append(float(probe()))
+                trips.setdefault(name, []).append(probe())
             got[name].append(float(fn()))
         cells = "  ".join(f"{name} {got[name][-1]:.3f}" + (
-            f" [rt {trips[name][-1]:.0f} ns]" if probe is not None else "") for name in measures)
+            f" [rt {_ns(trips[name][-1])}]" if probe is not None else "") for name in measures)
         print(f"  round {i + 1}/{rounds}  {label}: {cells} {unit}", flush=True)
     return got
 
 
-def cross_core(cpu_a: int, cpu_b: int, seconds: float = 0.5) -> Callable[[], float]:
+def _ns(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ns"
+
+
+def cross_core(cpu_a: int, cpu_b: int, seconds: float = 0.5) -> Callable[[], float | None]:
     """A probe for alternate: the round trip of a cache line between the two CPUs the
-    systems poll on (ns). On a VM it swings (87, 130, ~450 ns on these machines) as the
-    host moves the vCPUs between cache domains, and every PMD's rate swings with it."""
+    systems poll on (ns; it read 87, 130 or ~450 ns at different times on the VMs of this
+    project). Only a reading next to the rounds: one that fails (a partner thread that
+    stopped answering) is tried once more, then None, and the bench goes on."""
     from pyvhost._corelat import round_trip_ns
-    return lambda: round_trip_ns(cpu_a, cpu_b, seconds)
+
+    def probe() -> float | None:
+        for _ in range(2):
+            try:
+                return round_trip_ns(cpu_a, cpu_b, seconds)
+            except RuntimeError as e:
+                print(f"  cross-core round trip CPU {cpu_a}-{cpu_b}: {e}", flush=True)
+        return None
+    return probe
 
 
 def medians(rounds: dict[str, list[float]]) -> dict[str, float]:

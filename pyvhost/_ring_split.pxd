@@ -89,9 +89,9 @@ cdef inline void prefetch_chains(vq_t *vq, uint16_t first, uint32_t n) noexcept 
     wrote these lines on its own core, and a core in another cache domain answers each in
     hundreds of ns: asked for together, the misses overlap instead of coming one per frame.
     Hints only, on addresses inside the ring: the avail entries read here are not kept.
-    The buffers' own lines are not hinted: 2 x 32 prefetches at a burst's start filled the
-    core's miss buffers and cost ~5 ns a frame in the fast mode, for no gain measured in the
-    slow one once the burst's copies were batched (rx_copies / tx_copies)."""
+    The buffers' own lines are not hinted: with the burst's copies batched (rx_copies /
+    tx_copies), hinting them (2 x 32 prefetches at a burst's start) measured no gain beyond
+    +-5 ns a frame, and in one session's fast seconds a ~5 ns cost (cause not shown)."""
     cdef uint32_t j, mask = vq.size - 1, slot
     cdef uint16_t head
     if n > MAX_BURST:

@@ -6,6 +6,7 @@ reading with its system and round; bench tables keep them through JSON and print
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -36,17 +37,45 @@ def test_round_trip_between_two_cpus_and_affinity_given_back():
     assert 10 < cross_core(CPUS[0], CPUS[1], 0.05)() < 20_000
 
 
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
 def test_bad_cpus_and_durations_refused():
     with pytest.raises(ValueError, match="two different CPUs"):
         round_trip_ns(CPUS[0], CPUS[0])
-    with pytest.raises(ValueError, match="not one this process may run on"):
+    with pytest.raises(ValueError, match="not one this thread may run on"):
         round_trip_ns(CPUS[0], 4096)
-    with pytest.raises(ValueError, match="not one this process may run on"):
+    with pytest.raises(ValueError, match="not one this thread may run on"):
         round_trip_ns(-1, CPUS[0])
+    with pytest.raises(ValueError, match="not one this thread may run on"):
+        round_trip_ns(CPUS[0], 2**70)
     for bad in (0, -1, 11, float("nan")):
         with pytest.raises(ValueError, match="seconds"):
-            round_trip_ns(CPUS[0], CPUS[-1] if len(CPUS) > 1 else CPUS[0] + 1, bad)
-    assert os.sched_getaffinity(0) == set(CPUS)
+            round_trip_ns(CPUS[0], CPUS[1], bad)
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
+def test_a_partner_that_never_answers_or_cannot_pin_is_an_error_with_nothing_left(monkeypatch):
+    import time
+
+    from pyvhost import _corelat
+
+    def silent(lines, cpu, give_up_s, ready, failed):
+        ready.set()                               # started, but never answers
+
+    def unpinned(lines, cpu, give_up_s, ready, failed):
+        failed.append(OSError(22, "Invalid argument"))
+        ready.set()
+
+    before = os.sched_getaffinity(0)
+    for partner, why in ((silent, "stopped answering"), (unpinned, "Invalid argument")):
+        monkeypatch.setattr(_corelat, "_partner", partner)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=why):
+            round_trip_ns(CPUS[0], CPUS[1], 0.1)
+        assert time.monotonic() - t0 < 3
+        assert os.sched_getaffinity(0) == before
+        assert not [t for t in threading.enumerate() if t.name == "corelat"]
+    probe = cross_core(CPUS[0], CPUS[1], 0.1)     # the bench's probe: None, the bench goes on
+    assert probe() is None
 
 
 def test_alternate_reads_the_probe_before_each_measure(capsys):
@@ -73,6 +102,9 @@ def test_alternate_reads_the_probe_before_each_measure(capsys):
     assert "round 2/2  loop: peer 1.000 [rt 300 ns]  py 2.000 [rt 400 ns] Mpps" in out, out
     assert alternate("loop", 1, {"py": measure("py", 2.0)}) == {"py": [2.0]}
     assert "[rt" not in capsys.readouterr().out
+    trips = {}
+    alternate("loop", 1, {"py": measure("py", 2.0)}, probe=lambda: None, probed=trips)
+    assert trips == {"py": [None]} and "py 2.000 [rt n/a] Mpps" in capsys.readouterr().out
 
 
 def test_tables_keep_the_round_trips(tmp_path):
@@ -89,5 +121,21 @@ def test_tables_keep_the_round_trips(tmp_path):
     assert back.rows[1].round_trips == {} and back.markdown() == md
     with pytest.raises(TableError, match="1 round trips for 2 rounds"):
         t.add("x", "Mpps", rounds={"pyvhost": [1.0, 2.0]}, round_trips={"pyvhost": [80.0]})
-    with pytest.raises(TableError, match="a round without a number"):
-        t.add("x", "Mpps", rounds={"pyvhost": [1.0]}, round_trips={"pyvhost": [None]})
+    with pytest.raises(TableError, match="not a number"):
+        t.add("x", "Mpps", rounds={"pyvhost": [1.0]}, round_trips={"pyvhost": ["slow"]})
+    with pytest.raises(TableError, match="unknown columns"):
+        t.add("x", "Mpps", rounds={"pyvhost": [1.0]}, round_trips={"nobody": []})
+    t.add("2 rounds", "Mpps", rounds={"pyvhost": [1.0, 2.0]},
+          round_trips={"pyvhost": [None, 90.0]})           # a probe that failed once
+    assert "- 2 rounds: pyvhost n/a 90" in t.markdown()
+
+
+def test_tables_saved_before_round_trips_still_load(tmp_path):
+    t = Table("switch", "loop", ["pyvhost", "OVS"], [("pyvhost", "OVS")])
+    t.add("64 B", "Mpps", rounds={"pyvhost": [10.0, 4.0], "OVS": [9.0, 9.5]})
+    old = t.to_json()
+    for row in old["rows"]:
+        del row["round_trips"]
+    (tmp_path / "old.json").write_text(json.dumps([old]))
+    [back] = benchtable.load(tmp_path / "old.json")
+    assert back.rows[0].rounds == t.rows[0].rounds and back.rows[0].round_trips == {}

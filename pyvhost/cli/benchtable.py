@@ -27,9 +27,9 @@ class Row:
     better: str = "higher"                   # or "lower"
     compare: bool = True                     # False: no ratio for this row
     rounds: dict[str, list[float]] = field(default_factory=dict)  # system -> each round
-    # system -> the machine's cross-core round trip (ns) just before each of its rounds:
-    # a round far from the others next to a far different round trip was the host's doing
-    round_trips: dict[str, list[float]] = field(default_factory=dict)
+    # system -> the cross-core round trip (ns) between the polling CPUs read just before
+    # each of its rounds (None: not measured), to set next to that round's number
+    round_trips: dict[str, list[float | None]] = field(default_factory=dict)
 
     def spread(self, column: str) -> float | None:
         """Half the range of a system's rounds relative to their median (0.04: the rounds
@@ -54,12 +54,13 @@ class Table:
     def add(self, label: str, unit: str, values: dict[str, float | None] | None = None,
             better: str = "higher", compare: bool = True,
             rounds: dict[str, list[float]] | None = None,
-            round_trips: dict[str, list[float]] | None = None) -> Row:
+            round_trips: dict[str, list[float | None]] | None = None) -> Row:
         """A row; with ``rounds`` (each system's numbers, one per round) and no ``values``,
-        the values are the rounds' medians; ``round_trips``: one per round of a system."""
+        the values are the rounds' medians; ``round_trips``: one per round of a system
+        (None where it could not be read)."""
         rounds = {str(c): [_number(v) for v in got] for c, got in (rounds or {}).items()}
         trips = {str(c): [_number(v) for v in got] for c, got in (round_trips or {}).items()}
-        if any(v is None for got in [*rounds.values(), *trips.values()] for v in got):
+        if any(v is None for got in rounds.values() for v in got):
             raise TableError(f"{self.bench}: row {label!r}: a round without a number")
         for c, got in trips.items():
             if len(got) != len(rounds.get(c, ())):
@@ -67,7 +68,7 @@ class Table:
                                  f"{len(rounds.get(c, ()))} rounds of {c}")
         if values is None:
             values = {c: statistics.median(got) for c, got in rounds.items() if got}
-        unknown = (set(values) | set(rounds)) - set(self.columns)
+        unknown = (set(values) | set(rounds) | set(trips)) - set(self.columns)
         if unknown:
             raise TableError(f"{self.bench}: row {label!r} has values for unknown columns "
                              f"{sorted(unknown)}")
@@ -105,10 +106,11 @@ class Table:
                        "relative to the median")
         trips = [row for row in self.rows if row.round_trips]
         if trips:
-            out.append("\ncross-core round trip (ns) just before each round, in round order "
-                       "(the host moving the CPUs apart shows here):")
+            out.append("\ncross-core round trip (ns) between the polling CPUs, read just "
+                       "before each system's round, in round order:")
             out += [f"- {row.label}: " + "; ".join(
-                f"{c} " + " ".join(f"{v:.0f}" for v in row.round_trips[c])
+                f"{c} " + " ".join("n/a" if v is None else f"{v:.0f}"
+                                   for v in row.round_trips[c])
                 for c in self.columns if c in row.round_trips) for row in trips]
         return "\n".join(out)
 
