@@ -99,7 +99,8 @@ class SwitchCollector:
             ("packets", "Frames the PMD received"), ("upcalls", "Cache misses looked up"),
             ("upcall_drops", "Misses dropped (no decision)"),
             ("upcall_throttled", "Misses dropped: the port was over its share"),
-            ("emc_hits", "Exact-match cache hits"), ("megaflow_hits", "Megaflow cache hits"))}
+            ("emc_hits", "Exact-match cache hits"), ("megaflow_hits", "Megaflow cache hits"),
+            ("emc_skipped", "Frames not asked of the exact-match cache (it answered too few)"))}
         flows = gauge("pyvhost_pmd_megaflows", "Megaflow cache entries", labels=["pmd"])
         for i, pmd in enumerate(list(self.switch.pmds.pmds)):
             s = pmd.stats()

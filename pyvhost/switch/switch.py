@@ -940,6 +940,9 @@ class Switch:
                     f"  one-copy frames: {s['onecopy']}",
                     f"  emc hits: {s['emc_hits']}",
                     f"  emc misses: {s['emc_misses']}",
+                    f"  emc skipped: {s['emc_skipped']} (now "
+                    f"{'skipped' if s['emc_skipping'] else 'asked'}: it is skipped while "
+                    f"it answers under half the frames)",
                     f"  megaflow hits: {s['megaflow_hits']} "
                     f"(avg. subtable lookups per hit: {s['subtables_per_hit']:.2f})",
                     f"  megaflows: {s['megaflows']} in {s['megaflow_masks']} masks "
