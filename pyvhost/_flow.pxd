@@ -164,6 +164,14 @@ cdef inline bint emc_may_hold(emc_t *emc, uint32_t h) noexcept nogil:
     return emc.hashes[h & (EMC_ENTRIES - 1)] == h
 
 
+cdef inline bint emc_conflict(emc_t *emc, uint32_t h) noexcept nogil:
+    """Does the slot of ``h`` hold another flow (a hash neither ``h`` nor 0, an empty
+    slot's)? A miss there is the cache's own: more flows than slots. A miss on an empty
+    slot (still filling) or on this flow's stale entry (rules changed) is not."""
+    cdef uint32_t held = emc.hashes[h & (EMC_ENTRIES - 1)]
+    return held != h and held != 0
+
+
 cdef actions_t *emc_lookup(emc_t *emc, const flow_key_t *k, uint32_t h) noexcept nogil
 cdef void emc_insert(emc_t *emc, const flow_key_t *k, uint32_t h, const actions_t *a) noexcept nogil
 cdef int mf_init(mf_t *mf, uint32_t limit) noexcept nogil

@@ -46,7 +46,7 @@ from pyvhost._flow cimport (
     OP_METER, OP_NORMAL, OP_OUTPUT, OP_SET_TUN_DST, OP_SET_TUN_ID, OP_SET_VLAN, OP_STRIP_VLAN, OP_TUN_HI,
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
-    MF_NO_HINT, action_op_t, actions_t, emc_insert, emc_lookup, emc_may_hold, emc_prefetch,
+    MF_NO_HINT, action_op_t, actions_t, emc_conflict, emc_insert, emc_lookup, emc_may_hold, emc_prefetch,
     emc_t, flow_extract, mf_hint, mf_hint_entry,
     flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
@@ -92,8 +92,8 @@ cdef enum:
     UPCALL_TIMED_EVERY = 8     # upcalls timed exactly; the rest are charged the average
     UPCALL_COST_SLACK_NS = 2000
     EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
-    EMC_WINDOW = 8192          # frames asked of the EMC between decisions to keep asking it
-    EMC_PROBE_EVERY = 8        # while it is skipped, one burst in this many still asks it
+    EMC_WINDOW = 8192          # hits + conflict misses between decisions to keep asking it
+    EMC_PROBE_EVERY = 8        # while it is skipped, one poll round in this many asks it
     UPCALL_WINDOW_NS = 10000000
     LOAD_SLEEP_STEP_NS = 1000  # load-based sleeping grows by 1 us a round (as OVS's)
     MAX_LOAD_SLEEP_US = 10000
@@ -652,12 +652,13 @@ cdef class Pmd:
     cdef mf_t mf
     cdef uint32_t mf_hits_since_insert
     cdef bint emc_missed                   # the last burst had EMC misses: prefetch megaflows
-    # the EMC is skipped while it answers under half the frames asked of it (more flows than
-    # it holds: 10k flows on 2 megaflows cost ~13 ns a frame more with it than without);
-    # it is still filled as before, and asked in one burst of EMC_PROBE_EVERY, so it comes
-    # back when it would answer again (emc_decide)
+    # the EMC is skipped while it loses most lookups to other flows in its slots (more
+    # flows than it holds: 10k flows on 2 megaflows, a 36% hit rate, cost ~13 ns a frame
+    # more with it than without); it is still filled as when asked, and asked in one poll
+    # round of EMC_PROBE_EVERY, so it comes back when it would answer (emc_decide)
     cdef bint emc_skip
-    cdef uint32_t emc_win_asked, emc_win_hits, emc_bursts
+    cdef bint emc_round                    # this poll round asks the EMC
+    cdef uint32_t emc_win_hits, emc_win_conflicts, emc_rounds
     # rule counters of a burst's run of frames through the same rules, added once (two
     # locked adds per rule and frame were ~13% of the PMD's time): see account_run
     cdef void *run_rules[MAX_HOPS]
@@ -1397,23 +1398,32 @@ cdef class Pmd:
         self.ndone = 0
 
     cdef inline bint emc_asked_now(self) noexcept nogil:
-        """Is the EMC asked in this burst? Always, unless it is being skipped; then in one
-        burst of EMC_PROBE_EVERY, so that its hit rate stays known."""
+        """Does this poll round ask the EMC? Always, unless it is being skipped; then one
+        round in EMC_PROBE_EVERY, every queue of it, so that its hit rate stays known (one
+        burst in N would land on the same queue round after round)."""
         if not self.emc_skip:
             return True
-        self.emc_bursts += 1
-        return self.emc_bursts % EMC_PROBE_EVERY == 0
+        self.emc_rounds += 1
+        return self.emc_rounds % EMC_PROBE_EVERY == 0
 
-    cdef inline void emc_decide(self, uint32_t asked, uint32_t answered) noexcept nogil:
-        """After a burst that asked the EMC: every EMC_WINDOW frames asked, skip it from
-        now on if it answered under half of them, else ask it again. (Its inserts go on
-        while it is skipped: the probes see the hit rate it would have.)"""
-        self.emc_win_asked += asked
-        self.emc_win_hits += answered
-        if self.emc_win_asked >= EMC_WINDOW:
-            self.emc_skip = 2 * self.emc_win_hits < self.emc_win_asked
-            self.emc_win_asked = 0
+    cdef inline void emc_decide(self, uint32_t hits, uint32_t conflicts) noexcept nogil:
+        """After a burst that asked the EMC: every EMC_WINDOW hits and conflict misses,
+        skip it from now on if under 40% of them were hits, ask it again from 50% (in
+        between: as it was). Misses on empty slots or stale entries do not count: a cache
+        that is filling (1 miss in EMC_INSERT_EVERY is inserted) or was invalidated is not
+        one that thrashes. Only 36% has been measured (skipping won there); the 40/50 pair
+        keeps a rate near one bound from switching every window."""
+        cdef uint32_t total
+        self.emc_win_hits += hits
+        self.emc_win_conflicts += conflicts
+        total = self.emc_win_hits + self.emc_win_conflicts
+        if total >= EMC_WINDOW:
+            if self.emc_skip:
+                self.emc_skip = 2 * self.emc_win_hits < total
+            else:
+                self.emc_skip = 5 * self.emc_win_hits < 2 * total
             self.emc_win_hits = 0
+            self.emc_win_conflicts = 0
 
     cdef inline void account_flush(self, uint64_t t) noexcept nogil:
         """Add the burst's rule counts (before it ends: rules are not freed while a PMD is
@@ -1448,8 +1458,9 @@ cdef class Pmd:
         cdef uint64_t hints[MAX_BURST]
         cdef uint32_t misses = 0               # this burst's frames the EMC did not answer
         cdef uint32_t asked = 0, answered = 0  # frames asked of the EMC, and its hits
+        cdef uint32_t conflicts = 0            # misses on a slot another flow holds
         cdef uint32_t skipped = 0              # frames not asked of it
-        cdef bint use_emc
+        cdef bint use_emc = self.emc_round
         cdef actions_t *a
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
@@ -1501,14 +1512,13 @@ cdef class Pmd:
             n = 0
         # keys and hashes first, each EMC slot's load started: with more flows than the
         # cache holds in the CPU's caches, the lookups below then do not wait in turn
-        use_emc = self.emc_asked_now()
         for i in range(n):
             hashes[i] = flow_extract(pkts[i], inp.id, &keys[i])
             if use_emc:
                 emc_prefetch(self.emc, hashes[i])
         # the same one level down when the EMC has been missing (more flows than it holds):
         # each frame it will not answer starts its megaflow probe's load
-        if self.emc_missed and self.mf.count:
+        if (self.emc_missed or not use_emc) and self.mf.count:
             for i in range(n):
                 hints[i] = MF_NO_HINT if use_emc and emc_may_hold(self.emc, hashes[i]) \
                     else mf_hint(&self.mf, &keys[i])
@@ -1543,6 +1553,8 @@ cdef class Pmd:
                 valid_a = a
             else:
                 misses += 1
+                if use_emc and emc_conflict(self.emc, h):
+                    conflicts += 1
                 a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw, hints[i])
                 if a != NULL:
                     self.st.megaflow_hits += 1
@@ -1603,7 +1615,7 @@ cdef class Pmd:
         self.st.emc_misses += asked - answered
         self.st.emc_skipped += skipped
         if use_emc:
-            self.emc_decide(asked, answered)
+            self.emc_decide(answered, conflicts)
         for i in range(self.ntouched):
             self.flush(self.touched[i])
             self.is_touched[self.touched[i]] = 0
@@ -1670,6 +1682,7 @@ cdef class Pmd:
                     self.stamp_fresh = False
                 got = 0
                 most = 0
+                self.emc_round = self.emc_asked_now()
                 for i in range(self.npoll):
                     n = self.process_rxq(&self.poll[i])
                     got += n

@@ -100,8 +100,10 @@ class SwitchCollector:
             ("upcall_drops", "Misses dropped (no decision)"),
             ("upcall_throttled", "Misses dropped: the port was over its share"),
             ("emc_hits", "Exact-match cache hits"), ("megaflow_hits", "Megaflow cache hits"),
-            ("emc_skipped", "Frames not asked of the exact-match cache (it answered too few)"))}
+            ("emc_skipped", "Frames not asked of the exact-match cache (it lost most lookups)"))}
         flows = gauge("pyvhost_pmd_megaflows", "Megaflow cache entries", labels=["pmd"])
+        skipping = gauge("pyvhost_pmd_emc_skipping", "1 while the exact-match cache is "
+                         "skipped (it lost most lookups to other flows)", labels=["pmd"])
         for i, pmd in enumerate(list(self.switch.pmds.pmds)):
             s = pmd.stats()
             busy.add_metric([str(i)], s["busy_ns"] / 1e9)
@@ -109,10 +111,12 @@ class SwitchCollector:
             for k, fam in fams.items():
                 fam.add_metric([str(i)], s[k])
             flows.add_metric([str(i)], s["megaflows"])
+            skipping.add_metric([str(i)], int(s["emc_skipping"]))
         yield busy
         yield idle
         yield from fams.values()
         yield flows
+        yield skipping
 
     def _rules(self, counter):
         fam = counter("pyvhost_rule_packets", f"Packets of the {TOP_RULES} busiest rules of "

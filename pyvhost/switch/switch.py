@@ -941,8 +941,7 @@ class Switch:
                     f"  emc hits: {s['emc_hits']}",
                     f"  emc misses: {s['emc_misses']}",
                     f"  emc skipped: {s['emc_skipped']} (now "
-                    f"{'skipped' if s['emc_skipping'] else 'asked'}: it is skipped while "
-                    f"it answers under half the frames)",
+                    f"{'skipped' if s['emc_skipping'] else 'asked'})",
                     f"  megaflow hits: {s['megaflow_hits']} "
                     f"(avg. subtable lookups per hit: {s['subtables_per_hit']:.2f})",
                     f"  megaflows: {s['megaflows']} in {s['megaflow_masks']} masks "
