@@ -70,6 +70,10 @@ def test_metrics_count_what_dump_ports_counts(metered):
                  rule="priority=9,in_port=a,actions=output:b") == 100
     assert value(samples, "pyvhost_pmd_packets_total") >= 100
     assert value(samples, "pyvhost_pmd_busy_seconds_total") > 0
+    # one flow: each PMD asks its exact-match cache (the gauge is there, at 0 for each)
+    skipping = [v for (n, _ls), v in samples.items() if n == "pyvhost_pmd_emc_skipping"]
+    assert skipping and not any(skipping), samples
+    assert value(samples, "pyvhost_pmd_emc_skipped_total") == 0
     assert value(samples, "pyvhost_build_info") == 1
     ports["a"].send_all([frame] * 50, timeout=5)
     assert len(drain(ports["b"])) == 50
