@@ -181,7 +181,7 @@ cdef struct pmd_stats_t:
     uint64_t upcall_throttled
     uint64_t load_sleep_ns      # slept while lightly loaded (set_sleep_max), part of idle
     uint64_t onecopy            # frames sent straight from the sender's guest memory
-    uint64_t emc_skipped        # frames not asked of the EMC (it was answering too few)
+    uint64_t emc_skipped        # frames not asked of the EMC (it lost most to other flows)
 
 
 
