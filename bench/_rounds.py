@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 
 def alternate(label: str, rounds: int, measures: dict[str, Callable[[], float]],
-              unit: str = "Mpps", probe: Callable[[], float] | None = None,
-              probed: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+              unit: str = "Mpps", probe: Callable[[], float | None] | None = None,
+              probed: dict[str, list[float | None]] | None = None) -> dict[str, list[float]]:
     """measures[name]() for each name in the given order, ``rounds`` times; every round's
     numbers by name. A measure that raises ends the bench (a missing number is not 0).
     With ``probe`` (cross_core: the machine's state, read while no system runs), probe()

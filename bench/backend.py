@@ -129,7 +129,7 @@ def main() -> int:
                         return lambda: run(workdir, direction, size, args.seconds,
                                            args.samples, args.mrg_rxbuf, ring)
                     label = f"{ring} {direction} {size} B"
-                    trips: dict[str, list[float]] = {}
+                    trips: dict[str, list[float | None]] = {}
                     rounds = alternate(label, args.rounds,
                                        {DPDK: one(run_dpdk), PY: one(run_pyvhost)},
                                        probe=cross_core(BACKEND_CPU, FRONTEND_CPU),

@@ -413,14 +413,14 @@ def measure_case(workdir: Path, case: Case, peers: list[str], args):
                                  costs[name])
         return run
 
-    trips: dict[str, list[float]] = {}
+    trips: dict[str, list[float | None]] = {}
     rates = alternate(case.label, args.rounds, {name: runner(name) for name in order},
                       probe=cross_core(PMD_CPU, GUEST_CPU), probed=trips)
     return rates, {name: got for name, got in costs.items() if got and None not in got}, trips
 
 
 def report(table: Table, label: str, rounds: dict[str, list[float]], unit: str,
-           trips: dict[str, list[float]] | None = None) -> None:
+           trips: dict[str, list[float | None]] | None = None) -> None:
     row = table.add(label, unit, rounds=rounds, better="lower" if unit == "ns" else "higher",
                     round_trips=trips)
     cells = [f"{c} {row.values[c]:.2f} +-{(row.spread(c) or 0) * 100:.0f}%"
