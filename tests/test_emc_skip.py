@@ -33,11 +33,19 @@ def wait_stats(run_dir, ok, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def quiet_stats(tp, run_dir) -> dict:
-    """The PMD's counters once the guests stopped sending (none read mid-burst)."""
+def quiet_stats(tp, run_dir, timeout: float = 10.0) -> dict:
+    """The PMD's counters once the guests stopped sending and the frames still in the
+    rings are through (two readings 0.1 s apart agree: none read mid-burst)."""
     tp.stop_fwd()
-    time.sleep(0.5)
-    return pmd_stats(run_dir)
+    deadline = time.monotonic() + timeout
+    last = pmd_stats(run_dir)
+    while True:
+        time.sleep(0.1)
+        s = pmd_stats(run_dir)
+        if s["packets"] == last["packets"]:
+            return s
+        assert time.monotonic() < deadline, f"the PMD still receiving after {timeout} s: {s}"
+        last = s
 
 
 def guests(testpmds, run_dir, flows: int):
