@@ -91,7 +91,8 @@ cdef enum:
     CLOCK_EVERY = 64
     UPCALL_TIMED_EVERY = 8     # upcalls timed exactly; the rest are charged the average
     UPCALL_COST_SLACK_NS = 2000
-    EMC_INSERT_EVERY = 16      # a wildcard-cache hit is copied into the EMC this rarely
+    EMC_INSERT_EVERY = 16      # by default a wildcard-cache hit is copied into the EMC
+                               # this rarely (set-pmd emc-insert-inv-prob=N)
     EMC_WINDOW = 8192          # hits + conflict misses between decisions to keep asking it
     EMC_PROBE_EVERY = 8        # while it is skipped, one poll round in this many asks it
     UPCALL_WINDOW_NS = 10000000
@@ -651,6 +652,9 @@ cdef class Pmd:
     cdef emc_t *emc
     cdef mf_t mf
     cdef uint32_t mf_hits_since_insert
+    # one wildcard-cache hit (or upcall) in this many is copied into the EMC: OVS's
+    # emc-insert-inv-prob (there a probability, here every Nth); 0: the EMC is off
+    cdef uint32_t emc_insert_every
     cdef bint emc_missed                   # the last burst had EMC misses: prefetch megaflows
     # the EMC is skipped while it loses most lookups to other flows in its slots (more
     # flows than it holds: 10k flows on 2 megaflows, a 36% hit rate, cost ~13 ns a frame
@@ -714,6 +718,7 @@ cdef class Pmd:
         if self.emc == NULL or mf_init(&self.mf, flow_limit) < 0:
             raise MemoryError()
         self.up_budget_ns = NO_UPCALL_LIMIT
+        self.emc_insert_every = EMC_INSERT_EVERY
         idle_init(&self.idle)
 
     def __dealloc__(self):
@@ -775,6 +780,14 @@ cdef class Pmd:
             raise ValueError(f"sleep-max {us} us out of range 0..{MAX_LOAD_SLEEP_US}")
         vh_store_u64(&self.sleep_max_ns, <uint64_t>us * 1000)
 
+    def set_emc_insert_inv_prob(self, n):
+        """As OVS's other_config:emc-insert-inv-prob: one wildcard-cache hit in ``n`` is
+        copied into the exact-match cache (1: every one); 0 turns the EMC off (never asked,
+        never filled: every frame is counted as skipped). Set before the thread runs."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 0xFFFFFFFF:
+            raise ValueError(f"emc-insert-inv-prob {n!r} out of range 0..4294967295")
+        self.emc_insert_every = n
+
     def stop(self):
         vh_store_release_int(&self.stopping, 1)
         vh_eventfd_signal(self.idle.wakefd)
@@ -783,7 +796,8 @@ cdef class Pmd:
         cdef pmd_stats_t snapshot = self.st
         cdef dict out = snapshot               # the struct as a dict, named by its fields
         out["sleeps"] = self.idle.sleeps
-        out["emc_skipping"] = bool(self.emc_skip)
+        out["emc_skipping"] = bool(self.emc_skip) or self.emc_insert_every == 0
+        out["emc_insert_inv_prob"] = self.emc_insert_every
         out["megaflows"] = self.mf.count
         out["megaflow_masks"] = sum(1 for i in range(self.mf.nmasks) if self.mf.masks[i].refs)
         out["megaflow_evictions"] = self.mf.evictions
@@ -1401,6 +1415,8 @@ cdef class Pmd:
         """Does this poll round ask the EMC? Always, unless it is being skipped; then one
         round in EMC_PROBE_EVERY, every queue of it, so that its hit rate stays known (one
         burst in N would land on the same queue round after round)."""
+        if self.emc_insert_every == 0:
+            return False                       # the EMC is off (emc-insert-inv-prob=0)
         if not self.emc_skip:
             return True
         self.emc_rounds += 1
@@ -1410,7 +1426,7 @@ cdef class Pmd:
         """After a burst that asked the EMC: every EMC_WINDOW hits and conflict misses,
         skip it from now on if under 40% of them were hits, ask it again from 50% (in
         between: as it was). Misses on empty slots or stale entries do not count: a cache
-        that is filling (1 miss in EMC_INSERT_EVERY is inserted) or was invalidated is not
+        that is filling (1 miss in emc_insert_every is inserted) or was invalidated is not
         one that thrashes. Only 36% has been measured (skipping won there); the 40/50 pair
         keeps a rate near one bound from switching every window."""
         cdef uint32_t total
@@ -1559,7 +1575,8 @@ cdef class Pmd:
                 if a != NULL:
                     self.st.megaflow_hits += 1
                     self.mf_hits_since_insert += 1
-                    if self.mf_hits_since_insert >= EMC_INSERT_EVERY:
+                    if self.emc_insert_every and \
+                            self.mf_hits_since_insert >= self.emc_insert_every:
                         self.mf_hits_since_insert = 0
                         emc_insert(self.emc, &key, h, a)
                         valid_a = NULL
@@ -1583,7 +1600,8 @@ cdef class Pmd:
                         # like a megaflow hit, rarely into the EMC: a flow seen once (a
                         # storm of new flows) must not push busy flows out of it
                         self.mf_hits_since_insert += 1
-                        if self.mf_hits_since_insert >= EMC_INSERT_EVERY:
+                        if self.emc_insert_every and \
+                                self.mf_hits_since_insert >= self.emc_insert_every:
                             self.mf_hits_since_insert = 0
                             emc_insert(self.emc, &key, h, &fresh)
                         a = &fresh

@@ -93,7 +93,7 @@ def test_emc_skipped_under_many_flows_and_asked_again_for_few(workdir, testpmds)
             assert 0 < hits < misses, (before, s)
             assert s["megaflow_hits"] - before["megaflow_hits"] > s["emc_skipped"], s
             text = processes.ctl(run_dir, "pmd-stats-show")
-            assert f"emc skipped: {s['emc_skipped']} (now skipped)" in text, text
+            assert f"emc skipped: {s['emc_skipped']} (now skipped, 1 in 16 inserted)" in text, text
             stats = tp.port_stats()
             assert min(stats[0]["rx_packets"], stats[1]["rx_packets"]) > 10**5, stats
 
@@ -105,6 +105,6 @@ def test_emc_skipped_under_many_flows_and_asked_again_for_few(workdir, testpmds)
                        and s["emc_hits"] > before["emc_hits"] + 10**5, "one flow each way")
             s = quiet_stats(tp, run_dir)
             assert not s["emc_skipping"] and looked_up_once(s), s
-            assert "(now asked)" in processes.ctl(run_dir, "pmd-stats-show")
+            assert "(now asked, 1 in 16 inserted)" in processes.ctl(run_dir, "pmd-stats-show")
     finally:
         sw.stop()

@@ -282,10 +282,15 @@ async def pmd_rebalance(sw, args):
 
 
 async def set_pmd(sw, args):
-    _need(args, 1, 6, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
-                      "[cpus=0,1|auto|any] [flow-limit=N] [sleep-max=US]")
-    opts = _kv(args, ("threads", "assign", "auto-lb", "cpus", "flow-limit", "sleep-max"))
+    _need(args, 1, 7, "set-pmd [threads=N] [assign=roundrobin|cycles] [auto-lb=true|false] "
+                      "[cpus=0,1|auto|any] [flow-limit=N] [sleep-max=US] "
+                      "[emc-insert-inv-prob=N]")
+    opts = _kv(args, ("threads", "assign", "auto-lb", "cpus", "flow-limit", "sleep-max",
+                      "emc-insert-inv-prob"))
     settings = {}
+    if "emc-insert-inv-prob" in opts:       # OVS's: 1 in N cache hits into the EMC; 0: off
+        settings["emc_insert_inv_prob"] = _int(opts["emc-insert-inv-prob"],
+                                               "emc-insert-inv-prob", 0, 0xFFFFFFFF)
     if "flow-limit" in opts:
         settings["flow_limit"] = _int(opts["flow-limit"], "flow-limit", 1, 50000000)
     if "sleep-max" in opts:

@@ -48,7 +48,8 @@ class PmdSet:
 
     def __init__(self, datapath, n: int = 1, cpus: list[int] | str | None = None,
                  assign: str = "roundrobin", auto_lb: bool = False,
-                 flow_limit: int | None = None, sleep_max: int = 0):
+                 flow_limit: int | None = None, sleep_max: int = 0,
+                 emc_insert_inv_prob: int | None = None):
         if n < 1:
             raise ValueError("at least one PMD thread")
         if assign not in ASSIGN_MODES:
@@ -59,6 +60,7 @@ class PmdSet:
         self.auto_lb = auto_lb
         self.flow_limit = flow_limit
         self.sleep_max = sleep_max if isinstance(sleep_max, int) else 0   # us (pmd-sleep-max)
+        self.emc_insert_inv_prob = emc_insert_inv_prob      # None: the PMD's default
         self.rxqs: list[tuple[int, int]] = []
         self.samples: list[dict] = []          # per second: {(port, q): ns in that second}
         self._last_totals: dict = {}
@@ -74,6 +76,11 @@ class PmdSet:
             pmd.set_sleep_max(self.sleep_max)
         except ValueError as e:
             log.error("PMD %d: %s: no load-based sleeping", i, e)
+        if self.emc_insert_inv_prob is not None:
+            try:
+                pmd.set_emc_insert_inv_prob(self.emc_insert_inv_prob)
+            except ValueError as e:             # (a hand-edited store)
+                log.error("PMD %d: %s: the default kept", i, e)
         t = threading.Thread(target=_pmd_main, args=(pmd, self.cpus[i]), name=f"pmd{i}",
                              daemon=True)
         t.start()

@@ -104,7 +104,8 @@ class Switch:
                              "auto_lb": settings.get("auto_lb", False),
                              "cpus": settings.get("cpus", []),
                              "flow_limit": settings.get("flow_limit"),
-                             "sleep_max": settings.get("sleep_max", 0)}
+                             "sleep_max": settings.get("sleep_max", 0),
+                             "emc_insert_inv_prob": settings.get("emc_insert_inv_prob")}
         self._damped_seen: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
         self._log_skipped: dict[str, int] = {}
@@ -119,7 +120,7 @@ class Switch:
     def _new_pmds(self) -> PmdSet:
         s = self.pmd_settings
         return PmdSet(self.datapath, s["threads"], s["cpus"], s["assign"], s["auto_lb"],
-                      s["flow_limit"], s["sleep_max"])
+                      s["flow_limit"], s["sleep_max"], s["emc_insert_inv_prob"])
 
     # -- life -----------------------------------------------------------------------------
     async def start(self, seed: list[list[str]] | None = None) -> None:
@@ -929,6 +930,11 @@ class Switch:
         return [{"pmd": i, **pmd.stats()} for i, pmd in enumerate(self.pmds.pmds)]
 
     def pmd_stats_show(self) -> str:
+        def emc_state(s: dict) -> str:
+            if s["emc_insert_inv_prob"] == 0:
+                return "EMC off: emc-insert-inv-prob=0"
+            return (f"now {'skipped' if s['emc_skipping'] else 'asked'}, "
+                    f"1 in {s['emc_insert_inv_prob']} inserted")
         out = []
         for s in self.pmd_stats_data():
             i = s["pmd"]
@@ -940,8 +946,7 @@ class Switch:
                     f"  one-copy frames: {s['onecopy']}",
                     f"  emc hits: {s['emc_hits']}",
                     f"  emc misses: {s['emc_misses']}",
-                    f"  emc skipped: {s['emc_skipped']} (now "
-                    f"{'skipped' if s['emc_skipping'] else 'asked'})",
+                    f"  emc skipped: {s['emc_skipped']} ({emc_state(s)})",
                     f"  megaflow hits: {s['megaflow_hits']} "
                     f"(avg. subtable lookups per hit: {s['subtables_per_hit']:.2f})",
                     f"  megaflows: {s['megaflows']} in {s['megaflow_masks']} masks "

@@ -1,0 +1,147 @@
+"""set-pmd emc-insert-inv-prob=N (OVS's other_config:emc-insert-inv-prob): one wildcard-cache
+hit (or upcall) in N is copied into the PMD's exact-match cache, so a flow's first N frames
+miss it and the rest hit; 0 turns the EMC off (never asked, never filled: every frame
+counted as skipped), frames still forwarded byte-exact through the megaflow cache. Through a
+PMD thread and two in-process guests (pyvhost._switch), then through `pyvhost switch`: the
+setting is checked, stored across a restart and shown by pmd-stats-show."""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from pyvhost._switch import Datapath
+from pyvhost.switch.bridge import Bridge
+from pyvhost.switch.flows import parse_flow
+from tests.harness import processes
+from tests.test_onecopy import MAC, Guest, collect, frame, wait_for
+
+ROUNDS, PER_ROUND = 4, 40
+
+
+@pytest.fixture
+def loop():
+    """Guests a -> b, one rule, a PMD not yet started; its thread stopped at the end."""
+    a = Guest("split", "split", mrg=False, hdr_len=12)
+    b = Guest("split", "split", mrg=False, hdr_len=12)
+    bridge = Bridge("br0", 0)
+    dp = Datapath()
+    dp.set_bridge(0, bridge.cls, bridge.macs)
+    for i, (name, g) in enumerate((("a", a), ("b", b))):
+        bridge.attach(SimpleNamespace(name=name, port_id=i, ofport=i + 1))
+        dp.add_port(i, 0, g.dev)
+    bridge.apply(add=[parse_flow("priority=10,in_port=a,actions=output:b")])
+    pmd = dp.new_pmd(0, pool_size=512)
+    thread = threading.Thread(target=pmd.run, daemon=True)
+    yield SimpleNamespace(a=a, b=b, dp=dp, pmd=pmd, thread=thread)
+    if thread.is_alive():
+        pmd.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+    for i in range(2):
+        dp.remove_port(i)
+    a.close()
+    b.close()
+
+
+def run_one_flow(loop) -> dict:
+    """ROUNDS x PER_ROUND frames of one flow (the same key: its payload differs only),
+    each round received whole and byte-exact; the PMD's counters."""
+    for rnd in range(ROUNDS):
+        frames = [frame("a", MAC["b"], 64 + j % 50) for j in range(PER_ROUND)]
+        loop.b.post_rx(len(frames))
+        for f in frames:
+            loop.a.tx.post_tx(f, hdr=bytes(12))
+        if rnd == 0:
+            loop.thread.start()
+            loop.pmd.set_rxqs([(0, 0), (1, 0)])
+        loop.pmd.wake()
+        assert [f for _, f in collect(loop.b, len(frames), loop.pmd)] == frames, rnd
+        sent = PER_ROUND * (rnd + 1)
+        assert wait_for(lambda n=sent: loop.dp.port_stats(0)["rx_packets"] == n, pmd=loop.pmd)
+        loop.a.tx.used()
+    return loop.pmd.stats()
+
+
+@pytest.mark.parametrize("every", [1, 7, 16, 100])
+def test_a_flow_enters_the_emc_on_its_nth_cache_hit(loop, every):
+    """The first frame is an upcall, frames 2..N megaflow hits; the Nth is copied into the
+    EMC, which answers every frame after it (N=100: never within the 160 frames)."""
+    if every != 16:                                  # 16: the default, left unset
+        loop.pmd.set_emc_insert_inv_prob(every)
+    s = run_one_flow(loop)
+    total = ROUNDS * PER_ROUND
+    inserted_at = min(every, total)
+    assert s["emc_insert_inv_prob"] == every
+    assert s["upcalls"] == 1, s
+    assert s["megaflow_hits"] == inserted_at - 1, s
+    assert s["emc_hits"] == total - inserted_at, s
+    assert s["emc_misses"] == inserted_at and s["emc_skipped"] == 0, s
+    assert not s["emc_skipping"]
+
+
+def test_zero_turns_the_emc_off(loop):
+    loop.pmd.set_emc_insert_inv_prob(0)
+    s = run_one_flow(loop)
+    total = ROUNDS * PER_ROUND
+    assert s["emc_hits"] == 0 and s["emc_misses"] == 0, s
+    assert s["emc_skipped"] == total and s["emc_skipping"], s
+    assert s["upcalls"] == 1 and s["megaflow_hits"] == total - 1, s
+
+
+@pytest.mark.parametrize("bad", [-1, 2 ** 32, "3", 1.0, True, None])
+def test_a_bad_value_is_refused_and_the_default_kept(loop, bad):
+    with pytest.raises(ValueError, match="emc-insert-inv-prob"):
+        loop.pmd.set_emc_insert_inv_prob(bad)
+    assert loop.pmd.stats()["emc_insert_inv_prob"] == 16
+
+
+def pmd_json(run_dir) -> dict:
+    [s] = json.loads(processes.ctl(run_dir, "pmd-stats-show", "--json"))
+    return s
+
+
+def test_set_pmd_checks_stores_and_shows_it(workdir):
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config="add-br br0\n")
+    try:
+        assert pmd_json(run_dir)["emc_insert_inv_prob"] == 16
+        for bad, why in (("-1", "out of range"), ("4294967296", "out of range"),
+                         ("x", "not a number"), ("", "not a number")):
+            out = processes.ctl(run_dir, "set-pmd", f"emc-insert-inv-prob={bad}", check=False)
+            assert why in out, (bad, out)
+        assert pmd_json(run_dir)["emc_insert_inv_prob"] == 16
+        processes.ctl(run_dir, "set-pmd", "emc-insert-inv-prob=0")
+        assert pmd_json(run_dir)["emc_insert_inv_prob"] == 0
+        assert "(EMC off: emc-insert-inv-prob=0)" in processes.ctl(run_dir, "pmd-stats-show")
+    finally:
+        sw.stop()
+    sw = processes.switch(workdir, run_dir)                  # the store keeps it
+    try:
+        assert pmd_json(run_dir)["emc_insert_inv_prob"] == 0
+        processes.ctl(run_dir, "set-pmd", "emc-insert-inv-prob=4294967295")
+        assert "1 in 4294967295 inserted" in processes.ctl(run_dir, "pmd-stats-show")
+    finally:
+        sw.stop()
+
+
+def test_a_bad_stored_value_is_logged_and_the_default_kept(workdir):
+    """A hand-edited store (a string, a negative number): the switch starts, says so in
+    its log, and the PMD keeps the default."""
+    from pyvhost.switch.store import Store
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config="add-br br0\n")
+    sw.stop()
+    for bad in ("often", -5):
+        store = Store(run_dir / "conf.db")
+        store.set_setting("emc_insert_inv_prob", bad)
+        store.close()
+        sw = processes.switch(workdir, run_dir, name=f"switch-{bad}")
+        try:
+            assert pmd_json(run_dir)["emc_insert_inv_prob"] == 16
+        finally:
+            sw.stop()
+        assert "emc-insert-inv-prob" in sw.errors() and "the default kept" in sw.errors()
