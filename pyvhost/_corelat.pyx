@@ -85,14 +85,16 @@ def round_trip_ns(cpu_a, cpu_b, double seconds=0.5) -> float:
     for the measurement, its affinity given back after) and ``cpu_b`` (a thread started
     here), measured for ``seconds``: the median over batches of 256 round trips, so a
     thread descheduled for a while spoils a few batches, not the number. Both CPUs should
-    be otherwise idle. ValueError for a CPU this thread may not run on, the same CPU twice
-    or ``seconds`` outside (0, 10]; RuntimeError if the partner did not start or stopped
-    answering (nothing is left running: a partner that could not be joined is reported
-    and its memory left to it)."""
+    be otherwise idle. ValueError for a CPU that is not an int or that this thread may not
+    run on, the same CPU twice or ``seconds`` outside (0, 10]; RuntimeError if the partner
+    did not start or stopped answering (nothing is left running: a partner that could not
+    be joined is reported and its memory left to it)."""
     allowed = os.sched_getaffinity(0)
     if cpu_a == cpu_b:
         raise ValueError(f"two different CPUs are needed, got {cpu_a} twice")
     for cpu in (cpu_a, cpu_b):
+        if type(cpu) is not int:
+            raise ValueError(f"a CPU is an int, got {cpu!r}")
         if cpu not in allowed:
             raise ValueError(f"CPU {cpu} is not one this thread may run on "
                              f"({sorted(allowed)})")
@@ -129,7 +131,7 @@ def round_trip_ns(cpu_a, cpu_b, double seconds=0.5) -> float:
                             break
                     t1 = corelat_now_ns()
                 if answered:
-                    batches.append((t1 - t0) / BATCH)
+                    batches.append((t1 - t0) / <double>BATCH)
                 if t1 >= end:
                     break
         finally:
@@ -148,4 +150,4 @@ def round_trip_ns(cpu_a, cpu_b, double seconds=0.5) -> float:
     if not answered or not batches:
         raise RuntimeError(f"the partner thread on CPU {cpu_b} stopped answering "
                            f"(no answer within 1 s)")
-    return statistics.median(batches)
+    return float(statistics.median(batches))

@@ -31,7 +31,7 @@ def test_round_trip_between_two_cpus_and_affinity_given_back():
     got = [round_trip_ns(CPUS[0], CPUS[1], 0.1), round_trip_ns(CPUS[1], CPUS[0], 0.1)]
     # a line between two cores: tens to a few thousand ns (a vCPU descheduled mid-way
     # weighs on a mean over 0.1 s only as much as it lasted)
-    assert all(10 < ns < 20_000 for ns in got), got
+    assert all(10 < ns < 20_000 and type(ns) is float for ns in got), got
     assert os.sched_getaffinity(0) == before
     assert not [t for t in threading.enumerate() if t.name == "corelat"]
     assert 10 < cross_core(CPUS[0], CPUS[1], 0.05)() < 20_000
@@ -47,6 +47,9 @@ def test_bad_cpus_and_durations_refused():
         round_trip_ns(-1, CPUS[0])
     with pytest.raises(ValueError, match="not one this thread may run on"):
         round_trip_ns(CPUS[0], 2**70)
+    for cpu in (float(CPUS[1]), True, str(CPUS[1])):     # (0.0 == 0, True == 1: in the set)
+        with pytest.raises(ValueError, match="a CPU is an int"):
+            round_trip_ns(CPUS[0], cpu)
     for bad in (0, -1, 11, float("nan")):
         with pytest.raises(ValueError, match="seconds"):
             round_trip_ns(CPUS[0], CPUS[1], bad)
