@@ -17,7 +17,10 @@ order, when a rule without goto_table ends the pipeline.
 
 PMD threads call ``cls_lookup`` without the GIL under the read lock; control changes take
 the write lock and bump ``gen``. Removed rules are kept until ``reclaim()`` (called once
-no PMD can still hold them). No rule syntax, no MAC learning, no ports here.
+no PMD can still hold them); a rule compiled again (``carry``) takes over the old one's
+counters, and reclaim() adds to it what PMDs still counted into the old one meanwhile (as
+OVS forwards a replaced rule's late stats to its successor). No rule syntax, no MAC
+learning, no ports here.
 """
 
 from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -34,6 +37,13 @@ from pyvhost._trie cimport (
     TRIE_NODES_PER_INSERT, prefix_len, prefix_mask, spare_move, spare_reserve, spare_trim,
     trie_free, trie_insert, trie_lookup, trie_node_t, trie_remove, trie_spare_t,
 )
+
+cdef extern from *:
+    """
+    static inline void cls_add_u64(uint64_t *p, uint64_t v)
+    { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }   /* PMDs add to it at the same time */
+    """
+    void cls_add_u64(uint64_t *p, uint64_t v) noexcept nogil
 
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_rwlockattr_t:
@@ -562,6 +572,7 @@ cdef class Classifier:
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
         pthread_rwlock_init(&self.c.lock, &attr)
         self.c.gen = 1
+        self.carried = []
 
     def __dealloc__(self):
         cdef uint32_t t, i, b
@@ -893,9 +904,12 @@ cdef class Classifier:
                 for old_id, index in carry:       # the removed rules wait in the graveyard
                     old = <cls_rule_t *><size_t>olds[old_id]
                     new = self.c.by_id[<uint32_t>ids[index]]
-                    new.n_packets = old.n_packets
-                    new.n_bytes = old.n_bytes
+                    # (a PMD may still be counting into old: read once, the rest at reclaim)
+                    packets, nbytes = old.n_packets, old.n_bytes
+                    new.n_packets = packets
+                    new.n_bytes = nbytes
                     new.used_ns = old.used_ns
+                    self.carried.append((<size_t>old, <size_t>new, packets, nbytes))
             finally:
                 self._bump()
                 spare_move(&nodes, &self.c.spare, SPARE_KEEP)
@@ -910,13 +924,33 @@ cdef class Classifier:
             spare_trim(&nodes, 0)                 # the nodes left over, freed unlocked
         return ids
 
+    @property
+    def reclaimable(self):
+        """Removed rules wait for reclaim()."""
+        return self.c.graveyard != NULL
+
     def reclaim(self):
         """Free removed rules: call only when no PMD can still hold one (after a grace
-        period: Datapath.synchronize())."""
+        period: Datapath.synchronize()). A rule compiled again first gets what PMDs counted
+        into its old self after the carry (in carry order: a rule carried twice passes the
+        late counts of the first on to the last; a successor since removed is still in
+        the graveyard, so it is still there to add to)."""
+        cdef cls_rule_t *old
+        cdef cls_rule_t *new
         with nogil:
             pthread_rwlock_wrlock(&self.c.lock)
-        self._free_graveyard()
-        pthread_rwlock_unlock(&self.c.lock)
+        try:
+            for old_addr, new_addr, packets, nbytes in self.carried:
+                old = <cls_rule_t *><size_t>old_addr
+                new = <cls_rule_t *><size_t>new_addr
+                cls_add_u64(&new.n_packets, old.n_packets - <uint64_t>packets)
+                cls_add_u64(&new.n_bytes, old.n_bytes - <uint64_t>nbytes)
+                if old.used_ns > new.used_ns:
+                    new.used_ns = old.used_ns
+            self.carried = []
+            self._free_graveyard()
+        finally:
+            pthread_rwlock_unlock(&self.c.lock)
 
     # -- queries ----------------------------------------------------------------------------
     def find_strict(self, int table, uint32_t priority, bytes mask, bytes value):

@@ -467,6 +467,7 @@ class Switch:
         self.ports[name] = port
         self._by_id[port_id] = port
         bridge.attach(port)
+        self._reclaim(bridge)                       # the rules naming it, compiled again
         try:
             try:
                 await port.start()
@@ -521,7 +522,8 @@ class Switch:
             self._stuck_ports.append(port)
             port.abandon()
         self.bridges[port.bridge].forget(port)      # no PMD can learn on it again
-        give_back_memory()                          # its rules were compiled again
+        self._reclaim(self.bridges[port.bridge])    # its rules were compiled again
+        give_back_memory()
         await port.close()
         log.info("port %s removed from %s", name, port.bridge)
         self._emit("port_removed", bridge=self.bridges[port.bridge], port=port)
@@ -576,7 +578,10 @@ class Switch:
         self._reclaim(bridge)
 
     def _reclaim(self, bridge: Bridge) -> None:
-        """Free removed rules once no PMD can still be counting into them."""
+        """Free removed rules once no PMD can still be counting into them (what PMDs
+        counted into a rule compiled again after it was, into its successor)."""
+        if not bridge.cls.reclaimable:
+            return
         try:
             self.datapath.synchronize()
         except TimeoutError as e:
