@@ -104,6 +104,7 @@ cdef void key_run(flow_key_t *k, const action_op_t *ops, uint32_t n, uint64_t *m
 cdef class Classifier:
     cdef cls_t *c
     cdef list carried              # (old, new rule address, packets, bytes) until reclaim
+    cdef list gone                 # (id, address) of the removed rules, until reclaim
     cdef void _free_graveyard(self) noexcept nogil
     cdef void _bump(self) noexcept nogil
     cdef cls_sub_t *_subtable(self, int table, const uint64_t *mask) except NULL

@@ -573,6 +573,7 @@ cdef class Classifier:
         pthread_rwlock_init(&self.c.lock, &attr)
         self.c.gen = 1
         self.carried = []
+        self.gone = []
 
     def __dealloc__(self):
         cdef uint32_t t, i, b
@@ -888,6 +889,7 @@ cdef class Classifier:
                 nodes.n = 0
             try:
                 for rid in removes:
+                    self.gone.append((rid, <size_t>self.c.by_id[rid]))
                     self._remove(self.c.by_id[rid])
                 for i, change in enumerate(changes):
                     new = self.c.by_id[<uint32_t>change[0]]
@@ -934,23 +936,34 @@ cdef class Classifier:
         period: Datapath.synchronize()). A rule compiled again first gets what PMDs counted
         into its old self after the carry (in carry order: a rule carried twice passes the
         late counts of the first on to the last; a successor since removed is still in
-        the graveyard, so it is still there to add to)."""
+        the graveyard, so it is still there to add to). Returns the freed rules' final
+        counters, [(id, (packets, bytes, ns of the last packet))] in removal order (an id
+        removed, reused and removed again is there twice: the last is the latest)."""
         cdef cls_rule_t *old
         cdef cls_rule_t *new
+        cdef cls_rule_t *r
         with nogil:
             pthread_rwlock_wrlock(&self.c.lock)
         try:
-            for old_addr, new_addr, packets, nbytes in self.carried:
+            carried, self.carried = self.carried, []     # (never added twice)
+            gone, self.gone = self.gone, []
+            for old_addr, new_addr, packets, nbytes in carried:
                 old = <cls_rule_t *><size_t>old_addr
                 new = <cls_rule_t *><size_t>new_addr
                 cls_add_u64(&new.n_packets, old.n_packets - <uint64_t>packets)
                 cls_add_u64(&new.n_bytes, old.n_bytes - <uint64_t>nbytes)
+                # (not atomic with a PMD's store of a newer time: the later of two
+                # nearly equal times may be lost, which no timeout can tell)
                 if old.used_ns > new.used_ns:
                     new.used_ns = old.used_ns
-            self.carried = []
+            finals = []
+            for rid, addr in gone:
+                r = <cls_rule_t *><size_t>addr
+                finals.append((rid, (r.n_packets, r.n_bytes, r.used_ns)))
             self._free_graveyard()
         finally:
             pthread_rwlock_unlock(&self.c.lock)
+        return finals
 
     # -- queries ----------------------------------------------------------------------------
     def find_strict(self, int table, uint32_t priority, bytes mask, bytes value):

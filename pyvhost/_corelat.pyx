@@ -90,11 +90,12 @@ def round_trip_ns(cpu_a, cpu_b, double seconds=0.5) -> float:
     did not start or stopped answering (nothing is left running: a partner that could not
     be joined is reported and its memory left to it)."""
     allowed = os.sched_getaffinity(0)
-    if cpu_a == cpu_b:
-        raise ValueError(f"two different CPUs are needed, got {cpu_a} twice")
     for cpu in (cpu_a, cpu_b):
         if type(cpu) is not int:
             raise ValueError(f"a CPU is an int, got {cpu!r}")
+    if cpu_a == cpu_b:
+        raise ValueError(f"two different CPUs are needed, got {cpu_a} twice")
+    for cpu in (cpu_a, cpu_b):
         if cpu not in allowed:
             raise ValueError(f"CPU {cpu} is not one this thread may run on "
                              f"({sorted(allowed)})")

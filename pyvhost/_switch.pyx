@@ -784,8 +784,8 @@ cdef class Pmd:
         """As OVS's other_config:emc-insert-inv-prob: one wildcard-cache hit in ``n`` is
         copied into the exact-match cache (1: every one); 0 turns the EMC off (never asked,
         never filled: every frame is counted as skipped). Set before the thread runs."""
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 0xFFFFFFFF:
-            raise ValueError(f"emc-insert-inv-prob {n!r} out of range 0..4294967295")
+        if type(n) is not int or not 0 <= n <= 0xFFFFFFFF:
+            raise ValueError(f"emc-insert-inv-prob {n!r}: not an int in 0..4294967295")
         self.emc_insert_every = n
 
     def stop(self):

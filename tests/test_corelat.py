@@ -30,7 +30,7 @@ def test_round_trip_between_two_cpus_and_affinity_given_back():
     before = os.sched_getaffinity(0)
     got = [round_trip_ns(CPUS[0], CPUS[1], 0.1), round_trip_ns(CPUS[1], CPUS[0], 0.1)]
     # a line between two cores: tens to a few thousand ns (a vCPU descheduled mid-way
-    # weighs on a mean over 0.1 s only as much as it lasted)
+    # spoils only the batches it lasted, not the median)
     assert all(10 < ns < 20_000 and type(ns) is float for ns in got), got
     assert os.sched_getaffinity(0) == before
     assert not [t for t in threading.enumerate() if t.name == "corelat"]

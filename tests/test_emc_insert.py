@@ -69,7 +69,7 @@ def run_one_flow(loop) -> dict:
 @pytest.mark.parametrize("every", [1, 7, 16, 100])
 def test_a_flow_enters_the_emc_on_its_nth_cache_hit(loop, every):
     """The first frame is an upcall, frames 2..N megaflow hits; the Nth is copied into the
-    EMC, which answers every frame after it (N=100: never within the 160 frames)."""
+    EMC, which answers every frame after it (N=100: from frame 101 of the 160)."""
     if every != 16:                                  # 16: the default, left unset
         loop.pmd.set_emc_insert_inv_prob(every)
     s = run_one_flow(loop)
@@ -128,20 +128,36 @@ def test_set_pmd_checks_stores_and_shows_it(workdir):
         sw.stop()
 
 
-def test_a_bad_stored_value_is_logged_and_the_default_kept(workdir):
-    """A hand-edited store (a string, a negative number): the switch starts, says so in
-    its log, and the PMD keeps the default."""
+BAD_STORED = [
+    {"threads": "x", "assign": "fast", "auto_lb": "yes", "cpus": [-1], "flow_limit": 0,
+     "sleep_max": -5, "emc_insert_inv_prob": "often"},
+    {"threads": 0, "assign": None, "auto_lb": 1, "cpus": "some", "flow_limit": "x",
+     "sleep_max": 10 ** 9, "emc_insert_inv_prob": -5},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_STORED)
+def test_bad_stored_pmd_settings_are_logged_and_the_defaults_kept(workdir, bad):
+    """A hand-edited or damaged store (values set-pmd would refuse): the switch starts,
+    logs each, and its PMD runs with the defaults."""
     from pyvhost.switch.store import Store
     run_dir = workdir / "run"
     sw = processes.switch(workdir, run_dir, config="add-br br0\n")
     sw.stop()
-    for bad in ("often", -5):
-        store = Store(run_dir / "conf.db")
-        store.set_setting("emc_insert_inv_prob", bad)
-        store.close()
-        sw = processes.switch(workdir, run_dir, name=f"switch-{bad}")
-        try:
-            assert pmd_json(run_dir)["emc_insert_inv_prob"] == 16
-        finally:
-            sw.stop()
-        assert "emc-insert-inv-prob" in sw.errors() and "the default kept" in sw.errors()
+    store = Store(run_dir / "conf.db")
+    for key, value in bad.items():
+        store.set_setting(key, value)
+    store.close()
+    sw = processes.switch(workdir, run_dir, name="switch-bad")
+    try:
+        s = pmd_json(run_dir)
+        assert s["emc_insert_inv_prob"] == 16
+        rxq = json.loads(processes.ctl(run_dir, "pmd-rxq-show", "--json"))
+        assert len(rxq) == 1                              # threads: 1
+        processes.ctl(run_dir, "set-pmd", "emc-insert-inv-prob=3")   # and set-pmd works
+        assert pmd_json(run_dir)["emc_insert_inv_prob"] == 3
+    finally:
+        sw.stop()
+    for key, value in bad.items():
+        assert f"{key}={value!r} (" in sw.errors(), (key, sw.errors())
+    assert sw.errors().count("stored PMD settings set-pmd would refuse") == 1

@@ -296,9 +296,12 @@ class Handler:
         if not rules:
             return
         bridge = self.bridge
-        removed = [(r, r.flow, bridge.counters(r)) for r in rules]
+        before = [(r, r.flow, bridge.counters(r)) for r in rules]
         flags = [self.state.flags_of(r) for r in rules]
         self._apply(remove=rules)
+        # the counters each had once no PMD could count into it (read before: if the
+        # PMDs could not be waited for)
+        removed = [(r, f, bridge.counters(r) if r.final else c) for r, f, c in before]
         if self.events is not None:
             self.events.flows_removed(bridge, removed, reason, flags)
 

@@ -8,6 +8,7 @@ or sockets here.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -18,6 +19,8 @@ from pyvhost._fdb import MacTable
 from pyvhost._flow import ACTION_OPS, key_dict, pack_key
 
 from .flows import Flow, Selector, key_fields, match_key, metadata_key, parse_flow
+
+log = logging.getLogger("pyvhost.switch")
 
 OP_OUTPUT, OP_FLOOD, OP_SET_VLAN, OP_STRIP_VLAN, OP_NORMAL, OP_CONTROLLER, OP_IN_PORT, \
     OP_GROUP = (ACTION_OPS[k] for k in ("output", "flood", "set_vlan", "strip_vlan", "normal",
@@ -50,6 +53,7 @@ class Rule:
     id: int               # the classifier's id
     created: float        # time.monotonic()
     row: int = 0          # the store's row
+    final: tuple | None = None    # once removed and reclaimed: its last counters
 
     @property
     def flow(self) -> Flow:
@@ -329,8 +333,31 @@ class Bridge:
         return sorted(found, key=lambda r: (*place(r.id), r.created, r.id))
 
     def counters(self, rule: Rule) -> tuple[int, int, int]:
-        """(packets, bytes, ns of the last packet or 0)."""
+        """(packets, bytes, ns of the last packet or 0); of a removed rule, what it had
+        counted when it was reclaimed (no PMD could count into it any more)."""
+        if rule.final is not None:
+            return rule.final
         return self.cls.stats(rule.id)
+
+    def reclaim(self, datapath, removed: list[Rule] = (), timeout: float = 5.0,
+                synchronized: bool = False) -> None:
+        """Free removed rules once no PMD of ``datapath`` can still be counting into them
+        (``synchronized``: the caller has just waited for that); what PMDs counted into a
+        rule compiled again after it was goes to its successor, and the ``removed`` rules
+        take their final counters (by id: the last of an id is the latest removal). If
+        the PMDs cannot be waited for, the rules stay in memory (logged)."""
+        if not self.cls.reclaimable:
+            return
+        if not synchronized:
+            try:
+                datapath.synchronize(timeout)
+            except TimeoutError as e:
+                log.error("bridge %s: removed rules kept in memory: %s", self.name, e)
+                return
+        last = dict(self.cls.reclaim())
+        for r in removed:
+            if r.id in last:
+                r.final = last[r.id]
 
     def expired(self, now_ns: int) -> list[Rule]:
         """Rules whose idle or hard timeout has passed."""

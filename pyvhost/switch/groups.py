@@ -80,6 +80,7 @@ class Groups:
         self.datapath.invalidate()
         if new:
             self.bridge.reresolve({f"group:{g.id}"})
+            self.bridge.reclaim(self.datapath)     # the rules naming it, compiled again
 
     def delete(self, gid: int) -> None:
         slot = self.slots.pop(gid, None)

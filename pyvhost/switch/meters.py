@@ -75,6 +75,7 @@ class Meters:
         self.meters[m.id] = m
         if new:
             self.bridge.reresolve({f"meter:{m.id}"})
+            self.bridge.reclaim(self.datapath)     # the rules naming it, compiled again
 
     def delete(self, mid: int) -> None:
         """Meter ``mid`` goes (its rules are the caller's to remove first)."""

@@ -103,7 +103,8 @@ class SwitchCollector:
             ("emc_skipped", "Frames not asked of the exact-match cache (it lost most lookups)"))}
         flows = gauge("pyvhost_pmd_megaflows", "Megaflow cache entries", labels=["pmd"])
         skipping = gauge("pyvhost_pmd_emc_skipping", "1 while the exact-match cache is "
-                         "skipped (it lost most lookups to other flows)", labels=["pmd"])
+                         "skipped (it lost most lookups to other flows, or "
+                         "emc-insert-inv-prob=0 turned it off)", labels=["pmd"])
         for i, pmd in enumerate(list(self.switch.pmds.pmds)):
             s = pmd.stats()
             busy.add_metric([str(i)], s["busy_ns"] / 1e9)

@@ -20,6 +20,37 @@ LOAD_WINDOW = 10          # samples (one per second) the cycles measure covers
 AUTO_LB_IMPROVEMENT = 0.25
 
 
+def _is_int(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def stored_settings(stored: dict) -> dict:
+    """PmdSet's keyword arguments from the store's settings (set-pmd's), each checked as
+    set-pmd checks it: a value the store holds but set-pmd would refuse (a hand-edited or
+    damaged store) is logged and the default used, so the switch still starts."""
+    from pyvhost._switch import limits
+    checks = {
+        "threads": (1, lambda v: _is_int(v, 1, max(1, len(os.sched_getaffinity(0))))),
+        "assign": ("roundrobin", lambda v: v in ASSIGN_MODES),
+        "auto_lb": (False, lambda v: type(v) is bool),
+        "cpus": ([], lambda v: v == "any" or type(v) is list and
+                 all(_is_int(c, 0, 4095) for c in v)),
+        "flow_limit": (None, lambda v: v is None or _is_int(v, 1, 50000000)),
+        "sleep_max": (0, lambda v: _is_int(v, 0, limits()["sleep_max_us"])),
+        "emc_insert_inv_prob": (None, lambda v: v is None or _is_int(v, 0, 0xFFFFFFFF)),
+    }
+    out, bad = {}, []
+    for key, (default, ok) in checks.items():
+        value = stored.get(key, default)
+        if not ok(value):
+            bad.append(f"{key}={value!r} ({default!r} used)")
+            value = default
+        out[key] = value
+    if bad:                                     # one line: the log damps repeated ones
+        log.error("stored PMD settings set-pmd would refuse: %s", ", ".join(bad))
+    return out
+
+
 def pmd_cpus(cpus: list[int] | str | None, n: int) -> list[int | None]:
     """The CPU each of ``n`` PMDs is pinned to: ``cpus`` in turn; by default (None or
     empty) the usable CPUs from the highest down, in turn (so traffic generators and the

@@ -26,7 +26,7 @@ from .commands import CommandError
 from .flows import Flow, FlowSyntaxError, Selector, parse_flow, split_canonical
 from .mirrors import Mirror, Mirrors
 from .netdev import NetdevError
-from .pmd import PmdSet
+from .pmd import PmdSet, stored_settings
 from .port import DEFAULT_QUEUES, HOST_TYPES, VHOST_TYPES, Port, VhostPort, create_host_port
 from .rundir import CTL_SOCK, RunLock, check_name, group_id, prepare
 from .store import Store, StoreError
@@ -98,14 +98,7 @@ class Switch:
         self._by_id: dict[int, Port] = {}
         self.mirrors = Mirrors(self.datapath, self.store)
         self.captures = Captures(self)
-        settings = self.store.settings()
-        self.pmd_settings = {"threads": settings.get("threads", 1),
-                             "assign": settings.get("assign", "roundrobin"),
-                             "auto_lb": settings.get("auto_lb", False),
-                             "cpus": settings.get("cpus", []),
-                             "flow_limit": settings.get("flow_limit"),
-                             "sleep_max": settings.get("sleep_max", 0),
-                             "emc_insert_inv_prob": settings.get("emc_insert_inv_prob")}
+        self.pmd_settings = stored_settings(self.store.settings())
         self._damped_seen: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
         self._log_skipped: dict[str, int] = {}
@@ -467,7 +460,7 @@ class Switch:
         self.ports[name] = port
         self._by_id[port_id] = port
         bridge.attach(port)
-        self._reclaim(bridge)                       # the rules naming it, compiled again
+        bridge.reclaim(self.datapath, timeout=1.0)  # the rules naming it, compiled again
         try:
             try:
                 await port.start()
@@ -521,8 +514,10 @@ class Switch:
             log.error("port %s: %s; its rings stay mapped", name, e)
             self._stuck_ports.append(port)
             port.abandon()
+        else:                                       # its rules were compiled again: the
+            # wait above was after that, so no PMD can hold the old ones
+            self.bridges[port.bridge].reclaim(self.datapath, synchronized=True)
         self.bridges[port.bridge].forget(port)      # no PMD can learn on it again
-        self._reclaim(self.bridges[port.bridge])    # its rules were compiled again
         give_back_memory()
         await port.close()
         log.info("port %s removed from %s", name, port.bridge)
@@ -561,7 +556,7 @@ class Switch:
             for rule, row in zip(added, new_rows, strict=True):
                 rule.row = row
         if remove:
-            self._reclaim(bridge)
+            bridge.reclaim(self.datapath, remove)
         if len(add) + len(remove) >= BULK:
             give_back_memory()
         return added
@@ -575,19 +570,7 @@ class Switch:
                                     zip(modified, old_texts, strict=True)])
         for new, old in zip(back, removed, strict=True):
             new.row, new.created = old.row, old.created
-        self._reclaim(bridge)
-
-    def _reclaim(self, bridge: Bridge) -> None:
-        """Free removed rules once no PMD can still be counting into them (what PMDs
-        counted into a rule compiled again after it was, into its successor)."""
-        if not bridge.cls.reclaimable:
-            return
-        try:
-            self.datapath.synchronize()
-        except TimeoutError as e:
-            log.error("bridge %s: removed rules kept in memory: %s", bridge.name, e)
-            return
-        bridge.cls.reclaim()
+        bridge.reclaim(self.datapath)
 
     def add_flow(self, bridge_name: str, flow: Flow, persist: bool = True) -> None:
         self.add_flows(bridge_name, [flow], persist)
@@ -642,10 +625,13 @@ class Switch:
         return len(gone)
 
     def _remove_rules(self, bridge: Bridge, gone: list[Rule], reason: str) -> None:
-        """Remove rules and tell the observers, with each rule's last counters."""
-        removed = [(r, r.flow, bridge.counters(r)) for r in gone] if self.observers else []
+        """Remove rules and tell the observers, with each rule's last counters (those it
+        had when no PMD could count into it any more; if the PMDs could not be waited
+        for, those read before the removal)."""
+        before = [(r, r.flow, bridge.counters(r)) for r in gone] if self.observers else []
         self._change(bridge, remove=gone)
-        if removed:
+        if before:
+            removed = [(r, f, bridge.counters(r) if r.final else c) for r, f, c in before]
             self._emit("rules_removed", bridge=bridge, reason=reason, removed=removed)
 
     def _emit(self, kind: str, **info) -> None:
@@ -684,7 +670,7 @@ class Switch:
         for rule, row in zip(bridge.apply(add=flows, remove=remove), rows, strict=True):
             rule.row = row
         if remove:
-            self._reclaim(bridge)
+            bridge.reclaim(self.datapath)
 
     def trace(self, bridge_name: str, match: dict) -> dict:
         bridge = self._bridge(bridge_name)
