@@ -783,7 +783,8 @@ cdef class Pmd:
     def set_emc_insert_inv_prob(self, n):
         """As OVS's other_config:emc-insert-inv-prob: one wildcard-cache hit in ``n`` is
         copied into the exact-match cache (1: every one); 0 turns the EMC off (never asked,
-        never filled: every frame is counted as skipped). Set before the thread runs."""
+        never filled: every frame is counted as skipped). PmdSet sets it before the thread
+        runs; set later, it counts from the next frame (one aligned word)."""
         if type(n) is not int or not 0 <= n <= 0xFFFFFFFF:
             raise ValueError(f"emc-insert-inv-prob {n!r}: not an int in 0..4294967295")
         self.emc_insert_every = n

@@ -126,38 +126,3 @@ def test_set_pmd_checks_stores_and_shows_it(workdir):
         assert "1 in 4294967295 inserted" in processes.ctl(run_dir, "pmd-stats-show")
     finally:
         sw.stop()
-
-
-BAD_STORED = [
-    {"threads": "x", "assign": "fast", "auto_lb": "yes", "cpus": [-1], "flow_limit": 0,
-     "sleep_max": -5, "emc_insert_inv_prob": "often"},
-    {"threads": 0, "assign": None, "auto_lb": 1, "cpus": "some", "flow_limit": "x",
-     "sleep_max": 10 ** 9, "emc_insert_inv_prob": -5},
-]
-
-
-@pytest.mark.parametrize("bad", BAD_STORED)
-def test_bad_stored_pmd_settings_are_logged_and_the_defaults_kept(workdir, bad):
-    """A hand-edited or damaged store (values set-pmd would refuse): the switch starts,
-    logs each, and its PMD runs with the defaults."""
-    from pyvhost.switch.store import Store
-    run_dir = workdir / "run"
-    sw = processes.switch(workdir, run_dir, config="add-br br0\n")
-    sw.stop()
-    store = Store(run_dir / "conf.db")
-    for key, value in bad.items():
-        store.set_setting(key, value)
-    store.close()
-    sw = processes.switch(workdir, run_dir, name="switch-bad")
-    try:
-        s = pmd_json(run_dir)
-        assert s["emc_insert_inv_prob"] == 16
-        rxq = json.loads(processes.ctl(run_dir, "pmd-rxq-show", "--json"))
-        assert len(rxq) == 1                              # threads: 1
-        processes.ctl(run_dir, "set-pmd", "emc-insert-inv-prob=3")   # and set-pmd works
-        assert pmd_json(run_dir)["emc_insert_inv_prob"] == 3
-    finally:
-        sw.stop()
-    for key, value in bad.items():
-        assert f"{key}={value!r} (" in sw.errors(), (key, sw.errors())
-    assert sw.errors().count("stored PMD settings set-pmd would refuse") == 1

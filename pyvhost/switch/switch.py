@@ -277,9 +277,17 @@ class Switch:
         bid = next(i for i in range(len(used) + 1) if i not in used)
         if bid >= LIMITS["bridges"]:
             raise CommandError(f"at most {LIMITS['bridges']} bridges")
-        conf = self.store.settings().get(f"bridge:{name}", {})
-        bridge = Bridge(name, bid, conf.get("mac_table_size", DEFAULT_MAC_TABLE_SIZE),
-                        conf.get("mac_aging", DEFAULT_MAC_AGING))
+        conf = self._stored_conf(f"bridge:{name}")
+        size = conf.get("mac_table_size", DEFAULT_MAC_TABLE_SIZE)
+        aging = conf.get("mac_aging", DEFAULT_MAC_AGING)
+        try:
+            if type(size) is not int or type(aging) is not int:
+                raise ValueError("not integers")
+            bridge = Bridge(name, bid, size, aging)
+        except (ValueError, OverflowError) as e:
+            log.error("store: bridge %s: mac-table-size %r, mac-aging-time %r refused (%s): "
+                      "the defaults used", name, size, aging, e)
+            bridge = Bridge(name, bid)
         self.datapath.set_bridge(bid, bridge.cls, bridge.macs)
         self.bridges[name] = bridge
         try:
@@ -292,6 +300,15 @@ class Switch:
             del self.bridges[name]
             self.datapath.remove_bridge(bid)
             raise
+
+    def _stored_conf(self, key: str) -> dict:
+        """A bridge's or port's stored settings: a table, or {} (logged) if the store holds
+        something else there."""
+        conf = self.store.settings().get(key, {})
+        if not isinstance(conf, dict):
+            log.error("store: setting %s is %r, not a table: ignored", key, conf)
+            return {}
+        return conf
 
     def set_bridge(self, name: str, mac_table_size: int | None = None,
                    mac_aging: int | None = None) -> None:
@@ -310,7 +327,7 @@ class Switch:
         except ValueError as e:
             raise CommandError(str(e)) from None
         key = f"bridge:{name}"
-        conf = self.store.settings().get(key, {})
+        conf = self._stored_conf(key)
         conf.update({"mac_table_size": bridge.macs.size, "mac_aging": bridge.macs.aging})
         self.store.set_setting(key, conf)
 
@@ -449,8 +466,10 @@ class Switch:
                 port.endpoint.mode = self.socket_mode
             port.device.listeners.append(self.datapath.wake_all)
             port.device.listeners.append(lambda: self._queues_changed(port))
-        limit = self.store.settings().get(f"port:{name}", {}).get("mac_limit")
-        if limit:
+        limit = self._stored_conf(f"port:{name}").get("mac_limit")
+        if limit is not None and not (type(limit) is int and 0 <= limit <= 1 << 24):
+            log.error("store: port %s: mac-limit %r refused: no limit", name, limit)
+        elif limit:
             bridge.mac_limits[name] = limit
         try:
             self.datapath.add_port(port_id, bridge.bridge_id, port.datapath_dev())
