@@ -280,20 +280,29 @@ cdef inline void tx_complete(vq_t *vq, used_batch_t *ub, bint ref, uint16_t id,
 
 
 cdef inline int dequeue_batch(vq_t *vq, pktpool_t *pool, cursor_t *cur, used_batch_t *ub,
-                              pkt_t **pkts, uint32_t *nout, bint ref) noexcept nogil:
+                              pkt_t **pkts, uint32_t *nout, bint ref, tx_copy_t *dc,
+                              uint32_t *ndc) noexcept nogil:
     """Packed: the next PACKED_BATCH chains at once when they form a batch (_ring_batch):
     PACKED_BATCH when all were consumed, 0 when they are not a batch, -1 - k when the
-    packet pool ran dry after k (the rest stay in the ring: the burst stops)."""
+    packet pool ran dry after k (the rest stay in the ring: the burst stops). The burst's
+    deferred copies (``dc``, ``ndc``: chains taken one at a time before) are settled first
+    when the pool runs dry, as one at a time: a refused one gives its buffer back."""
     cdef uint16_t ids[PACKED_BATCH]
     cdef iov_t biov[PACKED_BATCH]
-    cdef int k
+    cdef int k, rc
     if not batch_read(vq, cur.idx, cur.wrap, cur.room, False, ids, biov):
         return 0
     for k in range(PACKED_BATCH):
         if k + 1 < PACKED_BATCH:
             vh_prefetch(biov[k + 1].base + 64)
-        if receive_chain(vq, pool, &biov[k], 1, biov[k].len, False, pkts, nout, ref,
-                         NULL, NULL) < 0:
+        rc = receive_chain(vq, pool, &biov[k], 1, biov[k].len, False, pkts, nout, ref,
+                           NULL, ndc)
+        if rc == -2:
+            nout[0] = tx_copies(vq, pool, pkts, nout[0], dc, ndc[0])
+            ndc[0] = 0
+            rc = receive_chain(vq, pool, &biov[k], 1, biov[k].len, False, pkts, nout, ref,
+                               NULL, ndc)
+        if rc < 0:
             vq.batched += k
             return -1 - k
         tx_complete(vq, ub, ref, ids[k], 1)
@@ -324,7 +333,7 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
         prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)))
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
-            rc = dequeue_batch(vq, pool, &cur, &ub, pkts, &nout, ref)
+            rc = dequeue_batch(vq, pool, &cur, &ub, pkts, &nout, ref, dc, &ndc)
             if rc == PACKED_BATCH:
                 i += PACKED_BATCH
                 continue
