@@ -142,7 +142,8 @@ cdef inline mf_entry_t *mf_entry(mf_t *mf, uint32_t idx) noexcept nogil:
     return &mf.chunks[idx >> MF_CHUNK_SHIFT][idx & (MF_CHUNK - 1)]
 
 
-cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil  # its hash
+cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k,
+                           bint hashed) noexcept nogil  # its hash (0 if not ``hashed``)
 cdef uint32_t flow_hash(const flow_key_t *k) noexcept nogil
 cdef uint32_t masked_hash(const uint64_t *w, const uint64_t *mask, uint64_t *out) noexcept nogil
 cdef extern from *:

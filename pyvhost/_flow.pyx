@@ -73,8 +73,10 @@ cdef inline uint32_t hash_words(uint64_t w0, uint64_t w1, uint64_t w2, uint64_t 
     return <uint32_t>pv_fold_mul(h, 0xFF51AFD7ED558CCDULL)
 
 
-cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noexcept nogil:
-    """``k`` := the key of ``p`` received on ``in_port``; returns its flow_hash. The key's
+cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k,
+                           bint hashed) noexcept nogil:
+    """``k`` := the key of ``p`` received on ``in_port``; returns its flow_hash if
+    ``hashed``, else 0 (an EMC that is not asked: flow_hash later if it needs it). The key's
     8 words are built in registers (scalars, not an array the compiler would spill), stored
     whole and hashed from the registers: a key written field by field (2-, 4- and 6-byte
     stores) and read back as words stalls every read on store forwarding (perf: the hash's
@@ -128,6 +130,8 @@ cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k) noex
     memcpy(out + 40, &w5, 8)
     memcpy(out + 48, &w6, 8)
     memcpy(out + 56, &w7, 8)
+    if not hashed:
+        return 0
     return hash_words(w0, w1, w2, w3, w4, w5, w6, w7)
 
 
@@ -668,7 +672,7 @@ def frame_key(bytes frame, uint16_t in_port=0):
     memset(&p, 0, sizeof(pkt_t))
     p.data = <uint8_t *><const char *>frame
     p.len = len(frame)
-    flow_extract(&p, in_port, &k)
+    flow_extract(&p, in_port, &k, False)
     return (<char *>&k)[:sizeof(flow_key_t)]
 
 
@@ -684,7 +688,7 @@ def frame_key_hash(bytes frame, uint16_t in_port=0, uint32_t tun_id=0, uint32_t 
     p.tun_id = tun_id
     p.tun_src = tun_src
     p.tun_dst = tun_dst
-    h = flow_extract(&p, in_port, &k)
+    h = flow_extract(&p, in_port, &k, True)
     return (<char *>&k)[:sizeof(flow_key_t)], h
 
 

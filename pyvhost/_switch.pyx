@@ -47,7 +47,7 @@ from pyvhost._flow cimport (
     OP_DEC_TTL, OP_SET_DSCP, OP_SET_ETH_DST, OP_SET_ETH_SRC, OP_SET_NW_DST, OP_SET_NW_SRC,
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
     MF_NO_HINT, action_op_t, actions_t, emc_conflict, emc_insert, emc_lookup, emc_may_hold, emc_prefetch,
-    emc_t, flow_extract, mf_hint, mf_hint_entry,
+    emc_t, flow_extract, flow_hash, mf_hint, mf_hint_entry,
     flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
@@ -1308,7 +1308,7 @@ cdef class Pmd:
         cdef int rc = 0, j
         cdef action_op_t given[MAX_ACTION_OPS]
         self.now_ms = <uint32_t>(t // 1000000)
-        flow_extract(p, inp.id, &key)
+        flow_extract(p, inp.id, &key, False)
         self.cur_inp = inp
         if table:
             if self.upcall(inp, &key, a, mask) < 0:
@@ -1530,7 +1530,7 @@ cdef class Pmd:
         # keys and hashes first, each EMC slot's load started: with more flows than the
         # cache holds in the CPU's caches, the lookups below then do not wait in turn
         for i in range(n):
-            hashes[i] = flow_extract(pkts[i], inp.id, &keys[i])
+            hashes[i] = flow_extract(pkts[i], inp.id, &keys[i], use_emc)
             if use_emc:
                 emc_prefetch(self.emc, hashes[i])
         # the same one level down when the EMC has been missing (more flows than it holds):
@@ -1579,7 +1579,7 @@ cdef class Pmd:
                     if self.emc_insert_every and \
                             self.mf_hits_since_insert >= self.emc_insert_every:
                         self.mf_hits_since_insert = 0
-                        emc_insert(self.emc, &key, h, a)
+                        emc_insert(self.emc, &key, h if use_emc else flow_hash(&key), a)
                         valid_a = NULL
                 elif self.up_ns[inp.id] >= self.up_budget_ns:
                     self.st.upcall_throttled += 1        # over its share: dropped, counted
@@ -1604,7 +1604,8 @@ cdef class Pmd:
                         if self.emc_insert_every and \
                                 self.mf_hits_since_insert >= self.emc_insert_every:
                             self.mf_hits_since_insert = 0
-                            emc_insert(self.emc, &key, h, &fresh)
+                            emc_insert(self.emc, &key, h if use_emc else flow_hash(&key),
+                                       &fresh)
                         a = &fresh
                     # a clock read costs as much as a short upcall: time one in
                     # UPCALL_TIMED_EVERY, charge the others the moving average
@@ -1750,3 +1751,4 @@ def limits():
     return {"ports": MAX_PORTS, "bridges": MAX_BRIDGES, "queues": MAX_PORT_QUEUES,
             "rxqs_per_pmd": MAX_POLL, "actions": MAX_ACTION_OPS,
             "sleep_max_us": MAX_LOAD_SLEEP_US}
+

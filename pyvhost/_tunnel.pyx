@@ -28,7 +28,7 @@ from libc.string cimport memcpy, memset
 from posix.unistd cimport close
 from posix.uio cimport iovec
 
-from pyvhost._flow cimport flow_extract, flow_hash, flow_key_t
+from pyvhost._flow cimport flow_extract, flow_key_t
 from pyvhost._idle cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLLIN, epoll_create1, epoll_ctl,
     epoll_event, eventfd,
@@ -363,8 +363,7 @@ cdef inline int pick_fd(tun_dev_t *d, pkt_t *p) noexcept nogil:
     cdef flow_key_t k
     if d.ntx == 1:
         return d.tx_fd[0]
-    flow_extract(p, 0, &k)
-    return d.tx_fd[flow_hash(&k) % <uint32_t>d.ntx]
+    return d.tx_fd[flow_extract(p, 0, &k, True) % <uint32_t>d.ntx]
 
 
 cdef bint send_segmented(tun_dev_t *d, pktpool_t *pool, pkt_t *p, uint64_t *bytes_) noexcept nogil:
