@@ -126,3 +126,40 @@ def test_set_pmd_checks_stores_and_shows_it(workdir):
         assert "1 in 4294967295 inserted" in processes.ctl(run_dir, "pmd-stats-show")
     finally:
         sw.stop()
+
+
+def send_round(loop, frames) -> None:
+    loop.b.post_rx(len(frames))
+    for f in frames:
+        loop.a.tx.post_tx(f, hdr=bytes(12))
+    loop.pmd.wake()
+    assert len(collect(loop.b, len(frames), loop.pmd)) == len(frames)
+    loop.a.tx.used()
+
+
+def test_a_flow_copied_into_a_skipped_emc_is_found_where_it_is_asked(loop):
+    """While the EMC is skipped, frames are not hashed for it (flow_extract leaves the hash
+    out) but flows are still copied in (here every megaflow hit): into the slot the flow's
+    hash names, so the rounds that still ask the EMC (1 poll round in 8) find them there.
+    Thrash first (new flows over one megaflow, every hit copied in: the slots hold other
+    flows) until it is skipped; then 40 flows, 256 frames (8 bursts) each. A flow misses
+    only if its first burst is one that asks (~1 in 8, ~5 of 40); copied into the wrong
+    slot, a flow would miss at its first asking burst (~2 in 3 of them)."""
+    loop.pmd.set_emc_insert_inv_prob(1)
+    loop.thread.start()
+    loop.pmd.set_rxqs([(0, 0), (1, 0)])
+    seed = 0
+    while not loop.pmd.stats()["emc_skipping"]:
+        assert seed < 40000, loop.pmd.stats()
+        send_round(loop, [frame("a", MAC["b"], 64, s) for s in range(seed, seed + 64)])
+        seed += 64
+    before = loop.pmd.stats()
+    for flow in range(40):
+        for _ in range(4):
+            send_round(loop, [frame("a", MAC["b"], 64, 50000 + flow)] * 64)
+    s = loop.pmd.stats()
+    assert s["emc_skipping"], s
+    delta = {k: s[k] - before[k] for k in ("emc_hits", "emc_misses", "emc_skipped")}
+    assert delta["emc_skipped"] > 40 * 256 // 2, delta           # mostly skipped
+    assert delta["emc_hits"] > 0, delta                          # asked, and found
+    assert delta["emc_misses"] < 15, delta

@@ -346,13 +346,14 @@ def test_one_copy_forwarding_batches_on_both_rings():
 def batchy_round(draw, base, size, w):
     """Per slot: mostly a good single descriptor available in this lap (so batches form),
     else a plausible hostile one (chain or indirect flags, the wrong direction, the other
-    lap, lengths of 0 to 4 GiB, buffers across the region boundary at ``base``), random
+    lap, lengths of 0 to 4 GiB, slot 0's across the region boundary at ``base``), random
     bytes, or nothing new; plus random bytes at ``base`` for the indirect tables. Buffers
-    are kept out of the first region, where the ring is: a guest whose buffers overlap
-    its own descriptor ring may see a batch read the descriptors before the frames land.
-    Nor do two slots' buffers overlap (each has 4 KiB of its own; a hostile one may reach
-    1 KiB before it): a guest that posts one piece of memory twice gets whichever frame
-    was written last there, and batches write theirs before the deferred single ones."""
+    stay clear of the ring (in the first region, far below ``base``): a guest whose
+    buffers overlap its own descriptor ring may see a batch read the descriptors before
+    the frames land. Nor do two slots' buffers overlap (each slot has 4 KiB of its own, a
+    good buffer in its upper 3 KiB, a hostile one up to 1 KiB below): a guest that posts
+    one piece of memory twice gets whichever frame was written there last, and batches
+    write theirs before the deferred single ones."""
     slots = []
     for slot in range(size):
         kind = draw(st.sampled_from(["good"] * 6 + ["plausible", "raw", "keep"]))
@@ -362,10 +363,12 @@ def batchy_round(draw, base, size, w):
             slots.append((slot, draw(st.binary(min_size=16, max_size=16))))
             continue
         wrap, flags = 1, w
-        addr = base + 0x1000 * slot + draw(st.integers(0, 0x7FF))
+        addr = base + 0x1000 * slot + 0x400 + draw(st.integers(0, 0x3FF))
         length = draw(st.sampled_from([12, 60, 72, 1500, 2048]))
         if kind == "plausible":
             addr -= draw(st.sampled_from([0, 1024]))
+            if slot == 0 and draw(st.booleans()):
+                addr = base - 512          # across the region boundary (one slot: no overlap)
             length = draw(st.sampled_from([0, 1, 12, 100, 1500, 0xFFFFFFFF]))
             flags = draw(st.sampled_from([w, w | F_NEXT, F_INDIRECT, F_INDIRECT | F_NEXT,
                                           w ^ F_WRITE]))

@@ -159,3 +159,31 @@ def test_a_rule_removed_under_traffic_reports_what_it_counted_to_the_end(loop):
         assert len(got) == delivered
         loop.b.post_rx(len(got))                 # the ring's RX buffers stay PER_ROUND
     assert late, "no frame was counted after the removal began"
+
+
+def test_after_a_pmd_did_not_answer_reclaim_asks_briefly_until_it_does():
+    """A grace period that timed out (a stuck PMD) keeps the removed rules and is logged
+    once; later changes ask for it briefly (0.1 s), not the full time each, until a PMD
+    round passes again."""
+    class Datapath:                         # only what Bridge.reclaim asks of one
+        def __init__(self):
+            self.answers, self.asked = [], []
+
+        def synchronize(self, timeout):
+            self.asked.append(timeout)
+            if not self.answers.pop(0):
+                raise TimeoutError("a PMD did not pass a quiescent point")
+
+    bridge = Bridge("br0", 0)
+    bridge.attach(SimpleNamespace(name="a", port_id=0, ofport=1))
+    dp = Datapath()
+    dp.answers = [False, False, True, True]
+    rules = []
+    for _ in range(4):
+        [rule] = bridge.apply(add=[parse_flow("priority=1,in_port=a,actions=drop")])
+        bridge.apply(remove=[rule])
+        bridge.reclaim(dp, [rule])
+        rules.append(rule)
+    assert dp.asked == [5.0, 0.1, 0.1, 5.0]
+    assert [r.final for r in rules] == [None, None, (0, 0, 0), (0, 0, 0)]
+    assert not bridge.cls.reclaimable

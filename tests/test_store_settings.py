@@ -79,3 +79,19 @@ def test_bad_stored_bridge_and_port_settings_are_logged_and_ignored(workdir, bad
     finally:
         sw.stop()
     assert logged in sw.errors(), sw.errors()
+
+
+def test_more_stored_pmd_threads_than_usable_cpus_are_kept(workdir):
+    """Earlier versions let set-pmd store up to 64 threads; a store moved to a machine
+    with fewer CPUs keeps them (they share CPUs, as pmd_cpus assigns them), with a
+    warning, instead of falling back to one."""
+    import os
+    n = len(os.sched_getaffinity(0)) + 1
+    run_dir, sw = restart_with(workdir, {"threads": n})
+    try:
+        rxq = json.loads(processes.ctl(run_dir, "pmd-rxq-show", "--json"))
+        assert len(rxq) == n, rxq
+    finally:
+        sw.stop()
+    assert f"{n} PMD threads stored, {n - 1} CPUs usable here" in sw.errors()
+    assert "would refuse" not in sw.errors()

@@ -68,6 +68,7 @@ class Bridge:
     def __init__(self, name: str, bridge_id: int, mac_table_size: int = DEFAULT_MAC_TABLE_SIZE,
                  mac_aging: int = DEFAULT_MAC_AGING):
         self.lock = threading.Lock()
+        self.pmd_stuck = False        # the last grace period timed out (see reclaim)
         self.name = name
         self.bridge_id = bridge_id
         self.ports: dict = {}
@@ -350,10 +351,14 @@ class Bridge:
             return
         if not synchronized:
             try:
-                datapath.synchronize(timeout)
+                # (a PMD that did not answer last time: asked briefly, not waited for again)
+                datapath.synchronize(0.1 if self.pmd_stuck else timeout)
             except TimeoutError as e:
-                log.error("bridge %s: removed rules kept in memory: %s", self.name, e)
+                if not self.pmd_stuck:
+                    log.error("bridge %s: removed rules kept in memory: %s", self.name, e)
+                self.pmd_stuck = True
                 return
+        self.pmd_stuck = False
         last = dict(self.cls.reclaim())
         for r in removed:
             if r.id in last:

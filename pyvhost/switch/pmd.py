@@ -30,7 +30,9 @@ def stored_settings(stored: dict) -> dict:
     damaged store) is logged and the default used, so the switch still starts."""
     from pyvhost._switch import limits
     checks = {
-        "threads": (1, lambda v: _is_int(v, 1, max(1, len(os.sched_getaffinity(0))))),
+        # (up to 64: what earlier versions let set-pmd store; more than this machine's
+        # CPUs share them, as pmd_cpus assigns them in turn)
+        "threads": (1, lambda v: _is_int(v, 1, 64)),
         "assign": ("roundrobin", lambda v: v in ASSIGN_MODES),
         "auto_lb": (False, lambda v: type(v) is bool),
         "cpus": ([], lambda v: v == "any" or type(v) is list and
@@ -48,6 +50,10 @@ def stored_settings(stored: dict) -> dict:
         out[key] = value
     if bad:                                     # one line: the log damps repeated ones
         log.error("stored PMD settings set-pmd would refuse: %s", ", ".join(bad))
+    usable = len(os.sched_getaffinity(0))
+    if out["threads"] > usable:
+        log.warning("%d PMD threads stored, %d CPUs usable here: they share CPUs",
+                    out["threads"], usable)
     return out
 
 
