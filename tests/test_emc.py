@@ -9,8 +9,6 @@ upcalls in one burst."""
 from __future__ import annotations
 
 import random
-import threading
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import example, given, settings
@@ -25,10 +23,7 @@ from pyvhost._flow import (
     key_hash,
     pack_key,
 )
-from pyvhost._switch import Datapath
-from pyvhost.switch.bridge import Bridge
-from pyvhost.switch.flows import parse_flow
-from tests.test_onecopy import MAC, Guest, collect, frame, wait_for
+from tests.test_onecopy import MAC, collect, frame, guests_a_to_b, wait_for
 
 
 def test_a_key_that_differs_anywhere_misses_under_the_same_hash():
@@ -153,30 +148,11 @@ def rule_for(seed: int) -> int:
 
 @pytest.fixture(params=["one table", "two tables"])
 def loop(request):
-    """(guests a -> b, bridge, Datapath, Pmd) with RULES or PIPELINE; the PMD thread
-    stopped at the end."""
-    a = Guest("split", "split", mrg=False, hdr_len=12)
-    b = Guest("split", "split", mrg=False, hdr_len=12)
-    bridge = Bridge("br0", 0)
-    dp = Datapath()
-    dp.set_bridge(0, bridge.cls, bridge.macs)
-    for i, (name, g) in enumerate((("a", a), ("b", b))):
-        bridge.attach(SimpleNamespace(name=name, port_id=i, ofport=i + 1))
-        dp.add_port(i, 0, g.dev)
+    """guests_a_to_b with RULES or PIPELINE (``pipeline`` says which)."""
     rules = RULES if request.param == "one table" else PIPELINE
-    bridge.apply(add=[parse_flow(f) for f in rules])
-    pmd = dp.new_pmd(0, pool_size=512)
-    thread = threading.Thread(target=pmd.run, daemon=True)
-    yield SimpleNamespace(a=a, b=b, bridge=bridge, dp=dp, pmd=pmd, thread=thread,
-                          pipeline=rules is PIPELINE)
-    if thread.is_alive():
-        pmd.stop()
-        thread.join(5)
-        assert not thread.is_alive()
-    for i in range(2):
-        dp.remove_port(i)
-    a.close()
-    b.close()
+    with guests_a_to_b(rules) as loop:
+        loop.pipeline = rules is PIPELINE
+        yield loop
 
 
 def test_rule_counters_stay_exact_through_runs_misses_and_upcalls(loop):

@@ -8,43 +8,20 @@ setting is checked, stored across a restart and shown by pmd-stats-show."""
 from __future__ import annotations
 
 import json
-import threading
-from types import SimpleNamespace
 
 import pytest
 
-from pyvhost._switch import Datapath
-from pyvhost.switch.bridge import Bridge
-from pyvhost.switch.flows import parse_flow
 from tests.harness import processes
-from tests.test_onecopy import MAC, Guest, collect, frame, wait_for
+from tests.test_onecopy import MAC, collect, frame, guests_a_to_b, wait_for
 
 ROUNDS, PER_ROUND = 4, 40
 
 
 @pytest.fixture
 def loop():
-    """Guests a -> b, one rule, a PMD not yet started; its thread stopped at the end."""
-    a = Guest("split", "split", mrg=False, hdr_len=12)
-    b = Guest("split", "split", mrg=False, hdr_len=12)
-    bridge = Bridge("br0", 0)
-    dp = Datapath()
-    dp.set_bridge(0, bridge.cls, bridge.macs)
-    for i, (name, g) in enumerate((("a", a), ("b", b))):
-        bridge.attach(SimpleNamespace(name=name, port_id=i, ofport=i + 1))
-        dp.add_port(i, 0, g.dev)
-    bridge.apply(add=[parse_flow("priority=10,in_port=a,actions=output:b")])
-    pmd = dp.new_pmd(0, pool_size=512)
-    thread = threading.Thread(target=pmd.run, daemon=True)
-    yield SimpleNamespace(a=a, b=b, dp=dp, pmd=pmd, thread=thread)
-    if thread.is_alive():
-        pmd.stop()
-        thread.join(5)
-        assert not thread.is_alive()
-    for i in range(2):
-        dp.remove_port(i)
-    a.close()
-    b.close()
+    """Guests a -> b, one rule, a PMD not yet started (guests_a_to_b)."""
+    with guests_a_to_b(["priority=10,in_port=a,actions=output:b"]) as loop:
+        yield loop
 
 
 def run_one_flow(loop) -> dict:

@@ -9,6 +9,7 @@ indirect descriptors, the header chained over several descriptors, 64 B to 9000+
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -120,6 +121,35 @@ def switch():
             state["dp"].remove_port(i)
         for g in state["guests"].values():
             g.close()
+
+
+@contextlib.contextmanager
+def guests_a_to_b(rules: list[str]):
+    """Split guests a and b (no mergeable buffers) as ports 0 and 1 of a bridge with
+    ``rules``, a Datapath and a PMD whose thread is made, not started: SimpleNamespace(a,
+    b, bridge, dp, pmd, thread). The thread is stopped and the guests closed at the end."""
+    a = Guest("split", "split", mrg=False, hdr_len=12)
+    b = Guest("split", "split", mrg=False, hdr_len=12)
+    bridge = Bridge("br0", 0)
+    dp = Datapath()
+    dp.set_bridge(0, bridge.cls, bridge.macs)
+    for i, (name, g) in enumerate((("a", a), ("b", b))):
+        bridge.attach(SimpleNamespace(name=name, port_id=i, ofport=i + 1))
+        dp.add_port(i, 0, g.dev)
+    bridge.apply(add=[parse_flow(f) for f in rules])
+    pmd = dp.new_pmd(0, pool_size=512)
+    thread = threading.Thread(target=pmd.run, daemon=True)
+    try:
+        yield SimpleNamespace(a=a, b=b, bridge=bridge, dp=dp, pmd=pmd, thread=thread)
+    finally:
+        if thread.is_alive():
+            pmd.stop()
+            thread.join(5)
+            assert not thread.is_alive()
+        for i in range(2):
+            dp.remove_port(i)
+        a.close()
+        b.close()
 
 
 def wait_for(cond, timeout: float = 5.0, pmd=None):

@@ -14,10 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pyvhost._switch import Datapath
 from pyvhost.switch.bridge import Bridge
 from pyvhost.switch.flows import parse_flow
-from tests.test_onecopy import MAC, Guest, collect, frame, settled, wait_for
+from tests.test_onecopy import MAC, collect, frame, guests_a_to_b, settled, wait_for
 
 RULES = ["priority=10,in_port=a,actions=output:b",
          # never matched: it makes every megaflow take tp_src, so each new flow is an upcall
@@ -27,26 +26,8 @@ ROUNDS, PER_ROUND = 40, 64
 
 @pytest.fixture
 def loop():
-    a = Guest("split", "split", mrg=False, hdr_len=12)
-    b = Guest("split", "split", mrg=False, hdr_len=12)
-    bridge = Bridge("br0", 0)
-    dp = Datapath()
-    dp.set_bridge(0, bridge.cls, bridge.macs)
-    for i, (name, g) in enumerate((("a", a), ("b", b))):
-        bridge.attach(SimpleNamespace(name=name, port_id=i, ofport=i + 1))
-        dp.add_port(i, 0, g.dev)
-    bridge.apply(add=[parse_flow(f) for f in RULES])
-    pmd = dp.new_pmd(0, pool_size=512)
-    thread = threading.Thread(target=pmd.run, daemon=True)
-    yield SimpleNamespace(a=a, b=b, bridge=bridge, dp=dp, pmd=pmd, thread=thread)
-    if thread.is_alive():
-        pmd.stop()
-        thread.join(5)
-        assert not thread.is_alive()
-    for i in range(2):
-        dp.remove_port(i)
-    a.close()
-    b.close()
+    with guests_a_to_b(RULES) as loop:
+        yield loop
 
 
 def slow_upcalls(bridge) -> None:
