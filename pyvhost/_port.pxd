@@ -33,6 +33,11 @@ ctypedef int (*wait_fd_fn)(void *dev, uint16_t q) noexcept nogil
 ctypedef void (*set_notify_fn)(void *dev, uint16_t q, bint on) noexcept nogil
 # work waiting that the wait fd may not show (checked after notifications are on); or NULL
 ctypedef bint (*pending_fn)(void *dev, uint16_t q) noexcept nogil
+# hints only (NULL: none): start loading the lines the next tx_burst with ``hint`` reads
+# first. The PMD calls it when a burst queues its first frame for the port, so those
+# misses (lines the peer writes on its own core) overlap the burst's other frames' work
+# instead of starting when the batch is sent. Reads no peer memory, never faults.
+ctypedef void (*tx_prefetch_fn)(void *dev, uint32_t hint) noexcept nogil
 
 cdef struct port_ops_t:
     rx_burst_fn rx_burst
@@ -42,6 +47,7 @@ cdef struct port_ops_t:
     pending_fn pending
     rx_burst_fn rx_burst_ref         # NULL: not offered
     rx_complete_fn rx_complete
+    tx_prefetch_fn tx_prefetch
     int tx_ref                       # tx_burst takes frames whose tail is in a sender's
                                      # memory (0: the caller materializes them first)
 

@@ -1001,10 +1001,14 @@ cdef class Pmd:
             inp.ops.rx_complete(inp.dev, q)
 
     cdef inline void output(self, uint16_t port_id, pkt_t *pkt) noexcept nogil:
+        cdef port_t *o
         if not self.is_touched[port_id]:          # once per port per burst, however often
             self.is_touched[port_id] = 1          # its batch fills and is flushed
             self.touched[self.ntouched] = port_id
             self.ntouched += 1
+            o = self.sw.ports[port_id]            # its send's first loads start now
+            if o != NULL and o.ops.tx_prefetch != NULL:
+                o.ops.tx_prefetch(o.dev, self.pmd_id)
         self.batch[port_id][self.nbatch[port_id]] = pkt
         self.nbatch[port_id] += 1
         if self.nbatch[port_id] == MAX_BURST:

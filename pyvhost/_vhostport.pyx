@@ -14,7 +14,7 @@ from pyvhost._offload cimport offload_send
 from pyvhost._pktpool cimport PacketPool, pkt_t, pktpool_t, pool_put_many
 from pyvhost._port cimport port_ops_t, tx_result_t
 from pyvhost._vring cimport (
-    MAX_BURST, VirtQueue, vh_lock, vh_trylock, vh_unlock, vq_dequeue, vq_dequeue_ref,
+    MAX_BURST, VirtQueue, vh_lock, vh_prefetch, vh_trylock, vh_unlock, vq_dequeue, vq_dequeue_ref,
     vq_rx_complete, vq_t,
 )
 
@@ -87,20 +87,41 @@ cdef void vhost_rx_complete(void *dev, uint16_t q) noexcept nogil:
     vh_unlock(&vq.lock)
 
 
+cdef inline vq_t *tx_ring(vhost_dev_t *d, uint32_t hint) noexcept nogil:
+    """The guest RX ring a send with ``hint`` goes to (queue 0 while that one is off)."""
+    cdef vq_t *vq = d.guest_rx[hint % d.nqueues]
+    return vq if vq.ready and vq.enabled else d.guest_rx[0]
+
+
 cdef uint32_t vhost_tx_burst(void *dev, uint32_t hint, pktpool_t *pool, pkt_t **pkts,
                              uint32_t n, tx_result_t *res) noexcept nogil:
-    cdef vhost_dev_t *d = <vhost_dev_t *>dev
-    cdef vq_t *vq = d.guest_rx[hint % d.nqueues]
+    cdef vq_t *vq = tx_ring(<vhost_dev_t *>dev, hint)
     cdef uint32_t sent
     cdef uint64_t onecopy
-    if not (vq.ready and vq.enabled):
-        vq = d.guest_rx[0]
     vh_lock(&vq.lock)
     onecopy = vq.onecopy
     sent = offload_send(vq, pool, pkts, n, &res.failed, &res.bytes)
     res.onecopy = <uint32_t>(vq.onecopy - onecopy)
     vh_unlock(&vq.lock)
     return sent
+
+
+cdef void vhost_tx_prefetch(void *dev, uint32_t hint) noexcept nogil:
+    """The guest RX ring's avail index and next entry (split), or its next descriptor
+    (packed): what vq_enqueue reads first. Unlocked: the ring's fields are only read for
+    addresses, and a prefetch of a ring that is going away (or of any address) is harmless.
+    Measured in-run (toggled each second, 64 B NORMAL, flowgen and in_port loops, 1500 B
+    in_port, host in its slow cross-core mode): -3.2 to -4.4 ns a frame."""
+    cdef vq_t *vq = tx_ring(<vhost_dev_t *>dev, hint)
+    cdef uint32_t slot
+    if not vq.ready:
+        return
+    slot = vq.last_avail_idx & (vq.size - 1)
+    if vq.packed:
+        vh_prefetch(&vq.pdesc[slot])
+    else:
+        vh_prefetch(&vq.avail[1])
+        vh_prefetch(&vq.avail[2 + slot])
 
 
 cdef int vhost_wait_fd(void *dev, uint16_t q) noexcept nogil:
@@ -127,6 +148,7 @@ VHOST_OPS.set_notify = vhost_set_notify
 VHOST_OPS.pending = vhost_pending
 VHOST_OPS.rx_burst_ref = vhost_rx_burst_ref
 VHOST_OPS.rx_complete = vhost_rx_complete
+VHOST_OPS.tx_prefetch = vhost_tx_prefetch
 VHOST_OPS.tx_ref = 1
 
 
