@@ -106,6 +106,7 @@ cdef struct mf_mask_t:
     uint64_t mask[KEY_WORDS]
     uint32_t refs           # live entries under this mask
     uint32_t in_use
+    uint32_t port_only      # it matches the input port and nothing else (mf_lookup_port)
     uint64_t hits
 
 cdef struct mf_tag_t:       # a slot: its entry's hash, mask and place, apart from the entry
@@ -181,6 +182,8 @@ cdef enum:
     MF_NO_HINT = 0         # mf_hint's answer when no mask is in use (else (id + 1) << 32 | hash)
 cdef uint64_t mf_hint(mf_t *mf, const flow_key_t *k) noexcept nogil
 cdef void mf_hint_entry(mf_t *mf, uint64_t hint) noexcept nogil
+cdef actions_t *mf_lookup_port(mf_t *mf, const flow_key_t *k, uint32_t now_ms,
+                               valid_fn valid, void *ctx, uint32_t n) noexcept nogil
 cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
                           void *ctx, uint64_t hint) noexcept nogil
 cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_t now_ms,

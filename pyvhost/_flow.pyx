@@ -471,6 +471,56 @@ cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_
     return NULL
 
 
+cdef actions_t *mf_lookup_port(mf_t *mf, const flow_key_t *k, uint32_t now_ms,
+                               valid_fn valid, void *ctx, uint32_t n) noexcept nogil:
+    """The valid cached actions of ``k``'s input port when they are cached under the mask
+    that matches the input port and nothing else, or NULL. They are then the actions of
+    every frame from that port: a burst of ``n`` frames from one port is looked up once
+    (counted as ``n`` hits), as OVS's simple match does for such flows. Another valid
+    entry a frame also matches cannot disagree: both were decided in the current
+    generation of the rules (entries of an older one are invalid)."""
+    cdef uint64_t w[KEY_WORDS]
+    cdef uint64_t m[KEY_WORDS]
+    cdef uint32_t i, j, h, s, id_
+    cdef mf_mask_t *mk
+    cdef mf_entry_t *e
+    for i in range(mf.nmasks):
+        id_ = mf.order[i]
+        mk = &mf.masks[id_]
+        if mk.refs == 0 or not mk.port_only:
+            continue
+        key_words(k, w)
+        h = mf_hash(masked_hash(w, mk.mask, m), id_)
+        for j in range(MF_PROBE):
+            s = (h + j) & (mf.nslots - 1)
+            if mf.tags[s].hash != h or mf.tags[s].mask_id != id_:
+                continue
+            e = mf_entry(mf, mf.tags[s].idx)
+            if not words_eq(e.key, m):
+                continue
+            if not valid(ctx, &e.actions):
+                mf_drop(mf, s)
+                return NULL
+            e.last_used = now_ms
+            mk.hits += n
+            mf.hits += n
+            mf.lookups_per_hit_num += (i + 1) * <uint64_t>n
+            return &e.actions
+        return NULL                                  # (only one mask can be this one)
+    return NULL
+
+
+cdef inline bint is_port_only(const uint64_t *mask) noexcept nogil:
+    """The mask of the input port alone (in_port: the key's first 16 bits)."""
+    cdef int i
+    if mask[0] != 0xFFFF:
+        return False
+    for i in range(1, KEY_WORDS):
+        if mask[i]:
+            return False
+    return True
+
+
 cdef inline bint mf_place(mf_t *mf, uint32_t h, uint32_t id_, const uint64_t *w,
                           uint32_t now_ms, const actions_t *a, uint32_t *slot,
                           uint32_t *victim) noexcept nogil:
@@ -519,6 +569,7 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
         memcpy(mf.masks[id_].mask, mask, sizeof(w))
         mf.masks[id_].hits = 0
         mf.masks[id_].in_use = 1
+        mf.masks[id_].port_only = is_port_only(mask)
     if mf.count + 1 > mf.nslots // 2 and mf_can_grow(mf):
         mf_grow(mf)
     key_words(k, w)

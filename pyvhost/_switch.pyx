@@ -48,7 +48,7 @@ from pyvhost._flow cimport (
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
     MF_NO_HINT, action_op_t, actions_t, emc_conflict, emc_insert, emc_lookup, emc_may_hold, emc_prefetch,
     emc_t, flow_extract, flow_hash, mf_hint, mf_hint_entry,
-    flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_t, vlan_set, vlan_strip,
+    flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_lookup_port, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
 from pyvhost._idle cimport (
@@ -183,6 +183,8 @@ cdef struct pmd_stats_t:
     uint64_t load_sleep_ns      # slept while lightly loaded (set_sleep_max), part of idle
     uint64_t onecopy            # frames sent straight from the sender's guest memory
     uint64_t emc_skipped        # frames not asked of the EMC (it lost most to other flows)
+    uint64_t simple_match_hits  # of the megaflow hits, frames their burst's first frame's
+                                # port-wide megaflow decided (mf_lookup_port)
 
 
 
@@ -1483,6 +1485,7 @@ cdef class Pmd:
         cdef uint32_t skipped = 0              # frames not asked of it
         cdef bint use_emc = self.emc_round
         cdef actions_t *a
+        cdef actions_t *port_a                 # the burst's port-wide megaflow, if any
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
         cdef bint timed
@@ -1537,9 +1540,14 @@ cdef class Pmd:
             hashes[i] = flow_extract(pkts[i], inp.id, &keys[i], use_emc)
             if use_emc:
                 emc_prefetch(self.emc, hashes[i])
+        # while the EMC is not asked: when the first frame's megaflow matches the input
+        # port alone, it is every frame's (one lookup for the burst, as OVS's simple match)
+        port_a = NULL
+        if not use_emc and self.mf.count:
+            port_a = mf_lookup_port(&self.mf, &keys[0], self.now_ms, entry_valid, self.sw, n)
         # the same one level down when the EMC has been missing (more flows than it holds):
         # each frame it will not answer starts its megaflow probe's load
-        if (self.emc_missed or not use_emc) and self.mf.count:
+        if port_a == NULL and (self.emc_missed or not use_emc) and self.mf.count:
             for i in range(n):
                 hints[i] = MF_NO_HINT if use_emc and emc_may_hold(self.emc, hashes[i]) \
                     else mf_hint(&self.mf, &keys[i])
@@ -1576,7 +1584,11 @@ cdef class Pmd:
                 misses += 1
                 if use_emc and emc_conflict(self.emc, h):
                     conflicts += 1
-                a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw, hints[i])
+                if port_a != NULL:
+                    a = port_a
+                    self.st.simple_match_hits += 1
+                else:
+                    a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw, hints[i])
                 if a != NULL:
                     self.st.megaflow_hits += 1
                     self.mf_hits_since_insert += 1

@@ -100,6 +100,8 @@ class SwitchCollector:
             ("upcall_drops", "Misses dropped (no decision)"),
             ("upcall_throttled", "Misses dropped: the port was over its share"),
             ("emc_hits", "Exact-match cache hits"), ("megaflow_hits", "Megaflow cache hits"),
+            ("simple_match_hits", "Of the megaflow hits, frames a burst's port-wide "
+             "megaflow decided (one lookup per burst)"),
             ("emc_skipped", "Frames not asked of the exact-match cache (it lost most lookups)"))}
         flows = gauge("pyvhost_pmd_megaflows", "Megaflow cache entries", labels=["pmd"])
         skipping = gauge("pyvhost_pmd_emc_skipping", "1 while the exact-match cache is "

@@ -958,7 +958,8 @@ class Switch:
                     f"  emc misses: {s['emc_misses']}",
                     f"  emc skipped: {s['emc_skipped']} ({emc_state(s)})",
                     f"  megaflow hits: {s['megaflow_hits']} "
-                    f"(avg. subtable lookups per hit: {s['subtables_per_hit']:.2f})",
+                    f"(simple match: {s['simple_match_hits']}, "
+                    f"avg. subtable lookups per hit: {s['subtables_per_hit']:.2f})",
                     f"  megaflows: {s['megaflows']} in {s['megaflow_masks']} masks "
                     f"(limit {s['megaflow_limit']}, evicted {s['megaflow_evictions']})",
                     f"  upcalls: {s['upcalls']} (dropped: {s['upcall_drops']}, "
