@@ -77,11 +77,14 @@ cdef extern from "vhost_atomic.h" nogil:
     { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline uint32_t vh_load_u32(const uint32_t *p)
     { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void vh_store_u32(uint32_t *p, uint32_t v)
+    { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     void vh_add_u64(uint64_t *p, uint64_t v)
     uint64_t vh_load_u64(const uint64_t *p)
     void vh_store_u64(uint64_t *p, uint64_t v)
     uint32_t vh_load_u32(const uint32_t *p)
+    void vh_store_u32(uint32_t *p, uint32_t v)
 
 cdef enum:
     MAX_PORTS = 256
@@ -160,6 +163,7 @@ cdef struct bridge_t:
 
 cdef struct switch_t:
     port_t *ports[MAX_PORTS]
+    uint32_t port_end        # 1 + the highest id in ports (loops over ports stop there)
     bridge_t *bridges[MAX_BRIDGES]
     uint32_t gen
     punt_t *punt             # the controller queue (NULL: CONTROLLER drops)
@@ -502,6 +506,11 @@ cdef class Datapath:
     def generation(self):
         return self.sw.gen
 
+    @property
+    def port_end(self):
+        """1 + the highest port id in use (0: none): where loops over ports stop."""
+        return self.sw.port_end
+
     def add_port(self, int port_id, int bridge, PortDev dev, bint mirror_only=False):
         """Port ``port_id`` on ``bridge``: ``dev`` (of any port class) receives and sends;
         ``mirror_only``: only ever a mirror's output (a capture), from its first moment."""
@@ -527,15 +536,22 @@ cdef class Datapath:
         p.up = 1
         self.port_objs[port_id] = dev
         self.sw.ports[port_id] = p
+        if port_id >= self.sw.port_end:               # (after the port: a PMD that reads
+            vh_store_u32(&self.sw.port_end, port_id + 1)   # it sees the port)
         self.invalidate()
         self.wake_all()
 
     def remove_port(self, int port_id):
         cdef port_t *p
+        cdef uint32_t end
         if not 0 <= port_id < MAX_PORTS or self.sw.ports[port_id] == NULL:
             raise KeyError(port_id)
         p = self.sw.ports[port_id]
         self.sw.ports[port_id] = NULL
+        end = self.sw.port_end
+        while end and self.sw.ports[end - 1] == NULL:
+            end -= 1
+        vh_store_u32(&self.sw.port_end, end)
         vh_fence_seq_cst()        # the NULL is visible before we read the PMDs' state
         self.invalidate()
         self.synchronize()
@@ -1147,7 +1163,7 @@ cdef class Pmd:
                         vh_add_u64(&inp.c.drop_copy, 1)
             elif op == OP_FLOOD:
                 last = NULL
-                for j in range(MAX_PORTS):
+                for j in range(vh_load_u32(&self.sw.port_end)):
                     o = self.sw.ports[j]
                     if o != NULL and o.up and not o.no_flood and o.bridge == inp.bridge \
                             and j != inp.id and not o.mirror_only:
