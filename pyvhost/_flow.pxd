@@ -2,6 +2,7 @@
 # (with the dependencies that say when a cached decision is stale), the exact-match cache
 # (EMC) and the megaflow cache of a PMD thread. No rule language, no rules, no MAC table:
 # the classifier (_classifier) and the switch (_switch) fill ``actions_t``.
+from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._pktpool cimport pkt_t
@@ -119,6 +120,7 @@ cdef struct mf_entry_t:     # in chunks of MF_CHUNK, allocated as needed, up to 
     uint64_t key[KEY_WORDS] # the key with the mask applied
     uint32_t last_used      # the PMD's millisecond clock
     uint32_t next_free      # a free entry: the next free one (MF_NO_SLOT: none)
+    uint32_t mask_id        # the mask its key is under
     actions_t actions
 
 cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged by mask
@@ -137,10 +139,28 @@ cdef struct mf_t:           # the megaflow cache: one hash table, entries tagged
     uint32_t hand           # where the next eviction search starts
     uint64_t lookups_per_hit_num   # subtables searched, summed over hits
     uint64_t hits
+    mf_entry_t *last_hit    # the entry mf_lookup / mf_lookup_port found last (mf_matches)
 
 
 cdef inline mf_entry_t *mf_entry(mf_t *mf, uint32_t idx) noexcept nogil:
     return &mf.chunks[idx >> MF_CHUNK_SHIFT][idx & (MF_CHUNK - 1)]
+
+
+cdef inline bint mf_matches(mf_t *mf, mf_entry_t *e, const flow_key_t *k) noexcept nogil:
+    """Does ``k`` fall under entry ``e`` (one an earlier frame of this burst was decided
+    by: found valid then, and not given to another flow since, which only an insert
+    does)? Counted as a hit of one subtable when it does."""
+    cdef const uint64_t *mask = mf.masks[e.mask_id].mask
+    cdef uint64_t w
+    cdef int j
+    for j in range(KEY_WORDS):
+        memcpy(&w, <const char *>k + 8 * j, 8)
+        if (w & mask[j]) != e.key[j]:
+            return False
+    mf.masks[e.mask_id].hits += 1
+    mf.hits += 1
+    mf.lookups_per_hit_num += 1
+    return True
 
 
 cdef uint32_t flow_extract(const pkt_t *p, uint16_t in_port, flow_key_t *k,

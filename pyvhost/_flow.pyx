@@ -465,6 +465,7 @@ cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_
                     mk.hits += 1
                     mf.hits += 1
                     mf.lookups_per_hit_num += i + 1
+                    mf.last_hit = e
                     return &e.actions
                 mf_drop(mf, s)
                 break
@@ -505,6 +506,7 @@ cdef actions_t *mf_lookup_port(mf_t *mf, const flow_key_t *k, uint32_t now_ms,
             mk.hits += n
             mf.hits += n
             mf.lookups_per_hit_num += (i + 1) * <uint64_t>n
+            mf.last_hit = e
             return &e.actions
         return NULL                                  # (only one mask can be this one)
     return NULL
@@ -602,6 +604,7 @@ cdef void mf_insert(mf_t *mf, const flow_key_t *k, const uint64_t *mask, uint32_
     mf.tags[slot].mask_id = id_
     mf.tags[slot].idx = idx
     e.last_used = now_ms
+    e.mask_id = id_
     memcpy(e.key, w, sizeof(w))
     memcpy(&e.actions, a, sizeof(actions_t))
     mf.masks[id_].refs += 1

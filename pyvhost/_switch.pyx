@@ -48,7 +48,7 @@ from pyvhost._flow cimport (
     OP_SET_PCP, OP_SET_TP_DST, OP_SET_TP_SRC,
     MF_NO_HINT, action_op_t, actions_t, emc_conflict, emc_insert, emc_lookup, emc_may_hold, emc_prefetch,
     emc_t, flow_extract, flow_hash, mf_hint, mf_hint_entry,
-    flow_key_t, mf_free, mf_init, mf_insert, mf_lookup, mf_lookup_port, mf_t, vlan_set, vlan_strip,
+    flow_key_t, mf_free, mf_init, mf_insert, mf_entry_t, mf_lookup, mf_lookup_port, mf_matches, mf_t, vlan_set, vlan_strip,
 )
 from pyvhost._mirror cimport MAX_MIRRORS, mirror_selects, mirror_set_t, mirror_t
 from pyvhost._idle cimport (
@@ -189,6 +189,8 @@ cdef struct pmd_stats_t:
     uint64_t emc_skipped        # frames not asked of the EMC (it lost most to other flows)
     uint64_t simple_match_hits  # of the megaflow hits, frames their burst's first frame's
                                 # port-wide megaflow decided (mf_lookup_port)
+    uint64_t megaflow_reused    # of the others, frames under the megaflow the frame before
+                                # them was found in (mf_matches: no lookup of their own)
 
 
 
@@ -686,6 +688,9 @@ cdef class Pmd:
     cdef void *run_rules[MAX_HOPS]
     cdef uint16_t run_n
     cdef uint64_t run_packets, run_bytes
+    # per input port: most of its last burst's frames that reached the megaflow cache fell
+    # under the megaflow of the frame before them (then no probe hints are made for it)
+    cdef uint8_t mf_reusing[MAX_PORTS]
     # finished runs of this burst, added at its end: each rule's counters were asked for
     # (prefetched for writing) when its run ended, so with a rule per frame (many flows,
     # a rule each) the adds no longer wait for each line in turn
@@ -1502,6 +1507,8 @@ cdef class Pmd:
         cdef bint use_emc = self.emc_round
         cdef actions_t *a
         cdef actions_t *port_a                 # the burst's port-wide megaflow, if any
+        cdef mf_entry_t *prev_e = NULL         # the megaflow the last lookup found
+        cdef uint32_t reused = 0, looked = 0   # frames under prev_e's, and looked up
         cdef actions_t fresh
         cdef uint64_t mask[KEY_WORDS]
         cdef bint timed
@@ -1563,7 +1570,10 @@ cdef class Pmd:
             port_a = mf_lookup_port(&self.mf, &keys[0], self.now_ms, entry_valid, self.sw, n)
         # the same one level down when the EMC has been missing (more flows than it holds):
         # each frame it will not answer starts its megaflow probe's load
-        if port_a == NULL and (self.emc_missed or not use_emc) and self.mf.count:
+        # (not while most frames of this port's last burst that reached the megaflow cache
+        # fell under the megaflow of the frame before them: their probes are not made)
+        if port_a == NULL and not self.mf_reusing[inp.id] and \
+                (self.emc_missed or not use_emc) and self.mf.count:
             for i in range(n):
                 hints[i] = MF_NO_HINT if use_emc and emc_may_hold(self.emc, hashes[i]) \
                     else mf_hint(&self.mf, &keys[i])
@@ -1603,8 +1613,13 @@ cdef class Pmd:
                 if port_a != NULL:
                     a = port_a
                     self.st.simple_match_hits += 1
+                elif prev_e != NULL and mf_matches(&self.mf, prev_e, &key):
+                    a = &prev_e.actions
+                    reused += 1
                 else:
                     a = mf_lookup(&self.mf, &key, self.now_ms, entry_valid, self.sw, hints[i])
+                    prev_e = self.mf.last_hit if a != NULL else NULL
+                    looked += 1
                 if a != NULL:
                     self.st.megaflow_hits += 1
                     self.mf_hits_since_insert += 1
@@ -1621,6 +1636,7 @@ cdef class Pmd:
                 else:
                     self.st.upcalls += 1
                     valid_a = NULL
+                    prev_e = NULL                 # (an insert may give its entry away)
                     timed = self.upcalls_untimed == 0
                     if timed:
                         tu = now_ns()
@@ -1666,6 +1682,9 @@ cdef class Pmd:
         self.st.emc_hits += answered
         self.st.emc_misses += asked - answered
         self.st.emc_skipped += skipped
+        if reused or looked:
+            self.st.megaflow_reused += reused
+            self.mf_reusing[inp.id] = reused > looked
         if use_emc:
             self.emc_decide(answered, conflicts)
         for i in range(self.ntouched):

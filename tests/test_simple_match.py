@@ -1,15 +1,18 @@
-"""Port-wide megaflows (OVS's "simple match"): while the PMD does not ask its EMC, a burst
-whose first frame's megaflow matches the input port alone takes that decision for all its
-frames with one lookup. Through a PMD thread and two in-process guests (pyvhost._switch):
-many flows behind an in_port rule are forwarded byte-exact and counted exactly, with every
-burst after the first decided that way; a rule that looks further into the frames makes
-masks that are not port-wide (nothing is decided that way); a rule added while the traffic
-runs is obeyed from then on (a port-wide decision of the rules before it is not reused)."""
+"""Frames decided without a megaflow lookup of their own, while the PMD does not ask its EMC.
+Port-wide megaflows (OVS's "simple match"): a burst whose first frame's megaflow matches the
+input port alone takes that decision for all its frames with one lookup. Any other mask: a
+frame under the megaflow the frame before it was found in takes it (mf_matches). Through
+a PMD thread and in-process guests (pyvhost._switch): many flows behind an in_port rule
+are forwarded byte-exact and counted exactly, with every burst after the first decided
+that way; a rule that looks further into the frames makes masks that are not port-wide;
+a rule added while the traffic runs is obeyed from then on; many flows under one wider
+megaflow reuse it; flows under different megaflows, interleaved and in runs, each go
+where their own rule says."""
 
 from __future__ import annotations
 
 from pyvhost.switch.flows import parse_flow
-from tests.test_onecopy import MAC, collect, frame, guests_a_to_b, wait_for
+from tests.test_onecopy import MAC, Guest, collect, frame, guests_a_to_b, switch, wait_for  # noqa: F401 (switch: a fixture)
 
 ROUND = 40                    # frames a round: a full burst (32) and a short one
 MAX_BURST = 32
@@ -88,3 +91,51 @@ def test_a_rule_added_under_traffic_is_obeyed_by_the_next_burst():
         hits = loop.pmd.stats()["simple_match_hits"]
         run_round(loop, flows(3), flows(3), 3 * ROUND)
         assert loop.pmd.stats()["simple_match_hits"] == hits
+
+
+def test_many_flows_under_one_wider_megaflow_reuse_it():
+    rule = "priority=10,in_port=a,udp,actions=output:b"    # in_port, dl_type, nw_proto
+    with guests_a_to_b([rule]) as loop:
+        rounds = 4
+        for rnd in range(rounds):
+            run_round(loop, flows(rnd), flows(rnd), rnd * ROUND, start=rnd == 0)
+        s = loop.pmd.stats()
+        total = rounds * ROUND
+        assert s["upcalls"] == 1 and s["megaflow_hits"] == total - 1, s
+        assert s["megaflows"] == 1 and s["simple_match_hits"] == 0, s
+        # a lookup per burst (at most 2 bursts a round; the first burst's first frame an
+        # upcall, its second a lookup), every other frame under the frame before's
+        assert total - 2 * rounds - 1 <= s["megaflow_reused"] <= total - 2, s
+        assert rule_packets(loop, rule) == total
+
+
+def test_flows_under_different_megaflows_each_go_where_their_rule_says(switch):  # noqa: F811
+    """Flow 1 goes to c, the others to b; each source port is a megaflow of its own. In
+    runs (1 1 1 2 2 1 3 3 3 ...) a frame after one of its own flow reuses that megaflow;
+    interleaved, none does; either way every frame arrives where its rule sends it."""
+    guests = {n: Guest("split", "split", mrg=False, hdr_len=12) for n in "abc"}
+    to_c = "priority=20,in_port=a,udp,tp_src=1001,actions=output:c"
+    to_b = "priority=10,in_port=a,actions=output:b"
+    dp, pmd = switch(guests, [to_c, to_b])
+    pmd.set_emc_insert_inv_prob(0)
+    runs = [0, 0, 0, 1, 1, 2, 2, 2, 1, 0, 3, 3, 1, 1, 1, 0, 2, 1, 3, 0, 1, 2, 1, 3] * 5
+    seeds = [1 if s == 1 else 2 + s for s in runs]           # seed 1: UDP source port 1001
+    frames = [frame("a", MAC["b"], 64 + 7 * k % 40, seed=seed) for k, seed in
+              enumerate(seeds)]
+    want_c = [f for f, seed in zip(frames, seeds, strict=True) if seed == 1]
+    want_b = [f for f, seed in zip(frames, seeds, strict=True) if seed != 1]
+    guests["b"].post_rx(len(want_b))
+    guests["c"].post_rx(len(want_c))
+    for k in range(0, len(frames), ROUND):         # (the TX ring holds 64 descriptors)
+        for f in frames[k:k + ROUND]:
+            guests["a"].tx.post_tx(f, hdr=bytes(12))
+        pmd.wake()
+        sent = min(k + ROUND, len(frames))
+        assert wait_for(lambda n=sent: dp.port_stats(0)["rx_packets"] == n, pmd=pmd)
+        guests["a"].tx.used()
+    assert [f for _, f in collect(guests["c"], len(want_c), pmd)] == want_c
+    assert [f for _, f in collect(guests["b"], len(want_b), pmd)] == want_b
+    s = pmd.stats()
+    assert s["upcalls"] == 4 and s["megaflow_hits"] == len(frames) - 4, s
+    repeats = sum(1 for x, y in zip(seeds, seeds[1:]) if x == y)
+    assert 0 < s["megaflow_reused"] <= repeats, s

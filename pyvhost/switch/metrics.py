@@ -102,6 +102,8 @@ class SwitchCollector:
             ("emc_hits", "Exact-match cache hits"), ("megaflow_hits", "Megaflow cache hits"),
             ("simple_match_hits", "Of the megaflow hits, frames a burst's port-wide "
              "megaflow decided (one lookup per burst)"),
+            ("megaflow_reused", "Of the megaflow hits, frames under the megaflow of the "
+             "frame before them (no lookup of their own)"),
             ("emc_skipped", "Frames not asked of the exact-match cache (it lost most lookups)"))}
         flows = gauge("pyvhost_pmd_megaflows", "Megaflow cache entries", labels=["pmd"])
         skipping = gauge("pyvhost_pmd_emc_skipping", "1 while the exact-match cache is "

@@ -959,6 +959,7 @@ class Switch:
                     f"  emc skipped: {s['emc_skipped']} ({emc_state(s)})",
                     f"  megaflow hits: {s['megaflow_hits']} "
                     f"(simple match: {s['simple_match_hits']}, "
+                    f"same megaflow as the frame before: {s['megaflow_reused']}, "
                     f"avg. subtable lookups per hit: {s['subtables_per_hit']:.2f})",
                     f"  megaflows: {s['megaflows']} in {s['megaflow_masks']} masks "
                     f"(limit {s['megaflow_limit']}, evicted {s['megaflow_evictions']})",
