@@ -149,7 +149,7 @@ cdef inline mf_entry_t *mf_entry(mf_t *mf, uint32_t idx) noexcept nogil:
 cdef inline bint mf_matches(mf_t *mf, mf_entry_t *e, const flow_key_t *k) noexcept nogil:
     """Does ``k`` fall under entry ``e`` (one an earlier frame of this burst was decided
     by: found valid then, and not given to another flow since, which only an insert
-    does)? Counted as a hit of one subtable when it does."""
+    does)? Counted as a hit (of no subtable search) when it does."""
     cdef const uint64_t *mask = mf.masks[e.mask_id].mask
     cdef uint64_t w
     cdef int j
@@ -159,7 +159,6 @@ cdef inline bint mf_matches(mf_t *mf, mf_entry_t *e, const flow_key_t *k) noexce
             return False
     mf.masks[e.mask_id].hits += 1
     mf.hits += 1
-    mf.lookups_per_hit_num += 1
     return True
 
 

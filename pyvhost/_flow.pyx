@@ -477,7 +477,7 @@ cdef actions_t *mf_lookup_port(mf_t *mf, const flow_key_t *k, uint32_t now_ms,
     """The valid cached actions of ``k``'s input port when they are cached under the mask
     that matches the input port and nothing else, or NULL. They are then the actions of
     every frame from that port: a burst of ``n`` frames from one port is looked up once
-    (counted as ``n`` hits), as OVS's simple match does for such flows. Another valid
+    (counted as ``n`` hits of one search), as OVS's simple match does for such flows. Another valid
     entry a frame also matches cannot disagree: both were decided in the current
     generation of the rules (entries of an older one are invalid)."""
     cdef uint64_t w[KEY_WORDS]
@@ -505,7 +505,7 @@ cdef actions_t *mf_lookup_port(mf_t *mf, const flow_key_t *k, uint32_t now_ms,
             e.last_used = now_ms
             mk.hits += n
             mf.hits += n
-            mf.lookups_per_hit_num += (i + 1) * <uint64_t>n
+            mf.lookups_per_hit_num += i + 1         # (searched once for the n)
             mf.last_hit = e
             return &e.actions
         return NULL                                  # (only one mask can be this one)

@@ -1566,7 +1566,7 @@ cdef class Pmd:
         # while the EMC is not asked: when the first frame's megaflow matches the input
         # port alone, it is every frame's (one lookup for the burst, as OVS's simple match)
         port_a = NULL
-        if not use_emc and self.mf.count:
+        if n and not use_emc and self.mf.count:
             port_a = mf_lookup_port(&self.mf, &keys[0], self.now_ms, entry_valid, self.sw, n)
         # the same one level down when the EMC has been missing (more flows than it holds):
         # each frame it will not answer starts its megaflow probe's load

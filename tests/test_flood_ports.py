@@ -20,9 +20,11 @@ def test_a_flood_reaches_ports_of_any_id_and_stops_after_the_highest():
     dp = Datapath()
     dp.set_bridge(0, bridge.cls, bridge.macs)
     assert dp.port_end == 0
+    present = set()
     for name, g in guests.items():
         bridge.attach(SimpleNamespace(name=name, port_id=ids[name], ofport=ids[name] + 1))
         dp.add_port(ids[name], 0, g.dev)
+        present.add(ids[name])
     assert dp.port_end == 201
     bridge.apply(add=[parse_flow("priority=0,in_port=a,actions=flood")])
     pmd = dp.new_pmd(0, pool_size=512)
@@ -48,22 +50,24 @@ def test_a_flood_reaches_ports_of_any_id_and_stops_after_the_highest():
     try:
         flood(10, ["b", "c"])
         dp.remove_port(ids["c"])               # the highest: the end comes down to b's
+        present.discard(ids["c"])
         assert dp.port_end == 8
         flood(10, ["b"])
-        assert guests["c"].received() == []
         ids["c"] = 120                         # back under another id, below the old end
         bridge.attach(SimpleNamespace(name="c2", port_id=120, ofport=121))
         dp.add_port(120, 0, guests["c"].dev)
+        present.add(120)
         assert dp.port_end == 121
         flood(10, ["b", "c"])
         dp.remove_port(ids["b"])               # not the highest: the end stays
+        present.discard(ids["b"])
         assert dp.port_end == 121
     finally:
         pmd.stop()
         thread.join(5)
-        assert not thread.is_alive()
-        for i in (0, 120):
+        for i in sorted(present):
             dp.remove_port(i)
-        assert dp.port_end == 0
         for g in guests.values():
             g.close()
+    assert not thread.is_alive()
+    assert dp.port_end == 0

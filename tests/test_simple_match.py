@@ -141,6 +141,7 @@ def test_flows_under_different_megaflows_each_go_where_their_rule_says(switch): 
     assert [f for _, f in collect(guests["b"], len(want_b), pmd)] == want_b
     s = pmd.stats()
     assert s["upcalls"] == 4 and s["megaflow_hits"] == len(frames) - 4, s
+    assert s["bursts"] == 2 * len(frames) // ROUND, s
     # a frame after one of its own flow in the same burst (32 + 8 frames a chunk), except
     # right after that flow's upcall (its megaflow was inserted, not found)
     upcalled = {seeds.index(x) for x in set(seeds)}
