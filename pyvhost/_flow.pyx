@@ -430,6 +430,19 @@ cdef void mf_hint_entry(mf_t *mf, uint64_t hint) noexcept nogil:
             return
 
 
+cdef inline uint32_t mf_probe(mf_t *mf, uint32_t h, uint32_t id_,
+                              const uint64_t *m) noexcept nogil:
+    """The slot of the entry holding masked key ``m`` under mask ``id_`` (probe hash
+    ``h``), or MF_NO_SLOT."""
+    cdef uint32_t j, s
+    for j in range(MF_PROBE):
+        s = (h + j) & (mf.nslots - 1)
+        if mf.tags[s].hash == h and mf.tags[s].mask_id == id_ and \
+                words_eq(mf_entry(mf, mf.tags[s].idx).key, m):
+            return s
+    return MF_NO_SLOT
+
+
 cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_fn valid,
                           void *ctx, uint64_t hint) noexcept nogil:
     """The valid cached actions of the first mask whose masked key is cached, or NULL.
@@ -454,21 +467,18 @@ cdef actions_t *mf_lookup(mf_t *mf, const flow_key_t *k, uint32_t now_ms, valid_
             h = <uint32_t>hint
         else:
             h = mf_hash(masked_hash(w, mk.mask, m), id_)
-        for j in range(MF_PROBE):
-            s = (h + j) & (mf.nslots - 1)
-            if mf.tags[s].hash != h or mf.tags[s].mask_id != id_:
-                continue
-            e = mf_entry(mf, mf.tags[s].idx)
-            if words_eq(e.key, m):
-                if valid(ctx, &e.actions):
-                    e.last_used = now_ms
-                    mk.hits += 1
-                    mf.hits += 1
-                    mf.lookups_per_hit_num += i + 1
-                    mf.last_hit = e
-                    return &e.actions
-                mf_drop(mf, s)
-                break
+        s = mf_probe(mf, h, id_, m)
+        if s == MF_NO_SLOT:
+            continue
+        e = mf_entry(mf, mf.tags[s].idx)
+        if valid(ctx, &e.actions):
+            e.last_used = now_ms
+            mk.hits += 1
+            mf.hits += 1
+            mf.lookups_per_hit_num += i + 1
+            mf.last_hit = e
+            return &e.actions
+        mf_drop(mf, s)
     return NULL
 
 
@@ -477,12 +487,12 @@ cdef actions_t *mf_lookup_port(mf_t *mf, const flow_key_t *k, uint32_t now_ms,
     """The valid cached actions of ``k``'s input port when they are cached under the mask
     that matches the input port and nothing else, or NULL. They are then the actions of
     every frame from that port: a burst of ``n`` frames from one port is looked up once
-    (counted as ``n`` hits of one search), as OVS's simple match does for such flows. Another valid
+    (``n`` hits of one search), as OVS's simple match does for such flows. Another valid
     entry a frame also matches cannot disagree: both were decided in the current
     generation of the rules (entries of an older one are invalid)."""
     cdef uint64_t w[KEY_WORDS]
     cdef uint64_t m[KEY_WORDS]
-    cdef uint32_t i, j, h, s, id_
+    cdef uint32_t i, s, id_
     cdef mf_mask_t *mk
     cdef mf_entry_t *e
     for i in range(mf.nmasks):
@@ -491,24 +501,19 @@ cdef actions_t *mf_lookup_port(mf_t *mf, const flow_key_t *k, uint32_t now_ms,
         if mk.refs == 0 or not mk.port_only:
             continue
         key_words(k, w)
-        h = mf_hash(masked_hash(w, mk.mask, m), id_)
-        for j in range(MF_PROBE):
-            s = (h + j) & (mf.nslots - 1)
-            if mf.tags[s].hash != h or mf.tags[s].mask_id != id_:
-                continue
-            e = mf_entry(mf, mf.tags[s].idx)
-            if not words_eq(e.key, m):
-                continue
-            if not valid(ctx, &e.actions):
-                mf_drop(mf, s)
-                return NULL
-            e.last_used = now_ms
-            mk.hits += n
-            mf.hits += n
-            mf.lookups_per_hit_num += i + 1         # (searched once for the n)
-            mf.last_hit = e
-            return &e.actions
-        return NULL                                  # (only one mask can be this one)
+        s = mf_probe(mf, mf_hash(masked_hash(w, mk.mask, m), id_), id_, m)
+        if s == MF_NO_SLOT:
+            return NULL                              # (only one mask can be this one)
+        e = mf_entry(mf, mf.tags[s].idx)
+        if not valid(ctx, &e.actions):
+            mf_drop(mf, s)
+            return NULL
+        e.last_used = now_ms
+        mk.hits += n
+        mf.hits += n
+        mf.lookups_per_hit_num += i + 1              # (searched once for the n)
+        mf.last_hit = e
+        return &e.actions
     return NULL
 
 

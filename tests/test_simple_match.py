@@ -44,6 +44,13 @@ def flows(rnd: int) -> list[bytes]:
     return [frame("a", MAC["b"], 64 + j % 30, seed=rnd * ROUND + j) for j in range(ROUND)]
 
 
+def four_rounds(loop) -> tuple[int, int, dict]:
+    """Four rounds of flows, each delivered whole: (rounds, frames, the PMD's counters)."""
+    for rnd in range(4):
+        run_round(loop, flows(rnd), flows(rnd), rnd * ROUND, start=rnd == 0)
+    return 4, 4 * ROUND, loop.pmd.stats()
+
+
 def rule_packets(loop, text: str) -> int:
     [rule] = [r for r in loop.bridge.rules.values() if r.text == parse_flow(text).format()]
     return loop.bridge.counters(rule)[0]
@@ -52,11 +59,7 @@ def rule_packets(loop, text: str) -> int:
 def test_every_burst_after_the_first_is_decided_by_its_ports_megaflow():
     rule = "priority=10,in_port=a,actions=output:b"
     with guests_a_to_b([rule]) as loop:
-        rounds = 4
-        for rnd in range(rounds):
-            run_round(loop, flows(rnd), flows(rnd), rnd * ROUND, start=rnd == 0)
-        s = loop.pmd.stats()
-        total = rounds * ROUND
+        rounds, total, s = four_rounds(loop)
         assert s["upcalls"] == 1 and s["megaflow_hits"] == total - 1, s
         assert s["megaflows"] == 1 and s["megaflow_masks"] == 1, s
         # the first burst (the PMD started with all of round 0 posted) found no megaflow
@@ -100,11 +103,7 @@ def test_a_rule_added_under_traffic_is_obeyed_by_the_next_burst():
 def test_many_flows_under_one_wider_megaflow_reuse_it():
     rule = "priority=10,in_port=a,udp,actions=output:b"    # in_port, dl_type, nw_proto
     with guests_a_to_b([rule]) as loop:
-        rounds = 4
-        for rnd in range(rounds):
-            run_round(loop, flows(rnd), flows(rnd), rnd * ROUND, start=rnd == 0)
-        s = loop.pmd.stats()
-        total = rounds * ROUND
+        rounds, total, s = four_rounds(loop)
         assert s["upcalls"] == 1 and s["megaflow_hits"] == total - 1, s
         assert s["megaflows"] == 1 and s["simple_match_hits"] == 0, s
         # a lookup per burst (32 and 8 frames a round; the first burst's first frame an
