@@ -4,9 +4,10 @@
 # packed rings take four single-descriptor chains at once where they can (_ring_batch).
 # The copies of a burst's frames in one segment wait for its end and go together
 # (tx_copies, rx_copies), as DPDK's batch copy: lines another core holds are then asked
-# for many at once, not one between each frame's other work. Every counter of a burst is
-# kept here, once for both layouts. Runs inside the caller's SIGBUS guard with the ring
-# locked. Header-only: compiled into _vring.
+# for many at once, not one between each frame's other work (packed RX batches too; the
+# packed TX batch path copies at once: deferring it measured no gain). Every counter of a
+# burst is kept here, once for both layouts. Runs inside the caller's SIGBUS guard with
+# the ring locked. Header-only: compiled into _vring.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._pktpool cimport pkt_t, pktpool_t, pool_get, pool_put
@@ -366,13 +367,26 @@ cdef inline uint32_t dequeue_chains(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uin
     return nout
 
 
+cdef struct rx_copy_t:
+    # a frame enqueue_chains has found its buffer for and copies at the burst's end
+    uint8_t *dst            # the buffer: one segment, room for header and frame
+    uint64_t gpa
+    pkt_t *pkt
+    uint32_t need           # header and frame bytes
+    uint32_t nbufs          # num_buffers of the header
+
+
 cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_batch_t *ub,
-                                   uint32_t *nsent) noexcept nogil:
+                                   uint32_t *nsent, rx_copy_t *cp,
+                                   uint32_t *ncp) noexcept nogil:
     """Packed: PACKED_BATCH packets into the next PACKED_BATCH buffers at once when those
     form a batch (_ring_batch) and each frame fits its buffer (one buffer per frame,
-    num_buffers 1). Returns how many of ``pkts`` were dealt with: 0 when not a batch (take
-    them one at a time); fewer than PACKED_BATCH when a one-copy frame's sender faulted
-    (that frame is lost, its buffer and the rest stay the guest's, as one at a time)."""
+    num_buffers 1). A whole frame is only noted in ``cp`` (``ncp``): rx_copies copies it at
+    the burst's end with the others, before ring_notify makes the first used descriptor of
+    the burst visible. Returns how many of ``pkts`` were dealt with: 0 when not a batch
+    (take them one at a time); fewer than PACKED_BATCH when a one-copy frame's sender
+    faulted (that frame is lost, its buffer and the rest stay the guest's, as one at a
+    time)."""
     cdef uint16_t ids[PACKED_BATCH]
     cdef iov_t biov[PACKED_BATCH]
     cdef uint32_t k, i_iov
@@ -385,17 +399,25 @@ cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_b
             return 0                        # a frame needs more than its buffer
     for k in range(PACKED_BATCH):
         pkt = pkts[k]
-        if k + 1 < PACKED_BATCH:
-            vh_prefetch(pkts[k + 1].data)
         need = vq.hdr_len + pkt.len + pkt.ext_len
-        i_iov = 0
-        off = 0
-        put_header(&biov[k], &i_iov, &off, vq, 1, pkt)
-        fill_iovs(&biov[k], &i_iov, &off, pkt.data, pkt.len)
-        if pkt.ext_len and fill_ext(&biov[k], &i_iov, &off, pkt) < 0:
-            vq.batched += k
-            return k + 1
-        log_iovs(vq, &biov[k], 1, need)
+        if pkt.ext_len == 0 and ncp[0] < MAX_BURST:
+            cp[ncp[0]].dst = biov[k].base
+            cp[ncp[0]].gpa = biov[k].gpa
+            cp[ncp[0]].pkt = pkt
+            cp[ncp[0]].need = <uint32_t>need
+            cp[ncp[0]].nbufs = 1
+            ncp[0] += 1
+        else:
+            if k + 1 < PACKED_BATCH:
+                vh_prefetch(pkts[k + 1].data)
+            i_iov = 0
+            off = 0
+            put_header(&biov[k], &i_iov, &off, vq, 1, pkt)
+            fill_iovs(&biov[k], &i_iov, &off, pkt.data, pkt.len)
+            if pkt.ext_len and fill_ext(&biov[k], &i_iov, &off, pkt) < 0:
+                vq.batched += k
+                return k + 1
+            log_iovs(vq, &biov[k], 1, need)
         mark_used(vq, ub, ids[k], 1, <uint32_t>need, True)
         step_one(vq, cur)
         vq.st.bytes += pkt.len + pkt.ext_len
@@ -404,15 +426,6 @@ cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_b
         nsent[0] += 1
     vq.batched += PACKED_BATCH
     return PACKED_BATCH
-
-
-cdef struct rx_copy_t:
-    # a frame enqueue_chains has found its buffer for and copies at the burst's end
-    uint8_t *dst            # the buffer: one segment, room for header and frame
-    uint64_t gpa
-    pkt_t *pkt
-    uint32_t need           # header and frame bytes
-    uint32_t nbufs          # num_buffers of the header
 
 
 cdef inline void rx_copies(vq_t *vq, rx_copy_t *cp, uint32_t n) noexcept nogil:
@@ -475,7 +488,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
         prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)))
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
-            nb = enqueue_batch(vq, pkts + i, &cur, &ub, &nsent)
+            nb = enqueue_batch(vq, pkts + i, &cur, &ub, &nsent, cp, &ncp)
             if nb:
                 i += nb
                 continue
