@@ -1,7 +1,10 @@
 """pyvhost's frontend (``pyvhost gen --mode tx``) next to DPDK's virtio-user (testpmd
 ``txonly``), both sending 64-byte frames into the same sink in the same run: DPDK's vhost
 PMD in ``rxonly``. The rate is what the sink receives (its Rx-pps, median of samples); the
-sink forwards on CPU 0, the sender runs on CPU 1. Prints Mpps and the ratio pyvhost/DPDK.
+sink forwards on CPU 0, the sender runs on CPU 1. Measured in --rounds alternating rounds
+(DPDK, pyvhost, DPDK, ...; each round printed, with the cross-core round trip read before
+it). Prints Mpps (medians, each side's spread) and the ratio pyvhost/DPDK, of the medians
+and the median of each round's.
 ``--packed``: both senders use packed rings (gen --packed, virtio-user packed_vq=1).
 Not a test: no thresholds.
 """
@@ -17,8 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyvhost.cli.benchtable import Table, emit
-from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rounds import alternate, cross_core, paired  # noqa: E402
+
+from pyvhost.cli.benchtable import Table, emit  # noqa: E402
+from tests.harness.testpmd import Testpmd, vhost_vdev, virtio_user_vdev  # noqa: E402
 
 PY, DPDK = "pyvhost gen --mode tx", "DPDK virtio-user txonly"
 SINK_MAIN_LCORE = 1       # the sink forwards on CPU 0
@@ -97,17 +103,27 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=1.0, help="per sample")
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--packed", action="store_true", help="packed rings on both senders")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     args = ap.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="pvf", dir="/tmp"))
-    try:
-        py = run_gen(workdir, args.size, args.seconds, args.samples, args.packed)
-        dp = run_dpdk(workdir, args.size, args.seconds, args.samples, args.packed)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    if args.rounds < 1 or args.samples < 1:
+        ap.error("--rounds and --samples must be at least 1")
     ring = "packed" if args.packed else "split"
+    label = f"{ring} rings, {args.size} B"
+    workdir = Path(tempfile.mkdtemp(prefix="pvf", dir="/tmp"))
     t = Table("frontend", "front-ends sending into DPDK vhost rxonly, Mpps at the sink (median)",
               [PY, DPDK], [(PY, DPDK)])
-    t.add(f"{ring} rings, {args.size} B", "Mpps", {PY: py, DPDK: dp})
+    try:
+        def one(run):
+            return lambda: run(workdir, args.size, args.seconds, args.samples, args.packed)
+        trips: dict[str, list[float | None]] = {}
+        rounds = alternate(label, args.rounds, {DPDK: one(run_dpdk), PY: one(run_gen)},
+                           probe=cross_core(0, SENDER_CPU), probed=trips)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    row = t.add(label, "Mpps", rounds=rounds, round_trips=trips)
+    per_round = paired(row.rounds, PY, DPDK)
+    if per_round is not None:
+        t.notes.append(f"{label}: pyvhost/DPDK median of per-round ratios x{per_round:.2f}")
     emit(t)
     return 0
 

@@ -133,17 +133,20 @@ def test_plot_cli_from_saved_rows(tmp_path):
 @pytest.mark.slow
 def test_a_real_tiny_bench_run_is_plotted(tmp_path):
     """bench frontend (pyvhost gen and DPDK virtio-user into DPDK's vhost sink) with one
-    short sample each: its rows are saved and the plot drawn from them."""
+    short sample each in two alternating rounds: its rows (and rounds) are saved and the
+    plot drawn from them."""
     png, rows = tmp_path / "frontend.png", tmp_path / "frontend.json"
     r = subprocess.run([sys.executable, "-m", "pyvhost.cli.main", "bench", "frontend",
                         "--plot", str(png), "--rows", str(rows), "--", "--seconds", "0.3",
-                        "--samples", "1"], capture_output=True, text=True, timeout=240,
+                        "--samples", "1", "--rounds", "2"], capture_output=True, text=True, timeout=240,
                        cwd=processes.REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     [table] = benchtable.load(rows)
     assert table.bench == "frontend" and len(table.rows) == 1 and len(table.columns) == 2
     values = table.rows[0].values
     assert all(v > 0 for v in values.values()), values
+    assert {c: len(v) for c, v in table.rows[0].rounds.items()} == {c: 2 for c in table.columns}
+    assert "round 2/2  split rings, 64 B" in r.stdout
     assert "| split rings, 64 B | Mpps |" in r.stdout
     png_size(png)
     a, b = (values[c] for c in table.ratios[0])
