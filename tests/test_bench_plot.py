@@ -138,8 +138,8 @@ def test_a_real_tiny_bench_run_is_plotted(tmp_path):
     png, rows = tmp_path / "frontend.png", tmp_path / "frontend.json"
     r = subprocess.run([sys.executable, "-m", "pyvhost.cli.main", "bench", "frontend",
                         "--plot", str(png), "--rows", str(rows), "--", "--seconds", "0.3",
-                        "--samples", "1", "--rounds", "2"], capture_output=True, text=True, timeout=240,
-                       cwd=processes.REPO)
+                        "--samples", "1", "--rounds", "2"], capture_output=True, text=True,
+                       timeout=240, cwd=processes.REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     [table] = benchtable.load(rows)
     assert table.bench == "frontend" and len(table.rows) == 1 and len(table.columns) == 2
