@@ -66,6 +66,7 @@ cdef struct drvq_t:
 cdef int drv_used_count(drvq_t *q, uint16_t *used_idx) noexcept nogil
 cdef uint32_t drv_reclaim(drvq_t *q) noexcept nogil
 cdef int drv_tx_slot(drvq_t *q, uint8_t **frame) noexcept nogil
+cdef void drv_tx_prefetch(drvq_t *q, uint32_t n) noexcept nogil
 cdef void drv_tx_post(drvq_t *q, uint16_t id, uint32_t frame_len) noexcept nogil
 cdef void drv_publish(drvq_t *q) noexcept nogil
 cdef uint32_t drv_send(drvq_t *q, pkt_t **pkts, uint32_t count) noexcept nogil

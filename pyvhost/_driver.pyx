@@ -36,6 +36,7 @@ from libc.string cimport memcpy, memset
 
 from pyvhost._drv_core cimport (
     interrupts, post, publish, recv_frames, reclaim_used, refill_all, send_frames, tx_slot,
+    tx_slots_prefetch,
     ucur_t, used_begin,
 )
 from pyvhost._drv_packed cimport pk_slots_for
@@ -82,6 +83,12 @@ cdef int drv_tx_slot(drvq_t *q, uint8_t **frame) noexcept nogil:
     """A free TX buffer (its id) with a zeroed virtio-net header; ``*frame`` is where the
     frame goes (up to buf_len - hdr_len bytes). -1 when all are in flight."""
     return tx_slot(q, frame)
+
+
+cdef void drv_tx_prefetch(drvq_t *q, uint32_t n) noexcept nogil:
+    """Hints only, before a burst of up to ``n`` drv_tx_slot calls: start owning the lines
+    of the buffers they will hand out."""
+    tx_slots_prefetch(q, n)
 
 
 cdef void drv_tx_post(drvq_t *q, uint16_t id, uint32_t frame_len) noexcept nogil:

@@ -17,8 +17,8 @@ from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
 from pyvhost._driver cimport (
-    DriverQueue, drv_publish, drv_reclaim, drv_recv, drv_tx_post, drv_tx_slot, drv_wait,
-    drvq_t,
+    DriverQueue, drv_publish, drv_reclaim, drv_recv, drv_tx_post, drv_tx_prefetch, drv_tx_slot,
+    drv_wait, drvq_t,
 )
 from pyvhost._pktpool cimport PacketPool, pkt_t, pool_put_many
 from pyvhost._vring cimport MAX_BURST
@@ -268,6 +268,7 @@ cdef class Gen:
         cdef int id
         cdef uint8_t *frame
         drv_reclaim(dq)
+        drv_tx_prefetch(dq, budget)         # the burst's buffers: their lines asked for at once
         while n < budget:
             id = drv_tx_slot(dq, &frame)
             if id < 0:
