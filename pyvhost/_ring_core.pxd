@@ -377,16 +377,16 @@ cdef struct rx_copy_t:
 
 
 cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_batch_t *ub,
-                                   uint32_t *nsent, rx_copy_t *cp,
+                                   uint32_t *nsent, uint64_t *nbytes, rx_copy_t *cp,
                                    uint32_t *ncp) noexcept nogil:
     """Packed: PACKED_BATCH packets into the next PACKED_BATCH buffers at once when those
     form a batch (_ring_batch) and each frame fits its buffer (one buffer per frame,
     num_buffers 1). A whole frame is only noted in ``cp`` (``ncp``): rx_copies copies it at
     the burst's end with the others, before ring_notify makes the first used descriptor of
-    the burst visible. Returns how many of ``pkts`` were dealt with: 0 when not a batch
-    (take them one at a time); fewer than PACKED_BATCH when a one-copy frame's sender
-    faulted (that frame is lost, its buffer and the rest stay the guest's, as one at a
-    time)."""
+    the burst visible; their bytes go to ``nbytes`` (counted at the burst's end). Returns
+    how many of ``pkts`` were dealt with: 0 when not a batch (take them one at a time);
+    fewer than PACKED_BATCH when a one-copy frame's sender faulted (that frame is lost, its
+    buffer and the rest stay the guest's, as one at a time)."""
     cdef uint16_t ids[PACKED_BATCH]
     cdef iov_t biov[PACKED_BATCH]
     cdef uint32_t k, i_iov
@@ -420,7 +420,7 @@ cdef inline uint32_t enqueue_batch(vq_t *vq, pkt_t **pkts, cursor_t *cur, used_b
             log_iovs(vq, &biov[k], 1, need)
         mark_used(vq, ub, ids[k], 1, <uint32_t>need, True)
         step_one(vq, cur)
-        vq.st.bytes += pkt.len + pkt.ext_len
+        nbytes[0] += pkt.len + pkt.ext_len
         if pkt.ext_len:
             vq.onecopy += 1
         nsent[0] += 1
@@ -488,7 +488,7 @@ cdef inline uint32_t enqueue_chains(vq_t *vq, pkt_t **pkts, uint32_t count,
         prefetch_chains(vq, cur.idx, min(count, <uint16_t>(cur.avail_idx - cur.idx)))
     while i < count:
         if vq.packed and count - i >= PACKED_BATCH:
-            nb = enqueue_batch(vq, pkts + i, &cur, &ub, &nsent, cp, &ncp)
+            nb = enqueue_batch(vq, pkts + i, &cur, &ub, &nsent, &nbytes, cp, &ncp)
             if nb:
                 i += nb
                 continue
