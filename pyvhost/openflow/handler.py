@@ -296,12 +296,12 @@ class Handler:
         if not rules:
             return
         bridge = self.bridge
-        before = [(r, r.flow, bridge.counters(r)) for r in rules]
+        before = [(r, bridge.counters(r)) for r in rules]
         flags = [self.state.flags_of(r) for r in rules]
         self._apply(remove=rules)
         # the counters each had once no PMD could count into it (read before: if the
         # PMDs could not be waited for)
-        removed = [(r, f, bridge.counters(r) if r.final else c) for r, f, c in before]
+        removed = [(r, bridge.counters(r) if r.final else c) for r, c in before]
         if self.events is not None:
             self.events.flows_removed(bridge, removed, reason, flags)
 
@@ -404,8 +404,9 @@ class Handler:
             self._apply(modify=changes)
 
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
-        f = rule.flow
-        actions = f.all_actions()
+        if out_port == C.OFPP_ANY and out_group == C.OFPG_ANY:
+            return True                            # (no rule's text parsed for nothing)
+        actions = rule.flow.all_actions()
         if out_group != C.OFPG_ANY and ("group", out_group) not in actions:
             return False
         if out_port == C.OFPP_ANY:

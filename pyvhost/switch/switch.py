@@ -107,7 +107,8 @@ class Switch:
         self._stuck_ports: list[Port] = []
         # observers (pyvhost.openflow): called as f(kind, **info) after a change, kinds
         # "port_added"/"port_removed" (bridge, port) and "rules_removed" (bridge, reason
-        # "timeout" or "delete", removed: [(rule, flow, (packets, bytes, used_ns))])
+        # "timeout" or "delete", removed: [(rule, (packets, bytes, used_ns))]; a removed
+        # rule's text no longer changes: rule.flow parses it for an observer that needs it)
         self.observers: list = []
 
     def _new_pmds(self) -> PmdSet:
@@ -647,10 +648,10 @@ class Switch:
         """Remove rules and tell the observers, with each rule's last counters (those it
         had when no PMD could count into it any more; if the PMDs could not be waited
         for, those read before the removal)."""
-        before = [(r, r.flow, bridge.counters(r)) for r in gone] if self.observers else []
+        before = [(r, bridge.counters(r)) for r in gone] if self.observers else []
         self._change(bridge, remove=gone)
         if before:
-            removed = [(r, f, bridge.counters(r) if r.final else c) for r, f, c in before]
+            removed = [(r, bridge.counters(r) if r.final else c) for r, c in before]
             self._emit("rules_removed", bridge=bridge, reason=reason, removed=removed)
 
     def _emit(self, kind: str, **info) -> None:
