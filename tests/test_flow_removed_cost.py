@@ -63,6 +63,7 @@ def test_only_rules_that_asked_for_flow_removed_are_parsed_again(tmp_path, monke
                 assert h.flow_mods([H.flow_mod(H.DELETE, table=0xFF)[8:]]) == [None]
             assert sw.bridges["br0"].rules == {}
         finally:
+            await of.close()                   # then the switch, as `pyvhost switch` does
             await sw.stop()
 
     asyncio.run(main())
