@@ -181,21 +181,36 @@ cdef inline void put_header(iov_t *iov, uint32_t *i_iov, uint64_t *off, vq_t *vq
     in our memory and copied out reads back in pieces the CPU cannot forward from its store
     queue, so each frame waited for every earlier store to reach the cache, the guest's
     lines too, which another core may have to give up first (hundreds of ns a frame when
-    the guest's core is in another cache domain)."""
+    the guest's core is in another cache domain). A part that already holds its value is
+    not stored again (DPDK's ASSIGN_UNLESS_EQUAL, on both sides of its rings): a buffer's
+    header line, which the guest reads for every frame, then stays shared by both cores
+    instead of moving to ours and back (with DPDK's virtio driver as the guest, 64 B
+    frames: 16 ns a frame when the guests write their frames, 6 when they do not). What
+    is read decides nothing else: a guest that changes it meanwhile only changes what it
+    reads itself."""
     cdef uint8_t hdr[12]
     cdef uint64_t zero8 = 0
     cdef uint32_t hi4 = nbufs << 16       # csum_offset 0, num_buffers (little-endian)
     cdef uint16_t zero2 = 0
+    cdef uint64_t old8
+    cdef uint32_t old4
+    cdef uint16_t old2
     cdef uint8_t *d
     if not (pkt.vnet_hdr[0] & VNET_HDR_F_NEEDS_CSUM and vq.ofl_rx & OFL_CSUM) and \
             (vq.hdr_len == 12 or vq.hdr_len == 10) and \
             iov[i_iov[0]].len - off[0] > vq.hdr_len:
         d = iov[i_iov[0]].base + off[0]
-        memcpy(d, &zero8, 8)
+        memcpy(&old8, d, 8)
+        if old8 != 0:
+            memcpy(d, &zero8, 8)
         if vq.hdr_len == 12:
-            memcpy(d + 8, &hi4, 4)
+            memcpy(&old4, d + 8, 4)
+            if old4 != hi4:
+                memcpy(d + 8, &hi4, 4)
         else:
-            memcpy(d + 8, &zero2, 2)
+            memcpy(&old2, d + 8, 2)
+            if old2 != 0:
+                memcpy(d + 8, &zero2, 2)
         off[0] += vq.hdr_len
         return
     fill_header(hdr, vq, nbufs, pkt)
