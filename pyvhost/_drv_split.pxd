@@ -46,14 +46,22 @@ cdef inline int sp_used_peek(drvq_t *q, uint16_t end, uint16_t *id,
 
 
 cdef inline void sp_post(drvq_t *q, uint16_t id, uint32_t length, bint write) noexcept nogil:
-    """Descriptor ``id`` (always buffer ``id``'s slot) into the avail ring; seen on publish."""
+    """Descriptor ``id`` (always buffer ``id``'s slot) into the avail ring; seen on publish.
+    A descriptor or avail entry that already holds what it would be given (the same buffer
+    and length, in the same slot one lap ago) is not stored again, as the device side's
+    used elements: the device reads those lines, which then stay shared by both cores."""
     cdef vring_desc_t *d = &q.desc[id]
-    d.addr = q.slots_gpa + <uint64_t>id * q.slot_size
-    d.len = length
-    d.flags = VRING_DESC_F_WRITE if write else 0
-    d.next = 0
+    cdef uint64_t want[2]
+    cdef uint64_t have[2]
+    cdef uint16_t *slot = &q.avail[2 + (q.avail_idx & (q.size - 1))]
+    want[0] = q.slots_gpa + <uint64_t>id * q.slot_size
+    want[1] = length | <uint64_t>(VRING_DESC_F_WRITE if write else 0) << 32   # next 0
+    memcpy(have, d, 16)
+    if have[0] != want[0] or have[1] != want[1]:
+        memcpy(d, want, 16)
     mark_posted(q, id)
-    vh_store_relaxed_u16(&q.avail[2 + (q.avail_idx & (q.size - 1))], id)
+    if vh_load_relaxed_u16(slot) != id:
+        vh_store_relaxed_u16(slot, id)
     q.avail_idx += 1
 
 
