@@ -81,6 +81,30 @@ def test_megaflow_masks_in_the_datapath(switch_ports):
     assert "Megaflow: in_port,dl_type,nw_dst" in trace.stdout
 
 
+def test_an_address_netmask_that_is_no_prefix_matches_its_bits(switch_ports):
+    """nw_dst=10.0.0.7/255.0.255.255 (as ovs-ofctl takes it) matches 10.X.0.7 for any X and
+    nothing else: it was refused ("netmask is not contiguous"). Its subtable has no prefix
+    trie; the classifier compares the masked bits, and so does the megaflow."""
+    run_dir, ports = switch_ports
+    rules = "priority=10,in_port=a,ip,nw_dst=10.0.0.7/255.0.255.255,actions=output:b\n" \
+            "priority=5,in_port=a,actions=output:c\n"
+    added = ctl_run(run_dir, "add-flows", "br0", "-", stdin=rules)
+    assert added.returncode == 0, added.stderr
+    hits = [udp(MAC["a"], MAC["b"], "10.9.0.1", f"10.{x}.0.7") for x in (0, 1, 77, 255)]
+    misses = [udp(MAC["a"], MAC["b"], "10.9.0.1", dst) for dst in
+              ("10.0.1.7", "10.1.0.8", "11.0.0.7", "10.5.128.7")]
+    ports["a"].send_all(hits + misses)
+    got_b, got_c = drain(ports["b"]), drain(ports["c"])
+    assert sorted(f[30:34] for f in got_b) == sorted(f[30:34] for f in hits)
+    assert sorted(f[30:34] for f in got_c) == sorted(f[30:34] for f in misses)
+    assert counters(run_dir, "nw_dst=10.0.0.7/255.0.255.255") == len(hits)
+    trace = ctl_run(run_dir, "trace", "--json", "br0",
+                    "in_port=a,dl_dst=02:00:00:00:00:02,udp,nw_src=1.2.3.4,nw_dst=10.42.0.7")
+    summary = json.loads(trace.stdout.strip().splitlines()[-1])
+    assert summary["rule"] == \
+        "priority=10,ip,in_port=a,nw_dst=10.0.0.7/255.0.255.255 actions=output:b", trace.stdout
+
+
 def test_add_flows_is_atomic_and_names_the_bad_line(switch_ports, tmp_path):
     run_dir, _ = switch_ports
     before = processes.ctl(run_dir, "dump-flows", "--no-stats", "br0")

@@ -84,7 +84,20 @@ MATCHES = [
     {"dl_type": 0x0806, "nw_proto": 1, "nw_src": Prefix(IP4("10.0.0.0"), 8),
      "nw_dst": Prefix(IP4("10.0.0.2"), 32)},
     {"dl_type": 0x86DD},
+    {"dl_type": 0x0800, "nw_dst": Prefix(IP4("10.0.0.7"), -1, IP4("255.0.255.255")),
+     "nw_src": Prefix(IP4("0.0.0.1"), -1, IP4("0.0.0.255"))},      # masks as OVS takes
 ]
+
+
+def test_an_address_mask_that_is_no_prefix_travels_as_it_came():
+    """ovs-ofctl sends nw_dst=10.0.0.7/255.0.255.255 as IPV4_DST with that mask: taken as
+    that match (it was refused with BAD_NW_ADDR_MASK), and sent back the same."""
+    tlvs = IPT + O.oxm(12, IP4("10.0.0.7"), IP4("255.0.255.255"))
+    match = oxm.decode(tlvs)
+    assert match == {"dl_type": 0x0800,
+                     "nw_dst": Prefix(IP4("10.0.0.7"), -1, IP4("255.0.255.255"))}
+    assert oxm.encode(match, int) == tlvs
+    assert str(match["nw_dst"]) == "10.0.0.7/255.0.255.255"
 
 
 @pytest.mark.parametrize("match", MATCHES, ids=range(len(MATCHES)))
@@ -126,7 +139,7 @@ IPT = O.oxm(5, b"\x08\x00")
     (IPT + O.oxm(14, b"\x00\x50"), E.BMC_BAD_PREREQ),                  # tcp_dst, no ip_proto
     (IPT + O.oxm(10, b"\x11") + O.oxm(14, b"\x00\x50"), E.BMC_BAD_PREREQ),   # tcp on udp
     (O.oxm(5, b"\x08\x06") + O.oxm(11, IP4("1.2.3.4")), E.BMC_BAD_PREREQ),   # ipv4 on arp
-    (IPT + O.oxm(11, IP4("1.0.3.0"), IP4("255.0.255.0")), E.BMC_BAD_NW_ADDR_MASK),
+    (IPT + O.oxm(11, IP4("1.2.3.0"), IP4("255.0.255.0")), E.BMC_BAD_WILDCARDS),  # any mask
     (IPT + O.oxm(11, IP4("1.2.3.4"), IP4("255.255.0.0")), E.BMC_BAD_WILDCARDS),
     (O.oxm(5, b"\x08\x00", b"\xff\x00"), E.BMC_BAD_MASK),              # eth_type masked
     (O.oxm(6, b"\x00\x05"), E.BMC_BAD_VALUE),                          # vid without PRESENT

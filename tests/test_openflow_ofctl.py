@@ -71,6 +71,18 @@ def test_show_ports_and_tables(of_switch):
         "datapath_id:", "dpid:")
 
 
+def test_an_address_mask_that_is_no_prefix_through_ofctl(of_switch):
+    """ovs-ofctl sends nw_dst=10.0.0.7/255.0.255.255 with that mask (OVS takes any): the
+    rule is added (it was refused, BAD_NW_ADDR_MASK) and dumps as ovs-ofctl wrote it, and
+    as ctl writes it."""
+    run_dir, _, target = of_switch
+    ofctl(target, "add-flow", "priority=100,ip,nw_dst=10.0.0.7/255.0.255.255,actions=output:2")
+    dump = ofctl(target, "dump-flows", "ip").stdout
+    assert "priority=100,ip,nw_dst=10.0.0.7/255.0.255.255 actions=output:2" in dump, dump
+    ctl = processes.ctl(run_dir, "dump-flows", "--no-stats", "br0")
+    assert " priority=100,ip,nw_dst=10.0.0.7/255.0.255.255 actions=output:2" in ctl, ctl
+
+
 def test_flow_table_through_ofctl(of_switch, tmp_path):
     run_dir, _, target = of_switch
     ofctl(target, "add-flow", "priority=100,cookie=0x5,in_port=1,ip,nw_dst=10.0.0.0/24,"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import subprocess
 import sys
 
@@ -92,11 +93,12 @@ def test_format_round_trips_random_flows():
 @pytest.mark.parametrize("text", [
     "10.1.2.3", "10.1.2.3/32", "10.1.2.3/0", "10.1.2.3/8", "0.0.0.0/0", "255.255.255.255",
     "10.1.2.3/255.255.0.0", "010.1.2.3", "10.1.2.256", "10.1.2", "10.1.2.3/33", "10.1.2.3/",
-    "10.1.2.3/08", "1.2.3.4.5", "１.2.3.4", "10.1.2.3/255.0.255.0", "+1.2.3.4", " 1.2.3.4",
+    "10.1.2.3/08", "1.2.3.4.5", "１.2.3.4", "+1.2.3.4", " 1.2.3.4",
 ])
 def test_prefix_parse_agrees_with_ipaddress(text):
     """The quick path for plain addresses answers exactly what ipaddress does (the
-    same prefix, or an error)."""
+    same prefix, or an error). (A netmask that is no prefix, which ipaddress refuses, is
+    a mask here, as in OVS: test_a_netmask_means_what_ovs_means.)"""
     try:
         net = ipaddress.IPv4Network(text, strict=False)
     except ValueError:
@@ -151,8 +153,9 @@ def test_parse_flow_rejects(text):
 
 def test_a_netmask_means_what_ovs_means():
     """ADDR/NETMASK matches the netmask's 1 bits (ovs-ofctl): a contiguous one is the prefix
-    it spells; any other is refused with the reason. (Python's ipaddress reads 0.0.255.255
-    as a Cisco host mask, /16: the rule silently matched the other half of the address.)"""
+    it spells; any other matches those bits, written back as ADDR/NETMASK with the other
+    bits cleared. (Python's ipaddress reads 0.0.255.255 as a Cisco host mask, /16: the rule
+    silently matched the other half of the address.)"""
     assert parse_flow("ip,nw_dst=10.1.2.3/255.255.0.0,actions=drop") == \
         parse_flow("ip,nw_dst=10.1.0.0/16,actions=drop")
     assert parse_flow("ip,nw_src=10.1.2.3/255.255.255.255,actions=drop") == \
@@ -161,9 +164,17 @@ def test_a_netmask_means_what_ovs_means():
         parse_flow("ip,nw_src=0.0.0.0/0,actions=drop")
     assert parse_flow("tun_src=10.1.2.3/255.255.255.0,actions=drop") == \
         parse_flow("tun_src=10.1.2.0/24,actions=drop")
-    for mask in ("0.0.255.255", "255.0.255.0", "0.0.0.255"):
-        with pytest.raises(FlowSyntaxError, match=f"netmask {mask} is not contiguous"):
-            parse_flow(f"ip,nw_dst=10.0.0.7/{mask},actions=drop")
+    for mask, addr in (("0.0.255.255", "0.0.0.7"), ("255.0.255.0", "10.0.0.0"),
+                       ("0.0.0.255", "0.0.0.7"), ("255.255.0.255", "10.0.0.7")):
+        f = parse_flow(f"ip,nw_dst=10.0.0.7/{mask},actions=drop")
+        assert f.match["nw_dst"] == Prefix(socket.inet_aton(addr), -1, socket.inet_aton(mask))
+        assert f.match["nw_dst"].mask == socket.inet_aton(mask)
+        assert f.format() == f"priority=32768,ip,nw_dst={addr}/{mask},actions=drop"
+        assert parse_flow(f.format()) == f
+    assert parse_flow("tun_src=10.1.2.3/255.0.255.0,actions=drop").match["tun_src"] == \
+        Prefix(socket.inet_aton("10.0.2.0"), -1, socket.inet_aton("255.0.255.0"))
+    with pytest.raises(FlowSyntaxError, match="one address"):
+        parse_flow("ip,actions=set_field:10.0.0.7/255.0.255.0->ip_dst,output:p2")
     for bad in ("10.0.0.7/255.255.0", "10.0/255.0.0.0", "10.0.0.7/255.255.0.256",
                 "010.0.0.7/255.0.0.0", "0x0a.0.0.7/255.0.0.0", "10.0.0.7/0xff.0.0.0",
                 "10.0.0.7/255.255.0.0 junk", "10.0.0.7 /255.255.0.0"):

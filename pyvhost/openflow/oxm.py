@@ -14,8 +14,9 @@ A field is known here by its key: the field number for OPENFLOW_BASIC, else clas
 
 Only what the model expresses exactly is taken; anything else is refused with the spec's
 BAD_MATCH code (an unknown or inexpressible field BAD_FIELD, a mask the model has no room
-for BAD_MASK or BAD_NW_ADDR_MASK, bits set outside the mask BAD_WILDCARDS, a missing
-prerequisite BAD_PREREQ, a field twice DUP_FIELD), never a silently different rule.
+for BAD_MASK (an IPv4 address takes any mask, as OVS does), bits set outside the mask
+BAD_WILDCARDS, a missing prerequisite BAD_PREREQ, a field twice DUP_FIELD), never a
+silently different rule.
 Ports travel as OpenFlow numbers (``"3"``); a bridge resolves them. Pure functions."""
 
 from __future__ import annotations
@@ -140,15 +141,12 @@ def _int(b: bytes) -> int:
     return int.from_bytes(b, "big")
 
 
-def _prefix(value: bytes, mask: bytes | None, field: int) -> Prefix:
+def _prefix(value: bytes, mask: bytes | None) -> Prefix:
+    """An address field's value and mask (any mask, as OVS takes: value bits outside it
+    are refused before this, BAD_WILDCARDS)."""
     if mask is None:
         return Prefix(value, 32)
-    m = _int(mask)
-    plen = 32 - (m ^ 0xFFFFFFFF).bit_length()
-    if m != (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF:
-        raise _bad(E.BMC_BAD_NW_ADDR_MASK, f"OXM field {field}: mask {mask.hex()} is not "
-                                           "a prefix")
-    return Prefix(value, plen)
+    return Prefix.masked(value, _int(mask))
 
 
 def _ports(value: bytes, mask: bytes | None):
@@ -217,7 +215,7 @@ def decode(oxm: bytes) -> dict:
         match["nw_proto"] = proto
     for field, name in ((IPV4_SRC, "nw_src"), (IPV4_DST, "nw_dst")):
         if field in tlv:
-            match[name] = _prefix(*tlv[field], field)
+            match[name] = _prefix(*tlv[field])
     for (fsrc, fdst), need_proto in (((TCP_SRC, TCP_DST), TCP), ((UDP_SRC, UDP_DST), UDP),
                                      ((ICMPV4_TYPE, ICMPV4_CODE), ICMP)):
         for field, name in ((fsrc, "tp_src"), (fdst, "tp_dst")):
@@ -236,7 +234,7 @@ def decode(oxm: bytes) -> dict:
         match["tun_id"] = v if m is None else (v, m)
     for field, name in ((NX_TUN_IPV4_SRC, "tun_src"), (NX_TUN_IPV4_DST, "tun_dst")):
         if field in tlv:
-            match[name] = _prefix(*tlv[field], field)
+            match[name] = _prefix(*tlv[field])
     arp = (ARP_OP, ARP_SPA, ARP_TPA, ARP_SHA, ARP_THA)
     if any(f in tlv for f in arp):
         if eth_type != ARP:
@@ -248,7 +246,7 @@ def decode(oxm: bytes) -> dict:
             match["nw_proto"] = op
         for field, name in ((ARP_SPA, "nw_src"), (ARP_TPA, "nw_dst")):
             if field in tlv:
-                match[name] = _prefix(*tlv[field], field)
+                match[name] = _prefix(*tlv[field])
         for field, name in ((ARP_SHA, "arp_sha"), (ARP_THA, "arp_tha")):
             if field in tlv:
                 v, m = tlv[field]

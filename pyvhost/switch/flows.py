@@ -82,10 +82,13 @@ class FlowSyntaxError(ValueError):
 
 
 class Prefix(NamedTuple):
-    """An IPv4 address with a prefix length (small: a rule set holds 100k of them)."""
+    """An IPv4 address with a prefix length (small: a rule set holds 100k of them), or with
+    any other netmask (OVS and OpenFlow take those too): ``plen`` -1 and the mask's bytes
+    in ``netmask``. Only a prefix has a trie in the classifier; any mask matches there."""
 
-    addr: bytes           # 4 bytes, host bits cleared
-    plen: int
+    addr: bytes           # 4 bytes, the bits outside the mask cleared
+    plen: int             # 0..32, or -1: not a prefix (see netmask)
+    netmask: bytes = b""  # the 4-byte mask when plen is -1
 
     @classmethod
     def parse(cls, text: str) -> Prefix:
@@ -110,24 +113,32 @@ class Prefix(NamedTuple):
 
     @classmethod
     def _with_netmask(cls, addr: str, mask: str) -> Prefix:
-        """ADDR/NETMASK: the netmask's 1 bits from the top, then 0 bits (ipaddress would
-        take 0.0.255.255 for a Cisco host mask, /16: the opposite of what OVS matches);
-        other masks are refused, not widened (the classifier keeps prefixes)."""
+        """ADDR/NETMASK matches the netmask's 1 bits, as OVS does (ipaddress would take
+        0.0.255.255 for a Cisco host mask, /16: the opposite of what OVS matches); a
+        contiguous one is the prefix it spells."""
         value, m = _dotted_quad(addr), _dotted_quad(mask)
         if value is None or m is None:
             raise ValueError(f"{addr}/{mask}: not an address and netmask")
-        host = m ^ 0xFFFFFFFF
+        return cls.masked((value & m).to_bytes(4, "big"), m)
+
+    @classmethod
+    def masked(cls, addr: bytes, mask: int) -> Prefix:
+        """``addr`` (its bits outside ``mask`` already clear) under a 32-bit ``mask``."""
+        host = mask ^ 0xFFFFFFFF
         if host & (host + 1):
-            raise ValueError(f"netmask {mask} is not contiguous: only prefixes are matched")
-        n = 32 - host.bit_length()
-        return cls((value & m).to_bytes(4, "big"), n)
+            return cls(addr, -1, mask.to_bytes(4, "big"))
+        return cls(addr, 32 - host.bit_length())
 
     @property
     def mask(self) -> bytes:
+        if self.plen < 0:
+            return self.netmask
         return ((0xFFFFFFFF << (32 - self.plen)) & 0xFFFFFFFF).to_bytes(4, "big")
 
     def __str__(self) -> str:
         ip = socket.inet_ntoa(self.addr)
+        if self.plen < 0:
+            return f"{ip}/{socket.inet_ntoa(self.netmask)}"
         return ip if self.plen == 32 else f"{ip}/{self.plen}"
 
 
@@ -170,9 +181,8 @@ def _mac(text: str, name: str) -> bytes:
 def _net(text: str, name: str) -> Prefix:
     try:
         return Prefix.parse(text)
-    except ValueError as e:
-        why = f" ({e})" if "contiguous" in str(e) else ""
-        raise FlowSyntaxError(f"{name}: {text!r} is not an IPv4 address or prefix{why}") \
+    except ValueError:
+        raise FlowSyntaxError(f"{name}: {text!r} is not an IPv4 address or prefix") \
             from None
 
 
