@@ -1,6 +1,8 @@
 """What a guest's memory already holds is not stored again (DPDK's ASSIGN_UNLESS_EQUAL).
 Device side: the RX header of a buffer whose header bytes are already the ones the device
-would write, and a split used element whose slot already holds the same id and length.
+would write (a header that ends a line, as DPDK's virtio driver lays buffers out: where the
+frame starts in the header's line, that line is stored anyway and the header with it), and
+a split used element whose slot already holds the same id and length.
 Driver side (split): a descriptor and an avail entry that already hold the buffer being
 posted again. Those lines are ones the other side's core reads for every frame; a store
 moves them to our core and back. Shown with the writer's view of the page read-only
