@@ -64,10 +64,8 @@ cdef inline uint32_t tx_copies(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t
     """The burst's deferred chains copied into their packets one after another (DPDK's
     batch copy: the loads of lines the guest wrote go out together), then each header
     checked; a packet whose header is refused leaves ``pkts``, the others keep their
-    order. Before ring_notify, so no chain is seen given back before it is copied (split:
-    the used elements are written there; packed: the burst's other used descriptors are
-    in the ring already, but the driver reads them in order and the first one's flags are
-    stored last; one-copy: at vq_rx_complete). Returns the new count. A fault in a copy
+    order. Before ring_notify, so no chain is given back before it is copied (the used
+    elements are written there; one-copy: at vq_rx_complete). Returns the new count. A fault in a copy
     unwinds with every packet still in ``pkts``. Also called mid-burst when the pool runs
     dry (receive_chain's -2): a refused packet's buffer then serves the next chain, as if
     each had been settled at once."""
@@ -238,9 +236,9 @@ cdef inline void ring_broken(vq_t *vq) noexcept nogil:
 cdef inline void mark_used(vq_t *vq, used_batch_t *ub, uint16_t id, uint16_t nslots,
                            uint32_t length, bint written) noexcept nogil:
     """A used element into the burst's batch ``ub`` (its n, nshadow and head_slot set to 0
-    at the burst's start); the guest sees the batch in ring_notify. Split: the element
-    waits in the shadow (written when 32 wait, or there) and the used index is published
-    once there."""
+    at the burst's start); the guest sees the batch in ring_notify. Split, and packed TX:
+    the element waits in the shadow (written when 32 wait, or there); split's used index
+    is published once there."""
     if vq.packed:
         put_used_packed(vq, ub, id, length, nslots, written)
     else:

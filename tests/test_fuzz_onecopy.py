@@ -143,6 +143,31 @@ def test_fuzz_packed_one_copy_receive_is_the_plain_receive():
     fuzz_same_as_plain_receive("packed", 120)
 
 
+def test_packed_frame_lying_over_a_used_slot_reads_what_the_driver_left():
+    """The packed fuzzer's find: a burst gives a hostile chain (no bytes) back, then takes a
+    frame whose buffer lies over that chain's slot, where its used descriptor goes. No
+    chain of the burst goes back before the burst's frames are read: both receives read
+    the slot as the driver left it (the plain one read it after the used descriptor was
+    stored, one-copy before)."""
+    got = []
+    for one_copy in (False, True):
+        with GuestImage((MiB, MiB)) as img:
+            d, vq = tx_ring(img, "packed", 16, False)
+            bad = d.desc_gpa + 16 * 10
+            d.write_desc(10, img.start, 0, 0, 0x81)        # avail (wrap 1), NEXT: 0 bytes
+            d.write_desc(11, 0, 0, 0, 0)
+            d.write_desc(12, bad + 15 - 12, 16, 0, 0x80)   # header, then 10's flags on
+            post_good(d, [(bytes(range(k, k + 14)), 1, False) for k in range(5)]
+                      + [(bytes(14), 5, False)])         # slots 0-9
+            before = img.read(bad + 15, 4)
+            pool = PacketPool(8, 2048)
+            got.append(vq.recv_burst_ref(pool) if one_copy else vq.recv_burst(pool))
+            assert d.read_desc(10)[3] & 0x8080 == 0x8080   # 10 was given back, used
+            assert vq.stats()["drop_bad_desc"] == 1
+    assert len(got[0]) == 7 and got[0][6] == before
+    assert got[0] == got[1]
+
+
 def received(r, mrg: bool, hdr_len: int = 12) -> list[bytes]:
     """The frames a receiver's used ring holds: without mergeable buffers a buffer given
     back unused (length 0) holds none; with them the header (which may span small
