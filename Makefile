@@ -37,9 +37,9 @@ test-fast: build
 # the fuzzers for longer (PYVHOST_FUZZ_SCALE times the make-test examples; or set
 # PYVHOST_FUZZ_EXAMPLES for an absolute number per fuzzer)
 FUZZ_SCALE ?= 20
-FUZZ_TESTS = tests/test_fuzz_rings.py tests/test_vring_hostile.py tests/test_backend_messages.py \
-	tests/test_fuzz_messages.py tests/test_protocol.py tests/test_memory.py \
-	tests/test_tunnel_decap.py
+FUZZ_TESTS = tests/test_fuzz_rings.py tests/test_fuzz_onecopy.py tests/test_vring_hostile.py \
+	tests/test_backend_messages.py tests/test_fuzz_messages.py tests/test_protocol.py \
+	tests/test_memory.py tests/test_tunnel_decap.py
 fuzz: build
 	PYVHOST_FUZZ_SCALE=$(FUZZ_SCALE) $(PYTHON) -m pytest -ra -s $(FUZZ_TESTS)
 
