@@ -20,7 +20,8 @@ the Controller table's). Rounds alternate (OVS, pyvhost, OVS, ...); medians are 
                (each one a PACKET_IN -> PACKET_OUT round trip), and the PACKET_INs/s the
                controller answered
 Both switches poll with one PMD pinned to CPU 0, the generators run on CPU 1; the
-controller and pyvhost's control thread float. Not a test: no thresholds.
+controller and pyvhost's control thread float. The switch not being measured is stopped
+(SIGSTOP) meanwhile (bench.flows.alone). Not a test: no thresholds.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ovs import Hugepages, available  # noqa: E402
-from flows import Ovs, Pyvhost, forwarded_rate  # noqa: E402
+from flows import Ovs, Pyvhost, alone, forwarded_rate  # noqa: E402
 
 from pyvhost.cli.benchtable import Table, emit  # noqa: E402
 from tests.harness.openflow import Responder  # noqa: E402
@@ -180,7 +181,8 @@ def main() -> int:
                     got: dict[str, list[float]] = {sw.name: [] for sw in switches}
                     for _ in range(args.rounds):
                         for sw in switches:
-                            got[sw.name].append(flow_mods(sw, path, args.rules) / 1e3)
+                            with alone(sw.sw, [s.sw for s in switches]):
+                                got[sw.name].append(flow_mods(sw, path, args.rules) / 1e3)
                     row(f"add-flows of {args.rules} rules", "kflow_mods/s", got)
                 if "round_trips" in cases:
                     miss = workdir / "miss.txt"
@@ -193,8 +195,9 @@ def main() -> int:
                     for _ in range(args.rounds):
                         for sw in switches:
                             before = sw.responder.packet_ins
-                            rate = forwarded_rate(sw.sw, workdir, args.seconds, 1,
-                                                  ["--rate", str(args.offer)])
+                            with alone(sw.sw, [s.sw for s in switches]):
+                                rate = forwarded_rate(sw.sw, workdir, args.seconds, 1,
+                                                      ["--rate", str(args.offer)])
                             pins[sw.name].append((sw.responder.packet_ins - before) /
                                                  args.seconds / 1e3)
                             trips[sw.name].append(rate / 1e3)
