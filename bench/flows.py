@@ -200,17 +200,20 @@ def gen(workdir: Path, sock: Path, name: str, mode: str, seconds: float, *extra:
 
 def forwarded_rate(sw, workdir: Path, seconds: float, samples: int, p1_args: list[str],
                    p3_args: list[str] | None = None) -> float:
-    """Frames/s p2's generator receives while p1 (and p3) send for ``seconds * samples``
-    (both switches measured by the same receiver: OVS shows no counters for a vhost port
-    whose guest is not up yet)."""
+    """Frames/s of p1's that p2's generator receives while p1 (and p3) send for ``seconds *
+    samples`` (both switches measured by the same receiver: OVS shows no counters for a
+    vhost port whose guest is not up yet). p1's frames carry run id 1 and the receiver
+    counts only those: p3's storm frames flooded to p2 are not p1's."""
     send = samples * seconds
-    rx = gen(workdir, sw.sock("p2"), "gen-p2", "rx", send + 4, "--json")
+    rx = gen(workdir, sw.sock("p2"), "gen-p2", "rx", send + 4, "--json", "--run-id", "1")
     procs = [rx]
     try:
         time.sleep(1.0)                                   # the receiver is attached
-        procs.append(gen(workdir, sw.sock("p1"), "gen-p1", "tx", send, *p1_args))
+        procs.append(gen(workdir, sw.sock("p1"), "gen-p1", "tx", send, "--run-id", "1",
+                         *p1_args))
         if p3_args is not None:
-            procs.append(gen(workdir, sw.sock("p3"), "gen-p3", "tx", send, *p3_args))
+            procs.append(gen(workdir, sw.sock("p3"), "gen-p3", "tx", send, "--run-id", "3",
+                             *p3_args))
         rx.proc.wait(send + 30)
         summary = json.loads(rx.output().strip().splitlines()[-1])
         return summary["received"] / send

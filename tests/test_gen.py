@@ -85,11 +85,12 @@ def test_no_backend_is_an_error(workdir):
     assert status == 1 and "cannot connect" in out["error"]
 
 
-def test_bad_options_exit_2(workdir):
-    proc = PyvhostProcess(["gen", "--socket", str(workdir / "x"), "--size", "20"], workdir,
+@pytest.mark.parametrize("option", [["--size", "20"], ["--run-id", "65536"]])
+def test_bad_options_exit_2(workdir, option):
+    proc = PyvhostProcess(["gen", "--socket", str(workdir / "x"), *option], workdir,
                           "gen").start()
     assert proc.proc.wait(20) == 2
-    assert "--size" in proc.errors()
+    assert option[0] in proc.errors()
 
 
 def test_tx_count_is_all_taken_by_the_switch(workdir):
@@ -110,4 +111,33 @@ def test_tx_count_is_all_taken_by_the_switch(workdir):
             ports = json.loads(processes.ctl(run_dir, "dump-ports", "--json", "br0"))
             assert ports["p1"]["datapath"]["rx_packets"] == total, ports["p1"]
     finally:
+        sw.stop()
+
+
+def test_rx_run_id_counts_one_senders_frames(workdir):
+    """gen --run-id: a sender's test frames carry it, and a receiver given it counts only
+    them as received (another sender's, flooded to the same port, are other frames): bench
+    flows' storm rows count p1's frames at p2 while p3's storm is flooded there too."""
+    run_dir = workdir / "run"
+    sw = processes.switch(workdir, run_dir, config="add-br br0\n" + "".join(
+        f"add-port br0 {p} type=vhostuser queues=1\n" for p in ("p1", "p2", "p3")))
+    rx = None
+    try:
+        rx = gen(workdir, "--socket", run_dir / "p3.sock", "--mode", "rx", "--run-id", 7,
+                 "--count", 3000, "--timeout", 20, name="rx")
+        deadline = time.monotonic() + 20
+        while "connected to" not in rx.errors():
+            assert time.monotonic() < deadline and rx.alive(), rx.errors()
+            time.sleep(0.05)
+        for sock, run_id, count in (("p2.sock", 8, 2000), ("p1.sock", 7, 3000)):
+            status, out = finish(gen(workdir, "--socket", run_dir / sock, "--mode", "tx",
+                                     "--run-id", run_id, "--count", count, "--rate", 20000,
+                                     name=f"tx{run_id}"))
+            assert status == 0 and out["sent"] == count, out
+        status, out = finish(rx)
+        assert status == 0, out
+        assert (out["received"], out["rx_other"]) == (3000, 2000), out
+    finally:
+        if rx is not None:
+            rx.stop()
         sw.stop()

@@ -66,6 +66,10 @@ def add_parser(sub) -> None:
                         "this many bytes); default one descriptor per buffer")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the peer")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--run-id", type=int, default=None,
+                   help="tx: the run id test frames carry (default: from the process id); "
+                        "rx: count as received only test frames of this run, the rest as "
+                        "other frames (default: every frame)")
     p.set_defaults(run=run)
 
 
@@ -83,6 +87,8 @@ def check_args(args) -> str | None:
         return "--count and --duration must be positive"
     if args.rate < 0:
         return "--rate must be >= 0"
+    if args.run_id is not None and not 0 <= args.run_id <= 0xFFFF:
+        return "--run-id must be 0..65535"
     if args.chain_seg and (not args.packed or args.chain_seg < 64):
         return "--chain-seg needs --packed and at least 64 bytes"
     try:
@@ -206,8 +212,10 @@ def summary(args, port: VirtioUser | None, stats: dict, error: str | None) -> in
     return 1 if error else 0
 
 
-def gen_stats(gen, mode: str) -> dict:
-    received = gen.received + (gen.rx_other if mode == "rx" else 0)
+def gen_stats(gen, mode: str, any_run: bool = True) -> dict:
+    """The run's numbers; in rx mode ``received`` counts every frame unless only one run's
+    test frames are asked for (``any_run`` False: --run-id)."""
+    received = gen.received + (gen.rx_other if mode == "rx" and any_run else 0)
     lost = max(0, gen.sent - gen.received) if mode == "txrx" else 0
     tx_s, rx_s = gen.tx_seconds, gen.rx_seconds
     return {"sent": gen.sent, "received": received, "lost": lost, "reordered": gen.reordered,
@@ -234,7 +242,7 @@ def run(args) -> int:
         else:
             gen = make_gen(port, args)
             error = drive(port, gen, args)
-            stats = gen_stats(gen, args.mode)
+            stats = gen_stats(gen, args.mode, args.run_id is None)
     except (BackendGone, BackendRefused, OSError) as e:
         error = f"backend failed: {e}"
     except KeyboardInterrupt:
@@ -253,7 +261,8 @@ def make_gen(port: VirtioUser, args):
                    bytes.fromhex(args.dst_mac.replace(":", "")),
                    ipaddress.IPv4Address(args.ip).packed,
                    ipaddress.IPv4Address(args.target).packed, args.size, args.flows,
-                   os.getpid() & 0xFFFF, any_run=args.mode == "rx", vary=_gen.VARY[args.vary])
+                   os.getpid() & 0xFFFF if args.run_id is None else args.run_id,
+                   any_run=args.mode == "rx" and args.run_id is None, vary=_gen.VARY[args.vary])
     gen.rate = args.rate
     if args.count is not None:
         if args.mode in ("tx", "txrx"):
