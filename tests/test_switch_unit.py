@@ -5,6 +5,7 @@ commands of ``pyvhost ctl`` against a switch run in-process and as a process."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import socket
 import subprocess
@@ -17,7 +18,9 @@ from pyvhost._fdb import MacTable
 from pyvhost._flow import frame_key, key_dict
 from pyvhost.switch import CommandError, Switch, read_config, run_command
 from pyvhost.switch.bridge import OP_NORMAL, OP_OUTPUT, OP_SET_VLAN, Bridge
+from pyvhost.switch.bulk import collector_paused
 from pyvhost.switch.flows import (
+    INSTRUCTIONS_CACHED,
     FlowSyntaxError,
     Prefix,
     match_key,
@@ -410,6 +413,71 @@ def test_one_rule_per_compiled_match_whatever_the_port_spelling(tmp_path):
             await sw.stop()
 
     asyncio.run(scenario())
+
+
+def test_one_rule_per_match_whatever_the_bits_outside_its_mask(tmp_path):
+    """tp_dst=0x35/0xff00 and tp_dst=0x12/0xff00 are one match, as are two MACs that differ
+    outside their mask (OVS keeps the value under the mask): the later ADD replaces the
+    rule, and replace-flows in the other spelling finds it (modified, not added)."""
+    async def scenario():
+        sw = await two_ports(
+            tmp_path,
+            ["add-flow", "br0", "priority=7,udp,tp_dst=0x35/0xff00,actions=drop"],
+            ["add-flow", "br0", "priority=7,udp,tp_dst=0x12/0xff00,actions=output:b"],
+            ["add-flow", "br0", "priority=6,dl_dst=01:00:00:00:00:01/01:00:00:00:00:00,"
+                                "actions=drop"],
+            ["add-flow", "br0", "priority=6,dl_dst=01:02:03:04:05:06/01:00:00:00:00:00,"
+                                "actions=output:b"])
+        try:
+            assert len(sw.bridges["br0"].rules) == 3            # with add-br's NORMAL
+            flows = await run_command(sw, ["dump-flows", "--no-stats", "br0"])
+            assert flows.count("actions=output:b") == 2 and "drop" not in flows, flows
+            assert sw.replace_flows("br0", [
+                parse_flow("priority=7,udp,tp_dst=0x99/0xff00,actions=drop"),
+                parse_flow("priority=6,dl_dst=ff:00:00:00:00:00/01:00:00:00:00:00,"
+                           "actions=drop"),
+                parse_flow("priority=0,actions=normal")]) \
+                == {"added": 0, "deleted": 0, "modified": 2}
+            assert len(sw.bridges["br0"].rules) == 3
+        finally:
+            await sw.stop()
+
+    asyncio.run(scenario())
+
+
+def test_bulk_changes_pause_the_cycle_collector_and_restore_it():
+    """collector_paused: no collection inside, the collector as it was after (also when
+    the block raises, and left off when it was off)."""
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), collector_paused():
+        raise ValueError("a bad rule")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_action_texts_parse_the_same_every_time():
+    """parse_flow keeps the last action texts' parses: a text that is refused is refused
+    every time, and past the cache's size every rule still gets its own actions."""
+    for _ in range(2):
+        with pytest.raises(FlowSyntaxError, match="unknown action"):
+            parse_flow("priority=1,actions=output:a,bogus")
+    flows = [parse_flow(f"priority=1,in_port=a,actions=output:p{i}")
+             for i in range(INSTRUCTIONS_CACHED + 10)]
+    again = [parse_flow(f"priority=1,in_port=a,actions=output:p{i}")
+             for i in range(INSTRUCTIONS_CACHED + 10)]
+    assert [f.actions for f in flows] == [f.actions for f in again] == \
+        [(("output", f"p{i}"),) for i in range(INSTRUCTIONS_CACHED + 10)]
+    assert [f.format() for f in flows] == \
+        [f"priority=1,in_port=a,actions=output:p{i}" for i in range(INSTRUCTIONS_CACHED + 10)]
 
 
 def test_a_store_that_cannot_be_written_changes_no_rules(tmp_path):

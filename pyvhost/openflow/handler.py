@@ -30,6 +30,7 @@ import weakref
 
 from pyvhost._classifier import TABLES
 from pyvhost._flow import frame_key, key_dict
+from pyvhost.switch.bulk import collector_paused
 from pyvhost.switch.commands import CommandError
 from pyvhost.switch.flows import VLAN_NONE, Flow, FlowSyntaxError, Selector, parse_flow
 from pyvhost.switch.inject import InjectError
@@ -183,7 +184,7 @@ class Handler:
             return [OFError(E.BAD_REQUEST, E.BRC_IS_SLAVE, "FLOW_MOD from a slave "
                             "controller")] * len(bodies)
         try:
-            with self.switch.store.transaction():
+            with self.switch.store.transaction(), collector_paused():
                 for body in bodies:
                     try:
                         self.flow_mod(body)
@@ -352,7 +353,8 @@ class Handler:
         m1 = int.from_bytes(mask, "little")
         v1 = int.from_bytes(value, "little") & m1
         for rule in bridge.same_priority(table, priority):
-            t, p, m2, v2 = bridge.rule_identity(rule)
+            t, p, mask2, value2 = bridge.rule_identity(rule)
+            m2, v2 = int.from_bytes(mask2, "little"), int.from_bytes(value2, "little")
             if t == table and p == priority and (v1 ^ v2) & m1 & m2 == 0:
                 return True
         return False

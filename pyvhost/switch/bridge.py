@@ -231,14 +231,14 @@ class Bridge:
 
     def identity(self, spec: tuple) -> tuple:
         """What makes two rules the same rule (OpenFlow: table, priority and match), as
-        compiled: in_port=1 and in_port=vm1 are one match when vm1 is OpenFlow port 1."""
-        table, priority, mask, value = spec[:4]
-        m = int.from_bytes(mask, "little")
-        return table, priority, m, int.from_bytes(value, "little") & m
+        compiled: in_port=1 and in_port=vm1 are one match when vm1 is OpenFlow port 1.
+        (table, priority, mask, value): a spec's value has no bits outside its mask
+        (match_key, metadata_key), as the classifier keeps a rule's."""
+        return spec[:4]
 
     def rule_identity(self, rule: Rule) -> tuple:
-        table, priority, mask, value = self.cls.rule(rule.id)
-        return table, priority, int.from_bytes(mask, "little"), int.from_bytes(value, "little")
+        """``identity`` of a rule in the classifier."""
+        return self.cls.rule(rule.id)
 
     # -- changes --------------------------------------------------------------------------
     def apply(self, add: list[Flow] = (), remove: list[Rule] = (), modify: list = (),

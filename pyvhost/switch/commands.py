@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from .bulk import collector_paused
 from .flows import FlowSyntaxError, parse_flow, parse_match, parse_selector
 from .wire import MAX_FLOW_FILE
 
@@ -160,13 +161,15 @@ async def add_flow(sw, args):
 
 async def add_flows(sw, args):
     _need(args, 2, 2, "add-flows BRIDGE FILE (ctl sends the file's text; - for stdin)")
-    n = sw.add_flows(args[0], parse_flow_file(args[1]))
+    with collector_paused():
+        n = sw.add_flows(args[0], parse_flow_file(args[1]))
     return f"{n} flows added"
 
 
 async def replace_flows(sw, args):
     _need(args, 2, 2, "replace-flows BRIDGE FILE (ctl sends the file's text; - for stdin)")
-    done = sw.replace_flows(args[0], parse_flow_file(args[1]))
+    with collector_paused():
+        done = sw.replace_flows(args[0], parse_flow_file(args[1]))
     return "{added} added, {modified} modified, {deleted} deleted".format(**done)
 
 

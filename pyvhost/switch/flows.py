@@ -32,6 +32,7 @@ resolves them. Pure functions and data: no datapath, no I/O.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ FIELD_ORDER = ("metadata", "in_port", "tun_id", "tun_src", "tun_dst", "vlan_tci"
                "dl_vlan_pcp",
                "dl_src", "dl_dst", "dl_type", "nw_src", "nw_dst", "nw_proto", "nw_tos",
                "ip_dscp", "nw_ecn", "tp_src", "tp_dst", "arp_sha", "arp_tha")
+FIELD_RANK = {name: k for k, name in enumerate(FIELD_ORDER)}
 SET_FIELDS = {"tun_id": "set_tun_id", "tun_dst": "set_tun_dst"}   # set_field:V->FIELD
 # the header fields a set_field edits: ("set_field", FIELD, value); value bytes for the
 # addresses, an int (with its limit here) for the others
@@ -93,9 +95,7 @@ class Prefix(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> Prefix:
         addr, slash, plen = text.partition("/")
-        parts = addr.split(".")
-        if len(parts) == 4 and all(_decimal(p, 3) for p in parts) and \
-                (not slash or _decimal(plen, 2)):
+        if _PLAIN_PREFIX.fullmatch(text):
             n = int(plen) if slash else 32             # the common spellings, quickly
             try:
                 packed = socket.inet_aton(addr)        # (a part over 255 is an error)
@@ -140,6 +140,12 @@ class Prefix(NamedTuple):
         if self.plen < 0:
             return f"{ip}/{socket.inet_ntoa(self.netmask)}"
         return ip if self.plen == 32 else f"{ip}/{self.plen}"
+
+
+# four plain decimals (no leading zero, as _decimal) and an optional plain /N: Prefix.parse's
+# quick path
+_PLAIN_PREFIX = re.compile(r"(?:(?:0|[1-9][0-9]{0,2})\.){3}(?:0|[1-9][0-9]{0,2})"
+                           r"(?:/(?:0|[1-9][0-9]?))?", re.ASCII)
 
 
 def _dotted_quad(text: str) -> int | None:
@@ -215,8 +221,12 @@ def port_ref(text: str) -> str:
 def parse_match(text: str) -> dict:
     """A match string (no actions, no priority) into {field: value}; MAC and tp_* fields
     with a mask are (value, mask) pairs, IP fields networks."""
+    return _parse_match_parts(_split_top(text))
+
+
+def _parse_match_parts(parts: list[str]) -> dict:
     match: dict = {}
-    for part in _split_top(text):
+    for part in parts:
         name, eq, value = part.partition("=")
         name = sys.intern(MATCH_ALIASES.get(name.strip(), name.strip()))
         if not eq:
@@ -449,6 +459,15 @@ def op_count(actions: tuple) -> int:
     return n
 
 
+# the instructions of the last action texts parse_flow read (rules share a few: a file of
+# 100k rules often has one or two), and what they parse into, shared by the flows that have
+# them (nothing changes a Flow's actions or Instructions in place); and the texts of the
+# last apply-actions Flow.format_actions wrote
+INSTRUCTIONS_CACHED = 1024
+_INSTRUCTIONS: dict[str, tuple[tuple, int | None, Instructions]] = {}
+_ACTION_TEXTS: dict[tuple, str] = {}
+
+
 @dataclass(slots=True)
 class Flow:
     """A rule as written: where it lives, its match and actions (ports still by name)."""
@@ -478,9 +497,7 @@ class Flow:
             parts.append(short)
             for k in SHORTHANDS[short]:
                 del rest[k]
-        for name in FIELD_ORDER:
-            if name not in rest:
-                continue
+        for name in sorted((n for n in rest if n in FIELD_RANK), key=FIELD_RANK.__getitem__):
             v = rest[name]
             if name in MAC_FIELDS:
                 v = v.hex(":") if isinstance(v, bytes) else f"{v[0].hex(':')}/{v[1].hex(':')}"
@@ -498,6 +515,19 @@ class Flow:
         return ",".join(parts)
 
     def format_actions(self) -> str:
+        inst = self.inst
+        if inst is None:                   # (the common case: a few texts for many rules)
+            key = (self.actions, self.goto_table)
+            text = _ACTION_TEXTS.get(key)
+            if text is None:
+                text = self._format_actions()
+                if len(_ACTION_TEXTS) >= INSTRUCTIONS_CACHED:
+                    _ACTION_TEXTS.clear()
+                _ACTION_TEXTS[key] = text
+            return text
+        return self._format_actions()
+
+    def _format_actions(self) -> str:
         out = [format_action(a) for a in self.actions]
         inst = self.inst
         if inst is not None:
@@ -587,8 +617,14 @@ def parse_flow(text: str) -> Flow:
             setattr(flow, name, _int(value.strip(), name, HEAD_INTS[name]))
         else:
             rest.append(part)
-    flow.match = parse_match(",".join(rest))
-    flow.actions, flow.goto_table, inst = parse_instructions(actions)
+    flow.match = _parse_match_parts(rest)      # (parts stripped, none empty)
+    parsed = _INSTRUCTIONS.get(actions)
+    if parsed is None:
+        parsed = parse_instructions(actions)
+        if len(_INSTRUCTIONS) >= INSTRUCTIONS_CACHED:
+            _INSTRUCTIONS.clear()
+        _INSTRUCTIONS[actions] = parsed
+    flow.actions, flow.goto_table, inst = parsed
     if inst != Instructions():
         flow.inst = inst
     check_action_prerequisites(flow.match, flow.actions)
@@ -678,8 +714,9 @@ def parse_selector(text: str) -> Selector:
 
 
 def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
-    """(mask, value) of a match as raw flow-key bytes; ``in_port_id`` is the resolved
-    in_port (ignored when the match has none)."""
+    """(mask, value) of a match as raw flow-key bytes, the value's bits outside the mask
+    clear (so equal matches give equal bytes: Bridge.identity); ``in_port_id`` is the
+    resolved in_port (ignored when the match has none)."""
     value: dict = {}
     mask: dict = {}
     for name, v in match.items():
@@ -694,8 +731,12 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
                 value["vlan_tci"] = value.get("vlan_tci", 0) | v | 0x1000
                 mask["vlan_tci"] = mask.get("vlan_tci", 0) | 0x1FFF
         elif name in MAC_FIELDS:
-            mac, m = (v, FULL_MAC) if isinstance(v, bytes) else v
-            value[name], mask[name] = mac, m
+            if isinstance(v, bytes):
+                value[name], mask[name] = v, FULL_MAC
+            else:
+                mac, m = v
+                bits = int.from_bytes(mac, "big") & int.from_bytes(m, "big")
+                value[name], mask[name] = bits.to_bytes(6, "big"), m
         elif name in IP_FIELDS:
             value[name], mask[name] = v.addr, v.mask
         elif name in ("ip_dscp", "nw_ecn"):             # parts of the TOS byte
@@ -706,9 +747,9 @@ def match_key(match: dict, in_port_id: int | None) -> tuple[bytes, bytes]:
             value["vlan_tci"] = value.get("vlan_tci", 0) | v << 13 | 0x1000
             mask["vlan_tci"] = mask.get("vlan_tci", 0) | 0xF000
         elif isinstance(v, tuple):
-            value[name], mask[name] = v
+            value[name], mask[name] = v[0] & v[1], v[1]
         else:
-            value[name] = v
+            value[name] = v & INT_FIELDS[name]
             mask[name] = INT_FIELDS[name]
     return pack_key(mask), pack_key(value)
 

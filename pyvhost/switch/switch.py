@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import sqlite3
@@ -21,6 +20,7 @@ from pyvhost._flow import KEY_FIELDS, key_dict
 from pyvhost._switch import Datapath, limits
 
 from .bridge import DEFAULT_MAC_AGING, DEFAULT_MAC_TABLE_SIZE, Bridge, Rule
+from .bulk import give_back_memory
 from .capture import Captures
 from .commands import CommandError
 from .flows import Flow, FlowSyntaxError, Selector, parse_flow, split_canonical
@@ -39,15 +39,6 @@ LOG_EVERY = 10.0          # seconds between two log lines about the same kind of
 
 
 BULK = 1000              # rules in one change after which freed memory goes back to the OS
-
-
-def give_back_memory() -> None:
-    """Return the heap a bulk change freed (parsed file text, old rules) to the OS: glibc
-    keeps it otherwise, and RSS would count a 100k-rule file twice."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass                     # not glibc: nothing to do
 
 
 def masked_fields(mask: bytes) -> list[str]:
