@@ -65,10 +65,10 @@ cdef inline uint32_t tx_copies(vq_t *vq, pktpool_t *pool, pkt_t **pkts, uint32_t
     batch copy: the loads of lines the guest wrote go out together), then each header
     checked; a packet whose header is refused leaves ``pkts``, the others keep their
     order. Before ring_notify, so no chain is given back before it is copied (the used
-    elements are written there; one-copy: at vq_rx_complete). Returns the new count. A fault in a copy
-    unwinds with every packet still in ``pkts``. Also called mid-burst when the pool runs
-    dry (receive_chain's -2): a refused packet's buffer then serves the next chain, as if
-    each had been settled at once."""
+    elements are written there; one-copy: at vq_rx_complete). Returns the new count. A
+    fault in a copy unwinds with every packet still in ``pkts``. Also called mid-burst
+    when the pool runs dry (receive_chain's -2): a refused packet's buffer then serves the
+    next chain, as if each had been settled at once."""
     cdef iov_t one
     cdef uint32_t k, j, w = 0, d = 0
     if n == 0:

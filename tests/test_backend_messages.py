@@ -532,8 +532,8 @@ def test_fds_not_leaked_over_connect_disconnect_cycles(server, image):
         while _TO_CLOSE:
             os.close(_TO_CLOSE.pop())
     assert fd_count() == base
-    with open("/proc/self/maps") as f:
-        assert sum(1 for _ in f) == maps
+    with open("/proc/self/maps") as f:      # a region left mapped adds one; the allocator
+        assert sum(1 for _ in f) <= maps    # may give one of its own back (ASan: 660 of 661)
 
 
 # ======================================================================================
