@@ -18,7 +18,11 @@ cdef inline bint packed_avail(vq_t *vq, uint16_t idx, uint8_t wrap) noexcept nog
 
 
 cdef enum:
-    SPLIT_SHADOW = 32       # split used elements kept aside at most (split_used_flush)
+    # used elements kept aside at most: split's (split_used_flush) and packed TX buffers
+    # after a burst's first (packed_shadow_flush). A burst is at most MAX_BURST chains, so a
+    # packed TX burst never fills it: a flush in mid-burst would give chains back before
+    # the burst's frames are read (what keeping them aside is for)
+    SPLIT_SHADOW = 32
 
 
 cdef struct used_batch_t:

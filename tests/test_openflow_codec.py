@@ -29,6 +29,7 @@ from pyvhost.openflow import metermod as MM
 from pyvhost.openflow import oxm
 from pyvhost.openflow import roles as R
 from pyvhost.openflow.errors import OFError
+from pyvhost.openflow.handler import Handler
 from pyvhost.openflow.manager import enable
 from pyvhost.switch import Switch, run_command
 from pyvhost.switch.flows import (
@@ -1030,3 +1031,48 @@ def test_roles_generation_ids_and_async_config(running):
         assert c1.error_of(O.msg(28, bytes(20))) == (E.BAD_REQUEST, E.BRC_BAD_LEN)
         assert role(c1, 1, 0) == (1, 11)                        # EQUAL: may write again
         assert c1.error_of(O.flow_mod(O.ADD, IN1, TO2)) is None
+
+
+def _set_field(field: int, value: bytes) -> bytes:
+    """An apply-actions instruction of one OFPAT_SET_FIELD."""
+    tlv = struct.pack("!I", 0x8000 << 16 | field << 9 | len(value)) + value
+    n = 4 + len(tlv)
+    action = struct.pack("!HH", 25, (n + 7) // 8 * 8) + tlv + bytes((n + 7) // 8 * 8 - n)
+    return struct.pack("!HH4x", 4, 8 + len(action)) + action
+
+
+def test_modify_checks_set_field_against_each_rules_match(tmp_path):
+    """A non-strict MODIFY giving set_field tcp_dst to a tcp rule and an ip rule (no
+    ip_proto) is refused whole (MATCH_INCONSISTENT), both rules as they were: the ip rule
+    must not get an action its match does not allow (its stored text would not parse
+    again). Decoding once per table and VLAN state, as before, let it through."""
+    async def main():
+        sw = Switch(tmp_path / "run")
+        of = enable(sw)
+        await sw.start()
+        try:
+            for argv in (["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"],
+                         ["add-flow", "br0", "priority=20,tcp,actions=output:a"],
+                         ["add-flow", "br0", "priority=10,ip,actions=output:a"]):
+                await run_command(sw, argv)
+            h = Handler(sw, "br0", of._state("br0"), 1, of.events)
+            before = sorted(r.text for r in sw.bridges["br0"].rules.values())
+            modify = O.flow_mod(O.MODIFY, O.match(), _set_field(14, b"\x00\x05"))[8:]
+            [err] = h.flow_mods([modify])
+            assert err is not None and (err.type, err.code) == \
+                (E.BAD_ACTION, E.BAC_MATCH_INCONSISTENT), err
+            assert sorted(r.text for r in sw.bridges["br0"].rules.values()) == before
+            # only tcp rules selected: allowed
+            tcp = O.match(O.oxm(5, struct.pack("!H", 0x800)), O.oxm(10, b"\x06"))
+            assert h.flow_mods([O.flow_mod(O.MODIFY, tcp, _set_field(14, b"\x00\x05"))[8:]]) \
+                == [None]
+            texts = sorted(r.text for r in sw.bridges["br0"].rules.values())
+            assert texts == ["priority=0,actions=normal", "priority=10,ip,actions=output:a",
+                             "priority=20,tcp,actions=set_field:5->tcp_dst"], texts
+            for t in texts:
+                parse_flow(t)                    # every stored text reads back
+        finally:
+            await of.close()
+            await sw.stop()
+
+    asyncio.run(main())

@@ -664,3 +664,37 @@ def test_repeat_limit_reports_what_it_held_back():
         log.removeHandler(handler)
     assert got == ["bad thing 0", "bad thing 1", "another thing",
                    '5 more like "bad thing %d" in 10 s were not logged', "bad thing 99"]
+
+
+def test_heap_goes_back_to_the_os_after_a_flow_file(tmp_path, monkeypatch):
+    """After the answer to a request of a flow file's size (>= TRIM_AFTER bytes), the heap
+    its text, parse and replaced rules held goes back to the OS (malloc_trim): the first
+    100k-rule load added 96 MiB of RSS without it, 76 with it (bench flows' rss row). Not
+    after a small request (a trim walks the whole heap)."""
+    from pyvhost.switch import control as control_mod
+    from pyvhost.switch.control import TRIM_AFTER, ControlServer
+    trims: list[int] = []
+
+    async def main():
+        sw = await started(tmp_path / "run")
+        server = ControlServer(sw, str(tmp_path / "ctl.sock"))
+        await server.start()
+        monkeypatch.setattr(control_mod, "give_back_memory",
+                            lambda: trims.append(len(sw.bridges["br0"].rules)))
+        try:
+            await cmds(sw, ["add-br", "br0"], ["add-port", "br0", "a", "type=vhostuser"])
+            ctl = str(tmp_path / "ctl.sock")
+            small = await asyncio.to_thread(request, ctl, ["add-flow", "br0",
+                                                           "priority=5,actions=output:a"])
+            assert small["ok"] and trims == []
+            text = "".join(f"priority=10,ip,nw_dst=10.{i >> 16}.{i >> 8 & 255}.{i & 255},"
+                           "actions=output:a\n" for i in range(30000))
+            assert len(text) >= TRIM_AFTER
+            big = await asyncio.to_thread(request, ctl, ["add-flows", "br0", text])
+            assert big["ok"], big
+            assert trims == [30000 + 2]          # once, after the rules were in
+        finally:
+            await server.close()
+            await sw.stop()
+
+    run(main())

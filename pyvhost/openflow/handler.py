@@ -388,7 +388,10 @@ class Handler:
         changes = []
         for rule in rules:
             f = rule.flow
-            key = (f.table, A.vlan_state(f.match))
+            # everything of the rule the decoding checks its actions against (a SET_FIELD's
+            # prerequisites: the VLAN state, dl_type and nw_proto)
+            key = (f.table, A.vlan_state(f.match), f.match.get("dl_type"),
+                   f.match.get("nw_proto"))
             if key not in decoded:
                 decoded[key] = A.decode_flow_instructions(instructions, f.table, f.match)
             actions, goto, inst = decoded[key]

@@ -1,7 +1,8 @@
 """The switch's control socket (wire format in .wire): 0600, or 0660 for a ``--ctl-group``;
 every connection's peer (SO_PEERCRED) must be root, the switch's own user or a member of
 that group. A bad request gets an error answer and a log line; it never disturbs the
-switch. Only ever removes its own socket (lstat + inode check)."""
+switch. Only ever removes its own socket (lstat + inode check). After the answer to a
+request of a flow file's size, the heap it freed goes back to the OS."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import struct
 
 from pyvhost.backend.endpoint import unlink_socket
 
+from .bulk import give_back_memory
 from .commands import CommandError, run_command
 from .wire import MAX_REQUEST
 
 log = logging.getLogger("pyvhost.switch")
+TRIM_AFTER = 1 << 20     # request bytes after whose answer freed heap goes back to the OS
 __all__ = ["MAX_REQUEST", "ControlServer", "peer_allowed"]
 
 
@@ -92,6 +95,7 @@ class ControlServer:
                 await writer.drain()
             writer.close()
             return
+        line = b""
         try:
             try:
                 line = await asyncio.wait_for(reader.readline(), 60)
@@ -108,6 +112,9 @@ class ControlServer:
                 reply = await self._answer(argv)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
+            if len(line) >= TRIM_AFTER:          # a flow file: its text, its parse and
+                line = argv = None               # the rules it replaced are gone now
+                give_back_memory()
         except (TimeoutError, ConnectionError, ValueError) as e:
             log.warning("control: bad client: %s", e)
         finally:
