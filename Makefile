@@ -47,7 +47,7 @@ fuzz: build
 # hostile tests run under them; any sanitizer report fails
 asan-test: deps
 	PYVHOST_FUZZ_SCALE=$${PYVHOST_FUZZ_SCALE:-3} $(PYTHON) -m tests.harness.asan -ra -s $(FUZZ_TESTS) \
-		tests/test_cve_regressions.py
+		tests/test_cve_regressions.py tests/test_classifier.py
 
 demo: build
 	$(PYTHON) -m pyvhost.cli.main demo

@@ -49,9 +49,11 @@ cdef struct cls_rule_t:
     uint8_t flags
     uint8_t n_ops
     uint8_t n_apply                # ops[:n_apply]: apply-actions; the rest: write-actions
+    uint8_t ops_cap                # ops it has room for: a rule is allocated with room
+                                   # for these only (rule_size); a staged one for all
     uint64_t md_value              # write_metadata (RULE_WRITE_MD)
     uint64_t md_mask
-    action_op_t ops[MAX_ACTION_OPS]
+    action_op_t ops[MAX_ACTION_OPS]   # (last: see ops_cap)
 
 cdef struct cls_sub_t:
     uint64_t mask[CLS_WORDS]
@@ -92,7 +94,7 @@ cdef struct cls_t:
     uint32_t n_rules
     cls_rule_t *graveyard          # removed, freed by reclaim() after a grace period
     trie_spare_t spare             # trie nodes reserved before the write lock
-    uint64_t bytes                 # memory held by rules and subtables
+    uint64_t bytes                 # memory held by the rules in the tables (rule_size)
 
 
 cdef void cls_read_lock(cls_t *c) noexcept nogil

@@ -64,6 +64,26 @@ cdef enum:
     CLS_BYTES = CLS_WORDS * 8     # a rule's value or mask: the key and the metadata word
     NW_SRC_OFFSET = 20       # flow_key_t.nw_src; nw_dst follows (both network order)
     SPARE_KEEP = 256         # trie nodes kept for the next change
+    MIN_OPS_CAP = 4          # ops a rule has room for at least (what malloc rounds to)
+
+
+cdef size_t _rule_head() noexcept nogil:
+    cdef cls_rule_t r
+    return <size_t>(<char *>&r.ops[0] - <char *>&r)
+
+
+# A rule is allocated with room for its own ops only (rule_size): the whole array is 128
+# bytes, most rules use one or two ops, and a 100k-rule table held 12 MiB of unused ones.
+# A change that gives a rule more ops than it has room for replaces it (sub_replace).
+cdef size_t RULE_HEAD = _rule_head()
+
+
+cdef inline uint32_t ops_room(uint32_t n_ops) noexcept nogil:
+    return n_ops if n_ops > MIN_OPS_CAP else MIN_OPS_CAP
+
+
+cdef inline size_t rule_size(uint32_t cap) noexcept nogil:
+    return RULE_HEAD + cap * sizeof(action_op_t)
 
 
 # -- the address fields the tries cover -------------------------------------------------------
@@ -223,6 +243,23 @@ cdef void sub_remove(cls_sub_t *s, cls_rule_t *r) noexcept nogil:
             cur.pnext = r.pnext
     r.hnext = NULL
     r.pnext = NULL
+
+
+cdef void sub_replace(cls_sub_t *s, cls_rule_t *old, cls_rule_t *new) noexcept nogil:
+    """``new`` (a copy of ``old``: the same value, hash, priority and seq) takes old's
+    place in its subtable; old is left out of it (its own links as they were)."""
+    cdef cls_rule_t **link = head_link(s, old)
+    cdef cls_rule_t *cur = link[0]
+    new.sub = s
+    new.hnext = old.hnext
+    new.pnext = old.pnext
+    if cur == old:
+        link[0] = new
+        return
+    while cur != NULL and cur.pnext != old:
+        cur = cur.pnext
+    if cur != NULL:
+        cur.pnext = new
 
 
 cdef void sub_recompute_max(cls_sub_t *s) noexcept nogil:
@@ -735,26 +772,25 @@ cdef class Classifier:
 
     cdef cls_rule_t *_build(self, spec, uint64_t *m) except NULL:
         """A rule made from a spec, not linked anywhere yet; its mask written to ``m``."""
-        cdef uint64_t v[CLS_WORDS]
+        cdef cls_rule_t tmp                            # (room for every op)
         cdef cls_rule_t *r
-        cdef uint32_t i
+        cdef uint32_t i, cap
         table, priority, mask, value, ops, goto_table = spec[:6]
+        memset(&tmp, 0, RULE_HEAD)
         key_words(mask, m)
-        key_words(value, v)
+        key_words(value, tmp.value)
         for i in range(CLS_WORDS):
-            v[i] &= m[i]
-        r = <cls_rule_t *>calloc(1, sizeof(cls_rule_t))
+            tmp.value[i] &= m[i]
+        tmp.table = table
+        tmp.priority = priority
+        self._set_ops(&tmp, ops, goto_table, spec[6] if len(spec) > 6 else None)
+        tmp.hash = value_hash(tmp.value)
+        cap = ops_room(tmp.n_ops)
+        r = <cls_rule_t *>calloc(1, rule_size(cap))
         if r == NULL:
             raise MemoryError()
-        r.table = table
-        r.priority = priority
-        try:
-            self._set_ops(r, ops, goto_table, spec[6] if len(spec) > 6 else None)
-        except BaseException:
-            free(r)
-            raise
-        memcpy(r.value, v, CLS_BYTES)
-        r.hash = value_hash(v)
+        memcpy(r, &tmp, rule_size(tmp.n_ops))
+        r.ops_cap = cap
         return r
 
     cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m) except? 0xFFFFFFFF:
@@ -767,6 +803,7 @@ cdef class Classifier:
         r.seq = self.c.next_seq
         self.c.next_seq += 1
         self.c.by_id[r.id] = r
+        self.c.bytes += rule_size(r.ops_cap)
         sub_insert(s, r)
         for i in range(TRIE_FIELDS):
             if s.plen[i] > 0:
@@ -787,6 +824,7 @@ cdef class Classifier:
                 trie_remove(&t.tries[i], &self.c.spare, addr_of(r.value, i), s.plen[i])
         t.n_rules -= 1
         self.c.n_rules -= 1
+        self.c.bytes -= rule_size(r.ops_cap)
         self.c.by_id[r.id] = NULL
         self.c.free_ids[self.c.n_free] = r.id
         self.c.n_free += 1
@@ -845,6 +883,7 @@ cdef class Classifier:
         cdef cls_rule_t **built = NULL
         cdef uint64_t *masks = NULL
         cdef cls_rule_t *staged = NULL
+        cdef cls_rule_t **bigger = NULL          # a changed rule's successor with more room
         cdef cls_rule_t *old
         cdef cls_rule_t *new
         cdef trie_spare_t nodes
@@ -864,9 +903,10 @@ cdef class Classifier:
         built = <cls_rule_t **>calloc(n + 1, sizeof(cls_rule_t *))
         masks = <uint64_t *>calloc(n + 1, CLS_BYTES)
         staged = <cls_rule_t *>calloc(nc + 1, sizeof(cls_rule_t))
+        bigger = <cls_rule_t **>calloc(nc + 1, sizeof(cls_rule_t *))
         ids = []
         try:
-            if built == NULL or masks == NULL or staged == NULL:
+            if built == NULL or masks == NULL or staged == NULL or bigger == NULL:
                 raise MemoryError()
             for i, change in enumerate(changes):
                 rid, ops, goto_table = change[:3]
@@ -875,6 +915,10 @@ cdef class Classifier:
                 staged[i].table = self._rule(rid).table
                 self._set_ops(&staged[i], ops, goto_table,
                               change[3] if len(change) > 3 else None)
+                if staged[i].n_ops > self.c.by_id[rid].ops_cap:
+                    bigger[i] = <cls_rule_t *>calloc(1, rule_size(ops_room(staged[i].n_ops)))
+                    if bigger[i] == NULL:
+                        raise MemoryError()
             for i, spec in enumerate(specs):
                 built[i] = self._build(spec, &masks[i * CLS_WORDS])
             olds = {rid: <size_t>self.c.by_id[rid] for rid, _ in carry}
@@ -893,7 +937,24 @@ cdef class Classifier:
                     self._remove(self.c.by_id[rid])
                 for i, change in enumerate(changes):
                     new = self.c.by_id[<uint32_t>change[0]]
-                    memcpy(new.ops, staged[i].ops, sizeof(new.ops))
+                    if bigger[i] != NULL:          # its successor, with room for the ops
+                        old = new
+                        new = bigger[i]
+                        bigger[i] = NULL
+                        memcpy(new, old, RULE_HEAD)
+                        new.ops_cap = ops_room(staged[i].n_ops)
+                        # (a PMD may still be counting into old: read once, the rest at
+                        # reclaim, as a rule compiled again)
+                        packets, nbytes = old.n_packets, old.n_bytes
+                        new.n_packets = packets
+                        new.n_bytes = nbytes
+                        sub_replace(<cls_sub_t *>old.sub, old, new)
+                        self.c.by_id[new.id] = new
+                        self.c.bytes += rule_size(new.ops_cap) - rule_size(old.ops_cap)
+                        old.hnext = self.c.graveyard
+                        self.c.graveyard = old
+                        self.carried.append((<size_t>old, <size_t>new, packets, nbytes))
+                    memcpy(new.ops, staged[i].ops, staged[i].n_ops * sizeof(action_op_t))
                     new.n_ops = staged[i].n_ops
                     new.n_apply = staged[i].n_apply
                     new.md_value = staged[i].md_value
@@ -923,6 +984,10 @@ cdef class Classifier:
             free(built)
             free(masks)
             free(staged)
+            if bigger != NULL:
+                for i in range(nc):
+                    free(bigger[i])               # those never used
+            free(bigger)
             spare_trim(&nodes, 0)                 # the nodes left over, freed unlocked
         return ids
 
@@ -1139,7 +1204,7 @@ cdef class Classifier:
         total += self.c.spare.n * sizeof(trie_node_t)
         cdef uint32_t t, i
         cdef cls_table_t *tab
-        total += self.c.n_rules * sizeof(cls_rule_t)
+        total += self.c.bytes
         for t in range(CLS_TABLES):
             tab = self.c.tables[t]
             if tab == NULL:

@@ -602,3 +602,65 @@ def test_metadata_and_the_action_set():
     with pytest.raises(ValueError):                    # 33 ops in all
         cls.insert(0, 1, any_key, none, [(OP_OUTPUT, 1)] * 30, NO_GOTO_TABLE,
                    ([(OP_OUTPUT, 1)] * 3, False, None))
+
+
+def test_a_rule_given_more_ops_than_it_has_room_for_is_replaced_in_place():
+    """A rule is allocated with room for its own ops (at least 4): a change to more ops
+    puts a successor with room where it was (its id, its place in its value's chain and
+    its bucket's), the old one waiting for reclaim; fewer ops change it where it is. Many
+    values in one subtable (chains in buckets), three priorities per value; after every
+    change each key finds what a reference finds."""
+    rng = random.Random(7)
+    cls = Classifier()
+    mask = pack_key({"dl_type": 0xFFFF, "nw_dst": b"\xff\xff\xff\xff"})
+    ref: dict[int, tuple[int, bytes, list]] = {}          # id -> (priority, address, ops)
+    for i in range(60):
+        addr = bytes([10, 0, 0, i])
+        for prio in (30, 20, 10):
+            ops = [(1, prio + i)]
+            rid = cls.insert(0, prio, mask, pack_key({"dl_type": 0x0800, "nw_dst": addr}), ops)
+            ref[rid] = (prio, addr, ops)
+
+    def check():
+        for i in range(60):
+            addr = bytes([10, 0, 0, i])
+            rules = [(p, rid) for rid, (p, a, _) in ref.items() if a == addr]
+            key = pack_key({"dl_type": 0x0800, "nw_dst": addr, "nw_proto": 17})
+            if not rules:
+                assert cls.lookup(key)[0] == [], i
+                continue
+            best = max(rules)[1]
+            assert cls.lookup(key)[:2] == ([(0, best)], ref[best][2]), i
+        for rid, (prio, addr, _) in ref.items():           # found by id and by match
+            value = pack_key({"dl_type": 0x0800, "nw_dst": addr})
+            assert cls.rule(rid)[:2] == (0, prio) and cls.find_strict(0, prio, mask, value) == rid
+
+    check()
+    before = cls.memory()
+    grown = rng.sample(sorted(ref), 40)
+    changes = []
+    for rid in grown:
+        ops = [(1, rng.randrange(1, 1000)) for _ in range(rng.randrange(5, 33))]
+        changes.append((rid, ops, NO_GOTO_TABLE))
+        ref[rid] = (*ref[rid][:2], ops)
+    cls.apply(changes=changes)
+    assert cls.reclaimable                                   # the old rules wait
+    assert cls.memory() == before + sum(4 * (len(ops) - 4) for _, ops, _ in changes)
+    check()
+    assert len(cls.reclaim()) == 0 and not cls.reclaimable   # no rule removed
+    check()
+    # fewer ops: in place (nothing to reclaim), then more again, then removals
+    cls.apply(changes=[(rid, [(1, 5)], NO_GOTO_TABLE) for rid in grown[:10]])
+    for rid in grown[:10]:
+        ref[rid] = (*ref[rid][:2], [(1, 5)])
+    assert not cls.reclaimable
+    check()
+    gone = rng.sample(sorted(ref), 90)
+    cls.apply(removes=gone)
+    for rid in gone:
+        del ref[rid]
+    cls.reclaim()
+    check()
+    cls.apply(removes=sorted(ref))
+    cls.reclaim()
+    assert len(cls) == 0

@@ -192,6 +192,31 @@ def test_replace_flows_keeps_untouched_counters_running(switch_ports, tmp_path):
     assert processes.ctl(run_dir, "del-flows", "br0", "in_port=a") == "1 flows deleted"
 
 
+def test_a_rule_given_more_actions_keeps_its_counters_and_takes_them(switch_ports, tmp_path):
+    """A rule is compiled with room for its own ops (at least 4): replace-flows giving it six
+    puts a successor with room in its place, which counts on from the old one's counters
+    and runs the new actions (each port gets the frame as its ops left it)."""
+    run_dir, ports = switch_ports
+    rules = tmp_path / "r.flows"
+    rules.write_text("priority=10,in_port=c,actions=output:d\n")
+    assert ctl_run(run_dir, "replace-flows", "br0", str(rules)).returncode == 0
+    frame = udp(MAC["c"], MAC["d"], "10.0.0.3", "10.0.0.4")
+    ports["c"].send_all([frame] * 7)
+    assert len(drain(ports["d"])) == 7
+    rules.write_text("priority=10,in_port=c,actions=mod_vlan_vid:5,output:a,strip_vlan,"
+                     "output:b,mod_vlan_vid:7,output:d\n")
+    r = ctl_run(run_dir, "replace-flows", "br0", str(rules))
+    assert r.returncode == 0 and "1 modified" in r.stdout, r
+    assert counters(run_dir, "in_port=c actions=mod_vlan_vid:5") == 7
+    ports["c"].send_all([frame] * 3)
+    got = {p: drain(ports[p]) for p in "abd"}
+    tag = {5: b"\x81\x00\x00\x05", 7: b"\x81\x00\x00\x07"}
+    assert got["a"] == [frame[:12] + tag[5] + frame[12:]] * 3
+    assert got["b"] == [frame] * 3
+    assert got["d"] == [frame[:12] + tag[7] + frame[12:]] * 3
+    assert counters(run_dir, "in_port=c actions=mod_vlan_vid:5") == 10
+
+
 def test_idle_and_hard_timeouts_expire_rules(switch_ports):
     run_dir, ports = switch_ports
     processes.ctl(run_dir, "add-flow", "br0", "priority=50,idle_timeout=2,in_port=a,"

@@ -566,7 +566,7 @@ class Switch:
                                    "changed") from None
             for rule, row in zip(added, new_rows, strict=True):
                 rule.row = row
-        if remove:
+        if remove or modify:             # (modified: a rule given more ops was replaced)
             bridge.reclaim(self.datapath, remove)
         if len(add) + len(remove) >= BULK:
             give_back_memory()
