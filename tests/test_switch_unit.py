@@ -5,6 +5,7 @@ commands of ``pyvhost ctl`` against a switch run in-process and as a process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import ipaddress
 import socket
@@ -478,6 +479,13 @@ def test_action_texts_parse_the_same_every_time():
         [(("output", f"p{i}"),) for i in range(INSTRUCTIONS_CACHED + 10)]
     assert [f.format() for f in flows] == \
         [f"priority=1,in_port=a,actions=output:p{i}" for i in range(INSTRUCTIONS_CACHED + 10)]
+    # rules of one text share its parse: nothing of it can be changed in place
+    a, b = (parse_flow(f"priority={p},actions=clear_actions,write_actions(output:a)")
+            for p in (1, 2))
+    assert a.inst is b.inst and isinstance(a.actions, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.inst.clear_actions = False
+    assert b.inst.clear_actions
 
 
 def test_a_store_that_cannot_be_written_changes_no_rules(tmp_path):

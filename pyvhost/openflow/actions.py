@@ -250,7 +250,8 @@ def decode_flow_instructions(data: bytes, table: int,
     FLOW_MOD's instructions for a rule in ``table`` with ``match``."""
     seen: set[int] = set()
     actions: tuple = ()
-    inst = Instructions()
+    write = md = None
+    clear = False
     goto = None
     meter = None
     off = 0
@@ -285,12 +286,12 @@ def decode_flow_instructions(data: bytes, table: int,
                 raise OFError(E.METER_MOD_FAILED, E.MMFC_INVALID_METER,
                               f"meter {meter:#x}: not a meter id a rule can name")
         elif itype == IT_WRITE_ACTIONS:
-            inst.write_actions = decode_actions(body[8:], match)   # (of each kind the last
-                                                                # is the set's, as in OVS)
+            write = decode_actions(body[8:], match)   # (of each kind the last is the
+                                                      # set's, as in OVS)
         elif itype == IT_CLEAR_ACTIONS:
             if ilen != 8:
                 raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN, f"CLEAR_ACTIONS of length {ilen}")
-            inst.clear_actions = True
+            clear = True
         elif itype == IT_WRITE_METADATA:
             if ilen != 24:
                 raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_LEN,
@@ -299,13 +300,13 @@ def decode_flow_instructions(data: bytes, table: int,
             if value & ~mask & U64:
                 raise OFError(E.BAD_INSTRUCTION, E.BIC_UNSUP_METADATA,
                               f"write_metadata {value:#x} has bits outside its mask {mask:#x}")
-            inst.write_metadata = (value, mask)
+            md = (value, mask)
         elif itype == IT_EXPERIMENTER:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_BAD_EXPERIMENTER,
                           "experimenter instructions are not supported")
         else:
             raise OFError(E.BAD_INSTRUCTION, E.BIC_UNKNOWN_INST, f"instruction type {itype}")
-    written = op_count(inst.write_actions or ())
+    written = op_count(write or ())
     if op_count(actions) + written > MAX_OPS:
         raise _act(E.BAC_TOO_MANY, f"{op_count(actions) + written} datapath ops: a rule "
                                    f"holds at most {MAX_OPS}")
@@ -314,6 +315,7 @@ def decode_flow_instructions(data: bytes, table: int,
             raise _act(E.BAC_TOO_MANY, f"{len(actions)} actions and a meter: a rule holds "
                                        f"at most {MAX_OPS}")
         actions = (("meter", meter),) + actions
+    inst = Instructions(write, clear, md)
     return actions, goto, (None if inst == Instructions() else inst)
 
 

@@ -323,9 +323,10 @@ def _check_prerequisites(match: dict) -> None:
             raise FlowSyntaxError(f"{name}: prerequisites not met (needs tcp, udp or icmp)")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Instructions:
-    """OpenFlow's instructions besides apply-actions, meter and goto_table."""
+    """OpenFlow's instructions besides apply-actions, meter and goto_table. Frozen: parses
+    are shared between rules (parse_flow keeps the last texts'), nothing may change one."""
 
     write_actions: tuple | None = None     # None: no write_actions instruction
     clear_actions: bool = False
@@ -336,7 +337,8 @@ def parse_instructions(text: str) -> tuple[tuple, int | None, Instructions]:
     """(apply-actions, goto_table or None, the other instructions) of an actions= text, in
     OpenFlow's order: meter, apply-actions, clear_actions, write_actions(...),
     write_metadata, goto_table."""
-    inst = Instructions()
+    write = md = None
+    clear = False
     rest = []
     stage = 0                                  # 1 clear, 2 write_actions, 3 write_metadata
     for part in _split_top(text):
@@ -351,13 +353,13 @@ def parse_instructions(text: str) -> tuple[tuple, int | None, Instructions]:
                 raise FlowSyntaxError("write_actions: once, after clear_actions and before "
                                       "write_metadata")
             stage = 2
-            inst.write_actions = parse_actions(part[len("write_actions("):-1], inner=True)[0]
+            write = parse_actions(part[len("write_actions("):-1], inner=True)[0]
         elif name == "clear_actions" and not arg:
             if stage >= 1:
                 raise FlowSyntaxError("clear_actions: once, before write_actions and "
                                       "write_metadata")
             stage = 1
-            inst.clear_actions = True
+            clear = True
         elif name == "write_metadata":
             if stage >= 3:
                 raise FlowSyntaxError("write_metadata given twice")
@@ -368,14 +370,14 @@ def parse_instructions(text: str) -> tuple[tuple, int | None, Instructions]:
             if value & ~mask:
                 raise FlowSyntaxError(f"write_metadata: value {value:#x} has bits outside "
                                       f"its mask {mask:#x}")
-            inst.write_metadata = (value, mask)
+            md = (value, mask)
         else:
             if stage and name != "goto_table":
                 raise FlowSyntaxError(f"{part!r}: apply-actions come before clear_actions, "
                                       "write_actions and write_metadata")
             rest.append(part)
-    actions, goto = parse_actions(",".join(rest), n_other=op_count(inst.write_actions or ()))
-    return actions, goto, inst
+    actions, goto = parse_actions(",".join(rest), n_other=op_count(write or ()))
+    return actions, goto, Instructions(write, clear, md)
 
 
 def parse_actions(text: str, inner: bool = False, n_other: int = 0) -> tuple[tuple, int | None]:
