@@ -7,7 +7,7 @@
 # apply-actions it may carry write-actions, clear_actions and write_metadata, and a lookup
 # gathers the action set (aset_t) it runs at the end. No rule syntax, no MAC table, no
 # ports here.
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from pyvhost._flow cimport KEY_WORDS, MAX_ACTION_OPS, MAX_HOPS, action_op_t, flow_key_t
 from pyvhost._trie cimport trie_spare_t, trie_t
@@ -114,6 +114,6 @@ cdef class Classifier:
     cdef cls_rule_t *_rule(self, uint32_t rule_id) except NULL
     cdef int _set_ops(self, cls_rule_t *r, ops, int goto_table, inst) except -1
     cdef cls_rule_t *_build(self, spec, uint64_t *m) except NULL
-    cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m) except? 0xFFFFFFFF
-    cdef void _remove(self, cls_rule_t *r) noexcept nogil
+    cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m, int64_t rule_id=*) except? 0xFFFFFFFF
+    cdef void _remove(self, cls_rule_t *r, bint free_id=*) noexcept nogil
     cdef int _check_spec(self, spec) except -1

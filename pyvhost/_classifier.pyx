@@ -18,7 +18,7 @@ order, when a rule without goto_table ends the pipeline.
 PMD threads call ``cls_lookup`` without the GIL under the read lock; control changes take
 the write lock and bump ``gen``. Removed rules are kept until ``reclaim()`` (called once
 no PMD can still hold them); a rule compiled again (``carry``) takes over the old one's
-counters, and reclaim() adds to it what PMDs still counted into the old one meanwhile (as
+id and counters, and reclaim() adds to it what PMDs still counted into the old one meanwhile (as
 OVS forwards a replaced rule's late stats to its successor). No rule syntax, no MAC
 learning, no ports here.
 """
@@ -64,7 +64,7 @@ cdef enum:
     CLS_BYTES = CLS_WORDS * 8     # a rule's value or mask: the key and the metadata word
     NW_SRC_OFFSET = 20       # flow_key_t.nw_src; nw_dst follows (both network order)
     SPARE_KEEP = 256         # trie nodes kept for the next change
-    MIN_OPS_CAP = 4          # ops a rule has room for at least (what malloc rounds to)
+    MIN_OPS_CAP = 4          # ops a rule has room for at least (see ops_room)
 
 
 cdef size_t _rule_head() noexcept nogil:
@@ -79,7 +79,12 @@ cdef size_t RULE_HEAD = _rule_head()
 
 
 cdef inline uint32_t ops_room(uint32_t n_ops) noexcept nogil:
-    return n_ops if n_ops > MIN_OPS_CAP else MIN_OPS_CAP
+    """Room for ``n_ops``, rounded up to 4 ops (16 bytes: malloc's step, so the room is
+    there anyway; RULE_HEAD + 8 is a multiple of 16), at most MAX_ACTION_OPS."""
+    cdef uint32_t cap = (n_ops + 3) & ~(<uint32_t>3)
+    if cap < MIN_OPS_CAP:
+        return MIN_OPS_CAP
+    return cap if cap < MAX_ACTION_OPS else MAX_ACTION_OPS
 
 
 cdef inline size_t rule_size(uint32_t cap) noexcept nogil:
@@ -793,13 +798,15 @@ cdef class Classifier:
         r.ops_cap = cap
         return r
 
-    cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m) except? 0xFFFFFFFF:
-        """Put a built rule into its table (write lock held); its id."""
+    cdef uint32_t _link(self, cls_rule_t *r, const uint64_t *m,
+                        int64_t rule_id=-1) except? 0xFFFFFFFF:
+        """Put a built rule into its table (write lock held); its id: ``rule_id`` when
+        given (a removed rule's, kept out of the free ids for it), else a free one."""
         cdef cls_sub_t *s = self._subtable(r.table, m)
         cdef cls_table_t *t = self.c.tables[r.table]
         cdef uint32_t old_max = s.max_priority
         cdef int i
-        r.id = self._new_id()
+        r.id = self._new_id() if rule_id < 0 else <uint32_t>rule_id
         r.seq = self.c.next_seq
         self.c.next_seq += 1
         self.c.by_id[r.id] = r
@@ -814,7 +821,7 @@ cdef class Classifier:
             table_sort(t)
         return r.id
 
-    cdef void _remove(self, cls_rule_t *r) noexcept nogil:
+    cdef void _remove(self, cls_rule_t *r, bint free_id=True) noexcept nogil:
         cdef cls_sub_t *s = <cls_sub_t *>r.sub
         cdef cls_table_t *t = self.c.tables[r.table]
         cdef uint32_t i, prio = r.priority
@@ -826,8 +833,9 @@ cdef class Classifier:
         self.c.n_rules -= 1
         self.c.bytes -= rule_size(r.ops_cap)
         self.c.by_id[r.id] = NULL
-        self.c.free_ids[self.c.n_free] = r.id
-        self.c.n_free += 1
+        if free_id:
+            self.c.free_ids[self.c.n_free] = r.id
+            self.c.n_free += 1
         r.hnext = self.c.graveyard                     # a PMD may still hold it
         self.c.graveyard = r
         if s.n_rules == 0:                             # drop the empty subtable
@@ -878,7 +886,8 @@ cdef class Classifier:
         then add rules given as (table, priority, mask, value, ops, goto_table[, inst])
         (``inst`` as ``insert`` takes it; a change may carry one as its fourth item).
         ``carry``: (removed id, index in specs) pairs, the same rule compiled again: the
-        new one keeps its counters and last-used time. Returns the new rules' ids."""
+        new one keeps its id (what others know it by), counters and last-used time.
+        Returns the new rules' ids."""
         cdef uint32_t rid, n = len(specs), nc = len(changes), i = 0
         cdef cls_rule_t **built = NULL
         cdef uint64_t *masks = NULL
@@ -897,9 +906,13 @@ cdef class Classifier:
             gone.add(rid)
         for spec in specs:
             self._check_spec(spec)
+        keep_id = {}                             # a rule compiled again keeps its id
         for old_id, index in carry:
             if old_id not in gone or not 0 <= index < n:
                 raise ValueError(f"carry ({old_id}, {index}): not a removed rule and a new one")
+            if index not in keep_id and old_id not in keep_id.values():
+                keep_id[index] = old_id
+        kept = set(keep_id.values())
         built = <cls_rule_t **>calloc(n + 1, sizeof(cls_rule_t *))
         masks = <uint64_t *>calloc(n + 1, CLS_BYTES)
         staged = <cls_rule_t *>calloc(nc + 1, sizeof(cls_rule_t))
@@ -934,18 +947,19 @@ cdef class Classifier:
             try:
                 for rid in removes:
                     self.gone.append((rid, <size_t>self.c.by_id[rid]))
-                    self._remove(self.c.by_id[rid])
+                    self._remove(self.c.by_id[rid], rid not in kept)
                 for i, change in enumerate(changes):
                     new = self.c.by_id[<uint32_t>change[0]]
                     if bigger[i] != NULL:          # its successor, with room for the ops
                         old = new
                         new = bigger[i]
-                        bigger[i] = NULL
                         memcpy(new, old, RULE_HEAD)
                         new.ops_cap = ops_room(staged[i].n_ops)
                         # (a PMD may still be counting into old: read once, the rest at
-                        # reclaim, as a rule compiled again)
+                        # reclaim, as a rule compiled again; the Python part first: what
+                        # raises leaves the successor unlinked, freed below)
                         packets, nbytes = old.n_packets, old.n_bytes
+                        self.carried.append((<size_t>old, <size_t>new, packets, nbytes))
                         new.n_packets = packets
                         new.n_bytes = nbytes
                         sub_replace(<cls_sub_t *>old.sub, old, new)
@@ -953,7 +967,7 @@ cdef class Classifier:
                         self.c.bytes += rule_size(new.ops_cap) - rule_size(old.ops_cap)
                         old.hnext = self.c.graveyard
                         self.c.graveyard = old
-                        self.carried.append((<size_t>old, <size_t>new, packets, nbytes))
+                        bigger[i] = NULL
                     memcpy(new.ops, staged[i].ops, staged[i].n_ops * sizeof(action_op_t))
                     new.n_ops = staged[i].n_ops
                     new.n_apply = staged[i].n_apply
@@ -962,7 +976,8 @@ cdef class Classifier:
                     new.flags = staged[i].flags
                     new.goto_table = staged[i].goto_table
                 for i in range(n):
-                    ids.append(self._link(built[i], &masks[i * CLS_WORDS]))
+                    ids.append(self._link(built[i], &masks[i * CLS_WORDS],
+                                          keep_id.get(i, -1)))
                     built[i] = NULL
                 for old_id, index in carry:       # the removed rules wait in the graveyard
                     old = <cls_rule_t *><size_t>olds[old_id]

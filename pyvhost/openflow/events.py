@@ -151,15 +151,19 @@ class Events:
                       flags: list[int] | None = None) -> None:
         """FLOW_REMOVED for each removed rule that asked for it (``removed``: (rule, its
         last counters)); ``reason`` "timeout" (idle or hard, as the rule's times say) or
-        "delete"; ``flags``: the rules' flags when the caller has them (else the bridge's
-        OpenFlow state has them). Only those rules' texts are parsed (rule.flow): a
-        del-flows of 100k rules nobody asked about parses none."""
+        "delete"; ``flags``: the rules' flags when the caller has them (and has dropped
+        them from the bridge's OpenFlow state; else the state has them, dropped here).
+        Only those rules' texts are parsed (rule.flow): a del-flows of 100k rules nobody
+        asked about parses none."""
         state = self.of._states.get(bridge.name)
         now = time.monotonic()
         for i, (rule, (packets, bytes_, _used)) in enumerate(removed):
-            f = flags[i] if flags is not None else state.flags_of(rule) if state else 0
-            if state is not None:
-                state.rule_flags.pop(rule.id, None)
+            if flags is not None:                  # (the caller dropped them: a rule
+                f = flags[i]                       # since added may have the id now)
+            else:
+                f = state.flags_of(rule) if state else 0
+                if state is not None:
+                    state.rule_flags.pop(rule.id, None)
             if not f & SEND_FLOW_REM:
                 continue
             flow = rule.flow

@@ -107,6 +107,8 @@ class Handler:
                  events=None):
         self.switch = switch
         self.events = events                   # PACKET_OUT's injector, FLOW_REMOVED
+        self._unsent: list | None = None       # a batch's FLOW_REMOVEDs, until it is stored
+        self._dropped_flags: list = []         # (text, flags) its removals dropped
         self.role = R.Role()                   # this connection's role, async config
         state.roles.add(self.role)
         self.bridge_name = bridge_name
@@ -183,6 +185,8 @@ class Handler:
         if self.role.is_slave:
             return [OFError(E.BAD_REQUEST, E.BRC_IS_SLAVE, "FLOW_MOD from a slave "
                             "controller")] * len(bodies)
+        self._unsent = []                          # FLOW_REMOVEDs wait for the commit
+        self._dropped_flags = []
         try:
             with self.switch.store.transaction(), collector_paused():
                 for body in bodies:
@@ -203,9 +207,18 @@ class Handler:
             log.error("openflow %s: %d FLOW_MODs could not be stored (%s): undone",
                       self.bridge_name, len(bodies), e)
             self.switch.reload_rules(self.bridge_name)
+            flags = dict(self._dropped_flags)      # the removed rules are back (new ids)
+            for rule in self.bridge.rules.values() if flags else ():
+                if rule.text in flags and not self.state.flags_of(rule):
+                    self.state.rule_flags[rule.id] = (rule.text, flags[rule.text])
             failed = OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, f"the store failed: {e}")
             outcome = [o or failed for o in outcome]
             outcome += [failed] * (len(bodies) - len(outcome))
+            self._unsent = []                      # (the rules are back: none went)
+        finally:
+            unsent, self._unsent, self._dropped_flags = self._unsent, None, []
+        for bridge, removed, reason, flags in unsent:
+            self.events.flows_removed(bridge, removed, reason, flags)
         return outcome
 
     def role_request(self, xid: int, body: bytes) -> bytes:
@@ -286,6 +299,12 @@ class Handler:
         strict = command in (MODIFY_STRICT, DELETE_STRICT)
         rules = bridge.select(sel, strict)
         if command in (MODIFY, MODIFY_STRICT):
+            if not rules:                          # nothing to change: the instructions
+                # are still checked, against the message's own match (as OVS does)
+                t = 0 if table == C.OFPTT_ALL else table
+                actions, goto, inst = A.decode_flow_instructions(instructions, t, match)
+                self._check_ports(Flow(priority, match, actions, t, goto_table=goto,
+                                       inst=inst), match=False)
             self._modify(bridge, rules, instructions, flags)
         else:
             self.remove_rules([r for r in rules if self._outputs_to(r, out_port, out_group)],
@@ -303,7 +322,11 @@ class Handler:
         # the counters each had once no PMD could count into it (read before: if the
         # PMDs could not be waited for)
         removed = [(r, bridge.counters(r) if r.final else c) for r, c in before]
-        if self.events is not None:
+        if self.events is None:
+            return
+        if self._unsent is not None:               # in a batch: once it is stored
+            self._unsent.append((bridge, removed, reason, flags))
+        else:
             self.events.flows_removed(bridge, removed, reason, flags)
 
     def _flow(self, flow: Flow) -> Flow:
@@ -318,7 +341,10 @@ class Handler:
                           f"rule {flow.format()!r} does not read back as itself")
         return again
 
-    def _check_ports(self, flow: Flow) -> None:
+    def _check_ports(self, flow: Flow, match: bool = True) -> None:
+        """OFError if the flow names a port, group or meter the bridge lacks: in its
+        actions, and (``match``) its in_port; a MODIFY checks only the new actions (the
+        rule's in_port may name a port that went since)."""
         bridge = self.bridge
         actions = flow.all_actions()
         for a in actions:
@@ -330,7 +356,7 @@ class Handler:
             if a[0] == "meter" and (bridge.meters is None or a[1] not in bridge.meters.meters):
                 raise OFError(E.METER_MOD_FAILED, E.MMFC_UNKNOWN_METER,
                               f"meter:{a[1]}: no such meter")
-        if "in_port" in flow.match and bridge.resolve(flow.match["in_port"]) is None:
+        if match and "in_port" in flow.match and bridge.resolve(flow.match["in_port"]) is None:
             raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
                           f"in_port={flow.match['in_port']}: no such port")
 
@@ -343,7 +369,9 @@ class Handler:
         except CommandError as e:
             raise StoreFailed(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, str(e)) from None
         for r in remove:
-            self.state.rule_flags.pop(r.id, None)
+            kept = self.state.rule_flags.pop(r.id, None)
+            if kept is not None and self._unsent is not None:
+                self._dropped_flags.append(kept)   # (back if the batch is undone)
         for r, _ in modify:                        # MODIFY keeps a rule's flags
             self._remember(r, flags[r.id])
         return added
@@ -397,7 +425,7 @@ class Handler:
             actions, goto, inst = decoded[key]
             new = Flow(f.priority, f.match, actions, f.table, f.cookie, f.idle_timeout,
                        f.hard_timeout, goto, inst)
-            self._check_ports(new)
+            self._check_ports(new, match=False)
             changes.append((rule, new))
         if flags & RESET_COUNTS:                   # new rules: counters from zero
             kept = [(r.created, self.state.flags_of(r)) for r, _ in changes]
@@ -408,6 +436,12 @@ class Handler:
         else:
             self._apply(modify=changes)
 
+    def _port_number(self, ref: str) -> int:
+        """The OpenFlow number a rule's port reference stands for: a port's, or, for a
+        port that went, the number the rule names it by (0: a name, unknown now)."""
+        port = self.bridge.resolve(ref)
+        return port.ofport if port is not None else int(ref) if ref.isdigit() else 0
+
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
         if out_port == C.OFPP_ANY and out_group == C.OFPG_ANY:
             return True                            # (no rule's text parsed for nothing)
@@ -417,7 +451,7 @@ class Handler:
         if out_port == C.OFPP_ANY:
             return True
         for a in actions:
-            if a[0] == "output" and self.ofport_of(a[1]) == out_port:
+            if a[0] == "output" and self._port_number(a[1]) == out_port:
                 return True
             if a[0] == "flood" and out_port in (C.OFPP_FLOOD, C.OFPP_ALL):
                 return True

@@ -142,12 +142,14 @@ class Bridge:
             refs.add(flow.match["in_port"])
         return refs
 
-    def check(self, flow: Flow) -> None:
-        """ValueError if the flow names a port this bridge does not have."""
+    def check(self, flow: Flow, match: bool = True) -> None:
+        """ValueError if the flow names a port this bridge does not have (in its actions;
+        and, ``match``, in its in_port: not for a rule given new actions, whose in_port may
+        name a port that went since)."""
         for a in flow.all_actions():
             if a[0] == "output" and self.resolve(a[1]) is None:
                 raise ValueError(f"output: no port {a[1]!r} on bridge {self.name}")
-        if "in_port" in flow.match and self.resolve(flow.match["in_port"]) is None:
+        if match and "in_port" in flow.match and self.resolve(flow.match["in_port"]) is None:
             raise ValueError(f"in_port: no port {flow.match['in_port']!r} on bridge {self.name}")
 
     def match_of(self, match: dict) -> tuple[bytes, bytes]:
@@ -247,8 +249,9 @@ class Bridge:
         """One change that lookups see whole: add flows, remove rules, give rules new
         actions ((rule, flow) pairs; counters stay). All or nothing: ValueError before
         anything changes. Returns the added rules (in ``add`` order). ``same_rules``: each
-        added flow is the removed rule at its index compiled again (its age and store row
-        carry over). ``specs``: those of ``add`` when the caller has them already."""
+        added flow is the removed rule at its index compiled again (its id, age and store
+        row carry over: what knows a rule by id, as OpenFlow's flags, still does).
+        ``specs``: those of ``add`` when the caller has them already."""
         now = time.monotonic() if now is None else now
         specs = [self.spec(f) for f in add] if specs is None else specs
         changes = [(r.id, self._ops(f), NO_GOTO_TABLE if f.goto_table is None else f.goto_table,
@@ -317,10 +320,16 @@ class Bridge:
         if sel is None:
             found = list(self.rules.values())
         else:
-            if "in_port" in sel.match and self.resolve(sel.match["in_port"]) is None:
-                return []
             mask, value = self.rule_match(sel.match)
-            if strict:
+            port = sel.match.get("in_port")
+            if port is not None and self.resolve(port) is None:
+                # a port that went: rules naming it are compiled to match no port, as the
+                # selector is; of those, the ones that name it as the selector does
+                table = -1 if sel.table is None else sel.table
+                found = [self.rules[i] for i in self.cls.select(table, mask, value)
+                         if not strict or self.cls.rule(i)[1:] == (sel.priority, mask, value)]
+                found = [r for r in found if r.flow.match.get("in_port") == port]
+            elif strict:
                 tables = [sel.table] if sel.table is not None else self.cls.tables()
                 ids = [self.cls.find_strict(t, sel.priority, mask, value) for t in tables]
                 found = [self.rules[i] for i in ids if i >= 0]

@@ -543,11 +543,13 @@ class Switch:
                 modify: list[tuple[Rule, Flow]] = (), persist: bool = True,
                 specs: list[tuple] | None = None) -> list[Rule]:
         """Apply one all-or-nothing change to a bridge's rules and its store rows."""
-        for flow in [*add, *(f for _, f in modify)]:
-            try:
+        try:
+            for flow in add:
                 bridge.check(flow)
-            except ValueError as e:
-                raise CommandError(str(e)) from None
+            for _, flow in modify:                   # (its match is the rule's own)
+                bridge.check(flow, match=False)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
         rows = [r.row for r in remove]
         old_texts = [r.text for r, _ in modify]
         try:
