@@ -83,6 +83,7 @@ class Switch:
         self.failed: dict[str, str] = {}          # stored rows that did not load: why
         self.ctl_gid: int | None = None           # the control group (--ctl-group)
         self._reserved_ofports: dict[str, set[int]] = {}   # bridge -> failed ports' numbers
+        self._retired_ofports: dict[str, dict[int, str]] = {}  # bridge -> removed ports'
         self.datapath = Datapath()
         self.bridges: dict[str, Bridge] = {}
         self.ports: dict[str, Port] = {}
@@ -330,6 +331,7 @@ class Switch:
         for port in list(bridge.ports):
             await self.del_port(port, persist=False)
         del self.bridges[name]
+        self._retired_ofports.pop(name, None)
         self.mirrors.forget(name)
         self.datapath.remove_bridge(bridge.bridge_id)      # waits out the PMDs
         for key in [k for k in self.failed if k.endswith(f" of bridge {name}")]:
@@ -364,11 +366,26 @@ class Switch:
         names = [bridge_name] if bridge_name is not None else list(self.bridges)
         return [row for n in names for row in self.mirrors.rows(self._bridge(n))]
 
-    def _ofport(self, bridge: Bridge, requested: int | None) -> int:
+    def _ofport(self, bridge: Bridge, requested: int | None, name: str) -> int:
+        """Port ``name``'s OpenFlow number: ``requested``, else the number a port of that
+        name had last on this bridge, else the lowest no port has had since the switch
+        started, else the one given back longest ago (as OVS: a controller's rules for a
+        port that went do not apply to the next port added unless nothing else is left)."""
         used = {p.ofport for p in bridge.ports.values()} | \
             self._reserved_ofports.get(bridge.name, set())
+        retired = self._retired_ofports.get(bridge.name, {})     # number -> name, oldest first
         if requested is None:
-            return next(n for n in range(1, len(used) + 2) if n not in used)
+            mine = [n for n, who in retired.items() if who == name and n not in used]
+            fresh = next(n for n in range(1, len(used) + len(retired) + 2)
+                         if n not in used and n not in retired)
+            oldest = [n for n in retired if n not in used]
+            if mine:
+                return mine[-1]
+            if fresh <= MAX_OFPORT or not oldest:
+                if fresh > MAX_OFPORT:
+                    raise CommandError(f"bridge {bridge.name} has no OpenFlow port number left")
+                return fresh
+            return oldest[0]
         if not isinstance(requested, int) or not 1 <= requested <= MAX_OFPORT:
             raise CommandError(f"ofport_request: {requested!r} out of range 1..{MAX_OFPORT}")
         if requested in used:
@@ -421,7 +438,7 @@ class Switch:
         queues = DEFAULT_QUEUES if queues is None else queues
         if not isinstance(queues, int) or not 1 <= queues <= LIMITS["queues"]:
             raise CommandError(f"queues: {queues!r} out of range 1..{LIMITS['queues']}")
-        of = self._ofport(bridge, ofport)
+        of = self._ofport(bridge, ofport, name)
         port_id = self.new_port_id()
         capacity = len(self.pmds.pmds) * LIMITS["rxqs_per_pmd"]
         if sum(p.active for p in self.ports.values()) + 1 > capacity:
@@ -484,6 +501,7 @@ class Switch:
             raise
         self.failed.pop(f"port {name}", None)
         self._reserved_ofports.get(bridge_name, set()).discard(of)
+        self._retired_ofports.get(bridge_name, {}).pop(of, None)
         self._assign()
         self.mirrors.apply(bridge)                  # mirrors that name it take it now
         log.info("port %s (%s, %s, ofport %d) added to %s", name, type_, port.path, of,
@@ -509,6 +527,9 @@ class Switch:
         if persist:
             self.store.del_port(name)              # first: it is the step that can fail
         await self._unplug(port)
+        retired = self._retired_ofports.setdefault(port.bridge, {})
+        retired.pop(port.ofport, None)             # (the latest last)
+        retired[port.ofport] = name
 
     async def _unplug(self, port: Port) -> None:
         """Take a port out of the running switch (not the store)."""
