@@ -83,10 +83,6 @@ class Bridge:
         self.meters = None                             # switch.meters.Meters, made on use
 
     # -- ports ----------------------------------------------------------------------------
-    def next_ofport(self) -> int:
-        used = {p.ofport for p in self.ports.values()}
-        return next(n for n in range(1, len(used) + 2) if n not in used)
-
     def resolve(self, ref: str):
         """A port by name or OpenFlow port number, or None."""
         if ref in self.ports:
