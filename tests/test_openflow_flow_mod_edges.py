@@ -119,29 +119,62 @@ def test_rules_naming_a_port_that_went_are_selected_by_its_number(tmp_path):
     run(tmp_path, scenario)
 
 
+def failing_write(sw, n: int):
+    """The store's ``n``-th change_flows from now fails (as a full disk); the real one."""
+    real, calls = sw.store.change_flows, []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(*args, **kw)
+
+    sw.store.change_flows = failing
+    return real
+
+
 def test_an_undone_batch_sends_no_flow_removed_and_keeps_flags(tmp_path):
+    """Whichever message's write fails (a later one, or the delete's own), the batch is
+    undone whole: no FLOW_REMOVED for its deletes, every rule back with the flags it had
+    (a modified one too), and no flags left for rules it added."""
+    ip = O.match(O.oxm(5, struct.pack("!H", 0x800)))
+    for fails in (3, 1):
+        async def scenario(sw, h, removed, fails=fails):
+            flagged = [fm(O.ADD, ip_dst(f"10.0.0.{i}"), out(1), priority=10,
+                          flags=SEND_FLOW_REM) for i in (7, 8, 9)]
+            assert h.flow_mods(flagged) == [None] * 3
+            before = texts(sw)
+            real = failing_write(sw, fails)
+            try:
+                got = h.flow_mods([fm(O.DELETE, ip, table=0xFF, out_port=1),   # 7, 8, 9
+                                   fm(O.ADD, ip_dst("10.0.0.5"), out(1), priority=10,
+                                      flags=SEND_FLOW_REM),
+                                   fm(O.ADD, ip_dst("10.0.0.6"), out(1), priority=10)])
+            finally:
+                sw.store.change_flows = real
+            assert codes(got) == [(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN)] * 3
+            assert removed == []                   # the deletes were undone: nothing to say
+            assert texts(sw) == before
+            state = h.state
+            assert sorted(f for _, f in state.rule_flags.values()) == [SEND_FLOW_REM] * 3
+            assert all(state.flags_of(sw.bridges["br0"].rules[i]) for i in state.rule_flags)
+            assert h.flow_mods([fm(O.DELETE, table=0xFF)]) == [None]
+            assert len(removed) == 3               # their SEND_FLOW_REM came back with them
+
+        run(tmp_path / str(fails), scenario)
+
+
+def test_modify_reset_counts_of_a_rule_naming_a_port_that_went(tmp_path):
+    """MODIFY with RESET_COUNTS compiles the rules again: one whose in_port went is
+    taken too, and the batch around it stands."""
     async def scenario(sw, h, removed):
-        assert h.flow_mods([fm(O.ADD, ip_dst("10.0.0.7"), out(1), priority=10,
-                               flags=SEND_FLOW_REM)]) == [None]
-        real, calls = sw.store.change_flows, []
-
-        def failing(*args, **kw):                  # the batch's second write fails
-            calls.append(1)
-            if len(calls) == 2:
-                raise sqlite3.OperationalError("disk I/O error")
-            return real(*args, **kw)
-
-        sw.store.change_flows = failing
-        try:
-            got = h.flow_mods([fm(O.DELETE_STRICT, ip_dst("10.0.0.7"), priority=10),
-                               fm(O.ADD, ip_dst("10.0.0.5"), out(1), priority=10)])
-        finally:
-            sw.store.change_flows = real
-        assert codes(got) == [(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN)] * 2
-        assert removed == []                       # the delete was undone: nothing to say
-        assert "priority=10,ip,nw_dst=10.0.0.7,actions=output:1" in texts(sw)
-        assert h.flow_mods([fm(O.DELETE, table=0xFF)]) == [None]
-        assert len(removed) == 1                   # its SEND_FLOW_REM came back with it
+        assert h.flow_mods([fm(O.ADD, in_port(3), out(1), priority=10)]) == [None]
+        await run_command(sw, ["del-port", "c"])
+        got = h.flow_mods([fm(O.ADD, ip_dst("10.0.0.9"), out(1), priority=10),
+                           fm(O.MODIFY, in_port(3), out(2), table=0, flags=4)])
+        assert got == [None, None]
+        assert "priority=10,in_port=3,actions=output:2" in texts(sw)
+        assert "priority=10,ip,nw_dst=10.0.0.9,actions=output:1" in texts(sw)
 
     run(tmp_path, scenario)
 

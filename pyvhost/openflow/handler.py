@@ -108,7 +108,7 @@ class Handler:
         self.switch = switch
         self.events = events                   # PACKET_OUT's injector, FLOW_REMOVED
         self._unsent: list | None = None       # a batch's FLOW_REMOVEDs, until it is stored
-        self._dropped_flags: list = []         # (text, flags) its removals dropped
+        self._flag_log: list | None = None     # its flag changes: (rule id, before)
         self.role = R.Role()                   # this connection's role, async config
         state.roles.add(self.role)
         self.bridge_name = bridge_name
@@ -186,7 +186,7 @@ class Handler:
             return [OFError(E.BAD_REQUEST, E.BRC_IS_SLAVE, "FLOW_MOD from a slave "
                             "controller")] * len(bodies)
         self._unsent = []                          # FLOW_REMOVEDs wait for the commit
-        self._dropped_flags = []
+        self._flag_log = []                        # flag changes, undone with the batch
         try:
             with self.switch.store.transaction(), collector_paused():
                 for body in bodies:
@@ -207,16 +207,13 @@ class Handler:
             log.error("openflow %s: %d FLOW_MODs could not be stored (%s): undone",
                       self.bridge_name, len(bodies), e)
             self.switch.reload_rules(self.bridge_name)
-            flags = dict(self._dropped_flags)      # the removed rules are back (new ids)
-            for rule in self.bridge.rules.values() if flags else ():
-                if rule.text in flags and not self.state.flags_of(rule):
-                    self.state.rule_flags[rule.id] = (rule.text, flags[rule.text])
+            self._flags_undone(self._flag_log)
             failed = OFError(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, f"the store failed: {e}")
             outcome = [o or failed for o in outcome]
             outcome += [failed] * (len(bodies) - len(outcome))
             self._unsent = []                      # (the rules are back: none went)
         finally:
-            unsent, self._unsent, self._dropped_flags = self._unsent, None, []
+            unsent, self._unsent, self._flag_log = self._unsent, None, None
         for bridge, removed, reason, flags in unsent:
             self.events.flows_removed(bridge, removed, reason, flags)
         return outcome
@@ -360,21 +357,51 @@ class Handler:
             raise OFError(E.BAD_MATCH, E.BMC_BAD_VALUE,
                           f"in_port={flow.match['in_port']}: no such port")
 
-    def _apply(self, add=(), remove=(), modify=(), specs=None):
+    def _apply(self, add=(), remove=(), modify=(), specs=None, in_port_checked=True):
+        """``in_port_checked`` False: ``add`` are removed rules' matches again (a MODIFY
+        with RESET_COUNTS), whose in_port may name a port that went."""
         flags = {r.id: self.state.flags_of(r) for r, _ in modify}
         try:
             added = self.switch.change_rules(self.bridge_name, add=list(add),
                                              remove=list(remove), modify=list(modify),
-                                             specs=specs)
+                                             specs=specs, in_port_checked=in_port_checked)
         except CommandError as e:
             raise StoreFailed(E.FLOW_MOD_FAILED, E.FMFC_UNKNOWN, str(e)) from None
         for r in remove:
-            kept = self.state.rule_flags.pop(r.id, None)
-            if kept is not None and self._unsent is not None:
-                self._dropped_flags.append(kept)   # (back if the batch is undone)
+            self._set_flags(r.id, None)
         for r, _ in modify:                        # MODIFY keeps a rule's flags
             self._remember(r, flags[r.id])
         return added
+
+    def _set_flags(self, rule_id: int, kept: tuple[str, int] | None) -> None:
+        """A rule's (text, flags), or none; in a batch, what it was is logged first."""
+        if self._flag_log is not None:
+            self._flag_log.append((rule_id, self.state.rule_flags.get(rule_id)))
+        if kept is None:
+            self.state.rule_flags.pop(rule_id, None)
+        else:
+            self.state.rule_flags[rule_id] = kept
+
+    def _flags_undone(self, log: list) -> None:
+        """The flags as they were before an undone batch, on the rules as they are now
+        (those that came back from the store have new ids: found by text); entries of
+        rules that are not there any more go."""
+        flags = self.state.rule_flags
+        for rule_id, before in reversed(log):
+            if before is None:
+                flags.pop(rule_id, None)
+            else:
+                flags[rule_id] = before
+        rules = self.bridge.rules
+        lost = {}
+        for rule_id, (text, f) in list(flags.items()):
+            rule = rules.get(rule_id)
+            if rule is None or rule.text != text:
+                del flags[rule_id]
+                lost[text] = f
+        for rule in rules.values() if lost else ():
+            if rule.text in lost and rule.id not in flags:
+                flags[rule.id] = (rule.text, lost[rule.text])
 
     def _overlaps(self, bridge, spec: tuple) -> bool:
         table, priority, mask, value = spec[:4]
@@ -404,10 +431,7 @@ class Handler:
 
     def _remember(self, rule, flags: int) -> None:
         kept = flags & (SEND_FLOW_REM | NO_PKT_COUNTS | NO_BYT_COUNTS)
-        if kept:
-            self.state.rule_flags[rule.id] = (rule.text, kept)
-        else:
-            self.state.rule_flags.pop(rule.id, None)
+        self._set_flags(rule.id, (rule.text, kept) if kept else None)
 
     def _modify(self, bridge, rules: list, instructions: bytes, flags: int) -> None:
         if not rules:
@@ -429,7 +453,8 @@ class Handler:
             changes.append((rule, new))
         if flags & RESET_COUNTS:                   # new rules: counters from zero
             kept = [(r.created, self.state.flags_of(r)) for r, _ in changes]
-            added = self._apply(add=[f for _, f in changes], remove=[r for r, _ in changes])
+            added = self._apply(add=[f for _, f in changes], remove=[r for r, _ in changes],
+                                in_port_checked=False)
             for rule, (created, rule_flags) in zip(added, kept, strict=True):
                 rule.created = created
                 self._remember(rule, rule_flags)

@@ -138,6 +138,13 @@ class Bridge:
             refs.add(flow.match["in_port"])
         return refs
 
+    def port_refs(self, flow: Flow) -> set[str]:
+        """The ports (names or numbers, as written) a flow's outputs and in_port name."""
+        refs = {a[1] for a in flow.all_actions() if a[0] == "output"}
+        if "in_port" in flow.match:
+            refs.add(flow.match["in_port"])
+        return refs
+
     def check(self, flow: Flow, match: bool = True) -> None:
         """ValueError if the flow names a port this bridge does not have (in its actions;
         and, ``match``, in its in_port: not for a rule given new actions, whose in_port may

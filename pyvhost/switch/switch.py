@@ -158,6 +158,8 @@ class Switch:
                     bridge.check(flow)
                 except (FlowSyntaxError, ValueError) as e:
                     self._failed(f"flow {row} of bridge {name}", f"{text!r}: {e}")
+                    if not isinstance(e, FlowSyntaxError):   # a port that went: no new
+                        self._retire_named(bridge, flow)     # port gets its number
                     continue
                 flows.append(flow)
                 rows.append(row)
@@ -366,6 +368,15 @@ class Switch:
         names = [bridge_name] if bridge_name is not None else list(self.bridges)
         return [row for n in names for row in self.mirrors.rows(self._bridge(n))]
 
+    def _retire_named(self, bridge: Bridge, flow: Flow) -> None:
+        """The port numbers a stored rule names that no port has count as given back
+        (a rule left for a port that went, loaded again once a port has its number)."""
+        used = {p.ofport for p in bridge.ports.values()}
+        retired = self._retired_ofports.setdefault(bridge.name, {})
+        for ref in bridge.port_refs(flow):
+            if ref.isdigit() and 1 <= int(ref) <= MAX_OFPORT and int(ref) not in used:
+                retired.setdefault(int(ref), "")
+
     def _ofport(self, bridge: Bridge, requested: int | None, name: str) -> int:
         """Port ``name``'s OpenFlow number: ``requested``, else the number a port of that
         name had last on this bridge, else the lowest no port has had since the switch
@@ -562,11 +573,11 @@ class Switch:
     # -- rules ----------------------------------------------------------------------------
     def _change(self, bridge: Bridge, add: list[Flow] = (), remove: list[Rule] = (),
                 modify: list[tuple[Rule, Flow]] = (), persist: bool = True,
-                specs: list[tuple] | None = None) -> list[Rule]:
+                specs: list[tuple] | None = None, in_port_checked: bool = True) -> list[Rule]:
         """Apply one all-or-nothing change to a bridge's rules and its store rows."""
         try:
             for flow in add:
-                bridge.check(flow)
+                bridge.check(flow, match=in_port_checked)
             for _, flow in modify:                   # (its match is the rule's own)
                 bridge.check(flow, match=False)
         except ValueError as e:
@@ -677,14 +688,16 @@ class Switch:
 
     def change_rules(self, bridge_name: str, add: list[Flow] = (), remove: list[Rule] = (),
                      modify: list[tuple[Rule, Flow]] = (),
-                     specs: list[tuple] | None = None) -> list[Rule]:
+                     specs: list[tuple] | None = None,
+                     in_port_checked: bool = True) -> list[Rule]:
         """One all-or-nothing change of rules the caller picked itself (OpenFlow's
         FLOW_MODs, pyvhost.openflow): the path add-flows and del-flows take, store
         included; ``modify`` gives rules new actions, cookie and timeouts (counters stay);
-        ``specs``: Bridge.spec of each of ``add`` when the caller made them already.
-        Returns the added rules."""
+        ``specs``: Bridge.spec of each of ``add`` when the caller made them already;
+        ``in_port_checked`` False: ``add`` are rules' own matches again, whose in_port
+        may name a port that went. Returns the added rules."""
         return self._change(self._bridge(bridge_name), add=list(add), remove=list(remove),
-                            modify=list(modify), specs=specs)
+                            modify=list(modify), specs=specs, in_port_checked=in_port_checked)
 
     def reload_rules(self, bridge_name: str) -> None:
         """Make a bridge's rules exactly what the store holds for it, touching only rules
