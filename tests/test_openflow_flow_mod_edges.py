@@ -4,8 +4,8 @@ caught where they would be sent):
 - a rule compiled again when a port it names comes or goes keeps its id, so what
   OpenFlow keeps by id (SEND_FLOW_REM) stays with it;
 - rules naming a port that went are still selected by that port's number (DELETE,
-  DELETE_STRICT, out_port) and are given new actions by a MODIFY (their in_port is not
-  checked again), as OVS does;
+  DELETE_STRICT, out_port), are given new actions by a MODIFY (their in_port is not
+  checked again) and are reported with that number, as OVS does;
 - a batch whose store write fails sends no FLOW_REMOVED for its undone deletes, and the
   rules that come back keep their flags;
 - a MODIFY that selects no rule still has its instructions checked (OVS: against its own
@@ -203,5 +203,18 @@ def test_a_rule_deleted_and_added_again_in_one_batch_keeps_its_new_flags(tmp_pat
         assert len(removed) == 1
         assert h.flow_mods([fm(O.DELETE, table=0xFF)]) == [None]
         assert len(removed) == 2
+
+    run(tmp_path, scenario)
+
+
+def test_a_port_that_went_is_reported_by_its_number(tmp_path):
+    """FLOW_REMOVED of a rule whose in_port went carries that port's number (it had 0)."""
+    async def scenario(sw, h, removed):
+        assert h.flow_mods([fm(O.ADD, in_port(3), out(1), priority=10,
+                               flags=SEND_FLOW_REM)]) == [None]
+        await run_command(sw, ["del-port", "c"])
+        assert h.flow_mods([fm(O.DELETE, in_port(3), table=0xFF)]) == [None]
+        [(_, msg)] = removed
+        assert struct.pack("!II", 0x80000004, 3) in msg       # OXM in_port = 3
 
     run(tmp_path, scenario)

@@ -176,8 +176,7 @@ class Events:
                 why = AM.OFPRR_HARD_TIMEOUT
             else:
                 why = AM.OFPRR_IDLE_TIMEOUT
-            match = oxm.encode(flow.match, lambda ref: getattr(bridge.resolve(ref), "ofport",
-                                                               0))
+            match = oxm.encode(flow.match, bridge.ofport_number)
             self._send(bridge.name, C.FLOW_REMOVED, why, AM.flow_removed(
                 0, flow.cookie, flow.priority, why, flow.table, int(age * 1e9),
                 flow.idle_timeout, flow.hard_timeout, packets, bytes_, match))

@@ -261,8 +261,9 @@ class Handler:
 
     # -- ports ----------------------------------------------------------------------------
     def ofport_of(self, ref: str) -> int:
-        port = self.bridge.resolve(ref)
-        return port.ofport if port is not None else 0
+        """A rule's port reference as OpenFlow numbers it (a port that went: the number
+        the rule names, as OVS keeps it; 0 for a name)."""
+        return self.bridge.ofport_number(ref)
 
     # -- FLOW_MOD -------------------------------------------------------------------------
     def flow_mod(self, body: bytes) -> None:
@@ -461,12 +462,6 @@ class Handler:
         else:
             self._apply(modify=changes)
 
-    def _port_number(self, ref: str) -> int:
-        """The OpenFlow number a rule's port reference stands for: a port's, or, for a
-        port that went, the number the rule names it by (0: a name, unknown now)."""
-        port = self.bridge.resolve(ref)
-        return port.ofport if port is not None else int(ref) if ref.isdigit() else 0
-
     def _outputs_to(self, rule, out_port: int, out_group: int) -> bool:
         if out_port == C.OFPP_ANY and out_group == C.OFPG_ANY:
             return True                            # (no rule's text parsed for nothing)
@@ -476,7 +471,7 @@ class Handler:
         if out_port == C.OFPP_ANY:
             return True
         for a in actions:
-            if a[0] == "output" and self._port_number(a[1]) == out_port:
+            if a[0] == "output" and self.ofport_of(a[1]) == out_port:
                 return True
             if a[0] == "flood" and out_port in (C.OFPP_FLOOD, C.OFPP_ALL):
                 return True

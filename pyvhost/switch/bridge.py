@@ -93,6 +93,12 @@ class Bridge:
                     return p
         return None
 
+    def ofport_number(self, ref: str) -> int:
+        """The OpenFlow number a port reference stands for: its port's, or, for a port
+        that went, the number it names (0: a name, whose number went with the port)."""
+        port = self.resolve(ref)
+        return port.ofport if port is not None else int(ref) if ref.isdigit() else 0
+
     def attach(self, port) -> None:
         with self.lock:
             self.ports = {**self.ports, port.name: port}
