@@ -83,7 +83,7 @@ class Switch:
         self.failed: dict[str, str] = {}          # stored rows that did not load: why
         self.ctl_gid: int | None = None           # the control group (--ctl-group)
         self._reserved_ofports: dict[str, set[int]] = {}   # bridge -> failed ports' numbers
-        self._retired_ofports: dict[str, dict[int, str]] = {}  # bridge -> removed ports'
+        self._retired_ofports: dict[str, dict[int, str]] = {}  # bridge -> {number: name}
         self.datapath = Datapath()
         self.bridges: dict[str, Bridge] = {}
         self.ports: dict[str, Port] = {}
@@ -153,13 +153,14 @@ class Switch:
         for name, bridge in self.bridges.items():
             flows, rows = [], []
             for row, text in self.store.flows(name):
+                flow = None
                 try:
                     flow = parse_flow(text)
                     bridge.check(flow)
                 except (FlowSyntaxError, ValueError) as e:
                     self._failed(f"flow {row} of bridge {name}", f"{text!r}: {e}")
-                    if not isinstance(e, FlowSyntaxError):   # a port that went: no new
-                        self._retire_named(bridge, flow)     # port gets its number
+                    if flow is not None:        # a port that went: no new port gets its
+                        self._retire_named(bridge, flow)            # number
                     continue
                 flows.append(flow)
                 rows.append(row)
